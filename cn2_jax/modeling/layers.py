@@ -1,0 +1,126 @@
+"""Basic layers named like detectron2's, so official weights map one-to-one (docs/DESIGN.md).
+
+* `Conv2d`: detectron2's `layers.Conv2d` — a conv with an optional `norm` sub-module.
+* `FrozenBatchNorm`: a fixed affine from (weight, bias, running_mean, running_var), stored in the
+  non-trainable Flax collection `frozen`.
+* `Scale`: CenterNet's learnable per-level scalar.
+
+All layers take NHWC inputs. `dtype` is the compute dtype (e.g. bfloat16); parameters are float32.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# detectron2's c2_msra_fill: kaiming_normal(mode="fan_out", nonlinearity="relu"), untruncated.
+c2_msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# detectron2's c2_xavier_fill: kaiming_uniform(a=1) = U(-sqrt(3/fan_in), sqrt(3/fan_in)).
+c2_xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+
+FROZEN = "frozen"  # Flax collection holding FrozenBatchNorm statistics.
+
+
+class FrozenBatchNorm(nn.Module):
+  """detectron2 FrozenBatchNorm2d: y = x * scale + shift, with
+  scale = weight * rsqrt(running_var + eps) and shift = bias - running_mean * scale.
+
+  The four arrays live in the `frozen` collection (shape [C]); the fold is done in float32.
+  Default values (weight 1, bias 0, mean 0, var 1 - eps) make the layer an exact identity, as
+  detectron2's constructor does.
+  """
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    weight = self.variable(FROZEN, "weight", lambda: jnp.ones((c,), jnp.float32)).value
+    bias = self.variable(FROZEN, "bias", lambda: jnp.zeros((c,), jnp.float32)).value
+    mean = self.variable(FROZEN, "running_mean", lambda: jnp.zeros((c,), jnp.float32)).value
+    var = self.variable(FROZEN, "running_var",
+                        lambda: jnp.full((c,), 1.0 - self.eps, jnp.float32)).value
+    scale = weight * jax.lax.rsqrt(var + self.eps)
+    shift = bias - mean * scale
+    return (x * scale.astype(self.dtype) + shift.astype(self.dtype)).astype(self.dtype)
+
+
+class Conv2d(nn.Module):
+  """Conv (torch-style symmetric padding) followed by an optional norm named `norm`.
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel size k.
+    strides: stride s.
+    padding: symmetric zero padding p (torch semantics; output = floor((H + 2p - k)/s) + 1).
+    use_bias: whether the conv has a bias (detectron2: no bias when followed by a norm).
+    norm: "" (none), "FrozenBN" or "GN" (GroupNorm, 32 groups, eps 1e-5).
+    kernel_init / bias_init: initialisers.
+  Input `[N, H, W, Cin]`, output `[N, H', W', features]` in `dtype`.
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  padding: int = 0
+  use_bias: bool = True
+  norm: str = ""
+  kernel_init: Initializer = c2_msra_fill
+  bias_init: Initializer = nn.initializers.zeros
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        window_strides=(self.strides, self.strides),
+        padding=((self.padding, self.padding), (self.padding, self.padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    if self.norm == "FrozenBN":
+      y = FrozenBatchNorm(dtype=self.dtype, name="norm")(y)
+    elif self.norm == "GN":
+      y = GroupNorm(dtype=self.dtype, name="norm")(y)
+    elif self.norm:
+      raise ValueError(f"Conv2d: unknown norm {self.norm!r} (expected '', 'FrozenBN' or 'GN')")
+    return y
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm(32 groups, eps 1e-5) with params `scale`/`bias`; statistics in float32."""
+  num_groups: int = 32
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    n, h, w, _ = xf.shape
+    g = xf.reshape(n, h, w, self.num_groups, c // self.num_groups)
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
+    g = (g - mean) * jax.lax.rsqrt(var + self.eps)
+    y = g.reshape(n, h, w, c) * scale + bias
+    return y.astype(self.dtype)
+
+
+class Scale(nn.Module):
+  """CenterNet's learnable scalar (param `scale`, shape (1,), init 1.0)."""
+  init_value: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s = self.param("scale", nn.initializers.constant(self.init_value), (1,), jnp.float32)
+    return x * s.astype(x.dtype)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets up ./.venv and runs the whole test suite on the CPU (the README's test command).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export JAX_PLATFORMS=cpu
+exec .venv/bin/python -m pytest -q -n 2 --durations=15 tests "$@"
