@@ -1,0 +1,116 @@
+"""FPN on ResNet res3-res5 with P6/P7 from P5 (CenterNet2 `build_p67_resnet_fpn_backbone`).
+
+Spec §2.3. Module/variable names follow detectron2's `FPN` + CenterNet2's `LastLevelP6P7_P5`, so
+with the caller naming this module `backbone` the paths are `backbone.bottom_up.*`,
+`backbone.fpn_lateral{3,4,5}.{kernel,bias}`, `backbone.fpn_output{3,4,5}.{kernel,bias}`,
+`backbone.top_block.p6.{kernel,bias}`, `backbone.top_block.p7.{kernel,bias}`.
+
+Forward (detectron2 `FPN.forward`, FUSE_TYPE='sum'):
+  prev = lateral5(c5); P5 = output5(prev)
+  for l in 4, 3: prev = lateral_l(c_l) + nearest_up2(prev); P_l = output_l(prev)
+  P6 = p6(P5); P7 = p7(relu(P6))            (3x3 s2 p1: size n -> floor((n - 1) / 2) + 1)
+All FPN convs: c2_xavier_fill, bias 0; bias only when `fpn_norm == ''` (the CenterNet2 config).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cn2_jax.modeling.backbone.resnet import ResNet
+from cn2_jax.modeling.layers import Conv2d, c2_xavier_fill
+
+Dtype = Any
+
+
+def upsample_nearest_2x(x: jax.Array) -> jax.Array:
+  """torch `F.interpolate(x, scale_factor=2.0, mode='nearest')` on NHWC (out[i] = in[i // 2])."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class LastLevelP6P7_P5(nn.Module):  # noqa: N801 (detectron2/CenterNet2 class name)
+  """CenterNet2's top block: P6 = p6(P5), P7 = p7(relu(P6)); 3x3 s2 p1 convs with bias."""
+  out_channels: int = 256
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, p5: jax.Array) -> List[jax.Array]:
+    conv = lambda name: Conv2d(  # noqa: E731
+        self.out_channels, kernel_size=3, strides=2, padding=1, use_bias=True,
+        kernel_init=c2_xavier_fill, bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)
+    p6 = conv("p6")(p5)
+    p7 = conv("p7")(nn.relu(p6))
+    return [p6, p7]
+
+
+class FPN(nn.Module):
+  """ResNet + FPN (P3-P7). Name the instance `backbone` in the detector.
+
+  Attributes:
+    depth, stride_in_1x1, freeze_at, norm: passed to the `bottom_up` ResNet (norm = ResNet norm).
+    out_channels: FPN channels (256).
+    fpn_norm: norm of the lateral/output convs ('' in CenterNet2; with a norm the convs have no
+      bias, as in detectron2).
+    dtype: compute dtype.
+
+  `__call__(x)`: normalised image `[N, H, W, 3]` with H, W multiples of 32 -> `[P3, P4, P5, P6, P7]`
+  (NHWC, `out_channels` channels, strides `FPN.strides`).
+  `forward_features(features)`: the same from a dict {'res3', 'res4', 'res5'} of bottom-up maps.
+  """
+  depth: int = 50
+  stride_in_1x1: bool = True
+  freeze_at: int = 2
+  norm: str = "FrozenBN"
+  out_channels: int = 256
+  fpn_norm: str = ""
+  dtype: Dtype = jnp.float32
+
+  # Class constants (not dataclass fields).
+  in_features = ("res3", "res4", "res5")
+  strides = (8, 16, 32, 64, 128)
+  size_divisibility = 32
+
+  def setup(self):
+    self.bottom_up = ResNet(depth=self.depth, stride_in_1x1=self.stride_in_1x1, norm=self.norm,
+                            freeze_at=self.freeze_at, out_features=self.in_features,
+                            dtype=self.dtype)
+    lat = lambda: Conv2d(  # noqa: E731
+        self.out_channels, kernel_size=1, strides=1, padding=0, use_bias=self.fpn_norm == "",
+        norm=self.fpn_norm, kernel_init=c2_xavier_fill, dtype=self.dtype)
+    out = lambda: Conv2d(  # noqa: E731
+        self.out_channels, kernel_size=3, strides=1, padding=1, use_bias=self.fpn_norm == "",
+        norm=self.fpn_norm, kernel_init=c2_xavier_fill, dtype=self.dtype)
+    self.fpn_lateral3 = lat()
+    self.fpn_output3 = out()
+    self.fpn_lateral4 = lat()
+    self.fpn_output4 = out()
+    self.fpn_lateral5 = lat()
+    self.fpn_output5 = out()
+    self.top_block = LastLevelP6P7_P5(self.out_channels, dtype=self.dtype)
+
+  def __call__(self, x: jax.Array) -> List[jax.Array]:
+    h, w = x.shape[1], x.shape[2]
+    if h % self.size_divisibility or w % self.size_divisibility:
+      raise ValueError(f"FPN input size {(h, w)} must be a multiple of {self.size_divisibility} "
+                       "(pad the batch; detectron2 pads to the res5 stride)")
+    return self.forward_features(self.bottom_up(x))
+
+  def forward_features(self, features: Dict[str, jax.Array]) -> List[jax.Array]:
+    laterals = {3: self.fpn_lateral3, 4: self.fpn_lateral4, 5: self.fpn_lateral5}
+    outputs = {3: self.fpn_output3, 4: self.fpn_output4, 5: self.fpn_output5}
+    prev = laterals[5](features["res5"])
+    results = [outputs[5](prev)]
+    for level in (4, 3):
+      lateral = laterals[level](features[f"res{level}"])
+      top_down = upsample_nearest_2x(prev)
+      if top_down.shape[1:3] != lateral.shape[1:3]:
+        # detectron2 would fail here too (F.interpolate x2 + add needs exact 2x sizes).
+        raise ValueError(
+            f"FPN top-down size {top_down.shape[1:3]} != lateral size {lateral.shape[1:3]} at "
+            f"level {level}: input sizes must be multiples of {self.size_divisibility}")
+      prev = lateral + top_down
+      results.insert(0, outputs[level](prev))
+    results.extend(self.top_block(results[-1]))  # P6 from the P5 *output*
+    return results

@@ -1,0 +1,236 @@
+"""ResNet-18/34/50/101 bottom-up backbone, structured and named like detectron2's `resnet.py`.
+
+Spec §2.2. Variable paths (relative to this module) follow detectron2's state-dict keys, e.g.
+`stem.conv1.kernel`, `stem.conv1.norm.running_var` (collection `frozen`), `res2.0.conv1.kernel`,
+`res3.0.shortcut.kernel` (docs/DESIGN.md, "Parameter naming").
+
+* `BasicStem` (`stem`): conv1 7x7 s2 p3 (no bias) + norm, ReLU, max-pool 3x3 s2 p1 (torch semantics:
+  implicit -inf padding, floor output size).
+* Stages `res2`..`res5`, blocks named `0`, `1`, ...; the first block of res3..res5 has stride 2.
+* `BottleneckBlock` (R50/101): conv1 1x1, conv2 3x3 p1, conv3 1x1, each + norm; ReLU after conv1,
+  conv2 and after the residual add. With `stride_in_1x1=True` (MSRA/caffe weights) the stride sits
+  on conv1, otherwise (torchvision style) on conv2.
+* `BasicBlock` (R18/34): conv1 3x3 (stride) p1, conv2 3x3 p1, each + norm.
+* `shortcut` is a 1x1 conv (with the block's stride) + norm when the channel count or the stride
+  changes (in detectron2's standard configurations the two coincide), identity otherwise.
+* All convs have no bias (detectron2 always builds ResNet convs with `bias=False`) and use
+  `c2_msra_fill`.
+
+`freeze_at` (detectron2 `ResNet.freeze`): 0 freezes nothing, 1 the stem, k >= 2 the stem and
+res2..res<k>. The freeze is implemented with `jax.lax.stop_gradient` on the output of every frozen
+stage, so the frozen parameters receive exactly zero gradient; the optimizer must additionally
+exclude `frozen_param_prefixes(freeze_at)` from weight decay / updates.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cn2_jax.modeling.layers import Conv2d, c2_msra_fill
+
+Dtype = Any
+
+# depth -> (block type, number of blocks per stage res2..res5)
+_DEPTH_CONFIG = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+}
+_STAGE_NAMES = ("res2", "res3", "res4", "res5")
+_FEATURE_STRIDES = {"stem": 4, "res2": 4, "res3": 8, "res4": 16, "res5": 32}
+
+
+def resnet_out_channels(depth: int) -> Dict[str, int]:
+  """Output channels of `stem` and `res2`..`res5` for a ResNet of this depth."""
+  if depth not in _DEPTH_CONFIG:
+    raise ValueError(f"ResNet depth must be one of {sorted(_DEPTH_CONFIG)}, got {depth}")
+  base = 64 if _DEPTH_CONFIG[depth][0] == "basic" else 256
+  out = {"stem": 64}
+  for i, name in enumerate(_STAGE_NAMES):
+    out[name] = base * 2 ** i
+  return out
+
+
+def resnet_feature_strides() -> Dict[str, int]:
+  """Stride of `stem` and `res2`..`res5` with respect to the input image."""
+  return dict(_FEATURE_STRIDES)
+
+
+def frozen_param_prefixes(freeze_at: int, prefix: str = "") -> Tuple[str, ...]:
+  """'.'-joined variable-path prefixes (relative to the ResNet module, optionally prefixed by
+  `prefix`, e.g. 'backbone.bottom_up.') of the stages frozen by `freeze_at`.
+
+  freeze_at=0 -> (), 1 -> ('stem',), 2 -> ('stem', 'res2'), ..., 5 -> all stages.
+  A path P belongs to a prefix Q when P == Q or P starts with Q + '.'.
+  """
+  if freeze_at < 0:
+    raise ValueError(f"freeze_at must be >= 0, got {freeze_at}")
+  names = []
+  if freeze_at >= 1:
+    names.append("stem")
+  for k in range(2, min(freeze_at, 5) + 1):
+    names.append(f"res{k}")
+  return tuple(prefix + n for n in names)
+
+
+def max_pool_3x3_s2_p1(x: jax.Array) -> jax.Array:
+  """torch `F.max_pool2d(x, 3, stride=2, padding=1)` on NHWC: -inf padding, floor output size."""
+  # A concrete (numpy) -inf init lets JAX lower this to the differentiable reduce_window_max.
+  init = np.array(-np.inf, dtype=x.dtype)
+  return jax.lax.reduce_window(
+      x, init, jax.lax.max,
+      window_dimensions=(1, 3, 3, 1), window_strides=(1, 2, 2, 1),
+      padding=((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+class BasicStem(nn.Module):
+  """detectron2 BasicStem: `conv1` (7x7 s2 p3, no bias, norm) -> ReLU -> max-pool 3x3 s2 p1."""
+  out_channels: int = 64
+  norm: str = "FrozenBN"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = Conv2d(self.out_channels, kernel_size=7, strides=2, padding=3, use_bias=False,
+               norm=self.norm, kernel_init=c2_msra_fill, dtype=self.dtype, name="conv1")(x)
+    x = nn.relu(x)
+    return max_pool_3x3_s2_p1(x)
+
+
+class BottleneckBlock(nn.Module):
+  """detectron2 BottleneckBlock (num_groups=1, dilation=1).
+
+  Attributes:
+    out_channels: output channels (4 x bottleneck_channels in the standard ResNet).
+    bottleneck_channels: width of conv1/conv2.
+    stride: block stride (applied on conv1 if `stride_in_1x1`, else on conv2).
+    stride_in_1x1: MSRA (True) vs torchvision (False) placement of the stride.
+  """
+  out_channels: int
+  bottleneck_channels: int
+  stride: int = 1
+  stride_in_1x1: bool = True
+  norm: str = "FrozenBN"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
+    conv = lambda f, k, s, p, name: Conv2d(  # noqa: E731
+        f, kernel_size=k, strides=s, padding=p, use_bias=False, norm=self.norm,
+        kernel_init=c2_msra_fill, dtype=self.dtype, name=name)
+    if x.shape[-1] != self.out_channels or self.stride != 1:
+      shortcut = conv(self.out_channels, 1, self.stride, 0, "shortcut")(x)
+    else:
+      shortcut = x.astype(self.dtype)
+    y = nn.relu(conv(self.bottleneck_channels, 1, s1, 0, "conv1")(x))
+    y = nn.relu(conv(self.bottleneck_channels, 3, s3, 1, "conv2")(y))
+    y = conv(self.out_channels, 1, 1, 0, "conv3")(y)
+    return nn.relu(y + shortcut)
+
+
+class BasicBlock(nn.Module):
+  """detectron2 BasicBlock: conv1 3x3 (stride) p1 + norm, ReLU, conv2 3x3 p1 + norm, add, ReLU."""
+  out_channels: int
+  stride: int = 1
+  norm: str = "FrozenBN"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    conv = lambda f, k, s, p, name: Conv2d(  # noqa: E731
+        f, kernel_size=k, strides=s, padding=p, use_bias=False, norm=self.norm,
+        kernel_init=c2_msra_fill, dtype=self.dtype, name=name)
+    if x.shape[-1] != self.out_channels or self.stride != 1:
+      shortcut = conv(self.out_channels, 1, self.stride, 0, "shortcut")(x)
+    else:
+      shortcut = x.astype(self.dtype)
+    y = nn.relu(conv(self.out_channels, 3, self.stride, 1, "conv1")(x))
+    y = conv(self.out_channels, 3, 1, 1, "conv2")(y)
+    return nn.relu(y + shortcut)
+
+
+class ResNetStage(nn.Module):
+  """A sequence of blocks named '0', '1', ...; the first block carries the stage stride."""
+  block: str  # "bottleneck" | "basic"
+  num_blocks: int
+  out_channels: int
+  bottleneck_channels: int = 0
+  first_stride: int = 1
+  stride_in_1x1: bool = True
+  norm: str = "FrozenBN"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in range(self.num_blocks):
+      stride = self.first_stride if i == 0 else 1
+      if self.block == "bottleneck":
+        x = BottleneckBlock(self.out_channels, self.bottleneck_channels, stride=stride,
+                            stride_in_1x1=self.stride_in_1x1, norm=self.norm,
+                            dtype=self.dtype, name=str(i))(x)
+      else:
+        x = BasicBlock(self.out_channels, stride=stride, norm=self.norm, dtype=self.dtype,
+                       name=str(i))(x)
+    return x
+
+
+class ResNet(nn.Module):
+  """detectron2 ResNet bottom-up backbone (`build_resnet_backbone`, NUM_GROUPS=1,
+  WIDTH_PER_GROUP=64, RES2_OUT_CHANNELS=256 for R50/101 and 64 for R18/34, RES5_DILATION=1).
+
+  Attributes:
+    depth: 18, 34, 50 or 101.
+    stride_in_1x1: stride on the bottleneck's first 1x1 conv (MSRA) rather than on the 3x3.
+    norm: norm of every conv: 'FrozenBN' (default), 'GN' or '' (none).
+    freeze_at: detectron2 freeze semantics (see module docstring).
+    out_features: subset of ('stem', 'res2', 'res3', 'res4', 'res5') to return. As in detectron2,
+      stages after the last requested one are not built.
+    dtype: compute dtype.
+
+  Input: normalised float image `[N, H, W, 3]`. Output: dict name -> `[N, H/s, W/s, C]`.
+  """
+  depth: int = 50
+  stride_in_1x1: bool = True
+  norm: str = "FrozenBN"
+  freeze_at: int = 2
+  out_features: Sequence[str] = ("res3", "res4", "res5")
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> Dict[str, jax.Array]:
+    if self.depth not in _DEPTH_CONFIG:
+      raise ValueError(f"ResNet depth must be one of {sorted(_DEPTH_CONFIG)}, got {self.depth}")
+    if x.ndim != 4:
+      raise ValueError(f"ResNet takes [N, H, W, C] inputs, got shape {x.shape}")
+    for f in self.out_features:
+      if f not in _FEATURE_STRIDES:
+        raise ValueError(f"unknown ResNet out_feature {f!r}")
+    block, num_blocks = _DEPTH_CONFIG[self.depth]
+    channels = resnet_out_channels(self.depth)
+    order = ("stem",) + _STAGE_NAMES
+    last = max(order.index(f) for f in self.out_features)
+
+    outputs = {}
+    x = BasicStem(64, norm=self.norm, dtype=self.dtype, name="stem")(x)
+    if self.freeze_at >= 1:
+      x = jax.lax.stop_gradient(x)
+    if "stem" in self.out_features:
+      outputs["stem"] = x
+    for idx in range(1, last + 1):
+      name = order[idx]
+      stage_num = idx + 1  # res2 -> 2
+      x = ResNetStage(
+          block=block, num_blocks=num_blocks[idx - 1], out_channels=channels[name],
+          bottleneck_channels=channels[name] // 4, first_stride=1 if name == "res2" else 2,
+          stride_in_1x1=self.stride_in_1x1, norm=self.norm, dtype=self.dtype, name=name)(x)
+      if self.freeze_at >= stage_num:
+        x = jax.lax.stop_gradient(x)
+      if name in self.out_features:
+        outputs[name] = x
+    return outputs
