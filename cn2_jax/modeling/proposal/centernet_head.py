@@ -1,0 +1,91 @@
+"""CenterNet2's class-agnostic CenterNet proposal head (spec §2.4).
+
+Official: `centernet/modeling/dense_heads/centernet_head.py` with ONLY_PROPOSAL=True,
+WITH_AGN_HM=True, NORM="GN", NUM_BOX_CONVS=4, NUM_SHARE_CONVS=0 (and the cls tower reduced to 0
+convs by ONLY_PROPOSAL, so it has no parameters and is omitted here).
+
+One head is shared by all levels (same weights); only the `Scale` differs per level. Sub-module
+names equal the detectron2 state-dict prefixes (docs/DESIGN.md), so under the caller's
+`proposal_generator/centernet_head` the parameters are
+
+  bbox_tower.{0,3,6,9}/{kernel,bias}   3x3 conv 256->256 (torch nn.Sequential indices: conv, GN, ReLU)
+  bbox_tower.{1,4,7,10}/{scale,bias}   GroupNorm(32)
+  agn_hm/{kernel,bias}                 3x3 conv 256->1 (objectness logit)
+  bbox_pred/{kernel,bias}              3x3 conv 256->4 (ltrb in stride units)
+  scales.{0..4}/scale                  per-level scalar, init 1.0
+
+GroupNorm statistics are per level over that level's whole map (levels are processed
+independently, never concatenated), as in the official per-level loop.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cn2_jax.modeling.layers import Conv2d, GroupNorm, Scale
+
+Dtype = Any
+
+
+class CenterNetHead(nn.Module):
+  """Shared CenterNet head.
+
+  Attributes:
+    num_levels: number of FPN levels (P3..P7 -> 5); one `Scale` per level.
+    num_convs: convs in the bbox tower (4).
+    channels: tower width (256; must equal the input channels, as in the official head).
+    prior_prob: objectness prior; `agn_hm` bias = -log((1 - p) / p).
+    bbox_bias_init: `bbox_pred` bias init (8.0, in stride units; spec §8 item 6).
+    dtype: compute dtype of the convs (parameters and outputs are float32).
+
+  `__call__(features)` with `features` a list of `num_levels` NHWC maps `[B, H_l, W_l, C]` returns
+  a dict of per-level lists:
+    hm_logits: `[B, H_l, W_l]` float32 objectness logits (before the sigmoid);
+    reg:       `[B, H_l, W_l, 4]` float32 = relu(scale_l * bbox_pred), ltrb in stride units;
+    reg_raw:   `[B, H_l, W_l, 4]` float32 bbox_pred output before Scale and ReLU.
+  """
+  num_levels: int = 5
+  num_convs: int = 4
+  channels: int = 256
+  prior_prob: float = 0.01
+  bbox_bias_init: float = 8.0
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    w_init = nn.initializers.normal(stddev=0.01)  # torch.nn.init.normal_(std=0.01), untruncated
+    convs, norms = [], []
+    for i in range(self.num_convs):
+      # torch nn.Sequential indices: conv = 3i, GroupNorm = 3i+1, ReLU = 3i+2 (no params).
+      convs.append(Conv2d(self.channels, kernel_size=3, strides=1, padding=1, use_bias=True,
+                          kernel_init=w_init, bias_init=nn.initializers.zeros,
+                          dtype=self.dtype, name=f"bbox_tower.{3 * i}"))
+      norms.append(GroupNorm(dtype=self.dtype, name=f"bbox_tower.{3 * i + 1}"))
+    self.tower_convs = convs
+    self.tower_norms = norms
+    hm_bias = -math.log((1.0 - self.prior_prob) / self.prior_prob)
+    self.agn_hm = Conv2d(1, kernel_size=3, strides=1, padding=1, use_bias=True,
+                         kernel_init=w_init, bias_init=nn.initializers.constant(hm_bias),
+                         dtype=self.dtype, name="agn_hm")
+    self.bbox_pred = Conv2d(4, kernel_size=3, strides=1, padding=1, use_bias=True,
+                            kernel_init=w_init,
+                            bias_init=nn.initializers.constant(self.bbox_bias_init),
+                            dtype=self.dtype, name="bbox_pred")
+    self.scales = [Scale(1.0, name=f"scales.{l}") for l in range(self.num_levels)]
+
+  def __call__(self, features: Sequence[jax.Array]) -> Dict[str, List[jax.Array]]:
+    if len(features) != self.num_levels:
+      raise ValueError(f"CenterNetHead: expected {self.num_levels} levels, got {len(features)}")
+    hm_logits, reg, reg_raw = [], [], []
+    for l, x in enumerate(features):
+      y = x
+      for conv, norm in zip(self.tower_convs, self.tower_norms):
+        y = nn.relu(norm(conv(y)))
+      hm_logits.append(self.agn_hm(y)[..., 0].astype(jnp.float32))
+      raw = self.bbox_pred(y).astype(jnp.float32)
+      reg_raw.append(raw)
+      reg.append(nn.relu(self.scales[l](raw)))
+    return dict(hm_logits=hm_logits, reg=reg, reg_raw=reg_raw)
