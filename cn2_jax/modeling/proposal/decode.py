@@ -1,0 +1,86 @@
+"""CenterNet proposal generation (spec §4; oracle README §6), static shapes.
+
+Official path (`CenterNet.inference` -> `predict_instances` -> `predict_single_level` ->
+`nms_and_topK`), per image:
+  1. p = sigmoid(agn_hm logit); candidates are locations with p > score_thresh (1e-4);
+  2. per level, the top k = min(pre_nms_topk, H_l * W_l) candidates by p (fewer if fewer pass);
+  3. grid point (x * s + s // 2, y * s + s // 2); box = (gx - l*s, gy - t*s, gx + r*s, gy + b*s);
+     then x2 = max(x2, x1 + 0.01), y2 = max(y2, y1 + 0.01); boxes are NOT clipped;
+  4. score = sqrt(p); levels concatenated; class-agnostic NMS at nms_thresh (torchvision semantics);
+  5. the top post_nms_topk by score, in descending order.
+Everything is under `stop_gradient` (the official code runs under `no_grad`).
+
+Static-shape deviation: the official step 5 keeps every score >= the k-th largest (`kthvalue`), so
+exact score ties at the cut can keep more than k boxes; here exactly the first k (ties by index).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from cn2_jax.modeling.ops.nms import DEFAULT_TILE_SIZE, nms
+
+
+def _single_image(hm_logits: Sequence[jax.Array], reg: Sequence[jax.Array],
+                  strides: Sequence[int], pre_nms_topk: int, post_nms_topk: int,
+                  nms_thresh: float, score_thresh: float, nms_tile_size: int):
+  all_boxes, all_scores, all_valid = [], [], []
+  for logits, ltrb, s in zip(hm_logits, reg, strides):
+    h, w = logits.shape
+    p = jax.nn.sigmoid(logits.reshape(-1))
+    k = min(int(pre_nms_topk), h * w)
+    top_p, idx = jax.lax.top_k(jnp.where(p > score_thresh, p, -1.0), k)
+    valid = top_p > score_thresh
+    s_i = int(s)
+    gx = ((idx % w) * s_i + s_i // 2).astype(jnp.float32)
+    gy = ((idx // w) * s_i + s_i // 2).astype(jnp.float32)
+    d = (ltrb.reshape(h * w, 4) * jnp.float32(s_i))[idx]          # [k, 4] pixels
+    x1 = gx - d[:, 0]
+    y1 = gy - d[:, 1]
+    x2 = jnp.maximum(gx + d[:, 2], x1 + 0.01)
+    y2 = jnp.maximum(gy + d[:, 3], y1 + 0.01)
+    all_boxes.append(jnp.stack([x1, y1, x2, y2], axis=-1))
+    all_scores.append(jnp.sqrt(jnp.where(valid, top_p, 0.0)))
+    all_valid.append(valid)
+  boxes = jnp.concatenate(all_boxes, axis=0)
+  scores = jnp.concatenate(all_scores, axis=0)
+  valid = jnp.concatenate(all_valid, axis=0)
+  keep, keep_valid = nms(boxes, scores, valid, nms_thresh, post_nms_topk, tile_size=nms_tile_size)
+  out_boxes = jnp.where(keep_valid[:, None], boxes[keep], 0.0)
+  out_scores = jnp.where(keep_valid, scores[keep], 0.0)
+  return dict(boxes=out_boxes, scores=out_scores, valid=keep_valid)
+
+
+def generate_proposals(hm_logits: Sequence[jax.Array], reg: Sequence[jax.Array],
+                       strides: Sequence[int] = (8, 16, 32, 64, 128), pre_nms_topk: int = 1000,
+                       post_nms_topk: int = 256, nms_thresh: float = 0.9,
+                       score_thresh: float = 1e-4, *,
+                       nms_tile_size: int = DEFAULT_TILE_SIZE) -> dict[str, jax.Array]:
+  """CenterNet2 proposals from the class-agnostic heatmap and the ltrb regression.
+
+  Args:
+    hm_logits: per level `[B, H_l, W_l]` heatmap logits (before the sigmoid).
+    reg: per level `[B, H_l, W_l, 4]` (l, t, r, b) distances in stride units (already ReLU'd and
+      scaled by the per-level Scale, i.e. the head output).
+    strides: per-level strides.
+    pre_nms_topk: per-level candidate cap (1000 test / 4000 train).
+    post_nms_topk: output length K (256 test / 2000 train).
+    nms_thresh: NMS IoU threshold (0.9).
+    score_thresh: candidates need sigmoid(logit) > score_thresh (1e-4).
+    nms_tile_size: tile length of the NMS (performance only).
+  Returns:
+    dict with `boxes [B, K, 4]` float32 (unclipped xyxy pixels), `scores [B, K]` float32 = sqrt(p)
+    in descending order, `valid [B, K]` bool (padding slots have zero boxes and scores).
+  """
+  if not (len(hm_logits) == len(reg) == len(strides)):
+    raise ValueError("generate_proposals: hm_logits, reg and strides must have the same length")
+  hm_logits = [jax.lax.stop_gradient(h.astype(jnp.float32)) for h in hm_logits]
+  reg = [jax.lax.stop_gradient(r.astype(jnp.float32)) for r in reg]
+
+  def single(hms, regs):
+    return _single_image(hms, regs, strides, pre_nms_topk, post_nms_topk, nms_thresh,
+                         score_thresh, nms_tile_size)
+
+  return jax.vmap(single)(list(hm_logits), list(reg))
