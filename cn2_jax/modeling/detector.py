@@ -1,0 +1,130 @@
+"""CenterNet2: ResNet-FPN backbone -> CenterNet proposals -> 3-stage cascade -> detections.
+
+Paper-to-module map (Zhou, Koltun, Krähenbühl 2021, "Probabilistic two-stage detection"):
+  backbone (ResNet + FPN P3-P7)      modeling/backbone/{resnet,fpn}.py
+  first stage: P(O_k) via CenterNet  modeling/proposal/{centernet_head,targets,losses,decode}.py
+  second stage: P(C_k | O_k)         modeling/roi_heads/{cascade,box_head}.py, ops/roi_align.py
+  probabilistic score                roi_heads/cascade.py (sqrt(mean_k softmax_k * sqrt(P(O))))
+
+Sub-modules are named `backbone`, `proposal_generator`, `roi_heads` so that variable paths equal
+the official detectron2 state-dict keys (docs/DESIGN.md).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cn2_jax.config import model_kwargs
+from cn2_jax.modeling.backbone.fpn import FPN
+from cn2_jax.modeling.ops import boxes as box_ops
+from cn2_jax.modeling.proposal.centernet import CenterNet
+from cn2_jax.modeling.roi_heads.cascade import CascadeROIHeads
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class CenterNet2(nn.Module):
+  """The detector. `config` is `config.model` (cn2_jax/config.py), as a FrozenConfigDict.
+
+  See docs/DESIGN.md "Model API" for the call contract; `batch` follows its batch contract.
+  """
+  config: Any
+  axis_name: Optional[str] = None
+
+  def setup(self):
+    m = model_kwargs(self.config)
+    dtype = _DTYPES[m["dtype"]]
+    self.backbone = FPN(depth=m["resnet_depth"], stride_in_1x1=m["stride_in_1x1"],
+                        freeze_at=m["freeze_at"], norm=m["resnet_norm"],
+                        out_channels=m["fpn_channels"], dtype=dtype)
+    self.proposal_generator = CenterNet(channels=m["fpn_channels"], axis_name=self.axis_name,
+                                        dtype=dtype, **m["centernet"])
+    self.roi_heads = CascadeROIHeads(num_classes=m["num_classes"], axis_name=self.axis_name,
+                                     dtype=dtype, **m["roi_heads"])
+
+  def preprocess(self, image: jax.Array, image_hw: jax.Array) -> jax.Array:
+    """`[B, H, W, 3]` uint8 RGB -> normalised `[B, H, W, 3]` in input_format, padding = 0."""
+    m = self.config
+    x = image.astype(jnp.float32)
+    if m.input_format == "BGR":
+      x = x[..., ::-1]
+    x = (x - jnp.asarray(m.pixel_mean, jnp.float32)) / jnp.asarray(m.pixel_std, jnp.float32)
+    h, w = image.shape[1], image.shape[2]
+    inside = ((jnp.arange(h)[None, :, None] < image_hw[:, 0, None, None]) &
+              (jnp.arange(w)[None, None, :] < image_hw[:, 1, None, None]))
+    return jnp.where(inside[..., None], x, 0.0).astype(_DTYPES[m.dtype])
+
+  def __call__(self, batch: dict, train: bool = False):
+    images = self.preprocess(batch["image"], batch["image_hw"])
+    features = self.backbone(images)
+    for i, f in enumerate(features):
+      self.sow("intermediates", f"p{i + 3}", f)
+    if not train:
+      proposals = self.proposal_generator(features, train=False)
+      return self.roi_heads(features, proposals, batch["image_hw"], train=False)
+    losses, proposals = self.proposal_generator(
+        features, train=True, gt_boxes=batch["gt_boxes"], gt_valid=batch["gt_valid"])
+    losses.update(self.roi_heads(
+        features, proposals, batch["image_hw"], train=True, gt_boxes=batch["gt_boxes"],
+        gt_classes=batch["gt_classes"], gt_valid=batch["gt_valid"]))
+    return losses
+
+
+def build_model(model_config: ml_collections.ConfigDict,
+                axis_name: Optional[str] = None) -> CenterNet2:
+  return CenterNet2(ml_collections.FrozenConfigDict(model_config), axis_name=axis_name)
+
+
+def dummy_batch(batch_size: int = 1, hw: tuple[int, int] = (64, 64),
+                max_boxes: int = 4) -> dict:
+  """A minimal batch obeying the batch contract (for init / shape inference)."""
+  import numpy as np
+  h, w = hw
+  return dict(
+      image=np.zeros((batch_size, h, w, 3), np.uint8),
+      image_hw=np.tile(np.array([[h, w]], np.int32), (batch_size, 1)),
+      gt_boxes=np.zeros((batch_size, max_boxes, 4), np.float32),
+      gt_classes=np.zeros((batch_size, max_boxes), np.int32),
+      gt_valid=np.zeros((batch_size, max_boxes), bool),
+      gt_crowd=np.zeros((batch_size, max_boxes), bool),
+      batch_mask=np.ones((batch_size,), bool),
+  )
+
+
+def init_variables(model_config: ml_collections.ConfigDict, seed: int = 0) -> dict:
+  """Randomly initialised {'params', 'frozen'} (official init rules)."""
+  model = build_model(model_config)
+  return jax.jit(lambda key: model.init(key, dummy_batch(), train=False))(
+      jax.random.PRNGKey(seed))
+
+
+def abstract_variables(model_config: ml_collections.ConfigDict) -> dict:
+  """The variable structure as a pytree of jax.ShapeDtypeStruct (no computation)."""
+  model = build_model(model_config)
+  return jax.eval_shape(lambda key: model.init(key, dummy_batch(), train=False),
+                        jax.random.PRNGKey(0))
+
+
+def frozen_param_prefixes(model_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """'.'-joined param path prefixes that receive no update (FREEZE_AT)."""
+  from cn2_jax.modeling.backbone.resnet import frozen_param_prefixes as resnet_prefixes
+  return tuple(f"backbone.bottom_up.{p}" for p in resnet_prefixes(model_config.freeze_at))
+
+
+def postprocess_detections(dets: dict, image_hw: jax.Array, orig_hw: jax.Array) -> dict:
+  """detectron2 `detector_postprocess`: rescale `[B, K, 4]` boxes from the resized image to the
+  original image (x by orig_w/resized_w, y by orig_h/resized_h), clip, drop empty boxes."""
+  hw = image_hw.astype(jnp.float32)
+  ohw = orig_hw.astype(jnp.float32)
+  sy = ohw[:, 0] / hw[:, 0]
+  sx = ohw[:, 1] / hw[:, 1]
+  scale = jnp.stack([sx, sy, sx, sy], axis=-1)[:, None, :]
+  boxes = box_ops.clip_boxes(dets["boxes"] * scale, ohw[:, None, :])
+  out = dict(dets)
+  out["boxes"] = boxes
+  out["valid"] = dets["valid"] & box_ops.nonempty(boxes)
+  return out

@@ -1,0 +1,102 @@
+"""CenterNet as a class-agnostic proposal generator (official `CenterNet` with ONLY_PROPOSAL).
+
+Holds the shared head (`centernet_head`, spec §2.4); in training it computes the targets
+(spec §3.1-3.3, 3.5) and the three first-stage losses (§3.4-3.6); in both modes it produces
+fixed-size proposals (§4) without gradient.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cn2_jax.modeling.proposal.centernet_head import CenterNetHead
+from cn2_jax.modeling.proposal.decode import generate_proposals
+from cn2_jax.modeling.proposal.losses import centernet_losses
+from cn2_jax.modeling.proposal.targets import centernet_targets
+
+Dtype = Any
+
+
+def _flatten_levels(xs: Sequence[jax.Array]) -> jax.Array:
+  """list of `[B, H_l, W_l, ...]` -> `[B, sum_l H_l W_l, ...]` (level-major, row-major)."""
+  return jnp.concatenate([x.reshape(x.shape[0], -1, *x.shape[3:]) for x in xs], axis=1)
+
+
+class CenterNet(nn.Module):
+  """Attributes mirror `config.model.centernet` (see cn2_jax/config.py)."""
+  strides: Sequence[int] = (8, 16, 32, 64, 128)
+  num_convs: int = 4
+  channels: int = 256
+  prior_prob: float = 0.01
+  bbox_bias_init: float = 8.0
+  soi: Sequence[Sequence[float]] = ((0, 80), (64, 160), (128, 320), (256, 640), (512, 1e7))
+  hm_min_overlap: float = 0.8
+  min_radius: float = 4.0
+  dedup_positives: bool = False
+  focal_alpha: float = 0.25
+  focal_beta: float = 4.0
+  loss_gamma: float = 2.0
+  sigmoid_clamp: float = 1e-4
+  ignore_high_fp: float = 0.85
+  pos_weight: float = 0.5
+  neg_weight: float = 0.5
+  reg_weight: float = 1.0
+  pre_nms_topk_train: int = 4000
+  post_nms_topk_train: int = 2000
+  pre_nms_topk_test: int = 1000
+  post_nms_topk_test: int = 256
+  nms_thresh_train: float = 0.9
+  nms_thresh_test: float = 0.9
+  inference_thresh: float = 1e-4
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.centernet_head = CenterNetHead(
+        num_levels=len(self.strides), num_convs=self.num_convs, channels=self.channels,
+        prior_prob=self.prior_prob, bbox_bias_init=self.bbox_bias_init, dtype=self.dtype)
+
+  def __call__(self, features, *, train: bool, gt_boxes=None, gt_valid=None):
+    """Args:
+      features: list of `[B, H_l, W_l, C]` P3..P7.
+      gt_boxes / gt_valid: `[B, M, 4]` / `[B, M]` (training only).
+    Returns:
+      eval: proposals dict boxes `[B, K, 4]`, scores `[B, K]` (= sqrt(sigmoid)), valid `[B, K]`;
+      train: (losses dict, proposals dict).
+    """
+    out = self.centernet_head(features)
+    for i, (hm, reg, raw) in enumerate(zip(out["hm_logits"], out["reg"], out["reg_raw"])):
+      self.sow("intermediates", f"head_agn_hm_logits_p{i + 3}", hm)
+      self.sow("intermediates", f"head_reg_p{i + 3}", reg)
+      self.sow("intermediates", f"head_bbox_pred_raw_p{i + 3}", raw)
+    proposals = generate_proposals(
+        [jax.lax.stop_gradient(h.astype(jnp.float32)) for h in out["hm_logits"]],
+        [jax.lax.stop_gradient(r.astype(jnp.float32)) for r in out["reg"]],
+        strides=tuple(self.strides),
+        pre_nms_topk=self.pre_nms_topk_train if train else self.pre_nms_topk_test,
+        post_nms_topk=self.post_nms_topk_train if train else self.post_nms_topk_test,
+        nms_thresh=self.nms_thresh_train if train else self.nms_thresh_test,
+        score_thresh=self.inference_thresh)
+    self.sow("intermediates", "proposal_boxes", proposals["boxes"])
+    self.sow("intermediates", "proposal_objectness", proposals["scores"])
+    if not train:
+      return proposals
+
+    level_shapes = tuple((f.shape[1], f.shape[2]) for f in features)
+    targets_fn = functools.partial(
+        centernet_targets, level_shapes=level_shapes, strides=tuple(self.strides),
+        soi=tuple(tuple(s) for s in self.soi), hm_min_overlap=self.hm_min_overlap,
+        min_radius=self.min_radius, dedup_positives=self.dedup_positives)
+    targets = jax.vmap(targets_fn)(gt_boxes.astype(jnp.float32), gt_valid)
+    losses = centernet_losses(
+        _flatten_levels(out["hm_logits"]), _flatten_levels(out["reg"]), targets,
+        alpha=self.focal_alpha, beta=self.focal_beta, gamma=self.loss_gamma,
+        sigmoid_clamp=self.sigmoid_clamp, ignore_high_fp=self.ignore_high_fp,
+        pos_weight=self.pos_weight, neg_weight=self.neg_weight, reg_weight=self.reg_weight,
+        axis_name=self.axis_name)
+    losses["aux/num_pos_per_image"] = targets["pos_count"].sum() / gt_boxes.shape[0]
+    return losses, proposals

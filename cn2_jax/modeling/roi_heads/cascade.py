@@ -1,0 +1,235 @@
+"""Cascade ROI heads with probabilistic scoring (CenterNet2 `CustomCascadeROIHeads`, spec §5-6).
+
+Training (per device batch, static shapes):
+  stage 0: proposals + appended GT -> match at IoU 0.6 -> sample 512 ROIs/image (<= 25% fg)
+  stage k > 0: previous stage's regressed boxes (detached, clipped, empty ones masked out)
+               re-matched at IoU 0.7 / 0.8, no re-sampling, no GT re-added
+  every stage: multi-level ROIAlign -> gradient x 1/3 into the features -> 2FC head ->
+               softmax CE (mean over ROIs) + L1 on fg deltas (sum / #ROIs)
+Inference:
+  3 stages on the 256 proposals (stage 0 unclipped, later stages clipped), scores =
+  sqrt(mean_k softmax_k * proposal_score), boxes = last stage's regression, then
+  `fast_rcnn_inference`: clip, score > 0.05, per-class NMS 0.7, top 100.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cn2_jax.modeling.ops import boxes as box_ops
+from cn2_jax.modeling.ops.matcher import match_boxes
+from cn2_jax.modeling.ops.nms import nms
+from cn2_jax.modeling.ops.roi_align import multilevel_roi_align
+from cn2_jax.modeling.ops.sampling import subsample_labels
+from cn2_jax.modeling.roi_heads.box_head import FastRCNNConvFCHead, FastRCNNOutputLayers
+
+Dtype = Any
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
+  """Identity forward; multiplies the incoming gradient by `scale` (official `_ScaleGradient`)."""
+  return x
+
+
+def _scale_gradient_fwd(x, scale):
+  return x, None
+
+
+def _scale_gradient_bwd(scale, _, g):
+  return (g * scale,)
+
+
+scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
+
+
+def _pmean_or_identity(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
+  return jax.lax.pmean(x, axis_name) if axis_name else x
+
+
+def fast_rcnn_inference(boxes: jax.Array, scores: jax.Array, valid: jax.Array,
+                        image_hw: jax.Array, *, score_thresh: float, nms_thresh: float,
+                        topk: int) -> dict[str, jax.Array]:
+  """detectron2 `fast_rcnn_inference_single_image` for class-agnostic boxes, static shapes.
+
+  Args:
+    boxes: `[R, 4]` f32 final boxes (unclipped) in resized-image pixels.
+    scores: `[R, K+1]` f32 per-class scores, background last.
+    valid: `[R]` bool, padded proposals are False.
+    image_hw: `[2]` (h, w) used to clip.
+  Returns:
+    dict boxes `[topk, 4]`, scores `[topk]`, classes `[topk]` int32, valid `[topk]` bool, sorted
+    by descending score. Per-class NMS is exact: the boxes are shared by all classes, so NMS runs
+    once per class over the R boxes (vmapped), then the best `topk` survivors are kept — the same
+    set as torchvision `batched_nms` followed by `keep[:topk]`.
+  """
+  num_classes = scores.shape[1] - 1
+  boxes = box_ops.clip_boxes(boxes, image_hw.astype(jnp.float32))
+  cls_scores = scores[:, :num_classes]                                   # [R, K]
+  finite = jnp.all(jnp.isfinite(boxes), axis=-1)[:, None] & jnp.isfinite(cls_scores)
+  cand = (cls_scores > score_thresh) & valid[:, None] & finite           # [R, K]
+  per_class_max = min(topk, boxes.shape[0])
+
+  def one_class(s, m):
+    idx, keep = nms(boxes, s, m, nms_thresh, per_class_max)
+    return idx, keep
+
+  idx, keep = jax.vmap(one_class, in_axes=(1, 1))(cls_scores, cand)     # [K, P]
+  cls_ids = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32)[:, None], idx.shape)
+  cand_scores = jnp.where(keep, cls_scores[idx, cls_ids], -jnp.inf).reshape(-1)
+  top_scores, top = jax.lax.top_k(cand_scores, topk)
+  out_valid = jnp.isfinite(top_scores)
+  out_idx = idx.reshape(-1)[top]
+  return dict(
+      boxes=jnp.where(out_valid[:, None], boxes[out_idx], 0.0),
+      scores=jnp.where(out_valid, top_scores, 0.0),
+      classes=jnp.where(out_valid, cls_ids.reshape(-1)[top], 0),
+      valid=out_valid,
+      proposal_index=jnp.where(out_valid, out_idx, -1),
+  )
+
+
+class CascadeROIHeads(nn.Module):
+  """Three-stage cascade (sub-modules `box_head.{k}`, `box_predictor.{k}`).
+
+  Attributes mirror `config.model.roi_heads` (see cn2_jax/config.py for meanings and defaults).
+  """
+  num_classes: int = 80
+  iou_thresholds: Sequence[float] = (0.6, 0.7, 0.8)
+  box_weights: Sequence[Sequence[float]] = ((10., 10., 5., 5.), (20., 20., 10., 10.),
+                                            (30., 30., 15., 15.))
+  batch_size_per_image: int = 512
+  positive_fraction: float = 0.25
+  pooler_resolution: int = 7
+  sampling_ratio: int = 2
+  max_adaptive_samples: int = 8
+  canonical_box_size: int = 224
+  canonical_level: int = 4
+  min_level: int = 3
+  fc_dim: int = 1024
+  num_fc: int = 2
+  scale_clamp: float = math.log(1000.0 / 16)
+  append_gt: bool = True
+  mult_proposal_score: bool = True
+  score_thresh_test: float = 0.05
+  nms_thresh_test: float = 0.7
+  detections_per_image: int = 100
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    n = len(self.iou_thresholds)
+    self.box_head = [FastRCNNConvFCHead(self.fc_dim, self.num_fc, self.dtype,
+                                        name=f"box_head.{k}") for k in range(n)]
+    self.box_predictor = [FastRCNNOutputLayers(self.num_classes, self.dtype,
+                                               name=f"box_predictor.{k}") for k in range(n)]
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.iou_thresholds)
+
+  def _run_stage(self, k: int, features, boxes, train: bool):
+    """Pools `boxes` `[B, R, 4]` and runs stage k; returns (logits, deltas, pred_boxes)."""
+    pooled = multilevel_roi_align(
+        features, jax.lax.stop_gradient(boxes), min_level=self.min_level,
+        output_size=self.pooler_resolution, sampling_ratio=self.sampling_ratio, aligned=True,
+        canonical_box_size=self.canonical_box_size, canonical_level=self.canonical_level,
+        max_adaptive_samples=self.max_adaptive_samples)
+    self.sow("intermediates", f"stage{k}_pooled", pooled)
+    if train:
+      pooled = scale_gradient(pooled, 1.0 / self.num_stages)
+    x = self.box_head[k](pooled)
+    logits, deltas = self.box_predictor[k](x)
+    pred = box_ops.decode_boxes(deltas, jax.lax.stop_gradient(boxes), self.box_weights[k],
+                                scale_clamp=self.scale_clamp)
+    return logits, deltas, pred
+
+  def _stage_losses(self, k, logits, deltas, boxes, valid, labels, matched_gt):
+    """Softmax CE (mean over valid ROIs) and L1 on fg deltas (sum / #valid ROIs), float32."""
+    n = jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    loss_cls = jnp.where(valid, ce, 0.0).sum() / n
+    fg = valid & (labels < self.num_classes)
+    target = box_ops.encode_boxes(boxes, matched_gt, self.box_weights[k])
+    target = jnp.where(fg[..., None] & jnp.isfinite(target), target, 0.0)
+    l1 = jnp.abs(deltas - target).sum(-1)
+    loss_box = jnp.where(fg, l1, 0.0).sum() / n
+    pred_cls = jnp.argmax(logits, axis=-1)
+    acc = jnp.where(valid, pred_cls == labels, False).sum() / n
+    return {f"loss_cls_stage{k}": loss_cls, f"loss_box_reg_stage{k}": loss_box,
+            f"aux/cls_accuracy_stage{k}": acc,
+            f"aux/num_fg_stage{k}": fg.sum().astype(jnp.float32) / labels.shape[0]}
+
+  def _label(self, k, boxes, valid, gt_boxes, gt_classes, gt_valid):
+    """Match `[B, R, 4]` boxes to GT at stage k's IoU; returns (labels, matched_gt_boxes, is_fg)."""
+    thr = self.iou_thresholds[k]
+    idx, is_fg, _ = jax.vmap(lambda b, g, gv: match_boxes(b, g, gv, thr))(boxes, gt_boxes,
+                                                                         gt_valid)
+    is_fg = is_fg & valid
+    labels = jnp.where(is_fg, jnp.take_along_axis(gt_classes, idx, axis=1), self.num_classes)
+    matched = jnp.take_along_axis(gt_boxes, idx[..., None], axis=1)
+    return labels.astype(jnp.int32), matched, is_fg
+
+  def __call__(self, features, proposals: dict, image_hw: jax.Array, *, train: bool,
+               gt_boxes=None, gt_classes=None, gt_valid=None):
+    """Args:
+      features: list of `[B, H_l, W_l, C]` for levels min_level.. (P3..P7).
+      proposals: dict boxes `[B, P, 4]`, scores `[B, P]`, valid `[B, P]` (no gradient).
+      image_hw: `[B, 2]` int32 resized-image (h, w).
+      gt_*: `[B, M, ...]` padded GT (training only).
+    Returns:
+      train: dict of losses (+ `aux/` metrics); eval: detections dict (`fast_rcnn_inference`).
+    """
+    hw = image_hw.astype(jnp.float32)
+    boxes = jax.lax.stop_gradient(proposals["boxes"])
+    valid = proposals["valid"]
+    if train:
+      return self._forward_train(features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid)
+
+    probs = []
+    for k in range(self.num_stages):
+      if k > 0:
+        boxes = box_ops.clip_boxes(jax.lax.stop_gradient(pred), hw[:, None, :])
+      self.sow("intermediates", f"stage{k}_input_boxes", boxes)
+      logits, deltas, pred = self._run_stage(k, features, boxes, train=False)
+      self.sow("intermediates", f"stage{k}_cls_logits", logits)
+      self.sow("intermediates", f"stage{k}_box_deltas", deltas)
+      probs.append(jax.nn.softmax(logits, axis=-1))
+    scores = sum(probs) / self.num_stages
+    if self.mult_proposal_score:
+      scores = jnp.sqrt(scores * proposals["scores"][..., None].astype(jnp.float32))
+    self.sow("intermediates", "final_scores_all", scores)
+    self.sow("intermediates", "final_boxes_all", pred)
+    infer = functools.partial(fast_rcnn_inference, score_thresh=self.score_thresh_test,
+                              nms_thresh=self.nms_thresh_test, topk=self.detections_per_image)
+    return jax.vmap(infer)(pred, scores, valid, image_hw)
+
+  def _forward_train(self, features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid):
+    gt_boxes = gt_boxes.astype(jnp.float32)
+    if self.append_gt:
+      boxes = jnp.concatenate([boxes, gt_boxes], axis=1)
+      valid = jnp.concatenate([valid, gt_valid], axis=1)
+    # Stage 0: label all candidates at IoU 0.6, then sample a fixed 512 per image.
+    labels, matched, is_fg = self._label(0, boxes, valid, gt_boxes, gt_classes, gt_valid)
+    keys = jax.random.split(self.make_rng("sampling"), boxes.shape[0])
+    idx, s_valid, _ = jax.vmap(
+        lambda key, fg, v: subsample_labels(key, fg, v, self.batch_size_per_image,
+                                            self.positive_fraction))(keys, is_fg, valid)
+    take = lambda a: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+    boxes, valid, labels, matched = take(boxes), s_valid, take(labels), take(matched)
+
+    losses = {}
+    for k in range(self.num_stages):
+      if k > 0:
+        boxes = box_ops.clip_boxes(jax.lax.stop_gradient(pred), hw[:, None, :])
+        valid = valid & box_ops.nonempty(boxes)
+        labels, matched, _ = self._label(k, boxes, valid, gt_boxes, gt_classes, gt_valid)
+      logits, deltas, pred = self._run_stage(k, features, boxes, train=True)
+      losses.update(self._stage_losses(k, logits, deltas, boxes, valid, labels, matched))
+    return losses
