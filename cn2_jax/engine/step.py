@@ -1,0 +1,276 @@
+"""Data-parallel train / eval steps: `jax.jit` + `jax.shard_map` over a 1-D `'data'` mesh.
+
+Written "the pmap way": the body is per-device code (per-device batch, per-device rng, the model's
+loss normalisers `pmean` over `axis_name='data'`), wrapped in `jax.shard_map` (batch leaves
+`P('data')` on the leading axis, train state replicated `P()`) inside `jax.jit` with the state
+donated. No `jax.pmap`, no `device_put_sharded/replicated`.
+
+Gradient averaging and `check_vma` (docs: shared/docs/env_notes.md §2). With `check_vma=True`, JAX
+tracks which values vary across the mesh; the transpose of the implicit broadcast of a replicated
+(`P()`) parameter is a `psum`, so `jax.grad` w.r.t. replicated params comes back ALREADY summed over
+devices and a further `pmean` would give gradients n_devices times too large. `check_vma=True` also
+requires every `while_loop`/`scan`/`cond` carry in the model to be vma-consistent (an invariant
+`jnp.zeros` carry that becomes data-dependent is a TypeError), which detection code (NMS loops,
+sampling) trips over and which the model cannot fix without knowing it runs under shard_map.
+Choice: **`check_vma=False` by default** (exactly pmap semantics: per-device gradients, then an
+explicit `lax.pmean`). `check_vma=True` is supported too: the already-summed gradients are divided
+by the axis size instead. Both are tested against a 1-device run on the same global batch.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import flax
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cn2_jax.engine.optim import FROZEN, param_labels
+
+DATA_AXIS = "data"
+AUX_PREFIX = "aux/"
+
+
+# ----------------------------------------------------------------------------------------------
+# Mesh and host -> device transfer
+# ----------------------------------------------------------------------------------------------
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """1-D mesh `('data',)` over `devices` (default: all devices of all processes), Auto axis type.
+
+  (`jax.make_mesh` would default to Explicit axes; a plain `Mesh` with Auto is what data-parallel
+  `shard_map` code wants.)
+  """
+  devs = np.asarray(jax.devices() if devices is None else list(devices))
+  return Mesh(devs, (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def _num_local_devices(mesh: Mesh) -> int:
+  pid = jax.process_index()
+  return sum(1 for d in mesh.devices.flat if d.process_index == pid)
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh,
+                keys: Optional[Sequence[str]] = None) -> dict[str, jax.Array]:
+  """Host (numpy) batch -> global `jax.Array`s sharded `P('data')` on the leading axis.
+
+  Each process passes its own local slice (leading dim = per-process batch); the global batch is
+  the concatenation over processes (`jax.make_array_from_process_local_data`), so this is correct
+  for multi-host too. `keys` selects a subset (e.g. leave `image_id` / `orig_hw` on the host).
+  64-bit leaves are narrowed to 32 bits when `jax_enable_x64` is off (COCO ids fit in int32).
+  Raises ValueError when a leaf's leading dim is not divisible by this process's device count.
+  """
+  n_local = _num_local_devices(mesh)
+  sharding = data_sharding(mesh)
+  out = {}
+  for k in (batch.keys() if keys is None else keys):
+    x = np.asarray(batch[k])
+    if x.ndim == 0 or x.shape[0] % n_local:
+      raise ValueError(
+          f"shard_batch: leaf {k!r} has shape {x.shape}; its leading (batch) dim must be divisible "
+          f"by the {n_local} local device(s) of the mesh (per-device batch must be an integer)")
+    if not jax.config.jax_enable_x64 and x.dtype.itemsize == 8:
+      x = x.astype({"i": np.int32, "u": np.uint32, "f": np.float32}.get(x.dtype.kind, x.dtype))
+    out[k] = jax.make_array_from_process_local_data(sharding, x)
+  return out
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Put a (host or device) pytree on every device of `mesh` (sharding `P()`)."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def _check_divisible(batch: Any, n: int, what: str) -> None:
+  for kp, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+    shape = np.shape(x)
+    if len(shape) == 0 or shape[0] % n:
+      raise ValueError(
+          f"{what}: batch leaf {jax.tree_util.keystr(kp)} has shape {tuple(shape)}; the leading "
+          f"(global batch) dim must be divisible by the {n} device(s) of the 'data' mesh axis")
+
+
+# ----------------------------------------------------------------------------------------------
+# Train state
+# ----------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class TrainState:
+  """Everything that is checkpointed. `step` = number of updates applied so far (int32 scalar).
+
+  `rng` is a raw uint32[2] key, constant over training; the per-step, per-device key is
+  `fold_in(fold_in(rng, step), axis_index('data'))`, so a resumed run draws the same keys.
+  """
+  step: jax.Array
+  params: Any
+  frozen: Any
+  opt_state: Any
+  rng: jax.Array
+
+  @property
+  def variables(self) -> dict:
+    """`{'params', 'frozen'}` for `model.apply` (eval / export)."""
+    return _variables(self.params, self.frozen)
+
+
+def _variables(params, frozen) -> dict:
+  v = {"params": params}
+  if frozen is not None and jax.tree_util.tree_leaves(frozen):
+    v["frozen"] = frozen
+  return v
+
+
+def _raw_key(rng) -> jax.Array:
+  rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
+  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)
+  return rng
+
+
+def make_train_state_fn(init_variables_fn: Callable[[jax.Array], Mapping[str, Any]],
+                        tx: optax.GradientTransformation) -> Callable[[jax.Array], TrainState]:
+  """`rng -> TrainState` (pure, jit/eval_shape-able): `init_variables_fn(init_key)` then `tx.init`."""
+
+  def fn(rng):
+    rng = _raw_key(rng)
+    init_key, state_key = jax.random.split(rng)
+    variables = dict(init_variables_fn(init_key))
+    params = variables.pop("params")
+    frozen = variables.pop("frozen", {})
+    if variables:
+      raise ValueError(f"unexpected variable collections {sorted(variables)} "
+                       "(the Model API has only 'params' and 'frozen')")
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                      opt_state=tx.init(params), rng=state_key)
+
+  return fn
+
+
+def init_train_state(init_variables_fn, tx, rng, mesh: Mesh) -> TrainState:
+  """Initialise the state directly replicated on `mesh` (jit with replicated out_shardings)."""
+  fn = make_train_state_fn(init_variables_fn, tx)
+  return jax.jit(fn, out_shardings=replicated(mesh))(_raw_key(rng))
+
+
+def state_from_variables(variables: Mapping[str, Any], tx, rng, mesh: Mesh) -> TrainState:
+  """TrainState from given (e.g. pretrained, host numpy) variables, replicated on `mesh`."""
+  variables = replicate(dict(variables), mesh)
+  fn = make_train_state_fn(lambda _: variables, tx)
+  return jax.jit(fn, out_shardings=replicated(mesh))(replicate(_raw_key(rng), mesh))
+
+
+def abstract_train_state(init_variables_fn, tx, mesh: Mesh) -> TrainState:
+  """`jax.eval_shape` of the state with replicated shardings attached (Orbax restore target)."""
+  fn = make_train_state_fn(init_variables_fn, tx)
+  shapes = jax.eval_shape(fn, jax.ShapeDtypeStruct((2,), jnp.uint32))
+  repl = replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps
+# ----------------------------------------------------------------------------------------------
+def total_loss(losses: Mapping[str, jax.Array]) -> jax.Array:
+  """Sum of the loss terms (keys not starting with 'aux/'), in float32."""
+  terms = [jnp.asarray(v, jnp.float32) for k, v in losses.items() if not k.startswith(AUX_PREFIX)]
+  if not terms:
+    raise ValueError(f"model returned no loss terms (keys: {sorted(losses)})")
+  return sum(terms)
+
+
+def make_train_step(model: flax.linen.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
+                    frozen_prefixes: Sequence[str] = (),
+                    lr_schedule: Optional[optax.Schedule] = None,
+                    check_vma: bool = False, donate: bool = True):
+  """Returns jitted `train_step(state, batch) -> (state, metrics)`.
+
+  * `batch`: dict of arrays with the global batch on the leading axis (use `shard_batch`); the
+    global batch must be divisible by the mesh size (ValueError at trace time otherwise).
+  * `state`: TrainState replicated on `mesh` (donated: do not reuse the argument).
+  * The per-device body applies `model.clone(axis_name='data')` with
+    `rngs={'sampling': fold_in(fold_in(state.rng, state.step), axis_index)}`, sums the non-`aux/`
+    losses, averages the gradients over devices (see module docstring), applies `tx`.
+  * Parameters under `frozen_prefixes` get zero gradients *before* the all-reduce, so XLA drops
+    their weight-gradient computation and communication (the optimizer zeroes them anyway).
+  * `metrics` (replicated device scalars, averaged over devices, no host sync): every model output
+    key, `total_loss`, `grad_norm` (global L2 norm of the averaged, unclipped, trainable
+    gradients) and, when `lr_schedule` is given, `lr` (the lr used by this update).
+  """
+  n_dev = mesh.shape[DATA_AXIS]
+  model_d = model.clone(axis_name=DATA_AXIS)
+  frozen_prefixes = tuple(frozen_prefixes)
+
+  def per_device(state: TrainState, batch):
+    idx = jax.lax.axis_index(DATA_AXIS)
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), idx)
+
+    def loss_fn(params):
+      losses = model_d.apply(_variables(params, state.frozen), batch, train=True,
+                             rngs={"sampling": rng})
+      return total_loss(losses), losses
+
+    (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    labels = param_labels(grads, frozen_prefixes)
+
+    def reduce(g, label):
+      if label == FROZEN:
+        return jnp.zeros_like(g)
+      if check_vma:  # already psum-ed by the transpose of the replicated->varying broadcast
+        return g / n_dev
+      return jax.lax.pmean(g, DATA_AXIS)
+
+    grads = jax.tree.map(reduce, grads, labels)
+    trainable = [g for g, l in zip(jax.tree.leaves(grads), jax.tree.leaves(labels)) if l != FROZEN]
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in losses.items()}
+    metrics["total_loss"] = total
+    metrics = jax.lax.pmean(metrics, DATA_AXIS)
+    metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                                        for g in trainable)) if trainable else jnp.float32(0)
+    if lr_schedule is not None:
+      metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                          out_specs=(P(), P()), check_vma=check_vma)
+
+  def train_step(state, batch):
+    _check_divisible(batch, n_dev, "train_step")
+    return sharded(state, batch)
+
+  return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(model: flax.linen.Module, mesh: Mesh, *, check_vma: bool = False):
+  """Returns jitted `eval_step(variables, batch) -> detections`.
+
+  `variables` = `{'params', 'frozen'}` (e.g. `state.variables`), replicated; `batch` sharded on the
+  leading axis (global batch divisible by the mesh size). Outputs (e.g. `boxes [B,100,4]`,
+  `scores`, `classes`, `valid`) keep the global batch on the leading axis, sharded `P('data')`.
+  """
+  n_dev = mesh.shape[DATA_AXIS]
+  model_d = model.clone(axis_name=DATA_AXIS)
+
+  def per_device(variables, batch):
+    return model_d.apply(variables, batch, train=False)
+
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                          out_specs=P(DATA_AXIS), check_vma=check_vma)
+
+  def eval_step(variables, batch):
+    _check_divisible(batch, n_dev, "eval_step")
+    return sharded(variables, batch)
+
+  return jax.jit(eval_step)
