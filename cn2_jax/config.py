@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.resnet_depth = 50
   m.stride_in_1x1 = True            # MSRA/caffe style (official); False for torchvision weights
   m.freeze_at = 2                   # stem + res2 frozen
+  m.resnet_width = 64               # stem/res2 width (64 official; smaller for tiny models)
   m.resnet_norm = "FrozenBN"        # "FrozenBN" (official), "GN" (training from scratch) or ""
   m.input_format = "BGR"            # official MSRA weights expect BGR; pipeline yields RGB
   m.pixel_mean = (103.530, 116.280, 123.675)   # in input_format order

@@ -17,6 +17,7 @@ def get_config():
   m = c.model
   m.num_classes = 4
   m.resnet_depth = 18
+  m.resnet_width = 32
   m.resnet_norm = "GN"
   m.freeze_at = 0
   m.input_format = "RGB"
@@ -51,8 +52,8 @@ def get_config():
   o.base_lr = 0.02
   o.warmup_iters = 100
   o.warmup_factor = 0.001
-  o.max_iter = 1500
-  o.steps = (1100, 1350)
+  o.max_iter = 600
+  o.steps = (450, 540)
 
   t = c.train
   t.batch_size = 8

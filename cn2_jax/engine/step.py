@@ -107,8 +107,10 @@ def _check_divisible(batch: Any, n: int, what: str) -> None:
 class TrainState:
   """Everything that is checkpointed. `step` = number of updates applied so far (int32 scalar).
 
-  `rng` is a raw uint32[2] key, constant over training; the per-step, per-device key is
-  `fold_in(fold_in(rng, step), axis_index('data'))`, so a resumed run draws the same keys.
+  `rng` is a raw uint32[2] key, constant over training; the per-step key is
+  `fold_in(rng, step)`, the same on every device, so a resumed run draws the same keys. The model
+  derives per-image keys from the *global* image index (device index x per-device batch + i), so
+  random sampling does not depend on how the batch is split over devices.
   """
   step: jax.Array
   params: Any
@@ -197,7 +199,7 @@ def make_train_step(model: flax.linen.Module, tx: optax.GradientTransformation, 
     global batch must be divisible by the mesh size (ValueError at trace time otherwise).
   * `state`: TrainState replicated on `mesh` (donated: do not reuse the argument).
   * The per-device body applies `model.clone(axis_name='data')` with
-    `rngs={'sampling': fold_in(fold_in(state.rng, state.step), axis_index)}`, sums the non-`aux/`
+    `rngs={'sampling': fold_in(state.rng, state.step)}` (see TrainState), sums the non-`aux/`
     losses, averages the gradients over devices (see module docstring), applies `tx`.
   * Parameters under `frozen_prefixes` get zero gradients *before* the all-reduce, so XLA drops
     their weight-gradient computation and communication (the optimizer zeroes them anyway).
@@ -210,8 +212,7 @@ def make_train_step(model: flax.linen.Module, tx: optax.GradientTransformation, 
   frozen_prefixes = tuple(frozen_prefixes)
 
   def per_device(state: TrainState, batch):
-    idx = jax.lax.axis_index(DATA_AXIS)
-    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), idx)
+    rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
       losses = model_d.apply(_variables(params, state.frozen), batch, train=True,

@@ -40,6 +40,7 @@ class CenterNet2(nn.Module):
     dtype = _DTYPES[m["dtype"]]
     self.backbone = FPN(depth=m["resnet_depth"], stride_in_1x1=m["stride_in_1x1"],
                         freeze_at=m["freeze_at"], norm=m["resnet_norm"],
+                        width=m["resnet_width"],
                         out_channels=m["fpn_channels"], dtype=dtype)
     self.proposal_generator = CenterNet(channels=m["fpn_channels"], axis_name=self.axis_name,
                                         dtype=dtype, **m["centernet"])

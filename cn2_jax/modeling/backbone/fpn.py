@@ -65,6 +65,7 @@ class FPN(nn.Module):
   norm: str = "FrozenBN"
   out_channels: int = 256
   fpn_norm: str = ""
+  width: int = 64
   dtype: Dtype = jnp.float32
 
   # Class constants (not dataclass fields).
@@ -74,6 +75,7 @@ class FPN(nn.Module):
 
   def setup(self):
     self.bottom_up = ResNet(depth=self.depth, stride_in_1x1=self.stride_in_1x1, norm=self.norm,
+                            width=self.width,
                             freeze_at=self.freeze_at, out_features=self.in_features,
                             dtype=self.dtype)
     lat = lambda: Conv2d(  # noqa: E731

@@ -45,12 +45,16 @@ _STAGE_NAMES = ("res2", "res3", "res4", "res5")
 _FEATURE_STRIDES = {"stem": 4, "res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
 
-def resnet_out_channels(depth: int) -> Dict[str, int]:
-  """Output channels of `stem` and `res2`..`res5` for a ResNet of this depth."""
+def resnet_out_channels(depth: int, width: int = 64) -> Dict[str, int]:
+  """Output channels of `stem` and `res2`..`res5` for a ResNet of this depth.
+
+  `width` is detectron2's STEM_OUT_CHANNELS = WIDTH_PER_GROUP (64 in every official model); every
+  stage scales with it, which gives narrow ResNets for tests and the CPU demo.
+  """
   if depth not in _DEPTH_CONFIG:
     raise ValueError(f"ResNet depth must be one of {sorted(_DEPTH_CONFIG)}, got {depth}")
-  base = 64 if _DEPTH_CONFIG[depth][0] == "basic" else 256
-  out = {"stem": 64}
+  base = width if _DEPTH_CONFIG[depth][0] == "basic" else 4 * width
+  out = {"stem": width}
   for i, name in enumerate(_STAGE_NAMES):
     out[name] = base * 2 ** i
   return out
@@ -189,6 +193,7 @@ class ResNet(nn.Module):
     stride_in_1x1: stride on the bottleneck's first 1x1 conv (MSRA) rather than on the 3x3.
     norm: norm of every conv: 'FrozenBN' (default), 'GN' or '' (none).
     freeze_at: detectron2 freeze semantics (see module docstring).
+    width: stem channels / bottleneck width of res2 (64 = every official ResNet).
     out_features: subset of ('stem', 'res2', 'res3', 'res4', 'res5') to return. As in detectron2,
       stages after the last requested one are not built.
     dtype: compute dtype.
@@ -200,6 +205,7 @@ class ResNet(nn.Module):
   norm: str = "FrozenBN"
   freeze_at: int = 2
   out_features: Sequence[str] = ("res3", "res4", "res5")
+  width: int = 64
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -212,12 +218,12 @@ class ResNet(nn.Module):
       if f not in _FEATURE_STRIDES:
         raise ValueError(f"unknown ResNet out_feature {f!r}")
     block, num_blocks = _DEPTH_CONFIG[self.depth]
-    channels = resnet_out_channels(self.depth)
+    channels = resnet_out_channels(self.depth, self.width)
     order = ("stem",) + _STAGE_NAMES
     last = max(order.index(f) for f in self.out_features)
 
     outputs = {}
-    x = BasicStem(64, norm=self.norm, dtype=self.dtype, name="stem")(x)
+    x = BasicStem(channels["stem"], norm=self.norm, dtype=self.dtype, name="stem")(x)
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
     if "stem" in self.out_features:

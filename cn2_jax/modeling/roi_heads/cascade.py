@@ -52,6 +52,21 @@ def _pmean_or_identity(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
   return jax.lax.pmean(x, axis_name) if axis_name else x
 
 
+def probabilistic_scores(stage_logits: Sequence[jax.Array], proposal_scores: jax.Array,
+                         mult_proposal_score: bool = True) -> jax.Array:
+  """CenterNet2's final score (spec §6): sqrt(mean_k softmax(logits_k) * s_prop).
+
+  `stage_logits`: per stage `[..., R, K+1]`; `proposal_scores` `[..., R]` = sqrt(sigmoid(agn)),
+  so the result is q^(1/2) * sigmoid(agn)^(1/4). Without `mult_proposal_score`: the plain
+  cascade average. Returns `[..., R, K+1]` float32.
+  """
+  probs = sum(jax.nn.softmax(l.astype(jnp.float32), axis=-1) for l in stage_logits)
+  probs = probs / len(stage_logits)
+  if mult_proposal_score:
+    probs = jnp.sqrt(probs * proposal_scores[..., None].astype(jnp.float32))
+  return probs
+
+
 def fast_rcnn_inference(boxes: jax.Array, scores: jax.Array, valid: jax.Array,
                         image_hw: jax.Array, *, score_thresh: float, nms_thresh: float,
                         topk: int) -> dict[str, jax.Array]:
@@ -192,7 +207,7 @@ class CascadeROIHeads(nn.Module):
     if train:
       return self._forward_train(features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid)
 
-    probs = []
+    stage_logits = []
     for k in range(self.num_stages):
       if k > 0:
         boxes = box_ops.clip_boxes(jax.lax.stop_gradient(pred), hw[:, None, :])
@@ -200,10 +215,8 @@ class CascadeROIHeads(nn.Module):
       logits, deltas, pred = self._run_stage(k, features, boxes, train=False)
       self.sow("intermediates", f"stage{k}_cls_logits", logits)
       self.sow("intermediates", f"stage{k}_box_deltas", deltas)
-      probs.append(jax.nn.softmax(logits, axis=-1))
-    scores = sum(probs) / self.num_stages
-    if self.mult_proposal_score:
-      scores = jnp.sqrt(scores * proposals["scores"][..., None].astype(jnp.float32))
+      stage_logits.append(logits)
+    scores = probabilistic_scores(stage_logits, proposals["scores"], self.mult_proposal_score)
     self.sow("intermediates", "final_scores_all", scores)
     self.sow("intermediates", "final_boxes_all", pred)
     infer = functools.partial(fast_rcnn_inference, score_thresh=self.score_thresh_test,
@@ -217,7 +230,12 @@ class CascadeROIHeads(nn.Module):
       valid = jnp.concatenate([valid, gt_valid], axis=1)
     # Stage 0: label all candidates at IoU 0.6, then sample a fixed 512 per image.
     labels, matched, is_fg = self._label(0, boxes, valid, gt_boxes, gt_classes, gt_valid)
-    keys = jax.random.split(self.make_rng("sampling"), boxes.shape[0])
+    # One key per image from its global index (device offset + i): sampling is then the same
+    # whatever the number of devices the batch is split over.
+    n = boxes.shape[0]
+    offset = jax.lax.axis_index(self.axis_name) * n if self.axis_name else 0
+    base = self.make_rng("sampling")
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, offset + i))(jnp.arange(n))
     idx, s_valid, _ = jax.vmap(
         lambda key, fg, v: subsample_labels(key, fg, v, self.batch_size_per_image,
                                             self.positive_fraction))(keys, is_fg, valid)
