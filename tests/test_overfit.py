@@ -3,13 +3,14 @@ those objects (COCO AP50 >= 0.9 on them). Exercises the whole train path (target
 losses, sampling, optimizer) and the whole inference path (proposals, cascade, scores, NMS)."""
 from __future__ import annotations
 
+import os
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from cn2_jax.config import base_config
+from cn2_jax.config import load_config_file
 from cn2_jax.engine import optim, step as step_lib
 from cn2_jax.evaluation.coco_eval import CocoEvaluator
 from cn2_jax.modeling import detector
@@ -46,21 +47,14 @@ def make_images(n=4, size=96, seed=0):
 
 
 def test_tiny_model_overfits_four_images():
-  c = base_config()
+  # The demo's toy-width model (configs/demo.py) at even smaller sizes.
+  c = load_config_file(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
+                                    "demo.py"))
   m = c.model
   m.num_classes = 2
-  m.resnet_depth = 18
-  m.resnet_width = 32
-  m.resnet_norm = "GN"
-  m.freeze_at = 0
-  m.input_format = "RGB"
-  m.pixel_mean = (123.675, 116.28, 103.53)
-  m.pixel_std = (58.395, 57.12, 57.375)
   m.fpn_channels = 32
   m.centernet.num_convs = 1
   m.centernet.pre_nms_topk_train = 128
-  m.centernet.post_nms_topk_train = 64
-  m.centernet.pre_nms_topk_test = 128
   m.centernet.post_nms_topk_test = 32
   m.roi_heads.batch_size_per_image = 32
   m.roi_heads.fc_dim = 64
