@@ -217,7 +217,7 @@ def test_roi_align_matches_reference(seed, h, w, scale, out_hw, sr, aligned):
   assert got.shape == (len(boxes),) + tuple(out_hw) + (c,)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   if sr == 0:  # adaptive: the boxes with no sample (roi <= 0) pool to exactly zero
-    _, _, bh, bw = [np.asarray(v) for v in ra._roi_geometry(
+    _, _, bh, bw, _, _ = [np.asarray(v) for v in ra._roi_geometry(
         jnp.asarray(boxes), jnp.float32(scale), out_hw, aligned)]
     empty = (np.ceil(bh) <= 0) | (np.ceil(bw) <= 0)
     assert np.all(got[empty] == 0)
@@ -447,3 +447,25 @@ def test_matches_official_pooler_outputs():
       np.testing.assert_allclose(got[i], want[i], rtol=1e-4, atol=1e-5 * scale)
       compared += 1
   assert compared >= 15, compared
+
+
+def test_adaptive_grid_exact_on_multiples_of_the_output_size():
+  """ceil(roi / 7) must be exact: XLA turns `/ 7` into `* (1/7)` and 84 * f32(1/7) = 12.000001
+  (found by bench/parity_torchvision.py). Box sides (aligned, scale 1) of 7k px and 7k +- 1 ulp."""
+  sides = [7.0, 14.0, 21.0, 49.0, 84.0, 91.0, 700.0, 84.00001, 83.99999]
+  boxes = np.array([[0.5, 0.5, 0.5 + s, 0.5 + s] for s in sides], np.float32)
+  need = np.asarray(ra.required_adaptive_samples(jnp.asarray(boxes), spatial_scale=1.0))
+  expect = max(int(math.ceil(np.float32(np.float32(s) / np.float32(7)))) for s in
+               (boxes[:, 2] - 0.5 - (boxes[:, 0] - 0.5)))
+  assert tuple(need) == (expect, expect)
+  for b in boxes:
+    got = np.asarray(ra.required_adaptive_samples(jnp.asarray(b[None]), spatial_scale=1.0))
+    side = np.float32(b[2] - 0.5) - np.float32(b[0] - 0.5)
+    assert got[0] == int(math.ceil(np.float32(side / np.float32(7)))), (b, got)
+  rng = np.random.default_rng(3)
+  feat = rng.normal(size=(120, 120, 4)).astype(np.float32)
+  small = boxes[:6]
+  out = ra.roi_align(jnp.asarray(feat), jnp.asarray(small), 1.0, output_size=7, sampling_ratio=0,
+                  aligned=True, max_adaptive_samples=16)
+  ref = ref_roi_align(feat, small, 1.0, sampling_ratio=0, aligned=True)
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)

@@ -120,7 +120,8 @@ def assign_boxes_to_levels(boxes: jax.Array,
 
 
 def _roi_geometry(boxes: jax.Array, scale: jax.Array, out_hw: Tuple[int, int], aligned: bool):
-  """Per-box start / bin size in feature units. `boxes [R,4]`, `scale [R] or []` -> 4 x `[R]`."""
+  """Per-box start, bin size and roi size in feature units. `boxes [R,4]`, `scale [R] or []` ->
+  (y1, x1, bin_h, bin_w, roi_h, roi_w), each `[R]`."""
   offset = jnp.float32(0.5 if aligned else 0.0)
   x1 = boxes[:, 0] * scale - offset
   y1 = boxes[:, 1] * scale - offset
@@ -133,7 +134,7 @@ def _roi_geometry(boxes: jax.Array, scale: jax.Array, out_hw: Tuple[int, int], a
     roi_h = jnp.maximum(roi_h, jnp.float32(1.0))
   bin_h = roi_h / jnp.float32(out_hw[0])
   bin_w = roi_w / jnp.float32(out_hw[1])
-  return y1, x1, bin_h, bin_w
+  return y1, x1, bin_h, bin_w, roi_h, roi_w
 
 
 def _level_scales(min_level: int, max_level: int) -> jax.Array:
@@ -141,9 +142,18 @@ def _level_scales(min_level: int, max_level: int) -> jax.Array:
   return jnp.asarray([2.0**-l for l in range(min_level, max_level + 1)], jnp.float32)
 
 
-def _adaptive_grid(bin_size: jax.Array) -> jax.Array:
-  """torchvision: ceil(roi / pooled) (== ceil(bin)); may be <= 0 (no samples) or NaN."""
-  return jnp.ceil(bin_size)
+def _adaptive_grid(roi: jax.Array, pooled: int) -> jax.Array:
+  """torchvision's ceil(roi / pooled), exactly; may be <= 0 (no samples) or NaN.
+
+  XLA rewrites a division by a constant into a multiplication by its reciprocal, so
+  `ceil(84 / 7)` would come out 13 (84 * float32(1/7) = 12.000001). The estimate is therefore
+  corrected to the smallest integer g with g * pooled >= roi (exact for these small integers),
+  which is what the correctly rounded division followed by ceil gives.
+  """
+  p = jnp.float32(pooled)
+  g = jnp.ceil(roi * (1.0 / p))
+  g = jnp.where((g - 1.0) * p >= roi, g - 1.0, g)
+  return jnp.where(g * p < roi, g + 1.0, g)
 
 
 def required_adaptive_samples(boxes: jax.Array,
@@ -178,8 +188,9 @@ def required_adaptive_samples(boxes: jax.Array,
     scale = _level_scales(min_level, max_level)[level - min_level]
   else:
     scale = jnp.float32(spatial_scale)
-  _, _, bin_h, bin_w = _roi_geometry(boxes, scale, out_hw, aligned)
-  grid = jnp.stack([_adaptive_grid(bin_h), _adaptive_grid(bin_w)], axis=-1)  # [R, 2]
+  _, _, _, _, roi_h, roi_w = _roi_geometry(boxes, scale, out_hw, aligned)
+  grid = jnp.stack([_adaptive_grid(roi_h, out_hw[0]), _adaptive_grid(roi_w, out_hw[1])],
+                   axis=-1)  # [R, 2]
   keep = jnp.isfinite(grid).all(-1)
   if valid is not None:
     keep &= jnp.asarray(valid, bool).reshape(-1)
@@ -229,11 +240,11 @@ def _pool_flat(table: jax.Array, boxes: jax.Array, scale: jax.Array, base: jax.A
   dtype = table.dtype
   out_h, out_w = out_hw
   num = boxes.shape[0]
-  start_y, start_x, bin_h, bin_w = _roi_geometry(boxes, scale, out_hw, aligned)
+  start_y, start_x, bin_h, bin_w, roi_h, roi_w = _roi_geometry(boxes, scale, out_hw, aligned)
   adaptive = sampling_ratio <= 0
   if adaptive:
-    grid_h = jnp.minimum(_adaptive_grid(bin_h), jnp.float32(cap_hw[0]))
-    grid_w = jnp.minimum(_adaptive_grid(bin_w), jnp.float32(cap_hw[1]))
+    grid_h = jnp.minimum(_adaptive_grid(roi_h, out_h), jnp.float32(cap_hw[0]))
+    grid_w = jnp.minimum(_adaptive_grid(roi_w, out_w), jnp.float32(cap_hw[1]))
     prod = grid_h * grid_w
     count = jnp.where(prod >= 1.0, prod, jnp.float32(1.0))  # max(gh*gw, 1); NaN -> 1.
     # Positions only matter where grid >= 1 (other sub-samples are masked).
