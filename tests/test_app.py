@@ -129,3 +129,21 @@ def test_two_devices_match_one_device():
   res = json.loads(proc.stdout.strip().splitlines()[-1])
   assert res["loss_diff"] < 1e-5 * max(1.0, abs(res["total_loss"])), res
   assert res["param_diff"] < 1e-6, res
+
+
+def test_eval_with_converted_weights_dir_matches_checkpoint(runs, tmp_path):
+  """--mode=eval --config.weights=DIR (an Orbax dir as written by `python -m cn2_jax.convert`)
+  gives the same metrics as evaluating the run's own checkpoint."""
+  from cn2_jax.convert import save_variables
+  cfg, wd, _, _, metrics = runs
+  variables = app.restore_variables(cfg, wd)
+  import jax
+  weights = save_variables(jax.device_get(variables), tmp_path / "converted")
+  cfg2 = cfg.copy_and_resolve_references()
+  cfg2.weights = str(weights)
+  metrics2 = app.evaluate(cfg2, str(tmp_path / "eval_run"))
+  for k in ("AP", "AP50", "AR100"):
+    assert metrics2[k] == pytest.approx(metrics[k], abs=1e-9), k
+  with pytest.raises(Exception, match="missing.pkl"):
+    cfg2.weights = str(tmp_path / "missing.pkl")
+    app.evaluate(cfg2, str(tmp_path / "eval_run2"))
