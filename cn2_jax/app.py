@@ -220,8 +220,15 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, variables=None,
       max_size=d.max_size_test, pad_hw=tuple(d.pad_hw_test), max_boxes=d.max_boxes,
       num_workers=d.num_workers, process_index=jax.process_index(),
       process_count=jax.process_count()):
-    dets = jax.device_get(eval_step(variables, step_lib.shard_batch(
-        {k: batch[k] for k in EVAL_KEYS}, mesh)))
+    dets = eval_step(variables, step_lib.shard_batch({k: batch[k] for k in EVAL_KEYS}, mesh))
+    if jax.process_count() > 1:
+      # Every process scores the whole eval set: gather detections (global arrays) and each
+      # process's batch metadata (host arrays) in process order.
+      from jax.experimental import multihost_utils
+      dets = multihost_utils.process_allgather(dets, tiled=True)
+      batch = multihost_utils.process_allgather(
+          {k: batch[k] for k in ("image_id", "image_hw", "orig_hw", "batch_mask")}, tiled=True)
+    dets = jax.device_get(dets)
     boxes = scale_boxes_to_original(dets["boxes"], batch["image_hw"], batch["orig_hw"])
     nonempty = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
     evaluator.add(batch["image_id"], boxes, dets["scores"], dets["classes"],

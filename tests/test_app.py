@@ -40,8 +40,13 @@ def small_demo_config():
   return validate_config(c)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast(fast_compile):
+  yield
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, _fast):
   root = tmp_path_factory.mktemp("runs")
   cfg = small_demo_config()
   cfg.data.root = str(root / "synthetic")      # shared dataset for both runs

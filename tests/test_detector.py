@@ -18,6 +18,11 @@ from cn2_jax.testing.oracle import oracle_dir
 ORACLE_R50_PARAMS = 71_645_897     # ../shared/oracle/README.md, learnable parameters
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast(fast_compile):
+  yield
+
+
 def tiny_config(norm="FrozenBN", freeze_at=2, dtype="float32"):
   c = base_config()
   m = c.model

@@ -15,6 +15,7 @@ from tests.test_detector import tiny_batch, tiny_config  # noqa: E402
 
 def main():
   assert jax.device_count() == 2, jax.devices()
+  jax.config.update("jax_disable_most_optimizations", True)   # compile time dominates
   cfg = tiny_config()
   cfg.optim.warmup_iters = 1
   model = detector.build_model(cfg.model)
