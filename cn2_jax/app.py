@@ -30,7 +30,7 @@ from cn2_jax.data import pipeline
 from cn2_jax.data import synthetic
 from cn2_jax.engine import loop
 from cn2_jax.engine import step as step_lib
-from cn2_jax.evaluation.coco_eval import CocoEvaluator, scale_boxes_to_original
+from cn2_jax.evaluation.coco_eval import CocoEvaluator
 from cn2_jax.modeling import detector
 
 log = logging.getLogger(__name__)
@@ -228,11 +228,10 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, variables=None,
       dets = multihost_utils.process_allgather(dets, tiled=True)
       batch = multihost_utils.process_allgather(
           {k: batch[k] for k in ("image_id", "image_hw", "orig_hw", "batch_mask")}, tiled=True)
-    dets = jax.device_get(dets)
-    boxes = scale_boxes_to_original(dets["boxes"], batch["image_hw"], batch["orig_hw"])
-    nonempty = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
-    evaluator.add(batch["image_id"], boxes, dets["scores"], dets["classes"],
-                  dets["valid"] & nonempty, batch["batch_mask"])
+    dets = jax.device_get(detector.postprocess_detections(
+        jax.device_get(dets), batch["image_hw"], batch["orig_hw"]))
+    evaluator.add(batch["image_id"], dets["boxes"], dets["scores"], dets["classes"],
+                  dets["valid"], batch["batch_mask"])
     n += int(batch["batch_mask"].sum())
   dt = time.perf_counter() - t0
   log.info("evaluated %d images in %.1f s", n, dt)

@@ -213,3 +213,15 @@ def test_probabilistic_score_and_inference_against_numpy():
   np.testing.assert_allclose(np.asarray(out["scores"])[:n], [t[0] for t in kept], rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(out["classes"])[:n], [t[2] for t in kept])
   np.testing.assert_allclose(np.asarray(out["boxes"])[:n], cb[[t[1] for t in kept]], atol=1e-5)
+
+
+def test_postprocess_detections_rescales_clips_and_drops_empty():
+  """detectron2 detector_postprocess: x * orig_w / resized_w, y * orig_h / resized_h, clip to the
+  original image, boxes that became empty are invalid."""
+  boxes = np.array([[[10, 20, 30, 40], [0, 0, 220, 100], [250, 10, 260, 20]]], np.float32)
+  dets = dict(boxes=boxes, scores=np.ones((1, 3), np.float32), classes=np.zeros((1, 3), np.int32),
+              valid=np.ones((1, 3), bool))
+  out = detector.postprocess_detections(dets, np.array([[100, 200]]), np.array([[50, 400]]))
+  np.testing.assert_allclose(np.asarray(out["boxes"])[0],
+                             [[20, 10, 60, 20], [0, 0, 400, 50], [400, 5, 400, 10]])
+  np.testing.assert_array_equal(np.asarray(out["valid"])[0], [True, True, False])

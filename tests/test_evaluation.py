@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cn2_jax.evaluation.coco_eval import (COCO_METRIC_NAMES, CocoEvaluator, format_metrics_table,
-                                          scale_boxes_to_original)
+from cn2_jax.evaluation.coco_eval import COCO_METRIC_NAMES, CocoEvaluator, format_metrics_table
 from cn2_jax.visualize import class_color, draw_detections, save_png
 
 CAT_IDS = (1, 3, 7)  # non-contiguous COCO ids for labels 0, 1, 2
@@ -236,13 +235,10 @@ def test_written_json_loads_back(tmp_path):
     assert len(coco.loadRes(str(tmp_path / 'out' / 'results.json')).getAnnIds()) == 8
 
 
-def test_metrics_table_and_box_rescaling():
+def test_metrics_table():
     table = format_metrics_table({n: 0.5 for n in COCO_METRIC_NAMES} | {'APs': -1.0})
     header, values = table.splitlines()
     assert header.split()[0] == 'AP' and '50.00' in values and '-' in values
-    boxes = np.array([[[10, 20, 30, 40], [0, 0, 200, 100]]], np.float32)
-    out = scale_boxes_to_original(boxes, image_hw=[[100, 200]], orig_hw=[[50, 400]])
-    np.testing.assert_allclose(out[0], [[20, 10, 60, 20], [0, 0, 400, 50]])
 
 
 # ---------------------------------------------------------------------------------------------

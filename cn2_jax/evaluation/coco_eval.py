@@ -2,7 +2,7 @@
 
 The detector returns a fixed ``[B, 100]`` set of boxes/scores/classes plus a ``valid`` mask in
 resized-image pixels (DESIGN.md "Model API"). The eval loop maps the boxes back to the original image
-(:func:`scale_boxes_to_original`), then feeds every batch to :meth:`CocoEvaluator.add`, which
+(``cn2_jax.modeling.detector.postprocess_detections``), then feeds every batch to :meth:`CocoEvaluator.add`, which
 
 * drops padding examples (``batch_mask == False``) and invalid detections (``valid == False``),
 * converts xyxy -> COCO xywh and the contiguous label 0..C-1 -> COCO ``category_id``,
@@ -28,31 +28,7 @@ import numpy as np
 COCO_METRIC_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
                      'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
 
-__all__ = ['COCO_METRIC_NAMES', 'CocoEvaluator', 'format_metrics_table', 'scale_boxes_to_original']
-
-
-def scale_boxes_to_original(boxes, image_hw, orig_hw, clip: bool = True) -> np.ndarray:
-    """Maps xyxy boxes from resized-image pixels back to original-image pixels (host side, numpy).
-
-    Args:
-      boxes: ``[B, K, 4]`` xyxy in pixels of the resized (unpadded) image.
-      image_hw: ``[B, 2]`` (h, w) of the resized image.
-      orig_hw: ``[B, 2]`` (h, w) of the original image.
-      clip: clip the result to the original image.
-    Returns:
-      ``[B, K, 4]`` float32 xyxy in original-image pixels.
-    """
-    boxes = np.asarray(boxes, np.float32)
-    image_hw = np.asarray(image_hw, np.float32)
-    orig_hw = np.asarray(orig_hw, np.float32)
-    sy = orig_hw[:, 0] / np.maximum(image_hw[:, 0], 1.0)
-    sx = orig_hw[:, 1] / np.maximum(image_hw[:, 1], 1.0)
-    scale = np.stack([sx, sy, sx, sy], axis=-1)[:, None, :]  # [B, 1, 4]
-    out = boxes * scale
-    if clip:
-        hi = np.stack([orig_hw[:, 1], orig_hw[:, 0], orig_hw[:, 1], orig_hw[:, 0]], -1)[:, None, :]
-        out = np.clip(out, 0.0, hi)
-    return out.astype(np.float32)
+__all__ = ['COCO_METRIC_NAMES', 'CocoEvaluator', 'format_metrics_table']
 
 
 def _quiet():
