@@ -307,7 +307,7 @@ def run_jax_train(spec: dict, res: Result):
   frozen = detector.frozen_param_prefixes(cfg.model)
   tx = optim.make_optimizer(cfg.optim, None, frozen)
   sched = optim.make_lr_schedule(cfg.optim)
-  init_fn = lambda r: model.init(r, detector.dummy_batch(), train=False)  # noqa: E731
+  init_fn = detector.init_fn(model)
   t0 = time.perf_counter()
   state = step_lib.init_train_state(init_fn, tx, jax.random.PRNGKey(spec["seed"]), mesh)
   jax.block_until_ready(state)
@@ -383,7 +383,7 @@ def run_jax_infer(spec: dict, res: Result):
   ndev = mesh.size
   model = detector.build_model(cfg.model)
   t0 = time.perf_counter()
-  variables = jax.jit(lambda k: model.init(k, detector.dummy_batch(), train=False))(
+  variables = jax.jit(detector.init_fn(model))(
       jax.random.PRNGKey(spec["seed"]))
   variables = step_lib.replicate(variables, mesh)
   jax.block_until_ready(variables)

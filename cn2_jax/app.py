@@ -106,7 +106,8 @@ def _check_num_classes(cfg, info: pipeline.DetectionInfo) -> None:
 # ------------------------------------------------------------------------------------- weights
 def load_weights_file(path: str, variables: dict, *, backbone_only: bool) -> dict:
   """Official .pkl/.pth (detectron2/CenterNet2, MSRA R-50, torchvision R-50) or an Orbax dir
-  written by `python -m cn2_jax.convert`, mapped onto `variables` (strict; see convert.py)."""
+  written by `python -m cn2_jax.convert`, mapped onto `variables` (strict; see convert.py).
+  `variables` may be abstract (ShapeDtypeStruct) unless `backbone_only`, which keeps the rest."""
   from cn2_jax import convert
   if os.path.isdir(path):
     if backbone_only:
@@ -124,8 +125,8 @@ def load_weights_file(path: str, variables: dict, *, backbone_only: bool) -> dic
 def restore_variables(cfg, workdir: str) -> dict:
   """Model variables for eval/predict: `cfg.weights` if set, else the workdir's latest checkpoint."""
   if cfg.weights:
-    init = jax.device_get(detector.init_variables(cfg.model, cfg.seed))
-    return load_weights_file(cfg.weights, init, backbone_only=False)
+    return load_weights_file(cfg.weights, detector.abstract_variables(cfg.model),
+                             backbone_only=False)
   from cn2_jax.engine import checkpoint as ckpt_lib
   from cn2_jax.engine import optim
   ckpt = ckpt_lib.Checkpointer(workdir)
@@ -135,8 +136,7 @@ def restore_variables(cfg, workdir: str) -> dict:
                             f"train first or pass official weights")
   model = detector.build_model(cfg.model)
   tx = optim.make_optimizer(cfg.optim, None, detector.frozen_param_prefixes(cfg.model))
-  abstract = step_lib.abstract_train_state(
-      lambda r: model.init(r, detector.dummy_batch(), train=False), tx, step_lib.make_mesh())
+  abstract = step_lib.abstract_train_state(detector.init_fn(model), tx, step_lib.make_mesh())
   state = ckpt.restore(abstract, step)
   ckpt.close()
   log.info("restored checkpoint step %d from %s", step, ckpt.directory)
@@ -179,11 +179,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at_step: Optiona
       yield {k: batch[k] for k in ("image", "image_hw", "gt_boxes", "gt_classes", "gt_valid")}
 
   model = detector.build_model(cfg.model)
-  init_fn = lambda r: model.init(r, detector.dummy_batch(), train=False)  # noqa: E731
   load_pretrained = None
   if cfg.init_from:
     load_pretrained = lambda v: load_weights_file(cfg.init_from, v, backbone_only=True)  # noqa
-  state = loop.train(cfg, workdir, model, init_fn, train_batches,
+  state = loop.train(cfg, workdir, model, detector.init_fn(model), train_batches,
                      frozen_prefixes=detector.frozen_param_prefixes(cfg.model),
                      load_pretrained_fn=load_pretrained, stop_at_step=stop_at_step,
                      metrics_callback=metrics_callback)

@@ -71,8 +71,7 @@ def test_tiny_model_overfits_four_images():
   mesh = step_lib.make_mesh(jax.devices()[:1])
   tx = optim.make_optimizer(o, None, ())
   state = step_lib.init_train_state(
-      lambda r: model.init(r, detector.dummy_batch(), train=False), tx, jax.random.PRNGKey(0),
-      mesh)
+      detector.init_fn(model), tx, jax.random.PRNGKey(0), mesh)
   train_step = step_lib.make_train_step(model, tx, mesh)
   dev_batch = step_lib.shard_batch(batch, mesh)
   losses = []

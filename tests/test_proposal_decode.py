@@ -10,33 +10,12 @@ import jax
 import jax.numpy as jnp
 
 from cn2_jax.modeling.proposal.decode import generate_proposals
+from tests.test_ops_nms import ref_nms
 
 F32 = np.float32
 STRIDES = (8, 16, 32, 64, 128)
 ORACLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "oracle",
                       "outputs_000000000009.npz")
-
-
-def ref_nms(boxes, scores, thr):
-  """torchvision nms (CPU kernel) on all-valid boxes."""
-  order = sorted(range(len(boxes)), key=lambda i: (-float(scores[i]), i))
-  order = np.array(order, np.int64)
-  x1, y1, x2, y2 = boxes.T
-  areas = (x2 - x1) * (y2 - y1)
-  suppressed = np.zeros(len(boxes), bool)
-  keep = []
-  for k, i in enumerate(order):
-    if suppressed[i]:
-      continue
-    keep.append(i)
-    rest = order[k + 1:]
-    w = np.maximum(F32(0), np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
-    h = np.maximum(F32(0), np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
-    inter = w * h
-    with np.errstate(divide="ignore", invalid="ignore"):
-      ovr = inter / ((areas[i] + areas[rest]) - inter)
-    suppressed[rest[ovr.astype(np.float64) > thr]] = True
-  return np.array(keep, np.int64)
 
 
 def ref_proposals(hms, regs, strides, pre, post, nms_thr, score_thr):
@@ -59,7 +38,7 @@ def ref_proposals(hms, regs, strides, pre, post, nms_thr, score_thr):
     all_scores.append(np.sqrt(p[cand]))
   boxes = np.concatenate(all_boxes)
   scores = np.concatenate(all_scores)
-  keep = ref_nms(boxes, scores, nms_thr)
+  keep = ref_nms(boxes, scores, np.ones(len(boxes), bool), nms_thr)
   boxes, scores = boxes[keep], scores[keep]
   if len(keep) > post:  # kthvalue cut: keep scores >= the (n - post + 1)-th smallest
     t = np.sort(scores)[len(keep) - post]

@@ -21,7 +21,7 @@ def main():
   model = detector.build_model(cfg.model)
   batch = tiny_batch(b=2)
   batch = {k: batch[k] for k in ("image", "image_hw", "gt_boxes", "gt_classes", "gt_valid")}
-  init = lambda r: model.init(r, detector.dummy_batch(), train=False)  # noqa: E731
+  init = detector.init_fn(model)
   prefixes = detector.frozen_param_prefixes(cfg.model)
   out = {}
   for n in (1, 2):

@@ -11,7 +11,7 @@ Model and data are built by the caller (main.py) and passed in:
   `config.train`: loop fields (`default_train_config()`; missing fields take those defaults, other
   fields such as `batch_size` are ignored here); `config.seed` (if present) overrides `train.seed`.
 * `init_variables_fn(rng) -> {'params', 'frozen'}`: pure (jit / eval_shape-able), e.g.
-  `lambda r: model.init({'params': r}, dummy_batch, train=False)`.
+  `cn2_jax.modeling.detector.init_fn(model)`.
 * `load_pretrained_fn(variables) -> variables` (optional, host side): applied only on a fresh start
   (e.g. merge converted ImageNet weights); never on resume.
 * `train_loader_fn(start_step) -> iterable of batches`: batch k (0-based) feeds update k; on resume

@@ -96,18 +96,20 @@ def dummy_batch(batch_size: int = 1, hw: tuple[int, int] = (64, 64),
   )
 
 
+def init_fn(model: CenterNet2):
+  """`key -> {'params', 'frozen'}` (official init rules); pure, so jit / eval_shape-able.
+  Parameter shapes do not depend on the image size, so a tiny dummy batch is used."""
+  return lambda key: model.init(key, dummy_batch(), train=False)
+
+
 def init_variables(model_config: ml_collections.ConfigDict, seed: int = 0) -> dict:
-  """Randomly initialised {'params', 'frozen'} (official init rules)."""
-  model = build_model(model_config)
-  return jax.jit(lambda key: model.init(key, dummy_batch(), train=False))(
-      jax.random.PRNGKey(seed))
+  """Randomly initialised {'params', 'frozen'}."""
+  return jax.jit(init_fn(build_model(model_config)))(jax.random.PRNGKey(seed))
 
 
 def abstract_variables(model_config: ml_collections.ConfigDict) -> dict:
   """The variable structure as a pytree of jax.ShapeDtypeStruct (no computation)."""
-  model = build_model(model_config)
-  return jax.eval_shape(lambda key: model.init(key, dummy_batch(), train=False),
-                        jax.random.PRNGKey(0))
+  return jax.eval_shape(init_fn(build_model(model_config)), jax.random.PRNGKey(0))
 
 
 def frozen_param_prefixes(model_config: ml_collections.ConfigDict) -> tuple[str, ...]:
