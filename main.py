@@ -2,38 +2,240 @@
 
   python main.py --config configs/demo.py --workdir runs/demo                  # train + eval
   python main.py --config configs/cn2_r50.py --workdir DIR --mode=eval --config.weights=W.pkl
-  python main.py --config configs/demo.py --workdir runs/demo --mode=predict --images=a.jpg,b.png
+  python main.py --config configs/demo.py --workdir runs/demo --mode=predict --images=a.jpg,dir/
+  python main.py --helpconfig                     # every config field, its default and meaning
 
 Any config field can be overridden with --config.<field>=<value>; unknown fields are errors.
+In --mode=eval|predict the run's DIR/config.json is the config: only fields given on the command
+line (--config.FIELD=...) replace its values, so training overrides need not be repeated.
+Errors the user can fix (config, data, weights, missing files; see cn2_jax/errors.py) print one
+line `error: ...` and exit with status 1 (2 for command-line errors); --verbose shows library logs
+and full tracebacks.
 """
-from absl import app, flags, logging
+import ast
+import difflib
+import inspect
+import io
+import os
+import sys
+import tokenize
+
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config()).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, results).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to run.")
-_IMAGES = flags.DEFINE_list("images", [], "--mode=predict: image paths.")
+_IMAGES = flags.DEFINE_list("images", [], "--mode=predict: image files and/or folders.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show library logs (absl, orbax, tfds, jax, grain) "
+                             "and full tracebacks of errors.")
+flags.DEFINE_bool("helpconfig", False, "Print every config field with its default and meaning "
+                  "(from cn2_jax/config.py), then exit.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+# ------------------------------------------------------------------------------------- errors
+def _verbose_in(argv) -> bool:
+  """--verbose as given on the command line (usable before / when flag parsing fails)."""
+  on = False
+  for a in argv[1:]:
+    a = a.lstrip("-").lower()
+    if a in ("verbose", "verbose=true", "verbose=1"):
+      on = True
+    elif a in ("noverbose", "verbose=false", "verbose=0"):
+      on = False
+  return on
+
+
+def _config_arg(argv) -> str:
+  """The --config file name from the command line ('' if absent)."""
+  for i, a in enumerate(argv[1:], start=1):
+    body = a.lstrip("-")
+    if body.startswith("config="):
+      return body[len("config="):].split(":", 1)[0]
+    if body == "config" and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+  return ""
+
+
+def _fail(message: str, status: int = 1):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(status)
+
+
+def _schema_paths():
+  from cn2_jax.config import base_config
+  out = []
+
+  def walk(c, prefix):
+    for k in c.keys():
+      v = c[k]
+      if hasattr(v, "keys"):
+        walk(v, f"{prefix}{k}.")
+      out.append(f"{prefix}{k}")
+  walk(base_config(), "")
+  return out
+
+
+def _unknown_override(argv) -> str:
+  """The first --config.FIELD override whose FIELD is not in the schema, with a suggestion."""
+  known = _schema_paths()
+  for a in argv[1:]:
+    body = a.lstrip("-")
+    for prefix in ("config.", "noconfig."):
+      if body.startswith(prefix):
+        path = body[len(prefix):].split("=", 1)[0]
+        if path not in known:
+          close = difflib.get_close_matches(path, known, n=1)
+          hint = f" (did you mean '{close[0]}'?)" if close else ""
+          return (f"unknown config field '{path}'{hint}; `python main.py --helpconfig` lists "
+                  f"the fields")
+  return ""
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with its errors (and ml_collections' override errors) as one line."""
+  from cn2_jax import errors
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if _verbose_in(argv):
+      raise
+    _fail(f"{errors.one_line(e)} (python main.py --help)", 2)
+  except Exception as e:  # noqa: BLE001 - config file / override errors surface here
+    if _verbose_in(argv):
+      raise
+    filename = _config_arg(argv)
+    if filename and not os.path.isfile(filename):
+      _fail(f"config file not found: {filename}", 2)
+    msg = _unknown_override(argv) if isinstance(e, (AttributeError, KeyError)) else ""
+    if not msg:
+      msg = f"cannot load --config: {type(e).__name__}: {errors.one_line(e)}"
+    _fail(msg, 2)
+
+
+def _config_or_fail():
+  """The loaded config; a missing or broken config file is one `error:` line."""
+  from cn2_jax import errors
+  from cn2_jax.config import validate_config
+  filename = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)[0]
+  if not os.path.isfile(filename):
+    raise errors.InputFileError(f"config file not found: {filename}")
+  try:
+    cfg = _CONFIG.value
+    return validate_config(cfg)
+  except (KeyError, ValueError, OSError) as e:
+    raise errors.ConfigError(f"{filename}: {errors.one_line(e)}") from e
+
+
+# ------------------------------------------------------------------------------------- help
+def _comments_by_line(source: str) -> dict:
+  out = {}
+  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+    if tok.type == tokenize.COMMENT:
+      text = tok.string.lstrip("#").strip()
+      if text and not text.startswith("-"):  # skip "# ------ model" section rulers
+        out[tok.start[0]] = text
+  return out
+
+
+def _dotted(node, aliases):
+  """'model.centernet' for `cn` (alias) or `m.centernet` (attribute of an alias); else None."""
+  if isinstance(node, ast.Name):
+    return aliases.get(node.id)
+  if isinstance(node, ast.Attribute):
+    base = _dotted(node.value, aliases)
+    if base is not None:
+      return f"{base}.{node.attr}" if base else node.attr
+  return None
+
+
+def config_help() -> str:
+  """Every field of `base_config()` with its default and the comment next to it in config.py."""
+  from cn2_jax import config as config_lib
+  source = inspect.getsource(config_lib.base_config)
+  comments = _comments_by_line(source)
+  aliases = {}  # local name -> dotted path ('' = the root ConfigDict)
+  fields = []  # (path, comment) in source order
+  for stmt in ast.parse(source).body[0].body:
+    if not isinstance(stmt, ast.Assign):
+      continue
+    names = [t.id for t in stmt.targets if isinstance(t, ast.Name)]
+    attrs = [t for t in stmt.targets if isinstance(t, ast.Attribute)]
+    func = getattr(stmt.value, "func", None)
+    is_group = getattr(func, "attr", getattr(func, "id", None)) == "ConfigDict"
+    if not attrs:  # `c = ml_collections.ConfigDict()`: the root
+      aliases.update({n: "" for n in names if is_group})
+      continue
+    path = _dotted(attrs[0], aliases)
+    if path is None:
+      continue
+    aliases.update({n: path for n in names})  # `m = c.model = ConfigDict()`
+    if not is_group:
+      lines = range(stmt.lineno, stmt.end_lineno + 1)
+      fields.append((path, next((comments[i] for i in lines if i in comments), "")))
+  cfg = config_lib.base_config()
+  seen = {p for p, _ in fields}
+  fields += [(p, "") for p in _schema_paths() if p not in seen and not hasattr(_get(cfg, p),
+                                                                               "keys")]
+  rows = [(p, f"{p} = {_get(cfg, p)!r}", c) for p, c in fields]
+  width = min(44, max(len(r[1]) for r in rows))
+  out = ["Config fields: defaults of cn2_jax/config.py base_config() (config files override "
+         "them); set any with --config.FIELD=VALUE.", ""]
+  group = None
+  for path, text, comment in rows:
+    top = path.split(".")[0] if "." in path else ""
+    if top != group and group is not None:
+      out.append("")
+    group = top
+    out.append(f"{text.ljust(width)}  # {comment}" if comment else text)
+  return "\n".join(out)
+
+
+def _get(cfg, path):
+  for k in path.split("."):
+    cfg = cfg[k]
+  return cfg
+
+
+def _helpconfig_requested(argv) -> bool:
+  return any(a.lstrip("-") in ("helpconfig", "helpconfig=true", "helpconfig=1")
+             for a in argv[1:])
+
+
+# ------------------------------------------------------------------------------------- main
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from cn2_jax.engine import loop
-  loop.maybe_initialize_distributed()
-  from cn2_jax import app as cn2_app
-  from cn2_jax.config import validate_config
-  logging.set_verbosity(logging.INFO)
-  cfg = validate_config(_CONFIG.value)
-  if _MODE.value == "train":
-    cn2_app.train(cfg, _WORKDIR.value)
-  elif _MODE.value == "eval":
-    cn2_app.evaluate(cfg, _WORKDIR.value)
-  else:
-    images = list(_IMAGES.value) or [p for p in cfg.predict.images.split(",") if p]
-    cn2_app.predict(cfg, _WORKDIR.value, images)
+  from cn2_jax import errors
+  from cn2_jax.logging_setup import setup_logging
+  setup_logging(verbose=_VERBOSE.value)
+  try:
+    cfg = _config_or_fail()
+    from cn2_jax.engine import loop
+    loop.maybe_initialize_distributed()
+    from cn2_jax import app as cn2_app
+    if _MODE.value != "train":
+      # Eval / predict use the run's saved config.json; only the fields given on the command line
+      # replace its values (cn2_jax.app.run_config).
+      cfg = cn2_app.run_config(cfg, _WORKDIR.value,
+                               config_flags.get_override_values(flags.FLAGS["config"]))
+    if _MODE.value == "train":
+      cn2_app.train(cfg, _WORKDIR.value)
+    elif _MODE.value == "eval":
+      cn2_app.evaluate(cfg, _WORKDIR.value)
+    else:
+      images = list(_IMAGES.value) or [p for p in cfg.predict.images.split(",") if p]
+      cn2_app.predict(cfg, _WORKDIR.value, images)
+  except Exception as e:  # noqa: BLE001 - user errors become one line, the rest re-raises
+    if _VERBOSE.value or not errors.is_user_error(e):
+      raise
+    _fail(errors.one_line(e))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  if _helpconfig_requested(sys.argv):
+    print(config_help())
+    sys.exit(0)
+  app.run(main, flags_parser=_parse_flags)

@@ -1,7 +1,8 @@
 """Train / eval / predict entry points behind `main.py` (importable, flag-free, for tests).
 
 Workdir layout:
-  config.json               the resolved config of the run
+  config.json               the resolved config of the run (eval / predict start from it)
+  config.<time>.json        earlier config.json of a run resumed with a changed config
   dataset_info.json         class names and label -> category id mapping
   checkpoints/<step>/       Orbax TrainState checkpoints
   events.out.tfevents.*     TensorBoard scalars (train/*, eval/*)
@@ -15,16 +16,21 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
+import shutil
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
 from cn2_jax.config import validate_config
+from cn2_jax.errors import (ConfigError, DataError, InputFileError, WeightsError,
+                            is_user_error, one_line)
 from cn2_jax.data import builder as builder_lib
 from cn2_jax.data import pipeline
 from cn2_jax.data import synthetic
@@ -65,14 +71,14 @@ def prepare_dataset(cfg: ml_collections.ConfigDict, workdir: str):
     return builder_lib.build_coco_json_dataset(d.name or "synthetic", splits, data_dir)
   if d.dataset == "coco_json":
     if not d.root:
-      raise ValueError("data.root must name the dataset folder for data.dataset='coco_json'")
+      raise ConfigError("data.root must name the dataset folder for data.dataset='coco_json'")
     image_root = _resolve(d.root, d.image_root) if d.image_root else d.root
     splits = {}
     for split, jpath in ((d.train_split, d.train_json), (d.eval_split, d.val_json)):
       if jpath:
         splits[split] = (_resolve(d.root, jpath), image_root)
     if not splits:
-      raise ValueError("data.train_json and/or data.val_json must be set for 'coco_json'")
+      raise ConfigError("data.train_json and/or data.val_json must be set for 'coco_json'")
     name = d.name or Path(d.root).resolve().name
     return builder_lib.build_coco_json_dataset(name, splits, data_dir)
   return builder_lib.build_coco2017_dataset(d.root, data_dir)
@@ -89,31 +95,312 @@ def _write_json(path: str, obj) -> None:
 def _save_run_files(cfg, workdir: str, info: pipeline.DetectionInfo) -> None:
   if jax.process_index() != 0:
     return
-  _write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json_best_effort()))
+  path = os.path.join(workdir, "config.json")
+  new = json.loads(cfg.to_json_best_effort())
+  if os.path.isfile(path):
+    _keep_previous_config(path, new)
+  _write_json(path, new)
   _write_json(os.path.join(workdir, "dataset_info.json"), dict(
       class_names=list(info.class_names),
       label_to_category_id=[int(x) for x in info.label_to_category_id(
           np.arange(info.num_classes))]))
 
 
+def _keep_previous_config(path: str, new: dict) -> None:
+  """A resumed run whose config changed: warns naming the fields, keeps the old config.json as
+  config.<time it was written>.json next to it (so the run's history stays readable)."""
+  with open(path) as f:
+    old = json.load(f)
+  flat_new = _flatten(new)
+  changes = [(k, v, flat_new[k]) for k, v in _flatten(old).items()
+             if k in flat_new and v != flat_new[k]]
+  if not changes:
+    return
+  stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
+  keep, n = os.path.join(os.path.dirname(path), f"config.{stamp}.json"), 1
+  while os.path.exists(keep):  # two resumes within a second
+    n += 1
+    keep = os.path.join(os.path.dirname(path), f"config.{stamp}-{n}.json")
+  shutil.copy2(path, keep)
+  shown = ", ".join(f"{k} {_show(a)} → {_show(b)}" for k, a, b in changes[:6])
+  more = f" (+{len(changes) - 6} more)" if len(changes) > 6 else ""
+  log.warning("%s: the config differs from the run's previous one: %s%s; previous config kept "
+              "as %s", path, shown, more, os.path.basename(keep))
+
+
 def _check_num_classes(cfg, info: pipeline.DetectionInfo) -> None:
   if cfg.model.num_classes != info.num_classes:
-    raise ValueError(f"model.num_classes={cfg.model.num_classes} but the dataset has "
-                     f"{info.num_classes} classes {list(info.class_names)[:10]}...; set "
-                     f"--config.model.num_classes={info.num_classes}")
+    raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the dataset has "
+                      f"{info.num_classes} classes {list(info.class_names)[:10]}...; set "
+                      f"--config.model.num_classes={info.num_classes}")
+
+
+# ------------------------------------------------------------------------------------- run config
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  """{'model.fpn_channels': 64, ...} of a nested (json) dict; lists stay values."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _jsonable(v):
+  return json.loads(json.dumps(v))  # tuples -> lists, as config.json stores them
+
+
+def _show(v) -> str:
+  return json.dumps(v) if isinstance(v, (list, str)) else str(v)
+
+
+def _get_field(cfg, field: str):
+  for k in field.split("."):
+    cfg = cfg[k]
+  return cfg
+
+
+def _set_field(cfg, field: str, value) -> None:
+  *parents, last = field.split(".")
+  for k in parents:
+    cfg = cfg[k]
+  cfg[last] = value
+
+
+# Fields that steer one eval / predict invocation (where the weights are, what to draw, how to
+# batch) rather than describe the trained model: overriding them is expected, so no warning.
+_INVOCATION_FIELDS = ("weights", "compilation_cache_dir", "predict.", "train.eval_batch_size",
+                      "data.num_workers", "data.data_dir")
+
+
+def saved_config_path(cfg, workdir: str) -> Optional[str]:
+  """config.json of the run the model comes from: that of the run `cfg.weights` names (a run
+  directory or one of its checkpoints), else the workdir's; None when there is none."""
+  run = weights_run_dir(cfg.weights) if cfg.weights else None
+  for d in (run, workdir):
+    if d and os.path.isfile(os.path.join(d, "config.json")):
+      return os.path.join(d, "config.json")
+  return None
+
+
+def run_config(cfg: ml_collections.ConfigDict, workdir: str,
+               overridden: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """The config of `--mode=eval|predict`: the run's saved config.json (`saved_config_path`), with
+  the fields named in `overridden` (dotted paths; main.py passes those given as --config.FIELD on
+  the command line, whatever their value) taken from `cfg`. Every other value of `cfg` (its
+  config file) is ignored, so training overrides need not be repeated; an override that changes a
+  field of the trained model is logged as a warning. Without a config.json, `cfg` as it is."""
+  path = saved_config_path(cfg, workdir)
+  if path is None:
+    return validate_config(cfg)
+  from cn2_jax.predictor import _config_from_json
+  saved = _config_from_json(path)
+  overridden = list(dict.fromkeys(overridden))
+  for field in overridden:
+    value = _get_field(cfg, field)
+    before = _get_field(saved, field)
+    _set_field(saved, field, value)
+    if _jsonable(before) != _jsonable(value) and not field.startswith(_INVOCATION_FIELDS):
+      log.warning("--config.%s=%s differs from the run's %s (%s); using %s", field,
+                  _show(_jsonable(value)), path, _show(_jsonable(before)),
+                  _show(_jsonable(value)))
+  log.info("config: %s%s", path,
+           f" with command-line overrides {', '.join(overridden)}" if overridden else "")
+  try:
+    return validate_config(saved)
+  except (KeyError, ValueError) as e:
+    raise ConfigError(f"{path} with the command-line overrides: {one_line(e)}") from e
 
 
 # ------------------------------------------------------------------------------------- weights
-def load_weights_file(path: str, variables: dict, *, backbone_only: bool) -> dict:
-  """Official .pkl/.pth (detectron2/CenterNet2, MSRA R-50, torchvision R-50) or an Orbax dir
-  written by `python -m cn2_jax.convert`, mapped onto `variables` (strict; see convert.py).
-  `variables` may be abstract (ShapeDtypeStruct) unless `backbone_only`, which keeps the rest."""
+def _run_of_step(step_dir: str) -> Optional[str]:
+  ckpts = os.path.dirname(step_dir)
+  return os.path.dirname(ckpts) if os.path.basename(ckpts) == "checkpoints" else None
+
+
+def weights_run_dir(path: str) -> Optional[str]:
+  """The run directory that `--config.weights=path` belongs to (the path itself, its parent for
+  `checkpoints/`, its grandparent for `checkpoints/<step>`, ...), or None (a file, a converted
+  Orbax directory)."""
+  p = os.path.abspath(path)
+  if os.path.isdir(os.path.join(p, "checkpoints")):
+    return p
+  if os.path.basename(p) == "checkpoints" and os.path.isdir(p):
+    return os.path.dirname(p)
+  if os.path.basename(p).isdigit() and os.path.isdir(os.path.join(p, "default")):
+    return _run_of_step(p)
+  if os.path.basename(p) == "default" and os.path.basename(os.path.dirname(p)).isdigit():
+    return _run_of_step(os.path.dirname(p))
+  return None
+
+
+def latest_checkpoint_dir(run: str) -> Optional[str]:
+  """The Orbax item directory of the run's newest finished checkpoint, or None."""
+  if not os.path.isdir(os.path.join(run, "checkpoints")):
+    return None
+  from cn2_jax.engine import checkpoint as ckpt_lib
+  with ckpt_lib.Checkpointer(run) as ckpt:
+    step = ckpt.latest_step()
+    return None if step is None else os.path.join(ckpt.directory, str(step), "default")
+
+
+def orbax_weights_dir(path: str) -> str:
+  """The Orbax directory to read for `--config.weights=DIR`: a run directory or its
+  `checkpoints/` folder (newest checkpoint), a `checkpoints/<step>` folder, or an Orbax directory
+  as written by `python -m cn2_jax.convert`."""
+  p = os.path.abspath(path)
+  if os.path.basename(p).isdigit() and os.path.isdir(os.path.join(p, "default")):
+    return os.path.join(p, "default")
+  run = weights_run_dir(p)
+  if run is not None and os.path.basename(p) != "default":
+    item = latest_checkpoint_dir(run)
+    if item is None:
+      raise WeightsError(f"{path}: no finished checkpoint in {os.path.join(run, 'checkpoints')}")
+    return item
+  return p
+
+
+def _tree_shapes(tree, collections=("params", "frozen")) -> dict:
+  """{'params/backbone/fpn_lateral3/kernel': shape, ...} of the model collections of `tree`."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      {k: tree[k] for k in collections if k in tree})[0]:
+    key = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    out[key] = tuple(int(d) for d in leaf.shape)
+  return out
+
+
+def _implied_model_fields(shapes: dict) -> dict:
+  """Values of the shape-defining model fields as the checkpoint's shapes imply them."""
+  out = {}
+  lateral = shapes.get("params/backbone/fpn_lateral3/kernel")
+  if lateral:
+    out["fpn_channels"] = lateral[-1]
+  cls_bias = shapes.get("params/roi_heads/box_predictor.0/cls_score/bias")
+  if cls_bias:
+    out["num_classes"] = cls_bias[0] - 1  # + background
+  fc1 = shapes.get("params/roi_heads/box_head.0/fc1/kernel")
+  if fc1:
+    out["roi_heads.fc_dim"] = fc1[-1]
+    if lateral:  # fc1 reads the pooled [C, R, R] features of the FPN channels
+      res = math.isqrt(fc1[0] // lateral[-1])
+      if res * res * lateral[-1] == fc1[0]:
+        out["roi_heads.pooler_resolution"] = res
+  stem = shapes.get("params/backbone/bottom_up/stem/conv1/kernel")
+  if stem:
+    out["resnet_width"] = stem[-1]
+
+  def count(pattern):  # distinct indices of the numbered modules matching `pattern`
+    return len({m.group(1) for p in shapes if (m := re.fullmatch(pattern, p))})
+  tower = count(r"params/proposal_generator/centernet_head/bbox_tower\.(\d+)/kernel")
+  if tower:
+    out["centernet.num_convs"] = tower
+  num_fc = count(r"params/roi_heads/box_head\.0/fc(\d+)/kernel")
+  if num_fc:
+    out["roi_heads.num_fc"] = num_fc
+  res4 = count(r"(?:params|frozen)/backbone/bottom_up/res4/(\d+)/.*")
+  bottleneck = any("/bottom_up/res4/0/conv3/" in p for p in shapes)
+  depth = {(2, False): 18, (6, False): 34, (6, True): 50, (23, True): 101}.get((res4, bottleneck))
+  if depth:
+    out["resnet_depth"] = depth
+  if any(p.startswith("frozen/backbone/bottom_up/stem/conv1/norm/") for p in shapes):
+    out["resnet_norm"] = "FrozenBN"
+  elif "params/backbone/bottom_up/stem/conv1/norm/scale" in shapes:
+    out["resnet_norm"] = "GN"
+  return out
+
+
+# Where a mismatching parameter lives -> the config fields that shape it (when the checkpoint
+# does not tell the value, e.g. a partial or foreign checkpoint).
+_FIELDS_BY_PATH = (
+    ("/backbone/bottom_up/", "model.resnet_depth, model.resnet_width or model.resnet_norm"),
+    ("/backbone/", "model.fpn_channels"),
+    ("/proposal_generator/", "model.centernet.num_convs or model.fpn_channels"),
+    ("/roi_heads/box_predictor", "model.num_classes or model.roi_heads.fc_dim"),
+    ("/roi_heads/", "model.roi_heads.* (fc_dim, num_fc, pooler_resolution, iou_thresholds)"),
+)
+
+
+def check_weights_fit(saved: dict, expected: dict, source: str, model_cfg=None) -> None:
+  """Raises a one-line WeightsError when the variable shapes `saved` (of a checkpoint) do not fit
+  `expected` (of the model), naming the first offending parameter and the config field(s) that
+  explain it (values read off the checkpoint, compared with `model_cfg`)."""
+  mismatched = [(p, saved[p], s) for p, s in expected.items() if p in saved and saved[p] != s]
+  missing = [p for p in expected if p not in saved]
+  extra = [p for p in saved if p not in expected]
+  problems = len(mismatched) + len(missing) + len(extra)
+  if not problems:
+    return
+  if mismatched:
+    first, in_ckpt, in_model = mismatched[0]
+    what = f"{first} is {in_ckpt} in the checkpoint but {in_model} in the model"
+  elif missing:
+    first = missing[0]
+    what = f"{first} is missing from the checkpoint"
+  else:
+    first = extra[0]
+    what = f"the checkpoint has {first}, which the model does not"
+  more = f" (and {problems - 1} more)" if problems > 1 else ""
+  implied = _implied_model_fields(saved)
+  differ, fixes = [], []
+  if model_cfg is not None:
+    for field, value in implied.items():
+      have = _get_field(model_cfg, field)
+      if _jsonable(have) != _jsonable(value):
+        differ.append(f"model.{field}={_show(value)} (this config: {_show(_jsonable(have))})")
+        fixes.append(f"--config.model.{field}={_show(value)}")
+  if differ:
+    hint = f"it was trained with {', '.join(differ)}: use {' '.join(fixes)}"
+  else:
+    fields = next((f for key, f in _FIELDS_BY_PATH if key in f"/{first}"), "the model fields")
+    hint = f"check {fields}"
+  raise WeightsError(f"{source} does not fit the model of this config: {what}{more}; {hint}")
+
+
+def _checkpoint_shapes(path: str, source: str) -> dict:
+  """`_tree_shapes` of an Orbax directory, from its metadata (no array is read)."""
+  import orbax.checkpoint as ocp
+  from etils import epath
+  try:
+    # The handler (not a Checkpointer) reads the tree metadata without warning that a
+    # checkpoint item has no step metadata of its own.
+    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
+  except Exception as e:  # noqa: BLE001 - anything unreadable is the same user error
+    raise WeightsError(f"{source}: cannot read it as an Orbax checkpoint (expected a run "
+                       f"directory, its checkpoints/<step> folder, or a directory written by "
+                       f"`python -m cn2_jax.convert`): {one_line(e)}") from e
+  return _tree_shapes(getattr(meta, "tree", meta))
+
+
+def restore_orbax_variables(path: str, expected: dict, *, source: Optional[str] = None,
+                            model_cfg=None) -> dict:
+  """`{'params', 'frozen'}` (numpy) from an Orbax directory (a TrainState checkpoint item or a
+  converted model), after checking its shapes against `expected` (abstract variables)."""
+  import orbax.checkpoint as ocp
+  source = source or path
+  check_weights_fit(_checkpoint_shapes(path, source), _tree_shapes(expected), source, model_cfg)
+  item = {k: expected[k] for k in ("params", "frozen") if k in expected}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  # partial_restore: a TrainState checkpoint also holds the step, rng and optimizer state.
+  with ocp.PyTreeCheckpointer() as ckptr:
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+
+
+def load_weights_file(path: str, variables: dict, *, backbone_only: bool,
+                      model_cfg=None) -> dict:
+  """Official .pkl/.pth (detectron2/CenterNet2, MSRA R-50, torchvision R-50) or an Orbax directory
+  (`orbax_weights_dir`: a run, one of its checkpoints, or the output of `python -m
+  cn2_jax.convert`), mapped onto `variables` (strict; see convert.py). `variables` may be abstract
+  (ShapeDtypeStruct) unless `backbone_only`, which keeps the rest."""
   from cn2_jax import convert
   if os.path.isdir(path):
     if backbone_only:
-      raise ValueError(f"{path}: backbone-only initialisation reads an ImageNet .pkl/.pth file "
-                       f"(R-50.pkl or resnet50-*.pth), not an Orbax directory")
-    return convert.restore_variables(path, target=variables)
+      raise WeightsError(f"{path}: backbone-only initialisation reads an ImageNet .pkl/.pth file "
+                         f"(R-50.pkl or resnet50-*.pth), not an Orbax directory")
+    return restore_orbax_variables(orbax_weights_dir(path), variables, source=path,
+                                   model_cfg=model_cfg)
   sd = convert.load_checkpoint_file(path)
   fmt = convert.detect_format(sd)
   sd = convert.to_detectron2_names(sd, fmt)
@@ -122,28 +409,64 @@ def load_weights_file(path: str, variables: dict, *, backbone_only: bool) -> dic
   return variables
 
 
+def _warn_inexact_official_eval(cfg) -> None:
+  """Official weights are only reproduced with the official ROIAlign sampling and padding."""
+  r, d = cfg.model.roi_heads, cfg.data
+  if r.sampling_ratio != 0:
+    log.warning("--config.weights with model.roi_heads.sampling_ratio=%d: ROIAlign samples a "
+                "fixed grid, so detections differ from the official model's (use 0, the "
+                "default, to reproduce them)", r.sampling_ratio)
+  if tuple(d.pad_hw_test):
+    log.warning("--config.weights with data.pad_hw_test=%s: images are padded beyond the "
+                "official 32-rounded canvas, which changes detections near the image border "
+                "(use (), the default, to reproduce the official ones)", tuple(d.pad_hw_test))
+
+
 def restore_variables(cfg, workdir: str) -> dict:
-  """Model variables for eval/predict: `cfg.weights` if set, else the workdir's latest checkpoint."""
+  """Model variables for eval/predict: `cfg.weights` if set, else the workdir's latest checkpoint.
+  A checkpoint that does not fit the config's model is a one-line WeightsError naming the
+  field(s) responsible."""
+  abstract = detector.abstract_variables(cfg.model)
   if cfg.weights:
-    return load_weights_file(cfg.weights, detector.abstract_variables(cfg.model),
-                             backbone_only=False)
-  from cn2_jax.engine import checkpoint as ckpt_lib
-  from cn2_jax.engine import optim
-  ckpt = ckpt_lib.Checkpointer(workdir)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints and no --config.weights: "
-                            f"train first or pass official weights")
-  model = detector.build_model(cfg.model)
-  tx = optim.make_optimizer(cfg.optim, None, detector.frozen_param_prefixes(cfg.model))
-  abstract = step_lib.abstract_train_state(detector.init_fn(model), tx, step_lib.make_mesh())
-  state = ckpt.restore(abstract, step)
-  ckpt.close()
-  log.info("restored checkpoint step %d from %s", step, ckpt.directory)
-  return state.variables
+    if weights_run_dir(cfg.weights) is None:  # official or converted weights, not one of our runs
+      _warn_inexact_official_eval(cfg)
+    return load_weights_file(cfg.weights, abstract, backbone_only=False, model_cfg=cfg.model)
+  item = latest_checkpoint_dir(workdir)
+  if item is None:
+    raise InputFileError(f"No checkpoint in {workdir}/checkpoints and no --config.weights: "
+                         f"train first or pass weights")
+  variables = restore_orbax_variables(item, abstract, model_cfg=cfg.model,
+                                      source=f"checkpoint {os.path.dirname(item)}")
+  log.info("restored %s", os.path.dirname(item))
+  return variables
 
 
 # ------------------------------------------------------------------------------------- modes
+def enable_compilation_cache(cfg) -> None:
+  """Turns on JAX's persistent compilation cache at `cfg.compilation_cache_dir` (every padded
+  shape is one program: compiled lazily on first use, then read from the cache by later runs)."""
+  path = cfg.compilation_cache_dir
+  if not path:
+    return
+  path = os.path.expanduser(path)
+  os.makedirs(path, exist_ok=True)
+  if jax.config.jax_compilation_cache_dir != path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    log.info("persistent compilation cache: %s", path)
+
+
+def _check_resumable(cfg, workdir: str) -> None:
+  """Before resuming: the newest checkpoint must fit the config's model (a one-line WeightsError
+  naming the changed field, instead of Orbax's restore errors)."""
+  item = latest_checkpoint_dir(workdir)
+  if item is None:
+    return
+  source = f"cannot resume: checkpoint {os.path.dirname(item)}"
+  check_weights_fit(_checkpoint_shapes(item, source),
+                    _tree_shapes(detector.abstract_variables(cfg.model)), source, cfg.model)
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at_step: Optional[int] = None,
           metrics_callback=None):
   """Trains (resuming if the workdir has checkpoints); evaluates at the end if configured.
@@ -152,7 +475,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at_step: Optiona
   `metrics_callback(step, metrics)` receives every step's host metrics. Returns (state, metrics).
   """
   validate_config(cfg)
+  enable_compilation_cache(cfg)
   os.makedirs(workdir, exist_ok=True)
+  _check_resumable(cfg, workdir)
   b = prepare_dataset(cfg, workdir)
   info = pipeline.DetectionInfo.from_builder(b)
   _check_num_classes(cfg, info)
@@ -161,18 +486,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at_step: Optiona
   split = pipeline.open_split(b, d.train_split)
   nproc = jax.process_count()
   if cfg.train.batch_size % nproc:
-    raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide by the "
-                     f"{nproc} processes")
+    raise ConfigError(f"train.batch_size={cfg.train.batch_size} must divide by the "
+                      f"{nproc} processes")
   lsj = pipeline.LSJ(output_size=d.lsj_size, scale_range=tuple(d.lsj_scale_range)) if d.lsj \
       else None
 
   def loader_fn(start_step: int):
     return pipeline.make_train_loader(
         split, batch_size=cfg.train.batch_size // nproc, short_sizes=tuple(d.min_size_train),
-        max_size=d.max_size_train, pad_hw=tuple(d.pad_hw_train), max_boxes=d.max_boxes,
+        max_size=d.max_size_train, pad_hw=tuple(d.pad_hw_train) or None, max_boxes=d.max_boxes,
         seed=cfg.seed, start_step=start_step, num_workers=d.num_workers,
         filter_empty=d.filter_empty, lsj=lsj, hflip_prob=0.5 if d.flip else 0.0,
-        process_index=jax.process_index(), process_count=nproc)
+        process_index=jax.process_index(), process_count=nproc,
+        size_divisibility=d.size_divisibility, aspect_grouping=d.aspect_grouping,
+        aspect_ratios=tuple(d.bucket_aspect_ratios), scale_per_batch=d.scale_per_batch)
 
   def train_batches(start_step: int):
     for batch in loader_fn(start_step):
@@ -197,6 +524,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, variables=None,
              builder=None) -> dict:
   """COCO evaluation of the eval split; writes eval/coco_results.json and eval/metrics.json."""
   validate_config(cfg)
+  enable_compilation_cache(cfg)
   b = builder if builder is not None else prepare_dataset(cfg, workdir)
   info = pipeline.DetectionInfo.from_builder(b)
   _check_num_classes(cfg, info)
@@ -216,7 +544,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, variables=None,
   t0, n = time.perf_counter(), 0
   for batch in pipeline.make_eval_loader(
       split, batch_size=cfg.train.eval_batch_size, short_size=d.min_size_test,
-      max_size=d.max_size_test, pad_hw=tuple(d.pad_hw_test), max_boxes=d.max_boxes,
+      max_size=d.max_size_test, pad_hw=tuple(d.pad_hw_test) or None, max_boxes=d.max_boxes,
+      size_divisibility=d.size_divisibility,
       num_workers=d.num_workers, process_index=jax.process_index(),
       process_count=jax.process_count()):
     dets = eval_step(variables, step_lib.shard_batch({k: batch[k] for k in EVAL_KEYS}, mesh))
@@ -241,31 +570,132 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, variables=None,
   return metrics
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def expand_images(paths: Sequence[str]) -> list:
+  """Image files of `paths`: a folder stands for its images (common extensions, sorted by name,
+  not recursive); repeated files count once. Missing files are one InputFileError naming them."""
+  out, missing = [], []
+  for p in paths:
+    if os.path.isdir(p):
+      found = sorted(f for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS)
+                     and os.path.isfile(os.path.join(p, f)))
+      if not found:
+        raise InputFileError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {p}")
+      out += [os.path.join(p, f) for f in found]
+    elif os.path.isfile(p):
+      out.append(p)
+    else:
+      missing.append(p)
+  if missing:
+    raise InputFileError(f"image file(s) not found: {', '.join(missing)}")
+  unique, seen = [], set()
+  for p in out:
+    if os.path.abspath(p) not in seen:
+      seen.add(os.path.abspath(p))
+      unique.append(p)
+  return unique
+
+
+def output_names(paths: Sequence[str]) -> list:
+  """Distinct, deterministic PNG names for the drawn copies: `<stem>.png`; inputs whose stems
+  collide (a/1.png, b/1.jpg) are named by their path below the folder they share (a_1.png,
+  b_1.png), keeping the extension when only it differs (1.jpg.png, 1.png.png)."""
+  stems = [Path(p).stem for p in paths]
+  names = list(stems)
+  groups = {}
+  for i, stem in enumerate(stems):
+    groups.setdefault(stem.casefold(), []).append(i)  # casefold: macOS/Windows file names
+  for idx in groups.values():
+    if len(idx) < 2:
+      continue
+    full = [os.path.abspath(paths[i]) for i in idx]
+    common = os.path.commonpath([os.path.dirname(f) for f in full])
+    rels = [os.path.relpath(f, common) for f in full]
+    for i, rel in zip(idx, rels):
+      rel_stem = os.path.splitext(rel)[0]
+      # Keep the extension only when another file differs from this one by it alone.
+      same_stem = len({r for r in rels if os.path.splitext(r)[0] == rel_stem})
+      names[i] = (rel if same_stem > 1 else rel_stem).replace(os.sep, "_")
+  taken, unique = set(), []
+  for name in names:  # a disambiguated name may still meet another input's stem
+    base, k = name, 1
+    while name.casefold() in taken:
+      k += 1
+      name = f"{base}-{k}"
+    taken.add(name.casefold())
+    unique.append(name + ".png")
+  return unique
+
+
+def _failure_line(path: str, e: BaseException) -> str:
+  msg = one_line(e)
+  return msg if path in msg else f"{path}: {msg}"  # decode errors already name the file
+
+
 def predict(cfg: ml_collections.ConfigDict, workdir: str, images: Sequence[str]) -> list:
-  """Runs the model on image files; writes predict/detections.json and predict/<name>.png."""
+  """Runs the model on image files (or folders of images); writes predict/detections.json and a
+  drawn copy predict/<name>.png of each (`output_names`), logging one line per image and a summary.
+
+  An image that fails (e.g. an undecodable file) is logged and skipped; the others are written,
+  then a DataError names the failures. Returns the records of detections.json.
+  """
   from cn2_jax.predictor import Predictor
   from cn2_jax import visualize
   if not images:
-    raise ValueError("--mode=predict needs image paths (--images=a.jpg,b.png or "
-                     "--config.predict.images=...)")
-  missing = [p for p in images if not os.path.isfile(p)]
-  if missing:
-    raise FileNotFoundError(f"Image file(s) not found: {missing}")
+    raise ConfigError("--mode=predict needs image paths (--images=a.jpg,b.png or "
+                      "--config.predict.images=...)")
+  paths = expand_images(images)
+  enable_compilation_cache(cfg)
   predictor = Predictor.from_workdir(workdir, cfg)
   out_dir = os.path.join(workdir, "predict")
   os.makedirs(out_dir, exist_ok=True)
-  results = []
-  for path in images:
-    image = predictor.read_image(path)
-    det = predictor(image)
-    drawn = visualize.draw_detections(image, det["boxes"], det["scores"], det["classes"],
-                                      predictor.class_names, score_thresh=cfg.predict.score_thresh)
-    png = os.path.join(out_dir, Path(path).stem + ".png")
+  thresh = float(cfg.predict.score_thresh)
+  results, failures = [], []
+  n_dets = n_drawn = 0
+  best = -math.inf
+  for path, name in zip(paths, output_names(paths)):
+    try:
+      image = predictor.read_image(path)
+      det = predictor(image)
+    except Exception as e:  # noqa: BLE001 - reported below, after the others are written
+      failures.append((path, e))
+      log.error("%s", _failure_line(path, e))
+      continue
+    scores = np.asarray(det["scores"], np.float64)
+    k, drawn_k = len(scores), int((scores >= thresh).sum())
+    top = float(scores.max()) if k else None
+    drawn = visualize.draw_detections(image, det["boxes"], scores, det["classes"],
+                                      predictor.class_names, score_thresh=thresh)
+    png = os.path.join(out_dir, name)
     visualize.save_png(png, drawn)
-    results.append(dict(
-        image=path, drawn=png,
-        detections=[dict(box=[round(float(v), 2) for v in bx], score=round(float(s), 5),
-                         label=int(c), class_name=predictor.class_name(int(c)))
-                    for bx, s, c in zip(det["boxes"], det["scores"], det["classes"])]))
+    log.info("%s: %d detections, %d drawn ≥ %.2f (%s) → %s", path, k, drawn_k, thresh,
+             f"max score {top:.2f}" if k else "none", png)
+    n_dets, n_drawn = n_dets + k, n_drawn + drawn_k
+    best = max(best, top) if k else best
+    records = []
+    for bx, sc, c in zip(det["boxes"], scores, det["classes"]):
+      r = dict(box=[round(float(v), 2) for v in bx], score=round(float(sc), 5), label=int(c),
+               class_name=predictor.class_name(int(c)))
+      cat = predictor.category_id(int(c))
+      if cat is not None:
+        r["category_id"] = cat
+      records.append(r)
+    results.append(dict(image=path, drawn=png, detections=records))
   _write_json(os.path.join(out_dir, "detections.json"), results)
+  log.info("predict: %d of %d images, %d detections, %d drawn ≥ %.2f → %s", len(results),
+           len(paths), n_dets, n_drawn, thresh, out_dir)
+  if n_dets and not n_drawn:
+    # Typical of an under-trained model: say why the PNGs show no boxes, and what to change.
+    log.warning("no detection reached predict.score_thresh=%.2f (highest score %.3f): lower it, "
+                "e.g. --config.predict.score_thresh=%.2f", thresh, best,
+                math.floor(best * 100) / 100)
+  if failures:
+    bugs = [e for _, e in failures if not is_user_error(e)]
+    if bugs:  # not the input's fault: keep the traceback
+      raise bugs[0]
+    listed = "; ".join(_failure_line(p, e) for p, e in failures)
+    raise DataError(f"{len(failures)} of {len(paths)} images failed: {listed}; the results of "
+                    f"the other {len(results)} are in {out_dir}")
   return results

@@ -19,6 +19,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.init_from = ""      # ImageNet backbone checkpoint (Orbax dir or .pkl/.pth), backbone only
   c.weights = ""        # full-model weights (Orbax dir or official .pkl/.pth) for eval/predict
+  # JAX persistent compilation cache: each padded shape (train bucket, eval canvas) is compiled
+  # once, lazily, and reused by later runs. "" disables it.
+  c.compilation_cache_dir = "~/.cache/cn2_jax/xla"
 
   # ---------------------------------------------------------------- model
   m = c.model = ml_collections.ConfigDict()
@@ -42,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
   cn.hm_min_overlap = 0.8
   cn.min_radius = 4.0
   cn.dedup_positives = False        # True = MMDet reproduction's deduplicated positives
+  # True = official: a GT's heatmap peak (hm = 1, ignored as a negative) on every level; False =
+  # only on its cared levels (the MMDet reproduction's "revised" distance map), spec §3.7.
+  cn.all_level_peaks = True
   cn.focal_alpha = 0.25
   cn.focal_beta = 4.0
   cn.loss_gamma = 2.0
@@ -64,8 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
   r.batch_size_per_image = 512
   r.positive_fraction = 0.25
   r.pooler_resolution = 7
-  r.sampling_ratio = 2              # 0 = official adaptive sampling (capped, see ops/roi_align.py)
-  r.max_adaptive_samples = 8
+  # ROIAlign samples per bin and axis: 0 = official adaptive ceil(roi / 7) (ops/roi_align.py),
+  # exact for every box whose bins need <= max_adaptive_samples (24 covers a 1333 px side on P3);
+  # 2 = a fixed 2x2 grid (faster, scenic's choice; differs from the official pooled features).
+  r.sampling_ratio = 0
+  r.max_adaptive_samples = 24
   r.canonical_box_size = 224
   r.canonical_level = 4
   r.fc_dim = 1024
@@ -92,8 +101,16 @@ def base_config() -> ml_collections.ConfigDict:
   d.max_size_train = 1333
   d.min_size_test = 800
   d.max_size_test = 1333
-  d.pad_hw_train = (1344, 1344)     # fixed padded shape (one compile); multiple of 32
-  d.pad_hw_test = (1344, 1344)
+  # Padding (cn2_jax/data/buckets.py). Train: () = aspect-grouped batches, each padded to the
+  # bucket of its short side and aspect group (one compile per bucket); (H, W) = one fixed canvas.
+  # Eval/predict: () = every image on its official canvas (resized size rounded up to 32, as the
+  # official test code pads it); (H, W) = one fixed canvas.
+  d.pad_hw_train = ()
+  d.pad_hw_test = ()
+  d.size_divisibility = 32          # FPN: the deepest stride-32 level must tile the canvas
+  d.aspect_grouping = True          # detectron2 ASPECT_RATIO_GROUPING (by orientation and aspect)
+  d.bucket_aspect_ratios = (4.0 / 3.0, 1.5)   # long/short bounds of the aspect groups
+  d.scale_per_batch = True          # one random short side per global batch (False: per image)
   d.lsj = False                     # square random resize-and-crop instead of shortest edge
   d.lsj_size = 1024
   d.lsj_scale_range = (0.1, 2.0)
@@ -107,7 +124,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- optimisation
   o = c.optim = ml_collections.ConfigDict()
-  o.base_lr = 0.02
+  o.base_lr = 0.02                  # LR for a global batch of reference_batch_size images
+  # base_lr scales linearly to train.batch_size: lr = base_lr * batch_size / reference_batch_size
+  # (detectron2 REFERENCE_WORLD_SIZE; iterations are NOT rescaled, see engine/optim.py); 0 = off.
+  o.reference_batch_size = 16       # the official batch (8 GPUs x 2)
   o.momentum = 0.9
   o.weight_decay = 1e-4
   o.weight_decay_norm = 0.0
@@ -127,6 +147,13 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 5000
   t.keep_checkpoints = 3
   t.eval_at_end = True
+  # Divergence guard (engine/loop.py): stop when the total loss or gradient norm exceeds
+  # divergence_factor x its running median over divergence_window iterations for
+  # divergence_patience iterations in a row (after divergence_min_steps); 0 = off.
+  t.divergence_factor = 20.0
+  t.divergence_window = 100
+  t.divergence_patience = 5
+  t.divergence_min_steps = 20
 
   p = c.predict = ml_collections.ConfigDict()
   p.images = ""                     # comma-separated image paths for --mode=predict
@@ -158,10 +185,17 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     raise ValueError(f"model.resnet_depth must be 18, 34, 50 or 101, got {m.resnet_depth}")
   if len(m.roi_heads.iou_thresholds) != len(m.roi_heads.box_weights):
     raise ValueError("model.roi_heads.iou_thresholds and box_weights must have equal length")
+  div = int(cfg.data.size_divisibility)
+  if div <= 0 or div % 32:
+    raise ValueError(f"data.size_divisibility must be a positive multiple of 32, got {div}")
   for name in ("pad_hw_train", "pad_hw_test"):
-    hw = cfg.data[name]
-    if any(int(v) % 32 for v in hw):
-      raise ValueError(f"data.{name}={tuple(hw)} must be multiples of 32 (FPN size divisibility)")
+    hw = tuple(cfg.data[name])
+    if hw and (len(hw) != 2 or any(int(v) <= 0 or int(v) % div for v in hw)):
+      raise ValueError(f"data.{name}={hw} must be () (buckets / official padding) or (H, W), "
+                       f"multiples of {div} (FPN size divisibility)")
+  ar = tuple(cfg.data.bucket_aspect_ratios)
+  if any(a < 1.0 for a in ar) or list(ar) != sorted(ar):
+    raise ValueError(f"data.bucket_aspect_ratios={ar} must be increasing long/short ratios >= 1")
   if cfg.data.dataset not in ("coco/2017", "coco_json", "synthetic"):
     raise ValueError(f"data.dataset must be 'coco/2017', 'coco_json' or 'synthetic', "
                      f"got {cfg.data.dataset!r}")

@@ -5,9 +5,15 @@
     det = predictor("image.jpg")                              # or an RGB uint8 array
     det["boxes"], det["scores"], det["classes"], det["class_names"]
 
-Images go through the official test preprocessing (shortest edge `data.min_size_test`, long side
-<= `data.max_size_test`, zero padding to the fixed `data.pad_hw_test`, so every image reuses one
-compiled program); boxes come back in original-image pixels, sorted by score.
+`from_workdir` also accepts a run whose weights live elsewhere (`config.weights` = a run
+directory, one of its `checkpoints/<step>` folders, a converted Orbax directory or an official
+.pkl/.pth); class names and COCO category ids come from the run's dataset_info.json (for an
+80-class model without one: COCO's).
+
+Images go through the official test preprocessing: shortest edge `data.min_size_test`, long side
+<= `data.max_size_test`, zero padding to the resized size rounded up to 32 (the official canvas;
+one compiled program per distinct canvas, cached) or to the fixed `data.pad_hw_test` when set.
+Boxes come back in original-image pixels, sorted by score.
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ import ml_collections
 import numpy as np
 
 from cn2_jax.config import base_config, validate_config
-from cn2_jax.data import transforms
+from cn2_jax.data import buckets, transforms
+from cn2_jax.errors import ConfigError, DataError, InputFileError
 from cn2_jax.modeling import detector
 
 
@@ -33,7 +40,8 @@ def _config_from_json(path: str) -> ml_collections.ConfigDict:
   def merge(dst, src, prefix=""):
     for k, v in src.items():
       if k not in dst:
-        raise KeyError(f"{path}: unknown config key '{prefix}{k}'")
+        raise ConfigError(f"{path}: unknown config key '{prefix}{k}' (written by another "
+                          f"version of cn2_jax?)")
       if isinstance(dst[k], ml_collections.ConfigDict):
         merge(dst[k], v, f"{prefix}{k}.")
       else:
@@ -43,13 +51,34 @@ def _config_from_json(path: str) -> ml_collections.ConfigDict:
   return validate_config(cfg)
 
 
+def _dataset_info(workdir: str, config: ml_collections.ConfigDict) -> tuple:
+  """(class names, label -> category id) of the model: dataset_info.json of the run its weights
+  come from, else of `workdir`; COCO's for an 80-class model without one; else (None, None)."""
+  from cn2_jax.app import weights_run_dir
+  run = weights_run_dir(config.weights) if config.weights else None
+  for d in (run, workdir):
+    path = os.path.join(d, "dataset_info.json") if d else ""
+    if path and os.path.isfile(path):
+      with open(path) as f:
+        info = json.load(f)
+      return info["class_names"], info.get("label_to_category_id")
+  if config.model.num_classes == 80:
+    # No run's dataset (e.g. --config.weights=CenterNet2_R50_1x.pth): an 80-class model is a
+    # COCO model, whose labels follow the COCO category ids.
+    from cn2_jax.data.coco_classes import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
+    return list(COCO_CLASS_NAMES), list(COCO_CATEGORY_IDS)
+  return None, None
+
+
 class Predictor:
   """Image in, boxes/scores/classes out. Construct with `from_workdir` or directly."""
 
   def __init__(self, config: ml_collections.ConfigDict, variables: dict,
-               class_names: Optional[Sequence[str]] = None):
+               class_names: Optional[Sequence[str]] = None,
+               category_ids: Optional[Sequence[int]] = None):
     self.config = config
     self.class_names = list(class_names) if class_names else None
+    self.category_ids = [int(c) for c in category_ids] if category_ids else None
     self.model = detector.build_model(config.model)
     self.variables = jax.device_put(variables)
     self._apply = jax.jit(self._forward)
@@ -63,24 +92,29 @@ class Predictor:
     if config is None:
       path = os.path.join(workdir, "config.json")
       if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: pass the run's config explicitly")
+        raise InputFileError(f"{path} not found: pass the run's config explicitly")
       config = _config_from_json(path)
-    names = None
-    info_path = os.path.join(workdir, "dataset_info.json")
-    if os.path.isfile(info_path):
-      with open(info_path) as f:
-        names = json.load(f)["class_names"]
-    return cls(config, restore_variables(config, workdir), names)
+    names, category_ids = _dataset_info(workdir, config)
+    return cls(config, restore_variables(config, workdir), names, category_ids)
 
   def class_name(self, label: int) -> str:
     if self.class_names and 0 <= label < len(self.class_names):
       return self.class_names[label]
     return str(label)
 
+  def category_id(self, label: int) -> Optional[int]:
+    """The dataset's (COCO) category id of a contiguous label, or None when unknown."""
+    if self.category_ids and 0 <= label < len(self.category_ids):
+      return self.category_ids[label]
+    return None
+
   @staticmethod
   def read_image(path: str) -> np.ndarray:
     """RGB uint8 `[H, W, 3]` (EXIF-rotated; grayscale/CMYK converted); clear error on bad files."""
-    return transforms.decode_image(path, name=str(path))
+    try:
+      return transforms.decode_image(path, name=str(path))
+    except ValueError as e:  # the file's fault, not the code's: a one-line user error
+      raise DataError(str(e)) from e
 
   def _forward(self, variables, image, image_hw, orig_hw):
     dets = self.model.apply(variables, dict(image=image, image_hw=image_hw), train=False)
@@ -91,7 +125,9 @@ class Predictor:
     h, w = image.shape[:2]
     resized, _ = transforms.resize_shortest_edge(image, np.zeros((0, 4), np.float32),
                                                  (d.min_size_test,), d.max_size_test)
-    padded = transforms.pad_image(resized, tuple(d.pad_hw_test))
+    canvas = tuple(d.pad_hw_test) or buckets.official_pad_hw(*resized.shape[:2],
+                                                             d.size_divisibility)
+    padded = transforms.pad_image(resized, canvas)
     return (padded[None], np.array([resized.shape[:2]], np.int32),
             np.array([[h, w]], np.int32))
 

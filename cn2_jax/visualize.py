@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import colorsys
+import functools
+import math
 import os
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ['class_color', 'draw_detections', 'save_png']
+__all__ = ['class_color', 'draw_detections', 'font_size_for', 'label_rects', 'layout_labels',
+           'save_png']
 
 
 def class_color(c: int) -> Tuple[int, int, int]:
@@ -26,11 +29,116 @@ def _text_color(bg: Tuple[int, int, int]) -> Tuple[int, int, int]:
     return (0, 0, 0) if luminance > 140 else (255, 255, 255)
 
 
+def font_size_for(h: int, w: int) -> int:
+  """Label font size in pixels for an ``h x w`` image: detectron2 Visualizer's default,
+  ``max(sqrt(h * w) // 90, 10)``, which is in matplotlib points at 100 dpi, converted to pixels."""
+  points = max(math.sqrt(max(h, 1) * max(w, 1)) // 90, 10)
+  return int(round(points * 100 / 72))
+
+
+@functools.lru_cache(maxsize=16)
 def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType (>= 10.1)
-    except TypeError:  # older Pillow: fixed-size bitmap font
-        return ImageFont.load_default()
+  """A TrueType font of ``size`` px: Pillow's bundled one (>= 10.1, with FreeType), else
+  DejaVuSans if installed, else PIL's fixed bitmap font."""
+  try:
+    font = ImageFont.load_default(size=size)
+    if isinstance(font, ImageFont.FreeTypeFont):
+      return font
+  except (TypeError, OSError):  # Pillow < 10.1, or no FreeType
+    pass
+  try:
+    return ImageFont.truetype('DejaVuSans.ttf', size)
+  except OSError:
+    return ImageFont.load_default()
+
+
+Rect = Tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+
+
+def _overlaps(a: Rect, b: Rect) -> bool:
+  return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def layout_labels(anchors: Sequence[Tuple[int, int]], sizes: Sequence[Tuple[int, int]],
+                  image_hw: Tuple[int, int]) -> List[Rect]:
+  """Places one label rectangle per box, in the given (priority) order, avoiding earlier labels.
+
+  ``anchors[i] = (x1, y1)`` is the top-left corner of box i (pixels), ``sizes[i] = (width,
+  height)`` the size of its label.
+  A label goes above its box when there is room, else just inside the top edge; when that spot
+  overlaps an already placed label it is shifted down, then up, one label height at a time
+  (within the image). If no free spot exists the first choice is kept.
+  """
+  h, w = image_hw
+  placed: List[Rect] = []
+  for (x1, y1), (tw, th) in zip(anchors, sizes):
+    x0 = int(np.clip(x1, 0, max(0, w - tw)))
+    y_pref = y1 - th if y1 - th >= 0 else int(np.clip(y1, 0, max(0, h - th)))
+    choice = (x0, y_pref, x0 + tw, y_pref + th)
+    if any(_overlaps(choice, r) for r in placed):
+      for k in range(1, 2 * (h // max(th, 1)) + 1):
+        y = y_pref + (k + 1) // 2 * th * (1 if k % 2 else -1)  # +1, -1, +2, -2 ... heights
+        cand = (x0, y, x0 + tw, y + th)
+        if 0 <= y <= h - th and not any(_overlaps(cand, r) for r in placed):
+          choice = cand
+          break
+    placed.append(choice)
+  return placed
+
+
+def _prepare(image, boxes, scores, classes, class_names, score_thresh):
+  """Validated arrays, the kept detection indices (descending score) and their label texts."""
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[2] != 3:
+    raise ValueError(f'image must be [H, W, 3], got {image.shape}')
+  if image.dtype != np.uint8:
+    raise TypeError(f'image must be uint8, got {image.dtype}')
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  classes = np.asarray(classes).reshape(-1).astype(np.int64)
+  if not (boxes.shape[0] == scores.shape[0] == classes.shape[0]):
+    raise ValueError(f'boxes/scores/classes disagree: {boxes.shape}, {scores.shape}, '
+                     f'{classes.shape}')
+  h, w = image.shape[:2]
+  keep = np.isfinite(boxes).all(1) & np.isfinite(scores) & (scores >= score_thresh)
+  idx = np.nonzero(keep)[0]
+  idx = idx[np.argsort(-scores[idx], kind='stable')]  # best first: it gets the best label spot
+  pix = {}
+  texts = {}
+  for i in idx:
+    x1, y1, x2, y2 = boxes[i]
+    # integer pixel corners (PIL would truncate floats), clipped to the image
+    x1, x2 = np.clip(np.round([min(x1, x2), max(x1, x2)]), 0, w - 1).astype(int)
+    y1, y2 = np.clip(np.round([min(y1, y2), max(y1, y2)]), 0, h - 1).astype(int)
+    pix[i] = (int(x1), int(y1), int(x2), int(y2))
+    c = int(classes[i])
+    name = (class_names[c] if class_names is not None and 0 <= c < len(class_names)
+            else str(c))
+    texts[i] = f'{name} {scores[i]:.2f}'
+  return image, classes, idx, pix, texts
+
+
+def _label_geometry(draw, font, font_size, idx, pix, texts, hw):
+  pad = max(1, font_size // 6)
+  sizes, offsets = [], []
+  for i in idx:
+    l, t, r, b = draw.textbbox((0, 0), texts[i], font=font)
+    sizes.append((r - l + 2 * pad, b - t + 2 * pad))
+    offsets.append((pad - l, pad - t))
+  rects = layout_labels([pix[i][:2] for i in idx], sizes, hw)
+  return rects, offsets
+
+
+def label_rects(image: np.ndarray, boxes, scores, classes,
+                class_names: Optional[Sequence[str]] = None,
+                score_thresh: float = 0.3) -> List[Rect]:
+  """The label rectangles ``(x0, y0, x1, y1)`` (exclusive ends) that ``draw_detections`` would
+  draw for the same arguments, best score first."""
+  image, _, idx, pix, texts = _prepare(image, boxes, scores, classes, class_names, score_thresh)
+  h, w = image.shape[:2]
+  size = font_size_for(h, w)
+  draw = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+  return _label_geometry(draw, _font(size), size, idx, pix, texts, (h, w))[0]
 
 
 def draw_detections(image: np.ndarray,
@@ -39,62 +147,38 @@ def draw_detections(image: np.ndarray,
                     classes,
                     class_names: Optional[Sequence[str]] = None,
                     score_thresh: float = 0.3) -> np.ndarray:
-    """Draws the detections with ``score >= score_thresh`` on a copy of ``image``.
+  """Draws the detections with ``score >= score_thresh`` on a copy of ``image``.
 
-    Args:
-      image: ``[H, W, 3] uint8`` RGB.
-      boxes: ``[K, 4]`` xyxy in the pixels of ``image``.
-      scores: ``[K]``.
-      classes: ``[K]`` int contiguous labels; the colour depends on the class.
-      class_names: ``class_names[c]`` is the label text of class ``c`` (the number when missing).
-      score_thresh: detections below it are not drawn.
-    Returns:
-      A new ``[H, W, 3] uint8`` RGB image; ``image`` is not modified.
-    """
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f'image must be [H, W, 3], got {image.shape}')
-    if image.dtype != np.uint8:
-        raise TypeError(f'image must be uint8, got {image.dtype}')
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    scores = np.asarray(scores, np.float64).reshape(-1)
-    classes = np.asarray(classes).reshape(-1).astype(np.int64)
-    if not (boxes.shape[0] == scores.shape[0] == classes.shape[0]):
-        raise ValueError(f'boxes/scores/classes disagree: {boxes.shape}, {scores.shape}, '
-                         f'{classes.shape}')
-    h, w = image.shape[:2]
-    pil = Image.fromarray(np.ascontiguousarray(image))
-    draw = ImageDraw.Draw(pil)
+  Labels ("name score") use a font that grows with the image (``font_size_for``) and are placed
+  so that they do not cover each other (``layout_labels``).
 
-    short = max(1, min(h, w))
-    line_w = max(1, int(round(short / 300)))
-    font_size = int(np.clip(round(short / 40), 9, 40))
-    font = _font(font_size)
-    pad = max(1, font_size // 6)
-
-    keep = np.isfinite(boxes).all(1) & np.isfinite(scores) & (scores >= score_thresh)
-    order = np.argsort(scores[keep], kind='stable')  # low scores first: high scores end on top
-    idx = np.nonzero(keep)[0][order]
-    for i in idx:
-        x1, y1, x2, y2 = boxes[i]
-        # integer pixel corners (PIL would truncate floats), clipped to the image
-        x1, x2 = np.clip(np.round([min(x1, x2), max(x1, x2)]), 0, w - 1).astype(int)
-        y1, y2 = np.clip(np.round([min(y1, y2), max(y1, y2)]), 0, h - 1).astype(int)
-        c = int(classes[i])
-        color = class_color(c)
-        draw.rectangle([int(x1), int(y1), int(x2), int(y2)], outline=color, width=line_w)
-
-        name = (class_names[c] if class_names is not None and 0 <= c < len(class_names)
-                else str(c))
-        text = f'{name} {scores[i]:.2f}'
-        l, t, r, b = draw.textbbox((0, 0), text, font=font)
-        tw, th = r - l + 2 * pad, b - t + 2 * pad
-        # Above the box when there is room, else just inside its top edge; keep it in the image.
-        lx = int(np.clip(x1, 0, max(0, w - tw)))
-        ly = int(y1 - th) if y1 - th >= 0 else int(np.clip(y1, 0, max(0, h - th)))
-        draw.rectangle([lx, ly, lx + tw - 1, ly + th - 1], fill=color)
-        draw.text((lx + pad - l, ly + pad - t), text, fill=_text_color(color), font=font)
-    return np.asarray(pil, dtype=np.uint8).copy()
+  Args:
+    image: ``[H, W, 3] uint8`` RGB.
+    boxes: ``[K, 4]`` xyxy in the pixels of ``image``.
+    scores: ``[K]``.
+    classes: ``[K]`` int contiguous labels; the colour depends on the class.
+    class_names: ``class_names[c]`` is the label text of class ``c`` (the number when missing).
+    score_thresh: detections below it are not drawn.
+  Returns:
+    A new ``[H, W, 3] uint8`` RGB image; ``image`` is not modified.
+  """
+  image, classes, idx, pix, texts = _prepare(image, boxes, scores, classes, class_names,
+                                             score_thresh)
+  h, w = image.shape[:2]
+  pil = Image.fromarray(np.ascontiguousarray(image))
+  draw = ImageDraw.Draw(pil)
+  line_w = max(1, int(round(min(h, w) / 300)))
+  size = font_size_for(h, w)
+  font = _font(size)
+  rects, offsets = _label_geometry(draw, font, size, idx, pix, texts, (h, w))
+  # Boxes low score first (high scores end on top), then all labels so no box line crosses one.
+  for i in idx[::-1]:
+    draw.rectangle(list(pix[i]), outline=class_color(int(classes[i])), width=line_w)
+  for i, (x0, y0, x1, y1), (ox, oy) in zip(idx, rects, offsets):
+    color = class_color(int(classes[i]))
+    draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=color)
+    draw.text((x0 + ox, y0 + oy), texts[i], fill=_text_color(color), font=font)
+  return np.asarray(pil, dtype=np.uint8).copy()
 
 
 def save_png(path: Union[str, os.PathLike], image: np.ndarray) -> None:

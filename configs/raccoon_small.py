@@ -27,6 +27,9 @@ def get_config():
   c.train.eval_batch_size = 8
   c.train.log_every = 25
   c.train.checkpoint_every = 250
+  # Official lr 0.02 for batch 16: 0.005 at batch 4 by the linear rule (optim.reference_batch_size).
+  # Unscaled (issue 9) it made no progress in 300 steps on raccoon (seed 1) and blew up (finite loss
+  # 2 -> 2e6) on another small set; at 0.08 it diverges within 30 steps.
   c.optim.base_lr = 0.02
   c.optim.warmup_iters = 50
   c.optim.warmup_factor = 0.001

@@ -18,13 +18,16 @@ from cn2_jax.modeling.proposal.targets import centernet_targets as _centernet_ta
 # jit with static configuration (eager op-by-op dispatch is slow on the shared CPU)
 centernet_targets = jax.jit(_centernet_targets, static_argnums=(2,),
                             static_argnames=("strides", "soi", "hm_min_overlap", "min_radius",
-                                             "dedup_positives"))
+                                             "dedup_positives", "all_level_peaks"))
 
 F = np.float32
 STRIDES = (8, 16, 32, 64, 128)
 SOI = ((0, 80), (64, 160), (128, 320), (256, 640), (512, 10000000))
 # Scaled-down SOI (÷4) so that every level and every overlap band occurs on tiny images.
 SOI_SMALL = ((0, 20), (16, 40), (32, 80), (64, 160), (128, 10000000))
+# The MMDet reproduction's FCOS-style non-overlapping ranges (spec §8.3), and scaled down (÷4).
+SOI_MMDET = ((0, 64), (64, 128), (128, 256), (256, 512), (512, 100000000))
+SOI_MMDET_SMALL = ((0, 16), (16, 32), (32, 64), (64, 128), (128, 100000000))
 
 
 def level_shapes_for(h, w, strides=STRIDES):
@@ -35,7 +38,7 @@ def level_shapes_for(h, w, strides=STRIDES):
 # numpy reference (spec §3.1-3.3, §3.5, §3.7)
 # ------------------------------------------------------------------------------------------
 def ref_targets(boxes, valid, shapes, strides=STRIDES, soi=SOI, o=0.8, min_radius=4.0,
-                dedup=False):
+                dedup=False, all_level_peaks=True):
   nloc = sum(h * w for h, w in shapes)
   hm = np.zeros(nloc, F)
   cnt = np.zeros(nloc, F)
@@ -68,6 +71,8 @@ def ref_targets(boxes, valid, shapes, strides=STRIDES, soi=SOI, o=0.8, min_radiu
         for n, (x1, y1, x2, y2, cx, cy, r2, cared) in enumerate(gts):
           px, py = int(math.floor(cx / F(s))), int(math.floor(cy / F(s)))
           peak = (x == px and y == py)
+          if not all_level_peaks:  # MMDet "revised": forced d² = 0 only where the GT is cared
+            peak = peak and cared[lv]
           d2 = F(0) if peak else (gx - cx) ** 2 + (gy - cy) ** 2
           q = F(d2) / r2
           min_q = min(min_q, q)
@@ -170,6 +175,56 @@ def test_targets_random_default_soi(seed):
   got = jax.jit(lambda b, v: centernet_targets(b, v, shapes))(jnp.asarray(boxes),
                                                               jnp.asarray(valid))
   assert_targets_equal(got, ref_targets(boxes, valid, shapes))
+
+
+@pytest.mark.parametrize("seed", [20, 21, 22])
+@pytest.mark.parametrize("soi_name", ["official", "mmdet"])
+def test_targets_mmdet_switches(seed, soi_name):
+  """Every combination of the MMDet switches (ranges, dedup_positives, all_level_peaks) vs the
+  numpy reference, on scaled-down ranges (all levels and bounds occur on small images)."""
+  soi = SOI_SMALL if soi_name == "official" else SOI_MMDET_SMALL
+  rng = np.random.RandomState(seed)
+  img_h, img_w = [(120, 150), (96, 128), (128, 100)][seed % 3]
+  shapes = level_shapes_for(img_h, img_w)
+  boxes, valid = random_gt(rng, img_h, img_w, soi, n_valid=8, n_pad=2)
+  outs = {}
+  for dedup in (False, True):
+    for all_peaks in (True, False):
+      got = centernet_targets(jnp.asarray(boxes), jnp.asarray(valid), shapes, soi=soi,
+                              dedup_positives=dedup, all_level_peaks=all_peaks)
+      ref = ref_targets(boxes, valid, shapes, soi=soi, dedup=dedup, all_level_peaks=all_peaks)
+      assert_targets_equal(got, ref)
+      outs[dedup, all_peaks] = {k: np.asarray(v) for k, v in got.items()}
+  # all_level_peaks only changes the heatmap: never the positives or the regression targets,
+  # and only by lowering cells below 1 (un-cared peaks become down-weighted negatives)
+  for dedup in (False, True):
+    a, b = outs[dedup, True], outs[dedup, False]
+    for k in ("pos_count", "reg_target", "reg_valid"):
+      np.testing.assert_array_equal(a[k], b[k])
+    assert np.all(b["heatmap"] <= a["heatmap"])
+    assert np.any(b["heatmap"] < a["heatmap"])       # some GT has a peak at an un-cared level
+    assert np.all(b["heatmap"][b["pos_count"] > 0] == 1.0)
+
+
+def test_mmdet_ranges_and_revised_peaks_by_hand():
+  shapes = level_shapes_for(1024, 1024)
+  box = np.array([[200, 200, 300, 300], [0, 0, 0, 0]], F)   # 100x100, c = 70.7, centre (250,250)
+  valid = np.array([True, False])
+  run = lambda **kw: {k: np.asarray(v) for k, v in centernet_targets(
+      jnp.asarray(box), jnp.asarray(valid), shapes, **kw).items()}
+  off, mm = run(), run(soi=SOI_MMDET)
+  assert _levels_of_positives(off["pos_count"], shapes) == [0, 1]   # overlap band: P3 and P4
+  assert _levels_of_positives(mm["pos_count"], shapes) == [1]       # (64, 128]: P4 only
+  assert mm["reg_valid"][:128 * 128].sum() == 0 and mm["reg_valid"].sum() == 9
+  p3_peak = 31 * 128 + 31           # grid (252, 252): true d² = 8, r² = 2/81 * 1e4 = 246.9
+  p4_peak = 128 * 128 + 15 * 64 + 15
+  assert mm["heatmap"][p3_peak] == 1.0                              # official map: ignored cell
+  rev = run(soi=SOI_MMDET, all_level_peaks=False, dedup_positives=True)
+  np.testing.assert_allclose(rev["heatmap"][p3_peak], math.exp(-8 / (2 / 81 * 1e4)), rtol=1e-6)
+  assert rev["heatmap"][p4_peak] == 1.0 and rev["pos_count"][p4_peak] == 1
+  # P7 peak: floor(250 / 128) = 1, grid (192, 192): d² = 2 * 58² -> exp(-27.2) < 1e-4 -> 0
+  p7_peak = sum(h * w for h, w in shapes[:4]) + 1 * 8 + 1
+  assert mm["heatmap"][p7_peak] == 1.0 and rev["heatmap"][p7_peak] == 0.0
 
 
 def test_targets_vmap_batch_and_duplicates():
@@ -523,3 +578,25 @@ def test_targets_to_losses_end_to_end():
   ref = ref_losses(logits, reg, {k: np.asarray(v) for k, v in tg.items()})
   for k in ref:
     np.testing.assert_allclose(float(got[k]), ref[k], rtol=2e-5, atol=1e-7)
+
+
+def test_mmdet_config_variants():
+  """configs/cn2_r50_mmdet.py: the official recipe plus the port's target switches, which the
+  CenterNet module accepts (unknown keys would be a TypeError there)."""
+  import importlib.util
+  import os
+  from cn2_jax.config import model_kwargs, validate_config
+  from cn2_jax.modeling.proposal.centernet import CenterNet
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(
+      "cn2_r50_mmdet", os.path.join(root, "configs", "cn2_r50_mmdet.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  for variant, all_peaks in (("original", True), ("", True), ("revised", False)):
+    c = validate_config(mod.get_config(variant))
+    cn = c.model.centernet
+    assert cn.dedup_positives and cn.all_level_peaks == all_peaks
+    assert tuple(tuple(r) for r in cn.soi) == SOI_MMDET
+    CenterNet(**model_kwargs(c.model)["centernet"])
+  with pytest.raises(ValueError, match="variant"):
+    mod.get_config("fcos")

@@ -15,7 +15,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from cn2_jax import convert as cv
+from cn2_jax import convert
+from cn2_jax import weights as cv
+from cn2_jax.weights import rename
 from cn2_jax.testing import oracle as orc
 
 DATA = __import__("pathlib").Path(__file__).parent / "data"
@@ -487,7 +489,7 @@ def test_d2_converted_torchvision_backbone_pkl(tmp_path):
   tv = torchvision_r50_state_dict(seed=5)
   d2_names = {}
   for k, v in tv.items():
-    n = cv._torchvision_name(k)
+    n = rename._torchvision_name(k)
     d2_names[n] = v
   f = tmp_path / "R-50-tv.pkl"
   write_pkl(f, {"model": d2_names, "__author__": "torchvision", "matching_heuristics": True})
@@ -625,13 +627,13 @@ def test_orbax_round_trip(tmp_path):
           "frozen": {"backbone": {"bottom_up": {"stem": {"conv1": {"norm": {
               "running_var": np.full(3, 0.5, np.float32)}}}}}}}
   out = cv.save_variables(tree, tmp_path / "ckpt")
-  restored = cv.restore_variables(out)
+  restored = cv.restore_saved_variables(out)
   import jax
   assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(tree)
   for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(tree)):
     np.testing.assert_array_equal(np.asarray(a), b)
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-  restored2 = cv.restore_variables(out, abstract)
+  restored2 = cv.restore_saved_variables(out, abstract)
   for a, b in zip(jax.tree_util.tree_leaves(restored2), jax.tree_util.tree_leaves(tree)):
     np.testing.assert_array_equal(np.asarray(a), b)
   with pytest.raises(Exception):
@@ -660,8 +662,8 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
   src = tmp_path / "m.pth"
   write_torch_zip(src, sd)
   out = tmp_path / "out"
-  assert cv.main(["--src", str(src), "--out", str(out), "--config", str(cfg)]) == 0
-  restored = cv.restore_variables(out)
+  assert convert.main(["--src", str(src), "--out", str(out), "--config", str(cfg)]) == 0
+  restored = cv.restore_saved_variables(out)
   np.testing.assert_array_equal(
       restored["params"]["backbone"]["fpn_lateral3"]["kernel"],
       sd["backbone.fpn_lateral3.weight"].transpose(2, 3, 1, 0))
@@ -670,15 +672,15 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
   sd2["backbone.extra.weight"] = np.zeros(3, np.float32)
   src2 = tmp_path / "m2.pth"
   write_torch_zip(src2, sd2)
-  assert cv.main(["--src", str(src2), "--out", str(tmp_path / "o2"), "--config", str(cfg)]) == 1
+  assert convert.main(["--src", str(src2), "--out", str(tmp_path / "o2"), "--config", str(cfg)]) == 1
   assert "backbone.extra.weight" in capsys.readouterr().err
   # torchvision weights need --backbone-only ...
   tvf = tmp_path / "tv.pth"
   write_torch_zip(tvf, torchvision_r50_state_dict(seed=11, blocks=(1, 1, 1, 1)), wrap_model=False)
-  assert cv.main(["--src", str(tvf), "--out", str(tmp_path / "o3"), "--config", str(cfg)]) == 1
+  assert convert.main(["--src", str(tvf), "--out", str(tmp_path / "o3"), "--config", str(cfg)]) == 1
   assert "--backbone-only" in capsys.readouterr().err
   # ... and then convert, warning that this config (stride_in_1x1=True, BGR) does not fit them.
-  assert cv.main(["--src", str(tvf), "--out", str(tmp_path / "o3"), "--config", str(cfg),
+  assert convert.main(["--src", str(tvf), "--out", str(tmp_path / "o3"), "--config", str(cfg),
                   "--backbone-only"]) == 0
   printed = capsys.readouterr().out
   assert "WARNING: config sets stride_in_1x1=True but torchvision weights need False" in printed

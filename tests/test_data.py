@@ -204,6 +204,126 @@ def test_coco2017_layout_builder(tmp_path):
     assert split.info.category_ids == (3, 7)
 
 
+def _truncate(path, keep=1 / 3):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: int(len(data) * keep)])
+    return data
+
+
+def test_truncated_image_fails_at_preparation_and_fixing_it_rebuilds(tmp_path):
+    """verify() passes a truncated JPEG; the full decode at preparation must not. After the file is
+    fixed, the same data_dir is prepared again (no stale copy) and holds the fixed bytes."""
+    splits = write_mini_coco(str(tmp_path))
+    data_dir = str(tmp_path / "tfds")
+    good = _truncate(tmp_path / "img" / "exif.jpg")
+    with pytest.raises(ValueError) as err:
+        B.build_coco_json_dataset("trunc", {"train": splits["train"]}, data_dir)
+    msg = str(err.value)
+    assert "\n" not in msg
+    for part in ("img/exif.jpg", "train.json", "coco_json/trunc", "'train'"):
+        assert part in msg, (part, msg)
+    (tmp_path / "img" / "exif.jpg").write_bytes(good)
+    b = B.build_coco_json_dataset("trunc", {"train": splits["train"]}, data_dir)
+    ds = b.as_data_source("train")
+    assert bytes(ds[4]["image"]) == good
+    assert T.decode_image(ds[4]["image"]).shape == (40, 20, 3)
+
+
+def test_changed_sources_rebuild_the_prepared_split(tmp_path, caplog):
+    splits = write_mini_coco(str(tmp_path))
+    data_dir = str(tmp_path / "tfds")
+    b = B.build_coco_json_dataset("stale", splits, data_dir)
+    meta = b.info.metadata["splits"]["train"]
+    assert meta["file_name"] == ["img/gray.png", "img/cmyk.jpg", "img/rgb.png", "img/empty.jpg",
+                                 "img/exif.jpg"]
+    assert meta["file_size"][2] == os.path.getsize(tmp_path / "img" / "rgb.png")
+    assert meta["annotation_size"] == os.path.getsize(splits["train"][0])
+
+    def build():
+        with caplog.at_level(logging.WARNING, logger="cn2_jax.data.builder"):
+            caplog.clear()
+            out = B.build_coco_json_dataset("stale", splits, data_dir)
+        return out, [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()]
+
+    _, rebuilt = build()  # unchanged sources: reused
+    assert not rebuilt
+    # an image replaced by another valid one (same size in pixels, other bytes)
+    Image.new("RGB", (60, 40), (1, 2, 3)).save(tmp_path / "img" / "rgb.png")
+    b, rebuilt = build()
+    assert len(rebuilt) == 1 and "img/rgb.png" in rebuilt[0]
+    new_bytes = (tmp_path / "img" / "rgb.png").read_bytes()
+    assert bytes(b.as_data_source("train")[2]["image"]) == new_bytes
+    # the annotation json changed: one annotation fewer
+    coco = json.load(open(splits["train"][0]))
+    coco["annotations"] = [a for a in coco["annotations"] if a["id"] != 5]
+    json.dump(coco, open(splits["train"][0], "w"))
+    b, rebuilt = build()
+    assert len(rebuilt) == 1 and "train.json changed" in rebuilt[0]
+    assert b.info.metadata["splits"]["train"]["num_instances"][0] == 0
+    # a folder prepared before the source records existed is rebuilt once
+    path = os.path.join(b.data_dir, "metadata.json")
+    old = json.load(open(path))
+    for k in ("file_name", "file_size", "file_mtime_ns"):
+        del old["splits"]["train"][k]
+    json.dump(old, open(path, "w"))
+    b, rebuilt = build()
+    assert len(rebuilt) == 1 and "older version" in rebuilt[0]
+    assert "file_size" in b.info.metadata["splits"]["train"]
+    # removed sources are not a change: the prepared copy stays usable
+    os.remove(tmp_path / "img" / "empty.jpg")
+    b, rebuilt = build()
+    assert not rebuilt and len(b.as_data_source("train")) == 5
+    # another annotation file under the same dataset name rebuilds (it used to be reused silently)
+    splits = {"train": splits["val"]}
+    b, rebuilt = build()
+    assert len(rebuilt) == 1 and "val.json" in rebuilt[0]
+    assert len(b.as_data_source("train")) == 3
+
+
+@pytest.mark.parametrize("content,match", [
+    ("[]", r"holds a JSON list, not a COCO object"),
+    ("", r"is empty"),
+    ("{\"images\": [", r"is not valid JSON"),
+    ('{"images": [], "categories": [{"id": 1}]}', r"lacks the COCO key\(s\) \['annotations'\]"),
+    ('{"images": [{"id": 1}], "annotations": [], "categories": [{"id": 1}]}',
+     r"images\[0\] lacks key 'file_name'"),
+    ('{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 1, '
+     '"category_id": 1}], "categories": [{"id": 1}]}', r"annotations\[0\] lacks key 'bbox'"),
+])
+def test_bad_annotation_file_is_a_one_line_error_naming_it(tmp_path, content, match):
+    from cn2_jax.errors import DataError
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=match) as err:
+        B.build_coco_json_dataset("bad", {"train": (str(path), str(tmp_path))},
+                                  str(tmp_path / "tfds"))
+    msg = str(err.value)
+    assert str(path) in msg and "coco_json/bad" in msg and "\n" not in msg
+    assert isinstance(err.value, ValueError)  # callers catching ValueError keep working
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        B.build_coco_json_dataset("bad", {"train": (str(tmp_path / "nope.json"), str(tmp_path))},
+                                  str(tmp_path / "tfds"))
+
+
+@pytest.mark.skipif("data_dir" not in P.DetectionSplit.__init__.__code__.co_varnames,
+                    reason="needs DetectionSplit.data_dir (pipeline change proposed in #11)")
+def test_load_time_decode_error_names_the_prepared_folder(mini):
+    """Preparation decodes every image, so a load-time failure means the stored copy is bad: the
+    error says which folder to delete."""
+    from cn2_jax.errors import DataError
+    _, _, builder = mini
+    split = P.open_split(builder, "train")
+    assert split.data_dir == builder.data_dir
+    records = [dict(split.source[i]) for i in range(len(split))]
+    records[1]["image"] = records[1]["image"][:200]  # as if the array_record copy were damaged
+    split.source = records
+    with pytest.raises(DataError) as err:
+        list(P.make_eval_loader(split, batch_size=5, short_size=32, max_size=64, max_boxes=4,
+                                pad_hw=(64, 64)))
+    msg = str(err.value)
+    assert "img/cmyk.jpg" in msg and builder.data_dir in msg and "delete" in msg
+
+
 # ------------------------------------------------------------------------------------------------
 # Transforms
 # ------------------------------------------------------------------------------------------------
@@ -266,8 +386,9 @@ def test_eval_loader_every_image_once_with_masked_padding(mini):
     _, _, builder = mini
     split = P.open_split(builder, "train")
     batches = list(P.make_eval_loader(split, batch_size=2, short_size=64, max_size=100,
-                                      max_boxes=4))
-    assert len(batches) == 3 == P.num_eval_batches(split, 2)
+                                      max_boxes=4, pad_hw=(128, 128)))   # one fixed canvas
+    assert len(batches) == 3 == P.num_eval_batches(split, 2, pad_hw=(128, 128), short_size=64,
+                                                   max_size=100)
     for bt in batches:
         check_contract(bt, 2, 128, 128, 4)
     ids = np.concatenate([bt["image_id"] for bt in batches])
@@ -309,7 +430,10 @@ def _same(a, b):
     return all(np.array_equal(a[k], b[k]) for k in CONTRACT)
 
 
-TRAIN_KW = dict(batch_size=3, short_sizes=(24, 32, 40), max_size=64, max_boxes=4)
+# No aspect grouping: plain epochs (the grouped schedule is tested in test_buckets.py); every
+# batch then lands on the square fallback bucket, 64x64 here.
+TRAIN_KW = dict(batch_size=3, short_sizes=(24, 32, 40), max_size=64, max_boxes=4,
+                aspect_grouping=False, scale_per_batch=False)
 
 
 def test_train_loader_contract_filter_determinism_resume(mini):
@@ -368,7 +492,7 @@ def test_max_boxes_truncation_logged_once(mini, caplog):
     T._TRUNCATION_LOGGED = False
     with caplog.at_level(logging.WARNING, logger="cn2_jax.data.transforms"):
         bt = list(P.make_eval_loader(split, batch_size=5, short_size=32, max_size=64,
-                                     max_boxes=1))[0]
+                                     max_boxes=1, pad_hw=(64, 64)))[0]
     assert sum("max_boxes" in r.getMessage() for r in caplog.records) == 1
     assert bt["gt_valid"][2, 0] and not bt["gt_crowd"].any()  # rgb image keeps a non-crowd box
 

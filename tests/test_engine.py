@@ -100,6 +100,8 @@ class TinyDet(nn.Module):
     loss_b = jnp.mean((feat + 0.0 * noise) ** 2)
     if "poison" in batch:
       loss_b = loss_b + jnp.sum(batch["poison"]) * 0.0     # NaN poison -> NaN loss_b only
+    if "boost" in batch:
+      loss_a = loss_a * jnp.mean(batch["boost"])            # finite explosion of loss_a only
     return {"loss_a": loss_a, "loss_b": loss_b, "aux/num_pos": num}
 
 
@@ -117,7 +119,8 @@ class _BottomUp(nn.Module):
     return _Stem(name="stem")(x)
 
 
-def make_batch(seed: int, b: int = 4, hw: int = 16, m: int = 3, poison: Optional[float] = None):
+def make_batch(seed: int, b: int = 4, hw: int = 16, m: int = 3, poison: Optional[float] = None,
+               boost: Optional[float] = None):
   r = np.random.default_rng(seed)
   xy = r.uniform(0, 10, (b, m, 2)).astype(np.float32)
   wh = r.uniform(1, 6, (b, m, 2)).astype(np.float32)
@@ -129,6 +132,8 @@ def make_batch(seed: int, b: int = 4, hw: int = 16, m: int = 3, poison: Optional
   batch["gt_valid"][0, 0] = True
   if poison is not None:
     batch["poison"] = np.full((b,), poison, np.float32)
+  if boost is not None:
+    batch["boost"] = np.full((b,), boost, np.float32)
   return batch
 
 
@@ -185,6 +190,24 @@ def test_lr_schedule_cosine_and_no_warmup():
   with pytest.raises(ValueError):
     cfg.schedule = "poly"
     optim.make_lr_schedule(cfg)
+
+
+def test_lr_scaling_with_batch_size():
+  cfg = optim.default_solver_config()
+  assert cfg.reference_batch_size == 16
+  assert optim.effective_base_lr(cfg, 4) == pytest.approx(0.005)
+  assert optim.effective_base_lr(cfg, 32) == pytest.approx(0.04)
+  assert optim.effective_base_lr(cfg, None) == 0.02            # batch unknown: as written
+  assert optim.lr_scaling_message(cfg, 4) == "lr 0.02 × batch 4/16 = 0.005"
+  sched = optim.make_lr_schedule(cfg, 4)
+  for s in (0, 2000, 4000, 70000):                             # warm-up and steps untouched
+    np.testing.assert_allclose(float(sched(s)), _d2_multistep(s) / 4, rtol=2e-6)
+  cfg.reference_batch_size = 0                                 # off
+  assert optim.effective_base_lr(cfg, 4) == 0.02
+  assert "not scaled" in optim.lr_scaling_message(cfg, 4)
+  cfg.reference_batch_size = -1
+  with pytest.raises(ValueError, match="reference_batch_size"):
+    optim.effective_base_lr(cfg, 4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -450,13 +473,14 @@ def _config(max_iter=4, checkpoint_every=2, log_every=2):
   return cfg
 
 
-def _loader(poison_at=None, calls=None):
+def _loader(poison_at=None, calls=None, boost_at=()):
   def fn(start):
     if calls is not None:
       calls.append(start)
     k = start
     while True:
-      yield make_batch(100 + k, b=2, poison=(np.nan if k == poison_at else 0.0))
+      yield make_batch(100 + k, b=2, poison=(np.nan if k == poison_at else 0.0),
+                       boost=(1e4 if k in boost_at else 1.0) if boost_at else None)
       k += 1
   return fn
 
@@ -506,6 +530,10 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     tags |= {tag for tag, _, _ in _read_scalars(f)}
   assert {"train/loss_a", "train/loss_b", "train/total_loss", "train/lr",
           "train/images_per_sec", "train/aux/num_pos", "train/grad_norm"} <= tags
+  # train.batch_size = 2 with the reference batch 16: the LR used is base_lr * 2 / 16
+  sched = optim.make_lr_schedule(_config().optim)
+  for s in (1, 2, 3, 4):
+    np.testing.assert_allclose(hist_a[s]["lr"], float(sched(s - 1)) * 2 / 16, rtol=1e-6)
 
 
 def _read_scalars(path):
@@ -542,3 +570,136 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
   ck = ckpt_lib.Checkpointer(wd)
   assert ck.all_steps() == [2]           # nothing written from the bad state (step 4 is a save step)
   ck.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Divergence guard
+# ------------------------------------------------------------------------------------------------
+def _noisy_stream(rng, n, start=0):
+  """A healthy run: slowly decreasing, log-normal noise, rare isolated 30x grad-norm spikes."""
+  for i in range(start, start + n):
+    trend = 2.0 * (1 + 3 * math.exp(-i / 200))
+    a = trend * 0.6 * rng.lognormal(0, 0.4)
+    b = trend * 0.4 * rng.lognormal(0, 0.8)
+    gn = 5.0 * rng.lognormal(0, 0.5) * (30.0 if rng.uniform() < 0.01 else 1.0)
+    yield {"loss_a": a, "loss_b": b, "total_loss": a + b, "grad_norm": gn, "lr": 0.01,
+           "aux/num_pos": 3.0}
+
+
+def test_divergence_guard_ignores_noise_and_spikes():
+  guard = loop.DivergenceGuard()  # the defaults of the config schema
+  for seed in range(3):
+    g = loop.DivergenceGuard()
+    for i, m in enumerate(_noisy_stream(np.random.default_rng(seed), 3000)):
+      assert g.update(i, m) is None, (seed, i, m)
+  # a single 1000x spike (e.g. one bad batch) is suspect but does not stop training
+  suspect = []
+  for i, m in enumerate(_noisy_stream(np.random.default_rng(0), 200)):
+    if i == 120:
+      m = dict(m, loss_b=m["loss_b"] * 1000, total_loss=m["total_loss"] * 1000)
+    assert guard.update(i, m) is None
+    if guard.suspect:
+      suspect.append(i)
+  assert 120 in suspect and 121 not in suspect and len(suspect) <= 3   # + rare grad-norm spikes
+
+
+def test_divergence_guard_trips_on_explosion():
+  rng = np.random.default_rng(0)
+  g = loop.DivergenceGuard(factor=20, window=100, patience=5, min_steps=50)
+  report = None
+  for i, m in enumerate(_noisy_stream(rng, 400)):
+    if i >= 300:  # loss_b grows 2x per iteration from 300 on; loss_a stays normal
+      m = dict(m, loss_b=m["loss_b"] * 2.0 ** (i - 299))
+      m["total_loss"] = m["loss_a"] + m["loss_b"]
+    report = g.update(i, m)
+    if report is not None:
+      break
+  assert report is not None
+  first = report["first"]
+  assert 300 < first < 315 and i == first + 4                   # 5 suspect iterations in a row
+  assert list(report["terms"]) == ["loss_b"]                      # loss_a is not exploding
+  v, med = report["terms"]["loss_b"]
+  assert v > 20 * med
+  assert report["watched"]["total_loss"][0] > 20 * report["watched"]["total_loss"][1]
+  # gradient norm alone also trips (a loss that stays flat while the weights blow up)
+  g = loop.DivergenceGuard(factor=20, window=100, patience=5, min_steps=50)
+  for i, m in enumerate(_noisy_stream(np.random.default_rng(1), 400)):
+    if i >= 200:
+      m = dict(m, grad_norm=1e5)
+    report = g.update(i, m)
+    if report is not None:
+      break
+  assert i == 204 and report["terms"] == {} and "grad_norm" in report["watched"]
+  # nothing before min_steps, nothing when disabled
+  g = loop.DivergenceGuard(factor=20, window=100, patience=1, min_steps=50)
+  assert all(g.update(i, {"total_loss": 10.0 ** i, "grad_norm": 1.0}) is None for i in range(50))
+  g = loop.DivergenceGuard(factor=0)
+  assert not g.enabled
+  assert all(g.update(i, {"total_loss": 10.0 ** i, "grad_norm": 1.0}) is None for i in range(300))
+  with pytest.raises(ValueError, match="divergence_window"):
+    loop.DivergenceGuard(factor=20, window=10, min_steps=50)
+  with pytest.raises(ValueError, match="divergence_factor"):
+    loop.DivergenceGuard(factor=0.5)
+
+
+def _guard_config(**train):
+  cfg = _config(max_iter=20, checkpoint_every=2, log_every=100)
+  cfg.train.update(dict(divergence_factor=20.0, divergence_window=10, divergence_patience=3,
+                        divergence_min_steps=4))
+  cfg.train.update(train)
+  return cfg
+
+
+def test_divergence_guard_stops_training_and_keeps_last_good_checkpoint(tmp_path):
+  model = TinyDet()
+  wd = str(tmp_path / "div")
+  seen = {}
+  with pytest.raises(loop.DivergenceError) as ei:
+    loop.train(_guard_config(keep_checkpoints=10), wd, model, init_fn(model),
+               _loader(boost_at=range(9, 100)), frozen_prefixes=FROZEN_PREFIXES,
+               metrics_callback=lambda s, m: seen.__setitem__(s, m))
+  err = ei.value
+  # iterations 9, 10, 11 are suspect (loss_a x 1e4); the third in a row stops training
+  assert err.iteration == 11 and err.report["first"] == 9
+  assert list(err.terms) == ["loss_a"]
+  assert max(seen) == 12 and seen[10]["loss_a"] > 1e3 * seen[9]["loss_a"]
+  msg = str(err)
+  assert "diverged at iteration 11" in msg and "loss_a=" in msg and "loss_b=" not in msg
+  assert "20x its running median" in msg
+  assert f"last good checkpoint is step 8 in {os.path.join(wd, 'checkpoints')}" in msg
+  assert "lr 0.05 × batch 2/16 = 0.00625" in msg and "optim.base_lr" in msg
+  assert err.last_checkpoint == 8 and err.lr == pytest.approx(0.00625 * 0.1)  # x0.1 from step 3
+  ck = ckpt_lib.Checkpointer(wd)
+  # step 10 (the state after suspect iteration 9) came due but was never written
+  assert ck.all_steps() == [2, 4, 6, 8]
+  ck.close()
+
+
+def test_divergence_guard_defers_checkpoints_over_a_spike(tmp_path):
+  """A 2-iteration spike (< patience) does not stop training; the checkpoint due during it is
+  written at the first normal iteration instead (step 10 rather than 8)."""
+  model = TinyDet()
+  wd = str(tmp_path / "spike")
+  seen = {}
+  state = loop.train(_guard_config(checkpoint_every=4, keep_checkpoints=10), wd, model,
+                     init_fn(model), _loader(boost_at=(7, 8)), frozen_prefixes=FROZEN_PREFIXES,
+                     metrics_callback=lambda s, m: seen.__setitem__(s, m))
+  assert int(state.step) == 20 and sorted(seen) == list(range(1, 21))
+  assert seen[8]["loss_a"] > 1e3 * seen[7]["loss_a"]     # iteration 7 really exploded
+  ck = ckpt_lib.Checkpointer(wd)
+  assert ck.all_steps() == [4, 10, 12, 16, 20]
+  ck.close()
+
+
+def test_schema_declares_guard_and_lr_scaling_keys():
+  """The strict config schema knows the new keys, with the engine's defaults."""
+  from cn2_jax.config import base_config, validate_config
+  c = validate_config(base_config())
+  tc = loop.default_train_config()
+  for k in ("divergence_factor", "divergence_window", "divergence_patience",
+            "divergence_min_steps"):
+    assert c.train[k] == tc[k], k
+  assert c.optim.reference_batch_size == optim.default_solver_config().reference_batch_size == 16
+  c.train.divergence_factr = 3.0
+  with pytest.raises(KeyError, match="divergence_factr"):
+    validate_config(c)

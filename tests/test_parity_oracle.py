@@ -1,11 +1,14 @@
 """Parity with the official CenterNet2_R50_1x implementation (../shared/oracle, README there).
 
-Weights are regenerated from the oracle's deterministic rule, converted with cn2_jax.convert, and
-the R50 model is run on the oracle image with the official test preprocessing (the exact resized
-image is stored, padded to a multiple of 32 = 800x1088). Outputs are compared stage by stage; sets
-of boxes are matched by position, not by row index (oracle README §9).
+Weights are regenerated from the oracle's deterministic rule and converted with cn2_jax.convert;
+everything else is the DEFAULT path a user runs: `configs/cn2_r50.py` unchanged and the notebook
+`Predictor`'s preprocessing of the original JPEG (official resize, official 32-rounded canvas
+800x1088, official adaptive ROIAlign). Outputs are compared stage by stage; sets of boxes are
+matched by position, not by row index (oracle README §9).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,43 +33,57 @@ def _match_rows(a_boxes, b_boxes, tol):
   return np.where(ok, best, -1)
 
 
-@pytest.fixture(scope="module")
-def run():
-  import jax
-  import jax.numpy as jnp
-  from cn2_jax.config import base_config
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _default_setup():
+  """configs/cn2_r50.py with nothing changed but the weights, and the notebook Predictor (the
+  default eval/predict preprocessing: official resize and the official 32-rounded canvas)."""
+  from cn2_jax.config import load_config_file
   from cn2_jax.convert import convert_to_flax
-  from cn2_jax.modeling.detector import abstract_variables, build_model
-  from cn2_jax.modeling.ops.roi_align import required_adaptive_samples  # noqa: F401
+  from cn2_jax.modeling.detector import abstract_variables
+  from cn2_jax.predictor import Predictor
   from cn2_jax.testing.oracle import regenerate_oracle_state_dict
 
-  out = dict(np.load(ORACLE / "outputs_000000000009.npz"))
-  cfg = base_config()
-  mc = cfg.model
-  mc.roi_heads.sampling_ratio = 0          # the official adaptive ROIAlign
-  mc.roi_heads.max_adaptive_samples = 24
+  cfg = load_config_file(REPO / "configs" / "cn2_r50.py")
   sd = regenerate_oracle_state_dict(ORACLE / "cn2_r50_oracle_weights.json")
-  variables, report = convert_to_flax(sd, abstract_variables(mc))
-  img_bgr = out["resized_image_bgr_uint8"]
-  h, w = img_bgr.shape[:2]
-  ph, pw = [int(v) for v in out["input_tensor_shape"][2:]]
-  image = np.zeros((1, ph, pw, 3), np.uint8)
-  image[0, :h, :w] = img_bgr[..., ::-1]    # pipeline contract: RGB; the model flips to BGR
-  batch = dict(image=image, image_hw=np.array([[h, w]], np.int32))
-  model = build_model(mc)
-  fn = jax.jit(lambda v, b: model.apply(v, b, train=False, mutable=["intermediates"]))
-  dets, state = fn(variables, batch)
-  inter = jax.tree_util.tree_map(lambda x: np.asarray(x[0]) if isinstance(x, tuple) else x,
-                                 state["intermediates"], is_leaf=lambda x: isinstance(x, tuple))
+  variables, report = convert_to_flax(sd, abstract_variables(cfg.model))
+  return cfg, Predictor(cfg, variables), report
+
+
+def _apply_with_intermediates(predictor, batch_image, image_hw):
+  import jax
+  fn = jax.jit(lambda v, b: predictor.model.apply(v, b, train=False, mutable=["intermediates"]))
+  dets, state = fn(predictor.variables, dict(image=batch_image, image_hw=image_hw))
   flat = {}
+
   def collect(tree):
     for k, v in tree.items():
       if isinstance(v, dict):
         collect(v)
       else:
-        flat[k] = np.asarray(v)[0]             # drop batch axis
-  collect(inter)
-  dets = {k: np.asarray(v)[0] for k, v in dets.items()}
+        flat[k] = np.asarray(v[0] if isinstance(v, tuple) else v)[0]   # drop batch axis
+  collect(state["intermediates"])
+  return {k: np.asarray(v)[0] for k, v in dets.items()}, flat
+
+
+@pytest.fixture(scope="module")
+def setup():
+  return _default_setup()
+
+
+@pytest.fixture(scope="module")
+def run(setup):
+  cfg, predictor, report = setup
+  out = dict(np.load(ORACLE / "outputs_000000000009.npz"))
+  image = predictor.read_image(str(ORACLE / "000000000009.jpg"))
+  batch_image, image_hw, orig_hw = predictor.preprocess(image)
+  # The default preprocessing reproduces the official input: same resized pixels, same canvas.
+  h, w = [int(v) for v in out["resized_hw"]]
+  assert tuple(image_hw[0]) == (h, w)
+  assert batch_image.shape[1:3] == tuple(int(v) for v in out["input_tensor_shape"][2:])
+  assert np.array_equal(batch_image[0, :h, :w], out["resized_image_bgr_uint8"][..., ::-1])
+  dets, flat = _apply_with_intermediates(predictor, batch_image, image_hw)
   return out, flat, dets, report
 
 
@@ -164,3 +181,46 @@ def test_postprocess_to_original(run):
   assert (m >= 0).all()
   np.testing.assert_allclose(post["scores"][post["valid"]][m], out["model_output_scores"],
                              atol=1e-4)
+
+
+def _match_detections(boxes, classes, ref_boxes, ref_classes, tol):
+  ours = np.concatenate([boxes, 1e6 * classes[:, None]], axis=1)
+  ref = np.concatenate([ref_boxes, 1e6 * ref_classes.astype(int)[:, None]], axis=1)
+  return _match_rows(ours, ref, tol=tol)
+
+
+def test_predictor_end_to_end(setup, run):
+  """`Predictor(path)` as a notebook user calls it: official detections in original pixels."""
+  _, predictor, _ = setup
+  out = run[0]
+  det = predictor(str(ORACLE / "000000000009.jpg"))
+  assert len(det["scores"]) == len(out["model_output_scores"])
+  m = _match_detections(det["boxes"], det["classes"], out["model_output_boxes_orig"],
+                        out["model_output_classes"], tol=0.5)
+  assert (m >= 0).all(), (m < 0).sum()
+  np.testing.assert_allclose(det["scores"][m], out["model_output_scores"], atol=1e-4)
+
+
+
+def test_larger_canvas_same_detections(setup, run):
+  """The same image on a canvas larger than the official one (a training bucket, a fixed
+  `pad_hw`): conv inputs are zeroed off the official canvas, GroupNorm/candidates/losses and
+  ROIAlign's border follow it (modeling/canvas.py), so every output equals the official one."""
+  _, predictor, _ = setup
+  out, flat_ref, dets_ref, _ = run
+  image = predictor.read_image(str(ORACLE / "000000000009.jpg"))
+  batch_image, image_hw, _ = predictor.preprocess(image)
+  h, w = batch_image.shape[1:3]
+  big = np.zeros((1, h + 224, w + 256, 3), np.uint8)
+  big[:, :h, :w] = batch_image
+  dets, flat = _apply_with_intermediates(predictor, big, image_hw)
+  for lvl in range(3, 8):
+    ref = flat_ref[f"head_agn_hm_logits_p{lvl}"]
+    got = flat[f"head_agn_hm_logits_p{lvl}"][:ref.shape[0], :ref.shape[1]]
+    assert np.abs(got - ref).max() <= 1e-4, lvl
+  n = int(dets["valid"].sum())
+  assert n == 100
+  m = _match_detections(dets["boxes"][:n], dets["classes"][:n], out["det_thresh_boxes"],
+                        out["det_thresh_classes"], tol=0.5)
+  assert (m >= 0).all(), (m < 0).sum()
+  np.testing.assert_allclose(dets["scores"][m], out["det_thresh_scores"], atol=1e-4)

@@ -35,13 +35,24 @@ Metadata (``builder.info.metadata``, also ``<dataset dir>/metadata.json``)::
 
     format, bbox_format='xyxy_abs',
     categories: [{'id', 'name', 'supercategory'}...]  # label i <-> categories[i]
-    splits: {split: {annotation_file, image_root, num_images, num_boxes, num_crowd,
-                     num_degenerate_dropped, num_empty,
-                     image_id[], height[], width[], num_instances[]}}   # per example, source order
+    splits: {split: {annotation_file, image_root, annotation_size, annotation_mtime_ns,
+                     num_images, num_boxes, num_crowd, num_degenerate_dropped, num_empty,
+                     image_id[], height[], width[], num_instances[],   # per example, source order
+                     file_name[], file_size[], file_mtime_ns[]}}       # the source image files
 
 (``num_instances`` counts non-crowd boxes, so a pipeline can drop empty images without reading
-them.)  Missing image files and corrupt images (PIL open + verify) raise a ``ValueError`` naming
-the file before/while the split is written.
+them.)
+
+Checks.  Preparation fails with a one-line :class:`cn2_jax.errors.DataError` (a ``ValueError``)
+naming the file, the annotation json and the dataset for: an annotation file that is missing,
+empty, not JSON, not a COCO object or lacks keys; a missing image file; an image that does not
+fully decode (every image is decoded once, so a truncated file cannot reach training).
+
+Rebuilds.  tfds reuses a prepared folder as is, so the builder functions compare it with its
+sources first and delete and rebuild it when a split's annotation json or image root differs, a
+requested split is absent, or the size or mtime of the json or of any image changed (or the folder
+predates these records).  Sources that no longer exist are not a change: the prepared copy is used
+(with a warning), so the raw files may be removed after preparation.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import types
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -64,6 +76,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from cn2_jax.data.transforms import image_size_after_exif
+from cn2_jax.errors import DataError, InputFileError
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +91,7 @@ __all__ = [
     "build_coco2017_dataset",
     "load_builder",
     "parse_coco_split",
+    "prepared_data_hint",
 ]
 
 
@@ -89,6 +103,7 @@ class ParsedSplit:
     categories: List[dict]
     records: List[dict]  # one per image, sorted by image id
     stats: Dict[str, int]
+    annotation_stat: Tuple[int, int] = (0, 0)  # (size, mtime_ns) of the json that was read
 
 
 def finalize_record(rec: dict, h: int, w: int) -> Tuple[dict, int]:
@@ -111,38 +126,95 @@ def finalize_record(rec: dict, h: int, w: int) -> Tuple[dict, int]:
     return objects, int((~keep).sum())
 
 
-def _categories_of(coco: dict, path: str) -> List[dict]:
-    cats = coco.get("categories")
-    if not cats:
-        raise ValueError(f"{path}: no 'categories'")
-    cats = sorted(cats, key=lambda c: int(c["id"]))
+def _in(where: str) -> str:
+    return f" ({where})" if where else ""
+
+
+def _categories_of(coco: dict, path: str, where: str = "") -> List[dict]:
+    cats = coco["categories"]
+    if not isinstance(cats, list) or not cats:
+        raise DataError(f"annotation file {path}: 'categories' is empty or not a list{_in(where)}")
+    try:
+        cats = sorted(cats, key=lambda c: int(c["id"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"annotation file {path}: a category has no integer 'id' "
+                        f"({type(e).__name__}: {e}){_in(where)}") from e
     ids = [int(c["id"]) for c in cats]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: duplicate category ids {ids}")
+        raise DataError(f"annotation file {path}: duplicate category ids {ids}{_in(where)}")
     return [{"id": int(c["id"]), "name": str(c.get("name", c["id"])),
              "supercategory": str(c.get("supercategory", ""))} for c in cats]
 
 
-def parse_coco_split(annotation_file: str, image_root: str) -> ParsedSplit:
+_REQUIRED_KEYS = ("images", "annotations", "categories")
+
+
+def _load_coco_json(path: str, where: str = "") -> Tuple[dict, Tuple[int, int]]:
+    """The parsed json object and the file's (size, mtime_ns); one-line errors naming the file."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            raw = f.read()
+    except FileNotFoundError as e:
+        raise InputFileError(f"annotation file not found: {path}{_in(where)}") from e
+    except OSError as e:
+        raise DataError(f"cannot read annotation file {path}: {e.strerror or e}{_in(where)}") from e
+    if not raw.strip():
+        raise DataError(f"annotation file {path} is empty{_in(where)}")
+    try:
+        coco = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise DataError(f"annotation file {path} is not valid JSON: {e}{_in(where)}") from e
+    if not isinstance(coco, dict):
+        raise DataError(f"annotation file {path} holds a JSON {type(coco).__name__}, not a COCO "
+                        f"object with keys {list(_REQUIRED_KEYS)}{_in(where)}")
+    missing = [k for k in _REQUIRED_KEYS if k not in coco]
+    if missing:
+        raise DataError(f"annotation file {path} lacks the COCO key(s) {missing} (has "
+                        f"{sorted(coco)[:8]}){_in(where)}")
+    for k in ("images", "annotations"):
+        if not isinstance(coco[k], list):
+            raise DataError(f"annotation file {path}: '{k}' is a {type(coco[k]).__name__}, not a "
+                            f"list{_in(where)}")
+    return coco, (int(st.st_size), int(st.st_mtime_ns))
+
+
+def parse_coco_split(annotation_file: str, image_root: str, *, where: str = "") -> ParsedSplit:
     """Reads a COCO instances json into per-image records (images sorted by id, boxes as xyxy,
-    labels contiguous by sorted category id). Clipping / degenerate filtering: finalize_record."""
-    with open(annotation_file, "r") as f:
-        coco = json.load(f)
-    categories = _categories_of(coco, annotation_file)
+    labels contiguous by sorted category id). Clipping / degenerate filtering: finalize_record.
+
+    Malformed files or entries raise :class:`DataError` naming the file (and ``where``, e.g. the
+    dataset and split)."""
+    coco, ann_stat = _load_coco_json(annotation_file, where)
+    categories = _categories_of(coco, annotation_file, where)
     cat_to_label = {c["id"]: i for i, c in enumerate(categories)}
-    images = sorted(coco.get("images", []), key=lambda im: int(im["id"]))
-    by_image: Dict[int, List[dict]] = {int(im["id"]): [] for im in images}
-    if len(by_image) != len(images):
-        raise ValueError(f"{annotation_file}: duplicate image ids")
-    for ann in coco.get("annotations", []):
-        iid = int(ann["image_id"])
-        if iid not in by_image:
-            raise ValueError(f"{annotation_file}: annotation {ann.get('id')} refers to unknown "
-                             f"image_id {iid}")
-        if int(ann["category_id"]) not in cat_to_label:
-            raise ValueError(f"{annotation_file}: annotation {ann.get('id')} has unknown "
-                             f"category_id {ann['category_id']}")
-        by_image[iid].append(ann)
+    entry = "images[?]"
+    try:
+        for i, im in enumerate(coco["images"]):
+            entry = f"images[{i}]"
+            im["id"], im["file_name"]  # noqa: B018 - KeyError names the missing key
+        images = sorted(coco["images"], key=lambda im: int(im["id"]))
+        by_image: Dict[int, List[dict]] = {int(im["id"]): [] for im in images}
+        if len(by_image) != len(images):
+            raise DataError(f"annotation file {annotation_file}: duplicate image ids"
+                            f"{_in(where)}")
+        for i, ann in enumerate(coco["annotations"]):
+            entry = f"annotations[{i}]"
+            iid = int(ann["image_id"])
+            if iid not in by_image:
+                raise DataError(f"annotation file {annotation_file}: annotation {ann.get('id')} "
+                                f"refers to unknown image_id {iid}{_in(where)}")
+            if int(ann["category_id"]) not in cat_to_label:
+                raise DataError(f"annotation file {annotation_file}: annotation {ann.get('id')} "
+                                f"has unknown category_id {ann['category_id']}{_in(where)}")
+            if len(ann["bbox"]) != 4:
+                raise ValueError(f"bbox {ann['bbox']} is not [x, y, w, h]")
+            by_image[iid].append(ann)
+    except DataError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"lacks key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise DataError(f"annotation file {annotation_file}: {entry} {what}{_in(where)}") from e
 
     records = []
     for im in images:
@@ -164,40 +236,51 @@ def parse_coco_split(annotation_file: str, image_root: str) -> ParsedSplit:
             "ann_id": np.array([int(a.get("id", -1)) for a in anns], np.int64),
         })
     stats = dict(num_images=len(images), num_annotations=sum(len(v) for v in by_image.values()))
-    return ParsedSplit(categories=categories, records=records, stats=stats)
+    return ParsedSplit(categories=categories, records=records, stats=stats,
+                       annotation_stat=ann_stat)
 
 
-def _check_files_exist(records: Sequence[dict], annotation_file: str) -> None:
+def _check_files_exist(records: Sequence[dict], annotation_file: str, where: str = "") -> None:
     missing = [r["path"] for r in records if not os.path.isfile(r["path"])]
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ValueError(f"{len(missing)} image file(s) listed in {annotation_file} are missing: "
-                         f"{shown}")
+        raise DataError(f"{len(missing)} image file(s) listed in {annotation_file} are missing: "
+                        f"{shown}{_in(where)}")
 
 
-def _read_and_check_image(rec: dict, full_decode: bool) -> Tuple[bytes, int, int]:
-    """Reads the file bytes; PIL open + verify (and optionally full decode); returns
-    ``(bytes, height, width)`` (EXIF-oriented). Raises ValueError naming the file."""
+def _read_and_check_image(rec: dict, full_decode: bool, annotation_file: str = "",
+                          where: str = "") -> Tuple[bytes, int, int, int, int]:
+    """Reads the file bytes; PIL open + verify and (by default) a full decode; returns
+    ``(bytes, height, width, file_size, file_mtime_ns)`` (height/width EXIF-oriented).
+
+    Raises :class:`DataError` naming the file, the annotation json and ``where``."""
     path = rec["path"]
+    listed = f"listed in {annotation_file}; " if annotation_file else ""
+    context = f" ({listed}{where})" if (listed or where) else ""
     try:
         with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
             data = f.read()
     except OSError as e:
-        raise ValueError(f"cannot read image file {path}: {e}") from e
+        raise DataError(f"cannot read image file {path}: {e.strerror or e}{context}") from e
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.verify()
         with Image.open(io.BytesIO(data)) as img:
             h, w = image_size_after_exif(img)
             if full_decode:
+                # verify() does not decode JPEG data: a truncated file would only fail at the
+                # first training batch, after the compile.
                 img.load()
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"corrupt or unreadable image file {path}: {type(e).__name__}: {e}") from e
+        msg = " ".join(str(e).split())
+        raise DataError(f"corrupt or unreadable image file {path}{context}: "
+                        f"{type(e).__name__}: {msg}") from e
     if rec["height"] is not None and (rec["height"], rec["width"]) != (h, w):
-        raise ValueError(
+        raise DataError(
             f"image file {path} has size {h}x{w} (h x w, after EXIF orientation) but the "
-            f"annotation says {rec['height']}x{rec['width']}")
-    return data, h, w
+            f"annotation says {rec['height']}x{rec['width']}{context}")
+    return data, h, w, int(st.st_size), int(st.st_mtime_ns)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,7 +369,9 @@ class CocoJsonConfig(tfds.core.BuilderConfig):
     """``splits``: ``{split_name: (instances_json, image_root)}``."""
 
     splits: Mapping[str, SplitSpec] = dataclasses.field(default_factory=dict)
-    full_decode_check: bool = False  # also decode every image at build time (slow, thorough)
+    # Decode every image at build time (about 1.5 ms per COCO image): without it a truncated JPEG
+    # passes PIL's verify() and fails only in training.
+    full_decode_check: bool = True
     num_threads: int = 8  # file reading / verification threads
 
 
@@ -335,6 +420,12 @@ class CocoJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             metadata=tfds.core.MetadataDict(),
         )
 
+    def _dataset_label(self) -> str:
+        return f"{self.name}/{self.builder_config.name}"
+
+    def _where(self, split: str) -> str:
+        return f"dataset {self._dataset_label()}, split {split!r}"
+
     def _split_generators(self, dl_manager):
         del dl_manager
         specs = self._split_specs()
@@ -342,47 +433,58 @@ class CocoJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         generators = {}
         self._meta_splits = {}
         for split, (ann_file, image_root) in specs.items():
-            parsed = parse_coco_split(ann_file, image_root)
+            where = self._where(split)
+            parsed = parse_coco_split(ann_file, image_root, where=where)
             if categories is None:
                 categories = parsed.categories
             elif [(c["id"], c["name"]) for c in categories] != \
                     [(c["id"], c["name"]) for c in parsed.categories]:
-                raise ValueError(f"split {split!r}: categories in {ann_file} differ from those of "
-                                 "the other splits")
+                raise DataError(f"split {split!r}: categories in {ann_file} differ from those of "
+                                f"the other splits ({where})")
             if not parsed.records:
-                raise ValueError(f"split {split!r}: {ann_file} has no images")
-            _check_files_exist(parsed.records, ann_file)
+                raise DataError(f"annotation file {ann_file} has no images ({where})")
+            _check_files_exist(parsed.records, ann_file, where)
+            size, mtime_ns = parsed.annotation_stat
             self._meta_splits[split] = dict(annotation_file=os.path.abspath(ann_file),
-                                            image_root=os.path.abspath(image_root))
-            generators[split] = self._generate_examples(parsed.records, split)
+                                            image_root=os.path.abspath(image_root),
+                                            annotation_size=size, annotation_mtime_ns=mtime_ns)
+            generators[split] = self._generate_examples(parsed.records, split,
+                                                        os.path.abspath(ann_file))
         self.info.metadata.update(
             format=FORMAT, bbox_format="xyxy_abs", label_order="sorted_category_id",
             categories=categories, splits=self._meta_splits)
         return generators
 
     def _full_decode_check(self) -> bool:
-        return bool(getattr(self.builder_config, "full_decode_check", False))
+        return bool(getattr(self.builder_config, "full_decode_check", True))
 
-    def _generate_examples(self, records: List[dict], split: str) -> Iterator[Tuple[int, dict]]:
+    def _generate_examples(self, records: List[dict], split: str,
+                           annotation_file: str = "") -> Iterator[Tuple[int, dict]]:
         full = self._full_decode_check()
+        where = self._where(split)
         threads = max(1, int(getattr(self.builder_config, "num_threads", 8)))
         n = len(records)
         # disable_shuffling keeps key order; spread the keys over tfds's 128-bit key space so that
         # its on-disk buckets (> 1 GB splits) each hold a slice of the data.
         key_step = (2 ** 128 - 1) // max(n, 1)
-        cols = {k: [] for k in ("image_id", "height", "width", "num_instances")}
+        cols = {k: [] for k in ("image_id", "height", "width", "num_instances", "file_name",
+                                "file_size", "file_mtime_ns")}
         stats = dict(num_images=n, num_boxes=0, num_crowd=0, num_degenerate_dropped=0,
                      num_empty=0)
 
         def read(rec):
-            return _read_and_check_image(rec, full)
+            return _read_and_check_image(rec, full, annotation_file, where)
 
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        from tqdm import tqdm
+        # tfds' own bars are off by default (cn2_jax.logging_setup); this one is hidden off a tty.
+        bar = tqdm(total=n, desc=f"prepare {split}", unit="img", leave=False, disable=None,
+                   dynamic_ncols=True)
+        with bar, concurrent.futures.ThreadPoolExecutor(threads) as pool:
             chunk = 4 * threads
             for start in range(0, n, chunk):
                 part = records[start:start + chunk]
-                for i, (rec, (data, h, w)) in enumerate(zip(part, pool.map(read, part)),
-                                                        start=start):
+                for i, (rec, (data, h, w, size, mtime_ns)) in enumerate(
+                        zip(part, pool.map(read, part)), start=start):
                     objects, dropped = finalize_record(rec, h, w)
                     n_inst = int((~objects["is_crowd"]).sum())
                     stats["num_boxes"] += len(objects["label"])
@@ -393,6 +495,9 @@ class CocoJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     cols["height"].append(h)
                     cols["width"].append(w)
                     cols["num_instances"].append(n_inst)
+                    cols["file_name"].append(rec["file_name"])
+                    cols["file_size"].append(size)
+                    cols["file_mtime_ns"].append(mtime_ns)
                     yield i * key_step, {
                         "image": data,
                         "image/id": rec["image/id"],
@@ -401,6 +506,7 @@ class CocoJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                         "image/width": w,
                         "objects": objects,
                     }
+                bar.update(len(part))
         logger.info("split %s: %d images, %d boxes (%d crowd), %d without non-crowd boxes; "
                     "dropped %d degenerate boxes", split, stats["num_images"], stats["num_boxes"],
                     stats["num_crowd"], stats["num_empty"], stats["num_degenerate_dropped"])
@@ -408,6 +514,15 @@ class CocoJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             logger.warning("split %s: dropped %d degenerate boxes (w <= 0 or h <= 0 after clipping "
                            "to the image)", split, stats["num_degenerate_dropped"])
         self._meta_splits[split].update(stats, **cols)
+
+    # tfds prints "Downloading and preparing dataset Unknown size (download: Unknown size ...)"
+    # and a "downloaded" line to stdout; nothing is downloaded here, so say what happens instead.
+    def _log_download_bytes(self) -> None:
+        logger.info("preparing dataset %s in %s (reading and decoding every image once)",
+                    self._dataset_label(), self.data_dir)
+
+    def _log_download_done(self) -> None:
+        logger.info("prepared dataset %s in %s", self._dataset_label(), self.data_dir)
 
     def download_and_prepare(self, *args, **kwargs):  # noqa: D102 - same as tfds
         kwargs.setdefault("file_format", "array_record")
@@ -434,7 +549,7 @@ class Coco(CocoJsonBuilder, skip_registration=True):
     BUILDER_CONFIGS = [CocoConfig(name="2017", description="COCO 2017 instances (boxes)")]
 
     def __init__(self, *, coco_root: Optional[str] = None,
-                 splits: Sequence[str] = ("train", "val"), full_decode_check: bool = False,
+                 splits: Sequence[str] = ("train", "val"), full_decode_check: bool = True,
                  **kwargs):
         self._coco_root = coco_root
         self._wanted_splits = tuple(splits)
@@ -444,7 +559,7 @@ class Coco(CocoJsonBuilder, skip_registration=True):
     def _full_decode_check(self) -> bool:
         return self._full_decode
 
-    def _split_specs(self) -> Dict[str, SplitSpec]:
+    def _split_specs(self, check: bool = True) -> Dict[str, SplitSpec]:
         if self._coco_root is None:
             raise ValueError("Coco builder: pass coco_root=<extracted COCO folder> to prepare it")
         year = self.builder_config.year
@@ -455,8 +570,9 @@ class Coco(CocoJsonBuilder, skip_registration=True):
                 raise ValueError(f"unknown COCO split {split!r} (use 'train' and/or 'val')")
             ann = os.path.join(self._coco_root, "annotations", f"instances_{src}{year}.json")
             root = os.path.join(self._coco_root, f"{src}{year}")
-            if not os.path.isfile(ann):
-                raise ValueError(f"COCO annotation file not found: {ann}")
+            if check and not os.path.isfile(ann):
+                raise InputFileError(f"COCO annotation file not found: {ann} "
+                                     f"({self._where(split)})")
             specs[split] = (ann, root)
         return specs
 
@@ -469,45 +585,119 @@ def build_coco_json_dataset(
     splits: Mapping[str, SplitSpec],
     data_dir: str,
     *,
-    full_decode_check: bool = False,
+    full_decode_check: bool = True,
     num_threads: int = 8,
 ) -> CocoJsonBuilder:
-    """Prepares ``<data_dir>/coco_json/<name>/1.0.0`` (if not there yet) and returns the builder.
+    """Prepares ``<data_dir>/coco_json/<name>/1.0.0`` (if not there yet, or rebuilt when its
+    sources changed, see the module docstring) and returns the builder.
 
     ``splits``: ``{'train': (instances_train.json, image_root), 'val': (...)}`` where each image
     path is ``image_root/file_name``.  Read with ``builder.as_data_source(split)``.
     """
-    cfg = CocoJsonConfig(name=name, splits=dict(splits), full_decode_check=full_decode_check,
-                         num_threads=num_threads, version=CocoJsonBuilder.VERSION)
-    builder = CocoJsonBuilder(config=cfg, data_dir=os.fspath(data_dir))
-    builder.download_and_prepare()
-    _warn_if_stale(builder, {k: v[0] for k, v in splits.items()})
-    return builder
-
-
-def _warn_if_stale(builder, wanted: Mapping[str, str]) -> None:
-    """tfds reuses an already prepared folder: say so when it was built from other files."""
-    have = {k: v.get("annotation_file") for k, v in
-            (builder.info.metadata or {}).get("splits", {}).items()}
-    want = {k: os.path.abspath(os.fspath(v)) for k, v in wanted.items()}
-    if have != want:
-        logger.warning("%s already holds a dataset prepared from %s (requested %s); it is reused "
-                       "as is. Delete the folder to rebuild.", builder.data_dir, have, want)
+    def make():
+        cfg = CocoJsonConfig(name=name, splits=dict(splits), full_decode_check=full_decode_check,
+                             num_threads=num_threads, version=CocoJsonBuilder.VERSION)
+        return CocoJsonBuilder(config=cfg, data_dir=os.fspath(data_dir))
+    return _prepare(make, dict(splits), num_threads)
 
 
 def build_coco2017_dataset(coco_root: str, data_dir: str,
                            splits: Sequence[str] = ("train", "val"),
-                           *, full_decode_check: bool = False) -> Coco:
-    """Prepares ``<data_dir>/coco/2017/2.0.0`` from an extracted COCO 2017 tree; returns the
-    builder.
+                           *, full_decode_check: bool = True) -> Coco:
+    """Prepares ``<data_dir>/coco/2017/2.0.0`` from an extracted COCO 2017 tree (if not there
+    yet, or rebuilt when its sources changed); returns the builder.
 
-    The set of splits is fixed when the dataset is first prepared (tfds cannot add a split later).
+    A prepared dataset lacking a requested split is rebuilt with the requested splits only.
     """
-    builder = Coco(coco_root=os.fspath(coco_root), splits=splits, data_dir=os.fspath(data_dir),
-                   config="2017", full_decode_check=full_decode_check)
+    def make():
+        return Coco(coco_root=os.fspath(coco_root), splits=splits, data_dir=os.fspath(data_dir),
+                    config="2017", full_decode_check=full_decode_check)
+    return _prepare(make, lambda b: b._split_specs(check=False), 8)
+
+
+def prepared_data_hint(data_dir) -> str:
+    """What to tell the user when a prepared example cannot be decoded at load time."""
+    return (f"the prepared dataset {os.fspath(data_dir)} holds a bad copy of it: delete that "
+            f"folder to rebuild it from the source files")
+
+
+def _prepare(make_builder, specs, num_threads: int):
+    """Opens (``make_builder()``) and prepares the dataset, first deleting a prepared folder that
+    no longer matches ``specs`` (a dict, or a function of the builder returning one)."""
+    builder = make_builder()
+    if builder.is_prepared():
+        wanted = specs(builder) if callable(specs) else specs
+        reasons = _source_changes(builder, wanted, num_threads)
+        if not reasons:
+            return builder
+        _remove_prepared(builder, reasons)
+        builder = make_builder()
     builder.download_and_prepare()
-    _warn_if_stale(builder, {k: v[0] for k, v in builder._split_specs().items()})
     return builder
+
+
+def _file_stat(path: str) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+def _source_changes(builder, wanted: Mapping[str, SplitSpec], num_threads: int) -> List[str]:
+    """Why the prepared folder of ``builder`` does not match ``wanted`` ([] when it does)."""
+    have = dict((builder.info.metadata or {}).get("splits", {}) or {})
+    reasons = []
+    for split, (ann, root) in wanted.items():
+        meta = have.get(split)
+        ann, root = os.path.abspath(os.fspath(ann)), os.path.abspath(os.fspath(root))
+        if meta is None:
+            reasons.append(f"it has no split {split!r}")
+            continue
+        if (meta.get("annotation_file"), meta.get("image_root")) != (ann, root):
+            reasons.append(f"split {split!r} was prepared from {meta.get('annotation_file')} "
+                           f"(images in {meta.get('image_root')}), not {ann} (images in {root})")
+            continue
+        ann_stat = _file_stat(ann)
+        if ann_stat is None:
+            logger.warning("%s is gone; using the prepared split %r in %s as is", ann, split,
+                           builder.data_dir)
+            continue
+        if "file_size" not in meta:
+            reasons.append(f"split {split!r} was prepared by an older version without a record "
+                           f"of its source files")
+            continue
+        if ann_stat != (meta.get("annotation_size"), meta.get("annotation_mtime_ns")):
+            reasons.append(f"{ann} changed since split {split!r} was prepared")
+            continue
+        names = list(meta["file_name"])
+        with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+            stats = list(pool.map(_file_stat, [os.path.join(root, f) for f in names],
+))
+        changed, missing = [], 0
+        for f, size, mtime, st in zip(names, meta["file_size"], meta["file_mtime_ns"], stats):
+            if st is None:
+                missing += 1
+            elif st != (size, mtime):
+                changed.append(f)
+        if changed:
+            shown = ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
+            reasons.append(f"{len(changed)} image file(s) of split {split!r} changed ({shown})")
+        elif missing:
+            logger.warning("%d source image(s) of split %r are gone; using the prepared copies "
+                           "in %s", missing, split, builder.data_dir)
+    return reasons
+
+
+def _remove_prepared(builder, reasons: Sequence[str]) -> None:
+    path = os.fspath(builder.data_dir)
+    meta = builder.info.metadata or {}
+    # Only ever delete a folder this module wrote.
+    if meta.get("format") != FORMAT or not os.path.isfile(os.path.join(path, "dataset_info.json")):
+        raise DataError(f"{path} does not match its sources ({'; '.join(reasons)}) and was not "
+                        f"written by cn2_jax: delete it to rebuild the dataset")
+    logger.warning("rebuilding the prepared dataset %s: %s", path, "; ".join(reasons))
+    shutil.rmtree(path)
 
 
 def load_builder(data_dir: str, name: str, version: Optional[str] = None):

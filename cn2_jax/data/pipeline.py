@@ -15,11 +15,17 @@ Every batch (train and eval) has exactly these keys::
 Padding examples of the last eval batch are all-zero images with ``batch_mask=False``,
 ``image_id=-1`` and ``image_hw = orig_hw = pad_hw`` (never 0, so ratios stay finite).
 
-Determinism: the train stream is a pure function of ``(seed, step)``.  Global example position
-``g = (step * process_count + process_index) * batch_size + j`` maps to epoch ``g // n`` and to
-position ``g % n`` of that epoch's permutation (``default_rng([seed, 0, epoch])``); its augmentation
-uses ``default_rng([seed, 1, g])``.  So ``start_step=N`` reproduces an uninterrupted run from step N
-for any ``num_workers``.
+Determinism: the train stream is a pure function of ``(seed, step)``.  ``step`` selects a global
+batch of ``batch_size * process_count`` examples (aspect-grouped epochs: ``_GroupedSchedule``; or
+plain epochs of ``default_rng([seed, 0, epoch])`` permutations: ``_RandomSchedule``); process ``p``
+takes slots ``[p * batch_size, (p + 1) * batch_size)``.  Slot ``j`` has the global example
+position ``g = step * batch_size * process_count + j``, and its augmentation uses
+``default_rng([seed, 1, g])``; the per-batch short side uses ``default_rng([seed, 3, step])``.
+So ``start_step=N`` reproduces an uninterrupted run from step N for any ``num_workers``.
+
+Padded shapes (``buckets.py``): training batches go to a bucket per short side and aspect group
+(or one fixed ``pad_hw``); eval batches hold images of one official canvas (resized size rounded
+up to 32), so the model sees exactly the official padding.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from cn2_jax.data import buckets
 from cn2_jax.data import transforms as T
 
 logger = logging.getLogger(__name__)
@@ -43,6 +50,8 @@ BATCH_KEYS = ("image", "image_hw", "gt_boxes", "gt_classes", "gt_valid", "gt_cro
 
 _PERM_STREAM = 0
 _AUG_STREAM = 1
+_BATCH_ORDER_STREAM = 2
+_SCALE_STREAM = 3
 
 __all__ = [
     "DetectionInfo",
@@ -53,6 +62,7 @@ __all__ = [
     "make_eval_loader",
     "default_pad_hw",
     "num_eval_batches",
+    "eval_plan",
     "BATCH_KEYS",
     "DEFAULT_TRAIN_SHORT_SIZES",
 ]
@@ -119,10 +129,12 @@ class DetectionSplit:
     """
 
     def __init__(self, source, *, info: Optional[DetectionInfo] = None, image_id=None,
-                 height=None, width=None, num_instances=None, name: str = ""):
+                 height=None, width=None, num_instances=None, name: str = "",
+                 data_dir: str = ""):
         self.source = source
         self.info = info
         self.name = name
+        self.data_dir = data_dir  # the prepared dataset folder, named in load-time decode errors
         n = len(source)
 
         def arr(x):
@@ -154,7 +166,7 @@ def open_split(builder, split: str) -> DetectionSplit:
     return DetectionSplit(source, info=DetectionInfo.from_metadata(meta),
                           image_id=smeta.get("image_id"), height=smeta.get("height"),
                           width=smeta.get("width"), num_instances=smeta.get("num_instances"),
-                          name=split)
+                          name=split, data_dir=os.fspath(getattr(builder, "data_dir", "") or ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,10 +197,18 @@ def _to_str(x) -> str:
     return str(x)
 
 
-def _load(rec: Mapping[str, Any]):
+def _load(rec: Mapping[str, Any], data_dir: str = ""):
     """Decodes one source record -> (image, boxes, classes, crowd, image_id, name)."""
     name = _to_str(rec.get("image/filename", ""))
-    image = T.decode_image(rec["image"], name=name or None)
+    try:
+        image = T.decode_image(rec["image"], name=name or None)
+    except ValueError as e:
+        if not data_dir:
+            raise
+        # The bytes were decoded once at preparation: the stored copy is what is broken.
+        from cn2_jax.data.builder import prepared_data_hint
+        from cn2_jax.errors import DataError
+        raise DataError(f"{e}; {prepared_data_hint(data_dir)}") from e
     obj = rec["objects"]
     boxes = np.asarray(obj["bbox"], np.float32).reshape(-1, 4)
     classes = np.asarray(obj["label"], np.int64).reshape(-1)
@@ -261,23 +281,14 @@ def _check_pad_hw(pad_hw, size_divisibility: int, *, split: Optional[DetectionSp
     return ph, pw
 
 
-class _TrainBatcher:
-    """step -> batch (picklable; runs in grain worker processes)."""
+class _RandomSchedule:
+    """No grouping: global example position ``g`` -> epoch ``g // n``, position ``g % n`` of that
+    epoch's permutation (``default_rng([seed, 0, epoch])``)."""
 
-    def __init__(self, source, order: np.ndarray, *, batch_size, short_sizes, max_size, pad_hw,
-                 max_boxes, seed, hflip_prob, lsj, process_index, process_count):
-        self.source = source
+    def __init__(self, order: np.ndarray, global_batch: int, seed: int):
         self.order = order  # source indices of the examples used for training
-        self.batch_size = batch_size
-        self.short_sizes = short_sizes
-        self.max_size = max_size
-        self.pad_hw = pad_hw
-        self.max_boxes = max_boxes
+        self.global_batch = global_batch
         self.seed = seed
-        self.hflip_prob = hflip_prob
-        self.lsj = lsj
-        self.process_index = process_index
-        self.process_count = process_count
         self._perms: Dict[int, np.ndarray] = {}
 
     def __getstate__(self):
@@ -294,13 +305,122 @@ class _TrainBatcher:
             self._perms[epoch] = p
         return p
 
-    def source_index(self, g: int) -> int:
+    def indices(self, step: int) -> np.ndarray:
+        """Source indices of the ``global_batch`` examples of ``step``."""
         n = len(self.order)
-        return int(self.order[self._perm(g // n)[g % n]])
+        g0 = int(step) * self.global_batch
+        return np.array([self.order[self._perm((g0 + j) // n)[(g0 + j) % n]]
+                         for j in range(self.global_batch)], np.int64)
 
-    def example(self, g: int):
-        rec = self.source[self.source_index(g)]
-        image, boxes, classes, crowd, image_id, name = _load(rec)
+
+class _GroupedSchedule:
+    """Aspect-ratio grouping (detectron2 ``ASPECT_RATIO_GROUPING``), as a pure function of step.
+
+    Epoch ``e``: the training examples are permuted (``default_rng([seed, 0, e])``), split by
+    aspect group keeping that order, and each group is cut into full global batches; the
+    remainders of all groups (in permutation order) form mixed batches, and what is left after
+    those (< one batch) is skipped this epoch. The epoch's batches are then shuffled
+    (``default_rng([seed, 2, e])``). Group sizes are fixed, so every epoch has the same number of
+    steps and ``step -> batch`` needs no history (exact resume, any number of workers).
+    """
+
+    def __init__(self, order: np.ndarray, groups: np.ndarray, global_batch: int, seed: int):
+        self.order = order
+        self.groups = np.asarray(groups, np.int64)  # group of each entry of ``order``
+        self.global_batch = global_batch
+        self.seed = seed
+        counts = np.bincount(self.groups) if len(self.groups) else np.zeros(0, np.int64)
+        self.steps_per_epoch = int((counts // global_batch).sum()
+                                   + (counts % global_batch).sum() // global_batch)
+        self._epochs: Dict[int, np.ndarray] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_epochs"] = {}
+        return state
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        """``[steps_per_epoch, global_batch]`` positions into ``order``."""
+        b = self._epochs.get(epoch)
+        if b is not None:
+            return b
+        gb = self.global_batch
+        perm = np.random.default_rng([self.seed, _PERM_STREAM, epoch]).permutation(len(self.order))
+        grp = self.groups[perm]
+        full, rest = [], np.zeros(len(perm), bool)
+        for g in np.unique(grp):
+            where = np.nonzero(grp == g)[0]          # positions in perm, in perm order
+            k = len(where) // gb
+            if k:
+                full.append(perm[where[:k * gb]].reshape(k, gb))
+            rest[where[k * gb:]] = True
+        left = perm[rest]
+        m = len(left) // gb
+        if m:
+            full.append(left[:m * gb].reshape(m, gb))
+        b = np.concatenate(full, axis=0)
+        b = b[np.random.default_rng([self.seed, _BATCH_ORDER_STREAM, epoch]).permutation(len(b))]
+        if len(self._epochs) >= 2:
+            self._epochs.pop(min(self._epochs))
+        self._epochs[epoch] = b
+        return b
+
+    def indices(self, step: int) -> np.ndarray:
+        e, j = divmod(int(step), self.steps_per_epoch)
+        return self.order[self._epoch(e)[j]]
+
+
+class _TrainBatcher:
+    """step -> this process's slice of the global batch (picklable; runs in grain workers).
+
+    The canvas of a step is ``pad_hw`` when fixed, else the bucket (``buckets.train_buckets``) of
+    the global batch's aspect group and largest short side, so every process and device of a step
+    gets the same shape.
+    """
+
+    def __init__(self, source, schedule, *, batch_size, short_sizes, max_size, pad_hw, buckets,
+                 sizes, groups, max_boxes, seed, hflip_prob, lsj, scale_per_batch,
+                 process_index, process_count, data_dir=""):
+        self.source = source
+        self.data_dir = data_dir
+        self.schedule = schedule
+        self.batch_size = batch_size
+        self.short_sizes = short_sizes
+        self.max_size = max_size
+        self.pad_hw = pad_hw          # fixed canvas, or None for buckets
+        self.buckets = buckets        # {(short, group): (H, W)} when pad_hw is None
+        self.sizes = sizes            # [n_source, 2] original (h, w), or None
+        self.groups = groups          # [n_source] aspect group, or None
+        self.max_boxes = max_boxes
+        self.seed = seed
+        self.hflip_prob = hflip_prob
+        self.lsj = lsj
+        self.scale_per_batch = scale_per_batch
+        self.process_index = process_index
+        self.process_count = process_count
+
+    def short_sides(self, step: int) -> np.ndarray:
+        """The short side of every example of the global batch of ``step``."""
+        gb = self.batch_size * self.process_count
+        if isinstance(self.short_sizes, (int, np.integer)) or len(self.short_sizes) == 1:
+            return np.full(gb, int(np.ravel(self.short_sizes)[0]), np.int64)
+        if self.scale_per_batch:
+            rng = np.random.default_rng([self.seed, _SCALE_STREAM, int(step)])
+            return np.full(gb, T.sample_short_size(self.short_sizes, rng), np.int64)
+        g0 = int(step) * gb
+        return np.array([T.sample_short_size(self.short_sizes,
+                                             np.random.default_rng([self.seed, _AUG_STREAM, g0 + j]))
+                         for j in range(gb)], np.int64)
+
+    def canvas(self, step: int, idx: np.ndarray, short: np.ndarray) -> Tuple[int, int]:
+        if self.pad_hw is not None:
+            return self.pad_hw
+        g = np.unique(self.groups[idx])
+        return self.buckets[(int(short.max()), int(g[0]) if len(g) == 1 else -1)]
+
+    def example(self, src: int, g: int, short: int):
+        image, boxes, classes, crowd, image_id, name = _load(self.source[int(src)],
+                                                             self.data_dir)
         orig_hw = image.shape[:2]
         rng = np.random.default_rng([self.seed, _AUG_STREAM, g])
         if self.lsj is not None:
@@ -309,45 +429,55 @@ class _TrainBatcher:
                                                    self.lsj.scale_range, rng)
             classes, crowd = classes[keep], crowd[keep]
         else:
-            image, boxes = T.resize_shortest_edge(image, boxes, self.short_sizes, self.max_size,
-                                                  rng)
+            if not self.scale_per_batch:
+                T.sample_short_size(self.short_sizes, rng)  # same draw as short_sides(): keep rng in step
+            image, boxes = T.resize_shortest_edge(image, boxes, int(short), self.max_size)
             image, boxes = T.random_hflip(image, boxes, rng, self.hflip_prob)
+            # detectron2 annotations_to_instances: clip to the image, drop empty boxes
+            boxes = T.clip_boxes(boxes, *image.shape[:2])
+            keep = np.nonzero(T.nonempty_boxes(boxes))[0]
+            boxes, classes, crowd = boxes[keep], classes[keep], crowd[keep]
         return image, boxes, classes, crowd, image_id, orig_hw, name
 
     def __call__(self, step: int) -> Dict[str, np.ndarray]:
         b = self.batch_size
-        batch = _empty_batch(b, self.pad_hw, self.max_boxes)
-        first = (int(step) * self.process_count + self.process_index) * b
+        idx = self.schedule.indices(step)
+        short = self.short_sides(step)
+        canvas = self.canvas(step, idx, short)
+        batch = _empty_batch(b, canvas, self.max_boxes)
+        first = self.process_index * b
         for j in range(b):
-            image, boxes, classes, crowd, image_id, orig_hw, name = self.example(first + j)
+            k = first + j
+            g = int(step) * b * self.process_count + k
+            image, boxes, classes, crowd, image_id, orig_hw, name = self.example(idx[k], g, short[k])
             _put(batch, j, image, boxes, classes, crowd, image_id, orig_hw, self.max_boxes, name)
         return batch
 
 
 class _EvalBatcher:
-    """local batch index -> batch (picklable)."""
+    """local batch index -> batch (picklable). ``plan[k] = (canvas, [global_batch] source
+    indices, -1 = padding example)``; this process takes its slice of global batch ``k``."""
 
-    def __init__(self, source, *, batch_size, short_size, max_size, pad_hw, max_boxes,
-                 process_index, process_count):
+    def __init__(self, source, plan, *, batch_size, short_size, max_size, max_boxes,
+                 process_index, data_dir=""):
         self.source = source
+        self.data_dir = data_dir
+        self.plan = plan
         self.batch_size = batch_size
         self.short_size = short_size
         self.max_size = max_size
-        self.pad_hw = pad_hw
         self.max_boxes = max_boxes
         self.process_index = process_index
-        self.process_count = process_count
 
     def __call__(self, k: int) -> Dict[str, np.ndarray]:
         b = self.batch_size
-        n = len(self.source)
-        batch = _empty_batch(b, self.pad_hw, self.max_boxes)
-        first = (int(k) * self.process_count + self.process_index) * b
-        for j in range(b):
-            i = first + j
-            if i >= n:
-                break
-            image, boxes, classes, crowd, image_id, name = _load(self.source[i])
+        canvas, idx = self.plan[int(k)]
+        batch = _empty_batch(b, canvas, self.max_boxes)
+        for j, i in enumerate(idx[self.process_index * b:(self.process_index + 1) * b]):
+            if i < 0:
+                continue
+            image, boxes, classes, crowd, image_id, name = _load(self.source[int(i)],
+                                                                 self.data_dir)
             orig_hw = image.shape[:2]
             image, boxes = T.resize_shortest_edge(image, boxes, self.short_size, self.max_size)
             _put(batch, j, image, boxes, classes, crowd, image_id, orig_hw, self.max_boxes, name)
@@ -385,6 +515,12 @@ def _as_split(source) -> DetectionSplit:
 # ----------------------------------------------------------------------------------------------
 # Public loaders
 # ----------------------------------------------------------------------------------------------
+def _split_sizes(split: DetectionSplit) -> Optional[np.ndarray]:
+    if split.height is None or split.width is None:
+        return None
+    return np.stack([split.height, split.width], axis=1)
+
+
 def make_train_loader(
     source,
     *,
@@ -404,19 +540,29 @@ def make_train_loader(
     num_threads: int = 1,
     prefetch: int = 2,
     size_divisibility: int = 32,
+    aspect_grouping: bool = True,
+    aspect_ratios: Tuple[float, ...] = buckets.DEFAULT_ASPECT_RATIOS,
+    scale_per_batch: bool = True,
 ) -> Iterator[Dict[str, np.ndarray]]:
     """Infinite iterator of training batches (numpy, batch contract in the module docstring).
 
     ``source``: a :class:`DetectionSplit` (``open_split(builder, 'train')``) or any random-access
     sequence of builder-format example dicts.  Resize: detectron2 ``ResizeShortestEdge`` with the
     short side sampled from ``short_sizes`` (tuple = choice, ``range(a, b + 1)`` = d2's 'range'
-    style), long side <= ``max_size``, then horizontal flip with ``hflip_prob``.  With ``lsj``
+    style), long side <= ``max_size``, then horizontal flip with ``hflip_prob``; boxes are clipped
+    to the image and empty ones dropped (detectron2 ``annotations_to_instances``).
+    ``scale_per_batch`` draws one short side per global batch (every image still gets each size
+    with equal probability) instead of one per image, so a batch fits a small bucket.
+
+    Padding: ``pad_hw`` fixes one canvas for every batch. ``pad_hw=None`` (default) pads each
+    batch to its bucket (``buckets.train_buckets``: per short side and aspect group, rounded up
+    to ``size_divisibility``), with ``aspect_grouping`` batching images of one group together (see
+    ``_GroupedSchedule``); that needs the per-example sizes of the build metadata. With ``lsj``
     (:class:`LSJ` or dict) the resize is replaced by flip + random resize-and-crop to
-    ``lsj.output_size`` instead.  ``pad_hw`` defaults to ``max_size`` (or the LSJ size) rounded up
-    to ``size_divisibility``, square.  ``filter_empty`` drops images without non-crowd boxes
-    (detectron2 FILTER_EMPTY_ANNOTATIONS).  ``num_workers=0`` runs in-process; > 0 uses grain worker
-    processes (``num_threads`` threads and ``prefetch`` batches each).  ``process_index/count``
-    split every global batch of ``batch_size * process_count`` between hosts.
+    ``lsj.output_size`` on one square canvas.  ``filter_empty`` drops images without non-crowd
+    boxes (detectron2 FILTER_EMPTY_ANNOTATIONS).  ``num_workers=0`` runs in-process; > 0 uses grain
+    worker processes.  ``process_index/count`` split every global batch of ``batch_size *
+    process_count`` between hosts; all of them use the same canvas at every step.
     """
     split = _as_split(source)
     lsj = _as_lsj(lsj)
@@ -426,12 +572,18 @@ def make_train_loader(
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if isinstance(short_sizes, (int, np.integer)):
         short_sizes = (int(short_sizes),)
+    short_sizes = tuple(int(v) for v in short_sizes)
     short_max = int(max(short_sizes))
-    if pad_hw is None:
+    sizes = _split_sizes(split)
+    if pad_hw is None and (lsj is not None or sizes is None):
+        if lsj is None:
+            logger.warning("no per-example image sizes in the metadata: padding every batch to "
+                           "one %s canvas", default_pad_hw(max_size, size_divisibility))
         pad_hw = default_pad_hw(lsj.output_size if lsj is not None else max_size,
                                 size_divisibility)
-    pad_hw = _check_pad_hw(pad_hw, size_divisibility, split=split, short_max=short_max,
-                           max_size=max_size, lsj=lsj)
+    if pad_hw is not None:
+        pad_hw = _check_pad_hw(pad_hw, size_divisibility, split=split, short_max=short_max,
+                               max_size=max_size, lsj=lsj)
 
     n = len(split)
     if filter_empty:
@@ -449,11 +601,70 @@ def make_train_loader(
         order = np.arange(n)
     if order.size == 0:
         raise ValueError("no training examples left (all images are empty?)")
-    batcher = _TrainBatcher(split.source, order, batch_size=batch_size, short_sizes=short_sizes,
-                            max_size=max_size, pad_hw=pad_hw, max_boxes=max_boxes, seed=seed,
-                            hflip_prob=hflip_prob, lsj=lsj, process_index=process_index,
-                            process_count=process_count)
+    global_batch = batch_size * process_count
+    groups = None if sizes is None else buckets.aspect_group(sizes[:, 0], sizes[:, 1],
+                                                             aspect_ratios)
+    schedule = None
+    if aspect_grouping and groups is not None and lsj is None:
+        schedule = _GroupedSchedule(order, groups[order], global_batch, seed)
+        if schedule.steps_per_epoch == 0:
+            logger.warning("aspect grouping: %d images < one global batch of %d; not grouping",
+                           order.size, global_batch)
+            schedule = None
+    if schedule is None:
+        schedule = _RandomSchedule(order, global_batch, seed)
+    table = None
+    if pad_hw is None:
+        table = buckets.train_buckets(short_sizes, max_size, aspect_ratios, size_divisibility)
+        logger.info("train buckets: %d shapes (one compiled program each): %s",
+                    len(buckets.bucket_shapes(table)), buckets.bucket_shapes(table))
+    batcher = _TrainBatcher(split.source, schedule, batch_size=batch_size, short_sizes=short_sizes,
+                            max_size=max_size, pad_hw=pad_hw, buckets=table, sizes=sizes,
+                            groups=groups, max_boxes=max_boxes, seed=seed, hflip_prob=hflip_prob,
+                            lsj=lsj, scale_per_batch=scale_per_batch,
+                            process_index=process_index, process_count=process_count,
+                            data_dir=split.data_dir)
     return _run(batcher, int(start_step), sys.maxsize // 4, num_workers, num_threads, prefetch)
+
+
+def eval_plan(source, *, batch_size: int, short_size: int = 800, max_size: int = 1333,
+              pad_hw: Optional[Tuple[int, int]] = None, process_count: int = 1,
+              size_divisibility: int = 32) -> list:
+    """``[(canvas, source indices [batch_size * process_count], -1 = padding)]``: the global
+    eval batches. With ``pad_hw=None`` every image is padded as the official test code pads it
+    (``buckets.official_pad_hw`` of its resized size) and batches hold images of one canvas, in
+    source order within a canvas, canvases in order of first appearance."""
+    split = _as_split(source)
+    n = len(split)
+    gb = batch_size * process_count
+    sizes = _split_sizes(split)
+    if pad_hw is None and sizes is None:
+        logger.warning("no per-example image sizes in the metadata: evaluating on one %s canvas "
+                       "(results can differ slightly from the official per-image padding)",
+                       default_pad_hw(max_size, size_divisibility))
+        pad_hw = default_pad_hw(max_size, size_divisibility)
+    if pad_hw is not None:
+        pad_hw = _check_pad_hw(pad_hw, size_divisibility, split=split, short_max=int(short_size),
+                               max_size=max_size, lsj=None)
+        keys = [pad_hw] * n
+    else:
+        nh, nw = T.resize_shortest_edge_shape_np(sizes[:, 0], sizes[:, 1], short_size, max_size)
+        keys = [buckets.official_pad_hw(int(h), int(w), size_divisibility)
+                for h, w in zip(nh, nw)]
+    by_canvas: Dict[Tuple[int, int], list] = {}
+    for i, k in enumerate(keys):
+        by_canvas.setdefault(tuple(k), []).append(i)
+    plan = []
+    for canvas, idx in by_canvas.items():
+        for s in range(0, len(idx), gb):
+            chunk = np.full(gb, -1, np.int64)
+            part = idx[s:s + gb]
+            chunk[:len(part)] = part
+            plan.append((canvas, chunk))
+    if not plan:  # empty split: one fully masked batch keeps every process in step
+        plan.append((pad_hw or default_pad_hw(max_size, size_divisibility),
+                     np.full(gb, -1, np.int64)))
+    return plan
 
 
 def make_eval_loader(
@@ -471,26 +682,23 @@ def make_eval_loader(
     prefetch: int = 2,
     size_divisibility: int = 32,
 ) -> Iterator[Dict[str, np.ndarray]]:
-    """Iterator over every example exactly once, in source order (test-time resize
-    ``short_size``/``max_size``, no flip).  The last batch is padded with ``batch_mask=False``.
-
-    With several processes, global batch ``k`` goes to process ``k % process_count``; every
-    process yields the same number of batches (extra ones fully masked).
+    """Iterator over every example exactly once (test-time resize ``short_size``/``max_size``,
+    no flip), batched by :func:`eval_plan`: by default each image on its official canvas (its
+    resized size rounded up to ``size_divisibility``), else on the fixed ``pad_hw``. Batches not
+    filled are padded with ``batch_mask=False``. ``batch_size`` is per process; global batch
+    ``k`` is split between the processes, so all of them yield the same number of batches with
+    the same canvas at every step.
     """
     split = _as_split(source)
-    if pad_hw is None:
-        pad_hw = default_pad_hw(max_size, size_divisibility)
-    pad_hw = _check_pad_hw(pad_hw, size_divisibility, split=split, short_max=int(short_size),
-                           max_size=max_size, lsj=None)
-    n = len(split)
-    num_global = -(-n // batch_size)
-    num_local = -(-num_global // process_count)
-    batcher = _EvalBatcher(split.source, batch_size=batch_size, short_size=int(short_size),
-                           max_size=max_size, pad_hw=pad_hw, max_boxes=max_boxes,
-                           process_index=process_index, process_count=process_count)
-    return _run(batcher, 0, num_local, num_workers, num_threads, prefetch)
+    plan = eval_plan(split, batch_size=batch_size, short_size=short_size, max_size=max_size,
+                     pad_hw=pad_hw, process_count=process_count,
+                     size_divisibility=size_divisibility)
+    batcher = _EvalBatcher(split.source, plan, batch_size=batch_size, short_size=int(short_size),
+                           max_size=max_size, max_boxes=max_boxes, process_index=process_index,
+                           data_dir=split.data_dir)
+    return _run(batcher, 0, len(plan), num_workers, num_threads, prefetch)
 
 
-def num_eval_batches(source, batch_size: int, process_count: int = 1) -> int:
-    """Number of batches :func:`make_eval_loader` yields per process."""
-    return -(-(-(-len(source) // batch_size)) // process_count)
+def num_eval_batches(source, batch_size: int, process_count: int = 1, **plan_kw) -> int:
+    """Number of batches :func:`make_eval_loader` yields per process (same keyword arguments)."""
+    return len(eval_plan(source, batch_size=batch_size, process_count=process_count, **plan_kw))

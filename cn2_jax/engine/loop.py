@@ -1,4 +1,5 @@
-"""Training loop: restore-or-init, jitted data-parallel steps, logging, checkpoints, NaN guard.
+"""Training loop: restore-or-init, jitted data-parallel steps, logging, checkpoints, NaN and
+divergence guards.
 
 Model and data are built by the caller (main.py) and passed in:
 
@@ -8,8 +9,10 @@ Model and data are built by the caller (main.py) and passed in:
                        frozen_prefixes=optim.resnet_frozen_prefixes(2))
 
 * `config.optim` (or `config.solver`): optimizer / schedule fields (`optim.default_solver_config()`);
-  `config.train`: loop fields (`default_train_config()`; missing fields take those defaults, other
-  fields such as `batch_size` are ignored here); `config.seed` (if present) overrides `train.seed`.
+  `config.train`: loop fields (`default_train_config()`; missing fields take those defaults);
+  `config.seed` (if present) overrides `train.seed`. `train.batch_size` (the global batch), when
+  present, scales the LR by `batch_size / optim.reference_batch_size` (`optim.effective_base_lr`;
+  logged at start as e.g. "lr 0.02 × batch 4/16 = 0.005").
 * `init_variables_fn(rng) -> {'params', 'frozen'}`: pure (jit / eval_shape-able), e.g.
   `cn2_jax.modeling.detector.init_fn(model)`.
 * `load_pretrained_fn(variables) -> variables` (optional, host side): applied only on a fresh start
@@ -30,9 +33,23 @@ dispatched, so the device queue never drains; they are fetched immediately only 
 before any later checkpoint is written: a non-finite value raises `NonFiniteLossError` naming the
 iteration and the offending terms, after waiting for pending (good) saves, so the newest checkpoint
 on disk is always from a finite state.
+
+Divergence guard (`DivergenceGuard`, `train.divergence_*`): a run whose loss explodes without ever
+becoming NaN (issue 9: 2 -> 2e6 in 100 steps at too high an LR) is stopped too. Once
+`divergence_min_steps` iterations have been seen, an iteration is *suspect* when its total loss or
+gradient norm exceeds `divergence_factor` x its running median over the previous
+`divergence_window` iterations; `divergence_patience` suspect iterations in a row raise
+`DivergenceError` naming the iteration, the loss terms that exceed their own running median by the
+factor, the LR and the last good checkpoint. Checkpoints due while the current iteration is suspect
+are deferred to the next non-suspect iteration (and skipped at the end of the run), so no
+checkpoint is ever written from a state the guard is unsure about. The check runs on the same
+one-iteration-late host values as the NaN guard (no extra host sync, except that a deferred save
+fetches every iteration until it is written). `divergence_factor = 0` disables it. The guard's
+history starts empty on resume.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -60,6 +77,10 @@ def default_train_config() -> ml_collections.ConfigDict:
       eval_every=0,            # 0: never call eval_fn during training
       check_vma=False,         # see step.py docstring
       progress_bar=True,
+      divergence_factor=20.0,  # loss / grad norm > factor x running median = suspect; 0 disables
+      divergence_window=100,   # running-median window (iterations)
+      divergence_patience=5,   # suspect iterations in a row that stop training
+      divergence_min_steps=20,  # iterations seen before the guard can flag anything
   ))
 
 
@@ -78,6 +99,104 @@ class NonFiniteLossError(FloatingPointError):
         f"Non-finite loss at iteration {iteration} (0-based loader batch {iteration}; update "
         f"state.step {iteration} -> {iteration + 1}): {bad}. Training stopped; no checkpoint was "
         f"written from this state; {where}.")
+
+
+class DivergenceError(FloatingPointError):
+  """Raised when the loss or gradient norm explodes (finite) for several iterations in a row."""
+
+  def __init__(self, iteration: int, report: Mapping[str, Any], last_checkpoint: Optional[int],
+               directory: str, lr: Optional[float], lr_note: str):
+    self.iteration = iteration
+    self.report = dict(report)
+    self.terms = dict(report["terms"])      # exploding loss terms: name -> (value, median)
+    self.last_checkpoint = last_checkpoint
+    self.lr = lr
+    f = report["factor"]
+    watched = ", ".join(f"{k}={v:.4g} (median {med:.4g})"
+                        for k, (v, med) in report["watched"].items())
+    if self.terms:
+      terms = ", ".join(f"{k}={v:.4g} (median {med:.4g})" for k, (v, med) in self.terms.items())
+    else:
+      terms = f"none (no single loss term exceeds {f:g}x its median)"
+    where = (f"the last good checkpoint is step {last_checkpoint} in {directory}"
+             if last_checkpoint is not None else f"no checkpoint exists in {directory}")
+    lr_txt = f"{lr:.4g}" if lr is not None and math.isfinite(lr) else "unknown"
+    rerun = (f"rerun to resume from step {last_checkpoint}" if last_checkpoint is not None
+             else "rerun (from scratch)")
+    super().__init__(
+        f"Training diverged at iteration {iteration} (update state.step {iteration} -> "
+        f"{iteration + 1}): for {report['patience']} iterations in a row (since iteration "
+        f"{report['first']}) the total loss or gradient norm exceeded {f:g}x its running median "
+        f"over the last {report['window']} iterations: {watched}. Exploding loss terms: {terms}. "
+        f"Training stopped; no checkpoint was written from the diverged state; {where}. "
+        f"The learning rate at this iteration was {lr_txt} ({lr_note}): lower optim.base_lr, "
+        f"check optim.reference_batch_size or lengthen optim.warmup_iters, then {rerun} "
+        f"(train.divergence_factor=0 disables this check).")
+
+
+class DivergenceGuard:
+  """Running-median explosion detector over the host metrics of consecutive iterations.
+
+  `update(iteration, metrics)` returns None, or (after `patience` suspect iterations in a row) a
+  report dict for `DivergenceError`. `suspect` tells whether the last iteration seen was suspect.
+  Watched: `total_loss` and `grad_norm`; every other loss term is tracked only to name the
+  exploding ones. Values are compared with the median of the *previous* `window` values, so the
+  exploding value itself never raises its own threshold; exploding values do enter the history,
+  but `patience` of them cannot move a median over `min_steps` or more values far.
+  """
+  WATCHED = ("total_loss", "grad_norm")
+
+  def __init__(self, factor: float = 20.0, window: int = 100, patience: int = 5,
+               min_steps: int = 20):
+    self.factor = float(factor)
+    self.window = int(window)
+    self.patience = max(int(patience), 1)
+    self.min_steps = max(int(min_steps), 1)
+    if self.factor < 0 or (self.factor and self.factor <= 1):
+      raise ValueError(f"train.divergence_factor must be 0 (off) or > 1, got {factor}")
+    if self.enabled and self.window < self.min_steps:
+      raise ValueError(f"train.divergence_window={window} must be >= divergence_min_steps="
+                       f"{min_steps}")
+    self._hist: dict[str, collections.deque] = {}
+    self.streak = 0
+    self._first = None
+
+  @property
+  def enabled(self) -> bool:
+    return self.factor > 0
+
+  @property
+  def suspect(self) -> bool:
+    return self.streak > 0
+
+  def _median(self, k: str) -> Optional[float]:
+    h = self._hist.get(k)
+    return float(np.median(h)) if h is not None and len(h) >= self.min_steps else None
+
+  def update(self, iteration: int, metrics: Mapping[str, float]) -> Optional[dict]:
+    if not self.enabled:
+      return None
+    keys = [k for k in metrics if k in self.WATCHED or _is_loss_term(k)]
+    med = {k: self._median(k) for k in keys}
+    watched = {k: (float(metrics[k]), med[k]) for k in self.WATCHED
+               if k in metrics and med.get(k) is not None}
+    flagged = any(v > self.factor * m for v, m in watched.values())
+    for k in keys:
+      self._hist.setdefault(k, collections.deque(maxlen=self.window)).append(float(metrics[k]))
+    if not flagged:
+      self.streak, self._first = 0, None
+      return None
+    self.streak += 1
+    self._first = iteration if self._first is None else self._first
+    if self.streak < self.patience:
+      return None
+    # Exploding terms, largest increase first (the term that blew up leads the message).
+    terms = {k: (float(metrics[k]), med[k]) for k in keys
+             if k not in self.WATCHED and med[k] is not None
+             and float(metrics[k]) > self.factor * med[k]}
+    terms = dict(sorted(terms.items(), key=lambda kv: kv[1][1] - kv[1][0]))
+    return dict(watched=watched, terms=terms, first=self._first, factor=self.factor,
+                window=self.window, patience=self.patience)
 
 
 def maybe_initialize_distributed() -> bool:
@@ -158,17 +277,22 @@ def train(config: Any, workdir: str, model: Any,
   schedule, e.g. for time-budgeted runs. `metrics_callback(step, metrics)` receives the host values
   of every iteration's metrics (step = state.step after the update). `eval_fn(state, step)` runs
   every `config.train.eval_every` steps and at `max_iter`; its returned scalars go to TensorBoard
-  under `eval/`. Raises `NonFiniteLossError` on a NaN/Inf loss (see module docstring).
+  under `eval/`. Raises `NonFiniteLossError` on a NaN/Inf loss and `DivergenceError` on an
+  exploding one (see module docstring).
   """
   solver = _solver_cfg(config)
   tc = _train_cfg(config)
+  batch_size = int(tc.batch_size) if tc.get("batch_size") else None
+  lr_note = optim.lr_scaling_message(solver, batch_size)
+  guard = DivergenceGuard(tc.divergence_factor, tc.divergence_window, tc.divergence_patience,
+                          tc.divergence_min_steps)
   mesh = step_lib.make_mesh() if mesh is None else mesh
   frozen_prefixes = tuple(frozen_prefixes)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
 
-  schedule = optim.make_lr_schedule(solver)
-  tx = optim.make_optimizer(solver, None, frozen_prefixes, no_decay_fn)
+  schedule = optim.make_lr_schedule(solver, batch_size)
+  tx = optim.make_optimizer(solver, None, frozen_prefixes, no_decay_fn, batch_size=batch_size)
   abstract = step_lib.abstract_train_state(init_variables_fn, tx, mesh)
   optim.validate_frozen_prefixes(abstract.params, frozen_prefixes)
 
@@ -195,6 +319,7 @@ def train(config: Any, workdir: str, model: Any,
     ckpt.close()
     return state
 
+  log.info("%s", lr_note)
   train_step = step_lib.make_train_step(model, tx, mesh, frozen_prefixes=frozen_prefixes,
                                         lr_schedule=schedule, check_vma=tc.check_vma)
   writer = None
@@ -221,6 +346,11 @@ def train(config: Any, workdir: str, model: Any,
     window.append(m)
     if metrics_callback is not None:
       metrics_callback(it_k + 1, m)
+    report = guard.update(it_k, m)
+    if report is not None:
+      write_logs(it_k + 1)  # the exploding values reach TensorBoard too
+      ckpt.wait()
+      raise DivergenceError(it_k, report, ckpt.latest_step(), ckpt.directory, m.get("lr"), lr_note)
     return m
 
   def write_logs(step: int) -> None:
@@ -241,6 +371,7 @@ def train(config: Any, workdir: str, model: Any,
 
   loader = iter(train_loader_fn(start))
   pending = None
+  deferred_save = False  # a checkpoint came due while the guard was suspicious
   try:
     for k in range(start, end):
       try:
@@ -262,13 +393,25 @@ def train(config: Any, workdir: str, model: Any,
       save_now = ckpt.should_save(done) or done == end
       eval_now = eval_fn is not None and tc.eval_every > 0 and (
           done % tc.eval_every == 0 or done == max_iter)
-      if pending is not None and (log_now or save_now or eval_now):
+      if pending is not None and (log_now or save_now or eval_now or deferred_save):
         consume(*pending)
         pending = None
       if log_now and window:
         write_logs(done)
-      if save_now:
-        ckpt.save(done, state, force=done == end)
+      if save_now or deferred_save:
+        # The state after update k is saved only when iteration k was not suspect (its loss and
+        # gradient norm looked normal); otherwise the save waits for a normal iteration.
+        if guard.suspect:
+          if not deferred_save:
+            log.warning("iteration %d: loss or gradient norm > %gx its running median; "
+                        "checkpoint of step %d deferred", k, guard.factor, done)
+          deferred_save = True
+          if done == end:
+            log.warning("run ended while the loss looked diverging: no final checkpoint; the "
+                        "newest checkpoint is step %s", ckpt.latest_step())
+        else:
+          ckpt.save(done, state, force=done == end or deferred_save)
+          deferred_save = False
       if eval_now:
         results = eval_fn(state, done) or {}
         if writer is not None:

@@ -18,8 +18,20 @@ with `step` the number of updates already applied (0 for the first update), as d
 scheduler: the first iteration uses lr = base_lr * warmup_factor.
 
 Config fields read (an `ml_collections.ConfigDict` or any attribute object, see
-`default_solver_config()`): base_lr, momentum, weight_decay, weight_decay_norm, warmup_iters,
-warmup_factor, steps, gamma, max_iter, schedule ('multistep' | 'cosine'), clip_value (<= 0 disables).
+`default_solver_config()`): base_lr, reference_batch_size, momentum, weight_decay,
+weight_decay_norm, warmup_iters, warmup_factor, steps, gamma, max_iter, schedule
+('multistep' | 'cosine'), clip_value (<= 0 disables).
+
+Linear LR scaling (`effective_base_lr`): `base_lr` is the LR for a global batch of
+`reference_batch_size` images (16 = the official 8 GPUs x 2). When the training batch differs, the
+LR used is `base_lr * batch_size / reference_batch_size` (Goyal et al.; detectron2
+`DefaultTrainer.auto_scale_workers` with `REFERENCE_WORLD_SIZE`; the CenterNet2 author's advice
+for 1-GPU runs, spec §8.12-8.13). `reference_batch_size = 0` disables scaling (base_lr is used as
+written). Unlike detectron2, which also divides MAX_ITER, STEPS and WARMUP_ITERS by the same
+factor (keeping the number of epochs), max_iter / steps / warmup_iters are kept exactly as
+written: a small config's iteration counts are chosen for its run time, and silently multiplying
+them by 4 at batch 4 would surprise more than it helps. To reproduce a batch-16 schedule at a
+smaller batch, multiply them by reference_batch_size / batch_size yourself.
 """
 from __future__ import annotations
 
@@ -41,6 +53,7 @@ def default_solver_config() -> ml_collections.ConfigDict:
   """detectron2 / CenterNet2_R50_1x solver defaults (spec §7), for batch 16."""
   return ml_collections.ConfigDict(dict(
       base_lr=0.02,
+      reference_batch_size=16,   # base_lr is for this global batch; 0 = no LR scaling
       momentum=0.9,
       weight_decay=1e-4,
       weight_decay_norm=0.0,
@@ -57,8 +70,43 @@ def default_solver_config() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------------------------
 # Learning-rate schedule
 # ----------------------------------------------------------------------------------------------
-def make_lr_schedule(cfg: Any) -> optax.Schedule:
+def _reference_batch(cfg: Any) -> int:
+  ref = getattr(cfg, "reference_batch_size", 0) or 0
+  if int(ref) != ref or ref < 0:
+    raise ValueError(f"optim.reference_batch_size must be a non-negative integer (0 = no LR "
+                     f"scaling), got {ref!r}")
+  return int(ref)
+
+
+def effective_base_lr(cfg: Any, batch_size: Optional[int] = None) -> float:
+  """`base_lr * batch_size / reference_batch_size` (linear scaling rule, module docstring).
+
+  Unscaled when `batch_size` is None or `reference_batch_size` is 0 / absent.
+  """
+  base_lr = float(cfg.base_lr)
+  ref = _reference_batch(cfg)
+  if batch_size is None or ref == 0:
+    return base_lr
+  if int(batch_size) <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  return base_lr * int(batch_size) / ref
+
+
+def lr_scaling_message(cfg: Any, batch_size: Optional[int] = None) -> str:
+  """One log line, e.g. 'lr 0.02 × batch 4/16 = 0.005'."""
+  base_lr = float(cfg.base_lr)
+  ref = _reference_batch(cfg)
+  if batch_size is None:
+    return f"lr {base_lr:g} (batch size unknown: not scaled)"
+  if ref == 0:
+    return f"lr {base_lr:g} at batch {batch_size} (optim.reference_batch_size=0: not scaled)"
+  return f"lr {base_lr:g} × batch {batch_size}/{ref} = {effective_base_lr(cfg, batch_size):g}"
+
+
+def make_lr_schedule(cfg: Any, batch_size: Optional[int] = None) -> optax.Schedule:
   """lr(step) for step = number of updates already applied (0-based iteration).
+
+  `base_lr` below is `effective_base_lr(cfg, batch_size)` (scaled to the global batch).
 
   multistep (detectron2 WarmupMultiStepLR):
       lr = base_lr * warmup(step) * gamma ** bisect_right(steps, step)
@@ -70,7 +118,7 @@ def make_lr_schedule(cfg: Any) -> optax.Schedule:
   (For cosine this is the legacy d2 product form; d2's newer WarmupParamScheduler ramps to 1 and only
   then applies the cosine, a difference of < 1 - cos(pi * warmup_iters / max_iter) / 2 relative.)
   """
-  base_lr = float(cfg.base_lr)
+  base_lr = effective_base_lr(cfg, batch_size)
   warmup_iters = int(cfg.warmup_iters)
   warmup_factor = float(cfg.warmup_factor)
   kind = str(getattr(cfg, "schedule", "multistep"))
@@ -204,18 +252,19 @@ def _sgd(cfg: Any, weight_decay: float, schedule: optax.Schedule) -> optax.Gradi
 
 
 def make_optimizer(cfg: Any, params: Optional[Any] = None, frozen_prefixes: Sequence[str] = (),
-                   no_decay_fn: Callable[[str], bool] = is_norm_param
-                   ) -> optax.GradientTransformation:
+                   no_decay_fn: Callable[[str], bool] = is_norm_param,
+                   batch_size: Optional[int] = None) -> optax.GradientTransformation:
   """clip-by-value -> weight decay (per group) -> SGD momentum -> -lr(step); frozen -> zero.
 
   `params` (optional) is only used to validate `frozen_prefixes`: a prefix that matches no
   parameter raises ValueError (catches typos that would silently train frozen layers). The labels
-  themselves are computed from whatever params `init`/`update` receive.
+  themselves are computed from whatever params `init`/`update` receive. `batch_size` (global)
+  scales the LR, see `effective_base_lr`; the optimizer state does not depend on it.
   """
   frozen_prefixes = tuple(frozen_prefixes)
   if params is not None:
     validate_frozen_prefixes(params, frozen_prefixes)
-  schedule = make_lr_schedule(cfg)
+  schedule = make_lr_schedule(cfg, batch_size)
   wd = float(cfg.weight_decay)
   wd_norm = float(getattr(cfg, "weight_decay_norm", 0.0) or 0.0)
   transforms = {

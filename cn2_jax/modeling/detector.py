@@ -20,6 +20,7 @@ import ml_collections
 
 from cn2_jax.config import model_kwargs
 from cn2_jax.modeling.backbone.fpn import FPN
+from cn2_jax.modeling.canvas import canvas_masks, official_canvas
 from cn2_jax.modeling.ops import boxes as box_ops
 from cn2_jax.modeling.proposal.centernet import CenterNet
 from cn2_jax.modeling.roi_heads.cascade import CascadeROIHeads
@@ -61,14 +62,18 @@ class CenterNet2(nn.Module):
 
   def __call__(self, batch: dict, train: bool = False):
     images = self.preprocess(batch["image"], batch["image_hw"])
-    features = self.backbone(images)
+    canvas = official_canvas(batch["image_hw"])
+    features = self.backbone(images, canvas)
     for i, f in enumerate(features):
       self.sow("intermediates", f"p{i + 3}", f)
+    masks = canvas_masks(batch["image_hw"], [f.shape[1:3] for f in features],
+                         self.proposal_generator.strides)
     if not train:
-      proposals = self.proposal_generator(features, train=False)
+      proposals = self.proposal_generator(features, train=False, masks=masks)
       return self.roi_heads(features, proposals, batch["image_hw"], train=False)
     losses, proposals = self.proposal_generator(
-        features, train=True, gt_boxes=batch["gt_boxes"], gt_valid=batch["gt_valid"])
+        features, train=True, gt_boxes=batch["gt_boxes"], gt_valid=batch["gt_valid"],
+        masks=masks)
     losses.update(self.roi_heads(
         features, proposals, batch["image_hw"], train=True, gt_boxes=batch["gt_boxes"],
         gt_classes=batch["gt_classes"], gt_valid=batch["gt_valid"]))

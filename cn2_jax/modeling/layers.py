@@ -61,7 +61,8 @@ class Conv2d(nn.Module):
     use_bias: whether the conv has a bias (detectron2: no bias when followed by a norm).
     norm: "" (none), "FrozenBN" or "GN" (GroupNorm, 32 groups, eps 1e-5).
     kernel_init / bias_init: initialisers.
-  Input `[N, H, W, Cin]`, output `[N, H', W', features]` in `dtype`.
+  Input `[N, H, W, Cin]`, output `[N, H', W', features]` in `dtype`. `norm_mask` (`[H', W']` or
+  `[N, H', W']` bool) restricts GroupNorm statistics (see `GroupNorm`).
   """
   features: int
   kernel_size: int = 3
@@ -74,7 +75,7 @@ class Conv2d(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, norm_mask: Optional[jax.Array] = None) -> jax.Array:
     k = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
                         jnp.float32)
@@ -89,28 +90,39 @@ class Conv2d(nn.Module):
     if self.norm == "FrozenBN":
       y = FrozenBatchNorm(dtype=self.dtype, name="norm")(y)
     elif self.norm == "GN":
-      y = GroupNorm(dtype=self.dtype, name="norm")(y)
+      y = GroupNorm(dtype=self.dtype, name="norm")(y, norm_mask)
     elif self.norm:
       raise ValueError(f"Conv2d: unknown norm {self.norm!r} (expected '', 'FrozenBN' or 'GN')")
     return y
 
 
 class GroupNorm(nn.Module):
-  """GroupNorm(32 groups, eps 1e-5) with params `scale`/`bias`; statistics in float32."""
+  """GroupNorm(32 groups, eps 1e-5) with params `scale`/`bias`; statistics in float32.
+
+  `mask` (optional, `[B, H, W]` or `[H, W]` bool) restricts the statistics to the masked
+  locations (the canvas the official code would have padded the batch to; see `canvas.canvas_mask`);
+  every location is still normalised. All-True equals no mask.
+  """
   num_groups: int = 32
   eps: float = 1e-5
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     xf = x.astype(jnp.float32)
     n, h, w, _ = xf.shape
     g = xf.reshape(n, h, w, self.num_groups, c // self.num_groups)
-    mean = g.mean(axis=(1, 2, 4), keepdims=True)
-    var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
+    if mask is None:
+      mean = g.mean(axis=(1, 2, 4), keepdims=True)
+      var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
+    else:
+      m = jnp.broadcast_to(mask, (n, h, w)).astype(jnp.float32)[..., None, None]  # [n,h,w,1,1]
+      count = jnp.maximum(m.sum(axis=(1, 2), keepdims=True) * (c // self.num_groups), 1.0)
+      mean = (g * m).sum(axis=(1, 2, 4), keepdims=True) / count
+      var = (jnp.square(g - mean) * m).sum(axis=(1, 2, 4), keepdims=True) / count
     g = (g - mean) * jax.lax.rsqrt(var + self.eps)
     y = g.reshape(n, h, w, c) * scale + bias
     return y.astype(self.dtype)

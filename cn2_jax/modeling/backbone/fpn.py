@@ -13,13 +13,14 @@ All FPN convs: c2_xavier_fill, bias 0; bias only when `fpn_norm == ''` (the Cent
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from cn2_jax.modeling.backbone.resnet import ResNet
+from cn2_jax.modeling.canvas import zero_outside_canvas
 from cn2_jax.modeling.layers import Conv2d, c2_xavier_fill
 
 Dtype = Any
@@ -36,12 +37,12 @@ class LastLevelP6P7_P5(nn.Module):  # noqa: N801 (detectron2/CenterNet2 class na
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, p5: jax.Array) -> List[jax.Array]:
+  def __call__(self, p5: jax.Array, canvas_hw: Optional[jax.Array] = None) -> List[jax.Array]:
     conv = lambda name: Conv2d(  # noqa: E731
         self.out_channels, kernel_size=3, strides=2, padding=1, use_bias=True,
         kernel_init=c2_xavier_fill, bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)
-    p6 = conv("p6")(p5)
-    p7 = conv("p7")(nn.relu(p6))
+    p6 = conv("p6")(zero_outside_canvas(p5, canvas_hw, 32))
+    p7 = conv("p7")(zero_outside_canvas(nn.relu(p6), canvas_hw, 64))
     return [p6, p7]
 
 
@@ -55,8 +56,10 @@ class FPN(nn.Module):
       bias, as in detectron2).
     dtype: compute dtype.
 
-  `__call__(x)`: normalised image `[N, H, W, 3]` with H, W multiples of 32 -> `[P3, P4, P5, P6, P7]`
-  (NHWC, `out_channels` channels, strides `FPN.strides`).
+  `__call__(x, canvas_hw=None)`: normalised image `[N, H, W, 3]` with H, W multiples of 32 ->
+  `[P3, P4, P5, P6, P7]` (NHWC, `out_channels` channels, strides `FPN.strides`). With the official
+  canvas `canvas_hw` (`[2]`), every 3x3 conv input is zeroed off it, so the values on it equal
+  the official ones whatever the padding (`canvas.zero_outside_canvas`).
   `forward_features(features)`: the same from a dict {'res3', 'res4', 'res5'} of bottom-up maps.
   """
   depth: int = 50
@@ -92,18 +95,19 @@ class FPN(nn.Module):
     self.fpn_output5 = out()
     self.top_block = LastLevelP6P7_P5(self.out_channels, dtype=self.dtype)
 
-  def __call__(self, x: jax.Array) -> List[jax.Array]:
+  def __call__(self, x: jax.Array, canvas_hw: Optional[jax.Array] = None) -> List[jax.Array]:
     h, w = x.shape[1], x.shape[2]
     if h % self.size_divisibility or w % self.size_divisibility:
       raise ValueError(f"FPN input size {(h, w)} must be a multiple of {self.size_divisibility} "
                        "(pad the batch; detectron2 pads to the res5 stride)")
-    return self.forward_features(self.bottom_up(x))
+    return self.forward_features(self.bottom_up(x, canvas_hw), canvas_hw)
 
-  def forward_features(self, features: Dict[str, jax.Array]) -> List[jax.Array]:
+  def forward_features(self, features: Dict[str, jax.Array],
+                       canvas_hw: Optional[jax.Array] = None) -> List[jax.Array]:
     laterals = {3: self.fpn_lateral3, 4: self.fpn_lateral4, 5: self.fpn_lateral5}
     outputs = {3: self.fpn_output3, 4: self.fpn_output4, 5: self.fpn_output5}
     prev = laterals[5](features["res5"])
-    results = [outputs[5](prev)]
+    results = [outputs[5](zero_outside_canvas(prev, canvas_hw, 32))]
     for level in (4, 3):
       lateral = laterals[level](features[f"res{level}"])
       top_down = upsample_nearest_2x(prev)
@@ -113,6 +117,6 @@ class FPN(nn.Module):
             f"FPN top-down size {top_down.shape[1:3]} != lateral size {lateral.shape[1:3]} at "
             f"level {level}: input sizes must be multiples of {self.size_divisibility}")
       prev = lateral + top_down
-      results.insert(0, outputs[level](prev))
-    results.extend(self.top_block(results[-1]))  # P6 from the P5 *output*
+      results.insert(0, outputs[level](zero_outside_canvas(prev, canvas_hw, 2 ** level)))
+    results.extend(self.top_block(results[-1], canvas_hw))  # P6 from the P5 *output*
     return results

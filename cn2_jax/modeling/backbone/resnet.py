@@ -23,13 +23,14 @@ exclude `frozen_param_prefixes(freeze_at)` from weight decay / updates.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cn2_jax.modeling.canvas import canvas_mask, zero_outside_canvas
 from cn2_jax.modeling.layers import Conv2d, c2_msra_fill
 
 Dtype = Any
@@ -99,11 +100,13 @@ class BasicStem(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = Conv2d(self.out_channels, kernel_size=7, strides=2, padding=3, use_bias=False,
-               norm=self.norm, kernel_init=c2_msra_fill, dtype=self.dtype, name="conv1")(x)
-    x = nn.relu(x)
-    return max_pool_3x3_s2_p1(x)
+  def __call__(self, x: jax.Array, canvas_hw: Optional[jax.Array] = None) -> jax.Array:
+    # The input image is already zero outside the images (detector.preprocess).
+    conv1 = Conv2d(self.out_channels, kernel_size=7, strides=2, padding=3, use_bias=False,
+                   norm=self.norm, kernel_init=c2_msra_fill, dtype=self.dtype, name="conv1")
+    x = nn.relu(conv1(x, canvas_mask((x.shape[1] // 2, x.shape[2] // 2), canvas_hw, 2)))
+    # Post-ReLU values are >= 0, so zeros off the canvas act like the pool's -inf padding.
+    return max_pool_3x3_s2_p1(zero_outside_canvas(x, canvas_hw, 2))
 
 
 class BottleneckBlock(nn.Module):
@@ -123,18 +126,27 @@ class BottleneckBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, canvas_hw: Optional[jax.Array] = None,
+               in_stride: int = 1) -> jax.Array:
+    """`canvas_hw`/`in_stride`: see `canvas.zero_outside_canvas` (only the 3x3 conv mixes
+    neighbours; `norm_mask` keeps GroupNorm statistics on the canvas)."""
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
+    out_stride = in_stride * self.stride
     conv = lambda f, k, s, p, name: Conv2d(  # noqa: E731
         f, kernel_size=k, strides=s, padding=p, use_bias=False, norm=self.norm,
         kernel_init=c2_msra_fill, dtype=self.dtype, name=name)
+    out_hw = (-(-x.shape[1] // self.stride), -(-x.shape[2] // self.stride))
+    out_mask = canvas_mask(out_hw, canvas_hw, out_stride)
     if x.shape[-1] != self.out_channels or self.stride != 1:
-      shortcut = conv(self.out_channels, 1, self.stride, 0, "shortcut")(x)
+      shortcut = conv(self.out_channels, 1, self.stride, 0, "shortcut")(x, out_mask)
     else:
       shortcut = x.astype(self.dtype)
-    y = nn.relu(conv(self.bottleneck_channels, 1, s1, 0, "conv1")(x))
-    y = nn.relu(conv(self.bottleneck_channels, 3, s3, 1, "conv2")(y))
-    y = conv(self.out_channels, 1, 1, 0, "conv3")(y)
+    mid_hw = (-(-x.shape[1] // s1), -(-x.shape[2] // s1))
+    y = nn.relu(conv(self.bottleneck_channels, 1, s1, 0, "conv1")(
+        x, canvas_mask(mid_hw, canvas_hw, in_stride * s1)))
+    y = zero_outside_canvas(y, canvas_hw, in_stride * s1)
+    y = nn.relu(conv(self.bottleneck_channels, 3, s3, 1, "conv2")(y, out_mask))
+    y = conv(self.out_channels, 1, 1, 0, "conv3")(y, out_mask)
     return nn.relu(y + shortcut)
 
 
@@ -146,16 +158,22 @@ class BasicBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, canvas_hw: Optional[jax.Array] = None,
+               in_stride: int = 1) -> jax.Array:
     conv = lambda f, k, s, p, name: Conv2d(  # noqa: E731
         f, kernel_size=k, strides=s, padding=p, use_bias=False, norm=self.norm,
         kernel_init=c2_msra_fill, dtype=self.dtype, name=name)
+    out_stride = in_stride * self.stride
+    out_hw = (-(-x.shape[1] // self.stride), -(-x.shape[2] // self.stride))
+    out_mask = canvas_mask(out_hw, canvas_hw, out_stride)
     if x.shape[-1] != self.out_channels or self.stride != 1:
-      shortcut = conv(self.out_channels, 1, self.stride, 0, "shortcut")(x)
+      shortcut = conv(self.out_channels, 1, self.stride, 0, "shortcut")(x, out_mask)
     else:
       shortcut = x.astype(self.dtype)
-    y = nn.relu(conv(self.out_channels, 3, self.stride, 1, "conv1")(x))
-    y = conv(self.out_channels, 3, 1, 1, "conv2")(y)
+    y = nn.relu(conv(self.out_channels, 3, self.stride, 1, "conv1")(
+        zero_outside_canvas(x, canvas_hw, in_stride), out_mask))
+    y = conv(self.out_channels, 3, 1, 1, "conv2")(zero_outside_canvas(y, canvas_hw, out_stride),
+                                                  out_mask)
     return nn.relu(y + shortcut)
 
 
@@ -171,16 +189,18 @@ class ResNetStage(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, canvas_hw: Optional[jax.Array] = None,
+               in_stride: int = 1) -> jax.Array:
     for i in range(self.num_blocks):
       stride = self.first_stride if i == 0 else 1
       if self.block == "bottleneck":
         x = BottleneckBlock(self.out_channels, self.bottleneck_channels, stride=stride,
                             stride_in_1x1=self.stride_in_1x1, norm=self.norm,
-                            dtype=self.dtype, name=str(i))(x)
+                            dtype=self.dtype, name=str(i))(x, canvas_hw, in_stride)
       else:
         x = BasicBlock(self.out_channels, stride=stride, norm=self.norm, dtype=self.dtype,
-                       name=str(i))(x)
+                       name=str(i))(x, canvas_hw, in_stride)
+      in_stride *= stride
     return x
 
 
@@ -198,7 +218,8 @@ class ResNet(nn.Module):
       stages after the last requested one are not built.
     dtype: compute dtype.
 
-  Input: normalised float image `[N, H, W, 3]`. Output: dict name -> `[N, H/s, W/s, C]`.
+  Input: normalised float image `[N, H, W, 3]` (and optionally the official canvas `canvas_hw`
+  `[2]`, see `canvas.zero_outside_canvas`). Output: dict name -> `[N, H/s, W/s, C]`.
   """
   depth: int = 50
   stride_in_1x1: bool = True
@@ -209,7 +230,8 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> Dict[str, jax.Array]:
+  def __call__(self, x: jax.Array,
+               canvas_hw: Optional[jax.Array] = None) -> Dict[str, jax.Array]:
     if self.depth not in _DEPTH_CONFIG:
       raise ValueError(f"ResNet depth must be one of {sorted(_DEPTH_CONFIG)}, got {self.depth}")
     if x.ndim != 4:
@@ -223,7 +245,7 @@ class ResNet(nn.Module):
     last = max(order.index(f) for f in self.out_features)
 
     outputs = {}
-    x = BasicStem(channels["stem"], norm=self.norm, dtype=self.dtype, name="stem")(x)
+    x = BasicStem(channels["stem"], norm=self.norm, dtype=self.dtype, name="stem")(x, canvas_hw)
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
     if "stem" in self.out_features:
@@ -234,7 +256,8 @@ class ResNet(nn.Module):
       x = ResNetStage(
           block=block, num_blocks=num_blocks[idx - 1], out_channels=channels[name],
           bottleneck_channels=channels[name] // 4, first_stride=1 if name == "res2" else 2,
-          stride_in_1x1=self.stride_in_1x1, norm=self.norm, dtype=self.dtype, name=name)(x)
+          stride_in_1x1=self.stride_in_1x1, norm=self.norm, dtype=self.dtype,
+          name=name)(x, canvas_hw, _FEATURE_STRIDES[order[idx - 1]])
       if self.freeze_at >= stage_num:
         x = jax.lax.stop_gradient(x)
       if name in self.out_features:

@@ -61,7 +61,7 @@ is negative or NaN (detectron2 then gets a NaN level that matches no pooler) poo
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -227,13 +227,17 @@ def _axis_samples(start, bin_size, grid, idx, size, out: int):
 
 def _pool_flat(table: jax.Array, boxes: jax.Array, scale: jax.Array, base: jax.Array,
                height: jax.Array, width: jax.Array, out_hw: Tuple[int, int],
-               sampling_ratio: int, aligned: bool, cap_hw: Tuple[int, int]) -> jax.Array:
+               sampling_ratio: int, aligned: bool, cap_hw: Tuple[int, int],
+               extent_h: Optional[jax.Array] = None,
+               extent_w: Optional[jax.Array] = None) -> jax.Array:
   """ROIAlign of R boxes, each on its own `[height, width]` block of a flat table.
 
   Args:
     table: `[N, C]` flattened feature maps (rows `base + y * width + x`).
     boxes: `f32[R, 4]` image pixels; scale: `f32[R]` or scalar spatial scale.
     base, height, width: `int32[R]` block offset and map size of every box.
+    extent_h, extent_w: `int32[R]` (<= height, width) the part of the map the kernel's border
+      rule applies to (the official canvas of a larger map); default the whole map.
   Returns:
     `[R, out_h, out_w, C]` in `table.dtype`.
   """
@@ -255,13 +259,15 @@ def _pool_flat(table: jax.Array, boxes: jax.Array, scale: jax.Array, base: jax.A
     count = jnp.full((num,), sampling_ratio * sampling_ratio, jnp.float32)
 
   row_base = base[:, None]
+  ext_h = height if extent_h is None else extent_h
+  ext_w = width if extent_w is None else extent_w
 
   def gather(idx):
     return table.at[idx].get(mode="promise_in_bounds")
 
   def sub_sample(iy, ix):
-    y_lo, y_hi, wy_lo, wy_hi = _axis_samples(start_y, bin_h, pos_h, iy, height, out_h)
-    x_lo, x_hi, wx_lo, wx_hi = _axis_samples(start_x, bin_w, pos_w, ix, width, out_w)
+    y_lo, y_hi, wy_lo, wy_hi = _axis_samples(start_y, bin_h, pos_h, iy, ext_h, out_h)
+    x_lo, x_hi, wx_lo, wx_hi = _axis_samples(start_x, bin_w, pos_w, ix, ext_w, out_w)
     if adaptive:  # sub-samples beyond a box's grid do not exist.
       use_y = (jnp.asarray(iy, jnp.float32) < grid_h)[:, None]
       use_x = (jnp.asarray(ix, jnp.float32) < grid_w)[:, None]
@@ -345,7 +351,8 @@ def multilevel_roi_align(features: Sequence[jax.Array],
                          aligned: bool = True,
                          canonical_box_size: float = 224,
                          canonical_level: int = 4,
-                         max_adaptive_samples: IntOrPair = DEFAULT_MAX_ADAPTIVE_SAMPLES
+                         max_adaptive_samples: IntOrPair = DEFAULT_MAX_ADAPTIVE_SAMPLES,
+                         valid_hw: Optional[jax.Array] = None
                          ) -> jax.Array:
   """detectron2 `ROIPooler` (ROIAlign / ROIAlignV2) over a feature pyramid.
 
@@ -358,6 +365,9 @@ def multilevel_roi_align(features: Sequence[jax.Array],
     boxes: `[B, R, 4]` xyxy in image pixels (float32; no gradient flows to them).
     sampling_ratio: > 0 fixed samples per bin and axis (fast path); 0 adaptive (official).
     max_adaptive_samples: static per-axis cap for the adaptive mode (int or (cap_h, cap_w)).
+    valid_hw: optional `[L, 2]` int32 rows/columns of each level that the official map has
+      (`canvas.level_extents`): samples are clamped / dropped at that border instead of the
+      array's, so features on a larger canvas pool exactly as on the official one.
   Returns:
     `[B, R, out_h, out_w, C]` in the features' dtype.
   """
@@ -391,8 +401,13 @@ def multilevel_roi_align(features: Sequence[jax.Array],
   height = jnp.asarray(hs, jnp.int32)[li]
   width = jnp.asarray(ws, jnp.int32)[li]
   scale = _level_scales(min_level, max_level)[li]
+  ext_h = ext_w = None
+  if valid_hw is not None:
+    valid_hw = jnp.asarray(valid_hw, jnp.int32)
+    ext_h = jnp.minimum(valid_hw[li, 0], height)
+    ext_w = jnp.minimum(valid_hw[li, 1], width)
   out = _pool_flat(table, boxes.reshape(-1, 4), scale, base, height, width, out_hw,
-                   sampling_ratio, aligned, cap_hw)
+                   sampling_ratio, aligned, cap_hw, ext_h, ext_w)
   out = out.reshape(bsz, num, out_hw[0], out_hw[1], ch)
   ok = (_box_area(boxes) >= 0)[:, :, None, None, None]  # False for NaN.
   return jnp.where(ok, out, jnp.zeros((), dtype))

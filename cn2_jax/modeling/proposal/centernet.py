@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from cn2_jax.modeling.proposal.centernet_head import CenterNetHead
 from cn2_jax.modeling.proposal.decode import generate_proposals
-from cn2_jax.modeling.proposal.losses import centernet_losses
+from cn2_jax.modeling.proposal.losses import centernet_losses, loss_normalisers
 from cn2_jax.modeling.proposal.targets import centernet_targets
 
 Dtype = Any
@@ -37,6 +37,7 @@ class CenterNet(nn.Module):
   hm_min_overlap: float = 0.8
   min_radius: float = 4.0
   dedup_positives: bool = False
+  all_level_peaks: bool = True
   focal_alpha: float = 0.25
   focal_beta: float = 4.0
   loss_gamma: float = 2.0
@@ -60,21 +61,27 @@ class CenterNet(nn.Module):
         num_levels=len(self.strides), num_convs=self.num_convs, channels=self.channels,
         prior_prob=self.prior_prob, bbox_bias_init=self.bbox_bias_init, dtype=self.dtype)
 
-  def __call__(self, features, *, train: bool, gt_boxes=None, gt_valid=None):
+  def __call__(self, features, *, train: bool, gt_boxes=None, gt_valid=None, masks=None):
     """Args:
       features: list of `[B, H_l, W_l, C]` P3..P7.
       gt_boxes / gt_valid: `[B, M, 4]` / `[B, M]` (training only).
+      masks: optional list of `[B, H_l, W_l]` bool: the locations on the official canvas
+        (`canvas.canvas_masks`). Locations outside take no part in the GroupNorm statistics,
+        the proposals or the losses, exactly as if the batch had the official padding.
     Returns:
       eval: proposals dict boxes `[B, K, 4]`, scores `[B, K]` (= sqrt(sigmoid)), valid `[B, K]`;
       train: (losses dict, proposals dict).
     """
-    out = self.centernet_head(features)
+    out = self.centernet_head(features, masks)
     for i, (hm, reg, raw) in enumerate(zip(out["hm_logits"], out["reg"], out["reg_raw"])):
       self.sow("intermediates", f"head_agn_hm_logits_p{i + 3}", hm)
       self.sow("intermediates", f"head_reg_p{i + 3}", reg)
       self.sow("intermediates", f"head_bbox_pred_raw_p{i + 3}", raw)
+    cand = out["hm_logits"]
+    if masks is not None:  # off-canvas locations are never candidates (sigmoid(-inf) = 0)
+      cand = [jnp.where(m, h, -jnp.inf) for h, m in zip(cand, masks)]
     proposals = generate_proposals(
-        [jax.lax.stop_gradient(h.astype(jnp.float32)) for h in out["hm_logits"]],
+        [jax.lax.stop_gradient(h.astype(jnp.float32)) for h in cand],
         [jax.lax.stop_gradient(r.astype(jnp.float32)) for r in out["reg"]],
         strides=tuple(self.strides),
         pre_nms_topk=self.pre_nms_topk_train if train else self.pre_nms_topk_test,
@@ -83,6 +90,7 @@ class CenterNet(nn.Module):
         score_thresh=self.inference_thresh)
     self.sow("intermediates", "proposal_boxes", proposals["boxes"])
     self.sow("intermediates", "proposal_objectness", proposals["scores"])
+    self.sow("intermediates", "proposal_valid", proposals["valid"])
     if not train:
       return proposals
 
@@ -90,13 +98,22 @@ class CenterNet(nn.Module):
     targets_fn = functools.partial(
         centernet_targets, level_shapes=level_shapes, strides=tuple(self.strides),
         soi=tuple(tuple(s) for s in self.soi), hm_min_overlap=self.hm_min_overlap,
-        min_radius=self.min_radius, dedup_positives=self.dedup_positives)
+        min_radius=self.min_radius, dedup_positives=self.dedup_positives,
+        all_level_peaks=self.all_level_peaks)
     targets = jax.vmap(targets_fn)(gt_boxes.astype(jnp.float32), gt_valid)
+    # Training targets and normalisers, for the training-step oracle (cn2_jax/testing).
+    for name in ("heatmap", "pos_count", "reg_target", "reg_valid"):
+      self.sow("intermediates", f"train_cn_{name}", targets[name])
+    num_pos_avg, reg_norm = loss_normalisers(targets["pos_count"], targets["reg_valid"],
+                                             self.axis_name)
+    self.sow("intermediates", "train_cn_num_pos_avg", num_pos_avg)
+    self.sow("intermediates", "train_cn_reg_norm", reg_norm)
     losses = centernet_losses(
         _flatten_levels(out["hm_logits"]), _flatten_levels(out["reg"]), targets,
         alpha=self.focal_alpha, beta=self.focal_beta, gamma=self.loss_gamma,
         sigmoid_clamp=self.sigmoid_clamp, ignore_high_fp=self.ignore_high_fp,
         pos_weight=self.pos_weight, neg_weight=self.neg_weight, reg_weight=self.reg_weight,
-        axis_name=self.axis_name)
+        axis_name=self.axis_name,
+        location_mask=None if masks is None else _flatten_levels(masks))
     losses["aux/num_pos_per_image"] = targets["pos_count"].sum() / gt_boxes.shape[0]
     return losses, proposals

@@ -14,13 +14,15 @@ names equal the detectron2 state-dict prefixes (docs/DESIGN.md), so under the ca
   bbox_pred/{kernel,bias}              3x3 conv 256->4 (ltrb in stride units)
   scales.{0..4}/scale                  per-level scalar, init 1.0
 
-GroupNorm statistics are per level over that level's whole map (levels are processed
-independently, never concatenated), as in the official per-level loop.
+GroupNorm statistics are per level (levels are processed independently, never concatenated), as
+in the official per-level loop, over the level's map or, with `masks`, over the part of it that
+covers the official canvas of the batch; with `masks` every conv input is also zeroed off that
+canvas, so extra (bucket) padding changes nothing on it.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -42,7 +44,8 @@ class CenterNetHead(nn.Module):
     bbox_bias_init: `bbox_pred` bias init (8.0, in stride units; spec §8 item 6).
     dtype: compute dtype of the convs (parameters and outputs are float32).
 
-  `__call__(features)` with `features` a list of `num_levels` NHWC maps `[B, H_l, W_l, C]` returns
+  `__call__(features, masks=None)` with `features` a list of `num_levels` NHWC maps
+  `[B, H_l, W_l, C]` (and optional GroupNorm masks `[B, H_l, W_l]` bool per level) returns
   a dict of per-level lists:
     hm_logits: `[B, H_l, W_l]` float32 objectness logits (before the sigmoid);
     reg:       `[B, H_l, W_l, 4]` float32 = relu(scale_l * bbox_pred), ltrb in stride units;
@@ -76,14 +79,19 @@ class CenterNetHead(nn.Module):
                             dtype=self.dtype, name="bbox_pred")
     self.scales = [Scale(1.0, name=f"scales.{l}") for l in range(self.num_levels)]
 
-  def __call__(self, features: Sequence[jax.Array]) -> Dict[str, List[jax.Array]]:
+  def __call__(self, features: Sequence[jax.Array],
+               masks: Optional[Sequence[jax.Array]] = None) -> Dict[str, List[jax.Array]]:
     if len(features) != self.num_levels:
       raise ValueError(f"CenterNetHead: expected {self.num_levels} levels, got {len(features)}")
     hm_logits, reg, reg_raw = [], [], []
     for l, x in enumerate(features):
-      y = x
+      mask = None if masks is None else masks[l]
+      # Off-canvas locations are zeroed before every 3x3 conv: the official zero padding.
+      on = (lambda a: a) if mask is None else (
+          lambda a, m=mask: jnp.where(m[..., None], a, jnp.zeros((), a.dtype)))
+      y = on(x)
       for conv, norm in zip(self.tower_convs, self.tower_norms):
-        y = nn.relu(norm(conv(y)))
+        y = on(nn.relu(norm(conv(y), mask)))
       hm_logits.append(self.agn_hm(y)[..., 0].astype(jnp.float32))
       raw = self.bbox_pred(y).astype(jnp.float32)
       reg_raw.append(raw)

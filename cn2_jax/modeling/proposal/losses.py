@@ -54,6 +54,19 @@ def _device_mean(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
   return jax.lax.pmean(x, axis_name) if axis_name is not None else x
 
 
+def loss_normalisers(pos_count: jax.Array, reg_valid: jax.Array,
+                     axis_name: Optional[str] = None) -> tuple[jax.Array, jax.Array]:
+  """(N̄, R̄) of `centernet_losses` from `[B, L]` pos_count / reg_valid, no gradient.
+
+  N̄ = max(mean_devices(Σ pos_count), 1) counts the positives of the whole batch (one normaliser
+  for all images, duplicates included); R̄ = max(mean_devices(#reg_valid), 1).
+  """
+  num_pos = jax.lax.stop_gradient(jnp.sum(pos_count.astype(f32)))
+  num_reg = jax.lax.stop_gradient(jnp.sum(reg_valid.astype(f32)))
+  return (jnp.maximum(_device_mean(num_pos, axis_name), 1.0),
+          jnp.maximum(_device_mean(num_reg, axis_name), 1.0))
+
+
 def centernet_losses(
     hm_logits: jax.Array,
     reg_pred: jax.Array,
@@ -68,6 +81,7 @@ def centernet_losses(
     neg_weight: float = 0.5,
     reg_weight: float = 1.0,
     axis_name: Optional[str] = None,
+    location_mask: Optional[jax.Array] = None,
 ) -> Dict[str, jax.Array]:
   """CenterNet2 first-stage losses.
 
@@ -78,6 +92,8 @@ def centernet_losses(
       reg_target `[B, L, 4]`, reg_valid `[B, L]`.
     axis_name: if set, the normalisers are averaged over this mapped axis (jax.lax.pmean),
       i.e. the official all-reduce sum / num_gpus.
+    location_mask: optional `[B, L]` bool; the negative sum runs over these locations only (the
+      official canvas; positives and regression locations lie inside the images anyway).
 
   Returns:
     loss_centernet_agn_pos = pos_weight * alpha * (-Σ c_m log p_m (1-p_m)^γ) / N̄
@@ -97,14 +113,15 @@ def centernet_losses(
   neg_term = jnp.log(1.0 - p) * _pow(p, gamma) * neg_weights
   if ignore_high_fp > 0:
     neg_term = jnp.where(p < ignore_high_fp, neg_term, jnp.zeros((), f32))
+  if location_mask is not None:
+    neg_term = jnp.where(location_mask, neg_term, jnp.zeros((), f32))
   pos_loss = -jnp.sum(counts * pos_term)
   neg_loss = -jnp.sum(neg_term)
   if alpha >= 0:
     pos_loss = alpha * pos_loss
     neg_loss = (1.0 - alpha) * neg_loss
 
-  num_pos = jax.lax.stop_gradient(jnp.sum(counts))
-  num_pos_avg = jnp.maximum(_device_mean(num_pos, axis_name), 1.0)
+  num_pos_avg, reg_norm = loss_normalisers(counts, reg_valid, axis_name)
 
   # Invalid locations get a harmless stand-in (ltrb of ones) so neither the value nor the gradient
   # of the masked-out GIoU can be NaN; they are then excluded with `where`.
@@ -112,8 +129,6 @@ def centernet_losses(
   safe_p = jnp.where(reg_valid[..., None], reg_pred.astype(f32), jnp.ones((), f32))
   giou = ltrb_giou_loss(safe_p, safe_t)
   reg_sum = jnp.sum(jnp.where(reg_valid, giou, jnp.zeros((), f32)))
-  num_reg = jax.lax.stop_gradient(jnp.sum(reg_valid.astype(f32)))
-  reg_norm = jnp.maximum(_device_mean(num_reg, axis_name), 1.0)
 
   return dict(
       loss_centernet_agn_pos=pos_weight * pos_loss / num_pos_avg,

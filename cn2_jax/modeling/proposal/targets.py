@@ -17,6 +17,11 @@ Subtle points of the official code that are reproduced here on purpose:
 * Squared distance d² is to the continuous centre, forced to 0 at each GT's peak cell; the
   same normalised d²/r² drives both the heatmap (min over GTs) and the regression tie-break
   (argmin over qualifying GTs; first GT wins exact ties, e.g. two GTs sharing a peak cell).
+  With `all_level_peaks=False` (the MMDet port's "revised" distance map, yyz561
+  `original_dis_map=False`, spec §3.7) d² is forced to 0 only at the peaks of the levels where the
+  GT is cared (regression-side criterion, as that port computes it): a peak at another level keeps
+  its true distance, so it becomes a down-weighted negative instead of an ignored cell. Regression
+  targets do not change (they only involve cared levels).
 * r² = max(float32(2 δ²) * area, min_radius²) with area = w*h in float32 and 2δ² formed in
   Python double first, as `self.delta ** 2 * 2 * area` does.
 * Heatmap values < 1e-4 are set to 0.
@@ -75,6 +80,7 @@ def centernet_targets(
     hm_min_overlap: float = 0.8,
     min_radius: float = 4.0,
     dedup_positives: bool = False,
+    all_level_peaks: bool = True,
 ) -> Dict[str, jax.Array]:
   """CenterNet targets for one image.
 
@@ -86,6 +92,8 @@ def centernet_targets(
     hm_min_overlap: δ = (1 - o) / (1 + o).
     min_radius: r² floor is min_radius².
     dedup_positives: False = official duplicated positives; True = min(count, 1) (MMDet ports).
+    all_level_peaks: True = official (d² = 0 at a GT's peak on every level); False = only on its
+      cared levels (MMDet "revised" distance map).
 
   Returns dict with L = Σ_l H_l W_l (level-major, row-major):
     heatmap `[L]` f32, pos_count `[L]` f32, reg_target `[L, 4]` f32 (ltrb / stride, 0 where
@@ -123,7 +131,8 @@ def centernet_targets(
   reg_mask = center3x3 & cared_reg & valid[None]
 
   dist2 = jnp.square(gxe - cx[None]) + jnp.square(gye - cy[None])
-  dist2 = jnp.where(is_peak, jnp.zeros((), f32), dist2)
+  forced = is_peak if all_level_peaks else is_peak & cared_reg
+  dist2 = jnp.where(forced, jnp.zeros((), f32), dist2)
   delta = (1.0 - hm_min_overlap) / (1.0 + hm_min_overlap)
   coef = np.float32(delta ** 2 * 2)
   radius2 = jnp.maximum(coef * area, np.float32(min_radius ** 2))  # [N]

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cn2_jax.modeling.canvas import level_extents
 from cn2_jax.modeling.ops import boxes as box_ops
 from cn2_jax.modeling.ops.matcher import match_boxes
 from cn2_jax.modeling.ops.nms import nms
@@ -148,16 +149,18 @@ class CascadeROIHeads(nn.Module):
   def num_stages(self) -> int:
     return len(self.iou_thresholds)
 
-  def _run_stage(self, k: int, features, boxes, train: bool):
-    """Pools `boxes` `[B, R, 4]` and runs stage k; returns (logits, deltas, pred_boxes)."""
+  def _run_stage(self, k: int, features, boxes, train: bool, valid_hw=None):
+    """Pools `boxes` `[B, R, 4]` and runs stage k; returns (logits, deltas, pred_boxes).
+    `valid_hw` `[L, 2]`: the official canvas per level (ROIAlign's border)."""
     pooled = multilevel_roi_align(
         features, jax.lax.stop_gradient(boxes), min_level=self.min_level,
         output_size=self.pooler_resolution, sampling_ratio=self.sampling_ratio, aligned=True,
         canonical_box_size=self.canonical_box_size, canonical_level=self.canonical_level,
-        max_adaptive_samples=self.max_adaptive_samples)
-    self.sow("intermediates", f"stage{k}_pooled", pooled)
+        max_adaptive_samples=self.max_adaptive_samples, valid_hw=valid_hw)
     if train:
       pooled = scale_gradient(pooled, 1.0 / self.num_stages)
+    else:  # [B, R, 7, 7, C] is large: only the inference oracle compares it
+      self.sow("intermediates", f"stage{k}_pooled", pooled)
     x = self.box_head[k](pooled)
     logits, deltas = self.box_predictor[k](x)
     pred = box_ops.decode_boxes(deltas, jax.lax.stop_gradient(boxes), self.box_weights[k],
@@ -182,14 +185,15 @@ class CascadeROIHeads(nn.Module):
             f"aux/num_fg_stage{k}": fg.sum().astype(jnp.float32) / labels.shape[0]}
 
   def _label(self, k, boxes, valid, gt_boxes, gt_classes, gt_valid):
-    """Match `[B, R, 4]` boxes to GT at stage k's IoU; returns (labels, matched_gt_boxes, is_fg)."""
+    """Match `[B, R, 4]` boxes to GT at stage k's IoU; returns (labels, matched_gt_boxes, is_fg,
+    matched_gt_idx), each `[B, R, ...]`."""
     thr = self.iou_thresholds[k]
     idx, is_fg, _ = jax.vmap(lambda b, g, gv: match_boxes(b, g, gv, thr))(boxes, gt_boxes,
                                                                          gt_valid)
     is_fg = is_fg & valid
     labels = jnp.where(is_fg, jnp.take_along_axis(gt_classes, idx, axis=1), self.num_classes)
     matched = jnp.take_along_axis(gt_boxes, idx[..., None], axis=1)
-    return labels.astype(jnp.int32), matched, is_fg
+    return labels.astype(jnp.int32), matched, is_fg, idx
 
   def __call__(self, features, proposals: dict, image_hw: jax.Array, *, train: bool,
                gt_boxes=None, gt_classes=None, gt_valid=None):
@@ -204,15 +208,18 @@ class CascadeROIHeads(nn.Module):
     hw = image_hw.astype(jnp.float32)
     boxes = jax.lax.stop_gradient(proposals["boxes"])
     valid = proposals["valid"]
+    valid_hw = level_extents(image_hw, [2 ** (self.min_level + i) for i in range(len(features))])
     if train:
-      return self._forward_train(features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid)
+      return self._forward_train(features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid,
+                                 valid_hw)
 
     stage_logits = []
     for k in range(self.num_stages):
       if k > 0:
         boxes = box_ops.clip_boxes(jax.lax.stop_gradient(pred), hw[:, None, :])
       self.sow("intermediates", f"stage{k}_input_boxes", boxes)
-      logits, deltas, pred = self._run_stage(k, features, boxes, train=False)
+      logits, deltas, pred = self._run_stage(k, features, boxes, train=False,
+                                             valid_hw=valid_hw)
       self.sow("intermediates", f"stage{k}_cls_logits", logits)
       self.sow("intermediates", f"stage{k}_box_deltas", deltas)
       stage_logits.append(logits)
@@ -223,13 +230,19 @@ class CascadeROIHeads(nn.Module):
                               nms_thresh=self.nms_thresh_test, topk=self.detections_per_image)
     return jax.vmap(infer)(pred, scores, valid, image_hw)
 
-  def _forward_train(self, features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid):
+  def _forward_train(self, features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid,
+                     valid_hw=None):
     gt_boxes = gt_boxes.astype(jnp.float32)
     if self.append_gt:
       boxes = jnp.concatenate([boxes, gt_boxes], axis=1)
       valid = jnp.concatenate([valid, gt_valid], axis=1)
     # Stage 0: label all candidates at IoU 0.6, then sample a fixed 512 per image.
-    labels, matched, is_fg = self._label(0, boxes, valid, gt_boxes, gt_classes, gt_valid)
+    labels, matched, is_fg, gt_idx = self._label(0, boxes, valid, gt_boxes, gt_classes, gt_valid)
+    # Rows in [proposals; GT] order before sampling (training-step oracle, cn2_jax/testing).
+    self.sow("intermediates", "train_stage0_prematch_boxes", boxes)
+    self.sow("intermediates", "train_stage0_prematch_valid", valid)
+    self.sow("intermediates", "train_stage0_prematch_labels", labels)
+    self.sow("intermediates", "train_stage0_prematch_matched_idx", gt_idx)
     # One key per image from its global index (device offset + i): sampling is then the same
     # whatever the number of devices the batch is split over.
     n = boxes.shape[0]
@@ -239,15 +252,27 @@ class CascadeROIHeads(nn.Module):
     idx, s_valid, _ = jax.vmap(
         lambda key, fg, v: subsample_labels(key, fg, v, self.batch_size_per_image,
                                             self.positive_fraction))(keys, is_fg, valid)
+    # The valid samples are a prefix of at most N (rows per image) slots, so a sampler budget
+    # larger than N (e.g. 8192 to keep every row) needs no more than N slots: the tail would be
+    # padding that every stage pools and runs through the box head for nothing.
+    num_slots = min(self.batch_size_per_image, boxes.shape[1])
+    idx, s_valid = idx[:, :num_slots], s_valid[:, :num_slots]
+    self.sow("intermediates", "train_stage0_sampled_idx", idx)
     take = lambda a: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
     boxes, valid, labels, matched = take(boxes), s_valid, take(labels), take(matched)
+    gt_idx = take(gt_idx)
 
     losses = {}
     for k in range(self.num_stages):
       if k > 0:
         boxes = box_ops.clip_boxes(jax.lax.stop_gradient(pred), hw[:, None, :])
         valid = valid & box_ops.nonempty(boxes)
-        labels, matched, _ = self._label(k, boxes, valid, gt_boxes, gt_classes, gt_valid)
-      logits, deltas, pred = self._run_stage(k, features, boxes, train=True)
+        labels, matched, _, gt_idx = self._label(k, boxes, valid, gt_boxes, gt_classes, gt_valid)
+      logits, deltas, pred = self._run_stage(k, features, boxes, train=True,
+                                             valid_hw=valid_hw)
+      # Rows keep their slot in every stage; `valid` drops the padding and the empty boxes.
+      for name, v in (("boxes", boxes), ("valid", valid), ("labels", labels),
+                      ("matched_idx", gt_idx), ("cls_logits", logits), ("box_deltas", deltas)):
+        self.sow("intermediates", f"train_stage{k}_{name}", v)
       losses.update(self._stage_losses(k, logits, deltas, boxes, valid, labels, matched))
     return losses

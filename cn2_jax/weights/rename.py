@@ -1,0 +1,174 @@
+"""Official key renaming (detectron2 `c2_model_loading` and the model-zoo torchvision conversion):
+`detect_format(sd)` -> 'detectron2' | 'msra_c2' | 'torchvision', and `to_detectron2_names(sd, fmt)`
+renames ImageNet formats to `backbone.bottom_up.*` keys, dropping the classifier.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+
+from cn2_jax.errors import ConversionError
+from cn2_jax.weights.reader import StateDict
+
+BACKBONE_PREFIX = "backbone.bottom_up."
+FROZEN_BN_EPS = 1e-5
+
+# What the ImageNet initialisations assume about the model (reported to the user).
+FORMAT_EXPECTATIONS = {
+    "msra_c2": dict(stride_in_1x1=True, input_format="BGR",
+                    pixel_mean=(103.530, 116.280, 123.675), pixel_std=(1.0, 1.0, 1.0)),
+    "torchvision": dict(stride_in_1x1=False, input_format="RGB",
+                        pixel_mean=(123.675, 116.280, 103.530),
+                        pixel_std=(58.395, 57.120, 57.375)),
+}
+
+
+_D2_HEADS = ("backbone.", "proposal_generator.", "roi_heads.")
+_D2_BARE_BACKBONE = re.compile(r"^(stem\.|res[2-5]\.)")
+_MSRA_HINT = re.compile(r"^(conv1_w|res_conv1_bn_[sb]|res\d+_\d+_branch(1|2[abc])_)")
+_TV_HINT = re.compile(r"^(conv1\.weight|bn1\.|layer[1-4]\.\d+\.)")
+
+
+def detect_format(state_dict) -> str:
+  """'detectron2' (full-model or bare d2 backbone names), 'msra_c2' (caffe2 blob names such as
+  `res2_0_branch2a_w`) or 'torchvision' (`conv1.weight`, `layer1.0.bn1.*`)."""
+  keys = list(state_dict)
+  if any(k.startswith(_D2_HEADS) for k in keys) or (
+      keys and all(_D2_BARE_BACKBONE.match(k) for k in keys)):
+    return "detectron2"
+  if any(_MSRA_HINT.match(k) for k in keys):
+    return "msra_c2"
+  if "conv1.weight" in state_dict and any(k.startswith("layer1.") for k in keys):
+    return "torchvision"
+  raise ConversionError(f"unrecognised checkpoint naming ({len(keys)} keys, e.g. {keys[:8]}): "
+                        "expected detectron2, MSRA caffe2 or torchvision ResNet names")
+
+
+_D2_RESNET_KEY = re.compile(
+    r"^(stem\.conv1|res[2-9]\.\d+\.(conv[1-3]|shortcut))(\.norm)?\."
+    r"(weight|bias|running_mean|running_var)$")
+
+
+def _msra_name(key: str) -> str:
+  """caffe2 blob name -> detectron2 backbone name (the ResNet subset of detectron2's
+  convert_basic_c2_names)."""
+  k = key.replace("_", ".")
+  k = re.sub(r"\.b$", ".bias", k)
+  k = re.sub(r"\.w$", ".weight", k)
+  k = re.sub(r"bn\.s$", "norm.weight", k)
+  k = re.sub(r"bn\.bias$", "norm.bias", k)
+  k = re.sub(r"bn\.rm$", "norm.running_mean", k)
+  k = re.sub(r"bn\.running\.mean$", "norm.running_mean", k)
+  k = re.sub(r"bn\.riv$", "norm.running_var", k)
+  k = re.sub(r"bn\.running\.var$", "norm.running_var", k)
+  k = re.sub(r"bn\.gamma$", "norm.weight", k)
+  k = re.sub(r"bn\.beta$", "norm.bias", k)
+  k = re.sub(r"^res\.conv1\.norm\.", "conv1.norm.", k)
+  k = re.sub(r"^conv1\.", "stem.conv1.", k)
+  for c2, d2 in ((".branch1.", ".shortcut."), (".branch2a.", ".conv1."),
+                 (".branch2b.", ".conv2."), (".branch2c.", ".conv3.")):
+    k = k.replace(c2, d2)
+  return k
+
+
+def _torchvision_name(key: str) -> str:
+  """torchvision ResNet name -> detectron2 backbone name (detectron2's
+  tools/convert-torchvision-to-d2.py rules)."""
+  k = key
+  if "layer" not in k:
+    k = "stem." + k
+  for t in (1, 2, 3, 4):
+    k = k.replace(f"layer{t}", f"res{t + 1}")
+  for t in (1, 2, 3):
+    k = k.replace(f"bn{t}", f"conv{t}.norm")
+  k = k.replace("downsample.0", "shortcut")
+  k = k.replace("downsample.1", "shortcut.norm")
+  return k
+
+
+def to_detectron2_names(state_dict, fmt: str) -> StateDict:
+  """Renames a state dict to detectron2 keys (ImageNet formats -> `backbone.bottom_up.*`).
+
+  - 'detectron2': unchanged, except that a bare backbone dict (`stem.*`, `res2.*`, ... as written
+    by detectron2's torchvision converter) gets the `backbone.bottom_up.` prefix, and non-weight
+    entries (`pixel_mean`, `pixel_std`, `*.num_batches_tracked`) are dropped.
+  - 'msra_c2': caffe2 names as detectron2 renames them; `fc1000_*` and `*_momentum` dropped.
+  - 'torchvision': conv1/bn1/layerN/downsample names; `fc.*` and `num_batches_tracked` dropped.
+  Anything that does not become a ResNet backbone key raises `ConversionError` (ImageNet formats).
+  The result's `.info` records dropped keys, the renaming and notes on the input convention.
+  """
+  info = dict(getattr(state_dict, "info", {}))
+  dropped, renamed, notes, bad = [], {}, [], []
+  out = {}
+  if fmt == "detectron2":
+    keys = list(state_dict)
+    bare = bool(keys) and all(_D2_BARE_BACKBONE.match(k) or k.endswith("num_batches_tracked")
+                              for k in keys)
+    for k, v in state_dict.items():
+      if k in ("pixel_mean", "pixel_std") or k.endswith("num_batches_tracked"):
+        dropped.append((k, "not a weight (buffer of the meta-architecture / BatchNorm counter)"))
+        continue
+      if bare and k.startswith("stem.fc."):
+        dropped.append((k, "ImageNet classifier"))
+        continue
+      new = BACKBONE_PREFIX + k if bare else k
+      out[new] = v
+      if new != k:
+        renamed[new] = k
+    if bare:
+      # detectron2 loads such files by suffix matching onto backbone.bottom_up.*
+      versions = info.get("module_versions", {})
+      info["module_versions"] = {BACKBONE_PREFIX + p if p else p: v for p, v in versions.items()}
+      notes.append("bare detectron2 backbone names prefixed with 'backbone.bottom_up.'")
+      if str(info.get("author", "")).lower() == "torchvision":
+        notes.append(_expectation_note("torchvision"))
+  elif fmt in ("msra_c2", "torchvision"):
+    for k, v in state_dict.items():
+      if fmt == "msra_c2":
+        if k.endswith("_momentum"):
+          dropped.append((k, "caffe2 optimizer momentum"))
+          continue
+        if k.startswith("fc1000_"):
+          dropped.append((k, "ImageNet classifier"))
+          continue
+        new = _msra_name(k)
+      else:
+        if k.startswith("fc."):
+          dropped.append((k, "ImageNet classifier"))
+          continue
+        if k.endswith("num_batches_tracked"):
+          dropped.append((k, "BatchNorm counter"))
+          continue
+        new = _torchvision_name(k)
+      if not _D2_RESNET_KEY.match(new):
+        bad.append(f"{k} -> {new}")
+        continue
+      new = BACKBONE_PREFIX + new
+      if new in out:
+        bad.append(f"{k} -> {new} (duplicate)")
+        continue
+      out[new] = v
+      renamed[new] = k
+    if bad:
+      raise ConversionError(f"{len(bad)} {fmt} keys are not ResNet backbone weights "
+                            f"(not converted): {bad[:30]}")
+    notes.append(_expectation_note(fmt))
+  else:
+    raise ConversionError(f"unknown format {fmt!r}")
+  info.update(source_format=fmt, dropped=dropped, renamed=renamed,
+              notes=info.get("notes", []) + notes)
+  return StateDict(out, info=info)
+
+
+def _expectation_note(fmt: str) -> str:
+  e = FORMAT_EXPECTATIONS[fmt]
+  origin = {"msra_c2": "MSRA caffe2 ResNet", "torchvision": "torchvision ResNet"}[fmt]
+  return (f"{origin} weights: the model must use stride_in_1x1={e['stride_in_1x1']}, "
+          f"input_format={e['input_format']!r}, pixel_mean={list(e['pixel_mean'])}, "
+          f"pixel_std={list(e['pixel_std'])}")
+
+
+def format_expectations(fmt: str) -> Optional[dict]:
+  """The model settings an ImageNet format needs (None for detectron2 checkpoints)."""
+  return dict(FORMAT_EXPECTATIONS[fmt]) if fmt in FORMAT_EXPECTATIONS else None
