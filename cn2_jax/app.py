@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -28,9 +27,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from cn2_jax.config import validate_config
-from cn2_jax.errors import (ConfigError, DataError, InputFileError, WeightsError,
-                            is_user_error, one_line)
+from cn2_jax.config import (config_from_json, flatten_fields, get_field, jsonable, set_field,
+                            show_value, validate_config)
+from cn2_jax.errors import (ConfigError, DataError, InputFileError, is_user_error, one_line)
 from cn2_jax.data import builder as builder_lib
 from cn2_jax.data import pipeline
 from cn2_jax.data import synthetic
@@ -38,6 +37,8 @@ from cn2_jax.engine import loop
 from cn2_jax.engine import step as step_lib
 from cn2_jax.evaluation.coco_eval import CocoEvaluator
 from cn2_jax.modeling import detector
+from cn2_jax.weights.loading import (check_checkpoint_fits, latest_checkpoint_dir,
+                                     load_weights_file, restore_model_variables, weights_run_dir)
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,8 @@ def _keep_previous_config(path: str, new: dict) -> None:
   config.<time it was written>.json next to it (so the run's history stays readable)."""
   with open(path) as f:
     old = json.load(f)
-  flat_new = _flatten(new)
-  changes = [(k, v, flat_new[k]) for k, v in _flatten(old).items()
+  flat_new = flatten_fields(new)
+  changes = [(k, v, flat_new[k]) for k, v in flatten_fields(old).items()
              if k in flat_new and v != flat_new[k]]
   if not changes:
     return
@@ -122,7 +123,7 @@ def _keep_previous_config(path: str, new: dict) -> None:
     n += 1
     keep = os.path.join(os.path.dirname(path), f"config.{stamp}-{n}.json")
   shutil.copy2(path, keep)
-  shown = ", ".join(f"{k} {_show(a)} → {_show(b)}" for k, a, b in changes[:6])
+  shown = ", ".join(f"{k} {show_value(a)} → {show_value(b)}" for k, a, b in changes[:6])
   more = f" (+{len(changes) - 6} more)" if len(changes) > 6 else ""
   log.warning("%s: the config differs from the run's previous one: %s%s; previous config kept "
               "as %s", path, shown, more, os.path.basename(keep))
@@ -136,38 +137,6 @@ def _check_num_classes(cfg, info: pipeline.DetectionInfo) -> None:
 
 
 # ------------------------------------------------------------------------------------- run config
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  """{'model.fpn_channels': 64, ...} of a nested (json) dict; lists stay values."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def _jsonable(v):
-  return json.loads(json.dumps(v))  # tuples -> lists, as config.json stores them
-
-
-def _show(v) -> str:
-  return json.dumps(v) if isinstance(v, (list, str)) else str(v)
-
-
-def _get_field(cfg, field: str):
-  for k in field.split("."):
-    cfg = cfg[k]
-  return cfg
-
-
-def _set_field(cfg, field: str, value) -> None:
-  *parents, last = field.split(".")
-  for k in parents:
-    cfg = cfg[k]
-  cfg[last] = value
-
-
 # Fields that steer one eval / predict invocation (where the weights are, what to draw, how to
 # batch) rather than describe the trained model: overriding them is expected, so no warning.
 _INVOCATION_FIELDS = ("weights", "compilation_cache_dir", "predict.", "train.eval_batch_size",
@@ -194,17 +163,16 @@ def run_config(cfg: ml_collections.ConfigDict, workdir: str,
   path = saved_config_path(cfg, workdir)
   if path is None:
     return validate_config(cfg)
-  from cn2_jax.predictor import _config_from_json
-  saved = _config_from_json(path)
+  saved = config_from_json(path)
   overridden = list(dict.fromkeys(overridden))
   for field in overridden:
-    value = _get_field(cfg, field)
-    before = _get_field(saved, field)
-    _set_field(saved, field, value)
-    if _jsonable(before) != _jsonable(value) and not field.startswith(_INVOCATION_FIELDS):
+    value = get_field(cfg, field)
+    before = get_field(saved, field)
+    set_field(saved, field, value)
+    if jsonable(before) != jsonable(value) and not field.startswith(_INVOCATION_FIELDS):
       log.warning("--config.%s=%s differs from the run's %s (%s); using %s", field,
-                  _show(_jsonable(value)), path, _show(_jsonable(before)),
-                  _show(_jsonable(value)))
+                  show_value(jsonable(value)), path, show_value(jsonable(before)),
+                  show_value(jsonable(value)))
   log.info("config: %s%s", path,
            f" with command-line overrides {', '.join(overridden)}" if overridden else "")
   try:
@@ -214,233 +182,6 @@ def run_config(cfg: ml_collections.ConfigDict, workdir: str,
 
 
 # ------------------------------------------------------------------------------------- weights
-def _run_of_step(step_dir: str) -> Optional[str]:
-  ckpts = os.path.dirname(step_dir)
-  return os.path.dirname(ckpts) if os.path.basename(ckpts) == "checkpoints" else None
-
-
-def weights_run_dir(path: str) -> Optional[str]:
-  """The run directory that `--config.weights=path` belongs to (the path itself, its parent for
-  `checkpoints/`, its grandparent for `checkpoints/<step>`, ...), or None (a file, a converted
-  Orbax directory)."""
-  p = os.path.abspath(path)
-  if os.path.isdir(os.path.join(p, "checkpoints")):
-    return p
-  if os.path.basename(p) == "checkpoints" and os.path.isdir(p):
-    return os.path.dirname(p)
-  if os.path.basename(p).isdigit() and os.path.isdir(os.path.join(p, "default")):
-    return _run_of_step(p)
-  if os.path.basename(p) == "default" and os.path.basename(os.path.dirname(p)).isdigit():
-    return _run_of_step(os.path.dirname(p))
-  return None
-
-
-def latest_checkpoint_dir(run: str) -> Optional[str]:
-  """The Orbax item directory of the run's newest finished checkpoint, or None."""
-  if not os.path.isdir(os.path.join(run, "checkpoints")):
-    return None
-  from cn2_jax.engine import checkpoint as ckpt_lib
-  with ckpt_lib.Checkpointer(run) as ckpt:
-    step = ckpt.latest_step()
-    return None if step is None else os.path.join(ckpt.directory, str(step), "default")
-
-
-def orbax_weights_dir(path: str) -> str:
-  """The Orbax directory to read for `--config.weights=DIR`: a run directory or its
-  `checkpoints/` folder (newest checkpoint), a `checkpoints/<step>` folder, or an Orbax directory
-  as written by `python -m cn2_jax.convert`."""
-  p = os.path.abspath(path)
-  if os.path.basename(p).isdigit() and os.path.isdir(os.path.join(p, "default")):
-    return os.path.join(p, "default")
-  run = weights_run_dir(p)
-  if run is not None and os.path.basename(p) != "default":
-    item = latest_checkpoint_dir(run)
-    if item is None:
-      raise WeightsError(f"{path}: no finished checkpoint in {os.path.join(run, 'checkpoints')}")
-    return item
-  return p
-
-
-def _tree_shapes(tree, collections=("params", "frozen")) -> dict:
-  """{'params/backbone/fpn_lateral3/kernel': shape, ...} of the model collections of `tree`."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(
-      {k: tree[k] for k in collections if k in tree})[0]:
-    key = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    out[key] = tuple(int(d) for d in leaf.shape)
-  return out
-
-
-def _implied_model_fields(shapes: dict) -> dict:
-  """Values of the shape-defining model fields as the checkpoint's shapes imply them."""
-  out = {}
-  lateral = shapes.get("params/backbone/fpn_lateral3/kernel")
-  if lateral:
-    out["fpn_channels"] = lateral[-1]
-  cls_bias = shapes.get("params/roi_heads/box_predictor.0/cls_score/bias")
-  if cls_bias:
-    out["num_classes"] = cls_bias[0] - 1  # + background
-  fc1 = shapes.get("params/roi_heads/box_head.0/fc1/kernel")
-  if fc1:
-    out["roi_heads.fc_dim"] = fc1[-1]
-    if lateral:  # fc1 reads the pooled [C, R, R] features of the FPN channels
-      res = math.isqrt(fc1[0] // lateral[-1])
-      if res * res * lateral[-1] == fc1[0]:
-        out["roi_heads.pooler_resolution"] = res
-  stem = shapes.get("params/backbone/bottom_up/stem/conv1/kernel")
-  if stem:
-    out["resnet_width"] = stem[-1]
-
-  def count(pattern):  # distinct indices of the numbered modules matching `pattern`
-    return len({m.group(1) for p in shapes if (m := re.fullmatch(pattern, p))})
-  tower = count(r"params/proposal_generator/centernet_head/bbox_tower\.(\d+)/kernel")
-  if tower:
-    out["centernet.num_convs"] = tower
-  num_fc = count(r"params/roi_heads/box_head\.0/fc(\d+)/kernel")
-  if num_fc:
-    out["roi_heads.num_fc"] = num_fc
-  res4 = count(r"(?:params|frozen)/backbone/bottom_up/res4/(\d+)/.*")
-  bottleneck = any("/bottom_up/res4/0/conv3/" in p for p in shapes)
-  depth = {(2, False): 18, (6, False): 34, (6, True): 50, (23, True): 101}.get((res4, bottleneck))
-  if depth:
-    out["resnet_depth"] = depth
-  if any(p.startswith("frozen/backbone/bottom_up/stem/conv1/norm/") for p in shapes):
-    out["resnet_norm"] = "FrozenBN"
-  elif "params/backbone/bottom_up/stem/conv1/norm/scale" in shapes:
-    out["resnet_norm"] = "GN"
-  return out
-
-
-# Where a mismatching parameter lives -> the config fields that shape it (when the checkpoint
-# does not tell the value, e.g. a partial or foreign checkpoint).
-_FIELDS_BY_PATH = (
-    ("/backbone/bottom_up/", "model.resnet_depth, model.resnet_width or model.resnet_norm"),
-    ("/backbone/", "model.fpn_channels"),
-    ("/proposal_generator/", "model.centernet.num_convs or model.fpn_channels"),
-    ("/roi_heads/box_predictor", "model.num_classes or model.roi_heads.fc_dim"),
-    ("/roi_heads/", "model.roi_heads.* (fc_dim, num_fc, pooler_resolution, iou_thresholds)"),
-)
-
-
-def check_weights_fit(saved: dict, expected: dict, source: str, model_cfg=None) -> None:
-  """Raises a one-line WeightsError when the variable shapes `saved` (of a checkpoint) do not fit
-  `expected` (of the model), naming the first offending parameter and the config field(s) that
-  explain it (values read off the checkpoint, compared with `model_cfg`)."""
-  mismatched = [(p, saved[p], s) for p, s in expected.items() if p in saved and saved[p] != s]
-  missing = [p for p in expected if p not in saved]
-  extra = [p for p in saved if p not in expected]
-  problems = len(mismatched) + len(missing) + len(extra)
-  if not problems:
-    return
-  if mismatched:
-    first, in_ckpt, in_model = mismatched[0]
-    what = f"{first} is {in_ckpt} in the checkpoint but {in_model} in the model"
-  elif missing:
-    first = missing[0]
-    what = f"{first} is missing from the checkpoint"
-  else:
-    first = extra[0]
-    what = f"the checkpoint has {first}, which the model does not"
-  more = f" (and {problems - 1} more)" if problems > 1 else ""
-  implied = _implied_model_fields(saved)
-  differ, fixes = [], []
-  if model_cfg is not None:
-    for field, value in implied.items():
-      have = _get_field(model_cfg, field)
-      if _jsonable(have) != _jsonable(value):
-        differ.append(f"model.{field}={_show(value)} (this config: {_show(_jsonable(have))})")
-        fixes.append(f"--config.model.{field}={_show(value)}")
-  if differ:
-    hint = f"it was trained with {', '.join(differ)}: use {' '.join(fixes)}"
-  else:
-    fields = next((f for key, f in _FIELDS_BY_PATH if key in f"/{first}"), "the model fields")
-    hint = f"check {fields}"
-  raise WeightsError(f"{source} does not fit the model of this config: {what}{more}; {hint}")
-
-
-def _checkpoint_shapes(path: str, source: str) -> dict:
-  """`_tree_shapes` of an Orbax directory, from its metadata (no array is read)."""
-  import orbax.checkpoint as ocp
-  from etils import epath
-  try:
-    # The handler (not a Checkpointer) reads the tree metadata without warning that a
-    # checkpoint item has no step metadata of its own.
-    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
-  except Exception as e:  # noqa: BLE001 - anything unreadable is the same user error
-    raise WeightsError(f"{source}: cannot read it as an Orbax checkpoint (expected a run "
-                       f"directory, its checkpoints/<step> folder, or a directory written by "
-                       f"`python -m cn2_jax.convert`): {one_line(e)}") from e
-  return _tree_shapes(getattr(meta, "tree", meta))
-
-
-def restore_orbax_variables(path: str, expected: dict, *, source: Optional[str] = None,
-                            model_cfg=None) -> dict:
-  """`{'params', 'frozen'}` (numpy) from an Orbax directory (a TrainState checkpoint item or a
-  converted model), after checking its shapes against `expected` (abstract variables)."""
-  import orbax.checkpoint as ocp
-  source = source or path
-  check_weights_fit(_checkpoint_shapes(path, source), _tree_shapes(expected), source, model_cfg)
-  item = {k: expected[k] for k in ("params", "frozen") if k in expected}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  # partial_restore: a TrainState checkpoint also holds the step, rng and optimizer state.
-  with ocp.PyTreeCheckpointer() as ckptr:
-    return ckptr.restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
-
-
-def load_weights_file(path: str, variables: dict, *, backbone_only: bool,
-                      model_cfg=None) -> dict:
-  """Official .pkl/.pth (detectron2/CenterNet2, MSRA R-50, torchvision R-50) or an Orbax directory
-  (`orbax_weights_dir`: a run, one of its checkpoints, or the output of `python -m
-  cn2_jax.convert`), mapped onto `variables` (strict; see convert.py). `variables` may be abstract
-  (ShapeDtypeStruct) unless `backbone_only`, which keeps the rest."""
-  from cn2_jax import convert
-  if os.path.isdir(path):
-    if backbone_only:
-      raise WeightsError(f"{path}: backbone-only initialisation reads an ImageNet .pkl/.pth file "
-                         f"(R-50.pkl or resnet50-*.pth), not an Orbax directory")
-    return restore_orbax_variables(orbax_weights_dir(path), variables, source=path,
-                                   model_cfg=model_cfg)
-  sd = convert.load_checkpoint_file(path)
-  fmt = convert.detect_format(sd)
-  sd = convert.to_detectron2_names(sd, fmt)
-  variables, report = convert.convert_to_flax(sd, variables, backbone_only=backbone_only)
-  log.info("loaded %s (%s): %s", path, fmt, report.summary())
-  return variables
-
-
-def _warn_inexact_official_eval(cfg) -> None:
-  """Official weights are only reproduced with the official ROIAlign sampling and padding."""
-  r, d = cfg.model.roi_heads, cfg.data
-  if r.sampling_ratio != 0:
-    log.warning("--config.weights with model.roi_heads.sampling_ratio=%d: ROIAlign samples a "
-                "fixed grid, so detections differ from the official model's (use 0, the "
-                "default, to reproduce them)", r.sampling_ratio)
-  if tuple(d.pad_hw_test):
-    log.warning("--config.weights with data.pad_hw_test=%s: images are padded beyond the "
-                "official 32-rounded canvas, which changes detections near the image border "
-                "(use (), the default, to reproduce the official ones)", tuple(d.pad_hw_test))
-
-
-def restore_variables(cfg, workdir: str) -> dict:
-  """Model variables for eval/predict: `cfg.weights` if set, else the workdir's latest checkpoint.
-  A checkpoint that does not fit the config's model is a one-line WeightsError naming the
-  field(s) responsible."""
-  abstract = detector.abstract_variables(cfg.model)
-  if cfg.weights:
-    if weights_run_dir(cfg.weights) is None:  # official or converted weights, not one of our runs
-      _warn_inexact_official_eval(cfg)
-    return load_weights_file(cfg.weights, abstract, backbone_only=False, model_cfg=cfg.model)
-  item = latest_checkpoint_dir(workdir)
-  if item is None:
-    raise InputFileError(f"No checkpoint in {workdir}/checkpoints and no --config.weights: "
-                         f"train first or pass weights")
-  variables = restore_orbax_variables(item, abstract, model_cfg=cfg.model,
-                                      source=f"checkpoint {os.path.dirname(item)}")
-  log.info("restored %s", os.path.dirname(item))
-  return variables
-
-
 # ------------------------------------------------------------------------------------- modes
 def enable_compilation_cache(cfg) -> None:
   """Turns on JAX's persistent compilation cache at `cfg.compilation_cache_dir` (every padded
@@ -463,8 +204,7 @@ def _check_resumable(cfg, workdir: str) -> None:
   if item is None:
     return
   source = f"cannot resume: checkpoint {os.path.dirname(item)}"
-  check_weights_fit(_checkpoint_shapes(item, source),
-                    _tree_shapes(detector.abstract_variables(cfg.model)), source, cfg.model)
+  check_checkpoint_fits(item, detector.abstract_variables(cfg.model), source, cfg.model)
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at_step: Optional[int] = None,
@@ -530,7 +270,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, variables=None,
   _check_num_classes(cfg, info)
   d = cfg.data
   if variables is None:
-    variables = restore_variables(cfg, workdir)
+    variables = restore_model_variables(cfg, workdir)
   split = pipeline.open_split(b, d.eval_split)
   ann = info.annotation_file(d.eval_split)
   if ann is None:

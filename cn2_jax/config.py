@@ -7,11 +7,18 @@ know (a misspelled key is an error naming it, never silently ignored) and checks
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import ml_collections
+
+from cn2_jax.errors import ConfigError
+
+
+# Detector families with a registered meta-architecture (cn2_jax/modeling/meta_arch/).
+ARCHS = ("centernet2",)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -25,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- model
   m = c.model = ml_collections.ConfigDict()
+  m.arch = "centernet2"             # detector family (modeling/meta_arch/): one of ARCHS
   m.num_classes = 80
   m.dtype = "float32"               # compute dtype: "float32" or "bfloat16" (params stay f32)
   m.resnet_depth = 50
@@ -177,6 +185,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   """Raises KeyError naming any key unknown to the schema, ValueError on bad values."""
   _check_keys(cfg, base_config())
   m = cfg.model
+  if m.arch not in ARCHS:
+    raise ConfigError(f"model.arch must be one of {ARCHS}, got {m.arch!r}")
   if m.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {m.dtype!r}")
   if m.input_format not in ("BGR", "RGB"):
@@ -200,6 +210,62 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     raise ValueError(f"data.dataset must be 'coco/2017', 'coco_json' or 'synthetic', "
                      f"got {cfg.data.dataset!r}")
   return cfg
+
+
+def flatten_fields(tree: dict, prefix: str = "") -> dict:
+  """{'model.fpn_channels': 64, ...} of a nested (json) dict; lists stay values."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flatten_fields(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def jsonable(v):
+  """A config value as config.json stores it (tuples become lists)."""
+  return json.loads(json.dumps(v))
+
+
+def show_value(v) -> str:
+  """A config value as a user types it on the command line."""
+  return json.dumps(v) if isinstance(v, (list, str)) else str(v)
+
+
+def get_field(cfg, field: str):
+  """`cfg` value at a dotted field path (`model.fpn_channels`)."""
+  for k in field.split("."):
+    cfg = cfg[k]
+  return cfg
+
+
+def set_field(cfg, field: str, value) -> None:
+  """Sets `cfg` at a dotted field path."""
+  *parents, last = field.split(".")
+  for k in parents:
+    cfg = cfg[k]
+  cfg[last] = value
+
+
+def config_from_json(path: str) -> ml_collections.ConfigDict:
+  """Rebuilds a run's ConfigDict from workdir/config.json on top of the schema defaults."""
+  with open(path) as f:
+    saved = json.load(f)
+  cfg = base_config()
+
+  def merge(dst, src, prefix=""):
+    for k, v in src.items():
+      if k not in dst:
+        raise ConfigError(f"{path}: unknown config key '{prefix}{k}' (written by another "
+                          f"version of cn2_jax?)")
+      if isinstance(dst[k], ml_collections.ConfigDict):
+        merge(dst[k], v, f"{prefix}{k}.")
+      else:
+        dst[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v) \
+            if isinstance(v, list) else v
+  merge(cfg, saved)
+  return validate_config(cfg)
 
 
 def load_config_file(path: str | Path) -> ml_collections.ConfigDict:

@@ -25,36 +25,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from cn2_jax.config import base_config, validate_config
+from cn2_jax.config import config_from_json
 from cn2_jax.data import buckets, transforms
-from cn2_jax.errors import ConfigError, DataError, InputFileError
+from cn2_jax.errors import DataError, InputFileError
 from cn2_jax.modeling import detector
-
-
-def _config_from_json(path: str) -> ml_collections.ConfigDict:
-  """Rebuilds a run's ConfigDict from workdir/config.json on top of the schema defaults."""
-  with open(path) as f:
-    saved = json.load(f)
-  cfg = base_config()
-
-  def merge(dst, src, prefix=""):
-    for k, v in src.items():
-      if k not in dst:
-        raise ConfigError(f"{path}: unknown config key '{prefix}{k}' (written by another "
-                          f"version of cn2_jax?)")
-      if isinstance(dst[k], ml_collections.ConfigDict):
-        merge(dst[k], v, f"{prefix}{k}.")
-      else:
-        dst[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v) \
-            if isinstance(v, list) else v
-  merge(cfg, saved)
-  return validate_config(cfg)
+from cn2_jax.weights.loading import restore_model_variables, weights_run_dir
 
 
 def _dataset_info(workdir: str, config: ml_collections.ConfigDict) -> tuple:
   """(class names, label -> category id) of the model: dataset_info.json of the run its weights
   come from, else of `workdir`; COCO's for an 80-class model without one; else (None, None)."""
-  from cn2_jax.app import weights_run_dir
   run = weights_run_dir(config.weights) if config.weights else None
   for d in (run, workdir):
     path = os.path.join(d, "dataset_info.json") if d else ""
@@ -88,14 +68,13 @@ class Predictor:
                    config: Optional[ml_collections.ConfigDict] = None) -> "Predictor":
     """Loads `config.json` / `dataset_info.json` of a run (unless `config` is given) and its
     weights: `config.weights` if set, else the latest checkpoint in `workdir`."""
-    from cn2_jax.app import restore_variables
     if config is None:
       path = os.path.join(workdir, "config.json")
       if not os.path.isfile(path):
         raise InputFileError(f"{path} not found: pass the run's config explicitly")
-      config = _config_from_json(path)
+      config = config_from_json(path)
     names, category_ids = _dataset_info(workdir, config)
-    return cls(config, restore_variables(config, workdir), names, category_ids)
+    return cls(config, restore_model_variables(config, workdir), names, category_ids)
 
   def class_name(self, label: int) -> str:
     if self.class_names and 0 <= label < len(self.class_names):

@@ -141,7 +141,7 @@ def test_eval_with_converted_weights_dir_matches_checkpoint(runs, tmp_path):
   gives the same metrics as evaluating the run's own checkpoint."""
   from cn2_jax.convert import save_variables
   cfg, wd, _, _, metrics = runs
-  variables = app.restore_variables(cfg, wd)
+  variables = app.restore_model_variables(cfg, wd)
   import jax
   weights = save_variables(jax.device_get(variables), tmp_path / "converted")
   cfg2 = cfg.copy_and_resolve_references()

@@ -183,7 +183,7 @@ def test_shape_mismatch_names_the_field(run):
   cfg = app.run_config(load_config_file(DEMO), run, [])
   cfg.model.num_classes = 80
   with pytest.raises(errors.WeightsError) as e:
-    app.restore_variables(cfg, run)
+    app.restore_model_variables(cfg, run)
   msg = str(e.value)
   assert "\n" not in msg and "cls_score" in msg and "(5,) in the checkpoint but (81,)" in msg
   assert "model.num_classes=4 (this config: 80)" in msg
@@ -192,12 +192,12 @@ def test_shape_mismatch_names_the_field(run):
 
 def test_weights_can_be_a_run_or_one_of_its_checkpoints(run, tmp_path):
   cfg = app.run_config(load_config_file(DEMO), run, [])
-  ref = jax.tree.leaves(app.restore_variables(cfg, run))
+  ref = jax.tree.leaves(app.restore_model_variables(cfg, run))
 
   def restored(weights):
     c = cfg.copy_and_resolve_references()
     c.weights = weights
-    return jax.tree.leaves(app.restore_variables(c, str(tmp_path / "elsewhere")))
+    return jax.tree.leaves(app.restore_model_variables(c, str(tmp_path / "elsewhere")))
   for weights in (run, os.path.join(run, "checkpoints"), os.path.join(run, "checkpoints", "4")):
     assert all(np.array_equal(a, b) for a, b in zip(ref, restored(weights))), weights
   assert not all(np.array_equal(a, b) for a, b in zip(

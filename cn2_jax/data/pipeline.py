@@ -1,19 +1,9 @@
 """grain input pipelines producing numpy batches with the DESIGN.md batch contract (no JAX here).
 
-Every batch (train and eval) has exactly these keys::
-
-    image       [B, H, W, 3] uint8   RGB, zero-padded bottom/right to pad_hw = (H, W)
-    image_hw    [B, 2] int32         valid (h, w) after resize (before padding)
-    gt_boxes    [B, M, 4] float32    xyxy in resized pixels, M = max_boxes
-    gt_classes  [B, M] int32         contiguous 0..C-1
-    gt_valid    [B, M] bool          real, non-crowd, non-degenerate GT
-    gt_crowd    [B, M] bool          crowd boxes (in the arrays, gt_valid False)
-    batch_mask  [B] bool             False for padding examples (eval's last batch)
-    image_id    [B] int64            dataset image id (-1 for padding examples)
-    orig_hw     [B, 2] int32         original (h, w)
-
-Padding examples of the last eval batch are all-zero images with ``batch_mask=False``,
-``image_id=-1`` and ``image_hw = orig_hw = pad_hw`` (never 0, so ratios stay finite).
+Every batch (train and eval) follows the batch contract of docs/DESIGN.md (the single statement of
+it: keys, shapes, dtypes). Padding examples of the last eval batch are all-zero images with
+``batch_mask=False``, ``image_id=-1`` and ``image_hw`` = ``orig_hw`` = the canvas (never 0, so
+ratios stay finite).
 
 Determinism: the train stream is a pure function of ``(seed, step)``.  ``step`` selects a global
 batch of ``batch_size * process_count`` examples (aspect-grouped epochs: ``_GroupedSchedule``; or

@@ -341,6 +341,8 @@ def _select_state_dict(path: Path, obj: Any) -> tuple[Any, dict]:
     return obj["model"], info
   if "blobs" in obj and isinstance(obj["blobs"], dict):  # caffe2 Detectron detection models
     return obj["blobs"], info
+  if "state_dict" in obj and isinstance(obj["state_dict"], dict):  # xingyizhou/CenterNet files
+    return obj["state_dict"], info
   return obj, info
 
 

@@ -80,9 +80,8 @@ class CenterNet(nn.Module):
     cand = out["hm_logits"]
     if masks is not None:  # off-canvas locations are never candidates (sigmoid(-inf) = 0)
       cand = [jnp.where(m, h, -jnp.inf) for h, m in zip(cand, masks)]
-    proposals = generate_proposals(
-        [jax.lax.stop_gradient(h.astype(jnp.float32)) for h in cand],
-        [jax.lax.stop_gradient(r.astype(jnp.float32)) for r in out["reg"]],
+    proposals = generate_proposals(  # float32, no gradient (decode.py casts and stops it)
+        cand, out["reg"],
         strides=tuple(self.strides),
         pre_nms_topk=self.pre_nms_topk_train if train else self.pre_nms_topk_test,
         post_nms_topk=self.post_nms_topk_train if train else self.post_nms_topk_test,

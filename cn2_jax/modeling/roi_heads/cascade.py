@@ -49,10 +49,6 @@ def _scale_gradient_bwd(scale, _, g):
 scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
 
 
-def _pmean_or_identity(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
-  return jax.lax.pmean(x, axis_name) if axis_name else x
-
-
 def probabilistic_scores(stage_logits: Sequence[jax.Array], proposal_scores: jax.Array,
                          mult_proposal_score: bool = True) -> jax.Array:
   """CenterNet2's final score (spec §6): sqrt(mean_k softmax(logits_k) * s_prop).
@@ -214,6 +210,7 @@ class CascadeROIHeads(nn.Module):
                                  valid_hw)
 
     stage_logits = []
+    pred = boxes  # stage k > 0 refines the previous stage's predicted boxes
     for k in range(self.num_stages):
       if k > 0:
         boxes = box_ops.clip_boxes(jax.lax.stop_gradient(pred), hw[:, None, :])
@@ -263,6 +260,7 @@ class CascadeROIHeads(nn.Module):
     gt_idx = take(gt_idx)
 
     losses = {}
+    pred = boxes  # stage k > 0 refines the previous stage's predicted boxes
     for k in range(self.num_stages):
       if k > 0:
         boxes = box_ops.clip_boxes(jax.lax.stop_gradient(pred), hw[:, None, :])

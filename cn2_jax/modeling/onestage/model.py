@@ -1,0 +1,220 @@
+"""centerX one-stage CenterNet: ResNet C5 -> 3 DeconvLayers (stride 4) -> cls / wh / reg heads
+(spec §2-§3; centerX `modeling/meta_arch/centernet.py`).
+
+Sub-modules are named `backbone`, `upsample`, `head`, so variable paths equal centerX's
+state-dict keys under the rename rule of `cn2_jax/weights/onestage.py`.
+
+Call contract (the batch contract of docs/DESIGN.md; `image` is RGB uint8 zero-padded at the
+bottom/right, `image_hw` the valid size):
+  * `model.init(rng, batch, train=False)` -> `{'params', 'batch_stats'}`;
+  * `model.apply(variables, batch, train=False)` -> detections `boxes [B, K, 4]` (resized-image
+    pixels, so `detector.postprocess_detections` maps them to the original image), `scores`,
+    `classes` int32, `valid` bool (all True), K = `max_detections`;
+  * `model.apply(variables, batch, train=True, mutable=['batch_stats'])` -> (losses, updates):
+    `loss_cls`, `loss_box_wh`, `loss_off_reg` (already weighted; the total is their sum) and
+    `aux/num_pos`. BatchNorm uses batch statistics and updates the running ones;
+    `bn_train=False` keeps it in eval mode while training (then nothing is mutated).
+Intermediates sown under `intermediates`: `input` (normalised image), `c5`,
+`upsample/deconv{1,2,3}_out`, `neck`, `cls`, `wh`, `reg`.
+
+Preprocessing (spec §2, oracle README §5): RGB (or BGR when `input_format == "BGR"`, e.g.
+xingyizhou/CenterNet weights), x / 255, minus `pixel_mean`, divided by `pixel_std` (both in the
+model's channel order, in [0, 1] units), then 0 outside `image_hw`.
+
+Targets use the whole batch canvas (`image.shape[1:3]`, which must be a multiple of
+`down_scale`), as centerX uses the padded batch tensor: for parity the canvas must be the official
+one (the batch's largest image rounded up to 32). On a larger canvas (a bucket) the extra rows and
+columns are extra negatives and extra BatchNorm samples; masking them is not implemented.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cn2_jax.modeling.onestage import decode as decode_lib
+from cn2_jax.modeling.onestage import losses as loss_lib
+from cn2_jax.modeling.onestage.backbone import ResNetC5
+from cn2_jax.modeling.onestage.head import CenternetHead
+from cn2_jax.modeling.onestage.neck import CenternetDeconv
+from cn2_jax.modeling.onestage.norm import TORCH_BN_EPS, TORCH_BN_MOMENTUM
+from cn2_jax.modeling.onestage.targets import batch_targets
+
+# "float64" only under jax.enable_x64 (the oracle's double-precision reference).
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+
+
+class CenterNetOneStage(nn.Module):
+  """The model. Attributes (defaults = centerX `centernet_res18_coco_0.5.yaml`):
+
+  Architecture: `num_classes`, `depth` (18/34/50/101), `backbone_width` (64), `deconv_channels`
+  (outputs of deconv1..3), `deconv_kernels`, `use_deform`, `modulate_deform`,
+  `dcn_zero_init_offset` (False = centerX), `head_conv` (None = neck channels), `bias_value`,
+  `head_init` ("centerx" | "centernet"), `down_scale` (output stride 4).
+  Input: `pixel_mean`, `pixel_std` ([0, 1] units), `input_format` ("RGB" | "BGR").
+  Targets/losses: `min_overlap`, `radius_formula` ("fixed" | "cornernet"), `tensor_dim`,
+  `cls_weight`, `wh_weight`, `reg_weight`, `norm_wh` ("" | "centerx" | "per_object"),
+  `focal_clamp` ((lo, hi), None = no bound).
+  Decoding: `max_detections` (K), `clamp_wh` (False = official inverted boxes).
+  Numerics: `bn_momentum` (Flax convention), `bn_eps`, `dtype` ("float32" | "bfloat16"; "float64" under `jax.enable_x64` only),
+  `axis_name` (SyncBN statistics across devices).
+  """
+  num_classes: int = 80
+  depth: int = 18
+  backbone_width: int = 64
+  deconv_channels: Sequence[int] = (256, 128, 64)
+  deconv_kernels: Sequence[int] = (4, 4, 4)
+  use_deform: bool = True
+  modulate_deform: bool = True
+  dcn_zero_init_offset: bool = False
+  head_conv: Optional[int] = None
+  bias_value: float = -2.19
+  head_init: str = "centerx"
+  down_scale: int = 4
+  pixel_mean: Sequence[float] = (0.485, 0.456, 0.406)
+  pixel_std: Sequence[float] = (0.229, 0.224, 0.225)
+  input_format: str = "RGB"
+  min_overlap: float = 0.3
+  radius_formula: str = "fixed"
+  tensor_dim: int = 128
+  cls_weight: float = 1.0
+  wh_weight: float = 0.1
+  reg_weight: float = 1.0
+  norm_wh: str = ""
+  focal_clamp: Tuple[Optional[float], Optional[float]] = loss_lib.CENTERX_CLAMP
+  max_detections: int = 100
+  clamp_wh: bool = True
+  bn_momentum: float = TORCH_BN_MOMENTUM
+  bn_eps: float = TORCH_BN_EPS
+  dtype: str = "float32"
+  axis_name: Optional[str] = None
+
+  def setup(self):
+    dtype = _DTYPES[self.dtype]
+    self.backbone = ResNetC5(self.depth, self.backbone_width, self.bn_momentum, self.bn_eps,
+                             self.axis_name, dtype)
+    self.upsample = CenternetDeconv(tuple(self.deconv_channels), tuple(self.deconv_kernels),
+                                    self.use_deform, self.modulate_deform,
+                                    self.dcn_zero_init_offset, self.bn_momentum, self.bn_eps,
+                                    self.axis_name, dtype)
+    self.head = CenternetHead(self.num_classes, self.head_conv, self.bias_value, self.head_init,
+                              dtype)
+
+  def preprocess(self, image: jax.Array, image_hw: jax.Array) -> jax.Array:
+    """`[B, H, W, 3]` uint8 RGB -> normalised `[B, H, W, 3]` float32 (float64 for a float64
+    model), 0 outside `image_hw`."""
+    f = jnp.promote_types(_DTYPES[self.dtype], jnp.float32)
+    x = image.astype(f)
+    if self.input_format == "BGR":
+      x = x[..., ::-1]
+    elif self.input_format != "RGB":
+      raise ValueError(f"input_format must be 'RGB' or 'BGR', got {self.input_format!r}")
+    # centerX order: (x / 255 - mean) / std, all float32.
+    x = (x / jnp.asarray(255.0, f) - jnp.asarray(self.pixel_mean, f)) / jnp.asarray(
+        self.pixel_std, f)
+    h, w = image.shape[1], image.shape[2]
+    inside = ((jnp.arange(h)[None, :, None] < image_hw[:, 0, None, None]) &
+              (jnp.arange(w)[None, None, :] < image_hw[:, 1, None, None]))
+    return jnp.where(inside[..., None], x, 0.0)
+
+  def maps(self, images: jax.Array, train_bn: bool = False) -> Dict[str, jax.Array]:
+    """Normalised images `[B, H, W, 3]` -> head maps `cls [B, H/4, W/4, C]` (sigmoid), `wh`,
+    `reg` `[B, H/4, W/4, 2]` (float32)."""
+    dtype = _DTYPES[self.dtype]
+    c5 = self.backbone(images.astype(dtype), train_bn)
+    self.sow("intermediates", "c5", c5)
+    neck = self.upsample(c5, train_bn)
+    self.sow("intermediates", "neck", neck)
+    out = self.head(neck)
+    for k, v in out.items():
+      self.sow("intermediates", k, v)
+    return out
+
+  def targets(self, batch: Mapping[str, jax.Array]) -> Dict[str, jax.Array]:
+    """Targets of the batch on its canvas (see `targets.centernet_targets`)."""
+    h, w = batch["image"].shape[1:3]
+    if h % self.down_scale or w % self.down_scale:
+      raise ValueError(f"canvas {h}x{w} is not a multiple of down_scale {self.down_scale}")
+    return batch_targets(
+        batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"],
+        out_hw=(h // self.down_scale, w // self.down_scale), num_classes=self.num_classes,
+        down_scale=self.down_scale, min_overlap=self.min_overlap, tensor_dim=self.tensor_dim,
+        radius_formula=self.radius_formula)
+
+  def losses(self, maps: Mapping[str, jax.Array],
+             gt: Mapping[str, jax.Array]) -> Dict[str, jax.Array]:
+    """centerX `CenterNet.losses` on head maps and `targets` output."""
+    loss_cls, num_pos = loss_lib.modified_focal_loss(maps["cls"], gt["score_map"],
+                                                     tuple(self.focal_clamp))
+    loss_wh = loss_lib.reg_l1_loss(maps["wh"], gt["index"], gt["reg_mask"], gt["wh"],
+                                   self.norm_wh)
+    loss_reg = loss_lib.reg_l1_loss(maps["reg"], gt["index"], gt["reg_mask"], gt["reg"])
+    return {"loss_cls": loss_cls * self.cls_weight, "loss_box_wh": loss_wh * self.wh_weight,
+            "loss_off_reg": loss_reg * self.reg_weight, "aux/num_pos": num_pos}
+
+  def __call__(self, batch: Mapping[str, jax.Array], train: bool = False,
+               bn_train: Optional[bool] = None):
+    images = self.preprocess(batch["image"], batch["image_hw"])
+    self.sow("intermediates", "input", images)
+    train_bn = train if bn_train is None else bn_train
+    maps = self.maps(images, train_bn)
+    if train:
+      return self.losses(maps, self.targets(batch))
+    dets = decode_lib.decode(maps["cls"], maps["wh"], maps["reg"], k=self.max_detections,
+                             down_scale=self.down_scale, clamp_wh=self.clamp_wh)
+    return {k: dets[k] for k in ("boxes", "scores", "classes", "valid")}
+
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(CenterNetOneStage)
+                     if f.name not in ("parent", "name"))
+
+
+def build_onestage_model(model_config: Optional[Mapping[str, Any]] = None,
+                         axis_name: Optional[str] = None, **overrides) -> CenterNetOneStage:
+  """A `CenterNetOneStage` from a flat mapping (dict / ConfigDict) of its attribute names, plus
+  keyword overrides. Unknown keys raise ValueError (a misspelled option must not be ignored)."""
+  cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else (model_config or {}))
+  cfg.update(overrides)
+  if axis_name is not None:
+    cfg["axis_name"] = axis_name
+  unknown = sorted(set(cfg) - set(MODEL_FIELDS))
+  if unknown:
+    raise ValueError(f"unknown one-stage model option(s) {unknown}; valid: {list(MODEL_FIELDS)}")
+  for key in ("deconv_channels", "deconv_kernels", "pixel_mean", "pixel_std", "focal_clamp"):
+    if key in cfg and cfg[key] is not None:
+      cfg[key] = tuple(cfg[key])
+  return CenterNetOneStage(**cfg)
+
+
+def dummy_batch(batch_size: int = 1, hw: Tuple[int, int] = (64, 64),
+                max_boxes: int = 4) -> Dict[str, np.ndarray]:
+  """A minimal batch (for init / shape inference; parameter shapes do not depend on it)."""
+  h, w = hw
+  return dict(
+      image=np.zeros((batch_size, h, w, 3), np.uint8),
+      image_hw=np.tile(np.array([[h, w]], np.int32), (batch_size, 1)),
+      gt_boxes=np.zeros((batch_size, max_boxes, 4), np.float32),
+      gt_classes=np.zeros((batch_size, max_boxes), np.int32),
+      gt_valid=np.zeros((batch_size, max_boxes), bool),
+  )
+
+
+def init_fn(model: CenterNetOneStage):
+  """`key -> {'params', 'batch_stats'}` (official init rules); pure, jit / eval_shape-able."""
+  def init(key):
+    variables = model.init(key, dummy_batch(), train=False)
+    return {k: v for k, v in variables.items() if k != "intermediates"}  # init keeps sows
+  return init
+
+
+def init_variables(model: CenterNetOneStage, seed: int = 0) -> dict:
+  return jax.jit(init_fn(model))(jax.random.PRNGKey(seed))
+
+
+def abstract_variables(model: CenterNetOneStage) -> dict:
+  """The variable structure as `jax.ShapeDtypeStruct` leaves (no computation)."""
+  return jax.eval_shape(init_fn(model), jax.random.PRNGKey(0))

@@ -1,0 +1,424 @@
+"""Weights of the one-stage CenterNet (`cn2_jax/modeling/onestage`): centerX state dicts (and
+xingyizhou/CenterNet `resdcn` / torchvision ResNet ones) -> Flax variables, strictly, and back.
+
+Files are read with `cn2_jax.weights.load_checkpoint_file` (the reader behind
+`cn2_jax.convert`: restricted unpickler, torch never imported; a common `module.` prefix is
+stripped there). Then:
+  1. `detect_format(sd)`: 'centerx' (`backbone.*`, `upsample.*`, `head.*`), 'xingyizhou'
+     (CenterNet `resdcn_*`: `conv1`, `layerN`, `deconv_layers.*`, `hm/wh/reg.{0,2}`) or
+     'torchvision' (ImageNet ResNet: backbone only).
+  2. `to_centerx_names(sd, fmt)`: renames to centerX keys (dropping `fc.*`).
+  3. `convert_onestage(sd, target_variables)`: maps every key onto the target tree and reports
+     mapped / missing / unexpected / mis-shaped / dropped keys, one line each; anything but a
+     complete, exact mapping raises `ConversionError` (with `.report`).
+
+Naming rule (`'.'`-joined Flax path == centerX key with the leaf renamed):
+  * conv `weight` [O, I, kh, kw] -> params `kernel` [kh, kw, I, O] (transpose (2, 3, 1, 0));
+  * ConvTranspose2d `weight` [I, O, kh, kw] (modules named in `neck.TRANSPOSED_CONV_NAMES`,
+    i.e. `up_sample`) -> params `kernel` [kh, kw, I, O] (transpose (2, 3, 0, 1), no flip; the
+    forward flips, see `onestage/neck.py`). The two rules give the same shape when I == O, so
+    the module name, not the shape, decides;
+  * conv `bias` -> params `bias`;
+  * BatchNorm (a module with `batch_stats/<module>.mean` in the target): `weight` -> params
+    `scale`, `bias` -> params `bias`, `running_mean` -> batch_stats `mean`, `running_var` ->
+    batch_stats `var`; `num_batches_tracked` is dropped (unused with an explicit momentum).
+Example: `upsample.deconv1.up_sample.weight` -> `params/upsample/deconv1/up_sample/kernel`,
+`backbone.layer2.0.downsample.1.running_var` -> `batch_stats/backbone/layer2.0/downsample.1/var`.
+
+`export_state_dict(variables)` is the inverse (torch layouts and centerX keys), also used to
+compare gradients with official ones.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from cn2_jax.weights import ConversionError, StateDict, load_checkpoint_file
+
+__all__ = [
+    "FORMATS", "OneStageReport", "convert_onestage", "detect_format", "export_state_dict",
+    "infer_model_config", "load_onestage_weights", "main", "to_centerx_names", "torch_key_of",
+]
+
+FORMATS = ("centerx", "xingyizhou", "torchvision")
+_CENTERX_HEADS = ("backbone.", "upsample.", "head.")
+_TRANSPOSED = ("up_sample",)  # == onestage.neck.TRANSPOSED_CONV_NAMES (checked in the tests)
+
+
+# ----------------------------------------------------------------------------------------------
+# Formats and renaming.
+# ----------------------------------------------------------------------------------------------
+
+def detect_format(sd) -> str:
+  keys = list(sd)
+  if any(k.startswith(_CENTERX_HEADS) for k in keys):
+    return "centerx"
+  if any(k.startswith(("deconv_layers.", "hm.")) for k in keys):
+    return "xingyizhou"
+  if "conv1.weight" in sd and any(k.startswith("layer1.") for k in keys):
+    return "torchvision"
+  raise ConversionError(f"unrecognised checkpoint naming ({len(keys)} keys, e.g. {keys[:8]}): "
+                        "expected centerX (backbone./upsample./head.), xingyizhou/CenterNet "
+                        "resdcn or torchvision ResNet names")
+
+
+_CN_HEADS = {"hm": "cls_head", "wh": "wh_head", "reg": "reg_head"}
+_CN_HEAD_LAYERS = {"0": "feat_conv", "2": "out_conv"}
+# position inside one CN deconv block of 6 (DCN, BN, ReLU, ConvTranspose, BN, ReLU)
+_CN_DECONV_PARTS = {0: "dcn", 1: "dcn_bn", 3: "up_sample", 4: "up_bn"}
+
+
+def _xingyizhou_name(key: str) -> Optional[str]:
+  """CenterNet resdcn key -> centerX key (None if not part of a resdcn model)."""
+  if key.startswith(("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")):
+    return "backbone." + key
+  m = re.match(r"^deconv_layers\.(\d+)\.(.+)$", key)
+  if m:
+    i, rest = int(m.group(1)), m.group(2)
+    part = _CN_DECONV_PARTS.get(i % 6)
+    if part is None:
+      return None
+    prefix = f"upsample.deconv{i // 6 + 1}."
+    if part == "dcn":
+      # DCNv2 lib `DCN`: weight/bias on the module itself, offsets from `conv_offset_mask`
+      # (same (dy, dx)-per-tap channel layout as centerX's offset_mask_conv).
+      if rest.startswith("conv_offset_mask."):
+        return prefix + "dcn.offset_mask_conv." + rest[len("conv_offset_mask."):]
+      if rest in ("weight", "bias"):
+        return prefix + "dcn.dcnv2." + rest
+      return None
+    return prefix + part + "." + rest
+  m = re.match(r"^(hm|wh|reg)\.(\d+)\.(weight|bias)$", key)
+  if m and m.group(2) in _CN_HEAD_LAYERS:
+    return f"head.{_CN_HEADS[m.group(1)]}.{_CN_HEAD_LAYERS[m.group(2)]}.{m.group(3)}"
+  return None
+
+
+def to_centerx_names(sd, fmt: str) -> StateDict:
+  """Renames a state dict to centerX keys. `.info` gets source_format, dropped [(key, reason)],
+  renamed {new: old}, notes. Keys that cannot be renamed raise `ConversionError`."""
+  info = dict(getattr(sd, "info", {}))
+  out, dropped, renamed, notes, bad = {}, [], {}, [], []
+  if fmt == "centerx":
+    out = dict(sd)
+  elif fmt == "torchvision":
+    for k, v in sd.items():
+      if k.startswith("fc."):
+        dropped.append((k, "ImageNet classifier"))
+        continue
+      if not k.startswith(("conv1.", "bn1.", "layer")):
+        bad.append(k)
+        continue
+      out["backbone." + k] = v
+      renamed["backbone." + k] = k
+    notes.append("torchvision ImageNet ResNet: backbone only; the model must use "
+                 "input_format='RGB', pixel_mean=(0.485, 0.456, 0.406), "
+                 "pixel_std=(0.229, 0.224, 0.225) (centerX's defaults)")
+  elif fmt == "xingyizhou":
+    if not any(k.startswith("deconv_layers.") and "conv_offset_mask" in k for k in sd):
+      raise ConversionError(
+          "xingyizhou/CenterNet checkpoint without DCN deconv layers (msra_resnet 'res_*', "
+          "DLA-34 'dla_*' or hourglass): TODO, only the 'resdcn_*' architecture maps onto this "
+          "model")
+    for k, v in sd.items():
+      new = _xingyizhou_name(k)
+      if new is None:
+        bad.append(k)
+        continue
+      out[new] = v
+      renamed[new] = k
+    notes.append("xingyizhou/CenterNet resdcn weights: the model must use input_format='BGR', "
+                 "pixel_mean=(0.408, 0.447, 0.470), pixel_std=(0.289, 0.274, 0.278) (CN's COCO "
+                 "values) and head_conv=64")
+  else:
+    raise ConversionError(f"unknown format {fmt!r} (expected one of {FORMATS})")
+  if bad:
+    raise ConversionError(f"{len(bad)} {fmt} keys have no centerX equivalent: {bad[:30]}")
+  info.update(source_format=fmt, dropped=dropped, renamed=renamed,
+              notes=info.get("notes", []) + notes)
+  return StateDict(out, info=info)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mapping.
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class OneStageReport:
+  """What `convert_onestage` did. Rows are one line each in `summary()`."""
+  source_format: str = "centerx"
+  backbone_only: bool = False
+  num_source_tensors: int = 0
+  num_target_tensors: int = 0
+  mapped: list = dataclasses.field(default_factory=list)  # (key, 'coll/path', src shape, flax shape, how)
+  missing: list = dataclasses.field(default_factory=list)  # 'coll/path' without a source key
+  unexpected: list = dataclasses.field(default_factory=list)  # source keys without a target
+  misshaped: list = dataclasses.field(default_factory=list)  # (key, src shape, expected torch shape)
+  dropped: list = dataclasses.field(default_factory=list)  # (key, reason)
+  left_at_init: list = dataclasses.field(default_factory=list)  # backbone-only: 'coll/path'
+  notes: list = dataclasses.field(default_factory=list)
+
+  @property
+  def ok(self) -> bool:
+    return not (self.missing or self.unexpected or self.misshaped)
+
+  def summary(self, max_list: int = 200, show_mapped: bool = True) -> str:
+    lines = [(f"one-stage conversion of a {self.source_format} checkpoint"
+              f"{' (backbone only)' if self.backbone_only else ''}: "
+              f"{'OK' if self.ok else 'FAILED'}; {len(self.mapped)}/{self.num_source_tensors} "
+              f"source tensors mapped onto {self.num_target_tensors} target variables")]
+
+    def block(title, rows):
+      if rows:
+        lines.append(f"  {title} ({len(rows)}):")
+        lines.extend(f"    {r}" for r in rows[:max_list])
+        if len(rows) > max_list:
+          lines.append(f"    ... and {len(rows) - max_list} more")
+
+    block("UNEXPECTED source keys (no model variable)", self.unexpected)
+    block("MISSING model variables (absent from the checkpoint)", self.missing)
+    block("MIS-SHAPED (key: checkpoint shape != expected torch shape)",
+          [f"{k}: {tuple(s)} != {tuple(e)}" for k, s, e in self.misshaped])
+    block("dropped", [f"{k}: {r}" for k, r in self.dropped])
+    block("left at initial values", self.left_at_init)
+    if show_mapped:
+      block("mapped", [f"{k} {tuple(s)} -> {p} {tuple(f)} ({how})"
+                       for k, p, s, f, how in self.mapped])
+    lines.extend(f"  NOTE: {n}" for n in self.notes)
+    return "\n".join(lines)
+
+
+def _key_str(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _index(target_variables):
+  import jax
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(target_variables)
+  index = {}
+  for i, (kp, _) in enumerate(leaves):
+    names = [_key_str(k) for k in kp]
+    index[(names[0], ".".join(names[1:]))] = i
+  return leaves, treedef, index
+
+
+def _is_transposed(module_path: str) -> bool:
+  return module_path.rpartition(".")[2] in _TRANSPOSED
+
+
+def _target_of(key: str, index) -> Tuple[Optional[str], Optional[str], str]:
+  """(collection, path, how) for a centerX key; how in copy / conv / deconv / drop."""
+  module, _, leaf = key.rpartition(".")
+  p = module + "." if module else ""
+  if leaf == "num_batches_tracked":
+    return None, None, "drop"
+  if ("batch_stats", p + "mean") in index:  # a BatchNorm module
+    return {"weight": ("params", p + "scale", "copy"), "bias": ("params", p + "bias", "copy"),
+            "running_mean": ("batch_stats", p + "mean", "copy"),
+            "running_var": ("batch_stats", p + "var", "copy")}.get(leaf, (None, None, "none"))
+  if leaf == "weight":
+    return "params", p + "kernel", "deconv" if _is_transposed(module) else "conv"
+  if leaf == "bias":
+    return "params", p + "bias", "copy"
+  return None, None, "none"
+
+
+def _to_flax(a: np.ndarray, how: str) -> Optional[np.ndarray]:
+  if how == "copy":
+    return a
+  if a.ndim != 4:
+    return None
+  return np.transpose(a, (2, 3, 0, 1) if how == "deconv" else (2, 3, 1, 0))
+
+
+def _torch_shape(flax_shape: tuple, how: str) -> tuple:
+  if how == "conv" and len(flax_shape) == 4:
+    kh, kw, i, o = flax_shape
+    return (o, i, kh, kw)
+  if how == "deconv" and len(flax_shape) == 4:
+    kh, kw, i, o = flax_shape
+    return (i, o, kh, kw)
+  return tuple(flax_shape)
+
+
+def convert_onestage(sd, target_variables, *, backbone_only: bool = False):
+  """Maps a centerX-named state dict onto `target_variables`.
+
+  Args:
+    sd: `{centerX key: array}` (torch layouts), e.g. from `to_centerx_names`.
+    target_variables: the model's `{'params', 'batch_stats'}` tree of arrays or
+      `jax.ShapeDtypeStruct` (structure, shapes and dtypes of the result).
+    backbone_only: map only `backbone.*` (ImageNet init); other variables keep their values from
+      `target_variables`, which must then be arrays.
+  Returns:
+    (variables, report): `variables` has the treedef of `target_variables`, numpy leaves.
+  Raises:
+    ConversionError (with `.report`) on any missing, unexpected or mis-shaped key.
+  """
+  import jax
+  info = dict(getattr(sd, "info", {}))
+  leaves, treedef, index = _index(target_variables)
+  report = OneStageReport(source_format=info.get("source_format", "centerx"),
+                          backbone_only=backbone_only, num_source_tensors=len(sd),
+                          num_target_tensors=len(leaves),
+                          dropped=list(info.get("dropped", [])), notes=list(info.get("notes", [])))
+  in_scope = lambda path: (not backbone_only) or path.startswith("backbone.")  # noqa: E731
+  out = [None] * len(leaves)
+  for key, value in sd.items():
+    coll, path, how = _target_of(key, index)
+    if how == "drop":
+      report.dropped.append((key, "BatchNorm counter (unused with an explicit momentum)"))
+      continue
+    if coll is None or (coll, path) not in index or not in_scope(key):
+      report.unexpected.append(key)
+      continue
+    i = index[(coll, path)]
+    leaf = leaves[i][1]
+    want = tuple(int(d) for d in leaf.shape)
+    a = np.asarray(value)
+    b = _to_flax(a, how)
+    if b is None or tuple(b.shape) != want:
+      report.misshaped.append((key, tuple(a.shape), _torch_shape(want, how)))
+      continue
+    out[i] = np.array(b, dtype=np.dtype(leaf.dtype), order="C", copy=True)
+    report.mapped.append((key, f"{coll}/{path}", tuple(a.shape), want, how))
+  for i, (kp, leaf) in enumerate(leaves):
+    if out[i] is not None:
+      continue
+    coll, path = _key_str(kp[0]), ".".join(_key_str(k) for k in kp[1:])
+    if in_scope(path):
+      report.missing.append(f"{coll}/{path}")
+    elif isinstance(leaf, jax.ShapeDtypeStruct) or not hasattr(leaf, "__array__"):
+      report.missing.append(f"{coll}/{path} (outside the backbone, but the target is abstract)")
+    else:
+      report.left_at_init.append(f"{coll}/{path}")
+      out[i] = np.asarray(leaf)
+  if not report.ok:
+    raise ConversionError(report.summary(max_list=50), report)
+  return jax.tree_util.tree_unflatten(treedef, out), report
+
+
+def torch_key_of(collection: str, path: str) -> Tuple[str, str]:
+  """('.'-joined Flax path in `collection`) -> (centerX key, how) with how in copy/conv/deconv."""
+  module, _, leaf = path.rpartition(".")
+  p = module + "." if module else ""
+  if collection == "batch_stats":
+    return p + {"mean": "running_mean", "var": "running_var"}[leaf], "copy"
+  if leaf == "scale":
+    return p + "weight", "copy"
+  if leaf == "kernel":
+    return p + "weight", "deconv" if _is_transposed(module) else "conv"
+  return path, "copy"
+
+
+def export_state_dict(variables, *, collections=("params", "batch_stats")) -> Dict[str, np.ndarray]:
+  """Flax variables (or a gradient tree of `params`, passed as `{'params': grads}`) ->
+  `{centerX key: float32 array in torch layout}`, the inverse of `convert_onestage`."""
+  import jax
+  out = {}
+  for coll in collections:
+    if coll not in variables:
+      continue
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(variables[coll])[0]:
+      path = ".".join(_key_str(k) for k in kp)
+      key, how = torch_key_of(coll, path)
+      a = np.asarray(leaf)
+      if how == "conv":
+        a = np.transpose(a, (3, 2, 0, 1))
+      elif how == "deconv":
+        a = np.transpose(a, (2, 3, 0, 1))
+      out[key] = np.ascontiguousarray(a)
+  return out
+
+
+def infer_model_config(sd) -> Dict[str, Any]:
+  """Architecture options of `CenterNetOneStage` read off a centerX-named state dict: depth,
+  backbone_width, num_classes, deconv_channels, use_deform, modulate_deform, head_conv."""
+  blocks = {}
+  bottleneck = False
+  for k in sd:
+    m = re.match(r"^backbone\.layer([1-4])\.(\d+)\.(conv3)?", k)
+    if m:
+      stage, i = int(m.group(1)), int(m.group(2))
+      blocks[stage] = max(blocks.get(stage, 0), i + 1)
+      bottleneck |= m.group(3) is not None
+  counts = tuple(blocks.get(s, 0) for s in (1, 2, 3, 4))
+  from cn2_jax.modeling.onestage.backbone import RESNET_SPECS
+  kind = "bottleneck" if bottleneck else "basic"
+  depth = [d for d, spec in RESNET_SPECS.items() if spec == (kind, counts)]
+  if not depth:
+    raise ConversionError(f"cannot infer the ResNet depth from {kind} blocks {counts}")
+  channels, deform, modulate = [], None, None
+  for i in (1, 2, 3):
+    p = f"upsample.deconv{i}."
+    if p + "up_sample.weight" not in sd:
+      raise ConversionError(f"{p}up_sample.weight missing: not a centerX deconv neck")
+    channels.append(int(np.shape(sd[p + "up_sample.weight"])[1]))
+    d = p + "dcn.offset_mask_conv.weight" in sd or p + "dcn.offset_conv.weight" in sd
+    mo = p + "dcn.offset_mask_conv.weight" in sd
+    deform = d if deform is None else deform
+    modulate = mo if modulate is None else modulate
+  if "head.cls_head.out_conv.weight" not in sd:
+    raise ConversionError("head.cls_head.out_conv.weight missing")
+  return dict(depth=depth[0], backbone_width=int(np.shape(sd["backbone.conv1.weight"])[0]),
+              num_classes=int(np.shape(sd["head.cls_head.out_conv.weight"])[0]),
+              deconv_channels=tuple(channels), use_deform=bool(deform),
+              modulate_deform=bool(modulate),
+              head_conv=int(np.shape(sd["head.cls_head.feat_conv.weight"])[0]))
+
+
+def load_onestage_weights(path_or_sd, target_variables, *, backbone_only: Optional[bool] = None):
+  """File (or an already loaded dict) -> (variables, report). torchvision weights are
+  backbone-only (then `target_variables` must hold real arrays for the rest)."""
+  if isinstance(path_or_sd, (str, Path)):
+    sd = load_checkpoint_file(path_or_sd)  # also unwraps xingyizhou's {'state_dict': ...}
+  else:
+    sd = path_or_sd
+  fmt = detect_format(sd)
+  sd = to_centerx_names(sd, fmt)
+  if backbone_only is None:
+    backbone_only = fmt == "torchvision"
+  if fmt == "torchvision" and not backbone_only:
+    raise ConversionError("torchvision ImageNet weights hold a backbone only: pass "
+                          "backbone_only=True")
+  return convert_onestage(sd, target_variables, backbone_only=backbone_only)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(
+      prog="python -m cn2_jax.weights.onestage",
+      description="Convert centerX / CenterNet resdcn weights to a one-stage Orbax checkpoint.")
+  ap.add_argument("--src", required=True, help=".pth / .pkl checkpoint")
+  ap.add_argument("--out", required=True, help="Orbax checkpoint directory to write")
+  ap.add_argument("--force", action="store_true", help="overwrite --out")
+  args = ap.parse_args(argv)
+  from cn2_jax.weights import save_variables
+  from cn2_jax.modeling.onestage.model import abstract_variables, build_onestage_model
+  try:
+    sd = load_checkpoint_file(args.src)
+    fmt = detect_format(sd)
+    if fmt == "torchvision":
+      raise ConversionError("torchvision ImageNet weights: backbone only, nothing to save alone")
+    sd = to_centerx_names(sd, fmt)
+    model = build_onestage_model(infer_model_config(sd))
+    variables, report = convert_onestage(sd, abstract_variables(model))
+    print(report.summary(max_list=50, show_mapped=False))
+    save_variables(variables, args.out, overwrite=args.force)
+    print(f"wrote {Path(args.out).absolute()}")
+    return 0
+  except ConversionError as e:
+    print(f"conversion failed: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

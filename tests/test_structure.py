@@ -1,0 +1,74 @@
+"""Package structure: no import circles in cn2_jax (module-level or inside functions)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "cn2_jax"
+
+
+def _module_name(path: Path) -> str:
+  rel = path.relative_to(PKG.parent).with_suffix("")
+  parts = list(rel.parts)
+  if parts[-1] == "__init__":
+    parts = parts[:-1]
+  return ".".join(parts)
+
+
+def _imports(path: Path, modules: set) -> set:
+  """cn2_jax modules imported anywhere in `path` (`from a.b import c` counts a.b.c when it is a
+  module, else a.b)."""
+  out = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      out |= {a.name for a in node.names if a.name.startswith("cn2_jax")}
+    elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cn2_jax"):
+      for a in node.names:
+        sub = f"{node.module}.{a.name}"
+        out.add(sub if sub in modules else node.module)
+  return {m for m in out if m in modules}
+
+
+def import_graph() -> dict:
+  files = {_module_name(p): p for p in PKG.rglob("*.py")}
+  modules = set(files)
+  return {m: _imports(p, modules) - {m} for m, p in files.items()}
+
+
+def find_cycle(graph: dict):
+  state, stack = {}, []
+
+  def visit(m):
+    state[m] = 1
+    stack.append(m)
+    for n in sorted(graph.get(m, ())):
+      if n.startswith(m + "."):      # a package importing its own submodule is not a circle
+        continue
+      if state.get(n) == 1:
+        return stack[stack.index(n):] + [n]
+      if n not in state:
+        found = visit(n)
+        if found:
+          return found
+    stack.pop()
+    state[m] = 2
+    return None
+
+  for m in sorted(graph):
+    if m not in state:
+      found = visit(m)
+      if found:
+        return found
+  return None
+
+
+def test_no_import_cycles():
+  graph = import_graph()
+  assert len(graph) > 30
+  cycle = find_cycle(graph)
+  assert cycle is None, " -> ".join(cycle)
+
+
+def test_cycle_finder_finds_a_cycle():
+  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+  assert find_cycle({"a": {"b"}, "b": set()}) is None
