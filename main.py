@@ -12,6 +12,7 @@ Errors the user can fix (config, data, weights, missing files; see cn2_jax/error
 line `error: ...` and exit with status 1 (2 for command-line errors); --verbose shows library logs
 and full tracebacks.
 """
+
 import ast
 import difflib
 import inspect
@@ -23,15 +24,22 @@ import tokenize
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config()).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Python config file (get_config()).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, results).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to run.")
 _IMAGES = flags.DEFINE_list("images", [], "--mode=predict: image files and/or folders.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show library logs (absl, orbax, tfds, jax, grain) "
-                             "and full tracebacks of errors.")
-flags.DEFINE_bool("helpconfig", False, "Print every config field with its default and meaning "
-                  "(from cn2_jax/config.py), then exit.")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose",
+    False,
+    "Show library logs (absl, orbax, tfds, jax, grain) " "and full tracebacks of errors.",
+)
+flags.DEFINE_bool(
+    "helpconfig",
+    False,
+    "Print every config field with its default and meaning " "(from cn2_jax/config.py), then exit.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,7 +61,7 @@ def _config_arg(argv) -> str:
   for i, a in enumerate(argv[1:], start=1):
     body = a.lstrip("-")
     if body.startswith("config="):
-      return body[len("config="):].split(":", 1)[0]
+      return body[len("config=") :].split(":", 1)[0]
     if body == "config" and i + 1 < len(argv):
       return argv[i + 1].split(":", 1)[0]
   return ""
@@ -66,6 +74,7 @@ def _fail(message: str, status: int = 1):
 
 def _schema_paths():
   from cn2_jax.config import base_config
+
   out = []
 
   def walk(c, prefix):
@@ -74,6 +83,7 @@ def _schema_paths():
       if hasattr(v, "keys"):
         walk(v, f"{prefix}{k}.")
       out.append(f"{prefix}{k}")
+
   walk(base_config(), "")
   return out
 
@@ -85,18 +95,21 @@ def _unknown_override(argv) -> str:
     body = a.lstrip("-")
     for prefix in ("config.", "noconfig."):
       if body.startswith(prefix):
-        path = body[len(prefix):].split("=", 1)[0]
+        path = body[len(prefix) :].split("=", 1)[0]
         if path not in known:
           close = difflib.get_close_matches(path, known, n=1)
           hint = f" (did you mean '{close[0]}'?)" if close else ""
-          return (f"unknown config field '{path}'{hint}; `python main.py --helpconfig` lists "
-                  f"the fields")
+          return (
+              f"unknown config field '{path}'{hint}; `python main.py --helpconfig` lists "
+              f"the fields"
+          )
   return ""
 
 
 def _parse_flags(argv):
   """absl's flag parsing, with its errors (and ml_collections' override errors) as one line."""
   from cn2_jax import errors
+
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -119,6 +132,7 @@ def _config_or_fail():
   """The loaded config; a missing or broken config file is one `error:` line."""
   from cn2_jax import errors
   from cn2_jax.config import validate_config
+
   filename = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)[0]
   if not os.path.isfile(filename):
     raise errors.InputFileError(f"config file not found: {filename}")
@@ -154,6 +168,7 @@ def _dotted(node, aliases):
 def config_help() -> str:
   """Every field of `base_config()` with its default and the comment next to it in config.py."""
   from cn2_jax import config as config_lib
+
   source = inspect.getsource(config_lib.base_config)
   comments = _comments_by_line(source)
   aliases = {}  # local name -> dotted path ('' = the root ConfigDict)
@@ -177,12 +192,16 @@ def config_help() -> str:
       fields.append((path, next((comments[i] for i in lines if i in comments), "")))
   cfg = config_lib.base_config()
   seen = {p for p, _ in fields}
-  fields += [(p, "") for p in _schema_paths() if p not in seen and not hasattr(_get(cfg, p),
-                                                                               "keys")]
+  fields += [
+      (p, "") for p in _schema_paths() if p not in seen and not hasattr(_get(cfg, p), "keys")
+  ]
   rows = [(p, f"{p} = {_get(cfg, p)!r}", c) for p, c in fields]
   width = min(44, max(len(r[1]) for r in rows))
-  out = ["Config fields: defaults of cn2_jax/config.py base_config() (config files override "
-         "them); set any with --config.FIELD=VALUE.", ""]
+  out = [
+      "Config fields: defaults of cn2_jax/config.py base_config() (config files override "
+      "them); set any with --config.FIELD=VALUE.",
+      "",
+  ]
   group = None
   for path, text, comment in rows:
     top = path.split(".")[0] if "." in path else ""
@@ -200,8 +219,7 @@ def _get(cfg, path):
 
 
 def _helpconfig_requested(argv) -> bool:
-  return any(a.lstrip("-") in ("helpconfig", "helpconfig=true", "helpconfig=1")
-             for a in argv[1:])
+  return any(a.lstrip("-") in ("helpconfig", "helpconfig=true", "helpconfig=1") for a in argv[1:])
 
 
 # ------------------------------------------------------------------------------------- main
@@ -210,17 +228,21 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from cn2_jax import errors
   from cn2_jax.logging_setup import setup_logging
+
   setup_logging(verbose=_VERBOSE.value)
   try:
     cfg = _config_or_fail()
     from cn2_jax.engine import loop
+
     loop.maybe_initialize_distributed()
     from cn2_jax import app as cn2_app
+
     if _MODE.value != "train":
       # Eval / predict use the run's saved config.json; only the fields given on the command line
       # replace its values (cn2_jax.app.run_config).
-      cfg = cn2_app.run_config(cfg, _WORKDIR.value,
-                               config_flags.get_override_values(flags.FLAGS["config"]))
+      cfg = cn2_app.run_config(
+          cfg, _WORKDIR.value, config_flags.get_override_values(flags.FLAGS["config"])
+      )
     if _MODE.value == "train":
       cn2_app.train(cfg, _WORKDIR.value)
     elif _MODE.value == "eval":

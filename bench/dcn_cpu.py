@@ -9,6 +9,7 @@ rounds after the compile run; each round runs all four once, so a shared CPU loa
 
   JAX_PLATFORMS=cpu PYTHONPATH=. .venv/bin/python bench/dcn_cpu.py [--reps 7] [--size 128] [--channels 64]
 """
+
 import argparse
 import os
 import time
@@ -34,13 +35,13 @@ def time_round_robin(rows, reps):
       t0 = time.perf_counter()
       jax.block_until_ready(fn(*args))
       times[name].append(time.perf_counter() - t0)
-  return {name: (first[name], float(np.median(t)), float(np.min(t)))
-          for name, t in times.items()}
+  return {name: (first[name], float(np.median(t)), float(np.min(t))) for name, t in times.items()}
 
 
 def conv3x3(x, kernel, bias):
-  y = lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = lax.conv_general_dilated(
+      x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   return y + bias
 
 
@@ -60,28 +61,37 @@ def main():
   gout = jnp.asarray(rng.standard_normal((1, n, n, c), np.float32))
 
   dcn_fwd = jax.jit(deform_conv2d)
-  dcn_bwd = jax.jit(jax.grad(lambda *a: jnp.sum(deform_conv2d(*a) * gout),
-                             argnums=(0, 1, 2, 3, 4)))
+  dcn_bwd = jax.jit(jax.grad(lambda *a: jnp.sum(deform_conv2d(*a) * gout), argnums=(0, 1, 2, 3, 4)))
   conv_fwd = jax.jit(conv3x3)
   conv_bwd = jax.jit(jax.grad(lambda *a: jnp.sum(conv3x3(*a) * gout), argnums=(0, 1, 2)))
 
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform} "
-        f"({jax.devices()[0].device_kind}); x [1,{n},{n},{c}] -> [1,{n},{n},{c}], 3x3, "
-        f"stride 1, float32; median/min of {args.reps} round-robin rounds after compile")
-  rows = [("DCNv2 forward", dcn_fwd, (x, offset, mask, kernel, bias)),
-          ("DCNv2 forward+backward", dcn_bwd, (x, offset, mask, kernel, bias)),
-          ("conv3x3 forward", conv_fwd, (x, kernel, bias)),
-          ("conv3x3 forward+backward", conv_bwd, (x, kernel, bias))]
+  print(
+      f"jax {jax.__version__} on {jax.devices()[0].platform} "
+      f"({jax.devices()[0].device_kind}); x [1,{n},{n},{c}] -> [1,{n},{n},{c}], 3x3, "
+      f"stride 1, float32; median/min of {args.reps} round-robin rounds after compile"
+  )
+  rows = [
+      ("DCNv2 forward", dcn_fwd, (x, offset, mask, kernel, bias)),
+      ("DCNv2 forward+backward", dcn_bwd, (x, offset, mask, kernel, bias)),
+      ("conv3x3 forward", conv_fwd, (x, kernel, bias)),
+      ("conv3x3 forward+backward", conv_bwd, (x, kernel, bias)),
+  ]
   results = time_round_robin(rows, args.reps)
   for name, (first, med, best) in results.items():
-    print(f"{name:26s}: compile+run {first:6.2f} s, median {med * 1e3:8.2f} ms, "
-          f"min {best * 1e3:8.2f} ms")
+    print(
+        f"{name:26s}: compile+run {first:6.2f} s, median {med * 1e3:8.2f} ms, "
+        f"min {best * 1e3:8.2f} ms"
+    )
   ratio = lambda a, b: results[a][1] / results[b][1]
-  print(f"DCNv2 / conv3x3 (medians): forward {ratio('DCNv2 forward', 'conv3x3 forward'):.1f}x, "
-        f"forward+backward {ratio('DCNv2 forward+backward', 'conv3x3 forward+backward'):.1f}x")
+  print(
+      f"DCNv2 / conv3x3 (medians): forward {ratio('DCNv2 forward', 'conv3x3 forward'):.1f}x, "
+      f"forward+backward {ratio('DCNv2 forward+backward', 'conv3x3 forward+backward'):.1f}x"
+  )
   if hasattr(os, "getloadavg"):
-    print("load average (1, 5, 15 min): %.2f %.2f %.2f on %d CPUs" % (*os.getloadavg(),
-                                                                     os.cpu_count()))
+    print(
+        "load average (1, 5, 15 min): %.2f %.2f %.2f on %d CPUs"
+        % (*os.getloadavg(), os.cpu_count())
+    )
 
 
 if __name__ == "__main__":

@@ -2,14 +2,23 @@
 
 JAX, flax and cn2_jax are imported inside the functions, so this module imports without them.
 """
+
 from __future__ import annotations
 
 import os
 import platform
 import time
 
-from bench.measure import (GIB, PROCESS_T0, Result, record_error, stats_ms, throughput,
-                           time_calls, warm_up)
+from bench.measure import (
+    GIB,
+    PROCESS_T0,
+    Result,
+    record_error,
+    stats_ms,
+    throughput,
+    time_calls,
+    warm_up,
+)
 from bench.synthetic import infer_batch, synth_batch
 
 TRAIN_KEYS = ("image", "image_hw", "gt_boxes", "gt_classes", "gt_valid")
@@ -22,6 +31,7 @@ INFER_KEYS = ("image", "image_hw")
 def make_config(small: bool, dtype: str):
   """`base_config()` (CenterNet2 R50 1x); `small` = a narrow R18 version for CPU smoke runs."""
   from cn2_jax.config import base_config
+
   cfg = base_config()
   m = cfg.model
   m.dtype = dtype
@@ -44,14 +54,22 @@ def make_config(small: bool, dtype: str):
 
 def model_summary(cfg) -> dict:
   m = cfg.model
-  return dict(resnet_depth=m.resnet_depth, resnet_width=m.resnet_width, resnet_norm=m.resnet_norm,
-              freeze_at=m.freeze_at, fpn_channels=m.fpn_channels, num_classes=m.num_classes,
-              centernet_convs=m.centernet.num_convs,
-              proposals_train=(m.centernet.pre_nms_topk_train, m.centernet.post_nms_topk_train),
-              proposals_test=(m.centernet.pre_nms_topk_test, m.centernet.post_nms_topk_test),
-              rois_per_image=m.roi_heads.batch_size_per_image, fc_dim=m.roi_heads.fc_dim,
-              sampling_ratio=m.roi_heads.sampling_ratio,
-              detections_per_image=m.roi_heads.detections_per_image, dtype=m.dtype)
+  return dict(
+      resnet_depth=m.resnet_depth,
+      resnet_width=m.resnet_width,
+      resnet_norm=m.resnet_norm,
+      freeze_at=m.freeze_at,
+      fpn_channels=m.fpn_channels,
+      num_classes=m.num_classes,
+      centernet_convs=m.centernet.num_convs,
+      proposals_train=(m.centernet.pre_nms_topk_train, m.centernet.post_nms_topk_train),
+      proposals_test=(m.centernet.pre_nms_topk_test, m.centernet.post_nms_topk_test),
+      rois_per_image=m.roi_heads.batch_size_per_image,
+      fc_dim=m.roi_heads.fc_dim,
+      sampling_ratio=m.roi_heads.sampling_ratio,
+      detections_per_image=m.roi_heads.detections_per_image,
+      dtype=m.dtype,
+  )
 
 
 def model_name(small: bool) -> str:
@@ -64,6 +82,7 @@ def model_name(small: bool) -> str:
 def jax_env(spec: dict, counters: dict) -> dict:
   """Imports jax, configures the persistent cache and the cache-hit counters; returns env info."""
   import jax
+
   if spec.get("cache_dir"):
     jax.config.update("jax_compilation_cache_dir", spec["cache_dir"])
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
@@ -81,18 +100,26 @@ def jax_env(spec: dict, counters: dict) -> dict:
   dev = jax.devices()[0]
   import flax
   import optax
-  return dict(jax=jax.__version__, jaxlib=getattr(jax.lib, "__version__", None) or
-              _pkg_version("jaxlib"), flax=flax.__version__, optax=optax.__version__,
-              backend=jax.default_backend(), device_kind=dev.device_kind,
-              num_devices=jax.device_count(), platform=dev.platform,
-              default_matmul_precision=str(jax.config.jax_default_matmul_precision),
-              xla_flags=os.environ.get("XLA_FLAGS", ""),
-              python=platform.python_version())
+
+  return dict(
+      jax=jax.__version__,
+      jaxlib=getattr(jax.lib, "__version__", None) or _pkg_version("jaxlib"),
+      flax=flax.__version__,
+      optax=optax.__version__,
+      backend=jax.default_backend(),
+      device_kind=dev.device_kind,
+      num_devices=jax.device_count(),
+      platform=dev.platform,
+      default_matmul_precision=str(jax.config.jax_default_matmul_precision),
+      xla_flags=os.environ.get("XLA_FLAGS", ""),
+      python=platform.python_version(),
+  )
 
 
 def _pkg_version(name: str):
   try:
     from importlib.metadata import version
+
     return version(name)
   except Exception:  # noqa: BLE001
     return None
@@ -101,6 +128,7 @@ def _pkg_version(name: str):
 def device_peak_gib():
   """Peak bytes in use on device 0 of this process (None where the backend has no stats)."""
   import jax
+
   try:
     s = jax.local_devices()[0].memory_stats()
   except Exception:  # noqa: BLE001
@@ -130,8 +158,14 @@ def memory_analysis(compiled) -> dict | None:
   if m is None:
     return None
   out = {}
-  for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-            "alias_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes"):
+  for k in (
+      "argument_size_in_bytes",
+      "output_size_in_bytes",
+      "temp_size_in_bytes",
+      "alias_size_in_bytes",
+      "generated_code_size_in_bytes",
+      "peak_memory_in_bytes",
+  ):
     v = getattr(m, k, None)
     if v is not None:
       out[k.replace("_in_bytes", "_gib")] = v / GIB
@@ -146,9 +180,14 @@ def lower_and_compile(jitted, args: tuple, counters: dict):
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  return compiled, dict(lower_s=t1 - t0, compile_s=t2 - t1, process_to_compiled_s=t2 - PROCESS_T0,
-                        cache_events={k: v - before.get(k, 0) for k, v in counters.items()},
-                        memory_analysis=memory_analysis(compiled), xla_flops=xla_flops(compiled))
+  return compiled, dict(
+      lower_s=t1 - t0,
+      compile_s=t2 - t1,
+      process_to_compiled_s=t2 - PROCESS_T0,
+      cache_events={k: v - before.get(k, 0) for k, v in counters.items()},
+      memory_analysis=memory_analysis(compiled),
+      xla_flops=xla_flops(compiled),
+  )
 
 
 def tflop_per_s(row: dict):
@@ -159,6 +198,7 @@ def tflop_per_s(row: dict):
 def profile(pdir: str, name: str, fn):
   """jax.profiler trace of 3 calls `fn(i)` (each synchronised) into `pdir`."""
   import jax
+
   with jax.profiler.trace(pdir):
     for i in range(3):
       with jax.profiler.StepTraceAnnotation(name, step_num=i):
@@ -184,9 +224,17 @@ def run_train(spec: dict, res: Result):
   mesh = step_lib.make_mesh()
   ndev = mesh.size
   gbatch = spec["batch"] * ndev
-  row = dict(framework="jax", model=model_name(spec["small"]), task="train",
-             precision=spec["dtype"], size=size["name"], batch=gbatch,
-             batch_per_device=spec["batch"], n_devices=ndev, run=spec["run"])
+  row = dict(
+      framework="jax",
+      model=model_name(spec["small"]),
+      task="train",
+      precision=spec["dtype"],
+      size=size["name"],
+      batch=gbatch,
+      batch_per_device=spec["batch"],
+      n_devices=ndev,
+      run=spec["run"],
+  )
   res.data["rows"].append(row)
 
   model = detector.build_model(cfg.model)
@@ -200,12 +248,20 @@ def run_train(spec: dict, res: Result):
   row["init_s"] = time.perf_counter() - t0
   row["params"] = int(sum(x.size for x in jax.tree.leaves(state.params)))
 
-  host = [synth_batch(spec["seed"] + 1 + i, gbatch, size, spec["gt_per_image"],
-                      spec["max_boxes"], cfg.model.num_classes) for i in range(2)]
+  host = [
+      synth_batch(
+          spec["seed"] + 1 + i,
+          gbatch,
+          size,
+          spec["gt_per_image"],
+          spec["max_boxes"],
+          cfg.model.num_classes,
+      )
+      for i in range(2)
+  ]
   row["gt_per_image_mean"] = float(np.mean([h["gt_valid"].sum(1).mean() for h in host]))
   batches = [step_lib.shard_batch(h, mesh, keys=TRAIN_KEYS) for h in host]
-  train_step = step_lib.make_train_step(model, tx, mesh, frozen_prefixes=frozen,
-                                        lr_schedule=sched)
+  train_step = step_lib.make_train_step(model, tx, mesh, frozen_prefixes=frozen, lr_schedule=sched)
   init_events = dict(counters)  # cache events of the init jit, apart from the step's
   compiled, fields = lower_and_compile(train_step, (state, batches[0]), counters)
   row.update(fields, init_cache_events=init_events)
@@ -224,8 +280,13 @@ def run_train(spec: dict, res: Result):
   times, pipelined, metrics = time_calls(step, spec["steps"], jax.block_until_ready)
   row.update(stats_ms(times))
   loss = float(metrics["total_loss"])
-  row.update(throughput(row, gbatch, pipelined), loss_last=loss, xla_tflop_per_s=tflop_per_s(row),
-             loss_finite=bool(np.isfinite(loss)), peak_mem_gib=device_peak_gib())
+  row.update(
+      throughput(row, gbatch, pipelined),
+      loss_last=loss,
+      xla_tflop_per_s=tflop_per_s(row),
+      loss_finite=bool(np.isfinite(loss)),
+      peak_mem_gib=device_peak_gib(),
+  )
   res.save()
   if spec.get("profile_dir"):
     pdir = os.path.join(spec["profile_dir"], f"jax_train_{spec['dtype']}_{size['name']}")
@@ -250,16 +311,23 @@ def run_infer(spec: dict, res: Result):
   ndev = mesh.size
   model = detector.build_model(cfg.model)
   t0 = time.perf_counter()
-  variables = jax.jit(detector.init_fn(model))(
-      jax.random.PRNGKey(spec["seed"]))
+  variables = jax.jit(detector.init_fn(model))(jax.random.PRNGKey(spec["seed"]))
   variables = step_lib.replicate(variables, mesh)
   jax.block_until_ready(variables)
   init_s = time.perf_counter() - t0
   eval_step = step_lib.make_eval_step(model, mesh)
   for bsz in spec["infer_batches"]:
-    row = dict(framework="jax", model=model_name(spec["small"]), task="infer",
-               precision=spec["dtype"], size=size["name"], batch=bsz, n_devices=ndev,
-               run=spec["run"], init_s=init_s)
+    row = dict(
+        framework="jax",
+        model=model_name(spec["small"]),
+        task="infer",
+        precision=spec["dtype"],
+        size=size["name"],
+        batch=bsz,
+        n_devices=ndev,
+        run=spec["run"],
+        init_s=init_s,
+    )
     res.data["rows"].append(row)
     if bsz % ndev:
       row["error"] = f"batch {bsz} not divisible by {ndev} devices"
@@ -288,11 +356,14 @@ def run_infer(spec: dict, res: Result):
         o = jax.device_get(compiled(variables, db))
         e2e.append(time.perf_counter() - t0)
       valid = np.asarray(o["valid"])
-      row.update(throughput(row, bsz, pipelined),
-                 e2e_median_ms=float(np.median(e2e)) * 1e3,
-                 detections_per_image=float(valid.sum(-1).mean()),
-                 scores_finite=bool(np.isfinite(np.asarray(o["scores"])).all()),
-                 xla_tflop_per_s=tflop_per_s(row), peak_mem_gib=device_peak_gib())
+      row.update(
+          throughput(row, bsz, pipelined),
+          e2e_median_ms=float(np.median(e2e)) * 1e3,
+          detections_per_image=float(valid.sum(-1).mean()),
+          scores_finite=bool(np.isfinite(np.asarray(o["scores"])).all()),
+          xla_tflop_per_s=tflop_per_s(row),
+          peak_mem_gib=device_peak_gib(),
+      )
       res.save()
       if spec.get("profile_dir") and bsz in (spec["infer_batches"][0], spec["infer_batches"][-1]):
         pdir = os.path.join(spec["profile_dir"], f"jax_infer_{spec['dtype']}_b{bsz}")

@@ -1,4 +1,5 @@
 """What the JAX and the torch workers measure with: result file, timing loops, stats, errors."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import time
 # anything heavy): `process_to_compiled_s` is counted from here.
 PROCESS_T0 = time.perf_counter()
 OOM_EXIT = 3  # a worker's exit code when it ended on out-of-memory (the runner halves the batch)
-GIB = 2.0 ** 30
+GIB = 2.0**30
 
 
 def write_json(path: str, data: dict):
@@ -34,15 +35,25 @@ class Result:
 
 def stats_ms(times_s) -> dict:
   import numpy as np
+
   t = np.asarray(times_s, np.float64) * 1e3
-  return dict(median_ms=float(np.median(t)), min_ms=float(t.min()), max_ms=float(t.max()),
-              mean_ms=float(t.mean()), n=int(t.size))
+  return dict(
+      median_ms=float(np.median(t)),
+      min_ms=float(t.min()),
+      max_ms=float(t.max()),
+      mean_ms=float(t.mean()),
+      n=int(t.size),
+  )
 
 
 def is_oom(text: str) -> bool:
   t = text.lower()
-  return ("resource_exhausted" in t or "out of memory" in t or "outofmemory" in t
-          or "resource exhausted" in t)
+  return (
+      "resource_exhausted" in t
+      or "out of memory" in t
+      or "outofmemory" in t
+      or "resource exhausted" in t
+  )
 
 
 def record_error(record: dict, exc: BaseException, keep: int = 2000) -> bool:
@@ -85,5 +96,8 @@ def time_calls(fn, iters: int, sync):
 
 def throughput(row: dict, batch: int, pipelined_s: float) -> dict:
   """Images/s from the median (already in `row`) and from the pipelined pass."""
-  return dict(img_per_s=batch / (row["median_ms"] / 1e3), pipelined_ms=pipelined_s * 1e3,
-              img_per_s_pipelined=batch / pipelined_s)
+  return dict(
+      img_per_s=batch / (row["median_ms"] / 1e3),
+      pipelined_ms=pipelined_s * 1e3,
+      img_per_s_pipelined=batch / pipelined_s,
+  )

@@ -11,6 +11,7 @@
    bucket (320x448), in one run; compile times cold and from the persistent compilation cache
    (a second process reading the cache the first one wrote).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -58,11 +58,24 @@ def overhead(sizes, global_batch, *, bucketed, steps=500, seed=0):
   else:
     sched = P._RandomSchedule(order, global_batch, seed)
   table = Bk.train_buckets(SHORT, 1333)
-  batcher = P._TrainBatcher(None, sched, batch_size=global_batch, short_sizes=SHORT,
-                            max_size=1333, pad_hw=None if bucketed else (1344, 1344),
-                            buckets=table, sizes=sizes, groups=groups, max_boxes=1, seed=seed,
-                            hflip_prob=0.5, lsj=None, scale_per_batch=bucketed,
-                            process_index=0, process_count=1)
+  batcher = P._TrainBatcher(
+      None,
+      sched,
+      batch_size=global_batch,
+      short_sizes=SHORT,
+      max_size=1333,
+      pad_hw=None if bucketed else (1344, 1344),
+      buckets=table,
+      sizes=sizes,
+      groups=groups,
+      max_boxes=1,
+      seed=seed,
+      hflip_prob=0.5,
+      lsj=None,
+      scale_per_batch=bucketed,
+      process_index=0,
+      process_count=1,
+  )
   pad = img = 0
   canvases = set()
   for step in range(steps):
@@ -70,8 +83,12 @@ def overhead(sizes, global_batch, *, bucketed, steps=500, seed=0):
     short = batcher.short_sides(step)
     canvas = batcher.canvas(step, idx, short)
     canvases.add(canvas)
-    hw = np.array([T.resize_shortest_edge_shape(int(h), int(w), int(s), 1333)
-                   for (h, w), s in zip(sizes[idx], short)])
+    hw = np.array(
+        [
+            T.resize_shortest_edge_shape(int(h), int(w), int(s), 1333)
+            for (h, w), s in zip(sizes[idx], short)
+        ]
+    )
     pad += global_batch * canvas[0] * canvas[1]
     img += int((hw[:, 0] * hw[:, 1]).sum())
   return pad / img, len(canvases)
@@ -91,11 +108,13 @@ def padding_table():
       after, n = overhead(sizes, gb, bucketed=True)
       print(f"| {name} ({len(sizes)}) | {gb} | {before:.2f} | {after:.3f} | {n} |")
   table = Bk.train_buckets(SHORT, 1333)
-  print(f"\ncompiled train programs (COCO recipe): {len(Bk.bucket_shapes(table))} buckets "
-        f"(6 short sides x 6 aspect groups + 1 mixed fallback), before: 1")
+  print(
+      f"\ncompiled train programs (COCO recipe): {len(Bk.bucket_shapes(table))} buckets "
+      f"(6 short sides x 6 aspect groups + 1 mixed fallback), before: 1"
+  )
 
 
-_WORKER = r'''
+_WORKER = r"""
 import json, sys, time
 import jax, numpy as np
 cache = sys.argv[1]
@@ -136,7 +155,7 @@ for name, canvas in (("square 544x544 (before)", (544, 544)), ("bucket 320x448 (
     row[what + "_step_s"] = float(np.median(ts))
   out[name] = row
 print("RESULT " + json.dumps(out))
-'''
+"""
 
 
 def speed(iters):
@@ -144,23 +163,35 @@ def speed(iters):
   env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), ".."))
   runs = []
   for label in ("cold cache", "warm cache"):
-    p = subprocess.run([sys.executable, "-c", _WORKER, cache, str(iters)], env=env,
-                       capture_output=True, text=True, check=True)
+    p = subprocess.run(
+        [sys.executable, "-c", _WORKER, cache, str(iters)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    runs.append((label, json.loads(line[len("RESULT "):])))
+    runs.append((label, json.loads(line[len("RESULT ") :])))
   import jax
-  print(f"\nR50 CenterNet2 (base config: adaptive ROIAlign), batch 2 of 640x480 images at short "
-        f"side 320 (320x427), {jax.devices()[0].device_kind}, jax {jax.__version__}, median of "
-        f"{iters}:")
-  print("| canvas | train step | eval forward | compile train (cold / cached) | "
-        "compile eval (cold / cached) |")
+
+  print(
+      f"\nR50 CenterNet2 (base config: adaptive ROIAlign), batch 2 of 640x480 images at short "
+      f"side 320 (320x427), {jax.devices()[0].device_kind}, jax {jax.__version__}, median of "
+      f"{iters}:"
+  )
+  print(
+      "| canvas | train step | eval forward | compile train (cold / cached) | "
+      "compile eval (cold / cached) |"
+  )
   print("|---|---|---|---|---|")
   cold, warm = runs[0][1], runs[1][1]
   for name in cold:
     c, w = cold[name], warm[name]
-    print(f"| {name} | {c['train_step_s']:.2f} s | {c['eval_step_s']:.2f} s | "
-          f"{c['train_compile_s']:.1f} / {w['train_compile_s']:.1f} s | "
-          f"{c['eval_compile_s']:.1f} / {w['eval_compile_s']:.1f} s |")
+    print(
+        f"| {name} | {c['train_step_s']:.2f} s | {c['eval_step_s']:.2f} s | "
+        f"{c['train_compile_s']:.1f} / {w['train_compile_s']:.1f} s | "
+        f"{c['eval_compile_s']:.1f} / {w['eval_compile_s']:.1f} s |"
+    )
 
 
 def main():

@@ -21,6 +21,7 @@ available; JAX runs on its default backend. Exits 0 when everything matches, 1 o
 
   PYTHONPATH=. python bench/parity_torchvision.py [--json out.json] [--small]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 def make_roi_inputs(seed: int, h: int, w: int, c: int, r: int, scale: float, max_side: float):
   """Feature `[H, W, C]` ~ N(0, 1) and `[R, 4]` boxes in pixels of an (H/scale)x(W/scale) image."""
   import numpy as np
+
   rng = np.random.default_rng(seed)
   feat = rng.standard_normal((h, w, c)).astype(np.float32)
   img_h, img_w = h / scale, w / scale
@@ -50,30 +52,33 @@ def make_roi_inputs(seed: int, h: int, w: int, c: int, r: int, scale: float, max
   for _ in range(4):  # crossing the borders
     x, y = rng.uniform(-40, img_w - 10), rng.uniform(-40, img_h - 10)
     extra.append([x, y, x + rng.uniform(20, 60), y + rng.uniform(20, 60)])
-  extra.append([img_w - 30, img_h - 30, img_w + 20, img_h + 25])      # past bottom-right
-  extra.append([-80.0, 10.0, -50.0, 40.0])                             # left of the image
-  extra.append([10.0, img_h + 30, 50.0, img_h + 60])                   # below the image
+  extra.append([img_w - 30, img_h - 30, img_w + 20, img_h + 25])  # past bottom-right
+  extra.append([-80.0, 10.0, -50.0, 40.0])  # left of the image
+  extra.append([10.0, img_h + 30, 50.0, img_h + 60])  # below the image
   for _ in range(4):  # tiny (< 1 feature cell)
     x, y = rng.uniform(0, img_w), rng.uniform(0, img_h)
     extra.append([x, y, x + rng.uniform(0.1, 3.0), y + rng.uniform(0.1, 3.0)])
   x, y = rng.uniform(0, img_w), rng.uniform(0, img_h)
-  extra.append([x, y, x, y + 20.0])                                     # zero width
-  extra.append([x, y, x, y])                                            # a point
-  extra.append([0.0, 0.0, img_w, img_h])                                # the whole image
-  extra.append([0.0, 0.0, 4.0 / scale, 4.0 / scale])                   # corner
-  extra.append([img_w - 1.0, img_h - 1.0, img_w, img_h])                # last pixel
-  boxes.append(np.asarray(extra[:r - n_main], np.float64))
+  extra.append([x, y, x, y + 20.0])  # zero width
+  extra.append([x, y, x, y])  # a point
+  extra.append([0.0, 0.0, img_w, img_h])  # the whole image
+  extra.append([0.0, 0.0, 4.0 / scale, 4.0 / scale])  # corner
+  extra.append([img_w - 1.0, img_h - 1.0, img_w, img_h])  # last pixel
+  boxes.append(np.asarray(extra[: r - n_main], np.float64))
   return feat, np.concatenate(boxes, 0).astype(np.float32)
 
 
-def make_nms_inputs(seed: int, n: int, img_h: float, img_w: float, n_clusters: int,
-                    num_classes: int):
+def make_nms_inputs(
+    seed: int, n: int, img_h: float, img_w: float, n_clusters: int, num_classes: int
+):
   """Clustered boxes (many overlaps at all IoUs), distinct scores, random classes."""
   import numpy as np
+
   rng = np.random.default_rng(seed)
   centers = np.stack([rng.uniform(0, img_w, n_clusters), rng.uniform(0, img_h, n_clusters)], -1)
-  sizes = np.exp(rng.uniform(np.log(12.0), np.log(400.0), (n_clusters, 1))) * \
-      np.exp(rng.uniform(np.log(0.5), np.log(2.0), (n_clusters, 2)))
+  sizes = np.exp(rng.uniform(np.log(12.0), np.log(400.0), (n_clusters, 1))) * np.exp(
+      rng.uniform(np.log(0.5), np.log(2.0), (n_clusters, 2))
+  )
   k = rng.integers(0, n_clusters, n)
   ctr = centers[k] + rng.normal(0, 1, (n, 2)) * sizes[k] * 0.15
   wh = sizes[k] * np.exp(rng.normal(0, 0.15, (n, 2)))
@@ -87,12 +92,14 @@ def make_nms_inputs(seed: int, n: int, img_h: float, img_w: float, n_clusters: i
 
 # ------------------------------------------------------------------------------------- JAX side
 class JaxOps:
+
   def __init__(self):
     import functools
 
     import jax
     from cn2_jax.modeling.ops import nms as nms_ops
     from cn2_jax.modeling.ops import roi_align as ra
+
     self.jax = jax
     self.ra = ra
     self.nms_ops = nms_ops
@@ -104,7 +111,7 @@ class JaxOps:
       scale, sr, cap = static
       return jax.jit(lambda f, b: ra.roi_align(f, b, scale, 7, sr, True, cap))
     if what == "need":
-      scale, = static
+      (scale,) = static
       return jax.jit(lambda b: ra.required_adaptive_samples(b, scale, 7, True))
     if what == "nms":
       thr, n = static
@@ -116,32 +123,38 @@ class JaxOps:
     """(cap, need): the per-axis adaptive grid the boxes need, computed under jit as in the model
     (eager and jitted float32 division can round differently)."""
     import numpy as np
+
     fn = self.cache("need", float(scale))
     need = np.asarray(fn(boxes))
     return tuple(int(max(v, 1)) for v in need), tuple(int(v) for v in need)
 
   def roi_align(self, feat, boxes, scale, sr, cap):
     import numpy as np
+
     fn = self.cache("roi", float(scale), int(sr), cap)
-    out = np.asarray(self.jax.block_until_ready(fn(feat, boxes)))   # [R, 7, 7, C]
-    return out.transpose(0, 3, 1, 2)                                 # torchvision [R, C, 7, 7]
+    out = np.asarray(self.jax.block_until_ready(fn(feat, boxes)))  # [R, 7, 7, C]
+    return out.transpose(0, 3, 1, 2)  # torchvision [R, C, 7, 7]
 
   def nms(self, boxes, scores, thr):
     import numpy as np
+
     n = len(boxes)
     idx, ok = self.cache("nms", float(thr), n)(boxes, scores, np.ones(n, bool))
     return np.asarray(idx)[np.asarray(ok)].astype(np.int64)
 
   def batched_nms(self, boxes, scores, classes, thr, mode):
     import numpy as np
+
     n = len(boxes)
     idx, ok = self.cache("bnms", float(thr), n, mode)(
-        boxes, scores, classes.astype(np.int32), np.ones(n, bool))
+        boxes, scores, classes.astype(np.int32), np.ones(n, bool)
+    )
     return np.asarray(idx)[np.asarray(ok)].astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------- torch side
 class TorchOps:
+
   def __init__(self, torch, tvops):
     self.torch = torch
     self.tvops = tvops
@@ -150,8 +163,9 @@ class TorchOps:
     t = self.torch
     x = t.from_numpy(feat.transpose(2, 0, 1).copy())[None].to(device)
     b = t.from_numpy(boxes).to(device)
-    out = self.tvops.roi_align(x, [b], output_size=(7, 7), spatial_scale=scale,
-                               sampling_ratio=sr, aligned=True)
+    out = self.tvops.roi_align(
+        x, [b], output_size=(7, 7), spatial_scale=scale, sampling_ratio=sr, aligned=True
+    )
     return out.cpu().numpy()
 
   def nms(self, boxes, scores, thr, device):
@@ -161,26 +175,35 @@ class TorchOps:
 
   def batched_nms(self, boxes, scores, classes, thr, device):
     t = self.torch
-    keep = self.tvops.batched_nms(t.from_numpy(boxes).to(device), t.from_numpy(scores).to(device),
-                                  t.from_numpy(classes).to(device), thr)
+    keep = self.tvops.batched_nms(
+        t.from_numpy(boxes).to(device),
+        t.from_numpy(scores).to(device),
+        t.from_numpy(classes).to(device),
+        thr,
+    )
     return keep.cpu().numpy().astype("int64")
 
 
 # ------------------------------------------------------------------------------------- compare
 def compare_roi(got, ref) -> dict:
   import numpy as np
+
   d = np.abs(got.astype(np.float64) - ref.astype(np.float64))
   ref_norm = float(np.linalg.norm(ref.astype(np.float64)))
-  return dict(max_abs=float(d.max()), max_abs_ref=float(np.abs(ref).max()),
-              max_rel=float(d.max() / max(float(np.abs(ref).max()), 1e-30)),
-              rel_l2=float(np.linalg.norm(d) / max(ref_norm, 1e-30)),
-              finite=bool(np.isfinite(got).all()))
+  return dict(
+      max_abs=float(d.max()),
+      max_abs_ref=float(np.abs(ref).max()),
+      max_rel=float(d.max() / max(float(np.abs(ref).max()), 1e-30)),
+      rel_l2=float(np.linalg.norm(d) / max(ref_norm, 1e-30)),
+      finite=bool(np.isfinite(got).all()),
+  )
 
 
 def worst_boxes(jops, got, ref, boxes, scale, k=3) -> list:
   """The k boxes with the largest difference, with the adaptive grid (samples per bin and axis)
   torchvision computes (float32 `ceil(roi / 7)`, a true division) and the one cn2_jax uses."""
   import numpy as np
+
   d = np.abs(got.astype(np.float64) - ref.astype(np.float64)).reshape(len(boxes), -1).max(1)
   out = []
   f = np.float32
@@ -190,27 +213,45 @@ def worst_boxes(jops, got, ref, boxes, scale, k=3) -> list:
     roi_w, roi_h = f(start[2] - start[0]), f(start[3] - start[1])
     grid_tv = (int(np.ceil(f(roi_h / f(7)))), int(np.ceil(f(roi_w / f(7)))))
     _, grid_jax = jops.required_cap(b[None], scale)
-    out.append(dict(index=int(i), box=[round(float(v), 3) for v in b], max_abs=float(d[i]),
-                    grid_torchvision=grid_tv, grid_jax=grid_jax))
+    out.append(
+        dict(
+            index=int(i),
+            box=[round(float(v), 3) for v in b],
+            max_abs=float(d[i]),
+            grid_torchvision=grid_tv,
+            grid_jax=grid_jax,
+        )
+    )
   return out
 
 
 def compare_keep(got, ref) -> dict:
   sg, sr = set(got.tolist()), set(ref.tolist())
-  return dict(kept_jax=int(len(got)), kept_torch=int(len(ref)),
-              identical=bool(len(got) == len(ref) and (got == ref).all()),
-              same_set=sg == sr, differing=int(len(sg ^ sr)))
+  return dict(
+      kept_jax=int(len(got)),
+      kept_torch=int(len(ref)),
+      identical=bool(len(got) == len(ref) and (got == ref).all()),
+      same_set=sg == sr,
+      differing=int(len(sg ^ sr)),
+  )
 
 
 def run(args, torch, tvops) -> dict:
   import jax
-  import numpy as np
+
   jops, tops = JaxOps(), TorchOps(torch, tvops)
   devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-  report = dict(jax=jax.__version__, jax_backend=jax.default_backend(),
-                jax_device=jax.devices()[0].device_kind, torch=torch.__version__,
-                torchvision=sys.modules["torchvision"].__version__, torch_devices=devices,
-                roi=[], nms=[], failures=[])
+  report = dict(
+      jax=jax.__version__,
+      jax_backend=jax.default_backend(),
+      jax_device=jax.devices()[0].device_kind,
+      torch=torch.__version__,
+      torchvision=sys.modules["torchvision"].__version__,
+      torch_devices=devices,
+      roi=[],
+      nms=[],
+      failures=[],
+  )
   if args.small:
     h, w, c, r, max_side, n_nms = 50, 84, 16, 64, 96.0, 600
   else:
@@ -229,34 +270,59 @@ def run(args, torch, tvops) -> dict:
         ref = tops.roi_align(feat, boxes, scale, sr, dev)
         cmp = compare_roi(got, ref)
         ok = cmp["finite"] and cmp["max_abs"] <= args.roi_atol and cmp["rel_l2"] <= args.roi_rtol
-        entry = dict(seed=args.seed + seed, sampling_ratio=sr, torch_device=dev,
-                     feature=f"{h}x{w}x{c}", boxes=r, adaptive_cap=cap if sr == 0 else None,
-                     adaptive_need=need, jax_s=t_jax, ok=ok, **cmp)
+        entry = dict(
+            seed=args.seed + seed,
+            sampling_ratio=sr,
+            torch_device=dev,
+            feature=f"{h}x{w}x{c}",
+            boxes=r,
+            adaptive_cap=cap if sr == 0 else None,
+            adaptive_need=need,
+            jax_s=t_jax,
+            ok=ok,
+            **cmp,
+        )
         report["roi"].append(entry)
-        print(f"roi_align sr={sr} seed={entry['seed']} vs torchvision[{dev}]: "
-              f"max abs {cmp['max_abs']:.3e} (|ref| <= {cmp['max_abs_ref']:.2f}), "
-              f"max rel {cmp['max_rel']:.3e}, ||d||/||ref|| {cmp['rel_l2']:.3e}"
-              + (f", cap {cap} (need {need})" if sr == 0 else "")
-              + ("" if ok else "   <-- MISMATCH"), flush=True)
+        print(
+            f"roi_align sr={sr} seed={entry['seed']} vs torchvision[{dev}]: "
+            f"max abs {cmp['max_abs']:.3e} (|ref| <= {cmp['max_abs_ref']:.2f}), "
+            f"max rel {cmp['max_rel']:.3e}, ||d||/||ref|| {cmp['rel_l2']:.3e}"
+            + (f", cap {cap} (need {need})" if sr == 0 else "")
+            + ("" if ok else "   <-- MISMATCH"),
+            flush=True,
+        )
         if not ok:
           report["failures"].append(f"roi_align sr={sr} seed={entry['seed']} {dev}")
           entry["worst_boxes"] = worst_boxes(jops, got, ref, boxes, scale)
           for wb in entry["worst_boxes"]:
-            print(f"    box {wb['index']} {wb['box']}: max abs {wb['max_abs']:.3e}, adaptive grid "
-                  f"(h, w) torchvision {wb['grid_torchvision']} / cn2_jax {wb['grid_jax']}",
-                  flush=True)
+            print(
+                f"    box {wb['index']} {wb['box']}: max abs {wb['max_abs']:.3e}, adaptive grid "
+                f"(h, w) torchvision {wb['grid_torchvision']} / cn2_jax {wb['grid_jax']}",
+                flush=True,
+            )
 
   # ---------------- NMS
   for seed in range(args.seeds):
-    boxes, scores, classes = make_nms_inputs(args.seed + 1000 + seed, n_nms, 800.0, 1344.0,
-                                             max(4, n_nms // 20), 80)
+    boxes, scores, classes = make_nms_inputs(
+        args.seed + 1000 + seed, n_nms, 800.0, 1344.0, max(4, n_nms // 20), 80
+    )
     for thr in (0.5, 0.7, 0.9):
       got = jops.nms(boxes, scores, thr)
       for dev in devices:
         cmp = compare_keep(got, tops.nms(boxes, scores, thr, dev))
         ok = cmp["differing"] <= args.nms_max_diff
-        report["nms"].append(dict(op="nms", seed=args.seed + 1000 + seed, thr=thr,
-                                  boxes=n_nms, torch_device=dev, jax_mode=None, ok=ok, **cmp))
+        report["nms"].append(
+            dict(
+                op="nms",
+                seed=args.seed + 1000 + seed,
+                thr=thr,
+                boxes=n_nms,
+                torch_device=dev,
+                jax_mode=None,
+                ok=ok,
+                **cmp,
+            )
+        )
         _print_keep("nms", thr, dev, None, cmp, ok)
         if not ok:
           report["failures"].append(f"nms thr={thr} {dev}")
@@ -266,8 +332,18 @@ def run(args, torch, tvops) -> dict:
         for mode in modes:
           cmp = compare_keep(jops.batched_nms(boxes, scores, classes, thr, mode), ref)
           ok = cmp["differing"] <= args.nms_max_diff
-          report["nms"].append(dict(op="batched_nms", seed=args.seed + 1000 + seed, thr=thr,
-                                    boxes=n_nms, torch_device=dev, jax_mode=mode, ok=ok, **cmp))
+          report["nms"].append(
+              dict(
+                  op="batched_nms",
+                  seed=args.seed + 1000 + seed,
+                  thr=thr,
+                  boxes=n_nms,
+                  torch_device=dev,
+                  jax_mode=mode,
+                  ok=ok,
+                  **cmp,
+              )
+          )
           _print_keep("batched_nms", thr, dev, mode, cmp, ok)
           if not ok:
             report["failures"].append(f"batched_nms thr={thr} {dev} mode={mode}")
@@ -275,12 +351,19 @@ def run(args, torch, tvops) -> dict:
 
 
 def _print_keep(op, thr, dev, mode, cmp, ok):
-  print(f"{op} thr={thr} vs torchvision[{dev}]" + (f" (jax mode {mode})" if mode else "")
-        + f": kept {cmp['kept_jax']} / {cmp['kept_torch']}, "
-        + ("identical (indices and order)" if cmp["identical"] else
-           f"{'same set, different order' if cmp['same_set'] else 'DIFFERENT'}, "
-           f"{cmp['differing']} differing kept indices")
-        + ("" if ok else "   <-- MISMATCH"), flush=True)
+  print(
+      f"{op} thr={thr} vs torchvision[{dev}]"
+      + (f" (jax mode {mode})" if mode else "")
+      + f": kept {cmp['kept_jax']} / {cmp['kept_torch']}, "
+      + (
+          "identical (indices and order)"
+          if cmp["identical"]
+          else f"{'same set, different order' if cmp['same_set'] else 'DIFFERENT'}, "
+          f"{cmp['differing']} differing kept indices"
+      )
+      + ("" if ok else "   <-- MISMATCH"),
+      flush=True,
+  )
 
 
 def main(argv=None) -> int:
@@ -308,11 +391,14 @@ def main(argv=None) -> int:
   report["wall_s"] = time.perf_counter() - t0
   n_checks = len(report["roi"]) + len(report["nms"])
   status = "PASS" if not report["failures"] else "FAIL"
-  print(f"\nparity {status}: {n_checks - len(report['failures'])}/{n_checks} checks within "
-        f"tolerance (roi atol {args.roi_atol:g}, rtol {args.roi_rtol:g}; nms max differing "
-        f"{args.nms_max_diff}); jax {report['jax']} on {report['jax_device']}, torch "
-        f"{report['torch']} / torchvision {report['torchvision']} on {report['torch_devices']}; "
-        f"{report['wall_s']:.0f} s", flush=True)
+  print(
+      f"\nparity {status}: {n_checks - len(report['failures'])}/{n_checks} checks within "
+      f"tolerance (roi atol {args.roi_atol:g}, rtol {args.roi_rtol:g}; nms max differing "
+      f"{args.nms_max_diff}); jax {report['jax']} on {report['jax_device']}, torch "
+      f"{report['torch']} / torchvision {report['torchvision']} on {report['torch_devices']}; "
+      f"{report['wall_s']:.0f} s",
+      flush=True,
+  )
   for f in report["failures"]:
     print("  mismatch:", f)
   report["status"] = status

@@ -3,6 +3,7 @@
 
   JAX_PLATFORMS=cpu PYTHONPATH=. python bench/r50_cpu_forward.py [--size 1024] [--iters 5]
 """
+
 import argparse
 import time
 
@@ -22,8 +23,10 @@ def main():
   model = detector.build_model(cfg.model)
   variables = detector.init_variables(cfg.model)
   rng = np.random.default_rng(0)
-  batch = dict(image=rng.integers(0, 255, (1, args.size, args.size, 3), dtype=np.uint8),
-               image_hw=np.array([[args.size, args.size]], np.int32))
+  batch = dict(
+      image=rng.integers(0, 255, (1, args.size, args.size, 3), dtype=np.uint8),
+      image_hw=np.array([[args.size, args.size]], np.int32),
+  )
   fwd = jax.jit(lambda v, b: model.apply(v, b, train=False))
   t0 = time.perf_counter()
   compiled = fwd.lower(variables, batch).compile()
@@ -34,9 +37,11 @@ def main():
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(variables, batch))
     times.append(time.perf_counter() - t0)
-  print(f"device={jax.devices()[0].device_kind} jax={jax.__version__} size={args.size} batch=1 "
-        f"compile={compile_s:.1f}s forward median={np.median(times) * 1e3:.0f}ms "
-        f"min={np.min(times) * 1e3:.0f}ms over {args.iters}")
+  print(
+      f"device={jax.devices()[0].device_kind} jax={jax.__version__} size={args.size} batch=1 "
+      f"compile={compile_s:.1f}s forward median={np.median(times) * 1e3:.0f}ms "
+      f"min={np.min(times) * 1e3:.0f}ms over {args.iters}"
+  )
 
 
 if __name__ == "__main__":

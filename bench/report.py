@@ -1,4 +1,5 @@
 """The markdown table of bench/RESULTS.md, and the merge of several result files into one."""
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,17 @@ def _notes(r: dict) -> str:
   notes = []
   if r.get("error"):
     notes.append(f"ERROR: {str(r['error'])[:80]}")
-  if r.get("requested_batch") and r.get("batch") != r.get("requested_batch") and \
-      r["framework"] == "torch":
+  if (
+      r.get("requested_batch")
+      and r.get("batch") != r.get("requested_batch")
+      and r["framework"] == "torch"
+  ):
     notes.append(f"requested batch {r['requested_batch']}")
-  if r["framework"] == "jax" and r.get("requested_batch") and \
-      r.get("batch_per_device") != r.get("requested_batch"):
+  if (
+      r["framework"] == "jax"
+      and r.get("requested_batch")
+      and r.get("batch_per_device") != r.get("requested_batch")
+  ):
     notes.append(f"requested {r['requested_batch']}/device")
   if "model" in r and r["framework"] == "torch":
     notes.append(r["model"].replace("torchvision fasterrcnn_resnet50_fpn", "tv FRCNN"))
@@ -38,12 +45,14 @@ def _notes(r: dict) -> str:
     notes.append("loss not finite")
   if r.get("torch_padded"):
     notes.append(f"padded {r['torch_padded']}")
-  cached = (r.get("cached") or {})
+  cached = r.get("cached") or {}
   if cached.get("cache_events"):
     hits = cached["cache_events"].get("cache_hits", 0)
     notes.append(f"cache hits {hits}")
-  if r.get("peak_mem_gib") is None and \
-      (r.get("memory_analysis") or {}).get("temp_size_gib") is not None:
+  if (
+      r.get("peak_mem_gib") is None
+      and (r.get("memory_analysis") or {}).get("temp_size_gib") is not None
+  ):
     notes.append(f"XLA temp {r['memory_analysis']['temp_size_gib']:.2f} GiB")
   return "; ".join(notes)
 
@@ -55,32 +64,41 @@ def table(out: dict) -> str:
   jenv = next((e for e in envs if "jax" in e), {})
   tenv = next((e for e in envs if "torch" in e), {})
   meta = out.get("meta", {})
-  lines.append(f"date {meta.get('date')}, host {meta.get('host')}, git {meta.get('git')}"
-               + (", SMALL config" if meta.get("small") else ""))
+  lines.append(
+      f"date {meta.get('date')}, host {meta.get('host')}, git {meta.get('git')}"
+      + (", SMALL config" if meta.get("small") else "")
+  )
   if jenv:
-    lines.append(f"JAX {jenv.get('jax')} (flax {jenv.get('flax')}) on {jenv.get('backend')}: "
-                 f"{jenv.get('num_devices')} x {jenv.get('device_kind')}")
+    lines.append(
+        f"JAX {jenv.get('jax')} (flax {jenv.get('flax')}) on {jenv.get('backend')}: "
+        f"{jenv.get('num_devices')} x {jenv.get('device_kind')}"
+    )
   if tenv:
-    lines.append(f"torch {tenv.get('torch')}, torchvision {tenv.get('torchvision')} on "
-                 f"{tenv.get('device')} (cudnn.benchmark, TF32 conv {tenv.get('cudnn_allow_tf32')},"
-                 f" TF32 matmul {tenv.get('matmul_allow_tf32')})")
+    lines.append(
+        f"torch {tenv.get('torch')}, torchvision {tenv.get('torchvision')} on "
+        f"{tenv.get('device')} (cudnn.benchmark, TF32 conv {tenv.get('cudnn_allow_tf32')},"
+        f" TF32 matmul {tenv.get('matmul_allow_tf32')})"
+    )
   if meta.get("torch_skipped"):
     lines.append(f"torchvision: skipped ({meta['torch_skipped']})")
   if meta.get("nvidia_smi"):
     lines.append(f"nvidia-smi: {meta['nvidia_smi']}")
   lines.append("")
-  lines.append("| framework | task | precision | image@padded | batch | median ms | img/s "
-               "| img/s pipelined | lower s | compile s cold | compile s cached | peak GiB "
-               "| notes |")
+  lines.append(
+      "| framework | task | precision | image@padded | batch | median ms | img/s "
+      "| img/s pipelined | lower s | compile s cold | compile s cached | peak GiB "
+      "| notes |"
+  )
   lines.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
   for r in out.get("rows", []):
-    cached = (r.get("cached") or {})
+    cached = r.get("cached") or {}
     lines.append(
         f"| {r['framework']} | {r['task']} | {r['precision']} | {r['size']} | {r['batch']} "
         f"| {_f(r.get('median_ms'))} | {_f(r.get('img_per_s'))} "
         f"| {_f(r.get('img_per_s_pipelined'))} | {_f(r.get('lower_s'))} "
         f"| {_f(r.get('compile_s'))} | {_f(cached.get('compile_s'))} "
-        f"| {_f(r.get('peak_mem_gib'), '{:.2f}')} | {_notes(r)} |")
+        f"| {_f(r.get('peak_mem_gib'), '{:.2f}')} | {_notes(r)} |"
+    )
   return "\n".join(lines)
 
 
@@ -108,7 +126,8 @@ def merge(paths: list, out_path: str) -> dict:
     merged["workers"].extend(o.get("workers", []))
     merged["merged_from"].append({"path": path, "meta": o.get("meta")})
     if o.get("meta", {}).get("torch_skipped") and not any(
-        "torch" in (w.get("env") or {}) for w in merged["workers"]):
+        "torch" in (w.get("env") or {}) for w in merged["workers"]
+    ):
       merged["meta"]["torch_skipped"] = o["meta"]["torch_skipped"]
   write_json(out_path, merged)
   return merged

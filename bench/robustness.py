@@ -16,6 +16,7 @@ Prints one markdown row per finished run (so a partial log is useful) and the fu
 end; writes per-step metrics and the summary to `<workdir>/robustness.json`. Exit status 1 when
 a run fails a check. Not part of CI (needs ../shared/data and ~6 min per run on a 2-core CPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,10 @@ from cn2_jax import app  # noqa: E402
 from cn2_jax.config import load_config_file, validate_config  # noqa: E402
 from cn2_jax.engine import loop  # noqa: E402
 
-HEADER = ("| dataset | seed | loss@25 | final loss | max grad norm | guard tripped? | ok |\n"
-          "|---|---|---|---|---|---|---|")
+HEADER = (
+    "| dataset | seed | loss@25 | final loss | max grad norm | guard tripped? | ok |\n"
+    "|---|---|---|---|---|---|---|"
+)
 
 
 def make_config(config_path: str, dataset: str, data_root: str, seed: int, overrides):
@@ -71,8 +74,9 @@ def run_one(cfg, workdir: str, steps: int) -> dict:
   tripped, error = "", ""
   t0 = time.time()
   try:
-    app.train(cfg, workdir, stop_at_step=steps,
-              metrics_callback=lambda s, m: hist.append(dict(m, step=s)))
+    app.train(
+        cfg, workdir, stop_at_step=steps, metrics_callback=lambda s, m: hist.append(dict(m, step=s))
+    )
   except loop.DivergenceError as e:
     tripped = f"yes (iteration {e.iteration})"
     error = str(e)
@@ -87,14 +91,24 @@ def run_one(cfg, workdir: str, steps: int) -> dict:
   first = float(loss[:25].mean()) if len(loss) else float("nan")
   final = float(loss[-25:].mean()) if len(loss) else float("nan")
   ok = (not tripped) and len(loss) == steps and final < first
-  return dict(loss_at_25=first, final_loss=final, max_grad_norm=float(gn.max()) if len(gn) else
-              float("nan"), tripped=tripped or "no", ok=bool(ok), steps_done=len(hist),
-              seconds=time.time() - t0, error=error, history=hist)
+  return dict(
+      loss_at_25=first,
+      final_loss=final,
+      max_grad_norm=float(gn.max()) if len(gn) else float("nan"),
+      tripped=tripped or "no",
+      ok=bool(ok),
+      steps_done=len(hist),
+      seconds=time.time() - t0,
+      error=error,
+      history=hist,
+  )
 
 
 def row(r: dict) -> str:
-  return (f"| {r['dataset']} | {r['seed']} | {r['loss_at_25']:.3f} | {r['final_loss']:.3f} | "
-          f"{r['max_grad_norm']:.3g} | {r['tripped']} | {'yes' if r['ok'] else 'NO'} |")
+  return (
+      f"| {r['dataset']} | {r['seed']} | {r['loss_at_25']:.3f} | {r['final_loss']:.3f} | "
+      f"{r['max_grad_norm']:.3g} | {r['tripped']} | {'yes' if r['ok'] else 'NO'} |"
+  )
 
 
 def main(argv=None) -> int:
@@ -105,8 +119,13 @@ def main(argv=None) -> int:
   ap.add_argument("--steps", type=int, default=300)
   ap.add_argument("--data-root", default=os.path.join(os.path.dirname(REPO), "shared", "data"))
   ap.add_argument("--workdir", default="/tmp/cn2_robustness")
-  ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                  help="config overrides, e.g. optim.base_lr=0.02")
+  ap.add_argument(
+      "--set",
+      nargs="*",
+      default=[],
+      metavar="KEY=VALUE",
+      help="config overrides, e.g. optim.base_lr=0.02",
+  )
   a = ap.parse_args(argv)
   # force: an imported library may already have configured the root logger at WARNING.
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
@@ -119,7 +138,7 @@ def main(argv=None) -> int:
   for dataset in a.datasets.split(","):
     for seed in (int(s) for s in a.seeds.split(",")):
       cfg = make_config(a.config, dataset, a.data_root, seed, a.set)
-      cfg.data.data_dir = os.path.join(a.workdir, "tfds")   # prepared once, shared by the seeds
+      cfg.data.data_dir = os.path.join(a.workdir, "tfds")  # prepared once, shared by the seeds
       r = run_one(cfg, os.path.join(a.workdir, f"{dataset}_s{seed}"), a.steps)
       r.update(dataset=dataset, seed=seed)
       results.append(r)
@@ -131,8 +150,10 @@ def main(argv=None) -> int:
   print("\n" + HEADER)
   for r in results:
     print(row(r))
-  print(f"\n{sum(r['ok'] for r in results)}/{len(results)} runs ok; per-step metrics in "
-        f"{os.path.join(a.workdir, 'robustness.json')}")
+  print(
+      f"\n{sum(r['ok'] for r in results)}/{len(results)} runs ok; per-step metrics in "
+      f"{os.path.join(a.workdir, 'robustness.json')}"
+  )
   return 0 if all(r["ok"] for r in results) else 1
 
 

@@ -6,6 +6,7 @@ path (sampling_ratio=2) and, for reference, the official adaptive path (sampling
 
   JAX_PLATFORMS=cpu /work/venv/bin/python bench/roi_align_cpu.py
 """
+
 import functools
 import time
 
@@ -18,8 +19,10 @@ from cn2_jax.modeling.ops import roi_align as ra
 
 def make_inputs(bsz=2, num=512, img=512, ch=256, seed=0):
   rng = np.random.default_rng(seed)
-  feats = [jnp.asarray(rng.standard_normal((bsz, img // 2**l, img // 2**l, ch), np.float32))
-           for l in range(3, 8)]
+  feats = [
+      jnp.asarray(rng.standard_normal((bsz, img // 2**l, img // 2**l, ch), np.float32))
+      for l in range(3, 8)
+  ]
   size = np.exp(rng.uniform(np.log(8.0), np.log(img), size=(bsz, num)))
   asp = np.exp(rng.uniform(np.log(1 / 3), np.log(3), size=(bsz, num)))
   bw, bh = size * np.sqrt(asp), size / np.sqrt(asp)
@@ -44,21 +47,29 @@ def timeit(fn, *args, reps=5):
 def main():
   feats, boxes = make_inputs()
   need = np.asarray(ra.required_adaptive_samples(boxes))
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; B=2 R=512 C=256, 512x512 image, "
-        f"P3..P7; adaptive mode needs (cap_h, cap_w) = {tuple(int(v) for v in need)}")
+  print(
+      f"jax {jax.__version__} on {jax.devices()[0].platform}; B=2 R=512 C=256, 512x512 image, "
+      f"P3..P7; adaptive mode needs (cap_h, cap_w) = {tuple(int(v) for v in need)}"
+  )
   gout = jnp.asarray(np.random.default_rng(1).standard_normal((2, 512, 7, 7, 256), np.float32))
-  for name, kw in [("fixed sampling_ratio=2", dict(sampling_ratio=2)),
-                   ("adaptive sampling_ratio=0, cap 8", dict(sampling_ratio=0,
-                                                              max_adaptive_samples=8))]:
+  for name, kw in [
+      ("fixed sampling_ratio=2", dict(sampling_ratio=2)),
+      ("adaptive sampling_ratio=0, cap 8", dict(sampling_ratio=0, max_adaptive_samples=8)),
+  ]:
     fwd = jax.jit(functools.partial(ra.multilevel_roi_align, **kw))
-    grad = jax.jit(jax.grad(
-        lambda fs, b, g, kw=kw: jnp.sum(ra.multilevel_roi_align(fs, b, **kw) * g)))
+    grad = jax.jit(
+        jax.grad(lambda fs, b, g, kw=kw: jnp.sum(ra.multilevel_roi_align(fs, b, **kw) * g))
+    )
     first, med, best = timeit(fwd, feats, boxes)
-    print(f"{name:34s} forward : compile+run {first:6.2f} s, median {med * 1e3:8.1f} ms, "
-          f"min {best * 1e3:8.1f} ms")
+    print(
+        f"{name:34s} forward : compile+run {first:6.2f} s, median {med * 1e3:8.1f} ms, "
+        f"min {best * 1e3:8.1f} ms"
+    )
     first, med, best = timeit(grad, feats, boxes, gout)
-    print(f"{name:34s} grad    : compile+run {first:6.2f} s, median {med * 1e3:8.1f} ms, "
-          f"min {best * 1e3:8.1f} ms")
+    print(
+        f"{name:34s} grad    : compile+run {first:6.2f} s, median {med * 1e3:8.1f} ms, "
+        f"min {best * 1e3:8.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Runs every case in its own subprocess: cold compiles, per-case peak memory, and a crash or OOM
 that ends only its case. Also the time budget, the OOM retry at half the batch, and the second
 fresh process per JAX case that compiles again from the persistent compilation cache."""
+
 from __future__ import annotations
 
 import datetime
@@ -21,8 +22,11 @@ from bench.report import SCHEMA
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(REPO, "bench", "bench.py")  # workers are `bench.py --worker SPEC --result PATH`
-CASES = {"jax_train": jax_side.run_train, "jax_infer": jax_side.run_infer,
-         "torch": torch_side.run_torch}
+CASES = {
+    "jax_train": jax_side.run_train,
+    "jax_infer": jax_side.run_infer,
+    "torch": torch_side.run_torch,
+}
 
 
 # ================================================================================================
@@ -38,8 +42,11 @@ def worker_main(spec_json: str, result_path: str) -> int:
   except Exception as e:  # noqa: BLE001
     oom = record_error(res.data, e, keep=3000)
     res.data["traceback"] = traceback.format_exc()[-6000:]
-    if res.data["rows"] and "error" not in res.data["rows"][-1] and \
-        "median_ms" not in res.data["rows"][-1]:
+    if (
+        res.data["rows"]
+        and "error" not in res.data["rows"][-1]
+        and "median_ms" not in res.data["rows"][-1]
+    ):
       res.data["rows"][-1]["error"] = res.data["error"]
     res.save()
     traceback.print_exc()
@@ -55,14 +62,38 @@ def placeholder_rows(spec: dict, note: str) -> list:
   """Table rows for a case that did not run, so the table shows what is missing."""
   kind = spec["kind"]
   if kind == "jax_train":
-    return [dict(framework="jax", task="train", precision=spec["dtype"], size=spec["size"]["name"],
-                 batch=spec["batch"], error=note)]
+    return [
+        dict(
+            framework="jax",
+            task="train",
+            precision=spec["dtype"],
+            size=spec["size"]["name"],
+            batch=spec["batch"],
+            error=note,
+        )
+    ]
   if kind == "jax_infer":
-    return [dict(framework="jax", task="infer", precision=spec["dtype"], size=spec["size"]["name"],
-                 batch=b, error=note) for b in spec["infer_batches"]]
-  return [dict(framework="torch", task="train+infer", precision="amp/fp32/fp16",
-               size=",".join(s["name"] for s in spec["train_sizes"]), batch=spec["batch"],
-               error=note)]
+    return [
+        dict(
+            framework="jax",
+            task="infer",
+            precision=spec["dtype"],
+            size=spec["size"]["name"],
+            batch=b,
+            error=note,
+        )
+        for b in spec["infer_batches"]
+    ]
+  return [
+      dict(
+          framework="torch",
+          task="train+infer",
+          precision="amp/fp32/fp16",
+          size=",".join(s["name"] for s in spec["train_sizes"]),
+          batch=spec["batch"],
+          error=note,
+      )
+  ]
 
 
 class Runner:
@@ -80,13 +111,26 @@ class Runner:
 
   def _meta(self) -> dict:
     a = self.args
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                argv=sys.argv, host=platform.node(), python=platform.python_version(),
-                small=a.small, git=_git_describe(), nvidia_smi=_nvidia_smi(),
-                jax_platforms=os.environ.get("JAX_PLATFORMS", ""),
-                settings=dict(steps=a.steps, warmup=a.warmup, infer_iters=a.infer_iters,
-                              batch=a.batch, gt_per_image=a.gt_per_image,
-                              max_boxes=a.max_boxes, seed=a.seed, budget_s=a.budget_s))
+    meta = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        argv=sys.argv,
+        host=platform.node(),
+        python=platform.python_version(),
+        small=a.small,
+        git=_git_describe(),
+        nvidia_smi=_nvidia_smi(),
+        jax_platforms=os.environ.get("JAX_PLATFORMS", ""),
+        settings=dict(
+            steps=a.steps,
+            warmup=a.warmup,
+            infer_iters=a.infer_iters,
+            batch=a.batch,
+            gt_per_image=a.gt_per_image,
+            max_boxes=a.max_boxes,
+            seed=a.seed,
+            budget_s=a.budget_s,
+        ),
+    )
     return meta
 
   def save(self):
@@ -133,18 +177,32 @@ class Runner:
       for row in result["rows"]:
         if "median_ms" not in row and "compile_s" not in row:
           row.setdefault("error", "killed at the time budget")
-    print(f"[bench] DONE {label}: rc={rc}, {wall:.1f} s"
-          + (f", error: {str(result.get('error'))[:300]}" if result.get("error") else ""),
-          flush=True)
-    self.out["workers"].append({k: result.get(k) for k in
-                                ("spec", "env", "error", "skipped", "rc", "wall_s")})
+    print(
+        f"[bench] DONE {label}: rc={rc}, {wall:.1f} s"
+        + (f", error: {str(result.get('error'))[:300]}" if result.get("error") else ""),
+        flush=True,
+    )
+    self.out["workers"].append(
+        {k: result.get(k) for k in ("spec", "env", "error", "skipped", "rc", "wall_s")}
+    )
     return result
 
   def base_spec(self, kind: str, **kw) -> dict:
     a = self.args
-    spec = dict(kind=kind, small=a.small, seed=a.seed, steps=a.steps, warmup=a.warmup,
-                infer_iters=a.infer_iters, gt_per_image=a.gt_per_image, max_boxes=a.max_boxes,
-                compile_only=False, cache_dir=None, profile_dir=a.profile, run="cold")
+    spec = dict(
+        kind=kind,
+        small=a.small,
+        seed=a.seed,
+        steps=a.steps,
+        warmup=a.warmup,
+        infer_iters=a.infer_iters,
+        gt_per_image=a.gt_per_image,
+        max_boxes=a.max_boxes,
+        compile_only=False,
+        cache_dir=None,
+        profile_dir=a.profile,
+        run="cold",
+    )
     spec.update(kw)
     return spec
 
@@ -157,16 +215,26 @@ class Runner:
     s2 = dict(spec, compile_only=True, run="cached", profile_dir=None)
     if spec["kind"] == "jax_infer":
       s2["infer_batches"] = [row["batch"] for row in rows if "compile_s" in row]
-    label = (f"jax {'train' if spec['kind'] == 'jax_train' else 'infer'} {spec['dtype']} "
-             f"{spec['size']['name']}: compile again with the persistent cache")
+    label = (
+        f"jax {'train' if spec['kind'] == 'jax_train' else 'infer'} {spec['dtype']} "
+        f"{spec['size']['name']}: compile again with the persistent cache"
+    )
     r = self.run_worker(s2, label)
     by_batch = {row["batch"]: row for row in r["rows"]}
     for row in rows:
       c = by_batch.get(row["batch"])
       if c is not None:
-        row["cached"] = {k: c.get(k) for k in ("lower_s", "compile_s", "init_s",
-                                                "process_to_compiled_s", "cache_events",
-                                                "error")}
+        row["cached"] = {
+            k: c.get(k)
+            for k in (
+                "lower_s",
+                "compile_s",
+                "init_s",
+                "process_to_compiled_s",
+                "cache_events",
+                "error",
+            )
+        }
     self.save()
 
   def jax_train(self, dtype: str, size: dict, cache_root: str):
@@ -195,14 +263,18 @@ class Runner:
     """All inference batch sizes in one worker (they share the initialised variables)."""
     a = self.args
     cdir = os.path.join(cache_root, f"infer_{dtype}_{a.infer_size['name']}")
-    spec = self.base_spec("jax_infer", dtype=dtype, size=a.infer_size,
-                          infer_batches=a.infer_batches, cache_dir=cdir)
-    r = self.run_worker(spec, f"jax infer {dtype} {a.infer_size['name']} "
-                              f"batches {a.infer_batches}")
+    spec = self.base_spec(
+        "jax_infer", dtype=dtype, size=a.infer_size, infer_batches=a.infer_batches, cache_dir=cdir
+    )
+    r = self.run_worker(
+        spec, f"jax infer {dtype} {a.infer_size['name']} " f"batches {a.infer_batches}"
+    )
     done = {row["batch"] for row in r["rows"]}
     missing = [b for b in a.infer_batches if b not in done]
     if missing and not r.get("skipped"):
-      why = "not run (" + ("time budget" if r.get("rc") == "timeout" else "worker ended early") + ")"
+      why = (
+          "not run (" + ("time budget" if r.get("rc") == "timeout" else "worker ended early") + ")"
+      )
       r["rows"] += placeholder_rows(dict(spec, infer_batches=missing), why)
     self.add_rows(r["rows"])
     if a.cache_runs and any("compile_s" in row for row in r["rows"]):
@@ -224,10 +296,16 @@ class Runner:
         for size in a.sizes[1:]:
           self.jax_train(dtype, size, cache_root)
     if not a.skip_torch:
-      spec = self.base_spec("torch", batch=a.batch, train_sizes=a.sizes,
-                            infer_size=a.infer_size, infer_batches=a.infer_batches,
-                            torch_variants=a.torch_variants, torch_cpu=a.torch_cpu,
-                            profile_dir=None)
+      spec = self.base_spec(
+          "torch",
+          batch=a.batch,
+          train_sizes=a.sizes,
+          infer_size=a.infer_size,
+          infer_batches=a.infer_batches,
+          torch_variants=a.torch_variants,
+          torch_cpu=a.torch_cpu,
+          profile_dir=None,
+      )
       r = self.run_worker(spec, "torchvision Faster R-CNN (train AMP, infer fp32/fp16)")
       if r.get("skipped"):
         self.out["meta"]["torch_skipped"] = r["skipped"]
@@ -241,12 +319,22 @@ class Runner:
 
 def _git_describe():
   try:
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                         text=True, timeout=10)
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     if rev.returncode:
       return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout.strip()
     return rev.stdout.strip() + ("-dirty" if dirty else "")
   except Exception:  # noqa: BLE001
     return None
@@ -256,9 +344,16 @@ def _nvidia_smi():
   if not shutil.which("nvidia-smi"):
     return None
   try:
-    r = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,"
-                        "clocks.max.sm,power.limit", "--format=csv,noheader"],
-                       capture_output=True, text=True, timeout=20)
+    r = subprocess.run(
+        [
+            "nvidia-smi",
+            "--query-gpu=name,driver_version,memory.total,clocks.sm," "clocks.max.sm,power.limit",
+            "--format=csv,noheader",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     return r.stdout.strip() or None
   except Exception:  # noqa: BLE001
     return None

@@ -1,4 +1,5 @@
 """Image sizes and synthetic batches (numpy only: shared by the JAX and the torch workers)."""
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,10 @@ def parse_size(text: str) -> dict:
   except ValueError:
     raise SystemExit(f"bad size {text!r}: expected HxW or HxW@PHxPW (e.g. 800x1333@832x1344)")
   if ph % 32 or pw % 32:
-    raise SystemExit(f"bad size {text!r}: padded size {ph}x{pw} must be a multiple of 32 "
-                     f"(FPN size divisibility)")
+    raise SystemExit(
+        f"bad size {text!r}: padded size {ph}x{pw} must be a multiple of 32 "
+        f"(FPN size divisibility)"
+    )
   if ph < h or pw < w:
     raise SystemExit(f"bad size {text!r}: padded size smaller than the image")
   name = f"{h}x{w}" + (f"@{ph}x{pw}" if (ph, pw) != (h, w) else "")
@@ -29,18 +32,20 @@ def parse_size(text: str) -> dict:
 def synth_images(rng, batch: int, size: dict):
   """uint8 `[B, PH, PW, 3]` RGB noise inside the image, zero padding outside; image_hw `[B, 2]`."""
   import numpy as np
+
   image = np.zeros((batch, size["ph"], size["pw"], 3), np.uint8)
-  image[:, :size["h"], :size["w"]] = rng.integers(0, 256, (batch, size["h"], size["w"], 3),
-                                                  dtype=np.uint8)
+  image[:, : size["h"], : size["w"]] = rng.integers(
+      0, 256, (batch, size["h"], size["w"], 3), dtype=np.uint8
+  )
   image_hw = np.tile(np.array([[size["h"], size["w"]]], np.int32), (batch, 1))
   return image, image_hw
 
 
-def synth_gt(rng, batch: int, size: dict, gt_per_image: float, max_boxes: int,
-             num_classes: int):
+def synth_gt(rng, batch: int, size: dict, gt_per_image: float, max_boxes: int, num_classes: int):
   """~Poisson(gt_per_image) boxes per image (1..max_boxes), log-uniform sizes 16 px .. 0.6 of the
   short side, aspect 1/3..3, inside the image. Returns padded arrays of the batch contract."""
   import numpy as np
+
   h, w = size["h"], size["w"]
   counts = np.clip(rng.poisson(gt_per_image, batch), 1, max_boxes)
   boxes = np.zeros((batch, max_boxes, 4), np.float32)
@@ -61,16 +66,25 @@ def synth_gt(rng, batch: int, size: dict, gt_per_image: float, max_boxes: int,
   return boxes, classes, valid
 
 
-def synth_batch(seed: int, batch: int, size: dict, gt_per_image: float, max_boxes: int,
-                num_classes: int, with_gt: bool = True) -> dict:
+def synth_batch(
+    seed: int,
+    batch: int,
+    size: dict,
+    gt_per_image: float,
+    max_boxes: int,
+    num_classes: int,
+    with_gt: bool = True,
+) -> dict:
   """A host batch of the data pipeline's contract: image, image_hw (+ gt_* with `with_gt`)."""
   import numpy as np
+
   rng = np.random.default_rng(seed)
   image, image_hw = synth_images(rng, batch, size)
   out = dict(image=image, image_hw=image_hw)
   if with_gt:
     out["gt_boxes"], out["gt_classes"], out["gt_valid"] = synth_gt(
-        rng, batch, size, gt_per_image, max_boxes, num_classes)
+        rng, batch, size, gt_per_image, max_boxes, num_classes
+    )
   return out
 
 

@@ -3,6 +3,7 @@
 torch and torchvision are imported inside `run_torch`: without them the case records 'skipped'
 and the JAX side never needs them.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,9 +26,11 @@ def tv_model(variant: str, size: dict):
   """fasterrcnn_resnet50_fpn whose transform neither resizes nor pads differently from cn2_jax."""
   import torch
   from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
   d, _ = size_divisible(size)
-  kw = dict(min_size=min(size["h"], size["w"]), max_size=max(size["h"], size["w"]),
-            size_divisible=d)
+  kw = dict(
+      min_size=min(size["h"], size["w"]), max_size=max(size["h"], size["w"]), size_divisible=d
+  )
   if variant == "default":  # the literal call: BatchNorm2d (train mode), all 5 stages trainable
     return fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, **kw)
   # "frozen": what fasterrcnn_resnet50_fpn builds with an ImageNet backbone (FrozenBatchNorm2d,
@@ -36,6 +39,7 @@ def tv_model(variant: str, size: dict):
   from torchvision.models.detection import FasterRCNN
   from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
   from torchvision.ops import FrozenBatchNorm2d
+
   backbone = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), 3)
   torch.manual_seed(0)
   return FasterRCNN(backbone, num_classes=91, **kw)
@@ -55,15 +59,21 @@ def run_torch(spec: dict, res: Result):
     print("torch benchmark skipped:", res.data["skipped"], flush=True)
     return
   import numpy as np
+
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   cuda = dev.type == "cuda"
   torch.backends.cudnn.benchmark = True  # fixed shapes; the counterpart of XLA's autotuning
   res.data["env"] = dict(
-      torch=torch.__version__, torchvision=torchvision.__version__,
-      cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+      torch=torch.__version__,
+      torchvision=torchvision.__version__,
+      cuda=torch.version.cuda,
+      cudnn=torch.backends.cudnn.version(),
       device=torch.cuda.get_device_name(0) if cuda else "cpu",
-      cudnn_benchmark=True, matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
-      cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, python=platform.python_version())
+      cudnn_benchmark=True,
+      matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+      cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+      python=platform.python_version(),
+  )
   res.save()
 
   def sync(_=None):
@@ -80,8 +90,13 @@ def run_torch(spec: dict, res: Result):
 
   def to_torch(host, n):
     h, w = host["image_hw"][0]
-    imgs = [torch.from_numpy(host["image"][i, :h, :w].transpose(2, 0, 1).copy()).to(dev)
-            .float().div_(255.0) for i in range(n)]
+    imgs = [
+        torch.from_numpy(host["image"][i, :h, :w].transpose(2, 0, 1).copy())
+        .to(dev)
+        .float()
+        .div_(255.0)
+        for i in range(n)
+    ]
     return imgs
 
   def timed(fn, warmup, iters):
@@ -95,13 +110,20 @@ def run_torch(spec: dict, res: Result):
     for variant in spec["torch_variants"]:
       bsz = spec["batch"]
       while True:
-        row = dict(framework="torch", model=f"torchvision fasterrcnn_resnet50_fpn [{variant}]",
-                   task="train", precision="amp-fp16" if cuda else "fp32 (cpu, no amp)",
-                   size=size["name"], batch=bsz,
-                   requested_batch=spec["batch"], run="cold")
+        row = dict(
+            framework="torch",
+            model=f"torchvision fasterrcnn_resnet50_fpn [{variant}]",
+            task="train",
+            precision="amp-fp16" if cuda else "fp32 (cpu, no amp)",
+            size=size["name"],
+            batch=bsz,
+            requested_batch=spec["batch"],
+            run="cold",
+        )
         d, exact = size_divisible(size)
-        row["torch_padded"] = (f"{ceil_to(size['h'], d)}x{ceil_to(size['w'], d)}"
-                               + ("" if exact else " (differs from the JAX padding)"))
+        row["torch_padded"] = f"{ceil_to(size['h'], d)}x{ceil_to(size['w'], d)}" + (
+            "" if exact else " (differs from the JAX padding)"
+        )
         res.data["rows"].append(row)
         model = opt = None
         try:
@@ -115,15 +137,19 @@ def run_torch(spec: dict, res: Result):
           # lr = the recipe's first warm-up lr (0.02 * 0.00025) so random weights stay finite.
           opt = torch.optim.SGD(params, lr=0.02 * 0.00025, momentum=0.9, weight_decay=1e-4)
           scaler = torch.amp.GradScaler(dev.type, enabled=cuda)
-          host = synth_batch(spec["seed"] + 1, bsz, size, spec["gt_per_image"],
-                             spec["max_boxes"], 90)
+          host = synth_batch(
+              spec["seed"] + 1, bsz, size, spec["gt_per_image"], spec["max_boxes"], 90
+          )
           images = to_torch(host, bsz)
           targets = []
           for i in range(bsz):
             v = host["gt_valid"][i]
-            targets.append(dict(boxes=torch.from_numpy(host["gt_boxes"][i][v]).to(dev),
-                                labels=torch.from_numpy(host["gt_classes"][i][v] + 1)
-                                .long().to(dev)))
+            targets.append(
+                dict(
+                    boxes=torch.from_numpy(host["gt_boxes"][i][v]).to(dev),
+                    labels=torch.from_numpy(host["gt_classes"][i][v] + 1).long().to(dev),
+                )
+            )
 
           def step(_):
             opt.zero_grad(set_to_none=True)
@@ -138,8 +164,13 @@ def run_torch(spec: dict, res: Result):
           first, times, pipelined, loss = timed(step, spec["warmup"], spec["steps"])
           row.update(stats_ms(times))
           loss = float(loss.detach().float().item())
-          row.update(first_iter_s=first, **throughput(row, bsz, pipelined),
-                     loss_last=loss, loss_finite=bool(math.isfinite(loss)), peak_mem_gib=peak())
+          row.update(
+              first_iter_s=first,
+              **throughput(row, bsz, pipelined),
+              loss_last=loss,
+              loss_finite=bool(math.isfinite(loss)),
+              peak_mem_gib=peak(),
+          )
           res.save()
           break
         except Exception as e:  # noqa: BLE001
@@ -165,25 +196,37 @@ def run_torch(spec: dict, res: Result):
   model = tv_model("default", size).to(dev).eval()
   for precision in ("fp32", "fp16"):
     for bsz in spec["infer_batches"]:
-      row = dict(framework="torch", model="torchvision fasterrcnn_resnet50_fpn",
-                 task="infer", precision=precision if precision == "fp32" else
-                 ("fp16-autocast" if cuda else "fp32 (cpu, no autocast)"),
-                 size=size["name"], batch=bsz, run="cold")
+      row = dict(
+          framework="torch",
+          model="torchvision fasterrcnn_resnet50_fpn",
+          task="infer",
+          precision=precision
+          if precision == "fp32"
+          else ("fp16-autocast" if cuda else "fp32 (cpu, no autocast)"),
+          size=size["name"],
+          batch=bsz,
+          run="cold",
+      )
       res.data["rows"].append(row)
       try:
         reset_peak()
         images = to_torch(infer_batch(spec["seed"], bsz, size), bsz)
 
         def infer(_):
-          with torch.inference_mode(), torch.autocast(
-              dev.type, dtype=torch.float16, enabled=cuda and precision == "fp16"):
+          with (
+              torch.inference_mode(),
+              torch.autocast(dev.type, dtype=torch.float16, enabled=cuda and precision == "fp16"),
+          ):
             return model(images)
 
         first, times, pipelined, out = timed(infer, spec["warmup"], spec["infer_iters"])
         row.update(stats_ms(times))
-        row.update(first_iter_s=first, **throughput(row, bsz, pipelined),
-                   detections_per_image=float(np.mean([len(o["boxes"]) for o in out])),
-                   peak_mem_gib=peak())
+        row.update(
+            first_iter_s=first,
+            **throughput(row, bsz, pipelined),
+            detections_per_image=float(np.mean([len(o["boxes"]) for o in out])),
+            peak_mem_gib=peak(),
+        )
         res.save()
       except Exception as e:  # noqa: BLE001
         oom = record_error(row, e)

@@ -12,6 +12,7 @@ Workdir layout:
   eval/metrics.json         the 12 COCO metrics as fractions
   predict/detections.json   --mode=predict results; predict/<image>.png drawn copies
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from cn2_jax.config import (config_from_json, flatten_fields, get_field, jsonable, set_field,
-                            show_value, validate_config)
+from cn2_jax.config import (
+    config_from_json,
+    flatten_fields,
+    get_field,
+    jsonable,
+    set_field,
+    show_value,
+    validate_config,
+)
 from cn2_jax.errors import (ConfigError, DataError, InputFileError, is_user_error, one_line)
 from cn2_jax.data import builder as builder_lib
 from cn2_jax.data import pipeline
@@ -37,8 +45,13 @@ from cn2_jax.engine import loop
 from cn2_jax.engine import step as step_lib
 from cn2_jax.evaluation.coco_eval import CocoEvaluator
 from cn2_jax.modeling import detector
-from cn2_jax.weights.loading import (check_checkpoint_fits, latest_checkpoint_dir,
-                                     load_weights_file, restore_model_variables, weights_run_dir)
+from cn2_jax.weights.loading import (
+    check_checkpoint_fits,
+    latest_checkpoint_dir,
+    load_weights_file,
+    restore_model_variables,
+    weights_run_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +80,10 @@ def prepare_dataset(cfg: ml_collections.ConfigDict, workdir: str):
         kwargs["image_size"] = d.synthetic_image_size
       splits = synthetic.write_synthetic_coco(root, seed=cfg.seed, **kwargs)
     else:
-      splits = {"train": (train_json, root),
-                "val": (os.path.join(root, "instances_val.json"), root)}
+      splits = {
+          "train": (train_json, root),
+          "val": (os.path.join(root, "instances_val.json"), root),
+      }
     return builder_lib.build_coco_json_dataset(d.name or "synthetic", splits, data_dir)
   if d.dataset == "coco_json":
     if not d.root:
@@ -101,10 +116,15 @@ def _save_run_files(cfg, workdir: str, info: pipeline.DetectionInfo) -> None:
   if os.path.isfile(path):
     _keep_previous_config(path, new)
   _write_json(path, new)
-  _write_json(os.path.join(workdir, "dataset_info.json"), dict(
-      class_names=list(info.class_names),
-      label_to_category_id=[int(x) for x in info.label_to_category_id(
-          np.arange(info.num_classes))]))
+  _write_json(
+      os.path.join(workdir, "dataset_info.json"),
+      dict(
+          class_names=list(info.class_names),
+          label_to_category_id=[
+              int(x) for x in info.label_to_category_id(np.arange(info.num_classes))
+          ],
+      ),
+  )
 
 
 def _keep_previous_config(path: str, new: dict) -> None:
@@ -113,8 +133,11 @@ def _keep_previous_config(path: str, new: dict) -> None:
   with open(path) as f:
     old = json.load(f)
   flat_new = flatten_fields(new)
-  changes = [(k, v, flat_new[k]) for k, v in flatten_fields(old).items()
-             if k in flat_new and v != flat_new[k]]
+  changes = [
+      (k, v, flat_new[k])
+      for k, v in flatten_fields(old).items()
+      if k in flat_new and v != flat_new[k]
+  ]
   if not changes:
     return
   stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
@@ -125,22 +148,35 @@ def _keep_previous_config(path: str, new: dict) -> None:
   shutil.copy2(path, keep)
   shown = ", ".join(f"{k} {show_value(a)} → {show_value(b)}" for k, a, b in changes[:6])
   more = f" (+{len(changes) - 6} more)" if len(changes) > 6 else ""
-  log.warning("%s: the config differs from the run's previous one: %s%s; previous config kept "
-              "as %s", path, shown, more, os.path.basename(keep))
+  log.warning(
+      "%s: the config differs from the run's previous one: %s%s; previous config kept " "as %s",
+      path,
+      shown,
+      more,
+      os.path.basename(keep),
+  )
 
 
 def _check_num_classes(cfg, info: pipeline.DetectionInfo) -> None:
   if cfg.model.num_classes != info.num_classes:
-    raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the dataset has "
-                      f"{info.num_classes} classes {list(info.class_names)[:10]}...; set "
-                      f"--config.model.num_classes={info.num_classes}")
+    raise ConfigError(
+        f"model.num_classes={cfg.model.num_classes} but the dataset has "
+        f"{info.num_classes} classes {list(info.class_names)[:10]}...; set "
+        f"--config.model.num_classes={info.num_classes}"
+    )
 
 
 # ------------------------------------------------------------------------------------- run config
 # Fields that steer one eval / predict invocation (where the weights are, what to draw, how to
 # batch) rather than describe the trained model: overriding them is expected, so no warning.
-_INVOCATION_FIELDS = ("weights", "compilation_cache_dir", "predict.", "train.eval_batch_size",
-                      "data.num_workers", "data.data_dir")
+_INVOCATION_FIELDS = (
+    "weights",
+    "compilation_cache_dir",
+    "predict.",
+    "train.eval_batch_size",
+    "data.num_workers",
+    "data.data_dir",
+)
 
 
 def saved_config_path(cfg, workdir: str) -> Optional[str]:
@@ -153,8 +189,9 @@ def saved_config_path(cfg, workdir: str) -> Optional[str]:
   return None
 
 
-def run_config(cfg: ml_collections.ConfigDict, workdir: str,
-               overridden: Iterable[str] = ()) -> ml_collections.ConfigDict:
+def run_config(
+    cfg: ml_collections.ConfigDict, workdir: str, overridden: Iterable[str] = ()
+) -> ml_collections.ConfigDict:
   """The config of `--mode=eval|predict`: the run's saved config.json (`saved_config_path`), with
   the fields named in `overridden` (dotted paths; main.py passes those given as --config.FIELD on
   the command line, whatever their value) taken from `cfg`. Every other value of `cfg` (its
@@ -170,11 +207,19 @@ def run_config(cfg: ml_collections.ConfigDict, workdir: str,
     before = get_field(saved, field)
     set_field(saved, field, value)
     if jsonable(before) != jsonable(value) and not field.startswith(_INVOCATION_FIELDS):
-      log.warning("--config.%s=%s differs from the run's %s (%s); using %s", field,
-                  show_value(jsonable(value)), path, show_value(jsonable(before)),
-                  show_value(jsonable(value)))
-  log.info("config: %s%s", path,
-           f" with command-line overrides {', '.join(overridden)}" if overridden else "")
+      log.warning(
+          "--config.%s=%s differs from the run's %s (%s); using %s",
+          field,
+          show_value(jsonable(value)),
+          path,
+          show_value(jsonable(before)),
+          show_value(jsonable(value)),
+      )
+  log.info(
+      "config: %s%s",
+      path,
+      f" with command-line overrides {', '.join(overridden)}" if overridden else "",
+  )
   try:
     return validate_config(saved)
   except (KeyError, ValueError) as e:
@@ -207,8 +252,13 @@ def _check_resumable(cfg, workdir: str) -> None:
   check_checkpoint_fits(item, detector.abstract_variables(cfg.model), source, cfg.model)
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at_step: Optional[int] = None,
-          metrics_callback=None):
+def train(
+    cfg: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_at_step: Optional[int] = None,
+    metrics_callback=None,
+):
   """Trains (resuming if the workdir has checkpoints); evaluates at the end if configured.
 
   `stop_at_step` ends this call early (checkpoint saved) without changing the schedule;
@@ -226,20 +276,34 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at_step: Optiona
   split = pipeline.open_split(b, d.train_split)
   nproc = jax.process_count()
   if cfg.train.batch_size % nproc:
-    raise ConfigError(f"train.batch_size={cfg.train.batch_size} must divide by the "
-                      f"{nproc} processes")
-  lsj = pipeline.LSJ(output_size=d.lsj_size, scale_range=tuple(d.lsj_scale_range)) if d.lsj \
-      else None
+    raise ConfigError(
+        f"train.batch_size={cfg.train.batch_size} must divide by the " f"{nproc} processes"
+    )
+  lsj = (
+      pipeline.LSJ(output_size=d.lsj_size, scale_range=tuple(d.lsj_scale_range)) if d.lsj else None
+  )
 
   def loader_fn(start_step: int):
     return pipeline.make_train_loader(
-        split, batch_size=cfg.train.batch_size // nproc, short_sizes=tuple(d.min_size_train),
-        max_size=d.max_size_train, pad_hw=tuple(d.pad_hw_train) or None, max_boxes=d.max_boxes,
-        seed=cfg.seed, start_step=start_step, num_workers=d.num_workers,
-        filter_empty=d.filter_empty, lsj=lsj, hflip_prob=0.5 if d.flip else 0.0,
-        process_index=jax.process_index(), process_count=nproc,
-        size_divisibility=d.size_divisibility, aspect_grouping=d.aspect_grouping,
-        aspect_ratios=tuple(d.bucket_aspect_ratios), scale_per_batch=d.scale_per_batch)
+        split,
+        batch_size=cfg.train.batch_size // nproc,
+        short_sizes=tuple(d.min_size_train),
+        max_size=d.max_size_train,
+        pad_hw=tuple(d.pad_hw_train) or None,
+        max_boxes=d.max_boxes,
+        seed=cfg.seed,
+        start_step=start_step,
+        num_workers=d.num_workers,
+        filter_empty=d.filter_empty,
+        lsj=lsj,
+        hflip_prob=0.5 if d.flip else 0.0,
+        process_index=jax.process_index(),
+        process_count=nproc,
+        size_divisibility=d.size_divisibility,
+        aspect_grouping=d.aspect_grouping,
+        aspect_ratios=tuple(d.bucket_aspect_ratios),
+        scale_per_batch=d.scale_per_batch,
+    )
 
   def train_batches(start_step: int):
     for batch in loader_fn(start_step):
@@ -249,10 +313,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at_step: Optiona
   load_pretrained = None
   if cfg.init_from:
     load_pretrained = lambda v: load_weights_file(cfg.init_from, v, backbone_only=True)  # noqa
-  state = loop.train(cfg, workdir, model, detector.init_fn(model), train_batches,
-                     frozen_prefixes=detector.frozen_param_prefixes(cfg.model),
-                     load_pretrained_fn=load_pretrained, stop_at_step=stop_at_step,
-                     metrics_callback=metrics_callback)
+  state = loop.train(
+      cfg,
+      workdir,
+      model,
+      detector.init_fn(model),
+      train_batches,
+      frozen_prefixes=detector.frozen_param_prefixes(cfg.model),
+      load_pretrained_fn=load_pretrained,
+      stop_at_step=stop_at_step,
+      metrics_callback=metrics_callback,
+  )
   metrics = None
   finished = int(jax.device_get(state.step)) >= cfg.optim.max_iter
   if cfg.train.eval_at_end and d.eval_split and finished:
@@ -260,8 +331,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, stop_at_step: Optiona
   return state, metrics
 
 
-def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, variables=None,
-             builder=None) -> dict:
+def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, variables=None, builder=None) -> dict:
   """COCO evaluation of the eval split; writes eval/coco_results.json and eval/metrics.json."""
   validate_config(cfg)
   enable_compilation_cache(cfg)
@@ -275,31 +345,47 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, variables=None,
   ann = info.annotation_file(d.eval_split)
   if ann is None:
     raise FileNotFoundError(f"No annotation file recorded for split {d.eval_split!r}")
-  evaluator = CocoEvaluator(ann, [int(x) for x in info.label_to_category_id(
-      np.arange(info.num_classes))])
+  evaluator = CocoEvaluator(
+      ann, [int(x) for x in info.label_to_category_id(np.arange(info.num_classes))]
+  )
   mesh = step_lib.make_mesh()
   model = detector.build_model(cfg.model)
   eval_step = step_lib.make_eval_step(model, mesh)
   variables = step_lib.replicate(variables, mesh)
   t0, n = time.perf_counter(), 0
   for batch in pipeline.make_eval_loader(
-      split, batch_size=cfg.train.eval_batch_size, short_size=d.min_size_test,
-      max_size=d.max_size_test, pad_hw=tuple(d.pad_hw_test) or None, max_boxes=d.max_boxes,
+      split,
+      batch_size=cfg.train.eval_batch_size,
+      short_size=d.min_size_test,
+      max_size=d.max_size_test,
+      pad_hw=tuple(d.pad_hw_test) or None,
+      max_boxes=d.max_boxes,
       size_divisibility=d.size_divisibility,
-      num_workers=d.num_workers, process_index=jax.process_index(),
-      process_count=jax.process_count()):
+      num_workers=d.num_workers,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  ):
     dets = eval_step(variables, step_lib.shard_batch({k: batch[k] for k in EVAL_KEYS}, mesh))
     if jax.process_count() > 1:
       # Every process scores the whole eval set: gather detections (global arrays) and each
       # process's batch metadata (host arrays) in process order.
       from jax.experimental import multihost_utils
+
       dets = multihost_utils.process_allgather(dets, tiled=True)
       batch = multihost_utils.process_allgather(
-          {k: batch[k] for k in ("image_id", "image_hw", "orig_hw", "batch_mask")}, tiled=True)
-    dets = jax.device_get(detector.postprocess_detections(
-        jax.device_get(dets), batch["image_hw"], batch["orig_hw"]))
-    evaluator.add(batch["image_id"], dets["boxes"], dets["scores"], dets["classes"],
-                  dets["valid"], batch["batch_mask"])
+          {k: batch[k] for k in ("image_id", "image_hw", "orig_hw", "batch_mask")}, tiled=True
+      )
+    dets = jax.device_get(
+        detector.postprocess_detections(jax.device_get(dets), batch["image_hw"], batch["orig_hw"])
+    )
+    evaluator.add(
+        batch["image_id"],
+        dets["boxes"],
+        dets["scores"],
+        dets["classes"],
+        dets["valid"],
+        batch["batch_mask"],
+    )
     n += int(batch["batch_mask"].sum())
   dt = time.perf_counter() - t0
   log.info("evaluated %d images in %.1f s", n, dt)
@@ -319,8 +405,11 @@ def expand_images(paths: Sequence[str]) -> list:
   out, missing = [], []
   for p in paths:
     if os.path.isdir(p):
-      found = sorted(f for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS)
-                     and os.path.isfile(os.path.join(p, f)))
+      found = sorted(
+          f
+          for f in os.listdir(p)
+          if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(p, f))
+      )
       if not found:
         raise InputFileError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {p}")
       out += [os.path.join(p, f) for f in found]
@@ -383,9 +472,11 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, images: Sequence[str])
   """
   from cn2_jax.predictor import Predictor
   from cn2_jax import visualize
+
   if not images:
-    raise ConfigError("--mode=predict needs image paths (--images=a.jpg,b.png or "
-                      "--config.predict.images=...)")
+    raise ConfigError(
+        "--mode=predict needs image paths (--images=a.jpg,b.png or " "--config.predict.images=...)"
+    )
   paths = expand_images(images)
   enable_compilation_cache(cfg)
   predictor = Predictor.from_workdir(workdir, cfg)
@@ -406,36 +497,61 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, images: Sequence[str])
     scores = np.asarray(det["scores"], np.float64)
     k, drawn_k = len(scores), int((scores >= thresh).sum())
     top = float(scores.max()) if k else None
-    drawn = visualize.draw_detections(image, det["boxes"], scores, det["classes"],
-                                      predictor.class_names, score_thresh=thresh)
+    drawn = visualize.draw_detections(
+        image, det["boxes"], scores, det["classes"], predictor.class_names, score_thresh=thresh
+    )
     png = os.path.join(out_dir, name)
     visualize.save_png(png, drawn)
-    log.info("%s: %d detections, %d drawn ≥ %.2f (%s) → %s", path, k, drawn_k, thresh,
-             f"max score {top:.2f}" if k else "none", png)
+    log.info(
+        "%s: %d detections, %d drawn ≥ %.2f (%s) → %s",
+        path,
+        k,
+        drawn_k,
+        thresh,
+        f"max score {top:.2f}" if k else "none",
+        png,
+    )
     n_dets, n_drawn = n_dets + k, n_drawn + drawn_k
     best = max(best, top) if k else best
     records = []
     for bx, sc, c in zip(det["boxes"], scores, det["classes"]):
-      r = dict(box=[round(float(v), 2) for v in bx], score=round(float(sc), 5), label=int(c),
-               class_name=predictor.class_name(int(c)))
+      r = dict(
+          box=[round(float(v), 2) for v in bx],
+          score=round(float(sc), 5),
+          label=int(c),
+          class_name=predictor.class_name(int(c)),
+      )
       cat = predictor.category_id(int(c))
       if cat is not None:
         r["category_id"] = cat
       records.append(r)
     results.append(dict(image=path, drawn=png, detections=records))
   _write_json(os.path.join(out_dir, "detections.json"), results)
-  log.info("predict: %d of %d images, %d detections, %d drawn ≥ %.2f → %s", len(results),
-           len(paths), n_dets, n_drawn, thresh, out_dir)
+  log.info(
+      "predict: %d of %d images, %d detections, %d drawn ≥ %.2f → %s",
+      len(results),
+      len(paths),
+      n_dets,
+      n_drawn,
+      thresh,
+      out_dir,
+  )
   if n_dets and not n_drawn:
     # Typical of an under-trained model: say why the PNGs show no boxes, and what to change.
-    log.warning("no detection reached predict.score_thresh=%.2f (highest score %.3f): lower it, "
-                "e.g. --config.predict.score_thresh=%.2f", thresh, best,
-                math.floor(best * 100) / 100)
+    log.warning(
+        "no detection reached predict.score_thresh=%.2f (highest score %.3f): lower it, "
+        "e.g. --config.predict.score_thresh=%.2f",
+        thresh,
+        best,
+        math.floor(best * 100) / 100,
+    )
   if failures:
     bugs = [e for _, e in failures if not is_user_error(e)]
     if bugs:  # not the input's fault: keep the traceback
       raise bugs[0]
     listed = "; ".join(_failure_line(p, e) for p, e in failures)
-    raise DataError(f"{len(failures)} of {len(paths)} images failed: {listed}; the results of "
-                    f"the other {len(results)} are in {out_dir}")
+    raise DataError(
+        f"{len(failures)} of {len(paths)} images failed: {listed}; the results of "
+        f"the other {len(results)} are in {out_dir}"
+    )
   return results

@@ -8,6 +8,7 @@ Usage:
 Steps (each a `cn2_jax.weights` function, tested on its own): `load_checkpoint_file` ->
 `detect_format` -> `to_detectron2_names` -> `convert_to_flax` (strict report) -> `save_variables`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from cn2_jax.weights import (ConversionError, convert_to_flax, detect_format,
-                             format_expectations, load_checkpoint_file, save_variables,
-                             to_detectron2_names)
+from cn2_jax.weights import (
+    ConversionError,
+    convert_to_flax,
+    detect_format,
+    format_expectations,
+    load_checkpoint_file,
+    save_variables,
+    to_detectron2_names,
+)
+
 # The library names, re-exported for code written against the single-module converter.
 from cn2_jax.weights import ConversionReport, StateDict  # noqa: F401
 from cn2_jax.weights import restore_saved_variables as restore_variables  # noqa: F401
@@ -28,11 +36,10 @@ from cn2_jax.weights.flax_mapping import _kernel_layout  # noqa: F401
 __all__ = ["main"]
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # CLI.
 # ----------------------------------------------------------------------------------------------
+
 
 def _load_config(path: str):
   if not Path(path).exists() and (Path(__file__).resolve().parents[1] / path).exists():
@@ -71,8 +78,11 @@ def _config_warnings(model_config, fmt: str) -> list:
     got = _find_setting(model_config, name)
     if got is None:
       continue
-    same = (np.allclose(np.asarray(got, float), np.asarray(value, float), atol=1e-3)
-            if isinstance(value, tuple) else got == value)
+    same = (
+        np.allclose(np.asarray(got, float), np.asarray(value, float), atol=1e-3)
+        if isinstance(value, tuple)
+        else got == value
+    )
     if not same:
       warnings.append(f"config sets {name}={got!r} but {fmt} weights need {value!r}")
   return warnings
@@ -82,12 +92,16 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(
       prog="python -m cn2_jax.convert",
       description="Convert detectron2 / CenterNet2 / ImageNet ResNet weights to a cn2_jax Orbax "
-                  "checkpoint.")
+      "checkpoint.",
+  )
   ap.add_argument("--src", required=True, help=".pth / .pkl checkpoint")
   ap.add_argument("--out", required=True, help="Orbax checkpoint directory to write")
   ap.add_argument("--config", default="configs/cn2_r50.py", help="config file with get_config()")
-  ap.add_argument("--backbone-only", action="store_true",
-                  help="fill only backbone.bottom_up.* (ImageNet initialisation)")
+  ap.add_argument(
+      "--backbone-only",
+      action="store_true",
+      help="fill only backbone.bottom_up.* (ImageNet initialisation)",
+  )
   ap.add_argument("--seed", type=int, default=0, help="init seed for --backbone-only")
   ap.add_argument("--force", action="store_true", help="overwrite --out")
   args = ap.parse_args(argv)
@@ -96,12 +110,17 @@ def main(argv=None) -> int:
     fmt = detect_format(sd)
     sd = to_detectron2_names(sd, fmt)
     if fmt != "detectron2" and not args.backbone_only:
-      raise ConversionError(f"{args.src} holds {fmt} ImageNet weights (backbone only): "
-                            "pass --backbone-only")
+      raise ConversionError(
+          f"{args.src} holds {fmt} ImageNet weights (backbone only): " "pass --backbone-only"
+      )
     model_config = _load_config(args.config)
     from cn2_jax.modeling import detector
-    target = (detector.init_variables(model_config, args.seed) if args.backbone_only
-              else detector.abstract_variables(model_config))
+
+    target = (
+        detector.init_variables(model_config, args.seed)
+        if args.backbone_only
+        else detector.abstract_variables(model_config)
+    )
     variables, report = convert_to_flax(sd, target, backbone_only=args.backbone_only)
     report.notes.extend(f"WARNING: {w}" for w in _config_warnings(model_config, fmt))
     print(report.summary())

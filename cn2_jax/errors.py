@@ -19,11 +19,18 @@ is the user's (e.g. config validation) wraps it with `ConfigError(...) from e`.
 `main.py` prints a user error as one line `error: <message>` on stderr and exits with status 1;
 `--verbose` shows the full traceback instead.
 """
+
 from __future__ import annotations
 
-
-__all__ = ["UserError", "ConfigError", "DataError", "WeightsError", "InputFileError",
-           "is_user_error", "one_line"]
+__all__ = [
+    "UserError",
+    "ConfigError",
+    "DataError",
+    "WeightsError",
+    "InputFileError",
+    "is_user_error",
+    "one_line",
+]
 
 
 class UserError(Exception):

@@ -11,6 +11,7 @@
 
 Calling it again replaces the previous setup (it is idempotent).
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,7 @@ import sys
 
 __all__ = ["LIBRARY_LOGGERS", "TqdmHandler", "setup_logging"]
 
-LIBRARY_LOGGERS = ("absl", "orbax", "tensorflow_datasets", "jax", "jaxlib", "grain",
-                   "array_record")
+LIBRARY_LOGGERS = ("absl", "orbax", "tensorflow_datasets", "jax", "jaxlib", "grain", "array_record")
 
 # tfds warns for every builder config that is not predeclared (ours are built from the config),
 # and for the empty folder it creates itself before preparing a dataset.
@@ -33,12 +33,14 @@ class TqdmHandler(logging.Handler):
     try:
       msg = self.format(record)
       from tqdm import tqdm
+
       tqdm.write(msg, file=sys.stderr)
     except Exception:  # noqa: BLE001 - logging must never raise
       self.handleError(record)
 
 
 class _DropNoise(logging.Filter):
+
   def filter(self, record: logging.LogRecord) -> bool:
     try:
       msg = str(record.msg)
@@ -49,8 +51,9 @@ class _DropNoise(logging.Filter):
 
 def _formatter() -> logging.Formatter:
   # absl's layout (level letter, date, file:line) without thread id and microseconds.
-  return logging.Formatter("%(levelname).1s%(asctime)s %(filename)s:%(lineno)d] %(message)s",
-                           datefmt="%m%d %H:%M:%S")
+  return logging.Formatter(
+      "%(levelname).1s%(asctime)s %(filename)s:%(lineno)d] %(message)s", datefmt="%m%d %H:%M:%S"
+  )
 
 
 def setup_logging(verbose: bool = False) -> logging.Handler:
@@ -75,6 +78,7 @@ def setup_logging(verbose: bool = False) -> logging.Handler:
     logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
   try:  # absl keeps its own verbosity; keep it consistent with the logger levels above
     from absl import logging as absl_logging
+
     absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
     if not verbose:
       logging.getLogger("absl").setLevel(logging.WARNING)
@@ -87,8 +91,10 @@ def setup_logging(verbose: bool = False) -> logging.Handler:
 def _is_stderr_handler(h: logging.Handler) -> bool:
   if type(h).__name__ == "ABSLHandler":
     return True
-  return type(h) is logging.StreamHandler and getattr(h, "stream", None) in (sys.stderr,
-                                                                              sys.__stderr__)
+  return type(h) is logging.StreamHandler and getattr(h, "stream", None) in (
+      sys.stderr,
+      sys.__stderr__,
+  )
 
 
 def _tfds_progress_bars(enable: bool) -> None:

@@ -15,6 +15,7 @@ Images go through the official test preprocessing: shortest edge `data.min_size_
 one compiled program per distinct canvas, cached) or to the fixed `data.pad_hw_test` when set.
 Boxes come back in original-image pixels, sorted by score.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,6 +47,7 @@ def _dataset_info(workdir: str, config: ml_collections.ConfigDict) -> tuple:
     # No run's dataset (e.g. --config.weights=CenterNet2_R50_1x.pth): an 80-class model is a
     # COCO model, whose labels follow the COCO category ids.
     from cn2_jax.data.coco_classes import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
+
     return list(COCO_CLASS_NAMES), list(COCO_CATEGORY_IDS)
   return None, None
 
@@ -53,9 +55,13 @@ def _dataset_info(workdir: str, config: ml_collections.ConfigDict) -> tuple:
 class Predictor:
   """Image in, boxes/scores/classes out. Construct with `from_workdir` or directly."""
 
-  def __init__(self, config: ml_collections.ConfigDict, variables: dict,
-               class_names: Optional[Sequence[str]] = None,
-               category_ids: Optional[Sequence[int]] = None):
+  def __init__(
+      self,
+      config: ml_collections.ConfigDict,
+      variables: dict,
+      class_names: Optional[Sequence[str]] = None,
+      category_ids: Optional[Sequence[int]] = None,
+  ):
     self.config = config
     self.class_names = list(class_names) if class_names else None
     self.category_ids = [int(c) for c in category_ids] if category_ids else None
@@ -64,8 +70,9 @@ class Predictor:
     self._apply = jax.jit(self._forward)
 
   @classmethod
-  def from_workdir(cls, workdir: str,
-                   config: Optional[ml_collections.ConfigDict] = None) -> "Predictor":
+  def from_workdir(
+      cls, workdir: str, config: Optional[ml_collections.ConfigDict] = None
+  ) -> "Predictor":
     """Loads `config.json` / `dataset_info.json` of a run (unless `config` is given) and its
     weights: `config.weights` if set, else the latest checkpoint in `workdir`."""
     if config is None:
@@ -102,17 +109,19 @@ class Predictor:
   def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     d = self.config.data
     h, w = image.shape[:2]
-    resized, _ = transforms.resize_shortest_edge(image, np.zeros((0, 4), np.float32),
-                                                 (d.min_size_test,), d.max_size_test)
-    canvas = tuple(d.pad_hw_test) or buckets.official_pad_hw(*resized.shape[:2],
-                                                             d.size_divisibility)
+    resized, _ = transforms.resize_shortest_edge(
+        image, np.zeros((0, 4), np.float32), (d.min_size_test,), d.max_size_test
+    )
+    canvas = tuple(d.pad_hw_test) or buckets.official_pad_hw(
+        *resized.shape[:2], d.size_divisibility
+    )
     padded = transforms.pad_image(resized, canvas)
-    return (padded[None], np.array([resized.shape[:2]], np.int32),
-            np.array([[h, w]], np.int32))
+    return (padded[None], np.array([resized.shape[:2]], np.int32), np.array([[h, w]], np.int32))
 
   def __call__(self, image) -> dict:
     """`image`: a path or an RGB uint8 `[H, W, 3]` array. Returns numpy arrays boxes `[K, 4]`
-    (xyxy, original pixels), scores `[K]`, classes `[K]` and `class_names` (K = valid detections)."""
+    (xyxy, original pixels), scores `[K]`, classes `[K]` and `class_names` (K = valid detections).
+    """
     if isinstance(image, (str, os.PathLike)):
       image = self.read_image(image)
     image = np.asarray(image)
@@ -122,5 +131,9 @@ class Predictor:
     out = jax.device_get(self._apply(self.variables, batch_image, image_hw, orig_hw))
     keep = out["valid"][0]
     classes = out["classes"][0][keep]
-    return dict(boxes=out["boxes"][0][keep], scores=out["scores"][0][keep], classes=classes,
-                class_names=[self.class_name(int(c)) for c in classes])
+    return dict(
+        boxes=out["boxes"][0][keep],
+        scores=out["scores"][0][keep],
+        classes=classes,
+        class_names=[self.class_name(int(c)) for c in classes],
+    )

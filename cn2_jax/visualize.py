@@ -11,22 +11,28 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ['class_color', 'draw_detections', 'font_size_for', 'label_rects', 'layout_labels',
-           'save_png']
+__all__ = [
+    'class_color',
+    'draw_detections',
+    'font_size_for',
+    'label_rects',
+    'layout_labels',
+    'save_png',
+]
 
 
 def class_color(c: int) -> Tuple[int, int, int]:
-    """A saturated RGB colour per class index, spread around the hue circle (golden ratio)."""
-    hue = (0.11 + 0.618033988749895 * int(c)) % 1.0
-    sat = 0.85 if int(c) % 2 == 0 else 0.65
-    val = 0.95 if (int(c) // 2) % 2 == 0 else 0.80
-    r, g, b = colorsys.hsv_to_rgb(hue, sat, val)
-    return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
+  """A saturated RGB colour per class index, spread around the hue circle (golden ratio)."""
+  hue = (0.11 + 0.618033988749895 * int(c)) % 1.0
+  sat = 0.85 if int(c) % 2 == 0 else 0.65
+  val = 0.95 if (int(c) // 2) % 2 == 0 else 0.80
+  r, g, b = colorsys.hsv_to_rgb(hue, sat, val)
+  return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
 
 
 def _text_color(bg: Tuple[int, int, int]) -> Tuple[int, int, int]:
-    luminance = 0.299 * bg[0] + 0.587 * bg[1] + 0.114 * bg[2]
-    return (0, 0, 0) if luminance > 140 else (255, 255, 255)
+  luminance = 0.299 * bg[0] + 0.587 * bg[1] + 0.114 * bg[2]
+  return (0, 0, 0) if luminance > 140 else (255, 255, 255)
 
 
 def font_size_for(h: int, w: int) -> int:
@@ -59,8 +65,9 @@ def _overlaps(a: Rect, b: Rect) -> bool:
   return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def layout_labels(anchors: Sequence[Tuple[int, int]], sizes: Sequence[Tuple[int, int]],
-                  image_hw: Tuple[int, int]) -> List[Rect]:
+def layout_labels(
+    anchors: Sequence[Tuple[int, int]], sizes: Sequence[Tuple[int, int]], image_hw: Tuple[int, int]
+) -> List[Rect]:
   """Places one label rectangle per box, in the given (priority) order, avoiding earlier labels.
 
   ``anchors[i] = (x1, y1)`` is the top-left corner of box i (pixels), ``sizes[i] = (width,
@@ -97,8 +104,9 @@ def _prepare(image, boxes, scores, classes, class_names, score_thresh):
   scores = np.asarray(scores, np.float64).reshape(-1)
   classes = np.asarray(classes).reshape(-1).astype(np.int64)
   if not (boxes.shape[0] == scores.shape[0] == classes.shape[0]):
-    raise ValueError(f'boxes/scores/classes disagree: {boxes.shape}, {scores.shape}, '
-                     f'{classes.shape}')
+    raise ValueError(
+        f'boxes/scores/classes disagree: {boxes.shape}, {scores.shape}, ' f'{classes.shape}'
+    )
   h, w = image.shape[:2]
   keep = np.isfinite(boxes).all(1) & np.isfinite(scores) & (scores >= score_thresh)
   idx = np.nonzero(keep)[0]
@@ -112,8 +120,7 @@ def _prepare(image, boxes, scores, classes, class_names, score_thresh):
     y1, y2 = np.clip(np.round([min(y1, y2), max(y1, y2)]), 0, h - 1).astype(int)
     pix[i] = (int(x1), int(y1), int(x2), int(y2))
     c = int(classes[i])
-    name = (class_names[c] if class_names is not None and 0 <= c < len(class_names)
-            else str(c))
+    name = class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
     texts[i] = f'{name} {scores[i]:.2f}'
   return image, classes, idx, pix, texts
 
@@ -129,9 +136,14 @@ def _label_geometry(draw, font, font_size, idx, pix, texts, hw):
   return rects, offsets
 
 
-def label_rects(image: np.ndarray, boxes, scores, classes,
-                class_names: Optional[Sequence[str]] = None,
-                score_thresh: float = 0.3) -> List[Rect]:
+def label_rects(
+    image: np.ndarray,
+    boxes,
+    scores,
+    classes,
+    class_names: Optional[Sequence[str]] = None,
+    score_thresh: float = 0.3,
+) -> List[Rect]:
   """The label rectangles ``(x0, y0, x1, y1)`` (exclusive ends) that ``draw_detections`` would
   draw for the same arguments, best score first."""
   image, _, idx, pix, texts = _prepare(image, boxes, scores, classes, class_names, score_thresh)
@@ -141,12 +153,14 @@ def label_rects(image: np.ndarray, boxes, scores, classes,
   return _label_geometry(draw, _font(size), size, idx, pix, texts, (h, w))[0]
 
 
-def draw_detections(image: np.ndarray,
-                    boxes,
-                    scores,
-                    classes,
-                    class_names: Optional[Sequence[str]] = None,
-                    score_thresh: float = 0.3) -> np.ndarray:
+def draw_detections(
+    image: np.ndarray,
+    boxes,
+    scores,
+    classes,
+    class_names: Optional[Sequence[str]] = None,
+    score_thresh: float = 0.3,
+) -> np.ndarray:
   """Draws the detections with ``score >= score_thresh`` on a copy of ``image``.
 
   Labels ("name score") use a font that grows with the image (``font_size_for``) and are placed
@@ -162,8 +176,9 @@ def draw_detections(image: np.ndarray,
   Returns:
     A new ``[H, W, 3] uint8`` RGB image; ``image`` is not modified.
   """
-  image, classes, idx, pix, texts = _prepare(image, boxes, scores, classes, class_names,
-                                             score_thresh)
+  image, classes, idx, pix, texts = _prepare(
+      image, boxes, scores, classes, class_names, score_thresh
+  )
   h, w = image.shape[:2]
   pil = Image.fromarray(np.ascontiguousarray(image))
   draw = ImageDraw.Draw(pil)
@@ -182,11 +197,11 @@ def draw_detections(image: np.ndarray,
 
 
 def save_png(path: Union[str, os.PathLike], image: np.ndarray) -> None:
-    """Saves a ``[H, W, 3] uint8`` RGB (or ``[H, W]`` gray) image as PNG, creating parent dirs."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise TypeError(f'image must be uint8, got {image.dtype}')
-    d = os.path.dirname(os.fspath(path))
-    if d:
-        os.makedirs(d, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(image)).save(path, format='PNG')
+  """Saves a ``[H, W, 3] uint8`` RGB (or ``[H, W]`` gray) image as PNG, creating parent dirs."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise TypeError(f'image must be uint8, got {image.dtype}')
+  d = os.path.dirname(os.fspath(path))
+  if d:
+    os.makedirs(d, exist_ok=True)
+  Image.fromarray(np.ascontiguousarray(image)).save(path, format='PNG')

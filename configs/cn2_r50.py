@@ -10,6 +10,7 @@ SGD lr 0.02 momentum 0.9 wd 1e-4, warm-up 4000, steps 60k/80k, element-wise grad
 short side 640-800 (max 1333), flip; test 800/1333. Initialise from the ImageNet R-50.pkl
 (`--config.init_from=R-50.pkl`) as the official recipe does.
 """
+
 from cn2_jax.config import base_config
 
 

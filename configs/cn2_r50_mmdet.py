@@ -20,10 +20,12 @@ positives and heatmap are built, and reports two variants (batch 20, one V100, 9
 Everything else is the official recipe (configs/cn2_r50.py). The port's other departures are
 NOT reproduced (README table): torchvision R-50 with trainable BN affine, cascade loss weights
 1/0.5/0.25 without the 1/3 gradient scale, SmoothL1 (beta 1), re-sampling with GT at every
-stage, GIoU on pixel boxes without the +1, clipped proposals, global-norm clipping at 35, a
-500-iteration warm-up. Its batch of 20 at lr 0.02 (not scaled) is
+stage, GIoU on pixel boxes without the +1, a 500-iteration warm-up. Two of its switches ARE
+reproduced: proposals clipped to the image (`clip_proposals=True`) and one global gradient L2 norm
+clipped at 35 (`optim.clip_norm=35`, no value clip). Its batch of 20 at lr 0.02 (not scaled) is
 `--config.train.batch_size=20 --config.optim.reference_batch_size=20`.
 """
+
 from configs import cn2_r50
 
 # FCOS ranges of the port's config (`regress_ranges`), both bounds inclusive as there.
@@ -39,4 +41,7 @@ def get_config(variant: str = "original"):
   cn.dedup_positives = True
   cn.soi = MMDET_SOI
   cn.all_level_peaks = variant == "original"
+  cn.clip_proposals = True  # the port clips decoded proposals to the image
+  c.optim.clip_value = 0.0  # the port clips the global gradient norm instead
+  c.optim.clip_norm = 35.0
   return c

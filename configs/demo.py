@@ -9,6 +9,7 @@ scores) at toy width: ResNet-18 with GroupNorm (no ImageNet weights to freeze), 
 2-conv CenterNet tower, 256-d box heads, fewer proposals/ROIs. Sized to train and evaluate in a
 few minutes on a 2-core CPU.
 """
+
 from cn2_jax.config import base_config
 
 
@@ -39,7 +40,7 @@ def get_config():
   d = c.data
   d.dataset = "synthetic"
   d.name = "synthetic_shapes"
-  d.root = ""                         # default: <workdir>/synthetic
+  d.root = ""  # default: <workdir>/synthetic
   d.min_size_train = (128, 144, 160, 176, 192)
   d.max_size_train = 192
   d.min_size_test = 160
@@ -53,7 +54,7 @@ def get_config():
 
   o = c.optim
   o.base_lr = 0.02
-  o.reference_batch_size = 8          # tuned at its own batch of 8 (the LR scales if you change it)
+  o.reference_batch_size = 8  # tuned at its own batch of 8 (the LR scales if you change it)
   o.warmup_iters = 100
   o.warmup_factor = 0.001
   o.max_iter = 600

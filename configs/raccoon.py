@@ -6,6 +6,7 @@ works the same way: set data.root, data.train_json, data.val_json and model.num_
   python main.py --config configs/raccoon.py --workdir runs/raccoon \
       --config.init_from=R-50.pkl            # ImageNet backbone, as the official recipe
 """
+
 from cn2_jax.config import base_config
 
 

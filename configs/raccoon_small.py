@@ -6,6 +6,7 @@ Same data settings as configs/raccoon.py at smaller images (short side 256-320, 
 demo's toy-width model (ResNet-18/GN at width 32, 64-channel FPN). About 10 minutes on a 2-core
 CPU; without ImageNet weights expect a modest AP — it is a smoke run on real images, not a result.
 """
+
 from configs import demo
 from configs import raccoon
 

@@ -1,5 +1,6 @@
 """End to end through cn2_jax.app (what main.py runs): synthetic data -> train -> checkpoint ->
 resume -> eval (COCO json + metrics) -> predict (json + PNGs), plus config/CLI errors."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from cn2_jax import app
@@ -49,7 +49,7 @@ def _fast(fast_compile):
 def runs(tmp_path_factory, _fast):
   root = tmp_path_factory.mktemp("runs")
   cfg = small_demo_config()
-  cfg.data.root = str(root / "synthetic")      # shared dataset for both runs
+  cfg.data.root = str(root / "synthetic")  # shared dataset for both runs
   cfg.data.data_dir = str(root / "tfds")
   full, resumed = {}, {}
   wd_full = str(root / "full")
@@ -74,6 +74,7 @@ def test_resume_gives_same_losses_as_uninterrupted(runs):
 def test_eval_outputs(runs):
   _, wd, _, _, metrics = runs
   from cn2_jax.evaluation.coco_eval import COCO_METRIC_NAMES
+
   with open(os.path.join(wd, "eval", "metrics.json")) as f:
     saved = json.load(f)
   for name in COCO_METRIC_NAMES:
@@ -92,14 +93,19 @@ def test_predict_and_notebook_predictor(runs):
   img_dir = os.path.join(cfg.data.root, "val")
   if not os.path.isdir(img_dir):
     img_dir = cfg.data.root
-  images = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(img_dir) for f in fs
-                  if f.endswith((".png", ".jpg")))[:2]
+  images = sorted(
+      os.path.join(dp, f)
+      for dp, _, fs in os.walk(img_dir)
+      for f in fs
+      if f.endswith((".png", ".jpg"))
+  )[:2]
   results = app.predict(cfg, wd, images)
   assert len(results) == 2
   for r in results:
     assert os.path.isfile(r["drawn"])
   assert os.path.isfile(os.path.join(wd, "predict", "detections.json"))
   from cn2_jax.predictor import Predictor
+
   predictor = Predictor.from_workdir(wd)
   det = predictor(images[0])
   assert det["boxes"].ndim == 2 and det["boxes"].shape[1] == 4
@@ -110,26 +116,43 @@ def test_predict_and_notebook_predictor(runs):
 
 def test_unknown_config_key_is_an_error():
   cfg = small_demo_config()
-  cfg.model.unlocked = True  # noqa: attribute added on purpose
+  cfg.model.unlocked = True  # an attribute the schema lacks, on purpose
   with pytest.raises(KeyError, match="model.unlocked"):
     validate_config(cfg)
 
 
 def test_cli_rejects_misspelled_override(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "main.py", "--config", "configs/demo.py", "--workdir", str(tmp_path),
-       "--config.optim.base_lrr=0.1"], cwd=REPO, capture_output=True, text=True,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+      [
+          sys.executable,
+          "main.py",
+          "--config",
+          "configs/demo.py",
+          "--workdir",
+          str(tmp_path),
+          "--config.optim.base_lrr=0.1",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert proc.returncode != 0
   assert "base_lrr" in proc.stderr
 
 
 def test_two_devices_match_one_device():
   proc = subprocess.run(
-      [sys.executable, os.path.join("tests", "two_device_check.py")], cwd=REPO,
-      capture_output=True, text=True,
-      env={**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+      [sys.executable, os.path.join("tests", "two_device_check.py")],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      env={
+          **os.environ,
+          "JAX_PLATFORMS": "cpu",
+          "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+      },
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads(proc.stdout.strip().splitlines()[-1])
   assert res["loss_diff"] < 1e-5 * max(1.0, abs(res["total_loss"])), res
@@ -140,9 +163,11 @@ def test_eval_with_converted_weights_dir_matches_checkpoint(runs, tmp_path):
   """--mode=eval --config.weights=DIR (an Orbax dir as written by `python -m cn2_jax.convert`)
   gives the same metrics as evaluating the run's own checkpoint."""
   from cn2_jax.convert import save_variables
+
   cfg, wd, _, _, metrics = runs
   variables = app.restore_model_variables(cfg, wd)
   import jax
+
   weights = save_variables(jax.device_get(variables), tmp_path / "converted")
   cfg2 = cfg.copy_and_resolve_references()
   cfg2.weights = str(weights)

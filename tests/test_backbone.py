@@ -4,6 +4,7 @@ The numpy references below are written from the torch-layout arrays (OIHW conv w
 weight/bias/running_mean/running_var) addressed by their detectron2 state-dict keys; convolutions
 are explicit correlations over kernel offsets in float64.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,15 @@ import pytest
 from flax import traverse_util
 
 from cn2_jax.modeling.backbone.fpn import FPN, upsample_nearest_2x
-from cn2_jax.modeling.backbone.resnet import (BasicBlock, BasicStem, BottleneckBlock, ResNet,
-                                              frozen_param_prefixes, max_pool_3x3_s2_p1,
-                                              resnet_out_channels)
+from cn2_jax.modeling.backbone.resnet import (
+    BasicBlock,
+    BasicStem,
+    BottleneckBlock,
+    ResNet,
+    frozen_param_prefixes,
+    max_pool_3x3_s2_p1,
+    resnet_out_channels,
+)
 
 ORACLE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "oracle")
 ORACLE_WEIGHTS = os.path.join(ORACLE_DIR, "cn2_r50_oracle_weights.json")
@@ -105,13 +112,15 @@ def np_conv(x, w, b=None, stride=1, pad=0):
   o, i, kh, kw = w.shape
   assert i == c
   xp = np.zeros((n, h + 2 * pad, wd + 2 * pad, c))
-  xp[:, pad:pad + h, pad:pad + wd] = x
+  xp[:, pad : pad + h, pad : pad + wd] = x
   ho = (h + 2 * pad - kh) // stride + 1
   wo = (wd + 2 * pad - kw) // stride + 1
   out = np.zeros((n, ho, wo, o))
   for dy in range(kh):
     for dx in range(kw):
-      patch = xp[:, dy:dy + stride * (ho - 1) + 1:stride, dx:dx + stride * (wo - 1) + 1:stride]
+      patch = xp[
+          :, dy : dy + stride * (ho - 1) + 1 : stride, dx : dx + stride * (wo - 1) + 1 : stride
+      ]
       out += np.tensordot(patch, w[:, :, dy, dx], axes=([3], [1]))
   if b is not None:
     out += np.asarray(b, np.float64)
@@ -135,12 +144,12 @@ def np_relu(x):
 def np_maxpool_3x3_s2_p1(x):
   n, h, w, c = x.shape
   xp = np.full((n, h + 2, w + 2, c), -np.inf)
-  xp[:, 1:1 + h, 1:1 + w] = x
+  xp[:, 1 : 1 + h, 1 : 1 + w] = x
   ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
   out = np.full((n, ho, wo, c), -np.inf)
   for dy in range(3):
     for dx in range(3):
-      out = np.maximum(out, xp[:, dy:dy + 2 * (ho - 1) + 1:2, dx:dx + 2 * (wo - 1) + 1:2])
+      out = np.maximum(out, xp[:, dy : dy + 2 * (ho - 1) + 1 : 2, dx : dx + 2 * (wo - 1) + 1 : 2])
   return out
 
 
@@ -174,7 +183,7 @@ def np_resnet(x, sd, p, blocks, bottleneck, stride_in_1x1):
     for i in range(nb):
       s = 2 if (i == 0 and k > 2) else 1
       bp = f"{p}res{k}.{i}."
-      x = (np_bottleneck(x, sd, bp, s, stride_in_1x1) if bottleneck else np_basic(x, sd, bp, s))
+      x = np_bottleneck(x, sd, bp, s, stride_in_1x1) if bottleneck else np_basic(x, sd, bp, s)
     outs[f"res{k}"] = x
   return outs
 
@@ -187,8 +196,9 @@ def np_upsample2(x):
 
 
 def np_fpn(feats, sd, p):
-  conv = lambda x, name, s, pad: np_conv(x, sd[p + name + ".weight"], sd[p + name + ".bias"], s,
-                                         pad)
+  conv = lambda x, name, s, pad: np_conv(
+      x, sd[p + name + ".weight"], sd[p + name + ".bias"], s, pad
+  )
   prev = conv(feats["res5"], "fpn_lateral5", 1, 0)
   p5 = conv(prev, "fpn_output5", 1, 1)
   prev = conv(feats["res4"], "fpn_lateral4", 1, 0) + np_upsample2(prev)
@@ -203,7 +213,9 @@ def np_fpn(feats, sd, p):
 def assert_close(actual, expected, tol=1e-5):
   actual = np.asarray(actual, np.float64)
   assert actual.shape == expected.shape, (actual.shape, expected.shape)
-  np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * max(1.0, np.abs(expected).max()))
+  np.testing.assert_allclose(
+      actual, expected, rtol=tol, atol=tol * max(1.0, np.abs(expected).max())
+  )
 
 
 def _init_and_load(module, x, seed, method=None, bias_std=0.1):
@@ -219,10 +231,12 @@ def test_r50_fpn_param_structure_matches_oracle():
   with open(ORACLE_WEIGHTS) as f:
     oracle = json.load(f)["entries"]
   want = {e["key"]: tuple(e["shape"]) for e in oracle if e["key"].startswith("backbone.")}
-  want_learnable = {e["key"] for e in oracle if e["key"].startswith("backbone.") and
-                    e["is_parameter"]}
+  want_learnable = {
+      e["key"] for e in oracle if e["key"].startswith("backbone.") and e["is_parameter"]
+  }
   shapes = jax.eval_shape(
-      lambda: FPN(depth=50).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+      lambda: FPN(depth=50).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  )
   assert set(shapes) == {"params", "frozen"}
   got = torch_entries(shapes, prefix="backbone.")
   missing = sorted(set(want) - set(got))
@@ -257,12 +271,17 @@ def test_r50_eval_shape_matches_oracle_feature_shapes():
 
 def test_r101_and_small_resnet_structure():
   def struct(depth):
-    v = jax.eval_shape(lambda: ResNet(depth=depth).init(jax.random.PRNGKey(0),
-                                                        jnp.zeros((1, 64, 64, 3))))
+    v = jax.eval_shape(
+        lambda: ResNet(depth=depth).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+    )
     return v, traverse_util.flatten_dict(v["params"], sep=".")
 
-  for depth, blocks, bottleneck in ((18, (2, 2, 2, 2), False), (34, (3, 4, 6, 3), False),
-                                    (50, (3, 4, 6, 3), True), (101, (3, 4, 23, 3), True)):
+  for depth, blocks, bottleneck in (
+      (18, (2, 2, 2, 2), False),
+      (34, (3, 4, 6, 3), False),
+      (50, (3, 4, 6, 3), True),
+      (101, (3, 4, 23, 3), True),
+  ):
     v, flat = struct(depth)
     for k, nb in zip(range(2, 6), blocks):
       ids = {int(p.split(".")[1]) for p in flat if p.startswith(f"res{k}.")}
@@ -285,8 +304,9 @@ def test_r101_and_small_resnet_structure():
 @pytest.mark.parametrize("seed,hw", [(0, (9, 10)), (1, (8, 8))])
 def test_bottleneck_block_numeric(stride_in_1x1, seed, hw):
   x = np.random.RandomState(100 + seed).normal(size=(2,) + hw + (8,)).astype(np.float32)
-  block = BottleneckBlock(out_channels=16, bottleneck_channels=4, stride=2,
-                          stride_in_1x1=stride_in_1x1)
+  block = BottleneckBlock(
+      out_channels=16, bottleneck_channels=4, stride=2, stride_in_1x1=stride_in_1x1
+  )
   v, sd = _init_and_load(block, x, seed)
   assert "shortcut.weight" in sd and "conv3.norm.running_var" in sd
   got = block.apply(v, x)
@@ -314,8 +334,13 @@ def test_stem_and_maxpool_numeric():
   x = rng.normal(size=(2, 19, 22, 3)).astype(np.float32)
   stem = BasicStem()
   v, sd = _init_and_load(stem, x, 12)
-  assert sorted(sd) == ["conv1.norm.bias", "conv1.norm.running_mean", "conv1.norm.running_var",
-                        "conv1.norm.weight", "conv1.weight"]
+  assert sorted(sd) == [
+      "conv1.norm.bias",
+      "conv1.norm.running_mean",
+      "conv1.norm.running_var",
+      "conv1.norm.weight",
+      "conv1.weight",
+  ]
   assert_close(stem.apply(v, x), np_stem(x, sd, ""))
   # -inf padding (matters for negative inputs) and floor output size.
   for shape in ((1, 5, 6, 2), (2, 8, 9, 3)):
@@ -336,9 +361,19 @@ def test_fpn_levels_numeric(seed, hw5):
   v, sd = _init_and_load(fpn, feats, seed, method=FPN.forward_features)
   assert sorted(v) == ["params"]
   assert sorted(sd) == sorted(
-      f"{m}.{leaf}" for m in ("fpn_lateral3", "fpn_lateral4", "fpn_lateral5", "fpn_output3",
-                              "fpn_output4", "fpn_output5", "top_block.p6", "top_block.p7")
-      for leaf in ("weight", "bias"))
+      f"{m}.{leaf}"
+      for m in (
+          "fpn_lateral3",
+          "fpn_lateral4",
+          "fpn_lateral5",
+          "fpn_output3",
+          "fpn_output4",
+          "fpn_output5",
+          "top_block.p6",
+          "top_block.p7",
+      )
+      for leaf in ("weight", "bias")
+  )
   got = fpn.apply(v, feats, method=FPN.forward_features)
   want = np_fpn(feats, sd, "")
   assert len(got) == 5
@@ -373,7 +408,9 @@ def test_frozen_param_prefixes():
   assert frozen_param_prefixes(2) == ("stem", "res2")
   assert frozen_param_prefixes(5) == ("stem", "res2", "res3", "res4", "res5")
   assert frozen_param_prefixes(2, "backbone.bottom_up.") == (
-      "backbone.bottom_up.stem", "backbone.bottom_up.res2")
+      "backbone.bottom_up.stem",
+      "backbone.bottom_up.res2",
+  )
 
 
 @pytest.mark.parametrize("freeze_at", [1, 2, 3])
@@ -414,13 +451,21 @@ def test_small_resnets_run(depth, channels):
     o = outs[f"res{k}"]
     assert o.shape == (1, 64 // s, 64 // s, c)
     assert np.all(np.isfinite(np.asarray(o))) and np.all(np.asarray(o) >= 0)
-  assert resnet_out_channels(depth) == {"stem": 64, "res2": 64, "res3": 128, "res4": 256,
-                                        "res5": 512}
+  assert resnet_out_channels(depth) == {
+      "stem": 64,
+      "res2": 64,
+      "res3": 128,
+      "res4": 256,
+      "res5": 512,
+  }
 
 
 def test_resnet_builds_only_needed_stages():
-  v = jax.eval_shape(lambda: ResNet(depth=50, out_features=("res3",)).init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+  v = jax.eval_shape(
+      lambda: ResNet(depth=50, out_features=("res3",)).init(
+          jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))
+      )
+  )
   assert sorted(v["params"]) == ["res2", "res3", "stem"]
 
 
@@ -431,14 +476,22 @@ def test_fpn_output_shapes_64x96():
   ps = model.apply(v, x)
   assert FPN.strides == (8, 16, 32, 64, 128)
   # 3x3 s2 p1 of size n gives floor((n - 1) / 2) + 1: P5 (2, 3) -> P6 (1, 2) -> P7 (1, 1).
-  assert [p.shape for p in ps] == [(2, 8, 12, 32), (2, 4, 6, 32), (2, 2, 3, 32), (2, 1, 2, 32),
-                                   (2, 1, 1, 32)]
+  assert [p.shape for p in ps] == [
+      (2, 8, 12, 32),
+      (2, 4, 6, 32),
+      (2, 2, 3, 32),
+      (2, 1, 2, 32),
+      (2, 1, 1, 32),
+  ]
   # R50 / 256 channels, and a size where the ceil behaviour shows at P6 and P7.
-  for (h, w), want in (((64, 96), [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]),
-                       ((160, 224), [(20, 28), (10, 14), (5, 7), (3, 4), (2, 2)])):
+  for (h, w), want in (
+      ((64, 96), [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]),
+      ((160, 224), [(20, 28), (10, 14), (5, 7), (3, 4), (2, 2)]),
+  ):
     shapes = jax.eval_shape(
         lambda z: FPN(depth=50).init_with_output(jax.random.PRNGKey(0), z)[0],
-        jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32))
+        jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32),
+    )
     assert [p.shape for p in shapes] == [(1,) + hw + (256,) for hw in want]
     for p, s in zip(shapes, FPN.strides):
       assert p.shape[1] == -(-h // s) and p.shape[2] == -(-w // s)
@@ -447,11 +500,15 @@ def test_fpn_output_shapes_64x96():
 def test_fpn_rejects_sizes_not_multiple_of_32():
   with pytest.raises(ValueError, match="multiple of 32"):
     jax.eval_shape(lambda: FPN(depth=18).init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 64, 3))))
-  feats = {"res3": jnp.zeros((1, 5, 4, 4)), "res4": jnp.zeros((1, 3, 2, 4)),
-           "res5": jnp.zeros((1, 2, 1, 4))}
+  feats = {
+      "res3": jnp.zeros((1, 5, 4, 4)),
+      "res4": jnp.zeros((1, 3, 2, 4)),
+      "res5": jnp.zeros((1, 2, 1, 4)),
+  }
   with pytest.raises(ValueError, match="top-down size"):
-    jax.eval_shape(lambda: FPN(out_channels=4).init(jax.random.PRNGKey(0), feats,
-                                                    method=FPN.forward_features))
+    jax.eval_shape(
+        lambda: FPN(out_channels=4).init(jax.random.PRNGKey(0), feats, method=FPN.forward_features)
+    )
 
 
 def test_bfloat16_compute_dtype():
@@ -480,8 +537,10 @@ def test_default_init_fills():
 # ----------------------------------------------------------------------------------------------
 # 4. Opt-in: full R50+FPN forward against the official outputs (too heavy for the default run).
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.skipif(os.environ.get("CN2_ORACLE_FULL") != "1",
-                    reason="full R50 800x1088 forward; set CN2_ORACLE_FULL=1 to run")
+@pytest.mark.skipif(
+    os.environ.get("CN2_ORACLE_FULL") != "1",
+    reason="full R50 800x1088 forward; set CN2_ORACLE_FULL=1 to run",
+)
 def test_r50_fpn_matches_official_oracle():
   with open(ORACLE_WEIGHTS) as f:
     entries = json.load(f)["entries"]
@@ -496,7 +555,7 @@ def test_r50_fpn_matches_official_oracle():
     draw = rs.normal if e["init_rule"] == "normal" else rs.uniform
     arr = draw(a, b, size=e["shape"]).astype(np.float32)
     assert abs(arr.astype(np.float64).sum() - e["check_sum"]) <= 1e-6 * max(1, e["check_abs_sum"])
-    sd[key[len("backbone."):]] = arr
+    sd[key[len("backbone.") :]] = arr
   out = np.load(ORACLE_OUTPUTS)
   h, w = out["resized_image_bgr_uint8"].shape[:2]
   x = np.zeros((1,) + tuple(out["input_tensor_shape"][2:].astype(int)) + (3,), np.float32)
@@ -504,8 +563,9 @@ def test_r50_fpn_matches_official_oracle():
   model = FPN(depth=50)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
   v = load_torch_state(shapes, sd)
-  run = jax.jit(lambda v, x: (model.apply(v, x),
-                              model.apply(v, x, method=lambda m, x: m.bottom_up(x))))
+  run = jax.jit(
+      lambda v, x: (model.apply(v, x), model.apply(v, x, method=lambda m, x: m.bottom_up(x)))
+  )
   ps, feats = run(v, x)
   for k in ("res3", "res4", "res5"):
     r = np.asarray(feats[k][0], np.float64)
@@ -514,7 +574,9 @@ def test_r50_fpn_matches_official_oracle():
   p = [np.asarray(q[0], np.float64).transpose(2, 0, 1) for q in ps]
   cy, cx = out["p3_crop_center_origin_yx"].astype(int)
   assert_close(p[0][:, :16, :16], out["p3_crop_tl"].astype(np.float64), tol=1e-5)
-  assert_close(p[0][:, cy:cy + 16, cx:cx + 16], out["p3_crop_center"].astype(np.float64), tol=1e-5)
+  assert_close(
+      p[0][:, cy : cy + 16, cx : cx + 16], out["p3_crop_center"].astype(np.float64), tol=1e-5
+  )
   assert_close(p[0][:, -16:, -16:], out["p3_crop_br"].astype(np.float64), tol=1e-5)
   for i in range(1, 5):
     assert_close(p[i], out[f"p{i + 3}"].astype(np.float64), tol=1e-5)

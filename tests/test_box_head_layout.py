@@ -1,6 +1,7 @@
 """Layout convention check (issue: official weights): with the same random torch-layout weights,
 the second-stage box head + predictor computed by plain numpy agree with the Flax modules after
 conversion by `cn2_jax.convert` (fc1 flattens pooled features in torch's C, H, W order)."""
+
 from __future__ import annotations
 
 import jax
@@ -29,12 +30,20 @@ def test_box_head_matches_numpy_from_torch_layout():
 
   # numpy reference, torch layout: flatten NCHW, y = x W^T + b
   x = pooled_nchw.reshape(r, -1)
-  x = np.maximum(x @ sd["roi_heads.box_head.0.fc1.weight"].T + sd["roi_heads.box_head.0.fc1.bias"], 0)
-  x = np.maximum(x @ sd["roi_heads.box_head.0.fc2.weight"].T + sd["roi_heads.box_head.0.fc2.bias"], 0)
-  ref_logits = x @ sd["roi_heads.box_predictor.0.cls_score.weight"].T + \
-      sd["roi_heads.box_predictor.0.cls_score.bias"]
-  ref_deltas = x @ sd["roi_heads.box_predictor.0.bbox_pred.weight"].T + \
-      sd["roi_heads.box_predictor.0.bbox_pred.bias"]
+  x = np.maximum(
+      x @ sd["roi_heads.box_head.0.fc1.weight"].T + sd["roi_heads.box_head.0.fc1.bias"], 0
+  )
+  x = np.maximum(
+      x @ sd["roi_heads.box_head.0.fc2.weight"].T + sd["roi_heads.box_head.0.fc2.bias"], 0
+  )
+  ref_logits = (
+      x @ sd["roi_heads.box_predictor.0.cls_score.weight"].T
+      + sd["roi_heads.box_predictor.0.cls_score.bias"]
+  )
+  ref_deltas = (
+      x @ sd["roi_heads.box_predictor.0.bbox_pred.weight"].T
+      + sd["roi_heads.box_predictor.0.bbox_pred.bias"]
+  )
 
   head = FastRCNNConvFCHead(fc_dim=fc)
   pred = FastRCNNOutputLayers(num_classes=k)

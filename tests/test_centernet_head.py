@@ -1,4 +1,5 @@
 """Tests for cn2_jax.modeling.proposal.centernet_head (spec §2.4, §8 item 6)."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,9 @@ import pytest
 
 from cn2_jax.modeling.proposal.centernet_head import CenterNetHead
 
-ORACLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-                      "shared", "oracle")
+ORACLE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "oracle"
+)
 PREFIX = "proposal_generator.centernet_head."
 
 
@@ -28,6 +30,7 @@ class _Wrap(nn.Module):
 
 
 class _PG(nn.Module):
+
   @nn.compact
   def __call__(self, feats):
     return CenterNetHead(name="centernet_head")(feats)
@@ -77,8 +80,10 @@ def test_param_names_and_shapes_match_oracle_keys():
 def test_param_names_without_oracle():
   """Names checked against a literal list, so this runs even without the oracle."""
   shapes = jax.eval_shape(lambda: CenterNetHead().init(jax.random.key(0), _tiny_feats()))
-  names = {".".join(k.key for k in kp) for kp, _ in
-           jax.tree_util.tree_flatten_with_path(shapes["params"])[0]}
+  names = {
+      ".".join(k.key for k in kp)
+      for kp, _ in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
+  }
   expect = set()
   for i in (0, 3, 6, 9):
     expect |= {f"bbox_tower.{i}.kernel", f"bbox_tower.{i}.bias"}
@@ -96,8 +101,9 @@ def test_init_values_and_output_shapes():
   x = [jax.random.normal(jax.random.key(i), (2, h, w, c)) for i, (h, w) in enumerate(sizes)]
   variables = head.init(jax.random.key(1), x)
   p = variables["params"]
-  np.testing.assert_allclose(np.asarray(p["agn_hm"]["bias"]),
-                             [-math.log((1 - 0.01) / 0.01)], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(p["agn_hm"]["bias"]), [-math.log((1 - 0.01) / 0.01)], rtol=0, atol=1e-6
+  )
   np.testing.assert_allclose(np.asarray(p["agn_hm"]["bias"]), [-4.59512], atol=1e-5)
   np.testing.assert_array_equal(np.asarray(p["bbox_pred"]["bias"]), np.full(4, 8.0, np.float32))
   for l in range(5):
@@ -134,8 +140,9 @@ def test_init_values_and_output_shapes():
   # bfloat16 compute still returns float32 outputs.
   out_bf = CenterNetHead(channels=c, dtype=jnp.bfloat16).apply(variables, x)
   assert all(a.dtype == jnp.float32 for a in out_bf["hm_logits"] + out_bf["reg"])
-  np.testing.assert_allclose(np.asarray(out_bf["reg_raw"][0]), np.asarray(out["reg_raw"][0]),
-                             atol=0.1)
+  np.testing.assert_allclose(
+      np.asarray(out_bf["reg_raw"][0]), np.asarray(out["reg_raw"][0]), atol=0.1
+  )
 
 
 def _np_conv3x3(x, w, b):
@@ -145,7 +152,7 @@ def _np_conv3x3(x, w, b):
   y = np.zeros((h, wd, w.shape[0]), np.float64)
   for dy in range(3):
     for dx in range(3):
-      y += xp[dy:dy + h, dx:dx + wd] @ w[:, :, dy, dx].T
+      y += xp[dy : dy + h, dx : dx + wd] @ w[:, :, dy, dx].T
   return y + b
 
 
@@ -184,16 +191,19 @@ def test_head_matches_numpy_reference():
   for l in range(5):
     y = x[l][0].astype(np.float64)
     for i in range(4):
-      y = _np_conv3x3(y, hwio2oihw(p[f"bbox_tower.{3 * i}"]["kernel"]),
-                      p[f"bbox_tower.{3 * i}"]["bias"])
-      y = np.maximum(_np_gn(y, p[f"bbox_tower.{3 * i + 1}"]["scale"],
-                            p[f"bbox_tower.{3 * i + 1}"]["bias"]), 0)
+      y = _np_conv3x3(
+          y, hwio2oihw(p[f"bbox_tower.{3 * i}"]["kernel"]), p[f"bbox_tower.{3 * i}"]["bias"]
+      )
+      y = np.maximum(
+          _np_gn(y, p[f"bbox_tower.{3 * i + 1}"]["scale"], p[f"bbox_tower.{3 * i + 1}"]["bias"]), 0
+      )
     hm = _np_conv3x3(y, hwio2oihw(p["agn_hm"]["kernel"]), p["agn_hm"]["bias"])[..., 0]
     raw = _np_conv3x3(y, hwio2oihw(p["bbox_pred"]["kernel"]), p["bbox_pred"]["bias"])
     np.testing.assert_allclose(np.asarray(out["hm_logits"][l][0]), hm, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(out["reg_raw"][l][0]), raw, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(out["reg"][l][0]), np.maximum(scales[l] * raw, 0),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(out["reg"][l][0]), np.maximum(scales[l] * raw, 0), rtol=1e-4, atol=1e-4
+    )
 
 
 def _regen_oracle_head_params():
@@ -214,10 +224,9 @@ def _regen_oracle_head_params():
         raise AssertionError(e["init_rule"])
     # checksums published with the oracle
     np.testing.assert_allclose(arr.astype(np.float64).sum(), e["check_sum"], rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(np.abs(arr.astype(np.float64)).sum(), e["check_abs_sum"],
-                               rtol=1e-9)
+    np.testing.assert_allclose(np.abs(arr.astype(np.float64)).sum(), e["check_abs_sum"], rtol=1e-9)
     np.testing.assert_array_equal(arr.ravel()[:3], np.asarray(e["check_first3"], np.float32))
-    rel = key[len(PREFIX):]
+    rel = key[len(PREFIX) :]
     mod, leaf = rel.rsplit(".", 1)
     if leaf == "weight" and arr.ndim == 4:
       leaf, arr = "kernel", np.transpose(arr, (2, 3, 1, 0))  # OIHW -> HWIO

@@ -3,6 +3,7 @@
 The references are plain numpy loops written from the spec text (float32 scalars where the
 official code computes in float32, so SOI / peak / tie decisions are bit-comparable).
 """
+
 from __future__ import annotations
 
 import math
@@ -16,9 +17,18 @@ from cn2_jax.modeling.proposal.losses import centernet_losses, ltrb_giou_loss
 from cn2_jax.modeling.proposal.targets import centernet_targets as _centernet_targets
 
 # jit with static configuration (eager op-by-op dispatch is slow on the shared CPU)
-centernet_targets = jax.jit(_centernet_targets, static_argnums=(2,),
-                            static_argnames=("strides", "soi", "hm_min_overlap", "min_radius",
-                                             "dedup_positives", "all_level_peaks"))
+centernet_targets = jax.jit(
+    _centernet_targets,
+    static_argnums=(2,),
+    static_argnames=(
+        "strides",
+        "soi",
+        "hm_min_overlap",
+        "min_radius",
+        "dedup_positives",
+        "all_level_peaks",
+    ),
+)
 
 F = np.float32
 STRIDES = (8, 16, 32, 64, 128)
@@ -37,8 +47,17 @@ def level_shapes_for(h, w, strides=STRIDES):
 # ------------------------------------------------------------------------------------------
 # numpy reference (spec §3.1-3.3, §3.5, §3.7)
 # ------------------------------------------------------------------------------------------
-def ref_targets(boxes, valid, shapes, strides=STRIDES, soi=SOI, o=0.8, min_radius=4.0,
-                dedup=False, all_level_peaks=True):
+def ref_targets(
+    boxes,
+    valid,
+    shapes,
+    strides=STRIDES,
+    soi=SOI,
+    o=0.8,
+    min_radius=4.0,
+    dedup=False,
+    all_level_peaks=True,
+):
   nloc = sum(h * w for h, w in shapes)
   hm = np.zeros(nloc, F)
   cnt = np.zeros(nloc, F)
@@ -70,14 +89,14 @@ def ref_targets(boxes, valid, shapes, strides=STRIDES, soi=SOI, o=0.8, min_radiu
         best, best_q, min_q = None, None, np.inf
         for n, (x1, y1, x2, y2, cx, cy, r2, cared) in enumerate(gts):
           px, py = int(math.floor(cx / F(s))), int(math.floor(cy / F(s)))
-          peak = (x == px and y == py)
+          peak = x == px and y == py
           if not all_level_peaks:  # MMDet "revised": forced d² = 0 only where the GT is cared
             peak = peak and cared[lv]
           d2 = F(0) if peak else (gx - cx) ** 2 + (gy - cy) ** 2
           q = F(d2) / r2
           min_q = min(min_q, q)
           ltrb = np.array([gx - x1, gy - y1, x2 - gx, y2 - gy], F)
-          ok = (ltrb.min() > 0 and abs(x - px) <= 1 and abs(y - py) <= 1 and cared[lv])
+          ok = ltrb.min() > 0 and abs(x - px) <= 1 and abs(y - py) <= 1 and cared[lv]
           if ok and (best is None or q < best_q):
             best, best_q = ltrb, q
         v = math.exp(-min_q) if gts else 0.0
@@ -120,9 +139,11 @@ def random_gt(rng, img_h, img_w, soi, n_valid, n_pad):
     if rng.rand() < 0.2:
       y2 = float(img_h)
     if x2 - x1 < 1:
-      x2 = min(x1 + 1, img_w); x1 = x2 - 1
+      x2 = min(x1 + 1, img_w)
+      x1 = x2 - 1
     if y2 - y1 < 1:
-      y2 = min(y1 + 1, img_h); y1 = y2 - 1
+      y2 = min(y1 + 1, img_h)
+      y1 = y2 - 1
     boxes.append([x1, y1, x2, y2])
   boxes = np.array(boxes, np.float32).reshape(-1, 4)
   pad = rng.uniform(-50, 500, (n_pad, 4)).astype(np.float32)  # garbage rows
@@ -152,11 +173,11 @@ def test_targets_random_small_soi(seed):
   rng = np.random.RandomState(seed)
   img_h, img_w = [(120, 150), (96, 128), (128, 100)][seed % 3]
   shapes = level_shapes_for(img_h, img_w)
-  boxes, valid = random_gt(rng, img_h, img_w, SOI_SMALL, n_valid=[7, 10, 5][seed % 3],
-                           n_pad=[3, 0, 2][seed % 3])
+  boxes, valid = random_gt(
+      rng, img_h, img_w, SOI_SMALL, n_valid=[7, 10, 5][seed % 3], n_pad=[3, 0, 2][seed % 3]
+  )
   for dedup in (False, True):
-    fn = jax.jit(lambda b, v: centernet_targets(b, v, shapes, soi=SOI_SMALL,
-                                                dedup_positives=dedup))
+    fn = jax.jit(lambda b, v: centernet_targets(b, v, shapes, soi=SOI_SMALL, dedup_positives=dedup))
     got = fn(jnp.asarray(boxes), jnp.asarray(valid))
     ref = ref_targets(boxes, valid, shapes, soi=SOI_SMALL, dedup=dedup)
     assert_targets_equal(got, ref)
@@ -172,8 +193,9 @@ def test_targets_random_default_soi(seed):
   img_h, img_w = 384, 512
   shapes = level_shapes_for(img_h, img_w)
   boxes, valid = random_gt(rng, img_h, img_w, SOI, n_valid=6, n_pad=2)
-  got = jax.jit(lambda b, v: centernet_targets(b, v, shapes))(jnp.asarray(boxes),
-                                                              jnp.asarray(valid))
+  got = jax.jit(lambda b, v: centernet_targets(b, v, shapes))(
+      jnp.asarray(boxes), jnp.asarray(valid)
+  )
   assert_targets_equal(got, ref_targets(boxes, valid, shapes))
 
 
@@ -190,8 +212,14 @@ def test_targets_mmdet_switches(seed, soi_name):
   outs = {}
   for dedup in (False, True):
     for all_peaks in (True, False):
-      got = centernet_targets(jnp.asarray(boxes), jnp.asarray(valid), shapes, soi=soi,
-                              dedup_positives=dedup, all_level_peaks=all_peaks)
+      got = centernet_targets(
+          jnp.asarray(boxes),
+          jnp.asarray(valid),
+          shapes,
+          soi=soi,
+          dedup_positives=dedup,
+          all_level_peaks=all_peaks,
+      )
       ref = ref_targets(boxes, valid, shapes, soi=soi, dedup=dedup, all_level_peaks=all_peaks)
       assert_targets_equal(got, ref)
       outs[dedup, all_peaks] = {k: np.asarray(v) for k, v in got.items()}
@@ -202,23 +230,25 @@ def test_targets_mmdet_switches(seed, soi_name):
     for k in ("pos_count", "reg_target", "reg_valid"):
       np.testing.assert_array_equal(a[k], b[k])
     assert np.all(b["heatmap"] <= a["heatmap"])
-    assert np.any(b["heatmap"] < a["heatmap"])       # some GT has a peak at an un-cared level
+    assert np.any(b["heatmap"] < a["heatmap"])  # some GT has a peak at an un-cared level
     assert np.all(b["heatmap"][b["pos_count"] > 0] == 1.0)
 
 
 def test_mmdet_ranges_and_revised_peaks_by_hand():
   shapes = level_shapes_for(1024, 1024)
-  box = np.array([[200, 200, 300, 300], [0, 0, 0, 0]], F)   # 100x100, c = 70.7, centre (250,250)
+  box = np.array([[200, 200, 300, 300], [0, 0, 0, 0]], F)  # 100x100, c = 70.7, centre (250,250)
   valid = np.array([True, False])
-  run = lambda **kw: {k: np.asarray(v) for k, v in centernet_targets(
-      jnp.asarray(box), jnp.asarray(valid), shapes, **kw).items()}
+  run = lambda **kw: {
+      k: np.asarray(v)
+      for k, v in centernet_targets(jnp.asarray(box), jnp.asarray(valid), shapes, **kw).items()
+  }
   off, mm = run(), run(soi=SOI_MMDET)
-  assert _levels_of_positives(off["pos_count"], shapes) == [0, 1]   # overlap band: P3 and P4
-  assert _levels_of_positives(mm["pos_count"], shapes) == [1]       # (64, 128]: P4 only
-  assert mm["reg_valid"][:128 * 128].sum() == 0 and mm["reg_valid"].sum() == 9
-  p3_peak = 31 * 128 + 31           # grid (252, 252): true d² = 8, r² = 2/81 * 1e4 = 246.9
+  assert _levels_of_positives(off["pos_count"], shapes) == [0, 1]  # overlap band: P3 and P4
+  assert _levels_of_positives(mm["pos_count"], shapes) == [1]  # (64, 128]: P4 only
+  assert mm["reg_valid"][: 128 * 128].sum() == 0 and mm["reg_valid"].sum() == 9
+  p3_peak = 31 * 128 + 31  # grid (252, 252): true d² = 8, r² = 2/81 * 1e4 = 246.9
   p4_peak = 128 * 128 + 15 * 64 + 15
-  assert mm["heatmap"][p3_peak] == 1.0                              # official map: ignored cell
+  assert mm["heatmap"][p3_peak] == 1.0  # official map: ignored cell
   rev = run(soi=SOI_MMDET, all_level_peaks=False, dedup_positives=True)
   np.testing.assert_allclose(rev["heatmap"][p3_peak], math.exp(-8 / (2 / 81 * 1e4)), rtol=1e-6)
   assert rev["heatmap"][p4_peak] == 1.0 and rev["pos_count"][p4_peak] == 1
@@ -235,18 +265,32 @@ def test_targets_vmap_batch_and_duplicates():
   b0, v0 = random_gt(rng, img_h, img_w, SOI_SMALL, 6, 2)
   # image 1: two 30x30 boxes centred in the same P3 cell (c = 21.2 -> levels P3? no: small SOI
   # [0,20],[16,40] -> P4 only), plus a third one identical to the first.
-  b1 = np.array([[30, 30, 60, 60], [31, 29, 61, 59], [30, 30, 60, 60],
-                 [0, 0, 0, 0], [5, 5, 9, 9], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], F)
+  b1 = np.array(
+      [
+          [30, 30, 60, 60],
+          [31, 29, 61, 59],
+          [30, 30, 60, 60],
+          [0, 0, 0, 0],
+          [5, 5, 9, 9],
+          [0, 0, 0, 0],
+          [0, 0, 0, 0],
+          [0, 0, 0, 0],
+      ],
+      F,
+  )
   v1 = np.array([1, 1, 1, 0, 1, 0, 0, 0], bool)
   boxes = np.stack([b0, b1])
   valid = np.stack([v0, v1])
   for dedup in (False, True):
-    fn = jax.jit(jax.vmap(lambda b, v: centernet_targets(b, v, shapes, soi=SOI_SMALL,
-                                                         dedup_positives=dedup)))
+    fn = jax.jit(
+        jax.vmap(lambda b, v: centernet_targets(b, v, shapes, soi=SOI_SMALL, dedup_positives=dedup))
+    )
     got = fn(jnp.asarray(boxes), jnp.asarray(valid))
     for i in range(2):
-      assert_targets_equal({k: v[i] for k, v in got.items()},
-                           ref_targets(boxes[i], valid[i], shapes, soi=SOI_SMALL, dedup=dedup))
+      assert_targets_equal(
+          {k: v[i] for k, v in got.items()},
+          ref_targets(boxes[i], valid[i], shapes, soi=SOI_SMALL, dedup=dedup),
+      )
     # centres (45,45), (46,44), (45,45): P4 cell (2,2) (and (2,2) for the second as well)
     p4_base = shapes[0][0] * shapes[0][1]
     idx = p4_base + 2 * shapes[1][1] + 2
@@ -274,9 +318,12 @@ def test_invalid_gt_has_no_effect():
   boxes, valid = random_gt(rng, 128, 128, SOI_SMALL, 5, 0)
   garbage = np.array([[1, 2, 100, 120], [40, 40, 44, 44], [np.inf, 0, 3, 3]], F)
   a = centernet_targets(jnp.asarray(boxes), jnp.asarray(valid), shapes, soi=SOI_SMALL)
-  b = centernet_targets(jnp.asarray(np.concatenate([garbage, boxes])),
-                        jnp.asarray(np.concatenate([np.zeros(3, bool), valid])), shapes,
-                        soi=SOI_SMALL)
+  b = centernet_targets(
+      jnp.asarray(np.concatenate([garbage, boxes])),
+      jnp.asarray(np.concatenate([np.zeros(3, bool), valid])),
+      shapes,
+      soi=SOI_SMALL,
+  )
   for k in a:
     np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
 
@@ -287,7 +334,7 @@ def test_invalid_gt_has_no_effect():
 def _levels_of_positives(pos_count, shapes):
   out, base = [], 0
   for l, (h, w) in enumerate(shapes):
-    if pos_count[base:base + h * w].sum() > 0:
+    if pos_count[base : base + h * w].sum() > 0:
       out.append(l)
     base += h * w
   return out
@@ -375,13 +422,17 @@ def test_heatmap_by_hand():
   # centre (110,110); P3 cell (x=10, y=13): grid (84, 108): d² = 676 + 4 = 680 -> exp(-0.85)
   np.testing.assert_allclose(t["heatmap"][13 * W3 + 10], math.exp(-680 / 800), rtol=1e-6)
   # min over GTs: add the tiny box -> at its P3 peak hm = 1 regardless of the big box.
-  got = centernet_targets(jnp.asarray(np.array([[20, 20, 200, 200], [100, 100, 110, 110]], F)),
-                          jnp.ones(2, bool), shapes)
+  got = centernet_targets(
+      jnp.asarray(np.array([[20, 20, 200, 200], [100, 100, 110, 110]], F)),
+      jnp.ones(2, bool),
+      shapes,
+  )
   assert float(got["heatmap"][13 * W3 + 13]) == 1.0
   # cell (x=10,y=13) keeps the larger of the two Gaussians (min normalised distance)
   tiny = math.exp(-((84 - 105) ** 2 + (108 - 105) ** 2) / 16)
-  np.testing.assert_allclose(float(got["heatmap"][13 * W3 + 10]),
-                             max(math.exp(-680 / 800), tiny), rtol=1e-6)
+  np.testing.assert_allclose(
+      float(got["heatmap"][13 * W3 + 10]), max(math.exp(-680 / 800), tiny), rtol=1e-6
+  )
 
 
 def test_regression_by_hand():
@@ -417,10 +468,12 @@ def test_regression_by_hand():
 # losses
 # ------------------------------------------------------------------------------------------
 def ref_giou(p, t):
-  p = p.astype(np.float64); t = t.astype(np.float64)
+  p = p.astype(np.float64)
+  t = t.astype(np.float64)
   out = np.zeros(p.shape[:-1])
   for i in np.ndindex(p.shape[:-1]):
-    pl, pt, pr, pb = p[i]; tl, tt, tr, tb = t[i]
+    pl, pt, pr, pb = p[i]
+    tl, tt, tr, tb = t[i]
     at, ap = (tl + tr) * (tt + tb), (pl + pr) * (pt + pb)
     inter = (min(pl, tl) + min(pr, tr)) * (min(pt, tt) + min(pb, tb))
     union = at + ap - inter
@@ -433,8 +486,9 @@ def ref_giou(p, t):
 def test_giou_by_hand_and_random():
   # identical boxes -> 0; (1,1,1,1) vs (2,2,2,2): I=4, U=16, IoU=5/17, C=16 -> 12/17
   np.testing.assert_allclose(float(ltrb_giou_loss(jnp.ones(4) * 3, jnp.ones(4) * 3)), 0, atol=1e-7)
-  np.testing.assert_allclose(float(ltrb_giou_loss(jnp.ones(4), jnp.ones(4) * 2)), 12 / 17,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      float(ltrb_giou_loss(jnp.ones(4), jnp.ones(4) * 2)), 12 / 17, rtol=1e-6
+  )
   # zero prediction vs (1,1,1,1): I=0, U=4, IoU=1/5, C=4 -> GIoU=0.2 -> 0.8
   np.testing.assert_allclose(float(ltrb_giou_loss(jnp.zeros(4), jnp.ones(4))), 0.8, rtol=1e-6)
   for seed in range(3):
@@ -449,8 +503,21 @@ def test_giou_by_hand_and_random():
   assert ltrb_giou_loss(jnp.ones((2, 4), jnp.bfloat16), jnp.ones((2, 4))).dtype == jnp.float32
 
 
-def ref_losses(logits, reg_pred, tg, alpha=0.25, beta=4.0, gamma=2.0, clamp=1e-4, thr=0.85,
-               wp=0.5, wn=0.5, wr=1.0, num_pos_override=None, num_reg_override=None):
+def ref_losses(
+    logits,
+    reg_pred,
+    tg,
+    alpha=0.25,
+    beta=4.0,
+    gamma=2.0,
+    clamp=1e-4,
+    thr=0.85,
+    wp=0.5,
+    wn=0.5,
+    wr=1.0,
+    num_pos_override=None,
+    num_reg_override=None,
+):
   s_pos = s_neg = 0.0
   for idx in np.ndindex(logits.shape):
     p = 1 / (1 + math.exp(-float(logits[idx])))
@@ -458,15 +525,17 @@ def ref_losses(logits, reg_pred, tg, alpha=0.25, beta=4.0, gamma=2.0, clamp=1e-4
     for _ in range(int(tg["pos_count"][idx])):  # duplicates summed once per entry
       s_pos += math.log(p) * (1 - p) ** gamma
     if p < thr:
-      s_neg += math.log(1 - p) * p ** gamma * (1 - float(tg["heatmap"][idx])) ** beta
+      s_neg += math.log(1 - p) * p**gamma * (1 - float(tg["heatmap"][idx])) ** beta
   n_pos = tg["pos_count"].sum() if num_pos_override is None else num_pos_override
   n_bar = max(n_pos, 1)
   v = tg["reg_valid"]
   reg_sum = ref_giou(reg_pred[v], tg["reg_target"][v]).sum() if v.any() else 0.0
   n_reg = v.sum() if num_reg_override is None else num_reg_override
-  return dict(loss_centernet_agn_pos=wp * (-alpha * s_pos) / n_bar,
-              loss_centernet_agn_neg=wn * (-(1 - alpha) * s_neg) / n_bar,
-              loss_centernet_loc=wr * reg_sum / max(n_reg, 1))
+  return dict(
+      loss_centernet_agn_pos=wp * (-alpha * s_pos) / n_bar,
+      loss_centernet_agn_neg=wn * (-(1 - alpha) * s_neg) / n_bar,
+      loss_centernet_loc=wr * reg_sum / max(n_reg, 1),
+  )
 
 
 def _random_loss_inputs(rng, B=2, L=60):
@@ -488,24 +557,36 @@ def _random_loss_inputs(rng, B=2, L=60):
 def test_losses_random(seed):
   rng = np.random.RandomState(seed)
   logits, reg, tg = _random_loss_inputs(rng)
-  got = jax.jit(centernet_losses)(jnp.asarray(logits), jnp.asarray(reg),
-                                  {k: jnp.asarray(v) for k, v in tg.items()})
+  got = jax.jit(centernet_losses)(
+      jnp.asarray(logits), jnp.asarray(reg), {k: jnp.asarray(v) for k, v in tg.items()}
+  )
   ref = ref_losses(logits, reg, tg)
   for k in ref:
     assert got[k].dtype == jnp.float32 and got[k].shape == ()
     np.testing.assert_allclose(float(got[k]), ref[k], rtol=2e-5, atol=1e-7)
   # without the high-FP ignore, the neg loss changes (the 0.858 location now counts)
-  got2 = centernet_losses(jnp.asarray(logits), jnp.asarray(reg),
-                          {k: jnp.asarray(v) for k, v in tg.items()}, ignore_high_fp=-1.0)
+  got2 = centernet_losses(
+      jnp.asarray(logits),
+      jnp.asarray(reg),
+      {k: jnp.asarray(v) for k, v in tg.items()},
+      ignore_high_fp=-1.0,
+  )
   ref2 = ref_losses(logits, reg, tg, thr=2.0)
-  np.testing.assert_allclose(float(got2["loss_centernet_agn_neg"]),
-                             ref2["loss_centernet_agn_neg"], rtol=2e-5)
+  np.testing.assert_allclose(
+      float(got2["loss_centernet_agn_neg"]), ref2["loss_centernet_agn_neg"], rtol=2e-5
+  )
   assert ref2["loss_centernet_agn_neg"] > ref["loss_centernet_agn_neg"]
   # bf16 logits / reg: computed in float32 (close to the f32 result at bf16 input precision)
-  got_bf = centernet_losses(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(reg, jnp.bfloat16),
-                            {k: jnp.asarray(v) for k, v in tg.items()})
-  ref_bf = ref_losses(np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32)),
-                      np.asarray(jnp.asarray(reg, jnp.bfloat16).astype(jnp.float32)), tg)
+  got_bf = centernet_losses(
+      jnp.asarray(logits, jnp.bfloat16),
+      jnp.asarray(reg, jnp.bfloat16),
+      {k: jnp.asarray(v) for k, v in tg.items()},
+  )
+  ref_bf = ref_losses(
+      np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32)),
+      np.asarray(jnp.asarray(reg, jnp.bfloat16).astype(jnp.float32)),
+      tg,
+  )
   for k in ref_bf:
     assert got_bf[k].dtype == jnp.float32
     np.testing.assert_allclose(float(got_bf[k]), ref_bf[k], rtol=2e-5, atol=1e-7)
@@ -517,8 +598,12 @@ def test_focal_coefficients_by_hand():
   #   S_neg = log(.5) * .25 * 1; loss_neg = 0.5 * 0.75 * 0.17329 = 0.375 * 0.17329 = 0.064984
   # The positive's own negative term has weight (1-1)^4 = 0. A p = 0.9 location is ignored.
   logits = jnp.array([[0.0, 0.0, math.log(9.0)]])
-  tg = dict(heatmap=jnp.array([[1.0, 0.0, 0.0]]), pos_count=jnp.array([[1.0, 0.0, 0.0]]),
-            reg_target=jnp.zeros((1, 3, 4)), reg_valid=jnp.zeros((1, 3), bool))
+  tg = dict(
+      heatmap=jnp.array([[1.0, 0.0, 0.0]]),
+      pos_count=jnp.array([[1.0, 0.0, 0.0]]),
+      reg_target=jnp.zeros((1, 3, 4)),
+      reg_valid=jnp.zeros((1, 3), bool),
+  )
   got = centernet_losses(logits, jnp.zeros((1, 3, 4)), tg)
   base = 0.25 * math.log(2.0)
   np.testing.assert_allclose(float(got["loss_centernet_agn_pos"]), 0.125 * base, rtol=1e-6)
@@ -545,7 +630,8 @@ def test_losses_pmean_normalisers_and_grads():
   reg = jnp.asarray(np.stack([s[1] for s in shards]))
   tg = {k: jnp.asarray(np.stack([s[2][k] for s in shards])) for k in shards[0][2]}
   got = jax.vmap(lambda a, b, c: centernet_losses(a, b, c, axis_name="d"), axis_name="d")(
-      logits, reg, tg)
+      logits, reg, tg
+  )
   n_pos = np.mean([s[2]["pos_count"].sum() for s in shards])
   n_reg = np.mean([s[2]["reg_valid"].sum() for s in shards])
   assert n_pos == 4.5
@@ -558,7 +644,8 @@ def test_losses_pmean_normalisers_and_grads():
   tg0 = {k: jnp.asarray(v) for k, v in tg0.items()}
   tg0["reg_target"] = jnp.where(tg0["reg_valid"][..., None], tg0["reg_target"], -1e8 / 8)
   g = jax.grad(lambda a, b: sum(centernet_losses(a, b, tg0).values()), argnums=(0, 1))(
-      jnp.asarray(logits0), jnp.asarray(reg0))
+      jnp.asarray(logits0), jnp.asarray(reg0)
+  )
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in g)
   assert float(jnp.abs(g[1][~tg0["reg_valid"]]).max()) == 0.0
 
@@ -587,9 +674,11 @@ def test_mmdet_config_variants():
   import os
   from cn2_jax.config import model_kwargs, validate_config
   from cn2_jax.modeling.proposal.centernet import CenterNet
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location(
-      "cn2_r50_mmdet", os.path.join(root, "configs", "cn2_r50_mmdet.py"))
+      "cn2_r50_mmdet", os.path.join(root, "configs", "cn2_r50_mmdet.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   for variant, all_peaks in (("original", True), ("", True), ("revised", False)):

@@ -3,6 +3,7 @@
 torch is never imported: torch-format files are written by the minimal writer below, and three
 small files written by genuine torch (tests/data/*.pth, see make_torch_fixtures.py) are read.
 """
+
 from __future__ import annotations
 
 import collections
@@ -31,6 +32,7 @@ R50_BN_CHANNELS = 26_560
 # A minimal torch zip-format writer (torch.save layout: archive/data.pkl + archive/data/<key>).
 # ------------------------------------------------------------------------------------------------
 
+
 class _Global:
   """Pickled as `GLOBAL module name` (so no torch module is needed to write the reference)."""
 
@@ -41,33 +43,53 @@ class _Global:
     raise AssertionError
 
 
-_STORAGE_NAME = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float16): "HalfStorage",
-                 np.dtype(np.float64): "DoubleStorage", np.dtype(np.int64): "LongStorage"}
+_STORAGE_NAME = {
+    np.dtype(np.float32): "FloatStorage",
+    np.dtype(np.float16): "HalfStorage",
+    np.dtype(np.float64): "DoubleStorage",
+    np.dtype(np.int64): "LongStorage",
+}
 
 
 class _Storage:
+
   def __init__(self, key, arr):
     self.key, self.arr = key, np.ascontiguousarray(arr).reshape(-1)
 
 
 class _Tensor:
+
   def __init__(self, storage, offset, shape, stride):
     self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
 
   def __reduce__(self):
-    return (_Global("torch._utils", "_rebuild_tensor_v2"),
-            (self.storage, self.offset, tuple(self.shape), tuple(self.stride), False,
-             collections.OrderedDict()))
+    return (
+        _Global("torch._utils", "_rebuild_tensor_v2"),
+        (
+            self.storage,
+            self.offset,
+            tuple(self.shape),
+            tuple(self.stride),
+            False,
+            collections.OrderedDict(),
+        ),
+    )
 
 
 class _TorchPickler(pickle._Pickler):  # the pure-Python pickler lets `save` be overridden
+
   def __init__(self, f):
     super().__init__(f, protocol=2)
 
   def persistent_id(self, obj):
     if isinstance(obj, _Storage):
-      return ("storage", _Global("torch", _STORAGE_NAME[obj.arr.dtype]), obj.key, "cpu",
-              obj.arr.size)
+      return (
+          "storage",
+          _Global("torch", _STORAGE_NAME[obj.arr.dtype]),
+          obj.key,
+          "cpu",
+          obj.arr.size,
+      )
     return None
 
   def save(self, obj, save_persistent_id=True):
@@ -88,18 +110,18 @@ def write_torch_zip(path, state_dict, wrap_model=True, transpose_keys=()):
       tensors[k] = _Tensor(st, 0, v.shape, (1, v.shape[0]))
     else:
       st = _Storage(str(i), v)
-      stride = tuple(int(np.prod(v.shape[d + 1:])) for d in range(v.ndim))
+      stride = tuple(int(np.prod(v.shape[d + 1 :])) for d in range(v.ndim))
       tensors[k] = _Tensor(st, 0, v.shape, stride)
     storages.append(st)
   import io
+
   buf = io.BytesIO()
   _TorchPickler(buf).dump({"model": tensors} if wrap_model else tensors)
   with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
     zf.writestr("archive/data.pkl", buf.getvalue())
     zf.writestr("archive/byteorder", "little")
     for st in storages:
-      zf.writestr(f"archive/data/{st.key}", st.arr.astype(st.arr.dtype.newbyteorder("<"))
-                  .tobytes())
+      zf.writestr(f"archive/data/{st.key}", st.arr.astype(st.arr.dtype.newbyteorder("<")).tobytes())
     zf.writestr("archive/version", "3\n")
 
 
@@ -111,6 +133,7 @@ def write_pkl(path, obj, protocol=2):
 class _Py2Pickler(pickle._Pickler):
   """Writes bytes as Python 2 `str` (BINSTRING) and numpy globals under `numpy.core`, like the
   Python 2 pickles of detectron2's ImageNet R-50.pkl (read back with encoding='latin1')."""
+
   dispatch = pickle._Pickler.dispatch.copy()
 
   def _save_py2_str(self, obj):
@@ -139,6 +162,7 @@ def write_py2_style_pkl(path, obj):
 # Name sets.
 # ------------------------------------------------------------------------------------------------
 
+
 def random_state_dict(spec, seed=0):
   rng = np.random.default_rng(seed)
   return {k: rng.standard_normal(tuple(s), dtype=np.float32) for k, s in spec}
@@ -157,7 +181,7 @@ def msra_r50_blobs(seed=1):
   conv_bn("conv1_w", "res_conv1_bn", 64, 3, 7)
   cin = 64
   for stage, n in enumerate(R50_BLOCKS):
-    mid, cout = 64 * 2 ** stage, 256 * 2 ** stage
+    mid, cout = 64 * 2**stage, 256 * 2**stage
     for b in range(n):
       p = f"res{stage + 2}_{b}"
       if b == 0:
@@ -187,11 +211,12 @@ def torchvision_r50_state_dict(seed=2, blocks=R50_BLOCKS):
   bn("bn1", 64)
   cin = 64
   for stage, n in enumerate(blocks):
-    mid, cout = 64 * 2 ** stage, 256 * 2 ** stage
+    mid, cout = 64 * 2**stage, 256 * 2**stage
     for b in range(n):
       p = f"layer{stage + 1}.{b}"
-      for j, (co, ci, k) in enumerate(((mid, cin if b == 0 else cout, 1), (mid, mid, 3),
-                                       (cout, mid, 1)), start=1):
+      for j, (co, ci, k) in enumerate(
+          ((mid, cin if b == 0 else cout, 1), (mid, mid, 3), (cout, mid, 1)), start=1
+      ):
         sd[f"{p}.conv{j}.weight"] = rng.standard_normal((co, ci, k, k), dtype=np.float32)
         bn(f"{p}.bn{j}", co)
       if b == 0:
@@ -230,6 +255,7 @@ R50_FROZEN = sum(int(np.prod(s)) for c, _, s in R50_ENTRIES if c == "frozen")
 # (i) oracle.
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.skipif(orc.oracle_json_path() is None, reason="shared/oracle not present")
 def test_oracle_regeneration_matches_all_checksums():
   path = orc.oracle_json_path()
@@ -238,11 +264,14 @@ def test_oracle_regeneration_matches_all_checksums():
   assert len(sd) == meta["num_entries"] == 330
   # The synthesised official key list equals the oracle's, in order.
   assert [(k, tuple(s)) for k, s in R50_SPEC] == [
-      (e["key"], tuple(e["shape"])) for e in meta["entries"]]
+      (e["key"], tuple(e["shape"])) for e in meta["entries"]
+  ]
   assert R50_PARAMS == meta["total_parameter_count"] == 71_645_897
   assert R50_PARAMS + R50_FROZEN == meta["total_state_dict_numel"]
-  assert sum(int(np.prod(s)) for c, _, s in orc.oracle_expected_flax_paths(path)
-             if c == "params") == meta["total_parameter_count"]
+  assert (
+      sum(int(np.prod(s)) for c, _, s in orc.oracle_expected_flax_paths(path) if c == "params")
+      == meta["total_parameter_count"]
+  )
   # A corrupted checksum is detected.
   bad = dict(meta)
   bad["entries"] = [dict(e) for e in meta["entries"][:3]]
@@ -255,6 +284,7 @@ def test_oracle_regeneration_matches_all_checksums():
 
 def _regen_from_obj(obj):
   import tempfile
+
   with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
     json.dump(obj, f)
     f.flush()
@@ -276,6 +306,7 @@ def test_naming_rule_examples():
 # ------------------------------------------------------------------------------------------------
 # (ii) the full R50 CenterNet2 key set through .pkl and torch .pth.
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def r50_state_dict():
@@ -344,22 +375,27 @@ def test_bare_state_dict_without_model_key_and_module_prefix(tmp_path):
 # Genuine torch files (tests/data, written by torch 2.13.0+cpu).
 # ------------------------------------------------------------------------------------------------
 
+
 def _fixture_expected():
   base = np.arange(24, dtype=np.float32).reshape(4, 6) * np.float32(0.5) - np.float32(3.0)
   return {
       "conv.weight": np.arange(54, dtype=np.float32).reshape(2, 3, 3, 3) / np.float32(7.0),
-      "base": base, "view": base[1:3, 2:5], "transposed": base.T,
+      "base": base,
+      "view": base[1:3, 2:5],
+      "transposed": base.T,
       "expanded": np.broadcast_to(np.arange(3, dtype=np.float32), (2, 3)),
       "half": (np.arange(10, dtype=np.float32) / 4).astype(np.float16),
       "bf16": np.arange(8, dtype=np.float32) * np.float32(0.25),
       "double": np.arange(4, dtype=np.float64) / 3,
       "long": np.arange(5, dtype=np.int64) - 2,
-      "scalar": np.array(3.5, np.float32), "empty": np.zeros((0, 3), np.float32),
+      "scalar": np.array(3.5, np.float32),
+      "empty": np.zeros((0, 3), np.float32),
   }
 
 
-@pytest.mark.parametrize("name,container", [("torch_zip.pth", "torch_zip"),
-                                            ("torch_legacy.pth", "torch_legacy")])
+@pytest.mark.parametrize(
+    "name,container", [("torch_zip.pth", "torch_zip"), ("torch_legacy.pth", "torch_legacy")]
+)
 def test_genuine_torch_files(name, container):
   f = DATA / name
   if not f.exists():
@@ -382,13 +418,18 @@ def test_genuine_torch_module_state_dict_versions():
   np.testing.assert_array_equal(sd["0.weight"].reshape(-1), np.arange(12, dtype=np.float32))
   np.testing.assert_array_equal(sd["1.running_var"], np.full(4, 4.0, np.float32))
   # detectron2's FrozenBatchNorm2d loading rule: version < 3 -> running_var -= eps.
-  d2 = cv.StateDict({"backbone.bottom_up.stem.conv1.weight": sd["0.weight"],
-                     **{f"backbone.bottom_up.stem.conv1.norm.{k}": sd[f"1.{k}"]
-                        for k in ("weight", "bias", "running_mean", "running_var")}},
-                    info={"module_versions": {"backbone.bottom_up.stem.conv1.norm": 2}})
+  d2 = cv.StateDict(
+      {
+          "backbone.bottom_up.stem.conv1.weight": sd["0.weight"],
+          **{
+              f"backbone.bottom_up.stem.conv1.norm.{k}": sd[f"1.{k}"]
+              for k in ("weight", "bias", "running_mean", "running_var")
+          },
+      },
+      info={"module_versions": {"backbone.bottom_up.stem.conv1.norm": 2}},
+  )
   spec = [(k, v.shape) for k, v in d2.items()]
-  variables, report = cv.convert_to_flax(d2, orc.build_target_tree(
-      orc.expected_flax_entries(spec)))
+  variables, report = cv.convert_to_flax(d2, orc.build_target_tree(orc.expected_flax_entries(spec)))
   rv = get_path(variables, "frozen", "backbone.bottom_up.stem.conv1.norm.running_var")
   np.testing.assert_allclose(rv, 4.0 - 1e-5, rtol=0, atol=1e-7)
   assert report.eps_adjusted == ["backbone.bottom_up.stem.conv1.norm.running_var"]
@@ -402,8 +443,9 @@ SENTINEL = -7.0
 
 
 def _real_r50_target():
-  return orc.build_target_tree(R50_ENTRIES, abstract=False,
-                               fill=lambda c, p, s: np.broadcast_to(np.float32(SENTINEL), s))
+  return orc.build_target_tree(
+      R50_ENTRIES, abstract=False, fill=lambda c, p, s: np.broadcast_to(np.float32(SENTINEL), s)
+  )
 
 
 def _check_left_at_init(variables, report):
@@ -423,8 +465,7 @@ def test_msra_r50_backbone_only(tmp_path):
   np.testing.assert_array_equal(sd["res2_0_branch2a_w"], blobs["res2_0_branch2a_w"])
   assert cv.detect_format(sd) == "msra_c2"
   d2 = cv.to_detectron2_names(sd, "msra_c2")
-  assert d2.info["renamed"]["backbone.bottom_up.res2.0.conv1.norm.weight"] == \
-      "res2_0_branch2a_bn_s"
+  assert d2.info["renamed"]["backbone.bottom_up.res2.0.conv1.norm.weight"] == "res2_0_branch2a_bn_s"
   assert d2.info["renamed"]["backbone.bottom_up.stem.conv1.norm.bias"] == "res_conv1_bn_b"
   assert d2.info["renamed"]["backbone.bottom_up.res5.0.shortcut.weight"] == "res5_0_branch1_w"
   assert {k for k, _ in d2.info["dropped"]} == {"fc1000_w", "fc1000_b", "conv1_w_momentum"}
@@ -440,17 +481,22 @@ def test_msra_r50_backbone_only(tmp_path):
   # Values: conv OIHW -> HWIO, bn_s/bn_b -> weight/bias, stats as detectron2 fills them.
   np.testing.assert_array_equal(
       get_path(variables, "params", "backbone.bottom_up.res3.1.conv2.kernel"),
-      blobs["res3_1_branch2b_w"].transpose(2, 3, 1, 0))
+      blobs["res3_1_branch2b_w"].transpose(2, 3, 1, 0),
+  )
   np.testing.assert_array_equal(
       get_path(variables, "frozen", "backbone.bottom_up.res4.0.shortcut.norm.weight"),
-      blobs["res4_0_branch1_bn_s"])
+      blobs["res4_0_branch1_bn_s"],
+  )
   np.testing.assert_array_equal(
       get_path(variables, "frozen", "backbone.bottom_up.stem.conv1.norm.bias"),
-      blobs["res_conv1_bn_b"])
-  assert np.all(get_path(variables, "frozen", "backbone.bottom_up.res5.2.conv3.norm.running_var")
-                == 1.0)
-  assert np.all(get_path(variables, "frozen", "backbone.bottom_up.stem.conv1.norm.running_mean")
-                == 0.0)
+      blobs["res_conv1_bn_b"],
+  )
+  assert np.all(
+      get_path(variables, "frozen", "backbone.bottom_up.res5.2.conv3.norm.running_var") == 1.0
+  )
+  assert np.all(
+      get_path(variables, "frozen", "backbone.bottom_up.stem.conv1.norm.running_mean") == 0.0
+  )
   text = report.summary()
   assert "stride_in_1x1=True" in text and "'BGR'" in text and "left at initial values" in text
 
@@ -462,8 +508,10 @@ def test_torchvision_r50_backbone_only(tmp_path):
   sd = cv.load_checkpoint_file(f)
   assert cv.detect_format(sd) == "torchvision"
   d2 = cv.to_detectron2_names(sd, "torchvision")
-  assert d2.info["renamed"]["backbone.bottom_up.res2.0.shortcut.norm.running_var"] == \
-      "layer1.0.downsample.1.running_var"
+  assert (
+      d2.info["renamed"]["backbone.bottom_up.res2.0.shortcut.norm.running_var"]
+      == "layer1.0.downsample.1.running_var"
+  )
   assert d2.info["renamed"]["backbone.bottom_up.stem.conv1.norm.weight"] == "bn1.weight"
   assert d2.info["renamed"]["backbone.bottom_up.res5.2.conv3.weight"] == "layer4.2.conv3.weight"
   assert len(d2.info["dropped"]) == 2 + N_R50_CONVS  # fc + num_batches_tracked
@@ -475,10 +523,12 @@ def test_torchvision_r50_backbone_only(tmp_path):
   _check_left_at_init(variables, report)
   np.testing.assert_array_equal(
       get_path(variables, "frozen", "backbone.bottom_up.res3.0.conv2.norm.running_mean"),
-      tv["layer2.0.bn2.running_mean"])
+      tv["layer2.0.bn2.running_mean"],
+  )
   np.testing.assert_array_equal(
       get_path(variables, "params", "backbone.bottom_up.res2.0.shortcut.kernel"),
-      tv["layer1.0.downsample.0.weight"].transpose(2, 3, 1, 0))
+      tv["layer1.0.downsample.0.weight"].transpose(2, 3, 1, 0),
+  )
   text = report.summary()
   assert "stride_in_1x1=False" in text and "'RGB'" in text
   assert cv.format_expectations("torchvision")["pixel_std"] == (58.395, 57.120, 57.375)
@@ -505,8 +555,9 @@ def test_d2_converted_torchvision_backbone_pkl(tmp_path):
 # (iv) bad files and strictness.
 # ------------------------------------------------------------------------------------------------
 
-SMALL_SPEC = ([(k, s) for k, s in R50_SPEC if "bottom_up" not in k and "fc1" not in k] +
-              orc.resnet_bottleneck_spec("backbone.bottom_up.", (1, 0, 0, 0)))
+SMALL_SPEC = [
+    (k, s) for k, s in R50_SPEC if "bottom_up" not in k and "fc1" not in k
+] + orc.resnet_bottleneck_spec("backbone.bottom_up.", (1, 0, 0, 0))
 
 
 def test_truncated_and_corrupt_files(tmp_path):
@@ -515,7 +566,7 @@ def test_truncated_and_corrupt_files(tmp_path):
   write_torch_zip(good, sd)
   raw = good.read_bytes()
   cases = {
-      "trunc_zip.pth": raw[:len(raw) // 2],
+      "trunc_zip.pth": raw[: len(raw) // 2],
       "trunc_zip_tail.pth": raw[:-30],
       "not_pickle.pkl": b"this is not a pickle at all\n" * 10,
       "empty.pkl": b"",
@@ -547,6 +598,7 @@ def test_truncated_and_corrupt_files(tmp_path):
 
 def test_restricted_unpickler_never_runs_foreign_code(tmp_path):
   class Evil:
+
     def __reduce__(self):
       return (print, ("pwned",))
 
@@ -566,13 +618,20 @@ def test_wrong_keys_are_listed():
   with pytest.raises(cv.ConversionError) as e:
     cv.convert_to_flax(cv.to_detectron2_names(sd, "detectron2"), target)
   r = e.value.report
-  assert sorted(r.unknown_keys) == ["backbone.fpn_lateral6.bias",
-                                    "roi_heads.box_head.0.fc3.weight"]
-  assert sorted(r.missing_keys) == ["frozen/backbone.bottom_up.res2.0.conv2.norm.running_var",
-                                    "params/backbone.fpn_output3.bias"]
+  assert sorted(r.unknown_keys) == ["backbone.fpn_lateral6.bias", "roi_heads.box_head.0.fc3.weight"]
+  assert sorted(r.missing_keys) == [
+      "frozen/backbone.bottom_up.res2.0.conv2.norm.running_var",
+      "params/backbone.fpn_output3.bias",
+  ]
   msg = str(e.value)
-  for k in ("roi_heads.box_head.0.fc3.weight", "backbone.fpn_lateral6.bias",
-            "params/backbone.fpn_output3.bias", "UNKNOWN", "MISSING", "FAILED"):
+  for k in (
+      "roi_heads.box_head.0.fc3.weight",
+      "backbone.fpn_lateral6.bias",
+      "params/backbone.fpn_output3.bias",
+      "UNKNOWN",
+      "MISSING",
+      "FAILED",
+  ):
     assert k in msg
 
 
@@ -598,8 +657,10 @@ def test_wrong_shapes_are_listed():
 def test_unknown_formats_and_bad_imagenet_names():
   with pytest.raises(cv.ConversionError, match="unrecognised"):
     cv.detect_format({"foo.bar": np.zeros(1)})
-  blobs = {"conv1_w": np.zeros((64, 3, 7, 7), np.float32),
-           "res2_0_branch2d_w": np.zeros((1, 1, 1, 1), np.float32)}
+  blobs = {
+      "conv1_w": np.zeros((64, 3, 7, 7), np.float32),
+      "res2_0_branch2d_w": np.zeros((1, 1, 1, 1), np.float32),
+  }
   with pytest.raises(cv.ConversionError, match="res2_0_branch2d_w"):
     cv.to_detectron2_names(blobs, cv.detect_format(blobs))
 
@@ -619,16 +680,29 @@ def test_backbone_only_skips_heads_of_a_full_checkpoint():
 # (v) Orbax round trip, and the CLI with a stand-in model.
 # ------------------------------------------------------------------------------------------------
 
+
 def test_orbax_round_trip(tmp_path):
-  tree = {"params": {"backbone": {"fpn_lateral3": {"kernel": np.arange(24, dtype=np.float32)
-                                                   .reshape(1, 1, 4, 6)}},
-                     "proposal_generator": {"centernet_head": {
-                         "bbox_tower.1": {"scale": np.linspace(0, 1, 5, dtype=np.float32)}}}},
-          "frozen": {"backbone": {"bottom_up": {"stem": {"conv1": {"norm": {
-              "running_var": np.full(3, 0.5, np.float32)}}}}}}}
+  tree = {
+      "params": {
+          "backbone": {
+              "fpn_lateral3": {"kernel": np.arange(24, dtype=np.float32).reshape(1, 1, 4, 6)}
+          },
+          "proposal_generator": {
+              "centernet_head": {"bbox_tower.1": {"scale": np.linspace(0, 1, 5, dtype=np.float32)}}
+          },
+      },
+      "frozen": {
+          "backbone": {
+              "bottom_up": {
+                  "stem": {"conv1": {"norm": {"running_var": np.full(3, 0.5, np.float32)}}}
+              }
+          }
+      },
+  }
   out = cv.save_variables(tree, tmp_path / "ckpt")
   restored = cv.restore_saved_variables(out)
   import jax
+
   assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(tree)
   for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(tree)):
     np.testing.assert_array_equal(np.asarray(a), b)
@@ -643,21 +717,26 @@ def test_orbax_round_trip(tmp_path):
 
 def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
   spec = orc.resnet_bottleneck_spec("backbone.bottom_up.", (1, 1, 1, 1)) + [
-      ("backbone.fpn_lateral3.weight", (256, 512, 1, 1)), ("backbone.fpn_lateral3.bias", (256,))]
+      ("backbone.fpn_lateral3.weight", (256, 512, 1, 1)),
+      ("backbone.fpn_lateral3.bias", (256,)),
+  ]
   entries = orc.expected_flax_entries(spec)
   fake = types.ModuleType("cn2_jax.modeling.detector")
   fake.abstract_variables = lambda cfg: orc.build_target_tree(entries)
   fake.init_variables = lambda cfg, seed: orc.build_target_tree(entries, abstract=False)
   monkeypatch.setitem(sys.modules, "cn2_jax.modeling.detector", fake)
   import cn2_jax.modeling
+
   monkeypatch.setattr(cn2_jax.modeling, "detector", fake, raising=False)
   cfg = tmp_path / "cfg.py"
-  cfg.write_text("import ml_collections\n"
-                 "def get_config():\n"
-                 "  c = ml_collections.ConfigDict()\n"
-                 "  c.model = ml_collections.ConfigDict({'backbone': {'stride_in_1x1': True},\n"
-                 "                                      'input_format': 'BGR'})\n"
-                 "  return c\n")
+  cfg.write_text(
+      "import ml_collections\n"
+      "def get_config():\n"
+      "  c = ml_collections.ConfigDict()\n"
+      "  c.model = ml_collections.ConfigDict({'backbone': {'stride_in_1x1': True},\n"
+      "                                      'input_format': 'BGR'})\n"
+      "  return c\n"
+  )
   sd = random_state_dict(spec, seed=10)
   src = tmp_path / "m.pth"
   write_torch_zip(src, sd)
@@ -666,13 +745,16 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
   restored = cv.restore_saved_variables(out)
   np.testing.assert_array_equal(
       restored["params"]["backbone"]["fpn_lateral3"]["kernel"],
-      sd["backbone.fpn_lateral3.weight"].transpose(2, 3, 1, 0))
+      sd["backbone.fpn_lateral3.weight"].transpose(2, 3, 1, 0),
+  )
   # Wrong keys: non-zero exit and the report on stderr.
   sd2 = dict(sd)
   sd2["backbone.extra.weight"] = np.zeros(3, np.float32)
   src2 = tmp_path / "m2.pth"
   write_torch_zip(src2, sd2)
-  assert convert.main(["--src", str(src2), "--out", str(tmp_path / "o2"), "--config", str(cfg)]) == 1
+  assert (
+      convert.main(["--src", str(src2), "--out", str(tmp_path / "o2"), "--config", str(cfg)]) == 1
+  )
   assert "backbone.extra.weight" in capsys.readouterr().err
   # torchvision weights need --backbone-only ...
   tvf = tmp_path / "tv.pth"
@@ -680,8 +762,20 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
   assert convert.main(["--src", str(tvf), "--out", str(tmp_path / "o3"), "--config", str(cfg)]) == 1
   assert "--backbone-only" in capsys.readouterr().err
   # ... and then convert, warning that this config (stride_in_1x1=True, BGR) does not fit them.
-  assert convert.main(["--src", str(tvf), "--out", str(tmp_path / "o3"), "--config", str(cfg),
-                  "--backbone-only"]) == 0
+  assert (
+      convert.main(
+          [
+              "--src",
+              str(tvf),
+              "--out",
+              str(tmp_path / "o3"),
+              "--config",
+              str(cfg),
+              "--backbone-only",
+          ]
+      )
+      == 0
+  )
   printed = capsys.readouterr().out
   assert "WARNING: config sets stride_in_1x1=True but torchvision weights need False" in printed
   assert "WARNING: config sets input_format='BGR'" in printed

@@ -1,5 +1,6 @@
 """Model-level tests of CenterNet2 (issue: forward/backward, frozen parts, parameter count,
 compile count, bf16, probabilistic score formula)."""
+
 from __future__ import annotations
 
 import json
@@ -11,11 +12,14 @@ import pytest
 
 from cn2_jax.config import base_config
 from cn2_jax.modeling import detector
-from cn2_jax.modeling.roi_heads.cascade import (fast_rcnn_inference, probabilistic_scores,
-                                                 scale_gradient)
+from cn2_jax.modeling.roi_heads.cascade import (
+    fast_rcnn_inference,
+    probabilistic_scores,
+    scale_gradient,
+)
 from cn2_jax.testing.oracle import oracle_dir
 
-ORACLE_R50_PARAMS = 71_645_897     # ../shared/oracle/README.md, learnable parameters
+ORACLE_R50_PARAMS = 71_645_897  # ../shared/oracle/README.md, learnable parameters
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,7 +45,7 @@ def tiny_config(norm="FrozenBN", freeze_at=2, dtype="float32"):
   m.roi_heads.batch_size_per_image = 32
   m.roi_heads.fc_dim = 32
   m.roi_heads.detections_per_image = 10
-  m.roi_heads.sampling_ratio = 2   # fixed grid: fast to compile (adaptive mode: test_ops_roi_align)
+  m.roi_heads.sampling_ratio = 2  # fixed grid: fast to compile (adaptive mode: test_ops_roi_align)
   return c
 
 
@@ -58,9 +62,11 @@ def tiny_batch(b=2, hw=(96, 128), seed=0):
 
 def _loss_fn(model, frozen, batch):
   def fn(params):
-    losses = model.apply({"params": params, **frozen}, batch, train=True,
-                         rngs={"sampling": jax.random.PRNGKey(1)})
+    losses = model.apply(
+        {"params": params, **frozen}, batch, train=True, rngs={"sampling": jax.random.PRNGKey(1)}
+    )
     return sum(v for k, v in losses.items() if not k.startswith("aux/")), losses
+
   return fn
 
 
@@ -91,10 +97,12 @@ def test_train_and_eval_forward_finite_and_frozen_grads_zero():
   batch = tiny_batch()
   variables = model.init(jax.random.PRNGKey(0), batch, train=False)
   frozen = {k: v for k, v in variables.items() if k != "params"}
-  (total, losses), grads = jax.jit(jax.value_and_grad(
-      _loss_fn(model, frozen, batch), has_aux=True))(variables["params"])
+  (total, losses), grads = jax.jit(
+      jax.value_and_grad(_loss_fn(model, frozen, batch), has_aux=True)
+  )(variables["params"])
   expected = {"loss_centernet_agn_pos", "loss_centernet_agn_neg", "loss_centernet_loc"} | {
-      f"loss_{t}_stage{k}" for t in ("cls", "box_reg") for k in range(3)}
+      f"loss_{t}_stage{k}" for t in ("cls", "box_reg") for k in range(3)
+  }
   assert expected <= set(losses)
   assert all(np.isfinite(float(v)) for v in losses.values())
   flat = jax.tree_util.tree_flatten_with_path(grads)[0]
@@ -106,10 +114,17 @@ def test_train_and_eval_forward_finite_and_frozen_grads_zero():
       assert float(jnp.abs(g).max()) == 0.0, path
   # Everything upstream of a loss gets gradient. (Exceptions by construction: the Scale of a level
   # with no regression target, and a late stage's box regressor when no ROI reaches its IoU.)
-  live = ("backbone.bottom_up.res3", "backbone.fpn", "backbone.top_block",
-          "proposal_generator.centernet_head.bbox_tower", "proposal_generator.centernet_head.agn_hm",
-          "proposal_generator.centernet_head.bbox_pred", "proposal_generator.centernet_head.scales.0",
-          "roi_heads.box_head", "roi_heads.box_predictor.0")
+  live = (
+      "backbone.bottom_up.res3",
+      "backbone.fpn",
+      "backbone.top_block",
+      "proposal_generator.centernet_head.bbox_tower",
+      "proposal_generator.centernet_head.agn_hm",
+      "proposal_generator.centernet_head.bbox_pred",
+      "proposal_generator.centernet_head.scales.0",
+      "roi_heads.box_head",
+      "roi_heads.box_predictor.0",
+  )
   trainable = {".".join(str(getattr(k, "key", k)) for k in kp): g for kp, g in flat}
   trainable = {p: g for p, g in trainable.items() if p.startswith(live) or "cls_score" in p}
   assert len(trainable) > 30
@@ -119,9 +134,9 @@ def test_train_and_eval_forward_finite_and_frozen_grads_zero():
   assert dets["boxes"].shape == (2, 10, 4) and dets["boxes"].dtype == jnp.float32
   valid = np.asarray(dets["valid"])
   boxes = np.asarray(dets["boxes"])
-  assert (boxes[valid][:, 2] <= batch["image_hw"][0, 1] + 1e-4).all()   # clipped to the image
+  assert (boxes[valid][:, 2] <= batch["image_hw"][0, 1] + 1e-4).all()  # clipped to the image
   s = np.asarray(dets["scores"])
-  assert (np.diff(np.where(valid, s, -1), axis=1) <= 1e-7).all()        # sorted by score
+  assert (np.diff(np.where(valid, s, -1), axis=1) <= 1e-7).all()  # sorted by score
 
 
 def test_one_compile_per_input_shape():
@@ -175,17 +190,26 @@ def test_probabilistic_score_and_inference_against_numpy():
   sm = [np.exp(l) / np.exp(l).sum(-1, keepdims=True) for l in logits]
   scores = np.sqrt(np.mean(sm, axis=0) * prop_score[:, None])
   np.testing.assert_allclose(
-      probabilistic_scores([jnp.asarray(l) for l in logits], jnp.asarray(prop_score)), scores,
-      rtol=1e-5)
+      probabilistic_scores([jnp.asarray(l) for l in logits], jnp.asarray(prop_score)),
+      scores,
+      rtol=1e-5,
+  )
   # = q^(1/2) * sigmoid^(1/4): the double square root of the spec
-  np.testing.assert_allclose(scores, np.sqrt(np.mean(sm, 0)) * (1 / (1 + np.exp(-agn)))[:, None]
-                             ** 0.25, rtol=1e-5)
+  np.testing.assert_allclose(
+      scores, np.sqrt(np.mean(sm, 0)) * (1 / (1 + np.exp(-agn)))[:, None] ** 0.25, rtol=1e-5
+  )
   xy = rng.uniform(0, 60, size=(r, 2))
   boxes = np.concatenate([xy, xy + rng.uniform(5, 40, size=(r, 2))], 1).astype(np.float32)
   hw = np.array([80, 90], np.int32)
-  out = fast_rcnn_inference(jnp.asarray(boxes), jnp.asarray(scores, jnp.float32),
-                            jnp.ones(r, bool), jnp.asarray(hw), score_thresh=0.2,
-                            nms_thresh=0.5, topk=8)
+  out = fast_rcnn_inference(
+      jnp.asarray(boxes),
+      jnp.asarray(scores, jnp.float32),
+      jnp.ones(r, bool),
+      jnp.asarray(hw),
+      score_thresh=0.2,
+      nms_thresh=0.5,
+      topk=8,
+  )
   # numpy reference: clip, threshold, greedy per-class NMS, global top-k
   cb = boxes.copy()
   cb[:, [0, 2]] = cb[:, [0, 2]].clip(0, hw[1])
@@ -220,9 +244,14 @@ def test_postprocess_detections_rescales_clips_and_drops_empty():
   """detectron2 detector_postprocess: x * orig_w / resized_w, y * orig_h / resized_h, clip to the
   original image, boxes that became empty are invalid."""
   boxes = np.array([[[10, 20, 30, 40], [0, 0, 220, 100], [250, 10, 260, 20]]], np.float32)
-  dets = dict(boxes=boxes, scores=np.ones((1, 3), np.float32), classes=np.zeros((1, 3), np.int32),
-              valid=np.ones((1, 3), bool))
+  dets = dict(
+      boxes=boxes,
+      scores=np.ones((1, 3), np.float32),
+      classes=np.zeros((1, 3), np.int32),
+      valid=np.ones((1, 3), bool),
+  )
   out = detector.postprocess_detections(dets, np.array([[100, 200]]), np.array([[50, 400]]))
-  np.testing.assert_allclose(np.asarray(out["boxes"])[0],
-                             [[20, 10, 60, 20], [0, 0, 400, 50], [400, 5, 400, 10]])
+  np.testing.assert_allclose(
+      np.asarray(out["boxes"])[0], [[20, 10, 60, 20], [0, 0, 400, 50], [400, 5, 400, 10]]
+  )
   np.testing.assert_array_equal(np.asarray(out["valid"])[0], [True, True, False])

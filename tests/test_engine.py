@@ -5,6 +5,7 @@ variables {'params', 'frozen'}, `apply(v, batch, train=True, rngs={'sampling': k
 losses (+ `aux/` metrics), an `axis_name` field used to `pmean` a loss normaliser, a GroupNorm-like
 `norm/scale`, a tower GN `bbox_tower.1`, a `Scale` scalar and a frozen stem.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -23,6 +24,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cn2_jax.config import base_config
 from cn2_jax.engine import checkpoint as ckpt_lib
 from cn2_jax.engine import loop, optim
 from cn2_jax.engine import step as step_lib
@@ -44,6 +46,7 @@ def _fast_compile():
 # Stand-in model
 # ------------------------------------------------------------------------------------------------
 class _GN(nn.Module):
+
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
@@ -64,6 +67,7 @@ class _ConvGN(nn.Module):
 
 
 class _Stem(nn.Module):
+
   @nn.compact
   def __call__(self, x):
     x = nn.Conv(4, (3, 3), strides=2, padding=1, use_bias=False, name="conv1")(x)
@@ -82,26 +86,30 @@ class TinyDet(nn.Module):
     t = nn.Conv(8, (3, 3), padding=1, name="bbox_tower.0")(x)
     t = nn.relu(_GN(name="bbox_tower.1")(t))
     s = self.param("scales.0", nn.initializers.ones, (1,))
-    feat = t.mean(axis=(1, 2))                                   # [B, 8]
-    pred = nn.Dense(4, name="bbox_pred")(feat) * s               # [B, 4]
+    feat = t.mean(axis=(1, 2))  # [B, 8]
+    pred = nn.Dense(4, name="bbox_pred")(feat) * s  # [B, 4]
     if not train:
       boxes = jnp.tile(pred[:, None, :], (1, 100, 1))
       scores = jax.nn.sigmoid(jnp.tile(feat[:, :1], (1, 100)))
-      return {"boxes": boxes, "scores": scores,
-              "classes": jnp.zeros(scores.shape, jnp.int32), "valid": scores > 0.5}
-    valid = batch["gt_valid"]                                    # [B, M]
-    tgt = batch["gt_boxes"] / 32.0                               # [B, M, 4]
-    err = jnp.sum(jnp.abs(pred[:, None, :] - tgt), axis=-1)      # [B, M]
+      return {
+          "boxes": boxes,
+          "scores": scores,
+          "classes": jnp.zeros(scores.shape, jnp.int32),
+          "valid": scores > 0.5,
+      }
+    valid = batch["gt_valid"]  # [B, M]
+    tgt = batch["gt_boxes"] / 32.0  # [B, M, 4]
+    err = jnp.sum(jnp.abs(pred[:, None, :] - tgt), axis=-1)  # [B, M]
     num = jnp.sum(valid).astype(jnp.float32)
     if self.axis_name is not None:
-      num = jax.lax.pmean(num, self.axis_name)                    # "N bar" normaliser
+      num = jax.lax.pmean(num, self.axis_name)  # "N bar" normaliser
     loss_a = jnp.sum(jnp.where(valid, err, 0.0)) / jnp.maximum(num, 1.0)
     noise = jax.random.normal(self.make_rng("sampling"), feat.shape)
     loss_b = jnp.mean((feat + 0.0 * noise) ** 2)
     if "poison" in batch:
-      loss_b = loss_b + jnp.sum(batch["poison"]) * 0.0     # NaN poison -> NaN loss_b only
+      loss_b = loss_b + jnp.sum(batch["poison"]) * 0.0  # NaN poison -> NaN loss_b only
     if "boost" in batch:
-      loss_a = loss_a * jnp.mean(batch["boost"])            # finite explosion of loss_a only
+      loss_a = loss_a * jnp.mean(batch["boost"])  # finite explosion of loss_a only
     return {"loss_a": loss_a, "loss_b": loss_b, "aux/num_pos": num}
 
 
@@ -114,13 +122,20 @@ class _StemWrap(nn.Module):
 
 
 class _BottomUp(nn.Module):
+
   @nn.compact
   def __call__(self, x):
     return _Stem(name="stem")(x)
 
 
-def make_batch(seed: int, b: int = 4, hw: int = 16, m: int = 3, poison: Optional[float] = None,
-               boost: Optional[float] = None):
+def make_batch(
+    seed: int,
+    b: int = 4,
+    hw: int = 16,
+    m: int = 3,
+    poison: Optional[float] = None,
+    boost: Optional[float] = None,
+):
   r = np.random.default_rng(seed)
   xy = r.uniform(0, 10, (b, m, 2)).astype(np.float32)
   wh = r.uniform(1, 6, (b, m, 2)).astype(np.float32)
@@ -143,7 +158,7 @@ def init_fn(model):
 
 
 def solver_cfg(**kw) -> ml_collections.ConfigDict:
-  cfg = optim.default_solver_config()
+  cfg = base_config().optim
   cfg.update(dict(base_lr=0.05, warmup_iters=2, warmup_factor=0.1, steps=(5,), max_iter=8))
   cfg.update(kw)
   return cfg
@@ -152,8 +167,9 @@ def solver_cfg(**kw) -> ml_collections.ConfigDict:
 # ------------------------------------------------------------------------------------------------
 # LR schedule
 # ------------------------------------------------------------------------------------------------
-def _d2_multistep(step, base_lr=0.02, warmup_iters=4000, warmup_factor=0.00025,
-                  steps=(60000, 80000), gamma=0.1):
+def _d2_multistep(
+    step, base_lr=0.02, warmup_iters=4000, warmup_factor=0.00025, steps=(60000, 80000), gamma=0.1
+):
   # detectron2 WarmupMultiStepLR / _get_warmup_factor_at_iter("linear")
   if step >= warmup_iters:
     f = 1.0
@@ -164,9 +180,20 @@ def _d2_multistep(step, base_lr=0.02, warmup_iters=4000, warmup_factor=0.00025,
 
 
 def test_lr_schedule_multistep_detectron2_values():
-  sched = optim.make_lr_schedule(optim.default_solver_config())
-  expected = {0: 5e-6, 2000: 0.02 * (0.00025 * 0.5 + 0.5), 3999: None, 4000: 0.02, 4001: 0.02,
-              59999: 0.02, 60000: 0.002, 60001: 0.002, 79999: 0.002, 80000: 2e-4, 89999: 2e-4}
+  sched = optim.make_lr_schedule(base_config().optim)
+  expected = {
+      0: 5e-6,
+      2000: 0.02 * (0.00025 * 0.5 + 0.5),
+      3999: None,
+      4000: 0.02,
+      4001: 0.02,
+      59999: 0.02,
+      60000: 0.002,
+      60001: 0.002,
+      79999: 0.002,
+      80000: 2e-4,
+      89999: 2e-4,
+  }
   for s, v in expected.items():
     ref = _d2_multistep(s)
     if v is not None:
@@ -176,7 +203,7 @@ def test_lr_schedule_multistep_detectron2_values():
 
 
 def test_lr_schedule_cosine_and_no_warmup():
-  cfg = optim.default_solver_config()
+  cfg = base_config().optim
   cfg.schedule = "cosine"
   sched = optim.make_lr_schedule(cfg)
   for s in (0, 2000, 4000, 45000, 89999, 90000, 95000):
@@ -184,7 +211,7 @@ def test_lr_schedule_cosine_and_no_warmup():
     warm = 0.00025 * (1 - a) + a if s < 4000 else 1.0
     ref = 0.02 * warm * 0.5 * (1 + math.cos(math.pi * min(s, 90000) / 90000))
     np.testing.assert_allclose(float(sched(s)), ref, rtol=2e-5, atol=1e-10)
-  cfg = optim.default_solver_config()
+  cfg = base_config().optim
   cfg.warmup_iters = 0
   assert float(optim.make_lr_schedule(cfg)(0)) == pytest.approx(0.02)
   with pytest.raises(ValueError):
@@ -193,16 +220,16 @@ def test_lr_schedule_cosine_and_no_warmup():
 
 
 def test_lr_scaling_with_batch_size():
-  cfg = optim.default_solver_config()
+  cfg = base_config().optim
   assert cfg.reference_batch_size == 16
   assert optim.effective_base_lr(cfg, 4) == pytest.approx(0.005)
   assert optim.effective_base_lr(cfg, 32) == pytest.approx(0.04)
-  assert optim.effective_base_lr(cfg, None) == 0.02            # batch unknown: as written
+  assert optim.effective_base_lr(cfg, None) == 0.02  # batch unknown: as written
   assert optim.lr_scaling_message(cfg, 4) == "lr 0.02 × batch 4/16 = 0.005"
   sched = optim.make_lr_schedule(cfg, 4)
-  for s in (0, 2000, 4000, 70000):                             # warm-up and steps untouched
+  for s in (0, 2000, 4000, 70000):  # warm-up and steps untouched
     np.testing.assert_allclose(float(sched(s)), _d2_multistep(s) / 4, rtol=2e-6)
-  cfg.reference_batch_size = 0                                 # off
+  cfg.reference_batch_size = 0  # off
   assert optim.effective_base_lr(cfg, 4) == 0.02
   assert "not scaled" in optim.lr_scaling_message(cfg, 4)
   cfg.reference_batch_size = -1
@@ -214,17 +241,26 @@ def test_lr_scaling_with_batch_size():
 # Optimizer groups, weight decay mask, clipping, frozen params
 # ------------------------------------------------------------------------------------------------
 def test_is_norm_param_rule():
-  yes = ["proposal_generator.centernet_head.bbox_tower.1.scale",
-         "proposal_generator.centernet_head.bbox_tower.10.bias",
-         "proposal_generator.centernet_head.cls_tower.4.scale",
-         "backbone.fpn_output3.norm.scale", "neck.norm.bias", "norm.scale"]
-  no = ["proposal_generator.centernet_head.bbox_tower.0.bias",
-        "proposal_generator.centernet_head.bbox_tower.0.kernel",
-        "proposal_generator.centernet_head.bbox_tower.3.bias",
-        "proposal_generator.centernet_head.scales.0.scale",
-        "proposal_generator.centernet_head.bbox_pred.bias",
-        "backbone.bottom_up.res2.0.conv1.kernel", "roi_heads.box_head.0.fc1.bias",
-        "neck.norm.kernel", "layernorm.scale", "subnorm.bias"]
+  yes = [
+      "proposal_generator.centernet_head.bbox_tower.1.scale",
+      "proposal_generator.centernet_head.bbox_tower.10.bias",
+      "proposal_generator.centernet_head.cls_tower.4.scale",
+      "backbone.fpn_output3.norm.scale",
+      "neck.norm.bias",
+      "norm.scale",
+  ]
+  no = [
+      "proposal_generator.centernet_head.bbox_tower.0.bias",
+      "proposal_generator.centernet_head.bbox_tower.0.kernel",
+      "proposal_generator.centernet_head.bbox_tower.3.bias",
+      "proposal_generator.centernet_head.scales.0.scale",
+      "proposal_generator.centernet_head.bbox_pred.bias",
+      "backbone.bottom_up.res2.0.conv1.kernel",
+      "roi_heads.box_head.0.fc1.bias",
+      "neck.norm.kernel",
+      "layernorm.scale",
+      "subnorm.bias",
+  ]
   for p in yes:
     assert optim.is_norm_param(p), p
   for p in no:
@@ -232,16 +268,25 @@ def test_is_norm_param_rule():
 
 
 def test_param_labels_and_prefix_matching():
-  params = {"backbone": {"bottom_up": {"stem": {"conv1": {"kernel": 0}},
-                                       "res2": {"0": {"conv1": {"kernel": 0}}},
-                                       "res20": {"kernel": 0}}},
-            "head": {"bbox_tower.1": {"scale": 0, "bias": 0}, "bbox_tower.0": {"bias": 0},
-                     "scales.0": {"scale": 0}}}
+  params = {
+      "backbone": {
+          "bottom_up": {
+              "stem": {"conv1": {"kernel": 0}},
+              "res2": {"0": {"conv1": {"kernel": 0}}},
+              "res20": {"kernel": 0},
+          }
+      },
+      "head": {
+          "bbox_tower.1": {"scale": 0, "bias": 0},
+          "bbox_tower.0": {"bias": 0},
+          "scales.0": {"scale": 0},
+      },
+  }
   labels = optim.param_labels(params, optim.resnet_frozen_prefixes(2), optim.is_norm_param)
   assert optim.resnet_frozen_prefixes(2) == ("backbone.bottom_up.stem", "backbone.bottom_up.res2")
   assert labels["backbone"]["bottom_up"]["stem"]["conv1"]["kernel"] == optim.FROZEN
   assert labels["backbone"]["bottom_up"]["res2"]["0"]["conv1"]["kernel"] == optim.FROZEN
-  assert labels["backbone"]["bottom_up"]["res20"]["kernel"] == optim.DECAY   # not a res2 child
+  assert labels["backbone"]["bottom_up"]["res20"]["kernel"] == optim.DECAY  # not a res2 child
   assert labels["head"]["bbox_tower.1"] == {"scale": optim.NO_DECAY, "bias": optim.NO_DECAY}
   assert labels["head"]["bbox_tower.0"]["bias"] == optim.DECAY
   assert labels["head"]["scales.0"]["scale"] == optim.DECAY
@@ -265,10 +310,14 @@ def _reference_sgd(p, grads_seq, lr_seq, wd, momentum, clip):
 def test_optimizer_matches_torch_sgd_reference(clip):
   cfg = solver_cfg(weight_decay=0.1, weight_decay_norm=0.0, clip_value=clip)
   r = np.random.default_rng(0)
-  params = {"backbone": {"bottom_up": {"stem": {"conv1": {"kernel": r.normal(size=(3, 3))}}}},
-            "neck": {"conv": {"kernel": r.normal(size=(2, 4))}, "norm": {"scale": r.normal(size=4),
-                                                                           "bias": r.normal(size=4)}},
-            "scales.0": r.normal(size=(1,))}
+  params = {
+      "backbone": {"bottom_up": {"stem": {"conv1": {"kernel": r.normal(size=(3, 3))}}}},
+      "neck": {
+          "conv": {"kernel": r.normal(size=(2, 4))},
+          "norm": {"scale": r.normal(size=4), "bias": r.normal(size=4)},
+      },
+      "scales.0": r.normal(size=(1,)),
+  }
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
   tx = optim.make_optimizer(cfg, params, frozen_prefixes=FROZEN_PREFIXES)
   state = tx.init(params)
@@ -277,8 +326,10 @@ def test_optimizer_matches_torch_sgd_reference(clip):
   n_train = sum(x.size for x in jax.tree.leaves(params)) - 9
   assert n_state == n_train
   sched = optim.make_lr_schedule(cfg)
-  grads_seq = [jax.tree.map(lambda x: jnp.asarray(r.normal(size=x.shape) * 3, jnp.float32), params)
-               for _ in range(4)]
+  grads_seq = [
+      jax.tree.map(lambda x: jnp.asarray(r.normal(size=x.shape) * 3, jnp.float32), params)
+      for _ in range(4)
+  ]
   p = params
   for g in grads_seq:
     upd, state = jax.jit(tx.update)(g, state, p)
@@ -299,10 +350,14 @@ def test_optimizer_matches_torch_sgd_reference(clip):
   upd, _ = tx.update(zero, tx.init(params), params)
   assert np.all(np.asarray(upd["neck"]["norm"]["scale"]) == 0)
   assert np.all(np.asarray(upd["backbone"]["bottom_up"]["stem"]["conv1"]["kernel"]) == 0)
-  np.testing.assert_allclose(np.asarray(upd["neck"]["conv"]["kernel"]),
-                             -lrs[0] * 0.1 * np.asarray(params["neck"]["conv"]["kernel"]), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(upd["scales.0"]), -lrs[0] * 0.1 * np.asarray(params["scales.0"]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(upd["neck"]["conv"]["kernel"]),
+      -lrs[0] * 0.1 * np.asarray(params["neck"]["conv"]["kernel"]),
+      rtol=1e-6,
+  )
+  np.testing.assert_allclose(
+      np.asarray(upd["scales.0"]), -lrs[0] * 0.1 * np.asarray(params["scales.0"]), rtol=1e-6
+  )
 
 
 def test_value_clipping_is_elementwise():
@@ -331,17 +386,21 @@ def test_train_step_frozen_and_compiles_once():
   assert "frozen" in state.variables and state.frozen
   stem0 = np.asarray(state.params["backbone"]["bottom_up"]["stem"]["conv1"]["kernel"]).copy()
   neck0 = np.asarray(state.params["neck"]["conv"]["kernel"]).copy()
-  fn = step_lib.make_train_step(model, tx, mesh, frozen_prefixes=FROZEN_PREFIXES,
-                                lr_schedule=optim.make_lr_schedule(cfg))
+  fn = step_lib.make_train_step(
+      model, tx, mesh, frozen_prefixes=FROZEN_PREFIXES, lr_schedule=optim.make_lr_schedule(cfg)
+  )
   for i in range(3):
     state, metrics = fn(state, step_lib.shard_batch(make_batch(i), mesh))
   assert fn._cache_size() == 1
   assert int(state.step) == 3
   assert set(metrics) == {"loss_a", "loss_b", "aux/num_pos", "total_loss", "grad_norm", "lr"}
-  np.testing.assert_allclose(float(metrics["total_loss"]),
-                             float(metrics["loss_a"]) + float(metrics["loss_b"]), rtol=1e-6)
+  np.testing.assert_allclose(
+      float(metrics["total_loss"]), float(metrics["loss_a"]) + float(metrics["loss_b"]), rtol=1e-6
+  )
   np.testing.assert_allclose(float(metrics["lr"]), float(optim.make_lr_schedule(cfg)(2)), rtol=1e-6)
-  np.testing.assert_array_equal(state.params["backbone"]["bottom_up"]["stem"]["conv1"]["kernel"], stem0)
+  np.testing.assert_array_equal(
+      state.params["backbone"]["bottom_up"]["stem"]["conv1"]["kernel"], stem0
+  )
   assert not np.allclose(state.params["neck"]["conv"]["kernel"], neck0)
   # a new input shape compiles once more, and only once
   for i in range(2):
@@ -375,7 +434,11 @@ def _multi_device_main():
   batches = [make_batch(10 + i, b=4) for i in range(2)]
   runs = {}
   state0 = jax.device_get(step_lib.init_train_state(init, tx, jax.random.PRNGKey(0), mesh1))
-  for name, mesh, vma in (("1dev", mesh1, False), ("2dev", mesh2, False), ("2dev_vma", mesh2, True)):
+  for name, mesh, vma in (
+      ("1dev", mesh1, False),
+      ("2dev", mesh2, False),
+      ("2dev_vma", mesh2, True),
+  ):
     state = step_lib.replicate(state0, mesh)
     fn = step_lib.make_train_step(model, tx, mesh, frozen_prefixes=FROZEN_PREFIXES, check_vma=vma)
     ms = []
@@ -387,10 +450,13 @@ def _multi_device_main():
     res[f"{name}_replicated"] = bool(sh.is_fully_replicated and len(sh.device_set) == mesh.size)
   for name in ("2dev", "2dev_vma"):
     pa, pb = runs["1dev"][0], runs[name][0]
-    res[f"{name}_param_maxdiff"] = max(float(np.max(np.abs(a - b)))
-                                       for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
-    res[f"{name}_moved"] = max(float(np.max(np.abs(a - b))) for a, b in zip(
-        jax.tree.leaves(pa), jax.tree.leaves(state0.params)))
+    res[f"{name}_param_maxdiff"] = max(
+        float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb))
+    )
+    res[f"{name}_moved"] = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(state0.params))
+    )
     res[f"{name}_metrics"] = runs[name][1]
   res["1dev_metrics"] = runs["1dev"][1]
   # the wrong recipe (pmean on top of check_vma's automatic psum) would double the gradients;
@@ -402,7 +468,8 @@ def _multi_device_main():
   state = step_lib.replicate(state0, mesh2)
   det2 = step_lib.make_eval_step(model, mesh2)(state.variables, step_lib.shard_batch(b, mesh2))
   det1 = step_lib.make_eval_step(model, mesh1)(
-      jax.device_get(state.variables), step_lib.shard_batch(b, mesh1))
+      jax.device_get(state.variables), step_lib.shard_batch(b, mesh1)
+  )
   res["eval_shape"] = list(det2["boxes"].shape)
   res["eval_spec_ok"] = det2["boxes"].sharding.spec == jax.sharding.PartitionSpec("data")
   res["eval_maxdiff"] = float(np.max(np.abs(np.asarray(det1["boxes"]) - np.asarray(det2["boxes"]))))
@@ -424,22 +491,27 @@ def _multi_device_main():
 
 @pytest.fixture(scope="module")
 def multi_device_result():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = dict(
+      os.environ,
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+      JAX_PLATFORMS="cpu",
+      JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+      PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
   code = "from tests.test_engine import _multi_device_main; _multi_device_main()"
-  p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                     text=True, timeout=600)
+  p = subprocess.run(
+      [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert p.returncode == 0, p.stderr[-4000:]
   line = [l for l in p.stdout.splitlines() if l.startswith("RESULT")][-1]
-  return json.loads(line[len("RESULT"):])
+  return json.loads(line[len("RESULT") :])
 
 
 @pytest.mark.parametrize("name", ["2dev", "2dev_vma"])
 def test_two_devices_match_one_device(multi_device_result, name):
   r = multi_device_result
   assert r[f"{name}_replicated"]
-  assert r[f"{name}_moved"] > 1e-4                      # the params did change
+  assert r[f"{name}_moved"] > 1e-4  # the params did change
   assert r[f"{name}_param_maxdiff"] < 1e-6, r[f"{name}_param_maxdiff"]
   assert r["per_device_num_pos"][0] != r["per_device_num_pos"][1]
   for m1, m2 in zip(r["1dev_metrics"], r[f"{name}_metrics"]):
@@ -464,12 +536,18 @@ def test_two_devices_eval_and_errors(multi_device_result):
 # Loop: resume, NaN guard, TensorBoard, checkpoints
 # ------------------------------------------------------------------------------------------------
 def _config(max_iter=4, checkpoint_every=2, log_every=2):
-  cfg = ml_collections.ConfigDict()
+  cfg = base_config()
   cfg.seed = 0
   cfg.optim = solver_cfg(max_iter=max_iter, steps=(3,))
-  cfg.train = ml_collections.ConfigDict(dict(batch_size=2, log_every=log_every,
-                                             checkpoint_every=checkpoint_every, keep_checkpoints=2,
-                                             progress_bar=False))
+  cfg.train.update(
+      dict(
+          batch_size=2,
+          log_every=log_every,
+          checkpoint_every=checkpoint_every,
+          keep_checkpoints=2,
+          progress_bar=False,
+      )
+  )
   return cfg
 
 
@@ -479,30 +557,55 @@ def _loader(poison_at=None, calls=None, boost_at=()):
       calls.append(start)
     k = start
     while True:
-      yield make_batch(100 + k, b=2, poison=(np.nan if k == poison_at else 0.0),
-                       boost=(1e4 if k in boost_at else 1.0) if boost_at else None)
+      yield make_batch(
+          100 + k,
+          b=2,
+          poison=(np.nan if k == poison_at else 0.0),
+          boost=(1e4 if k in boost_at else 1.0) if boost_at else None,
+      )
       k += 1
+
   return fn
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
   model = TinyDet()
   hist_a = {}
-  loop.train(_config(), str(tmp_path / "a"), model, init_fn(model), _loader(),
-             frozen_prefixes=FROZEN_PREFIXES, metrics_callback=lambda s, m: hist_a.setdefault(s, m))
+  loop.train(
+      _config(),
+      str(tmp_path / "a"),
+      model,
+      init_fn(model),
+      _loader(),
+      frozen_prefixes=FROZEN_PREFIXES,
+      metrics_callback=lambda s, m: hist_a.setdefault(s, m),
+  )
   assert sorted(hist_a) == [1, 2, 3, 4]
 
   hist_b, calls = {}, []
   wd = str(tmp_path / "b")
-  st = loop.train(_config(), wd, model, init_fn(model), _loader(calls=calls),
-                  frozen_prefixes=FROZEN_PREFIXES, stop_at_step=2,
-                  metrics_callback=lambda s, m: hist_b.setdefault(s, m))
+  st = loop.train(
+      _config(),
+      wd,
+      model,
+      init_fn(model),
+      _loader(calls=calls),
+      frozen_prefixes=FROZEN_PREFIXES,
+      stop_at_step=2,
+      metrics_callback=lambda s, m: hist_b.setdefault(s, m),
+  )
   assert int(st.step) == 2 and sorted(hist_b) == [1, 2]
   assert ckpt_lib.Checkpointer(wd).latest_step() == 2
-  st = loop.train(_config(), wd, model, init_fn(model), _loader(calls=calls),
-                  frozen_prefixes=FROZEN_PREFIXES,
-                  metrics_callback=lambda s, m: hist_b.setdefault(s, m))
-  assert calls == [0, 2]                 # the loader restarts at the restored step
+  st = loop.train(
+      _config(),
+      wd,
+      model,
+      init_fn(model),
+      _loader(calls=calls),
+      frozen_prefixes=FROZEN_PREFIXES,
+      metrics_callback=lambda s, m: hist_b.setdefault(s, m),
+  )
+  assert calls == [0, 2]  # the loader restarts at the restored step
   assert int(st.step) == 4
   for s in (1, 2, 3, 4):
     for k in hist_a[s]:
@@ -514,13 +617,15 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
   tx = optim.make_optimizer(_config().optim, None, FROZEN_PREFIXES)
   restored = ck.restore(step_lib.abstract_train_state(init_fn(model), tx, mesh))
   assert int(restored.step) == 4
-  np.testing.assert_array_equal(restored.params["neck"]["conv"]["kernel"],
-                                st.params["neck"]["conv"]["kernel"])
+  np.testing.assert_array_equal(
+      restored.params["neck"]["conv"]["kernel"], st.params["neck"]["conv"]["kernel"]
+  )
   assert restored.params["neck"]["conv"]["kernel"].sharding.is_fully_replicated
   ck.close()
   # a finished run is a no-op
-  again = loop.train(_config(), wd, model, init_fn(model), _loader(calls=calls),
-                     frozen_prefixes=FROZEN_PREFIXES)
+  again = loop.train(
+      _config(), wd, model, init_fn(model), _loader(calls=calls), frozen_prefixes=FROZEN_PREFIXES
+  )
   assert int(again.step) == 4 and calls == [0, 2]
   # TensorBoard event files with every loss, lr and images/s
   events = glob.glob(os.path.join(wd, "events.out.tfevents.*"))
@@ -528,8 +633,15 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
   tags = set()
   for f in events:
     tags |= {tag for tag, _, _ in _read_scalars(f)}
-  assert {"train/loss_a", "train/loss_b", "train/total_loss", "train/lr",
-          "train/images_per_sec", "train/aux/num_pos", "train/grad_norm"} <= tags
+  assert {
+      "train/loss_a",
+      "train/loss_b",
+      "train/total_loss",
+      "train/lr",
+      "train/images_per_sec",
+      "train/aux/num_pos",
+      "train/grad_norm",
+  } <= tags
   # train.batch_size = 2 with the reference batch 16: the LR used is base_lr * 2 / 16
   sched = optim.make_lr_schedule(_config().optim)
   for s in (1, 2, 3, 4):
@@ -540,13 +652,14 @@ def _read_scalars(path):
   """(tag, step, value) from a TFRecord-framed event file (no tensorboard dependency)."""
   import struct
   from tensorboardX.proto import event_pb2
+
   out = []
   with open(path, "rb") as f:
     data = f.read()
   i = 0
   while i < len(data):
-    (n,) = struct.unpack("<Q", data[i:i + 8])
-    ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+    (n,) = struct.unpack("<Q", data[i : i + 8])
+    ev = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
     i += 12 + n + 4
     for v in ev.summary.value:
       out.append((v.tag, ev.step, v.simple_value))
@@ -558,9 +671,15 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
   wd = str(tmp_path / "nan")
   seen = []
   with pytest.raises(loop.NonFiniteLossError) as ei:
-    loop.train(_config(max_iter=8, checkpoint_every=2, log_every=100), wd, model, init_fn(model),
-               _loader(poison_at=3), frozen_prefixes=FROZEN_PREFIXES,
-               metrics_callback=lambda s, m: seen.append(s))
+    loop.train(
+        _config(max_iter=8, checkpoint_every=2, log_every=100),
+        wd,
+        model,
+        init_fn(model),
+        _loader(poison_at=3),
+        frozen_prefixes=FROZEN_PREFIXES,
+        metrics_callback=lambda s, m: seen.append(s),
+    )
   err = ei.value
   assert err.iteration == 3 and err.last_checkpoint == 2
   assert "loss_b" in err.terms and "loss_a" not in err.terms
@@ -568,7 +687,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert "iteration 3" in msg and "loss_b=nan" in msg and "step 2" in msg
   assert seen == [1, 2, 3]
   ck = ckpt_lib.Checkpointer(wd)
-  assert ck.all_steps() == [2]           # nothing written from the bad state (step 4 is a save step)
+  assert ck.all_steps() == [2]  # nothing written from the bad state (step 4 is a save step)
   ck.close()
 
 
@@ -582,8 +701,14 @@ def _noisy_stream(rng, n, start=0):
     a = trend * 0.6 * rng.lognormal(0, 0.4)
     b = trend * 0.4 * rng.lognormal(0, 0.8)
     gn = 5.0 * rng.lognormal(0, 0.5) * (30.0 if rng.uniform() < 0.01 else 1.0)
-    yield {"loss_a": a, "loss_b": b, "total_loss": a + b, "grad_norm": gn, "lr": 0.01,
-           "aux/num_pos": 3.0}
+    yield {
+        "loss_a": a,
+        "loss_b": b,
+        "total_loss": a + b,
+        "grad_norm": gn,
+        "lr": 0.01,
+        "aux/num_pos": 3.0,
+    }
 
 
 def test_divergence_guard_ignores_noise_and_spikes():
@@ -600,7 +725,7 @@ def test_divergence_guard_ignores_noise_and_spikes():
     assert guard.update(i, m) is None
     if guard.suspect:
       suspect.append(i)
-  assert 120 in suspect and 121 not in suspect and len(suspect) <= 3   # + rare grad-norm spikes
+  assert 120 in suspect and 121 not in suspect and len(suspect) <= 3  # + rare grad-norm spikes
 
 
 def test_divergence_guard_trips_on_explosion():
@@ -616,8 +741,8 @@ def test_divergence_guard_trips_on_explosion():
       break
   assert report is not None
   first = report["first"]
-  assert 300 < first < 315 and i == first + 4                   # 5 suspect iterations in a row
-  assert list(report["terms"]) == ["loss_b"]                      # loss_a is not exploding
+  assert 300 < first < 315 and i == first + 4  # 5 suspect iterations in a row
+  assert list(report["terms"]) == ["loss_b"]  # loss_a is not exploding
   v, med = report["terms"]["loss_b"]
   assert v > 20 * med
   assert report["watched"]["total_loss"][0] > 20 * report["watched"]["total_loss"][1]
@@ -632,10 +757,10 @@ def test_divergence_guard_trips_on_explosion():
   assert i == 204 and report["terms"] == {} and "grad_norm" in report["watched"]
   # nothing before min_steps, nothing when disabled
   g = loop.DivergenceGuard(factor=20, window=100, patience=1, min_steps=50)
-  assert all(g.update(i, {"total_loss": 10.0 ** i, "grad_norm": 1.0}) is None for i in range(50))
+  assert all(g.update(i, {"total_loss": 10.0**i, "grad_norm": 1.0}) is None for i in range(50))
   g = loop.DivergenceGuard(factor=0)
   assert not g.enabled
-  assert all(g.update(i, {"total_loss": 10.0 ** i, "grad_norm": 1.0}) is None for i in range(300))
+  assert all(g.update(i, {"total_loss": 10.0**i, "grad_norm": 1.0}) is None for i in range(300))
   with pytest.raises(ValueError, match="divergence_window"):
     loop.DivergenceGuard(factor=20, window=10, min_steps=50)
   with pytest.raises(ValueError, match="divergence_factor"):
@@ -644,8 +769,14 @@ def test_divergence_guard_trips_on_explosion():
 
 def _guard_config(**train):
   cfg = _config(max_iter=20, checkpoint_every=2, log_every=100)
-  cfg.train.update(dict(divergence_factor=20.0, divergence_window=10, divergence_patience=3,
-                        divergence_min_steps=4))
+  cfg.train.update(
+      dict(
+          divergence_factor=20.0,
+          divergence_window=10,
+          divergence_patience=3,
+          divergence_min_steps=4,
+      )
+  )
   cfg.train.update(train)
   return cfg
 
@@ -655,9 +786,15 @@ def test_divergence_guard_stops_training_and_keeps_last_good_checkpoint(tmp_path
   wd = str(tmp_path / "div")
   seen = {}
   with pytest.raises(loop.DivergenceError) as ei:
-    loop.train(_guard_config(keep_checkpoints=10), wd, model, init_fn(model),
-               _loader(boost_at=range(9, 100)), frozen_prefixes=FROZEN_PREFIXES,
-               metrics_callback=lambda s, m: seen.__setitem__(s, m))
+    loop.train(
+        _guard_config(keep_checkpoints=10),
+        wd,
+        model,
+        init_fn(model),
+        _loader(boost_at=range(9, 100)),
+        frozen_prefixes=FROZEN_PREFIXES,
+        metrics_callback=lambda s, m: seen.__setitem__(s, m),
+    )
   err = ei.value
   # iterations 9, 10, 11 are suspect (loss_a x 1e4); the third in a row stops training
   assert err.iteration == 11 and err.report["first"] == 9
@@ -681,11 +818,17 @@ def test_divergence_guard_defers_checkpoints_over_a_spike(tmp_path):
   model = TinyDet()
   wd = str(tmp_path / "spike")
   seen = {}
-  state = loop.train(_guard_config(checkpoint_every=4, keep_checkpoints=10), wd, model,
-                     init_fn(model), _loader(boost_at=(7, 8)), frozen_prefixes=FROZEN_PREFIXES,
-                     metrics_callback=lambda s, m: seen.__setitem__(s, m))
+  state = loop.train(
+      _guard_config(checkpoint_every=4, keep_checkpoints=10),
+      wd,
+      model,
+      init_fn(model),
+      _loader(boost_at=(7, 8)),
+      frozen_prefixes=FROZEN_PREFIXES,
+      metrics_callback=lambda s, m: seen.__setitem__(s, m),
+  )
   assert int(state.step) == 20 and sorted(seen) == list(range(1, 21))
-  assert seen[8]["loss_a"] > 1e3 * seen[7]["loss_a"]     # iteration 7 really exploded
+  assert seen[8]["loss_a"] > 1e3 * seen[7]["loss_a"]  # iteration 7 really exploded
   ck = ckpt_lib.Checkpointer(wd)
   assert ck.all_steps() == [4, 10, 12, 16, 20]
   ck.close()
@@ -694,12 +837,31 @@ def test_divergence_guard_defers_checkpoints_over_a_spike(tmp_path):
 def test_schema_declares_guard_and_lr_scaling_keys():
   """The strict config schema knows the new keys, with the engine's defaults."""
   from cn2_jax.config import base_config, validate_config
+
   c = validate_config(base_config())
-  tc = loop.default_train_config()
-  for k in ("divergence_factor", "divergence_window", "divergence_patience",
-            "divergence_min_steps"):
-    assert c.train[k] == tc[k], k
-  assert c.optim.reference_batch_size == optim.default_solver_config().reference_batch_size == 16
+  for k in loop._LOOP_KEYS:
+    assert k in c.train, k
+  assert c.optim.reference_batch_size == 16
   c.train.divergence_factr = 3.0
   with pytest.raises(KeyError, match="divergence_factr"):
     validate_config(c)
+
+
+def test_global_norm_clipping_matches_numpy():
+  """optim.clip_norm (MMDet's grad_clip max_norm): one global L2 norm over all gradients."""
+  optim_lib = optim
+  cfg = ml_collections.ConfigDict(base_config().optim.to_dict())
+  cfg.clip_value, cfg.clip_norm, cfg.momentum, cfg.weight_decay = 0.0, 3.0, 0.0, 0.0
+  cfg.warmup_iters, cfg.base_lr, cfg.reference_batch_size = 0, 1.0, 0
+  params = {"a": jnp.ones((3,)), "b": {"kernel": jnp.ones((2, 2))}}
+  grads = {"a": jnp.array([3.0, 4.0, 0.0]), "b": {"kernel": jnp.full((2, 2), 6.0)}}
+  opt = optim_lib.make_optimizer(cfg)
+  updates, _ = opt.update(grads, opt.init(params), params)
+  g = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(grads)])
+  want = g * min(1.0, 3.0 / np.linalg.norm(g))  # numpy reference; lr 1 -> update = -grad
+  got = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(updates)])
+  np.testing.assert_allclose(got, -want, rtol=1e-6)
+  cfg.clip_norm = 0.0  # off: the state keeps the plain multi_transform structure
+  off_state = optim_lib.make_optimizer(cfg).init(params)
+  on_state = opt.init(params)  # chain(clip, multi_transform) -> (EmptyState, multi state)
+  assert isinstance(on_state, tuple) and type(off_state) is type(on_state[1])

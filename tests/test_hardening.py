@@ -1,5 +1,6 @@
 """Hardening (issue #11): one-line user errors, quiet logs, --helpconfig, packaging, COCO class
 names, readable labels in drawn detections."""
+
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(*args, timeout=300):
-  return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  return subprocess.run(
+      [sys.executable, "main.py", *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
 
 
 def error_lines(stderr: str):
@@ -27,16 +34,23 @@ def error_lines(stderr: str):
 
 # ------------------------------------------------------------------------------------- errors
 def test_misspelled_override_is_one_error_line(tmp_path):
-  proc = run_main("--config", "configs/demo.py", "--workdir", str(tmp_path / "x"),
-                  "--config.optim.base_rl=1")
+  proc = run_main(
+      "--config", "configs/demo.py", "--workdir", str(tmp_path / "x"), "--config.optim.base_rl=1"
+  )
   assert proc.returncode != 0
   lines = error_lines(proc.stderr)
   assert len(lines) == 1, proc.stderr
   assert lines[0].startswith("error: ") and "optim.base_rl" in lines[0]
   assert "optim.base_lr" in lines[0]  # the suggestion
   assert "\\n" not in lines[0] and "Traceback" not in proc.stderr
-  verbose = run_main("--config", "configs/demo.py", "--workdir", str(tmp_path / "x"),
-                     "--config.optim.base_rl=1", "--verbose")
+  verbose = run_main(
+      "--config",
+      "configs/demo.py",
+      "--workdir",
+      str(tmp_path / "x"),
+      "--config.optim.base_rl=1",
+      "--verbose",
+  )
   assert verbose.returncode != 0 and "Traceback" in verbose.stderr
 
 
@@ -46,17 +60,26 @@ def test_config_and_data_errors_are_one_line(tmp_path):
   assert error_lines(proc.stderr) == [f"error: config file not found: {tmp_path / 'missing.py'}"]
 
   cfg = tmp_path / "cfg.py"  # a key the schema does not know, set inside the config file
-  cfg.write_text("from cn2_jax.config import base_config\n\ndef get_config():\n"
-                 "  c = base_config()\n  c.model.num_clases = 3\n  return c\n")
+  cfg.write_text(
+      "from cn2_jax.config import base_config\n\ndef get_config():\n"
+      "  c = base_config()\n  c.model.num_clases = 3\n  return c\n"
+  )
   proc = run_main("--config", str(cfg), "--workdir", str(tmp_path / "x"))
   lines = error_lines(proc.stderr)
   assert proc.returncode == 1 and len(lines) == 1, proc.stderr
   assert lines[0].startswith("error: ") and "model.num_clases" in lines[0]
 
   (tmp_path / "ann.json").write_text("[]")
-  proc = run_main("--config", "configs/demo.py", "--workdir", str(tmp_path / "x"),
-                  "--config.data.dataset=coco_json", f"--config.data.root={tmp_path}",
-                  "--config.data.train_json=ann.json", "--config.data.val_json=")
+  proc = run_main(
+      "--config",
+      "configs/demo.py",
+      "--workdir",
+      str(tmp_path / "x"),
+      "--config.data.dataset=coco_json",
+      f"--config.data.root={tmp_path}",
+      "--config.data.train_json=ann.json",
+      "--config.data.val_json=",
+  )
   lines = [ln for ln in error_lines(proc.stderr) if ln.startswith("error:")]
   assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
   assert lines[0].startswith("error: annotation file ") and str(tmp_path / "ann.json") in lines[0]
@@ -65,6 +88,7 @@ def test_config_and_data_errors_are_one_line(tmp_path):
 
 def test_error_classes_and_one_line():
   from cn2_jax import errors
+
   e = errors.ConfigError("Unknown config key 'model.x'")
   assert isinstance(e, KeyError) and isinstance(e, ValueError)
   assert str(e) == "Unknown config key 'model.x'"  # not KeyError's repr
@@ -93,15 +117,16 @@ def restore_logging():
   for n, level in saved[2].items():
     logging.getLogger(n).setLevel(level)
   from tensorflow_datasets.core.utils import tqdm_utils
+
   tqdm_utils.display_progress_bar(True)
 
 
 def test_logging_levels_and_tqdm_routing(restore_logging, monkeypatch):
   from tqdm import tqdm
   from cn2_jax.logging_setup import TqdmHandler, setup_logging
+
   written = []
-  monkeypatch.setattr(tqdm, "write", classmethod(lambda cls, s, file=None, **kw:
-                                                 written.append(s)))
+  monkeypatch.setattr(tqdm, "write", classmethod(lambda cls, s, file=None, **kw: written.append(s)))
   setup_logging(verbose=False)
   setup_logging(verbose=False)  # idempotent: still one handler
   root = logging.getLogger()
@@ -122,6 +147,7 @@ def test_logging_levels_and_tqdm_routing(restore_logging, monkeypatch):
 # ------------------------------------------------------------------------------------- --helpconfig
 def test_helpconfig_lists_every_field_with_its_comment():
   from cn2_jax.config import base_config
+
   proc = run_main("--helpconfig")
   assert proc.returncode == 0, proc.stderr
   out = proc.stdout
@@ -133,6 +159,7 @@ def test_helpconfig_lists_every_field_with_its_comment():
         yield from leaves(c[k], f"{prefix}{k}.")
       else:
         yield f"{prefix}{k}", c[k]
+
   for path, value in leaves(cfg):
     assert re.search(rf"^{re.escape(path)} = {re.escape(repr(value))}", out, re.M), path
   # Every field's comment is the one next to its assignment in config.py (none invented).
@@ -177,13 +204,15 @@ def test_pyproject_matches_requirements():
 # ------------------------------------------------------------------------------------- COCO names
 def test_coco_class_names_and_ids():
   from cn2_jax.data import coco_classes as C
+
   assert len(C.COCO_CLASS_NAMES) == 80 == len(set(C.COCO_CLASS_NAMES))
   assert C.COCO_CLASS_NAMES[0] == "person" and C.COCO_CLASS_NAMES[-1] == "toothbrush"
   ids = list(C.COCO_CATEGORY_IDS)
   assert ids == sorted(ids) and len(set(ids)) == 80
   assert set(ids) == set(range(1, 91)) - {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
-  assert dict(C.COCO_CATEGORIES)[13] == "stop sign" and dict(C.COCO_CATEGORIES)[67] == \
-      "dining table"
+  assert (
+      dict(C.COCO_CATEGORIES)[13] == "stop sign" and dict(C.COCO_CATEGORIES)[67] == "dining table"
+  )
   assert C.category_id_to_label()[90] == 79
 
 
@@ -194,9 +223,11 @@ def _intersect(a, b):
 
 def test_labels_of_overlapping_boxes_do_not_intersect():
   from cn2_jax import visualize as V
+
   image = np.zeros((200, 300, 3), np.uint8)
-  boxes = np.array([[40, 60, 200, 180], [44, 62, 190, 170], [48, 58, 150, 150],
-                    [250, 0, 299, 50]], np.float32)
+  boxes = np.array(
+      [[40, 60, 200, 180], [44, 62, 190, 170], [48, 58, 150, 150], [250, 0, 299, 50]], np.float32
+  )
   scores = np.array([0.9, 0.8, 0.7, 0.6])
   classes = np.array([0, 1, 2, 3])
   names = ["person", "bicycle", "car", "motorcycle"]
@@ -216,10 +247,11 @@ def test_labels_of_overlapping_boxes_do_not_intersect():
 
 def test_font_size_grows_with_the_image():
   from cn2_jax import visualize as V
-  sizes = [V.font_size_for(h, w) for h, w in ((160, 192), (480, 640), (800, 1333),
-                                               (3000, 4000))]
+
+  sizes = [V.font_size_for(h, w) for h, w in ((160, 192), (480, 640), (800, 1333), (3000, 4000))]
   assert sizes[0] >= 12  # was 9 px
   assert sizes == sorted(sizes) and sizes[-1] > 3 * sizes[0]
   assert V.font_size_for(3000, 4000) == round(max(math.sqrt(3000 * 4000) // 90, 10) * 100 / 72)
   from PIL import ImageFont
+
   assert isinstance(V._font(20), ImageFont.FreeTypeFont)  # scalable TrueType, not the 9 px bitmap

@@ -1,5 +1,6 @@
 """Tests for cn2_jax.modeling.onestage.decode against a numpy reference written from spec §2
 "Decoding" (pseudo-NMS incl. plateau ties, two-stage top-K, boxes, clamp_wh)."""
+
 import jax
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ def ref_pseudo_nms(heat):
   for n in range(b):
     for y in range(h):
       for x in range(w):
-        m = heat[n, max(y - 1, 0):y + 2, max(x - 1, 0):x + 2].max(axis=(0, 1))
+        m = heat[n, max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2].max(axis=(0, 1))
         out[n, y, x] = np.where(m == heat[n, y, x], heat[n, y, x], 0)
   return out
 
@@ -48,18 +49,19 @@ def ref_decode(heat, wh, reg, k, down, clamp):
 def test_pseudo_nms_keeps_plateaus():
   heat = np.zeros((1, 5, 6, 2), np.float32)
   heat[0, 1, 1, 0] = heat[0, 1, 2, 0] = 0.8  # plateau of two equal maxima: both survive
-  heat[0, 2, 1, 0] = 0.5                     # dominated neighbour: suppressed
-  heat[0, 3:5, 3:6, 1] = 0.6                 # 2x3 plateau at the border: all survive
+  heat[0, 2, 1, 0] = 0.5  # dominated neighbour: suppressed
+  heat[0, 3:5, 3:6, 1] = 0.6  # 2x3 plateau at the border: all survive
   heat[0, 0, 5, 1] = 0.9
-  heat[0, 1, 5, 1] = 0.3                     # neighbour of 0.9 and of the plateau
+  heat[0, 1, 5, 1] = 0.3  # neighbour of 0.9 and of the plateau
   got = np.asarray(jax.jit(D.pseudo_nms)(heat))
   np.testing.assert_array_equal(got, ref_pseudo_nms(heat))
   assert got[0, 1, 1, 0] == got[0, 1, 2, 0] == np.float32(0.8) and got[0, 2, 1, 0] == 0
   assert (got[0, 3:5, 3:6, 1] == np.float32(0.6)).all() and got[0, 1, 5, 1] == 0
 
 
-@pytest.mark.parametrize("seed,clamp,with_reg", [(0, False, True), (1, True, True),
-                                                  (2, False, False)])
+@pytest.mark.parametrize(
+    "seed,clamp,with_reg", [(0, False, True), (1, True, True), (2, False, False)]
+)
 def test_decode_matches_reference(seed, clamp, with_reg):
   rng = np.random.RandomState(seed)
   b, h, w, c, k = 2, 9, 11, 4, 20
@@ -67,8 +69,7 @@ def test_decode_matches_reference(seed, clamp, with_reg):
   heat[0, 2, 3, 1] = heat[0, 2, 4, 1] = 1.5  # a plateau tie survives twice
   wh = (rng.randn(b, h, w, 2) * 3).astype(np.float32)  # some negative sizes
   reg = rng.rand(b, h, w, 2).astype(np.float32) if with_reg else None
-  got = jax.jit(lambda a, s, r: D.decode(a, s, r, k=k, down_scale=4, clamp_wh=clamp))(
-      heat, wh, reg)
+  got = jax.jit(lambda a, s, r: D.decode(a, s, r, k=k, down_scale=4, clamp_wh=clamp))(heat, wh, reg)
   ref = ref_decode(heat, wh, reg, k, 4, clamp)
   for n in range(b):
     rs = np.array([d[0] for d in ref[n]], np.float32)

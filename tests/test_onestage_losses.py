@@ -1,5 +1,6 @@
 """Tests for cn2_jax.modeling.onestage.losses against numpy references written from spec §3
 (modified focal loss with alpha 2 / beta 4, reg L1 with the NORM_WH variants)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ def ref_focal(pred, gt, lo=1e-12, hi=None):
   neg = gt < 1
   with np.errstate(divide="ignore", invalid="ignore"):
     pos_l = np.where(pos, np.log(p) * (1 - p) ** 2, 0).sum()
-    neg_l = np.where(neg, np.log(1 - p) * p ** 2 * (1 - gt) ** 4, 0).sum()
+    neg_l = np.where(neg, np.log(1 - p) * p**2 * (1 - gt) ** 4, 0).sum()
   n = pos.sum()
   return -neg_l if n == 0 else -(pos_l + neg_l) / n
 
@@ -63,8 +64,7 @@ def test_focal_loss_without_positives_and_saturation():
 
 def ref_reg_l1(pred_map, index, mask, target, norm=""):
   b, h, w, d = pred_map.shape
-  pred = np.take_along_axis(pred_map.reshape(b, h * w, d), index[:, :, None], 1).astype(
-      np.float64)
+  pred = np.take_along_axis(pred_map.reshape(b, h * w, d), index[:, :, None], 1).astype(np.float64)
   m = np.repeat(mask[:, :, None], d, 2).astype(np.float64)
   t = target.astype(np.float64)
   if norm == "centerx":
@@ -85,8 +85,7 @@ def test_reg_l1_matches_reference(norm):
   mask = (rng.rand(b, t) > 0.4).astype(np.float32)
   target = (rng.rand(b, t, 2) * 10 * mask[:, :, None]).astype(np.float32)
   got = jax.jit(lambda *a: L.reg_l1_loss(*a, norm_wh=norm))(pred_map, index, mask, target)
-  np.testing.assert_allclose(float(got), ref_reg_l1(pred_map, index, mask, target, norm),
-                             rtol=1e-5)
+  np.testing.assert_allclose(float(got), ref_reg_l1(pred_map, index, mask, target, norm), rtol=1e-5)
   with pytest.raises(ValueError):
     L.reg_l1_loss(pred_map, index, mask, target, norm_wh="bogus")
 

@@ -2,6 +2,7 @@
 bilinear deconv init, torch BatchNorm (incl. cross-device statistics), the parameter naming
 against the official centerX state-dict keys, the weights converter, and a tiny model end to
 end (decode contract, losses, gradients, BN state)."""
+
 import pickle
 
 import jax
@@ -38,26 +39,29 @@ def ref_conv_transpose(x, w, s, p, op):
   return out
 
 
-@pytest.mark.parametrize("h,w,ci,co,k,s,p,op", [
-    (3, 4, 5, 6, 4, 2, 1, 0),   # centerX's DeconvLayer
-    (5, 3, 4, 4, 4, 2, 1, 0),
-    (4, 4, 3, 2, 3, 2, 1, 1),   # CN's k=3 config
-    (3, 5, 2, 3, 2, 2, 0, 0),
-    (4, 3, 3, 5, 5, 3, 2, 2),
-])
+@pytest.mark.parametrize(
+    "h,w,ci,co,k,s,p,op",
+    [
+        (3, 4, 5, 6, 4, 2, 1, 0),  # centerX's DeconvLayer
+        (5, 3, 4, 4, 4, 2, 1, 0),
+        (4, 4, 3, 2, 3, 2, 1, 1),  # CN's k=3 config
+        (3, 5, 2, 3, 2, 2, 0, 0),
+        (4, 3, 3, 5, 5, 3, 2, 2),
+    ],
+)
 def test_conv_transpose_matches_torch_definition(h, w, ci, co, k, s, p, op):
   rng = np.random.RandomState(h * 7 + k)
   x = rng.randn(2, h, w, ci).astype(np.float32)
   wt = rng.randn(ci, co, k, k).astype(np.float32)  # torch layout, not symmetric
   kernel = wo._to_flax(wt, "deconv")  # the converter's mapping
-  got = jax.jit(lambda a, b: N.conv_transpose2d(a, b, stride=s, padding=p,
-                                                output_padding=op))(x, kernel)
+  got = jax.jit(lambda a, b: N.conv_transpose2d(a, b, stride=s, padding=p, output_padding=op))(
+      x, kernel
+  )
   ref = ref_conv_transpose(x, wt, s, p, op)
   assert got.shape == ref.shape
   np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
   if ci == co:  # the ordinary conv mapping has the right shape but the wrong values
-    bad = N.conv_transpose2d(x, wo._to_flax(wt, "conv"), stride=s, padding=p,
-                             output_padding=op)
+    bad = N.conv_transpose2d(x, wo._to_flax(wt, "conv"), stride=s, padding=p, output_padding=op)
     assert np.abs(np.asarray(bad) - ref).max() > 1e-2
 
 
@@ -86,24 +90,33 @@ def test_batchnorm_train_eval_and_running_update():
   assert set(v) == {"params", "batch_stats"}
   np.testing.assert_array_equal(np.asarray(v["batch_stats"]["mean"]), 0)  # init: no update
   np.testing.assert_array_equal(np.asarray(v["batch_stats"]["var"]), 1)
-  v = {"params": {"scale": jnp.asarray(rng.rand(6) + 0.5), "bias": jnp.asarray(rng.randn(6))},
-       "batch_stats": {"mean": jnp.asarray(rng.randn(6)), "var": jnp.asarray(rng.rand(6) + .5)}}
+  v = {
+      "params": {"scale": jnp.asarray(rng.rand(6) + 0.5), "bias": jnp.asarray(rng.randn(6))},
+      "batch_stats": {"mean": jnp.asarray(rng.randn(6)), "var": jnp.asarray(rng.rand(6) + 0.5)},
+  }
   y, upd = bn.apply(v, x, use_running_average=False, mutable=["batch_stats"])
   x64 = x.astype(np.float64)
   mean, var = x64.mean((0, 1, 2)), x64.var((0, 1, 2))
   sc, b = np.asarray(v["params"]["scale"]), np.asarray(v["params"]["bias"])
-  np.testing.assert_allclose(np.asarray(y), (x64 - mean) / np.sqrt(var + 1e-5) * sc + b,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(y), (x64 - mean) / np.sqrt(var + 1e-5) * sc + b, rtol=1e-5, atol=1e-5
+  )
   n = x.size // 6
-  np.testing.assert_allclose(np.asarray(upd["batch_stats"]["mean"]),
-                             0.9 * np.asarray(v["batch_stats"]["mean"]) + 0.1 * mean, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(upd["batch_stats"]["var"]),  # torch: unbiased
-                             0.9 * np.asarray(v["batch_stats"]["var"]) + 0.1 * var * n / (n - 1),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(upd["batch_stats"]["mean"]),
+      0.9 * np.asarray(v["batch_stats"]["mean"]) + 0.1 * mean,
+      rtol=1e-6,
+  )
+  np.testing.assert_allclose(
+      np.asarray(upd["batch_stats"]["var"]),  # torch: unbiased
+      0.9 * np.asarray(v["batch_stats"]["var"]) + 0.1 * var * n / (n - 1),
+      rtol=1e-6,
+  )
   ye = bn.apply(v, x, use_running_average=True)
   rm, rv = np.asarray(v["batch_stats"]["mean"]), np.asarray(v["batch_stats"]["var"])
-  np.testing.assert_allclose(np.asarray(ye), (x64 - rm) / np.sqrt(rv + 1e-5) * sc + b,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(ye), (x64 - rm) / np.sqrt(rv + 1e-5) * sc + b, rtol=1e-5, atol=1e-5
+  )
 
 
 def test_batchnorm_cross_device_statistics():
@@ -112,27 +125,39 @@ def test_batchnorm_cross_device_statistics():
   x = rng.randn(4, 2, 3, 3, 5).astype(np.float32)  # 4 "devices" x per-device batch 2
   v = BatchNorm().init(jax.random.PRNGKey(0), x[0], use_running_average=False)
   sync = BatchNorm(axis_name="d")
-  y, upd = jax.vmap(lambda xs: sync.apply(v, xs, use_running_average=False,
-                                          mutable=["batch_stats"]), axis_name="d")(x)
-  ref_y, ref_upd = BatchNorm().apply(v, x.reshape(8, 3, 3, 5), use_running_average=False,
-                                     mutable=["batch_stats"])
+  y, upd = jax.vmap(
+      lambda xs: sync.apply(v, xs, use_running_average=False, mutable=["batch_stats"]),
+      axis_name="d",
+  )(x)
+  ref_y, ref_upd = BatchNorm().apply(
+      v, x.reshape(8, 3, 3, 5), use_running_average=False, mutable=["batch_stats"]
+  )
   np.testing.assert_allclose(np.asarray(y).reshape(8, 3, 3, 5), np.asarray(ref_y), atol=1e-5)
   for k in ("mean", "var"):
-    np.testing.assert_allclose(np.asarray(upd["batch_stats"][k][0]),
-                               np.asarray(ref_upd["batch_stats"][k]), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(upd["batch_stats"][k][0]), np.asarray(ref_upd["batch_stats"][k]), rtol=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Naming and conversion
 # ----------------------------------------------------------------------------------------------
-def centerx_state_dict_spec(depth=18, num_classes=80, channels=(256, 128, 64), width=64,
-                            neck="dcnv2", head_conv=64):
+def centerx_state_dict_spec(
+    depth=18, num_classes=80, channels=(256, 128, 64), width=64, neck="dcnv2", head_conv=64
+):
   """[(key, torch shape)] of centerX's CenterNet, synthesised from the architecture."""
   spec = []
 
   def bn(p, c):
-    spec.extend([(f"{p}.weight", (c,)), (f"{p}.bias", (c,)), (f"{p}.running_mean", (c,)),
-                 (f"{p}.running_var", (c,)), (f"{p}.num_batches_tracked", ())])
+    spec.extend(
+        [
+            (f"{p}.weight", (c,)),
+            (f"{p}.bias", (c,)),
+            (f"{p}.running_mean", (c,)),
+            (f"{p}.running_var", (c,)),
+            (f"{p}.num_batches_tracked", ()),
+        ]
+    )
 
   spec.append(("backbone.conv1.weight", (width, 3, 7, 7)))
   bn("backbone.bn1", width)
@@ -140,7 +165,7 @@ def centerx_state_dict_spec(depth=18, num_classes=80, channels=(256, 128, 64), w
   exp = 1 if kind == "basic" else 4
   cin = width
   for s, n in enumerate(blocks):
-    planes = width * 2 ** s
+    planes = width * 2**s
     for i in range(n):
       p = f"backbone.layer{s + 1}.{i}"
       if kind == "basic":
@@ -162,12 +187,18 @@ def centerx_state_dict_spec(depth=18, num_classes=80, channels=(256, 128, 64), w
   for j, c in enumerate(channels):
     p = f"upsample.deconv{j + 1}"
     if neck == "dcnv2":
-      spec += [(f"{p}.dcn.offset_mask_conv.weight", (27, cin, 3, 3)),
-               (f"{p}.dcn.offset_mask_conv.bias", (27,)),
-               (f"{p}.dcn.dcnv2.weight", (c, cin, 3, 3)), (f"{p}.dcn.dcnv2.bias", (c,))]
+      spec += [
+          (f"{p}.dcn.offset_mask_conv.weight", (27, cin, 3, 3)),
+          (f"{p}.dcn.offset_mask_conv.bias", (27,)),
+          (f"{p}.dcn.dcnv2.weight", (c, cin, 3, 3)),
+          (f"{p}.dcn.dcnv2.bias", (c,)),
+      ]
     elif neck == "dcnv1":
-      spec += [(f"{p}.dcn.offset_conv.weight", (18, cin, 3, 3)),
-               (f"{p}.dcn.offset_conv.bias", (18,)), (f"{p}.dcn.dcn.weight", (c, cin, 3, 3))]
+      spec += [
+          (f"{p}.dcn.offset_conv.weight", (18, cin, 3, 3)),
+          (f"{p}.dcn.offset_conv.bias", (18,)),
+          (f"{p}.dcn.dcn.weight", (c, cin, 3, 3)),
+      ]
     else:
       spec += [(f"{p}.dcn.conv.weight", (c, cin, 3, 3)), (f"{p}.dcn.conv.bias", (c,))]
     bn(f"{p}.dcn_bn", c)
@@ -175,10 +206,12 @@ def centerx_state_dict_spec(depth=18, num_classes=80, channels=(256, 128, 64), w
     bn(f"{p}.up_bn", c)
     cin = c
   for name, n in (("cls_head", num_classes), ("wh_head", 2), ("reg_head", 2)):
-    spec += [(f"head.{name}.feat_conv.weight", (head_conv, cin, 3, 3)),
-             (f"head.{name}.feat_conv.bias", (head_conv,)),
-             (f"head.{name}.out_conv.weight", (n, head_conv, 1, 1)),
-             (f"head.{name}.out_conv.bias", (n,))]
+    spec += [
+        (f"head.{name}.feat_conv.weight", (head_conv, cin, 3, 3)),
+        (f"head.{name}.feat_conv.bias", (head_conv,)),
+        (f"head.{name}.out_conv.weight", (n, head_conv, 1, 1)),
+        (f"head.{name}.out_conv.bias", (n,)),
+    ]
   return spec
 
 
@@ -186,15 +219,18 @@ def _zeros_like_abstract(tree):
   return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), tree)
 
 
-@pytest.mark.parametrize("depth,neck", [(18, "dcnv2"), (34, "dcnv1"), (50, "conv"),
-                                        (101, "dcnv2")])
+@pytest.mark.parametrize("depth,neck", [(18, "dcnv2"), (34, "dcnv1"), (50, "conv"), (101, "dcnv2")])
 def test_parameter_paths_are_official_keys(depth, neck):
-  model = M.build_onestage_model(depth=depth, use_deform=neck != "conv",
-                                 modulate_deform=neck == "dcnv2")
+  model = M.build_onestage_model(
+      depth=depth, use_deform=neck != "conv", modulate_deform=neck == "dcnv2"
+  )
   abstract = M.abstract_variables(model)
   exported = wo.export_state_dict(_zeros_like_abstract(abstract))
-  spec = [(k, s) for k, s in centerx_state_dict_spec(depth, neck=neck)
-          if not k.endswith("num_batches_tracked")]
+  spec = [
+      (k, s)
+      for k, s in centerx_state_dict_spec(depth, neck=neck)
+      if not k.endswith("num_batches_tracked")
+  ]
   assert sorted(exported) == sorted(k for k, _ in spec)
   for k, s in spec:
     assert exported[k].shape == s, k
@@ -202,20 +238,29 @@ def test_parameter_paths_are_official_keys(depth, neck):
 
 def test_parameter_paths_match_oracle_weight_spec():
   from cn2_jax.testing.centerx_oracle_dcn import centerx_oracle_dir
+
   d = centerx_oracle_dir()
   if d is None or not (d / "centerx_r18_weights_spec.json").is_file():
     pytest.skip("../shared/oracle_centerx not found")
   import json
+
   with open(d / "centerx_r18_weights_spec.json") as f:
     entries = json.load(f)["entries"]
   assert [(e["key"], tuple(e["shape"])) for e in entries] == [
-      (k, tuple(s)) for k, s in centerx_state_dict_spec(18)]
+      (k, tuple(s)) for k, s in centerx_state_dict_spec(18)
+  ]
 
 
 def _random_sd(spec, seed=0):
   rng = np.random.RandomState(seed)
-  return {k: (np.zeros(s, np.int64) if k.endswith("num_batches_tracked")
-              else rng.randn(*s).astype(np.float32)) for k, s in spec}
+  return {
+      k: (
+          np.zeros(s, np.int64)
+          if k.endswith("num_batches_tracked")
+          else rng.randn(*s).astype(np.float32)
+      )
+      for k, s in spec
+  }
 
 
 def test_convert_round_trip_and_layouts():
@@ -226,20 +271,33 @@ def test_convert_round_trip_and_layouts():
   variables, report = wo.convert_onestage(sd, abstract)
   assert report.ok and len(report.mapped) == 151 and len(report.dropped) == 26
   p, bs = variables["params"], variables["batch_stats"]
-  np.testing.assert_array_equal(p["upsample"]["deconv1"]["up_sample"]["kernel"],
-                                sd["upsample.deconv1.up_sample.weight"].transpose(2, 3, 0, 1))
-  np.testing.assert_array_equal(p["backbone"]["conv1"]["kernel"],
-                                sd["backbone.conv1.weight"].transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(p["backbone"]["layer2.0"]["downsample.1"]["scale"],
-                                sd["backbone.layer2.0.downsample.1.weight"])
-  np.testing.assert_array_equal(bs["upsample"]["deconv2"]["up_bn"]["var"],
-                                sd["upsample.deconv2.up_bn.running_var"])
+  np.testing.assert_array_equal(
+      p["upsample"]["deconv1"]["up_sample"]["kernel"],
+      sd["upsample.deconv1.up_sample.weight"].transpose(2, 3, 0, 1),
+  )
+  np.testing.assert_array_equal(
+      p["backbone"]["conv1"]["kernel"], sd["backbone.conv1.weight"].transpose(2, 3, 1, 0)
+  )
+  np.testing.assert_array_equal(
+      p["backbone"]["layer2.0"]["downsample.1"]["scale"],
+      sd["backbone.layer2.0.downsample.1.weight"],
+  )
+  np.testing.assert_array_equal(
+      bs["upsample"]["deconv2"]["up_bn"]["var"], sd["upsample.deconv2.up_bn.running_var"]
+  )
   back = wo.export_state_dict(variables)
   for k, v in back.items():
     np.testing.assert_array_equal(v, sd[k])
   cfg = wo.infer_model_config(sd)
-  assert cfg == dict(depth=18, backbone_width=64, num_classes=80, deconv_channels=(256, 128, 64),
-                     use_deform=True, modulate_deform=True, head_conv=64)
+  assert cfg == dict(
+      depth=18,
+      backbone_width=64,
+      num_classes=80,
+      deconv_channels=(256, 128, 64),
+      use_deform=True,
+      modulate_deform=True,
+      head_conv=64,
+  )
 
 
 def test_convert_is_strict_with_a_report():
@@ -251,8 +309,10 @@ def test_convert_is_strict_with_a_report():
   with pytest.raises(ConversionError) as ei:
     wo.convert_onestage(sd, abstract)
   r = ei.value.report
-  assert r.missing == ["params/head.wh_head.out_conv.bias",
-                       "params/upsample.deconv3.up_sample.kernel"]
+  assert r.missing == [
+      "params/head.wh_head.out_conv.bias",
+      "params/upsample.deconv3.up_sample.kernel",
+  ]
   assert r.unexpected == ["head.extra.weight"]
   assert r.misshaped == [("upsample.deconv3.up_sample.weight", (64, 32, 4, 4), (64, 64, 4, 4))]
   text = r.summary()
@@ -264,22 +324,31 @@ def _xingyizhou_sd(seed=0):
   spec = []
   for k, s in centerx_state_dict_spec(18):
     if k.startswith("backbone."):
-      spec.append((k[len("backbone."):], s))
+      spec.append((k[len("backbone.") :], s))
   cin = 512
   for j, c in enumerate((256, 128, 64)):
     b = 6 * j
-    spec += [(f"deconv_layers.{b}.weight", (c, cin, 3, 3)), (f"deconv_layers.{b}.bias", (c,)),
-             (f"deconv_layers.{b}.conv_offset_mask.weight", (27, cin, 3, 3)),
-             (f"deconv_layers.{b}.conv_offset_mask.bias", (27,))]
+    spec += [
+        (f"deconv_layers.{b}.weight", (c, cin, 3, 3)),
+        (f"deconv_layers.{b}.bias", (c,)),
+        (f"deconv_layers.{b}.conv_offset_mask.weight", (27, cin, 3, 3)),
+        (f"deconv_layers.{b}.conv_offset_mask.bias", (27,)),
+    ]
     for part in (b + 1, b + 4):
-      spec += [(f"deconv_layers.{part}.{leaf}", (c,))
-               for leaf in ("weight", "bias", "running_mean", "running_var")]
+      spec += [
+          (f"deconv_layers.{part}.{leaf}", (c,))
+          for leaf in ("weight", "bias", "running_mean", "running_var")
+      ]
       spec.append((f"deconv_layers.{part}.num_batches_tracked", ()))
     spec.append((f"deconv_layers.{b + 3}.weight", (c, c, 4, 4)))
     cin = c
   for head, n in (("hm", 80), ("wh", 2), ("reg", 2)):
-    spec += [(f"{head}.0.weight", (64, 64, 3, 3)), (f"{head}.0.bias", (64,)),
-             (f"{head}.2.weight", (n, 64, 1, 1)), (f"{head}.2.bias", (n,))]
+    spec += [
+        (f"{head}.0.weight", (64, 64, 3, 3)),
+        (f"{head}.0.bias", (64,)),
+        (f"{head}.2.weight", (n, 64, 1, 1)),
+        (f"{head}.2.bias", (n,)),
+    ]
   return _random_sd(spec, seed)
 
 
@@ -288,24 +357,34 @@ def test_xingyizhou_resdcn_and_torchvision_formats(tmp_path):
   assert wo.detect_format(cn) == "xingyizhou"
   renamed = wo.to_centerx_names(cn, "xingyizhou")
   assert sorted(renamed) == sorted(k for k, _ in centerx_state_dict_spec(18))
-  np.testing.assert_array_equal(renamed["upsample.deconv2.up_sample.weight"],
-                                cn["deconv_layers.9.weight"])
+  np.testing.assert_array_equal(
+      renamed["upsample.deconv2.up_sample.weight"], cn["deconv_layers.9.weight"]
+  )
   np.testing.assert_array_equal(renamed["head.cls_head.out_conv.bias"], cn["hm.2.bias"])
   abstract = M.abstract_variables(M.build_onestage_model())
   _, report = wo.load_onestage_weights(cn, abstract)
   assert report.ok and any("BGR" in n for n in report.notes)
   with pytest.raises(ConversionError, match="TODO"):  # msra_resnet (no DCN) is not supported
-    wo.to_centerx_names({"deconv_layers.0.weight": np.zeros((256, 512, 4, 4)),
-                         "hm.0.weight": np.zeros((64, 64, 3, 3))}, "xingyizhou")
+    wo.to_centerx_names(
+        {
+            "deconv_layers.0.weight": np.zeros((256, 512, 4, 4)),
+            "hm.0.weight": np.zeros((64, 64, 3, 3)),
+        },
+        "xingyizhou",
+    )
   # torchvision ImageNet ResNet: backbone only, the rest keeps its values
-  tv = {k[len("backbone."):]: v for k, v in _random_sd(centerx_state_dict_spec(18)).items()
-        if k.startswith("backbone.")}
+  tv = {
+      k[len("backbone.") :]: v
+      for k, v in _random_sd(centerx_state_dict_spec(18)).items()
+      if k.startswith("backbone.")
+  }
   tv["fc.weight"], tv["fc.bias"] = np.zeros((1000, 512), np.float32), np.zeros(1000, np.float32)
   assert wo.detect_format(tv) == "torchvision"
   variables, report = wo.load_onestage_weights(tv, _zeros_like_abstract(abstract))
   assert report.ok and report.backbone_only and len(report.left_at_init) > 0
-  np.testing.assert_array_equal(variables["params"]["backbone"]["layer1.0"]["bn1"]["scale"],
-                                tv["layer1.0.bn1.weight"])
+  np.testing.assert_array_equal(
+      variables["params"]["backbone"]["layer1.0"]["bn1"]["scale"], tv["layer1.0.bn1.weight"]
+  )
   # a file: a plain pickle of numpy arrays under 'model' (what load_checkpoint_file reads)
   path = tmp_path / "w.pkl"
   with open(path, "wb") as f:
@@ -323,8 +402,9 @@ def test_xingyizhou_resdcn_and_torchvision_formats(tmp_path):
 # A tiny model end to end
 # ----------------------------------------------------------------------------------------------
 def _tiny(**kw):
-  cfg = dict(num_classes=3, backbone_width=8, deconv_channels=(16, 8, 8), max_detections=10,
-             tensor_dim=6)
+  cfg = dict(
+      num_classes=3, backbone_width=8, deconv_channels=(16, 8, 8), max_detections=10, tensor_dim=6
+  )
   cfg.update(kw)
   return M.build_onestage_model(cfg)
 
@@ -353,29 +433,40 @@ def test_tiny_model_eval_train_and_bn_state():
   boxes = np.asarray(dets["boxes"])
   assert (boxes[..., 2] >= boxes[..., 0]).all()  # clamp_wh=True by default
   from cn2_jax.modeling.detector import postprocess_detections
+
   post = postprocess_detections(dets, batch["image_hw"], np.array([[128, 192], [100, 140]]))
   assert post["boxes"].shape == (2, 10, 4)
 
   def loss_fn(params, bn_train):
-    losses, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                              batch, train=True, bn_train=bn_train, mutable=["batch_stats"])
+    losses, upd = model.apply(
+        {"params": params, "batch_stats": variables["batch_stats"]},
+        batch,
+        train=True,
+        bn_train=bn_train,
+        mutable=["batch_stats"],
+    )
     return sum(v for k, v in losses.items() if k.startswith("loss_")), (losses, upd)
 
-  (total, (losses, upd)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
-                                          static_argnums=1)(variables["params"], True)
+  (total, (losses, upd)), grads = jax.jit(
+      jax.value_and_grad(loss_fn, has_aux=True), static_argnums=1
+  )(variables["params"], True)
   assert set(losses) == {"loss_cls", "loss_box_wh", "loss_off_reg", "aux/num_pos"}
   assert float(losses["aux/num_pos"]) == 3.0 and np.isfinite(float(total))
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
   before = variables["batch_stats"]["backbone"]["bn1"]["mean"]
-  assert not np.allclose(np.asarray(upd["batch_stats"]["backbone"]["bn1"]["mean"]),
-                         np.asarray(before))
-  (_, (_, upd_eval)), _ = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
-                                  static_argnums=1)(variables["params"], False)
+  assert not np.allclose(
+      np.asarray(upd["batch_stats"]["backbone"]["bn1"]["mean"]), np.asarray(before)
+  )
+  (_, (_, upd_eval)), _ = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=1)(
+      variables["params"], False
+  )
   np.testing.assert_array_equal(
-      np.asarray(upd_eval["batch_stats"]["backbone"]["bn1"]["mean"]), np.asarray(before))
+      np.asarray(upd_eval["batch_stats"]["backbone"]["bn1"]["mean"]), np.asarray(before)
+  )
   # the cls prior
-  np.testing.assert_allclose(np.asarray(variables["params"]["head"]["cls_head"]["out_conv"]
-                                        ["bias"]), -2.19)
+  np.testing.assert_allclose(
+      np.asarray(variables["params"]["head"]["cls_head"]["out_conv"]["bias"]), -2.19
+  )
 
 
 def test_build_rejects_unknown_options():

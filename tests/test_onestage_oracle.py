@@ -3,6 +3,7 @@ through `cn2_jax.testing.centerx_oracle`: inference stage by stage, one training
 losses, gradients with BatchNorm in train and in eval mode), the DCN op. Gradients and detection
 scores that miss the README tolerance must be within float32 noise of a float64 run (see the
 oracle module's docstring)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,19 +12,27 @@ import pytest
 from cn2_jax.testing.centerx_oracle_dcn import centerx_oracle_dir
 
 ORACLE = centerx_oracle_dir()
-_FILES = ("centerx_infer_dev.npz", "centerx_train_dev.npz", "centerx_dcn_op_dev.npz",
-          "centerx_oracle_dev.json", "centerx_r18_weights_spec.json")
+_FILES = (
+    "centerx_infer_dev.npz",
+    "centerx_train_dev.npz",
+    "centerx_dcn_op_dev.npz",
+    "centerx_oracle_dev.json",
+    "centerx_r18_weights_spec.json",
+)
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(ORACLE is None or not all((ORACLE / f).is_file() for f in _FILES),
-                       reason="../shared/oracle_centerx not found: parity test needs the "
-                              "official centerX oracle outputs"),
+    pytest.mark.skipif(
+        ORACLE is None or not all((ORACLE / f).is_file() for f in _FILES),
+        reason="../shared/oracle_centerx not found: parity test needs the "
+        "official centerX oracle outputs",
+    ),
 ]
 
 
 @pytest.fixture(scope="module")
 def oracle():
   from cn2_jax.testing import centerx_oracle as co
+
   return co
 
 
@@ -46,9 +55,17 @@ def test_inference_parity(infer_report):
   print(infer_report.text())
   assert infer_report.ok, infer_report.text()
   # the forward maps meet the README tolerance without the float64 rule
-  for name in ("infer/input crop", "infer/c5 crop", "infer/deconv1 offset_mask_conv",
-               "infer/neck crop", "infer/heat map", "infer/wh map", "infer/reg map",
-               "infer/det_boxes_input_px", "infer/det_boxes_orig_px"):
+  for name in (
+      "infer/input crop",
+      "infer/c5 crop",
+      "infer/deconv1 offset_mask_conv",
+      "infer/neck crop",
+      "infer/heat map",
+      "infer/wh map",
+      "infer/reg map",
+      "infer/det_boxes_input_px",
+      "infer/det_boxes_orig_px",
+  ):
     row = infer_report.row(name)
     assert row.passed is None and row.ok, row
   assert "100/100 matched" in infer_report.row("infer/detections matched").detail
@@ -57,14 +74,26 @@ def test_inference_parity(infer_report):
 def test_training_step_parity(train_report):
   print(train_report.text())
   assert train_report.ok, train_report.text()
-  for name in ("train/gt_score_map", "train/gt_index", "bntrain/loss_cls", "bntrain/loss_box_wh",
-               "bntrain/loss_off_reg", "bneval/loss_cls", "bneval/loss_box_wh",
-               "bneval/loss_off_reg"):
+  for name in (
+      "train/gt_score_map",
+      "train/gt_index",
+      "bntrain/loss_cls",
+      "bntrain/loss_box_wh",
+      "bntrain/loss_off_reg",
+      "bneval/loss_cls",
+      "bneval/loss_box_wh",
+      "bneval/loss_off_reg",
+  ):
     row = train_report.row(name)
     assert row.passed is None and row.ok, row
   assert train_report.row("bntrain/running stats after step (52)").ok
-  assert sum(r.name.startswith(("bntrain/grad ", "bneval/grad ")) and "checksums" not in r.name
-             for r in train_report.rows) == 38
+  assert (
+      sum(
+          r.name.startswith(("bntrain/grad ", "bneval/grad ")) and "checksums" not in r.name
+          for r in train_report.rows
+      )
+      == 38
+  )
 
 
 def test_dcn_op_parity(oracle):
@@ -76,6 +105,7 @@ def test_oracle_catches_a_wrong_deconv_layout(oracle):
   """Negative control: the ordinary-conv mapping (2, 3, 1, 0) for the transposed conv, which
   has the right shape, must fail the comparison."""
   from cn2_jax.weights import onestage as wo
+
   sd = oracle.regenerate_weights(ORACLE / "centerx_r18_weights_spec.json")
   model, variables, _ = oracle.build(sd)
   p = variables["params"]["upsample"]["deconv3"]["up_sample"]

@@ -4,6 +4,7 @@ numpy references written from the spec: the corrected and the original (buggy) C
 `draw_umich_gaussian` with cropping (float64 Gaussian cast to float32, as centerX), and the
 per-image target generation with TENSOR_DIM truncation.
 """
+
 import math
 
 import jax
@@ -19,14 +20,14 @@ def ref_radius64(w, h, o, formula="fixed"):
   """Spec §3 'Gaussian radius' in float64."""
   b1 = h + w
   c1 = w * h * (1 - o) / (1 + o)
-  sq1 = math.sqrt(b1 ** 2 - 4 * c1)
+  sq1 = math.sqrt(b1**2 - 4 * c1)
   b2 = 2 * (h + w)
   c2 = (1 - o) * w * h
-  sq2 = math.sqrt(b2 ** 2 - 16 * c2)
+  sq2 = math.sqrt(b2**2 - 16 * c2)
   a3 = 4 * o
   b3 = -2 * o * (h + w)
   c3 = (o - 1) * w * h
-  sq3 = math.sqrt(b3 ** 2 - 4 * a3 * c3)
+  sq3 = math.sqrt(b3**2 - 4 * a3 * c3)
   if formula == "fixed":
     return min((b1 - sq1) / 2, (b2 - sq2) / 8, (b3 + sq3) / (2 * a3))
   return min((b1 + sq1) / 2, (b2 + sq2) / 2, (b3 + sq3) / 2)
@@ -51,10 +52,20 @@ def ref_radius32(w, h, o):
 
 def test_radius_matches_spec_and_float32_order():
   rng = np.random.RandomState(0)
-  w = np.concatenate([rng.uniform(0, 150, 500), rng.randint(0, 64, 200).astype(float) / 4,
-                      [0.0, 0.25, 1e-3, 16, 32, 64]]).astype(np.float32)
-  h = np.concatenate([rng.uniform(0, 150, 500), rng.randint(0, 64, 200).astype(float) / 4,
-                      [0.0, 7.0, 3.0, 16, 32, 64]]).astype(np.float32)
+  w = np.concatenate(
+      [
+          rng.uniform(0, 150, 500),
+          rng.randint(0, 64, 200).astype(float) / 4,
+          [0.0, 0.25, 1e-3, 16, 32, 64],
+      ]
+  ).astype(np.float32)
+  h = np.concatenate(
+      [
+          rng.uniform(0, 150, 500),
+          rng.randint(0, 64, 200).astype(float) / 4,
+          [0.0, 7.0, 3.0, 16, 32, 64],
+      ]
+  ).astype(np.float32)
   for o in (0.3, 0.7):
     got = np.asarray(jax.jit(lambda a, b, o=o: T.gaussian_radius(a, b, o))(w, h))
     ref64 = np.array([ref_radius64(float(a), float(b), o) for a, b in zip(w, h)])
@@ -68,8 +79,11 @@ def test_radius_matches_spec_and_float32_order():
 
 def test_radius_spec_table_and_buggy_formula():
   # spec §3 table: R/s for square boxes
-  for s, fixed03, fixed07, buggy07 in ((16, 3.62, 1.31, 4.37), (32, 7.24, 2.61, 8.75),
-                                       (64, 14.5, 5.23, 17.5)):
+  for s, fixed03, fixed07, buggy07 in (
+      (16, 3.62, 1.31, 4.37),
+      (32, 7.24, 2.61, 8.75),
+      (64, 14.5, 5.23, 17.5),
+  ):
     a = np.float32(s)
     assert abs(float(T.gaussian_radius(a, a, 0.3)) - fixed03) < 0.02 * s / 16
     assert abs(float(T.gaussian_radius(a, a, 0.7)) - fixed07) < 0.02 * s / 16
@@ -86,7 +100,7 @@ def test_radius_spec_table_and_buggy_formula():
 def ref_gaussian2d(r):
   """centerX gaussian2D((r, r), sigma=(2r+1)/6) in float64."""
   sigma = (2 * r + 1) / 6
-  y, x = np.ogrid[-r:r + 1, -r:r + 1]
+  y, x = np.ogrid[-r : r + 1, -r : r + 1]
   g = np.exp(-(x * x + y * y) / (2 * sigma * sigma))
   g[g < np.finfo(g.dtype).eps * g.max()] = 0
   return g
@@ -99,10 +113,10 @@ def ref_draw(fmap, center, r):
   height, width = fmap.shape
   left, right = min(x, r), min(width - x, r + 1)
   top, bottom = min(y, r), min(height - y, r + 1)
-  mf = fmap[y - top:y + bottom, x - left:x + right]
-  mg = g[r - top:r + bottom, r - left:r + right]
+  mf = fmap[y - top : y + bottom, x - left : x + right]
+  mg = g[r - top : r + bottom, r - left : r + right]
   if min(mg.shape) > 0 and min(mf.shape) > 0:
-    fmap[y - top:y + bottom, x - left:x + right] = np.maximum(mf, mg)
+    fmap[y - top : y + bottom, x - left : x + right] = np.maximum(mf, mg)
 
 
 def test_draw_gaussians_crops_and_maxes():
@@ -111,8 +125,9 @@ def test_draw_gaussians_crops_and_maxes():
   radii = np.array([3, 4, 2, 5, 0, 7, 1], np.int32)
   classes = np.array([0, 1, 2, 2, 0, 1, 1], np.int32)
   keep = np.array([1, 1, 1, 1, 1, 1, 0], bool)
-  got = np.asarray(jax.jit(lambda *a: T.draw_gaussians((h, w), *a, num_classes=c))(
-      centers, radii, classes, keep))
+  got = np.asarray(
+      jax.jit(lambda *a: T.draw_gaussians((h, w), *a, num_classes=c))(centers, radii, classes, keep)
+  )
   ref = np.zeros((c, h, w), np.float32)
   for ctr, r, k, kp in zip(centers, radii, classes, keep):
     if kp:
@@ -153,16 +168,25 @@ def test_targets_match_reference_with_truncation(seed, tdim):
   m, c, canvas = 12, 4, (96, 128)
   x1 = rng.uniform(0, canvas[1] - 10, m)
   y1 = rng.uniform(0, canvas[0] - 10, m)
-  boxes = np.stack([x1, y1, np.minimum(x1 + rng.uniform(1, 90, m), canvas[1]),
-                    np.minimum(y1 + rng.uniform(1, 70, m), canvas[0])], 1).astype(np.float32)
+  boxes = np.stack(
+      [
+          x1,
+          y1,
+          np.minimum(x1 + rng.uniform(1, 90, m), canvas[1]),
+          np.minimum(y1 + rng.uniform(1, 70, m), canvas[0]),
+      ],
+      1,
+  ).astype(np.float32)
   boxes[3] = [120.5, 90.25, 128.0, 96.0]  # at the bottom-right border
   classes = rng.randint(0, c, m).astype(np.int32)
   valid = rng.rand(m) > 0.25
   valid[:2] = True
   out_hw = (canvas[0] // 4, canvas[1] // 4)
-  got = jax.jit(lambda b, k, v: T.centernet_targets(
-      b, k, v, out_hw=out_hw, num_classes=c, down_scale=4, min_overlap=0.3,
-      tensor_dim=tdim))(boxes, classes, valid)
+  got = jax.jit(
+      lambda b, k, v: T.centernet_targets(
+          b, k, v, out_hw=out_hw, num_classes=c, down_scale=4, min_overlap=0.3, tensor_dim=tdim
+      )
+  )(boxes, classes, valid)
   hm, wh, reg, mask, index = ref_targets(boxes, classes, valid, out_hw, c, 4, 0.3, tdim)
   np.testing.assert_allclose(np.asarray(got["score_map"]), hm, atol=1e-6, rtol=0)
   np.testing.assert_array_equal(np.asarray(got["score_map"]) == 1, hm == 1)
@@ -179,8 +203,9 @@ def test_batch_targets_vmaps():
   boxes[0, 0] = [8, 8, 40, 24]
   boxes[1, 1] = [0, 0, 64, 64]
   valid = np.array([[1, 0, 0], [0, 1, 0]], bool)
-  out = T.batch_targets(boxes, np.zeros((2, 3), np.int32), valid, out_hw=(16, 16),
-                        num_classes=2, tensor_dim=5)
+  out = T.batch_targets(
+      boxes, np.zeros((2, 3), np.int32), valid, out_hw=(16, 16), num_classes=2, tensor_dim=5
+  )
   assert out["score_map"].shape == (2, 16, 16, 2) and out["wh"].shape == (2, 5, 2)
   np.testing.assert_array_equal(np.asarray(out["reg_mask"]).sum(1), [1, 1])
   assert int(out["index"][0, 0]) == 4 * 16 + 6 and int(out["index"][1, 0]) == 8 * 16 + 8

@@ -1,4 +1,5 @@
 """cn2_jax.modeling.ops.boxes vs plain numpy references written from detectron2's definitions."""
+
 import math
 
 import numpy as np
@@ -45,8 +46,12 @@ def ref_encode(src, tgt, weights):
     sx, sy = src[i, 0] + 0.5 * sw, src[i, 1] + 0.5 * sh
     tw, th = tgt[i, 2] - tgt[i, 0], tgt[i, 3] - tgt[i, 1]
     tx, ty = tgt[i, 0] + 0.5 * tw, tgt[i, 1] + 0.5 * th
-    out[i] = [wx * (tx - sx) / sw, wy * (ty - sy) / sh, ww * math.log(tw / sw),
-              wh * math.log(th / sh)]
+    out[i] = [
+        wx * (tx - sx) / sw,
+        wy * (ty - sy) / sh,
+        ww * math.log(tw / sw),
+        wh * math.log(th / sh),
+    ]
   return out
 
 
@@ -88,8 +93,10 @@ def test_pairwise_iou_exact(seed, n, m):
 def ref_pairwise_iou_vec(b1, b2):
   """Vectorised float32 numpy version (each numpy op rounds separately, like PyTorch)."""
   a1, a2 = ref_area(b1), ref_area(b2)
-  wh = np.maximum(np.minimum(b1[:, None, 2:], b2[None, :, 2:])
-                  - np.maximum(b1[:, None, :2], b2[None, :, :2]), F32(0))
+  wh = np.maximum(
+      np.minimum(b1[:, None, 2:], b2[None, :, 2:]) - np.maximum(b1[:, None, :2], b2[None, :, :2]),
+      F32(0),
+  )
   inter = wh[..., 0] * wh[..., 1]
   union = (a1[:, None] + a2[None, :]) - inter
   with np.errstate(divide="ignore", invalid="ignore"):
@@ -112,7 +119,7 @@ def test_pairwise_iou_zero_area_pair_is_zero():
 
 
 def test_pairwise_iou_grad_finite():
-  b = jnp.array([[0., 0., 0., 0.], [0., 0., 2., 2.]])
+  b = jnp.array([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 2.0]])
   g = jax.grad(lambda x: B.pairwise_iou(x, x).sum())(b)
   assert np.all(np.isfinite(np.asarray(g)))
 
@@ -124,12 +131,17 @@ def test_encode_decode(weights, seed):
   src = random_boxes(rng, 16, min_wh=1.0)
   tgt = random_boxes(rng, 16, min_wh=1.0)
   enc = np.asarray(jax.jit(lambda s, t: B.encode_boxes(s, t, weights))(src, tgt))
-  np.testing.assert_allclose(enc, ref_encode(src.astype(np.float64), tgt.astype(np.float64),
-                                             weights), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(
+      enc, ref_encode(src.astype(np.float64), tgt.astype(np.float64), weights), rtol=1e-5, atol=1e-4
+  )
   deltas = rng.normal(0, 1, (16, 4)).astype(F32) * np.array(weights, F32) * 0.3
   dec = np.asarray(jax.jit(lambda d, b: B.decode_boxes(d, b, weights))(deltas, src))
-  np.testing.assert_allclose(dec, ref_decode(deltas.astype(np.float64), src.astype(np.float64),
-                                             weights), rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(
+      dec,
+      ref_decode(deltas.astype(np.float64), src.astype(np.float64), weights),
+      rtol=1e-5,
+      atol=1e-3,
+  )
   # round trip (encode -> decode) recovers the targets.
   rt = np.asarray(B.decode_boxes(B.encode_boxes(src, tgt, weights), src, weights))
   np.testing.assert_allclose(rt, tgt, rtol=1e-5, atol=2e-3)
@@ -139,8 +151,9 @@ def test_encode_decode(weights, seed):
 @pytest.mark.parametrize("weights", CASCADE_WEIGHTS)
 def test_decode_clamp(weights):
   boxes = np.array([[10, 20, 30, 60], [0, 0, 1, 1]], F32)
-  deltas = np.array([[0, 0, 100 * weights[2], 100 * weights[3]],
-                     [0, 0, -3 * weights[2], 2 * weights[3]]], F32)
+  deltas = np.array(
+      [[0, 0, 100 * weights[2], 100 * weights[3]], [0, 0, -3 * weights[2], 2 * weights[3]]], F32
+  )
   got = np.asarray(B.decode_boxes(deltas, boxes, weights))
   np.testing.assert_allclose(got, ref_decode(deltas, boxes, weights), rtol=1e-5, atol=1e-3)
   # clamped width = 1000 / 16 * 20, centred on the box centre.
@@ -155,9 +168,12 @@ def test_decode_broadcast_shapes():
   deltas = rng.normal(size=(2, 3, 4)).astype(F32)
   got = B.decode_boxes(deltas, boxes)
   assert got.shape == (2, 3, 4)
-  np.testing.assert_allclose(np.asarray(got).reshape(6, 4),
-                             ref_decode(deltas.reshape(6, 4), boxes.reshape(6, 4),
-                                        (10, 10, 5, 5)), rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(
+      np.asarray(got).reshape(6, 4),
+      ref_decode(deltas.reshape(6, 4), boxes.reshape(6, 4), (10, 10, 5, 5)),
+      rtol=1e-5,
+      atol=1e-3,
+  )
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -9,6 +9,7 @@
 * the Flax module: parameter names/shapes, offset/mask split, initialisation;
 * jit traces once for repeated calls with the same shapes.
 """
+
 import math
 
 import flax
@@ -45,8 +46,12 @@ def _ref_bilinear(img, h, w):
       return img[y, x]
     return np.zeros(img.shape[-1])
 
-  return (hh * hw * at(h_low, w_low) + hh * lw * at(h_low, w_high)
-          + lh * hw * at(h_high, w_low) + lh * lw * at(h_high, w_high))
+  return (
+      hh * hw * at(h_low, w_low)
+      + hh * lw * at(h_low, w_high)
+      + lh * hw * at(h_high, w_low)
+      + lh * lw * at(h_high, w_high)
+  )
 
 
 def ref_deform_conv2d(x, offset, mask, kernel, bias=None, stride=1, padding=1, dilation=1):
@@ -77,8 +82,9 @@ def ref_deform_conv2d(x, offset, mask, kernel, bias=None, stride=1, padding=1, d
               m = 1.0 if mask is None else float(mask[b, oy, ox, g * taps + k])
               py = oy * sh - ph + i * dh + dy
               px = ox * sw - pw + j * dw + dx
-              col[i, j, g * cg:(g + 1) * cg] = m * _ref_bilinear(
-                  x[b, :, :, g * cg:(g + 1) * cg], py, px)
+              col[i, j, g * cg : (g + 1) * cg] = m * _ref_bilinear(
+                  x[b, :, :, g * cg : (g + 1) * cg], py, px
+              )
         out[b, oy, ox] = np.einsum("ijc,ijco->o", col, kernel)
   if bias is not None:
     out = out + np.asarray(bias, np.float64)
@@ -104,10 +110,18 @@ def _place_boundary_samples(offset, kh, kw, stride, padding, dilation, height, w
   sh, sw = dcn._pair(stride)
   ph, pw = dcn._pair(padding)
   dh, dw = dcn._pair(dilation)
-  targets = [(-1.0, 2.0), (height, 1.5), (-0.5, -0.25), (height - 0.75, width - 0.5),
-             (2.0, 3.0), (1.5, -1.0), (0.25, width), (-1.5, 1.0)]
+  targets = [
+      (-1.0, 2.0),
+      (height, 1.5),
+      (-0.5, -0.25),
+      (height - 0.75, width - 0.5),
+      (2.0, 3.0),
+      (1.5, -1.0),
+      (0.25, width),
+      (-1.5, 1.0),
+  ]
   offset = offset.copy()
-  for k, (ty, tx) in enumerate(targets[:kh * kw]):
+  for k, (ty, tx) in enumerate(targets[: kh * kw]):
     i, j = divmod(k, kw)
     offset[0, 0, 0, 2 * k] = ty - (0 * sh - ph + i * dh)
     offset[0, 0, 0, 2 * k + 1] = tx - (0 * sw - pw + j * dw)
@@ -127,21 +141,27 @@ CASES = [
 def test_forward_matches_numpy_loop(case):
   bsz, height, width, cin, cout, kh, kw, stride, padding, dilation, groups, masked = case
   ho, wo = dcn.deform_conv_output_size((height, width), (kh, kw), stride, padding, dilation)
-  x, offset, mask, kernel, bias = _inputs(0, bsz, height, width, cin, cout, kh, kw, ho, wo,
-                                          groups)
+  x, offset, mask, kernel, bias = _inputs(0, bsz, height, width, cin, cout, kh, kw, ho, wo, groups)
   offset = _place_boundary_samples(offset, kh, kw, stride, padding, dilation, height, width)
   mask = mask if masked else None
   want = ref_deform_conv2d(x, offset, mask, kernel, bias, stride, padding, dilation)
-  f = lambda *a: dcn.deform_conv2d(*a, stride=stride, padding=padding, dilation=dilation,
-                                   offset_groups=groups)
+  f = lambda *a: dcn.deform_conv2d(
+      *a, stride=stride, padding=padding, dilation=dilation, offset_groups=groups
+  )
   m32 = None if mask is None else jnp.asarray(mask, jnp.float32)
-  got = f(*(jnp.asarray(a, jnp.float32) for a in (x, offset)), m32,
-          *(jnp.asarray(a, jnp.float32) for a in (kernel, bias)))
+  got = f(
+      *(jnp.asarray(a, jnp.float32) for a in (x, offset)),
+      m32,
+      *(jnp.asarray(a, jnp.float32) for a in (kernel, bias)),
+  )
   assert got.shape == want.shape and got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-6 * np.abs(want).max())
   with jax.enable_x64(True):
-    got64 = f(*(jnp.asarray(a) for a in (x, offset)), None if mask is None else jnp.asarray(mask),
-              *(jnp.asarray(a) for a in (kernel, bias)))
+    got64 = f(
+        *(jnp.asarray(a) for a in (x, offset)),
+        None if mask is None else jnp.asarray(mask),
+        *(jnp.asarray(a) for a in (kernel, bias)),
+    )
     assert got64.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(got64), want, rtol=0, atol=1e-12)
 
@@ -152,17 +172,20 @@ def test_boundary_rule_single_samples():
   img = np.arange(1, 13, dtype=np.float32).reshape(1, height, width, 1)
   # (py, px) -> expected, by hand from the rule.
   cases = {
-      (-1.0, 1.0): 0.0,                          # p = -1 is outside
-      (-0.5, 1.0): 0.5 * img[0, 0, 1, 0],       # half of the only inside corner
-      (1.0, 2.0): img[0, 1, 2, 0],              # integer position
-      (2.5, 3.0): 0.5 * img[0, 2, 3, 0],        # lower corner only (row 3 is outside)
-      (3.0, 0.0): 0.0,                          # p = H is outside
-      (1.0, 4.0): 0.0,                          # p = W is outside
+      (-1.0, 1.0): 0.0,  # p = -1 is outside
+      (-0.5, 1.0): 0.5 * img[0, 0, 1, 0],  # half of the only inside corner
+      (1.0, 2.0): img[0, 1, 2, 0],  # integer position
+      (2.5, 3.0): 0.5 * img[0, 2, 3, 0],  # lower corner only (row 3 is outside)
+      (3.0, 0.0): 0.0,  # p = H is outside
+      (1.0, 4.0): 0.0,  # p = W is outside
       (1.25, -0.75): 0.25 * (0.75 * img[0, 1, 0, 0] + 0.25 * img[0, 2, 0, 0]),
-      (-1.5, 1.0): 0.0,                         # both corners outside
+      (-1.5, 1.0): 0.0,  # both corners outside
   }
-  f = jax.jit(lambda o: dcn.deform_conv2d(jnp.asarray(img), o, None,
-                                          jnp.ones((1, 1, 1, 1), jnp.float32), padding=0))
+  f = jax.jit(
+      lambda o: dcn.deform_conv2d(
+          jnp.asarray(img), o, None, jnp.ones((1, 1, 1, 1), jnp.float32), padding=0
+      )
+  )
   for (py, px), want in cases.items():
     o = np.zeros((1, height, width, 2), np.float32)
     o[0, 0, 0] = (py, px)  # output pixel (0, 0) samples (py, px)
@@ -175,9 +198,15 @@ def test_boundary_rule_single_samples():
 # ----------------------------------------------------------------------------------------------
 def _conv(x, kernel, stride=1, padding=1, dilation=1):
   s, p, d = dcn._pair(stride), dcn._pair(padding), dcn._pair(dilation)
-  return lax.conv_general_dilated(x, kernel, s, ((p[0], p[0]), (p[1], p[1])), rhs_dilation=d,
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                  precision=lax.Precision.HIGHEST)
+  return lax.conv_general_dilated(
+      x,
+      kernel,
+      s,
+      ((p[0], p[0]), (p[1], p[1])),
+      rhs_dilation=d,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=lax.Precision.HIGHEST,
+  )
 
 
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2)])
@@ -195,8 +224,7 @@ def test_zero_offsets_unit_mask_is_plain_conv(stride, padding, dilation):
   got_v1 = dcn.deform_conv2d(x, offset, None, kernel, bias, **kw)  # DCNv1: mask None == 1
   np.testing.assert_allclose(np.asarray(got_v1), np.asarray(got), rtol=0, atol=0)
   half = dcn.deform_conv2d(x, offset, jnp.full((2, ho, wo, 9), 0.5), kernel, None, **kw)
-  np.testing.assert_allclose(np.asarray(half), 0.5 * np.asarray(want - bias), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(half), 0.5 * np.asarray(want - bias), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shift", [(1, -2), (-3, 0), (2, 5)])
@@ -213,7 +241,7 @@ def test_integer_offsets_are_a_shifted_conv(shift):
   # Output q of the conv padded by `big` has its window starting at input row q - big; the DCN
   # output y has its window starting at y - 1 + a.
   full = _conv(x, kernel, padding=big)
-  want = full[:, a + big - 1:a + big - 1 + h, b + big - 1:b + big - 1 + w]
+  want = full[:, a + big - 1 : a + big - 1 + h, b + big - 1 : b + big - 1 + w]
   offset = jnp.asarray(np.broadcast_to(np.tile(np.float32([a, b]), 9), (1, h, w, 18)))
   got = dcn.deform_conv2d(x, offset, None, kernel, precision="highest")
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
@@ -247,8 +275,9 @@ def test_gradients_match_finite_differences(masked, groups, stride):
     # Offsets = integer + fraction in [0.15, 0.85]: every sample point is at least 0.15 px from
     # the grid lines where the bilinear weights (and the -1 / size cut-offs) have kinks, so the
     # function is smooth within the FD step. Integers in [-3, 3] put some samples outside.
-    offset = (rng.integers(-3, 4, (bsz, ho, wo, 18 * groups))
-              + rng.uniform(0.15, 0.85, (bsz, ho, wo, 18 * groups)))
+    offset = rng.integers(-3, 4, (bsz, ho, wo, 18 * groups)) + rng.uniform(
+        0.15, 0.85, (bsz, ho, wo, 18 * groups)
+    )
     gout = rng.standard_normal((bsz, ho, wo, cout))
     args = [x, offset, mask, kernel, bias]
     names = ["input", "offset", "mask", "kernel", "bias"]
@@ -278,8 +307,9 @@ def test_gradients_match_finite_differences(masked, groups, stride):
 # ----------------------------------------------------------------------------------------------
 # the official op reference (centerX oracle)
 # ----------------------------------------------------------------------------------------------
-needs_oracle = pytest.mark.skipif(cxo.dcn_op_npz_path() is None,
-                                  reason="centerX oracle (shared/oracle_centerx) not found")
+needs_oracle = pytest.mark.skipif(
+    cxo.dcn_op_npz_path() is None, reason="centerX oracle (shared/oracle_centerx) not found"
+)
 
 QUANTITIES = ["output", "grad_input", "grad_offset", "grad_mask", "grad_kernel", "grad_bias"]
 
@@ -287,16 +317,19 @@ QUANTITIES = ["output", "grad_input", "grad_offset", "grad_mask", "grad_kernel",
 def _oracle_run(ref):
   """Forward and the VJP of `sum(out * grad_output)` on the reference inputs (NHWC/HWIO)."""
   f = lambda x, o, m, k, b: dcn.deform_conv2d(x, o, m, k, b, **cxo.DCN_OP_SETTINGS)
-  out, vjp = jax.vjp(f, *(jnp.asarray(ref[n])
-                          for n in ["input", "offset", "mask", "kernel", "bias"]))
+  out, vjp = jax.vjp(
+      f, *(jnp.asarray(ref[n]) for n in ["input", "offset", "mask", "kernel", "bias"])
+  )
   grads = vjp(jnp.asarray(ref["grad_output"]))
   return dict(zip(QUANTITIES, [out, *grads]))
 
 
 def _max_err(got, ref):
   """Per quantity: (max |diff|, max |ref|)."""
-  return {q: (float(np.abs(np.asarray(got[q], np.float64) - ref[q]).max()),
-              float(np.abs(ref[q]).max())) for q in QUANTITIES}
+  return {
+      q: (float(np.abs(np.asarray(got[q], np.float64) - ref[q]).max()), float(np.abs(ref[q]).max()))
+      for q in QUANTITIES
+  }
 
 
 @needs_oracle
@@ -331,8 +364,9 @@ def test_oracle_layout_and_own_checks():
   assert checks is not None
   assert checks["gradcheck_f64_tiny_with_mask"] and checks["gradcheck_f64_tiny_no_mask"]
   # Our independent numpy loop agrees with the official forward too (a check of the loop).
-  want = ref_deform_conv2d(ref["input"][:1], ref["offset"][:1], ref["mask"][:1], ref["kernel"],
-                           ref["bias"])
+  want = ref_deform_conv2d(
+      ref["input"][:1], ref["offset"][:1], ref["mask"][:1], ref["kernel"], ref["bias"]
+  )
   np.testing.assert_allclose(want, ref["output"][:1], rtol=0, atol=1e-12)
 
 
@@ -369,12 +403,10 @@ def test_module_params_split_and_init():
   kern = np.asarray(flat["params/dcnv2/kernel"])
   assert np.abs(kern).max() <= bound and np.abs(kern).max() > 0.8 * bound
   y = apply(variables, x)
-  np.testing.assert_allclose(np.asarray(y), 0.5 * np.asarray(_conv(x, kern)), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(y), 0.5 * np.asarray(_conv(x, kern)), rtol=1e-5, atol=1e-5)
 
   # centerX's own init (torch default Conv2d init, not zeroed).
-  v2 = jax.jit(dcn.ModulatedDeformConv(cout, zero_init_offset=False).init)(
-      jax.random.PRNGKey(1), x)
+  v2 = jax.jit(dcn.ModulatedDeformConv(cout, zero_init_offset=False).init)(jax.random.PRNGKey(1), x)
   b2 = 1 / math.sqrt(9 * cin)
   for leaf in ("kernel", "bias"):
     p = np.asarray(v2["params"]["offset_mask_conv"][leaf])
@@ -388,9 +420,13 @@ def test_module_params_split_and_init():
   y = apply({"params": params}, x)
   om_nchw = np.broadcast_to(c[None, :, None, None], (2, 27, 7, 8))
   off_nchw, mask_nchw = _torch_style_chunk_split(om_nchw, 9)
-  want = dcn.deform_conv2d(x, jnp.asarray(off_nchw.transpose(0, 2, 3, 1)),
-                           jnp.asarray(mask_nchw.transpose(0, 2, 3, 1)), jnp.asarray(kern),
-                           params["dcnv2"]["bias"])
+  want = dcn.deform_conv2d(
+      x,
+      jnp.asarray(off_nchw.transpose(0, 2, 3, 1)),
+      jnp.asarray(mask_nchw.transpose(0, 2, 3, 1)),
+      jnp.asarray(kern),
+      params["dcnv2"]["bias"],
+  )
   np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
@@ -398,14 +434,20 @@ def test_low_precision_compute_keeps_float32_coordinates():
   """bfloat16 activations/kernel with float32 offsets: the sample positions stay float32 (a
   bfloat16 position such as 13.37 would be off by up to 1/32 px), so the result equals the
   float32 op on the bfloat16-rounded inputs up to bfloat16 arithmetic."""
-  x, offset, mask, kernel, bias = (jnp.asarray(a, jnp.float32) for a in
-                                   _inputs(8, 1, 16, 16, 8, 4, 3, 3, 16, 16, 1, 4.0))
+  x, offset, mask, kernel, bias = (
+      jnp.asarray(a, jnp.float32) for a in _inputs(8, 1, 16, 16, 8, 4, 3, 3, 16, 16, 1, 4.0)
+  )
   offset = offset + 0.37
   bf = lambda a: a.astype(jnp.bfloat16)
   got = dcn.deform_conv2d(bf(x), offset, mask, bf(kernel), bf(bias))
   assert got.dtype == jnp.bfloat16
-  want = dcn.deform_conv2d(bf(x).astype(jnp.float32), offset, mask,
-                           bf(kernel).astype(jnp.float32), bf(bias).astype(jnp.float32))
+  want = dcn.deform_conv2d(
+      bf(x).astype(jnp.float32),
+      offset,
+      mask,
+      bf(kernel).astype(jnp.float32),
+      bf(bias).astype(jnp.float32),
+  )
   err = float(jnp.abs(got.astype(jnp.float32) - want).max())
   assert err <= 0.02 * float(jnp.abs(want).max()), err
 
@@ -442,8 +484,7 @@ def test_argument_checks():
   with pytest.raises(ValueError, match="divisible"):
     dcn.deform_conv2d(x, jnp.zeros((1, 5, 5, 54)), None, k, offset_groups=3)
   with pytest.raises(ValueError, match="!="):
-    dcn.deform_conv2d(x, jnp.zeros((1, 5, 5, 36)), None, k, offset_groups=2,
-                      deformable_groups=1)
+    dcn.deform_conv2d(x, jnp.zeros((1, 5, 5, 36)), None, k, offset_groups=2, deformable_groups=1)
   # deformable_groups is an alias of offset_groups; None infers G from the offsets.
   rng = np.random.default_rng(9)
   xr = jnp.asarray(rng.standard_normal((1, 5, 5, 4)), jnp.float32)

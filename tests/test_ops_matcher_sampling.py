@@ -1,4 +1,5 @@
 """match_boxes / subsample_labels vs plain numpy references (detectron2 Matcher / sampling)."""
+
 import numpy as np
 import pytest
 
@@ -90,7 +91,7 @@ def check_sample(idx, sv, sfg, is_fg, valid, num_samples, frac):
   assert idx.shape == sv.shape == sfg.shape == (num_samples,)
   np.testing.assert_array_equal(sfg, np.arange(num_samples) < num_pos)
   np.testing.assert_array_equal(sv, np.arange(num_samples) < num_pos + num_neg)
-  pos, neg = idx[:num_pos], idx[num_pos:num_pos + num_neg]
+  pos, neg = idx[:num_pos], idx[num_pos : num_pos + num_neg]
   assert np.all(is_fg[pos] & valid[pos])
   assert np.all(~is_fg[neg] & valid[neg])
   assert len(np.unique(idx[sv])) == num_pos + num_neg
@@ -98,13 +99,16 @@ def check_sample(idx, sv, sfg, is_fg, valid, num_samples, frac):
   return pos, neg
 
 
-@pytest.mark.parametrize("n,num_samples,frac,p_fg,p_valid", [
-    (40, 16, 0.25, 0.3, 0.9),   # enough of both
-    (40, 16, 0.25, 0.05, 0.9),  # few positives -> filled with negatives
-    (30, 64, 0.25, 0.5, 0.8),   # fewer valid than slots -> padding
-    (20, 8, 0.5, 0.9, 1.0),     # few negatives
-    (25, 10, 0.25, 0.0, 0.7),   # no positives
-])
+@pytest.mark.parametrize(
+    "n,num_samples,frac,p_fg,p_valid",
+    [
+        (40, 16, 0.25, 0.3, 0.9),  # enough of both
+        (40, 16, 0.25, 0.05, 0.9),  # few positives -> filled with negatives
+        (30, 64, 0.25, 0.5, 0.8),  # fewer valid than slots -> padding
+        (20, 8, 0.5, 0.9, 1.0),  # few negatives
+        (25, 10, 0.25, 0.0, 0.7),  # no positives
+    ],
+)
 def test_subsample_labels_counts(n, num_samples, frac, p_fg, p_valid):
   rng = np.random.default_rng(n + num_samples)
   draws = 300

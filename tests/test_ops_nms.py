@@ -1,11 +1,11 @@
 """Tiled static-shape NMS vs a plain greedy loop transcribing torchvision's CPU kernel."""
+
 import functools
 
 import numpy as np
 import pytest
 
 import jax
-import jax.numpy as jnp
 
 from cn2_jax.modeling.ops.nms import batched_nms, nms
 
@@ -26,7 +26,7 @@ def ref_nms(boxes, scores, valid, thr, classes=None):
     if suppressed[i]:
       continue
     keep.append(int(i))
-    rest = order[k + 1:]
+    rest = order[k + 1 :]
     w = np.maximum(F32(0), np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
     h = np.maximum(F32(0), np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
     inter = w * h
@@ -65,8 +65,8 @@ def check(keep_idx, keep_valid, ref, max_output):
   assert keep_idx.dtype == np.int32
   r = ref[:max_output]
   np.testing.assert_array_equal(keep_valid, np.arange(max_output) < len(r))
-  np.testing.assert_array_equal(keep_idx[:len(r)], r)
-  assert np.all(keep_idx[len(r):] == 0)
+  np.testing.assert_array_equal(keep_idx[: len(r)], r)
+  assert np.all(keep_idx[len(r) :] == 0)
 
 
 def make_case(seed, n, n_clusters=6, p_invalid=0.15, p_zero=0.05, tie_levels=None, spread=3.0):
@@ -92,8 +92,9 @@ def make_case(seed, n, n_clusters=6, p_invalid=0.15, p_zero=0.05, tie_levels=Non
 
 @functools.lru_cache(maxsize=None)
 def jitted_batched(thr, max_output, tile, mode):
-  return jax.jit(lambda b, s, c, v: batched_nms(b, s, c, v, thr, max_output, mode=mode,
-                                                tile_size=tile))
+  return jax.jit(
+      lambda b, s, c, v: batched_nms(b, s, c, v, thr, max_output, mode=mode, tile_size=tile)
+  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,14 +102,17 @@ def jitted_nms(thr, max_output, tile):
   return jax.jit(lambda b, s, v: nms(b, s, v, thr, max_output, tile_size=tile))
 
 
-@pytest.mark.parametrize("seed,n,tile,max_output,thr,ties", [
-    (0, 50, 512, 50, 0.5, None),      # single tile
-    (1, 300, 32, 300, 0.5, 4),        # ~10 tiles, heavy ties
-    (2, 300, 32, 20, 0.7, None),      # early exit on max_output
-    (3, 300, 32, 310, 0.9, 7),        # output padding beyond N
-    (4, 257, 64, 100, 0.3, None),     # N not a multiple of the tile
-    (5, 1000, 128, 1000, 0.7, 20),    # larger N, several tiles
-])
+@pytest.mark.parametrize(
+    "seed,n,tile,max_output,thr,ties",
+    [
+        (0, 50, 512, 50, 0.5, None),  # single tile
+        (1, 300, 32, 300, 0.5, 4),  # ~10 tiles, heavy ties
+        (2, 300, 32, 20, 0.7, None),  # early exit on max_output
+        (3, 300, 32, 310, 0.9, 7),  # output padding beyond N
+        (4, 257, 64, 100, 0.3, None),  # N not a multiple of the tile
+        (5, 1000, 128, 1000, 0.7, 20),  # larger N, several tiles
+    ],
+)
 def test_nms_vs_greedy(seed, n, tile, max_output, thr, ties):
   boxes, scores, valid = make_case(seed, n, tie_levels=ties)
   keep, kv = jitted_nms(thr, max_output, tile)(boxes, scores, valid)
@@ -121,8 +125,9 @@ def test_nms_vs_greedy(seed, n, tile, max_output, thr, ties):
 def test_nms_many_seeds_same_shape(seed):
   fn = jitted_nms(0.6, 64, 16)
   for sub in range(4):
-    boxes, scores, valid = make_case(100 * seed + sub, 120, n_clusters=4,
-                                     tie_levels=3 * sub or None)
+    boxes, scores, valid = make_case(
+        100 * seed + sub, 120, n_clusters=4, tie_levels=3 * sub or None
+    )
     keep, kv = fn(boxes, scores, valid)
     check(keep, kv, ref_nms(boxes, scores, valid, 0.6), 64)
 
@@ -140,10 +145,14 @@ def test_nms_iou_bit_exact_per_pair_thresholds():
   boxes = np.stack([np.concatenate([a, a + wa], 1), np.concatenate([b, b + wb], 1)], 1).astype(F32)
   boxes[:20, :, 2] = boxes[:20, :, 0]  # zero-area pairs: NaN IoU
   area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-  w = np.maximum(F32(0), np.minimum(boxes[:, 0, 2], boxes[:, 1, 2])
-                 - np.maximum(boxes[:, 0, 0], boxes[:, 1, 0]))
-  h = np.maximum(F32(0), np.minimum(boxes[:, 0, 3], boxes[:, 1, 3])
-                 - np.maximum(boxes[:, 0, 1], boxes[:, 1, 1]))
+  w = np.maximum(
+      F32(0),
+      np.minimum(boxes[:, 0, 2], boxes[:, 1, 2]) - np.maximum(boxes[:, 0, 0], boxes[:, 1, 0]),
+  )
+  h = np.maximum(
+      F32(0),
+      np.minimum(boxes[:, 0, 3], boxes[:, 1, 3]) - np.maximum(boxes[:, 0, 1], boxes[:, 1, 1]),
+  )
   inter = w * h
   with np.errstate(divide="ignore", invalid="ignore"):
     iou = inter / ((area[:, 0] + area[:, 1]) - inter)
@@ -221,7 +230,8 @@ def test_batched_nms_per_class(seed, n, n_cls, tile):
   classes = np.random.default_rng(seed).integers(n_cls, size=n).astype(np.int32)
   max_out = n // 2
   keep, kv = jax.jit(lambda b, s, c, v: batched_nms(b, s, c, v, 0.5, max_out, tile_size=tile))(
-      boxes, scores, classes, valid)
+      boxes, scores, classes, valid
+  )
   check(keep, kv, ref_batched_vanilla(boxes, scores, classes, valid, 0.5), max_out)
 
 
@@ -239,6 +249,7 @@ def test_batched_nms_torchvision_cpu_dispatch_large():
   # > 1000 valid boxes: torchvision (CPU) loops over the classes.
   boxes, scores, valid = make_case(9, 1100, p_invalid=0.0)
   classes = np.random.default_rng(9).integers(3, size=1100).astype(np.int32)
-  keep, kv = batched_nms(boxes, scores, classes, valid, 0.5, 300, mode="torchvision_cpu",
-                         tile_size=256)
+  keep, kv = batched_nms(
+      boxes, scores, classes, valid, 0.5, 300, mode="torchvision_cpu", tile_size=256
+  )
   check(keep, kv, ref_batched_vanilla(boxes, scores, classes, valid, 0.5), 300)

@@ -1,5 +1,6 @@
 """Tests for cn2_jax.modeling.ops.roi_align against a per-element numpy transcription of
 torchvision's CPU roi_align kernel (oracle README §3) and against the official oracle outputs."""
+
 import functools
 import math
 import os
@@ -12,8 +13,9 @@ import pytest
 from cn2_jax.modeling.ops import roi_align as ra
 
 F32 = np.float32
-ORACLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-                          "shared", "oracle")
+ORACLE_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "oracle"
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,8 +76,9 @@ def ref_roi_align(feat, boxes, scale, out_hw=(7, 7), sampling_ratio=2, aligned=T
   h, w, c = feat.shape
   out = np.zeros((len(boxes), out_hw[0], out_hw[1], c), F32)
   for r, box in enumerate(boxes):
-    sy, sx, bh, bw, gh, gw, count = _ref_box_params(box, scale, out_hw, sampling_ratio, aligned,
-                                                    cap)
+    sy, sx, bh, bw, gh, gw, count = _ref_box_params(
+        box, scale, out_hw, sampling_ratio, aligned, cap
+    )
     for ph in range(out_hw[0]):
       for pw in range(out_hw[1]):
         val = np.zeros((c,), F32)
@@ -83,20 +86,23 @@ def ref_roi_align(feat, boxes, scale, out_hw=(7, 7), sampling_ratio=2, aligned=T
           if s is None:
             continue
           yl, xl, yh, xh, w1, w2, w3, w4 = s
-          val = val + (((w1 * feat[yl, xl] + w2 * feat[yl, xh]) + w3 * feat[yh, xl])
-                       + w4 * feat[yh, xh])
+          val = val + (
+              ((w1 * feat[yl, xl] + w2 * feat[yl, xh]) + w3 * feat[yh, xl]) + w4 * feat[yh, xh]
+          )
         out[r, ph, pw] = val / F32(count)
   return out
 
 
-def ref_roi_align_adjoint(feat_shape, boxes, scale, gout, out_hw=(7, 7), sampling_ratio=2,
-                          aligned=True, cap=None):
+def ref_roi_align_adjoint(
+    feat_shape, boxes, scale, gout, out_hw=(7, 7), sampling_ratio=2, aligned=True, cap=None
+):
   """Transpose of ref_roi_align (a linear map of feat): returns d<out, gout>/d feat."""
   h, w, c = feat_shape
   grad = np.zeros((h, w, c), np.float64)
   for r, box in enumerate(boxes):
-    sy, sx, bh, bw, gh, gw, count = _ref_box_params(box, scale, out_hw, sampling_ratio, aligned,
-                                                    cap)
+    sy, sx, bh, bw, gh, gw, count = _ref_box_params(
+        box, scale, out_hw, sampling_ratio, aligned, cap
+    )
     for ph in range(out_hw[0]):
       for pw in range(out_hw[1]):
         g = gout[r, ph, pw].astype(np.float64) / count
@@ -130,7 +136,7 @@ def ref_multilevel(feats, boxes, min_level=3, **kw):
       if np.isnan(lv[i, j]):
         continue
       l = int(lv[i, j])
-      out[i, j] = ref_roi_align(feats[l - min_level][i], boxes[i, j:j + 1], 2.0**-l, **kw)[0]
+      out[i, j] = ref_roi_align(feats[l - min_level][i], boxes[i, j : j + 1], 2.0**-l, **kw)[0]
   return out
 
 
@@ -143,7 +149,8 @@ def ref_multilevel_adjoint(feats, boxes, gout, min_level=3, **kw):
         continue
       l = int(lv[i, j])
       grads[l - min_level][i] += ref_roi_align_adjoint(
-          feats[l - min_level].shape[1:], boxes[i, j:j + 1], 2.0**-l, gout[i, j:j + 1], **kw)
+          feats[l - min_level].shape[1:], boxes[i, j : j + 1], 2.0**-l, gout[i, j : j + 1], **kw
+      )
   return grads
 
 
@@ -153,16 +160,22 @@ def ref_multilevel_adjoint(feats, boxes, gout, min_level=3, **kw):
 def make_boxes(rng, img_h, img_w, cell):
   """Boxes in image pixels on a map of img_h x img_w pixels with `cell` pixels per feature cell:
   interior, border-crossing, fully outside, tiny (< 1 cell), huge, zero-size and inverted."""
+
   def rand_box(cx, cy, bw, bh):
     return [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]
+
   u = rng.uniform
   b = []
   for _ in range(3):  # interior
-    b.append(rand_box(u(0.2, 0.8) * img_w, u(0.2, 0.8) * img_h, u(0.1, 0.6) * img_w,
-                      u(0.1, 0.6) * img_h))
+    b.append(
+        rand_box(u(0.2, 0.8) * img_w, u(0.2, 0.8) * img_h, u(0.1, 0.6) * img_w, u(0.1, 0.6) * img_h)
+    )
   for _ in range(2):  # crossing a border
-    b.append(rand_box(u(-0.1, 1.1) * img_w, u(-0.1, 1.1) * img_h, u(0.3, 1.0) * img_w,
-                      u(0.3, 1.0) * img_h))
+    b.append(
+        rand_box(
+            u(-0.1, 1.1) * img_w, u(-0.1, 1.1) * img_h, u(0.3, 1.0) * img_w, u(0.3, 1.0) * img_h
+        )
+    )
   b.append([-3.0 * img_w, u(0, img_h / 2), -2.5 * img_w, u(img_h / 2, img_h)])  # left, outside
   b.append([u(0, img_w / 2), img_h + 2.5 * cell, u(img_w / 2, img_w), img_h + 6 * cell])  # below
   for _ in range(2):  # tiny
@@ -209,16 +222,25 @@ def test_roi_align_matches_reference(seed, h, w, scale, out_hw, sr, aligned):
     need, cap = _cap_for(boxes, scale, out_hw, aligned)
     cap = (cap[0] + seed % 2, cap[1])  # exact cap and a larger one
     assert need[0] <= cap[0] and need[1] <= cap[1]
-  fn = jax.jit(functools.partial(ra.roi_align, spatial_scale=scale, output_size=out_hw,
-                                 sampling_ratio=sr, aligned=aligned,
-                                 max_adaptive_samples=cap if cap else 8))
+  fn = jax.jit(
+      functools.partial(
+          ra.roi_align,
+          spatial_scale=scale,
+          output_size=out_hw,
+          sampling_ratio=sr,
+          aligned=aligned,
+          max_adaptive_samples=cap if cap else 8,
+      )
+  )
   got = np.asarray(fn(feat, boxes))
   want = ref_roi_align(feat, boxes, scale, out_hw, sr, aligned)
   assert got.shape == (len(boxes),) + tuple(out_hw) + (c,)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   if sr == 0:  # adaptive: the boxes with no sample (roi <= 0) pool to exactly zero
-    _, _, bh, bw, _, _ = [np.asarray(v) for v in ra._roi_geometry(
-        jnp.asarray(boxes), jnp.float32(scale), out_hw, aligned)]
+    _, _, bh, bw, _, _ = [
+        np.asarray(v)
+        for v in ra._roi_geometry(jnp.asarray(boxes), jnp.float32(scale), out_hw, aligned)
+    ]
     empty = (np.ceil(bh) <= 0) | (np.ceil(bw) <= 0)
     assert np.all(got[empty] == 0)
 
@@ -253,8 +275,9 @@ def test_adaptive_cap_samples_with_the_cap():
   np.testing.assert_allclose(np.asarray(capped), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sr,aligned,out_hw", [(2, True, (7, 7)), (0, True, (3, 5)),
-                                               (0, False, (7, 7))])
+@pytest.mark.parametrize(
+    "sr,aligned,out_hw", [(2, True, (7, 7)), (0, True, (3, 5)), (0, False, (7, 7))]
+)
 def test_roi_align_grad_is_reference_adjoint(sr, aligned, out_hw):
   rng = np.random.default_rng(21 + sr)
   h, w, c, scale = 8, 10, 3, 0.5
@@ -278,21 +301,24 @@ def test_roi_align_grad_is_reference_adjoint(sr, aligned, out_hw):
 # level assignment and multi-level pooling
 # ----------------------------------------------------------------------------------------------
 def test_assign_boxes_to_levels_boundaries():
-  boxes = np.asarray([
-      [0, 0, 224, 224],      # sqrt area 224 -> 4
-      [0, 0, 448, 448],      # 448 -> 5
-      [10.5, 3.25, 458.5, 451.25],  # 448 (shifted) -> 5
-      [0, 0, 112, 448],      # area 224^2 -> 4
-      [0, 0, 223.9, 224],    # just below 224 -> 3
-      [0, 0, 447.9, 448],    # just below 448 -> 4
-      [0, 0, 896, 896],      # -> 6
-      [0, 0, 1792, 1792],    # -> 7
-      [0, 0, 1791.9, 1792],  # -> 6
-      [0, 0, 5000, 9000],    # clamped -> 7
-      [5, 5, 5, 5],          # zero area -> 3
-      [0, 0, 1, 1],          # tiny -> 3
-      [0, 0, 3e38, 3e38],    # inf area -> 7
-  ], F32)
+  boxes = np.asarray(
+      [
+          [0, 0, 224, 224],  # sqrt area 224 -> 4
+          [0, 0, 448, 448],  # 448 -> 5
+          [10.5, 3.25, 458.5, 451.25],  # 448 (shifted) -> 5
+          [0, 0, 112, 448],  # area 224^2 -> 4
+          [0, 0, 223.9, 224],  # just below 224 -> 3
+          [0, 0, 447.9, 448],  # just below 448 -> 4
+          [0, 0, 896, 896],  # -> 6
+          [0, 0, 1792, 1792],  # -> 7
+          [0, 0, 1791.9, 1792],  # -> 6
+          [0, 0, 5000, 9000],  # clamped -> 7
+          [5, 5, 5, 5],  # zero area -> 3
+          [0, 0, 1, 1],  # tiny -> 3
+          [0, 0, 3e38, 3e38],  # inf area -> 7
+      ],
+      F32,
+  )
   want = [4, 5, 5, 4, 3, 4, 6, 7, 6, 7, 3, 3, 7]
   got = np.asarray(ra.assign_boxes_to_levels(boxes))
   assert got.dtype == np.int32
@@ -315,8 +341,10 @@ def test_assign_boxes_to_levels_random():
 
 
 def _pyramid(rng, bsz, img_h, img_w, c, min_level=3, num_levels=5, dtype=F32):
-  return [rng.standard_normal((bsz, -(-img_h // 2**l), -(-img_w // 2**l), c)).astype(dtype)
-          for l in range(min_level, min_level + num_levels)]
+  return [
+      rng.standard_normal((bsz, -(-img_h // 2**l), -(-img_w // 2**l), c)).astype(dtype)
+      for l in range(min_level, min_level + num_levels)
+  ]
 
 
 def _multilevel_boxes(rng, bsz, r, img_h, img_w):
@@ -326,17 +354,32 @@ def _multilevel_boxes(rng, bsz, r, img_h, img_w):
   cx = rng.uniform(-0.2, 1.2, size=(bsz, r)) * img_w
   cy = rng.uniform(-0.2, 1.2, size=(bsz, r)) * img_h
   boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1).astype(F32)
-  special = np.asarray([[5, 7, 229, 231], [0, 0, 448, 448], [20, 10, 20, 60], [30, 30, 31, 30.5],
-                        [10, 10, 5, 20], [0, 0, 1792, 1792], [-50, 40, 70, 40], [0, 0, 112, 448]],
-                       F32)
-  boxes[0, :len(special)] = special
-  boxes[1, :3] = [[img_w - 3, img_h - 3, img_w + 400, img_h + 100], [-1000, -800, -600, -700],
-                  [-300, -400, 700, 500]]  # levels 5, 5, 6
+  special = np.asarray(
+      [
+          [5, 7, 229, 231],
+          [0, 0, 448, 448],
+          [20, 10, 20, 60],
+          [30, 30, 31, 30.5],
+          [10, 10, 5, 20],
+          [0, 0, 1792, 1792],
+          [-50, 40, 70, 40],
+          [0, 0, 112, 448],
+      ],
+      F32,
+  )
+  boxes[0, : len(special)] = special
+  boxes[1, :3] = [
+      [img_w - 3, img_h - 3, img_w + 400, img_h + 100],
+      [-1000, -800, -600, -700],
+      [-300, -400, 700, 500],
+  ]  # levels 5, 5, 6
   return boxes
 
 
-@pytest.mark.parametrize("seed,sr,aligned,out_hw", [(0, 2, True, (7, 7)), (1, 0, True, (7, 7)),
-                                                    (2, 0, False, (3, 5)), (3, 1, False, (7, 7))])
+@pytest.mark.parametrize(
+    "seed,sr,aligned,out_hw",
+    [(0, 2, True, (7, 7)), (1, 0, True, (7, 7)), (2, 0, False, (3, 5)), (3, 1, False, (7, 7))],
+)
 def test_multilevel_matches_reference(seed, sr, aligned, out_hw):
   rng = np.random.default_rng(100 + seed)
   bsz, r, img_h, img_w, c = 2, 14, 160, 216, 3
@@ -344,15 +387,23 @@ def test_multilevel_matches_reference(seed, sr, aligned, out_hw):
   boxes = _multilevel_boxes(rng, bsz, r, img_h, img_w)
   lv = ref_levels(boxes)
   assert set(np.unique(lv[~np.isnan(lv)]).astype(int)) == {3, 4, 5, 6, 7}  # every level
-  np.testing.assert_array_equal(np.asarray(ra.assign_boxes_to_levels(boxes))[0, [0, 1, 7]],
-                                [4, 5, 4])
+  np.testing.assert_array_equal(
+      np.asarray(ra.assign_boxes_to_levels(boxes))[0, [0, 1, 7]], [4, 5, 4]
+  )
   cap = 8
   if sr == 0:
     need = np.asarray(ra.required_adaptive_samples(boxes, None, out_hw, aligned))
     cap = (max(8, int(need[0])), max(8, int(need[1])))
     assert need[0] <= cap[0] and need[1] <= cap[1], need
-  fn = jax.jit(functools.partial(ra.multilevel_roi_align, output_size=out_hw, sampling_ratio=sr,
-                                 aligned=aligned, max_adaptive_samples=cap))
+  fn = jax.jit(
+      functools.partial(
+          ra.multilevel_roi_align,
+          output_size=out_hw,
+          sampling_ratio=sr,
+          aligned=aligned,
+          max_adaptive_samples=cap,
+      )
+  )
   got = np.asarray(fn(feats, boxes))
   want = ref_multilevel(feats, boxes, out_hw=out_hw, sampling_ratio=sr, aligned=aligned)
   assert got.shape == (bsz, r) + out_hw + (c,)
@@ -415,8 +466,9 @@ def test_vmap_over_images_matches_batched_call():
   kw = dict(sampling_ratio=0, max_adaptive_samples=8)
   assert np.all(np.asarray(ra.required_adaptive_samples(boxes)) <= 8)
   batched = ra.multilevel_roi_align(feats, boxes, **kw)
-  per_image = jax.vmap(lambda fs, b: ra.multilevel_roi_align(
-      [f[None] for f in fs], b[None], **kw)[0])(feats, boxes)
+  per_image = jax.vmap(
+      lambda fs, b: ra.multilevel_roi_align([f[None] for f in fs], b[None], **kw)[0]
+  )(feats, boxes)
   np.testing.assert_allclose(np.asarray(per_image), np.asarray(batched), rtol=1e-6, atol=1e-6)
 
 
@@ -430,8 +482,11 @@ def test_matches_official_pooler_outputs():
   d = np.load(path)
   feats = [np.zeros((1, 100, 136, 256), F32)]  # p3 is not stored whole: dummy zeros
   feats += [d[f"p{l}"].transpose(1, 2, 0)[None] for l in range(4, 8)]
-  fn = jax.jit(functools.partial(ra.multilevel_roi_align, sampling_ratio=0, aligned=True,
-                                 max_adaptive_samples=8))
+  fn = jax.jit(
+      functools.partial(
+          ra.multilevel_roi_align, sampling_ratio=0, aligned=True, max_adaptive_samples=8
+      )
+  )
   compared = 0
   for k in range(3):
     boxes = d[f"stage{k}_input_boxes"][None].astype(F32)
@@ -455,8 +510,10 @@ def test_adaptive_grid_exact_on_multiples_of_the_output_size():
   sides = [7.0, 14.0, 21.0, 49.0, 84.0, 91.0, 700.0, 84.00001, 83.99999]
   boxes = np.array([[0.5, 0.5, 0.5 + s, 0.5 + s] for s in sides], np.float32)
   need = np.asarray(ra.required_adaptive_samples(jnp.asarray(boxes), spatial_scale=1.0))
-  expect = max(int(math.ceil(np.float32(np.float32(s) / np.float32(7)))) for s in
-               (boxes[:, 2] - 0.5 - (boxes[:, 0] - 0.5)))
+  expect = max(
+      int(math.ceil(np.float32(np.float32(s) / np.float32(7))))
+      for s in (boxes[:, 2] - 0.5 - (boxes[:, 0] - 0.5))
+  )
   assert tuple(need) == (expect, expect)
   for b in boxes:
     got = np.asarray(ra.required_adaptive_samples(jnp.asarray(b[None]), spatial_scale=1.0))
@@ -465,7 +522,14 @@ def test_adaptive_grid_exact_on_multiples_of_the_output_size():
   rng = np.random.default_rng(3)
   feat = rng.normal(size=(120, 120, 4)).astype(np.float32)
   small = boxes[:6]
-  out = ra.roi_align(jnp.asarray(feat), jnp.asarray(small), 1.0, output_size=7, sampling_ratio=0,
-                  aligned=True, max_adaptive_samples=16)
+  out = ra.roi_align(
+      jnp.asarray(feat),
+      jnp.asarray(small),
+      1.0,
+      output_size=7,
+      sampling_ratio=0,
+      aligned=True,
+      max_adaptive_samples=16,
+  )
   ref = ref_roi_align(feat, small, 1.0, sampling_ratio=0, aligned=True)
   np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
 """Overfit: a tiny CenterNet2 trained for a few hundred steps on four synthetic images must detect
 those objects (COCO AP50 >= 0.9 on them). Exercises the whole train path (targets, both stages'
 losses, sampling, optimizer) and the whole inference path (proposals, cascade, scores, NMS)."""
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,9 @@ def make_images(n=4, size=96, seed=0):
 
 def test_tiny_model_overfits_four_images():
   # The demo's toy-width model (configs/demo.py) at even smaller sizes.
-  c = load_config_file(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
-                                    "demo.py"))
+  c = load_config_file(
+      os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo.py")
+  )
   m = c.model
   m.num_classes = 2
   m.fpn_channels = 32
@@ -65,13 +67,17 @@ def test_tiny_model_overfits_four_images():
 
   images, boxes, classes, valid = make_images()
   n, size = images.shape[:2]
-  batch = dict(image=images, image_hw=np.full((n, 2), size, np.int32), gt_boxes=boxes,
-               gt_classes=classes, gt_valid=valid)
+  batch = dict(
+      image=images,
+      image_hw=np.full((n, 2), size, np.int32),
+      gt_boxes=boxes,
+      gt_classes=classes,
+      gt_valid=valid,
+  )
   model = detector.build_model(m)
   mesh = step_lib.make_mesh(jax.devices()[:1])
   tx = optim.make_optimizer(o, None, ())
-  state = step_lib.init_train_state(
-      detector.init_fn(model), tx, jax.random.PRNGKey(0), mesh)
+  state = step_lib.init_train_state(detector.init_fn(model), tx, jax.random.PRNGKey(0), mesh)
   train_step = step_lib.make_train_step(model, tx, mesh)
   dev_batch = step_lib.shard_batch(batch, mesh)
   losses = []
@@ -83,21 +89,40 @@ def test_tiny_model_overfits_four_images():
   assert np.isfinite(losses).all()
   assert np.mean(losses[-20:]) < 0.3 * np.mean(losses[:5]), (losses[:5], losses[-20:])
 
-  dets = jax.device_get(jax.jit(lambda v, b: model.apply(v, b, train=False))(
-      state.variables, {"image": images, "image_hw": batch["image_hw"]}))
-  gt = dict(images=[dict(id=i + 1, height=size, width=size) for i in range(n)],
-            categories=[dict(id=1, name="rect"), dict(id=2, name="disc")], annotations=[])
+  dets = jax.device_get(
+      jax.jit(lambda v, b: model.apply(v, b, train=False))(
+          state.variables, {"image": images, "image_hw": batch["image_hw"]}
+      )
+  )
+  gt = dict(
+      images=[dict(id=i + 1, height=size, width=size) for i in range(n)],
+      categories=[dict(id=1, name="rect"), dict(id=2, name="disc")],
+      annotations=[],
+  )
   for i in range(n):
     for b, cl in zip(boxes[i][valid[i]], classes[i][valid[i]]):
-      gt["annotations"].append(dict(id=len(gt["annotations"]) + 1, image_id=i + 1,
-                                    category_id=int(cl) + 1, iscrowd=0,
-                                    bbox=[float(b[0]), float(b[1]), float(b[2] - b[0]),
-                                          float(b[3] - b[1])], area=float((b[2] - b[0]) *
-                                                                          (b[3] - b[1]))))
+      gt["annotations"].append(
+          dict(
+              id=len(gt["annotations"]) + 1,
+              image_id=i + 1,
+              category_id=int(cl) + 1,
+              iscrowd=0,
+              bbox=[float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+              area=float((b[2] - b[0]) * (b[3] - b[1])),
+          )
+      )
   ev = CocoEvaluator(gt, [1, 2], verbose=False)
-  ev.add(np.arange(1, n + 1), dets["boxes"], dets["scores"], dets["classes"], dets["valid"],
-         np.ones(n, bool))
+  ev.add(
+      np.arange(1, n + 1),
+      dets["boxes"],
+      dets["scores"],
+      dets["classes"],
+      dets["valid"],
+      np.ones(n, bool),
+  )
   metrics = ev.evaluate()
-  print(f"overfit: {STEPS} steps in {train_s:.1f}s, loss {losses[0]:.3f} -> "
-        f"{np.mean(losses[-20:]):.3f}, AP50={metrics['AP50']:.3f} AP={metrics['AP']:.3f}")
+  print(
+      f"overfit: {STEPS} steps in {train_s:.1f}s, loss {losses[0]:.3f} -> "
+      f"{np.mean(losses[-20:]):.3f}, AP50={metrics['AP50']:.3f} AP={metrics['AP']:.3f}"
+  )
   assert metrics["AP50"] >= 0.9, metrics

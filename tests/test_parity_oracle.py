@@ -6,6 +6,7 @@ everything else is the DEFAULT path a user runs: `configs/cn2_r50.py` unchanged 
 800x1088, official adaptive ROIAlign). Outputs are compared stage by stage; sets of boxes are
 matched by position, not by row index (oracle README §9).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,9 +17,13 @@ import pytest
 from cn2_jax.testing.oracle import oracle_dir
 
 ORACLE = oracle_dir()
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(ORACLE is None, reason="../shared/oracle not found: parity "
-                                 "test needs the official oracle outputs")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        ORACLE is None,
+        reason="../shared/oracle not found: parity " "test needs the official oracle outputs",
+    ),
+]
 
 
 def _rel_err(a, b):
@@ -27,7 +32,7 @@ def _rel_err(a, b):
 
 def _match_rows(a_boxes, b_boxes, tol):
   """For each row of b, the index of the row of a with max |diff| <= tol (or -1)."""
-  d = np.abs(a_boxes[:, None, :] - b_boxes[None, :, :]).max(-1)     # [A, B]
+  d = np.abs(a_boxes[:, None, :] - b_boxes[None, :, :]).max(-1)  # [A, B]
   best = d.argmin(0)
   ok = d[best, np.arange(len(b_boxes))] <= tol
   return np.where(ok, best, -1)
@@ -53,6 +58,7 @@ def _default_setup():
 
 def _apply_with_intermediates(predictor, batch_image, image_hw):
   import jax
+
   fn = jax.jit(lambda v, b: predictor.model.apply(v, b, train=False, mutable=["intermediates"]))
   dets, state = fn(predictor.variables, dict(image=batch_image, image_hw=image_hw))
   flat = {}
@@ -62,7 +68,8 @@ def _apply_with_intermediates(predictor, batch_image, image_hw):
       if isinstance(v, dict):
         collect(v)
       else:
-        flat[k] = np.asarray(v[0] if isinstance(v, tuple) else v)[0]   # drop batch axis
+        flat[k] = np.asarray(v[0] if isinstance(v, tuple) else v)[0]  # drop batch axis
+
   collect(state["intermediates"])
   return {k: np.asarray(v)[0] for k, v in dets.items()}, flat
 
@@ -103,21 +110,27 @@ def test_fpn_features(run):
   p3 = np.transpose(flat["p3"], (2, 0, 1))
   cy, cx = [int(v) for v in out["p3_crop_center_origin_yx"]]
   assert _rel_err(p3[:, :16, :16], out["p3_crop_tl"]) <= 1e-4
-  assert _rel_err(p3[:, cy:cy + 16, cx:cx + 16], out["p3_crop_center"]) <= 1e-4
+  assert _rel_err(p3[:, cy : cy + 16, cx : cx + 16], out["p3_crop_center"]) <= 1e-4
   assert _rel_err(p3[:, -16:, -16:], out["p3_crop_br"]) <= 1e-4
-  np.testing.assert_allclose(p3.mean((1, 2)), out["p3_chan_mean"], atol=1e-4 * np.abs(
-      out["p3_chan_mean"]).max())
+  np.testing.assert_allclose(
+      p3.mean((1, 2)), out["p3_chan_mean"], atol=1e-4 * np.abs(out["p3_chan_mean"]).max()
+  )
 
 
 def test_head_outputs(run):
   out, flat, _, _ = run
   for lvl in range(3, 8):
-    assert _rel_err(flat[f"head_agn_hm_logits_p{lvl}"],
-                    out[f"head_agn_hm_logits_p{lvl}"]) <= 1e-4
-    assert _rel_err(np.transpose(flat[f"head_bbox_pred_raw_p{lvl}"], (2, 0, 1)),
-                    out[f"head_bbox_pred_raw_p{lvl}"]) <= 1e-4
-    assert _rel_err(np.transpose(flat[f"head_reg_p{lvl}"], (2, 0, 1)),
-                    out[f"head_reg_p{lvl}"]) <= 1e-4
+    assert _rel_err(flat[f"head_agn_hm_logits_p{lvl}"], out[f"head_agn_hm_logits_p{lvl}"]) <= 1e-4
+    assert (
+        _rel_err(
+            np.transpose(flat[f"head_bbox_pred_raw_p{lvl}"], (2, 0, 1)),
+            out[f"head_bbox_pred_raw_p{lvl}"],
+        )
+        <= 1e-4
+    )
+    assert (
+        _rel_err(np.transpose(flat[f"head_reg_p{lvl}"], (2, 0, 1)), out[f"head_reg_p{lvl}"]) <= 1e-4
+    )
 
 
 def test_proposals(run):
@@ -126,8 +139,9 @@ def test_proposals(run):
   frac = (m >= 0).mean()
   assert frac >= 0.99, frac
   ok = m >= 0
-  np.testing.assert_allclose(flat["proposal_objectness"][m[ok]], out["proposal_objectness"][ok],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      flat["proposal_objectness"][m[ok]], out["proposal_objectness"][ok], atol=1e-5
+  )
 
 
 def test_cascade_stages(run):
@@ -138,17 +152,19 @@ def test_cascade_stages(run):
   ok = m >= 0
   assert ok.mean() >= 0.99, ok.mean()
   for k in range(3):
-    np.testing.assert_allclose(flat[f"stage{k}_input_boxes"][m[ok]], out[f"stage{k}_input_boxes"][ok],
-                               atol=0.05)
+    np.testing.assert_allclose(
+        flat[f"stage{k}_input_boxes"][m[ok]], out[f"stage{k}_input_boxes"][ok], atol=0.05
+    )
     probs = np.exp(flat[f"stage{k}_cls_logits"])
     probs /= probs.sum(-1, keepdims=True)
     np.testing.assert_allclose(probs[m[ok]], out[f"stage{k}_cls_probs"][ok], atol=1e-4)
-    np.testing.assert_allclose(flat[f"stage{k}_box_deltas"][m[ok]], out[f"stage{k}_box_deltas"][ok],
-                               atol=1e-3)
-  np.testing.assert_allclose(flat["final_scores_all"][m[ok]], out["final_scores_all"][ok],
-                             atol=1e-4)
-  np.testing.assert_allclose(flat["final_boxes_all"][m[ok]], out["final_boxes_all"][ok],
-                             atol=0.05)
+    np.testing.assert_allclose(
+        flat[f"stage{k}_box_deltas"][m[ok]], out[f"stage{k}_box_deltas"][ok], atol=1e-3
+    )
+  np.testing.assert_allclose(
+      flat["final_scores_all"][m[ok]], out["final_scores_all"][ok], atol=1e-4
+  )
+  np.testing.assert_allclose(flat["final_boxes_all"][m[ok]], out["final_boxes_all"][ok], atol=0.05)
 
 
 def test_final_detections(run):
@@ -157,8 +173,9 @@ def test_final_detections(run):
   assert n == len(out["det_thresh_scores"]) == 100
   # The same (class-agnostic) box appears once per class: match on (class, box) jointly.
   ours = np.concatenate([dets["boxes"][:n], 1e6 * dets["classes"][:n, None]], axis=1)
-  ref = np.concatenate([out["det_thresh_boxes"],
-                        1e6 * out["det_thresh_classes"].astype(int)[:, None]], axis=1)
+  ref = np.concatenate(
+      [out["det_thresh_boxes"], 1e6 * out["det_thresh_classes"].astype(int)[:, None]], axis=1
+  )
   m = _match_rows(ours, ref, tol=0.5)
   assert (m >= 0).all(), (m < 0).sum()
   assert len(set(m.tolist())) == n
@@ -169,18 +186,23 @@ def test_final_detections(run):
 def test_postprocess_to_original(run):
   import jax.numpy as jnp
   from cn2_jax.modeling.detector import postprocess_detections
+
   out, _, dets, _ = run
   batch_dets = {k: jnp.asarray(v)[None] for k, v in dets.items()}
-  post = postprocess_detections(batch_dets, jnp.asarray(out["resized_hw"])[None],
-                                jnp.asarray(out["orig_hw"])[None])
+  post = postprocess_detections(
+      batch_dets, jnp.asarray(out["resized_hw"])[None], jnp.asarray(out["orig_hw"])[None]
+  )
   post = {k: np.asarray(v)[0] for k, v in post.items()}
   ours = np.concatenate([post["boxes"], 1e6 * post["classes"][:, None]], axis=1)[post["valid"]]
-  ref = np.concatenate([out["model_output_boxes_orig"],
-                        1e6 * out["model_output_classes"].astype(int)[:, None]], axis=1)
+  ref = np.concatenate(
+      [out["model_output_boxes_orig"], 1e6 * out["model_output_classes"].astype(int)[:, None]],
+      axis=1,
+  )
   m = _match_rows(ours, ref, tol=0.5)
   assert (m >= 0).all()
-  np.testing.assert_allclose(post["scores"][post["valid"]][m], out["model_output_scores"],
-                             atol=1e-4)
+  np.testing.assert_allclose(
+      post["scores"][post["valid"]][m], out["model_output_scores"], atol=1e-4
+  )
 
 
 def _match_detections(boxes, classes, ref_boxes, ref_classes, tol):
@@ -195,11 +217,15 @@ def test_predictor_end_to_end(setup, run):
   out = run[0]
   det = predictor(str(ORACLE / "000000000009.jpg"))
   assert len(det["scores"]) == len(out["model_output_scores"])
-  m = _match_detections(det["boxes"], det["classes"], out["model_output_boxes_orig"],
-                        out["model_output_classes"], tol=0.5)
+  m = _match_detections(
+      det["boxes"],
+      det["classes"],
+      out["model_output_boxes_orig"],
+      out["model_output_classes"],
+      tol=0.5,
+  )
   assert (m >= 0).all(), (m < 0).sum()
   np.testing.assert_allclose(det["scores"][m], out["model_output_scores"], atol=1e-4)
-
 
 
 def test_larger_canvas_same_detections(setup, run):
@@ -216,11 +242,16 @@ def test_larger_canvas_same_detections(setup, run):
   dets, flat = _apply_with_intermediates(predictor, big, image_hw)
   for lvl in range(3, 8):
     ref = flat_ref[f"head_agn_hm_logits_p{lvl}"]
-    got = flat[f"head_agn_hm_logits_p{lvl}"][:ref.shape[0], :ref.shape[1]]
+    got = flat[f"head_agn_hm_logits_p{lvl}"][: ref.shape[0], : ref.shape[1]]
     assert np.abs(got - ref).max() <= 1e-4, lvl
   n = int(dets["valid"].sum())
   assert n == 100
-  m = _match_detections(dets["boxes"][:n], dets["classes"][:n], out["det_thresh_boxes"],
-                        out["det_thresh_classes"], tol=0.5)
+  m = _match_detections(
+      dets["boxes"][:n],
+      dets["classes"][:n],
+      out["det_thresh_boxes"],
+      out["det_thresh_classes"],
+      tol=0.5,
+  )
   assert (m >= 0).all(), (m < 0).sum()
   np.testing.assert_allclose(dets["scores"][m], out["det_thresh_scores"], atol=1e-4)

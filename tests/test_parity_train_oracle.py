@@ -9,6 +9,7 @@ tolerances live in `cn2_jax.testing.train_oracle`; the tests only assert its rep
 Compile-bound tricks do not pay here: with most XLA optimisations off the step compiles ~20 s
 faster but runs ~50% slower, three times.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -16,12 +17,20 @@ import pytest
 from cn2_jax.testing.oracle import ORACLE_JSON, oracle_dir
 
 ORACLE = oracle_dir()
-FILES = ("train_outputs_dev.npz", "train_grads_dev.json", "train_steps_dev.npz",
-         "train_steps_dev.json", ORACLE_JSON)
+FILES = (
+    "train_outputs_dev.npz",
+    "train_grads_dev.json",
+    "train_steps_dev.npz",
+    "train_steps_dev.json",
+    ORACLE_JSON,
+)
 MISSING = [f for f in FILES if ORACLE is None or not (ORACLE / f).is_file()]
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(bool(MISSING), reason=f"training oracle files not found in "
-                                 f"{ORACLE}: {MISSING}")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        bool(MISSING), reason=f"training oracle files not found in " f"{ORACLE}: {MISSING}"
+    ),
+]
 
 # Adaptive ROIAlign cap (samples per bin, h and w) the dev batch needs over the three iterations:
 # (15, 8) at iteration 0 (computed from the oracle's boxes) and up to (10, 14) later. Starting here
@@ -32,11 +41,16 @@ CAP = (15, 14)
 @pytest.fixture(scope="module")
 def reports():
   from cn2_jax.testing import train_oracle
+
   lines = []
   one, steps, runner = train_oracle.run(
-      ORACLE / "train_outputs_dev.npz", ORACLE / "train_grads_dev.json",
-      ORACLE / "train_steps_dev.npz", ORACLE / "train_steps_dev.json", cap=CAP,
-      log=lines.append)
+      ORACLE / "train_outputs_dev.npz",
+      ORACLE / "train_grads_dev.json",
+      ORACLE / "train_steps_dev.npz",
+      ORACLE / "train_steps_dev.json",
+      cap=CAP,
+      log=lines.append,
+  )
   return one, steps, runner, lines
 
 

@@ -1,5 +1,6 @@
 """Hardening (issue #11) of predict, of the run's config in eval/predict, of weights folders and
 resumes, and the inference notebook: one tiny demo run trained once for the module."""
+
 from __future__ import annotations
 
 import json
@@ -38,6 +39,7 @@ def run(tmp_path_factory, _fast):
 
 
 class _Records(logging.Handler):
+
   def __init__(self):
     super().__init__(logging.INFO)
     self.records = []
@@ -65,8 +67,12 @@ def predicted(run, tmp_path_factory):
   shutil.copy(os.path.join(src, vals[3]), root / "d" / "x.JPG")
   (root / "d" / "notes.txt").write_text("not an image")
   (root / "bad.png").write_bytes(b"not a png")
-  images = [str(root / "a" / "1.png"), str(root / "bad.png"), str(root / "b" / "1.png"),
-            str(root / "d")]
+  images = [
+      str(root / "a" / "1.png"),
+      str(root / "bad.png"),
+      str(root / "b" / "1.png"),
+      str(root / "d"),
+  ]
   cli = load_config_file(DEMO)  # the config file of the command line, not the run's
   cli.predict.score_thresh = 0.0
   cfg = app.run_config(cli, run, ["predict.score_thresh"])
@@ -87,15 +93,24 @@ def predicted(run, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------- predict
 def test_same_stems_get_distinct_pngs(predicted):
-  drawn = {os.path.relpath(r["image"], predicted["root"]): os.path.basename(r["drawn"])
-           for r in predicted["results"]}
+  drawn = {
+      os.path.relpath(r["image"], predicted["root"]): os.path.basename(r["drawn"])
+      for r in predicted["results"]
+  }
   assert drawn["a/1.png"] == "a_1.png" and drawn["b/1.png"] == "b_1.png"
   assert len(set(drawn.values())) == len(drawn)
   assert all(os.path.isfile(r["drawn"]) for r in predicted["results"])
-  assert app.output_names(["x/1.jpg", "x/1.png", "1.png", "y/1_x.png"]) == \
-      ["x_1.jpg.png", "x_1.png.png", "1.png", "1_x.png"]
-  assert app.output_names(["a/1.png", "b/1.png", "c/a_1.png"]) == \
-      ["a_1.png", "b_1.png", "a_1-2.png"]
+  assert app.output_names(["x/1.jpg", "x/1.png", "1.png", "y/1_x.png"]) == [
+      "x_1.jpg.png",
+      "x_1.png.png",
+      "1.png",
+      "1_x.png",
+  ]
+  assert app.output_names(["a/1.png", "b/1.png", "c/a_1.png"]) == [
+      "a_1.png",
+      "b_1.png",
+      "a_1-2.png",
+  ]
   assert app.output_names(["a/b/c.png", "a/d/c.png"]) == ["b_c.png", "d_c.png"]
   assert app.output_names(["a/p.png", "a/p.png"]) == ["p.png", "p-2.png"]
 
@@ -142,20 +157,30 @@ def test_detections_have_the_dataset_category_ids(predicted, run):
 def test_warns_when_no_detection_reaches_the_threshold(run, caplog):
   cfg = app.run_config(load_config_file(DEMO), run, [])
   cfg.predict.score_thresh = 1.0
-  image = os.path.join(run, "synthetic", "val", sorted(os.listdir(
-      os.path.join(run, "synthetic", "val")))[0])
+  image = os.path.join(
+      run, "synthetic", "val", sorted(os.listdir(os.path.join(run, "synthetic", "val")))[0]
+  )
   with caplog.at_level(logging.INFO, logger="cn2_jax"):
     app.predict(cfg, run, [image])
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-  assert any(m.startswith("no detection reached predict.score_thresh=1.00 (highest score")
-             and "--config.predict.score_thresh=" in m for m in warnings), warnings
+  assert any(
+      m.startswith("no detection reached predict.score_thresh=1.00 (highest score")
+      and "--config.predict.score_thresh=" in m
+      for m in warnings
+  ), warnings
 
 
 # ------------------------------------------------------------------------------------- run config
 def _main(*args, timeout=300):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
-  return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=timeout, env=env)
+  return subprocess.run(
+      [sys.executable, "main.py", *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      env=env,
+  )
 
 
 def test_eval_uses_the_runs_config_json(run):
@@ -169,8 +194,15 @@ def test_eval_uses_the_runs_config_json(run):
 
 
 def test_override_that_does_not_fit_the_checkpoint_is_one_line(run):
-  proc = _main("--config", "configs/demo.py", "--workdir", run, "--mode=predict",
-               f"--images={run}/synthetic/val", "--config.model.fpn_channels=64")
+  proc = _main(
+      "--config",
+      "configs/demo.py",
+      "--workdir",
+      run,
+      "--mode=predict",
+      f"--images={run}/synthetic/val",
+      "--config.model.fpn_channels=64",
+  )
   assert proc.returncode == 1, proc.stderr[-3000:]
   lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
   assert any("--config.model.fpn_channels=64 differs from the run's" in ln for ln in lines)
@@ -198,10 +230,12 @@ def test_weights_can_be_a_run_or_one_of_its_checkpoints(run, tmp_path):
     c = cfg.copy_and_resolve_references()
     c.weights = weights
     return jax.tree.leaves(app.restore_model_variables(c, str(tmp_path / "elsewhere")))
+
   for weights in (run, os.path.join(run, "checkpoints"), os.path.join(run, "checkpoints", "4")):
     assert all(np.array_equal(a, b) for a, b in zip(ref, restored(weights))), weights
-  assert not all(np.array_equal(a, b) for a, b in zip(
-      ref, restored(os.path.join(run, "checkpoints", "2"))))
+  assert not all(
+      np.array_equal(a, b) for a, b in zip(ref, restored(os.path.join(run, "checkpoints", "2")))
+  )
   (tmp_path / "empty").mkdir()
   with pytest.raises(errors.WeightsError, match="cannot read it as an Orbax checkpoint"):
     restored(str(tmp_path / "empty"))
@@ -211,6 +245,7 @@ def test_weights_can_be_a_run_or_one_of_its_checkpoints(run, tmp_path):
   fresh = app.run_config(cli, str(tmp_path / "fresh"), ["weights"])
   assert fresh.model.fpn_channels == 32 and fresh.weights == run
   from cn2_jax.predictor import _dataset_info
+
   names, ids = _dataset_info(str(tmp_path / "fresh"), fresh)
   assert len(names) == 4 and len(ids) == 4
 
@@ -247,18 +282,28 @@ def test_inference_notebook_runs(tmp_path, monkeypatch):
   # A kernel spec of this venv's python: a user-installed "python3" spec could be another one.
   spec = tmp_path / "kernels" / "cn2"
   spec.mkdir(parents=True)
-  (spec / "kernel.json").write_text(json.dumps(dict(
-      argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-      display_name="cn2", language="python")))
+  (spec / "kernel.json").write_text(
+      json.dumps(
+          dict(
+              argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+              display_name="cn2",
+              language="python",
+          )
+      )
+  )
   monkeypatch.setenv("CN2_NOTEBOOK_FAST", "1")
   monkeypatch.setenv("CN2_NOTEBOOK_RUN", str(tmp_path / "no_demo_run"))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   nb = nbformat.read(os.path.join(REPO, "notebooks", "inference.ipynb"), as_version=4)
-  km = KernelManager(kernel_name="cn2", kernel_spec_manager=KernelSpecManager(
-      kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False))
-  client = nbclient.NotebookClient(nb, km=km, timeout=300,
-                                   resources={"metadata": {"path": os.path.join(REPO,
-                                                                                "notebooks")}})
+  km = KernelManager(
+      kernel_name="cn2",
+      kernel_spec_manager=KernelSpecManager(
+          kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False
+      ),
+  )
+  client = nbclient.NotebookClient(
+      nb, km=km, timeout=300, resources={"metadata": {"path": os.path.join(REPO, "notebooks")}}
+  )
   client.execute()
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
   assert not [o for o in outputs if o.output_type == "error"]

@@ -1,5 +1,6 @@
 """generate_proposals vs a numpy transcription of the official CenterNet2 procedure, and vs the
 official oracle outputs (shared/oracle, oracle README §6)."""
+
 import functools
 import os
 
@@ -7,19 +8,25 @@ import numpy as np
 import pytest
 
 import jax
-import jax.numpy as jnp
 
 from cn2_jax.modeling.proposal.decode import generate_proposals
 from tests.test_ops_nms import ref_nms
 
 F32 = np.float32
 STRIDES = (8, 16, 32, 64, 128)
-ORACLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "oracle",
-                      "outputs_000000000009.npz")
+ORACLE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)),
+    "..",
+    "..",
+    "shared",
+    "oracle",
+    "outputs_000000000009.npz",
+)
 
 
-def ref_proposals(hms, regs, strides, pre, post, nms_thr, score_thr):
-  """One image: hms list of [H, W], regs list of [H, W, 4] (numpy), as the official code does it."""
+def ref_proposals(hms, regs, strides, pre, post, nms_thr, score_thr, clip_hw=None):
+  """One image: hms list of [H, W], regs list of [H, W, 4] (numpy), as the official code does it
+  (`clip_hw`: the MMDet port's clip to the image before NMS)."""
   all_boxes, all_scores = [], []
   for hm, reg, s in zip(hms, regs, strides):
     h, w = hm.shape
@@ -34,6 +41,8 @@ def ref_proposals(hms, regs, strides, pre, post, nms_thr, score_thr):
     det = np.stack([g[:, 0] - r[:, 0], g[:, 1] - r[:, 1], g[:, 0] + r[:, 2], g[:, 1] + r[:, 3]], 1)
     det[:, 2] = np.maximum(det[:, 2], det[:, 0] + F32(0.01))
     det[:, 3] = np.maximum(det[:, 3], det[:, 1] + F32(0.01))
+    if clip_hw is not None:
+      det = np.clip(det, 0, np.array([clip_hw[1], clip_hw[0]] * 2, F32))
     all_boxes.append(det.astype(F32))
     all_scores.append(np.sqrt(p[cand]))
   boxes = np.concatenate(all_boxes)
@@ -65,8 +74,9 @@ def make_inputs(seed, batch, h, w, logit_mean=-5.0, reg_lo=2.0, reg_hi=12.0):
 
 @functools.lru_cache(maxsize=None)
 def jitted(pre, post, nms_thr, tile):
-  return jax.jit(lambda h, r: generate_proposals(h, r, STRIDES, pre, post, nms_thr, 1e-4,
-                                                 nms_tile_size=tile))
+  return jax.jit(
+      lambda h, r: generate_proposals(h, r, STRIDES, pre, post, nms_thr, 1e-4, nms_tile_size=tile)
+  )
 
 
 def check_against_ref(out, hms, regs, pre, post, nms_thr):
@@ -76,8 +86,9 @@ def check_against_ref(out, hms, regs, pre, post, nms_thr):
   assert boxes.dtype == np.float32 and scores.dtype == np.float32 and valid.dtype == bool
   n_kept = 0
   for b in range(batch):
-    rb, rs = ref_proposals([x[b] for x in hms], [x[b] for x in regs], STRIDES, pre, post,
-                           nms_thr, 1e-4)
+    rb, rs = ref_proposals(
+        [x[b] for x in hms], [x[b] for x in regs], STRIDES, pre, post, nms_thr, 1e-4
+    )
     n = len(rs)
     assert n <= post
     np.testing.assert_array_equal(valid[b], np.arange(post) < n)
@@ -106,6 +117,26 @@ def test_decode_vs_reference_padding(seed):
   assert 0 < n < 80
 
 
+def test_decode_clip_to_image_vs_reference():
+  """`clip_hw` (model.centernet.clip_proposals, the MMDet port) clips before NMS."""
+  hms, regs = make_inputs(5, 2, 64, 96, reg_lo=6.0, reg_hi=14.0)
+  clip_hw = np.array([[60, 90], [50, 70]], np.int32)
+  out = jax.jit(lambda h, r, c: generate_proposals(h, r, STRIDES, 20, 30, 0.9, 1e-4, clip_hw=c))(
+      hms, regs, clip_hw
+  )
+  boxes, valid = np.asarray(out["boxes"]), np.asarray(out["valid"])
+  for b in range(2):
+    rb, _ = ref_proposals(
+        [x[b] for x in hms], [x[b] for x in regs], STRIDES, 20, 30, 0.9, 1e-4, clip_hw[b]
+    )
+    n = len(rb)
+    np.testing.assert_array_equal(valid[b], np.arange(30) < n)
+    np.testing.assert_allclose(boxes[b, :n], rb, rtol=0, atol=1e-4)
+    assert boxes[b, :n, 2].max() <= clip_hw[b, 1] and boxes[b, :n, 3].max() <= clip_hw[b, 0]
+  unclipped = np.asarray(jitted(20, 30, 0.9, 16)(hms, regs)["boxes"])
+  assert unclipped[:, :, 2].max() > 90  # the inputs do reach past the images
+
+
 def test_decode_suppression_happens():
   hms, regs = make_inputs(7, 1, 64, 96, reg_lo=6.0, reg_hi=14.0)
   b, s = ref_proposals([x[0] for x in hms], [x[0] for x in regs], STRIDES, 1000, 1000, 0.9, 1e-4)
@@ -128,6 +159,7 @@ def test_decode_no_recompilation_and_no_gradient():
     check_against_ref(fn(hms, regs), hms, regs, 20, 30, 0.9)
   assert len(traces) == 1
   hms, regs = make_inputs(13, 1, 64, 96)
+
   def loss(h, r):
     out = generate_proposals(h, r, STRIDES, 20, 30, 0.9, nms_tile_size=16)
     return out["scores"].sum() + out["boxes"].sum()
@@ -149,7 +181,7 @@ def test_decode_matches_official_oracle():
   ob, os_ = d["proposal_boxes"], d["proposal_objectness"]
   assert ob.shape == (256, 4)
   # matched sets: each official proposal against its nearest proposal of ours.
-  dist = np.abs(ob[:, None, :] - boxes[None, :, :]).max(-1)   # [256, 256]
+  dist = np.abs(ob[:, None, :] - boxes[None, :, :]).max(-1)  # [256, 256]
   nearest = dist.argmin(1)
   ok = dist[np.arange(256), nearest] <= 1e-3
   ok &= np.abs(os_ - scores[nearest]) <= 1e-5

@@ -1,4 +1,5 @@
 """Package structure: no import circles in cn2_jax (module-level or inside functions)."""
+
 from __future__ import annotations
 
 import ast
@@ -42,10 +43,10 @@ def find_cycle(graph: dict):
     state[m] = 1
     stack.append(m)
     for n in sorted(graph.get(m, ())):
-      if n.startswith(m + "."):      # a package importing its own submodule is not a circle
+      if n.startswith(m + "."):  # a package importing its own submodule is not a circle
         continue
       if state.get(n) == 1:
-        return stack[stack.index(n):] + [n]
+        return stack[stack.index(n) :] + [n]
       if n not in state:
         found = visit(n)
         if found:

@@ -10,6 +10,7 @@ Inputs: the original of image 0 (`000000000009.jpg`) is decoded from the JPEG be
 the JPEG of image 1 (`000000000074.jpg`) is not in the oracle folder, so its decoded original
 (`img1_orig_bgr_uint8`, detectron2 `read_image`) is the starting point instead.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,9 @@ from cn2_jax.testing.oracle import oracle_dir
 
 ORACLE = oracle_dir()
 NPZ = None if ORACLE is None else ORACLE / "train_outputs_dev.npz"
-pytestmark = pytest.mark.skipif(NPZ is None or not NPZ.is_file(),
-                                reason="training oracle (train_outputs_dev.npz) not found")
+pytestmark = pytest.mark.skipif(
+    NPZ is None or not NPZ.is_file(), reason="training oracle (train_outputs_dev.npz) not found"
+)
 SHORT, MAX_SIZE = 800, 1333
 
 
@@ -79,7 +81,8 @@ def test_resized_image_and_gt_match_oracle(npz, i):
   h, w = rgb.shape[:2]
   assert (h, w) == tuple(int(v) for v in npz[f"img{i}_orig_hw"])
   assert T.resize_shortest_edge_shape(h, w, SHORT, MAX_SIZE) == tuple(
-      int(v) for v in npz[f"img{i}_resized_hw"])
+      int(v) for v in npz[f"img{i}_resized_hw"]
+  )
 
   boxes = _orig_xyxy(npz[f"gt{i}_orig_bbox_xywh"], h, w)
   classes = npz[f"gt{i}_classes"].astype(np.int64)
@@ -90,8 +93,10 @@ def test_resized_image_and_gt_match_oracle(npz, i):
   ref = npz[f"img{i}_resized_bgr_uint8"][..., ::-1]
   assert image.shape == ref.shape
   diff = np.abs(image.astype(np.int16) - ref.astype(np.int16))
-  print(f"image {i} ({source}): resized max abs diff {int(diff.max())}, "
-        f"{int((diff > 0).sum())} of {diff.size} values differ")
+  print(
+      f"image {i} ({source}): resized max abs diff {int(diff.max())}, "
+      f"{int((diff > 0).sum())} of {diff.size} values differ"
+  )
   assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
   # GT: same boxes to the bit (per-axis scale in float64, clip, float32), same classes.
@@ -109,15 +114,19 @@ def test_crowd_and_out_of_image_boxes_are_dropped(npz):
   h, w = rgb.shape[:2]
   boxes = _orig_xyxy(npz["gt0_orig_bbox_xywh"], h, w)
   classes = npz["gt0_classes"].astype(np.int64)
-  extra = np.array([[10, 10, 200, 200],          # crowd: kept as gt_crowd, never trained on
-                    [w + 5, 20, w + 50, 60]],    # outside the image: empty after clipping
-                   np.float32)
+  extra = np.array(
+      [
+          [10, 10, 200, 200],  # crowd: kept as gt_crowd, never trained on
+          [w + 5, 20, w + 50, 60],
+      ],  # outside the image: empty after clipping
+      np.float32,
+  )
   boxes = np.concatenate([boxes[:3], extra[:1], boxes[3:], extra[1:]])
   classes = np.concatenate([classes[:3], [0], classes[3:], [0]])
   crowd = np.zeros(len(classes), bool)
   crowd[3] = True
   _, b, c, cr = _train_transform(rgb, boxes, classes, crowd)
-  assert len(b) == len(classes) - 1                # the outside box is gone
+  assert len(b) == len(classes) - 1  # the outside box is gone
   gt = T.pad_gt(b, c, cr, max_boxes=16)
   np.testing.assert_array_equal(gt["gt_boxes"][gt["gt_valid"]], npz["gt0_boxes_xyxy"])
   assert gt["gt_crowd"].sum() == 1 and not (gt["gt_crowd"] & gt["gt_valid"]).any()

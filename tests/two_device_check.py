@@ -1,6 +1,7 @@
 """Run as a script (needs XLA_FLAGS=--xla_force_host_platform_device_count=2 set before jax is
 imported): one train step of a tiny CenterNet2 on a 2-device mesh vs a 1-device mesh with the same
 global batch. Prints a JSON dict of max differences."""
+
 import json
 import sys
 
@@ -15,7 +16,7 @@ from tests.test_detector import tiny_batch, tiny_config  # noqa: E402
 
 def main():
   assert jax.device_count() == 2, jax.devices()
-  jax.config.update("jax_disable_most_optimizations", True)   # compile time dominates
+  jax.config.update("jax_disable_most_optimizations", True)  # compile time dominates
   cfg = tiny_config()
   cfg.optim.warmup_iters = 1
   model = detector.build_model(cfg.model)
@@ -33,11 +34,20 @@ def main():
     out[n] = (jax.device_get(metrics), jax.device_get(state.params))
   (m1, p1), (m2, p2) = out[1], out[2]
   loss_diff = max(abs(float(m1[k]) - float(m2[k])) for k in m1 if k not in ("grad_norm",))
-  param_diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(p1),
-                                                              jax.tree_util.tree_leaves(p2)))
-  print(json.dumps(dict(loss_diff=loss_diff, param_diff=param_diff,
-                        grad_norm=[float(m1["grad_norm"]), float(m2["grad_norm"])],
-                        total_loss=float(m1["total_loss"]))))
+  param_diff = max(
+      float(np.abs(a - b).max())
+      for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2))
+  )
+  print(
+      json.dumps(
+          dict(
+              loss_diff=loss_diff,
+              param_diff=param_diff,
+              grad_norm=[float(m1["grad_norm"]), float(m2["grad_norm"])],
+              total_loss=float(m1["total_loss"]),
+          )
+      )
+  )
 
 
 if __name__ == "__main__":

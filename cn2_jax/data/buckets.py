@@ -16,6 +16,7 @@ it, rounded up to a multiple of 32, and groups training images by orientation
 
 Every function is a pure function of sizes, so a grain worker and the main process agree.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,9 @@ def num_groups(aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS) -> int:
   return 2 * (len(aspect_ratios) + 1)
 
 
-def _group_extreme_shape(group: int, short: int, max_size: int,
-                         aspect_ratios: Sequence[float]) -> HW:
+def _group_extreme_shape(
+    group: int, short: int, max_size: int, aspect_ratios: Sequence[float]
+) -> HW:
   """Largest resized ``(h, w)`` any image of ``group`` can take at short side ``short``."""
   n = len(aspect_ratios)
   portrait = group > n
@@ -73,9 +75,12 @@ def _group_extreme_shape(group: int, short: int, max_size: int,
   return (long_side, short) if portrait else (short, long_side)
 
 
-def train_buckets(short_sizes: Iterable[int], max_size: int,
-                  aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS,
-                  size_divisibility: int = 32) -> Dict[Tuple[int, int], HW]:
+def train_buckets(
+    short_sizes: Iterable[int],
+    max_size: int,
+    aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS,
+    size_divisibility: int = 32,
+) -> Dict[Tuple[int, int], HW]:
   """``{(short, group): (H, W)}`` bucket shapes, plus ``(short, -1)``: the square fallback
   ``max_size`` rounded up, for batches that mix groups. Each bucket holds every resized image of
   its group at that short side (landscape buckets are ``(H, W)`` with ``W >= H``)."""

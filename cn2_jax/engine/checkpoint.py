@@ -9,6 +9,7 @@ Thin wrapper around `orbax.checkpoint.CheckpointManager` (the stable v0 API):
   dtypes and shardings of `abstract_state` (`step.abstract_train_state`: `jax.eval_shape` of the
   state with replicated `NamedSharding`s), so the restored arrays are already placed on the mesh.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,12 +21,20 @@ import orbax.checkpoint as ocp
 class Checkpointer:
   """Orbax CheckpointManager wrapper. `every <= 0` saves only when forced."""
 
-  def __init__(self, workdir: str, *, every: int = 5000, max_to_keep: Optional[int] = 3,
-               async_save: bool = True, subdir: str = "checkpoints"):
+  def __init__(
+      self,
+      workdir: str,
+      *,
+      every: int = 5000,
+      max_to_keep: Optional[int] = 3,
+      async_save: bool = True,
+      subdir: str = "checkpoints",
+  ):
     self.directory = os.path.abspath(os.path.join(workdir, subdir))
     self.every = int(every)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+    )
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> Optional[int]:

@@ -8,10 +8,9 @@ Model and data are built by the caller (main.py) and passed in:
     state = loop.train(config, workdir, model, init_variables_fn, train_loader_fn,
                        frozen_prefixes=optim.resnet_frozen_prefixes(2))
 
-* `config.optim` (or `config.solver`): optimizer / schedule fields (`optim.default_solver_config()`);
-  `config.train`: loop fields (`default_train_config()`; missing fields take those defaults);
-  `config.seed` (if present) overrides `train.seed`. `train.batch_size` (the global batch), when
-  present, scales the LR by `batch_size / optim.reference_batch_size` (`optim.effective_base_lr`;
+* `config.optim`: optimizer / schedule fields; `config.train`: loop fields; `config.seed`. All are
+  declared, with their defaults, in the schema (`cn2_jax.config.base_config()`), the only place
+  defaults live. `train.batch_size` (the global batch) scales the LR by `batch_size / optim.reference_batch_size` (`optim.effective_base_lr`;
   logged at start as e.g. "lr 0.02 × batch 4/16 = 0.005").
 * `init_variables_fn(rng) -> {'params', 'frozen'}`: pure (jit / eval_shape-able), e.g.
   `cn2_jax.modeling.detector.init_fn(model)`.
@@ -47,6 +46,7 @@ one-iteration-late host values as the NaN guard (no extra host sync, except that
 fetches every iteration until it is written). `divergence_factor = 0` disables it. The guard's
 history starts empty on resume.
 """
+
 from __future__ import annotations
 
 import collections
@@ -57,7 +57,6 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 
 from cn2_jax.engine import checkpoint as ckpt_lib
@@ -67,62 +66,68 @@ from cn2_jax.engine import step as step_lib
 log = logging.getLogger(__name__)
 
 
-def default_train_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      seed=0,
-      log_every=20,            # TensorBoard scalars (means over the window) + progress-bar postfix
-      checkpoint_every=5000,   # also saved at the last step of the run
-      keep_checkpoints=3,      # Orbax max_to_keep (alias: max_to_keep)
-      async_checkpoint=True,
-      eval_every=0,            # 0: never call eval_fn during training
-      check_vma=False,         # see step.py docstring
-      progress_bar=True,
-      divergence_factor=20.0,  # loss / grad norm > factor x running median = suspect; 0 disables
-      divergence_window=100,   # running-median window (iterations)
-      divergence_patience=5,   # suspect iterations in a row that stop training
-      divergence_min_steps=20,  # iterations seen before the guard can flag anything
-  ))
-
-
 class NonFiniteLossError(FloatingPointError):
   """Raised when a loss term, the total loss or the gradient norm is NaN/Inf."""
 
-  def __init__(self, iteration: int, terms: Mapping[str, float], last_checkpoint: Optional[int],
-               directory: str):
+  def __init__(
+      self,
+      iteration: int,
+      terms: Mapping[str, float],
+      last_checkpoint: Optional[int],
+      directory: str,
+  ):
     self.iteration = iteration
     self.terms = dict(terms)
     self.last_checkpoint = last_checkpoint
     bad = ", ".join(f"{k}={v}" for k, v in self.terms.items())
-    where = (f"the last good checkpoint is step {last_checkpoint} in {directory}"
-             if last_checkpoint is not None else f"no checkpoint exists in {directory}")
+    where = (
+        f"the last good checkpoint is step {last_checkpoint} in {directory}"
+        if last_checkpoint is not None
+        else f"no checkpoint exists in {directory}"
+    )
     super().__init__(
         f"Non-finite loss at iteration {iteration} (0-based loader batch {iteration}; update "
         f"state.step {iteration} -> {iteration + 1}): {bad}. Training stopped; no checkpoint was "
-        f"written from this state; {where}.")
+        f"written from this state; {where}."
+    )
 
 
 class DivergenceError(FloatingPointError):
   """Raised when the loss or gradient norm explodes (finite) for several iterations in a row."""
 
-  def __init__(self, iteration: int, report: Mapping[str, Any], last_checkpoint: Optional[int],
-               directory: str, lr: Optional[float], lr_note: str):
+  def __init__(
+      self,
+      iteration: int,
+      report: Mapping[str, Any],
+      last_checkpoint: Optional[int],
+      directory: str,
+      lr: Optional[float],
+      lr_note: str,
+  ):
     self.iteration = iteration
     self.report = dict(report)
-    self.terms = dict(report["terms"])      # exploding loss terms: name -> (value, median)
+    self.terms = dict(report["terms"])  # exploding loss terms: name -> (value, median)
     self.last_checkpoint = last_checkpoint
     self.lr = lr
     f = report["factor"]
-    watched = ", ".join(f"{k}={v:.4g} (median {med:.4g})"
-                        for k, (v, med) in report["watched"].items())
+    watched = ", ".join(
+        f"{k}={v:.4g} (median {med:.4g})" for k, (v, med) in report["watched"].items()
+    )
     if self.terms:
       terms = ", ".join(f"{k}={v:.4g} (median {med:.4g})" for k, (v, med) in self.terms.items())
     else:
       terms = f"none (no single loss term exceeds {f:g}x its median)"
-    where = (f"the last good checkpoint is step {last_checkpoint} in {directory}"
-             if last_checkpoint is not None else f"no checkpoint exists in {directory}")
+    where = (
+        f"the last good checkpoint is step {last_checkpoint} in {directory}"
+        if last_checkpoint is not None
+        else f"no checkpoint exists in {directory}"
+    )
     lr_txt = f"{lr:.4g}" if lr is not None and math.isfinite(lr) else "unknown"
-    rerun = (f"rerun to resume from step {last_checkpoint}" if last_checkpoint is not None
-             else "rerun (from scratch)")
+    rerun = (
+        f"rerun to resume from step {last_checkpoint}"
+        if last_checkpoint is not None
+        else "rerun (from scratch)"
+    )
     super().__init__(
         f"Training diverged at iteration {iteration} (update state.step {iteration} -> "
         f"{iteration + 1}): for {report['patience']} iterations in a row (since iteration "
@@ -131,7 +136,8 @@ class DivergenceError(FloatingPointError):
         f"Training stopped; no checkpoint was written from the diverged state; {where}. "
         f"The learning rate at this iteration was {lr_txt} ({lr_note}): lower optim.base_lr, "
         f"check optim.reference_batch_size or lengthen optim.warmup_iters, then {rerun} "
-        f"(train.divergence_factor=0 disables this check).")
+        f"(train.divergence_factor=0 disables this check)."
+    )
 
 
 class DivergenceGuard:
@@ -144,10 +150,12 @@ class DivergenceGuard:
   exploding value itself never raises its own threshold; exploding values do enter the history,
   but `patience` of them cannot move a median over `min_steps` or more values far.
   """
+
   WATCHED = ("total_loss", "grad_norm")
 
-  def __init__(self, factor: float = 20.0, window: int = 100, patience: int = 5,
-               min_steps: int = 20):
+  def __init__(
+      self, factor: float = 20.0, window: int = 100, patience: int = 5, min_steps: int = 20
+  ):
     self.factor = float(factor)
     self.window = int(window)
     self.patience = max(int(patience), 1)
@@ -155,8 +163,9 @@ class DivergenceGuard:
     if self.factor < 0 or (self.factor and self.factor <= 1):
       raise ValueError(f"train.divergence_factor must be 0 (off) or > 1, got {factor}")
     if self.enabled and self.window < self.min_steps:
-      raise ValueError(f"train.divergence_window={window} must be >= divergence_min_steps="
-                       f"{min_steps}")
+      raise ValueError(
+          f"train.divergence_window={window} must be >= divergence_min_steps=" f"{min_steps}"
+      )
     self._hist: dict[str, collections.deque] = {}
     self.streak = 0
     self._first = None
@@ -178,8 +187,11 @@ class DivergenceGuard:
       return None
     keys = [k for k in metrics if k in self.WATCHED or _is_loss_term(k)]
     med = {k: self._median(k) for k in keys}
-    watched = {k: (float(metrics[k]), med[k]) for k in self.WATCHED
-               if k in metrics and med.get(k) is not None}
+    watched = {
+        k: (float(metrics[k]), med[k])
+        for k in self.WATCHED
+        if k in metrics and med.get(k) is not None
+    }
     flagged = any(v > self.factor * m for v, m in watched.values())
     for k in keys:
       self._hist.setdefault(k, collections.deque(maxlen=self.window)).append(float(metrics[k]))
@@ -191,12 +203,20 @@ class DivergenceGuard:
     if self.streak < self.patience:
       return None
     # Exploding terms, largest increase first (the term that blew up leads the message).
-    terms = {k: (float(metrics[k]), med[k]) for k in keys
-             if k not in self.WATCHED and med[k] is not None
-             and float(metrics[k]) > self.factor * med[k]}
+    terms = {
+        k: (float(metrics[k]), med[k])
+        for k in keys
+        if k not in self.WATCHED and med[k] is not None and float(metrics[k]) > self.factor * med[k]
+    }
     terms = dict(sorted(terms.items(), key=lambda kv: kv[1][1] - kv[1][0]))
-    return dict(watched=watched, terms=terms, first=self._first, factor=self.factor,
-                window=self.window, patience=self.patience)
+    return dict(
+        watched=watched,
+        terms=terms,
+        first=self._first,
+        factor=self.factor,
+        window=self.window,
+        patience=self.patience,
+    )
 
 
 def maybe_initialize_distributed() -> bool:
@@ -215,9 +235,11 @@ def maybe_initialize_distributed() -> bool:
   if env.get("JAX_COORDINATOR_ADDRESS"):
     num = env.get("JAX_NUM_PROCESSES")
     pid = env.get("JAX_PROCESS_ID")
-    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                               num_processes=int(num) if num else None,
-                               process_id=int(pid) if pid else None)
+    jax.distributed.initialize(
+        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(num) if num else None,
+        process_id=int(pid) if pid else None,
+    )
     return True
   if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
     jax.distributed.initialize()
@@ -225,25 +247,29 @@ def maybe_initialize_distributed() -> bool:
   return False
 
 
-def _train_cfg(config) -> ml_collections.ConfigDict:
-  tc = default_train_config()
-  user = getattr(config, "train", None)
-  if user is not None:
-    for k in (user.keys() if hasattr(user, "keys") else vars(user)):
-      tc[k] = user[k] if hasattr(user, "keys") else getattr(user, k)
-  if "max_to_keep" in tc:
-    tc.keep_checkpoints = tc.max_to_keep
-  if getattr(config, "seed", None) is not None:
-    tc.seed = int(config.seed)
+def _train_cfg(config):
+  """`config.train` (every key declared in cn2_jax/config.py, the only place defaults live)."""
+  tc = config.train
+  missing = [k for k in _LOOP_KEYS if k not in tc]
+  if missing:
+    raise KeyError(f"config.train lacks {missing}: start from cn2_jax.config.base_config()")
   return tc
 
 
-def _solver_cfg(config):
-  for name in ("optim", "solver"):
-    sub = getattr(config, name, None)
-    if sub is not None:
-      return sub
-  raise ValueError("config needs an `optim` (or `solver`) section, see optim.default_solver_config()")
+# The config.train keys the loop reads (all declared in the schema).
+_LOOP_KEYS = (
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "async_checkpoint",
+    "eval_every",
+    "check_vma",
+    "progress_bar",
+    "divergence_factor",
+    "divergence_window",
+    "divergence_patience",
+    "divergence_min_steps",
+)
 
 
 def _is_loss_term(k: str) -> bool:
@@ -261,16 +287,21 @@ def _to_device(batch: Mapping[str, Any], mesh) -> dict:
   return step_lib.shard_batch(batch, mesh)
 
 
-def train(config: Any, workdir: str, model: Any,
-          init_variables_fn: Callable[[jax.Array], Mapping[str, Any]],
-          train_loader_fn: Callable[[int], Iterable[Mapping[str, Any]]], *,
-          mesh=None,
-          frozen_prefixes: Sequence[str] = (),
-          no_decay_fn: Callable[[str], bool] = optim.is_norm_param,
-          load_pretrained_fn: Optional[Callable[[Any], Any]] = None,
-          eval_fn: Optional[Callable[[step_lib.TrainState, int], Mapping[str, float]]] = None,
-          metrics_callback: Optional[Callable[[int, Mapping[str, float]], None]] = None,
-          stop_at_step: Optional[int] = None) -> step_lib.TrainState:
+def train(
+    config: Any,
+    workdir: str,
+    model: Any,
+    init_variables_fn: Callable[[jax.Array], Mapping[str, Any]],
+    train_loader_fn: Callable[[int], Iterable[Mapping[str, Any]]],
+    *,
+    mesh=None,
+    frozen_prefixes: Sequence[str] = (),
+    no_decay_fn: Callable[[str], bool] = optim.is_norm_param,
+    load_pretrained_fn: Optional[Callable[[Any], Any]] = None,
+    eval_fn: Optional[Callable[[step_lib.TrainState, int], Mapping[str, float]]] = None,
+    metrics_callback: Optional[Callable[[int, Mapping[str, float]], None]] = None,
+    stop_at_step: Optional[int] = None,
+) -> step_lib.TrainState:
   """Train (or resume) until `config.optim.max_iter` updates; returns the final state.
 
   `stop_at_step` ends this run early at that step (saving a checkpoint there) without changing the
@@ -280,12 +311,14 @@ def train(config: Any, workdir: str, model: Any,
   under `eval/`. Raises `NonFiniteLossError` on a NaN/Inf loss and `DivergenceError` on an
   exploding one (see module docstring).
   """
-  solver = _solver_cfg(config)
+  solver = config.optim
   tc = _train_cfg(config)
-  batch_size = int(tc.batch_size) if tc.get("batch_size") else None
+  seed = int(config.seed)
+  batch_size = int(tc.batch_size)
   lr_note = optim.lr_scaling_message(solver, batch_size)
-  guard = DivergenceGuard(tc.divergence_factor, tc.divergence_window, tc.divergence_patience,
-                          tc.divergence_min_steps)
+  guard = DivergenceGuard(
+      tc.divergence_factor, tc.divergence_window, tc.divergence_patience, tc.divergence_min_steps
+  )
   mesh = step_lib.make_mesh() if mesh is None else mesh
   frozen_prefixes = tuple(frozen_prefixes)
   is_main = jax.process_index() == 0
@@ -296,9 +329,13 @@ def train(config: Any, workdir: str, model: Any,
   abstract = step_lib.abstract_train_state(init_variables_fn, tx, mesh)
   optim.validate_frozen_prefixes(abstract.params, frozen_prefixes)
 
-  ckpt = ckpt_lib.Checkpointer(workdir, every=tc.checkpoint_every, max_to_keep=tc.keep_checkpoints,
-                               async_save=tc.async_checkpoint)
-  rng = jax.random.PRNGKey(tc.seed)
+  ckpt = ckpt_lib.Checkpointer(
+      workdir,
+      every=tc.checkpoint_every,
+      max_to_keep=tc.keep_checkpoints,
+      async_save=tc.async_checkpoint,
+  )
+  rng = jax.random.PRNGKey(seed)
   latest = ckpt.latest_step()
   if latest is not None:
     state = ckpt.restore(abstract, latest)
@@ -320,15 +357,18 @@ def train(config: Any, workdir: str, model: Any,
     return state
 
   log.info("%s", lr_note)
-  train_step = step_lib.make_train_step(model, tx, mesh, frozen_prefixes=frozen_prefixes,
-                                        lr_schedule=schedule, check_vma=tc.check_vma)
+  train_step = step_lib.make_train_step(
+      model, tx, mesh, frozen_prefixes=frozen_prefixes, lr_schedule=schedule, check_vma=tc.check_vma
+  )
   writer = None
   if is_main:
     from tensorboardX import SummaryWriter
+
     writer = SummaryWriter(logdir=workdir, purge_step=start + 1)
   pbar = None
   if is_main and tc.progress_bar:
     from tqdm import tqdm
+
     pbar = tqdm(total=max_iter, initial=start, desc="train", dynamic_ncols=True, smoothing=0.1)
 
   window: list[dict] = []
@@ -339,8 +379,9 @@ def train(config: Any, workdir: str, model: Any,
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     bad = {k: v for k, v in m.items() if _is_loss_term(k) and not math.isfinite(v)}
     if bad:
-      bad.update({k: v for k, v in m.items() if k.startswith(step_lib.AUX_PREFIX)
-                  and not math.isfinite(v)})
+      bad.update(
+          {k: v for k, v in m.items() if k.startswith(step_lib.AUX_PREFIX) and not math.isfinite(v)}
+      )
       ckpt.wait()
       raise NonFiniteLossError(it_k, bad, ckpt.latest_step(), ckpt.directory)
     window.append(m)
@@ -366,8 +407,12 @@ def train(config: Any, workdir: str, model: Any,
       writer.add_scalar("train/images_per_sec", ips, step)
       writer.flush()
     if pbar is not None:
-      pbar.set_postfix(loss=f"{means['total_loss']:.4f}", lr=f"{means['lr']:.2e}",
-                       img_s=f"{ips:.1f}", refresh=False)
+      pbar.set_postfix(
+          loss=f"{means['total_loss']:.4f}",
+          lr=f"{means['lr']:.2e}",
+          img_s=f"{ips:.1f}",
+          refresh=False,
+      )
 
   loader = iter(train_loader_fn(start))
   pending = None
@@ -391,8 +436,11 @@ def train(config: Any, workdir: str, model: Any,
         state_["t"], state_["images"] = time.perf_counter(), 0
       log_now = done % tc.log_every == 0 or done == end
       save_now = ckpt.should_save(done) or done == end
-      eval_now = eval_fn is not None and tc.eval_every > 0 and (
-          done % tc.eval_every == 0 or done == max_iter)
+      eval_now = (
+          eval_fn is not None
+          and tc.eval_every > 0
+          and (done % tc.eval_every == 0 or done == max_iter)
+      )
       if pending is not None and (log_now or save_now or eval_now or deferred_save):
         consume(*pending)
         pending = None
@@ -403,12 +451,20 @@ def train(config: Any, workdir: str, model: Any,
         # gradient norm looked normal); otherwise the save waits for a normal iteration.
         if guard.suspect:
           if not deferred_save:
-            log.warning("iteration %d: loss or gradient norm > %gx its running median; "
-                        "checkpoint of step %d deferred", k, guard.factor, done)
+            log.warning(
+                "iteration %d: loss or gradient norm > %gx its running median; "
+                "checkpoint of step %d deferred",
+                k,
+                guard.factor,
+                done,
+            )
           deferred_save = True
           if done == end:
-            log.warning("run ended while the loss looked diverging: no final checkpoint; the "
-                        "newest checkpoint is step %s", ckpt.latest_step())
+            log.warning(
+                "run ended while the loss looked diverging: no final checkpoint; the "
+                "newest checkpoint is step %s",
+                ckpt.latest_step(),
+            )
         else:
           ckpt.save(done, state, force=done == end or deferred_save)
           deferred_save = False

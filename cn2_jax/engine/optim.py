@@ -17,10 +17,10 @@ The update for one trainable leaf, matching torch SGD as detectron2 drives it, i
 with `step` the number of updates already applied (0 for the first update), as detectron2's
 scheduler: the first iteration uses lr = base_lr * warmup_factor.
 
-Config fields read (an `ml_collections.ConfigDict` or any attribute object, see
-`default_solver_config()`): base_lr, reference_batch_size, momentum, weight_decay,
-weight_decay_norm, warmup_iters, warmup_factor, steps, gamma, max_iter, schedule
-('multistep' | 'cosine'), clip_value (<= 0 disables).
+Config fields read (`config.optim`; the schema in cn2_jax/config.py holds every default): base_lr,
+reference_batch_size, momentum, weight_decay, weight_decay_norm, warmup_iters, warmup_factor,
+steps, gamma, max_iter, schedule ('multistep' | 'cosine'), clip_value (<= 0 disables), clip_norm
+(global L2 norm; <= 0 disables).
 
 Linear LR scaling (`effective_base_lr`): `base_lr` is the LR for a global batch of
 `reference_batch_size` images (16 = the official 8 GPUs x 2). When the training batch differs, the
@@ -33,6 +33,7 @@ written: a small config's iteration counts are chosen for its run time, and sile
 them by 4 at batch 4 would surprise more than it helps. To reproduce a batch-16 schedule at a
 smaller batch, multiply them by reference_batch_size / batch_size yourself.
 """
+
 from __future__ import annotations
 
 import re
@@ -40,41 +41,21 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 # Labels produced by `param_labels`.
-DECAY = "decay"          # weight_decay
-NO_DECAY = "no_decay"    # weight_decay_norm (GroupNorm scale/bias)
-FROZEN = "frozen"        # zero update, no optimizer state
+DECAY = "decay"  # weight_decay
+NO_DECAY = "no_decay"  # weight_decay_norm (GroupNorm scale/bias)
+FROZEN = "frozen"  # zero update, no optimizer state
 
 
-def default_solver_config() -> ml_collections.ConfigDict:
-  """detectron2 / CenterNet2_R50_1x solver defaults (spec §7), for batch 16."""
-  return ml_collections.ConfigDict(dict(
-      base_lr=0.02,
-      reference_batch_size=16,   # base_lr is for this global batch; 0 = no LR scaling
-      momentum=0.9,
-      weight_decay=1e-4,
-      weight_decay_norm=0.0,
-      warmup_iters=4000,
-      warmup_factor=0.00025,
-      steps=(60000, 80000),
-      gamma=0.1,
-      max_iter=90000,
-      schedule="multistep",
-      clip_value=1.0,
-  ))
-
-
-# ----------------------------------------------------------------------------------------------
-# Learning-rate schedule
-# ----------------------------------------------------------------------------------------------
 def _reference_batch(cfg: Any) -> int:
-  ref = getattr(cfg, "reference_batch_size", 0) or 0
+  ref = cfg.reference_batch_size or 0
   if int(ref) != ref or ref < 0:
-    raise ValueError(f"optim.reference_batch_size must be a non-negative integer (0 = no LR "
-                     f"scaling), got {ref!r}")
+    raise ValueError(
+        f"optim.reference_batch_size must be a non-negative integer (0 = no LR "
+        f"scaling), got {ref!r}"
+    )
   return int(ref)
 
 
@@ -121,9 +102,9 @@ def make_lr_schedule(cfg: Any, batch_size: Optional[int] = None) -> optax.Schedu
   base_lr = effective_base_lr(cfg, batch_size)
   warmup_iters = int(cfg.warmup_iters)
   warmup_factor = float(cfg.warmup_factor)
-  kind = str(getattr(cfg, "schedule", "multistep"))
-  milestones = tuple(int(s) for s in getattr(cfg, "steps", ()))
-  gamma = float(getattr(cfg, "gamma", 0.1))
+  kind = str(cfg.schedule)
+  milestones = tuple(int(s) for s in cfg.steps)
+  gamma = float(cfg.gamma)
   max_iter = int(cfg.max_iter)
   if kind not in ("multistep", "cosine"):
     raise ValueError(f"solver.schedule must be 'multistep' or 'cosine', got {kind!r}")
@@ -195,8 +176,11 @@ def _matches_prefix(path: str, prefix: str) -> bool:
   return path == prefix or path.startswith(prefix + ".")
 
 
-def param_labels(params: Any, frozen_prefixes: Iterable[str] = (),
-                 no_decay_fn: Callable[[str], bool] = is_norm_param) -> Any:
+def param_labels(
+    params: Any,
+    frozen_prefixes: Iterable[str] = (),
+    no_decay_fn: Callable[[str], bool] = is_norm_param,
+) -> Any:
   """Pytree (same structure as `params`) of labels FROZEN / NO_DECAY / DECAY.
 
   A leaf is FROZEN when its '.'-joined path equals a prefix or starts with `prefix + '.'` (a
@@ -215,7 +199,9 @@ def param_labels(params: Any, frozen_prefixes: Iterable[str] = (),
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def resnet_frozen_prefixes(freeze_at: int, bottom_up: str = "backbone.bottom_up") -> tuple[str, ...]:
+def resnet_frozen_prefixes(
+    freeze_at: int, bottom_up: str = "backbone.bottom_up"
+) -> tuple[str, ...]:
   """detectron2 ResNet FREEZE_AT: 0 nothing, 1 the stem, k >= 2 the stem and res2..res{k}."""
   out = []
   if freeze_at >= 1:
@@ -233,27 +219,32 @@ def validate_frozen_prefixes(params: Any, frozen_prefixes: Iterable[str]) -> Non
   paths = [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   for f in frozen_prefixes:
     if not any(_matches_prefix(p, f) for p in paths):
-      raise ValueError(f"frozen prefix {f!r} matches no parameter "
-                       f"(paths look like {paths[:3]}...)")
+      raise ValueError(
+          f"frozen prefix {f!r} matches no parameter " f"(paths look like {paths[:3]}...)"
+      )
 
 
 def _sgd(cfg: Any, weight_decay: float, schedule: optax.Schedule) -> optax.GradientTransformation:
   parts = []
-  clip_value = float(getattr(cfg, "clip_value", 0.0) or 0.0)
+  clip_value = float(cfg.clip_value)
   if clip_value > 0:
     parts.append(optax.clip(clip_value))
   if weight_decay > 0:
     parts.append(optax.add_decayed_weights(weight_decay))
-  momentum = float(getattr(cfg, "momentum", 0.0) or 0.0)
+  momentum = float(cfg.momentum)
   if momentum > 0:
     parts.append(optax.trace(decay=momentum, nesterov=False))
   parts.append(optax.scale_by_learning_rate(schedule))
   return optax.chain(*parts)
 
 
-def make_optimizer(cfg: Any, params: Optional[Any] = None, frozen_prefixes: Sequence[str] = (),
-                   no_decay_fn: Callable[[str], bool] = is_norm_param,
-                   batch_size: Optional[int] = None) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: Any,
+    params: Optional[Any] = None,
+    frozen_prefixes: Sequence[str] = (),
+    no_decay_fn: Callable[[str], bool] = is_norm_param,
+    batch_size: Optional[int] = None,
+) -> optax.GradientTransformation:
   """clip-by-value -> weight decay (per group) -> SGD momentum -> -lr(step); frozen -> zero.
 
   `params` (optional) is only used to validate `frozen_prefixes`: a prefix that matches no
@@ -266,12 +257,17 @@ def make_optimizer(cfg: Any, params: Optional[Any] = None, frozen_prefixes: Sequ
     validate_frozen_prefixes(params, frozen_prefixes)
   schedule = make_lr_schedule(cfg, batch_size)
   wd = float(cfg.weight_decay)
-  wd_norm = float(getattr(cfg, "weight_decay_norm", 0.0) or 0.0)
+  wd_norm = float(cfg.weight_decay_norm)
   transforms = {
       DECAY: _sgd(cfg, wd, schedule),
       NO_DECAY: _sgd(cfg, wd_norm, schedule),
       FROZEN: optax.set_to_zero(),
   }
   labels = lambda p: param_labels(p, frozen_prefixes, no_decay_fn)
-  return optax.multi_transform(transforms, labels)
-
+  opt = optax.multi_transform(transforms, labels)
+  clip_norm = float(cfg.clip_norm)
+  if clip_norm > 0:
+    # MMDetection's grad_clip=dict(max_norm=35): one global L2 norm over every gradient (frozen
+    # ones are zero), before the per-group steps. Not detectron2's per-parameter "norm" type.
+    opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt)
+  return opt

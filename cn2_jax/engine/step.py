@@ -16,6 +16,7 @@ Choice: **`check_vma=False` by default** (exactly pmap semantics: per-device gra
 explicit `lax.pmean`). `check_vma=True` is supported too: the already-summed gradients are divided
 by the axis size instead. Both are tested against a 1-device run on the same global batch.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -61,8 +62,9 @@ def _num_local_devices(mesh: Mesh) -> int:
   return sum(1 for d in mesh.devices.flat if d.process_index == pid)
 
 
-def shard_batch(batch: Mapping[str, Any], mesh: Mesh,
-                keys: Optional[Sequence[str]] = None) -> dict[str, jax.Array]:
+def shard_batch(
+    batch: Mapping[str, Any], mesh: Mesh, keys: Optional[Sequence[str]] = None
+) -> dict[str, jax.Array]:
   """Host (numpy) batch -> global `jax.Array`s sharded `P('data')` on the leading axis.
 
   Each process passes its own local slice (leading dim = per-process batch); the global batch is
@@ -79,7 +81,8 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh,
     if x.ndim == 0 or x.shape[0] % n_local:
       raise ValueError(
           f"shard_batch: leaf {k!r} has shape {x.shape}; its leading (batch) dim must be divisible "
-          f"by the {n_local} local device(s) of the mesh (per-device batch must be an integer)")
+          f"by the {n_local} local device(s) of the mesh (per-device batch must be an integer)"
+      )
     if not jax.config.jax_enable_x64 and x.dtype.itemsize == 8:
       x = x.astype({"i": np.int32, "u": np.uint32, "f": np.float32}.get(x.dtype.kind, x.dtype))
     out[k] = jax.make_array_from_process_local_data(sharding, x)
@@ -97,7 +100,8 @@ def _check_divisible(batch: Any, n: int, what: str) -> None:
     if len(shape) == 0 or shape[0] % n:
       raise ValueError(
           f"{what}: batch leaf {jax.tree_util.keystr(kp)} has shape {tuple(shape)}; the leading "
-          f"(global batch) dim must be divisible by the {n} device(s) of the 'data' mesh axis")
+          f"(global batch) dim must be divisible by the {n} device(s) of the 'data' mesh axis"
+      )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,6 +116,7 @@ class TrainState:
   derives per-image keys from the *global* image index (device index x per-device batch + i), so
   random sampling does not depend on how the batch is split over devices.
   """
+
   step: jax.Array
   params: Any
   frozen: Any
@@ -138,8 +143,9 @@ def _raw_key(rng) -> jax.Array:
   return rng
 
 
-def make_train_state_fn(init_variables_fn: Callable[[jax.Array], Mapping[str, Any]],
-                        tx: optax.GradientTransformation) -> Callable[[jax.Array], TrainState]:
+def make_train_state_fn(
+    init_variables_fn: Callable[[jax.Array], Mapping[str, Any]], tx: optax.GradientTransformation
+) -> Callable[[jax.Array], TrainState]:
   """`rng -> TrainState` (pure, jit/eval_shape-able): `init_variables_fn(init_key)` then `tx.init`."""
 
   def fn(rng):
@@ -149,10 +155,17 @@ def make_train_state_fn(init_variables_fn: Callable[[jax.Array], Mapping[str, An
     params = variables.pop("params")
     frozen = variables.pop("frozen", {})
     if variables:
-      raise ValueError(f"unexpected variable collections {sorted(variables)} "
-                       "(the Model API has only 'params' and 'frozen')")
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
-                      opt_state=tx.init(params), rng=state_key)
+      raise ValueError(
+          f"unexpected variable collections {sorted(variables)} "
+          "(the Model API has only 'params' and 'frozen')"
+      )
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        frozen=frozen,
+        opt_state=tx.init(params),
+        rng=state_key,
+    )
 
   return fn
 
@@ -189,10 +202,16 @@ def total_loss(losses: Mapping[str, jax.Array]) -> jax.Array:
   return sum(terms)
 
 
-def make_train_step(model: flax.linen.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
-                    frozen_prefixes: Sequence[str] = (),
-                    lr_schedule: Optional[optax.Schedule] = None,
-                    check_vma: bool = False, donate: bool = True):
+def make_train_step(
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    frozen_prefixes: Sequence[str] = (),
+    lr_schedule: Optional[optax.Schedule] = None,
+    check_vma: bool = False,
+    donate: bool = True,
+):
   """Returns jitted `train_step(state, batch) -> (state, metrics)`.
 
   * `batch`: dict of arrays with the global batch on the leading axis (use `shard_batch`); the
@@ -215,8 +234,9 @@ def make_train_step(model: flax.linen.Module, tx: optax.GradientTransformation, 
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-      losses = model_d.apply(_variables(params, state.frozen), batch, train=True,
-                             rngs={"sampling": rng})
+      losses = model_d.apply(
+          _variables(params, state.frozen), batch, train=True, rngs={"sampling": rng}
+      )
       return total_loss(losses), losses
 
     (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -237,15 +257,19 @@ def make_train_step(model: flax.linen.Module, tx: optax.GradientTransformation, 
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in losses.items()}
     metrics["total_loss"] = total
     metrics = jax.lax.pmean(metrics, DATA_AXIS)
-    metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
-                                        for g in trainable)) if trainable else jnp.float32(0)
+    metrics["grad_norm"] = (
+        jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in trainable))
+        if trainable
+        else jnp.float32(0)
+    )
     if lr_schedule is not None:
       metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                          out_specs=(P(), P()), check_vma=check_vma)
+  sharded = jax.shard_map(
+      per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()), check_vma=check_vma
+  )
 
   def train_step(state, batch):
     _check_divisible(batch, n_dev, "train_step")
@@ -267,8 +291,13 @@ def make_eval_step(model: flax.linen.Module, mesh: Mesh, *, check_vma: bool = Fa
   def per_device(variables, batch):
     return model_d.apply(variables, batch, train=False)
 
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                          out_specs=P(DATA_AXIS), check_vma=check_vma)
+  sharded = jax.shard_map(
+      per_device,
+      mesh=mesh,
+      in_specs=(P(), P(DATA_AXIS)),
+      out_specs=P(DATA_AXIS),
+      check_vma=check_vma,
+  )
 
   def eval_step(variables, batch):
     _check_divisible(batch, n_dev, "eval_step")

@@ -13,6 +13,7 @@ computation by
   * clamping ROIAlign samples at the canvas border (`roi_align.multilevel_roi_align(valid_hw=)`).
 On the official canvas itself every mask is all-True and changes nothing.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -25,8 +26,7 @@ import jax.numpy as jnp
 SIZE_DIVISIBILITY = 32
 
 
-def official_canvas(image_hw: jax.Array,
-                    size_divisibility: int = SIZE_DIVISIBILITY) -> jax.Array:
+def official_canvas(image_hw: jax.Array, size_divisibility: int = SIZE_DIVISIBILITY) -> jax.Array:
   """`[2]` int32: the canvas the official code pads this batch to (`ImageList.from_tensors`):
   the largest image of `image_hw` `[B, 2]`, rounded up to `size_divisibility`. Under
   `shard_map` the batch is the per-device batch, like the official per-GPU padding."""
@@ -34,8 +34,9 @@ def official_canvas(image_hw: jax.Array,
   return -(-hw // size_divisibility) * size_divisibility
 
 
-def canvas_masks(image_hw: jax.Array, level_shapes, strides,
-                 size_divisibility: int = SIZE_DIVISIBILITY) -> list:
+def canvas_masks(
+    image_hw: jax.Array, level_shapes, strides, size_divisibility: int = SIZE_DIVISIBILITY
+) -> list:
   """Per level `[B, H_l, W_l]` bool: the locations on the official canvas (`official_canvas`),
   `ceil(canvas / stride)` rows/columns at each level (stride-2 convs round up).
 
@@ -45,8 +46,10 @@ def canvas_masks(image_hw: jax.Array, level_shapes, strides,
   official results.
   """
   canvas = official_canvas(image_hw, size_divisibility)
-  return [jnp.broadcast_to(canvas_mask(hw, canvas, s), (image_hw.shape[0],) + tuple(hw))
-          for hw, s in zip(level_shapes, strides)]
+  return [
+      jnp.broadcast_to(canvas_mask(hw, canvas, s), (image_hw.shape[0],) + tuple(hw))
+      for hw, s in zip(level_shapes, strides)
+  ]
 
 
 def canvas_mask(hw, canvas_hw: Optional[jax.Array], stride: int) -> Optional[jax.Array]:

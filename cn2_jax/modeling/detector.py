@@ -3,6 +3,7 @@ describe its variables, a dummy batch, and mapping detections back to the origin
 
 The detector families live in `modeling/meta_arch/` (CenterNet2: `meta_arch/centernet2.py`).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -16,16 +17,18 @@ from cn2_jax.modeling.ops import boxes as box_ops
 from cn2_jax.modeling import meta_arch
 from cn2_jax.modeling.meta_arch.centernet2 import CenterNet2  # noqa: F401  (the class, for users)
 
-def build_model(model_config: ml_collections.ConfigDict,
-                axis_name: Optional[str] = None) -> nn.Module:
+
+def build_model(
+    model_config: ml_collections.ConfigDict, axis_name: Optional[str] = None
+) -> nn.Module:
   """The detector of `model_config.arch` (modeling/meta_arch/), e.g. `CenterNet2`."""
   return meta_arch.build_model(model_config, axis_name)
 
 
-def dummy_batch(batch_size: int = 1, hw: tuple[int, int] = (64, 64),
-                max_boxes: int = 4) -> dict:
+def dummy_batch(batch_size: int = 1, hw: tuple[int, int] = (64, 64), max_boxes: int = 4) -> dict:
   """A minimal batch obeying the batch contract (for init / shape inference)."""
   import numpy as np
+
   h, w = hw
   return dict(
       image=np.zeros((batch_size, h, w, 3), np.uint8),
@@ -57,6 +60,7 @@ def abstract_variables(model_config: ml_collections.ConfigDict) -> dict:
 def frozen_param_prefixes(model_config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """'.'-joined param path prefixes that receive no update (FREEZE_AT)."""
   from cn2_jax.modeling.backbone.resnet import frozen_param_prefixes as resnet_prefixes
+
   return tuple(f"backbone.bottom_up.{p}" for p in resnet_prefixes(model_config.freeze_at))
 
 

@@ -7,6 +7,7 @@
 
 All layers take NHWC inputs. `dtype` is the compute dtype (e.g. bfloat16); parameters are float32.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
@@ -34,6 +35,7 @@ class FrozenBatchNorm(nn.Module):
   Default values (weight 1, bias 0, mean 0, var 1 - eps) make the layer an exact identity, as
   detectron2's constructor does.
   """
+
   eps: float = 1e-5
   dtype: Dtype = jnp.float32
 
@@ -43,8 +45,9 @@ class FrozenBatchNorm(nn.Module):
     weight = self.variable(FROZEN, "weight", lambda: jnp.ones((c,), jnp.float32)).value
     bias = self.variable(FROZEN, "bias", lambda: jnp.zeros((c,), jnp.float32)).value
     mean = self.variable(FROZEN, "running_mean", lambda: jnp.zeros((c,), jnp.float32)).value
-    var = self.variable(FROZEN, "running_var",
-                        lambda: jnp.full((c,), 1.0 - self.eps, jnp.float32)).value
+    var = self.variable(
+        FROZEN, "running_var", lambda: jnp.full((c,), 1.0 - self.eps, jnp.float32)
+    ).value
     scale = weight * jax.lax.rsqrt(var + self.eps)
     shift = bias - mean * scale
     return (x * scale.astype(self.dtype) + shift.astype(self.dtype)).astype(self.dtype)
@@ -64,6 +67,7 @@ class Conv2d(nn.Module):
   Input `[N, H, W, Cin]`, output `[N, H', W', features]` in `dtype`. `norm_mask` (`[H', W']` or
   `[N, H', W']` bool) restricts GroupNorm statistics (see `GroupNorm`).
   """
+
   features: int
   kernel_size: int = 3
   strides: int = 1
@@ -77,13 +81,14 @@ class Conv2d(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, norm_mask: Optional[jax.Array] = None) -> jax.Array:
     k = self.kernel_size
-    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
-                        jnp.float32)
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
     y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype),
+        x.astype(self.dtype),
+        kernel.astype(self.dtype),
         window_strides=(self.strides, self.strides),
         padding=((self.padding, self.padding), (self.padding, self.padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
@@ -103,6 +108,7 @@ class GroupNorm(nn.Module):
   locations (the canvas the official code would have padded the batch to; see `canvas.canvas_mask`);
   every location is still normalised. All-True equals no mask.
   """
+
   num_groups: int = 32
   eps: float = 1e-5
   dtype: Dtype = jnp.float32
@@ -130,6 +136,7 @@ class GroupNorm(nn.Module):
 
 class Scale(nn.Module):
   """CenterNet's learnable scalar (param `scale`, shape (1,), init 1.0)."""
+
   init_value: float = 1.0
 
   @nn.compact

@@ -37,6 +37,7 @@ float32 noise, so it still fails. Rows that pass by this rule say so ("f32 noise
 Prints one line per compared quantity (largest normalised difference, tolerance) and exits 1 on
 any mismatch. Files of the same format with other images or weights work unchanged.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,27 +53,28 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 # README §7 tolerances (float32 port vs oneDNN).
-TOL_INPUT = 1e-6          # normalised input (exact up to the division order)
-TOL_MAP = 1e-4            # feature / head maps: |diff| <= 1e-4 * max|x| (and stats)
-TOL_TARGET = 1e-6         # targets
-TOL_LOSS = 1e-5           # losses, relative
-TOL_GRAD_SUM = 1e-3       # gradient checksums (abs_sum relative; sum relative to abs_sum)
-TOL_GRAD_FULL = 1e-3      # full gradients: max|diff| <= 1e-3 * max|g|
-TOL_GRAD_ZERO = 1e-3      # absolute, gradients that are mathematically zero
-TOL_RUNNING = 1e-4        # updated running statistics (sum / abs_sum, relative to abs_sum)
-TOL_DET_SCORE = 1e-5      # detection scores, absolute
-TOL_DET_BOX = 1e-3        # detection boxes, pixels
-TOL_DCN_F32 = 1e-5        # DCN op, relative to max|ref|
+TOL_INPUT = 1e-6  # normalised input (exact up to the division order)
+TOL_MAP = 1e-4  # feature / head maps: |diff| <= 1e-4 * max|x| (and stats)
+TOL_TARGET = 1e-6  # targets
+TOL_LOSS = 1e-5  # losses, relative
+TOL_GRAD_SUM = 1e-3  # gradient checksums (abs_sum relative; sum relative to abs_sum)
+TOL_GRAD_FULL = 1e-3  # full gradients: max|diff| <= 1e-3 * max|g|
+TOL_GRAD_ZERO = 1e-3  # absolute, gradients that are mathematically zero
+TOL_RUNNING = 1e-4  # updated running statistics (sum / abs_sum, relative to abs_sum)
+TOL_DET_SCORE = 1e-5  # detection scores, absolute
+TOL_DET_BOX = 1e-3  # detection boxes, pixels
+TOL_DCN_F32 = 1e-5  # DCN op, relative to max|ref|
 TOL_DCN_F64 = 1e-10
-NOISE_FACTOR = 3.0        # official-vs-float64 allowed, in units of our float32-vs-float64
+NOISE_FACTOR = 3.0  # official-vs-float64 allowed, in units of our float32-vs-float64
 
 # Parameters whose gradient is identically zero when BatchNorm is in training mode: a per-channel
 # bias right before a training-mode BN (README §7: compare with an absolute tolerance only).
 _ZERO_GRAD_IN_BNTRAIN = re.compile(r"^upsample\.deconv\d+\.dcn\.(dcnv2|conv)\.bias$")
 
 
-def noise_ok(off_vs_exact: float, ours_vs_exact: float, tol: float,
-             noise_floor: float = 0.0) -> bool:
+def noise_ok(
+    off_vs_exact: float, ours_vs_exact: float, tol: float, noise_floor: float = 0.0
+) -> bool:
   """The float32-noise rule: the official value is no further from the float64 reference than
   NOISE_FACTOR x the float32 noise (ours for this quantity, or the typical one)."""
   return bool(off_vs_exact <= max(tol, NOISE_FACTOR * max(ours_vs_exact, noise_floor)))
@@ -100,24 +102,34 @@ class Report:
     self.rows: List[Row] = []
     self.notes: List[str] = []
 
-  def add(self, name: str, diff: float, tol: float, detail: str = "",
-          passed: Optional[bool] = None) -> Row:
+  def add(
+      self, name: str, diff: float, tol: float, detail: str = "", passed: Optional[bool] = None
+  ) -> Row:
     row = Row(name, float(diff), float(tol), detail, passed)
     self.rows.append(row)
     return row
 
-  def add_noisy(self, name: str, diff: float, tol: float, off_vs_exact: Optional[float],
-                ours_vs_exact: Optional[float], detail: str = "",
-                noise_floor: float = 0.0) -> Row:
+  def add_noisy(
+      self,
+      name: str,
+      diff: float,
+      tol: float,
+      off_vs_exact: Optional[float],
+      ours_vs_exact: Optional[float],
+      detail: str = "",
+      noise_floor: float = 0.0,
+  ) -> Row:
     """A row that may pass by the float32-noise rule (module docstring); `noise_floor` is the
     float32 noise of comparable quantities (90th percentile; one tensor's own noise can be small
     by chance)."""
     if diff <= tol or off_vs_exact is None:
       return self.add(name, diff, tol, detail)
     ok = noise_ok(off_vs_exact, ours_vs_exact, tol, noise_floor)
-    note = (f"f32 noise: official-vs-f64 {off_vs_exact:.1e}, ours-vs-f64 {ours_vs_exact:.1e}"
-            + (f", q90 of all {noise_floor:.1e}" if noise_floor else "")
-            + ("" if ok else " (TOO FAR)"))
+    note = (
+        f"f32 noise: official-vs-f64 {off_vs_exact:.1e}, ours-vs-f64 {ours_vs_exact:.1e}"
+        + (f", q90 of all {noise_floor:.1e}" if noise_floor else "")
+        + ("" if ok else " (TOO FAR)")
+    )
     return self.add(name, diff, tol, "; ".join(x for x in (detail, note) if x), passed=ok)
 
   def row(self, name: str) -> Row:
@@ -135,14 +147,21 @@ class Report:
     lines = [f"{'quantity':<{w}}  {'max diff':>10}  {'tol':>8}  result"]
     for r in self.rows:
       res = "FAIL" if not r.ok else ("ok*" if r.passed else "ok")
-      lines.append(f"{r.name:<{w}}  {r.diff:10.3e}  {r.tol:8.1e}  {res:4s}"
-                   + (f"  {r.detail}" if r.detail else ""))
+      lines.append(
+          f"{r.name:<{w}}  {r.diff:10.3e}  {r.tol:8.1e}  {res:4s}"
+          + (f"  {r.detail}" if r.detail else "")
+      )
     lines += [f"note: {n}" for n in self.notes]
     bad = self.failures()
-    lines.append(f"{len(self.rows) - len(bad)}/{len(self.rows)} ok"
-                 + (" (ok* = within float32 noise, see the module docstring)"
-                    if any(r.passed for r in self.rows) else "")
-                 + ("" if not bad else f"; FAILED: {', '.join(r.name for r in bad[:20])}"))
+    lines.append(
+        f"{len(self.rows) - len(bad)}/{len(self.rows)} ok"
+        + (
+            " (ok* = within float32 noise, see the module docstring)"
+            if any(r.passed for r in self.rows)
+            else ""
+        )
+        + ("" if not bad else f"; FAILED: {', '.join(r.name for r in bad[:20])}")
+    )
     return "\n".join(lines)
 
 
@@ -150,10 +169,12 @@ class Report:
 # Weights.
 # ----------------------------------------------------------------------------------------------
 
+
 def regenerate_weights(spec_json) -> Dict[str, np.ndarray]:
   """The oracle state dict of a weight-spec JSON (README §4), every tensor checked against its
   stored checksums (`cn2_jax.testing.oracle.check_entry`). Raises `OracleMismatch`."""
   from cn2_jax.testing.oracle import OracleMismatch, check_entry
+
   with open(spec_json) as f:
     entries = json.load(f)["entries"]
   out, bad = {}, []
@@ -176,17 +197,20 @@ def regenerate_weights(spec_json) -> Dict[str, np.ndarray]:
       bad.append(err)
     out[e["key"]] = x
   if bad:
-    raise OracleMismatch(f"{len(bad)} regenerated tensors differ from {spec_json}:\n  "
-                         + "\n  ".join(bad[:30]))
+    raise OracleMismatch(
+        f"{len(bad)} regenerated tensors differ from {spec_json}:\n  " + "\n  ".join(bad[:30])
+    )
   return out
 
 
 def load_state_dict(weights) -> Dict[str, np.ndarray]:
   """Weight-spec JSON -> regenerated; anything else -> `load_checkpoint_file` + renaming."""
   from cn2_jax.weights import onestage as wo
+
   if str(weights).endswith(".json"):
     return regenerate_weights(weights)
   from cn2_jax.weights import load_checkpoint_file
+
   sd = load_checkpoint_file(weights)
   return dict(wo.to_centerx_names(sd, wo.detect_format(sd)))
 
@@ -195,6 +219,7 @@ def build(sd: Dict[str, np.ndarray], **overrides):
   """(model, variables) for a centerX-named state dict (architecture read off the weights)."""
   from cn2_jax.weights import onestage as wo
   from cn2_jax.modeling.onestage.model import abstract_variables, build_onestage_model
+
   cfg = wo.infer_model_config(sd)
   cfg.update(clamp_wh=False)
   cfg.update(overrides)
@@ -206,6 +231,7 @@ def build(sd: Dict[str, np.ndarray], **overrides):
 # ----------------------------------------------------------------------------------------------
 # Helpers.
 # ----------------------------------------------------------------------------------------------
+
 
 def _nchw(a) -> np.ndarray:
   return np.transpose(np.asarray(a), (0, 3, 1, 2))
@@ -228,11 +254,14 @@ def _stats_diff(ours: np.ndarray, ref: dict) -> tuple:
   scale = max(abs(ref["min"]), abs(ref["max"]), 1e-30)
   asum = max(ref["abs_sum"], 1e-30)
   # torch's .std() is the unbiased one
-  d = {"mean": abs(x.mean() - ref["mean"]) / scale,
-       "std": abs(x.std(ddof=1) - ref["std"]) / scale,
-       "min": abs(x.min() - ref["min"]) / scale, "max": abs(x.max() - ref["max"]) / scale,
-       "sum": abs(x.sum() - ref["sum"]) / asum,
-       "abs_sum": abs(np.abs(x).sum() - ref["abs_sum"]) / asum}
+  d = {
+      "mean": abs(x.mean() - ref["mean"]) / scale,
+      "std": abs(x.std(ddof=1) - ref["std"]) / scale,
+      "min": abs(x.min() - ref["min"]) / scale,
+      "max": abs(x.max() - ref["max"]) / scale,
+      "sum": abs(x.sum() - ref["sum"]) / asum,
+      "abs_sum": abs(np.abs(x).sum() - ref["abs_sum"]) / asum,
+  }
   worst = max(d, key=d.get)
   return d[worst], f"worst: {worst}"
 
@@ -243,7 +272,7 @@ def _pad_batch(images: List[np.ndarray], div: int = 32):
   hc, wc = -(-max(hs) // div) * div, -(-max(ws) // div) * div
   canvas = np.zeros((len(images), hc, wc, 3), np.uint8)
   for i, im in enumerate(images):
-    canvas[i, :im.shape[0], :im.shape[1]] = im
+    canvas[i, : im.shape[0], : im.shape[1]] = im
   return canvas, np.array([[h, w] for h, w in zip(hs, ws)], np.int32)
 
 
@@ -259,26 +288,42 @@ def _find_json(npz_path: Path) -> Optional[Path]:
 # Inference.
 # ----------------------------------------------------------------------------------------------
 
+
 def run_inference(model, variables, image: np.ndarray, orig_hw=None) -> dict:
   """Eval-mode forward on one uint8 RGB image: maps, intermediates and the decoded detections."""
   import jax
 
   from cn2_jax.modeling.onestage import decode as dec
+
   canvas, image_hw = _pad_batch([image])
   batch = dict(image=canvas, image_hw=image_hw)
 
   def fwd(v, b):
     images = model.apply(v, b["image"], b["image_hw"], method=model.preprocess)
     maps, state = model.apply(
-        v, images, False, method=model.maps, mutable=["intermediates"],
-        capture_intermediates=lambda mdl, _: mdl.name == "offset_mask_conv")
-    d = dec.decode(maps["cls"], maps["wh"], maps["reg"], k=model.max_detections,
-                   down_scale=model.down_scale, clamp_wh=model.clamp_wh)
+        v,
+        images,
+        False,
+        method=model.maps,
+        mutable=["intermediates"],
+        capture_intermediates=lambda mdl, _: mdl.name == "offset_mask_conv",
+    )
+    d = dec.decode(
+        maps["cls"],
+        maps["wh"],
+        maps["reg"],
+        k=model.max_detections,
+        down_scale=model.down_scale,
+        clamp_wh=model.clamp_wh,
+    )
     return images, maps, state["intermediates"], d
 
   images, maps, inter, d = jax.jit(fwd)(variables, batch)
-  out = {"input": np.asarray(images), "c5": np.asarray(inter["c5"][0]),
-         "neck": np.asarray(inter["neck"][0])}
+  out = {
+      "input": np.asarray(images),
+      "c5": np.asarray(inter["c5"][0]),
+      "neck": np.asarray(inter["neck"][0]),
+  }
   for k in ("cls", "wh", "reg"):
     out[k] = np.asarray(maps[k])
   up = inter["upsample"]
@@ -290,8 +335,10 @@ def run_inference(model, variables, image: np.ndarray, orig_hw=None) -> dict:
   dets = {k: np.asarray(v) for k, v in d.items()}
   if orig_hw is not None:
     from cn2_jax.modeling.onestage.decode import rescale_boxes
-    dets["boxes_orig"] = np.asarray(rescale_boxes(d["boxes"], image_hw,
-                                                  np.asarray([orig_hw], np.int32)))
+
+    dets["boxes_orig"] = np.asarray(
+        rescale_boxes(d["boxes"], image_hw, np.asarray([orig_hw], np.int32))
+    )
   out["dets"] = dets
   return out
 
@@ -306,14 +353,16 @@ def match_detections(ours: dict, ref_scores, ref_classes, ref_index, atol=TOL_DE
   un_o = [key_o[k] for k in key_o if k not in key_r]
   un_r = [key_r[k] for k in key_r if k not in key_o]
   min_o, min_r = float(np.min(ours["scores"])), float(np.min(ref_scores))
-  tail_ok = (all(float(ref_scores[j]) <= min_o + atol for j in un_r) and
-             all(float(ours["scores"][i]) <= min_r + atol for i in un_o))
+  tail_ok = all(float(ref_scores[j]) <= min_o + atol for j in un_r) and all(
+      float(ours["scores"][i]) <= min_r + atol for i in un_o
+  )
   return pairs, tail_ok, un_o, un_r
 
 
 def _f64_reference(sd: Dict[str, np.ndarray], fn: Callable):
   """Runs `fn(model, variables)` on the float64 model (under `jax.enable_x64`)."""
   import jax
+
   with jax.enable_x64(True):
     sd64 = {k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in sd.items()}
     model, variables, _ = build(sd64, dtype="float64")
@@ -321,8 +370,14 @@ def _f64_reference(sd: Dict[str, np.ndarray], fn: Callable):
     return fn(model, variables)
 
 
-def compare_inference(model, variables, npz_path, js: Optional[dict], report: Report,
-                      sd: Optional[Dict[str, np.ndarray]] = None):
+def compare_inference(
+    model,
+    variables,
+    npz_path,
+    js: Optional[dict],
+    report: Report,
+    sd: Optional[Dict[str, np.ndarray]] = None,
+):
   """Inference comparisons; `sd` (the state dict) enables the float64 reference."""
   z = np.load(npz_path)
   info = (js or {}).get("inference", {})
@@ -345,34 +400,48 @@ def compare_inference(model, variables, npz_path, js: Optional[dict], report: Re
   c5 = _nchw(out["c5"])
   if "c5_crop" in z.files:
     ref = z["c5_crop"]
-    report.add("infer/c5 crop", _rel(c5[0, :ref.shape[0], :ref.shape[1], :ref.shape[2]], ref),
-               TOL_MAP)
+    report.add(
+        "infer/c5 crop", _rel(c5[0, : ref.shape[0], : ref.shape[1], : ref.shape[2]], ref), TOL_MAP
+    )
   st("infer/c5 stats", c5, "c5_stats")
   if "deconv1_offset_mask_raw" in z.files and out["offset_mask1"] is not None:
-    report.add("infer/deconv1 offset_mask_conv", _rel(_nchw(out["offset_mask1"])[0],
-                                                      z["deconv1_offset_mask_raw"]), TOL_MAP)
+    report.add(
+        "infer/deconv1 offset_mask_conv",
+        _rel(_nchw(out["offset_mask1"])[0], z["deconv1_offset_mask_raw"]),
+        TOL_MAP,
+    )
   for i in (1, 2, 3):
     st(f"infer/deconv{i} out stats", _nchw(out[f"deconv{i}"]), f"deconv{i}_out_stats")
     om = out[f"offset_mask{i}"]
     if om is not None:
       om = _nchw(om)
       n = om.shape[1] // 3
-      st(f"infer/deconv{i} offset stats", om[:, :2 * n], f"deconv{i}_offset_stats")
-      st(f"infer/deconv{i} mask stats", 1 / (1 + np.exp(-om[:, 2 * n:].astype(np.float64))),
-         f"deconv{i}_mask_sigmoid_stats")
+      st(f"infer/deconv{i} offset stats", om[:, : 2 * n], f"deconv{i}_offset_stats")
+      st(
+          f"infer/deconv{i} mask stats",
+          1 / (1 + np.exp(-om[:, 2 * n :].astype(np.float64))),
+          f"deconv{i}_mask_sigmoid_stats",
+      )
   neck = _nchw(out["neck"])
   if "neck_crop" in z.files:
     ref = z["neck_crop"]
-    report.add("infer/neck crop",
-               _rel(neck[0, :ref.shape[0], :ref.shape[1], :ref.shape[2]], ref), TOL_MAP)
+    report.add(
+        "infer/neck crop",
+        _rel(neck[0, : ref.shape[0], : ref.shape[1], : ref.shape[2]], ref),
+        TOL_MAP,
+    )
   st("infer/neck stats", neck, "neck_stats")
   for ours_key, ref_key in (("cls", "heat"), ("wh", "wh"), ("reg", "reg")):
     if ref_key in z.files:
       ours = _nchw(out[ours_key])[0]
       e = None if ref64 is None else _nchw(ref64[ours_key])[0]
-      report.add_noisy(f"infer/{ref_key} map", _rel(ours, z[ref_key]), TOL_MAP,
-                       None if e is None else _rel(z[ref_key], e),
-                       None if e is None else _rel(ours, e))
+      report.add_noisy(
+          f"infer/{ref_key} map",
+          _rel(ours, z[ref_key]),
+          TOL_MAP,
+          None if e is None else _rel(z[ref_key], e),
+          None if e is None else _rel(ours, e),
+      )
     st(f"infer/{ref_key} stats", _nchw(out[ours_key]), f"{ref_key}_stats")
 
   d = {k: v[0] for k, v in out["dets"].items()}
@@ -387,30 +456,45 @@ def compare_inference(model, variables, npz_path, js: Optional[dict], report: Re
     pairs, tail_ok, un_o, un_r = match_detections(d, ref_s, ref_c, ref_i)
     io = np.array([p[0] for p in pairs], int)
     ir = np.array([p[1] for p in pairs], int)
-    report.add(f"infer/detections{suffix} matched", 0.0 if tail_ok else float("inf"), 0.0,
-               f"{len(pairs)}/{len(ref_s)} matched by (class, y*W+x); unmatched ours "
-               f"{len(un_o)}, official {len(un_r)} (tail only: {tail_ok})")
+    report.add(
+        f"infer/detections{suffix} matched",
+        0.0 if tail_ok else float("inf"),
+        0.0,
+        f"{len(pairs)}/{len(ref_s)} matched by (class, y*W+x); unmatched ours "
+        f"{len(un_o)}, official {len(un_r)} (tail only: {tail_ok})",
+    )
     off_e = ours_e = None
     if d64 is not None:
       p64, _, _, _ = match_detections(d64, ref_s, ref_c, ref_i)
       j64 = {r: o for o, r in p64}
       common = [(o, r) for o, r in pairs if r in j64]
-      off_e = max((abs(float(ref_s[r]) - float(d64["scores"][j64[r]])) for _, r in common),
-                  default=0.0)
-      ours_e = max((abs(float(d["scores"][o]) - float(d64["scores"][j64[r]]))
-                    for o, r in common), default=0.0)
-    report.add_noisy(f"infer/detections{suffix} scores",
-                     np.abs(d["scores"][io] - ref_s[ir]).max(), TOL_DET_SCORE, off_e, ours_e)
+      off_e = max(
+          (abs(float(ref_s[r]) - float(d64["scores"][j64[r]])) for _, r in common), default=0.0
+      )
+      ours_e = max(
+          (abs(float(d["scores"][o]) - float(d64["scores"][j64[r]])) for o, r in common),
+          default=0.0,
+      )
+    report.add_noisy(
+        f"infer/detections{suffix} scores",
+        np.abs(d["scores"][io] - ref_s[ir]).max(),
+        TOL_DET_SCORE,
+        off_e,
+        ours_e,
+    )
   pairs, _, _, _ = match_detections(d, z["det_scores"], z["det_classes"], z["det_flat_index"])
   io = np.array([p[0] for p in pairs], int)
   ir = np.array([p[1] for p in pairs], int)
-  for ours_key, ref_key, scale in (("boxes_feat", "det_boxes_feat", model.down_scale),
-                                   ("boxes", "det_boxes_input_px", 1.0),
-                                   ("boxes_orig", "det_boxes_orig_px", 1.0)):
+  for ours_key, ref_key, scale in (
+      ("boxes_feat", "det_boxes_feat", model.down_scale),
+      ("boxes", "det_boxes_input_px", 1.0),
+      ("boxes_orig", "det_boxes_orig_px", 1.0),
+  ):
     if ref_key in z.files and ours_key in d:
       # feature-unit boxes: the pixel tolerance / down_scale
-      report.add(f"infer/{ref_key}", np.abs(d[ours_key][io] - z[ref_key][ir]).max(),
-                 TOL_DET_BOX / scale)
+      report.add(
+          f"infer/{ref_key}", np.abs(d[ours_key][io] - z[ref_key][ir]).max(), TOL_DET_BOX / scale
+      )
   for k in ("det_ys", "det_xs"):
     if k in z.files:
       report.add(f"infer/{k}", np.abs(d[k[4:]][io].astype(np.float64) - z[k][ir]).max(), 0.0)
@@ -418,8 +502,10 @@ def compare_inference(model, variables, npz_path, js: Optional[dict], report: Re
     b, rb = d["boxes"], z["det_boxes_input_px"]
     inv = (int((b[:, 2] < b[:, 0]).sum()), int((b[:, 3] < b[:, 1]).sum()))
     ref_inv = (int((rb[:, 2] < rb[:, 0]).sum()), int((rb[:, 3] < rb[:, 1]).sum()))
-    report.notes.append(f"inverted boxes (x2<x1, y2<y1): ours {inv}, official {ref_inv} "
-                        f"(clamp_wh={model.clamp_wh})")
+    report.notes.append(
+        f"inverted boxes (x2<x1, y2<y1): ours {inv}, official {ref_inv} "
+        f"(clamp_wh={model.clamp_wh})"
+    )
   return out
 
 
@@ -432,6 +518,7 @@ def _add_stats(report: Report, name: str, arr, info: dict, key: str):
 # ----------------------------------------------------------------------------------------------
 # Training step.
 # ----------------------------------------------------------------------------------------------
+
 
 def _train_batch(z, tensor_dim: int):
   images, boxes, classes = [], [], []
@@ -449,7 +536,7 @@ def _train_batch(z, tensor_dim: int):
   gc = np.zeros((len(images), m), np.int32)
   gv = np.zeros((len(images), m), bool)
   for j, (b, c) in enumerate(zip(boxes, classes)):
-    gb[j, :len(b)], gc[j, :len(c)], gv[j, :len(b)] = b, c, True
+    gb[j, : len(b)], gc[j, : len(c)], gv[j, : len(b)] = b, c, True
   return dict(image=canvas, image_hw=image_hw, gt_boxes=gb, gt_classes=gc, gt_valid=gv)
 
 
@@ -462,26 +549,34 @@ def train_step(model, variables, batch, bn_train: bool):
 
   def loss_fn(params, b):
     v = {"params": params, "batch_stats": variables["batch_stats"]}
-    losses, state = model.apply(v, b, train=True, bn_train=bn_train,
-                                mutable=["batch_stats", "intermediates"])
+    losses, state = model.apply(
+        v, b, train=True, bn_train=bn_train, mutable=["batch_stats", "intermediates"]
+    )
     total = sum(l for k, l in losses.items() if k.startswith("loss_"))
     return total, (losses, state)
 
   grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
   (total, (losses, state)), grads = grad_fn(variables["params"], batch)
   stats = state.get("batch_stats")
-  return (float(total), {k: float(v) for k, v in losses.items()},
-          wo.export_state_dict({"params": grads}),
-          None if not bn_train else wo.export_state_dict({"batch_stats": stats},
-                                                         collections=("batch_stats",)),
-          jax.tree_util.tree_map(np.asarray, state.get("intermediates", {})))
+  return (
+      float(total),
+      {k: float(v) for k, v in losses.items()},
+      wo.export_state_dict({"params": grads}),
+      None
+      if not bn_train
+      else wo.export_state_dict({"batch_stats": stats}, collections=("batch_stats",)),
+      jax.tree_util.tree_map(np.asarray, state.get("intermediates", {})),
+  )
 
 
 def _checksum_diff(a: np.ndarray, ref: dict) -> float:
   a = np.asarray(a, np.float64)
   asum = max(ref["abs_sum"], 1e-30)
-  return max(abs(np.abs(a).sum() - ref["abs_sum"]) / asum, abs(a.sum() - ref["sum"]) / asum,
-             abs(np.abs(a).max() - ref["absmax"]) / max(ref["absmax"], 1e-30))
+  return max(
+      abs(np.abs(a).sum() - ref["abs_sum"]) / asum,
+      abs(a.sum() - ref["sum"]) / asum,
+      abs(np.abs(a).max() - ref["absmax"]) / max(ref["absmax"], 1e-30),
+  )
 
 
 def _checksums(a: np.ndarray) -> dict:
@@ -489,25 +584,40 @@ def _checksums(a: np.ndarray) -> dict:
   return {"sum": a.sum(), "abs_sum": np.abs(a).sum(), "absmax": np.abs(a).max()}
 
 
-def compare_training(model, variables, npz_path, js: Optional[dict], report: Report,
-                     sd: Optional[Dict[str, np.ndarray]] = None):
+def compare_training(
+    model,
+    variables,
+    npz_path,
+    js: Optional[dict],
+    report: Report,
+    sd: Optional[Dict[str, np.ndarray]] = None,
+):
   """Training-step comparisons; `sd` (the state dict) enables the float64 reference."""
   import jax
+
   z = np.load(npz_path)
   info = (js or {}).get("training", {})
   batch = _train_batch(z, model.tensor_dim)
   gt = jax.jit(lambda b: model.apply(variables, b, method=model.targets))(batch)
   gt = {k: np.asarray(v) for k, v in gt.items()}
-  pairs = (("gt_score_map", _nchw(gt["score_map"])), ("gt_wh", gt["wh"]), ("gt_reg", gt["reg"]),
-           ("gt_reg_mask", gt["reg_mask"]), ("gt_index", gt["index"].astype(np.float32)))
+  pairs = (
+      ("gt_score_map", _nchw(gt["score_map"])),
+      ("gt_wh", gt["wh"]),
+      ("gt_reg", gt["reg"]),
+      ("gt_reg_mask", gt["reg_mask"]),
+      ("gt_index", gt["index"].astype(np.float32)),
+  )
   for key, ours in pairs:
     if key in z.files:
       ref = z[key]
       diff = np.abs(ours - ref).max() if ours.shape == ref.shape else float("inf")
       report.add(f"train/{key}", diff, TOL_TARGET if key != "gt_index" else 0.0)
   if "gt_num_pos_peaks" in info:
-    report.add("train/num positive peaks",
-               abs(float((gt["score_map"] == 1).sum()) - info["gt_num_pos_peaks"]), 0.0)
+    report.add(
+        "train/num positive peaks",
+        abs(float((gt["score_map"] == 1).sum()) - info["gt_num_pos_peaks"]),
+        0.0,
+    )
 
   for variant, bn_train in (("bntrain", True), ("bneval", False)):
     vinfo = info.get(variant)
@@ -528,15 +638,23 @@ def compare_training(model, variables, npz_path, js: Optional[dict], report: Rep
       if name in vinfo:
         ref = vinfo[name]
         report.add_noisy(
-            f"{variant}/{name}", abs(losses[name] - ref) / abs(ref), TOL_LOSS,
+            f"{variant}/{name}",
+            abs(losses[name] - ref) / abs(ref),
+            TOL_LOSS,
             None if e is None else abs(ref - e_losses[name]) / abs(ref),
             None if e is None else abs(losses[name] - e_losses[name]) / abs(ref),
-            f"ours {losses[name]:.8g} official {ref:.8g}")
+            f"ours {losses[name]:.8g} official {ref:.8g}",
+        )
     if "total" in vinfo:
       report.add(f"{variant}/total", abs(total - vinfo["total"]) / abs(vinfo["total"]), TOL_LOSS)
-    for name, key in (("input", "input_stats"), ("c5", "c5_stats"), ("neck", "neck_stats"),
-                      ("cls", "head_cls_stats"), ("wh", "head_wh_stats"),
-                      ("reg", "head_reg_stats")):
+    for name, key in (
+        ("input", "input_stats"),
+        ("c5", "c5_stats"),
+        ("neck", "neck_stats"),
+        ("cls", "head_cls_stats"),
+        ("wh", "head_wh_stats"),
+        ("reg", "head_reg_stats"),
+    ):
       if key in vinfo and name in inter:
         _add_stats(report, f"{variant}/{name} stats", _nchw(inter[name][0]), vinfo, key)
 
@@ -548,8 +666,7 @@ def compare_training(model, variables, npz_path, js: Optional[dict], report: Rep
       zero_keys = [k for k in keys if bn_train and _ZERO_GRAD_IN_BNTRAIN.match(k)]
       keys = [k for k in keys if k not in zero_keys]
       d = {k: _checksum_diff(g[k], sums[k]) for k in keys}
-      noise = ({k: _checksum_diff(g[k], _checksums(e_g[k])) for k in keys}
-               if e_g is not None else {})
+      noise = {k: _checksum_diff(g[k], _checksums(e_g[k])) for k in keys} if e_g is not None else {}
       floor = float(np.quantile(list(noise.values()), 0.9)) if noise else 0.0
       n_noise, bad = 0, []
       for k in keys:
@@ -562,36 +679,57 @@ def compare_training(model, variables, npz_path, js: Optional[dict], report: Rep
       worst = max(keys, key=d.get) if keys else ""
       detail = f"worst: {worst}"
       if n_noise:
-        detail += (f"; {n_noise} params beyond tol, official within f32 noise of f64 "
-                   f"(our noise q90 {floor:.1e})")
+        detail += (
+            f"; {n_noise} params beyond tol, official within f32 noise of f64 "
+            f"(our noise q90 {floor:.1e})"
+        )
       if bad:
         detail += f"; TOO FAR: {bad[:5]}"
       if missing:
         detail += f"; MISSING: {missing[:5]}"
-      report.add(f"{variant}/grad checksums ({len(keys) + len(zero_keys)} params)",
-                 d.get(worst, 0.0), TOL_GRAD_SUM, detail,
-                 passed=None if not (n_noise or bad or missing) else not (bad or missing))
+      report.add(
+          f"{variant}/grad checksums ({len(keys) + len(zero_keys)} params)",
+          d.get(worst, 0.0),
+          TOL_GRAD_SUM,
+          detail,
+          passed=None if not (n_noise or bad or missing) else not (bad or missing),
+      )
       if zero_keys:
         wz = max(zero_keys, key=lambda k: max(np.abs(g[k]).max(), sums[k]["absmax"]))
-        report.add(f"{variant}/grad checksums, biases before train-BN (~0)",
-                   max(np.abs(g[wz]).max(), sums[wz]["absmax"]), TOL_GRAD_ZERO, f"worst: {wz}")
+        report.add(
+            f"{variant}/grad checksums, biases before train-BN (~0)",
+            max(np.abs(g[wz]).max(), sums[wz]["absmax"]),
+            TOL_GRAD_ZERO,
+            f"worst: {wz}",
+        )
 
     # Full gradients stored in the npz.
-    full = {zk[len(f"{variant}.grad."):]: z[zk] for zk in z.files
-            if zk.startswith(f"{variant}.grad.")}
+    full = {
+        zk[len(f"{variant}.grad.") :]: z[zk] for zk in z.files if zk.startswith(f"{variant}.grad.")
+    }
     nz = [k for k in full if k in g and not (bn_train and _ZERO_GRAD_IN_BNTRAIN.match(k))]
-    floor = (float(np.quantile([_rel(g[k], e_g[k]) for k in nz], 0.9))
-             if e_g is not None and nz else 0.0)
+    floor = (
+        float(np.quantile([_rel(g[k], e_g[k]) for k in nz], 0.9)) if e_g is not None and nz else 0.0
+    )
     for key, ref in full.items():
       if key not in g:
         report.add(f"{variant}/grad {key}", float("inf"), 0.0, "no such parameter")
       elif key not in nz:
-        report.add(f"{variant}/grad {key}", max(np.abs(g[key]).max(), np.abs(ref).max()),
-                   TOL_GRAD_ZERO, "absolute (mathematically zero)")
+        report.add(
+            f"{variant}/grad {key}",
+            max(np.abs(g[key]).max(), np.abs(ref).max()),
+            TOL_GRAD_ZERO,
+            "absolute (mathematically zero)",
+        )
       else:
-        report.add_noisy(f"{variant}/grad {key}", _rel(g[key], ref), TOL_GRAD_FULL,
-                         None if e_g is None else _rel(ref, e_g[key]),
-                         None if e_g is None else _rel(g[key], e_g[key]), noise_floor=floor)
+        report.add_noisy(
+            f"{variant}/grad {key}",
+            _rel(g[key], ref),
+            TOL_GRAD_FULL,
+            None if e_g is None else _rel(ref, e_g[key]),
+            None if e_g is None else _rel(g[key], e_g[key]),
+            noise_floor=floor,
+        )
 
     run_ref = vinfo.get("bn_running_stats_after_step", {})
     if run_ref and new_stats is not None:
@@ -604,19 +742,25 @@ def compare_training(model, variables, npz_path, js: Optional[dict], report: Rep
         asum = max(ref["abs_sum"], 1e-30)
         d = max(abs(a.sum() - ref["sum"]) / asum, abs(np.abs(a).sum() - ref["abs_sum"]) / asum)
         worst = max(worst, (d, key))
-      report.add(f"{variant}/running stats after step ({len(run_ref)})", worst[0], TOL_RUNNING,
-                 f"worst: {worst[1]}")
+      report.add(
+          f"{variant}/running stats after step ({len(run_ref)})",
+          worst[0],
+          TOL_RUNNING,
+          f"worst: {worst[1]}",
+      )
 
 
 # ----------------------------------------------------------------------------------------------
 # DCN op.
 # ----------------------------------------------------------------------------------------------
 
+
 def compare_dcn(npz_path, report: Report, with_f64: bool = True):
   import jax
   import jax.numpy as jnp
 
   from cn2_jax.modeling.ops.dcn import deform_conv2d
+
   raw = dict(np.load(npz_path))
   t = lambda a: np.ascontiguousarray(np.transpose(a, (0, 2, 3, 1)))  # noqa: E731
   tk = lambda a: np.ascontiguousarray(np.transpose(a, (2, 3, 1, 0)))  # noqa: E731
@@ -624,15 +768,26 @@ def compare_dcn(npz_path, report: Report, with_f64: bool = True):
 
   def run(dtype):
     c = lambda a: jnp.asarray(np.asarray(a, np.float64).astype(dtype))  # noqa: E731
-    args = (c(t(raw["input"])), c(t(raw["offset"])), c(t(raw["mask"])), c(tk(raw["weight"])),
-            c(raw["bias"]))
-    f = lambda x, o, m, k, b: deform_conv2d(x, o, m, k, b, stride=1, padding=1,  # noqa: E731
-                                            dilation=1)
+    args = (
+        c(t(raw["input"])),
+        c(t(raw["offset"])),
+        c(t(raw["mask"])),
+        c(tk(raw["weight"])),
+        c(raw["bias"]),
+    )
+    f = lambda x, o, m, k, b: deform_conv2d(
+        x, o, m, k, b, stride=1, padding=1, dilation=1  # noqa: E731
+    )
     out, vjp = jax.vjp(f, *args)
     gx, go, gm, gk, gb = vjp(c(t(raw["grad_output"])))
-    return {"output": t_inv(out), "grad_input": t_inv(gx), "grad_offset": t_inv(go),
-            "grad_mask": t_inv(gm), "grad_weight": np.transpose(np.asarray(gk), (3, 2, 0, 1)),
-            "grad_bias": np.asarray(gb)}
+    return {
+        "output": t_inv(out),
+        "grad_input": t_inv(gx),
+        "grad_offset": t_inv(go),
+        "grad_mask": t_inv(gm),
+        "grad_weight": np.transpose(np.asarray(gk), (3, 2, 0, 1)),
+        "grad_bias": np.asarray(gb),
+    }
 
   t_inv = lambda a: np.transpose(np.asarray(a), (0, 3, 1, 2))  # noqa: E731
   res = run(np.float32)
@@ -651,11 +806,20 @@ def compare_dcn(npz_path, report: Report, with_f64: bool = True):
 # Entry points.
 # ----------------------------------------------------------------------------------------------
 
-def run(infer=None, train=None, dcn=None, weights=None, json_path=None, f64: bool = True,
-        report: Optional[Report] = None) -> Report:
+
+def run(
+    infer=None,
+    train=None,
+    dcn=None,
+    weights=None,
+    json_path=None,
+    f64: bool = True,
+    report: Optional[Report] = None,
+) -> Report:
   """Runs the comparisons for the files given (None = skipped) and returns the report.
   `f64=False` skips the float64 reference (then only the README tolerances decide)."""
   import jax
+
   with jax.default_matmul_precision("highest"):  # full float32 convs / dots on GPUs (no TF32)
     return _run(infer, train, dcn, weights, json_path, f64, report or Report())
 
@@ -675,8 +839,10 @@ def _run(infer, train, dcn, weights, json_path, f64, report: Report) -> Report:
     t0 = time.time()
     sd = load_state_dict(weights)
     model, variables, conv = build(sd)
-    report.notes.append(f"weights {weights}: {len(conv.mapped)} tensors mapped, "
-                        f"{len(conv.dropped)} dropped ({time.time() - t0:.1f} s)")
+    report.notes.append(
+        f"weights {weights}: {len(conv.mapped)} tensors mapped, "
+        f"{len(conv.dropped)} dropped ({time.time() - t0:.1f} s)"
+    )
     if infer:
       t0 = time.time()
       compare_inference(model, variables, infer, js, report, sd if f64 else None)
@@ -692,27 +858,43 @@ def _run(infer, train, dcn, weights, json_path, f64, report: Report) -> Report:
 
 def main(argv=None) -> int:
   from cn2_jax.testing.centerx_oracle_dcn import centerx_oracle_dir
+
   d = centerx_oracle_dir()
   default = lambda name: str(d / name) if d is not None and (d / name).is_file() else None  # noqa
-  ap = argparse.ArgumentParser(prog="python -m cn2_jax.testing.centerx_oracle",
-                               description=__doc__.split("\n\n")[0])
-  ap.add_argument("--infer", default=default("centerx_infer_dev.npz"),
-                  help="inference npz ('none' to skip)")
-  ap.add_argument("--train", default=default("centerx_train_dev.npz"),
-                  help="training-step npz ('none' to skip)")
-  ap.add_argument("--dcn", default=default("centerx_dcn_op_dev.npz"),
-                  help="DCN op npz ('none' to skip)")
-  ap.add_argument("--weights", default=None,
-                  help="weight-spec JSON or checkpoint (default: the spec next to --infer)")
+  ap = argparse.ArgumentParser(
+      prog="python -m cn2_jax.testing.centerx_oracle", description=__doc__.split("\n\n")[0]
+  )
+  ap.add_argument(
+      "--infer", default=default("centerx_infer_dev.npz"), help="inference npz ('none' to skip)"
+  )
+  ap.add_argument(
+      "--train", default=default("centerx_train_dev.npz"), help="training-step npz ('none' to skip)"
+  )
+  ap.add_argument(
+      "--dcn", default=default("centerx_dcn_op_dev.npz"), help="DCN op npz ('none' to skip)"
+  )
+  ap.add_argument(
+      "--weights",
+      default=None,
+      help="weight-spec JSON or checkpoint (default: the spec next to --infer)",
+  )
   ap.add_argument("--json", default=None, help="oracle statistics JSON (default: next to --infer)")
-  ap.add_argument("--no-f64", action="store_true",
-                  help="skip the float64 reference (README tolerances only)")
+  ap.add_argument(
+      "--no-f64", action="store_true", help="skip the float64 reference (README tolerances only)"
+  )
   args = ap.parse_args(argv)
   pick = lambda v: None if v in (None, "none", "") else v  # noqa: E731
   import jax
+
   t0 = time.time()
-  report = run(pick(args.infer), pick(args.train), pick(args.dcn), args.weights, args.json,
-               f64=not args.no_f64)
+  report = run(
+      pick(args.infer),
+      pick(args.train),
+      pick(args.dcn),
+      args.weights,
+      args.json,
+      f64=not args.no_f64,
+  )
   report.notes.append(f"total {time.time() - t0:.1f} s on {jax.devices()[0].device_kind}")
   print(report.text())
   return 0 if report.ok else 1

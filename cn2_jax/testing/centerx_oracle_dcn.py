@@ -8,6 +8,7 @@ with stride 1, padding 1, dilation 1, groups 1 and one offset group, on numpy Ra
 inputs; the gradients are those of `sum(output * grad_output)`, once in float64 and once in
 float32 (inputs cast from the same float64 arrays).
 """
+
 from __future__ import annotations
 
 import json

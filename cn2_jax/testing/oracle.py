@@ -9,6 +9,7 @@
 * `cn2_r50_state_dict_spec()`: the official R50 CenterNet2 state-dict keys and torch shapes, in
   state-dict order, synthesised from the architecture (equal to the oracle JSON's list).
 """
+
 from __future__ import annotations
 
 import json
@@ -79,8 +80,10 @@ def check_entry(entry: dict, x: np.ndarray) -> Optional[str]:
   s, sa = float(x64.sum()), float(np.abs(x64).sum())
   tol = 1e-9 * max(1.0, entry["check_abs_sum"])  # float64 summation-order differences only
   if abs(s - entry["check_sum"]) > tol or abs(sa - entry["check_abs_sum"]) > tol:
-    return (f"{key}: sum {s!r} / abs sum {sa!r} != {entry['check_sum']!r} / "
-            f"{entry['check_abs_sum']!r}")
+    return (
+        f"{key}: sum {s!r} / abs sum {sa!r} != {entry['check_sum']!r} / "
+        f"{entry['check_abs_sum']!r}"
+    )
   first = x.reshape(-1)[:3].astype(np.float64).tolist()
   if first != [float(np.float32(v)) for v in entry["check_first3"]]:
     return f"{key}: first values {first} != {entry['check_first3']}"
@@ -99,8 +102,9 @@ def regenerate_oracle_state_dict(json_path=None) -> dict:
       bad.append(err)
     out[e["key"]] = x
   if bad:
-    raise OracleMismatch(f"{len(bad)} regenerated oracle tensors differ from the JSON:\n  " +
-                         "\n  ".join(bad[:30]))
+    raise OracleMismatch(
+        f"{len(bad)} regenerated oracle tensors differ from the JSON:\n  " + "\n  ".join(bad[:30])
+    )
   return out
 
 
@@ -108,7 +112,7 @@ def expected_flax_entries(spec: Sequence) -> list:
   """[(collection, '.'-joined Flax path, Flax shape)] for [(detectron2 key, torch shape)], by the
   DESIGN.md naming rule. FrozenBatchNorm modules are those with a `running_mean` entry."""
   keys = [k for k, _ in spec]
-  frozen_modules = {k[:-len(".running_mean")] for k in keys if k.endswith(".running_mean")}
+  frozen_modules = {k[: -len(".running_mean")] for k in keys if k.endswith(".running_mean")}
   out = []
   for key, shape in spec:
     shape = tuple(int(s) for s in shape)
@@ -134,12 +138,14 @@ def oracle_expected_flax_paths(json_path=None) -> list:
   return expected_flax_entries([(e["key"], e["shape"]) for e in _entries(json_path)])
 
 
-def build_target_tree(entries: Sequence, *, abstract: bool = True, dtype=np.float32,
-                      fill=None) -> dict:
+def build_target_tree(
+    entries: Sequence, *, abstract: bool = True, dtype=np.float32, fill=None
+) -> dict:
   """Nested dict {collection: {path parts...}} from `expected_flax_entries` rows. Paths are split
   on every '.' (the converter compares '.'-joined paths, so nesting does not matter). Leaves are
   `jax.ShapeDtypeStruct` (abstract) or arrays from `fill(collection, path, shape)` (default 0)."""
   import jax
+
   tree: dict = {}
   for coll, path, shape in entries:
     node = tree.setdefault(coll, {})
@@ -149,8 +155,9 @@ def build_target_tree(entries: Sequence, *, abstract: bool = True, dtype=np.floa
     if abstract:
       node[parts[-1]] = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
     else:
-      node[parts[-1]] = (np.zeros(shape, dtype) if fill is None
-                         else np.asarray(fill(coll, path, shape), dtype))
+      node[parts[-1]] = (
+          np.zeros(shape, dtype) if fill is None else np.asarray(fill(coll, path, shape), dtype)
+      )
   return tree
 
 
@@ -159,47 +166,59 @@ def cn2_r50_state_dict_spec(num_classes: int = 80, depth_blocks=(3, 4, 6, 3)) ->
   3-stage cascade with class-agnostic boxes), in the official state-dict order."""
   spec = []
   for lvl, cin in zip((3, 4, 5), (512, 1024, 2048)):
-    spec += [(f"backbone.fpn_lateral{lvl}.weight", (256, cin, 1, 1)),
-             (f"backbone.fpn_lateral{lvl}.bias", (256,)),
-             (f"backbone.fpn_output{lvl}.weight", (256, 256, 3, 3)),
-             (f"backbone.fpn_output{lvl}.bias", (256,))]
+    spec += [
+        (f"backbone.fpn_lateral{lvl}.weight", (256, cin, 1, 1)),
+        (f"backbone.fpn_lateral{lvl}.bias", (256,)),
+        (f"backbone.fpn_output{lvl}.weight", (256, 256, 3, 3)),
+        (f"backbone.fpn_output{lvl}.bias", (256,)),
+    ]
   for p in ("p6", "p7"):
-    spec += [(f"backbone.top_block.{p}.weight", (256, 256, 3, 3)),
-             (f"backbone.top_block.{p}.bias", (256,))]
+    spec += [
+        (f"backbone.top_block.{p}.weight", (256, 256, 3, 3)),
+        (f"backbone.top_block.{p}.bias", (256,)),
+    ]
   spec += resnet_bottleneck_spec("backbone.bottom_up.", depth_blocks)
   h = "proposal_generator.centernet_head."
   for i in range(4):
-    spec += [(f"{h}bbox_tower.{3 * i}.weight", (256, 256, 3, 3)),
-             (f"{h}bbox_tower.{3 * i}.bias", (256,)),
-             (f"{h}bbox_tower.{3 * i + 1}.weight", (256,)),
-             (f"{h}bbox_tower.{3 * i + 1}.bias", (256,))]
+    spec += [
+        (f"{h}bbox_tower.{3 * i}.weight", (256, 256, 3, 3)),
+        (f"{h}bbox_tower.{3 * i}.bias", (256,)),
+        (f"{h}bbox_tower.{3 * i + 1}.weight", (256,)),
+        (f"{h}bbox_tower.{3 * i + 1}.bias", (256,)),
+    ]
   spec += [(f"{h}bbox_pred.weight", (4, 256, 3, 3)), (f"{h}bbox_pred.bias", (4,))]
   spec += [(f"{h}scales.{l}.scale", (1,)) for l in range(5)]
   spec += [(f"{h}agn_hm.weight", (1, 256, 3, 3)), (f"{h}agn_hm.bias", (1,))]
   for s in range(3):
-    spec += [(f"roi_heads.box_head.{s}.fc1.weight", (1024, 256 * 7 * 7)),
-             (f"roi_heads.box_head.{s}.fc1.bias", (1024,)),
-             (f"roi_heads.box_head.{s}.fc2.weight", (1024, 1024)),
-             (f"roi_heads.box_head.{s}.fc2.bias", (1024,))]
+    spec += [
+        (f"roi_heads.box_head.{s}.fc1.weight", (1024, 256 * 7 * 7)),
+        (f"roi_heads.box_head.{s}.fc1.bias", (1024,)),
+        (f"roi_heads.box_head.{s}.fc2.weight", (1024, 1024)),
+        (f"roi_heads.box_head.{s}.fc2.bias", (1024,)),
+    ]
   for s in range(3):
-    spec += [(f"roi_heads.box_predictor.{s}.cls_score.weight", (num_classes + 1, 1024)),
-             (f"roi_heads.box_predictor.{s}.cls_score.bias", (num_classes + 1,)),
-             (f"roi_heads.box_predictor.{s}.bbox_pred.weight", (4, 1024)),
-             (f"roi_heads.box_predictor.{s}.bbox_pred.bias", (4,))]
+    spec += [
+        (f"roi_heads.box_predictor.{s}.cls_score.weight", (num_classes + 1, 1024)),
+        (f"roi_heads.box_predictor.{s}.cls_score.bias", (num_classes + 1,)),
+        (f"roi_heads.box_predictor.{s}.bbox_pred.weight", (4, 1024)),
+        (f"roi_heads.box_predictor.{s}.bbox_pred.bias", (4,)),
+    ]
   return spec
 
 
 def resnet_bottleneck_spec(prefix: str = "backbone.bottom_up.", depth_blocks=(3, 4, 6, 3)):
   """[(key, torch shape)] of a detectron2 bottleneck ResNet (FrozenBN, no conv biases)."""
+
   def conv_bn(name, cout, cin, k):
     return [(f"{prefix}{name}.weight", (cout, cin, k, k))] + [
         (f"{prefix}{name}.norm.{leaf}", (cout,))
-        for leaf in ("weight", "bias", "running_mean", "running_var")]
+        for leaf in ("weight", "bias", "running_mean", "running_var")
+    ]
 
   spec = conv_bn("stem.conv1", 64, 3, 7)
   cin = 64
   for stage, n in enumerate(depth_blocks):
-    mid, cout = 64 * 2 ** stage, 256 * 2 ** stage
+    mid, cout = 64 * 2**stage, 256 * 2**stage
     for b in range(n):
       blk = f"res{stage + 2}.{b}"
       if b == 0:

@@ -9,15 +9,32 @@
 reader (if the container is new) and a renaming rule; a new detector family adds its own mapping
 rules next to `flax_mapping.py`.
 """
+
 from cn2_jax.errors import ConversionError
 from cn2_jax.weights.flax_mapping import ConversionReport, convert_to_flax
 from cn2_jax.weights.orbax_io import restore_saved_variables, save_variables
 from cn2_jax.weights.reader import StateDict, load_checkpoint_file
-from cn2_jax.weights.rename import (BACKBONE_PREFIX, FORMAT_EXPECTATIONS, FROZEN_BN_EPS,
-                                    detect_format, format_expectations, to_detectron2_names)
+from cn2_jax.weights.rename import (
+    BACKBONE_PREFIX,
+    FORMAT_EXPECTATIONS,
+    FROZEN_BN_EPS,
+    detect_format,
+    format_expectations,
+    to_detectron2_names,
+)
 
 __all__ = [
-    "ConversionError", "ConversionReport", "StateDict", "load_checkpoint_file", "detect_format",
-    "to_detectron2_names", "convert_to_flax", "save_variables", "restore_saved_variables",
-    "format_expectations", "BACKBONE_PREFIX", "FORMAT_EXPECTATIONS", "FROZEN_BN_EPS",
+    "ConversionError",
+    "ConversionReport",
+    "StateDict",
+    "load_checkpoint_file",
+    "detect_format",
+    "to_detectron2_names",
+    "convert_to_flax",
+    "save_variables",
+    "restore_saved_variables",
+    "format_expectations",
+    "BACKBONE_PREFIX",
+    "FORMAT_EXPECTATIONS",
+    "FROZEN_BN_EPS",
 ]

@@ -11,6 +11,7 @@ module's state-dict version is unknown (a plain dict, e.g. every `.pkl`) or < 2 
 `_bn_b`), they are filled with 0 and 1 (not 1 - eps); when a version < 3 is recorded in a torch
 checkpoint's metadata, eps is subtracted from `running_var`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,22 +22,26 @@ import numpy as np
 from cn2_jax.errors import ConversionError
 from cn2_jax.weights.rename import BACKBONE_PREFIX, FROZEN_BN_EPS
 
-
-
 # ----------------------------------------------------------------------------------------------
 # Mapping onto the Flax variables.
 # ----------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class ConversionReport:
   """Everything `convert_to_flax` did, and everything that went wrong."""
+
   source_format: str = "detectron2"
   backbone_only: bool = False
   num_source_tensors: int = 0
-  mapped: list = dataclasses.field(default_factory=list)  # (src, coll, path, src_shape, flax_shape, how)
+  mapped: list = dataclasses.field(
+      default_factory=list
+  )  # (src, coll, path, src_shape, flax_shape, how)
   unknown_keys: list = dataclasses.field(default_factory=list)  # source keys with no target
   missing_keys: list = dataclasses.field(default_factory=list)  # target paths with no source
-  shape_mismatches: list = dataclasses.field(default_factory=list)  # (key, src_shape, expected_torch, flax_shape)
+  shape_mismatches: list = dataclasses.field(
+      default_factory=list
+  )  # (key, src_shape, expected_torch, flax_shape)
   dtype_problems: list = dataclasses.field(default_factory=list)  # (key, dtype)
   ambiguous_keys: list = dataclasses.field(default_factory=list)  # (key, [candidates])
   skipped_keys: list = dataclasses.field(default_factory=list)  # backbone_only: outside bottom_up
@@ -52,8 +57,14 @@ class ConversionReport:
 
   @property
   def ok(self) -> bool:
-    return not (self.unknown_keys or self.missing_keys or self.shape_mismatches or
-                self.dtype_problems or self.ambiguous_keys or self.abstract_left)
+    return not (
+        self.unknown_keys
+        or self.missing_keys
+        or self.shape_mismatches
+        or self.dtype_problems
+        or self.ambiguous_keys
+        or self.abstract_left
+    )
 
   def _count(self, coll=None):
     rows = [m for m in self.mapped if coll is None or m[1] == coll]
@@ -80,13 +91,21 @@ class ConversionReport:
   def counts(self) -> dict:
     t_p, e_p = self._count("params")
     t_f, e_f = self._count("frozen")
-    return dict(source_tensors=self.num_source_tensors, mapped_tensors=self.num_mapped_tensors,
-                mapped_elements=self.num_mapped_elements, params_tensors=t_p,
-                params_elements=e_p, frozen_tensors=t_f, frozen_elements=e_f,
-                target_tensors=self.num_target_tensors,
-                target_elements=self.num_target_elements,
-                left_at_init=len(self.left_at_init), skipped=len(self.skipped_keys),
-                dropped=len(self.dropped_keys), filled_defaults=len(self.filled_defaults))
+    return dict(
+        source_tensors=self.num_source_tensors,
+        mapped_tensors=self.num_mapped_tensors,
+        mapped_elements=self.num_mapped_elements,
+        params_tensors=t_p,
+        params_elements=e_p,
+        frozen_tensors=t_f,
+        frozen_elements=e_f,
+        target_tensors=self.num_target_tensors,
+        target_elements=self.num_target_elements,
+        left_at_init=len(self.left_at_init),
+        skipped=len(self.skipped_keys),
+        dropped=len(self.dropped_keys),
+        filled_defaults=len(self.filled_defaults),
+    )
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -118,21 +137,25 @@ class ConversionReport:
 
     block("UNKNOWN source keys (no matching model variable)", self.unknown_keys)
     block("MISSING model variables (absent from the checkpoint)", self.missing_keys)
-    block("SHAPE mismatches (key, checkpoint shape, expected torch shape, flax shape)",
-          self.shape_mismatches)
+    block(
+        "SHAPE mismatches (key, checkpoint shape, expected torch shape, flax shape)",
+        self.shape_mismatches,
+    )
     block("DTYPE problems", self.dtype_problems)
     block("AMBIGUOUS keys", self.ambiguous_keys)
-    block("left at initial values but the target is abstract (pass real arrays)",
-          self.abstract_left)
+    block(
+        "left at initial values but the target is abstract (pass real arrays)", self.abstract_left
+    )
     block("dropped by the renaming", [f"{k}: {r}" for k, r in self.dropped_keys])
     block("skipped (outside backbone.bottom_up, backbone-only mode)", self.skipped_keys)
     block("left at initial values", self.left_at_init)
-    block("FrozenBN statistics filled as detectron2 does (running_mean 0, running_var 1)",
-          self.filled_defaults)
+    block(
+        "FrozenBN statistics filled as detectron2 does (running_mean 0, running_var 1)",
+        self.filled_defaults,
+    )
     block("FrozenBN running_var -= eps (module version < 3)", self.eps_adjusted)
     if self.cast:
-      lines.append(f"  cast {len(self.cast)} tensors to the model dtype "
-                   f"(e.g. {self.cast[0]})")
+      lines.append(f"  cast {len(self.cast)} tensors to the model dtype " f"(e.g. {self.cast[0]})")
     for n in self.notes:
       lines.append(f"  NOTE: {n}")
     return "\n".join(lines)
@@ -156,8 +179,12 @@ def _candidates(key: str):
   prefix, _, leaf = key.rpartition(".")
   p = prefix + "." if prefix else ""
   if leaf == "weight":
-    return [("params", p + "kernel", "kernel"), ("params", p + "scale", "copy"),
-            ("frozen", p + "weight", "copy"), ("params", p + "weight", "copy")]
+    return [
+        ("params", p + "kernel", "kernel"),
+        ("params", p + "scale", "copy"),
+        ("frozen", p + "weight", "copy"),
+        ("params", p + "weight", "copy"),
+    ]
   if leaf == "bias":
     return [("params", p + "bias", "copy"), ("frozen", p + "bias", "copy")]
   if leaf in ("running_mean", "running_var"):
@@ -198,19 +225,22 @@ def convert_to_flax(d2_state_dict, target_variables, *, backbone_only: bool = Fa
   import jax  # local: keeps the file-reading half importable without jax
 
   info = dict(getattr(d2_state_dict, "info", {}))
-  report = ConversionReport(source_format=info.get("source_format", "detectron2"),
-                            backbone_only=backbone_only,
-                            num_source_tensors=len(d2_state_dict),
-                            dropped_keys=list(info.get("dropped", [])),
-                            notes=list(info.get("notes", [])))
+  report = ConversionReport(
+      source_format=info.get("source_format", "detectron2"),
+      backbone_only=backbone_only,
+      num_source_tensors=len(d2_state_dict),
+      dropped_keys=list(info.get("dropped", [])),
+      notes=list(info.get("notes", [])),
+  )
   leaves, treedef = jax.tree_util.tree_flatten_with_path(target_variables)
   index = {}  # (collection, '.'-joined path) -> leaf position
   for i, (kp, _) in enumerate(leaves):
     names = [_key_str(k) for k in kp]
     index[(names[0], ".".join(names[1:]))] = i
   report.num_target_tensors = len(leaves)
-  report.num_target_elements = int(sum(int(np.prod(_leaf_shape_dtype(l)[0], dtype=np.int64))
-                                       for _, l in leaves))
+  report.num_target_elements = int(
+      sum(int(np.prod(_leaf_shape_dtype(l)[0], dtype=np.int64)) for _, l in leaves)
+  )
 
   def in_scope(path: str) -> bool:
     return (not backbone_only) or path.startswith(BACKBONE_PREFIX)
@@ -221,21 +251,21 @@ def convert_to_flax(d2_state_dict, target_variables, *, backbone_only: bool = Fa
   for (coll, path), _ in index.items():
     if coll != "frozen" or not path.endswith(".running_mean") or not in_scope(path):
       continue
-    mod = path[:-len(".running_mean")]
+    mod = path[: -len(".running_mean")]
     if not (mod + ".weight" in src or mod + ".bias" in src):
       continue  # the whole module is absent: reported as missing below
     version = versions.get(mod)
     weight_shape = np.shape(src.get(mod + ".weight", src.get(mod + ".bias")))
     # Only when both statistics are absent (caffe2 blobs carry none): a lone missing one is an
     # incomplete checkpoint and stays an error.
-    if (version is None or version < 2) and not (mod + ".running_mean" in src or
-                                                 mod + ".running_var" in src):
+    if (version is None or version < 2) and not (
+        mod + ".running_mean" in src or mod + ".running_var" in src
+    ):
       src[mod + ".running_mean"] = np.zeros(weight_shape, np.float32)
       src[mod + ".running_var"] = np.ones(weight_shape, np.float32)
       report.filled_defaults += [mod + ".running_mean", mod + ".running_var"]
     if version is not None and version < 3 and mod + ".running_var" in src:
-      src[mod + ".running_var"] = np.asarray(src[mod + ".running_var"]) - np.float32(
-          FROZEN_BN_EPS)
+      src[mod + ".running_var"] = np.asarray(src[mod + ".running_var"]) - np.float32(FROZEN_BN_EPS)
       report.eps_adjusted.append(mod + ".running_var")
 
   out = [None] * len(leaves)

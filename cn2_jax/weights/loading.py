@@ -8,6 +8,7 @@ checkpoint does not fit the model.
   weights_run_dir / latest_checkpoint_dir / orbax_weights_dir   locating runs and checkpoints
   check_weights_fit                      shape check before any Orbax restore
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,6 +56,7 @@ def latest_checkpoint_dir(run: str) -> Optional[str]:
   if not os.path.isdir(os.path.join(run, "checkpoints")):
     return None
   from cn2_jax.engine import checkpoint as ckpt_lib
+
   with ckpt_lib.Checkpointer(run) as ckpt:
     step = ckpt.latest_step()
     return None if step is None else os.path.join(ckpt.directory, str(step), "default")
@@ -80,7 +82,8 @@ def _tree_shapes(tree, collections=("params", "frozen")) -> dict:
   """{'params/backbone/fpn_lateral3/kernel': shape, ...} of the model collections of `tree`."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(
-      {k: tree[k] for k in collections if k in tree})[0]:
+      {k: tree[k] for k in collections if k in tree}
+  )[0]:
     key = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
     out[key] = tuple(int(d) for d in leaf.shape)
   return out
@@ -108,6 +111,7 @@ def _implied_model_fields(shapes: dict) -> dict:
 
   def count(pattern):  # distinct indices of the numbered modules matching `pattern`
     return len({m.group(1) for p in shapes if (m := re.fullmatch(pattern, p))})
+
   tower = count(r"params/proposal_generator/centernet_head/bbox_tower\.(\d+)/kernel")
   if tower:
     out["centernet.num_convs"] = tower
@@ -163,7 +167,9 @@ def check_weights_fit(saved: dict, expected: dict, source: str, model_cfg=None) 
     for field, value in implied.items():
       have = get_field(model_cfg, field)
       if jsonable(have) != jsonable(value):
-        differ.append(f"model.{field}={show_value(value)} (this config: {show_value(jsonable(have))})")
+        differ.append(
+            f"model.{field}={show_value(value)} (this config: {show_value(jsonable(have))})"
+        )
         fixes.append(f"--config.model.{field}={show_value(value)}")
   if differ:
     hint = f"it was trained with {', '.join(differ)}: use {' '.join(fixes)}"
@@ -177,14 +183,17 @@ def _checkpoint_shapes(path: str, source: str) -> dict:
   """`_tree_shapes` of an Orbax directory, from its metadata (no array is read)."""
   import orbax.checkpoint as ocp
   from etils import epath
+
   try:
     # The handler (not a Checkpointer) reads the tree metadata without warning that a
     # checkpoint item has no step metadata of its own.
     meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
   except Exception as e:  # noqa: BLE001 - anything unreadable is the same user error
-    raise WeightsError(f"{source}: cannot read it as an Orbax checkpoint (expected a run "
-                       f"directory, its checkpoints/<step> folder, or a directory written by "
-                       f"`python -m cn2_jax.convert`): {one_line(e)}") from e
+    raise WeightsError(
+        f"{source}: cannot read it as an Orbax checkpoint (expected a run "
+        f"directory, its checkpoints/<step> folder, or a directory written by "
+        f"`python -m cn2_jax.convert`): {one_line(e)}"
+    ) from e
   return _tree_shapes(getattr(meta, "tree", meta))
 
 
@@ -193,33 +202,39 @@ def check_checkpoint_fits(path: str, expected: dict, source: str, model_cfg=None
   check_weights_fit(_checkpoint_shapes(path, source), _tree_shapes(expected), source, model_cfg)
 
 
-def restore_orbax_variables(path: str, expected: dict, *, source: Optional[str] = None,
-                            model_cfg=None) -> dict:
+def restore_orbax_variables(
+    path: str, expected: dict, *, source: Optional[str] = None, model_cfg=None
+) -> dict:
   """`{'params', 'frozen'}` (numpy) from an Orbax directory (a TrainState checkpoint item or a
   converted model), after checking its shapes against `expected` (abstract variables)."""
   import orbax.checkpoint as ocp
+
   source = source or path
   check_weights_fit(_checkpoint_shapes(path, source), _tree_shapes(expected), source, model_cfg)
   item = {k: expected[k] for k in ("params", "frozen") if k in expected}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   # partial_restore: a TrainState checkpoint also holds the step, rng and optimizer state.
   with ocp.PyTreeCheckpointer() as ckptr:
-    return ckptr.restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
+    return ckptr.restore(
+        path,
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+    )
 
 
-def load_weights_file(path: str, variables: dict, *, backbone_only: bool,
-                      model_cfg=None) -> dict:
+def load_weights_file(path: str, variables: dict, *, backbone_only: bool, model_cfg=None) -> dict:
   """Official .pkl/.pth (detectron2/CenterNet2, MSRA R-50, torchvision R-50) or an Orbax directory
   (`orbax_weights_dir`: a run, one of its checkpoints, or the output of `python -m
   cn2_jax.convert`), mapped onto `variables` (strict; see convert.py). `variables` may be abstract
   (ShapeDtypeStruct) unless `backbone_only`, which keeps the rest."""
   if os.path.isdir(path):
     if backbone_only:
-      raise WeightsError(f"{path}: backbone-only initialisation reads an ImageNet .pkl/.pth file "
-                         f"(R-50.pkl or resnet50-*.pth), not an Orbax directory")
-    return restore_orbax_variables(orbax_weights_dir(path), variables, source=path,
-                                   model_cfg=model_cfg)
+      raise WeightsError(
+          f"{path}: backbone-only initialisation reads an ImageNet .pkl/.pth file "
+          f"(R-50.pkl or resnet50-*.pth), not an Orbax directory"
+      )
+    return restore_orbax_variables(
+        orbax_weights_dir(path), variables, source=path, model_cfg=model_cfg
+    )
   sd = load_checkpoint_file(path)
   fmt = detect_format(sd)
   sd = to_detectron2_names(sd, fmt)
@@ -233,9 +248,12 @@ def _warn_inexact_official_eval(cfg) -> None:
   padding is exact (modeling/canvas.py)."""
   r = cfg.model.roi_heads
   if r.sampling_ratio != 0:
-    log.warning("--config.weights with model.roi_heads.sampling_ratio=%d: ROIAlign samples a "
-                "fixed grid, so detections differ from the official model's (use 0, the "
-                "default, to reproduce them)", r.sampling_ratio)
+    log.warning(
+        "--config.weights with model.roi_heads.sampling_ratio=%d: ROIAlign samples a "
+        "fixed grid, so detections differ from the official model's (use 0, the "
+        "default, to reproduce them)",
+        r.sampling_ratio,
+    )
 
 
 def restore_model_variables(cfg, workdir: str) -> dict:
@@ -249,9 +267,12 @@ def restore_model_variables(cfg, workdir: str) -> dict:
     return load_weights_file(cfg.weights, abstract, backbone_only=False, model_cfg=cfg.model)
   item = latest_checkpoint_dir(workdir)
   if item is None:
-    raise InputFileError(f"No checkpoint in {workdir}/checkpoints and no --config.weights: "
-                         f"train first or pass weights")
-  variables = restore_orbax_variables(item, abstract, model_cfg=cfg.model,
-                                      source=f"checkpoint {os.path.dirname(item)}")
+    raise InputFileError(
+        f"No checkpoint in {workdir}/checkpoints and no --config.weights: "
+        f"train first or pass weights"
+    )
+  variables = restore_orbax_variables(
+      item, abstract, model_cfg=cfg.model, source=f"checkpoint {os.path.dirname(item)}"
+  )
   log.info("restored %s", os.path.dirname(item))
   return variables

@@ -28,6 +28,7 @@ Example: `upsample.deconv1.up_sample.weight` -> `params/upsample/deconv1/up_samp
 `export_state_dict(variables)` is the inverse (torch layouts and centerX keys), also used to
 compare gradients with official ones.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,16 @@ import numpy as np
 from cn2_jax.weights import ConversionError, StateDict, load_checkpoint_file
 
 __all__ = [
-    "FORMATS", "OneStageReport", "convert_onestage", "detect_format", "export_state_dict",
-    "infer_model_config", "load_onestage_weights", "main", "to_centerx_names", "torch_key_of",
+    "FORMATS",
+    "OneStageReport",
+    "convert_onestage",
+    "detect_format",
+    "export_state_dict",
+    "infer_model_config",
+    "load_onestage_weights",
+    "main",
+    "to_centerx_names",
+    "torch_key_of",
 ]
 
 FORMATS = ("centerx", "xingyizhou", "torchvision")
@@ -55,6 +64,7 @@ _TRANSPOSED = ("up_sample",)  # == onestage.neck.TRANSPOSED_CONV_NAMES (checked 
 # Formats and renaming.
 # ----------------------------------------------------------------------------------------------
 
+
 def detect_format(sd) -> str:
   keys = list(sd)
   if any(k.startswith(_CENTERX_HEADS) for k in keys):
@@ -63,9 +73,11 @@ def detect_format(sd) -> str:
     return "xingyizhou"
   if "conv1.weight" in sd and any(k.startswith("layer1.") for k in keys):
     return "torchvision"
-  raise ConversionError(f"unrecognised checkpoint naming ({len(keys)} keys, e.g. {keys[:8]}): "
-                        "expected centerX (backbone./upsample./head.), xingyizhou/CenterNet "
-                        "resdcn or torchvision ResNet names")
+  raise ConversionError(
+      f"unrecognised checkpoint naming ({len(keys)} keys, e.g. {keys[:8]}): "
+      "expected centerX (backbone./upsample./head.), xingyizhou/CenterNet "
+      "resdcn or torchvision ResNet names"
+  )
 
 
 _CN_HEADS = {"hm": "cls_head", "wh": "wh_head", "reg": "reg_head"}
@@ -89,7 +101,7 @@ def _xingyizhou_name(key: str) -> Optional[str]:
       # DCNv2 lib `DCN`: weight/bias on the module itself, offsets from `conv_offset_mask`
       # (same (dy, dx)-per-tap channel layout as centerX's offset_mask_conv).
       if rest.startswith("conv_offset_mask."):
-        return prefix + "dcn.offset_mask_conv." + rest[len("conv_offset_mask."):]
+        return prefix + "dcn.offset_mask_conv." + rest[len("conv_offset_mask.") :]
       if rest in ("weight", "bias"):
         return prefix + "dcn.dcnv2." + rest
       return None
@@ -117,15 +129,18 @@ def to_centerx_names(sd, fmt: str) -> StateDict:
         continue
       out["backbone." + k] = v
       renamed["backbone." + k] = k
-    notes.append("torchvision ImageNet ResNet: backbone only; the model must use "
-                 "input_format='RGB', pixel_mean=(0.485, 0.456, 0.406), "
-                 "pixel_std=(0.229, 0.224, 0.225) (centerX's defaults)")
+    notes.append(
+        "torchvision ImageNet ResNet: backbone only; the model must use "
+        "input_format='RGB', pixel_mean=(0.485, 0.456, 0.406), "
+        "pixel_std=(0.229, 0.224, 0.225) (centerX's defaults)"
+    )
   elif fmt == "xingyizhou":
     if not any(k.startswith("deconv_layers.") and "conv_offset_mask" in k for k in sd):
       raise ConversionError(
           "xingyizhou/CenterNet checkpoint without DCN deconv layers (msra_resnet 'res_*', "
           "DLA-34 'dla_*' or hourglass): TODO, only the 'resdcn_*' architecture maps onto this "
-          "model")
+          "model"
+      )
     for k, v in sd.items():
       new = _xingyizhou_name(k)
       if new is None:
@@ -133,15 +148,18 @@ def to_centerx_names(sd, fmt: str) -> StateDict:
         continue
       out[new] = v
       renamed[new] = k
-    notes.append("xingyizhou/CenterNet resdcn weights: the model must use input_format='BGR', "
-                 "pixel_mean=(0.408, 0.447, 0.470), pixel_std=(0.289, 0.274, 0.278) (CN's COCO "
-                 "values) and head_conv=64")
+    notes.append(
+        "xingyizhou/CenterNet resdcn weights: the model must use input_format='BGR', "
+        "pixel_mean=(0.408, 0.447, 0.470), pixel_std=(0.289, 0.274, 0.278) (CN's COCO "
+        "values) and head_conv=64"
+    )
   else:
     raise ConversionError(f"unknown format {fmt!r} (expected one of {FORMATS})")
   if bad:
     raise ConversionError(f"{len(bad)} {fmt} keys have no centerX equivalent: {bad[:30]}")
-  info.update(source_format=fmt, dropped=dropped, renamed=renamed,
-              notes=info.get("notes", []) + notes)
+  info.update(
+      source_format=fmt, dropped=dropped, renamed=renamed, notes=info.get("notes", []) + notes
+  )
   return StateDict(out, info=info)
 
 
@@ -149,17 +167,23 @@ def to_centerx_names(sd, fmt: str) -> StateDict:
 # Mapping.
 # ----------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class OneStageReport:
   """What `convert_onestage` did. Rows are one line each in `summary()`."""
+
   source_format: str = "centerx"
   backbone_only: bool = False
   num_source_tensors: int = 0
   num_target_tensors: int = 0
-  mapped: list = dataclasses.field(default_factory=list)  # (key, 'coll/path', src shape, flax shape, how)
+  mapped: list = dataclasses.field(
+      default_factory=list
+  )  # (key, 'coll/path', src shape, flax shape, how)
   missing: list = dataclasses.field(default_factory=list)  # 'coll/path' without a source key
   unexpected: list = dataclasses.field(default_factory=list)  # source keys without a target
-  misshaped: list = dataclasses.field(default_factory=list)  # (key, src shape, expected torch shape)
+  misshaped: list = dataclasses.field(
+      default_factory=list
+  )  # (key, src shape, expected torch shape)
   dropped: list = dataclasses.field(default_factory=list)  # (key, reason)
   left_at_init: list = dataclasses.field(default_factory=list)  # backbone-only: 'coll/path'
   notes: list = dataclasses.field(default_factory=list)
@@ -169,10 +193,14 @@ class OneStageReport:
     return not (self.missing or self.unexpected or self.misshaped)
 
   def summary(self, max_list: int = 200, show_mapped: bool = True) -> str:
-    lines = [(f"one-stage conversion of a {self.source_format} checkpoint"
-              f"{' (backbone only)' if self.backbone_only else ''}: "
-              f"{'OK' if self.ok else 'FAILED'}; {len(self.mapped)}/{self.num_source_tensors} "
-              f"source tensors mapped onto {self.num_target_tensors} target variables")]
+    lines = [
+        (
+            f"one-stage conversion of a {self.source_format} checkpoint"
+            f"{' (backbone only)' if self.backbone_only else ''}: "
+            f"{'OK' if self.ok else 'FAILED'}; {len(self.mapped)}/{self.num_source_tensors} "
+            f"source tensors mapped onto {self.num_target_tensors} target variables"
+        )
+    ]
 
     def block(title, rows):
       if rows:
@@ -183,13 +211,16 @@ class OneStageReport:
 
     block("UNEXPECTED source keys (no model variable)", self.unexpected)
     block("MISSING model variables (absent from the checkpoint)", self.missing)
-    block("MIS-SHAPED (key: checkpoint shape != expected torch shape)",
-          [f"{k}: {tuple(s)} != {tuple(e)}" for k, s, e in self.misshaped])
+    block(
+        "MIS-SHAPED (key: checkpoint shape != expected torch shape)",
+        [f"{k}: {tuple(s)} != {tuple(e)}" for k, s, e in self.misshaped],
+    )
     block("dropped", [f"{k}: {r}" for k, r in self.dropped])
     block("left at initial values", self.left_at_init)
     if show_mapped:
-      block("mapped", [f"{k} {tuple(s)} -> {p} {tuple(f)} ({how})"
-                       for k, p, s, f, how in self.mapped])
+      block(
+          "mapped", [f"{k} {tuple(s)} -> {p} {tuple(f)} ({how})" for k, p, s, f, how in self.mapped]
+      )
     lines.extend(f"  NOTE: {n}" for n in self.notes)
     return "\n".join(lines)
 
@@ -203,6 +234,7 @@ def _key_str(k) -> str:
 
 def _index(target_variables):
   import jax
+
   leaves, treedef = jax.tree_util.tree_flatten_with_path(target_variables)
   index = {}
   for i, (kp, _) in enumerate(leaves):
@@ -222,9 +254,12 @@ def _target_of(key: str, index) -> Tuple[Optional[str], Optional[str], str]:
   if leaf == "num_batches_tracked":
     return None, None, "drop"
   if ("batch_stats", p + "mean") in index:  # a BatchNorm module
-    return {"weight": ("params", p + "scale", "copy"), "bias": ("params", p + "bias", "copy"),
-            "running_mean": ("batch_stats", p + "mean", "copy"),
-            "running_var": ("batch_stats", p + "var", "copy")}.get(leaf, (None, None, "none"))
+    return {
+        "weight": ("params", p + "scale", "copy"),
+        "bias": ("params", p + "bias", "copy"),
+        "running_mean": ("batch_stats", p + "mean", "copy"),
+        "running_var": ("batch_stats", p + "var", "copy"),
+    }.get(leaf, (None, None, "none"))
   if leaf == "weight":
     return "params", p + "kernel", "deconv" if _is_transposed(module) else "conv"
   if leaf == "bias":
@@ -265,12 +300,17 @@ def convert_onestage(sd, target_variables, *, backbone_only: bool = False):
     ConversionError (with `.report`) on any missing, unexpected or mis-shaped key.
   """
   import jax
+
   info = dict(getattr(sd, "info", {}))
   leaves, treedef, index = _index(target_variables)
-  report = OneStageReport(source_format=info.get("source_format", "centerx"),
-                          backbone_only=backbone_only, num_source_tensors=len(sd),
-                          num_target_tensors=len(leaves),
-                          dropped=list(info.get("dropped", [])), notes=list(info.get("notes", [])))
+  report = OneStageReport(
+      source_format=info.get("source_format", "centerx"),
+      backbone_only=backbone_only,
+      num_source_tensors=len(sd),
+      num_target_tensors=len(leaves),
+      dropped=list(info.get("dropped", [])),
+      notes=list(info.get("notes", [])),
+  )
   in_scope = lambda path: (not backbone_only) or path.startswith("backbone.")  # noqa: E731
   out = [None] * len(leaves)
   for key, value in sd.items():
@@ -324,6 +364,7 @@ def export_state_dict(variables, *, collections=("params", "batch_stats")) -> Di
   """Flax variables (or a gradient tree of `params`, passed as `{'params': grads}`) ->
   `{centerX key: float32 array in torch layout}`, the inverse of `convert_onestage`."""
   import jax
+
   out = {}
   for coll in collections:
     if coll not in variables:
@@ -353,6 +394,7 @@ def infer_model_config(sd) -> Dict[str, Any]:
       bottleneck |= m.group(3) is not None
   counts = tuple(blocks.get(s, 0) for s in (1, 2, 3, 4))
   from cn2_jax.modeling.onestage.backbone import RESNET_SPECS
+
   kind = "bottleneck" if bottleneck else "basic"
   depth = [d for d, spec in RESNET_SPECS.items() if spec == (kind, counts)]
   if not depth:
@@ -369,11 +411,15 @@ def infer_model_config(sd) -> Dict[str, Any]:
     modulate = mo if modulate is None else modulate
   if "head.cls_head.out_conv.weight" not in sd:
     raise ConversionError("head.cls_head.out_conv.weight missing")
-  return dict(depth=depth[0], backbone_width=int(np.shape(sd["backbone.conv1.weight"])[0]),
-              num_classes=int(np.shape(sd["head.cls_head.out_conv.weight"])[0]),
-              deconv_channels=tuple(channels), use_deform=bool(deform),
-              modulate_deform=bool(modulate),
-              head_conv=int(np.shape(sd["head.cls_head.feat_conv.weight"])[0]))
+  return dict(
+      depth=depth[0],
+      backbone_width=int(np.shape(sd["backbone.conv1.weight"])[0]),
+      num_classes=int(np.shape(sd["head.cls_head.out_conv.weight"])[0]),
+      deconv_channels=tuple(channels),
+      use_deform=bool(deform),
+      modulate_deform=bool(modulate),
+      head_conv=int(np.shape(sd["head.cls_head.feat_conv.weight"])[0]),
+  )
 
 
 def load_onestage_weights(path_or_sd, target_variables, *, backbone_only: Optional[bool] = None):
@@ -388,21 +434,24 @@ def load_onestage_weights(path_or_sd, target_variables, *, backbone_only: Option
   if backbone_only is None:
     backbone_only = fmt == "torchvision"
   if fmt == "torchvision" and not backbone_only:
-    raise ConversionError("torchvision ImageNet weights hold a backbone only: pass "
-                          "backbone_only=True")
+    raise ConversionError(
+        "torchvision ImageNet weights hold a backbone only: pass " "backbone_only=True"
+    )
   return convert_onestage(sd, target_variables, backbone_only=backbone_only)
 
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(
       prog="python -m cn2_jax.weights.onestage",
-      description="Convert centerX / CenterNet resdcn weights to a one-stage Orbax checkpoint.")
+      description="Convert centerX / CenterNet resdcn weights to a one-stage Orbax checkpoint.",
+  )
   ap.add_argument("--src", required=True, help=".pth / .pkl checkpoint")
   ap.add_argument("--out", required=True, help="Orbax checkpoint directory to write")
   ap.add_argument("--force", action="store_true", help="overwrite --out")
   args = ap.parse_args(argv)
   from cn2_jax.weights import save_variables
   from cn2_jax.modeling.onestage.model import abstract_variables, build_onestage_model
+
   try:
     sd = load_checkpoint_file(args.src)
     fmt = detect_format(sd)

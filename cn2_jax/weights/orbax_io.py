@@ -1,6 +1,7 @@
 """Orbax I/O of converted variables: `save_variables` / `restore_saved_variables` write and read
 `{'params': ..., 'frozen': ...}` with Orbax's StandardCheckpointer (what `python -m
 cn2_jax.convert` writes; training checkpoints are `cn2_jax/engine/checkpoint.py`'s)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,16 +10,16 @@ import numpy as np
 
 from cn2_jax.errors import ConversionError
 
-
-
 # ----------------------------------------------------------------------------------------------
 # Orbax.
 # ----------------------------------------------------------------------------------------------
+
 
 def save_variables(variables, out_dir, *, overwrite: bool = False) -> Path:
   """Saves `{'params': ..., 'frozen': ...}` with Orbax's StandardCheckpointer at `out_dir`."""
   import jax
   import orbax.checkpoint as ocp
+
   out_dir = Path(out_dir).absolute()
   tree = jax.tree_util.tree_map(np.asarray, variables)
   with ocp.StandardCheckpointer() as ckptr:
@@ -32,15 +33,18 @@ def restore_saved_variables(ckpt_dir, target=None):
   structure / dtypes / shardings; without it the tree is restored as saved (numpy leaves)."""
   import jax
   import orbax.checkpoint as ocp
+
   ckpt_dir = Path(ckpt_dir).absolute()
   if not ckpt_dir.exists():
     raise ConversionError(f"{ckpt_dir}: no such checkpoint directory")
   abstract = None
   if target is not None:
+
     def to_abstract(x):
       if isinstance(x, jax.ShapeDtypeStruct):
         return x
       return jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", None) or np.asarray(x).dtype)
+
     abstract = jax.tree_util.tree_map(to_abstract, target)
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(ckpt_dir, abstract) if abstract is not None else ckptr.restore(ckpt_dir)

@@ -4,6 +4,7 @@ detectron2 model-zoo or caffe2 / MSRA blobs). `load_checkpoint_file(path)` retur
 `{name: np.ndarray}` `StateDict` that also carries `.info` about the file (format, module
 versions). Unreadable files raise `ConversionError` naming the file.
 """
+
 from __future__ import annotations
 
 import collections
@@ -19,7 +20,6 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from cn2_jax.errors import ConversionError
-
 
 
 class StateDict(dict):
@@ -40,9 +40,11 @@ class StateDict(dict):
 # Restricted unpickling.
 # ----------------------------------------------------------------------------------------------
 
+
 class _Opaque:
   """Stand-in for any global the restricted unpickler does not know (optimizer / scheduler
   objects next to the weights). It only records its arguments; no foreign code runs."""
+
   _qualname = "?"
 
   def __init__(self, *args, **kwargs):
@@ -64,17 +66,23 @@ _OPAQUE_CLASSES: dict = {}
 def _opaque(module: str, name: str):
   key = f"{module}.{name}"
   if key not in _OPAQUE_CLASSES:
-    _OPAQUE_CLASSES[key] = type("Opaque_" + re.sub(r"\W", "_", key), (_Opaque,),
-                                {"_qualname": key})
+    _OPAQUE_CLASSES[key] = type("Opaque_" + re.sub(r"\W", "_", key), (_Opaque,), {"_qualname": key})
   return _OPAQUE_CLASSES[key]
 
 
 # torch storage class name -> numpy dtype ('bfloat16' is decoded by hand).
 _STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_, "UntypedStorage": np.uint8,
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+    "UntypedStorage": np.uint8,
 }
 
 
@@ -86,6 +94,7 @@ class _StorageType:
 @dataclasses.dataclass
 class _StorageRef:
   """A torch storage: `key` in the archive, `dtype` name, element count, optional view."""
+
   key: str
   dtype_name: str
   numel: Optional[int]
@@ -100,13 +109,15 @@ class _LazyTensor:
   stride: tuple
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
   del requires_grad, backward_hooks, metadata
   if not isinstance(storage, _StorageRef):
     raise pickle.UnpicklingError(f"tensor storage is {type(storage).__name__}, not a storage")
-  return _LazyTensor(storage, int(storage_offset), tuple(int(s) for s in size),
-                     tuple(int(s) for s in stride))
+  return _LazyTensor(
+      storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride)
+  )
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):  # torch < 1.0 name
@@ -132,8 +143,12 @@ def _latin1_encode(obj, encoding="latin1"):
 
 def _numpy_global(name: str):
   from numpy._core import multiarray, numeric  # numpy >= 2
-  return {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar,
-          "_frombuffer": numeric._frombuffer}[name]
+
+  return {
+      "_reconstruct": multiarray._reconstruct,
+      "scalar": multiarray.scalar,
+      "_frombuffer": numeric._frombuffer,
+  }[name]
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -151,21 +166,36 @@ class _RestrictedUnpickler(pickle.Unpickler):
   def find_class(self, module, name):
     if module in ("collections", "builtins", "__builtin__") and name == "OrderedDict":
       return collections.OrderedDict
-    if module in ("builtins", "__builtin__") and name in ("set", "frozenset", "slice", "complex",
-                                                          "bytearray"):
-      return {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex,
-              "bytearray": bytearray}[name]
+    if module in ("builtins", "__builtin__") and name in (
+        "set",
+        "frozenset",
+        "slice",
+        "complex",
+        "bytearray",
+    ):
+      return {
+          "set": set,
+          "frozenset": frozenset,
+          "slice": slice,
+          "complex": complex,
+          "bytearray": bytearray,
+      }[name]
     if module == "torch._utils":
-      fn = {"_rebuild_tensor_v2": _rebuild_tensor_v2, "_rebuild_tensor": _rebuild_tensor,
-            "_rebuild_parameter": _rebuild_parameter,
-            "_rebuild_parameter_with_state": _rebuild_parameter,
-            "_rebuild_from_type_v2": _rebuild_from_type_v2}.get(name)
+      fn = {
+          "_rebuild_tensor_v2": _rebuild_tensor_v2,
+          "_rebuild_tensor": _rebuild_tensor,
+          "_rebuild_parameter": _rebuild_parameter,
+          "_rebuild_parameter_with_state": _rebuild_parameter,
+          "_rebuild_from_type_v2": _rebuild_from_type_v2,
+      }.get(name)
       if fn is not None:
         return fn
     if module in ("torch", "torch.storage") and name in _STORAGE_DTYPES:
       return _StorageType(name)
     if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in (
-        "_reconstruct", "scalar"):
+        "_reconstruct",
+        "scalar",
+    ):
       return _numpy_global(name)
     if module in ("numpy.core.numeric", "numpy._core.numeric") and name == "_frombuffer":
       return _numpy_global(name)
@@ -210,7 +240,7 @@ def _materialise(t: _LazyTensor, storages: dict) -> np.ndarray:
   flat = storages[t.storage.key]
   if t.storage.view is not None:
     off, n = t.storage.view
-    flat = flat[off:off + n]
+    flat = flat[off : off + n]
   if any(s < 0 for s in t.size) or any(s < 0 for s in t.stride) or t.offset < 0:
     raise pickle.UnpicklingError("negative tensor size / stride / offset")
   numel = int(np.prod(t.size, dtype=np.int64))
@@ -220,10 +250,12 @@ def _materialise(t: _LazyTensor, storages: dict) -> np.ndarray:
   if last >= flat.size:
     raise pickle.UnpicklingError(
         f"tensor (offset {t.offset}, size {t.size}, stride {t.stride}) exceeds its storage of "
-        f"{flat.size} elements")
-  base = flat[t.offset:]
+        f"{flat.size} elements"
+    )
+  base = flat[t.offset :]
   view = np.lib.stride_tricks.as_strided(
-      base, shape=t.size, strides=tuple(s * flat.itemsize for s in t.stride), writeable=False)
+      base, shape=t.size, strides=tuple(s * flat.itemsize for s in t.stride), writeable=False
+  )
   return np.array(view, dtype=view.dtype.newbyteorder("="), order="C", copy=True)
 
 
@@ -233,9 +265,11 @@ def _read_torch_zip(path: Path):
     names = set(zf.namelist())
     pkl = sorted(n for n in names if n == "data.pkl" or n.endswith("/data.pkl"))
     if not pkl:
-      raise ConversionError(f"{path}: a zip file, but not a torch checkpoint (no data.pkl; "
-                            f"entries: {sorted(names)[:5]})")
-    prefix = pkl[0][:-len("data.pkl")]
+      raise ConversionError(
+          f"{path}: a zip file, but not a torch checkpoint (no data.pkl; "
+          f"entries: {sorted(names)[:5]})"
+      )
+    prefix = pkl[0][: -len("data.pkl")]
     big_endian = False
     if prefix + "byteorder" in names:
       big_endian = zf.read(prefix + "byteorder").decode().strip() == "big"
@@ -261,8 +295,10 @@ def _read_torch_zip(path: Path):
         ref = refs[key]
         arr = _decode_storage(zf.read(name), ref.dtype_name, big_endian)
         if ref.numel is not None and arr.size < ref.numel:
-          raise ConversionError(f"{path}: storage {name} holds {arr.size} elements, "
-                                f"{ref.numel} expected (truncated?)")
+          raise ConversionError(
+              f"{path}: storage {name} holds {arr.size} elements, "
+              f"{ref.numel} expected (truncated?)"
+          )
         out[key] = arr
       return out
 
@@ -291,8 +327,9 @@ def _read_torch_legacy(path: Path, f, file_size: int):
       refs[root_key] = _StorageRef(root_key, _storage_dtype_name(storage_type), int(numel))
     if view_metadata is not None:  # pre-0.4 storage views
       _view_key, offset, view_size = view_metadata
-      return _StorageRef(root_key, refs[root_key].dtype_name, int(view_size),
-                         (int(offset), int(view_size)))
+      return _StorageRef(
+          root_key, refs[root_key].dtype_name, int(view_size), (int(offset), int(view_size))
+      )
     return refs[root_key]
 
   obj = _RestrictedUnpickler(f, load_storage).load()
@@ -309,12 +346,17 @@ def _read_torch_legacy(path: Path, f, file_size: int):
     if len(head) < 8:
       raise ConversionError(f"{path}: truncated (storage {key} missing)")
     (numel,) = struct.unpack(">q" if big_endian else "<q", head)
-    itemsize = 2 if ref.dtype_name == "BFloat16Storage" else np.dtype(
-        _STORAGE_DTYPES[ref.dtype_name]).itemsize
+    itemsize = (
+        2
+        if ref.dtype_name == "BFloat16Storage"
+        else np.dtype(_STORAGE_DTYPES[ref.dtype_name]).itemsize
+    )
     start, nbytes = f.tell(), numel * itemsize
     if numel < 0 or start + nbytes > file_size:
-      raise ConversionError(f"{path}: truncated (storage {key} needs {nbytes} bytes at {start}, "
-                            f"file has {file_size})")
+      raise ConversionError(
+          f"{path}: truncated (storage {key} needs {nbytes} bytes at {start}, "
+          f"file has {file_size})"
+      )
     where[key] = (start, nbytes)
     f.seek(start + nbytes)
 
@@ -335,8 +377,10 @@ def _select_state_dict(path: Path, obj: Any) -> tuple[Any, dict]:
   """The weights dict inside a loaded checkpoint object, as detectron2 picks it."""
   if not isinstance(obj, dict):
     raise ConversionError(f"{path}: top-level object is a {type(obj).__name__}, not a dict")
-  info = {"author": obj.get("__author__"),
-          "matching_heuristics": bool(obj.get("matching_heuristics", False))}
+  info = {
+      "author": obj.get("__author__"),
+      "matching_heuristics": bool(obj.get("matching_heuristics", False)),
+  }
   if "model" in obj and isinstance(obj["model"], dict):
     return obj["model"], info
   if "blobs" in obj and isinstance(obj["blobs"], dict):  # caffe2 Detectron detection models
@@ -398,11 +442,14 @@ def load_checkpoint_file(path) -> StateDict:
   except zipfile.BadZipFile as e:
     raise ConversionError(f"{path}: corrupt or truncated zip/torch checkpoint ({e})") from e
   except (EOFError, pickle.UnpicklingError) as e:
-    raise ConversionError(f"{path}: not a readable pickle / torch checkpoint, truncated or "
-                          f"corrupt ({type(e).__name__}: {e})") from e
+    raise ConversionError(
+        f"{path}: not a readable pickle / torch checkpoint, truncated or "
+        f"corrupt ({type(e).__name__}: {e})"
+    ) from e
   except Exception as e:  # noqa: BLE001 -- garbage bytes can raise nearly anything in pickle
-    raise ConversionError(f"{path}: cannot parse as a checkpoint "
-                          f"({type(e).__name__}: {e})") from e
+    raise ConversionError(
+        f"{path}: cannot parse as a checkpoint " f"({type(e).__name__}: {e})"
+    ) from e
 
   # Keep weight entries; reject anything else in the weights dict.
   out, bad = {}, []
@@ -414,14 +461,16 @@ def load_checkpoint_file(path) -> StateDict:
     else:
       bad.append(f"{k} ({type(v).__name__})")
   if bad:
-    raise ConversionError(f"{path}: {len(bad)} entries of the weights dict are not tensors / "
-                          f"arrays: {bad[:20]}")
+    raise ConversionError(
+        f"{path}: {len(bad)} entries of the weights dict are not tensors / " f"arrays: {bad[:20]}"
+    )
   if not out:
     raise ConversionError(f"{path}: no tensors found")
   if all(k.startswith("module.") for k in out):
-    out = {k[len("module."):]: v for k, v in out.items()}
+    out = {k[len("module.") :]: v for k, v in out.items()}
     info["module_versions"] = {
-        (p[len("module."):] if p.startswith("module.") else p): v
-        for p, v in info.get("module_versions", {}).items()}
+        (p[len("module.") :] if p.startswith("module.") else p): v
+        for p, v in info.get("module_versions", {}).items()
+    }
   info["path"] = str(path)
   return StateDict(out, info=info)

@@ -2,6 +2,7 @@
 `detect_format(sd)` -> 'detectron2' | 'msra_c2' | 'torchvision', and `to_detectron2_names(sd, fmt)`
 renames ImageNet formats to `backbone.bottom_up.*` keys, dropping the classifier.
 """
+
 from __future__ import annotations
 
 import re
@@ -16,11 +17,18 @@ FROZEN_BN_EPS = 1e-5
 
 # What the ImageNet initialisations assume about the model (reported to the user).
 FORMAT_EXPECTATIONS = {
-    "msra_c2": dict(stride_in_1x1=True, input_format="BGR",
-                    pixel_mean=(103.530, 116.280, 123.675), pixel_std=(1.0, 1.0, 1.0)),
-    "torchvision": dict(stride_in_1x1=False, input_format="RGB",
-                        pixel_mean=(123.675, 116.280, 103.530),
-                        pixel_std=(58.395, 57.120, 57.375)),
+    "msra_c2": dict(
+        stride_in_1x1=True,
+        input_format="BGR",
+        pixel_mean=(103.530, 116.280, 123.675),
+        pixel_std=(1.0, 1.0, 1.0),
+    ),
+    "torchvision": dict(
+        stride_in_1x1=False,
+        input_format="RGB",
+        pixel_mean=(123.675, 116.280, 103.530),
+        pixel_std=(58.395, 57.120, 57.375),
+    ),
 }
 
 
@@ -35,19 +43,23 @@ def detect_format(state_dict) -> str:
   `res2_0_branch2a_w`) or 'torchvision' (`conv1.weight`, `layer1.0.bn1.*`)."""
   keys = list(state_dict)
   if any(k.startswith(_D2_HEADS) for k in keys) or (
-      keys and all(_D2_BARE_BACKBONE.match(k) for k in keys)):
+      keys and all(_D2_BARE_BACKBONE.match(k) for k in keys)
+  ):
     return "detectron2"
   if any(_MSRA_HINT.match(k) for k in keys):
     return "msra_c2"
   if "conv1.weight" in state_dict and any(k.startswith("layer1.") for k in keys):
     return "torchvision"
-  raise ConversionError(f"unrecognised checkpoint naming ({len(keys)} keys, e.g. {keys[:8]}): "
-                        "expected detectron2, MSRA caffe2 or torchvision ResNet names")
+  raise ConversionError(
+      f"unrecognised checkpoint naming ({len(keys)} keys, e.g. {keys[:8]}): "
+      "expected detectron2, MSRA caffe2 or torchvision ResNet names"
+  )
 
 
 _D2_RESNET_KEY = re.compile(
     r"^(stem\.conv1|res[2-9]\.\d+\.(conv[1-3]|shortcut))(\.norm)?\."
-    r"(weight|bias|running_mean|running_var)$")
+    r"(weight|bias|running_mean|running_var)$"
+)
 
 
 def _msra_name(key: str) -> str:
@@ -66,8 +78,12 @@ def _msra_name(key: str) -> str:
   k = re.sub(r"bn\.beta$", "norm.bias", k)
   k = re.sub(r"^res\.conv1\.norm\.", "conv1.norm.", k)
   k = re.sub(r"^conv1\.", "stem.conv1.", k)
-  for c2, d2 in ((".branch1.", ".shortcut."), (".branch2a.", ".conv1."),
-                 (".branch2b.", ".conv2."), (".branch2c.", ".conv3.")):
+  for c2, d2 in (
+      (".branch1.", ".shortcut."),
+      (".branch2a.", ".conv1."),
+      (".branch2b.", ".conv2."),
+      (".branch2c.", ".conv3."),
+  ):
     k = k.replace(c2, d2)
   return k
 
@@ -103,8 +119,9 @@ def to_detectron2_names(state_dict, fmt: str) -> StateDict:
   out = {}
   if fmt == "detectron2":
     keys = list(state_dict)
-    bare = bool(keys) and all(_D2_BARE_BACKBONE.match(k) or k.endswith("num_batches_tracked")
-                              for k in keys)
+    bare = bool(keys) and all(
+        _D2_BARE_BACKBONE.match(k) or k.endswith("num_batches_tracked") for k in keys
+    )
     for k, v in state_dict.items():
       if k in ("pixel_mean", "pixel_std") or k.endswith("num_batches_tracked"):
         dropped.append((k, "not a weight (buffer of the meta-architecture / BatchNorm counter)"))
@@ -151,22 +168,26 @@ def to_detectron2_names(state_dict, fmt: str) -> StateDict:
       out[new] = v
       renamed[new] = k
     if bad:
-      raise ConversionError(f"{len(bad)} {fmt} keys are not ResNet backbone weights "
-                            f"(not converted): {bad[:30]}")
+      raise ConversionError(
+          f"{len(bad)} {fmt} keys are not ResNet backbone weights " f"(not converted): {bad[:30]}"
+      )
     notes.append(_expectation_note(fmt))
   else:
     raise ConversionError(f"unknown format {fmt!r}")
-  info.update(source_format=fmt, dropped=dropped, renamed=renamed,
-              notes=info.get("notes", []) + notes)
+  info.update(
+      source_format=fmt, dropped=dropped, renamed=renamed, notes=info.get("notes", []) + notes
+  )
   return StateDict(out, info=info)
 
 
 def _expectation_note(fmt: str) -> str:
   e = FORMAT_EXPECTATIONS[fmt]
   origin = {"msra_c2": "MSRA caffe2 ResNet", "torchvision": "torchvision ResNet"}[fmt]
-  return (f"{origin} weights: the model must use stride_in_1x1={e['stride_in_1x1']}, "
-          f"input_format={e['input_format']!r}, pixel_mean={list(e['pixel_mean'])}, "
-          f"pixel_std={list(e['pixel_std'])}")
+  return (
+      f"{origin} weights: the model must use stride_in_1x1={e['stride_in_1x1']}, "
+      f"input_format={e['input_format']!r}, pixel_mean={list(e['pixel_mean'])}, "
+      f"pixel_std={list(e['pixel_std'])}"
+  )
 
 
 def format_expectations(fmt: str) -> Optional[dict]:

@@ -4,6 +4,7 @@ Run once with any torch (the fixtures in this folder were written by torch 2.13.
   python tests/data/make_torch_fixtures.py
 The expected values are closed-form (arange-based) and are re-derived by the test without torch.
 """
+
 import collections
 import os
 
@@ -17,8 +18,8 @@ def tensors():
   sd = collections.OrderedDict()
   sd["conv.weight"] = torch.arange(54, dtype=torch.float32).reshape(2, 3, 3, 3) / 7.0
   sd["base"] = base
-  sd["view"] = base[1:3, 2:5]                       # storage offset, shares storage with base
-  sd["transposed"] = base.t()                       # non-contiguous strides
+  sd["view"] = base[1:3, 2:5]  # storage offset, shares storage with base
+  sd["transposed"] = base.t()  # non-contiguous strides
   sd["expanded"] = torch.arange(3, dtype=torch.float32).expand(2, 3)  # stride 0
   sd["half"] = (torch.arange(10, dtype=torch.float32) / 4).half()
   sd["bf16"] = (torch.arange(8, dtype=torch.float32) * 0.25).bfloat16()
@@ -31,10 +32,14 @@ def tensors():
 
 def main():
   sd = tensors()
-  torch.save({"model": sd, "iteration": 7, "__author__": "fixture"},
-             os.path.join(HERE, "torch_zip.pth"))
-  torch.save({"model": sd, "iteration": 7}, os.path.join(HERE, "torch_legacy.pth"),
-             _use_new_zipfile_serialization=False)
+  torch.save(
+      {"model": sd, "iteration": 7, "__author__": "fixture"}, os.path.join(HERE, "torch_zip.pth")
+  )
+  torch.save(
+      {"model": sd, "iteration": 7},
+      os.path.join(HERE, "torch_legacy.pth"),
+      _use_new_zipfile_serialization=False,
+  )
   # A module state dict (carries _metadata versions) saved with parameters (keep_vars).
   m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, bias=False), torch.nn.BatchNorm2d(4))
   with torch.no_grad():

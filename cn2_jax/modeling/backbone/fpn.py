@@ -11,6 +11,7 @@ Forward (detectron2 `FPN.forward`, FUSE_TYPE='sum'):
   P6 = p6(P5); P7 = p7(relu(P6))            (3x3 s2 p1: size n -> floor((n - 1) / 2) + 1)
 All FPN convs: c2_xavier_fill, bias 0; bias only when `fpn_norm == ''` (the CenterNet2 config).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
@@ -33,14 +34,23 @@ def upsample_nearest_2x(x: jax.Array) -> jax.Array:
 
 class LastLevelP6P7_P5(nn.Module):  # noqa: N801 (detectron2/CenterNet2 class name)
   """CenterNet2's top block: P6 = p6(P5), P7 = p7(relu(P6)); 3x3 s2 p1 convs with bias."""
+
   out_channels: int = 256
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, p5: jax.Array, canvas_hw: Optional[jax.Array] = None) -> List[jax.Array]:
     conv = lambda name: Conv2d(  # noqa: E731
-        self.out_channels, kernel_size=3, strides=2, padding=1, use_bias=True,
-        kernel_init=c2_xavier_fill, bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)
+        self.out_channels,
+        kernel_size=3,
+        strides=2,
+        padding=1,
+        use_bias=True,
+        kernel_init=c2_xavier_fill,
+        bias_init=nn.initializers.zeros,
+        dtype=self.dtype,
+        name=name,
+    )
     p6 = conv("p6")(zero_outside_canvas(p5, canvas_hw, 32))
     p7 = conv("p7")(zero_outside_canvas(nn.relu(p6), canvas_hw, 64))
     return [p6, p7]
@@ -62,6 +72,7 @@ class FPN(nn.Module):
   the official ones whatever the padding (`canvas.zero_outside_canvas`).
   `forward_features(features)`: the same from a dict {'res3', 'res4', 'res5'} of bottom-up maps.
   """
+
   depth: int = 50
   stride_in_1x1: bool = True
   freeze_at: int = 2
@@ -77,16 +88,35 @@ class FPN(nn.Module):
   size_divisibility = 32
 
   def setup(self):
-    self.bottom_up = ResNet(depth=self.depth, stride_in_1x1=self.stride_in_1x1, norm=self.norm,
-                            width=self.width,
-                            freeze_at=self.freeze_at, out_features=self.in_features,
-                            dtype=self.dtype)
+    self.bottom_up = ResNet(
+        depth=self.depth,
+        stride_in_1x1=self.stride_in_1x1,
+        norm=self.norm,
+        width=self.width,
+        freeze_at=self.freeze_at,
+        out_features=self.in_features,
+        dtype=self.dtype,
+    )
     lat = lambda: Conv2d(  # noqa: E731
-        self.out_channels, kernel_size=1, strides=1, padding=0, use_bias=self.fpn_norm == "",
-        norm=self.fpn_norm, kernel_init=c2_xavier_fill, dtype=self.dtype)
+        self.out_channels,
+        kernel_size=1,
+        strides=1,
+        padding=0,
+        use_bias=self.fpn_norm == "",
+        norm=self.fpn_norm,
+        kernel_init=c2_xavier_fill,
+        dtype=self.dtype,
+    )
     out = lambda: Conv2d(  # noqa: E731
-        self.out_channels, kernel_size=3, strides=1, padding=1, use_bias=self.fpn_norm == "",
-        norm=self.fpn_norm, kernel_init=c2_xavier_fill, dtype=self.dtype)
+        self.out_channels,
+        kernel_size=3,
+        strides=1,
+        padding=1,
+        use_bias=self.fpn_norm == "",
+        norm=self.fpn_norm,
+        kernel_init=c2_xavier_fill,
+        dtype=self.dtype,
+    )
     self.fpn_lateral3 = lat()
     self.fpn_output3 = out()
     self.fpn_lateral4 = lat()
@@ -98,12 +128,15 @@ class FPN(nn.Module):
   def __call__(self, x: jax.Array, canvas_hw: Optional[jax.Array] = None) -> List[jax.Array]:
     h, w = x.shape[1], x.shape[2]
     if h % self.size_divisibility or w % self.size_divisibility:
-      raise ValueError(f"FPN input size {(h, w)} must be a multiple of {self.size_divisibility} "
-                       "(pad the batch; detectron2 pads to the res5 stride)")
+      raise ValueError(
+          f"FPN input size {(h, w)} must be a multiple of {self.size_divisibility} "
+          "(pad the batch; detectron2 pads to the res5 stride)"
+      )
     return self.forward_features(self.bottom_up(x, canvas_hw), canvas_hw)
 
-  def forward_features(self, features: Dict[str, jax.Array],
-                       canvas_hw: Optional[jax.Array] = None) -> List[jax.Array]:
+  def forward_features(
+      self, features: Dict[str, jax.Array], canvas_hw: Optional[jax.Array] = None
+  ) -> List[jax.Array]:
     laterals = {3: self.fpn_lateral3, 4: self.fpn_lateral4, 5: self.fpn_lateral5}
     outputs = {3: self.fpn_output3, 4: self.fpn_output4, 5: self.fpn_output5}
     prev = laterals[5](features["res5"])
@@ -115,8 +148,9 @@ class FPN(nn.Module):
         # detectron2 would fail here too (F.interpolate x2 + add needs exact 2x sizes).
         raise ValueError(
             f"FPN top-down size {top_down.shape[1:3]} != lateral size {lateral.shape[1:3]} at "
-            f"level {level}: input sizes must be multiples of {self.size_divisibility}")
+            f"level {level}: input sizes must be multiples of {self.size_divisibility}"
+        )
       prev = lateral + top_down
-      results.insert(0, outputs[level](zero_outside_canvas(prev, canvas_hw, 2 ** level)))
+      results.insert(0, outputs[level](zero_outside_canvas(prev, canvas_hw, 2**level)))
     results.extend(self.top_block(results[-1], canvas_hw))  # P6 from the P5 *output*
     return results

@@ -21,6 +21,7 @@ res2..res<k>. The freeze is implemented with `jax.lax.stop_gradient` on the outp
 stage, so the frozen parameters receive exactly zero gradient; the optimizer must additionally
 exclude `frozen_param_prefixes(freeze_at)` from weight decay / updates.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -57,7 +58,7 @@ def resnet_out_channels(depth: int, width: int = 64) -> Dict[str, int]:
   base = width if _DEPTH_CONFIG[depth][0] == "basic" else 4 * width
   out = {"stem": width}
   for i, name in enumerate(_STAGE_NAMES):
-    out[name] = base * 2 ** i
+    out[name] = base * 2**i
   return out
 
 
@@ -88,13 +89,18 @@ def max_pool_3x3_s2_p1(x: jax.Array) -> jax.Array:
   # A concrete (numpy) -inf init lets JAX lower this to the differentiable reduce_window_max.
   init = np.array(-np.inf, dtype=x.dtype)
   return jax.lax.reduce_window(
-      x, init, jax.lax.max,
-      window_dimensions=(1, 3, 3, 1), window_strides=(1, 2, 2, 1),
-      padding=((0, 0), (1, 1), (1, 1), (0, 0)))
+      x,
+      init,
+      jax.lax.max,
+      window_dimensions=(1, 3, 3, 1),
+      window_strides=(1, 2, 2, 1),
+      padding=((0, 0), (1, 1), (1, 1), (0, 0)),
+  )
 
 
 class BasicStem(nn.Module):
   """detectron2 BasicStem: `conv1` (7x7 s2 p3, no bias, norm) -> ReLU -> max-pool 3x3 s2 p1."""
+
   out_channels: int = 64
   norm: str = "FrozenBN"
   dtype: Dtype = jnp.float32
@@ -102,8 +108,17 @@ class BasicStem(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, canvas_hw: Optional[jax.Array] = None) -> jax.Array:
     # The input image is already zero outside the images (detector.preprocess).
-    conv1 = Conv2d(self.out_channels, kernel_size=7, strides=2, padding=3, use_bias=False,
-                   norm=self.norm, kernel_init=c2_msra_fill, dtype=self.dtype, name="conv1")
+    conv1 = Conv2d(
+        self.out_channels,
+        kernel_size=7,
+        strides=2,
+        padding=3,
+        use_bias=False,
+        norm=self.norm,
+        kernel_init=c2_msra_fill,
+        dtype=self.dtype,
+        name="conv1",
+    )
     x = nn.relu(conv1(x, canvas_mask((x.shape[1] // 2, x.shape[2] // 2), canvas_hw, 2)))
     # Post-ReLU values are >= 0, so zeros off the canvas act like the pool's -inf padding.
     return max_pool_3x3_s2_p1(zero_outside_canvas(x, canvas_hw, 2))
@@ -118,6 +133,7 @@ class BottleneckBlock(nn.Module):
     stride: block stride (applied on conv1 if `stride_in_1x1`, else on conv2).
     stride_in_1x1: MSRA (True) vs torchvision (False) placement of the stride.
   """
+
   out_channels: int
   bottleneck_channels: int
   stride: int = 1
@@ -126,15 +142,24 @@ class BottleneckBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, canvas_hw: Optional[jax.Array] = None,
-               in_stride: int = 1) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, canvas_hw: Optional[jax.Array] = None, in_stride: int = 1
+  ) -> jax.Array:
     """`canvas_hw`/`in_stride`: see `canvas.zero_outside_canvas` (only the 3x3 conv mixes
     neighbours; `norm_mask` keeps GroupNorm statistics on the canvas)."""
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
     out_stride = in_stride * self.stride
     conv = lambda f, k, s, p, name: Conv2d(  # noqa: E731
-        f, kernel_size=k, strides=s, padding=p, use_bias=False, norm=self.norm,
-        kernel_init=c2_msra_fill, dtype=self.dtype, name=name)
+        f,
+        kernel_size=k,
+        strides=s,
+        padding=p,
+        use_bias=False,
+        norm=self.norm,
+        kernel_init=c2_msra_fill,
+        dtype=self.dtype,
+        name=name,
+    )
     out_hw = (-(-x.shape[1] // self.stride), -(-x.shape[2] // self.stride))
     out_mask = canvas_mask(out_hw, canvas_hw, out_stride)
     if x.shape[-1] != self.out_channels or self.stride != 1:
@@ -142,8 +167,11 @@ class BottleneckBlock(nn.Module):
     else:
       shortcut = x.astype(self.dtype)
     mid_hw = (-(-x.shape[1] // s1), -(-x.shape[2] // s1))
-    y = nn.relu(conv(self.bottleneck_channels, 1, s1, 0, "conv1")(
-        x, canvas_mask(mid_hw, canvas_hw, in_stride * s1)))
+    y = nn.relu(
+        conv(self.bottleneck_channels, 1, s1, 0, "conv1")(
+            x, canvas_mask(mid_hw, canvas_hw, in_stride * s1)
+        )
+    )
     y = zero_outside_canvas(y, canvas_hw, in_stride * s1)
     y = nn.relu(conv(self.bottleneck_channels, 3, s3, 1, "conv2")(y, out_mask))
     y = conv(self.out_channels, 1, 1, 0, "conv3")(y, out_mask)
@@ -152,17 +180,27 @@ class BottleneckBlock(nn.Module):
 
 class BasicBlock(nn.Module):
   """detectron2 BasicBlock: conv1 3x3 (stride) p1 + norm, ReLU, conv2 3x3 p1 + norm, add, ReLU."""
+
   out_channels: int
   stride: int = 1
   norm: str = "FrozenBN"
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, canvas_hw: Optional[jax.Array] = None,
-               in_stride: int = 1) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, canvas_hw: Optional[jax.Array] = None, in_stride: int = 1
+  ) -> jax.Array:
     conv = lambda f, k, s, p, name: Conv2d(  # noqa: E731
-        f, kernel_size=k, strides=s, padding=p, use_bias=False, norm=self.norm,
-        kernel_init=c2_msra_fill, dtype=self.dtype, name=name)
+        f,
+        kernel_size=k,
+        strides=s,
+        padding=p,
+        use_bias=False,
+        norm=self.norm,
+        kernel_init=c2_msra_fill,
+        dtype=self.dtype,
+        name=name,
+    )
     out_stride = in_stride * self.stride
     out_hw = (-(-x.shape[1] // self.stride), -(-x.shape[2] // self.stride))
     out_mask = canvas_mask(out_hw, canvas_hw, out_stride)
@@ -170,15 +208,20 @@ class BasicBlock(nn.Module):
       shortcut = conv(self.out_channels, 1, self.stride, 0, "shortcut")(x, out_mask)
     else:
       shortcut = x.astype(self.dtype)
-    y = nn.relu(conv(self.out_channels, 3, self.stride, 1, "conv1")(
-        zero_outside_canvas(x, canvas_hw, in_stride), out_mask))
-    y = conv(self.out_channels, 3, 1, 1, "conv2")(zero_outside_canvas(y, canvas_hw, out_stride),
-                                                  out_mask)
+    y = nn.relu(
+        conv(self.out_channels, 3, self.stride, 1, "conv1")(
+            zero_outside_canvas(x, canvas_hw, in_stride), out_mask
+        )
+    )
+    y = conv(self.out_channels, 3, 1, 1, "conv2")(
+        zero_outside_canvas(y, canvas_hw, out_stride), out_mask
+    )
     return nn.relu(y + shortcut)
 
 
 class ResNetStage(nn.Module):
   """A sequence of blocks named '0', '1', ...; the first block carries the stage stride."""
+
   block: str  # "bottleneck" | "basic"
   num_blocks: int
   out_channels: int
@@ -189,17 +232,25 @@ class ResNetStage(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, canvas_hw: Optional[jax.Array] = None,
-               in_stride: int = 1) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, canvas_hw: Optional[jax.Array] = None, in_stride: int = 1
+  ) -> jax.Array:
     for i in range(self.num_blocks):
       stride = self.first_stride if i == 0 else 1
       if self.block == "bottleneck":
-        x = BottleneckBlock(self.out_channels, self.bottleneck_channels, stride=stride,
-                            stride_in_1x1=self.stride_in_1x1, norm=self.norm,
-                            dtype=self.dtype, name=str(i))(x, canvas_hw, in_stride)
+        x = BottleneckBlock(
+            self.out_channels,
+            self.bottleneck_channels,
+            stride=stride,
+            stride_in_1x1=self.stride_in_1x1,
+            norm=self.norm,
+            dtype=self.dtype,
+            name=str(i),
+        )(x, canvas_hw, in_stride)
       else:
-        x = BasicBlock(self.out_channels, stride=stride, norm=self.norm, dtype=self.dtype,
-                       name=str(i))(x, canvas_hw, in_stride)
+        x = BasicBlock(
+            self.out_channels, stride=stride, norm=self.norm, dtype=self.dtype, name=str(i)
+        )(x, canvas_hw, in_stride)
       in_stride *= stride
     return x
 
@@ -221,6 +272,7 @@ class ResNet(nn.Module):
   Input: normalised float image `[N, H, W, 3]` (and optionally the official canvas `canvas_hw`
   `[2]`, see `canvas.zero_outside_canvas`). Output: dict name -> `[N, H/s, W/s, C]`.
   """
+
   depth: int = 50
   stride_in_1x1: bool = True
   norm: str = "FrozenBN"
@@ -230,8 +282,7 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array,
-               canvas_hw: Optional[jax.Array] = None) -> Dict[str, jax.Array]:
+  def __call__(self, x: jax.Array, canvas_hw: Optional[jax.Array] = None) -> Dict[str, jax.Array]:
     if self.depth not in _DEPTH_CONFIG:
       raise ValueError(f"ResNet depth must be one of {sorted(_DEPTH_CONFIG)}, got {self.depth}")
     if x.ndim != 4:
@@ -254,10 +305,16 @@ class ResNet(nn.Module):
       name = order[idx]
       stage_num = idx + 1  # res2 -> 2
       x = ResNetStage(
-          block=block, num_blocks=num_blocks[idx - 1], out_channels=channels[name],
-          bottleneck_channels=channels[name] // 4, first_stride=1 if name == "res2" else 2,
-          stride_in_1x1=self.stride_in_1x1, norm=self.norm, dtype=self.dtype,
-          name=name)(x, canvas_hw, _FEATURE_STRIDES[order[idx - 1]])
+          block=block,
+          num_blocks=num_blocks[idx - 1],
+          out_channels=channels[name],
+          bottleneck_channels=channels[name] // 4,
+          first_stride=1 if name == "res2" else 2,
+          stride_in_1x1=self.stride_in_1x1,
+          norm=self.norm,
+          dtype=self.dtype,
+          name=name,
+      )(x, canvas_hw, _FEATURE_STRIDES[order[idx - 1]])
       if self.freeze_at >= stage_num:
         x = jax.lax.stop_gradient(x)
       if name in self.out_features:

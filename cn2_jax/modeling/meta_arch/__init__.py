@@ -7,6 +7,7 @@ A new family adds `meta_arch/<name>.py` with `@register("<name>")`, imports it h
 name to `config.ARCHS` and its config keys to the schema; it reuses `backbone/`, `ops/` and the
 shared heads where they are the same.
 """
+
 from cn2_jax.modeling.meta_arch import centernet2  # noqa: F401  (registers "centernet2")
 from cn2_jax.modeling.meta_arch.build import META_ARCHS, build_model, register
 

@@ -5,6 +5,7 @@ instantiates it with the frozen model config. Every registered module follows th
 docs/DESIGN.md (`apply(variables, batch, train=False)` -> detections dict; `train=True` -> losses),
 so the data pipeline, training loop, evaluation, predict and export work for every family.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional
@@ -20,6 +21,7 @@ def register(name: str) -> Callable[[type], type]:
       raise ValueError(f"meta-architecture {name!r} is registered twice")
     META_ARCHS[name] = cls
     return cls
+
   return deco
 
 
@@ -28,6 +30,8 @@ def build_model(model_config: ml_collections.ConfigDict, axis_name: Optional[str
   arch = model_config.arch
   if arch not in META_ARCHS:
     from cn2_jax.errors import ConfigError
-    raise ConfigError(f"model.arch={arch!r} is not a known detector family "
-                      f"(known: {sorted(META_ARCHS)})")
+
+    raise ConfigError(
+        f"model.arch={arch!r} is not a known detector family " f"(known: {sorted(META_ARCHS)})"
+    )
   return META_ARCHS[arch](ml_collections.FrozenConfigDict(model_config), axis_name=axis_name)

@@ -10,6 +10,7 @@ Sub-modules are named `backbone`, `proposal_generator`, `roi_heads` so that vari
 the official detectron2 state-dict keys (docs/DESIGN.md). Registered as `model.arch =
 "centernet2"`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -34,20 +35,28 @@ class CenterNet2(nn.Module):
 
   See docs/DESIGN.md "Model API" for the call contract; `batch` follows its batch contract.
   """
+
   config: Any
   axis_name: Optional[str] = None
 
   def setup(self):
     m = model_kwargs(self.config)
     dtype = _DTYPES[m["dtype"]]
-    self.backbone = FPN(depth=m["resnet_depth"], stride_in_1x1=m["stride_in_1x1"],
-                        freeze_at=m["freeze_at"], norm=m["resnet_norm"],
-                        width=m["resnet_width"],
-                        out_channels=m["fpn_channels"], dtype=dtype)
-    self.proposal_generator = CenterNet(channels=m["fpn_channels"], axis_name=self.axis_name,
-                                        dtype=dtype, **m["centernet"])
-    self.roi_heads = CascadeROIHeads(num_classes=m["num_classes"], axis_name=self.axis_name,
-                                     dtype=dtype, **m["roi_heads"])
+    self.backbone = FPN(
+        depth=m["resnet_depth"],
+        stride_in_1x1=m["stride_in_1x1"],
+        freeze_at=m["freeze_at"],
+        norm=m["resnet_norm"],
+        width=m["resnet_width"],
+        out_channels=m["fpn_channels"],
+        dtype=dtype,
+    )
+    self.proposal_generator = CenterNet(
+        channels=m["fpn_channels"], axis_name=self.axis_name, dtype=dtype, **m["centernet"]
+    )
+    self.roi_heads = CascadeROIHeads(
+        num_classes=m["num_classes"], axis_name=self.axis_name, dtype=dtype, **m["roi_heads"]
+    )
 
   def preprocess(self, image: jax.Array, image_hw: jax.Array) -> jax.Array:
     """`[B, H, W, 3]` uint8 RGB -> normalised `[B, H, W, 3]` in input_format, padding = 0."""
@@ -57,8 +66,9 @@ class CenterNet2(nn.Module):
       x = x[..., ::-1]
     x = (x - jnp.asarray(m.pixel_mean, jnp.float32)) / jnp.asarray(m.pixel_std, jnp.float32)
     h, w = image.shape[1], image.shape[2]
-    inside = ((jnp.arange(h)[None, :, None] < image_hw[:, 0, None, None]) &
-              (jnp.arange(w)[None, None, :] < image_hw[:, 1, None, None]))
+    inside = (jnp.arange(h)[None, :, None] < image_hw[:, 0, None, None]) & (
+        jnp.arange(w)[None, None, :] < image_hw[:, 1, None, None]
+    )
     return jnp.where(inside[..., None], x, 0.0).astype(_DTYPES[m.dtype])
 
   def __call__(self, batch: dict, train: bool = False):
@@ -67,15 +77,31 @@ class CenterNet2(nn.Module):
     features = self.backbone(images, canvas)
     for i, f in enumerate(features):
       self.sow("intermediates", f"p{i + 3}", f)
-    masks = canvas_masks(batch["image_hw"], [f.shape[1:3] for f in features],
-                         self.proposal_generator.strides)
+    masks = canvas_masks(
+        batch["image_hw"], [f.shape[1:3] for f in features], self.proposal_generator.strides
+    )
     if not train:
-      proposals = self.proposal_generator(features, train=False, masks=masks)
+      proposals = self.proposal_generator(
+          features, train=False, masks=masks, image_hw=batch["image_hw"]
+      )
       return self.roi_heads(features, proposals, batch["image_hw"], train=False)
     losses, proposals = self.proposal_generator(
-        features, train=True, gt_boxes=batch["gt_boxes"], gt_valid=batch["gt_valid"],
-        masks=masks)
-    losses.update(self.roi_heads(
-        features, proposals, batch["image_hw"], train=True, gt_boxes=batch["gt_boxes"],
-        gt_classes=batch["gt_classes"], gt_valid=batch["gt_valid"]))
+        features,
+        train=True,
+        gt_boxes=batch["gt_boxes"],
+        gt_valid=batch["gt_valid"],
+        masks=masks,
+        image_hw=batch["image_hw"],
+    )
+    losses.update(
+        self.roi_heads(
+            features,
+            proposals,
+            batch["image_hw"],
+            train=True,
+            gt_boxes=batch["gt_boxes"],
+            gt_classes=batch["gt_classes"],
+            gt_valid=batch["gt_valid"],
+        )
+    )
     return losses

@@ -4,7 +4,12 @@ Modules: `norm` (torch BatchNorm), `backbone` (torchvision ResNet, C5), `neck` (
 torch ConvTranspose2d), `head`, `targets`, `losses`, `decode`, `model` (the meta-architecture).
 Weights: `cn2_jax/weights/onestage.py`. Parity: `cn2_jax/testing/centerx_oracle.py`.
 """
+
 from cn2_jax.modeling.onestage.model import (  # noqa: F401
-    CenterNetOneStage, abstract_variables, build_onestage_model, dummy_batch, init_fn,
+    CenterNetOneStage,
+    abstract_variables,
+    build_onestage_model,
+    dummy_batch,
+    init_fn,
     init_variables,
 )

@@ -15,6 +15,7 @@ Variable paths relative to this module equal centerX's `backbone.*` state-dict k
 rename rule of `cn2_jax/weights/onestage.py`, e.g. `layer2.0.downsample.0.kernel`,
 `layer2.0.downsample.1.scale`, `batch_stats/layer2.0.bn1.var`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -49,8 +50,16 @@ def c5_channels(depth: int, width: int = 64) -> int:
 
 
 def _conv(features, k, stride, name, dtype):
-  return Conv2d(features, kernel_size=k, strides=stride, padding=k // 2, use_bias=False,
-                kernel_init=torch_conv_init, dtype=dtype, name=name)
+  return Conv2d(
+      features,
+      kernel_size=k,
+      strides=stride,
+      padding=k // 2,
+      use_bias=False,
+      kernel_init=torch_conv_init,
+      dtype=dtype,
+      name=name,
+  )
 
 
 class Block(nn.Module):
@@ -58,6 +67,7 @@ class Block(nn.Module):
 
   Call: `x [N, H, W, Cin]`, `train_bn` -> `[N, ceil(H/stride), ceil(W/stride), planes * expansion]`.
   """
+
   kind: str  # "basic" | "bottleneck"
   planes: int
   stride: int = 1
@@ -68,8 +78,9 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train_bn: bool) -> jax.Array:
-    bn = lambda name: BatchNorm(self.bn_momentum, self.bn_eps, self.axis_name,  # noqa: E731
-                                self.dtype, name=name)
+    bn = lambda name: BatchNorm(
+        self.bn_momentum, self.bn_eps, self.axis_name, self.dtype, name=name  # noqa: E731
+    )
     out_ch = self.planes * (1 if self.kind == "basic" else 4)
     use_ra = not train_bn
     if self.kind == "basic":
@@ -82,7 +93,8 @@ class Block(nn.Module):
     if self.stride != 1 or x.shape[-1] != out_ch:
       # torchvision `downsample = Sequential(conv1x1(stride), BN)`: names "downsample.0/.1".
       shortcut = bn("downsample.1")(
-          _conv(out_ch, 1, self.stride, "downsample.0", self.dtype)(x), use_ra)
+          _conv(out_ch, 1, self.stride, "downsample.0", self.dtype)(x), use_ra
+      )
     else:
       shortcut = x.astype(self.dtype)
     return nn.relu(y + shortcut)
@@ -100,6 +112,7 @@ class ResNetC5(nn.Module):
   Call: normalised image `[N, H, W, 3]`, `train_bn` (batch statistics + running-stat update when
   True) -> C5 `[N, H/32, W/32, c5_channels(depth, width)]` (H, W multiples of 32).
   """
+
   depth: int = 18
   width: int = 64
   bn_momentum: float = TORCH_BN_MOMENTUM
@@ -115,13 +128,22 @@ class ResNetC5(nn.Module):
       raise ValueError(f"ResNetC5 takes [N, H, W, 3] images, got shape {x.shape}")
     kind, blocks = RESNET_SPECS[self.depth]
     x = _conv(self.width, 7, 2, "conv1", self.dtype)(x)
-    x = BatchNorm(self.bn_momentum, self.bn_eps, self.axis_name, self.dtype,
-                  name="bn1")(x, not train_bn)
+    x = BatchNorm(self.bn_momentum, self.bn_eps, self.axis_name, self.dtype, name="bn1")(
+        x, not train_bn
+    )
     x = max_pool_3x3_s2_p1(nn.relu(x))
     for stage, n in enumerate(blocks):
-      planes = self.width * 2 ** stage
+      planes = self.width * 2**stage
       for i in range(n):
         stride = 2 if (stage > 0 and i == 0) else 1
-        x = Block(kind, planes, stride, self.bn_momentum, self.bn_eps, self.axis_name,
-                  self.dtype, name=f"layer{stage + 1}.{i}")(x, train_bn)
+        x = Block(
+            kind,
+            planes,
+            stride,
+            self.bn_momentum,
+            self.bn_eps,
+            self.axis_name,
+            self.dtype,
+            name=f"layer{stage + 1}.{i}",
+        )(x, train_bn)
     return x

@@ -15,6 +15,7 @@ No score threshold and no NMS: all K detections are returned.
 centerX never clamps w, h, so a negative prediction gives an inverted box (x2 < x1).
 `clamp_wh=False` reproduces that (parity); the default `clamp_wh=True` uses max(w, 0), max(h, 0).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -28,8 +29,13 @@ def pseudo_nms(heat: jax.Array, pool_size: int = 3) -> jax.Array:
   """`heat [B, H, W, C]` -> heat * (maxpool(heat) == heat) (torch max_pool2d, -inf padding)."""
   pad = (pool_size - 1) // 2
   hmax = jax.lax.reduce_window(
-      heat, np.array(-np.inf, heat.dtype), jax.lax.max, (1, pool_size, pool_size, 1),
-      (1, 1, 1, 1), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+      heat,
+      np.array(-np.inf, heat.dtype),
+      jax.lax.max,
+      (1, pool_size, pool_size, 1),
+      (1, 1, 1, 1),
+      ((0, 0), (pad, pad), (pad, pad), (0, 0)),
+  )
   return heat * (hmax == heat).astype(heat.dtype)
 
 
@@ -49,8 +55,15 @@ def topk_score(heat: jax.Array, k: int = 100):
   return scores, pix, classes, pix // w, pix % w
 
 
-def decode(heat: jax.Array, wh: jax.Array, reg: Optional[jax.Array] = None, *, k: int = 100,
-           down_scale: float = 4.0, clamp_wh: bool = True) -> Dict[str, jax.Array]:
+def decode(
+    heat: jax.Array,
+    wh: jax.Array,
+    reg: Optional[jax.Array] = None,
+    *,
+    k: int = 100,
+    down_scale: float = 4.0,
+    clamp_wh: bool = True,
+) -> Dict[str, jax.Array]:
   """Args:
     heat: `[B, H, W, C]` sigmoided heatmap; wh: `[B, H, W, 2]`; reg: `[B, H, W, 2]` or None.
     k: detections per image (centerX hard-codes 100).
@@ -66,7 +79,8 @@ def decode(heat: jax.Array, wh: jax.Array, reg: Optional[jax.Array] = None, *, k
   scores, pix, classes, ys, xs = topk_score(heat, k)
   kk = scores.shape[1]
   gather = lambda m: jnp.take_along_axis(  # noqa: E731
-      m.astype(jnp.float32).reshape(b, h * w, -1), pix[:, :, None], axis=1)  # [B, K, D]
+      m.astype(jnp.float32).reshape(b, h * w, -1), pix[:, :, None], axis=1
+  )  # [B, K, D]
   x = xs.astype(jnp.float32)
   y = ys.astype(jnp.float32)
   if reg is not None:

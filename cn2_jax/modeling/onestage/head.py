@@ -12,6 +12,7 @@ Init: `init="centerx"` keeps torch's default conv init (weights and biases
 U(-1/sqrt(fan_in), +)) except the cls bias; `init="centernet"` follows xingyizhou/CenterNet
 (`fill_fc_weights`: wh/reg convs normal(0, 0.001) with zero bias; cls head as centerX).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional
@@ -30,6 +31,7 @@ Dtype = Any
 class SingleHead(nn.Module):
   """feat_conv 3x3 -> ReLU -> out_conv 1x1. Call: `[N, H, W, Cin]` -> `[N, H, W, out_channels]`
   (`dtype`)."""
+
   out_channels: int
   head_conv: Optional[int] = None
   bias_value: Optional[float] = None
@@ -41,22 +43,44 @@ class SingleHead(nn.Module):
     cin = x.shape[-1]
     mid = self.head_conv or cin
     if self.small_init:
-      k_init, b_feat, b_out = (nn.initializers.normal(0.001), nn.initializers.zeros,
-                               nn.initializers.zeros)
+      k_init, b_feat, b_out = (
+          nn.initializers.normal(0.001),
+          nn.initializers.zeros,
+          nn.initializers.zeros,
+      )
     else:
       k_init, b_feat, b_out = torch_conv_init, torch_bias_init(9 * cin), torch_bias_init(mid)
     if self.bias_value is not None:
       b_out = nn.initializers.constant(self.bias_value)
-    y = Conv2d(mid, 3, 1, 1, use_bias=True, kernel_init=k_init, bias_init=b_feat,
-               dtype=self.dtype, name="feat_conv")(x)
+    y = Conv2d(
+        mid,
+        3,
+        1,
+        1,
+        use_bias=True,
+        kernel_init=k_init,
+        bias_init=b_feat,
+        dtype=self.dtype,
+        name="feat_conv",
+    )(x)
     y = nn.relu(y)
-    return Conv2d(self.out_channels, 1, 1, 0, use_bias=True, kernel_init=k_init, bias_init=b_out,
-                  dtype=self.dtype, name="out_conv")(y)
+    return Conv2d(
+        self.out_channels,
+        1,
+        1,
+        0,
+        use_bias=True,
+        kernel_init=k_init,
+        bias_init=b_out,
+        dtype=self.dtype,
+        name="out_conv",
+    )(y)
 
 
 class CenternetHead(nn.Module):
   """Call: neck features `[N, H, W, C]` -> dict `cls [N, H, W, num_classes]` (sigmoid, float32),
   `wh [N, H, W, 2]`, `reg [N, H, W, 2]` (float32)."""
+
   num_classes: int = 80
   head_conv: Optional[int] = None
   bias_value: float = -2.19
@@ -68,8 +92,9 @@ class CenternetHead(nn.Module):
     if self.init not in ("centerx", "centernet"):
       raise ValueError(f"head init must be 'centerx' or 'centernet', got {self.init!r}")
     small = self.init == "centernet"
-    cls = SingleHead(self.num_classes, self.head_conv, self.bias_value, False, self.dtype,
-                     name="cls_head")(x)
+    cls = SingleHead(
+        self.num_classes, self.head_conv, self.bias_value, False, self.dtype, name="cls_head"
+    )(x)
     wh = SingleHead(2, self.head_conv, None, small, self.dtype, name="wh_head")(x)
     reg = SingleHead(2, self.head_conv, None, small, self.dtype, name="reg_head")(x)
     f = jnp.promote_types(self.dtype, jnp.float32)  # float32 (float64 for an x64 reference)

@@ -16,6 +16,7 @@ losses", "Weights").
   per channel, half the sum of all targets' w (resp. h)), or "per_object" ((w + h) / 2 + 1e-4 per
   object, what the spec's description and the option's intent read as).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -28,9 +29,11 @@ CENTERX_CLAMP = (1e-12, None)
 CENTERNET_CLAMP = (1e-4, 1.0 - 1e-4)
 
 
-def modified_focal_loss(pred: jax.Array, gt: jax.Array,
-                        clamp: Tuple[Optional[float], Optional[float]] = CENTERX_CLAMP,
-                        ) -> Tuple[jax.Array, jax.Array]:
+def modified_focal_loss(
+    pred: jax.Array,
+    gt: jax.Array,
+    clamp: Tuple[Optional[float], Optional[float]] = CENTERX_CLAMP,
+) -> Tuple[jax.Array, jax.Array]:
   """Args:
     pred: sigmoided heatmap, any shape (e.g. `[B, H, W, C]`).
     gt: target heatmap of the same shape (peaks exactly 1).
@@ -71,8 +74,9 @@ def gather_feature(fmap: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(flat, idx[:, :, None], axis=1)
 
 
-def reg_l1_loss(pred_map: jax.Array, index: jax.Array, mask: jax.Array, target: jax.Array,
-                norm_wh: str = "") -> jax.Array:
+def reg_l1_loss(
+    pred_map: jax.Array, index: jax.Array, mask: jax.Array, target: jax.Array, norm_wh: str = ""
+) -> jax.Array:
   """Args:
     pred_map: `[B, H, W, 2]` head output.
     index: `[B, T]` int flat indices; mask: `[B, T]` float (reg_mask); target: `[B, T, 2]`.

@@ -26,6 +26,7 @@ Targets use the whole batch canvas (`image.shape[1:3]`, which must be a multiple
 one (the batch's largest image rounded up to 32). On a larger canvas (a bucket) the extra rows and
 columns are extra negatives and extra BatchNorm samples; masking them is not implemented.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,6 +64,7 @@ class CenterNetOneStage(nn.Module):
   Numerics: `bn_momentum` (Flax convention), `bn_eps`, `dtype` ("float32" | "bfloat16"; "float64" under `jax.enable_x64` only),
   `axis_name` (SyncBN statistics across devices).
   """
+
   num_classes: int = 80
   depth: int = 18
   backbone_width: int = 64
@@ -95,14 +97,23 @@ class CenterNetOneStage(nn.Module):
 
   def setup(self):
     dtype = _DTYPES[self.dtype]
-    self.backbone = ResNetC5(self.depth, self.backbone_width, self.bn_momentum, self.bn_eps,
-                             self.axis_name, dtype)
-    self.upsample = CenternetDeconv(tuple(self.deconv_channels), tuple(self.deconv_kernels),
-                                    self.use_deform, self.modulate_deform,
-                                    self.dcn_zero_init_offset, self.bn_momentum, self.bn_eps,
-                                    self.axis_name, dtype)
-    self.head = CenternetHead(self.num_classes, self.head_conv, self.bias_value, self.head_init,
-                              dtype)
+    self.backbone = ResNetC5(
+        self.depth, self.backbone_width, self.bn_momentum, self.bn_eps, self.axis_name, dtype
+    )
+    self.upsample = CenternetDeconv(
+        tuple(self.deconv_channels),
+        tuple(self.deconv_kernels),
+        self.use_deform,
+        self.modulate_deform,
+        self.dcn_zero_init_offset,
+        self.bn_momentum,
+        self.bn_eps,
+        self.axis_name,
+        dtype,
+    )
+    self.head = CenternetHead(
+        self.num_classes, self.head_conv, self.bias_value, self.head_init, dtype
+    )
 
   def preprocess(self, image: jax.Array, image_hw: jax.Array) -> jax.Array:
     """`[B, H, W, 3]` uint8 RGB -> normalised `[B, H, W, 3]` float32 (float64 for a float64
@@ -115,10 +126,12 @@ class CenterNetOneStage(nn.Module):
       raise ValueError(f"input_format must be 'RGB' or 'BGR', got {self.input_format!r}")
     # centerX order: (x / 255 - mean) / std, all float32.
     x = (x / jnp.asarray(255.0, f) - jnp.asarray(self.pixel_mean, f)) / jnp.asarray(
-        self.pixel_std, f)
+        self.pixel_std, f
+    )
     h, w = image.shape[1], image.shape[2]
-    inside = ((jnp.arange(h)[None, :, None] < image_hw[:, 0, None, None]) &
-              (jnp.arange(w)[None, None, :] < image_hw[:, 1, None, None]))
+    inside = (jnp.arange(h)[None, :, None] < image_hw[:, 0, None, None]) & (
+        jnp.arange(w)[None, None, :] < image_hw[:, 1, None, None]
+    )
     return jnp.where(inside[..., None], x, 0.0)
 
   def maps(self, images: jax.Array, train_bn: bool = False) -> Dict[str, jax.Array]:
@@ -140,41 +153,61 @@ class CenterNetOneStage(nn.Module):
     if h % self.down_scale or w % self.down_scale:
       raise ValueError(f"canvas {h}x{w} is not a multiple of down_scale {self.down_scale}")
     return batch_targets(
-        batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"],
-        out_hw=(h // self.down_scale, w // self.down_scale), num_classes=self.num_classes,
-        down_scale=self.down_scale, min_overlap=self.min_overlap, tensor_dim=self.tensor_dim,
-        radius_formula=self.radius_formula)
+        batch["gt_boxes"],
+        batch["gt_classes"],
+        batch["gt_valid"],
+        out_hw=(h // self.down_scale, w // self.down_scale),
+        num_classes=self.num_classes,
+        down_scale=self.down_scale,
+        min_overlap=self.min_overlap,
+        tensor_dim=self.tensor_dim,
+        radius_formula=self.radius_formula,
+    )
 
-  def losses(self, maps: Mapping[str, jax.Array],
-             gt: Mapping[str, jax.Array]) -> Dict[str, jax.Array]:
+  def losses(
+      self, maps: Mapping[str, jax.Array], gt: Mapping[str, jax.Array]
+  ) -> Dict[str, jax.Array]:
     """centerX `CenterNet.losses` on head maps and `targets` output."""
-    loss_cls, num_pos = loss_lib.modified_focal_loss(maps["cls"], gt["score_map"],
-                                                     tuple(self.focal_clamp))
-    loss_wh = loss_lib.reg_l1_loss(maps["wh"], gt["index"], gt["reg_mask"], gt["wh"],
-                                   self.norm_wh)
+    loss_cls, num_pos = loss_lib.modified_focal_loss(
+        maps["cls"], gt["score_map"], tuple(self.focal_clamp)
+    )
+    loss_wh = loss_lib.reg_l1_loss(maps["wh"], gt["index"], gt["reg_mask"], gt["wh"], self.norm_wh)
     loss_reg = loss_lib.reg_l1_loss(maps["reg"], gt["index"], gt["reg_mask"], gt["reg"])
-    return {"loss_cls": loss_cls * self.cls_weight, "loss_box_wh": loss_wh * self.wh_weight,
-            "loss_off_reg": loss_reg * self.reg_weight, "aux/num_pos": num_pos}
+    return {
+        "loss_cls": loss_cls * self.cls_weight,
+        "loss_box_wh": loss_wh * self.wh_weight,
+        "loss_off_reg": loss_reg * self.reg_weight,
+        "aux/num_pos": num_pos,
+    }
 
-  def __call__(self, batch: Mapping[str, jax.Array], train: bool = False,
-               bn_train: Optional[bool] = None):
+  def __call__(
+      self, batch: Mapping[str, jax.Array], train: bool = False, bn_train: Optional[bool] = None
+  ):
     images = self.preprocess(batch["image"], batch["image_hw"])
     self.sow("intermediates", "input", images)
     train_bn = train if bn_train is None else bn_train
     maps = self.maps(images, train_bn)
     if train:
       return self.losses(maps, self.targets(batch))
-    dets = decode_lib.decode(maps["cls"], maps["wh"], maps["reg"], k=self.max_detections,
-                             down_scale=self.down_scale, clamp_wh=self.clamp_wh)
+    dets = decode_lib.decode(
+        maps["cls"],
+        maps["wh"],
+        maps["reg"],
+        k=self.max_detections,
+        down_scale=self.down_scale,
+        clamp_wh=self.clamp_wh,
+    )
     return {k: dets[k] for k in ("boxes", "scores", "classes", "valid")}
 
 
-MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(CenterNetOneStage)
-                     if f.name not in ("parent", "name"))
+MODEL_FIELDS = tuple(
+    f.name for f in dataclasses.fields(CenterNetOneStage) if f.name not in ("parent", "name")
+)
 
 
-def build_onestage_model(model_config: Optional[Mapping[str, Any]] = None,
-                         axis_name: Optional[str] = None, **overrides) -> CenterNetOneStage:
+def build_onestage_model(
+    model_config: Optional[Mapping[str, Any]] = None, axis_name: Optional[str] = None, **overrides
+) -> CenterNetOneStage:
   """A `CenterNetOneStage` from a flat mapping (dict / ConfigDict) of its attribute names, plus
   keyword overrides. Unknown keys raise ValueError (a misspelled option must not be ignored)."""
   cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else (model_config or {}))
@@ -190,8 +223,9 @@ def build_onestage_model(model_config: Optional[Mapping[str, Any]] = None,
   return CenterNetOneStage(**cfg)
 
 
-def dummy_batch(batch_size: int = 1, hw: Tuple[int, int] = (64, 64),
-                max_boxes: int = 4) -> Dict[str, np.ndarray]:
+def dummy_batch(
+    batch_size: int = 1, hw: Tuple[int, int] = (64, 64), max_boxes: int = 4
+) -> Dict[str, np.ndarray]:
   """A minimal batch (for init / shape inference; parameter shapes do not depend on it)."""
   h, w = hw
   return dict(
@@ -205,9 +239,11 @@ def dummy_batch(batch_size: int = 1, hw: Tuple[int, int] = (64, 64),
 
 def init_fn(model: CenterNetOneStage):
   """`key -> {'params', 'batch_stats'}` (official init rules); pure, jit / eval_shape-able."""
+
   def init(key):
     variables = model.init(key, dummy_batch(), train=False)
     return {k: v for k, v in variables.items() if k != "intermediates"}  # init keeps sows
+
   return init
 
 

@@ -26,6 +26,7 @@ f = ceil(k/2), c = (2f - 1 - f % 2) / (2f) ([0.25, 0.75, 0.75, 0.25] for k = 4),
 random init. The offset/mask conv keeps torch's default init (not zeroed) unless
 `zero_init_offset` (CN's `DCN.init_offset`).
 """
+
 from __future__ import annotations
 
 import math
@@ -54,6 +55,7 @@ def torch_bias_init(fan_in: int) -> Callable:
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
@@ -73,7 +75,8 @@ def bilinear_kernel_2d(k: int) -> np.ndarray:
 # torch ConvTranspose2d default init on our [kh, kw, Cin, Cout] layout: torch's fan_in is
 # weight.size(1) * kh * kw = Cout * kh * kw, so the "input" axis here is the last one.
 _torch_deconv_default = nn.initializers.variance_scaling(
-    1.0 / 3.0, "fan_in", "uniform", in_axis=-1, out_axis=-2)
+    1.0 / 3.0, "fan_in", "uniform", in_axis=-1, out_axis=-2
+)
 
 
 def bilinear_deconv_init(key, shape, dtype=jnp.float32):
@@ -87,8 +90,15 @@ def bilinear_deconv_init(key, shape, dtype=jnp.float32):
   return w.at[:, :, :, 0].set(jnp.broadcast_to(bil[:, :, None], (kh, kw, shape[2])))
 
 
-def conv_transpose2d(x: jax.Array, kernel: jax.Array, *, stride: int = 2, padding: int = 1,
-                     output_padding: int = 0, precision: Any = None) -> jax.Array:
+def conv_transpose2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    stride: int = 2,
+    padding: int = 1,
+    output_padding: int = 0,
+    precision: Any = None,
+) -> jax.Array:
   """torch `F.conv_transpose2d` (groups 1, dilation 1) on NHWC.
 
   Args:
@@ -108,9 +118,14 @@ def conv_transpose2d(x: jax.Array, kernel: jax.Array, *, stride: int = 2, paddin
   pad_h = (kh - 1 - padding, kh - 1 - padding + output_padding)
   pad_w = (kw - 1 - padding, kw - 1 - padding + output_padding)
   return jax.lax.conv_general_dilated(
-      x, flipped.astype(x.dtype), window_strides=(1, 1), padding=(pad_h, pad_w),
-      lhs_dilation=(stride, stride), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=precision)
+      x,
+      flipped.astype(x.dtype),
+      window_strides=(1, 1),
+      padding=(pad_h, pad_w),
+      lhs_dilation=(stride, stride),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=precision,
+  )
 
 
 class ConvTranspose2d(nn.Module):
@@ -119,6 +134,7 @@ class ConvTranspose2d(nn.Module):
   Param `kernel` `[k, k, Cin, features]` (layout in the module docstring). Call: `[N, H, W, Cin]`
   -> `[N, (H-1)s - 2p + k + op, (W-1)s - 2p + k + op, features]`.
   """
+
   features: int
   kernel_size: int = 4
   strides: int = 2
@@ -130,10 +146,14 @@ class ConvTranspose2d(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
-    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
-                        jnp.float32)
-    return conv_transpose2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.strides,
-                            padding=self.padding, output_padding=self.output_padding)
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    return conv_transpose2d(
+        x.astype(self.dtype),
+        kernel.astype(self.dtype),
+        stride=self.strides,
+        padding=self.padding,
+        output_padding=self.output_padding,
+    )
 
 
 class DeformConvWithOff(nn.Module):
@@ -142,6 +162,7 @@ class DeformConvWithOff(nn.Module):
 
   Call: `[N, H, W, Cin]` -> `[N, H, W, features]`.
   """
+
   features: int
   use_deform: bool = True
   zero_init_offset: bool = False
@@ -151,15 +172,39 @@ class DeformConvWithOff(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     fan_in = 9 * x.shape[-1]
     if not self.use_deform:
-      return Conv2d(self.features, 3, 1, 1, use_bias=True, kernel_init=torch_conv_init,
-                    bias_init=torch_bias_init(fan_in), dtype=self.dtype, name="conv")(x)
+      return Conv2d(
+          self.features,
+          3,
+          1,
+          1,
+          use_bias=True,
+          kernel_init=torch_conv_init,
+          bias_init=torch_bias_init(fan_in),
+          dtype=self.dtype,
+          name="conv",
+      )(x)
     zero = nn.initializers.zeros
-    offset = Conv2d(18, 3, 1, 1, use_bias=True,
-                    kernel_init=zero if self.zero_init_offset else torch_conv_init,
-                    bias_init=zero if self.zero_init_offset else torch_bias_init(fan_in),
-                    dtype=self.dtype, name="offset_conv")(x)
-    return DeformConv2d(self.features, 3, 1, 1, use_bias=False, kernel_init=dcn_kernel_init,
-                        dtype=self.dtype, name="dcn")(x, offset.astype(jnp.float32), None)
+    offset = Conv2d(
+        18,
+        3,
+        1,
+        1,
+        use_bias=True,
+        kernel_init=zero if self.zero_init_offset else torch_conv_init,
+        bias_init=zero if self.zero_init_offset else torch_bias_init(fan_in),
+        dtype=self.dtype,
+        name="offset_conv",
+    )(x)
+    return DeformConv2d(
+        self.features,
+        3,
+        1,
+        1,
+        use_bias=False,
+        kernel_init=dcn_kernel_init,
+        dtype=self.dtype,
+        name="dcn",
+    )(x, offset.astype(jnp.float32), None)
 
 
 class DeconvLayer(nn.Module):
@@ -167,6 +212,7 @@ class DeconvLayer(nn.Module):
 
   Call: `x [N, H, W, Cin]`, `train_bn` -> `[N, 2H, 2W, features]` (k = 4, p = 1, op = 0).
   """
+
   features: int
   deconv_kernel: int = 4
   use_deform: bool = True
@@ -180,17 +226,34 @@ class DeconvLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train_bn: bool) -> jax.Array:
     if self.use_deform and self.modulate_deform:
-      y = ModulatedDeformConv(self.features, kernel_size=3, zero_init_offset=self.zero_init_offset,
-                              dtype=self.dtype, name="dcn")(x)
+      y = ModulatedDeformConv(
+          self.features,
+          kernel_size=3,
+          zero_init_offset=self.zero_init_offset,
+          dtype=self.dtype,
+          name="dcn",
+      )(x)
     else:
-      y = DeformConvWithOff(self.features, use_deform=self.use_deform,
-                            zero_init_offset=self.zero_init_offset, dtype=self.dtype,
-                            name="dcn")(x)
-    bn = lambda name: BatchNorm(self.bn_momentum, self.bn_eps, self.axis_name,  # noqa: E731
-                                self.dtype, name=name)
+      y = DeformConvWithOff(
+          self.features,
+          use_deform=self.use_deform,
+          zero_init_offset=self.zero_init_offset,
+          dtype=self.dtype,
+          name="dcn",
+      )(x)
+    bn = lambda name: BatchNorm(
+        self.bn_momentum, self.bn_eps, self.axis_name, self.dtype, name=name  # noqa: E731
+    )
     y = nn.relu(bn("dcn_bn")(y, not train_bn))
-    y = ConvTranspose2d(self.features, self.deconv_kernel, strides=2, padding=1,
-                        output_padding=0, dtype=self.dtype, name="up_sample")(y)
+    y = ConvTranspose2d(
+        self.features,
+        self.deconv_kernel,
+        strides=2,
+        padding=1,
+        output_padding=0,
+        dtype=self.dtype,
+        name="up_sample",
+    )(y)
     return nn.relu(bn("up_bn")(y, not train_bn))
 
 
@@ -201,6 +264,7 @@ class CenternetDeconv(nn.Module):
   Call: C5 `[N, H, W, C5]`, `train_bn` -> `[N, 8H, 8W, channels[-1]]`. Each layer's output is
   sown as `intermediates/deconv{i}_out` (not `deconv{i}`: that is the sub-module's scope).
   """
+
   channels: Sequence[int] = (256, 128, 64)
   kernels: Sequence[int] = (4, 4, 4)
   use_deform: bool = True
@@ -216,8 +280,17 @@ class CenternetDeconv(nn.Module):
     if len(self.channels) != len(self.kernels):
       raise ValueError(f"{len(self.channels)} deconv channels but {len(self.kernels)} kernels")
     for i, (c, k) in enumerate(zip(self.channels, self.kernels)):
-      x = DeconvLayer(c, k, self.use_deform, self.modulate_deform, self.zero_init_offset,
-                      self.bn_momentum, self.bn_eps, self.axis_name, self.dtype,
-                      name=f"deconv{i + 1}")(x, train_bn)
+      x = DeconvLayer(
+          c,
+          k,
+          self.use_deform,
+          self.modulate_deform,
+          self.zero_init_offset,
+          self.bn_momentum,
+          self.bn_eps,
+          self.axis_name,
+          self.dtype,
+          name=f"deconv{i + 1}",
+      )(x, train_bn)
       self.sow("intermediates", f"deconv{i + 1}_out", x)
     return x

@@ -18,6 +18,7 @@ the `pmean` of per-device means, the variance the `pmean` of per-device mean squ
 from that global mean (equal per-device shapes, which static shapes guarantee), and n counts all
 devices. Statistics are always float32.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -40,6 +41,7 @@ class BatchNorm(nn.Module):
   Call: `x [N, H, W, C]`, `use_running_average` (True = eval mode: running statistics, no update)
   -> `[N, H, W, C]` in `dtype`.
   """
+
   momentum: float = TORCH_BN_MOMENTUM
   eps: float = TORCH_BN_EPS
   axis_name: Optional[str] = None

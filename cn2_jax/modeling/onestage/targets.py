@@ -26,6 +26,7 @@ The radius is truncated to an integer, so rounding matters at integer boundaries
 that feed additions are shielded from XLA's fused multiply-add (`ops.boxes.no_fma`) so the float32
 arithmetic is torch's, operation by operation.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Tuple
@@ -39,8 +40,9 @@ RADIUS_FORMULAS = ("fixed", "cornernet")
 _EPS64 = 2.220446049250313e-16  # np.finfo(np.float64).eps, centerX's cut-off factor
 
 
-def gaussian_radius(w: jax.Array, h: jax.Array, min_overlap: float = 0.3,
-                    formula: str = "fixed") -> jax.Array:
+def gaussian_radius(
+    w: jax.Array, h: jax.Array, min_overlap: float = 0.3, formula: str = "fixed"
+) -> jax.Array:
   """CornerNet Gaussian radius R(w, h) in float32 (not clamped, not truncated).
 
   Args:
@@ -80,14 +82,21 @@ def gaussian_radius(w: jax.Array, h: jax.Array, min_overlap: float = 0.3,
   return jnp.minimum(r1, jnp.minimum(r2, r3))
 
 
-def gaussian_radius_int(w: jax.Array, h: jax.Array, min_overlap: float = 0.3,
-                        formula: str = "fixed") -> jax.Array:
+def gaussian_radius_int(
+    w: jax.Array, h: jax.Array, min_overlap: float = 0.3, formula: str = "fixed"
+) -> jax.Array:
   """int32 r = trunc(max(R, 0)) (centerX: `clamp_min(radius, 0).type(torch.int)`)."""
   return jnp.maximum(gaussian_radius(w, h, min_overlap, formula), 0.0).astype(jnp.int32)
 
 
-def draw_gaussians(out_hw: Tuple[int, int], centers_int: jax.Array, radii: jax.Array,
-                   classes: jax.Array, keep: jax.Array, num_classes: int) -> jax.Array:
+def draw_gaussians(
+    out_hw: Tuple[int, int],
+    centers_int: jax.Array,
+    radii: jax.Array,
+    classes: jax.Array,
+    keep: jax.Array,
+    num_classes: int,
+) -> jax.Array:
   """The heatmap of `draw_umich_gaussian` calls, combined by max.
 
   Args:
@@ -118,10 +127,18 @@ def draw_gaussians(out_hw: Tuple[int, int], centers_int: jax.Array, radii: jax.A
   return jnp.transpose(heat, (1, 2, 0))
 
 
-def centernet_targets(gt_boxes: jax.Array, gt_classes: jax.Array, gt_valid: jax.Array, *,
-                      out_hw: Tuple[int, int], num_classes: int, down_scale: int = 4,
-                      min_overlap: float = 0.3, tensor_dim: int = 128,
-                      radius_formula: str = "fixed") -> Dict[str, jax.Array]:
+def centernet_targets(
+    gt_boxes: jax.Array,
+    gt_classes: jax.Array,
+    gt_valid: jax.Array,
+    *,
+    out_hw: Tuple[int, int],
+    num_classes: int,
+    down_scale: int = 4,
+    min_overlap: float = 0.3,
+    tensor_dim: int = 128,
+    radius_formula: str = "fixed",
+) -> Dict[str, jax.Array]:
   """Targets of one image (vmap over the batch).
 
   Args:
@@ -146,8 +163,9 @@ def centernet_targets(gt_boxes: jax.Array, gt_classes: jax.Array, gt_valid: jax.
   index = centers_int[:, 1] * out_hw[1] + centers_int[:, 0]
 
   radii = gaussian_radius_int(wh[:, 0], wh[:, 1], min_overlap, radius_formula)
-  score_map = draw_gaussians(out_hw, centers_int, radii, jnp.asarray(gt_classes, jnp.int32),
-                             keep, num_classes)
+  score_map = draw_gaussians(
+      out_hw, centers_int, radii, jnp.asarray(gt_classes, jnp.int32), keep, num_classes
+  )
   t = tensor_dim
   return {
       "score_map": score_map,
@@ -158,8 +176,9 @@ def centernet_targets(gt_boxes: jax.Array, gt_classes: jax.Array, gt_valid: jax.
   }
 
 
-def batch_targets(gt_boxes: jax.Array, gt_classes: jax.Array, gt_valid: jax.Array,
-                  **kwargs) -> Dict[str, jax.Array]:
+def batch_targets(
+    gt_boxes: jax.Array, gt_classes: jax.Array, gt_valid: jax.Array, **kwargs
+) -> Dict[str, jax.Array]:
   """`centernet_targets` vmapped over `[B, M, ...]` inputs (same keyword arguments)."""
   fn = lambda b, c, v: centernet_targets(b, c, v, **kwargs)  # noqa: E731
   return jax.vmap(fn)(gt_boxes, gt_classes, gt_valid)

@@ -13,6 +13,7 @@ differently from PyTorch's separately-rounded eager ops. Where a threshold is ap
 hides the product from the contraction, so the IoU values are bit-identical to detectron2 /
 torchvision float32 arithmetic.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,9 @@ def pairwise_iou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
   zero = runtime_zero(boxes1[..., :1])
   area1 = no_fma(box_area(boxes1), zero)
   area2 = no_fma(box_area(boxes2), zero)
-  wh = (jnp.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
-        - jnp.maximum(boxes1[:, None, :2], boxes2[None, :, :2]))
+  wh = jnp.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:]) - jnp.maximum(
+      boxes1[:, None, :2], boxes2[None, :, :2]
+  )
   wh = jnp.maximum(wh, 0.0)
   inter = wh[..., 0] * wh[..., 1]
   union = (area1[:, None] + area2[None, :]) - no_fma(inter, zero)
@@ -87,8 +89,9 @@ def _centers_sizes(boxes: jax.Array):
   return cx, cy, w, h
 
 
-def encode_boxes(src: jax.Array, target: jax.Array,
-                 weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0)) -> jax.Array:
+def encode_boxes(
+    src: jax.Array, target: jax.Array, weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0)
+) -> jax.Array:
   """detectron2 `Box2BoxTransform.get_deltas`: `src [..., 4]`, `target [..., 4]` -> `[..., 4]`.
 
   dx = wx * (tx - sx) / sw, dy = wy * (ty - sy) / sh, dw = ww * log(tw / sw),
@@ -108,9 +111,12 @@ def encode_boxes(src: jax.Array, target: jax.Array,
   return jnp.stack([dx, dy, dw, dh], axis=-1)
 
 
-def decode_boxes(deltas: jax.Array, boxes: jax.Array,
-                 weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
-                 scale_clamp: float = DEFAULT_SCALE_CLAMP) -> jax.Array:
+def decode_boxes(
+    deltas: jax.Array,
+    boxes: jax.Array,
+    weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
+    scale_clamp: float = DEFAULT_SCALE_CLAMP,
+) -> jax.Array:
   """detectron2 `Box2BoxTransform.apply_deltas` (class-agnostic, 4 deltas per box).
 
   Args:

@@ -32,6 +32,7 @@ from the floor, at integer positions), and invalid samples get zero gradient in 
 Layouts (docs/DESIGN.md): NHWC activations, HWIO kernels. Official NCHW tensors map by a plain
 transpose with the channel order unchanged (the offset channel order above is the official one).
 """
+
 from __future__ import annotations
 
 import functools
@@ -64,31 +65,47 @@ def _pair(v: IntOrPair) -> Tuple[int, int]:
   return int(v), int(v)
 
 
-def deform_conv_output_size(hw: Tuple[int, int], kernel_hw: Tuple[int, int],
-                            stride: IntOrPair = 1, padding: IntOrPair = 1,
-                            dilation: IntOrPair = 1) -> Tuple[int, int]:
+def deform_conv_output_size(
+    hw: Tuple[int, int],
+    kernel_hw: Tuple[int, int],
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 1,
+    dilation: IntOrPair = 1,
+) -> Tuple[int, int]:
   """(Ho, Wo) of a (deformable) conv: `(H + 2p - (d (k - 1) + 1)) // s + 1` per axis."""
   s, p, d = _pair(stride), _pair(padding), _pair(dilation)
-  return tuple((n + 2 * p[a] - (d[a] * (kernel_hw[a] - 1) + 1)) // s[a] + 1
-               for a, n in enumerate(hw))
+  return tuple(
+      (n + 2 * p[a] - (d[a] * (kernel_hw[a] - 1) + 1)) // s[a] + 1 for a, n in enumerate(hw)
+  )
 
 
 # jit with the geometry static: eager calls then compile the whole op once per shape instead of
 # dispatching (and compiling) its ~50 primitives one by one; inside an outer jit it is inlined.
-@functools.partial(jax.jit, static_argnames=("stride", "padding", "dilation", "offset_groups",
-                                             "deformable_groups", "precision"))
-def deform_conv2d(x: jax.Array,
-                  offset: jax.Array,
-                  mask: Optional[jax.Array],
-                  kernel: jax.Array,
-                  bias: Optional[jax.Array] = None,
-                  *,
-                  stride: IntOrPair = 1,
-                  padding: IntOrPair = 1,
-                  dilation: IntOrPair = 1,
-                  offset_groups: Optional[int] = None,
-                  deformable_groups: Optional[int] = None,
-                  precision: Any = None) -> jax.Array:
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "stride",
+        "padding",
+        "dilation",
+        "offset_groups",
+        "deformable_groups",
+        "precision",
+    ),
+)
+def deform_conv2d(
+    x: jax.Array,
+    offset: jax.Array,
+    mask: Optional[jax.Array],
+    kernel: jax.Array,
+    bias: Optional[jax.Array] = None,
+    *,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 1,
+    dilation: IntOrPair = 1,
+    offset_groups: Optional[int] = None,
+    deformable_groups: Optional[int] = None,
+    precision: Any = None,
+) -> jax.Array:
   """Modulated deformable convolution (DCNv2; DCNv1 with `mask=None`), official semantics.
 
   Args:
@@ -121,8 +138,11 @@ def deform_conv2d(x: jax.Array,
   ho, wo = deform_conv_output_size((height, width), (kh, kw), (sh, sw), (ph, pw), (dh, dw))
   taps = kh * kw
 
-  if offset_groups is not None and deformable_groups is not None \
-      and offset_groups != deformable_groups:
+  if (
+      offset_groups is not None
+      and deformable_groups is not None
+      and offset_groups != deformable_groups
+  ):
     raise ValueError(f"offset_groups={offset_groups} != deformable_groups={deformable_groups}")
   groups = offset_groups if offset_groups is not None else deformable_groups
   if groups is None:
@@ -148,8 +168,9 @@ def deform_conv2d(x: jax.Array,
   dy, dx = off[..., 0], off[..., 1]  # [B, Ho, Wo, G, K]
 
   # Integer part of the sample position (exact in float): output pixel + tap position.
-  tap_i, tap_j = [t.reshape(-1) for t in jnp.meshgrid(jnp.arange(kh), jnp.arange(kw),
-                                                       indexing="ij")]  # [K], row-major taps
+  tap_i, tap_j = [
+      t.reshape(-1) for t in jnp.meshgrid(jnp.arange(kh), jnp.arange(kw), indexing="ij")
+  ]  # [K], row-major taps
   base_y = (jnp.arange(ho) * sh - ph)[:, None] + tap_i[None, :] * dh  # [Ho, K]
   base_x = (jnp.arange(wo) * sw - pw)[:, None] + tap_j[None, :] * dw  # [Wo, K]
   py = base_y[None, :, None, None, :].astype(cdtype) + dy
@@ -178,11 +199,12 @@ def deform_conv2d(x: jax.Array,
   hp, wp = height + 2, width + 2
   xp = jnp.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
   table = xp.reshape(bsz, hp, wp, groups, cg).transpose(0, 3, 1, 2, 4).reshape(-1, cg)
-  bg = (jnp.arange(bsz)[:, None] * groups + jnp.arange(groups)[None, :])  # [B, G]
+  bg = jnp.arange(bsz)[:, None] * groups + jnp.arange(groups)[None, :]  # [B, G]
   # floor(p) in [-1, size - 1] for valid samples (0 for invalid ones): +1 makes it a padded
   # row/column in [0, size], and the +1 neighbour stays inside the padded map.
-  r00 = ((bg[:, None, None, :, None] * hp + y0f.astype(jnp.int32) + 1) * wp
-         + x0f.astype(jnp.int32) + 1)  # [B, Ho, Wo, G, K]
+  r00 = (
+      (bg[:, None, None, :, None] * hp + y0f.astype(jnp.int32) + 1) * wp + x0f.astype(jnp.int32) + 1
+  )  # [B, Ho, Wo, G, K]
   rows = r00[..., None] + jnp.asarray([0, 1, wp, wp + 1], jnp.int32)  # [B,Ho,Wo,G,K,4]
   corners = table.at[rows].get(mode="promise_in_bounds")  # [B, Ho, Wo, G, K, 4, Cg]
   # Weighted sum of the four corners (the official `w1*v1 + w2*v2 + w3*v3 + w4*v4`, up to the
@@ -190,8 +212,9 @@ def deform_conv2d(x: jax.Array,
   # differentiates it into dots, where the elementwise form made the offset/mask gradient
   # (a reduction over Cg of the gathered corners) ~5x slower on CPU. HIGHEST keeps the
   # interpolation in full float32 on GPUs (no TF32).
-  cols = jnp.einsum("bhwgkq,bhwgkqc->bhwkgc", weights.astype(dtype), corners,
-                    precision=lax.Precision.HIGHEST)
+  cols = jnp.einsum(
+      "bhwgkq,bhwgkqc->bhwkgc", weights.astype(dtype), corners, precision=lax.Precision.HIGHEST
+  )
   # Columns [K, G, Cg] = [K, Cin] match the HWIO kernel flattened to [kh * kw * Cin, Cout].
   cols = cols.reshape(bsz, ho, wo, taps * cin)
   out = jnp.dot(cols, kernel.astype(dtype).reshape(taps * cin, cout), precision=precision)
@@ -208,6 +231,7 @@ class DeformConv2d(nn.Module):
   Call: `x [B, H, W, Cin]`, `offset [B, Ho, Wo, 2 G k k]`, `mask [B, Ho, Wo, G k k]` or None ->
   `[B, Ho, Wo, features]` in `dtype`.
   """
+
   features: int
   kernel_size: int = 3
   strides: int = 1
@@ -221,17 +245,26 @@ class DeformConv2d(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, offset: jax.Array,
-               mask: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, offset: jax.Array, mask: Optional[jax.Array] = None
+  ) -> jax.Array:
     k = self.kernel_size
-    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
-                        jnp.float32)
-    bias = (self.param("bias", self.bias_init, (self.features,), jnp.float32)
-            if self.use_bias else None)
-    return deform_conv2d(x.astype(self.dtype), offset, mask, kernel.astype(self.dtype),
-                         None if bias is None else bias.astype(self.dtype),
-                         stride=self.strides, padding=self.padding, dilation=self.dilation,
-                         offset_groups=self.deformable_groups, precision=self.precision)
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    bias = (
+        self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
+    )
+    return deform_conv2d(
+        x.astype(self.dtype),
+        offset,
+        mask,
+        kernel.astype(self.dtype),
+        None if bias is None else bias.astype(self.dtype),
+        stride=self.strides,
+        padding=self.padding,
+        dilation=self.dilation,
+        offset_groups=self.deformable_groups,
+        precision=self.precision,
+    )
 
 
 class ModulatedDeformConv(nn.Module):
@@ -258,6 +291,7 @@ class ModulatedDeformConv(nn.Module):
 
   Call: `x [B, H, W, Cin]` -> `[B, Ho, Wo, features]` in `dtype`.
   """
+
   features: int
   kernel_size: int = 3
   strides: int = 1
@@ -281,13 +315,28 @@ class ModulatedDeformConv(nn.Module):
       def om_bias_init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-    om = Conv2d(3 * n_off, kernel_size=k, strides=self.strides, padding=self.padding,
-                use_bias=True, kernel_init=om_kernel_init, bias_init=om_bias_init,
-                dtype=self.dtype, name="offset_mask_conv")(x)
-    offset = om[..., :2 * n_off]
+    om = Conv2d(
+        3 * n_off,
+        kernel_size=k,
+        strides=self.strides,
+        padding=self.padding,
+        use_bias=True,
+        kernel_init=om_kernel_init,
+        bias_init=om_bias_init,
+        dtype=self.dtype,
+        name="offset_mask_conv",
+    )(x)
+    offset = om[..., : 2 * n_off]
     # Sigmoid in float32 even for a low-precision compute dtype (the mask scales every sample).
-    mask = jax.nn.sigmoid(om[..., 2 * n_off:].astype(jnp.float32))
-    return DeformConv2d(self.features, kernel_size=k, strides=self.strides,
-                        padding=self.padding, dilation=self.dilation,
-                        deformable_groups=self.deformable_groups, dtype=self.dtype,
-                        precision=self.precision, name="dcnv2")(x, offset, mask)
+    mask = jax.nn.sigmoid(om[..., 2 * n_off :].astype(jnp.float32))
+    return DeformConv2d(
+        self.features,
+        kernel_size=k,
+        strides=self.strides,
+        padding=self.padding,
+        dilation=self.dilation,
+        deformable_groups=self.deformable_groups,
+        dtype=self.dtype,
+        precision=self.precision,
+        name="dcnv2",
+    )(x, offset, mask)

@@ -3,6 +3,7 @@
 Used by the cascade ROI heads (spec §5: IoU >= 0.6 / 0.7 / 0.8 is foreground, no ignore band, no
 low-quality matches). Static shapes: padded GT with a validity mask.
 """
+
 from __future__ import annotations
 
 import jax
@@ -11,8 +12,9 @@ import jax.numpy as jnp
 from cn2_jax.modeling.ops.boxes import pairwise_iou
 
 
-def match_boxes(boxes: jax.Array, gt_boxes: jax.Array, gt_valid: jax.Array,
-                iou_threshold: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+def match_boxes(
+    boxes: jax.Array, gt_boxes: jax.Array, gt_valid: jax.Array, iou_threshold: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Matches each box to its highest-IoU valid GT box (one image; vmap for a batch).
 
   Args:
@@ -32,8 +34,8 @@ def match_boxes(boxes: jax.Array, gt_boxes: jax.Array, gt_valid: jax.Array,
   if m == 0:
     return (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), bool), jnp.zeros((n,), jnp.float32))
   gt_valid = jnp.asarray(gt_valid).astype(bool)
-  iou = pairwise_iou(boxes, gt_boxes)                      # [N, M]
-  iou = jnp.where(gt_valid[None, :], iou, -1.0)           # real IoUs are >= 0
+  iou = pairwise_iou(boxes, gt_boxes)  # [N, M]
+  iou = jnp.where(gt_valid[None, :], iou, -1.0)  # real IoUs are >= 0
   matched = jnp.argmax(iou, axis=1).astype(jnp.int32)
   max_iou = jnp.max(iou, axis=1)
   any_gt = jnp.any(gt_valid)

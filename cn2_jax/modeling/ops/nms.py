@@ -24,6 +24,7 @@ Cost: the tile loop and the fixed-point loop are `while_loop`s (on GPU each iter
 round trip); the fixed point usually converges in a few iterations, at worst `tile_size` (a chain
 in which every box only overlaps its predecessor).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -51,8 +52,9 @@ def _f32_threshold(thr) -> jax.Array:
   return jnp.float32(t)
 
 
-def _iou_block(a: jax.Array, a_area: jax.Array, b: jax.Array, b_area: jax.Array,
-               zero: jax.Array) -> jax.Array:
+def _iou_block(
+    a: jax.Array, a_area: jax.Array, b: jax.Array, b_area: jax.Array, zero: jax.Array
+) -> jax.Array:
   """IoU `[A, B]` in torchvision's float32 operation order (NaN for 0/0)."""
   xx1 = jnp.maximum(a[:, None, 0], b[None, :, 0])
   yy1 = jnp.maximum(a[:, None, 1], b[None, :, 1])
@@ -76,9 +78,16 @@ def _resolve_tile(cand: jax.Array, sup: jax.Array) -> jax.Array:
   return keep
 
 
-def _nms_core(boxes: jax.Array, scores: jax.Array, valid: jax.Array,
-              classes: Optional[jax.Array], class_aware: Union[bool, jax.Array],
-              iou_threshold, max_output: int, tile_size: int) -> tuple[jax.Array, jax.Array]:
+def _nms_core(
+    boxes: jax.Array,
+    scores: jax.Array,
+    valid: jax.Array,
+    classes: Optional[jax.Array],
+    class_aware: Union[bool, jax.Array],
+    iou_threshold,
+    max_output: int,
+    tile_size: int,
+) -> tuple[jax.Array, jax.Array]:
   n = boxes.shape[0]
   max_output = int(max_output)
   if max_output <= 0:
@@ -109,7 +118,7 @@ def _nms_core(boxes: jax.Array, scores: jax.Array, valid: jax.Array,
   cap = min(max_output, n)
   cap_iota = jnp.arange(cap, dtype=jnp.int32)
   tile_iota = jnp.arange(tile, dtype=jnp.int32)
-  later = tile_iota[:, None] < tile_iota[None, :]          # i before j inside the tile
+  later = tile_iota[:, None] < tile_iota[None, :]  # i before j inside the tile
 
   def cond(state):
     t, count = state[0], state[1]
@@ -142,9 +151,14 @@ def _nms_core(boxes: jax.Array, scores: jax.Array, valid: jax.Array,
     count = count + jnp.sum(keep, dtype=jnp.int32)
     return t + 1, count, kb, ka, kc, kpos
 
-  init = (jnp.int32(0), jnp.int32(0), jnp.zeros((cap, 4), jnp.float32),
-          jnp.zeros((cap,), jnp.float32), jnp.zeros((cap,), jnp.int32),
-          jnp.zeros((cap,), jnp.int32))
+  init = (
+      jnp.int32(0),
+      jnp.int32(0),
+      jnp.zeros((cap, 4), jnp.float32),
+      jnp.zeros((cap,), jnp.float32),
+      jnp.zeros((cap,), jnp.int32),
+      jnp.zeros((cap,), jnp.int32),
+  )
   _, count, _, _, _, kpos = jax.lax.while_loop(cond, body, init)
   keep_valid = cap_iota < count
   keep_idx = jnp.where(keep_valid, order[kpos], 0)
@@ -154,8 +168,15 @@ def _nms_core(boxes: jax.Array, scores: jax.Array, valid: jax.Array,
   return keep_idx.astype(jnp.int32), keep_valid
 
 
-def nms(boxes: jax.Array, scores: jax.Array, valid: jax.Array, iou_threshold: float,
-        max_output: int, *, tile_size: int = DEFAULT_TILE_SIZE) -> tuple[jax.Array, jax.Array]:
+def nms(
+    boxes: jax.Array,
+    scores: jax.Array,
+    valid: jax.Array,
+    iou_threshold: float,
+    max_output: int,
+    *,
+    tile_size: int = DEFAULT_TILE_SIZE,
+) -> tuple[jax.Array, jax.Array]:
   """Greedy NMS with torchvision `ops.nms` semantics (one image; vmappable).
 
   Args:
@@ -174,9 +195,17 @@ def nms(boxes: jax.Array, scores: jax.Array, valid: jax.Array, iou_threshold: fl
   return _nms_core(boxes, scores, valid, None, False, iou_threshold, max_output, tile_size)
 
 
-def batched_nms(boxes: jax.Array, scores: jax.Array, classes: jax.Array, valid: jax.Array,
-                iou_threshold: float, max_output: int, *, mode: str = "per_class",
-                tile_size: int = DEFAULT_TILE_SIZE) -> tuple[jax.Array, jax.Array]:
+def batched_nms(
+    boxes: jax.Array,
+    scores: jax.Array,
+    classes: jax.Array,
+    valid: jax.Array,
+    iou_threshold: float,
+    max_output: int,
+    *,
+    mode: str = "per_class",
+    tile_size: int = DEFAULT_TILE_SIZE,
+) -> tuple[jax.Array, jax.Array]:
   """Class-aware NMS with torchvision `ops.batched_nms` semantics (one image; vmappable).
 
   A box only suppresses boxes of its own class. torchvision implements this in two ways, chosen by

@@ -59,6 +59,7 @@ base offset / height / width; there is no per-level recomputation (unlike scenic
 every box on every level). The backward pass is a scatter-add into that table. Boxes whose area
 is negative or NaN (detectron2 then gets a NaN level that matches no pooler) pool to zeros.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
@@ -89,11 +90,13 @@ def _box_area(boxes: jax.Array) -> jax.Array:
   return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
-def assign_boxes_to_levels(boxes: jax.Array,
-                           min_level: int = 3,
-                           max_level: int = 7,
-                           canonical_box_size: float = 224,
-                           canonical_level: int = 4) -> jax.Array:
+def assign_boxes_to_levels(
+    boxes: jax.Array,
+    min_level: int = 3,
+    max_level: int = 7,
+    canonical_box_size: float = 224,
+    canonical_level: int = 4,
+) -> jax.Array:
   """detectron2 `poolers.assign_boxes_to_levels`, returning the absolute level.
 
   level = clamp(floor(canonical_level + log2(sqrt(area) / canonical_box_size + 1e-8)),
@@ -156,15 +159,17 @@ def _adaptive_grid(roi: jax.Array, pooled: int) -> jax.Array:
   return jnp.where(g * p < roi, g + 1.0, g)
 
 
-def required_adaptive_samples(boxes: jax.Array,
-                              spatial_scale=None,
-                              output_size: IntOrPair = 7,
-                              aligned: bool = True,
-                              valid=None,
-                              min_level: int = 3,
-                              max_level: int = 7,
-                              canonical_box_size: float = 224,
-                              canonical_level: int = 4) -> jax.Array:
+def required_adaptive_samples(
+    boxes: jax.Array,
+    spatial_scale=None,
+    output_size: IntOrPair = 7,
+    aligned: bool = True,
+    valid=None,
+    min_level: int = 3,
+    max_level: int = 7,
+    canonical_box_size: float = 224,
+    canonical_level: int = 4,
+) -> jax.Array:
   """Per-axis number of adaptive samples (`sampling_ratio=0`) the boxes need.
 
   Returns the maximum over boxes of `ceil(roi_h / out_h)` and `ceil(roi_w / out_w)` (roi size in
@@ -183,14 +188,14 @@ def required_adaptive_samples(boxes: jax.Array,
   out_hw = _pair(output_size)
   boxes = lax.stop_gradient(jnp.asarray(boxes, jnp.float32)).reshape(-1, 4)
   if spatial_scale is None:
-    level = assign_boxes_to_levels(boxes, min_level, max_level, canonical_box_size,
-                                   canonical_level)
+    level = assign_boxes_to_levels(boxes, min_level, max_level, canonical_box_size, canonical_level)
     scale = _level_scales(min_level, max_level)[level - min_level]
   else:
     scale = jnp.float32(spatial_scale)
   _, _, _, _, roi_h, roi_w = _roi_geometry(boxes, scale, out_hw, aligned)
-  grid = jnp.stack([_adaptive_grid(roi_h, out_hw[0]), _adaptive_grid(roi_w, out_hw[1])],
-                   axis=-1)  # [R, 2]
+  grid = jnp.stack(
+      [_adaptive_grid(roi_h, out_hw[0]), _adaptive_grid(roi_w, out_hw[1])], axis=-1
+  )  # [R, 2]
   keep = jnp.isfinite(grid).all(-1)
   if valid is not None:
     keep &= jnp.asarray(valid, bool).reshape(-1)
@@ -225,11 +230,20 @@ def _axis_samples(start, bin_size, grid, idx, size, out: int):
   return low, high, jnp.where(inside, h, zero), jnp.where(inside, l, zero)
 
 
-def _pool_flat(table: jax.Array, boxes: jax.Array, scale: jax.Array, base: jax.Array,
-               height: jax.Array, width: jax.Array, out_hw: Tuple[int, int],
-               sampling_ratio: int, aligned: bool, cap_hw: Tuple[int, int],
-               extent_h: Optional[jax.Array] = None,
-               extent_w: Optional[jax.Array] = None) -> jax.Array:
+def _pool_flat(
+    table: jax.Array,
+    boxes: jax.Array,
+    scale: jax.Array,
+    base: jax.Array,
+    height: jax.Array,
+    width: jax.Array,
+    out_hw: Tuple[int, int],
+    sampling_ratio: int,
+    aligned: bool,
+    cap_hw: Tuple[int, int],
+    extent_h: Optional[jax.Array] = None,
+    extent_w: Optional[jax.Array] = None,
+) -> jax.Array:
   """ROIAlign of R boxes, each on its own `[height, width]` block of a flat table.
 
   Args:
@@ -310,13 +324,15 @@ def _check_modes(sampling_ratio: int, max_adaptive_samples: IntOrPair) -> Tuple[
   return cap_hw
 
 
-def roi_align(feature: jax.Array,
-              boxes: jax.Array,
-              spatial_scale: float,
-              output_size: IntOrPair = 7,
-              sampling_ratio: int = 2,
-              aligned: bool = True,
-              max_adaptive_samples: IntOrPair = DEFAULT_MAX_ADAPTIVE_SAMPLES) -> jax.Array:
+def roi_align(
+    feature: jax.Array,
+    boxes: jax.Array,
+    spatial_scale: float,
+    output_size: IntOrPair = 7,
+    sampling_ratio: int = 2,
+    aligned: bool = True,
+    max_adaptive_samples: IntOrPair = DEFAULT_MAX_ADAPTIVE_SAMPLES,
+) -> jax.Array:
   """Single-map ROIAlign, torchvision `roi_align(input, rois, output_size, spatial_scale,
   sampling_ratio, aligned)` semantics (see the module docstring for the two sampling modes).
 
@@ -338,22 +354,32 @@ def roi_align(feature: jax.Array,
   boxes = lax.stop_gradient(jnp.asarray(boxes, jnp.float32))
   num = boxes.shape[0]
   table = feature.reshape(h * w, c)
-  return _pool_flat(table, boxes, jnp.float32(spatial_scale),
-                    jnp.zeros((num,), jnp.int32), jnp.full((num,), h, jnp.int32),
-                    jnp.full((num,), w, jnp.int32), out_hw, sampling_ratio, aligned, cap_hw)
+  return _pool_flat(
+      table,
+      boxes,
+      jnp.float32(spatial_scale),
+      jnp.zeros((num,), jnp.int32),
+      jnp.full((num,), h, jnp.int32),
+      jnp.full((num,), w, jnp.int32),
+      out_hw,
+      sampling_ratio,
+      aligned,
+      cap_hw,
+  )
 
 
-def multilevel_roi_align(features: Sequence[jax.Array],
-                         boxes: jax.Array,
-                         min_level: int = 3,
-                         output_size: IntOrPair = 7,
-                         sampling_ratio: int = 2,
-                         aligned: bool = True,
-                         canonical_box_size: float = 224,
-                         canonical_level: int = 4,
-                         max_adaptive_samples: IntOrPair = DEFAULT_MAX_ADAPTIVE_SAMPLES,
-                         valid_hw: Optional[jax.Array] = None
-                         ) -> jax.Array:
+def multilevel_roi_align(
+    features: Sequence[jax.Array],
+    boxes: jax.Array,
+    min_level: int = 3,
+    output_size: IntOrPair = 7,
+    sampling_ratio: int = 2,
+    aligned: bool = True,
+    canonical_box_size: float = 224,
+    canonical_level: int = 4,
+    max_adaptive_samples: IntOrPair = DEFAULT_MAX_ADAPTIVE_SAMPLES,
+    valid_hw: Optional[jax.Array] = None,
+) -> jax.Array:
   """detectron2 `ROIPooler` (ROIAlign / ROIAlignV2) over a feature pyramid.
 
   Each box is pooled only on its level `assign_boxes_to_levels(box, min_level, max_level,
@@ -388,16 +414,20 @@ def multilevel_roi_align(features: Sequence[jax.Array],
   n = int(offsets[-1])
   # One [B * sum_l H_l W_l, C] table: row b * n + offsets[l] + y * W_l + x.
   table = jnp.concatenate(
-      [f.astype(dtype).reshape(bsz, h * w, ch) for f, h, w in zip(features, hs, ws)], axis=1)
+      [f.astype(dtype).reshape(bsz, h * w, ch) for f, h, w in zip(features, hs, ws)], axis=1
+  )
   table = table.reshape(bsz * n, ch)
 
   boxes = lax.stop_gradient(jnp.asarray(boxes, jnp.float32))
   num = boxes.shape[1]
-  level = assign_boxes_to_levels(boxes, min_level, max_level, canonical_box_size,
-                                 canonical_level)  # [B, R]
+  level = assign_boxes_to_levels(
+      boxes, min_level, max_level, canonical_box_size, canonical_level
+  )  # [B, R]
   li = (level - min_level).reshape(-1)
-  base = (jnp.asarray(offsets[:-1], jnp.int32)[li].reshape(bsz, num)
-          + (jnp.arange(bsz, dtype=jnp.int32) * n)[:, None]).reshape(-1)
+  base = (
+      jnp.asarray(offsets[:-1], jnp.int32)[li].reshape(bsz, num)
+      + (jnp.arange(bsz, dtype=jnp.int32) * n)[:, None]
+  ).reshape(-1)
   height = jnp.asarray(hs, jnp.int32)[li]
   width = jnp.asarray(ws, jnp.int32)[li]
   scale = _level_scales(min_level, max_level)[li]
@@ -406,8 +436,20 @@ def multilevel_roi_align(features: Sequence[jax.Array],
     valid_hw = jnp.asarray(valid_hw, jnp.int32)
     ext_h = jnp.minimum(valid_hw[li, 0], height)
     ext_w = jnp.minimum(valid_hw[li, 1], width)
-  out = _pool_flat(table, boxes.reshape(-1, 4), scale, base, height, width, out_hw,
-                   sampling_ratio, aligned, cap_hw, ext_h, ext_w)
+  out = _pool_flat(
+      table,
+      boxes.reshape(-1, 4),
+      scale,
+      base,
+      height,
+      width,
+      out_hw,
+      sampling_ratio,
+      aligned,
+      cap_hw,
+      ext_h,
+      ext_w,
+  )
   out = out.reshape(bsz, num, out_hw[0], out_hw[1], ch)
   ok = (_box_area(boxes) >= 0)[:, :, None, None, None]  # False for NaN.
   return jnp.where(ok, out, jnp.zeros((), dtype))

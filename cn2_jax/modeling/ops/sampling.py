@@ -6,14 +6,16 @@ num_neg = min(num_samples - num_pos, #neg); each drawn uniformly without replace
 returned as [positives; negatives]. Here the output always has `num_samples` slots; unused slots
 are padding (`sample_valid` False, index 0).
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
 
-def subsample_labels(key: jax.Array, is_fg: jax.Array, valid: jax.Array, num_samples: int,
-                     positive_fraction: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+def subsample_labels(
+    key: jax.Array, is_fg: jax.Array, valid: jax.Array, num_samples: int, positive_fraction: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Samples up to `num_samples` indices (one image; vmap for a batch, one key per image).
 
   Args:
@@ -46,7 +48,7 @@ def subsample_labels(key: jax.Array, is_fg: jax.Array, valid: jax.Array, num_sam
   # "earlier in the random order" (unique keys, no ties) picks the first k of each class.
   perm = jax.random.permutation(key, n).astype(jnp.int32)
   k = min(num_samples, n)
-  rank_key = n - jnp.arange(n, dtype=jnp.int32)           # > 0, larger = earlier in perm
+  rank_key = n - jnp.arange(n, dtype=jnp.int32)  # > 0, larger = earlier in perm
 
   def first_k(mask):
     _, where = jax.lax.top_k(jnp.where(mask[perm], rank_key, 0), k)

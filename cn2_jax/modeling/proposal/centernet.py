@@ -4,6 +4,7 @@ Holds the shared head (`centernet_head`, spec §2.4); in training it computes th
 (spec §3.1-3.3, 3.5) and the three first-stage losses (§3.4-3.6); in both modes it produces
 fixed-size proposals (§4) without gradient.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,6 +29,7 @@ def _flatten_levels(xs: Sequence[jax.Array]) -> jax.Array:
 
 class CenterNet(nn.Module):
   """Attributes mirror `config.model.centernet` (see cn2_jax/config.py)."""
+
   strides: Sequence[int] = (8, 16, 32, 64, 128)
   num_convs: int = 4
   channels: int = 256
@@ -53,18 +55,27 @@ class CenterNet(nn.Module):
   nms_thresh_train: float = 0.9
   nms_thresh_test: float = 0.9
   inference_thresh: float = 1e-4
+  clip_proposals: bool = False
   axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
 
   def setup(self):
     self.centernet_head = CenterNetHead(
-        num_levels=len(self.strides), num_convs=self.num_convs, channels=self.channels,
-        prior_prob=self.prior_prob, bbox_bias_init=self.bbox_bias_init, dtype=self.dtype)
+        num_levels=len(self.strides),
+        num_convs=self.num_convs,
+        channels=self.channels,
+        prior_prob=self.prior_prob,
+        bbox_bias_init=self.bbox_bias_init,
+        dtype=self.dtype,
+    )
 
-  def __call__(self, features, *, train: bool, gt_boxes=None, gt_valid=None, masks=None):
+  def __call__(
+      self, features, *, train: bool, gt_boxes=None, gt_valid=None, masks=None, image_hw=None
+  ):
     """Args:
       features: list of `[B, H_l, W_l, C]` P3..P7.
       gt_boxes / gt_valid: `[B, M, 4]` / `[B, M]` (training only).
+      image_hw: `[B, 2]` image sizes (only read with `clip_proposals`).
       masks: optional list of `[B, H_l, W_l]` bool: the locations on the official canvas
         (`canvas.canvas_masks`). Locations outside take no part in the GroupNorm statistics,
         the proposals or the losses, exactly as if the batch had the official padding.
@@ -81,12 +92,15 @@ class CenterNet(nn.Module):
     if masks is not None:  # off-canvas locations are never candidates (sigmoid(-inf) = 0)
       cand = [jnp.where(m, h, -jnp.inf) for h, m in zip(cand, masks)]
     proposals = generate_proposals(  # float32, no gradient (decode.py casts and stops it)
-        cand, out["reg"],
+        cand,
+        out["reg"],
         strides=tuple(self.strides),
         pre_nms_topk=self.pre_nms_topk_train if train else self.pre_nms_topk_test,
         post_nms_topk=self.post_nms_topk_train if train else self.post_nms_topk_test,
         nms_thresh=self.nms_thresh_train if train else self.nms_thresh_test,
-        score_thresh=self.inference_thresh)
+        score_thresh=self.inference_thresh,
+        clip_hw=image_hw if self.clip_proposals else None,
+    )
     self.sow("intermediates", "proposal_boxes", proposals["boxes"])
     self.sow("intermediates", "proposal_objectness", proposals["scores"])
     self.sow("intermediates", "proposal_valid", proposals["valid"])
@@ -95,24 +109,38 @@ class CenterNet(nn.Module):
 
     level_shapes = tuple((f.shape[1], f.shape[2]) for f in features)
     targets_fn = functools.partial(
-        centernet_targets, level_shapes=level_shapes, strides=tuple(self.strides),
-        soi=tuple(tuple(s) for s in self.soi), hm_min_overlap=self.hm_min_overlap,
-        min_radius=self.min_radius, dedup_positives=self.dedup_positives,
-        all_level_peaks=self.all_level_peaks)
+        centernet_targets,
+        level_shapes=level_shapes,
+        strides=tuple(self.strides),
+        soi=tuple(tuple(s) for s in self.soi),
+        hm_min_overlap=self.hm_min_overlap,
+        min_radius=self.min_radius,
+        dedup_positives=self.dedup_positives,
+        all_level_peaks=self.all_level_peaks,
+    )
     targets = jax.vmap(targets_fn)(gt_boxes.astype(jnp.float32), gt_valid)
     # Training targets and normalisers, for the training-step oracle (cn2_jax/testing).
     for name in ("heatmap", "pos_count", "reg_target", "reg_valid"):
       self.sow("intermediates", f"train_cn_{name}", targets[name])
-    num_pos_avg, reg_norm = loss_normalisers(targets["pos_count"], targets["reg_valid"],
-                                             self.axis_name)
+    num_pos_avg, reg_norm = loss_normalisers(
+        targets["pos_count"], targets["reg_valid"], self.axis_name
+    )
     self.sow("intermediates", "train_cn_num_pos_avg", num_pos_avg)
     self.sow("intermediates", "train_cn_reg_norm", reg_norm)
     losses = centernet_losses(
-        _flatten_levels(out["hm_logits"]), _flatten_levels(out["reg"]), targets,
-        alpha=self.focal_alpha, beta=self.focal_beta, gamma=self.loss_gamma,
-        sigmoid_clamp=self.sigmoid_clamp, ignore_high_fp=self.ignore_high_fp,
-        pos_weight=self.pos_weight, neg_weight=self.neg_weight, reg_weight=self.reg_weight,
+        _flatten_levels(out["hm_logits"]),
+        _flatten_levels(out["reg"]),
+        targets,
+        alpha=self.focal_alpha,
+        beta=self.focal_beta,
+        gamma=self.loss_gamma,
+        sigmoid_clamp=self.sigmoid_clamp,
+        ignore_high_fp=self.ignore_high_fp,
+        pos_weight=self.pos_weight,
+        neg_weight=self.neg_weight,
+        reg_weight=self.reg_weight,
         axis_name=self.axis_name,
-        location_mask=None if masks is None else _flatten_levels(masks))
+        location_mask=None if masks is None else _flatten_levels(masks),
+    )
     losses["aux/num_pos_per_image"] = targets["pos_count"].sum() / gt_boxes.shape[0]
     return losses, proposals

@@ -19,6 +19,7 @@ in the official per-level loop, over the level's map or, with `masks`, over the 
 covers the official canvas of the batch; with `masks` every conv input is also zeroed off that
 canvas, so extra (bucket) padding changes nothing on it.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,6 +52,7 @@ class CenterNetHead(nn.Module):
     reg:       `[B, H_l, W_l, 4]` float32 = relu(scale_l * bbox_pred), ltrb in stride units;
     reg_raw:   `[B, H_l, W_l, 4]` float32 bbox_pred output before Scale and ReLU.
   """
+
   num_levels: int = 5
   num_convs: int = 4
   channels: int = 256
@@ -63,32 +65,61 @@ class CenterNetHead(nn.Module):
     convs, norms = [], []
     for i in range(self.num_convs):
       # torch nn.Sequential indices: conv = 3i, GroupNorm = 3i+1, ReLU = 3i+2 (no params).
-      convs.append(Conv2d(self.channels, kernel_size=3, strides=1, padding=1, use_bias=True,
-                          kernel_init=w_init, bias_init=nn.initializers.zeros,
-                          dtype=self.dtype, name=f"bbox_tower.{3 * i}"))
+      convs.append(
+          Conv2d(
+              self.channels,
+              kernel_size=3,
+              strides=1,
+              padding=1,
+              use_bias=True,
+              kernel_init=w_init,
+              bias_init=nn.initializers.zeros,
+              dtype=self.dtype,
+              name=f"bbox_tower.{3 * i}",
+          )
+      )
       norms.append(GroupNorm(dtype=self.dtype, name=f"bbox_tower.{3 * i + 1}"))
     self.tower_convs = convs
     self.tower_norms = norms
     hm_bias = -math.log((1.0 - self.prior_prob) / self.prior_prob)
-    self.agn_hm = Conv2d(1, kernel_size=3, strides=1, padding=1, use_bias=True,
-                         kernel_init=w_init, bias_init=nn.initializers.constant(hm_bias),
-                         dtype=self.dtype, name="agn_hm")
-    self.bbox_pred = Conv2d(4, kernel_size=3, strides=1, padding=1, use_bias=True,
-                            kernel_init=w_init,
-                            bias_init=nn.initializers.constant(self.bbox_bias_init),
-                            dtype=self.dtype, name="bbox_pred")
+    self.agn_hm = Conv2d(
+        1,
+        kernel_size=3,
+        strides=1,
+        padding=1,
+        use_bias=True,
+        kernel_init=w_init,
+        bias_init=nn.initializers.constant(hm_bias),
+        dtype=self.dtype,
+        name="agn_hm",
+    )
+    self.bbox_pred = Conv2d(
+        4,
+        kernel_size=3,
+        strides=1,
+        padding=1,
+        use_bias=True,
+        kernel_init=w_init,
+        bias_init=nn.initializers.constant(self.bbox_bias_init),
+        dtype=self.dtype,
+        name="bbox_pred",
+    )
     self.scales = [Scale(1.0, name=f"scales.{l}") for l in range(self.num_levels)]
 
-  def __call__(self, features: Sequence[jax.Array],
-               masks: Optional[Sequence[jax.Array]] = None) -> Dict[str, List[jax.Array]]:
+  def __call__(
+      self, features: Sequence[jax.Array], masks: Optional[Sequence[jax.Array]] = None
+  ) -> Dict[str, List[jax.Array]]:
     if len(features) != self.num_levels:
       raise ValueError(f"CenterNetHead: expected {self.num_levels} levels, got {len(features)}")
     hm_logits, reg, reg_raw = [], [], []
     for l, x in enumerate(features):
       mask = None if masks is None else masks[l]
       # Off-canvas locations are zeroed before every 3x3 conv: the official zero padding.
-      on = (lambda a: a) if mask is None else (
-          lambda a, m=mask: jnp.where(m[..., None], a, jnp.zeros((), a.dtype)))
+      on = (
+          (lambda a: a)
+          if mask is None
+          else (lambda a, m=mask: jnp.where(m[..., None], a, jnp.zeros((), a.dtype)))
+      )
       y = on(x)
       for conv, norm in zip(self.tower_convs, self.tower_norms):
         y = on(nn.relu(norm(conv(y), mask)))

@@ -13,6 +13,7 @@ Everything is under `stop_gradient` (the official code runs under `no_grad`).
 Static-shape deviation: the official step 5 keeps every score >= the k-th largest (`kthvalue`), so
 exact score ties at the cut can keep more than k boxes; here exactly the first k (ties by index).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -23,9 +24,17 @@ import jax.numpy as jnp
 from cn2_jax.modeling.ops.nms import DEFAULT_TILE_SIZE, nms
 
 
-def _single_image(hm_logits: Sequence[jax.Array], reg: Sequence[jax.Array],
-                  strides: Sequence[int], pre_nms_topk: int, post_nms_topk: int,
-                  nms_thresh: float, score_thresh: float, nms_tile_size: int):
+def _single_image(
+    hm_logits: Sequence[jax.Array],
+    reg: Sequence[jax.Array],
+    strides: Sequence[int],
+    pre_nms_topk: int,
+    post_nms_topk: int,
+    nms_thresh: float,
+    score_thresh: float,
+    nms_tile_size: int,
+    clip_hw=None,
+):
   all_boxes, all_scores, all_valid = [], [], []
   for logits, ltrb, s in zip(hm_logits, reg, strides):
     h, w = logits.shape
@@ -36,12 +45,16 @@ def _single_image(hm_logits: Sequence[jax.Array], reg: Sequence[jax.Array],
     s_i = int(s)
     gx = ((idx % w) * s_i + s_i // 2).astype(jnp.float32)
     gy = ((idx // w) * s_i + s_i // 2).astype(jnp.float32)
-    d = (ltrb.reshape(h * w, 4) * jnp.float32(s_i))[idx]          # [k, 4] pixels
+    d = (ltrb.reshape(h * w, 4) * jnp.float32(s_i))[idx]  # [k, 4] pixels
     x1 = gx - d[:, 0]
     y1 = gy - d[:, 1]
     x2 = jnp.maximum(gx + d[:, 2], x1 + 0.01)
     y2 = jnp.maximum(gy + d[:, 3], y1 + 0.01)
-    all_boxes.append(jnp.stack([x1, y1, x2, y2], axis=-1))
+    box = jnp.stack([x1, y1, x2, y2], axis=-1)
+    if clip_hw is not None:  # the MMDet port's clip (not official), before NMS
+      hw = clip_hw.astype(jnp.float32)
+      box = jnp.clip(box, 0.0, jnp.stack([hw[1], hw[0], hw[1], hw[0]]))
+    all_boxes.append(box)
     all_scores.append(jnp.sqrt(jnp.where(valid, top_p, 0.0)))
     all_valid.append(valid)
   boxes = jnp.concatenate(all_boxes, axis=0)
@@ -53,11 +66,18 @@ def _single_image(hm_logits: Sequence[jax.Array], reg: Sequence[jax.Array],
   return dict(boxes=out_boxes, scores=out_scores, valid=keep_valid)
 
 
-def generate_proposals(hm_logits: Sequence[jax.Array], reg: Sequence[jax.Array],
-                       strides: Sequence[int] = (8, 16, 32, 64, 128), pre_nms_topk: int = 1000,
-                       post_nms_topk: int = 256, nms_thresh: float = 0.9,
-                       score_thresh: float = 1e-4, *,
-                       nms_tile_size: int = DEFAULT_TILE_SIZE) -> dict[str, jax.Array]:
+def generate_proposals(
+    hm_logits: Sequence[jax.Array],
+    reg: Sequence[jax.Array],
+    strides: Sequence[int] = (8, 16, 32, 64, 128),
+    pre_nms_topk: int = 1000,
+    post_nms_topk: int = 256,
+    nms_thresh: float = 0.9,
+    score_thresh: float = 1e-4,
+    *,
+    nms_tile_size: int = DEFAULT_TILE_SIZE,
+    clip_hw=None,
+) -> dict[str, jax.Array]:
   """CenterNet2 proposals from the class-agnostic heatmap and the ltrb regression.
 
   Args:
@@ -70,6 +90,8 @@ def generate_proposals(hm_logits: Sequence[jax.Array], reg: Sequence[jax.Array],
     nms_thresh: NMS IoU threshold (0.9).
     score_thresh: candidates need sigmoid(logit) > score_thresh (1e-4).
     nms_tile_size: tile length of the NMS (performance only).
+    clip_hw: optional `[B, 2]` image (h, w): clip the decoded boxes to the image before NMS (the
+      MMDet port does; the official code does not, so the default is None).
   Returns:
     dict with `boxes [B, K, 4]` float32 (unclipped xyxy pixels), `scores [B, K]` float32 = sqrt(p)
     in descending order, `valid [B, K]` bool (padding slots have zero boxes and scores).
@@ -79,8 +101,19 @@ def generate_proposals(hm_logits: Sequence[jax.Array], reg: Sequence[jax.Array],
   hm_logits = [jax.lax.stop_gradient(h.astype(jnp.float32)) for h in hm_logits]
   reg = [jax.lax.stop_gradient(r.astype(jnp.float32)) for r in reg]
 
-  def single(hms, regs):
-    return _single_image(hms, regs, strides, pre_nms_topk, post_nms_topk, nms_thresh,
-                         score_thresh, nms_tile_size)
+  def single(hms, regs, hw):
+    return _single_image(
+        hms,
+        regs,
+        strides,
+        pre_nms_topk,
+        post_nms_topk,
+        nms_thresh,
+        score_thresh,
+        nms_tile_size,
+        hw,
+    )
 
-  return jax.vmap(single)(list(hm_logits), list(reg))
+  if clip_hw is None:
+    return jax.vmap(lambda h, r: single(h, r, None))(list(hm_logits), list(reg))
+  return jax.vmap(single)(list(hm_logits), list(reg), clip_hw)

@@ -8,6 +8,7 @@
 Everything is computed in float32 regardless of the input dtype (official "FP16 compatibility"
 commit e0bca13).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Mapping, Optional
@@ -54,8 +55,9 @@ def _device_mean(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
   return jax.lax.pmean(x, axis_name) if axis_name is not None else x
 
 
-def loss_normalisers(pos_count: jax.Array, reg_valid: jax.Array,
-                     axis_name: Optional[str] = None) -> tuple[jax.Array, jax.Array]:
+def loss_normalisers(
+    pos_count: jax.Array, reg_valid: jax.Array, axis_name: Optional[str] = None
+) -> tuple[jax.Array, jax.Array]:
   """(N̄, R̄) of `centernet_losses` from `[B, L]` pos_count / reg_valid, no gradient.
 
   N̄ = max(mean_devices(Σ pos_count), 1) counts the positives of the whole batch (one normaliser
@@ -63,8 +65,10 @@ def loss_normalisers(pos_count: jax.Array, reg_valid: jax.Array,
   """
   num_pos = jax.lax.stop_gradient(jnp.sum(pos_count.astype(f32)))
   num_reg = jax.lax.stop_gradient(jnp.sum(reg_valid.astype(f32)))
-  return (jnp.maximum(_device_mean(num_pos, axis_name), 1.0),
-          jnp.maximum(_device_mean(num_reg, axis_name), 1.0))
+  return (
+      jnp.maximum(_device_mean(num_pos, axis_name), 1.0),
+      jnp.maximum(_device_mean(num_reg, axis_name), 1.0),
+  )
 
 
 def centernet_losses(

@@ -41,6 +41,7 @@ Subtle points of the official code that are reproduced here on purpose:
   centre lies inside the padded image) would land in another level/image there and is dropped
   here. A column index >= W_l with a row index in range wraps to the next row, as in the official.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Sequence, Tuple
@@ -134,8 +135,8 @@ def centernet_targets(
   forced = is_peak if all_level_peaks else is_peak & cared_reg
   dist2 = jnp.where(forced, jnp.zeros((), f32), dist2)
   delta = (1.0 - hm_min_overlap) / (1.0 + hm_min_overlap)
-  coef = np.float32(delta ** 2 * 2)
-  radius2 = jnp.maximum(coef * area, np.float32(min_radius ** 2))  # [N]
+  coef = np.float32(delta**2 * 2)
+  radius2 = jnp.maximum(coef * area, np.float32(min_radius**2))  # [N]
   wdist = dist2 / radius2[None]
   wdist = jnp.where(valid[None], wdist, jnp.inf)
 
@@ -174,5 +175,9 @@ def centernet_targets(
   if dedup_positives:
     counts = jnp.minimum(counts, 1.0)
 
-  return dict(heatmap=hm.astype(f32), pos_count=counts, reg_target=reg_target.astype(f32),
-              reg_valid=reg_valid)
+  return dict(
+      heatmap=hm.astype(f32),
+      pos_count=counts,
+      reg_target=reg_target.astype(f32),
+      reg_valid=reg_valid,
+  )

@@ -4,6 +4,7 @@ Spec §5: per cascade stage, flatten the 256x7x7 pooled feature (in torch's C, H
 official `fc1` weights map by a plain transpose), FC 1024 + ReLU, FC 1024 + ReLU, then
 `cls_score` (num_classes + 1 logits, background last) and a class-agnostic `bbox_pred` (4 deltas).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,6 +23,7 @@ class FastRCNNConvFCHead(nn.Module):
 
   Input `[..., R, S, S, C]` pooled features; output `[..., R, fc_dim]` in `dtype`.
   """
+
   fc_dim: int = 1024
   num_fc: int = 2
   dtype: Dtype = jnp.float32
@@ -32,8 +34,13 @@ class FastRCNNConvFCHead(nn.Module):
     # [.., S, S, C] -> [.., C, S, S] so the flattening order equals torch's NCHW flatten.
     x = jnp.moveaxis(x, -1, -3).reshape(*lead, -1).astype(self.dtype)
     for i in range(self.num_fc):
-      x = nn.Dense(self.fc_dim, kernel_init=c2_xavier_fill, dtype=self.dtype,
-                   param_dtype=jnp.float32, name=f"fc{i + 1}")(x)
+      x = nn.Dense(
+          self.fc_dim,
+          kernel_init=c2_xavier_fill,
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          name=f"fc{i + 1}",
+      )(x)
       x = nn.relu(x)
     return x
 
@@ -43,13 +50,24 @@ class FastRCNNOutputLayers(nn.Module):
 
   Input `[..., R, D]`; returns (logits `[..., R, num_classes + 1]`, deltas `[..., R, 4]`).
   """
+
   num_classes: int = 80
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    logits = nn.Dense(self.num_classes + 1, kernel_init=nn.initializers.normal(0.01),
-                      dtype=self.dtype, param_dtype=jnp.float32, name="cls_score")(x)
-    deltas = nn.Dense(4, kernel_init=nn.initializers.normal(0.001), dtype=self.dtype,
-                      param_dtype=jnp.float32, name="bbox_pred")(x)
+    logits = nn.Dense(
+        self.num_classes + 1,
+        kernel_init=nn.initializers.normal(0.01),
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name="cls_score",
+    )(x)
+    deltas = nn.Dense(
+        4,
+        kernel_init=nn.initializers.normal(0.001),
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name="bbox_pred",
+    )(x)
     return logits.astype(jnp.float32), deltas.astype(jnp.float32)

@@ -11,6 +11,7 @@ Inference:
   sqrt(mean_k softmax_k * proposal_score), boxes = last stage's regression, then
   `fast_rcnn_inference`: clip, score > 0.05, per-class NMS 0.7, top 100.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,8 +50,9 @@ def _scale_gradient_bwd(scale, _, g):
 scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
 
 
-def probabilistic_scores(stage_logits: Sequence[jax.Array], proposal_scores: jax.Array,
-                         mult_proposal_score: bool = True) -> jax.Array:
+def probabilistic_scores(
+    stage_logits: Sequence[jax.Array], proposal_scores: jax.Array, mult_proposal_score: bool = True
+) -> jax.Array:
   """CenterNet2's final score (spec §6): sqrt(mean_k softmax(logits_k) * s_prop).
 
   `stage_logits`: per stage `[..., R, K+1]`; `proposal_scores` `[..., R]` = sqrt(sigmoid(agn)),
@@ -64,9 +66,16 @@ def probabilistic_scores(stage_logits: Sequence[jax.Array], proposal_scores: jax
   return probs
 
 
-def fast_rcnn_inference(boxes: jax.Array, scores: jax.Array, valid: jax.Array,
-                        image_hw: jax.Array, *, score_thresh: float, nms_thresh: float,
-                        topk: int) -> dict[str, jax.Array]:
+def fast_rcnn_inference(
+    boxes: jax.Array,
+    scores: jax.Array,
+    valid: jax.Array,
+    image_hw: jax.Array,
+    *,
+    score_thresh: float,
+    nms_thresh: float,
+    topk: int,
+) -> dict[str, jax.Array]:
   """detectron2 `fast_rcnn_inference_single_image` for class-agnostic boxes, static shapes.
 
   Args:
@@ -82,16 +91,16 @@ def fast_rcnn_inference(boxes: jax.Array, scores: jax.Array, valid: jax.Array,
   """
   num_classes = scores.shape[1] - 1
   boxes = box_ops.clip_boxes(boxes, image_hw.astype(jnp.float32))
-  cls_scores = scores[:, :num_classes]                                   # [R, K]
+  cls_scores = scores[:, :num_classes]  # [R, K]
   finite = jnp.all(jnp.isfinite(boxes), axis=-1)[:, None] & jnp.isfinite(cls_scores)
-  cand = (cls_scores > score_thresh) & valid[:, None] & finite           # [R, K]
+  cand = (cls_scores > score_thresh) & valid[:, None] & finite  # [R, K]
   per_class_max = min(topk, boxes.shape[0])
 
   def one_class(s, m):
     idx, keep = nms(boxes, s, m, nms_thresh, per_class_max)
     return idx, keep
 
-  idx, keep = jax.vmap(one_class, in_axes=(1, 1))(cls_scores, cand)     # [K, P]
+  idx, keep = jax.vmap(one_class, in_axes=(1, 1))(cls_scores, cand)  # [K, P]
   cls_ids = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32)[:, None], idx.shape)
   cand_scores = jnp.where(keep, cls_scores[idx, cls_ids], -jnp.inf).reshape(-1)
   top_scores, top = jax.lax.top_k(cand_scores, topk)
@@ -111,10 +120,14 @@ class CascadeROIHeads(nn.Module):
 
   Attributes mirror `config.model.roi_heads` (see cn2_jax/config.py for meanings and defaults).
   """
+
   num_classes: int = 80
   iou_thresholds: Sequence[float] = (0.6, 0.7, 0.8)
-  box_weights: Sequence[Sequence[float]] = ((10., 10., 5., 5.), (20., 20., 10., 10.),
-                                            (30., 30., 15., 15.))
+  box_weights: Sequence[Sequence[float]] = (
+      (10.0, 10.0, 5.0, 5.0),
+      (20.0, 20.0, 10.0, 10.0),
+      (30.0, 30.0, 15.0, 15.0),
+  )
   batch_size_per_image: int = 512
   positive_fraction: float = 0.25
   pooler_resolution: int = 7
@@ -136,10 +149,14 @@ class CascadeROIHeads(nn.Module):
 
   def setup(self):
     n = len(self.iou_thresholds)
-    self.box_head = [FastRCNNConvFCHead(self.fc_dim, self.num_fc, self.dtype,
-                                        name=f"box_head.{k}") for k in range(n)]
-    self.box_predictor = [FastRCNNOutputLayers(self.num_classes, self.dtype,
-                                               name=f"box_predictor.{k}") for k in range(n)]
+    self.box_head = [
+        FastRCNNConvFCHead(self.fc_dim, self.num_fc, self.dtype, name=f"box_head.{k}")
+        for k in range(n)
+    ]
+    self.box_predictor = [
+        FastRCNNOutputLayers(self.num_classes, self.dtype, name=f"box_predictor.{k}")
+        for k in range(n)
+    ]
 
   @property
   def num_stages(self) -> int:
@@ -149,18 +166,26 @@ class CascadeROIHeads(nn.Module):
     """Pools `boxes` `[B, R, 4]` and runs stage k; returns (logits, deltas, pred_boxes).
     `valid_hw` `[L, 2]`: the official canvas per level (ROIAlign's border)."""
     pooled = multilevel_roi_align(
-        features, jax.lax.stop_gradient(boxes), min_level=self.min_level,
-        output_size=self.pooler_resolution, sampling_ratio=self.sampling_ratio, aligned=True,
-        canonical_box_size=self.canonical_box_size, canonical_level=self.canonical_level,
-        max_adaptive_samples=self.max_adaptive_samples, valid_hw=valid_hw)
+        features,
+        jax.lax.stop_gradient(boxes),
+        min_level=self.min_level,
+        output_size=self.pooler_resolution,
+        sampling_ratio=self.sampling_ratio,
+        aligned=True,
+        canonical_box_size=self.canonical_box_size,
+        canonical_level=self.canonical_level,
+        max_adaptive_samples=self.max_adaptive_samples,
+        valid_hw=valid_hw,
+    )
     if train:
       pooled = scale_gradient(pooled, 1.0 / self.num_stages)
     else:  # [B, R, 7, 7, C] is large: only the inference oracle compares it
       self.sow("intermediates", f"stage{k}_pooled", pooled)
     x = self.box_head[k](pooled)
     logits, deltas = self.box_predictor[k](x)
-    pred = box_ops.decode_boxes(deltas, jax.lax.stop_gradient(boxes), self.box_weights[k],
-                                scale_clamp=self.scale_clamp)
+    pred = box_ops.decode_boxes(
+        deltas, jax.lax.stop_gradient(boxes), self.box_weights[k], scale_clamp=self.scale_clamp
+    )
     return logits, deltas, pred
 
   def _stage_losses(self, k, logits, deltas, boxes, valid, labels, matched_gt):
@@ -176,23 +201,34 @@ class CascadeROIHeads(nn.Module):
     loss_box = jnp.where(fg, l1, 0.0).sum() / n
     pred_cls = jnp.argmax(logits, axis=-1)
     acc = jnp.where(valid, pred_cls == labels, False).sum() / n
-    return {f"loss_cls_stage{k}": loss_cls, f"loss_box_reg_stage{k}": loss_box,
-            f"aux/cls_accuracy_stage{k}": acc,
-            f"aux/num_fg_stage{k}": fg.sum().astype(jnp.float32) / labels.shape[0]}
+    return {
+        f"loss_cls_stage{k}": loss_cls,
+        f"loss_box_reg_stage{k}": loss_box,
+        f"aux/cls_accuracy_stage{k}": acc,
+        f"aux/num_fg_stage{k}": fg.sum().astype(jnp.float32) / labels.shape[0],
+    }
 
   def _label(self, k, boxes, valid, gt_boxes, gt_classes, gt_valid):
     """Match `[B, R, 4]` boxes to GT at stage k's IoU; returns (labels, matched_gt_boxes, is_fg,
     matched_gt_idx), each `[B, R, ...]`."""
     thr = self.iou_thresholds[k]
-    idx, is_fg, _ = jax.vmap(lambda b, g, gv: match_boxes(b, g, gv, thr))(boxes, gt_boxes,
-                                                                         gt_valid)
+    idx, is_fg, _ = jax.vmap(lambda b, g, gv: match_boxes(b, g, gv, thr))(boxes, gt_boxes, gt_valid)
     is_fg = is_fg & valid
     labels = jnp.where(is_fg, jnp.take_along_axis(gt_classes, idx, axis=1), self.num_classes)
     matched = jnp.take_along_axis(gt_boxes, idx[..., None], axis=1)
     return labels.astype(jnp.int32), matched, is_fg, idx
 
-  def __call__(self, features, proposals: dict, image_hw: jax.Array, *, train: bool,
-               gt_boxes=None, gt_classes=None, gt_valid=None):
+  def __call__(
+      self,
+      features,
+      proposals: dict,
+      image_hw: jax.Array,
+      *,
+      train: bool,
+      gt_boxes=None,
+      gt_classes=None,
+      gt_valid=None,
+  ):
     """Args:
       features: list of `[B, H_l, W_l, C]` for levels min_level.. (P3..P7).
       proposals: dict boxes `[B, P, 4]`, scores `[B, P]`, valid `[B, P]` (no gradient).
@@ -206,8 +242,9 @@ class CascadeROIHeads(nn.Module):
     valid = proposals["valid"]
     valid_hw = level_extents(image_hw, [2 ** (self.min_level + i) for i in range(len(features))])
     if train:
-      return self._forward_train(features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid,
-                                 valid_hw)
+      return self._forward_train(
+          features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid, valid_hw
+      )
 
     stage_logits = []
     pred = boxes  # stage k > 0 refines the previous stage's predicted boxes
@@ -215,20 +252,24 @@ class CascadeROIHeads(nn.Module):
       if k > 0:
         boxes = box_ops.clip_boxes(jax.lax.stop_gradient(pred), hw[:, None, :])
       self.sow("intermediates", f"stage{k}_input_boxes", boxes)
-      logits, deltas, pred = self._run_stage(k, features, boxes, train=False,
-                                             valid_hw=valid_hw)
+      logits, deltas, pred = self._run_stage(k, features, boxes, train=False, valid_hw=valid_hw)
       self.sow("intermediates", f"stage{k}_cls_logits", logits)
       self.sow("intermediates", f"stage{k}_box_deltas", deltas)
       stage_logits.append(logits)
     scores = probabilistic_scores(stage_logits, proposals["scores"], self.mult_proposal_score)
     self.sow("intermediates", "final_scores_all", scores)
     self.sow("intermediates", "final_boxes_all", pred)
-    infer = functools.partial(fast_rcnn_inference, score_thresh=self.score_thresh_test,
-                              nms_thresh=self.nms_thresh_test, topk=self.detections_per_image)
+    infer = functools.partial(
+        fast_rcnn_inference,
+        score_thresh=self.score_thresh_test,
+        nms_thresh=self.nms_thresh_test,
+        topk=self.detections_per_image,
+    )
     return jax.vmap(infer)(pred, scores, valid, image_hw)
 
-  def _forward_train(self, features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid,
-                     valid_hw=None):
+  def _forward_train(
+      self, features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid, valid_hw=None
+  ):
     gt_boxes = gt_boxes.astype(jnp.float32)
     if self.append_gt:
       boxes = jnp.concatenate([boxes, gt_boxes], axis=1)
@@ -247,8 +288,10 @@ class CascadeROIHeads(nn.Module):
     base = self.make_rng("sampling")
     keys = jax.vmap(lambda i: jax.random.fold_in(base, offset + i))(jnp.arange(n))
     idx, s_valid, _ = jax.vmap(
-        lambda key, fg, v: subsample_labels(key, fg, v, self.batch_size_per_image,
-                                            self.positive_fraction))(keys, is_fg, valid)
+        lambda key, fg, v: subsample_labels(
+            key, fg, v, self.batch_size_per_image, self.positive_fraction
+        )
+    )(keys, is_fg, valid)
     # The valid samples are a prefix of at most N (rows per image) slots, so a sampler budget
     # larger than N (e.g. 8192 to keep every row) needs no more than N slots: the tail would be
     # padding that every stage pools and runs through the box head for nothing.
@@ -266,11 +309,16 @@ class CascadeROIHeads(nn.Module):
         boxes = box_ops.clip_boxes(jax.lax.stop_gradient(pred), hw[:, None, :])
         valid = valid & box_ops.nonempty(boxes)
         labels, matched, _, gt_idx = self._label(k, boxes, valid, gt_boxes, gt_classes, gt_valid)
-      logits, deltas, pred = self._run_stage(k, features, boxes, train=True,
-                                             valid_hw=valid_hw)
+      logits, deltas, pred = self._run_stage(k, features, boxes, train=True, valid_hw=valid_hw)
       # Rows keep their slot in every stage; `valid` drops the padding and the empty boxes.
-      for name, v in (("boxes", boxes), ("valid", valid), ("labels", labels),
-                      ("matched_idx", gt_idx), ("cls_logits", logits), ("box_deltas", deltas)):
+      for name, v in (
+          ("boxes", boxes),
+          ("valid", valid),
+          ("labels", labels),
+          ("matched_idx", gt_idx),
+          ("cls_logits", logits),
+          ("box_deltas", deltas),
+      ):
         self.sow("intermediates", f"train_stage{k}_{name}", v)
       losses.update(self._stage_losses(k, logits, deltas, boxes, valid, labels, matched))
     return losses
