@@ -313,6 +313,13 @@ def train(
   load_pretrained = None
   if cfg.init_from:
     load_pretrained = lambda v: load_weights_file(cfg.init_from, v, backbone_only=True)  # noqa
+  evals = {}
+
+  def eval_fn(state, step):  # the loop writes the returned scalars to TensorBoard as eval/*
+    evals[step] = evaluate(cfg, workdir, variables=state.variables, builder=b)
+    return _scalars(evals[step])
+
+  periodic = cfg.train.eval_every > 0 and bool(d.eval_split)
   state = loop.train(
       cfg,
       workdir,
@@ -323,12 +330,32 @@ def train(
       load_pretrained_fn=load_pretrained,
       stop_at_step=stop_at_step,
       metrics_callback=metrics_callback,
+      eval_fn=eval_fn if periodic else None,
   )
   metrics = None
-  finished = int(jax.device_get(state.step)) >= cfg.optim.max_iter
-  if cfg.train.eval_at_end and d.eval_split and finished:
-    metrics = evaluate(cfg, workdir, variables=state.variables, builder=b)
+  step = int(jax.device_get(state.step))
+  if cfg.train.eval_at_end and d.eval_split and step >= cfg.optim.max_iter:
+    metrics = evals.get(step)  # already evaluated at the last step by the loop
+    if metrics is None:
+      metrics = evaluate(cfg, workdir, variables=state.variables, builder=b)
+      _write_eval_scalars(workdir, step, metrics)
   return state, metrics
+
+
+def _scalars(metrics: dict) -> dict:
+  """The numeric COCO metrics (AP, AP50, ...) of an evaluation, for TensorBoard."""
+  return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))}
+
+
+def _write_eval_scalars(workdir: str, step: int, metrics: dict) -> None:
+  """eval/* TensorBoard scalars of the end-of-training evaluation (process 0)."""
+  if jax.process_index() != 0:
+    return
+  from tensorboardX import SummaryWriter
+
+  with SummaryWriter(workdir) as writer:
+    for name, v in _scalars(metrics).items():
+      writer.add_scalar(f"eval/{name}", v, step)
 
 
 def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, variables=None, builder=None) -> dict:

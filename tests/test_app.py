@@ -85,7 +85,13 @@ def test_eval_outputs(runs):
   assert isinstance(results, list)
   assert all(set(r) >= {"image_id", "category_id", "bbox", "score"} for r in results)
   assert os.path.isfile(os.path.join(wd, "config.json"))
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd))
+  # the end-of-training evaluation is in TensorBoard too, at the last step
+  from tests.test_engine import _read_scalars
+
+  events = [os.path.join(wd, f) for f in os.listdir(wd) if f.startswith("events.out.tfevents")]
+  scalars = {(tag, step): v for f in events for tag, step, v in _read_scalars(f)}
+  assert scalars[("eval/AP", 4)] == pytest.approx(metrics["AP"])
+  assert ("train/total_loss", 4) in scalars
 
 
 def test_predict_and_notebook_predictor(runs):

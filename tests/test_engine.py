@@ -282,8 +282,11 @@ def test_param_labels_and_prefix_matching():
           "scales.0": {"scale": 0},
       },
   }
-  labels = optim.param_labels(params, optim.resnet_frozen_prefixes(2), optim.is_norm_param)
-  assert optim.resnet_frozen_prefixes(2) == ("backbone.bottom_up.stem", "backbone.bottom_up.res2")
+  from cn2_jax.modeling.backbone.resnet import frozen_param_prefixes
+
+  prefixes = frozen_param_prefixes(2, "backbone.bottom_up.")
+  labels = optim.param_labels(params, prefixes, optim.is_norm_param)
+  assert prefixes == ("backbone.bottom_up.stem", "backbone.bottom_up.res2")
   assert labels["backbone"]["bottom_up"]["stem"]["conv1"]["kernel"] == optim.FROZEN
   assert labels["backbone"]["bottom_up"]["res2"]["0"]["conv1"]["kernel"] == optim.FROZEN
   assert labels["backbone"]["bottom_up"]["res20"]["kernel"] == optim.DECAY  # not a res2 child
@@ -865,3 +868,75 @@ def test_global_norm_clipping_matches_numpy():
   off_state = optim_lib.make_optimizer(cfg).init(params)
   on_state = opt.init(params)  # chain(clip, multi_transform) -> (EmptyState, multi state)
   assert isinstance(on_state, tuple) and type(off_state) is type(on_state[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Disk full during an asynchronous checkpoint save
+# ------------------------------------------------------------------------------------------------
+def _small_fs(path):
+  """A 64 MiB tmpfs at `path` (root only); None where mounting is not allowed."""
+  os.makedirs(path, exist_ok=True)
+  if os.geteuid() != 0:
+    return None
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", path], capture_output=True)
+  return path if r.returncode == 0 else None
+
+
+def test_disk_full_stops_with_one_line_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  import errno
+  import orbax.checkpoint as ocp
+
+  model = TinyDet()
+  mnt = str(tmp_path / "mnt")
+  fs = _small_fs(mnt)
+  wd = os.path.join(mnt, "run")
+
+  def fill_disk(step, _):
+    if step != 3:
+      return
+    if fs is not None:  # the real thing: fill the filesystem before the save of step 4
+      import time
+
+      deadline = time.time() + 60  # the asynchronous save of step 2 finishes first
+      while not os.path.isdir(os.path.join(wd, "checkpoints", "2")) and time.time() < deadline:
+        time.sleep(0.05)
+      with open(os.path.join(mnt, "filler"), "wb") as f:
+        try:
+          while True:
+            f.write(b"\0" * 65536)
+        except OSError:
+          pass
+    else:  # no mount permission: the next save fails as a full disk makes it fail
+      real_save = ocp.CheckpointManager.save
+
+      def no_space(self, step, *a, **k):
+        if step == 4:
+          raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, step, *a, **k)
+
+      monkeypatch.setattr(ocp.CheckpointManager, "save", no_space)
+
+  try:
+    with pytest.raises(ckpt_lib.CheckpointSaveError) as ei:
+      loop.train(
+          _config(max_iter=8, checkpoint_every=2, log_every=100),
+          wd,
+          model,
+          init_fn(model),
+          _loader(),
+          frozen_prefixes=FROZEN_PREFIXES,
+          metrics_callback=fill_disk,
+      )
+    msg = str(ei.value)
+    assert "\n" not in msg and "step 4" in msg and "last good checkpoint is step 2" in msg
+    assert "No space left" in msg or "ENOSPC" in msg or "Errno 28" in msg, msg
+    monkeypatch.undo()
+    if fs is not None:
+      os.remove(os.path.join(mnt, "filler"))
+    ck = ckpt_lib.Checkpointer(wd)  # a restart: unfinished save folders are removed
+    assert ck.all_steps() == [2]
+    assert not [n for n in os.listdir(ck.directory) if ckpt_lib.TMP_MARK in n]
+    ck.close()
+  finally:
+    if fs is not None:
+      subprocess.run(["umount", "-l", mnt], capture_output=True)

@@ -6,7 +6,7 @@ Model and data are built by the caller (main.py) and passed in:
     from cn2_jax.engine import loop
     loop.maybe_initialize_distributed()          # first thing in main(), before any other JAX call
     state = loop.train(config, workdir, model, init_variables_fn, train_loader_fn,
-                       frozen_prefixes=optim.resnet_frozen_prefixes(2))
+                       frozen_prefixes=detector.frozen_param_prefixes(config.model))
 
 * `config.optim`: optimizer / schedule fields; `config.train`: loop fields; `config.seed`. All are
   declared, with their defaults, in the schema (`cn2_jax.config.base_config()`), the only place
@@ -425,6 +425,7 @@ def train(
         raise RuntimeError(f"train loader exhausted at iteration {k} (expected {end})") from None
       batch = _to_device(batch, mesh)
       state, metrics = train_step(state, batch)
+      ckpt.check()  # a failed background save stops the run at once, with one line
       done = k + 1
       state_["images"] += _batch_size(batch)
       if pending is not None:
@@ -466,7 +467,8 @@ def train(
                 ckpt.latest_step(),
             )
         else:
-          ckpt.save(done, state, force=done == end or deferred_save)
+          if ckpt.save(done, state, force=done == end or deferred_save) and writer is not None:
+            writer.flush()  # the scalars up to a checkpoint survive a crash after it
           deferred_save = False
       if eval_now:
         results = eval_fn(state, done) or {}
@@ -479,9 +481,14 @@ def train(
     if pending is not None:
       consume(*pending)
   finally:
-    ckpt.close()
-    if writer is not None:
-      writer.close()
-    if pbar is not None:
-      pbar.close()
+    try:
+      ckpt.close()
+    finally:
+      if writer is not None:
+        try:
+          writer.close()
+        except OSError as e:  # e.g. the disk is full: the run's own error says more
+          log.warning("could not flush TensorBoard events: %s", e)
+      if pbar is not None:
+        pbar.close()
   return state

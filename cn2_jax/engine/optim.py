@@ -199,18 +199,6 @@ def param_labels(
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def resnet_frozen_prefixes(
-    freeze_at: int, bottom_up: str = "backbone.bottom_up"
-) -> tuple[str, ...]:
-  """detectron2 ResNet FREEZE_AT: 0 nothing, 1 the stem, k >= 2 the stem and res2..res{k}."""
-  out = []
-  if freeze_at >= 1:
-    out.append(f"{bottom_up}.stem")
-  for k in range(2, freeze_at + 1):
-    out.append(f"{bottom_up}.res{k}")
-  return tuple(out)
-
-
 # ----------------------------------------------------------------------------------------------
 # Optimizer
 # ----------------------------------------------------------------------------------------------
