@@ -73,3 +73,32 @@ def test_no_import_cycles():
 def test_cycle_finder_finds_a_cycle():
   assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
   assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_config_built_modules_take_every_setting_from_the_schema():
+  """A module built from a config section has no setting of its own: each of its fields is either
+  a key of that schema section (so the config value is always passed) or wiring the parent sets
+  (channels, axis_name, dtype, ...). A new field with a default that the schema lacks fails here."""
+  import dataclasses
+
+  from cn2_jax.config import base_config
+  from cn2_jax.modeling.proposal.centernet import CenterNet
+  from cn2_jax.modeling.roi_heads.cascade import CascadeROIHeads
+
+  m = base_config().model
+  wiring = {
+      "parent",
+      "name",
+      "axis_name",
+      "dtype",
+      "channels",
+      "num_classes",
+      "strides",
+      "min_level",
+  }
+  for cls, section in ((CenterNet, m.centernet), (CascadeROIHeads, m.roi_heads)):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    missing_in_schema = fields - set(section.keys()) - wiring
+    assert not missing_in_schema, (cls.__name__, sorted(missing_in_schema))
+    unknown_to_module = set(section.keys()) - fields
+    assert not unknown_to_module, (cls.__name__, sorted(unknown_to_module))
