@@ -27,7 +27,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from cn2_jax.data import buckets as Bk  # noqa: E402
 from cn2_jax.data import pipeline as P  # noqa: E402
-from cn2_jax.data import transforms as T  # noqa: E402
 
 SHORT = (640, 672, 704, 736, 768, 800)
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
@@ -43,59 +42,19 @@ def _sizes_of(name):
   return np.array(out) if out else None
 
 
-def coco_mix(n=4000, seed=0):
-  rng = np.random.default_rng(seed)
-  shapes = np.array([(480, 640), (640, 480), (427, 640), (640, 640), (360, 640), (500, 375)])
-  p = np.array([0.45, 0.2, 0.2, 0.05, 0.05, 0.05])
-  return shapes[rng.choice(len(shapes), n, p=p)]
-
-
-def overhead(sizes, global_batch, *, bucketed, steps=500, seed=0):
-  groups = Bk.aspect_group(sizes[:, 0], sizes[:, 1])
-  order = np.arange(len(sizes))
-  if bucketed and len(sizes) >= 2 * global_batch:
-    sched = P._GroupedSchedule(order, groups, global_batch, seed)
-  else:
-    sched = P._RandomSchedule(order, global_batch, seed)
-  table = Bk.train_buckets(SHORT, 1333)
-  batcher = P._TrainBatcher(
-      None,
-      sched,
-      batch_size=global_batch,
-      short_sizes=SHORT,
-      max_size=1333,
-      pad_hw=None if bucketed else (1344, 1344),
-      buckets=table,
-      sizes=sizes,
-      groups=groups,
-      max_boxes=1,
-      seed=seed,
-      hflip_prob=0.5,
-      lsj=None,
-      scale_per_batch=bucketed,
-      process_index=0,
-      process_count=1,
-  )
-  pad = img = 0
-  canvases = set()
-  for step in range(steps):
-    idx = sched.indices(step)
-    short = batcher.short_sides(step)
-    canvas = batcher.canvas(step, idx, short)
-    canvases.add(canvas)
-    hw = np.array(
-        [
-            T.resize_shortest_edge_shape(int(h), int(w), int(s), 1333)
-            for (h, w), s in zip(sizes[idx], short)
-        ]
-    )
-    pad += global_batch * canvas[0] * canvas[1]
-    img += int((hw[:, 0] * hw[:, 1]).sum())
-  return pad / img, len(canvases)
+def overhead(sizes, global_batch, *, bucketed):
+  """Before: one 1344x1344 canvas, plain epochs, a short side per image; after: the defaults."""
+  if bucketed:
+    return P.train_padding_overhead(sizes, global_batch=global_batch, short_sizes=SHORT,
+                                    max_size=1333)  # fmt: skip
+  return P.train_padding_overhead(
+      sizes, global_batch=global_batch, short_sizes=SHORT, max_size=1333, pad_hw=(1344, 1344),
+      aspect_grouping=False, scale_per_batch=False,
+  )  # fmt: skip
 
 
 def padding_table():
-  sets = {"COCO mix": coco_mix()}
+  sets = {"COCO mix": Bk.coco_size_mix(4000)}
   for name in ("raccoon", "bccd"):
     s = _sizes_of(name)
     if s is not None:

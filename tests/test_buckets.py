@@ -183,56 +183,12 @@ def test_eval_loader_official_canvas_every_image_once(split):
   assert sorted(ids.tolist()) == list(range(12))
 
 
-def coco_mix_overhead(global_batch, scale_per_batch, steps=400, seed=0):
-  """Padded / image pixels of training batches on the COCO size mix (mostly 640x480, 480x640
-  and 640x427), through the real schedule and bucket choice of the train loader."""
-  rng = np.random.default_rng(seed)
-  shapes = np.array([(480, 640), (640, 480), (427, 640), (640, 640), (360, 640), (500, 375)])
-  p = np.array([0.45, 0.2, 0.2, 0.05, 0.05, 0.05])
-  sizes = shapes[rng.choice(len(shapes), 2000, p=p)]
-  groups = Bk.aspect_group(sizes[:, 0], sizes[:, 1])
-  order = np.arange(len(sizes))
-  sched = P._GroupedSchedule(order, groups, global_batch, seed)
-  table = Bk.train_buckets(COCO_SHORT, 1333)
-  batcher = P._TrainBatcher(
-      None,
-      sched,
-      batch_size=global_batch,
-      short_sizes=COCO_SHORT,
-      max_size=1333,
-      pad_hw=None,
-      buckets=table,
-      sizes=sizes,
-      groups=groups,
-      max_boxes=1,
-      seed=seed,
-      hflip_prob=0.5,
-      lsj=None,
-      scale_per_batch=scale_per_batch,
-      process_index=0,
-      process_count=1,
-  )
-  pad = img = 0
-  for step in range(steps):
-    idx = sched.indices(step)
-    short = batcher.short_sides(step)
-    canvas = batcher.canvas(step, idx, short)
-    nh, nw = np.array(
-        [
-            T.resize_shortest_edge_shape(int(h), int(w), int(s), 1333)
-            for (h, w), s in zip(sizes[idx], short)
-        ]
-    ).T
-    assert (nh <= canvas[0]).all() and (nw <= canvas[1]).all()
-    pad += global_batch * canvas[0] * canvas[1]
-    img += int((nh * nw).sum())
-  return pad / img
-
-
 def test_padding_overhead_coco_mix():
   # Before: every image on the 1344x1344 canvas (about 2.1x for 4:3 images).
   for gb in (2, 16):
-    ratio = coco_mix_overhead(gb, scale_per_batch=True)
+    ratio, _ = P.train_padding_overhead(
+        Bk.coco_size_mix(2000), global_batch=gb, short_sizes=COCO_SHORT, max_size=1333, steps=400
+    )
     print(f"COCO mix, global batch {gb}: padded / image pixels = {ratio:.3f}")
     assert ratio <= 1.15, gb
 

@@ -34,6 +34,25 @@ HW = Tuple[int, int]
 DEFAULT_ASPECT_RATIOS = (4.0 / 3.0, 3.0 / 2.0)
 
 
+# The COCO training-image size mix the padding targets are stated for (mostly 640x480, 480x640
+# and 640x427): (h, w) shapes and their frequencies.
+COCO_SIZE_MIX = (
+    ((480, 640), 0.45),
+    ((640, 480), 0.2),
+    ((427, 640), 0.2),
+    ((640, 640), 0.05),
+    ((360, 640), 0.05),
+    ((500, 375), 0.05),
+)
+
+
+def coco_size_mix(n: int, seed: int = 0) -> np.ndarray:
+  """``[n, 2]`` image sizes drawn from ``COCO_SIZE_MIX``."""
+  shapes = np.array([hw for hw, _ in COCO_SIZE_MIX])
+  p = np.array([f for _, f in COCO_SIZE_MIX])
+  return shapes[np.random.default_rng(seed).choice(len(shapes), n, p=p)]
+
+
 def official_pad_hw(h: int, w: int, size_divisibility: int = 32) -> HW:
   """The official test-time canvas of a resized ``h x w`` image: each side rounded up."""
   return T.round_up(h, size_divisibility), T.round_up(w, size_divisibility)

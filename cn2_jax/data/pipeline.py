@@ -62,6 +62,7 @@ __all__ = [
     "default_pad_hw",
     "num_eval_batches",
     "eval_plan",
+    "train_padding_overhead",
     "BATCH_KEYS",
     "DEFAULT_TRAIN_SHORT_SIZES",
 ]
@@ -322,7 +323,30 @@ def _check_pad_hw(
   return ph, pw
 
 
-class _RandomSchedule:
+class _EpochCache:
+  """Per-epoch arrays of a schedule, kept for the two newest epochs (a step reads at most two);
+  the cache is not pickled to grain workers."""
+
+  _cache: Dict[int, np.ndarray]
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_cache"] = {}
+    return state
+
+  def _cached(self, epoch: int, make) -> np.ndarray:
+    v = self._cache.get(epoch)
+    if v is None:
+      if len(self._cache) >= 2:
+        self._cache.pop(min(self._cache))
+      v = self._cache[epoch] = make(epoch)
+    return v
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, _PERM_STREAM, epoch]).permutation(len(self.order))
+
+
+class _RandomSchedule(_EpochCache):
   """No grouping: global example position ``g`` -> epoch ``g // n``, position ``g % n`` of that
   epoch's permutation (``default_rng([seed, 0, epoch])``)."""
 
@@ -330,21 +354,10 @@ class _RandomSchedule:
     self.order = order  # source indices of the examples used for training
     self.global_batch = global_batch
     self.seed = seed
-    self._perms: Dict[int, np.ndarray] = {}
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_perms"] = {}
-    return state
+    self._cache = {}
 
   def _perm(self, epoch: int) -> np.ndarray:
-    p = self._perms.get(epoch)
-    if p is None:
-      if len(self._perms) >= 2:
-        self._perms.pop(min(self._perms))
-      p = np.random.default_rng([self.seed, _PERM_STREAM, epoch]).permutation(len(self.order))
-      self._perms[epoch] = p
-    return p
+    return self._cached(epoch, self._permutation)
 
   def indices(self, step: int) -> np.ndarray:
     """Source indices of the ``global_batch`` examples of ``step``."""
@@ -356,7 +369,7 @@ class _RandomSchedule:
     )
 
 
-class _GroupedSchedule:
+class _GroupedSchedule(_EpochCache):
   """Aspect-ratio grouping (detectron2 ``ASPECT_RATIO_GROUPING``), as a pure function of step.
 
   Epoch ``e``: the training examples are permuted (``default_rng([seed, 0, e])``), split by
@@ -376,20 +389,15 @@ class _GroupedSchedule:
     self.steps_per_epoch = int(
         (counts // global_batch).sum() + (counts % global_batch).sum() // global_batch
     )
-    self._epochs: Dict[int, np.ndarray] = {}
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_epochs"] = {}
-    return state
+    self._cache = {}
 
   def _epoch(self, epoch: int) -> np.ndarray:
+    return self._cached(epoch, self._make_epoch)
+
+  def _make_epoch(self, epoch: int) -> np.ndarray:
     """``[steps_per_epoch, global_batch]`` positions into ``order``."""
-    b = self._epochs.get(epoch)
-    if b is not None:
-      return b
     gb = self.global_batch
-    perm = np.random.default_rng([self.seed, _PERM_STREAM, epoch]).permutation(len(self.order))
+    perm = self._permutation(epoch)
     grp = self.groups[perm]
     full, rest = [], np.zeros(len(perm), bool)
     for g in np.unique(grp):
@@ -403,11 +411,7 @@ class _GroupedSchedule:
     if m:
       full.append(left[: m * gb].reshape(m, gb))
     b = np.concatenate(full, axis=0)
-    b = b[np.random.default_rng([self.seed, _BATCH_ORDER_STREAM, epoch]).permutation(len(b))]
-    if len(self._epochs) >= 2:
-      self._epochs.pop(min(self._epochs))
-    self._epochs[epoch] = b
-    return b
+    return b[np.random.default_rng([self.seed, _BATCH_ORDER_STREAM, epoch]).permutation(len(b))]
 
   def indices(self, step: int) -> np.ndarray:
     e, j = divmod(int(step), self.steps_per_epoch)
@@ -682,18 +686,9 @@ def make_train_loader(
     raise ValueError("no training examples left (all images are empty?)")
   global_batch = batch_size * process_count
   groups = None if sizes is None else buckets.aspect_group(sizes[:, 0], sizes[:, 1], aspect_ratios)
-  schedule = None
-  if aspect_grouping and groups is not None and lsj is None:
-    schedule = _GroupedSchedule(order, groups[order], global_batch, seed)
-    if schedule.steps_per_epoch == 0:
-      logger.warning(
-          "aspect grouping: %d images < one global batch of %d; not grouping",
-          order.size,
-          global_batch,
-      )
-      schedule = None
-  if schedule is None:
-    schedule = _RandomSchedule(order, global_batch, seed)
+  schedule = _make_schedule(
+      order, groups, global_batch, seed, aspect_grouping=aspect_grouping and lsj is None
+  )
   table = None
   if pad_hw is None:
     table = buckets.train_buckets(short_sizes, max_size, aspect_ratios, size_divisibility)
@@ -722,6 +717,69 @@ def make_train_loader(
       data_dir=split.data_dir,
   )
   return _run(batcher, int(start_step), sys.maxsize // 4, num_workers, num_threads, prefetch)
+
+
+def _make_schedule(order, groups, global_batch: int, seed: int, *, aspect_grouping: bool):
+  """The train loader's step -> examples map: aspect-grouped epochs when asked and possible
+  (group sizes known, at least one full batch), else plain shuffled epochs."""
+  if aspect_grouping and groups is not None:
+    schedule = _GroupedSchedule(order, groups[order], global_batch, seed)
+    if schedule.steps_per_epoch > 0:
+      return schedule
+    logger.warning(
+        "aspect grouping: %d images < one global batch of %d; not grouping",
+        len(order),
+        global_batch,
+    )
+  return _RandomSchedule(order, global_batch, seed)
+
+
+def train_padding_overhead(
+    sizes,
+    *,
+    global_batch: int,
+    short_sizes: Tuple[int, ...],
+    max_size: int,
+    pad_hw: Optional[Tuple[int, int]] = None,
+    aspect_grouping: bool = True,
+    scale_per_batch: bool = True,
+    aspect_ratios: Tuple[float, ...] = buckets.DEFAULT_ASPECT_RATIOS,
+    size_divisibility: int = 32,
+    steps: int = 500,
+    seed: int = 0,
+) -> Tuple[float, int]:
+  """``(padded pixels / image pixels, number of distinct canvases)`` of the first ``steps``
+  training batches over images of original sizes ``sizes`` ``[N, 2]``, through the train
+  loader's own schedule, short-side draws and canvas choice (no image is read; arguments as
+  :func:`make_train_loader`). Raises ValueError if an image would not fit its canvas."""
+  sizes = np.asarray(sizes, np.int64)
+  groups = buckets.aspect_group(sizes[:, 0], sizes[:, 1], aspect_ratios)
+  schedule = _make_schedule(
+      np.arange(len(sizes)), groups, global_batch, seed, aspect_grouping=aspect_grouping
+  )
+  table = None
+  if pad_hw is None:
+    table = buckets.train_buckets(short_sizes, max_size, aspect_ratios, size_divisibility)
+  batcher = _TrainBatcher(
+      None, schedule, batch_size=global_batch, short_sizes=tuple(short_sizes),
+      max_size=max_size, pad_hw=pad_hw, buckets=table, sizes=sizes, groups=groups, max_boxes=1,
+      seed=seed, hflip_prob=0.5, lsj=None, scale_per_batch=scale_per_batch, process_index=0,
+      process_count=1,
+  )  # fmt: skip
+  pad = img = 0
+  canvases = set()
+  for step in range(steps):
+    idx = schedule.indices(step)
+    short = batcher.short_sides(step)
+    canvas = batcher.canvas(step, idx, short)
+    canvases.add(canvas)
+    for (h, w), s in zip(sizes[idx], short):
+      nh, nw = T.resize_shortest_edge_shape(int(h), int(w), int(s), max_size)
+      if nh > canvas[0] or nw > canvas[1]:
+        raise ValueError(f"a {h}x{w} image resized to {nh}x{nw} does not fit canvas {canvas}")
+      img += nh * nw
+    pad += global_batch * canvas[0] * canvas[1]
+  return pad / img, len(canvases)
 
 
 def eval_plan(

@@ -46,7 +46,6 @@ import json
 import re
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -172,35 +171,11 @@ class Report:
 
 def regenerate_weights(spec_json) -> Dict[str, np.ndarray]:
   """The oracle state dict of a weight-spec JSON (README §4), every tensor checked against its
-  stored checksums (`cn2_jax.testing.oracle.check_entry`). Raises `OracleMismatch`."""
-  from cn2_jax.testing.oracle import OracleMismatch, check_entry
+  stored checksums: the same rule as the CenterNet2 oracle's
+  (`cn2_jax.testing.oracle.regenerate_oracle_state_dict`). Raises `OracleMismatch`."""
+  from cn2_jax.testing.oracle import regenerate_oracle_state_dict
 
-  with open(spec_json) as f:
-    entries = json.load(f)["entries"]
-  out, bad = {}, []
-  for e in entries:
-    shape = tuple(e["shape"])
-    if e["init_rule"] == "keep_init":
-      x = np.asarray(e["kept_value"], dtype=np.dtype(e["dtype"])).reshape(shape)
-    else:
-      rs = np.random.RandomState(zlib.crc32(e["key"].encode("utf-8")))
-      a, b = e["rule_params"]
-      if e["init_rule"] == "normal":
-        x = rs.normal(a, b, size=shape)
-      elif e["init_rule"] == "uniform":
-        x = rs.uniform(a, b, size=shape)
-      else:
-        raise OracleMismatch(f"{e['key']}: unknown init rule {e['init_rule']!r}")
-      x = np.asarray(x, np.float64).astype(np.float32)
-    err = check_entry(e, x)
-    if err:
-      bad.append(err)
-    out[e["key"]] = x
-  if bad:
-    raise OracleMismatch(
-        f"{len(bad)} regenerated tensors differ from {spec_json}:\n  " + "\n  ".join(bad[:30])
-    )
-  return out
+  return regenerate_oracle_state_dict(spec_json)
 
 
 def load_state_dict(weights) -> Dict[str, np.ndarray]:

@@ -57,9 +57,10 @@ def _generate(entry: dict) -> np.ndarray:
   key, shape, rule = entry["key"], tuple(entry["shape"]), entry["init_rule"]
   if rule == "keep_init":
     kept = np.asarray(entry["kept_value"], dtype=np.float64)
+    dtype = np.dtype(entry.get("dtype", "float32"))  # e.g. BatchNorm's int64 step counters
     if kept.size == int(np.prod(shape, dtype=np.int64)):
-      return kept.reshape(shape).astype(np.float32)
-    return np.broadcast_to(kept, shape).astype(np.float32)
+      return kept.reshape(shape).astype(dtype)
+    return np.broadcast_to(kept, shape).astype(dtype)
   rs = np.random.RandomState(zlib.crc32(key.encode("utf-8")))
   a, b = entry["rule_params"]
   if rule == "normal":

@@ -41,6 +41,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from cn2_jax.weights import ConversionError, StateDict, load_checkpoint_file
+from cn2_jax.weights.flax_mapping import _key_str
 
 __all__ = [
     "FORMATS",
@@ -223,13 +224,6 @@ class OneStageReport:
       )
     lines.extend(f"  NOTE: {n}" for n in self.notes)
     return "\n".join(lines)
-
-
-def _key_str(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
 
 
 def _index(target_variables):

@@ -35,8 +35,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from cn2_jax.modeling.detector import dummy_batch  # the family-agnostic minimal batch
 from cn2_jax.modeling.onestage import decode as decode_lib
 from cn2_jax.modeling.onestage import losses as loss_lib
 from cn2_jax.modeling.onestage.backbone import ResNetC5
@@ -221,20 +221,6 @@ def build_onestage_model(
     if key in cfg and cfg[key] is not None:
       cfg[key] = tuple(cfg[key])
   return CenterNetOneStage(**cfg)
-
-
-def dummy_batch(
-    batch_size: int = 1, hw: Tuple[int, int] = (64, 64), max_boxes: int = 4
-) -> Dict[str, np.ndarray]:
-  """A minimal batch (for init / shape inference; parameter shapes do not depend on it)."""
-  h, w = hw
-  return dict(
-      image=np.zeros((batch_size, h, w, 3), np.uint8),
-      image_hw=np.tile(np.array([[h, w]], np.int32), (batch_size, 1)),
-      gt_boxes=np.zeros((batch_size, max_boxes, 4), np.float32),
-      gt_classes=np.zeros((batch_size, max_boxes), np.int32),
-      gt_valid=np.zeros((batch_size, max_boxes), bool),
-  )
 
 
 def init_fn(model: CenterNetOneStage):
