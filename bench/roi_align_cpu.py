@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cn2_jax.config import base_config
+from cn2_jax.modeling.backbone.fpn import FPN
 from cn2_jax.modeling.ops import roi_align as ra
 
 
@@ -46,15 +48,30 @@ def timeit(fn, *args, reps=5):
 
 def main():
   feats, boxes = make_inputs()
-  need = np.asarray(ra.required_adaptive_samples(boxes))
+  # The CenterNet2 pooler (config.model.roi_heads) on P3..P7, ROIAlignV2.
+  r = base_config().model.roi_heads
+  levels = dict(
+      min_level=FPN.min_level,
+      max_level=FPN.min_level + len(FPN.strides) - 1,
+      canonical_box_size=r.canonical_box_size,
+      canonical_level=r.canonical_level,
+  )
+  need = np.asarray(ra.required_adaptive_samples(boxes, None, r.pooler_resolution, True, **levels))
   print(
       f"jax {jax.__version__} on {jax.devices()[0].platform}; B=2 R=512 C=256, 512x512 image, "
       f"P3..P7; adaptive mode needs (cap_h, cap_w) = {tuple(int(v) for v in need)}"
   )
   gout = jnp.asarray(np.random.default_rng(1).standard_normal((2, 512, 7, 7, 256), np.float32))
+  pooler = dict(
+      min_level=FPN.min_level,
+      output_size=r.pooler_resolution,
+      aligned=True,
+      canonical_box_size=r.canonical_box_size,
+      canonical_level=r.canonical_level,
+  )
   for name, kw in [
-      ("fixed sampling_ratio=2", dict(sampling_ratio=2)),
-      ("adaptive sampling_ratio=0, cap 8", dict(sampling_ratio=0, max_adaptive_samples=8)),
+      ("fixed sampling_ratio=2", dict(pooler, sampling_ratio=2, max_adaptive_samples=8)),
+      ("adaptive sampling_ratio=0, cap 8", dict(pooler, sampling_ratio=0, max_adaptive_samples=8)),
   ]:
     fwd = jax.jit(functools.partial(ra.multilevel_roi_align, **kw))
     grad = jax.jit(

@@ -9,7 +9,8 @@ Workdir layout:
   tfds/                     prepared array_record dataset (unless data.data_dir is set)
   synthetic/                the generated demo dataset (data.dataset == "synthetic")
   eval/coco_results.json    detections in COCO results format (original-image coordinates)
-  eval/metrics.json         the 12 COCO metrics as fractions
+  eval/metrics.json         the 12 COCO metrics as fractions (+ crowdhuman_AP50, crowdhuman_MR-2,
+                            crowdhuman_JI for data.dataset == "crowdhuman")
   predict/detections.json   --mode=predict results; predict/<image>.png drawn copies
 """
 
@@ -38,11 +39,13 @@ from cn2_jax.config import (
     validate_config,
 )
 from cn2_jax.errors import (ConfigError, DataError, InputFileError, is_user_error, one_line)
-from cn2_jax.data import builder as builder_lib
 from cn2_jax.data import pipeline
+from cn2_jax.data import sources
 from cn2_jax.data import synthetic
 from cn2_jax.engine import loop
+from cn2_jax.engine import optim
 from cn2_jax.engine import step as step_lib
+from cn2_jax.engine import swa as swa_lib
 from cn2_jax.evaluation.coco_eval import CocoEvaluator
 from cn2_jax.modeling import detector
 from cn2_jax.weights.loading import (
@@ -67,6 +70,8 @@ def prepare_dataset(cfg: ml_collections.ConfigDict, workdir: str):
   """Builds (once) and returns the tfds builder of `cfg.data` (array_record, no TensorFlow)."""
   d = cfg.data
   data_dir = d.data_dir or os.path.join(workdir, "tfds")
+  if d.dataset in sources.FORMATS:  # crowdhuman, wider_face, voc: converted to COCO json
+    return sources.prepare_from_config(d, data_dir)
   if d.dataset == "synthetic":
     root = d.root or os.path.join(workdir, "synthetic")
     train_json = os.path.join(root, "instances_train.json")
@@ -84,7 +89,9 @@ def prepare_dataset(cfg: ml_collections.ConfigDict, workdir: str):
           "train": (train_json, root),
           "val": (os.path.join(root, "instances_val.json"), root),
       }
-    return builder_lib.build_coco_json_dataset(d.name or "synthetic", splits, data_dir)
+    return sources.build_coco_json(
+        d.name or "synthetic", splits, data_dir, **sources.subset_options(d)
+    )
   if d.dataset == "coco_json":
     if not d.root:
       raise ConfigError("data.root must name the dataset folder for data.dataset='coco_json'")
@@ -96,8 +103,8 @@ def prepare_dataset(cfg: ml_collections.ConfigDict, workdir: str):
     if not splits:
       raise ConfigError("data.train_json and/or data.val_json must be set for 'coco_json'")
     name = d.name or Path(d.root).resolve().name
-    return builder_lib.build_coco_json_dataset(name, splits, data_dir)
-  return builder_lib.build_coco2017_dataset(d.root, data_dir)
+    return sources.build_coco_json(name, splits, data_dir, **sources.subset_options(d))
+  return sources.build_coco2017(d.root, data_dir, **sources.subset_options(d))
 
 
 def _write_json(path: str, obj) -> None:
@@ -274,6 +281,9 @@ def train(
   _save_run_files(cfg, workdir, info)
   d = cfg.data
   split = pipeline.open_split(b, d.train_split)
+  # a schedule in epochs (optim.epochs > 0) counts iterations from the images the loader draws
+  filter_empty = d.filter_empty and not cfg.kd.without_label  # woGT keeps every image (KD §4.3)
+  n_train = _num_train_images(split, filter_empty) if cfg.optim.epochs > 0 else None
   nproc = jax.process_count()
   if cfg.train.batch_size % nproc:
     raise ConfigError(
@@ -294,7 +304,7 @@ def train(
         seed=cfg.seed,
         start_step=start_step,
         num_workers=d.num_workers,
-        filter_empty=d.filter_empty,
+        filter_empty=filter_empty,
         lsj=lsj,
         hflip_prob=0.5 if d.flip else 0.0,
         process_index=jax.process_index(),
@@ -303,6 +313,7 @@ def train(
         aspect_grouping=d.aspect_grouping,
         aspect_ratios=tuple(d.bucket_aspect_ratios),
         scale_per_batch=d.scale_per_batch,
+        augment=pipeline.AugmentSettings.from_config(d),
     )
 
   def train_batches(start_step: int):
@@ -312,14 +323,24 @@ def train(
   model = detector.build_model(cfg.model)
   load_pretrained = None
   if cfg.init_from:
-    load_pretrained = lambda v: load_weights_file(cfg.init_from, v, backbone_only=True)  # noqa
+    load_pretrained = lambda v: load_weights_file(  # noqa: E731
+        cfg.init_from, v, backbone_only=True, model_cfg=cfg.model
+    )
   evals = {}
 
   def eval_fn(state, step):  # the loop writes the returned scalars to TensorBoard as eval/*
-    evals[step] = evaluate(cfg, workdir, variables=state.variables, builder=b)
+    evals[step] = evaluate(cfg, workdir, variables=swa_lib.eval_variables(cfg, state), builder=b)
     return _scalars(evals[step])
 
   periodic = cfg.train.eval_every > 0 and bool(d.eval_split)
+  kd = {}
+  if cfg.kd.teacher_workdirs:  # knowledge distillation (modeling/onestage/kd.py)
+    from cn2_jax.modeling.onestage import kd as kd_lib
+
+    teachers, kd_settings = kd_lib.load_teachers(cfg)
+    kd = dict(
+        teachers=teachers, kd_loss_fn=kd_lib.make_kd_loss_fn(kd_settings, cfg.kd.without_label)
+    )
   state = loop.train(
       cfg,
       workdir,
@@ -331,15 +352,31 @@ def train(
       stop_at_step=stop_at_step,
       metrics_callback=metrics_callback,
       eval_fn=eval_fn if periodic else None,
+      num_train_images=n_train,
+      **kd,
   )
   metrics = None
   step = int(jax.device_get(state.step))
-  if cfg.train.eval_at_end and d.eval_split and step >= cfg.optim.max_iter:
+  max_iter = optim.resolve_schedule(cfg.optim, n_train, cfg.train.batch_size).max_iter
+  if cfg.train.eval_at_end and d.eval_split and step >= swa_lib.total_iters(cfg, max_iter):
     metrics = evals.get(step)  # already evaluated at the last step by the loop
     if metrics is None:
-      metrics = evaluate(cfg, workdir, variables=state.variables, builder=b)
+      metrics = evaluate(cfg, workdir, variables=swa_lib.eval_variables(cfg, state), builder=b)
       _write_eval_scalars(workdir, step, metrics)
   return state, metrics
+
+
+def _num_train_images(split: pipeline.DetectionSplit, filter_empty: bool) -> int:
+  """The images the train loader draws from (`pipeline.make_train_loader`: images without
+  non-crowd boxes are dropped when `filter_empty`), for a schedule in epochs."""
+  if not filter_empty:
+    return len(split)
+  counts = split.num_instances
+  if counts is None:  # no per-example counts in the metadata: scan, as the loader does
+    counts = [
+        int((~np.asarray(split[i]["objects"]["is_crowd"], bool)).sum()) for i in range(len(split))
+    ]
+  return int(np.count_nonzero(np.asarray(counts) > 0))
 
 
 def _scalars(metrics: dict) -> dict:
@@ -417,6 +454,10 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, variables=None, bu
   dt = time.perf_counter() - t0
   log.info("evaluated %d images in %.1f s", n, dt)
   metrics = evaluator.evaluate()
+  if d.dataset == "crowdhuman":  # the official CrowdHuman AP50 / MR^-2 / JI beside COCO's
+    from cn2_jax.evaluation import crowdhuman_eval
+
+    metrics.update(crowdhuman_eval.metrics_from_coco(ann, evaluator.results, evaluator.image_ids))
   if jax.process_index() == 0:
     evaluator.write_results(os.path.join(workdir, "eval", "coco_results.json"))
     evaluator.write_metrics(os.path.join(workdir, "eval", "metrics.json"), metrics)

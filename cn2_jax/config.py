@@ -18,7 +18,26 @@ import ml_collections
 from cn2_jax.errors import ConfigError
 
 # Detector families with a registered meta-architecture (cn2_jax/modeling/meta_arch/).
-ARCHS = ("centernet2",)
+ARCHS = ("centernet2", "onestage")
+
+# The per-family part of the `model` schema: the keys (values or groups) only that family reads.
+# Every other `model` key (arch, num_classes, dtype, resnet_depth, resnet_width) is shared.
+# validate_config rejects a change to another family's key (it would be silently ignored).
+FAMILY_MODEL_KEYS = {
+    "centernet2": (
+        "stride_in_1x1",
+        "freeze_at",
+        "resnet_norm",
+        "input_format",
+        "pixel_mean",
+        "pixel_std",
+        "fpn_channels",
+        "fpn_norm",
+        "centernet",
+        "roi_heads",
+    ),
+    "onestage": ("onestage",),
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -44,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.pixel_mean = (103.530, 116.280, 123.675)  # in input_format order
   m.pixel_std = (1.0, 1.0, 1.0)
   m.fpn_channels = 256
+  m.fpn_norm = ""  # FPN lateral/output conv norm: "" (official: convs with bias), "GN", "FrozenBN"
 
   cn = m.centernet = ml_collections.ConfigDict()
   cn.num_convs = 4
@@ -95,20 +115,61 @@ def base_config() -> ml_collections.ConfigDict:
   r.nms_thresh_test = 0.7
   r.detections_per_image = 100
 
+  # One-stage CenterNet as centerX builds it (arch "onestage", modeling/onestage/; spec centerX
+  # §2-§3; defaults = centerX `centernet_res18_coco_0.5.yaml`). Shared with CenterNet2: num_classes,
+  # dtype, resnet_depth, resnet_width; no other top-level model key is read by this family.
+  os_ = m.onestage = ml_collections.ConfigDict()
+  os_.input_format = "RGB"  # torchvision / centerX weights; "BGR" for xingyizhou/CenterNet
+  os_.pixel_mean = (0.485, 0.456, 0.406)  # [0, 1] units: (x / 255 - mean) / std
+  os_.pixel_std = (0.229, 0.224, 0.225)
+  os_.deconv_channels = (256, 128, 64)  # outputs of the 3 DeconvLayers (stride 32 -> 4)
+  os_.deconv_kernels = (4, 4, 4)
+  os_.use_deform = True  # DCN in the DeconvLayers ("resdcn"); False: plain 3x3 conv
+  os_.modulate_deform = True  # DCNv2 (mask); False: DCNv1
+  os_.dcn_zero_init_offset = False  # True = xingyizhou/CenterNet (zeroed offset conv)
+  os_.head_conv = 0  # head branch width; 0 = the neck's channels (centerX)
+  os_.bias_value = -2.19  # cls head bias
+  os_.head_init = "centerx"  # "centerx" (torch default wh/reg init) | "centernet" (std 0.001)
+  os_.down_scale = 4  # output stride
+  os_.min_overlap = 0.3  # Gaussian radius overlap (0.7 with radius_formula "cornernet")
+  os_.radius_formula = "fixed"  # "fixed" (corrected CornerNet radius) | "cornernet" (original)
+  os_.tensor_dim = 128  # max objects per image in the regression targets (truncation)
+  os_.cls_weight = 1.0
+  os_.wh_weight = 0.1
+  os_.reg_weight = 1.0
+  os_.norm_wh = ""  # "" | "centerx" | "per_object" (wh loss normalisation, spec §3)
+  os_.focal_clamp = (1e-12, None)  # (lo, hi) clamp of the heatmap in the focal loss; CN: 1e-4
+  os_.max_detections = 100  # K of the decode
+  # False = official: decoded w/h are used as predicted, so some boxes come out inverted
+  # (x2 < x1); True clamps w/h at 0 (README "departures").
+  os_.clamp_wh = True
+  os_.bn_momentum = 0.9  # Flax convention (torch momentum 0.1)
+  os_.bn_eps = 1e-5
+  # BatchNorm statistics across the devices of the data axis (SyncBN); False = per device (centerX
+  # yamls: BN_TYPE "BN"); running statistics are averaged over devices after each step either way.
+  os_.sync_bn = False
+
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
-  d.dataset = "coco/2017"  # "coco/2017", "coco_json" or "synthetic"
-  d.name = ""  # tfds dataset name for coco_json / synthetic (default derived)
-  d.root = ""  # COCO root (coco/2017) or dataset folder (coco_json/synthetic)
-  d.train_json = ""  # coco_json: annotation files, relative to root or absolute
-  d.val_json = ""
-  d.image_root = ""  # coco_json: image folder (default: root)
+  # "crowdhuman" (.odgt), "wider_face" (wider_face_*_bbx_gt.txt) and "voc" (VOC XML folder) are
+  # converted to COCO json first (cn2_jax/data/sources.py).
+  d.dataset = "coco/2017"  # coco/2017, coco_json, synthetic, crowdhuman, wider_face or voc
+  d.name = ""  # tfds dataset name (default derived from the dataset, its box type and classes)
+  d.root = ""  # COCO root (coco/2017) or dataset folder (all others)
+  # Annotation files, relative to root or absolute. coco_json: the instances jsons. crowdhuman,
+  # wider_face, voc ("{split}" = the split name; "" = default): annotation_{split}.odgt,
+  # wider_face_split/wider_face_{split}_bbx_gt.txt, ImageSets/Main/{split}.txt (image id list).
+  d.train_json = ""  # train split annotation file ("" = the format's default: data/sources.py)
+  d.val_json = ""  # annotation file of the eval split
+  # Image folder, relative to root. "" = coco_json: root; crowdhuman: Images; wider_face:
+  # WIDER_{split}/images; voc: JPEGImages (its xml files: always root/Annotations).
+  d.image_root = ""  # image folder ("" = the format's default: data/sources.py)
   d.data_dir = ""  # where prepared array_record files go (default <workdir>/tfds)
   d.train_split = "train"
   d.eval_split = "val"
   d.min_size_train = (640, 672, 704, 736, 768, 800)
   d.max_size_train = 1333
-  d.min_size_test = 800
+  d.min_size_test = 800  # 0 = no resize (original resolution, as centerX evaluates COCO)
   d.max_size_test = 1333
   # Padding (cn2_jax/data/buckets.py). Train: () = aspect-grouped batches, each padded to the
   # bucket of its short side and aspect group (one compile per bucket); (H, W) = one fixed canvas.
@@ -130,6 +191,63 @@ def base_config() -> ml_collections.ConfigDict:
   d.synthetic_num_train = 0  # synthetic dataset size (0 = generator default)
   d.synthetic_num_val = 0
   d.synthetic_image_size = 0
+  # Class subset of any dataset: category names kept, in label order, e.g. ("person", "car");
+  # () = all. Training drops images without them, evaluation keeps every image.
+  d.classes = ()  # class subset (names, in label order); () = every class
+  # crowdhuman: the box trained and evaluated: "vbox" (visible, as centerX), "fbox" (full body,
+  # the official benchmark's) or "hbox" (head). "mask" regions and extra.ignore boxes are
+  # ignore regions (like COCO crowd boxes; centerX dropped them).
+  d.crowdhuman_box = "vbox"  # "vbox" (centerX), "fbox" (official benchmark) or "hbox"
+  # One-stage train augmentation (cn2_jax/data/augment.py), all off by default (CenterNet2 path
+  # unchanged). Order: crop -> resize (or center_affine) -> affine/perspective -> flip -> colour.
+  # (h, w) minimum fractions: centerX's RandomCrop "relative_range" (each side uniform(s, 1) of
+  # its length, window holding a random GT box centre; centerX COCO: (0.6, 0.6)); () = off.
+  # On, every batch is padded to one max_size_train square (pad_hw_train, if set, must hold it).
+  d.crop_relative_range = ()
+  # "" = off; "centerx" = detectron2 RandomBrightness/Contrast/Saturation then RandomLighting
+  # (ImageNet PCA on 0-255 pixels), fixed order, as centerX / CenterNet-better; "centernet" =
+  # CenterNet's color_aug (the three in random order on 0-1 floats, PCA lighting of its COCO stats).
+  d.color_aug = ""
+  d.color_aug_range = (0.6, 1.4)  # brightness / contrast / saturation factor range
+  d.color_aug_lighting = 0.1  # std of the PCA lighting weights
+  # Random affine about the image centre after the resize, boxes moved (not in centerX).
+  d.affine = False
+  d.affine_scale = (0.5, 1.5)  # zoom factor range
+  d.affine_rotate = 0.0  # max rotation, degrees
+  d.affine_translate = 0.1  # max shift, fraction of the width / height
+  d.affine_shear = 0.0  # max shear angle (x and y), degrees
+  d.perspective = 0.0  # > 0: image corners moved by up to this fraction of the side; 0 = off
+  # affine/perspective box rule: the box enclosing the warped corners, clipped to the image, is
+  # dropped if narrower / shorter than warp_min_size px or keeping < warp_min_visible of its area.
+  d.warp_min_size = 1.0
+  d.warp_min_visible = 0.1
+  # CenterNet-better CenterAffine, replacing the resize: a square window of max(h, w) * scale
+  # around a random centre (border center_affine_border px) warped to a center_affine_size square
+  # canvas; scale from lo, lo + step, ..., hi (CNB: np.arange(0.6, 1.4, 0.1)); step 0 = uniform.
+  d.center_affine = False
+  d.center_affine_size = 512
+  d.center_affine_scale = (0.6, 1.3)
+  d.center_affine_scale_step = 0.1
+  d.center_affine_border = 128
+
+  # ---------------------------------------------------------------- knowledge distillation
+  # (model.arch "onestage" only; cn2_jax/modeling/onestage/kd.py, centerX spec §4). Off while
+  # teacher_workdirs is empty. Each teacher is a run workdir of this project (its config.json and
+  # `weights` or latest checkpoint), frozen, run inside the train step on the student's batch.
+  # The per-teacher tuples below take 1 value (used for every teacher) or one per teacher;
+  # defaults are centerX's (KD_WEIGHT 10, KD_CLS_WEIGHT 1, KD_WH_WEIGHT 1, KD_REG_WEIGHT 0.1,
+  # NORM_WH False); its configs use e.g. weight 1, cls_weight 1e3 (dense MSE), norm_wh True.
+  k = c.kd = ml_collections.ConfigDict()
+  k.teacher_workdirs = ()  # e.g. ("runs/teacher",)
+  # KD_CLS_INDEX: the end of each teacher's student channels ((3, 7): teacher 0 -> 0:3,
+  # teacher 1 -> 3:7); () = the teachers' num_classes concatenated in order
+  k.cls_index = ()
+  k.weight = (10.0,)
+  k.cls_weight = (1.0,)  # heatmap MSE
+  k.wh_weight = (1.0,)  # wh L1 at the teacher's peaks
+  k.reg_weight = (0.1,)  # offset L1 at the teacher's peaks
+  k.norm_wh = (False,)  # divide the wh terms by the teacher's (w + h) / 2 per pixel
+  k.without_label = False  # woGT: only the KD terms (the GT losses are dropped)
 
   # ---------------------------------------------------------------- optimisation
   o = c.optim = ml_collections.ConfigDict()
@@ -137,17 +255,49 @@ def base_config() -> ml_collections.ConfigDict:
   # base_lr scales linearly to train.batch_size: lr = base_lr * batch_size / reference_batch_size
   # (detectron2 REFERENCE_WORLD_SIZE; iterations are NOT rescaled, see engine/optim.py); 0 = off.
   o.reference_batch_size = 16  # the official batch (8 GPUs x 2)
-  o.momentum = 0.9
+  # OPTIMIZERS: "sgd" | "adam" (torch Adam, L2 decay coupled) | "adamw" | "rangerlars" (centerX)
+  o.optimizer = "sgd"
+  o.momentum = 0.9  # sgd
+  o.betas = (0.9, 0.999)  # adam / adamw / rangerlars (torch defaults)
+  o.eps = 1e-8  # adam / adamw / rangerlars
+  o.lookahead_alpha = 0.5  # rangerlars: Lookahead slow-weight step (pytorch-tools RangerLars)
+  o.lookahead_k = 6  # rangerlars: Lookahead sync period (steps)
+  o.lars_clip = 10.0  # rangerlars: the weight norm in the trust ratio is clamped to [0, lars_clip]
+  o.radam_threshold = 5.0  # rangerlars: RAdam rectifies when N_sma >= this
   o.weight_decay = 1e-4
   o.weight_decay_norm = 0.0
-  o.warmup_iters = 4000
-  o.warmup_factor = 0.00025
-  o.steps = (60000, 80000)
+  o.warmup_iters = 4000  # in epochs when epochs > 0
+  o.warmup_factor = 0.00025  # epochs > 0: replaced by 1 / warmup_iters (centerX)
+  o.steps = (60000, 80000)  # in epochs when epochs > 0
   o.gamma = 0.1
-  o.max_iter = 90000
-  o.schedule = "multistep"  # or "cosine"
+  o.max_iter = 90000  # ignored when epochs > 0
+  # > 0: the schedule is in epochs (centerX): max_iter = epochs * iters_per_epoch, with
+  # iters_per_epoch = training images // train.batch_size (engine/optim.py iterations_from_epochs)
+  o.epochs = 0.0
+  o.schedule = "multistep"  # LR_SCHEDULES: "multistep" | "cosine" | "warmup_cosine_annealing"
+  o.cosine_decay_iter = 0.7  # warmup_cosine_annealing: cosine from int(max_iter * this) on
+  o.min_lr = 1e-8  # warmup_cosine_annealing: lr at max_iter (not batch-scaled)
   o.clip_value = 1.0  # element-wise gradient value clip (d2 CLIP_TYPE=value)
   o.clip_norm = 0.0  # > 0: clip the global gradient L2 norm (MMDet: 35); 0 = off
+
+  # ---------------------------------------------------------------- weight averaging
+  # (engine/swa.py). EMA of the parameters, updated after every step:
+  #   ema = d * ema + (1 - d) * params,  d = min(decay, (1 + t) / (10 + t)) with warmup, t = step
+  e = c.ema = ml_collections.ConfigDict()
+  e.decay = 0.0  # 0 = off; e.g. 0.9998
+  e.warmup = True  # the (1 + t) / (10 + t) ramp (timm / TF ExponentialMovingAverage)
+  e.batch_stats = "average"  # BatchNorm running statistics: "average" (timm) | "copy"
+  e.use_for_eval = True  # eval / predict / Predictor use the EMA weights (when decay > 0)
+  # SWA (centerX §5.3): swa.iters more updates after optim.max_iter at the SWA LR, an equal-weight
+  # mean of the params every `period` of them; at the end params = mean and the BatchNorm
+  # statistics are recomputed over bn_batches training batches. All counts in iterations.
+  sw = c.swa = ml_collections.ConfigDict()
+  sw.iters = 0  # 0 = off
+  sw.period = 100  # average every this many SWA iterations
+  sw.lr_start = 0.002  # SWA LR (not batch-scaled); centerX crowd_human_res18_swa.yaml
+  sw.eta_min = 1e-4  # lr_sched "cosine": CosineAnnealingWarmRestarts(T_0=period, eta_min)
+  sw.lr_sched = "constant"  # "constant" (lr_start) | "cosine"
+  sw.bn_batches = 100  # batches of the BatchNorm recompute (torch update_bn); 0 = keep
 
   # ---------------------------------------------------------------- loop
   t = c.train = ml_collections.ConfigDict()
@@ -188,12 +338,115 @@ def _check_keys(cfg, ref, prefix=""):
       _check_keys(cfg[key], ref[key], path + ".")
 
 
+def _changed_fields(cfg, ref, prefix: str) -> list:
+  if isinstance(ref, ml_collections.ConfigDict):
+    return [f for k in ref.keys() for f in _changed_fields(cfg[k], ref[k], f"{prefix}.{k}")]
+  return [] if jsonable(cfg) == jsonable(ref) else [prefix]
+
+
+def _check_family_keys(m: ml_collections.ConfigDict) -> None:
+  """ConfigError naming a changed `model` key that the selected family does not read."""
+  ref = base_config().model
+  for family, keys in FAMILY_MODEL_KEYS.items():
+    if family == m.arch:
+      continue
+    changed = [f for k in keys for f in _changed_fields(m[k], ref[k], f"model.{k}")]
+    if changed:
+      raise ConfigError(
+          f"{changed[0]} is a setting of the {family!r} family; model.arch={m.arch!r} does not "
+          f"read it (its own settings: {', '.join(FAMILY_MODEL_KEYS[m.arch])})"
+      )
+
+
+# `optim.optimizer` / `optim.schedule` values (cn2_jax/engine/optim.py implements them).
+OPTIMIZERS = ("sgd", "adam", "adamw", "rangerlars")
+LR_SCHEDULES = ("multistep", "cosine", "warmup_cosine_annealing")
+
+
+def _validate_optim(o: ml_collections.ConfigDict) -> None:
+  """ConfigError (a ValueError) naming the first bad `optim` value."""
+  for key, allowed in (("optimizer", OPTIMIZERS), ("schedule", LR_SCHEDULES)):
+    if o[key] not in allowed:
+      raise ConfigError(f"optim.{key} must be one of {allowed}, got {o[key]!r}")
+  betas = tuple(o.betas)
+  if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+    raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas}")
+  checks = (
+      ("eps", o.eps >= 0, ">= 0"),
+      ("lookahead_alpha", 0.0 <= o.lookahead_alpha <= 1.0, "in [0, 1]"),
+      ("lookahead_k", o.lookahead_k >= 1, ">= 1"),
+      ("lars_clip", o.lars_clip > 0, "> 0"),
+      ("epochs", o.epochs >= 0, ">= 0 (0 = iterations as written)"),
+      ("cosine_decay_iter", 0.0 <= o.cosine_decay_iter <= 1.0, "in [0, 1]"),
+      ("min_lr", o.min_lr >= 0, ">= 0"),
+  )
+  for key, ok, want in checks:
+    if not ok:
+      raise ConfigError(f"optim.{key} must be {want}, got {o[key]!r}")
+
+
+def _validate_averaging(e: ml_collections.ConfigDict, s: ml_collections.ConfigDict) -> None:
+  """The `ema` / `swa` groups (engine/swa.py)."""
+  checks = (
+      ("ema.decay", e.decay, 0.0 <= e.decay < 1.0, "in [0, 1) (0 = off)"),
+      (
+          "ema.batch_stats",
+          e.batch_stats,
+          e.batch_stats in ("average", "copy"),
+          "'average' | 'copy'",
+      ),
+      ("swa.iters", s.iters, s.iters >= 0, ">= 0 (0 = off)"),
+      ("swa.period", s.period, s.period >= 1, ">= 1"),
+      ("swa.lr_sched", s.lr_sched, s.lr_sched in ("constant", "cosine"), "'constant' | 'cosine'"),
+      ("swa.lr_start", s.lr_start, math.isfinite(s.lr_start) and s.lr_start >= 0, ">= 0"),
+      ("swa.eta_min", s.eta_min, math.isfinite(s.eta_min) and s.eta_min >= 0, ">= 0"),
+      ("swa.bn_batches", s.bn_batches, s.bn_batches >= 0, ">= 0 (0 = keep the statistics)"),
+  )
+  for key, value, ok, want in checks:
+    if not ok:
+      raise ConfigError(f"{key} must be {want}, got {value!r}")
+
+
+def _validate_kd(k: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> None:
+  """The `kd` group (knowledge distillation, modeling/onestage/kd.py)."""
+  n = len(tuple(k.teacher_workdirs))
+  if not n:
+    return
+  if m.arch != "onestage":
+    raise ConfigError("kd.teacher_workdirs: knowledge distillation needs model.arch='onestage'")
+  if not all(isinstance(w, str) and w for w in k.teacher_workdirs):
+    raise ConfigError(f"kd.teacher_workdirs must be a tuple of paths, got {k.teacher_workdirs!r}")
+  for key in ("weight", "cls_weight", "wh_weight", "reg_weight", "norm_wh"):
+    if len(tuple(k[key])) not in (1, n):
+      raise ConfigError(f"kd.{key} has {len(tuple(k[key]))} values for {n} teachers (1 or {n})")
+    if key != "norm_wh" and not all(math.isfinite(v) and v >= 0 for v in k[key]):
+      raise ConfigError(f"kd.{key} must be >= 0, got {tuple(k[key])}")
+  ends = tuple(k.cls_index)
+  if ends and (len(ends) != n or any(b <= a for a, b in zip((0,) + ends, ends))):
+    raise ConfigError(f"kd.cls_index must be () or {n} increasing channel ends, got {ends}")
+  if ends and ends[-1] > m.num_classes:
+    raise ConfigError(f"kd.cls_index={ends} ends past model.num_classes={m.num_classes}")
+
+
 def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises KeyError naming any key unknown to the schema, ValueError on bad values."""
   _check_keys(cfg, base_config())
+  _validate_kd(cfg.kd, cfg.model)
+  _validate_optim(cfg.optim)
+  _validate_averaging(cfg.ema, cfg.swa)
   m = cfg.model
   if m.arch not in ARCHS:
     raise ConfigError(f"model.arch must be one of {ARCHS}, got {m.arch!r}")
+  _check_family_keys(m)
+  if m.arch == "onestage":
+    for key, allowed in (
+        ("input_format", ("RGB", "BGR")),
+        ("radius_formula", ("fixed", "cornernet")),
+        ("norm_wh", ("", "centerx", "per_object")),
+        ("head_init", ("centerx", "centernet")),
+    ):
+      if m.onestage[key] not in allowed:
+        raise ValueError(f"model.onestage.{key} must be one of {allowed}, got {m.onestage[key]!r}")
   if m.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {m.dtype!r}")
   if m.input_format not in ("BGR", "RGB"):
@@ -215,10 +468,32 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   ar = tuple(cfg.data.bucket_aspect_ratios)
   if any(a < 1.0 for a in ar) or list(ar) != sorted(ar):
     raise ValueError(f"data.bucket_aspect_ratios={ar} must be increasing long/short ratios >= 1")
-  if cfg.data.dataset not in ("coco/2017", "coco_json", "synthetic"):
+  datasets = ("coco/2017", "coco_json", "synthetic", "crowdhuman", "wider_face", "voc")
+  if cfg.data.dataset not in datasets:
+    raise ValueError(f"data.dataset must be one of {datasets}, got {cfg.data.dataset!r}")
+  if cfg.data.crowdhuman_box not in ("vbox", "fbox", "hbox"):
     raise ValueError(
-        f"data.dataset must be 'coco/2017', 'coco_json' or 'synthetic', "
-        f"got {cfg.data.dataset!r}"
+        f"data.crowdhuman_box must be 'vbox', 'fbox' or 'hbox', got {cfg.data.crowdhuman_box!r}"
+    )
+  classes = cfg.data.classes
+  if (
+      isinstance(classes, str)
+      or not all(isinstance(c, str) and c and "," not in c for c in classes)
+      or len(set(classes)) != len(tuple(classes))
+  ):
+    raise ValueError(
+        f"data.classes must be a tuple of distinct class names, e.g. "
+        f"--config.data.classes=\"('person', 'car')\", got {classes!r}"
+    )
+  from cn2_jax.data.augment import AugmentSettings  # numpy + PIL only
+
+  try:
+    aug = AugmentSettings.from_config(cfg.data).check()
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"data augmentation settings: {e}") from e
+  if cfg.data.lsj and (aug.crop or aug.center_affine):
+    raise ValueError(
+        "data.crop_relative_range / data.center_affine replace the resize: not with lsj"
     )
   return cfg
 

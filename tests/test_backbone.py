@@ -27,6 +27,7 @@ from cn2_jax.modeling.backbone.resnet import (
     max_pool_3x3_s2_p1,
     resnet_out_channels,
 )
+from tests.schema_settings import MODEL, block_kwargs, fpn_kwargs, resnet_kwargs
 
 ORACLE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "oracle")
 ORACLE_WEIGHTS = os.path.join(ORACLE_DIR, "cn2_r50_oracle_weights.json")
@@ -235,7 +236,7 @@ def test_r50_fpn_param_structure_matches_oracle():
       e["key"] for e in oracle if e["key"].startswith("backbone.") and e["is_parameter"]
   }
   shapes = jax.eval_shape(
-      lambda: FPN(depth=50).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+      lambda: FPN(**fpn_kwargs(depth=50)).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
   )
   assert set(shapes) == {"params", "frozen"}
   got = torch_entries(shapes, prefix="backbone.")
@@ -254,7 +255,7 @@ def test_r50_fpn_param_structure_matches_oracle():
 def test_r50_eval_shape_matches_oracle_feature_shapes():
   out = np.load(ORACLE_OUTPUTS)
   x = jax.ShapeDtypeStruct((1, 800, 1088, 3), jnp.float32)
-  model = FPN(depth=50)
+  model = FPN(**fpn_kwargs(depth=50))
 
   def run(x):
     v = model.init(jax.random.PRNGKey(0), x)
@@ -272,7 +273,9 @@ def test_r50_eval_shape_matches_oracle_feature_shapes():
 def test_r101_and_small_resnet_structure():
   def struct(depth):
     v = jax.eval_shape(
-        lambda: ResNet(depth=depth).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+        lambda: ResNet(**resnet_kwargs(depth=depth)).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))
+        )
     )
     return v, traverse_util.flatten_dict(v["params"], sep=".")
 
@@ -305,7 +308,11 @@ def test_r101_and_small_resnet_structure():
 def test_bottleneck_block_numeric(stride_in_1x1, seed, hw):
   x = np.random.RandomState(100 + seed).normal(size=(2,) + hw + (8,)).astype(np.float32)
   block = BottleneckBlock(
-      out_channels=16, bottleneck_channels=4, stride=2, stride_in_1x1=stride_in_1x1
+      out_channels=16,
+      bottleneck_channels=4,
+      stride=2,
+      stride_in_1x1=stride_in_1x1,
+      **block_kwargs(),
   )
   v, sd = _init_and_load(block, x, seed)
   assert "shortcut.weight" in sd and "conv3.norm.running_var" in sd
@@ -316,14 +323,16 @@ def test_bottleneck_block_numeric(stride_in_1x1, seed, hw):
 def test_bottleneck_identity_shortcut_and_basic_block_numeric():
   rng = np.random.RandomState(7)
   x = rng.normal(size=(1, 6, 7, 16)).astype(np.float32)
-  block = BottleneckBlock(out_channels=16, bottleneck_channels=4, stride=1)
+  block = BottleneckBlock(
+      out_channels=16, bottleneck_channels=4, stride=1, stride_in_1x1=True, **block_kwargs()
+  )
   v, sd = _init_and_load(block, x, 3)
   assert "shortcut.weight" not in sd
   assert_close(block.apply(v, x), np_bottleneck(x, sd, "", 1, True))
 
   x = rng.normal(size=(2, 7, 6, 8)).astype(np.float32)
   for stride, cout in ((2, 12), (1, 8)):
-    block = BasicBlock(out_channels=cout, stride=stride)
+    block = BasicBlock(out_channels=cout, stride=stride, **block_kwargs())
     v, sd = _init_and_load(block, x, 4 + stride)
     assert ("shortcut.weight" in sd) == (stride == 2)
     assert_close(block.apply(v, x), np_basic(x, sd, "", stride))
@@ -332,7 +341,7 @@ def test_bottleneck_identity_shortcut_and_basic_block_numeric():
 def test_stem_and_maxpool_numeric():
   rng = np.random.RandomState(11)
   x = rng.normal(size=(2, 19, 22, 3)).astype(np.float32)
-  stem = BasicStem()
+  stem = BasicStem(out_channels=MODEL["resnet_width"], **block_kwargs())
   v, sd = _init_and_load(stem, x, 12)
   assert sorted(sd) == [
       "conv1.norm.bias",
@@ -357,7 +366,7 @@ def test_fpn_levels_numeric(seed, hw5):
       "res4": rng.normal(size=(2, 2 * h, 2 * w, 10)).astype(np.float32),
       "res5": rng.normal(size=(2, h, w, 12)).astype(np.float32),
   }
-  fpn = FPN(out_channels=8)
+  fpn = FPN(**fpn_kwargs(out_channels=8))
   v, sd = _init_and_load(fpn, feats, seed, method=FPN.forward_features)
   assert sorted(v) == ["params"]
   assert sorted(sd) == sorted(
@@ -390,7 +399,7 @@ def test_upsample_matches_torch_nearest():
 def test_r18_fpn_full_numeric(stride_in_1x1):
   """Whole bottom-up + FPN wiring (ResNet-18, 64x64) against the numpy reference."""
   x = np.random.RandomState(5).normal(size=(1, 64, 64, 3)).astype(np.float32)
-  model = FPN(depth=18, stride_in_1x1=stride_in_1x1, out_channels=16)
+  model = FPN(**fpn_kwargs(depth=18, stride_in_1x1=stride_in_1x1, out_channels=16))
   v, sd = _init_and_load(model, x, 21)
   got = model.apply(v, x)
   ref_feats = np_resnet(x, sd, "bottom_up.", (2, 2, 2, 2), False, stride_in_1x1)
@@ -415,7 +424,7 @@ def test_frozen_param_prefixes():
 
 @pytest.mark.parametrize("freeze_at", [1, 2, 3])
 def test_freeze_at_zero_gradients(freeze_at):
-  model = ResNet(depth=18, freeze_at=freeze_at)
+  model = ResNet(**resnet_kwargs(depth=18, freeze_at=freeze_at))
   x = jnp.asarray(np.random.RandomState(0).normal(size=(1, 32, 32, 3)), jnp.float32)
   v = model.init(jax.random.PRNGKey(1), x)
 
@@ -443,7 +452,9 @@ def test_freeze_at_zero_gradients(freeze_at):
 @pytest.mark.parametrize("depth,channels", [(18, (64, 128, 256, 512)), (34, (64, 128, 256, 512))])
 def test_small_resnets_run(depth, channels):
   x = jnp.asarray(np.random.RandomState(depth).normal(size=(1, 64, 64, 3)), jnp.float32)
-  model = ResNet(depth=depth, out_features=("stem", "res2", "res3", "res4", "res5"))
+  model = ResNet(
+      **resnet_kwargs(depth=depth, out_features=("stem", "res2", "res3", "res4", "res5"))
+  )
   v = model.init(jax.random.PRNGKey(0), x)
   outs = model.apply(v, x)
   assert outs["stem"].shape == (1, 16, 16, 64)
@@ -462,7 +473,7 @@ def test_small_resnets_run(depth, channels):
 
 def test_resnet_builds_only_needed_stages():
   v = jax.eval_shape(
-      lambda: ResNet(depth=50, out_features=("res3",)).init(
+      lambda: ResNet(**resnet_kwargs(depth=50, out_features=("res3",))).init(
           jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))
       )
   )
@@ -471,7 +482,7 @@ def test_resnet_builds_only_needed_stages():
 
 def test_fpn_output_shapes_64x96():
   x = jnp.asarray(np.random.RandomState(3).normal(size=(2, 64, 96, 3)), jnp.float32)
-  model = FPN(depth=18, out_channels=32)
+  model = FPN(**fpn_kwargs(depth=18, out_channels=32))
   v = model.init(jax.random.PRNGKey(0), x)
   ps = model.apply(v, x)
   assert FPN.strides == (8, 16, 32, 64, 128)
@@ -489,7 +500,7 @@ def test_fpn_output_shapes_64x96():
       ((160, 224), [(20, 28), (10, 14), (5, 7), (3, 4), (2, 2)]),
   ):
     shapes = jax.eval_shape(
-        lambda z: FPN(depth=50).init_with_output(jax.random.PRNGKey(0), z)[0],
+        lambda z: FPN(**fpn_kwargs(depth=50)).init_with_output(jax.random.PRNGKey(0), z)[0],
         jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32),
     )
     assert [p.shape for p in shapes] == [(1,) + hw + (256,) for hw in want]
@@ -499,7 +510,9 @@ def test_fpn_output_shapes_64x96():
 
 def test_fpn_rejects_sizes_not_multiple_of_32():
   with pytest.raises(ValueError, match="multiple of 32"):
-    jax.eval_shape(lambda: FPN(depth=18).init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 64, 3))))
+    jax.eval_shape(
+        lambda: FPN(**fpn_kwargs(depth=18)).init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 64, 3)))
+    )
   feats = {
       "res3": jnp.zeros((1, 5, 4, 4)),
       "res4": jnp.zeros((1, 3, 2, 4)),
@@ -507,13 +520,15 @@ def test_fpn_rejects_sizes_not_multiple_of_32():
   }
   with pytest.raises(ValueError, match="top-down size"):
     jax.eval_shape(
-        lambda: FPN(out_channels=4).init(jax.random.PRNGKey(0), feats, method=FPN.forward_features)
+        lambda: FPN(**fpn_kwargs(out_channels=4)).init(
+            jax.random.PRNGKey(0), feats, method=FPN.forward_features
+        )
     )
 
 
 def test_bfloat16_compute_dtype():
   x = jnp.zeros((1, 64, 64, 3), jnp.float32)
-  model = FPN(depth=18, out_channels=16, dtype=jnp.bfloat16)
+  model = FPN(**fpn_kwargs(depth=18, out_channels=16, dtype=jnp.bfloat16))
   shapes = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), x))
   outs, v = shapes
   assert all(p.dtype == jnp.bfloat16 for p in outs)
@@ -523,7 +538,7 @@ def test_bfloat16_compute_dtype():
 def test_default_init_fills():
   """c2_msra_fill on ResNet convs, c2_xavier_fill + zero bias on FPN convs, identity FrozenBN."""
   x = jnp.zeros((1, 64, 64, 3))
-  v = FPN(depth=18).init(jax.random.PRNGKey(0), x)
+  v = FPN(**fpn_kwargs(depth=18)).init(jax.random.PRNGKey(0), x)
   k = np.asarray(v["params"]["bottom_up"]["res4"]["0"]["conv2"]["kernel"])  # 3x3x256x256
   np.testing.assert_allclose(k.std(), np.sqrt(2.0 / (9 * 256)), rtol=0.02)
   k = np.asarray(v["params"]["fpn_output3"]["kernel"])
@@ -560,7 +575,7 @@ def test_r50_fpn_matches_official_oracle():
   h, w = out["resized_image_bgr_uint8"].shape[:2]
   x = np.zeros((1,) + tuple(out["input_tensor_shape"][2:].astype(int)) + (3,), np.float32)
   x[0, :h, :w] = out["resized_image_bgr_uint8"].astype(np.float32) - out["pixel_mean"]
-  model = FPN(depth=50)
+  model = FPN(**fpn_kwargs(depth=50))
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
   v = load_torch_state(shapes, sd)
   run = jax.jit(

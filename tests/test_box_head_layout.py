@@ -10,6 +10,7 @@ import numpy as np
 
 from cn2_jax.convert import convert_to_flax
 from cn2_jax.modeling.roi_heads.box_head import FastRCNNConvFCHead, FastRCNNOutputLayers
+from tests.schema_settings import DTYPE, ROI_HEADS
 
 
 def test_box_head_matches_numpy_from_torch_layout():
@@ -45,8 +46,8 @@ def test_box_head_matches_numpy_from_torch_layout():
       + sd["roi_heads.box_predictor.0.bbox_pred.bias"]
   )
 
-  head = FastRCNNConvFCHead(fc_dim=fc)
-  pred = FastRCNNOutputLayers(num_classes=k)
+  head = FastRCNNConvFCHead(fc_dim=fc, num_fc=ROI_HEADS["num_fc"], dtype=DTYPE)
+  pred = FastRCNNOutputLayers(num_classes=k, dtype=DTYPE)
   pooled_nhwc = jnp.asarray(pooled_nchw.transpose(0, 2, 3, 1))
   hv = jax.eval_shape(head.init, jax.random.PRNGKey(0), pooled_nhwc)
   pv = jax.eval_shape(pred.init, jax.random.PRNGKey(0), jnp.zeros((r, fc)))

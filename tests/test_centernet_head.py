@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cn2_jax.modeling.proposal.centernet_head import CenterNetHead
+from tests.schema_settings import head_kwargs
 
 ORACLE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "oracle"
@@ -33,7 +34,7 @@ class _PG(nn.Module):
 
   @nn.compact
   def __call__(self, feats):
-    return CenterNetHead(name="centernet_head")(feats)
+    return CenterNetHead(**head_kwargs(), name="centernet_head")(feats)
 
 
 def _flax_to_d2(path, leaf_shape):
@@ -79,7 +80,9 @@ def test_param_names_and_shapes_match_oracle_keys():
 
 def test_param_names_without_oracle():
   """Names checked against a literal list, so this runs even without the oracle."""
-  shapes = jax.eval_shape(lambda: CenterNetHead().init(jax.random.key(0), _tiny_feats()))
+  shapes = jax.eval_shape(
+      lambda: CenterNetHead(**head_kwargs()).init(jax.random.key(0), _tiny_feats())
+  )
   names = {
       ".".join(k.key for k in kp)
       for kp, _ in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
@@ -97,7 +100,7 @@ def test_param_names_without_oracle():
 def test_init_values_and_output_shapes():
   c = 32  # GN(32) needs C % 32 == 0; small width keeps the test cheap
   sizes = ((6, 7), (3, 4), (2, 2), (1, 1), (1, 1))
-  head = CenterNetHead(channels=c)
+  head = CenterNetHead(**head_kwargs(channels=c))
   x = [jax.random.normal(jax.random.key(i), (2, h, w, c)) for i, (h, w) in enumerate(sizes)]
   variables = head.init(jax.random.key(1), x)
   p = variables["params"]
@@ -138,7 +141,7 @@ def test_init_values_and_output_shapes():
     np.testing.assert_array_equal(raw, np.asarray(out["reg_raw"][l]))
 
   # bfloat16 compute still returns float32 outputs.
-  out_bf = CenterNetHead(channels=c, dtype=jnp.bfloat16).apply(variables, x)
+  out_bf = CenterNetHead(**head_kwargs(channels=c, dtype=jnp.bfloat16)).apply(variables, x)
   assert all(a.dtype == jnp.float32 for a in out_bf["hm_logits"] + out_bf["reg"])
   np.testing.assert_allclose(
       np.asarray(out_bf["reg_raw"][0]), np.asarray(out["reg_raw"][0]), atol=0.1
@@ -170,7 +173,7 @@ def test_head_matches_numpy_reference():
   sizes = ((5, 6), (3, 3), (2, 3), (1, 2), (1, 1))
   rng = np.random.RandomState(3)
   x = [rng.randn(1, h, w, c).astype(np.float32) for h, w in sizes]
-  head = CenterNetHead(channels=c)
+  head = CenterNetHead(**head_kwargs(channels=c))
   v = head.init(jax.random.key(0), [jnp.asarray(a) for a in x])
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v["params"])
   # randomise GN affine / biases / scales so every parameter matters
@@ -245,7 +248,7 @@ def test_head_reproduces_oracle_p4_to_p7():
   feats = [jnp.zeros((1, 2, 2, 256), jnp.float32)]
   for k in ("p4", "p5", "p6", "p7"):
     feats.append(jnp.asarray(np.transpose(d[k], (1, 2, 0))[None]))
-  out = jax.jit(CenterNetHead().apply)({"params": params}, feats)
+  out = jax.jit(CenterNetHead(**head_kwargs()).apply)({"params": params}, feats)
   for l, name in enumerate(("p4", "p5", "p6", "p7"), start=1):
     checks = [
         (out["hm_logits"][l][0], d[f"head_agn_hm_logits_{name}"]),

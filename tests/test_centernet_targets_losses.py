@@ -6,6 +6,7 @@ official code computes in float32, so SOI / peak / tie decisions are bit-compara
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -13,26 +14,30 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cn2_jax.modeling.proposal.losses import centernet_losses, ltrb_giou_loss
+from cn2_jax.modeling.proposal.losses import centernet_losses as _centernet_losses
+from cn2_jax.modeling.proposal.losses import ltrb_giou_loss
 from cn2_jax.modeling.proposal.targets import centernet_targets as _centernet_targets
+from tests.schema_settings import CENTERNET, losses_kwargs, targets_kwargs
 
 # jit with static configuration (eager op-by-op dispatch is slow on the shared CPU)
-centernet_targets = jax.jit(
+_centernet_targets_jit = jax.jit(
     _centernet_targets,
     static_argnums=(2,),
-    static_argnames=(
-        "strides",
-        "soi",
-        "hm_min_overlap",
-        "min_radius",
-        "dedup_positives",
-        "all_level_peaks",
-    ),
+    static_argnames=tuple(targets_kwargs()),
 )
 
+
+def centernet_targets(gt_boxes, gt_valid, level_shapes, **settings):
+  """`centernet_targets` with the schema's settings (config.model.centernet), `settings` changed."""
+  return _centernet_targets_jit(gt_boxes, gt_valid, level_shapes, **targets_kwargs(**settings))
+
+
+# The schema's loss settings; a test overrides one by keyword (`ignore_high_fp=-1.0`).
+centernet_losses = functools.partial(_centernet_losses, **losses_kwargs())
+
 F = np.float32
-STRIDES = (8, 16, 32, 64, 128)
-SOI = ((0, 80), (64, 160), (128, 320), (256, 640), (512, 10000000))
+STRIDES = targets_kwargs()["strides"]  # P3..P7: (8, 16, 32, 64, 128)
+SOI = CENTERNET["soi"]  # the official ((0, 80), (64, 160), (128, 320), (256, 640), (512, 1e7))
 # Scaled-down SOI (÷4) so that every level and every overlap band occurs on tiny images.
 SOI_SMALL = ((0, 20), (16, 40), (32, 80), (64, 160), (128, 10000000))
 # The MMDet reproduction's FCOS-style non-overlapping ranges (spec §8.3), and scaled down (÷4).
@@ -673,6 +678,7 @@ def test_mmdet_config_variants():
   import importlib.util
   import os
   from cn2_jax.config import model_kwargs, validate_config
+  from cn2_jax.modeling.backbone.fpn import FPN
   from cn2_jax.modeling.proposal.centernet import CenterNet
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -686,6 +692,7 @@ def test_mmdet_config_variants():
     cn = c.model.centernet
     assert cn.dedup_positives and cn.all_level_peaks == all_peaks
     assert tuple(tuple(r) for r in cn.soi) == SOI_MMDET
-    CenterNet(**model_kwargs(c.model)["centernet"])
+    m = model_kwargs(c.model)
+    CenterNet(strides=FPN.strides, channels=m["fpn_channels"], dtype=m["dtype"], **m["centernet"])
   with pytest.raises(ValueError, match="variant"):
     mod.get_config("fcos")

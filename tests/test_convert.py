@@ -780,3 +780,111 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
   assert "WARNING: config sets stride_in_1x1=True but torchvision weights need False" in printed
   assert "WARNING: config sets input_format='BGR'" in printed
   assert "params/backbone.fpn_lateral3.kernel" in printed  # left at init, listed
+
+
+# ----------------------------------------------------------------------------------------------
+# One CLI for every family: the one-stage formats through `python -m cn2_jax.convert`.
+# ----------------------------------------------------------------------------------------------
+_TINY_ONESTAGE = dict(num_classes=3, channels=(16, 8, 8), width=8, head_conv=8)
+
+
+def _onestage_sd(seed=0):
+  from tests.test_onestage_model import _random_sd, centerx_state_dict_spec
+
+  return _random_sd(centerx_state_dict_spec(18, **_TINY_ONESTAGE), seed)
+
+
+def _pickle(path, obj):
+  with open(path, "wb") as f:
+    pickle.dump(obj, f)
+  return str(path)
+
+
+def test_detect_checkpoint_and_family_of_every_format():
+  from tests.test_onestage_model import _xingyizhou_sd
+
+  sd = _onestage_sd()
+  assert convert.detect_checkpoint(sd) == "centerx"
+  assert convert.detect_checkpoint(_xingyizhou_sd()) == "xingyizhou"
+  tv = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
+  assert convert.detect_checkpoint(tv) == "torchvision"
+  d2 = random_state_dict(orc.resnet_bottleneck_spec("backbone.bottom_up.", (1, 1, 1, 1)))
+  assert convert.detect_checkpoint(d2) == "detectron2"
+  for fmt, spec in convert.FORMATS.items():
+    assert set(spec.families) <= set(convert.FAMILIES), fmt
+  assert convert.FORMATS["torchvision"].families == ("centernet2", "onestage")
+  with pytest.raises(cv.ConversionError, match="centerX"):
+    convert.detect_checkpoint({"foo.weight": np.zeros(1)})
+
+
+def test_cli_onestage_checkpoints(tmp_path, capsys):
+  """centerX weights: detected, the architecture read off the checkpoint, converted strictly;
+  the wrong --family and torchvision weights without --backbone-only fail with exit 1."""
+  sd = _onestage_sd(seed=3)
+  src = _pickle(tmp_path / "centerx.pkl", {"model": sd})
+  out = tmp_path / "out"
+  assert convert.main(["--src", src, "--out", str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert "one-stage conversion of a centerx checkpoint: OK" in printed
+  restored = cv.restore_saved_variables(out)
+  np.testing.assert_array_equal(
+      restored["params"]["upsample"]["deconv1"]["up_sample"]["kernel"],
+      sd["upsample.deconv1.up_sample.weight"].transpose(2, 3, 0, 1),
+  )
+  np.testing.assert_array_equal(
+      restored["batch_stats"]["backbone"]["bn1"]["var"], sd["backbone.bn1.running_var"]
+  )
+  # The checkpoint names the family: asking for another one is an error, not a bad mapping.
+  args = ["--src", src, "--out", str(tmp_path / "o2"), "--family", "centernet2"]
+  assert convert.main(args) == 1
+  assert "not centernet2 weights" in capsys.readouterr().err
+  # Strict: a missing key fails with the report on stderr and nothing written.
+  bad = dict(sd)
+  del bad["head.wh_head.out_conv.bias"]
+  bad_src = _pickle(tmp_path / "bad.pkl", {"model": bad})
+  assert convert.main(["--src", bad_src, "--out", str(tmp_path / "o3")]) == 1
+  assert "params/head.wh_head.out_conv.bias" in capsys.readouterr().err
+  assert not (tmp_path / "o3").exists()
+  # torchvision ImageNet weights fit both families: --family (or --config's arch) picks one.
+  tv = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
+  tv["fc.weight"], tv["fc.bias"] = np.zeros((1000, 8), np.float32), np.zeros(1000, np.float32)
+  tv_src = _pickle(tmp_path / "tv.pkl", {"model": tv})
+  args = ["--src", tv_src, "--out", str(tmp_path / "o4"), "--family", "onestage"]
+  assert convert.main(args) == 1
+  assert "--backbone-only" in capsys.readouterr().err
+  assert convert.main(args + ["--backbone-only"]) == 1  # which model's backbone? --config's
+  assert "needs --config" in capsys.readouterr().err
+
+
+def test_cli_torchvision_backbone_for_a_onestage_config(tmp_path, capsys):
+  """torchvision weights with --config of arch 'onestage': the family comes from the config and
+  only the backbone is filled; a config of the other family is refused."""
+  sd = _onestage_sd(seed=4)
+  tv = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
+  tv_src = _pickle(tmp_path / "tv.pkl", {"model": tv})
+  cfg = tmp_path / "onestage_cfg.py"
+  cfg.write_text(
+      "from cn2_jax.config import base_config\n"
+      "def get_config():\n"
+      "  c = base_config()\n"
+      "  c.model.arch = 'onestage'\n"
+      "  c.model.num_classes = 3\n"
+      "  c.model.resnet_depth = 18\n"
+      "  c.model.resnet_width = 8\n"
+      "  c.model.onestage.deconv_channels = (16, 8, 8)\n"
+      "  c.model.onestage.head_conv = 8\n"
+      "  return c\n"
+  )
+  out = tmp_path / "out"
+  args = ["--src", tv_src, "--out", str(out), "--config", str(cfg), "--backbone-only"]
+  assert convert.main(args) == 0
+  assert "torchvision checkpoint (backbone only): OK" in capsys.readouterr().out
+  restored = cv.restore_saved_variables(out)
+  np.testing.assert_array_equal(
+      restored["params"]["backbone"]["layer1.0"]["bn1"]["scale"], tv["layer1.0.bn1.weight"]
+  )
+  assert restored["params"]["head"]["cls_head"]["out_conv"]["kernel"].shape == (1, 1, 8, 3)
+  # A CenterNet2 config for one-stage weights is refused before any mapping.
+  args = ["--src", tv_src, "--out", str(tmp_path / "o2"), "--family", "onestage", "--config"]
+  assert convert.main(args + ["configs/cn2_r50.py", "--backbone-only"]) == 1
+  assert "model.arch='centernet2'" in capsys.readouterr().err

@@ -190,7 +190,9 @@ def test_probabilistic_score_and_inference_against_numpy():
   sm = [np.exp(l) / np.exp(l).sum(-1, keepdims=True) for l in logits]
   scores = np.sqrt(np.mean(sm, axis=0) * prop_score[:, None])
   np.testing.assert_allclose(
-      probabilistic_scores([jnp.asarray(l) for l in logits], jnp.asarray(prop_score)),
+      probabilistic_scores(
+          [jnp.asarray(l) for l in logits], jnp.asarray(prop_score), mult_proposal_score=True
+      ),
       scores,
       rtol=1e-5,
   )

@@ -265,7 +265,7 @@ def _random_sd(spec, seed=0):
 
 def test_convert_round_trip_and_layouts():
   assert tuple(wo._TRANSPOSED) == tuple(N.TRANSPOSED_CONV_NAMES)
-  model = M.build_onestage_model()
+  model = M.build_onestage_model(depth=18)
   abstract = M.abstract_variables(model)
   sd = _random_sd(centerx_state_dict_spec())
   variables, report = wo.convert_onestage(sd, abstract)
@@ -301,7 +301,7 @@ def test_convert_round_trip_and_layouts():
 
 
 def test_convert_is_strict_with_a_report():
-  abstract = M.abstract_variables(M.build_onestage_model())
+  abstract = M.abstract_variables(M.build_onestage_model(depth=18))
   sd = _random_sd(centerx_state_dict_spec())
   del sd["head.wh_head.out_conv.bias"]
   sd["head.extra.weight"] = np.zeros((2, 64, 1, 1), np.float32)
@@ -361,7 +361,7 @@ def test_xingyizhou_resdcn_and_torchvision_formats(tmp_path):
       renamed["upsample.deconv2.up_sample.weight"], cn["deconv_layers.9.weight"]
   )
   np.testing.assert_array_equal(renamed["head.cls_head.out_conv.bias"], cn["hm.2.bias"])
-  abstract = M.abstract_variables(M.build_onestage_model())
+  abstract = M.abstract_variables(M.build_onestage_model(depth=18))
   _, report = wo.load_onestage_weights(cn, abstract)
   assert report.ok and any("BGR" in n for n in report.notes)
   with pytest.raises(ConversionError, match="TODO"):  # msra_resnet (no DCN) is not supported

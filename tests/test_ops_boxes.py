@@ -9,9 +9,11 @@ import jax
 import jax.numpy as jnp
 
 from cn2_jax.modeling.ops import boxes as B
+from tests.schema_settings import ROI_HEADS
 
 F32 = np.float32
-CASCADE_WEIGHTS = [(10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0)]
+CASCADE_WEIGHTS = list(ROI_HEADS["box_weights"])  # the three stages' (wx, wy, ww, wh)
+SCALE_CLAMP = ROI_HEADS["scale_clamp"]  # detectron2's log(1000 / 16)
 
 
 def random_boxes(rng, n, size=100.0, min_wh=0.0, max_wh=60.0):
@@ -135,7 +137,7 @@ def test_encode_decode(weights, seed):
       enc, ref_encode(src.astype(np.float64), tgt.astype(np.float64), weights), rtol=1e-5, atol=1e-4
   )
   deltas = rng.normal(0, 1, (16, 4)).astype(F32) * np.array(weights, F32) * 0.3
-  dec = np.asarray(jax.jit(lambda d, b: B.decode_boxes(d, b, weights))(deltas, src))
+  dec = np.asarray(jax.jit(lambda d, b: B.decode_boxes(d, b, weights, SCALE_CLAMP))(deltas, src))
   np.testing.assert_allclose(
       dec,
       ref_decode(deltas.astype(np.float64), src.astype(np.float64), weights),
@@ -143,7 +145,7 @@ def test_encode_decode(weights, seed):
       atol=1e-3,
   )
   # round trip (encode -> decode) recovers the targets.
-  rt = np.asarray(B.decode_boxes(B.encode_boxes(src, tgt, weights), src, weights))
+  rt = np.asarray(B.decode_boxes(B.encode_boxes(src, tgt, weights), src, weights, SCALE_CLAMP))
   np.testing.assert_allclose(rt, tgt, rtol=1e-5, atol=2e-3)
   assert enc.dtype == np.float32 and dec.dtype == np.float32
 
@@ -154,19 +156,23 @@ def test_decode_clamp(weights):
   deltas = np.array(
       [[0, 0, 100 * weights[2], 100 * weights[3]], [0, 0, -3 * weights[2], 2 * weights[3]]], F32
   )
-  got = np.asarray(B.decode_boxes(deltas, boxes, weights))
+  got = np.asarray(B.decode_boxes(deltas, boxes, weights, SCALE_CLAMP))
   np.testing.assert_allclose(got, ref_decode(deltas, boxes, weights), rtol=1e-5, atol=1e-3)
   # clamped width = 1000 / 16 * 20, centred on the box centre.
   np.testing.assert_allclose(got[0, 2] - got[0, 0], 20 * 1000 / 16, rtol=1e-5)
   np.testing.assert_allclose((got[0, 0] + got[0, 2]) / 2, 20, atol=1e-3)
-  assert np.all(np.isfinite(np.asarray(B.decode_boxes(np.full((1, 4), 1e6, F32), boxes[:1]))))
+  assert np.all(
+      np.isfinite(
+          np.asarray(B.decode_boxes(np.full((1, 4), 1e6, F32), boxes[:1], weights, SCALE_CLAMP))
+      )
+  )
 
 
 def test_decode_broadcast_shapes():
   rng = np.random.default_rng(0)
   boxes = random_boxes(rng, 6, min_wh=1).reshape(2, 3, 4)
   deltas = rng.normal(size=(2, 3, 4)).astype(F32)
-  got = B.decode_boxes(deltas, boxes)
+  got = B.decode_boxes(deltas, boxes, CASCADE_WEIGHTS[0], SCALE_CLAMP)
   assert got.shape == (2, 3, 4)
   np.testing.assert_allclose(
       np.asarray(got).reshape(6, 4),

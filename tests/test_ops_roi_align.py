@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cn2_jax.modeling.ops import roi_align as ra
+from tests.schema_settings import level_kwargs, pooler_kwargs
 
 F32 = np.float32
 ORACLE_DIR = os.path.join(
@@ -257,7 +258,10 @@ def test_required_adaptive_samples_matches_reference():
         want = np.maximum(want, [p[4], p[5]])
       np.testing.assert_array_equal(need, want)
   valid = np.zeros(len(boxes), bool)
-  assert tuple(np.asarray(ra.required_adaptive_samples(boxes, 0.25, valid=valid))) == (0, 0)
+  assert tuple(np.asarray(ra.required_adaptive_samples(boxes, 0.25, 7, True, valid=valid))) == (
+      0,
+      0,
+  )
 
 
 def test_adaptive_cap_samples_with_the_cap():
@@ -265,12 +269,13 @@ def test_adaptive_cap_samples_with_the_cap():
   rng = np.random.default_rng(3)
   feat = rng.standard_normal((16, 16, 2)).astype(F32)
   boxes = np.asarray([[0, 0, 64, 64], [-8, 4, 50, 60], [3, 3, 47, 61]], F32)  # need 3..5 / axis
-  need = np.asarray(ra.required_adaptive_samples(boxes, 1.0))
+  need = np.asarray(ra.required_adaptive_samples(boxes, 1.0, 7, True))
   assert np.all(need > 2)
-  capped = ra.roi_align(feat, boxes, 1.0, sampling_ratio=0, max_adaptive_samples=2)
-  fixed = ra.roi_align(feat, boxes, 1.0, sampling_ratio=2)
+  single = dict(output_size=7, aligned=True)
+  capped = ra.roi_align(feat, boxes, 1.0, sampling_ratio=0, max_adaptive_samples=2, **single)
+  fixed = ra.roi_align(feat, boxes, 1.0, sampling_ratio=2, max_adaptive_samples=8, **single)
   np.testing.assert_allclose(np.asarray(capped), np.asarray(fixed), rtol=1e-6, atol=1e-6)
-  capped = ra.roi_align(feat, boxes, 1.0, sampling_ratio=0, max_adaptive_samples=(2, 3))
+  capped = ra.roi_align(feat, boxes, 1.0, sampling_ratio=0, max_adaptive_samples=(2, 3), **single)
   want = ref_roi_align(feat, boxes, 1.0, sampling_ratio=0, cap=(2, 3))
   np.testing.assert_allclose(np.asarray(capped), want, rtol=1e-5, atol=1e-5)
 
@@ -320,7 +325,7 @@ def test_assign_boxes_to_levels_boundaries():
       F32,
   )
   want = [4, 5, 5, 4, 3, 4, 6, 7, 6, 7, 3, 3, 7]
-  got = np.asarray(ra.assign_boxes_to_levels(boxes))
+  got = np.asarray(ra.assign_boxes_to_levels(boxes, **level_kwargs()))
   assert got.dtype == np.int32
   np.testing.assert_array_equal(got, want)
   np.testing.assert_array_equal(got[:10], ref_levels(boxes)[:10])
@@ -329,7 +334,9 @@ def test_assign_boxes_to_levels_boundaries():
   np.testing.assert_array_equal(got, [[4, 5, 5, 4]])
   # Negative / NaN area -> min_level (multilevel_roi_align pools zeros for them).
   bad = np.asarray([[10, 10, 5, 20], [np.nan, 0, 5, 5]], F32)
-  np.testing.assert_array_equal(np.asarray(ra.assign_boxes_to_levels(bad)), [3, 3])
+  np.testing.assert_array_equal(
+      np.asarray(ra.assign_boxes_to_levels(bad, **level_kwargs())), [3, 3]
+  )
 
 
 def test_assign_boxes_to_levels_random():
@@ -337,7 +344,14 @@ def test_assign_boxes_to_levels_random():
   wh = np.exp(rng.uniform(np.log(0.5), np.log(4000), size=(500, 2)))
   xy = rng.uniform(-100, 1000, size=(500, 2))
   boxes = np.concatenate([xy, xy + wh], -1).astype(F32)
-  np.testing.assert_array_equal(np.asarray(ra.assign_boxes_to_levels(boxes)), ref_levels(boxes))
+  np.testing.assert_array_equal(
+      np.asarray(ra.assign_boxes_to_levels(boxes, **level_kwargs())), ref_levels(boxes)
+  )
+
+
+def _need(boxes):
+  """Per-axis adaptive samples the boxes need on their P3..P7 level (7x7 ROIAlignV2 pooler)."""
+  return np.asarray(ra.required_adaptive_samples(boxes, None, 7, True, **level_kwargs()))
 
 
 def _pyramid(rng, bsz, img_h, img_w, c, min_level=3, num_levels=5, dtype=F32):
@@ -388,20 +402,19 @@ def test_multilevel_matches_reference(seed, sr, aligned, out_hw):
   lv = ref_levels(boxes)
   assert set(np.unique(lv[~np.isnan(lv)]).astype(int)) == {3, 4, 5, 6, 7}  # every level
   np.testing.assert_array_equal(
-      np.asarray(ra.assign_boxes_to_levels(boxes))[0, [0, 1, 7]], [4, 5, 4]
+      np.asarray(ra.assign_boxes_to_levels(boxes, **level_kwargs()))[0, [0, 1, 7]], [4, 5, 4]
   )
   cap = 8
   if sr == 0:
-    need = np.asarray(ra.required_adaptive_samples(boxes, None, out_hw, aligned))
+    need = np.asarray(ra.required_adaptive_samples(boxes, None, out_hw, aligned, **level_kwargs()))
     cap = (max(8, int(need[0])), max(8, int(need[1])))
     assert need[0] <= cap[0] and need[1] <= cap[1], need
   fn = jax.jit(
       functools.partial(
           ra.multilevel_roi_align,
-          output_size=out_hw,
-          sampling_ratio=sr,
-          aligned=aligned,
-          max_adaptive_samples=cap,
+          **pooler_kwargs(
+              output_size=out_hw, sampling_ratio=sr, aligned=aligned, max_adaptive_samples=cap
+          ),
       )
   )
   got = np.asarray(fn(feats, boxes))
@@ -420,10 +433,13 @@ def test_multilevel_grad_is_reference_adjoint(sr):
   boxes = _multilevel_boxes(rng, bsz, r, img_h, img_w)
   gout = rng.standard_normal((bsz, r, 7, 7, c)).astype(F32)
   if sr == 0:
-    assert np.all(np.asarray(ra.required_adaptive_samples(boxes)) <= 8)
+    assert np.all(_need(boxes) <= 8)
 
   def loss(fs):
-    return jnp.sum(ra.multilevel_roi_align(fs, boxes, sampling_ratio=sr) * gout)
+    out = ra.multilevel_roi_align(
+        fs, boxes, **pooler_kwargs(sampling_ratio=sr, max_adaptive_samples=8)
+    )
+    return jnp.sum(out * gout)
 
   got = jax.jit(jax.grad(loss))(feats)
   want = ref_multilevel_adjoint(feats, boxes, gout, sampling_ratio=sr)
@@ -439,7 +455,7 @@ def test_multilevel_bfloat16_and_no_recompilation():
 
   def f(fs, b):
     traces.append(1)
-    return ra.multilevel_roi_align(fs, b, sampling_ratio=0, max_adaptive_samples=4)
+    return ra.multilevel_roi_align(fs, b, **pooler_kwargs(sampling_ratio=0, max_adaptive_samples=4))
 
   fn = jax.jit(f)
   outs = []
@@ -463,8 +479,8 @@ def test_vmap_over_images_matches_batched_call():
   bsz, r, img_h, img_w, c = 2, 8, 64, 80, 2
   feats = _pyramid(rng, bsz, img_h, img_w, c)
   boxes = _multilevel_boxes(rng, bsz, r, img_h, img_w)
-  kw = dict(sampling_ratio=0, max_adaptive_samples=8)
-  assert np.all(np.asarray(ra.required_adaptive_samples(boxes)) <= 8)
+  kw = pooler_kwargs(sampling_ratio=0, max_adaptive_samples=8)
+  assert np.all(_need(boxes) <= 8)
   batched = ra.multilevel_roi_align(feats, boxes, **kw)
   per_image = jax.vmap(
       lambda fs, b: ra.multilevel_roi_align([f[None] for f in fs], b[None], **kw)[0]
@@ -484,17 +500,17 @@ def test_matches_official_pooler_outputs():
   feats += [d[f"p{l}"].transpose(1, 2, 0)[None] for l in range(4, 8)]
   fn = jax.jit(
       functools.partial(
-          ra.multilevel_roi_align, sampling_ratio=0, aligned=True, max_adaptive_samples=8
+          ra.multilevel_roi_align, **pooler_kwargs(sampling_ratio=0, max_adaptive_samples=8)
       )
   )
   compared = 0
   for k in range(3):
     boxes = d[f"stage{k}_input_boxes"][None].astype(F32)
-    need = np.asarray(ra.required_adaptive_samples(boxes))
+    need = _need(boxes)
     assert np.all(need <= 8), need
     got = np.asarray(fn(feats, boxes))[0, :8]
     want = d[f"stage{k}_pooled_first8"].transpose(0, 2, 3, 1)
-    levels = np.asarray(ra.assign_boxes_to_levels(boxes[0, :8]))
+    levels = np.asarray(ra.assign_boxes_to_levels(boxes[0, :8], **level_kwargs()))
     for i in np.nonzero(levels >= 4)[0]:
       scale = np.abs(want[i]).max()
       err = np.abs(got[i] - want[i]).max()
@@ -509,14 +525,14 @@ def test_adaptive_grid_exact_on_multiples_of_the_output_size():
   (found by bench/parity_torchvision.py). Box sides (aligned, scale 1) of 7k px and 7k +- 1 ulp."""
   sides = [7.0, 14.0, 21.0, 49.0, 84.0, 91.0, 700.0, 84.00001, 83.99999]
   boxes = np.array([[0.5, 0.5, 0.5 + s, 0.5 + s] for s in sides], np.float32)
-  need = np.asarray(ra.required_adaptive_samples(jnp.asarray(boxes), spatial_scale=1.0))
+  need = np.asarray(ra.required_adaptive_samples(jnp.asarray(boxes), 1.0, 7, True))
   expect = max(
       int(math.ceil(np.float32(np.float32(s) / np.float32(7))))
       for s in (boxes[:, 2] - 0.5 - (boxes[:, 0] - 0.5))
   )
   assert tuple(need) == (expect, expect)
   for b in boxes:
-    got = np.asarray(ra.required_adaptive_samples(jnp.asarray(b[None]), spatial_scale=1.0))
+    got = np.asarray(ra.required_adaptive_samples(jnp.asarray(b[None]), 1.0, 7, True))
     side = np.float32(b[2] - 0.5) - np.float32(b[0] - 0.5)
     assert got[0] == int(math.ceil(np.float32(side / np.float32(7)))), (b, got)
   rng = np.random.default_rng(3)

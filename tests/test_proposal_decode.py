@@ -10,10 +10,11 @@ import pytest
 import jax
 
 from cn2_jax.modeling.proposal.decode import generate_proposals
+from tests.schema_settings import proposals_kwargs
 from tests.test_ops_nms import ref_nms
 
 F32 = np.float32
-STRIDES = (8, 16, 32, 64, 128)
+STRIDES = proposals_kwargs()["strides"]  # P3..P7
 ORACLE = os.path.join(
     os.path.dirname(os.path.abspath(__file__)),
     "..",
@@ -161,7 +162,7 @@ def test_decode_no_recompilation_and_no_gradient():
   hms, regs = make_inputs(13, 1, 64, 96)
 
   def loss(h, r):
-    out = generate_proposals(h, r, STRIDES, 20, 30, 0.9, nms_tile_size=16)
+    out = generate_proposals(h, r, STRIDES, 20, 30, 0.9, 1e-4, nms_tile_size=16)
     return out["scores"].sum() + out["boxes"].sum()
 
   g = jax.jit(jax.grad(loss, argnums=(0, 1)))(hms, regs)
@@ -174,7 +175,8 @@ def test_decode_matches_official_oracle():
   d = np.load(ORACLE)
   hms = [d[f"head_agn_hm_logits_p{l}"][None].astype(F32) for l in range(3, 8)]
   regs = [np.transpose(d[f"head_reg_p{l}"], (1, 2, 0))[None].astype(F32) for l in range(3, 8)]
-  out = jax.jit(lambda h, r: generate_proposals(h, r, STRIDES, 1000, 256, 0.9, 1e-4))(hms, regs)
+  # The schema's test-mode settings (pre/post_nms_topk_test, nms_thresh_test, inference_thresh).
+  out = jax.jit(lambda h, r: generate_proposals(h, r, **proposals_kwargs()))(hms, regs)
   boxes = np.asarray(out["boxes"][0])
   scores = np.asarray(out["scores"][0])
   assert np.asarray(out["valid"][0]).all()

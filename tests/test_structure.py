@@ -1,8 +1,10 @@
-"""Package structure: no import circles in cn2_jax (module-level or inside functions)."""
+"""Package structure: no import circles in cn2_jax (module-level or inside functions); the config
+schema is the one source of settings (no defaults outside it, no undeclared key read)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "cn2_jax"
@@ -102,3 +104,300 @@ def test_config_built_modules_take_every_setting_from_the_schema():
     assert not missing_in_schema, (cls.__name__, sorted(missing_in_schema))
     unknown_to_module = set(section.keys()) - fields
     assert not unknown_to_module, (cls.__name__, sorted(unknown_to_module))
+
+
+def test_centernet2_family_has_no_setting_defaults():
+  """The schema is the only place a default lives: the CenterNet2 modules and the functions they
+  call with settings take every setting explicitly. A default is allowed only as None ("not
+  given": axis_name, optional inputs such as masks) or for a pure performance knob."""
+  import dataclasses
+  import inspect
+
+  from cn2_jax.modeling.backbone import fpn, resnet
+  from cn2_jax.modeling.meta_arch.centernet2 import CenterNet2
+  from cn2_jax.modeling.ops import boxes, roi_align
+  from cn2_jax.modeling.proposal import centernet, centernet_head, decode, losses, targets
+  from cn2_jax.modeling.roi_heads import box_head, cascade
+
+  modules = (
+      CenterNet2,
+      fpn.FPN,
+      fpn.LastLevelP6P7_P5,
+      resnet.ResNet,
+      resnet.ResNetStage,
+      resnet.BottleneckBlock,
+      resnet.BasicBlock,
+      resnet.BasicStem,
+      centernet.CenterNet,
+      centernet_head.CenterNetHead,
+      cascade.CascadeROIHeads,
+      box_head.FastRCNNConvFCHead,
+      box_head.FastRCNNOutputLayers,
+  )
+  bad = []
+  for cls in modules:
+    for f in dataclasses.fields(cls):
+      if f.name in ("parent", "name"):
+        continue
+      factory = f.default_factory is not dataclasses.MISSING
+      if factory or (f.default is not dataclasses.MISSING and f.default is not None):
+        bad.append(f"{cls.__name__}.{f.name} = {f.default!r}")
+  functions = (
+      targets.centernet_targets,
+      losses.centernet_losses,
+      losses.loss_normalisers,
+      decode.generate_proposals,
+      cascade.probabilistic_scores,
+      cascade.fast_rcnn_inference,
+      boxes.encode_boxes,
+      boxes.decode_boxes,
+      roi_align.roi_align,
+      roi_align.multilevel_roi_align,
+      roi_align.assign_boxes_to_levels,
+      roi_align.required_adaptive_samples,
+  )
+  performance_knobs = {"generate_proposals": {"nms_tile_size"}}
+  for fn in functions:
+    for name, p in inspect.signature(fn).parameters.items():
+      if p.default is inspect.Parameter.empty or p.default is None:
+        continue
+      if name not in performance_knobs.get(fn.__name__, ()):
+        bad.append(f"{fn.__module__}.{fn.__name__}({name}={p.default!r})")
+  assert not bad, "settings with a default outside cn2_jax/config.py:\n" + "\n".join(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config reads: every key the code reads is declared in the schema.
+# ----------------------------------------------------------------------------------------------
+# A name holds a config (a ConfigDict or its `model_kwargs` dict view) when it is called like one
+# (`cfg`, `config`, `model_config`, `optim_cfg`, `self.cfg`, `runner.config`, ...), is the result
+# of a config factory, or is assigned from a config expression (`d = cfg.data`, `cn = m.centernet`,
+# `m = model_kwargs(self.config)`, `r = cfg.model["roi_heads"]`).
+_CONFIG_NAME = re.compile(r"^_?([a-z0-9]+_)*(cfg|config)$")
+_CONFIG_ATTRS = ("cfg", "config")  # `self.cfg`, `runner.config` (not `self.builder_config`)
+_CONFIG_FACTORIES = {
+    "base_config",
+    "get_config",
+    "validate_config",
+    "load_config_file",
+    "config_from_json",
+}
+_CONFIG_VIEWS = {"model_kwargs", "FrozenConfigDict", "ConfigDict", "dict"}  # same keys as the arg
+_FUNCTION_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+
+
+def _configdict_api() -> set:
+  import ml_collections
+
+  return set(dir(ml_collections.ConfigDict)) | set(dir(ml_collections.FrozenConfigDict))
+
+
+class ConfigReadScanner:
+  """Collects the key chains read (or written) through config objects in a module's source.
+
+  Each chain is relative to an unknown section: `self.config.centernet.min_radius` in the
+  detector (whose `config` is `config.model`) and `cfg.model.centernet.min_radius` in the app are
+  both checked against the schema, by finding a section where the chain exists."""
+
+  def __init__(self, source: str, skip_functions=()):
+    self.tree = ast.parse(source)
+    self.skip_functions = set(skip_functions)
+    self.modules = set()
+    for node in ast.walk(self.tree):
+      if isinstance(node, ast.Import):
+        self.modules |= {(a.asname or a.name).split(".")[0] for a in node.names}
+      elif isinstance(node, ast.ImportFrom):
+        self.modules |= {a.asname or a.name for a in node.names}
+    self.api = _configdict_api()
+    self.reads = []  # (line, chain of keys)
+
+  def scan(self) -> list:
+    body = [
+        n
+        for n in self.tree.body
+        if not (isinstance(n, ast.FunctionDef) and n.name in self.skip_functions)
+    ]
+    self._scope(body, {})
+    return self.reads
+
+  def chain(self, node, aliases):
+    """The key chain `node` reads from a config object, () for the object itself, None if `node`
+    is not (or not statically known to be) a config read."""
+    if isinstance(node, ast.Name):
+      if node.id in aliases:
+        return aliases[node.id]
+      if _CONFIG_NAME.match(node.id) and node.id not in self.modules:
+        return ()
+      return None
+    if isinstance(node, ast.Attribute):
+      base = self.chain(node.value, aliases)
+      if base is None:
+        module = isinstance(node.value, ast.Name) and node.value.id in self.modules
+        return () if node.attr in _CONFIG_ATTRS and not module else None  # `jax.config` is not
+      return None if node.attr in self.api else base + (node.attr,)  # `.get`, `.to_dict`, ...
+    if isinstance(node, ast.Subscript):
+      base = self.chain(node.value, aliases)
+      key = node.slice
+      if base is not None and isinstance(key, ast.Constant) and isinstance(key.value, str):
+        return base + (key.value,)
+      return None  # a computed key: not checked statically (ConfigDict raises at run time)
+    if isinstance(node, ast.Call):
+      f = node.func
+      name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+      if name in _CONFIG_VIEWS and node.args:
+        return self.chain(node.args[0], aliases)
+      if name == "to_dict" and isinstance(f, ast.Attribute):
+        return self.chain(f.value, aliases)
+      return () if name in _CONFIG_FACTORIES else None
+    return None
+
+  @staticmethod
+  def _own_nodes(nodes):
+    """The nodes of a scope, not descending into nested functions and classes."""
+    stack = list(nodes)
+    while stack:
+      n = stack.pop()
+      yield n
+      if not isinstance(n, _FUNCTION_NODES + (ast.ClassDef,)):
+        stack.extend(ast.iter_child_nodes(n))
+
+  def _scope(self, nodes, aliases, params=()):
+    aliases = {k: v for k, v in aliases.items() if k not in params}  # shadowed by a parameter
+    own = list(self._own_nodes(nodes))
+    for _ in range(3):  # aliases of aliases, whatever the statement order
+      for n in own:
+        if isinstance(n, ast.Assign):
+          c = self.chain(n.value, aliases)
+          if c is not None:
+            aliases.update({t.id: c for t in n.targets if isinstance(t, ast.Name)})
+    for n in own:
+      if isinstance(n, (ast.Attribute, ast.Subscript)):
+        c = self.chain(n, aliases)
+        if c:
+          self.reads.append((n.lineno, c))
+      elif isinstance(n, _FUNCTION_NODES):
+        a = n.args
+        names = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs}
+        names |= {x.arg for x in (a.vararg, a.kwarg) if x is not None}
+        body = n.body if isinstance(n.body, list) else [n.body]
+        extra = a.defaults + [d for d in a.kw_defaults if d is not None]
+        self._scope(body + extra + list(getattr(n, "decorator_list", [])), aliases, names)
+      elif isinstance(n, ast.ClassDef):
+        self._scope(n.body + n.decorator_list, aliases)
+
+
+def _schema_index(cfg):
+  """(every path, the group paths) of a ConfigDict, as tuples of keys (() = the root)."""
+  import ml_collections
+
+  paths, groups = {()}, {()}
+
+  def walk(c, prefix):
+    for k in c.keys():
+      p = prefix + (k,)
+      paths.add(p)
+      if isinstance(c[k], ml_collections.ConfigDict):
+        groups.add(p)
+        walk(c[k], p)
+
+  walk(cfg, ())
+  return paths, groups
+
+
+def undeclared_config_reads(source: str, schema, skip_functions=()) -> list:
+  """`'line: a.b.c'` for each config read in `source` whose keys the schema lacks."""
+  paths, groups = _schema_index(schema)
+
+  def declared(chain):
+    for g in groups:
+      for i in range(1, len(chain) + 1):
+        p = g + chain[:i]
+        if p not in paths:
+          break
+        if p not in groups:  # a value: what follows (`.split`, `[0]`) is the value's own
+          return True
+      else:
+        return True
+    return False
+
+  reads = ConfigReadScanner(source, skip_functions).scan()
+  return [f"{ln}: {'.'.join(c)}" for ln, c in sorted(set(reads)) if not declared(c)]
+
+
+def _config_reading_sources():
+  root = PKG.parent
+  files = sorted(PKG.rglob("*.py")) + [root / "main.py"] + sorted((root / "configs").glob("*.py"))
+  for path in files:
+    # base_config() declares the keys (its assignments are the schema itself).
+    skip = ("base_config",) if path == PKG / "config.py" else ()
+    yield path, path.read_text(), skip
+
+
+def test_every_config_read_is_declared_in_the_schema():
+  """Every config key the code reads or sets is declared in `cn2_jax.config.base_config()`.
+
+  Static (AST) scan of cn2_jax/, main.py and configs/, chosen over a run-time recording proxy
+  because it sees every branch (train, eval, predict, conversion, each family, error paths) without
+  running them; a proxy only sees the reads of the code a test happens to execute. The scanner
+  (`ConfigReadScanner`) follows config objects by name (`cfg`, `config`, `model_config`,
+  `self.cfg`, ...), through config factories (`base_config()`, `get_config()`, ...), dict views
+  (`model_kwargs(...)`) and local aliases (`d = cfg.data; d.root`, `m["centernet"]["soi"]`),
+  attribute and constant-subscript reads alike. Because a function may hold any section
+  (`CenterNet2.config` is `config.model`, `make_lr_schedule(cfg)` gets `config.optim`), a chain is
+  declared when it exists below some group of the schema (`data.root` below the root,
+  `centernet.soi` below `model`); at a value the chain ends (`images.split`).
+  Not checked statically: computed keys (`cfg[name]`, `getattr(cfg, name)`) and a section handed
+  over under an unrelated name; ConfigDict raises on those at run time, and `validate_config`
+  rejects undeclared keys in config files and on the command line.
+  """
+  from cn2_jax.config import base_config
+
+  schema = base_config()
+  keys = {p[-1] for p in _schema_index(schema)[0] if p}
+  assert not keys & _configdict_api(), "a schema key named like a ConfigDict method is not scanned"
+  total, bad = 0, []
+  for path, source, skip in _config_reading_sources():
+    total += len(ConfigReadScanner(source, skip).scan())
+    bad += [
+        f"{path.relative_to(PKG.parent)}:{r}" for r in undeclared_config_reads(source, schema, skip)
+    ]
+  assert total > 300, f"the scan found only {total} config reads: is it still following them?"
+  assert not bad, "config keys read but not declared in cn2_jax/config.py:\n" + "\n".join(bad)
+
+
+def test_config_read_scanner_flags_undeclared_keys():
+  """The scan can fail: misspelled or missing keys in each form it follows are reported, the
+  declared ones and non-config objects are not."""
+  from cn2_jax.config import base_config
+
+  source = """
+import jax
+from cn2_jax.config import base_config, model_kwargs
+
+def train(cfg):
+  ok = cfg.model.centernet.min_radius + cfg.data.max_size_train + cfg.predict.images.count(",")
+  bad = cfg.model.nonexistent
+
+class Detector:
+  def setup(self):
+    m = model_kwargs(self.config)
+    ok = m["centernet"]["soi"], self.config.roi_heads.fc_dim, m["dtype"]
+    bad = m["centernet"]["min_radus"]
+
+def loop(runner, args):
+  d = runner.cfg.data
+  bad = d.roots
+  tc = base_config().train
+  tc.log_everry = 5  # a write to an undeclared key
+  ok = jax.config.read("jax_enable_x64"), args.learning_rate, d.get("anything")
+"""
+  bad = undeclared_config_reads(source, base_config())
+  assert bad == [
+      "7: model.nonexistent",
+      "13: centernet.min_radus",
+      "17: data.roots",
+      "19: train.log_everry",
+  ], bad
+  assert (
+      undeclared_config_reads("def f(cfg):\n  return cfg.model.fpn_channels\n", base_config()) == []
+  )

@@ -26,14 +26,16 @@ Features of one example::
     objects/bbox     float32 [k, 4]  (x1, y1, x2, y2) absolute pixels of the original image,
                               clipped to the image; boxes with w <= 0 or h <= 0 after clipping are
                               dropped at build time (counted in the metadata)
-    objects/label    int64 [k]  contiguous 0..C-1 (categories sorted by COCO id)
+    objects/label    int64 [k]  contiguous 0..C-1 (categories sorted by COCO id, or in the order
+                              of the builder's ``classes`` selection, see below)
     objects/is_crowd bool [k]
     objects/area     float32 [k]  COCO ``area`` (segment area), as in the json
     objects/id       int64 [k]  COCO annotation id
 
 Metadata (``builder.info.metadata``, also ``<dataset dir>/metadata.json``)::
 
-    format, bbox_format='xyxy_abs',
+    format, bbox_format='xyxy_abs', label_order ('sorted_category_id' or 'classes'),
+    classes: [names]                                   # the selection, [] = every category
     categories: [{'id', 'name', 'supercategory'}...]  # label i <-> categories[i]
     splits: {split: {annotation_file, image_root, annotation_size, annotation_mtime_ns,
                      num_images, num_boxes, num_crowd, num_degenerate_dropped, num_empty,
@@ -42,6 +44,12 @@ Metadata (``builder.info.metadata``, also ``<dataset dir>/metadata.json``)::
 
 (``num_instances`` counts non-crowd boxes, so a pipeline can drop empty images without reading
 them.)
+
+Class subsets.  ``classes=('person', 'car')`` (``CocoJsonConfig.classes``) keeps the categories of
+those names, in that order (label 0 = person, label 1 = car, original category ids kept), and drops
+the annotations of every other category; an unknown name is a one-line :class:`DataError` naming
+the available ones.  (``cn2_jax/data/sources.py`` also writes filtered annotation files, so that
+COCO evaluation sees only the selected categories, and drops training images without them.)
 
 Checks.  Preparation fails with a one-line :class:`cn2_jax.errors.DataError` (a ``ValueError``)
 naming the file, the annotation json and the dataset for: an annotation file that is missing,
@@ -92,6 +100,7 @@ __all__ = [
     "load_builder",
     "parse_coco_split",
     "prepared_data_hint",
+    "select_categories",
 ]
 
 
@@ -192,14 +201,47 @@ def _load_coco_json(path: str, where: str = "") -> Tuple[dict, Tuple[int, int]]:
   return coco, (int(st.st_size), int(st.st_mtime_ns))
 
 
-def parse_coco_split(annotation_file: str, image_root: str, *, where: str = "") -> ParsedSplit:
+def select_categories(
+    categories: Sequence[dict], classes: Sequence[str], source: str, where: str = ""
+) -> List[dict]:
+  """The categories named by ``classes``, in that order; an unknown, repeated or ambiguous name is
+  a one-line :class:`DataError` naming it and the available names."""
+  names = [str(c["name"]) for c in categories]
+  out = []
+  for name in classes:
+    name = str(name)
+    hits = [c for c in categories if str(c["name"]) == name]
+    if not hits:
+      raise DataError(
+          f"unknown class {name!r} in data.classes: {source} has the classes {names}{_in(where)}"
+      )
+    if len(hits) > 1:
+      raise DataError(
+          f"class {name!r} of data.classes names {len(hits)} categories of {source} (ids "
+          f"{[int(c['id']) for c in hits]}){_in(where)}"
+      )
+    if any(c is hits[0] for c in out):
+      raise DataError(f"class {name!r} is listed twice in data.classes{_in(where)}")
+    out.append(hits[0])
+  return out
+
+
+def parse_coco_split(
+    annotation_file: str, image_root: str, *, where: str = "", classes: Sequence[str] = ()
+) -> ParsedSplit:
   """Reads a COCO instances json into per-image records (images sorted by id, boxes as xyxy,
   labels contiguous by sorted category id). Clipping / degenerate filtering: finalize_record.
+
+  ``classes`` (names): keep only these categories, labelled in this order (see
+  :func:`select_categories`); annotations of the others are dropped.
 
   Malformed files or entries raise :class:`DataError` naming the file (and ``where``, e.g. the
   dataset and split)."""
   coco, ann_stat = _load_coco_json(annotation_file, where)
   categories = _categories_of(coco, annotation_file, where)
+  known_ids = {c["id"] for c in categories}
+  if classes:
+    categories = select_categories(categories, classes, annotation_file, where)
   cat_to_label = {c["id"]: i for i, c in enumerate(categories)}
   entry = "images[?]"
   try:
@@ -218,14 +260,15 @@ def parse_coco_split(annotation_file: str, image_root: str, *, where: str = "") 
             f"annotation file {annotation_file}: annotation {ann.get('id')} "
             f"refers to unknown image_id {iid}{_in(where)}"
         )
-      if int(ann["category_id"]) not in cat_to_label:
+      if int(ann["category_id"]) not in known_ids:
         raise DataError(
             f"annotation file {annotation_file}: annotation {ann.get('id')} "
             f"has unknown category_id {ann['category_id']}{_in(where)}"
         )
       if len(ann["bbox"]) != 4:
         raise ValueError(f"bbox {ann['bbox']} is not [x, y, w, h]")
-      by_image[iid].append(ann)
+      if int(ann["category_id"]) in cat_to_label:
+        by_image[iid].append(ann)
   except DataError:
     raise
   except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -254,6 +297,7 @@ def parse_coco_split(annotation_file: str, image_root: str, *, where: str = "") 
         }
     )
   stats = dict(num_images=len(images), num_annotations=sum(len(v) for v in by_image.values()))
+  # (num_annotations counts those of the selected classes)
   return ParsedSplit(categories=categories, records=records, stats=stats, annotation_stat=ann_stat)
 
 
@@ -401,6 +445,8 @@ class CocoJsonConfig(tfds.core.BuilderConfig):
   # passes PIL's verify() and fails only in training.
   full_decode_check: bool = True
   num_threads: int = 8  # file reading / verification threads
+  # Class subset: category names, in label order (() = every category, sorted by id).
+  classes: Tuple[str, ...] = ()
 
 
 def _features() -> tfds.features.FeaturesDict:
@@ -463,9 +509,10 @@ class CocoJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     categories = None
     generators = {}
     self._meta_splits = {}
+    classes = self._classes()
     for split, (ann_file, image_root) in specs.items():
       where = self._where(split)
-      parsed = parse_coco_split(ann_file, image_root, where=where)
+      parsed = parse_coco_split(ann_file, image_root, where=where, classes=classes)
       if categories is None:
         categories = parsed.categories
       elif [(c["id"], c["name"]) for c in categories] != [
@@ -489,7 +536,8 @@ class CocoJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.info.metadata.update(
         format=FORMAT,
         bbox_format="xyxy_abs",
-        label_order="sorted_category_id",
+        label_order="classes" if classes else "sorted_category_id",
+        classes=list(classes),
         categories=categories,
         splits=self._meta_splits,
     )
@@ -497,6 +545,9 @@ class CocoJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _full_decode_check(self) -> bool:
     return bool(getattr(self.builder_config, "full_decode_check", True))
+
+  def _classes(self) -> Tuple[str, ...]:
+    return tuple(str(c) for c in (getattr(self.builder_config, "classes", ()) or ()))
 
   def _generate_examples(
       self, records: List[dict], split: str, annotation_file: str = ""
@@ -658,13 +709,17 @@ def build_coco_json_dataset(
     *,
     full_decode_check: bool = True,
     num_threads: int = 8,
+    classes: Sequence[str] = (),
 ) -> CocoJsonBuilder:
   """Prepares ``<data_dir>/coco_json/<name>/1.0.0`` (if not there yet, or rebuilt when its
   sources changed, see the module docstring) and returns the builder.
 
   ``splits``: ``{'train': (instances_train.json, image_root), 'val': (...)}`` where each image
-  path is ``image_root/file_name``.  Read with ``builder.as_data_source(split)``.
+  path is ``image_root/file_name``.  Read with ``builder.as_data_source(split)``.  ``classes``:
+  category names to keep, in label order (() = all; a prepared folder built for another
+  selection is rebuilt).
   """
+  classes = tuple(str(c) for c in classes)
 
   def make():
     cfg = CocoJsonConfig(
@@ -672,11 +727,12 @@ def build_coco_json_dataset(
         splits=dict(splits),
         full_decode_check=full_decode_check,
         num_threads=num_threads,
+        classes=classes,
         version=CocoJsonBuilder.VERSION,
     )
     return CocoJsonBuilder(config=cfg, data_dir=os.fspath(data_dir))
 
-  return _prepare(make, dict(splits), num_threads)
+  return _prepare(make, dict(splits), num_threads, classes)
 
 
 def build_coco2017_dataset(
@@ -712,13 +768,17 @@ def prepared_data_hint(data_dir) -> str:
   )
 
 
-def _prepare(make_builder, specs, num_threads: int):
+def _prepare(make_builder, specs, num_threads: int, classes: Sequence[str] = ()):
   """Opens (``make_builder()``) and prepares the dataset, first deleting a prepared folder that
-  no longer matches ``specs`` (a dict, or a function of the builder returning one)."""
+  no longer matches ``specs`` (a dict, or a function of the builder returning one) or was built
+  for another ``classes`` selection."""
   builder = make_builder()
   if builder.is_prepared():
     wanted = specs(builder) if callable(specs) else specs
     reasons = _source_changes(builder, wanted, num_threads)
+    have_classes = list((builder.info.metadata or {}).get("classes", []) or [])
+    if have_classes != list(classes):
+      reasons.append(f"it was built for data.classes={have_classes}, not {list(classes)}")
     if not reasons:
       return builder
     _remove_prepared(builder, reasons)

@@ -12,6 +12,8 @@ takes slots ``[p * batch_size, (p + 1) * batch_size)``.  Slot ``j`` has the glob
 position ``g = step * batch_size * process_count + j``, and its augmentation uses
 ``default_rng([seed, 1, g])``; the per-batch short side uses ``default_rng([seed, 3, step])``.
 So ``start_step=N`` reproduces an uninterrupted run from step N for any ``num_workers``.
+The optional one-stage augmentations (``augment.py``; off by default) draw from their own
+``default_rng([seed, 4, g])``, so turning them on leaves the flips and short sides unchanged.
 
 Padded shapes (``buckets.py``): training batches go to a bucket per short side and aspect group
 (or one fixed ``pad_hw``); eval batches hold images of one official canvas (resized size rounded
@@ -29,8 +31,10 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from cn2_jax.data import augment as A
 from cn2_jax.data import buckets
 from cn2_jax.data import transforms as T
+from cn2_jax.data.augment import AugmentSettings
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +55,13 @@ _PERM_STREAM = 0
 _AUG_STREAM = 1
 _BATCH_ORDER_STREAM = 2
 _SCALE_STREAM = 3
+_EXTRA_AUG_STREAM = 4  # augment.py's crop / warp / colour draws
 
 __all__ = [
     "DetectionInfo",
     "DetectionSplit",
     "LSJ",
+    "AugmentSettings",
     "open_split",
     "make_train_loader",
     "make_eval_loader",
@@ -446,9 +452,11 @@ class _TrainBatcher:
       process_index,
       process_count,
       data_dir="",
+      augment: Optional[AugmentSettings] = None,
   ):
     self.source = source
     self.data_dir = data_dir
+    self.augment = augment  # enabled AugmentSettings or None
     self.schedule = schedule
     self.batch_size = batch_size
     self.short_sizes = short_sizes
@@ -494,22 +502,69 @@ class _TrainBatcher:
     image, boxes, classes, crowd, image_id, name = _load(self.source[int(src)], self.data_dir)
     orig_hw = image.shape[:2]
     rng = np.random.default_rng([self.seed, _AUG_STREAM, g])
+    aug = self.augment
+    arng = None if aug is None else np.random.default_rng([self.seed, _EXTRA_AUG_STREAM, g])
     if self.lsj is not None:
       image, boxes = T.random_hflip(image, boxes, rng, self.hflip_prob)
       image, boxes, keep = T.lsj_resize_crop(
           image, boxes, self.lsj.output_size, self.lsj.scale_range, rng
       )
       classes, crowd = classes[keep], crowd[keep]
+      if aug is not None:  # (crop / center_affine are refused with LSJ)
+        image, boxes, classes, crowd = self._warp(image, boxes, classes, crowd, arng)
+        image = A.color_aug(image, arng, aug.color_aug, aug.color_aug_range, aug.color_aug_lighting)
     else:
       if not self.scale_per_batch:
         T.sample_short_size(self.short_sizes, rng)  # same draw as short_sides(): keep rng in step
-      image, boxes = T.resize_shortest_edge(image, boxes, int(short), self.max_size)
+      # One-stage augmentation order (augment.py): crop -> resize or CenterAffine -> affine /
+      # perspective -> flip -> colour (centerX: crop, resize, flip, colour).
+      if aug is not None and aug.crop:
+        image, boxes, keep = A.random_crop_relative_range(
+            image, boxes, aug.crop_relative_range, arng
+        )
+        classes, crowd = classes[keep], crowd[keep]
+      if aug is not None and aug.center_affine:
+        image, boxes, keep = A.center_affine(
+            image,
+            boxes,
+            arng,
+            aug.center_affine_size,
+            aug.center_affine_scale,
+            aug.center_affine_scale_step,
+            aug.center_affine_border,
+        )
+        classes, crowd = classes[keep], crowd[keep]
+      else:
+        image, boxes = T.resize_shortest_edge(image, boxes, int(short), self.max_size)
+      if aug is not None:
+        image, boxes, classes, crowd = self._warp(image, boxes, classes, crowd, arng)
       image, boxes = T.random_hflip(image, boxes, rng, self.hflip_prob)
+      if aug is not None:
+        image = A.color_aug(image, arng, aug.color_aug, aug.color_aug_range, aug.color_aug_lighting)
       # detectron2 annotations_to_instances: clip to the image, drop empty boxes
       boxes = T.clip_boxes(boxes, *image.shape[:2])
       keep = np.nonzero(T.nonempty_boxes(boxes))[0]
       boxes, classes, crowd = boxes[keep], classes[keep], crowd[keep]
     return image, boxes, classes, crowd, image_id, orig_hw, name
+
+  def _warp(self, image, boxes, classes, crowd, arng):
+    aug = self.augment
+    if not aug.warp:
+      return image, boxes, classes, crowd
+    image, boxes, keep = A.random_warp(
+        image,
+        boxes,
+        arng,
+        aug.affine,
+        aug.affine_scale,
+        aug.affine_rotate,
+        aug.affine_translate,
+        aug.affine_shear,
+        aug.perspective,
+        aug.warp_min_size,
+        aug.warp_min_visible,
+    )
+    return image, boxes, classes[keep], crowd[keep]
 
   def __call__(self, step: int) -> Dict[str, np.ndarray]:
     b = self.batch_size
@@ -620,6 +675,7 @@ def make_train_loader(
     aspect_grouping: bool = True,
     aspect_ratios: Tuple[float, ...] = buckets.DEFAULT_ASPECT_RATIOS,
     scale_per_batch: bool = True,
+    augment: Union[None, AugmentSettings, Mapping[str, Any]] = None,
 ) -> Iterator[Dict[str, np.ndarray]]:
   """Infinite iterator of training batches (numpy, batch contract in the module docstring).
 
@@ -640,9 +696,22 @@ def make_train_loader(
   boxes (detectron2 FILTER_EMPTY_ANNOTATIONS).  ``num_workers=0`` runs in-process; > 0 uses grain
   worker processes.  ``process_index/count`` split every global batch of ``batch_size *
   process_count`` between hosts; all of them use the same canvas at every step.
+
+  ``augment``: the one-stage augmentations (:class:`AugmentSettings`, or the config's ``data``
+  section to build them from); None or all off = none. Crop changes the aspect ratio and
+  CenterAffine the size, so with either every batch goes to one square canvas (``pad_hw``, by
+  default ``max_size`` resp. ``center_affine_size`` rounded up); CenterAffine turns aspect
+  grouping off (square images), and neither combines with ``lsj``.
   """
   split = _as_split(source)
   lsj = _as_lsj(lsj)
+  if augment is not None and not isinstance(augment, AugmentSettings):
+    augment = AugmentSettings.from_config(augment)
+  if augment is not None and not augment.check().enabled:
+    augment = None
+  aug_side = A.pad_for(augment, max_size)
+  if augment is not None and lsj is not None and (augment.crop or augment.center_affine):
+    raise ValueError("the crop / center_affine augmentations replace the resize: not with lsj")
   if batch_size <= 0 or max_boxes <= 0:
     raise ValueError("batch_size and max_boxes must be positive")
   if not 0 <= process_index < process_count:
@@ -652,14 +721,24 @@ def make_train_loader(
   short_sizes = tuple(int(v) for v in short_sizes)
   short_max = int(max(short_sizes))
   sizes = _split_sizes(split)
-  if pad_hw is None and (lsj is not None or sizes is None):
+  if aug_side is not None:
+    if pad_hw is None:
+      pad_hw = default_pad_hw(aug_side, size_divisibility)
+    ph, pw = (int(v) for v in pad_hw)
+    if ph % size_divisibility or pw % size_divisibility or min(ph, pw) < aug_side:
+      raise ValueError(
+          f"pad_hw {ph}x{pw} must be multiples of {size_divisibility} holding a {aug_side} px "
+          f"square (crop / center_affine); use {default_pad_hw(aug_side, size_divisibility)}"
+      )
+    pad_hw = (ph, pw)
+  elif pad_hw is None and (lsj is not None or sizes is None):
     if lsj is None:
       logger.warning(
           "no per-example image sizes in the metadata: padding every batch to " "one %s canvas",
           default_pad_hw(max_size, size_divisibility),
       )
     pad_hw = default_pad_hw(lsj.output_size if lsj is not None else max_size, size_divisibility)
-  if pad_hw is not None:
+  if pad_hw is not None and aug_side is None:
     pad_hw = _check_pad_hw(
         pad_hw, size_divisibility, split=split, short_max=short_max, max_size=max_size, lsj=lsj
     )
@@ -686,8 +765,9 @@ def make_train_loader(
     raise ValueError("no training examples left (all images are empty?)")
   global_batch = batch_size * process_count
   groups = None if sizes is None else buckets.aspect_group(sizes[:, 0], sizes[:, 1], aspect_ratios)
+  square = lsj is not None or (augment is not None and augment.center_affine)
   schedule = _make_schedule(
-      order, groups, global_batch, seed, aspect_grouping=aspect_grouping and lsj is None
+      order, groups, global_batch, seed, aspect_grouping=aspect_grouping and not square
   )
   table = None
   if pad_hw is None:
@@ -715,6 +795,7 @@ def make_train_loader(
       process_index=process_index,
       process_count=process_count,
       data_dir=split.data_dir,
+      augment=augment,
   )
   return _run(batcher, int(start_step), sys.maxsize // 4, num_workers, num_threads, prefetch)
 

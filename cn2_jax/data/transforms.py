@@ -96,7 +96,10 @@ def image_size_after_exif(img: Image.Image) -> Tuple[int, int]:
 # Resize
 # ----------------------------------------------------------------------------------------------
 def resize_shortest_edge_shape(h: int, w: int, short: float, max_size: float) -> Tuple[int, int]:
-  """detectron2 ``ResizeShortestEdge.get_output_shape`` (same float operations, same rounding)."""
+  """detectron2 ``ResizeShortestEdge.get_output_shape`` (same float operations, same rounding).
+  ``short == 0`` keeps the original size (detectron2's NoOpTransform; centerX evaluates COCO so)."""
+  if short == 0:
+    return int(h), int(w)
   size = short * 1.0
   scale = size / min(h, w)
   if h < w:
@@ -115,6 +118,8 @@ def resize_shortest_edge_shape(h: int, w: int, short: float, max_size: float) ->
 def resize_shortest_edge_shape_np(h, w, short: float, max_size: float):
   """Vectorised :func:`resize_shortest_edge_shape` over arrays of ``h`` and ``w`` (float64, same
   operation order, hence identical results)."""
+  if short == 0:
+    return np.asarray(h).astype(np.int64), np.asarray(w).astype(np.int64)
   h = np.asarray(h, np.float64)
   w = np.asarray(w, np.float64)
   size = float(short)

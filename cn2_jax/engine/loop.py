@@ -50,6 +50,7 @@ history starts empty on resume.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import os
@@ -62,6 +63,7 @@ import numpy as np
 from cn2_jax.engine import checkpoint as ckpt_lib
 from cn2_jax.engine import optim
 from cn2_jax.engine import step as step_lib
+from cn2_jax.engine import swa as swa_lib
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +289,25 @@ def _to_device(batch: Mapping[str, Any], mesh) -> dict:
   return step_lib.shard_batch(batch, mesh)
 
 
+def _with_batchnorm_params(no_decay_fn: Callable[[str], bool], init_variables_fn) -> Callable:
+  """`no_decay_fn` that also counts the scale/bias of every trainable BatchNorm (a module with
+  running statistics in `batch_stats`) as norm parameters: detectron2 applies WEIGHT_DECAY_NORM to
+  all norm layers, centerX's BN included."""
+  shapes = jax.eval_shape(init_variables_fn, jax.random.PRNGKey(0))
+  bn_modules = {
+      ".".join(str(getattr(k, "key", k)) for k in path[:-1])
+      for path, _ in jax.tree_util.tree_flatten_with_path(shapes.get("batch_stats", {}))[0]
+  }
+  if not bn_modules:
+    return no_decay_fn
+
+  def fn(path: str) -> bool:
+    module, _, leaf = path.rpartition(".")
+    return (leaf in ("scale", "bias") and module in bn_modules) or no_decay_fn(path)
+
+  return fn
+
+
 def train(
     config: Any,
     workdir: str,
@@ -301,15 +322,23 @@ def train(
     eval_fn: Optional[Callable[[step_lib.TrainState, int], Mapping[str, float]]] = None,
     metrics_callback: Optional[Callable[[int, Mapping[str, float]], None]] = None,
     stop_at_step: Optional[int] = None,
+    num_train_images: Optional[int] = None,
+    teachers: Sequence[tuple] = (),
+    kd_loss_fn: Optional[Callable[..., Any]] = None,
 ) -> step_lib.TrainState:
-  """Train (or resume) until `config.optim.max_iter` updates; returns the final state.
+  """Train (or resume) until `config.optim.max_iter` (+ `config.swa.iters`, engine/swa.py)
+  updates; returns the final state (with SWA: the averaged parameters, BatchNorm recomputed).
 
   `stop_at_step` ends this run early at that step (saving a checkpoint there) without changing the
   schedule, e.g. for time-budgeted runs. `metrics_callback(step, metrics)` receives the host values
   of every iteration's metrics (step = state.step after the update). `eval_fn(state, step)` runs
-  every `config.train.eval_every` steps and at `max_iter`; its returned scalars go to TensorBoard
+  every `config.train.eval_every` steps and at the last step; its returned scalars go to TensorBoard
   under `eval/`. Raises `NonFiniteLossError` on a NaN/Inf loss and `DivergenceError` on an
-  exploding one (see module docstring).
+  exploding one (see module docstring). `num_train_images` (the images the loader draws from) is
+  needed only for a schedule in epochs (`optim.epochs > 0`, see `optim.iterations_from_epochs`).
+  `teachers` ((forward_fn, variables) pairs) and `kd_loss_fn`: knowledge distillation
+  (`cn2_jax.modeling.onestage.kd`, `step.make_train_step`); the teacher variables are replicated
+  once and passed to every step, never checkpointed.
   """
   solver = config.optim
   tc = _train_cfg(config)
@@ -324,8 +353,16 @@ def train(
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
 
-  schedule = optim.make_lr_schedule(solver, batch_size)
-  tx = optim.make_optimizer(solver, None, frozen_prefixes, no_decay_fn, batch_size=batch_size)
+  if float(solver.epochs) > 0:  # schedule in epochs -> iterations (optim.resolve_schedule)
+    solver = optim.resolve_schedule(solver, num_train_images, batch_size)
+    log.info("optim.epochs=%g: %s", config.optim.epochs, optim.schedule_summary(solver))
+  max_iter = int(solver.max_iter)
+  # SWA (engine/swa.py): swa.iters more updates after max_iter at the SWA LR; identity when off
+  schedule = swa_lib.swa_schedule(optim.make_lr_schedule(solver, batch_size), config, max_iter)
+  no_decay_fn = _with_batchnorm_params(no_decay_fn, init_variables_fn)
+  tx = optim.make_optimizer(
+      solver, None, frozen_prefixes, no_decay_fn, batch_size=batch_size, schedule=schedule
+  )
   abstract = step_lib.abstract_train_state(init_variables_fn, tx, mesh)
   optim.validate_frozen_prefixes(abstract.params, frozen_prefixes)
 
@@ -338,7 +375,7 @@ def train(
   rng = jax.random.PRNGKey(seed)
   latest = ckpt.latest_step()
   if latest is not None:
-    state = ckpt.restore(abstract, latest)
+    state = swa_lib.restore_state(config, ckpt, abstract, latest, mesh)
     log.info("resumed from %s/%d", ckpt.directory, latest)
   elif load_pretrained_fn is not None:
     init_key = jax.random.split(rng)[0]
@@ -347,9 +384,11 @@ def train(
     state = step_lib.state_from_variables(variables, tx, rng, mesh)
   else:
     state = step_lib.init_train_state(init_variables_fn, tx, rng, mesh)
+  if latest is None:
+    state = swa_lib.add_averages(config, state, mesh)  # EMA / SWA fields (no-op when off)
 
-  max_iter = int(solver.max_iter)
-  end = max_iter if stop_at_step is None else min(max_iter, int(stop_at_step))
+  final = swa_lib.total_iters(config, max_iter)  # max_iter + swa.iters
+  end = final if stop_at_step is None else min(final, int(stop_at_step))
   start = int(jax.device_get(state.step))
   if start >= end:
     log.info("nothing to do: state.step=%d >= %d", start, end)
@@ -358,8 +397,20 @@ def train(
 
   log.info("%s", lr_note)
   train_step = step_lib.make_train_step(
-      model, tx, mesh, frozen_prefixes=frozen_prefixes, lr_schedule=schedule, check_vma=tc.check_vma
+      model,
+      tx,
+      mesh,
+      frozen_prefixes=frozen_prefixes,
+      lr_schedule=schedule,
+      check_vma=tc.check_vma,
+      post_update=swa_lib.make_post_update(config, max_iter),
+      teachers=tuple(fn for fn, _ in teachers),
+      kd_loss_fn=kd_loss_fn,
   )
+  if teachers:  # knowledge distillation: frozen teacher variables, an input of every step
+    train_step = functools.partial(
+        train_step, teacher_variables=step_lib.replicate(tuple(v for _, v in teachers), mesh)
+    )
   writer = None
   if is_main:
     from tensorboardX import SummaryWriter
@@ -369,7 +420,7 @@ def train(
   if is_main and tc.progress_bar:
     from tqdm import tqdm
 
-    pbar = tqdm(total=max_iter, initial=start, desc="train", dynamic_ncols=True, smoothing=0.1)
+    pbar = tqdm(total=final, initial=start, desc="train", dynamic_ncols=True, smoothing=0.1)
 
   window: list[dict] = []
   state_ = {"t": time.perf_counter(), "images": 0}
@@ -427,6 +478,10 @@ def train(
       state, metrics = train_step(state, batch)
       ckpt.check()  # a failed background save stops the run at once, with one line
       done = k + 1
+      if done == final and swa_lib.swa_enabled(config):
+        # params <- SWA average, BatchNorm statistics recomputed, before the last save and eval
+        bn_batches = (_to_device(b, mesh) for b in loader)
+        state = swa_lib.finalize(config, state, model, mesh, bn_batches)
       state_["images"] += _batch_size(batch)
       if pending is not None:
         consume(*pending)
@@ -438,9 +493,7 @@ def train(
       log_now = done % tc.log_every == 0 or done == end
       save_now = ckpt.should_save(done) or done == end
       eval_now = (
-          eval_fn is not None
-          and tc.eval_every > 0
-          and (done % tc.eval_every == 0 or done == max_iter)
+          eval_fn is not None and tc.eval_every > 0 and (done % tc.eval_every == 0 or done == final)
       )
       if pending is not None and (log_now or save_now or eval_now or deferred_save):
         consume(*pending)

@@ -122,17 +122,26 @@ class TrainState:
   frozen: Any
   opt_state: Any
   rng: jax.Array
+  # Running statistics of trainable BatchNorm (the one-stage family), updated by every train step
+  # and averaged over devices; {} for a family without them (CenterNet2: FrozenBN or GN).
+  batch_stats: Any = flax.struct.field(default_factory=dict)
+  # Weight averages (engine/swa.py), {} when off (config ema.decay=0 / swa.iters=0): `ema` =
+  # {'params', 'batch_stats'}, `swa` = {'params': running mean, 'n': snapshots}.
+  ema: Any = flax.struct.field(default_factory=dict)
+  swa: Any = flax.struct.field(default_factory=dict)
 
   @property
   def variables(self) -> dict:
-    """`{'params', 'frozen'}` for `model.apply` (eval / export)."""
-    return _variables(self.params, self.frozen)
+    """`{'params', 'frozen' | 'batch_stats'}` for `model.apply` (eval / export)."""
+    return _variables(self.params, self.frozen, self.batch_stats)
 
 
-def _variables(params, frozen) -> dict:
+def _variables(params, frozen, batch_stats=None) -> dict:
   v = {"params": params}
   if frozen is not None and jax.tree_util.tree_leaves(frozen):
     v["frozen"] = frozen
+  if batch_stats is not None and jax.tree_util.tree_leaves(batch_stats):
+    v["batch_stats"] = batch_stats
   return v
 
 
@@ -154,10 +163,11 @@ def make_train_state_fn(
     variables = dict(init_variables_fn(init_key))
     params = variables.pop("params")
     frozen = variables.pop("frozen", {})
+    batch_stats = variables.pop("batch_stats", {})
     if variables:
       raise ValueError(
           f"unexpected variable collections {sorted(variables)} "
-          "(the Model API has only 'params' and 'frozen')"
+          "(the Model API has only 'params', 'frozen' and 'batch_stats')"
       )
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -165,6 +175,7 @@ def make_train_state_fn(
         frozen=frozen,
         opt_state=tx.init(params),
         rng=state_key,
+        batch_stats=batch_stats,
     )
 
   return fn
@@ -211,6 +222,9 @@ def make_train_step(
     lr_schedule: Optional[optax.Schedule] = None,
     check_vma: bool = False,
     donate: bool = True,
+    post_update: Optional[Callable[[TrainState], TrainState]] = None,
+    teachers: Sequence[Callable[[Any, Any], Any]] = (),
+    kd_loss_fn: Optional[Callable[..., Any]] = None,
 ):
   """Returns jitted `train_step(state, batch) -> (state, metrics)`.
 
@@ -225,21 +239,45 @@ def make_train_step(
   * `metrics` (replicated device scalars, averaged over devices, no host sync): every model output
     key, `total_loss`, `grad_norm` (global L2 norm of the averaged, unclipped, trainable
     gradients) and, when `lr_schedule` is given, `lr` (the lr used by this update).
+  * `post_update(new_state) -> new_state` (optional, traced into the step): EMA / SWA averaging
+    after the optimizer update (`cn2_jax.engine.swa.make_post_update`).
+  * Knowledge distillation (`cn2_jax.modeling.onestage.kd`): `teachers[i](variables_i, batch)` is
+    frozen teacher i's forward; its variables are an input, `train_step(state, batch,
+    teacher_variables)` (replicated, not in the state, no gradient), its outputs go through
+    `stop_gradient`. `kd_loss_fn(model, variables, batch, teacher_outputs, **apply_kwargs)` then
+    replaces `model.apply(variables, batch, train=True, **apply_kwargs)` for the student.
   """
   n_dev = mesh.shape[DATA_AXIS]
   model_d = model.clone(axis_name=DATA_AXIS)
   frozen_prefixes = tuple(frozen_prefixes)
 
-  def per_device(state: TrainState, batch):
+  def per_device(state: TrainState, batch, teacher_variables=()):
     rng = jax.random.fold_in(state.rng, state.step)
+    apply = model_d.apply
+    if teachers:  # knowledge distillation: frozen teachers on the same per-device batch
+      t_out = tuple(
+          jax.lax.stop_gradient(t(jax.lax.stop_gradient(tv), batch))
+          for t, tv in zip(teachers, teacher_variables, strict=True)
+      )
+      apply = lambda v, b, train, **kw: kd_loss_fn(model_d, v, b, t_out, **kw)  # noqa: E731
+
+    has_bn = bool(jax.tree_util.tree_leaves(state.batch_stats))
 
     def loss_fn(params):
-      losses = model_d.apply(
-          _variables(params, state.frozen), batch, train=True, rngs={"sampling": rng}
-      )
-      return total_loss(losses), losses
+      variables = _variables(params, state.frozen, state.batch_stats)
+      if has_bn:
+        losses, updates = apply(
+            variables, batch, train=True, rngs={"sampling": rng}, mutable=["batch_stats"]
+        )
+        return total_loss(losses), (losses, updates["batch_stats"])
+      losses = apply(variables, batch, train=True, rngs={"sampling": rng})
+      return total_loss(losses), (losses, state.batch_stats)
 
-    (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (total, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # Per-device running statistics (BatchNorm without SyncBN) are averaged over the devices so the
+    # replicated state stays one value (Flax's cross-replica mean; torch DDP with
+    # broadcast_buffers=False, as centerX runs it, would keep rank 0's). Identity under SyncBN.
+    batch_stats = jax.lax.pmean(batch_stats, DATA_AXIS)
     labels = param_labels(grads, frozen_prefixes)
 
     def reduce(g, label):
@@ -264,16 +302,24 @@ def make_train_step(
     )
     if lr_schedule is not None:
       metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
+    )
+    if post_update is not None:  # EMA / SWA running mean of the new params (engine/swa.py)
+      new_state = post_update(new_state)
     return new_state, metrics
 
   sharded = jax.shard_map(
-      per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()), check_vma=check_vma
+      per_device,
+      mesh=mesh,
+      in_specs=(P(), P(DATA_AXIS), P()),
+      out_specs=(P(), P()),
+      check_vma=check_vma,
   )
 
-  def train_step(state, batch):
+  def train_step(state, batch, teacher_variables=()):
     _check_divisible(batch, n_dev, "train_step")
-    return sharded(state, batch)
+    return sharded(state, batch, teacher_variables)
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 
@@ -281,7 +327,7 @@ def make_train_step(
 def make_eval_step(model: flax.linen.Module, mesh: Mesh, *, check_vma: bool = False):
   """Returns jitted `eval_step(variables, batch) -> detections`.
 
-  `variables` = `{'params', 'frozen'}` (e.g. `state.variables`), replicated; `batch` sharded on the
+  `variables` = `{'params', 'frozen' | 'batch_stats'}` (e.g. `state.variables`), replicated; `batch` sharded on the
   leading axis (global batch divisible by the mesh size). Outputs (e.g. `boxes [B,100,4]`,
   `scores`, `classes`, `valid`) keep the global batch on the leading axis, sharded `P('data')`.
   """

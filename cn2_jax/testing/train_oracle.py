@@ -167,23 +167,25 @@ def pooled_boxes(npz: dict) -> np.ndarray:
   return np.concatenate(out, 0)
 
 
-def required_samples(
-    boxes: np.ndarray, num_levels: int = 5, min_level: int = 3, output_size: int = 7
-) -> tuple:
+def required_samples(boxes: np.ndarray, model_config) -> tuple:
   """Per-axis adaptive ROIAlign samples the boxes need (ops/roi_align.required_adaptive_samples
-  with the pooler's level assignment)."""
+  with the pooler's level assignment), for the pooler of `model_config` (`config.model`)."""
+  from cn2_jax.modeling.backbone.fpn import FPN
   from cn2_jax.modeling.ops.roi_align import required_adaptive_samples
 
   if len(boxes) == 0:
     return (1, 1)
+  r = model_config.roi_heads
   need = np.asarray(
       required_adaptive_samples(
           np.asarray(boxes, np.float32),
           spatial_scale=None,
-          output_size=output_size,
+          output_size=r.pooler_resolution,
           aligned=True,
-          min_level=min_level,
-          max_level=min_level + num_levels - 1,
+          min_level=FPN.min_level,
+          max_level=FPN.min_level + len(FPN.strides) - 1,
+          canonical_box_size=r.canonical_box_size,
+          canonical_level=r.canonical_level,
       )
   )
   return (max(int(need[0]), 1), max(int(need[1]), 1))
@@ -201,13 +203,7 @@ def oracle_config(npz: dict, cap: Optional[tuple] = None):
   mc.roi_heads.sampling_ratio = 0
   set_cap(
       cfg,
-      tuple(cap)
-      if cap
-      else required_samples(
-          pooled_boxes(npz),
-          num_levels=len(mc.centernet.soi),
-          output_size=mc.roi_heads.pooler_resolution,
-      ),
+      tuple(cap) if cap else required_samples(pooled_boxes(npz), mc),
   )
   return cfg
 
@@ -386,11 +382,7 @@ class TrainRunner:
       v = np.asarray(inter[f"train_stage{k}_valid"])
       boxes.append(b[v])
       k += 1
-    return required_samples(
-        np.concatenate(boxes, 0),
-        num_levels=len(self.cfg.model.centernet.soi),
-        output_size=self.cfg.model.roi_heads.pooler_resolution,
-    )
+    return required_samples(np.concatenate(boxes, 0), self.cfg.model)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,10 +4,12 @@
   rename.py        format detection and official key renaming (MSRA, torchvision -> detectron2)
   flax_mapping.py  strict mapping onto the Flax variables, `ConversionReport`
   orbax_io.py      save / restore converted variables with Orbax
+  onestage.py      the one-stage family's formats and strict mapping (centerX key names)
 
-`python -m cn2_jax.convert` is the command line on top of these. A new weight format adds a
-reader (if the container is new) and a renaming rule; a new detector family adds its own mapping
-rules next to `flax_mapping.py`.
+`python -m cn2_jax.convert` is the one command line on top of these. A new weight format adds a
+reader (if the container is new), a renaming rule and an entry in `convert.FORMATS`; a new
+detector family adds its own mapping rules next to `flax_mapping.py` and an entry in
+`convert.FAMILIES`.
 """
 
 from cn2_jax.errors import ConversionError

@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 
 from cn2_jax.errors import ConversionError
+from cn2_jax.tree_paths import key_str as _key_str
 from cn2_jax.weights.rename import BACKBONE_PREFIX, FROZEN_BN_EPS
 
 # ----------------------------------------------------------------------------------------------
@@ -159,13 +160,6 @@ class ConversionReport:
     for n in self.notes:
       lines.append(f"  NOTE: {n}")
     return "\n".join(lines)
-
-
-def _key_str(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
 
 
 def _leaf_shape_dtype(leaf):

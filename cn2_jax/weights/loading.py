@@ -27,6 +27,9 @@ from cn2_jax.weights.flax_mapping import convert_to_flax
 from cn2_jax.weights.reader import load_checkpoint_file
 from cn2_jax.weights.rename import detect_format, to_detectron2_names
 
+# The model's variable collections a checkpoint or weights file carries (docs/DESIGN.md).
+VARIABLE_COLLECTIONS = ("params", "frozen", "batch_stats")
+
 log = logging.getLogger(__name__)
 
 
@@ -78,7 +81,7 @@ def orbax_weights_dir(path: str) -> str:
   return p
 
 
-def _tree_shapes(tree, collections=("params", "frozen")) -> dict:
+def _tree_shapes(tree, collections=VARIABLE_COLLECTIONS) -> dict:
   """{'params/backbone/fpn_lateral3/kernel': shape, ...} of the model collections of `tree`."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(
@@ -211,7 +214,7 @@ def restore_orbax_variables(
 
   source = source or path
   check_weights_fit(_checkpoint_shapes(path, source), _tree_shapes(expected), source, model_cfg)
-  item = {k: expected[k] for k in ("params", "frozen") if k in expected}
+  item = {k: expected[k] for k in VARIABLE_COLLECTIONS if k in expected}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   # partial_restore: a TrainState checkpoint also holds the step, rng and optimizer state.
   with ocp.PyTreeCheckpointer() as ckptr:
@@ -236,6 +239,13 @@ def load_weights_file(path: str, variables: dict, *, backbone_only: bool, model_
         orbax_weights_dir(path), variables, source=path, model_cfg=model_cfg
     )
   sd = load_checkpoint_file(path)
+  if model_cfg is not None and model_cfg.arch == "onestage":
+    # centerX / xingyizhou CenterNet / torchvision files (weights/onestage.py).
+    from cn2_jax.weights.onestage import load_onestage_weights
+
+    variables, report = load_onestage_weights(sd, variables, backbone_only=backbone_only)
+    log.info("loaded %s: %s", path, report.summary())
+    return variables
   fmt = detect_format(sd)
   sd = to_detectron2_names(sd, fmt)
   variables, report = convert_to_flax(sd, variables, backbone_only=backbone_only)
@@ -247,7 +257,7 @@ def _warn_inexact_official_eval(cfg) -> None:
   """Official weights are only reproduced with the official (adaptive) ROIAlign sampling; any
   padding is exact (modeling/canvas.py)."""
   r = cfg.model.roi_heads
-  if r.sampling_ratio != 0:
+  if cfg.model.arch == "centernet2" and r.sampling_ratio != 0:
     log.warning(
         "--config.weights with model.roi_heads.sampling_ratio=%d: ROIAlign samples a "
         "fixed grid, so detections differ from the official model's (use 0, the "
@@ -274,5 +284,11 @@ def restore_model_variables(cfg, workdir: str) -> dict:
   variables = restore_orbax_variables(
       item, abstract, model_cfg=cfg.model, source=f"checkpoint {os.path.dirname(item)}"
   )
+  from cn2_jax.engine import swa as swa_lib
+
+  if "ema" in cfg and swa_lib.use_ema_for_eval(cfg):  # the EMA weights (config ema.use_for_eval)
+    variables = swa_lib.restore_ema_variables(item, variables)
+    log.info("restored %s (EMA weights)", os.path.dirname(item))
+    return variables
   log.info("restored %s", os.path.dirname(item))
   return variables

@@ -1,9 +1,9 @@
 """Weights of the one-stage CenterNet (`cn2_jax/modeling/onestage`): centerX state dicts (and
 xingyizhou/CenterNet `resdcn` / torchvision ResNet ones) -> Flax variables, strictly, and back.
 
-Files are read with `cn2_jax.weights.load_checkpoint_file` (the reader behind
-`cn2_jax.convert`: restricted unpickler, torch never imported; a common `module.` prefix is
-stripped there). Then:
+The command line is `python -m cn2_jax.convert` (one CLI for every family: it detects these formats
+and dispatches here). Files are read with `cn2_jax.weights.load_checkpoint_file` (restricted
+unpickler, torch never imported; a common `module.` prefix is stripped there). Then:
   1. `detect_format(sd)`: 'centerx' (`backbone.*`, `upsample.*`, `head.*`), 'xingyizhou'
      (CenterNet `resdcn_*`: `conv1`, `layerN`, `deconv_layers.*`, `hm/wh/reg.{0,2}`) or
      'torchvision' (ImageNet ResNet: backbone only).
@@ -31,7 +31,6 @@ compare gradients with official ones.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 import sys
@@ -51,7 +50,6 @@ __all__ = [
     "export_state_dict",
     "infer_model_config",
     "load_onestage_weights",
-    "main",
     "to_centerx_names",
     "torch_key_of",
 ]
@@ -434,34 +432,8 @@ def load_onestage_weights(path_or_sd, target_variables, *, backbone_only: Option
   return convert_onestage(sd, target_variables, backbone_only=backbone_only)
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(
-      prog="python -m cn2_jax.weights.onestage",
-      description="Convert centerX / CenterNet resdcn weights to a one-stage Orbax checkpoint.",
+if __name__ == "__main__":  # the one-stage converter is part of the one CLI now
+  sys.exit(
+      "python -m cn2_jax.weights.onestage is now python -m cn2_jax.convert (it detects centerX / "
+      "xingyizhou/CenterNet weights; --family onestage for torchvision ones)"
   )
-  ap.add_argument("--src", required=True, help=".pth / .pkl checkpoint")
-  ap.add_argument("--out", required=True, help="Orbax checkpoint directory to write")
-  ap.add_argument("--force", action="store_true", help="overwrite --out")
-  args = ap.parse_args(argv)
-  from cn2_jax.weights import save_variables
-  from cn2_jax.modeling.onestage.model import abstract_variables, build_onestage_model
-
-  try:
-    sd = load_checkpoint_file(args.src)
-    fmt = detect_format(sd)
-    if fmt == "torchvision":
-      raise ConversionError("torchvision ImageNet weights: backbone only, nothing to save alone")
-    sd = to_centerx_names(sd, fmt)
-    model = build_onestage_model(infer_model_config(sd))
-    variables, report = convert_onestage(sd, abstract_variables(model))
-    print(report.summary(max_list=50, show_mapped=False))
-    save_variables(variables, args.out, overwrite=args.force)
-    print(f"wrote {Path(args.out).absolute()}")
-    return 0
-  except ConversionError as e:
-    print(f"conversion failed: {e}", file=sys.stderr)
-    return 1
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -35,8 +35,8 @@ def upsample_nearest_2x(x: jax.Array) -> jax.Array:
 class LastLevelP6P7_P5(nn.Module):  # noqa: N801 (detectron2/CenterNet2 class name)
   """CenterNet2's top block: P6 = p6(P5), P7 = p7(relu(P6)); 3x3 s2 p1 convs with bias."""
 
-  out_channels: int = 256
-  dtype: Dtype = jnp.float32
+  out_channels: int
+  dtype: Dtype
 
   @nn.compact
   def __call__(self, p5: jax.Array, canvas_hw: Optional[jax.Array] = None) -> List[jax.Array]:
@@ -59,9 +59,12 @@ class LastLevelP6P7_P5(nn.Module):  # noqa: N801 (detectron2/CenterNet2 class na
 class FPN(nn.Module):
   """ResNet + FPN (P3-P7). Name the instance `backbone` in the detector.
 
-  Attributes:
-    depth, stride_in_1x1, freeze_at, norm: passed to the `bottom_up` ResNet (norm = ResNet norm).
-    out_channels: FPN channels (256).
+  Attributes (all required; the detector passes them from `config.model`, where the official
+  values live: resnet_depth, stride_in_1x1, freeze_at, resnet_norm, fpn_channels, fpn_norm,
+  resnet_width, dtype):
+    depth, stride_in_1x1, freeze_at, norm, width: passed to the `bottom_up` ResNet (norm = ResNet
+      norm).
+    out_channels: FPN channels.
     fpn_norm: norm of the lateral/output convs ('' in CenterNet2; with a norm the convs have no
       bias, as in detectron2).
     dtype: compute dtype.
@@ -73,18 +76,19 @@ class FPN(nn.Module):
   `forward_features(features)`: the same from a dict {'res3', 'res4', 'res5'} of bottom-up maps.
   """
 
-  depth: int = 50
-  stride_in_1x1: bool = True
-  freeze_at: int = 2
-  norm: str = "FrozenBN"
-  out_channels: int = 256
-  fpn_norm: str = ""
-  width: int = 64
-  dtype: Dtype = jnp.float32
+  depth: int
+  stride_in_1x1: bool
+  freeze_at: int
+  norm: str
+  out_channels: int
+  fpn_norm: str
+  width: int
+  dtype: Dtype
 
-  # Class constants (not dataclass fields).
+  # Class constants (not dataclass fields): the architecture, not settings.
   in_features = ("res3", "res4", "res5")
-  strides = (8, 16, 32, 64, 128)
+  strides = (8, 16, 32, 64, 128)  # P3..P7
+  min_level = 3  # log2(strides[0])
   size_divisibility = 32
 
   def setup(self):

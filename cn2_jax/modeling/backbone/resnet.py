@@ -28,7 +28,6 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cn2_jax.modeling.canvas import canvas_mask, zero_outside_canvas
@@ -98,27 +97,44 @@ def max_pool_3x3_s2_p1(x: jax.Array) -> jax.Array:
   )
 
 
+def resnet_conv(
+    block: nn.Module, features: int, kernel_size: int, stride: int, padding: int, name: str
+) -> Conv2d:
+  """A detectron2 ResNet conv inside `block` (a stem or block module with `norm` and `dtype`):
+  no bias, followed by `block.norm`, `c2_msra_fill` init. Call it inside `block`'s compact
+  method (the conv becomes its sub-module `name`)."""
+  return Conv2d(
+      features,
+      kernel_size=kernel_size,
+      strides=stride,
+      padding=padding,
+      use_bias=False,
+      norm=block.norm,
+      kernel_init=c2_msra_fill,
+      dtype=block.dtype,
+      name=name,
+  )
+
+
+def _shortcut(block: nn.Module, x: jax.Array, out_mask: Optional[jax.Array]) -> jax.Array:
+  """The residual branch of a block: `shortcut` 1x1 conv (the block's stride) + norm when the
+  channel count or the stride changes, identity otherwise."""
+  if x.shape[-1] != block.out_channels or block.stride != 1:
+    return resnet_conv(block, block.out_channels, 1, block.stride, 0, "shortcut")(x, out_mask)
+  return x.astype(block.dtype)
+
+
 class BasicStem(nn.Module):
   """detectron2 BasicStem: `conv1` (7x7 s2 p3, no bias, norm) -> ReLU -> max-pool 3x3 s2 p1."""
 
-  out_channels: int = 64
-  norm: str = "FrozenBN"
-  dtype: Dtype = jnp.float32
+  out_channels: int
+  norm: str
+  dtype: Dtype
 
   @nn.compact
   def __call__(self, x: jax.Array, canvas_hw: Optional[jax.Array] = None) -> jax.Array:
     # The input image is already zero outside the images (detector.preprocess).
-    conv1 = Conv2d(
-        self.out_channels,
-        kernel_size=7,
-        strides=2,
-        padding=3,
-        use_bias=False,
-        norm=self.norm,
-        kernel_init=c2_msra_fill,
-        dtype=self.dtype,
-        name="conv1",
-    )
+    conv1 = resnet_conv(self, self.out_channels, 7, 2, 3, "conv1")
     x = nn.relu(conv1(x, canvas_mask((x.shape[1] // 2, x.shape[2] // 2), canvas_hw, 2)))
     # Post-ReLU values are >= 0, so zeros off the canvas act like the pool's -inf padding.
     return max_pool_3x3_s2_p1(zero_outside_canvas(x, canvas_hw, 2))
@@ -136,10 +152,10 @@ class BottleneckBlock(nn.Module):
 
   out_channels: int
   bottleneck_channels: int
-  stride: int = 1
-  stride_in_1x1: bool = True
-  norm: str = "FrozenBN"
-  dtype: Dtype = jnp.float32
+  stride: int
+  stride_in_1x1: bool
+  norm: str
+  dtype: Dtype
 
   @nn.compact
   def __call__(
@@ -149,32 +165,18 @@ class BottleneckBlock(nn.Module):
     neighbours; `norm_mask` keeps GroupNorm statistics on the canvas)."""
     s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
     out_stride = in_stride * self.stride
-    conv = lambda f, k, s, p, name: Conv2d(  # noqa: E731
-        f,
-        kernel_size=k,
-        strides=s,
-        padding=p,
-        use_bias=False,
-        norm=self.norm,
-        kernel_init=c2_msra_fill,
-        dtype=self.dtype,
-        name=name,
-    )
     out_hw = (-(-x.shape[1] // self.stride), -(-x.shape[2] // self.stride))
     out_mask = canvas_mask(out_hw, canvas_hw, out_stride)
-    if x.shape[-1] != self.out_channels or self.stride != 1:
-      shortcut = conv(self.out_channels, 1, self.stride, 0, "shortcut")(x, out_mask)
-    else:
-      shortcut = x.astype(self.dtype)
+    shortcut = _shortcut(self, x, out_mask)
     mid_hw = (-(-x.shape[1] // s1), -(-x.shape[2] // s1))
     y = nn.relu(
-        conv(self.bottleneck_channels, 1, s1, 0, "conv1")(
+        resnet_conv(self, self.bottleneck_channels, 1, s1, 0, "conv1")(
             x, canvas_mask(mid_hw, canvas_hw, in_stride * s1)
         )
     )
     y = zero_outside_canvas(y, canvas_hw, in_stride * s1)
-    y = nn.relu(conv(self.bottleneck_channels, 3, s3, 1, "conv2")(y, out_mask))
-    y = conv(self.out_channels, 1, 1, 0, "conv3")(y, out_mask)
+    y = nn.relu(resnet_conv(self, self.bottleneck_channels, 3, s3, 1, "conv2")(y, out_mask))
+    y = resnet_conv(self, self.out_channels, 1, 1, 0, "conv3")(y, out_mask)
     return nn.relu(y + shortcut)
 
 
@@ -182,38 +184,24 @@ class BasicBlock(nn.Module):
   """detectron2 BasicBlock: conv1 3x3 (stride) p1 + norm, ReLU, conv2 3x3 p1 + norm, add, ReLU."""
 
   out_channels: int
-  stride: int = 1
-  norm: str = "FrozenBN"
-  dtype: Dtype = jnp.float32
+  stride: int
+  norm: str
+  dtype: Dtype
 
   @nn.compact
   def __call__(
       self, x: jax.Array, canvas_hw: Optional[jax.Array] = None, in_stride: int = 1
   ) -> jax.Array:
-    conv = lambda f, k, s, p, name: Conv2d(  # noqa: E731
-        f,
-        kernel_size=k,
-        strides=s,
-        padding=p,
-        use_bias=False,
-        norm=self.norm,
-        kernel_init=c2_msra_fill,
-        dtype=self.dtype,
-        name=name,
-    )
     out_stride = in_stride * self.stride
     out_hw = (-(-x.shape[1] // self.stride), -(-x.shape[2] // self.stride))
     out_mask = canvas_mask(out_hw, canvas_hw, out_stride)
-    if x.shape[-1] != self.out_channels or self.stride != 1:
-      shortcut = conv(self.out_channels, 1, self.stride, 0, "shortcut")(x, out_mask)
-    else:
-      shortcut = x.astype(self.dtype)
+    shortcut = _shortcut(self, x, out_mask)
     y = nn.relu(
-        conv(self.out_channels, 3, self.stride, 1, "conv1")(
+        resnet_conv(self, self.out_channels, 3, self.stride, 1, "conv1")(
             zero_outside_canvas(x, canvas_hw, in_stride), out_mask
         )
     )
-    y = conv(self.out_channels, 3, 1, 1, "conv2")(
+    y = resnet_conv(self, self.out_channels, 3, 1, 1, "conv2")(
         zero_outside_canvas(y, canvas_hw, out_stride), out_mask
     )
     return nn.relu(y + shortcut)
@@ -225,11 +213,11 @@ class ResNetStage(nn.Module):
   block: str  # "bottleneck" | "basic"
   num_blocks: int
   out_channels: int
-  bottleneck_channels: int = 0
-  first_stride: int = 1
-  stride_in_1x1: bool = True
-  norm: str = "FrozenBN"
-  dtype: Dtype = jnp.float32
+  bottleneck_channels: int  # bottleneck blocks only
+  first_stride: int
+  stride_in_1x1: bool  # bottleneck blocks only
+  norm: str
+  dtype: Dtype
 
   @nn.compact
   def __call__(
@@ -259,10 +247,11 @@ class ResNet(nn.Module):
   """detectron2 ResNet bottom-up backbone (`build_resnet_backbone`, NUM_GROUPS=1,
   WIDTH_PER_GROUP=64, RES2_OUT_CHANNELS=256 for R50/101 and 64 for R18/34, RES5_DILATION=1).
 
-  Attributes:
+  Attributes (all required; the detector passes `config.model`'s resnet_depth, stride_in_1x1,
+  resnet_norm, freeze_at, resnet_width, dtype and the FPN's `in_features`):
     depth: 18, 34, 50 or 101.
     stride_in_1x1: stride on the bottleneck's first 1x1 conv (MSRA) rather than on the 3x3.
-    norm: norm of every conv: 'FrozenBN' (default), 'GN' or '' (none).
+    norm: norm of every conv: 'FrozenBN' (official), 'GN' or '' (none).
     freeze_at: detectron2 freeze semantics (see module docstring).
     width: stem channels / bottleneck width of res2 (64 = every official ResNet).
     out_features: subset of ('stem', 'res2', 'res3', 'res4', 'res5') to return. As in detectron2,
@@ -273,13 +262,13 @@ class ResNet(nn.Module):
   `[2]`, see `canvas.zero_outside_canvas`). Output: dict name -> `[N, H/s, W/s, C]`.
   """
 
-  depth: int = 50
-  stride_in_1x1: bool = True
-  norm: str = "FrozenBN"
-  freeze_at: int = 2
-  out_features: Sequence[str] = ("res3", "res4", "res5")
-  width: int = 64
-  dtype: Dtype = jnp.float32
+  depth: int
+  stride_in_1x1: bool
+  norm: str
+  freeze_at: int
+  out_features: Sequence[str]
+  width: int
+  dtype: Dtype
 
   @nn.compact
   def __call__(self, x: jax.Array, canvas_hw: Optional[jax.Array] = None) -> Dict[str, jax.Array]:

@@ -2,6 +2,7 @@
 
   build.py        the registry: `model.arch` -> module class; `build_model(config.model)`
   centernet2.py   CenterNet2 (CenterNet proposals + cascade ROI heads), arch "centernet2"
+  onestage.py     one-stage CenterNet as centerX builds it (modeling/onestage/), arch "onestage"
 
 A new family adds `meta_arch/<name>.py` with `@register("<name>")`, imports it here, adds its
 name to `config.ARCHS` and its config keys to the schema; it reuses `backbone/`, `ops/` and the
@@ -9,6 +10,13 @@ shared heads where they are the same.
 """
 
 from cn2_jax.modeling.meta_arch import centernet2  # noqa: F401  (registers "centernet2")
-from cn2_jax.modeling.meta_arch.build import META_ARCHS, build_model, register
+from cn2_jax.modeling.meta_arch import onestage  # noqa: F401  (registers "onestage")
+from cn2_jax.modeling.meta_arch.build import (
+    META_ARCHS,
+    build_model,
+    family,
+    frozen_param_prefixes,
+    register,
+)
 
-__all__ = ["META_ARCHS", "build_model", "register"]
+__all__ = ["META_ARCHS", "build_model", "family", "frozen_param_prefixes", "register"]

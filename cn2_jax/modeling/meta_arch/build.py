@@ -1,37 +1,57 @@
-"""The meta-architecture registry: `model.arch` -> the Linen module class of that detector family.
+"""The meta-architecture registry: `model.arch` -> how to build that detector family.
 
-A family registers its top-level module with `@register("name")`; `build_model(config.model)`
-instantiates it with the frozen model config. Every registered module follows the Model API of
-docs/DESIGN.md (`apply(variables, batch, train=False)` -> detections dict; `train=True` -> losses),
-so the data pipeline, training loop, evaluation, predict and export work for every family.
+A family registers a builder `(frozen model config, axis_name) -> Linen module` with
+`@register("name", frozen_param_prefixes=fn)`; `build_model(config.model)` calls it. Every
+registered module follows the Model API of docs/DESIGN.md (`apply(variables, batch, train=False)`
+-> detections dict; `train=True` -> losses, with `mutable=['batch_stats']` when the family has
+trainable BatchNorm), so the data pipeline, training loop, evaluation, predict and export work for
+every family. `frozen_param_prefixes(config.model)` names the '.'-joined parameter path prefixes
+that receive no update (the optimizer's FROZEN label).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Dict, Optional
 
 import ml_collections
 
-META_ARCHS: Dict[str, type] = {}
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  build: Callable  # (FrozenConfigDict model config, axis_name) -> flax.linen.Module
+  frozen_param_prefixes: Callable  # (model config) -> tuple[str, ...]
 
 
-def register(name: str) -> Callable[[type], type]:
-  def deco(cls: type) -> type:
+META_ARCHS: Dict[str, Family] = {}
+
+
+def register(name: str, *, frozen_param_prefixes: Callable) -> Callable:
+  def deco(build: Callable) -> Callable:
     if name in META_ARCHS:
       raise ValueError(f"meta-architecture {name!r} is registered twice")
-    META_ARCHS[name] = cls
-    return cls
+    META_ARCHS[name] = Family(build, frozen_param_prefixes)
+    return build
 
   return deco
 
 
-def build_model(model_config: ml_collections.ConfigDict, axis_name: Optional[str] = None):
-  """The detector module of `model_config.arch` (a registered family)."""
-  arch = model_config.arch
+def family(arch: str) -> Family:
   if arch not in META_ARCHS:
     from cn2_jax.errors import ConfigError
 
     raise ConfigError(
-        f"model.arch={arch!r} is not a known detector family " f"(known: {sorted(META_ARCHS)})"
+        f"model.arch={arch!r} is not a known detector family (known: {sorted(META_ARCHS)})"
     )
-  return META_ARCHS[arch](ml_collections.FrozenConfigDict(model_config), axis_name=axis_name)
+  return META_ARCHS[arch]
+
+
+def build_model(model_config: ml_collections.ConfigDict, axis_name: Optional[str] = None):
+  """The detector module of `model_config.arch` (a registered family)."""
+  return family(model_config.arch).build(
+      ml_collections.FrozenConfigDict(model_config), axis_name=axis_name
+  )
+
+
+def frozen_param_prefixes(model_config: ml_collections.ConfigDict) -> tuple:
+  return tuple(family(model_config.arch).frozen_param_prefixes(model_config))

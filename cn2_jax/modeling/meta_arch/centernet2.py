@@ -29,7 +29,14 @@ from cn2_jax.modeling.roi_heads.cascade import CascadeROIHeads
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-@register("centernet2")
+def _frozen_param_prefixes(model_config) -> tuple:
+  """FREEZE_AT: the ResNet stages that receive no update."""
+  from cn2_jax.modeling.backbone.resnet import frozen_param_prefixes as resnet_prefixes
+
+  return tuple(f"backbone.bottom_up.{p}" for p in resnet_prefixes(model_config.freeze_at))
+
+
+@register("centernet2", frozen_param_prefixes=_frozen_param_prefixes)
 class CenterNet2(nn.Module):
   """The detector. `config` is `config.model` (cn2_jax/config.py), as a FrozenConfigDict.
 
@@ -40,6 +47,8 @@ class CenterNet2(nn.Module):
   axis_name: Optional[str] = None
 
   def setup(self):
+    # Every setting comes from the config (cn2_jax/config.py holds all defaults); the rest is
+    # wiring: the FPN levels' strides (P3..P7) and the level of the first one.
     m = model_kwargs(self.config)
     dtype = _DTYPES[m["dtype"]]
     self.backbone = FPN(
@@ -49,13 +58,22 @@ class CenterNet2(nn.Module):
         norm=m["resnet_norm"],
         width=m["resnet_width"],
         out_channels=m["fpn_channels"],
+        fpn_norm=m["fpn_norm"],
         dtype=dtype,
     )
     self.proposal_generator = CenterNet(
-        channels=m["fpn_channels"], axis_name=self.axis_name, dtype=dtype, **m["centernet"]
+        strides=FPN.strides,
+        channels=m["fpn_channels"],
+        axis_name=self.axis_name,
+        dtype=dtype,
+        **m["centernet"],
     )
     self.roi_heads = CascadeROIHeads(
-        num_classes=m["num_classes"], axis_name=self.axis_name, dtype=dtype, **m["roi_heads"]
+        num_classes=m["num_classes"],
+        min_level=FPN.min_level,
+        axis_name=self.axis_name,
+        dtype=dtype,
+        **m["roi_heads"],
     )
 
   def preprocess(self, image: jax.Array, image_hw: jax.Array) -> jax.Array:

@@ -36,13 +36,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cn2_jax.modeling.detector import dummy_batch  # the family-agnostic minimal batch
+from cn2_jax.modeling.variables import (  # noqa: F401  (re-exported: the family-agnostic helpers)
+    abstract_module_variables as abstract_variables,
+    dummy_batch,
+    init_fn,
+    init_module_variables as init_variables,
+)
 from cn2_jax.modeling.onestage import decode as decode_lib
 from cn2_jax.modeling.onestage import losses as loss_lib
 from cn2_jax.modeling.onestage.backbone import ResNetC5
 from cn2_jax.modeling.onestage.head import CenternetHead
 from cn2_jax.modeling.onestage.neck import CenternetDeconv
-from cn2_jax.modeling.onestage.norm import TORCH_BN_EPS, TORCH_BN_MOMENTUM
 from cn2_jax.modeling.onestage.targets import batch_targets
 
 # "float64" only under jax.enable_x64 (the oracle's double-precision reference).
@@ -50,55 +54,59 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.floa
 
 
 class CenterNetOneStage(nn.Module):
-  """The model. Attributes (defaults = centerX `centernet_res18_coco_0.5.yaml`):
+  """The model. Every attribute is required; `build_onestage_model` / the `onestage` meta-arch
+  fill them from the config schema (`config.model.onestage` plus the shared `num_classes`,
+  `resnet_depth` -> `depth`, `resnet_width` -> `backbone_width`, `dtype`), where their defaults
+  (centerX `centernet_res18_coco_0.5.yaml`) and meanings are documented.
 
-  Architecture: `num_classes`, `depth` (18/34/50/101), `backbone_width` (64), `deconv_channels`
+  Architecture: `num_classes`, `depth` (18/34/50/101), `backbone_width`, `deconv_channels`
   (outputs of deconv1..3), `deconv_kernels`, `use_deform`, `modulate_deform`,
-  `dcn_zero_init_offset` (False = centerX), `head_conv` (None = neck channels), `bias_value`,
-  `head_init` ("centerx" | "centernet"), `down_scale` (output stride 4).
-  Input: `pixel_mean`, `pixel_std` ([0, 1] units), `input_format` ("RGB" | "BGR").
-  Targets/losses: `min_overlap`, `radius_formula` ("fixed" | "cornernet"), `tensor_dim`,
-  `cls_weight`, `wh_weight`, `reg_weight`, `norm_wh` ("" | "centerx" | "per_object"),
-  `focal_clamp` ((lo, hi), None = no bound).
+  `dcn_zero_init_offset`, `head_conv` (0 = neck channels), `bias_value`, `head_init`,
+  `down_scale` (output stride). Input: `pixel_mean`, `pixel_std` ([0, 1] units), `input_format`.
+  Targets/losses: `min_overlap`, `radius_formula`, `tensor_dim`, `cls_weight`, `wh_weight`,
+  `reg_weight`, `norm_wh`, `focal_clamp` ((lo, hi), None = no bound).
   Decoding: `max_detections` (K), `clamp_wh` (False = official inverted boxes).
-  Numerics: `bn_momentum` (Flax convention), `bn_eps`, `dtype` ("float32" | "bfloat16"; "float64" under `jax.enable_x64` only),
-  `axis_name` (SyncBN statistics across devices).
+  Numerics: `bn_momentum` (Flax convention), `bn_eps`, `dtype` ("float32" | "bfloat16";
+  "float64" under `jax.enable_x64` only). `sync_bn`: BatchNorm statistics over `axis_name` (the
+  data axis the train step sets with `clone(axis_name=...)`); False = per-device statistics.
   """
 
-  num_classes: int = 80
-  depth: int = 18
-  backbone_width: int = 64
-  deconv_channels: Sequence[int] = (256, 128, 64)
-  deconv_kernels: Sequence[int] = (4, 4, 4)
-  use_deform: bool = True
-  modulate_deform: bool = True
-  dcn_zero_init_offset: bool = False
-  head_conv: Optional[int] = None
-  bias_value: float = -2.19
-  head_init: str = "centerx"
-  down_scale: int = 4
-  pixel_mean: Sequence[float] = (0.485, 0.456, 0.406)
-  pixel_std: Sequence[float] = (0.229, 0.224, 0.225)
-  input_format: str = "RGB"
-  min_overlap: float = 0.3
-  radius_formula: str = "fixed"
-  tensor_dim: int = 128
-  cls_weight: float = 1.0
-  wh_weight: float = 0.1
-  reg_weight: float = 1.0
-  norm_wh: str = ""
-  focal_clamp: Tuple[Optional[float], Optional[float]] = loss_lib.CENTERX_CLAMP
-  max_detections: int = 100
-  clamp_wh: bool = True
-  bn_momentum: float = TORCH_BN_MOMENTUM
-  bn_eps: float = TORCH_BN_EPS
-  dtype: str = "float32"
-  axis_name: Optional[str] = None
+  num_classes: int
+  depth: int
+  backbone_width: int
+  deconv_channels: Sequence[int]
+  deconv_kernels: Sequence[int]
+  use_deform: bool
+  modulate_deform: bool
+  dcn_zero_init_offset: bool
+  head_conv: int
+  bias_value: float
+  head_init: str
+  down_scale: int
+  pixel_mean: Sequence[float]
+  pixel_std: Sequence[float]
+  input_format: str
+  min_overlap: float
+  radius_formula: str
+  tensor_dim: int
+  cls_weight: float
+  wh_weight: float
+  reg_weight: float
+  norm_wh: str
+  focal_clamp: Tuple[Optional[float], Optional[float]]
+  max_detections: int
+  clamp_wh: bool
+  bn_momentum: float
+  bn_eps: float
+  dtype: str
+  sync_bn: bool
+  axis_name: Optional[str] = None  # set by the train step (model.clone), not a setting
 
   def setup(self):
     dtype = _DTYPES[self.dtype]
+    bn_axis = self.axis_name if self.sync_bn else None
     self.backbone = ResNetC5(
-        self.depth, self.backbone_width, self.bn_momentum, self.bn_eps, self.axis_name, dtype
+        self.depth, self.backbone_width, self.bn_momentum, self.bn_eps, bn_axis, dtype
     )
     self.upsample = CenternetDeconv(
         tuple(self.deconv_channels),
@@ -108,7 +116,7 @@ class CenterNetOneStage(nn.Module):
         self.dcn_zero_init_offset,
         self.bn_momentum,
         self.bn_eps,
-        self.axis_name,
+        bn_axis,
         dtype,
     )
     self.head = CenternetHead(
@@ -201,42 +209,42 @@ class CenterNetOneStage(nn.Module):
 
 
 MODEL_FIELDS = tuple(
-    f.name for f in dataclasses.fields(CenterNetOneStage) if f.name not in ("parent", "name")
+    f.name
+    for f in dataclasses.fields(CenterNetOneStage)
+    if f.name not in ("parent", "name", "axis_name")
 )
+# Attribute <- shared `config.model` key (the others come from `config.model.onestage`).
+_SHARED = {"num_classes": "num_classes", "depth": "resnet_depth", "backbone_width": "resnet_width"}
+_TUPLES = ("deconv_channels", "deconv_kernels", "pixel_mean", "pixel_std", "focal_clamp")
+
+
+def model_fields(model_config: Any) -> Dict[str, Any]:
+  """The model's attributes from a `config.model` (ConfigDict or its plain dict)."""
+  m = model_config
+  out = {attr: m[key] for attr, key in _SHARED.items()}
+  out["dtype"] = m["dtype"]
+  out.update({k: v for k, v in dict(m["onestage"]).items() if k in MODEL_FIELDS})
+  for key in _TUPLES:
+    out[key] = tuple(out[key])
+  return out
 
 
 def build_onestage_model(
     model_config: Optional[Mapping[str, Any]] = None, axis_name: Optional[str] = None, **overrides
 ) -> CenterNetOneStage:
-  """A `CenterNetOneStage` from a flat mapping (dict / ConfigDict) of its attribute names, plus
-  keyword overrides. Unknown keys raise ValueError (a misspelled option must not be ignored)."""
+  """A `CenterNetOneStage` from the schema defaults (`config.base_config().model`) updated by a
+  flat mapping (dict / ConfigDict) of its attribute names and keyword overrides. Unknown keys
+  raise ValueError (a misspelled option must not be ignored)."""
+  from cn2_jax.config import base_config
+
   cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else (model_config or {}))
   cfg.update(overrides)
-  if axis_name is not None:
-    cfg["axis_name"] = axis_name
   unknown = sorted(set(cfg) - set(MODEL_FIELDS))
   if unknown:
     raise ValueError(f"unknown one-stage model option(s) {unknown}; valid: {list(MODEL_FIELDS)}")
-  for key in ("deconv_channels", "deconv_kernels", "pixel_mean", "pixel_std", "focal_clamp"):
-    if key in cfg and cfg[key] is not None:
-      cfg[key] = tuple(cfg[key])
-  return CenterNetOneStage(**cfg)
-
-
-def init_fn(model: CenterNetOneStage):
-  """`key -> {'params', 'batch_stats'}` (official init rules); pure, jit / eval_shape-able."""
-
-  def init(key):
-    variables = model.init(key, dummy_batch(), train=False)
-    return {k: v for k, v in variables.items() if k != "intermediates"}  # init keeps sows
-
-  return init
-
-
-def init_variables(model: CenterNetOneStage, seed: int = 0) -> dict:
-  return jax.jit(init_fn(model))(jax.random.PRNGKey(seed))
-
-
-def abstract_variables(model: CenterNetOneStage) -> dict:
-  """The variable structure as `jax.ShapeDtypeStruct` leaves (no computation)."""
-  return jax.eval_shape(init_fn(model), jax.random.PRNGKey(0))
+  fields = model_fields(base_config().model)
+  fields.update(cfg)
+  for key in _TUPLES:
+    if fields[key] is not None:
+      fields[key] = tuple(fields[key])
+  return CenterNetOneStage(**fields, axis_name=axis_name)

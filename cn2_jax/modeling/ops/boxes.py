@@ -16,13 +16,10 @@ torchvision float32 arithmetic.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-
-DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 
 
 @jax.custom_jvp
@@ -89,9 +86,7 @@ def _centers_sizes(boxes: jax.Array):
   return cx, cy, w, h
 
 
-def encode_boxes(
-    src: jax.Array, target: jax.Array, weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0)
-) -> jax.Array:
+def encode_boxes(src: jax.Array, target: jax.Array, weights: Sequence[float]) -> jax.Array:
   """detectron2 `Box2BoxTransform.get_deltas`: `src [..., 4]`, `target [..., 4]` -> `[..., 4]`.
 
   dx = wx * (tx - sx) / sw, dy = wy * (ty - sy) / sh, dw = ww * log(tw / sw),
@@ -114,16 +109,18 @@ def encode_boxes(
 def decode_boxes(
     deltas: jax.Array,
     boxes: jax.Array,
-    weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
-    scale_clamp: float = DEFAULT_SCALE_CLAMP,
+    weights: Sequence[float],
+    scale_clamp: float,
 ) -> jax.Array:
   """detectron2 `Box2BoxTransform.apply_deltas` (class-agnostic, 4 deltas per box).
 
   Args:
     deltas: `[..., 4]` (dx, dy, dw, dh), any float dtype (computed in float32).
     boxes: `[..., 4]` reference boxes, broadcastable against `deltas`.
-    weights: (wx, wy, ww, wh); the deltas are divided by them.
-    scale_clamp: dw / dh are clamped from above at this value before `exp`.
+    weights: (wx, wy, ww, wh); the deltas are divided by them (a cascade stage's
+      `config.model.roi_heads.box_weights` entry).
+    scale_clamp: dw / dh are clamped from above at this value before `exp`
+      (`config.model.roi_heads.scale_clamp`, detectron2's log(1000 / 16)).
   Returns:
     `[..., 4]` float32 boxes: centre = d * size + ctr, size = exp(d) * size,
     x1 = ctr - 0.5 * w, x2 = ctr + 0.5 * w (likewise y).

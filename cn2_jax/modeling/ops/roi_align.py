@@ -43,10 +43,11 @@ Two sampling modes:
     cap is sampled with the cap**: `grid = min(grid, cap)` per axis, samples evenly spread over the
     bin with that grid and divided by `max(grid_h * grid_w, 1)` of the capped grids (i.e. like a
     fixed sampling ratio of `cap` on that axis). `required_adaptive_samples` returns the per-axis
-    grid the boxes need, so callers and tests can check that the cap suffices. The default cap
-    (`DEFAULT_MAX_ADAPTIVE_SAMPLES = 8`) covers every box whose roi spans <= 8 * out cells on its
-    level: all roughly square boxes (level assignment keeps them at 14-28 cells, <= 4 samples)
-    and the elongated cascade boxes of the oracle image (<= 7). Cost: up to `cap_h * cap_w`
+    grid the boxes need, so callers and tests can check that the cap suffices. The cap is a
+    setting (`config.model.roi_heads.max_adaptive_samples`): 8 covers every box whose roi spans
+    <= 8 * out cells on its level: all roughly square boxes (level assignment keeps them at 14-28
+    cells, <= 4 samples) and the elongated cascade boxes of the oracle image (<= 7); the schema's
+    24 covers a 1333 px side on P3. Cost: up to `cap_h * cap_w`
     sub-sample steps (each 4 gathers of `[R, out_h, out_w, C]`) versus `sampling_ratio**2` for
     the fixed mode; on GPU each step's `lax.cond` predicate may cost a device-to-host sync
     (jax_notes §4), which is why the fixed mode stays the fast path.
@@ -71,11 +72,6 @@ import numpy as np
 
 IntOrPair = Union[int, Tuple[int, int]]
 
-# Default per-axis cap of the adaptive mode. Level assignment keeps roughly square boxes at
-# 14-28 feature cells (<= 4 samples per 7-bin axis); elongated boxes need more (the oracle's
-# cascade stages need up to 7 on a 1067x800 image).
-DEFAULT_MAX_ADAPTIVE_SAMPLES = 8
-
 
 def _pair(v: IntOrPair) -> Tuple[int, int]:
   if isinstance(v, (tuple, list)):
@@ -92,10 +88,10 @@ def _box_area(boxes: jax.Array) -> jax.Array:
 
 def assign_boxes_to_levels(
     boxes: jax.Array,
-    min_level: int = 3,
-    max_level: int = 7,
-    canonical_box_size: float = 224,
-    canonical_level: int = 4,
+    min_level: int,
+    max_level: int,
+    canonical_box_size: float,
+    canonical_level: int,
 ) -> jax.Array:
   """detectron2 `poolers.assign_boxes_to_levels`, returning the absolute level.
 
@@ -161,14 +157,15 @@ def _adaptive_grid(roi: jax.Array, pooled: int) -> jax.Array:
 
 def required_adaptive_samples(
     boxes: jax.Array,
-    spatial_scale=None,
-    output_size: IntOrPair = 7,
-    aligned: bool = True,
+    spatial_scale: Optional[float],
+    output_size: IntOrPair,
+    aligned: bool,
     valid=None,
-    min_level: int = 3,
-    max_level: int = 7,
-    canonical_box_size: float = 224,
-    canonical_level: int = 4,
+    *,
+    min_level: Optional[int] = None,
+    max_level: Optional[int] = None,
+    canonical_box_size: Optional[float] = None,
+    canonical_level: Optional[int] = None,
 ) -> jax.Array:
   """Per-axis number of adaptive samples (`sampling_ratio=0`) the boxes need.
 
@@ -177,7 +174,8 @@ def required_adaptive_samples(
   mode is exact. With `spatial_scale=None` every box is measured on the level that
   `assign_boxes_to_levels(boxes, min_level, max_level, ...)` gives it (scale `2**-level`, as in
   `multilevel_roi_align`; pass `max_level = min_level + num_levels - 1`); otherwise on a single
-  map of that scale (as in `roi_align`). Jittable.
+  map of that scale (as in `roi_align`). The four level-assignment settings are needed (and
+  only read) with `spatial_scale=None`. Jittable.
 
   Args:
     boxes: `[..., 4]` xyxy image pixels.
@@ -188,6 +186,15 @@ def required_adaptive_samples(
   out_hw = _pair(output_size)
   boxes = lax.stop_gradient(jnp.asarray(boxes, jnp.float32)).reshape(-1, 4)
   if spatial_scale is None:
+    levels = dict(
+        min_level=min_level,
+        max_level=max_level,
+        canonical_box_size=canonical_box_size,
+        canonical_level=canonical_level,
+    )
+    unset = [k for k, v in levels.items() if v is None]
+    if unset:
+      raise ValueError(f"required_adaptive_samples(spatial_scale=None) needs {unset}")
     level = assign_boxes_to_levels(boxes, min_level, max_level, canonical_box_size, canonical_level)
     scale = _level_scales(min_level, max_level)[level - min_level]
   else:
@@ -328,10 +335,10 @@ def roi_align(
     feature: jax.Array,
     boxes: jax.Array,
     spatial_scale: float,
-    output_size: IntOrPair = 7,
-    sampling_ratio: int = 2,
-    aligned: bool = True,
-    max_adaptive_samples: IntOrPair = DEFAULT_MAX_ADAPTIVE_SAMPLES,
+    output_size: IntOrPair,
+    sampling_ratio: int,
+    aligned: bool,
+    max_adaptive_samples: IntOrPair,
 ) -> jax.Array:
   """Single-map ROIAlign, torchvision `roi_align(input, rois, output_size, spatial_scale,
   sampling_ratio, aligned)` semantics (see the module docstring for the two sampling modes).
@@ -371,16 +378,20 @@ def roi_align(
 def multilevel_roi_align(
     features: Sequence[jax.Array],
     boxes: jax.Array,
-    min_level: int = 3,
-    output_size: IntOrPair = 7,
-    sampling_ratio: int = 2,
-    aligned: bool = True,
-    canonical_box_size: float = 224,
-    canonical_level: int = 4,
-    max_adaptive_samples: IntOrPair = DEFAULT_MAX_ADAPTIVE_SAMPLES,
+    min_level: int,
+    output_size: IntOrPair,
+    sampling_ratio: int,
+    aligned: bool,
+    canonical_box_size: float,
+    canonical_level: int,
+    max_adaptive_samples: IntOrPair,
     valid_hw: Optional[jax.Array] = None,
 ) -> jax.Array:
   """detectron2 `ROIPooler` (ROIAlign / ROIAlignV2) over a feature pyramid.
+
+  The pooler settings are required: the cascade passes `config.model.roi_heads`
+  (pooler_resolution, sampling_ratio, canonical_box_size, canonical_level, max_adaptive_samples),
+  the level of its first feature map and `aligned=True` (ROIAlignV2).
 
   Each box is pooled only on its level `assign_boxes_to_levels(box, min_level, max_level,
   canonical_box_size, canonical_level)`, `max_level = min_level + len(features) - 1`, with spatial

@@ -28,36 +28,38 @@ def _flatten_levels(xs: Sequence[jax.Array]) -> jax.Array:
 
 
 class CenterNet(nn.Module):
-  """Attributes mirror `config.model.centernet` (see cn2_jax/config.py)."""
+  """Attributes mirror `config.model.centernet` (see cn2_jax/config.py, the only place their
+  defaults live) and are all required; the detector adds the wiring: `strides` (of the FPN
+  levels), `channels` (`fpn_channels`), `dtype` and `axis_name` (set by the train step)."""
 
-  strides: Sequence[int] = (8, 16, 32, 64, 128)
-  num_convs: int = 4
-  channels: int = 256
-  prior_prob: float = 0.01
-  bbox_bias_init: float = 8.0
-  soi: Sequence[Sequence[float]] = ((0, 80), (64, 160), (128, 320), (256, 640), (512, 1e7))
-  hm_min_overlap: float = 0.8
-  min_radius: float = 4.0
-  dedup_positives: bool = False
-  all_level_peaks: bool = True
-  focal_alpha: float = 0.25
-  focal_beta: float = 4.0
-  loss_gamma: float = 2.0
-  sigmoid_clamp: float = 1e-4
-  ignore_high_fp: float = 0.85
-  pos_weight: float = 0.5
-  neg_weight: float = 0.5
-  reg_weight: float = 1.0
-  pre_nms_topk_train: int = 4000
-  post_nms_topk_train: int = 2000
-  pre_nms_topk_test: int = 1000
-  post_nms_topk_test: int = 256
-  nms_thresh_train: float = 0.9
-  nms_thresh_test: float = 0.9
-  inference_thresh: float = 1e-4
-  clip_proposals: bool = False
-  axis_name: Optional[str] = None
-  dtype: Dtype = jnp.float32
+  strides: Sequence[int]
+  channels: int
+  num_convs: int
+  prior_prob: float
+  bbox_bias_init: float
+  soi: Sequence[Sequence[float]]
+  hm_min_overlap: float
+  min_radius: float
+  dedup_positives: bool
+  all_level_peaks: bool
+  focal_alpha: float
+  focal_beta: float
+  loss_gamma: float
+  sigmoid_clamp: float
+  ignore_high_fp: float
+  pos_weight: float
+  neg_weight: float
+  reg_weight: float
+  pre_nms_topk_train: int
+  post_nms_topk_train: int
+  pre_nms_topk_test: int
+  post_nms_topk_test: int
+  nms_thresh_train: float
+  nms_thresh_test: float
+  inference_thresh: float
+  clip_proposals: bool
+  dtype: Dtype
+  axis_name: Optional[str] = None  # wiring (the data axis of the train step), not a setting
 
   def setup(self):
     self.centernet_head = CenterNetHead(

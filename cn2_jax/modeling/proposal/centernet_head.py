@@ -37,13 +37,15 @@ Dtype = Any
 class CenterNetHead(nn.Module):
   """Shared CenterNet head.
 
-  Attributes:
+  Attributes (all required; `CenterNet` passes them from `config.model`, where the official
+  values live):
     num_levels: number of FPN levels (P3..P7 -> 5); one `Scale` per level.
-    num_convs: convs in the bbox tower (4).
-    channels: tower width (256; must equal the input channels, as in the official head).
-    prior_prob: objectness prior; `agn_hm` bias = -log((1 - p) / p).
-    bbox_bias_init: `bbox_pred` bias init (8.0, in stride units; spec §8 item 6).
-    dtype: compute dtype of the convs (parameters and outputs are float32).
+    num_convs: convs in the bbox tower (`centernet.num_convs`).
+    channels: tower width (`fpn_channels`; must equal the input channels, as in the official head).
+    prior_prob: objectness prior (`centernet.prior_prob`); `agn_hm` bias = -log((1 - p) / p).
+    bbox_bias_init: `bbox_pred` bias init (`centernet.bbox_bias_init`, in stride units; spec §8
+      item 6).
+    dtype: compute dtype of the convs (`dtype`; parameters and outputs are float32).
 
   `__call__(features, masks=None)` with `features` a list of `num_levels` NHWC maps
   `[B, H_l, W_l, C]` (and optional GroupNorm masks `[B, H_l, W_l]` bool per level) returns
@@ -53,12 +55,12 @@ class CenterNetHead(nn.Module):
     reg_raw:   `[B, H_l, W_l, 4]` float32 bbox_pred output before Scale and ReLU.
   """
 
-  num_levels: int = 5
-  num_convs: int = 4
-  channels: int = 256
-  prior_prob: float = 0.01
-  bbox_bias_init: float = 8.0
-  dtype: Dtype = jnp.float32
+  num_levels: int
+  num_convs: int
+  channels: int
+  prior_prob: float
+  bbox_bias_init: float
+  dtype: Dtype
 
   def setup(self):
     w_init = nn.initializers.normal(stddev=0.01)  # torch.nn.init.normal_(std=0.01), untruncated

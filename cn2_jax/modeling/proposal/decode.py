@@ -69,16 +69,19 @@ def _single_image(
 def generate_proposals(
     hm_logits: Sequence[jax.Array],
     reg: Sequence[jax.Array],
-    strides: Sequence[int] = (8, 16, 32, 64, 128),
-    pre_nms_topk: int = 1000,
-    post_nms_topk: int = 256,
-    nms_thresh: float = 0.9,
-    score_thresh: float = 1e-4,
+    strides: Sequence[int],
+    pre_nms_topk: int,
+    post_nms_topk: int,
+    nms_thresh: float,
+    score_thresh: float,
     *,
     nms_tile_size: int = DEFAULT_TILE_SIZE,
     clip_hw=None,
 ) -> dict[str, jax.Array]:
   """CenterNet2 proposals from the class-agnostic heatmap and the ltrb regression.
+
+  The settings are required (`CenterNet` passes `config.model.centernet`: pre/post_nms_topk and
+  nms_thresh of the train or test mode, inference_thresh as `score_thresh`).
 
   Args:
     hm_logits: per level `[B, H_l, W_l]` heatmap logits (before the sigmoid).

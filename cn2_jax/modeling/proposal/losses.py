@@ -76,18 +76,21 @@ def centernet_losses(
     reg_pred: jax.Array,
     targets: Mapping[str, jax.Array],
     *,
-    alpha: float = 0.25,
-    beta: float = 4.0,
-    gamma: float = 2.0,
-    sigmoid_clamp: float = 1e-4,
-    ignore_high_fp: float = 0.85,
-    pos_weight: float = 0.5,
-    neg_weight: float = 0.5,
-    reg_weight: float = 1.0,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    sigmoid_clamp: float,
+    ignore_high_fp: float,
+    pos_weight: float,
+    neg_weight: float,
+    reg_weight: float,
     axis_name: Optional[str] = None,
     location_mask: Optional[jax.Array] = None,
 ) -> Dict[str, jax.Array]:
   """CenterNet2 first-stage losses.
+
+  The weights and focal parameters are required: `CenterNet` passes `config.model.centernet`
+  (focal_alpha, focal_beta, loss_gamma, sigmoid_clamp, ignore_high_fp, pos/neg/reg_weight).
 
   Args:
     hm_logits: `[B, L]` objectness logits (all levels, level-major per image).

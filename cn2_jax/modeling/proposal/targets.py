@@ -52,9 +52,6 @@ import numpy as np
 
 INF = 100000000.0  # official INF (1e8), exactly representable in float32
 
-DEFAULT_STRIDES = (8, 16, 32, 64, 128)
-DEFAULT_SOI = ((0, 80), (64, 160), (128, 320), (256, 640), (512, 10000000))
-
 
 def _level_constants(level_shapes, strides, soi):
   """Per-location float32 grid x/y, stride, SOI lower/upper bound (numpy, static)."""
@@ -76,14 +73,15 @@ def centernet_targets(
     gt_boxes: jax.Array,
     gt_valid: jax.Array,
     level_shapes: Sequence[Tuple[int, int]],
-    strides: Sequence[int] = DEFAULT_STRIDES,
-    soi: Sequence[Tuple[float, float]] = DEFAULT_SOI,
-    hm_min_overlap: float = 0.8,
-    min_radius: float = 4.0,
-    dedup_positives: bool = False,
-    all_level_peaks: bool = True,
+    strides: Sequence[int],
+    soi: Sequence[Tuple[float, float]],
+    hm_min_overlap: float,
+    min_radius: float,
+    dedup_positives: bool,
+    all_level_peaks: bool,
 ) -> Dict[str, jax.Array]:
-  """CenterNet targets for one image.
+  """CenterNet targets for one image. Every setting is required: the values live in the config
+  schema (`config.model.centernet`, cn2_jax/config.py) and `CenterNet` passes them.
 
   Args:
     gt_boxes: `[M, 4]` xyxy boxes in input pixels (padded rows arbitrary).

@@ -20,13 +20,14 @@ Dtype = Any
 
 class FastRCNNConvFCHead(nn.Module):
   """`num_fc` x (Dense(fc_dim) + ReLU); sub-modules `fc1`, `fc2`, ... (detectron2 names).
+  `fc_dim`, `num_fc`: `config.model.roi_heads` (required, as every setting).
 
   Input `[..., R, S, S, C]` pooled features; output `[..., R, fc_dim]` in `dtype`.
   """
 
-  fc_dim: int = 1024
-  num_fc: int = 2
-  dtype: Dtype = jnp.float32
+  fc_dim: int
+  num_fc: int
+  dtype: Dtype
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -51,8 +52,8 @@ class FastRCNNOutputLayers(nn.Module):
   Input `[..., R, D]`; returns (logits `[..., R, num_classes + 1]`, deltas `[..., R, 4]`).
   """
 
-  num_classes: int = 80
-  dtype: Dtype = jnp.float32
+  num_classes: int
+  dtype: Dtype
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -15,7 +15,6 @@ Inference:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -51,7 +50,7 @@ scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
 
 
 def probabilistic_scores(
-    stage_logits: Sequence[jax.Array], proposal_scores: jax.Array, mult_proposal_score: bool = True
+    stage_logits: Sequence[jax.Array], proposal_scores: jax.Array, mult_proposal_score: bool
 ) -> jax.Array:
   """CenterNet2's final score (spec §6): sqrt(mean_k softmax(logits_k) * s_prop).
 
@@ -118,34 +117,32 @@ def fast_rcnn_inference(
 class CascadeROIHeads(nn.Module):
   """Three-stage cascade (sub-modules `box_head.{k}`, `box_predictor.{k}`).
 
-  Attributes mirror `config.model.roi_heads` (see cn2_jax/config.py for meanings and defaults).
+  Attributes mirror `config.model.roi_heads` (see cn2_jax/config.py for meanings and defaults,
+  which live only there) and are all required; the detector adds the wiring: `num_classes`,
+  `min_level` (the level of the first feature map, P3 -> 3), `dtype` and `axis_name`.
   """
 
-  num_classes: int = 80
-  iou_thresholds: Sequence[float] = (0.6, 0.7, 0.8)
-  box_weights: Sequence[Sequence[float]] = (
-      (10.0, 10.0, 5.0, 5.0),
-      (20.0, 20.0, 10.0, 10.0),
-      (30.0, 30.0, 15.0, 15.0),
-  )
-  batch_size_per_image: int = 512
-  positive_fraction: float = 0.25
-  pooler_resolution: int = 7
-  sampling_ratio: int = 2
-  max_adaptive_samples: int = 8
-  canonical_box_size: int = 224
-  canonical_level: int = 4
-  min_level: int = 3
-  fc_dim: int = 1024
-  num_fc: int = 2
-  scale_clamp: float = math.log(1000.0 / 16)
-  append_gt: bool = True
-  mult_proposal_score: bool = True
-  score_thresh_test: float = 0.05
-  nms_thresh_test: float = 0.7
-  detections_per_image: int = 100
-  axis_name: Optional[str] = None
-  dtype: Dtype = jnp.float32
+  num_classes: int
+  min_level: int
+  iou_thresholds: Sequence[float]
+  box_weights: Sequence[Sequence[float]]
+  batch_size_per_image: int
+  positive_fraction: float
+  pooler_resolution: int
+  sampling_ratio: int
+  max_adaptive_samples: Any  # int or (cap_h, cap_w)
+  canonical_box_size: int
+  canonical_level: int
+  fc_dim: int
+  num_fc: int
+  scale_clamp: float
+  append_gt: bool
+  mult_proposal_score: bool
+  score_thresh_test: float
+  nms_thresh_test: float
+  detections_per_image: int
+  dtype: Dtype
+  axis_name: Optional[str] = None  # wiring (the data axis of the train step), not a setting
 
   def setup(self):
     n = len(self.iou_thresholds)
@@ -171,7 +168,7 @@ class CascadeROIHeads(nn.Module):
         min_level=self.min_level,
         output_size=self.pooler_resolution,
         sampling_ratio=self.sampling_ratio,
-        aligned=True,
+        aligned=True,  # ROIAlignV2 (the architecture, not a setting)
         canonical_box_size=self.canonical_box_size,
         canonical_level=self.canonical_level,
         max_adaptive_samples=self.max_adaptive_samples,

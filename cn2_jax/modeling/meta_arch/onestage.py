@@ -1,0 +1,20 @@
+"""One-stage CenterNet ("Objects as Points") as centerX builds it, arch "onestage".
+
+torchvision ResNet C5 -> 3 DeconvLayers (DCNv2) -> cls / wh / reg heads -> in-graph decode
+(`cn2_jax/modeling/onestage/`; centerX spec §2-§3). Settings: `config.model.onestage` plus the
+shared `num_classes`, `resnet_depth`, `resnet_width`, `dtype`. Trainable BatchNorm: variables are
+`{'params', 'batch_stats'}`; training applies the model with `mutable=['batch_stats']`. Nothing is
+frozen (centerX trains every stage).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from cn2_jax.modeling.meta_arch.build import register
+from cn2_jax.modeling.onestage.model import CenterNetOneStage, model_fields
+
+
+@register("onestage", frozen_param_prefixes=lambda model_config: ())
+def build(config, axis_name: Optional[str] = None) -> CenterNetOneStage:
+  return CenterNetOneStage(**model_fields(config), axis_name=axis_name)

@@ -1,0 +1,228 @@
+"""Knowledge distillation of one-stage CenterNets (centerX `modeling/losses/centernet_kdloss.py`,
+`modeling/meta_arch/centernet.py`; spec §4.1). Off by default (`config.kd.teacher_workdirs=()`).
+
+Every teacher is a full, frozen `CenterNetOneStage` with its own config and weights. Inside the
+train step it runs on the student's batch (the same uint8 image and `image_hw`; its own
+preprocessing), BatchNorm in eval mode (running statistics), outputs under `stop_gradient`. What
+is imitated: the three head outputs (sigmoid heatmap, wh, offset) at stride 4.
+
+Loss of teacher i (student maps `P_s, WH_s, OFF_s`, teacher maps `P_t, WH_t, OFF_t`, NHWC):
+  * channels: the student's `[s_i, e_i)` with `e_i = cls_index[i]`, `s_i = cls_index[i - 1]`
+    (0 for i = 0); the teacher must have `e_i - s_i` classes (centerX KD_CLS_INDEX, e.g. [3, 7]:
+    teacher 0 -> student channels 0:3, teacher 1 -> 3:7).
+  * `loss_kd_cls_t{i}` = w * w_cls * mean over (N, H, W, C_t) of (P_s[..., s:e] - P_t)^2.
+  * soft peak mask: `m = max_c pseudo_nms3x3(P_t)` (peak scores, 0 elsewhere) `[N, H, W, 1]`,
+    `Z = sum(m) + 1e-4`; `D = (WH_t,x + WH_t,y) / 2 + 1e-4` per pixel when `norm_wh`, else 1.
+  * `loss_kd_wh_t{i}` = w * w_wh * sum |m WH_s / D - m WH_t / D| / Z.
+  * `loss_kd_reg_t{i}` = w * w_reg * sum |m OFF_s - m OFF_t| / Z.
+With `without_label` (woGT) the student's loss dict holds only these terms.
+
+Engine hooks (`engine/step.py make_train_step(teachers=..., kd_loss_fn=...)`):
+`teacher_forward(module)` -> `(variables, batch) -> maps`; `make_kd_loss_fn(settings,
+without_label)` -> a drop-in for `model.apply(variables, batch, train=True, **kw)` that also
+receives the teachers' maps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+EPS = 1e-4
+MAP_KEYS = ("cls", "wh", "reg")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherKD:
+  """One teacher's loss settings: student channels `[start, end)` and the weights."""
+
+  start: int
+  end: int
+  weight: float = 10.0
+  cls_weight: float = 1.0
+  wh_weight: float = 1.0
+  reg_weight: float = 0.1
+  norm_wh: bool = False
+
+
+# ------------------------------------------------------------------------------------- losses
+def pseudo_nms(heat: jax.Array, kernel: int = 3) -> jax.Array:
+  """centerX `pseudo_nms`: keep the values equal to their `kernel` x `kernel` max (NHWC), else 0."""
+  hmax = jax.lax.reduce_window(
+      heat, -jnp.inf, jax.lax.max, (1, kernel, kernel, 1), (1, 1, 1, 1), "SAME"
+  )
+  return jnp.where(hmax == heat, heat, jnp.zeros_like(heat))
+
+
+def peak_mask(teacher_cls: jax.Array) -> jax.Array:
+  """Soft peak weights `[N, H, W, 1]`: the max over classes of the pseudo-NMS-ed heatmap."""
+  return pseudo_nms(teacher_cls).max(axis=-1, keepdims=True)
+
+
+def kd_teacher_losses(
+    student: Mapping[str, jax.Array], teacher: Mapping[str, jax.Array], s: TeacherKD, i: int = 0
+) -> Dict[str, jax.Array]:
+  """KD terms of one teacher. `student` / `teacher`: `cls [N, H, W, C]`, `wh`, `reg` `[N, H, W, 2]`
+  (the teacher's `cls` has `s.end - s.start` channels). Returns `loss_kd_{cls,wh,reg}_t{i}`."""
+  f = jnp.float32
+  ps = student["cls"].astype(f)[..., s.start : s.end]
+  pt = teacher["cls"].astype(f)
+  if ps.shape != pt.shape:
+    raise ValueError(
+        f"teacher {i}: heatmap {pt.shape} does not fit the student's channels "
+        f"[{s.start}, {s.end}) of {student['cls'].shape}"
+    )
+  loss_cls = jnp.mean(jnp.square(ps - pt))
+  m = peak_mask(pt)
+  z = m.sum() + EPS
+  wh_s, wh_t = student["wh"].astype(f), teacher["wh"].astype(f)
+  d = (wh_t.sum(axis=-1, keepdims=True) / 2.0 + EPS) if s.norm_wh else 1.0
+  loss_wh = jnp.abs(m * wh_s / d - m * wh_t / d).sum() / z
+  loss_reg = jnp.abs(m * student["reg"].astype(f) - m * teacher["reg"].astype(f)).sum() / z
+  return {
+      f"loss_kd_cls_t{i}": s.weight * s.cls_weight * loss_cls,
+      f"loss_kd_wh_t{i}": s.weight * s.wh_weight * loss_wh,
+      f"loss_kd_reg_t{i}": s.weight * s.reg_weight * loss_reg,
+  }
+
+
+def kd_losses(
+    student: Mapping[str, jax.Array],
+    teachers: Sequence[Mapping[str, jax.Array]],
+    settings: Sequence[TeacherKD],
+) -> Dict[str, jax.Array]:
+  """The KD terms of every teacher (see `kd_teacher_losses`)."""
+  if len(teachers) != len(settings):
+    raise ValueError(f"{len(teachers)} teacher outputs for {len(settings)} teacher settings")
+  out = {}
+  for i, (t, s) in enumerate(zip(teachers, settings)):
+    out.update(kd_teacher_losses(student, t, s, i))
+  return out
+
+
+# ------------------------------------------------------------------------------ engine hooks
+def _teacher_maps(module, batch):
+  images = module.preprocess(batch["image"], batch["image_hw"])
+  out = module.maps(images, False)  # BatchNorm in eval mode: running statistics
+  return {k: out[k].astype(jnp.float32) for k in MAP_KEYS}
+
+
+def teacher_forward(module) -> Callable[[Any, Mapping[str, jax.Array]], Dict[str, jax.Array]]:
+  """`(variables, batch) -> {cls, wh, reg}` of a frozen one-stage teacher (nothing mutated)."""
+
+  def fn(variables, batch):
+    return module.apply(variables, batch, method=_teacher_maps)
+
+  return fn
+
+
+def _student_losses(module, batch, teacher_maps, settings, without_label):
+  images = module.preprocess(batch["image"], batch["image_hw"])
+  maps = module.maps(images, True)
+  losses = {} if without_label else dict(module.losses(maps, module.targets(batch)))
+  losses.update(kd_losses(maps, teacher_maps, settings))
+  return losses
+
+
+def make_kd_loss_fn(settings: Sequence[TeacherKD], without_label: bool = False) -> Callable:
+  """`kd_loss_fn(model, variables, batch, teacher_outputs, **apply_kwargs)`: the student's
+  training losses (GT terms unless `without_label`) plus the KD terms; returns what
+  `model.apply(variables, batch, train=True, **apply_kwargs)` returns ((losses, updates) with
+  `mutable`)."""
+  settings = tuple(settings)
+
+  def fn(model, variables, batch, teacher_outputs, **apply_kwargs):
+    return model.apply(
+        variables,
+        batch,
+        tuple(teacher_outputs),
+        settings,
+        bool(without_label),
+        method=_student_losses,
+        **apply_kwargs,
+    )
+
+  return fn
+
+
+# ------------------------------------------------------------------------------------- config
+WEIGHT_KEYS = ("weight", "cls_weight", "wh_weight", "reg_weight")
+
+
+def _per_teacher(kd_cfg, key: str, n: int) -> Tuple:
+  v = tuple(kd_cfg[key])
+  if len(v) == 1:
+    return v * n
+  if len(v) != n:
+    raise ValueError(f"kd.{key} has {len(v)} values for {n} teachers (give 1 or {n})")
+  return v
+
+
+def teacher_settings(kd_cfg, teacher_num_classes: Sequence[int]) -> Tuple[TeacherKD, ...]:
+  """Per-teacher `TeacherKD` from `config.kd` and the teachers' class counts (an empty
+  `kd.cls_index` = their cumulative sums, i.e. the teachers' classes concatenated in order)."""
+  n = len(teacher_num_classes)
+  ends = tuple(int(e) for e in kd_cfg.cls_index) or tuple(
+      int(sum(teacher_num_classes[: i + 1])) for i in range(n)
+  )
+  if len(ends) != n:
+    raise ValueError(f"kd.cls_index has {len(ends)} values for {n} teachers")
+  out = []
+  for i in range(n):
+    start = 0 if i == 0 else ends[i - 1]
+    if ends[i] - start != teacher_num_classes[i]:
+      raise ValueError(
+          f"teacher {i} has {teacher_num_classes[i]} classes but kd.cls_index gives it the "
+          f"student channels [{start}, {ends[i]})"
+      )
+    out.append(
+        TeacherKD(
+            start,
+            ends[i],
+            *(float(_per_teacher(kd_cfg, k, n)[i]) for k in WEIGHT_KEYS),
+            norm_wh=bool(_per_teacher(kd_cfg, "norm_wh", n)[i]),
+        )
+    )
+  return tuple(out)
+
+
+def load_teachers(cfg) -> Tuple[list, Tuple[TeacherKD, ...]]:
+  """`([(forward_fn, variables), ...], settings)` of `cfg.kd.teacher_workdirs`: each teacher's
+  config is its workdir's config.json (its `weights` if set, else its latest checkpoint)."""
+  import os
+
+  from cn2_jax.config import config_from_json
+  from cn2_jax.errors import ConfigError
+  from cn2_jax.modeling import detector
+  from cn2_jax.weights.loading import restore_model_variables
+
+  teachers, num_classes = [], []
+  for wd in cfg.kd.teacher_workdirs:
+    path = os.path.join(wd, "config.json")
+    if not os.path.isfile(path):
+      raise ConfigError(f"kd.teacher_workdirs: {path} not found (train the teacher first)")
+    tcfg = config_from_json(path)
+    if tcfg.model.arch != "onestage":
+      raise ConfigError(
+          f"kd teacher {wd}: model.arch={tcfg.model.arch!r}; only 'onestage' teachers are "
+          f"supported (a CenterNet2 teacher is not implemented)"
+      )
+    if tcfg.model.onestage.down_scale != cfg.model.onestage.down_scale:
+      raise ConfigError(f"kd teacher {wd}: down_scale differs from the student's")
+    module = detector.build_model(tcfg.model)
+    variables = restore_model_variables(tcfg, wd)
+    teachers.append((teacher_forward(module), variables))
+    num_classes.append(int(tcfg.model.num_classes))
+  try:
+    settings = teacher_settings(cfg.kd, num_classes)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  if settings and settings[-1].end > cfg.model.num_classes:
+    raise ConfigError(
+        f"kd: the teachers' channels end at {settings[-1].end} > model.num_classes="
+        f"{cfg.model.num_classes}"
+    )
+  return teachers, settings

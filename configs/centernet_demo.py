@@ -1,0 +1,60 @@
+"""Demo: a small one-stage CenterNet (centerX family) trained from scratch on the synthetic shapes.
+
+  python main.py --config configs/centernet_demo.py --workdir runs/centernet_demo
+
+Same dataset as configs/demo.py (4 shape classes, 128-192 px images, generated deterministically
+under <workdir>/synthetic on first use, no download). centerX's architecture (ResNet-18 C5 -> 3
+DeconvLayers -> cls / wh / reg heads, trainable BatchNorm) at toy width: a 32-wide ResNet-18 and a
+(128, 64, 64) neck. Two departures from centerX's recipe, both because there are no ImageNet
+weights here: the neck uses plain 3x3 convs (DCN with its non-zero offset init, trained from
+scratch, stalled: AP 0.011 after 900 steps against 0.256 without), and Adam (SGD 0.02 collapsed
+the heatmap; 0.005 learned slowly). Sized to train and evaluate in a few minutes on a 2-core CPU.
+"""
+
+from cn2_jax.config import base_config
+
+
+def get_config():
+  c = base_config()
+  m = c.model
+  m.arch = "onestage"
+  m.num_classes = 4
+  m.resnet_depth = 18
+  m.resnet_width = 32
+  o = m.onestage
+  o.deconv_channels = (128, 64, 64)
+  o.use_deform = False
+  o.max_detections = 20
+
+  d = c.data
+  d.dataset = "synthetic"
+  d.name = "synthetic_shapes"
+  d.root = ""  # default: <workdir>/synthetic
+  d.min_size_train = (128, 144, 160, 176, 192)
+  d.max_size_train = 192
+  d.min_size_test = 160
+  d.max_size_test = 192
+  d.pad_hw_train = (192, 192)
+  d.pad_hw_test = (192, 192)
+  d.max_boxes = 8
+  d.num_workers = 0
+  d.synthetic_num_train = 256
+  d.synthetic_num_val = 64
+
+  s = c.optim
+  s.optimizer = "adam"
+  s.base_lr = 0.003
+  s.weight_decay = 0.0
+  s.reference_batch_size = 8  # tuned at its own batch of 8 (the LR scales if you change it)
+  s.warmup_iters = 100
+  s.warmup_factor = 0.001
+  s.max_iter = 900
+  s.steps = (700, 820)
+
+  t = c.train
+  t.batch_size = 8
+  t.eval_batch_size = 16
+  t.log_every = 50
+  t.checkpoint_every = 500
+  t.keep_checkpoints = 2
+  return c
