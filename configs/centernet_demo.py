@@ -12,6 +12,7 @@ the heatmap; 0.005 learned slowly). Sized to train and evaluate in a few minutes
 """
 
 from cn2_jax.config import base_config
+from configs import demo
 
 
 def get_config():
@@ -26,20 +27,7 @@ def get_config():
   o.use_deform = False
   o.max_detections = 20
 
-  d = c.data
-  d.dataset = "synthetic"
-  d.name = "synthetic_shapes"
-  d.root = ""  # default: <workdir>/synthetic
-  d.min_size_train = (128, 144, 160, 176, 192)
-  d.max_size_train = 192
-  d.min_size_test = 160
-  d.max_size_test = 192
-  d.pad_hw_train = (192, 192)
-  d.pad_hw_test = (192, 192)
-  d.max_boxes = 8
-  d.num_workers = 0
-  d.synthetic_num_train = 256
-  d.synthetic_num_val = 64
+  c.data = demo.get_config().data  # the same synthetic shapes, sizes and canvas as configs/demo.py
 
   s = c.optim
   s.optimizer = "adam"
@@ -51,10 +39,6 @@ def get_config():
   s.max_iter = 900
   s.steps = (700, 820)
 
-  t = c.train
-  t.batch_size = 8
-  t.eval_batch_size = 16
-  t.log_every = 50
-  t.checkpoint_every = 500
-  t.keep_checkpoints = 2
+  c.train = demo.get_config().train
+
   return c

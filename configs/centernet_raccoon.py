@@ -8,27 +8,15 @@ The one-stage counterpart of configs/raccoon_small.py: the same data settings (s
 """
 
 from configs import centernet_demo
-from configs import raccoon
+from configs import raccoon_small
 
 
 def get_config():
-  c = raccoon.get_config()
+  c = raccoon_small.get_config()  # the data and loop settings of the CenterNet2 run
   demo = centernet_demo.get_config()
   c.model = demo.model
   c.model.num_classes = 1
   c.optim = demo.optim
-  c.data.min_size_train = (256, 288, 320)
-  c.data.max_size_train = 416
-  c.data.min_size_test = 320
-  c.data.max_size_test = 416
-  c.data.pad_hw_train = (416, 416)
-  c.data.pad_hw_test = (416, 416)
-  c.data.max_boxes = 8
-  c.data.num_workers = 0
-  c.train.batch_size = 4
-  c.train.eval_batch_size = 8
-  c.train.log_every = 25
-  c.train.checkpoint_every = 250
   c.optim.reference_batch_size = 4
   c.optim.warmup_iters = 50
   c.optim.max_iter = 600

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from typing import Optional
 
 import flax.linen as nn
@@ -494,20 +493,9 @@ def _multi_device_main():
 
 @pytest.fixture(scope="module")
 def multi_device_result():
-  env = dict(
-      os.environ,
-      XLA_FLAGS="--xla_force_host_platform_device_count=2",
-      JAX_PLATFORMS="cpu",
-      JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-      PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-  )
-  code = "from tests.test_engine import _multi_device_main; _multi_device_main()"
-  p = subprocess.run(
-      [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-  )
-  assert p.returncode == 0, p.stderr[-4000:]
-  line = [l for l in p.stdout.splitlines() if l.startswith("RESULT")][-1]
-  return json.loads(line[len("RESULT") :])
+  from tests.multidevice import run_on_two_devices
+
+  return run_on_two_devices("tests.test_engine", "_multi_device_main")
 
 
 @pytest.mark.parametrize("name", ["2dev", "2dev_vma"])

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -164,20 +162,9 @@ def _multi_device_main():
 
 @pytest.fixture(scope="module")
 def multi_device_result():
-  env = dict(
-      os.environ,
-      XLA_FLAGS="--xla_force_host_platform_device_count=2",
-      JAX_PLATFORMS="cpu",
-      JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-      PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-  )
-  code = "from tests.test_onestage_train import _multi_device_main; _multi_device_main()"
-  p = subprocess.run(
-      [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-  )
-  assert p.returncode == 0, p.stderr[-4000:]
-  line = [l for l in p.stdout.splitlines() if l.startswith("RESULT")][-1]
-  return json.loads(line[len("RESULT") :])
+  from tests.multidevice import run_on_two_devices
+
+  return run_on_two_devices("tests.test_onestage_train", "_multi_device_main")
 
 
 def test_two_devices_batchnorm(multi_device_result):
