@@ -139,6 +139,13 @@ def base_config() -> ml_collections.ConfigDict:
   os_.reg_weight = 1.0
   os_.norm_wh = ""  # "" | "centerx" | "per_object" (wh loss normalisation, spec §3)
   os_.focal_clamp = (1e-12, None)  # (lo, hi) clamp of the heatmap in the focal loss; CN: 1e-4
+  # centerX LOSS.IGNORE_UNLABEL (§4.5): no negatives on an (image, class) channel whose GT heatmap
+  # is all zero (partially labelled mixed datasets)
+  os_.ignore_unlabel = False
+  # centerX LOSS.COMMUNISM (§3): every cls / wh / off term (KD too) rescaled to the target value
+  # (cls, wh, off) by target / stop_gradient(term); centerX's defaults
+  os_.communism = False
+  os_.communism_targets = (1.5, 0.3, 0.1)
   os_.max_detections = 100  # K of the decode
   # False = official: decoded w/h are used as predicted, so some boxes come out inverted
   # (x2 < x1); True clamps w/h at 0 (README "departures").
@@ -292,6 +299,10 @@ def base_config() -> ml_collections.ConfigDict:
   # mean of the params every `period` of them; at the end params = mean and the BatchNorm
   # statistics are recomputed over bn_batches training batches. All counts in iterations.
   sw = c.swa = ml_collections.ConfigDict()
+  # centerX LOSS.SKIP_LOSS / SKIP_WEIGHT (spec §3): > 0 zeroes the gradients of an iteration whose
+  # total loss is >= this x the last accepted total (the optimizer still steps: momentum and
+  # weight decay act); 0 = off
+  o.skip_loss_factor = 0.0
   sw.iters = 0  # 0 = off
   sw.period = 100  # average every this many SWA iterations
   sw.lr_start = 0.002  # SWA LR (not batch-scaled); centerX crowd_human_res18_swa.yaml
@@ -392,6 +403,7 @@ def _validate_averaging(e: ml_collections.ConfigDict, s: ml_collections.ConfigDi
       (
           "ema.batch_stats",
           e.batch_stats,
+      ("skip_loss_factor", o.skip_loss_factor >= 0, ">= 0 (0 = off)"),
           e.batch_stats in ("average", "copy"),
           "'average' | 'copy'",
       ),
@@ -463,6 +475,11 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     if hw and (len(hw) != 2 or any(int(v) <= 0 or int(v) % div for v in hw)):
       raise ValueError(
           f"data.{name}={hw} must be () (buckets / official padding) or (H, W), "
+    ct = tuple(m.onestage.communism_targets)
+    if len(ct) != 3 or not all(math.isfinite(float(v)) and float(v) > 0 for v in ct):
+      raise ConfigError(
+          f"model.onestage.communism_targets must be 3 positive numbers (cls, wh, off), got {ct}"
+      )
           f"multiples of {div} (FPN size divisibility)"
       )
   ar = tuple(cfg.data.bucket_aspect_ratios)

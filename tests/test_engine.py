@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from cn2_jax.config import base_config
@@ -411,6 +412,36 @@ def test_train_step_frozen_and_compiles_once():
   ev = step_lib.make_eval_step(model, mesh)
   det = ev(state.variables, step_lib.shard_batch(make_batch(0), mesh, keys=["image"]))
   assert det["boxes"].shape == (4, 100, 4) and det["valid"].dtype == jnp.bool_
+
+
+def test_skip_loss_zeroes_the_gradients_of_a_spike():
+  """centerX SKIP_LOSS through the real train step: a total >= factor x the last accepted one
+  gets zero gradients (momentum and weight decay still act) and leaves the history unchanged."""
+  mesh = step_lib.make_mesh(jax.devices()[:1])
+  model, cfg, tx, state = _tiny_setup(mesh, skip_loss_factor=3.0, clip_value=0.0)
+  fn = step_lib.make_train_step(model, tx, mesh, frozen_prefixes=FROZEN_PREFIXES)
+  history = lambda s: float(s.opt_state[0].history)  # noqa: E731
+  assert history(state) == optim.SKIP_LOSS_INITIAL
+  state, m0 = fn(state, step_lib.shard_batch(make_batch(0), mesh))
+  assert history(state) == pytest.approx(float(m0["total_loss"]), rel=1e-6)  # accepted
+  before = jax.device_get(state)
+  # the same optimizer applied by hand to zero gradients = what a skipped step must do
+  zeros = jax.tree.map(jnp.zeros_like, before.params)
+  upd, _ = tx.update(zeros, before.opt_state, before.params, value=jnp.float32(1e30))
+  want = jax.device_get(optax.apply_updates(before.params, upd))
+  state, m1 = fn(state, step_lib.shard_batch(make_batch(1, boost=1e3), mesh))
+  assert float(m1["total_loss"]) >= 3.0 * float(m0["total_loss"])  # the spike
+  assert history(state) == pytest.approx(float(m0["total_loss"]), rel=1e-6)  # not accepted
+  got = jax.device_get(state.params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), got, before.params))
+  assert max(moved) > 0  # momentum / weight decay still moved the weights
+  state, m2 = fn(state, step_lib.shard_batch(make_batch(2), mesh))
+  assert history(state) == pytest.approx(float(m2["total_loss"]), rel=1e-6)
+  # off (default): no extra optimizer state
+  _, _, _, plain = _tiny_setup(mesh)
+  assert not isinstance(plain.opt_state, tuple) or not hasattr(plain.opt_state[0], "history")
 
 
 def test_shard_batch_errors():

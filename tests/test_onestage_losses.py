@@ -98,3 +98,86 @@ def test_reg_l1_masked_slots_have_no_gradient():
   g = jax.grad(lambda p: L.reg_l1_loss(p, index, mask, target))(pred_map)
   g = np.asarray(g).reshape(9, 2)
   assert np.all(g[0] == 0) and np.all(g[4] != 0)
+
+
+# ------------------------------------------------------------- ignore_unlabel and communism
+def ref_ignore_unlabel_focal(pred, gt):
+  """centerX `ignore_unlabel_focal_loss`, loop over (image, class) as written there."""
+  p = np.maximum(np.asarray(pred, np.float64), 1e-12)
+  gt = np.asarray(gt, np.float64)
+  pos = (gt == 1).astype(np.float64)
+  neg = (gt < 1).astype(np.float64)
+  n_img, _, _, n_cls = gt.shape
+  for n in range(n_img):
+    for c in range(n_cls):
+      if gt[n, :, :, c].sum() == 0.0:
+        neg[n, :, :, c] = 0.0
+  pos_l = (np.log(p) * (1 - p) ** 2 * pos).sum()
+  neg_l = (np.log(1 - p) * p**2 * (1 - gt) ** 4 * neg).sum()
+  return -neg_l if pos.sum() == 0 else -(pos_l + neg_l) / pos.sum()
+
+
+def test_ignore_unlabel_focal_matches_centerx_loop():
+  pred, gt = _heat_case(5, shape=(3, 6, 7, 4))
+  gt[0, :, :, 1] = 0.0  # image 0 has no class-1 label: its negatives are ignored
+  gt[2, :, :, :2] = 0.0
+  gt[1, :, :, 3] = 0.0
+  loss, num_pos = jax.jit(L.modified_focal_loss, static_argnums=(2, 3))(
+      pred, gt, L.CENTERX_CLAMP, True
+  )
+  np.testing.assert_allclose(float(loss), ref_ignore_unlabel_focal(pred, gt), rtol=1e-5)
+  plain, _ = L.modified_focal_loss(pred, gt)
+  assert float(plain) > float(loss)  # the dropped negatives only ever add loss
+  # a fully labelled batch is unchanged; the dropped channels get no gradient
+  pred2, gt2 = _heat_case(6, shape=(2, 5, 5, 2))
+  gt2 += 1e-3 * (gt2 < 1)
+  np.testing.assert_allclose(
+      float(L.modified_focal_loss(pred2, gt2, ignore_unlabel=True)[0]),
+      float(L.modified_focal_loss(pred2, gt2)[0]),
+      rtol=1e-6,
+  )
+  g = jax.grad(lambda p: L.modified_focal_loss(p, gt, ignore_unlabel=True)[0])(pred)
+  assert np.all(np.asarray(g)[0, :, :, 1] == 0) and np.all(np.asarray(g)[2, :, :, :2] == 0)
+  assert np.any(np.asarray(g)[0, :, :, 0] != 0)
+
+
+def test_communism_pins_values_and_scales_gradients():
+  losses = {
+      "loss_cls": 3.0,
+      "loss_box_wh": 0.5,
+      "loss_off_reg": 0.2,
+      "loss_kd_cls_t0": 40.0,
+      "loss_kd_wh_t0": 2.0,
+      "loss_kd_reg_t0": 0.25,
+      "loss_other": 7.0,
+      "aux/num_pos": 4.0,
+  }
+  kinds = {k: L.communism_kind(k) for k in losses if not k.startswith("aux/")}
+  assert kinds == {
+      "loss_cls": "cls",
+      "loss_box_wh": "wh",
+      "loss_off_reg": "off",
+      "loss_kd_cls_t0": "cls",
+      "loss_kd_wh_t0": "wh",
+      "loss_kd_reg_t0": "off",
+      "loss_other": None,
+  }
+  targets = (1.2, 0.4, 0.1)
+  tmap = {"cls": 1.2, "wh": 0.4, "off": 0.1}
+
+  def fn(x):  # every term = its value * x: d term / dx = value, so d(scaled)/dx = target / 1
+    return L.communism({k: v * x for k, v in losses.items()}, targets)
+
+  out = fn(jnp.float32(1.0))
+  for k, kind in kinds.items():
+    want = losses[k] if kind is None else tmap[kind]
+    np.testing.assert_allclose(float(out[k]), want, rtol=1e-6)
+    if kind is not None:
+      np.testing.assert_allclose(float(out[f"aux/raw_{k}"]), losses[k], rtol=1e-6)
+      # gradient = target * d log L / dx = target / x
+      g = jax.grad(lambda x, k=k: fn(x)[k])(jnp.float32(2.0))
+      np.testing.assert_allclose(float(g), tmap[kind] / 2.0, rtol=1e-5)
+  assert float(out["aux/num_pos"]) == 4.0 and "aux/raw_aux/num_pos" not in out
+  # a zero term (no objects) stays 0 with a finite, zero gradient (centerX: 0 / 0 = NaN)
+  z = jax.grad(lambda x: L.communism({"loss_box_wh": 0.0 * x}, targets)["loss_box_wh"])(1.0)
+  assert float(z) == 0.0

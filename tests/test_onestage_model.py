@@ -469,6 +469,31 @@ def test_tiny_model_eval_train_and_bn_state():
   )
 
 
+def test_loss_options_reach_the_model():
+  """`ignore_unlabel` and `communism` from the schema change the model's training losses as
+  `losses.py` defines them (that module has the numpy references)."""
+  from cn2_jax.modeling.onestage import losses as loss_lib
+
+  batch = _batch()
+  plain = _tiny()
+  variables = M.init_variables(plain)
+
+  def run(model):
+    fn = lambda v, b: model.apply(v, b, train=True, mutable=["batch_stats"])[0]  # noqa: E731
+    return {k: float(v) for k, v in jax.jit(fn)(variables, batch).items()}
+
+  base = run(plain)
+  # class 0 has no GT in either image: its negatives are dropped, so the heatmap loss falls
+  ign = run(_tiny(ignore_unlabel=True))
+  assert ign["loss_cls"] < base["loss_cls"]
+  assert ign["loss_box_wh"] == base["loss_box_wh"] and ign["aux/num_pos"] == base["aux/num_pos"]
+  com = run(_tiny(communism=True, communism_targets=(1.2, 0.4, 0.1)))
+  for name, target in (("loss_cls", 1.2), ("loss_box_wh", 0.4), ("loss_off_reg", 0.1)):
+    np.testing.assert_allclose(com[name], target, rtol=1e-5)
+    np.testing.assert_allclose(com[f"aux/raw_{name}"], base[name], rtol=1e-5)
+  assert loss_lib.communism_kind("loss_off_reg") == "off"
+
+
 def test_build_rejects_unknown_options():
   with pytest.raises(ValueError, match="unknown one-stage model option"):
     M.build_onestage_model({"num_clases": 3})

@@ -12,6 +12,8 @@ Optimizers (`optim.optimizer`). For every one of them: frozen parameters get zer
 state, parameters with `no_decay_fn(path)` (GroupNorm) use `weight_decay_norm` instead of
 `weight_decay`, the element-wise value clip (`clip_value`) is applied to each gradient first and the
 global-norm clip (`clip_norm`) before that. `lr = lr(step)` is the schedule below, `t = step + 1`.
+With `skip_loss_factor` > 0 (centerX SKIP_LOSS), `skip_loss` comes before everything: the
+gradients of an iteration are zeroed when its total loss >= factor x the last accepted one.
 
 * "sgd" (default; torch SGD as detectron2 drives it):
 
@@ -568,6 +570,39 @@ def _group_optimizer(
   return _lookahead(optax.chain(*clip, ralamb), float(cfg.lookahead_alpha), int(cfg.lookahead_k))
 
 
+class SkipLossState(NamedTuple):
+  history: jax.Array  # the last accepted total loss (float32 scalar)
+
+
+SKIP_LOSS_INITIAL = 10e8  # centerX's `history_loss = 10e8`
+
+
+def skip_loss(factor: float) -> optax.GradientTransformationExtraArgs:
+  """centerX's "skip loss" (`engine/defaults.py run_step`, spec §3): an iteration whose total loss
+  `value` (an extra argument of `update`) is >= `factor` x the last accepted total gets zero
+  gradients and leaves the history as it is; otherwise its gradients pass and it becomes the
+  history (initially 10e8). The later transformations still run on the zero gradients, so
+  momentum and weight decay act (centerX still calls `optimizer.step()`). centerX decides per
+  GPU on its own loss; the train step passes the device-mean total, so every device decides the
+  same (identical on one device)."""
+  factor = float(factor)
+
+  def init(params):
+    del params
+    return SkipLossState(jnp.asarray(SKIP_LOSS_INITIAL, jnp.float32))
+
+  def update(updates, state, params=None, *, value=None, **extra):
+    del params, extra
+    if value is None:
+      raise ValueError("skip_loss needs the total loss: tx.update(..., value=total_loss)")
+    value = jnp.asarray(value, jnp.float32)
+    accept = state.history * factor > value
+    updates = jax.tree.map(lambda g: jnp.where(accept, g, jnp.zeros_like(g)), updates)
+    return updates, SkipLossState(jnp.where(accept, value, state.history))
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
 def make_optimizer(
     cfg: Any,
     params: Optional[Any] = None,
@@ -576,7 +611,7 @@ def make_optimizer(
     batch_size: Optional[int] = None,
     schedule: Optional[optax.Schedule] = None,
 ) -> optax.GradientTransformation:
-  """[global-norm clip] -> per group: value clip -> `optim.optimizer` step with the group's weight
+  """[skip loss] -> [global-norm clip] -> per group: value clip -> `optim.optimizer` step with the group's weight
   decay -> -lr(step); frozen -> zero (module docstring).
 
   `params` (optional) is only used to validate `frozen_prefixes`: a prefix that matches no
@@ -605,4 +640,6 @@ def make_optimizer(
     # MMDetection's grad_clip=dict(max_norm=35): one global L2 norm over every gradient (frozen
     # ones are zero), before the per-group steps. Not detectron2's per-parameter "norm" type.
     opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt)
+  if float(cfg.skip_loss_factor) > 0:
+    opt = optax.chain(skip_loss(float(cfg.skip_loss_factor)), opt)
   return opt

@@ -249,6 +249,7 @@ def make_train_step(
   """
   n_dev = mesh.shape[DATA_AXIS]
   model_d = model.clone(axis_name=DATA_AXIS)
+  tx = optax.with_extra_args_support(tx)  # update() gets value= (optim.skip_loss reads it)
   frozen_prefixes = tuple(frozen_prefixes)
 
   def per_device(state: TrainState, batch, teacher_variables=()):
@@ -289,7 +290,9 @@ def make_train_step(
 
     grads = jax.tree.map(reduce, grads, labels)
     trainable = [g for g, l in zip(jax.tree.leaves(grads), jax.tree.leaves(labels)) if l != FROZEN]
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    # value: the device-mean total loss, the same on every device (optim.skip_loss)
+    mean_total = jax.lax.pmean(total, DATA_AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, value=mean_total)
     params = optax.apply_updates(state.params, updates)
 
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in losses.items()}

@@ -124,7 +124,7 @@ def _student_losses(module, batch, teacher_maps, settings, without_label):
   maps = module.maps(images, True)
   losses = {} if without_label else dict(module.losses(maps, module.targets(batch)))
   losses.update(kd_losses(maps, teacher_maps, settings))
-  return losses
+  return module.finish_losses(losses)  # communism (when on) rescales the KD terms too, as centerX
 
 
 def make_kd_loss_fn(settings: Sequence[TeacherKD], without_label: bool = False) -> Callable:

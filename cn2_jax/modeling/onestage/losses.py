@@ -9,6 +9,10 @@ losses", "Weights").
   The masks are applied with `where` rather than centerX's multiplication: equal values where
   centerX is finite, but a positive pixel predicted at exactly 1.0 (log(1 - p) = -inf times a
   zero weight) no longer turns the loss or its gradient into NaN.
+  `ignore_unlabel=True` is centerX's `ignore_unlabel_focal_loss` (spec §4.5): every (image,
+  class) channel whose GT heatmap sums to 0 contributes no negative terms (positives unchanged),
+  so a dataset labelled only for some classes does not teach "background" on the others. (It
+  also ignores the negatives of a fully labelled image's absent classes, as centerX does.)
 * `reg_l1_loss(pred_map, index, mask, target)`: gather the prediction at `index`,
   sum |pred m / n - tgt m / n| / (sum(m) + 1e-4), m broadcast to both channels (so the
   denominator is 2 N_obj). `norm_wh` selects n: "" (1), "centerx" (the official code:
@@ -19,12 +23,13 @@ losses", "Weights").
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
 NORM_WH_MODES = ("", "centerx", "per_object")
+COMMUNISM_KINDS = ("cls", "wh", "off")
 CENTERX_CLAMP = (1e-12, None)
 CENTERNET_CLAMP = (1e-4, 1.0 - 1e-4)
 
@@ -33,11 +38,13 @@ def modified_focal_loss(
     pred: jax.Array,
     gt: jax.Array,
     clamp: Tuple[Optional[float], Optional[float]] = CENTERX_CLAMP,
+    ignore_unlabel: bool = False,
 ) -> Tuple[jax.Array, jax.Array]:
   """Args:
     pred: sigmoided heatmap, any shape (e.g. `[B, H, W, C]`).
     gt: target heatmap of the same shape (peaks exactly 1).
     clamp: (lo, hi) applied to pred (None = no bound).
+    ignore_unlabel: drop the negatives of all-zero GT channels (`gt` must be `[B, H, W, C]`).
   Returns:
     (loss, num_pos): float32 scalars.
   """
@@ -51,6 +58,10 @@ def modified_focal_loss(
     p = jnp.minimum(p, jnp.asarray(hi, f))
   pos = gt == 1.0
   neg = gt < 1.0
+  if ignore_unlabel:
+    if gt.ndim != 4:
+      raise ValueError(f"ignore_unlabel needs a [B, H, W, C] heatmap, got shape {gt.shape}")
+    neg = neg & (gt.sum(axis=(1, 2), keepdims=True) != 0)
   # Feed each log only the pixels whose term is used (a 0.5 elsewhere keeps it finite, so the
   # masked-out branch has a finite, zero-weighted gradient).
   p_pos = jnp.where(pos, p, 0.5)
@@ -100,3 +111,34 @@ def reg_l1_loss(
   if n is not None:
     a, t = a / n, t / n
   return jnp.abs(a - t).sum() / (m.sum() + 1e-4)
+
+
+def communism_kind(name: str) -> Optional[str]:
+  """Which communism target a loss term takes: centerX tests 'cls', then 'wh', then 'off' in the
+  name; this project's KD offset terms are called `loss_kd_reg_t{i}` (centerX `kd_off_loss{i}`),
+  so 'reg' counts as 'off'. None: the term is left as it is."""
+  for kind in COMMUNISM_KINDS:
+    if kind in name:
+      return kind
+  return "off" if "reg" in name else None
+
+
+def communism(losses: Mapping[str, jax.Array], targets: Sequence[float]) -> Dict[str, jax.Array]:
+  """centerX's "communism loss" (`engine/defaults.py run_step`, spec §3): each cls / wh / off term
+  L becomes `target * L / stop_gradient(L)` (`targets` = (cls, wh, off), centerX defaults
+  1.5 / 0.3 / 0.1), so its value is pinned to the target and its gradient is `target * grad log
+  L`; every static weight on it, KD weights included, cancels. Keys starting with 'aux/' pass
+  through; the unscaled values are added as `aux/raw_{name}` (the progress a user wants to see).
+  A term equal to 0 (e.g. wh with no object) stays 0, where centerX's 0 / 0 would give NaN."""
+  tgt = dict(zip(COMMUNISM_KINDS, (float(t) for t in targets)))
+  out = {}
+  for name, value in losses.items():
+    kind = None if name.startswith("aux/") else communism_kind(name)
+    if kind is None:
+      out[name] = value
+      continue
+    v = jnp.asarray(value, jnp.float32)
+    d = jax.lax.stop_gradient(v)
+    out[name] = jnp.where(d != 0, tgt[kind] * v / jnp.where(d != 0, d, 1.0), 0.0 * v)
+    out[f"aux/raw_{name}"] = d
+  return out

@@ -64,7 +64,8 @@ class CenterNetOneStage(nn.Module):
   `dcn_zero_init_offset`, `head_conv` (0 = neck channels), `bias_value`, `head_init`,
   `down_scale` (output stride). Input: `pixel_mean`, `pixel_std` ([0, 1] units), `input_format`.
   Targets/losses: `min_overlap`, `radius_formula`, `tensor_dim`, `cls_weight`, `wh_weight`,
-  `reg_weight`, `norm_wh`, `focal_clamp` ((lo, hi), None = no bound).
+  `reg_weight`, `norm_wh`, `focal_clamp` ((lo, hi), None = no bound), `ignore_unlabel`
+  (centerX §4.5), `communism` / `communism_targets` ((cls, wh, off); `losses.communism`).
   Decoding: `max_detections` (K), `clamp_wh` (False = official inverted boxes).
   Numerics: `bn_momentum` (Flax convention), `bn_eps`, `dtype` ("float32" | "bfloat16";
   "float64" under `jax.enable_x64` only). `sync_bn`: BatchNorm statistics over `axis_name` (the
@@ -94,6 +95,9 @@ class CenterNetOneStage(nn.Module):
   reg_weight: float
   norm_wh: str
   focal_clamp: Tuple[Optional[float], Optional[float]]
+  ignore_unlabel: bool
+  communism: bool
+  communism_targets: Sequence[float]
   max_detections: int
   clamp_wh: bool
   bn_momentum: float
@@ -177,7 +181,7 @@ class CenterNetOneStage(nn.Module):
   ) -> Dict[str, jax.Array]:
     """centerX `CenterNet.losses` on head maps and `targets` output."""
     loss_cls, num_pos = loss_lib.modified_focal_loss(
-        maps["cls"], gt["score_map"], tuple(self.focal_clamp)
+        maps["cls"], gt["score_map"], tuple(self.focal_clamp), self.ignore_unlabel
     )
     loss_wh = loss_lib.reg_l1_loss(maps["wh"], gt["index"], gt["reg_mask"], gt["wh"], self.norm_wh)
     loss_reg = loss_lib.reg_l1_loss(maps["reg"], gt["index"], gt["reg_mask"], gt["reg"])
@@ -188,6 +192,13 @@ class CenterNetOneStage(nn.Module):
         "aux/num_pos": num_pos,
     }
 
+  def finish_losses(self, losses: Mapping[str, jax.Array]) -> Dict[str, jax.Array]:
+    """The whole loss dict (GT and KD terms) -> what the step sums: the communism rescaling when
+    `communism` (centerX applies it to every term of the step, KD ones included)."""
+    if not self.communism:
+      return dict(losses)
+    return loss_lib.communism(losses, tuple(self.communism_targets))
+
   def __call__(
       self, batch: Mapping[str, jax.Array], train: bool = False, bn_train: Optional[bool] = None
   ):
@@ -196,7 +207,7 @@ class CenterNetOneStage(nn.Module):
     train_bn = train if bn_train is None else bn_train
     maps = self.maps(images, train_bn)
     if train:
-      return self.losses(maps, self.targets(batch))
+      return self.finish_losses(self.losses(maps, self.targets(batch)))
     dets = decode_lib.decode(
         maps["cls"],
         maps["wh"],
@@ -215,7 +226,14 @@ MODEL_FIELDS = tuple(
 )
 # Attribute <- shared `config.model` key (the others come from `config.model.onestage`).
 _SHARED = {"num_classes": "num_classes", "depth": "resnet_depth", "backbone_width": "resnet_width"}
-_TUPLES = ("deconv_channels", "deconv_kernels", "pixel_mean", "pixel_std", "focal_clamp")
+_TUPLES = (
+    "deconv_channels",
+    "deconv_kernels",
+    "pixel_mean",
+    "pixel_std",
+    "focal_clamp",
+    "communism_targets",
+)
 
 
 def model_fields(model_config: Any) -> Dict[str, Any]:
