@@ -595,3 +595,35 @@ def test_r50_fpn_matches_official_oracle():
   assert_close(p[0][:, -16:, -16:], out["p3_crop_br"].astype(np.float64), tol=1e-5)
   for i in range(1, 5):
     assert_close(p[i], out[f"p{i + 3}"].astype(np.float64), tol=1e-5)
+
+
+def _ref_max_pool_grad(x, g):
+  """torch max_pool2d(3, 2, 1) backward as a loop: each window's gradient goes to its first
+  maximum in row-major order (-inf padding)."""
+  n, h, w, c = x.shape
+  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  dx = np.zeros_like(x, dtype=np.float64)
+  for b in range(n):
+    for ch in range(c):
+      for i in range(ho):
+        for j in range(wo):
+          best, arg = -np.inf, None
+          for di in range(3):
+            for dj in range(3):
+              y, xx = 2 * i - 1 + di, 2 * j - 1 + dj
+              if 0 <= y < h and 0 <= xx < w and x[b, y, xx, ch] > best:
+                best, arg = x[b, y, xx, ch], (y, xx)
+          dx[b, arg[0], arg[1], ch] += g[b, i, j, ch]
+  return dx
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 11, 3), (1, 8, 8, 2), (1, 7, 6, 2)])
+def test_max_pool_gradient_goes_to_the_first_maximum(shape):
+  """The custom backward (strided views, interior-padded adds) against a loop of torch's rule,
+  with ties (ReLU zeros, repeated values)."""
+  rng = np.random.RandomState(sum(shape))
+  x = np.maximum(rng.randn(*shape), 0).astype(np.float32)  # ReLU: windows of tied zeros
+  x[0, 2:5, 2:5, 0] = 1.5  # a plateau of ties
+  y, vjp = jax.vjp(max_pool_3x3_s2_p1, x)
+  g = rng.randn(*y.shape).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(vjp(g)[0]), _ref_max_pool_grad(x, g), atol=1e-5)

@@ -28,6 +28,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cn2_jax.modeling.canvas import canvas_mask, zero_outside_canvas
@@ -83,9 +84,24 @@ def frozen_param_prefixes(freeze_at: int, prefix: str = "") -> Tuple[str, ...]:
   return tuple(prefix + n for n in names)
 
 
+def _pool_window_views(xp: jax.Array, out_hw: Tuple[int, int]):
+  """The 9 strided views of the padded input, one per window position (row-major: the order
+  torch scans a window)."""
+  ho, wo = out_hw
+  for di in range(3):
+    for dj in range(3):
+      yield di, dj, xp[:, di : di + 2 * (ho - 1) + 1 : 2, dj : dj + 2 * (wo - 1) + 1 : 2, :]
+
+
+@jax.custom_vjp
 def max_pool_3x3_s2_p1(x: jax.Array) -> jax.Array:
-  """torch `F.max_pool2d(x, 3, stride=2, padding=1)` on NHWC: -inf padding, floor output size."""
-  # A concrete (numpy) -inf init lets JAX lower this to the differentiable reduce_window_max.
+  """torch `F.max_pool2d(x, 3, stride=2, padding=1)` on NHWC: -inf padding, floor output size.
+
+  The gradient goes to the first maximum of each window in row-major order (torch's rule, and
+  XLA's select-and-scatter), but is computed as 9 strided views and interior-padded adds: XLA CPU's
+  select-and-scatter took ~20x the forward's time (47 ms against 2.3 ms for [8, 96, 96, 16]),
+  most of a small one-stage model's backward pass."""
+  # A concrete (numpy) -inf init lets JAX lower this to reduce_window_max.
   init = np.array(-np.inf, dtype=x.dtype)
   return jax.lax.reduce_window(
       x,
@@ -95,6 +111,41 @@ def max_pool_3x3_s2_p1(x: jax.Array) -> jax.Array:
       window_strides=(1, 2, 2, 1),
       padding=((0, 0), (1, 1), (1, 1), (0, 0)),
   )
+
+
+def _max_pool_fwd(x):
+  y = max_pool_3x3_s2_p1(x)
+  return y, (x, y)
+
+
+def _max_pool_bwd(res, g):
+  x, y = res
+  h, w = x.shape[1:3]
+  ho, wo = y.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  hp, wp = h + 2, w + 2
+  taken = jnp.zeros(y.shape, bool)
+  zero = jnp.zeros((), g.dtype)
+  dxp = jnp.zeros(xp.shape, g.dtype)
+  for di, dj, view in _pool_window_views(xp, (ho, wo)):
+    sel = (view == y) & ~taken
+    taken = taken | sel
+    part = jnp.where(sel, g, zero)
+    # back to the padded input grid: element (i, j) -> (di + 2 i, dj + 2 j)
+    dxp = dxp + jax.lax.pad(
+        part,
+        zero,
+        (
+            (0, 0, 0),
+            (di, hp - di - 2 * (ho - 1) - 1, 1),
+            (dj, wp - dj - 2 * (wo - 1) - 1, 1),
+            (0, 0, 0),
+        ),
+    )
+  return (dxp[:, 1 : h + 1, 1 : w + 1, :],)
+
+
+max_pool_3x3_s2_p1.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def resnet_conv(

@@ -113,6 +113,13 @@ def conv_transpose2d(
     raise ValueError(f"output_padding {output_padding} must be in [0, stride={stride})")
   if padding > min(kh, kw) - 1:
     raise ValueError(f"padding {padding} > kernel size - 1 is not supported")
+  if (kh, kw, stride, padding, output_padding) == (4, 4, 2, 1, 0):
+    return _conv_transpose_k4s2p1(x, kernel, precision)
+  return _conv_transpose_dilated(x, kernel, stride, padding, output_padding, precision)
+
+
+def _conv_transpose_dilated(x, kernel, stride, padding, output_padding, precision):
+  kh, kw = kernel.shape[0], kernel.shape[1]
   # Scatter form == correlation of the s-dilated input with the spatially flipped kernel.
   flipped = kernel[::-1, ::-1]
   pad_h = (kh - 1 - padding, kh - 1 - padding + output_padding)
@@ -126,6 +133,39 @@ def conv_transpose2d(
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
       precision=precision,
   )
+
+
+# Sub-pixel form of the k=4, s=2, p=1 case (every centerX DeconvLayer). Per axis the scatter sum
+# gives y[2m] = x[m] k[1] + x[m-1] k[3] and y[2m+1] = x[m] k[2] + x[m+1] k[0], so each of the 4
+# output phases (a, b) is a 2x2 stride-1 correlation of the undilated input; the phases are then
+# interleaved. Same sums as the dilated form (to float rounding), but its gradients are plain
+# convolutions: XLA CPU computed the kernel gradient of the lhs-dilated convolution ~30x slower
+# than the forward (226 ms against 7 ms for [8, 12, 12, 64] -> 64), most of a small model's step.
+_PHASE_TAPS = {0: (3, 1), 1: (2, 0)}  # kernel taps of phase a, for input offsets (a - 1, a)
+_PHASE_PAD = {0: (1, 0), 1: (0, 1)}
+
+
+def _conv_transpose_k4s2p1(x: jax.Array, kernel: jax.Array, precision: Any) -> jax.Array:
+  n, h, w, _ = x.shape
+  kernel = kernel.astype(x.dtype)
+  rows = []
+  for a in (0, 1):
+    cols = []
+    for b in (0, 1):
+      k_ab = kernel[jnp.array(_PHASE_TAPS[a])][:, jnp.array(_PHASE_TAPS[b])]  # [2, 2, Cin, Cout]
+      cols.append(
+          jax.lax.conv_general_dilated(
+              x,
+              k_ab,
+              window_strides=(1, 1),
+              padding=(_PHASE_PAD[a], _PHASE_PAD[b]),
+              dimension_numbers=("NHWC", "HWIO", "NHWC"),
+              precision=precision,
+          )
+      )
+    rows.append(jnp.stack(cols, axis=3))  # [N, H, W, 2 (b), Cout]
+  y = jnp.stack(rows, axis=2)  # [N, H, 2 (a), W, 2 (b), Cout]
+  return y.reshape(n, 2 * h, 2 * w, kernel.shape[-1])
 
 
 class ConvTranspose2d(nn.Module):
