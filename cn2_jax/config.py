@@ -297,14 +297,15 @@ def base_config() -> ml_collections.ConfigDict:
   e.use_for_eval = True  # eval / predict / Predictor use the EMA weights (when decay > 0)
   # SWA (centerX §5.3): swa.iters more updates after optim.max_iter at the SWA LR, an equal-weight
   # mean of the params every `period` of them; at the end params = mean and the BatchNorm
-  # statistics are recomputed over bn_batches training batches. All counts in iterations.
+  # statistics are recomputed over bn_batches training batches. iters and period are iterations,
+  # or epochs when optim.epochs > 0 (centerX SWA.ITER / SWA.PERIOD); bn_batches are batches.
   sw = c.swa = ml_collections.ConfigDict()
   # centerX LOSS.SKIP_LOSS / SKIP_WEIGHT (spec §3): > 0 zeroes the gradients of an iteration whose
   # total loss is >= this x the last accepted total (the optimizer still steps: momentum and
   # weight decay act); 0 = off
   o.skip_loss_factor = 0.0
   sw.iters = 0  # 0 = off
-  sw.period = 100  # average every this many SWA iterations
+  sw.period = 100  # average every this many SWA iterations (epochs with optim.epochs > 0)
   sw.lr_start = 0.002  # SWA LR (not batch-scaled); centerX crowd_human_res18_swa.yaml
   sw.eta_min = 1e-4  # lr_sched "cosine": CosineAnnealingWarmRestarts(T_0=period, eta_min)
   sw.lr_sched = "constant"  # "constant" (lr_start) | "cosine"

@@ -84,6 +84,21 @@ def test_config_and_schedule():
   assert swa_lib.swa_schedule(base, cfg, 10) is base  # off: the base schedule itself
 
 
+def test_swa_counts_in_epochs():
+  """With optim.epochs > 0, swa.iters / swa.period are epochs (centerX SWA.ITER / SWA.PERIOD)."""
+  cfg = _config()
+  assert swa_lib.in_iterations(cfg, 7) is cfg  # a schedule in iterations: as written
+  cfg.optim.epochs = 2.0
+  cfg.optim.steps = (1,)
+  cfg.optim.warmup_iters = 0
+  res = swa_lib.in_iterations(cfg, 7)
+  assert (res.swa.iters, res.swa.period) == (SWA_ITERS * 7, PERIOD * 7)
+  assert (cfg.swa.iters, cfg.swa.period) == (SWA_ITERS, PERIOD)  # the input is not changed
+  assert swa_lib.total_iters(res, 14) == 14 + SWA_ITERS * 7
+  cfg.swa.iters = 0
+  assert swa_lib.in_iterations(cfg, 7) is cfg  # off
+
+
 def _loop_tx(cfg, model, max_iter=MAX_ITER):
   """The optimizer exactly as `loop.train` builds it (BN params without decay, SWA LR)."""
   init = detector.init_fn(model)

@@ -354,8 +354,12 @@ def train(
   os.makedirs(workdir, exist_ok=True)
 
   if float(solver.epochs) > 0:  # schedule in epochs -> iterations (optim.resolve_schedule)
+    ipe = optim.iterations_from_epochs(solver, num_train_images, batch_size)["iters_per_epoch"]
     solver = optim.resolve_schedule(solver, num_train_images, batch_size)
     log.info("optim.epochs=%g: %s", config.optim.epochs, optim.schedule_summary(solver))
+    config = swa_lib.in_iterations(config, ipe)  # swa.iters / swa.period in epochs too
+    if swa_lib.swa_enabled(config):
+      log.info("SWA: %d iterations, period %d", config.swa.iters, config.swa.period)
   max_iter = int(solver.max_iter)
   # SWA (engine/swa.py): swa.iters more updates after max_iter at the SWA LR; identity when off
   schedule = swa_lib.swa_schedule(optim.make_lr_schedule(solver, batch_size), config, max_iter)

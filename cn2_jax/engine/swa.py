@@ -21,8 +21,9 @@ raw and the EMA weights. With `ema.use_for_eval` the evaluation during / at the 
 ema.batch_stats}` (plus the raw `frozen` collection, which never changes) - see `eval_variables`
 and `restore_ema_variables`.
 
-SWA (`config.swa`, on when `swa.iters > 0`; every count is in iterations, also when
-`optim.epochs > 0`). Training runs `optim.max_iter + swa.iters` updates. From update `max_iter`
+SWA (`config.swa`, on when `swa.iters > 0`; `swa.iters` and `swa.period` are iterations, or
+epochs when `optim.epochs > 0`, as centerX's SWA.ITER / SWA.PERIOD: `in_iterations` multiplies
+them by the iterations per epoch). Training runs `optim.max_iter + swa.iters` updates. From update `max_iter`
 (0-based) on, the LR of the base schedule is replaced (`swa_schedule`) by
 
     "constant": lr = swa.lr_start
@@ -79,6 +80,21 @@ def ema_enabled(config) -> bool:
 
 def swa_enabled(config) -> bool:
   return "swa" in config and int(config.swa.iters) > 0
+
+
+def in_iterations(config, iters_per_epoch: int):
+  """`config` with `swa.iters` / `swa.period` in iterations: itself when `optim.epochs == 0` or SWA
+  is off, else a copy with both multiplied by `iters_per_epoch` (centerX
+  `auto_scale_hyperparams`: SWA.ITER and SWA.PERIOD are epochs, like the main schedule)."""
+  if float(config.optim.epochs) <= 0 or not swa_enabled(config):
+    return config
+  ipe = int(iters_per_epoch)
+  if ipe <= 0:
+    raise ValueError(f"iters_per_epoch must be positive, got {iters_per_epoch}")
+  out = config.copy_and_resolve_references()
+  out.swa.iters = int(config.swa.iters) * ipe
+  out.swa.period = int(config.swa.period) * ipe
+  return out
 
 
 def swa_iters(config) -> int:
