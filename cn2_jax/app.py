@@ -10,12 +10,16 @@ Workdir layout:
   synthetic/                the generated demo dataset (data.dataset == "synthetic")
   eval/coco_results.json    detections in COCO results format (original-image coordinates)
   eval/metrics.json         the 12 COCO metrics as fractions (+ crowdhuman_AP50, crowdhuman_MR-2,
-                            crowdhuman_JI for data.dataset == "crowdhuman")
+                            crowdhuman_JI for data.dataset == "crowdhuman"; wider_easy_ap,
+                            wider_medium_ap, wider_hard_ap with data.wider_eval_gt set), then
+                            "<name>/AP", ... of each data.extra_eval dataset (data/mixture.py)
+  eval/<name>/coco_results.json  the detections of data.extra_eval dataset <name> (its labels)
   predict/detections.json   --mode=predict results; predict/<image>.png drawn copies
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -39,6 +43,7 @@ from cn2_jax.config import (
     validate_config,
 )
 from cn2_jax.errors import (ConfigError, DataError, InputFileError, is_user_error, one_line)
+from cn2_jax.data import mixture
 from cn2_jax.data import pipeline
 from cn2_jax.data import sources
 from cn2_jax.data import synthetic
@@ -66,12 +71,17 @@ def _resolve(root: str, p: str) -> str:
   return p if not p or os.path.isabs(p) else os.path.join(root, p)
 
 
-def prepare_dataset(cfg: ml_collections.ConfigDict, workdir: str):
-  """Builds (once) and returns the tfds builder of `cfg.data` (array_record, no TensorFlow)."""
-  d = cfg.data
+def prepare_dataset(cfg: ml_collections.ConfigDict, workdir: str, data=None):
+  """Builds (once) and returns the tfds builder of `cfg.data` (array_record, no TensorFlow), or of
+  `data`, a `data` section describing another dataset (`mixture.source_config`)."""
+  d = cfg.data if data is None else data
   data_dir = d.data_dir or os.path.join(workdir, "tfds")
   if d.dataset in sources.FORMATS:  # crowdhuman, wider_face, voc: converted to COCO json
     return sources.prepare_from_config(d, data_dir)
+  if d.dataset == "image_folder":  # unlabelled images (woGT), train split only
+    if not d.root:
+      raise ConfigError("data.root must name the image folder for data.dataset='image_folder'")
+    return sources.build_image_folder(d.root, data_dir, name=d.name, split=d.train_split)
   if d.dataset == "synthetic":
     root = d.root or os.path.join(workdir, "synthetic")
     train_json = os.path.join(root, "instances_train.json")
@@ -98,7 +108,7 @@ def prepare_dataset(cfg: ml_collections.ConfigDict, workdir: str):
     image_root = _resolve(d.root, d.image_root) if d.image_root else d.root
     splits = {}
     for split, jpath in ((d.train_split, d.train_json), (d.eval_split, d.val_json)):
-      if jpath:
+      if split and jpath:
         splits[split] = (_resolve(d.root, jpath), image_root)
     if not splits:
       raise ConfigError("data.train_json and/or data.val_json must be set for 'coco_json'")
@@ -165,12 +175,85 @@ def _keep_previous_config(path: str, new: dict) -> None:
 
 
 def _check_num_classes(cfg, info: pipeline.DetectionInfo) -> None:
+  if mixture.is_mixed(cfg.data):  # several datasets / an offset: `data` only has to fit
+    _check_channels(cfg, "data", cfg.data.dataset, info, cfg.data.channel_offset)
+    return
   if cfg.model.num_classes != info.num_classes:
     raise ConfigError(
         f"model.num_classes={cfg.model.num_classes} but the dataset has "
         f"{info.num_classes} classes {list(info.class_names)[:10]}...; set "
         f"--config.model.num_classes={info.num_classes}"
     )
+
+
+def _check_channels(cfg, where: str, dataset: str, info, offset: int) -> None:
+  """A dataset of a mixture (or an extra evaluation) must fit the model's classes at its offset."""
+  n = mixture.num_labels(dataset, info)
+  if int(offset) + n > cfg.model.num_classes:
+    raise ConfigError(
+        f"{where}: its {n} classes {list(info.class_names)[:10]} at channel_offset={offset} "
+        f"exceed model.num_classes={cfg.model.num_classes}"
+    )
+
+
+def _mixture_builders(cfg, workdir: str) -> list:
+  """`[(entry, its data section, builder)]` of data.mixture (prepared once each)."""
+  out = []
+  for i, entry in enumerate(cfg.data.mixture):
+    part = mixture.source_config(cfg.data, entry)
+    b = prepare_dataset(cfg, workdir, data=part)
+    _check_channels(
+        cfg, f"data.mixture[{i}]", part.dataset, pipeline.DetectionInfo.from_builder(b),
+        part.channel_offset,
+    )  # fmt: skip
+    out.append((entry, part, b))
+  return out
+
+
+def _extra_eval_builders(cfg, workdir: str) -> list:
+  """`[(name, its data section, builder)]` of data.extra_eval (prepared once each)."""
+  out = []
+  for i, entry in enumerate(cfg.data.extra_eval):
+    part = mixture.source_config(cfg.data, entry, label_is_name=True)
+    b = prepare_dataset(cfg, workdir, data=part)
+    _check_channels(
+        cfg, f"data.extra_eval[{i}]", part.dataset, pipeline.DetectionInfo.from_builder(b),
+        part.channel_offset,
+    )  # fmt: skip
+    out.append((str(entry["name"]), part, b))
+  return out
+
+
+def _teacher_class_names(cfg) -> list:
+  """`[(start channel, class names)]` of the KD teachers whose dataset_info.json is readable."""
+  out, start = [], 0
+  ends = tuple(cfg.kd.cls_index)
+  for i, wd in enumerate(cfg.kd.teacher_workdirs):
+    if ends:
+      start = 0 if i == 0 else int(ends[i - 1])
+    try:
+      with open(os.path.join(wd, "dataset_info.json")) as f:
+        names = list(json.load(f)["class_names"])
+    except (OSError, ValueError, KeyError, TypeError):
+      if not ends:
+        break  # the next teachers' start channels are unknown
+      continue
+    out.append((start, names))
+    start += len(names)
+  return out
+
+
+def _run_info(cfg, info, parts) -> pipeline.DetectionInfo:
+  """The model's classes (dataset_info.json): `data`'s, or for a mixed run the name of each
+  channel from the datasets `[(dataset, info, offset)]` labelling it, else from the teachers."""
+  d = cfg.data
+  n = mixture.num_labels(d.dataset, info)
+  if d.channel_offset == 0 and n == cfg.model.num_classes:  # `data` labels every class
+    return info
+  names = mixture.run_class_names(cfg.model.num_classes, parts, _teacher_class_names(cfg))
+  return pipeline.DetectionInfo(
+      class_names=tuple(names), category_ids=tuple(range(1, len(names) + 1))
+  )
 
 
 # ------------------------------------------------------------------------------------- run config
@@ -183,6 +266,7 @@ _INVOCATION_FIELDS = (
     "train.eval_batch_size",
     "data.num_workers",
     "data.data_dir",
+    "data.extra_eval",  # more datasets to evaluate the model on
 )
 
 
@@ -278,12 +362,28 @@ def train(
   b = prepare_dataset(cfg, workdir)
   info = pipeline.DetectionInfo.from_builder(b)
   _check_num_classes(cfg, info)
-  _save_run_files(cfg, workdir, info)
   d = cfg.data
-  split = pipeline.open_split(b, d.train_split)
+  mixed = _mixture_builders(cfg, workdir)  # data.mixture: more training datasets
+  extra_evals = _extra_eval_builders(cfg, workdir)
+  labelled = [(d.dataset, info, d.channel_offset)] + [
+      (part.dataset, pipeline.DetectionInfo.from_builder(mb), part.channel_offset)
+      for _, part, mb in mixed + extra_evals
+  ]
+  _save_run_files(cfg, workdir, _run_info(cfg, info, labelled))
+  # woGT keeps every image (KD §4.3), and an image folder has nothing to filter
+  filter_empty = d.filter_empty and not cfg.kd.without_label
+  parts = [
+      pipeline.TrainPart(
+          pipeline.open_split(mb, part.train_split),
+          weight=float(entry.get("weight", 1.0)),
+          channel_offset=int(part.channel_offset),
+          filter_empty=False if part.dataset == "image_folder" else None,
+      )
+      for entry, part, mb in [({"weight": d.mix_weight}, d, b)] + mixed
+  ]
   # a schedule in epochs (optim.epochs > 0) counts iterations from the images the loader draws
-  filter_empty = d.filter_empty and not cfg.kd.without_label  # woGT keeps every image (KD §4.3)
-  n_train = _num_train_images(split, filter_empty) if cfg.optim.epochs > 0 else None
+  # (a mixture: of all its datasets together)
+  n_train = pipeline.num_train_images(parts, filter_empty) if cfg.optim.epochs > 0 else None
   nproc = jax.process_count()
   if cfg.train.batch_size % nproc:
     raise ConfigError(
@@ -295,7 +395,7 @@ def train(
 
   def loader_fn(start_step: int):
     return pipeline.make_train_loader(
-        split,
+        parts,
         batch_size=cfg.train.batch_size // nproc,
         short_sizes=tuple(d.min_size_train),
         max_size=d.max_size_train,
@@ -314,6 +414,7 @@ def train(
         aspect_ratios=tuple(d.bucket_aspect_ratios),
         scale_per_batch=d.scale_per_batch,
         augment=pipeline.AugmentSettings.from_config(d),
+        crop_around_gt=not cfg.kd.without_label,  # woGT: plain random crops (KD §4.3)
     )
 
   def train_batches(start_step: int):
@@ -329,10 +430,17 @@ def train(
   evals = {}
 
   def eval_fn(state, step):  # the loop writes the returned scalars to TensorBoard as eval/*
-    evals[step] = evaluate(cfg, workdir, variables=swa_lib.eval_variables(cfg, state), builder=b)
+    evals[step] = evaluate(
+        cfg,
+        workdir,
+        variables=swa_lib.eval_variables(cfg, state),
+        builder=b,
+        extra_builders=extra_evals,
+    )
     return _scalars(evals[step])
 
-  periodic = cfg.train.eval_every > 0 and bool(d.eval_split)
+  has_eval = bool(d.eval_split) or bool(d.extra_eval)
+  periodic = cfg.train.eval_every > 0 and has_eval
   kd = {}
   if cfg.kd.teacher_workdirs:  # knowledge distillation (modeling/onestage/kd.py)
     from cn2_jax.modeling.onestage import kd as kd_lib
@@ -358,25 +466,18 @@ def train(
   metrics = None
   step = int(jax.device_get(state.step))
   max_iter = optim.resolve_schedule(cfg.optim, n_train, cfg.train.batch_size).max_iter
-  if cfg.train.eval_at_end and d.eval_split and step >= swa_lib.total_iters(cfg, max_iter):
+  if cfg.train.eval_at_end and has_eval and step >= swa_lib.total_iters(cfg, max_iter):
     metrics = evals.get(step)  # already evaluated at the last step by the loop
     if metrics is None:
-      metrics = evaluate(cfg, workdir, variables=swa_lib.eval_variables(cfg, state), builder=b)
+      metrics = evaluate(
+          cfg,
+          workdir,
+          variables=swa_lib.eval_variables(cfg, state),
+          builder=b,
+          extra_builders=extra_evals,
+      )
       _write_eval_scalars(workdir, step, metrics)
   return state, metrics
-
-
-def _num_train_images(split: pipeline.DetectionSplit, filter_empty: bool) -> int:
-  """The images the train loader draws from (`pipeline.make_train_loader`: images without
-  non-crowd boxes are dropped when `filter_empty`), for a schedule in epochs."""
-  if not filter_empty:
-    return len(split)
-  counts = split.num_instances
-  if counts is None:  # no per-example counts in the metadata: scan, as the loader does
-    counts = [
-        int((~np.asarray(split[i]["objects"]["is_crowd"], bool)).sum()) for i in range(len(split))
-    ]
-  return int(np.count_nonzero(np.asarray(counts) > 0))
 
 
 def _scalars(metrics: dict) -> dict:
@@ -395,16 +496,78 @@ def _write_eval_scalars(workdir: str, step: int, metrics: dict) -> None:
       writer.add_scalar(f"eval/{name}", v, step)
 
 
-def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, variables=None, builder=None) -> dict:
-  """COCO evaluation of the eval split; writes eval/coco_results.json and eval/metrics.json."""
+def evaluate(
+    cfg: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    variables=None,
+    builder=None,
+    extra_builders=None,
+) -> dict:
+  """COCO evaluation of the eval split, then of each data.extra_eval dataset on its channels
+  (data/mixture.py); writes eval/coco_results.json (eval/<name>/coco_results.json) and
+  eval/metrics.json (the extra datasets' metrics as "<name>/AP", ...). `extra_builders`: the
+  prepared extra datasets (`_extra_eval_builders`), else prepared here."""
   validate_config(cfg)
   enable_compilation_cache(cfg)
+  d = cfg.data
+  if not d.eval_split and not d.extra_eval:
+    raise ConfigError("nothing to evaluate: data.eval_split is '' and data.extra_eval is empty")
   b = builder if builder is not None else prepare_dataset(cfg, workdir)
   info = pipeline.DetectionInfo.from_builder(b)
   _check_num_classes(cfg, info)
-  d = cfg.data
+  if extra_builders is None:
+    extra_builders = _extra_eval_builders(cfg, workdir)
   if variables is None:
     variables = restore_model_variables(cfg, workdir)
+  mesh = step_lib.make_mesh()
+  model = detector.build_model(cfg.model)
+  eval_step = step_lib.make_eval_step(model, mesh)
+  variables = step_lib.replicate(variables, mesh)
+  run = functools.partial(_eval_split, cfg, eval_step, variables, mesh)
+  metrics, counts = {}, {}
+  if d.eval_split:
+    metrics, evaluator = _evaluate_main(cfg, workdir, b, info, run)
+    counts = dict(num_images=evaluator.num_images, num_detections=evaluator.num_detections)
+  for name, part, eb in extra_builders:
+    einfo = pipeline.DetectionInfo.from_builder(eb)
+    ann = einfo.annotation_file(part.eval_split)
+    if ann is None:
+      raise FileNotFoundError(f"No annotation file recorded for split {part.eval_split!r}")
+    ev = CocoEvaluator(
+        ann, [int(x) for x in einfo.label_to_category_id(np.arange(einfo.num_classes))]
+    )
+    log.info(
+        "data.extra_eval %r: %s split %r, model classes [%d, %d)",
+        name,
+        part.dataset,
+        part.eval_split,
+        part.channel_offset,
+        part.channel_offset + einfo.num_classes,
+    )
+    run(pipeline.open_split(eb, part.eval_split), ev, part.channel_offset, einfo.num_classes)
+    em = ev.evaluate()
+    if part.dataset == "crowdhuman":
+      from cn2_jax.evaluation import crowdhuman_eval
+
+      em.update(crowdhuman_eval.metrics_from_coco(ann, ev.results, ev.image_ids))
+    metrics.update({f"{name}/{k}": v for k, v in em.items()})
+    counts.update(
+        {f"{name}/num_images": ev.num_images, f"{name}/num_detections": ev.num_detections}
+    )
+    if jax.process_index() == 0:
+      ev.write_results(os.path.join(workdir, "eval", name, "coco_results.json"))
+  if jax.process_index() == 0:
+    out = {str(k): float(v) for k, v in metrics.items()}
+    out.update({k: int(v) for k, v in counts.items()})
+    _write_json(os.path.join(workdir, "eval", "metrics.json"), out)
+  return metrics
+
+
+def _evaluate_main(cfg, workdir: str, b, info, run):
+  """The evaluation of data.eval_split (on the model's classes [data.channel_offset, + its
+  classes)); writes eval/coco_results.json; returns (metrics, evaluator)."""
+  d = cfg.data
   split = pipeline.open_split(b, d.eval_split)
   ann = info.annotation_file(d.eval_split)
   if ann is None:
@@ -412,10 +575,30 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, variables=None, bu
   evaluator = CocoEvaluator(
       ann, [int(x) for x in info.label_to_category_id(np.arange(info.num_classes))]
   )
-  mesh = step_lib.make_mesh()
-  model = detector.build_model(cfg.model)
-  eval_step = step_lib.make_eval_step(model, mesh)
-  variables = step_lib.replicate(variables, mesh)
+  run(split, evaluator, d.channel_offset, info.num_classes)
+  metrics = evaluator.evaluate()
+  if d.dataset == "crowdhuman":  # the official CrowdHuman AP50 / MR^-2 / JI beside COCO's
+    from cn2_jax.evaluation import crowdhuman_eval
+
+    metrics.update(crowdhuman_eval.metrics_from_coco(ann, evaluator.results, evaluator.image_ids))
+  if d.dataset == "wider_face" and d.wider_eval_gt:  # official WIDER easy / medium / hard AP
+    from cn2_jax.evaluation import wider_eval
+
+    metrics.update(
+        wider_eval.metrics_from_coco(
+            ann, evaluator.results, evaluator.image_ids, os.path.expanduser(d.wider_eval_gt)
+        )
+    )
+  if jax.process_index() == 0:
+    evaluator.write_results(os.path.join(workdir, "eval", "coco_results.json"))
+  return metrics, evaluator
+
+
+def _eval_split(cfg, eval_step, variables, mesh, split, evaluator, offset: int, num: int) -> int:
+  """Runs the model over `split` and adds its detections to `evaluator`, model classes [offset,
+  offset + num) as the dataset's labels 0..num-1 (`mixture.channel_slice`; the identity for a
+  plain run); returns the number of images."""
+  d = cfg.data
   t0, n = time.perf_counter(), 0
   for batch in pipeline.make_eval_loader(
       split,
@@ -442,26 +625,19 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, variables=None, bu
     dets = jax.device_get(
         detector.postprocess_detections(jax.device_get(dets), batch["image_hw"], batch["orig_hw"])
     )
+    classes, valid = mixture.channel_slice(dets["classes"], dets["valid"], offset, num)
     evaluator.add(
         batch["image_id"],
         dets["boxes"],
         dets["scores"],
-        dets["classes"],
-        dets["valid"],
+        classes,
+        valid,
         batch["batch_mask"],
     )
     n += int(batch["batch_mask"].sum())
   dt = time.perf_counter() - t0
   log.info("evaluated %d images in %.1f s", n, dt)
-  metrics = evaluator.evaluate()
-  if d.dataset == "crowdhuman":  # the official CrowdHuman AP50 / MR^-2 / JI beside COCO's
-    from cn2_jax.evaluation import crowdhuman_eval
-
-    metrics.update(crowdhuman_eval.metrics_from_coco(ann, evaluator.results, evaluator.image_ids))
-  if jax.process_index() == 0:
-    evaluator.write_results(os.path.join(workdir, "eval", "coco_results.json"))
-    evaluator.write_metrics(os.path.join(workdir, "eval", "metrics.json"), metrics)
-  return metrics
+  return n
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")

@@ -159,8 +159,9 @@ def base_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
   # "crowdhuman" (.odgt), "wider_face" (wider_face_*_bbx_gt.txt) and "voc" (VOC XML folder) are
-  # converted to COCO json first (cn2_jax/data/sources.py).
-  d.dataset = "coco/2017"  # coco/2017, coco_json, synthetic, crowdhuman, wider_face or voc
+  # converted to COCO json first (cn2_jax/data/sources.py); "image_folder": every image below
+  # data.root (recursive), no annotations, training only (woGT KD; set data.eval_split="").
+  d.dataset = "coco/2017"  # coco/2017 coco_json synthetic crowdhuman wider_face voc image_folder
   d.name = ""  # tfds dataset name (default derived from the dataset, its box type and classes)
   d.root = ""  # COCO root (coco/2017) or dataset folder (all others)
   # Annotation files, relative to root or absolute. coco_json: the instances jsons. crowdhuman,
@@ -205,6 +206,25 @@ def base_config() -> ml_collections.ConfigDict:
   # the official benchmark's) or "hbox" (head). "mask" regions and extra.ignore boxes are
   # ignore regions (like COCO crowd boxes; centerX dropped them).
   d.crowdhuman_box = "vbox"  # "vbox" (centerX), "fbox" (official benchmark) or "hbox"
+  # wider_face: folder of the official kit's wider_face_val.mat and wider_{easy,medium,hard}_val.mat
+  # (absolute or relative to the working directory); set, eval adds the official easy / medium /
+  # hard AP (evaluation/wider_eval.py) to the COCO-style metrics. "" = COCO-style AP only.
+  d.wider_eval_gt = ""
+  # Several datasets in one run (cn2_jax/data/mixture.py). The dataset above is dataset 0 of the
+  # training mixture; each data.mixture entry is a dict of DATA_SOURCE_KEYS (unset keys take the
+  # defaults of this schema, not the values above; "dataset" is required) plus "weight" and
+  # "channel_offset", e.g. ({"dataset": "wider_face", "root": "/data/WIDER_FACE", "weight": 1.0,
+  # "channel_offset": 1},). Examples are drawn per image with probability proportional to the
+  # weights (grain MapDataset.mix); a dataset's label i is the student's class channel_offset + i.
+  # An epoch of a mixture (optim.epochs) = the training images of all its datasets together.
+  d.mix_weight = 1.0  # sampling weight of the dataset above in a mixture
+  d.channel_offset = 0  # its label i -> model class channel_offset + i
+  d.mixture = ()  # more training datasets: dicts of DATA_SOURCE_KEYS + weight, channel_offset
+  # More evaluations after the main one: dicts of DATA_SOURCE_KEYS + channel_offset, with "name"
+  # the label of their metrics ("{name}/AP" ... in eval/metrics.json and TensorBoard); each is
+  # evaluated on its eval_split with the model's classes [channel_offset, channel_offset + its
+  # classes) as its labels (centerX coco_car_val: car at channel 1).
+  d.extra_eval = ()  # more evaluations: dicts of DATA_SOURCE_KEYS + channel_offset, name = label
   # One-stage train augmentation (cn2_jax/data/augment.py), all off by default (CenterNet2 path
   # unchanged). Order: crop -> resize (or center_affine) -> affine/perspective -> flip -> colour.
   # (h, w) minimum fractions: centerX's RandomCrop "relative_range" (each side uniform(s, 1) of
@@ -255,6 +275,15 @@ def base_config() -> ml_collections.ConfigDict:
   k.reg_weight = (0.1,)  # offset L1 at the teacher's peaks
   k.norm_wh = (False,)  # divide the wh terms by the teacher's (w + h) / 2 per pixel
   k.without_label = False  # woGT: only the KD terms (the GT losses are dropped)
+  # CenterNet2 teachers (a run with model.arch "centernet2"): their final detections are rendered
+  # into soft heatmaps (peak = score) and wh / offset maps at the student's stride with the
+  # student's model.onestage min_overlap / radius_formula (modeling/onestage/kd_render.py).
+  # Detections scoring below this are not drawn. 0.05 = CenterNet2's own output threshold
+  # (roi_heads.score_thresh_test), so by default every detection the teacher outputs is drawn:
+  # the heatmap MSE is dense and a weak detection drawn at its low score is a soft target, like a
+  # one-stage teacher's low heatmap values; a pseudo-label threshold (0.3) would instead pull the
+  # student to 0 on the teacher's uncertain objects. In [0, 1]; unused by one-stage teachers.
+  k.render_score_thresh = 0.05
 
   # ---------------------------------------------------------------- optimisation
   o = c.optim = ml_collections.ConfigDict()
@@ -286,6 +315,10 @@ def base_config() -> ml_collections.ConfigDict:
   o.min_lr = 1e-8  # warmup_cosine_annealing: lr at max_iter (not batch-scaled)
   o.clip_value = 1.0  # element-wise gradient value clip (d2 CLIP_TYPE=value)
   o.clip_norm = 0.0  # > 0: clip the global gradient L2 norm (MMDet: 35); 0 = off
+  # centerX LOSS.SKIP_LOSS / SKIP_WEIGHT (spec §3): > 0 zeroes the gradients of an iteration whose
+  # total loss is >= this x the last accepted total (the optimizer still steps: momentum and
+  # weight decay act); 0 = off
+  o.skip_loss_factor = 0.0
 
   # ---------------------------------------------------------------- weight averaging
   # (engine/swa.py). EMA of the parameters, updated after every step:
@@ -300,10 +333,6 @@ def base_config() -> ml_collections.ConfigDict:
   # statistics are recomputed over bn_batches training batches. iters and period are iterations,
   # or epochs when optim.epochs > 0 (centerX SWA.ITER / SWA.PERIOD); bn_batches are batches.
   sw = c.swa = ml_collections.ConfigDict()
-  # centerX LOSS.SKIP_LOSS / SKIP_WEIGHT (spec §3): > 0 zeroes the gradients of an iteration whose
-  # total loss is >= this x the last accepted total (the optimizer still steps: momentum and
-  # weight decay act); 0 = off
-  o.skip_loss_factor = 0.0
   sw.iters = 0  # 0 = off
   sw.period = 100  # average every this many SWA iterations (epochs with optim.epochs > 0)
   sw.lr_start = 0.002  # SWA LR (not batch-scaled); centerX crowd_human_res18_swa.yaml
@@ -391,6 +420,7 @@ def _validate_optim(o: ml_collections.ConfigDict) -> None:
       ("epochs", o.epochs >= 0, ">= 0 (0 = iterations as written)"),
       ("cosine_decay_iter", 0.0 <= o.cosine_decay_iter <= 1.0, "in [0, 1]"),
       ("min_lr", o.min_lr >= 0, ">= 0"),
+      ("skip_loss_factor", o.skip_loss_factor >= 0, ">= 0 (0 = off)"),
   )
   for key, ok, want in checks:
     if not ok:
@@ -404,7 +434,6 @@ def _validate_averaging(e: ml_collections.ConfigDict, s: ml_collections.ConfigDi
       (
           "ema.batch_stats",
           e.batch_stats,
-      ("skip_loss_factor", o.skip_loss_factor >= 0, ">= 0 (0 = off)"),
           e.batch_stats in ("average", "copy"),
           "'average' | 'copy'",
       ),
@@ -422,6 +451,9 @@ def _validate_averaging(e: ml_collections.ConfigDict, s: ml_collections.ConfigDi
 
 def _validate_kd(k: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> None:
   """The `kd` group (knowledge distillation, modeling/onestage/kd.py)."""
+  t = k.render_score_thresh
+  if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+    raise ConfigError(f"kd.render_score_thresh must be a number in [0, 1], got {t!r}")
   n = len(tuple(k.teacher_workdirs))
   if not n:
     return
@@ -439,6 +471,140 @@ def _validate_kd(k: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> 
     raise ConfigError(f"kd.cls_index must be () or {n} increasing channel ends, got {ends}")
   if ends and ends[-1] > m.num_classes:
     raise ConfigError(f"kd.cls_index={ends} ends past model.num_classes={m.num_classes}")
+
+
+# `data.dataset` values (cn2_jax/app.py prepare_dataset; cn2_jax/data/sources.py).
+DATASETS = (
+    "coco/2017",
+    "coco_json",
+    "synthetic",
+    "crowdhuman",
+    "wider_face",
+    "voc",
+    "image_folder",
+)
+# The `data` keys that describe one dataset: what a data.mixture / data.extra_eval entry may set
+# (with "weight" / "channel_offset" resp. "channel_offset"; in data.extra_eval "name" labels the
+# metrics, and the prepared dataset takes its default name).
+DATA_SOURCE_KEYS = (
+    "dataset",
+    "name",
+    "root",
+    "train_json",
+    "val_json",
+    "image_root",
+    "train_split",
+    "eval_split",
+    "classes",
+    "crowdhuman_box",
+    "synthetic_num_train",
+    "synthetic_num_val",
+    "synthetic_image_size",
+)
+MIXTURE_KEYS = DATA_SOURCE_KEYS + ("weight", "channel_offset")
+EXTRA_EVAL_KEYS = DATA_SOURCE_KEYS + ("channel_offset",)
+# Classes of the formats whose class list is fixed (without data.classes).
+FIXED_NUM_CLASSES = {"crowdhuman": 1, "wider_face": 1, "image_folder": 0}
+
+
+def _check_classes(where: str, classes) -> None:
+  if (
+      isinstance(classes, str)
+      or not isinstance(classes, (tuple, list))
+      or not all(isinstance(c, str) and c and "," not in c for c in classes)
+      or len(set(classes)) != len(tuple(classes))
+  ):
+    raise ConfigError(
+        f"{where}.classes must be a tuple of distinct class names, e.g. ('person', 'car'), "
+        f"got {classes!r}"
+    )
+
+
+def _check_source(where: str, src, num_classes: int, *, evaluated: bool) -> None:
+  """One dataset description (`data`, or an entry merged onto the schema defaults)."""
+  if src["dataset"] not in DATASETS:
+    raise ConfigError(f"{where}.dataset must be one of {DATASETS}, got {src['dataset']!r}")
+  if src["crowdhuman_box"] not in ("vbox", "fbox", "hbox"):
+    raise ConfigError(
+        f"{where}.crowdhuman_box must be 'vbox', 'fbox' or 'hbox', got {src['crowdhuman_box']!r}"
+    )
+  _check_classes(where, src["classes"])
+  offset = src["channel_offset"]
+  if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+    raise ConfigError(f"{where}.channel_offset must be an integer >= 0, got {offset!r}")
+  if src["dataset"] == "image_folder":
+    if tuple(src["classes"]):
+      raise ConfigError(f"{where}.classes: an image_folder dataset has no classes (no labels)")
+    if evaluated and src["eval_split"]:
+      raise ConfigError(
+          f"{where}.eval_split={src['eval_split']!r}: an image_folder dataset has no annotations "
+          f"to evaluate; set {where}.eval_split='' (evaluate other datasets with data.extra_eval)"
+      )
+  n = len(tuple(src["classes"])) or FIXED_NUM_CLASSES.get(src["dataset"], 0)
+  if offset + n > num_classes:
+    raise ConfigError(
+        f"{where}.channel_offset={offset} + its {n} classes exceed model.num_classes={num_classes}"
+    )
+
+
+def _entry_source(where: str, entry, allowed, defaults) -> dict:
+  """A data.mixture / data.extra_eval entry merged onto the schema's `data` defaults."""
+  if not isinstance(entry, (dict, ml_collections.ConfigDict)):
+    raise ConfigError(f"{where} must be a dict of {', '.join(allowed)}, got {entry!r}")
+  for key in entry.keys():
+    if key not in allowed:
+      raise ConfigError(f"{where}.{key} is not a key of this entry (keys: {', '.join(allowed)})")
+  if "dataset" not in entry:
+    raise ConfigError(f"{where} needs a 'dataset' (one of {DATASETS})")
+  src = {k: defaults[k] for k in DATA_SOURCE_KEYS}
+  src["channel_offset"] = 0
+  for key, value in entry.items():
+    want = type(defaults[key]) if key in defaults else None
+    if key == "classes":
+      pass  # checked by _check_classes
+    elif key == "weight":
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+      if not (ok and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{where}.weight must be a number > 0, got {value!r}")
+    elif want is not None and (
+        isinstance(value, bool) != (want is bool) or not isinstance(value, want)
+    ):
+      raise ConfigError(f"{where}.{key} must be a {want.__name__}, got {value!r}")
+    src[key] = value
+  return src
+
+
+def _validate_data_sources(d: ml_collections.ConfigDict, num_classes: int) -> None:
+  """`data` as dataset 0 of a mixture, data.mixture and data.extra_eval (data/mixture.py)."""
+  defaults = base_config().data
+  main = {k: d[k] for k in DATA_SOURCE_KEYS}
+  main["channel_offset"] = d.channel_offset
+  _check_source("data", main, num_classes, evaluated=True)
+  if not (isinstance(d.mix_weight, (int, float)) and d.mix_weight > 0):
+    raise ConfigError(f"data.mix_weight must be a number > 0, got {d.mix_weight!r}")
+  for key in ("mixture", "extra_eval"):
+    if not isinstance(d[key], (tuple, list)):
+      raise ConfigError(f"data.{key} must be a tuple of dicts, got {d[key]!r}")
+  for i, entry in enumerate(d.mixture):
+    where = f"data.mixture[{i}]"
+    src = _entry_source(where, entry, MIXTURE_KEYS, defaults)
+    _check_source(where, src, num_classes, evaluated=False)
+    if not src["train_split"]:
+      raise ConfigError(f"{where}.train_split is empty: a mixture entry is trained on")
+  names = set()
+  for i, entry in enumerate(d.extra_eval):
+    where = f"data.extra_eval[{i}]"
+    src = _entry_source(where, entry, EXTRA_EVAL_KEYS, defaults)
+    _check_source(where, src, num_classes, evaluated=True)
+    name = entry.get("name", "")
+    if not name or "/" in name or name in names:
+      raise ConfigError(
+          f"{where}.name must be a distinct non-empty label without '/' (its metrics are "
+          f"'<name>/AP', ...), got {name!r}"
+      )
+    names.add(name)
+    if src["dataset"] == "image_folder" or not src["eval_split"]:
+      raise ConfigError(f"{where} needs an eval_split with annotations to evaluate")
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -460,6 +626,11 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     ):
       if m.onestage[key] not in allowed:
         raise ValueError(f"model.onestage.{key} must be one of {allowed}, got {m.onestage[key]!r}")
+    ct = tuple(m.onestage.communism_targets)
+    if len(ct) != 3 or not all(math.isfinite(float(v)) and float(v) > 0 for v in ct):
+      raise ConfigError(
+          f"model.onestage.communism_targets must be 3 positive numbers (cls, wh, off), got {ct}"
+      )
   if m.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {m.dtype!r}")
   if m.input_format not in ("BGR", "RGB"):
@@ -476,23 +647,31 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     if hw and (len(hw) != 2 or any(int(v) <= 0 or int(v) % div for v in hw)):
       raise ValueError(
           f"data.{name}={hw} must be () (buckets / official padding) or (H, W), "
-    ct = tuple(m.onestage.communism_targets)
-    if len(ct) != 3 or not all(math.isfinite(float(v)) and float(v) > 0 for v in ct):
-      raise ConfigError(
-          f"model.onestage.communism_targets must be 3 positive numbers (cls, wh, off), got {ct}"
-      )
           f"multiples of {div} (FPN size divisibility)"
       )
   ar = tuple(cfg.data.bucket_aspect_ratios)
   if any(a < 1.0 for a in ar) or list(ar) != sorted(ar):
     raise ValueError(f"data.bucket_aspect_ratios={ar} must be increasing long/short ratios >= 1")
-  datasets = ("coco/2017", "coco_json", "synthetic", "crowdhuman", "wider_face", "voc")
-  if cfg.data.dataset not in datasets:
-    raise ValueError(f"data.dataset must be one of {datasets}, got {cfg.data.dataset!r}")
+  if cfg.data.dataset not in DATASETS:
+    raise ValueError(f"data.dataset must be one of {DATASETS}, got {cfg.data.dataset!r}")
   if cfg.data.crowdhuman_box not in ("vbox", "fbox", "hbox"):
     raise ValueError(
         f"data.crowdhuman_box must be 'vbox', 'fbox' or 'hbox', got {cfg.data.crowdhuman_box!r}"
     )
+  wider_gt = cfg.data.wider_eval_gt
+  if wider_gt:
+    if not isinstance(wider_gt, str):
+      raise ConfigError(f"data.wider_eval_gt must be a folder path, got {wider_gt!r}")
+    if cfg.data.dataset != "wider_face":
+      raise ConfigError(
+          f"data.wider_eval_gt is read only with data.dataset='wider_face', not "
+          f"{cfg.data.dataset!r}"
+      )
+    if not Path(wider_gt).expanduser().is_dir():
+      raise ConfigError(
+          f"data.wider_eval_gt={wider_gt!r} is not a folder (it must hold the official "
+          f"wider_face_val.mat and wider_{{easy,medium,hard}}_val.mat)"
+      )
   classes = cfg.data.classes
   if (
       isinstance(classes, str)
@@ -503,6 +682,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
         f"data.classes must be a tuple of distinct class names, e.g. "
         f"--config.data.classes=\"('person', 'car')\", got {classes!r}"
     )
+  _validate_data_sources(cfg.data, m.num_classes)
   from cn2_jax.data.augment import AugmentSettings  # numpy + PIL only
 
   try:
@@ -552,6 +732,16 @@ def set_field(cfg, field: str, value) -> None:
   cfg[last] = value
 
 
+def _from_json(v):
+  """A config.json value as the schema holds it: lists become tuples, at any depth (also in the
+  dicts of data.mixture / data.extra_eval)."""
+  if isinstance(v, list):
+    return tuple(_from_json(x) for x in v)
+  if isinstance(v, dict):
+    return {k: _from_json(x) for k, x in v.items()}
+  return v
+
+
 def config_from_json(path: str) -> ml_collections.ConfigDict:
   """Rebuilds a run's ConfigDict from workdir/config.json on top of the schema defaults."""
   with open(path) as f:
@@ -567,9 +757,7 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
       if isinstance(dst[k], ml_collections.ConfigDict):
         merge(dst[k], v, f"{prefix}{k}.")
       else:
-        dst[k] = (
-            tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
-        )
+        dst[k] = _from_json(v)
 
   merge(cfg, saved)
   return validate_config(cfg)

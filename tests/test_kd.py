@@ -284,3 +284,15 @@ def test_app_train_distils_a_teacher_run(tmp_path, fast_compile):
   events = [f for f in os.listdir(tmp_path / "student") if f.startswith("events.out.tfevents")]
   data = b"".join((tmp_path / "student" / f).read_bytes() for f in events)
   assert b"train/loss_kd_cls_t0" in data and b"train/loss_kd_wh_t0" in data
+
+
+def test_render_score_thresh_validation():
+  """`kd.render_score_thresh` (CenterNet2 teachers, kd_render.py) is a number in [0, 1]."""
+  assert base_config().kd.render_score_thresh == 0.05  # CenterNet2's own score_thresh_test
+  cfg = tiny_config()
+  for bad in (-0.1, 1.5, float("nan")):
+    cfg.kd.render_score_thresh = bad
+    with pytest.raises(ConfigError, match="kd.render_score_thresh"):
+      validate_config(cfg)
+  cfg.kd.render_score_thresh = 0.0
+  validate_config(cfg)

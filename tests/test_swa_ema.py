@@ -6,6 +6,7 @@ runs without them."""
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -249,6 +250,15 @@ def test_restore_model_variables_uses_ema(runs):
   cfg.ema.use_for_eval = False
   v = restore_model_variables(cfg, wd)
   np.testing.assert_array_equal(_flat(v["params"]), _flat(b.params))
+  # --config.weights naming the run (from another workdir) follows the same EMA rule
+  for weights in (wd, os.path.join(wd, "checkpoints")):
+    cfg = _config()
+    cfg.weights = weights
+    v = restore_model_variables(cfg, "/nonexistent")
+    np.testing.assert_array_equal(_flat(v["params"]), _flat(b.ema["params"]))
+    cfg.ema.use_for_eval = False
+    v = restore_model_variables(cfg, "/nonexistent")
+    np.testing.assert_array_equal(_flat(v["params"]), _flat(b.params))
 
 
 def test_checkpoints_without_averages(runs, tmp_path):

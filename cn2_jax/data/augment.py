@@ -261,21 +261,26 @@ def crop_window_with_instance(
 
 
 def random_crop_relative_range(
-    image: np.ndarray, boxes, size: Sequence[float], rng: np.random.Generator
+    image: np.ndarray,
+    boxes,
+    size: Sequence[float],
+    rng: np.random.Generator,
+    around_instance: bool = True,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """centerX's training crop: ``(image, boxes, keep)``.
 
   ``size = (sh, sw)``: crop ``int(H * uniform(sh, 1) + 0.5) x int(W * uniform(sw, 1) + 0.5)``
   (:func:`relative_range_crop_size`), placed so that it holds the centre of one box drawn uniformly
-  among ``boxes`` (:func:`crop_window_with_instance`); with no boxes the window is uniform
-  (d2 ``RandomCrop.get_transform``). Boxes are shifted, clipped to the crop, and the empty ones
+  among ``boxes`` (:func:`crop_window_with_instance`); with no boxes, or ``around_instance=False``
+  (centerX woGT: no instances are built, the crop is plain random), the window is uniform (d2
+  ``RandomCrop.get_transform``). Boxes are shifted, clipped to the crop, and the empty ones
   (width or height <= 0) dropped; ``keep`` indexes the kept input boxes. Draw order:
-  ``random(2)``, then the box index, then ``y0``, ``x0``.
+  ``random(2)``, then the box index (only when placed around one), then ``y0``, ``x0``.
   """
   boxes = _as_boxes(boxes)
   h, w = image.shape[:2]
   ch, cw = relative_range_crop_size(h, w, size, rng)
-  if len(boxes):
+  if len(boxes) and around_instance:
     i = int(rng.integers(len(boxes)))
     y0, x0 = crop_window_with_instance((ch, cw), (h, w), boxes[i], rng)
   else:

@@ -15,6 +15,16 @@ So ``start_step=N`` reproduces an uninterrupted run from step N for any ``num_wo
 The optional one-stage augmentations (``augment.py``; off by default) draw from their own
 ``default_rng([seed, 4, g])``, so turning them on leaves the flips and short sides unchanged.
 
+Several datasets (:class:`TrainPart`, ``data.mixture``; ``cn2_jax/data/mixture.py``): the train
+loader also takes a list of parts, each a split with a sampling ``weight``, a ``channel_offset``
+(its label ``i`` becomes ``gt_classes`` ``channel_offset + i``) and its own ``filter_empty``.
+The parts are concatenated (one index space) and sampled per example slot by
+``_MixtureSchedule``: slot ``g`` takes the dataset that grain's weighted interleaving
+(``grain.MapDataset.mix``) puts at position ``g``, and the next image of that dataset's own
+shuffled epochs (``default_rng([seed, 5, k, epoch])``), so it is again a pure function of
+``(seed, step)``. A mixture is not aspect-grouped: a batch goes to the bucket of its images'
+aspect group, or to the square fallback bucket when they differ (or to ``pad_hw``).
+
 Padded shapes (``buckets.py``): training batches go to a bucket per short side and aspect group
 (or one fixed ``pad_hw``); eval batches hold images of one official canvas (resized size rounded
 up to 32), so the model sees exactly the official padding.
@@ -56,10 +66,12 @@ _AUG_STREAM = 1
 _BATCH_ORDER_STREAM = 2
 _SCALE_STREAM = 3
 _EXTRA_AUG_STREAM = 4  # augment.py's crop / warp / colour draws
+_MIX_STREAM = 5  # per-dataset epoch permutations of a mixture
 
 __all__ = [
     "DetectionInfo",
     "DetectionSplit",
+    "TrainPart",
     "LSJ",
     "AugmentSettings",
     "open_split",
@@ -69,6 +81,7 @@ __all__ = [
     "num_eval_batches",
     "eval_plan",
     "train_padding_overhead",
+    "num_train_images",
     "BATCH_KEYS",
     "DEFAULT_TRAIN_SHORT_SIZES",
 ]
@@ -191,6 +204,125 @@ def open_split(builder, split: str) -> DetectionSplit:
       name=split,
       data_dir=os.fspath(getattr(builder, "data_dir", "") or ""),
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPart:
+  """One dataset of a training mixture (``data`` or an entry of ``data.mixture``).
+
+  ``split``: its training split (a :class:`DetectionSplit` or a sequence of example dicts);
+  ``weight``: its sampling weight (> 0; the parts' weights are relative); ``channel_offset``: its
+  label ``i`` becomes class ``channel_offset + i`` of the batch (the student's channel);
+  ``filter_empty``: drop its images without non-crowd boxes (None: the loader's ``filter_empty``;
+  image folders, which have no boxes, use False)."""
+
+  split: Any
+  weight: float = 1.0
+  channel_offset: int = 0
+  filter_empty: Optional[bool] = None
+
+
+class _ConcatSource:
+  """The examples of several sources in one index space (part ``k`` from ``starts[k]``), with
+  each part's prepared folder (load-time errors) and channel offset. Picklable."""
+
+  def __init__(self, sources, data_dirs, channel_offsets):
+    self.sources = list(sources)
+    self.data_dirs = [str(d or "") for d in data_dirs]
+    self.channel_offsets = [int(o) for o in channel_offsets]
+    self.starts = np.cumsum([0] + [len(s) for s in self.sources[:-1]]).astype(np.int64)
+    self._len = int(sum(len(s) for s in self.sources))
+
+  def __len__(self) -> int:
+    return self._len
+
+  def locate(self, i: int) -> Tuple[int, int]:
+    """``(part, index in that part)`` of concatenated index ``i``."""
+    k = int(np.searchsorted(self.starts, int(i), side="right")) - 1
+    return k, int(i) - int(self.starts[k])
+
+  def __getitem__(self, i):
+    k, j = self.locate(i)
+    return self.sources[k][j]
+
+
+def _concat_split(parts) -> DetectionSplit:
+  """One DetectionSplit over every part (a :class:`_ConcatSource`); the per-example arrays are
+  concatenated (None when a part lacks them)."""
+  splits = [_as_split(p.split) for p in parts]
+  src = _ConcatSource(
+      [s.source for s in splits], [s.data_dir for s in splits], [p.channel_offset for p in parts]
+  )
+
+  def cat(name):
+    arrs = [getattr(s, name) for s in splits]
+    return None if any(a is None for a in arrs) else np.concatenate(arrs).astype(np.int64)
+
+  split = DetectionSplit(
+      src,
+      info=splits[0].info,
+      image_id=cat("image_id"),
+      height=cat("height"),
+      width=cat("width"),
+      num_instances=cat("num_instances"),
+      name="+".join(s.name for s in splits),
+      data_dir=splits[0].data_dir,
+  )
+  return split
+
+
+def _train_order(split: DetectionSplit, filter_empty: bool) -> np.ndarray:
+  """Source indices of the examples the train loader draws from: all, or with ``filter_empty``
+  those with a non-crowd box (detectron2 FILTER_EMPTY_ANNOTATIONS)."""
+  n = len(split)
+  if not filter_empty:
+    return np.arange(n)
+  if split.num_instances is None:
+    logger.warning(
+        "no per-example instance counts in the metadata: scanning %d examples "
+        "to filter empty images",
+        n,
+    )
+    counts = np.array(
+        [int((~np.asarray(split[i]["objects"]["is_crowd"], bool)).sum()) for i in range(n)],
+        np.int64,
+    )
+  else:
+    counts = split.num_instances
+  order = np.nonzero(counts > 0)[0]
+  logger.info(
+      "train loader: %d of %d images of %s have annotations (filter_empty)",
+      order.size,
+      n,
+      split.name or "the split",
+  )
+  return order
+
+
+def _as_parts(source, filter_empty: bool):
+  """The loader's ``source`` as a list of :class:`TrainPart` with ``filter_empty`` resolved."""
+  if isinstance(source, (list, tuple)) and source and all(isinstance(p, TrainPart) for p in source):
+    parts = list(source)
+  else:
+    parts = [TrainPart(source)]
+  out = []
+  for k, p in enumerate(parts):
+    if not (p.weight > 0 and np.isfinite(p.weight)):
+      raise ValueError(f"part {k} of the training mixture has weight {p.weight}; must be > 0")
+    if int(p.channel_offset) < 0:
+      raise ValueError(f"part {k} of the training mixture has channel_offset {p.channel_offset}")
+    fe = filter_empty if p.filter_empty is None else bool(p.filter_empty)
+    out.append(dataclasses.replace(p, filter_empty=fe))
+  return out
+
+
+def num_train_images(source, filter_empty: bool = True) -> int:
+  """The images one epoch of :func:`make_train_loader` (same ``source`` / ``filter_empty``) holds:
+  the training images of a split, or for a mixture the sum over its parts (an epoch of a mixture is
+  as many examples as its datasets hold together, as centerX's concatenated dataset lists, whatever
+  the weights; ``optim.epochs`` counts these)."""
+  return int(sum(len(_train_order(_as_split(p.split), p.filter_empty))
+                 for p in _as_parts(source, filter_empty)))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,6 +556,76 @@ class _GroupedSchedule(_EpochCache):
     return self.order[self._epoch(e)[j]]
 
 
+class _MixtureSchedule:
+  """Several datasets sampled by weight, per example slot, as a pure function of ``(seed, step)``.
+
+  ``orders[k]``: the (concatenated) source indices of dataset ``k``'s training examples. Global
+  example position ``g`` (``step * global_batch + slot``) -> ``(k, j)``: the dataset and its
+  draw count that ``grain.MapDataset.mix`` (weights ``weights``) puts at position ``g`` of its
+  weighted interleaving of the datasets (grain scales the weights so that the smallest is 100 and
+  truncates them to integers; any ``sum`` of those consecutive positions holds each dataset
+  exactly in proportion); draw ``j`` of dataset ``k`` is position ``j % n_k`` of its epoch
+  ``j // n_k``, a permutation ``default_rng([seed, 5, k, epoch])``. Every dataset cycles through
+  its own epochs independently of the others, so a small dataset with a large weight repeats
+  more often; no history is needed (exact resume, any number of workers)."""
+
+  _STRIDE = 1 << 40  # dataset k's draws are k * _STRIDE + j in grain's mixed index space
+
+  def __init__(self, orders, weights, global_batch: int, seed: int):
+    self.orders = [np.asarray(o, np.int64) for o in orders]
+    self.weights = tuple(float(w) for w in weights)
+    self.global_batch = global_batch
+    self.seed = seed
+    if len(self.orders) != len(self.weights) or not self.orders:
+      raise ValueError("one weight per dataset of the mixture")
+    empty = [k for k, o in enumerate(self.orders) if not len(o)]
+    if empty:
+      raise ValueError(f"dataset {empty[0]} of the training mixture has no training examples")
+    self._mix = None
+    self._cache = {}
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_mix"], state["_cache"] = None, {}
+    return state
+
+  def _mixed(self):
+    if self._mix is None:
+      import grain
+
+      s = self._STRIDE
+      self._mix = grain.MapDataset.mix(
+          [grain.MapDataset.range(k * s, (k + 1) * s) for k in range(len(self.orders))],
+          list(self.weights),
+      )
+    return self._mix
+
+  def draw(self, g: int) -> Tuple[int, int]:
+    """``(dataset k, draw j of that dataset)`` of global example position ``g``."""
+    k, j = divmod(int(self._mixed()[int(g)]), self._STRIDE)
+    return int(k), int(j)
+
+  def _perm(self, k: int, epoch: int) -> np.ndarray:
+    cache = self._cache.setdefault(k, {})
+    v = cache.get(epoch)
+    if v is None:
+      if len(cache) >= 2:
+        cache.pop(min(cache))
+      rng = np.random.default_rng([self.seed, _MIX_STREAM, k, epoch])
+      v = cache[epoch] = rng.permutation(len(self.orders[k]))
+    return v
+
+  def indices(self, step: int) -> np.ndarray:
+    """Source indices of the ``global_batch`` examples of ``step``."""
+    g0 = int(step) * self.global_batch
+    out = np.empty(self.global_batch, np.int64)
+    for slot in range(self.global_batch):
+      k, j = self.draw(g0 + slot)
+      e, p = divmod(j, len(self.orders[k]))
+      out[slot] = self.orders[k][self._perm(k, e)[p]]
+    return out
+
+
 class _TrainBatcher:
   """step -> this process's slice of the global batch (picklable; runs in grain workers).
 
@@ -453,10 +655,12 @@ class _TrainBatcher:
       process_count,
       data_dir="",
       augment: Optional[AugmentSettings] = None,
+      crop_around_gt: bool = True,
   ):
-    self.source = source
+    self.source = source  # a _ConcatSource (channel offsets, data dirs per part) or a sequence
     self.data_dir = data_dir
     self.augment = augment  # enabled AugmentSettings or None
+    self.crop_around_gt = crop_around_gt  # False: woGT's plain random crop positions
     self.schedule = schedule
     self.batch_size = batch_size
     self.short_sizes = short_sizes
@@ -498,8 +702,22 @@ class _TrainBatcher:
     g = np.unique(self.groups[idx])
     return self.buckets[(int(short.max()), int(g[0]) if len(g) == 1 else -1)]
 
+  def _record(self, src: int):
+    """``(record, data_dir, channel offset)`` of source index ``src``."""
+    if isinstance(self.source, _ConcatSource):
+      k, j = self.source.locate(src)
+      return (
+          self.source.sources[k][j],
+          self.source.data_dirs[k],
+          self.source.channel_offsets[k],
+      )
+    return self.source[int(src)], self.data_dir, 0
+
   def example(self, src: int, g: int, short: int):
-    image, boxes, classes, crowd, image_id, name = _load(self.source[int(src)], self.data_dir)
+    rec, data_dir, offset = self._record(int(src))
+    image, boxes, classes, crowd, image_id, name = _load(rec, data_dir)
+    if offset:
+      classes = classes + offset  # the dataset's labels on its channels of the student
     orig_hw = image.shape[:2]
     rng = np.random.default_rng([self.seed, _AUG_STREAM, g])
     aug = self.augment
@@ -520,7 +738,7 @@ class _TrainBatcher:
       # perspective -> flip -> colour (centerX: crop, resize, flip, colour).
       if aug is not None and aug.crop:
         image, boxes, keep = A.random_crop_relative_range(
-            image, boxes, aug.crop_relative_range, arng
+            image, boxes, aug.crop_relative_range, arng, self.crop_around_gt
         )
         classes, crowd = classes[keep], crowd[keep]
       if aug is not None and aug.center_affine:
@@ -676,11 +894,14 @@ def make_train_loader(
     aspect_ratios: Tuple[float, ...] = buckets.DEFAULT_ASPECT_RATIOS,
     scale_per_batch: bool = True,
     augment: Union[None, AugmentSettings, Mapping[str, Any]] = None,
+    crop_around_gt: bool = True,
 ) -> Iterator[Dict[str, np.ndarray]]:
   """Infinite iterator of training batches (numpy, batch contract in the module docstring).
 
   ``source``: a :class:`DetectionSplit` (``open_split(builder, 'train')``) or any random-access
-  sequence of builder-format example dicts.  Resize: detectron2 ``ResizeShortestEdge`` with the
+  sequence of builder-format example dicts; or a list of :class:`TrainPart` (several datasets
+  mixed by weight, each label shifted by its part's ``channel_offset``: ``_MixtureSchedule``; a
+  single part keeps the plain / aspect-grouped schedules).  Resize: detectron2 ``ResizeShortestEdge`` with the
   short side sampled from ``short_sizes`` (tuple = choice, ``range(a, b + 1)`` = d2's 'range'
   style), long side <= ``max_size``, then horizontal flip with ``hflip_prob``; boxes are clipped
   to the image and empty ones dropped (detectron2 ``annotations_to_instances``).
@@ -701,9 +922,11 @@ def make_train_loader(
   section to build them from); None or all off = none. Crop changes the aspect ratio and
   CenterAffine the size, so with either every batch goes to one square canvas (``pad_hw``, by
   default ``max_size`` resp. ``center_affine_size`` rounded up); CenterAffine turns aspect
-  grouping off (square images), and neither combines with ``lsj``.
+  grouping off (square images), and neither combines with ``lsj``. ``crop_around_gt=False``
+  (woGT, centerX §4.3) places the crop uniformly at random instead of around a GT box centre.
   """
-  split = _as_split(source)
+  parts = _as_parts(source, filter_empty)
+  split = _concat_split(parts)  # one part: the split itself, with its channel offset
   lsj = _as_lsj(lsj)
   if augment is not None and not isinstance(augment, AugmentSettings):
     augment = AugmentSettings.from_config(augment)
@@ -743,32 +966,44 @@ def make_train_loader(
         pad_hw, size_divisibility, split=split, short_max=short_max, max_size=max_size, lsj=lsj
     )
 
-  n = len(split)
-  if filter_empty:
-    if split.num_instances is None:
-      logger.warning(
-          "no per-example instance counts in the metadata: scanning %d examples "
-          "to filter empty images",
-          n,
-      )
-      counts = np.array(
-          [int((~np.asarray(split[i]["objects"]["is_crowd"], bool)).sum()) for i in range(n)],
-          np.int64,
-      )
-    else:
-      counts = split.num_instances
-    order = np.nonzero(counts > 0)[0]
-    logger.info("train loader: %d of %d images have annotations (filter_empty)", order.size, n)
-  else:
-    order = np.arange(n)
-  if order.size == 0:
-    raise ValueError("no training examples left (all images are empty?)")
   global_batch = batch_size * process_count
   groups = None if sizes is None else buckets.aspect_group(sizes[:, 0], sizes[:, 1], aspect_ratios)
-  square = lsj is not None or (augment is not None and augment.center_affine)
-  schedule = _make_schedule(
-      order, groups, global_batch, seed, aspect_grouping=aspect_grouping and not square
-  )
+  starts = split.source.starts
+  orders = []
+  for k, p in enumerate(parts):
+    n_k = len(p.split)
+    sub = DetectionSplit(
+        split.source.sources[k],
+        image_id=None,
+        num_instances=(
+            None
+            if split.num_instances is None
+            else split.num_instances[starts[k] : starts[k] + n_k]
+        ),
+        name=_as_split(p.split).name,
+    )
+    order_k = _train_order(sub, p.filter_empty)
+    if order_k.size == 0:
+      raise ValueError(
+          "no training examples left (all images are empty?)"
+          + (f" in dataset {k} of the mixture" if len(parts) > 1 else "")
+      )
+    orders.append(order_k + starts[k])
+  if len(parts) == 1:
+    square = lsj is not None or (augment is not None and augment.center_affine)
+    schedule = _make_schedule(
+        orders[0], groups, global_batch, seed, aspect_grouping=aspect_grouping and not square
+    )
+  else:
+    schedule = _MixtureSchedule(orders, [p.weight for p in parts], global_batch, seed)
+    logger.info(
+        "train mixture of %d datasets: %s images, weights %s, channel offsets %s (not "
+        "aspect-grouped)",
+        len(parts),
+        [len(o) for o in orders],
+        [p.weight for p in parts],
+        [p.channel_offset for p in parts],
+    )
   table = None
   if pad_hw is None:
     table = buckets.train_buckets(short_sizes, max_size, aspect_ratios, size_divisibility)
@@ -796,6 +1031,7 @@ def make_train_loader(
       process_count=process_count,
       data_dir=split.data_dir,
       augment=augment,
+      crop_around_gt=crop_around_gt,
   )
   return _run(batcher, int(start_step), sys.maxsize // 4, num_workers, num_threads, prefetch)
 

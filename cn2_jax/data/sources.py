@@ -32,15 +32,20 @@ empty key takes the default in brackets):
   keeps them as positives).  The image is ``<id>.jpg`` (else the xml's ``<filename>``).  centerX's
   WIDER Face VOC copy is this format.
 * ``coco_json``, ``coco/2017``, ``synthetic``: used as they are, unless ``data.classes`` is set.
+* ``image_folder`` [every image below ``data.root``, recursively, extensions
+  :data:`IMAGE_EXTENSIONS`, in sorted path order]: unlabelled images for distillation without
+  labels (woGT, centerX §4.3): one record per image with no boxes, split ``data.train_split``
+  only, one placeholder category ``unlabelled`` (the prepared format needs one; it labels no box).
+  The train loader never drops these images as empty (``pipeline.TrainPart.filter_empty``).
+  Converted to ``<data_dir>/converted/<name>/<split>.json`` like the formats above; the file
+  list is part of the conversion record, so adding or removing an image remakes it.
 
 Evaluation of these datasets is COCO-style AP (``evaluation/coco_eval.py`` on the converted json,
 ignore regions as crowd boxes), plus for CrowdHuman the official AP50 / MR^-2 / JI
-(``evaluation/crowdhuman_eval.py``).  **WIDER Face: COCO-style AP only.**  The official WIDER Face
-protocol (AP on the easy / medium / hard subsets, each a list of the faces that count per image,
-with its own matching over 1000 score thresholds) needs the ground-truth files of the official
-evaluation kit (``wider_face_val.mat``, ``wider_{easy,medium,hard}_val.mat``), which the
-annotation txt does not carry; it is not implemented here, so AP values are not comparable with
-published WIDER Face results.  VOC: COCO-style AP, not VOC's 11-point / all-point AP@0.5 per class.
+(``evaluation/crowdhuman_eval.py``).  **WIDER Face:** COCO-style AP, plus the official protocol
+(AP on the easy / medium / hard subsets, ``evaluation/wider_eval.py``) when ``data.wider_eval_gt``
+names the folder of the official kit's ground-truth files (``wider_face_val.mat``,
+``wider_{easy,medium,hard}_val.mat``), which the annotation txt does not carry.  VOC: COCO-style AP, not VOC's 11-point / all-point AP@0.5 per class.
 
 For CrowdHuman, WIDER and VOC the image sizes are read from the image files (EXIF-oriented); boxes
 are clipped to the image, boxes empty after clipping are dropped, ``area`` is the clipped box
@@ -82,6 +87,8 @@ from cn2_jax.errors import ConfigError, DataError, InputFileError
 logger = logging.getLogger(__name__)
 
 FORMATS = ("crowdhuman", "wider_face", "voc")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+UNLABELLED = "unlabelled"  # the placeholder category of an image_folder dataset
 CROWDHUMAN_BOXES = ("vbox", "fbox", "hbox")
 _VERSION = 1  # of the converted files: a change remakes them
 # data.dataset -> (annotation file, image root) used when data.train_json / data.image_root is "".
@@ -104,6 +111,8 @@ __all__ = [
     "build_dataset",
     "build_coco_json",
     "build_coco2017",
+    "image_folder_files",
+    "build_image_folder",
     "prepare_from_config",
     "subset_options",
 ]
@@ -699,6 +708,72 @@ def build_coco2017(
       for s in ("train", "val")
   }
   return build_coco_json("coco2017", splits, data_dir, classes=classes, train_splits=train_splits)
+
+
+def image_folder_files(root: str) -> List[str]:
+  """The images below ``root`` (recursive, :data:`IMAGE_EXTENSIONS`, hidden files and folders
+  skipped), as sorted ``/``-separated paths relative to ``root``."""
+  if not os.path.isdir(root):
+    raise InputFileError(f"data.root={root!r} is not a folder (data.dataset='image_folder')")
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    rel = os.path.relpath(dirpath, root)
+    for f in filenames:
+      if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+        out.append(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
+  if not out:
+    raise InputFileError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) below {root}")
+  return sorted(out)
+
+
+def build_image_folder(
+    root: str,
+    data_dir: str,
+    *,
+    name: str = "",
+    split: str = "train",
+    num_threads: int = 8,
+    full_decode_check: bool = True,
+):
+  """An ``image_folder`` dataset (module docstring): converted into
+  ``<data_dir>/converted/<name>/<split>.json`` (no annotations; remade when the file list or a
+  file changed) and prepared as ``<data_dir>/coco_json/<name>``; returns the builder. ``name``
+  defaults to ``images-<folder name>``."""
+  if not split:
+    raise ConfigError("data.train_split must be set for data.dataset='image_folder'")
+  root = os.fspath(root)
+  name = name or "images-" + re.sub(r"[^A-Za-z0-9_.]+", "_", Path(root).resolve().name or "root")
+  out_dir = os.path.join(os.fspath(data_dir), "converted", name)
+  where = f"dataset {name}, split {split!r}"
+  files = image_folder_files(root)
+  out = {split: (os.path.join(out_dir, f"{split}.json"), root)}
+  options = dict(
+      version=_VERSION,
+      format="image_folder",
+      root=os.path.abspath(root),
+      split=split,
+      files=hashlib.sha1("\0".join(files).encode()).hexdigest(),
+      num_files=len(files),
+  )
+  if not _up_to_date(out_dir, options, out):
+    images = [_image(f, k, (), (), ()) for k, f in enumerate(files, 1)]
+    coco, stats = _images_to_coco(
+        images,
+        root,
+        [UNLABELLED],
+        drop_empty=False,
+        source=root,
+        where=where,
+        num_threads=num_threads,
+    )
+    if _write_if_changed(out[split][0], _dump(coco)):
+      logger.info("wrote %s (%d unlabelled images)", out[split][0], len(coco["images"]))
+    record = dict(options=options, annotation_files={}, images={split: stats})
+    _write_if_changed(os.path.join(out_dir, "source.json"), _dump(record))
+  return builder_lib.build_coco_json_dataset(
+      name, out, data_dir, full_decode_check=full_decode_check, num_threads=num_threads
+  )
 
 
 def subset_options(d) -> dict:

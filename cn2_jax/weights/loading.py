@@ -268,22 +268,25 @@ def _warn_inexact_official_eval(cfg) -> None:
 
 def restore_model_variables(cfg, workdir: str) -> dict:
   """Model variables for eval/predict: `cfg.weights` if set, else the workdir's latest checkpoint.
-  A checkpoint that does not fit the config's model is a one-line WeightsError naming the
+  A checkpoint of one of our runs (the workdir's, or `cfg.weights` naming a run / checkpoint)
+  gives its EMA weights when `ema.use_for_eval` and `ema.decay > 0`. A checkpoint that does not fit the config's model is a one-line WeightsError naming the
   field(s) responsible."""
   abstract = detector.abstract_variables(cfg.model)
   if cfg.weights:
     if weights_run_dir(cfg.weights) is None:  # official or converted weights, not one of our runs
       _warn_inexact_official_eval(cfg)
-    return load_weights_file(cfg.weights, abstract, backbone_only=False, model_cfg=cfg.model)
-  item = latest_checkpoint_dir(workdir)
-  if item is None:
-    raise InputFileError(
-        f"No checkpoint in {workdir}/checkpoints and no --config.weights: "
-        f"train first or pass weights"
-    )
-  variables = restore_orbax_variables(
-      item, abstract, model_cfg=cfg.model, source=f"checkpoint {os.path.dirname(item)}"
-  )
+      return load_weights_file(cfg.weights, abstract, backbone_only=False, model_cfg=cfg.model)
+    item = orbax_weights_dir(cfg.weights)  # a checkpoint of one of our runs: EMA rule below
+    source = f"--config.weights {cfg.weights}"
+  else:
+    item = latest_checkpoint_dir(workdir)
+    if item is None:
+      raise InputFileError(
+          f"No checkpoint in {workdir}/checkpoints and no --config.weights: "
+          f"train first or pass weights"
+      )
+    source = f"checkpoint {os.path.dirname(item)}"
+  variables = restore_orbax_variables(item, abstract, model_cfg=cfg.model, source=source)
   from cn2_jax.engine import swa as swa_lib
 
   if "ema" in cfg and swa_lib.use_ema_for_eval(cfg):  # the EMA weights (config ema.use_for_eval)

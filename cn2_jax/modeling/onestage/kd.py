@@ -1,10 +1,11 @@
 """Knowledge distillation of one-stage CenterNets (centerX `modeling/losses/centernet_kdloss.py`,
 `modeling/meta_arch/centernet.py`; spec §4.1). Off by default (`config.kd.teacher_workdirs=()`).
 
-Every teacher is a full, frozen `CenterNetOneStage` with its own config and weights. Inside the
-train step it runs on the student's batch (the same uint8 image and `image_hw`; its own
-preprocessing), BatchNorm in eval mode (running statistics), outputs under `stop_gradient`. What
-is imitated: the three head outputs (sigmoid heatmap, wh, offset) at stride 4.
+Every teacher is a full, frozen `CenterNetOneStage` (or a CenterNet2, below) with its own config
+and weights. Inside the train step it runs on the student's batch (the same uint8 image and
+`image_hw`; its own preprocessing), BatchNorm in eval mode (running statistics), outputs under
+`stop_gradient`. What is imitated: the three head outputs (sigmoid heatmap, wh, offset) at the
+student's stride (`model.onestage.down_scale`, 4).
 
 Loss of teacher i (student maps `P_s, WH_s, OFF_s`, teacher maps `P_t, WH_t, OFF_t`, NHWC):
   * channels: the student's `[s_i, e_i)` with `e_i = cls_index[i]`, `s_i = cls_index[i - 1]`
@@ -17,10 +18,22 @@ Loss of teacher i (student maps `P_s, WH_s, OFF_s`, teacher maps `P_t, WH_t, OFF
   * `loss_kd_reg_t{i}` = w * w_reg * sum |m OFF_s - m OFF_t| / Z.
 With `without_label` (woGT) the student's loss dict holds only these terms.
 
+CenterNet2 teachers (issue 13; `model.arch = "centernet2"` in the teacher's workdir): the teacher
+runs in inference mode on the student's batch (same uint8 image and `image_hw`, its own
+preprocessing), and its final detections (per-class boxes and probabilistic scores after its
+per-class NMS and top-k, `roi_heads.score_thresh_test` applied) are rendered into `cls`, `wh`,
+`reg` maps at the student's stride by `kd_render.render_detections` (the rule is in that module's
+docstring): a Gaussian per detection like the student's GT, scaled by the score
+(`kd.render_score_thresh` drops the weaker ones), wh / offset of the strongest detection per
+pixel. The boxes are used in the frame the model returns them, the resized-image pixels of the
+batch canvas, which is the student's input-pixel frame (the frame of its GT boxes); they are
+not mapped to original-image pixels (`detector.postprocess_detections` is not applied). The
+teacher's class count is its `model.num_classes`; the class-slice mapping above applies.
+
 Engine hooks (`engine/step.py make_train_step(teachers=..., kd_loss_fn=...)`):
-`teacher_forward(module)` -> `(variables, batch) -> maps`; `make_kd_loss_fn(settings,
-without_label)` -> a drop-in for `model.apply(variables, batch, train=True, **kw)` that also
-receives the teachers' maps.
+`teacher_forward(module)` (one-stage) or `centernet2_teacher_forward(module, ...)` ->
+`(variables, batch) -> maps`; `make_kd_loss_fn(settings, without_label)` -> a drop-in for
+`model.apply(variables, batch, train=True, **kw)` that also receives the teachers' maps.
 """
 
 from __future__ import annotations
@@ -30,6 +43,8 @@ from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+
+from cn2_jax.modeling.onestage.kd_render import render_detections
 
 EPS = 1e-4
 MAP_KEYS = ("cls", "wh", "reg")
@@ -115,6 +130,42 @@ def teacher_forward(module) -> Callable[[Any, Mapping[str, jax.Array]], Dict[str
 
   def fn(variables, batch):
     return module.apply(variables, batch, method=_teacher_maps)
+
+  return fn
+
+
+def centernet2_teacher_forward(
+    module,
+    *,
+    num_classes: int,
+    down_scale: int,
+    min_overlap: float,
+    radius_formula: str,
+    score_thresh: float,
+) -> Callable[[Any, Mapping[str, jax.Array]], Dict[str, jax.Array]]:
+  """`(variables, batch) -> {cls, wh, reg}` of a frozen CenterNet2 teacher: its inference-mode
+  detections on the student's batch (`image`, `image_hw` only), in the batch canvas's pixels,
+  rendered at the student's output size `image.shape[1:3] // down_scale` by
+  `kd_render.render_detections` (student settings `down_scale`, `min_overlap`,
+  `radius_formula`; `score_thresh` = `kd.render_score_thresh`). Outputs under stop_gradient."""
+
+  def fn(variables, batch):
+    inputs = {"image": batch["image"], "image_hw": batch["image_hw"]}
+    dets = module.apply(variables, inputs, train=False)  # canvas pixels, not postprocessed
+    h, w = batch["image"].shape[1:3]
+    maps = render_detections(
+        dets["boxes"].astype(jnp.float32),
+        dets["scores"].astype(jnp.float32),
+        dets["classes"],
+        dets["valid"],
+        out_hw=(h // down_scale, w // down_scale),
+        num_classes=num_classes,
+        stride=down_scale,
+        min_overlap=min_overlap,
+        radius_formula=radius_formula,
+        score_thresh=score_thresh,
+    )
+    return jax.tree.map(jax.lax.stop_gradient, maps)
 
   return fn
 
@@ -205,16 +256,29 @@ def load_teachers(cfg) -> Tuple[list, Tuple[TeacherKD, ...]]:
     if not os.path.isfile(path):
       raise ConfigError(f"kd.teacher_workdirs: {path} not found (train the teacher first)")
     tcfg = config_from_json(path)
-    if tcfg.model.arch != "onestage":
-      raise ConfigError(
-          f"kd teacher {wd}: model.arch={tcfg.model.arch!r}; only 'onestage' teachers are "
-          f"supported (a CenterNet2 teacher is not implemented)"
+    student = cfg.model.onestage
+    if tcfg.model.arch == "onestage":
+      if tcfg.model.onestage.down_scale != student.down_scale:
+        raise ConfigError(f"kd teacher {wd}: down_scale differs from the student's")
+      module = detector.build_model(tcfg.model)
+      forward = teacher_forward(module)
+    elif tcfg.model.arch == "centernet2":  # detections rendered at the student's stride
+      module = detector.build_model(tcfg.model)
+      forward = centernet2_teacher_forward(
+          module,
+          num_classes=int(tcfg.model.num_classes),
+          down_scale=int(student.down_scale),
+          min_overlap=float(student.min_overlap),
+          radius_formula=str(student.radius_formula),
+          score_thresh=float(cfg.kd.render_score_thresh),
       )
-    if tcfg.model.onestage.down_scale != cfg.model.onestage.down_scale:
-      raise ConfigError(f"kd teacher {wd}: down_scale differs from the student's")
-    module = detector.build_model(tcfg.model)
+    else:
+      raise ConfigError(
+          f"kd teacher {wd}: model.arch={tcfg.model.arch!r}; teachers are 'onestage' or "
+          f"'centernet2' runs"
+      )
     variables = restore_model_variables(tcfg, wd)
-    teachers.append((teacher_forward(module), variables))
+    teachers.append((forward, variables))
     num_classes.append(int(tcfg.model.num_classes))
   try:
     settings = teacher_settings(cfg.kd, num_classes)

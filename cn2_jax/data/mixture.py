@@ -1,0 +1,125 @@
+"""Several datasets in one run: a training mixture and per-dataset evaluations (no JAX here).
+
+centerX trains one student over datasets with disjoint label sets (CrowdHuman persons, WIDER
+faces, COCO cars; centerX spec §4.3, §4.5, §7): the student's classes are the datasets' (or the
+teachers') classes side by side, and each dataset is evaluated on its own channels.  Here:
+
+* ``data`` is dataset 0 of the training mixture (weight ``data.mix_weight``, channel offset
+  ``data.channel_offset``); each ``data.mixture`` entry adds one: a dict of the ``data`` keys that
+  describe a dataset (``config.DATA_SOURCE_KEYS``: dataset, root, classes, ...; unset keys take the
+  schema defaults, not the values of ``data``) plus ``weight`` and ``channel_offset``. An entry is
+  prepared exactly as ``data`` with those keys would be (:func:`source_config`), so an entry and
+  an ``extra_eval`` entry naming the same dataset (same keys) share one prepared folder.
+* Labels: a dataset's label ``i`` becomes class ``channel_offset + i`` in the batch
+  (``pipeline.TrainPart``), so every dataset's boxes land on its own channels. With
+  ``model.onestage.ignore_unlabel`` (centerX §4.5) the focal loss then skips the negatives of the
+  channels an image's dataset does not label (their GT heatmap is all zero).
+* Sampling (``pipeline._MixtureSchedule``): per example slot, the dataset that grain's weighted
+  interleaving (``grain.MapDataset.mix``) puts at that position, then the next image of that
+  dataset's own shuffled epochs; a pure function of ``(seed, step)``, so resuming at any step is
+  exact. Proportions are the weights' (grain rounds them: the smallest becomes 100, the others
+  are truncated to integers). centerX itself chains the lists and samples uniformly per image
+  (weights proportional to the dataset sizes here).
+* Epoch (``optim.epochs``): the training images of all the datasets together
+  (``pipeline.num_train_images``), as centerX's concatenated lists; with weights proportional to
+  the sizes, one epoch sees every image about once.
+* Padding: a mixture is not aspect-grouped; a batch is padded to the bucket of its images' aspect
+  group, or the square fallback bucket when they differ (or ``data.pad_hw_train``; with the
+  crop / CenterAffine augmentations every batch is one square canvas anyway).
+* Filtering: ``data.filter_empty`` applies per dataset; ``image_folder`` datasets (no labels)
+  are never filtered, and woGT (``kd.without_label``) turns it off for all (centerX §4.3), where
+  the crop is also placed uniformly (not around a GT box).
+* Evaluation (``data.extra_eval``): after the main evaluation, each entry (the same keys plus
+  ``channel_offset``; ``name`` labels its metrics) is evaluated on its ``eval_split`` with the
+  model's classes ``[channel_offset, channel_offset + its classes)`` as its labels
+  (:func:`channel_slice`; detections of other classes are dropped): centerX's ``coco_car_val``
+  (``["", "car"]``: car at channel 1) is ``{"dataset": "coco/2017", "classes": ("car",),
+  "channel_offset": 1, "name": "coco_car"}``. Its metrics are ``"<name>/AP"``, ... in
+  eval/metrics.json (and TensorBoard eval/<name>/AP), its detections eval/<name>/coco_results.json.
+  The main evaluation also maps its channels when ``data.channel_offset`` is set or the model has
+  more classes than ``data``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from cn2_jax.config import DATA_SOURCE_KEYS, FIXED_NUM_CLASSES, base_config
+
+__all__ = [
+    "source_config",
+    "num_labels",
+    "channel_slice",
+    "run_class_names",
+    "is_mixed",
+]
+
+
+def source_config(data, entry, *, label_is_name: bool = False):
+  """The ``data`` section describing one ``data.mixture`` / ``data.extra_eval`` entry: a copy of
+  the run's ``data`` (sizes, data_dir, workers, ...) whose ``DATA_SOURCE_KEYS`` are the schema
+  defaults overridden by the entry's values. ``label_is_name``: the entry's ``name`` labels
+  metrics (``extra_eval``), so the prepared dataset keeps its default name."""
+  out = copy.deepcopy(data)
+  defaults = base_config().data
+  for key in DATA_SOURCE_KEYS:
+    out[key] = defaults[key]
+  for key, value in entry.items():
+    if key in DATA_SOURCE_KEYS and not (label_is_name and key == "name"):
+      out[key] = tuple(value) if key == "classes" else value
+  out.channel_offset = int(entry.get("channel_offset", 0))
+  out.mixture, out.extra_eval = (), ()
+  return out
+
+
+def num_labels(dataset: str, info) -> int:
+  """Classes a dataset labels: its ``DetectionInfo``'s, none for an ``image_folder``."""
+  if FIXED_NUM_CLASSES.get(dataset) == 0:
+    return 0
+  return int(info.num_classes)
+
+
+def is_mixed(data) -> bool:
+  """Whether the model's classes are not simply ``data``'s (a mixture, extra evaluations, an
+  offset, unlabelled images): then each dataset only has to fit its channels, not equal the
+  model's classes."""
+  return (
+      bool(data.mixture)
+      or bool(data.extra_eval)
+      or int(data.channel_offset) != 0
+      or data.dataset == "image_folder"
+  )
+
+
+def channel_slice(classes, valid, offset: int, num: int) -> Tuple[np.ndarray, np.ndarray]:
+  """Detections of a model with more classes than a dataset, in that dataset's labels: classes
+  ``[offset, offset + num)`` become ``0 .. num - 1``; the others are dropped (``valid`` False;
+  their class is set to 0). Returns ``(classes, valid)``."""
+  classes = np.asarray(classes, np.int64)
+  keep = np.asarray(valid, bool) & (classes >= offset) & (classes < offset + num)
+  return np.where(keep, classes - offset, 0).astype(np.int32), keep
+
+
+def run_class_names(
+    num_classes: int,
+    datasets: Sequence[Tuple[str, object, int]],
+    teacher_names: Optional[Sequence[Tuple[int, Sequence[str]]]] = None,
+) -> list:
+  """The name of every model class of a mixed run (dataset_info.json, predict's labels): from the
+  first dataset ``(dataset, DetectionInfo, channel_offset)`` that labels the channel, else the
+  first teacher ``(start channel, class names)`` covering it, else ``class<c>``."""
+  names = [None] * int(num_classes)
+  for dataset, info, offset in datasets:
+    for i in range(num_labels(dataset, info)):
+      c = int(offset) + i
+      if 0 <= c < len(names) and names[c] is None:
+        names[c] = str(info.class_names[i])
+  for start, tnames in teacher_names or ():
+    for i, n in enumerate(tnames):
+      c = int(start) + i
+      if 0 <= c < len(names) and names[c] is None:
+        names[c] = str(n)
+  return [n if n is not None else f"class{c}" for c, n in enumerate(names)]
