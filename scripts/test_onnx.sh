@@ -3,7 +3,8 @@
 # onnxruntime parity test, in a separate venv: jax2onnx and onnxruntime are not in
 # requirements.txt (see requirements-onnx.txt). The venv is $ONNX_VENV, by default `onnxvenv`
 # beside the repository; it is created on first use and reused. Runs tests/test_export.py
-# (the StableHLO tests too); extra arguments go to pytest.
+# (the StableHLO tests too; `-k onnx` for the ONNX ones only: the whole one-stage detector with
+# and without DCN, CenterNet2 up to its proposal NMS); extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)

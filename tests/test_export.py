@@ -1,6 +1,9 @@
 """`python -m cn2_jax.export` (issue 14): the StableHLO file of a tiny model, run in a fresh python
-that imports only jax and numpy, gives the Predictor's detections; ONNX (optional extra) matches
-JAX on the dense part when jax2onnx / onnxruntime are installed (scripts/test_onnx.sh)."""
+that imports only jax and numpy, gives the Predictor's detections; the ONNX-friendly forms the ONNX
+export traces equal the model's ops in JAX; ONNX (optional extra, scripts/test_onnx.sh) gives the
+one-stage detector's detections (with and without DCN) and CenterNet2's dense maps and proposals
+in onnxruntime, when jax2onnx / onnxruntime are installed (skipped otherwise).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -194,6 +198,97 @@ def test_dense_part_is_the_models(run):
     np.testing.assert_array_equal(dense[f"reg_p{lvl}"], head[f"head_reg_p{lvl}"][0])
 
 
+def test_candidates_give_the_models_proposals(run):
+  """CenterNet2's default ONNX part: the dense maps plus the proposal decode up to the NMS; the
+  host's NMS (`export.centernet2_proposals`) on its candidates gives the model's proposals."""
+  predictor = Predictor(run["cfg"], run["variables"])
+  fn, names = export.part_fn(predictor)
+  assert names[:3] == ["cand_boxes", "cand_scores", "cand_valid"], names
+  pre = [predictor.preprocess(_image(i, 120, 150 - 30 * i)) for i in range(2)]
+  padded, hw = np.concatenate([p[0] for p in pre]), np.concatenate([p[1] for p in pre])
+  model, variables = predictor.model, predictor.variables
+
+  def both(image, image_hw):
+    _, state = model.apply(
+        variables, dict(image=image, image_hw=image_hw), train=False, mutable=["intermediates"]
+    )
+    return fn(image, image_hw), state["intermediates"]["proposal_generator"]
+
+  out, head = jax.jit(both)(padded, hw)
+  out = dict(zip(names, out))
+  k = run["cfg"].model.centernet.pre_nms_topk_test
+  assert out["cand_valid"].shape == (2, sum(min(k, n * n) for n in (20, 10, 5, 3, 2)))  # 160x160
+  np.testing.assert_array_equal(out["hm_logits_p3"], head["head_agn_hm_logits_p3"][0])
+  props = export.centernet2_proposals(out, run["cfg"].model.centernet)
+  assert int(head["proposal_valid"][0].sum()) > 10
+  np.testing.assert_array_equal(props["valid"], head["proposal_valid"][0])
+  np.testing.assert_allclose(props["boxes"], head["proposal_boxes"][0], atol=1e-5)
+  np.testing.assert_allclose(props["scores"], head["proposal_objectness"][0], atol=1e-6)
+
+
+def test_onnx_friendly_ops_equal_the_models():
+  """Each replacement `onnx_friendly_ops` traces while converting computes the op it replaces
+  (in JAX, so this runs without jax2onnx): ResNet's max-pool, the pseudo-NMS (plateaus and ties
+  included), the two-stage top-K, the transposed conv (kernels, strides, paddings, output
+  paddings) and the deformable conv (DCNv2 / v1, strides, dilations, offset groups, samples
+  outside the map and on integer positions)."""
+  from cn2_jax.modeling.backbone import resnet
+  from cn2_jax.modeling.onestage import decode, neck
+  from cn2_jax.modeling.ops import dcn
+
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 9, 11, 3)).astype(np.float32)
+  np.testing.assert_array_equal(export._pool_for_onnx(x), resnet.max_pool_3x3_s2_p1(x))
+  heat = (rng.integers(0, 6, (2, 8, 10, 3)) / 5).astype(np.float32)  # many equal neighbours
+  heat[0, 2:4, 3:5, 1] = 1.0  # a plateau of maxima
+  np.testing.assert_array_equal(export._pseudo_nms_for_onnx(heat), decode.pseudo_nms(heat))
+  heat = np.asarray(decode.pseudo_nms(heat))
+  for k in (7, 100):  # K below / above H * W: ties at the cut and among the zeros
+    got, want = export._topk_score_for_onnx(heat, k), decode.topk_score(heat, k)
+    for g, w in zip(got, want):
+      assert g.dtype == w.dtype
+      np.testing.assert_array_equal(g, w)
+  # approx_max_k: the same top-k where the values are distinct (the order of equal values is
+  # unspecified in XLA; ONNX's TopK orders them by index: test_onnx_top_k_ties).
+  scores = rng.permutation(3 * 7 * 50).reshape(3, 7, 50).astype(np.float32)
+  for g, w in zip(export._top_k_for_onnx(scores, 20), jax.lax.top_k(scores, 20)):
+    assert g.dtype == w.dtype
+    np.testing.assert_array_equal(g, w)
+  for k, s, pad, out_pad in ((4, 2, 1, 0), (3, 2, 1, 1), (2, 2, 0, 0), (4, 2, 3, 0), (3, 3, 1, 2)):
+    kernel = rng.normal(size=(k, k, 3, 5)).astype(np.float32)
+    kw = dict(stride=s, padding=pad, output_padding=out_pad)
+    np.testing.assert_allclose(
+        export._conv_transpose_for_onnx(x, kernel, **kw),
+        neck.conv_transpose2d(x, kernel, **kw),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+  for b, h, w, cin, cout, g, s, pad, d, modulated in (
+      (2, 7, 9, 8, 5, 1, 1, 1, 1, True),
+      (1, 8, 6, 8, 4, 2, 2, 1, 1, False),
+      (2, 6, 6, 4, 3, 1, 1, 2, 2, True),
+  ):
+    ho, wo = dcn.deform_conv_output_size((h, w), (3, 3), s, pad, d)
+    x = rng.normal(size=(b, h, w, cin)).astype(np.float32)
+    offset = (rng.normal(size=(b, ho, wo, 2 * g * 9)) * 3).astype(np.float32)
+    offset[0, 0, 0, :4] = [-1.0, 0.0, 2.0, -1.0]  # on the grid / at the border
+    mask = rng.uniform(size=(b, ho, wo, g * 9)).astype(np.float32) if modulated else None
+    kernel = rng.normal(size=(3, 3, cin, cout)).astype(np.float32)
+    bias = rng.normal(size=(cout,)).astype(np.float32)
+    kw = dict(stride=s, padding=pad, dilation=d, offset_groups=g)
+    want = dcn.deform_conv2d(x, offset, mask, kernel, bias, **kw)
+    fn = jax.jit(lambda *a, kw=kw: export._deform_conv2d_for_onnx(*a, **kw))
+    np.testing.assert_allclose(fn(x, offset, mask, kernel, bias), want, rtol=1e-5, atol=1e-5)
+    # A symbolic batch takes the batched gather.
+    (n,) = jax.export.symbolic_shape("n")
+    specs = [jax.ShapeDtypeStruct((n,) + a.shape[1:], a.dtype) for a in (x, offset, mask)[:2]]
+    specs.append(None if mask is None else jax.ShapeDtypeStruct((n,) + mask.shape[1:], mask.dtype))
+    exported = jax.export.export(
+        jax.jit(lambda x_, o_, m_, kw=kw: export._deform_conv2d_for_onnx(x_, o_, m_, kernel, **kw))
+    )(*specs)
+    np.testing.assert_allclose(exported.call(x, offset, mask), want - bias, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(HAS_ONNX, reason="jax2onnx is installed")
 def test_onnx_without_jax2onnx_is_one_line(run):
   rc, stdout, stderr = _cli(
@@ -203,31 +298,66 @@ def test_onnx_without_jax2onnx_is_one_line(run):
   assert stderr.count("\n") == 1 and "pip install -r requirements-onnx.txt" in stderr, stderr
 
 
+def _same_boxes(got: dict, want: dict, prefix: str = ""):
+  """Per image the same valid boxes (within 1e-3 px) with the same scores (within 1e-4) and the
+  same number of valid rows, each score within 1e-4 of the one at its index: the order may differ
+  only among scores that equal within 1e-4."""
+  boxes, scores, valid = (f"{prefix}{k}" for k in ("boxes", "scores", "valid"))
+  np.testing.assert_array_equal(got[valid].sum(1), want[valid].sum(1))
+  np.testing.assert_allclose(got[scores], want[scores], atol=1e-4, rtol=0)
+  for g_box, g_score, w_box, w_score, w_ok in zip(
+      got[boxes], got[scores], want[boxes], want[scores], want[valid]
+  ):
+    free = np.ones(len(g_box), bool)
+    for i in np.flatnonzero(w_ok):
+      close = (np.abs(g_box - w_box[i]).max(1) <= 1e-3) & (np.abs(g_score - w_score[i]) <= 1e-4)
+      match = np.flatnonzero(close & free)
+      assert len(match), (i, w_box[i], w_score[i])
+      free[match[0]] = False
+
+
 @pytest.mark.skipif(not HAS_ONNX, reason="needs jax2onnx + onnxruntime (scripts/test_onnx.sh)")
 def test_onnx_matches_jax(run):
   import onnxruntime as ort
 
-  path = run["root"] / "dense.onnx"
+  path = run["root"] / "cn2.onnx"
   rc, stdout, stderr = _cli(
       ["--workdir", run["wd"], "--weights", run["weights"], "--format", "onnx", "--out", path]
   )
   assert rc == 0, stderr
   assert "image          uint8[b,160,160,3]" in stdout, stdout
   assert "p3             float32[b,20,20,32]" in stdout, stdout
+  assert "cand_valid     bool[b,394]" in stdout, stdout  # 256 + 100 + 25 + 9 + 4 (pre_nms_topk 256)
+  assert json.loads(open(f"{path}.json").read())["onnx_part"] == "candidates"
   predictor = Predictor(run["cfg"], run["variables"])
-  fn, names = export.dense_fn(predictor)
+  fn, names = export.part_fn(predictor)
   pre = [predictor.preprocess(_image(i, 120, 150 - 30 * i)) for i in range(2)]
   padded, hw = np.concatenate([p[0] for p in pre]), np.concatenate([p[1] for p in pre])
-  want = jax.jit(fn)(padded, hw)  # JAX with the model's own max-pool
+  want = jax.jit(fn)(padded, hw)  # JAX with the model's own ops
   sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
   assert [o.name for o in sess.get_outputs()] == names
   got = sess.run(None, {"image": padded, "image_hw": hw})  # a batch of 2: the batch is symbolic
   for name, g, w in zip(names, got, want):
-    # 1e-4 of the output's largest magnitude (absolute for outputs within +-1): the head maps are
-    # within ~1e-5, the unnormalised FPN features (|x| up to ~8) within ~1.3e-4 absolute.
     w = np.asarray(w)
     assert g.shape == w.shape, name
+    if name.startswith("cand_"):
+      continue
+    # 1e-4 of the output's largest magnitude (absolute for outputs within +-1): the head maps are
+    # within ~1e-5, the unnormalised FPN features (|x| up to ~8) within ~1.3e-4 absolute.
     assert np.abs(g - w).max() <= 1e-4 * max(1.0, np.abs(w).max()), name
+  # The proposal decode: the same candidates, and the host NMS on them gives the same proposals
+  # (up to the order of scores within ~1e-7 of each other: onnxruntime's sigmoid is not XLA's).
+  got, want = dict(zip(names, got)), dict(zip(names, (np.asarray(w) for w in want)))
+  _same_boxes(got, want, "cand_")
+  centernet = run["cfg"].model.centernet
+  got, want = (export.centernet2_proposals(c, centernet) for c in (got, want))
+  assert int(want["valid"].sum()) > 10
+  _same_boxes(got, want)
+  # The proposals have no final boxes: --orig-hw is refused in one line.
+  rc, stdout, stderr = _cli(
+      ["--workdir", run["wd"], "--format", "onnx", "--orig-hw", "--out", run["root"] / "y.onnx"]
+  )
+  assert rc == 1 and stderr.count("\n") == 1 and "--onnx-part detector" in stderr, stderr
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +367,26 @@ def onestage(_fast):
 
   cfg = load_config_file(os.path.join(REPO, "configs", "centernet_demo.py"))
   cfg.data.min_size_test, cfg.data.max_size_test, cfg.data.pad_hw_test = 48, 64, (64, 64)
+  cfg.model.onestage.use_deform = True  # centerX's DCNv2 neck (the demo config has plain convs)
   return Predictor(cfg, detector.init_variables(cfg.model, seed=1))
+
+
+def _without_dcn(predictor):
+  cfg = predictor.config.copy_and_resolve_references()
+  cfg.model.onestage.use_deform = False
+  return Predictor(cfg, detector.init_variables(cfg.model, seed=1))
+
+
+def test_onnx_friendly_onestage_detector(onestage):
+  """The whole one-stage detector (DCN neck, pseudo-NMS, top-K decode) traced with the ONNX-friendly
+  ops gives the model's detections in JAX."""
+  padded, hw, _ = onestage.preprocess(_image(4, 40, 60))
+  fn = export.detection_fn(onestage)
+  want = jax.jit(fn)(padded, hw)
+  with export.onnx_friendly_ops():
+    got = jax.jit(lambda i, h: fn(i, h))(padded, hw)  # a new function: traced afresh
+  for k in export.OUTPUT_KEYS:
+    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=1e-5, err_msg=k)
 
 
 def test_onestage_family_exports(onestage):
@@ -253,19 +402,113 @@ def test_onestage_family_exports(onestage):
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason="needs jax2onnx + onnxruntime (scripts/test_onnx.sh)")
-def test_onnx_onestage_without_dcn(onestage):
-  """centerX's ONNX export (spec §6): the DCN-free one-stage model's cls / wh / reg maps; a model
-  with DCN is refused in one line."""
+def test_onnx_top_k_ties():
+  """The converted two-stage top-K orders equal scores as `lax.top_k` does (lower index first):
+  a pseudo-NMSed heatmap with plateaus, ties at the cut and more K than peaks (zeros)."""
+  import jax2onnx
   import onnxruntime as ort
 
-  from cn2_jax import errors
+  from cn2_jax.modeling.onestage import decode
 
-  with pytest.raises(errors.ConfigError, match="use_deform"):
-    export.export_onnx(onestage)
-  cfg = onestage.config.copy_and_resolve_references()
-  cfg.model.onestage.use_deform = False
-  predictor = Predictor(cfg, detector.init_variables(cfg.model, seed=1))
+  heat = (np.random.default_rng(1).integers(0, 6, (2, 8, 10, 3)) / 5).astype(np.float32)
+  heat = np.asarray(decode.pseudo_nms(heat))
+  for k in (7, 100):
+    with export.onnx_friendly_ops():
+      proto = jax2onnx.to_onnx(
+          lambda h, k=k: decode.topk_score(h, k),
+          [jax.ShapeDtypeStruct(jax.export.symbolic_shape("b") + heat.shape[1:], jnp.float32)],
+          opset=18,
+      )
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: heat})
+    for g, w in zip(got, decode.topk_score(heat, k)):
+      np.testing.assert_array_equal(g, np.asarray(w))
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="needs jax2onnx + onnxruntime (scripts/test_onnx.sh)")
+def test_onnx_cli_onestage(tmp_path, onestage):
+  """`python -m cn2_jax.export --format onnx` in a fresh process (the module runs as __main__)
+  on a one-stage run: the whole detector, JAX's dtypes (int32 classes) at a static batch too."""
+  import onnxruntime as ort
+
+  wd = tmp_path / "run"
+  wd.mkdir()
+  (wd / "config.json").write_text(onestage.config.to_json_best_effort())
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  path = tmp_path / "det.onnx"
+  argv = ["--workdir", wd, "--random-weights", "--format", "onnx", "--out", path, "--batch", "1"]
+  proc = subprocess.run(
+      [sys.executable, "-m", "cn2_jax.export"] + [str(a) for a in argv],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "classes        int32[1,20]" in proc.stdout, proc.stdout
+  assert json.loads(open(f"{path}.json").read())["onnx_part"] == "detector"
+  sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+  padded, hw, _ = onestage.preprocess(_image(6, 40, 60))
+  out = sess.run(None, {"image": padded, "image_hw": hw})
+  assert [o.dtype for o in out] == [np.float32, np.float32, np.int32, np.bool_]
+
+
+def _detections_match(got: dict, want: dict):
+  """Identical detections: the same classes and validity in the same order, scores within 1e-4,
+  boxes within 1e-3 px."""
+  want = {k: np.asarray(v) for k, v in want.items()}
+  np.testing.assert_array_equal(got["classes"], want["classes"])
+  np.testing.assert_array_equal(got["valid"], want["valid"])
+  np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(got["boxes"], want["boxes"], atol=1e-3, rtol=0)
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="needs jax2onnx + onnxruntime (scripts/test_onnx.sh)")
+@pytest.mark.parametrize("use_deform", [True, False], ids=["dcn", "plain"])
+def test_onnx_onestage_detector(onestage, use_deform):
+  """The whole one-stage detector as ONNX (preprocessing, backbone, neck with or without DCN,
+  heads, pseudo-NMS, top-K, boxes; symbolic batch): onnxruntime gives the Predictor's forward's
+  detections for a batch of 2 images of different sizes."""
+  import onnxruntime as ort
+
+  predictor = onestage if use_deform else _without_dcn(onestage)
   proto, names = export.export_onnx(predictor)
+  assert names == list(export.OUTPUT_KEYS)
+  sig = export.onnx_signature(proto)
+  assert sig["inputs"] == {"image": "uint8[b,64,64,3]", "image_hw": "int32[b,2]"}, sig
+  assert sig["outputs"] == {
+      "boxes": "float32[b,20,4]",
+      "scores": "float32[b,20]",
+      "classes": "int32[b,20]",
+      "valid": "bool[b,20]",
+  }, sig
+  pre = [predictor.preprocess(_image(i, 40, 60 - 20 * i)) for i in range(2)]
+  padded, hw = np.concatenate([p[0] for p in pre]), np.concatenate([p[1] for p in pre])
+  sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+  got = dict(zip(names, sess.run(None, {"image": padded, "image_hw": hw})))
+  want = predictor._apply(predictor.variables, padded, hw, hw)
+  assert np.asarray(want["scores"])[:, 0].min() > 0.1
+  _detections_match(got, want)
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="needs jax2onnx + onnxruntime (scripts/test_onnx.sh)")
+def test_onnx_onestage_orig_hw_and_dense(onestage):
+  """`orig_hw` (boxes in original pixels) as the StableHLO export has it, at a static batch of 1
+  (DCN's flat gather), and the centerX-style dense part (cls / wh / reg maps, within 1e-4) of
+  `--onnx-part dense`; the DCN model."""
+  import onnxruntime as ort
+
+  predictor = onestage
+  proto, names = export.export_onnx(predictor, batch=1, orig_hw=True)
+  assert export.onnx_signature(proto)["outputs"]["classes"] == "int32[1,20]"
+  padded, hw, orig = predictor.preprocess(_image(5, 90, 70))
+  sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+  got = dict(zip(names, sess.run(None, {"image": padded, "image_hw": hw, "orig_hw": orig})))
+  _detections_match(got, predictor._apply(predictor.variables, padded, hw, orig))
+
+  proto, names = export.export_onnx(predictor, part="dense")
   assert names == ["cls", "reg", "wh"]
   fn, _ = export.dense_fn(predictor)
   pre = [predictor.preprocess(_image(i, 40, 60 - 20 * i)) for i in range(2)]
