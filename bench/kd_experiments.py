@@ -16,8 +16,8 @@ Students (smaller and shorter: 8-wide ResNet-18, (32, 16, 16) neck, STUDENT_STEP
   * `wogt_LU`: KD only on `L` + `U` (the held-back images, no labels: centerX's woGT on extra data);
   * `two_teachers`: KD only from `teacher_a` (channels 0:2) and `teacher_b` (2:4), over `full`'s
     images without their labels: one student detecting the 4 classes.
-KD settings as centerX's CrowdHuman/COCO KD configs scaled to this set: weight 1, cls 1000
-(dense MSE), wh 1, reg 0.1, norm_wh. Each run's COCO AP on `val` goes to ROOT/results.json and a
+KD settings as centerX's CrowdHuman / COCO KD configs: weight 1, cls 1000 (`--kd-cls-weight`;
+centerX's COCO KD uses 1e5), wh 1, reg 0.1, norm_wh. Each run's COCO AP on `val` goes to ROOT/results.json and a
 markdown table is printed. Runs that finished (eval/metrics.json exists) are not repeated.
 """
 
@@ -40,13 +40,16 @@ STUDENT_ARCH = [
     f"--config.optim.max_iter={STUDENT_STEPS}",
     f"--config.optim.steps=({int(STUDENT_STEPS * 0.82)},{int(STUDENT_STEPS * 0.95)})",
 ]
-KD = [
-    "--config.kd.weight=(1.0,)",
-    "--config.kd.cls_weight=(1000.0,)",
-    "--config.kd.wh_weight=(1.0,)",
-    "--config.kd.reg_weight=(0.1,)",
-    "--config.kd.norm_wh=(True,)",
-]
+
+
+def kd_args(cls_weight: float) -> list:
+  return [
+      "--config.kd.weight=(1.0,)",
+      f"--config.kd.cls_weight=({cls_weight},)",
+      "--config.kd.wh_weight=(1.0,)",
+      "--config.kd.reg_weight=(0.1,)",
+      "--config.kd.norm_wh=(True,)",
+  ]
 
 
 def write_data(root: str) -> str:
@@ -85,8 +88,11 @@ def data_args(d: str, train_json: str, name: str) -> list:
   ]
 
 
-def runs(root: str, d: str, seeds) -> dict:
-  """name -> (config, args, seed)."""
+def runs(root: str, d: str, seeds, cls_weight: float = 1000.0) -> dict:
+  """name -> (config, args, seed); KD students' names end in `_c{cls_weight:g}` unless it is
+  1000."""
+  KD = kd_args(cls_weight)
+  tag = "" if cls_weight == 1000.0 else f"_c{cls_weight:g}"
   w = lambda n: os.path.join(root, n)  # noqa: E731
   full = data_args(d, "instances_train.json", "shapes_full")
   lab = data_args(d, "instances_L.json", "shapes_L")
@@ -114,12 +120,12 @@ def runs(root: str, d: str, seeds) -> dict:
   t1 = [f"--config.kd.teacher_workdirs=('{w('teacher')}',)"] + KD
   for s in seeds:
     out[f"gt_full_s{s}"] = (student, full + STUDENT_ARCH, s)
-    out[f"kd_full_s{s}"] = (student, full + STUDENT_ARCH + t1, s)
+    out[f"kd_full{tag}_s{s}"] = (student, full + STUDENT_ARCH + t1, s)
   s0 = seeds[0]
   out[f"gt_L_s{s0}"] = (student, lab + STUDENT_ARCH, s0)
-  out[f"wogt_L_s{s0}"] = (student, lab + STUDENT_ARCH + t1 + wogt, s0)
-  out[f"wogt_LU_s{s0}"] = (student, lab + STUDENT_ARCH + t1 + wogt + [u_mix], s0)
-  out[f"two_teachers_s{s0}"] = (
+  out[f"wogt_L{tag}_s{s0}"] = (student, lab + STUDENT_ARCH + t1 + wogt, s0)
+  out[f"wogt_LU{tag}_s{s0}"] = (student, lab + STUDENT_ARCH + t1 + wogt + [u_mix], s0)
+  out[f"two_teachers{tag}_s{s0}"] = (
       student,
       full
       + STUDENT_ARCH
@@ -161,18 +167,22 @@ def main() -> None:
   p.add_argument("--root", default="runs/kd_exp")
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   p.add_argument("--only", nargs="*", default=None, help="run only these names (and report all)")
+  p.add_argument("--kd-cls-weight", type=float, default=1000.0, help="kd.cls_weight of students")
   a = p.parse_args()
   root = os.path.abspath(a.root)
   os.makedirs(root, exist_ok=True)
   d = write_data(root)
-  plan = runs(root, d, a.seeds)
+  plan = runs(root, d, a.seeds, a.kd_cls_weight)
   results = {}
   for name, (config, args, seed) in plan.items():  # teachers first (dict order)
     if a.only is not None and name not in a.only:
       continue
     results[name] = run_one(root, name, config, args, seed)
-  with open(os.path.join(root, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  path = os.path.join(root, "results.json")
+  old = json.load(open(path)) if os.path.exists(path) else {}
+  old.update(results)
+  with open(path, "w") as f:
+    json.dump(old, f, indent=2)
   print("| run | AP | AP50 | AP75 |\n|---|---|---|---|")
   for name, m in results.items():
     print(f"| {name} | {m['AP']:.3f} | {m['AP50']:.3f} | {m['AP75']:.3f} |")
