@@ -2,11 +2,13 @@
 
   python main.py --config configs/centernet_demo.py --workdir runs/centernet_demo
 
-Same dataset as configs/demo.py (4 shape classes, 128-192 px images, generated deterministically
-under <workdir>/synthetic on first use, no download). centerX's architecture (ResNet-18 C5 -> 3
+The synthetic shapes of configs/demo.py (4 shape classes, 128-192 px images, generated
+deterministically under <workdir>/synthetic on first use, no download), with 1024 training images
+instead of 256. centerX's architecture (ResNet-18 C5 -> 3
 DeconvLayers -> cls / wh / reg heads, trainable BatchNorm) at toy width: a 16-wide ResNet-18 and a
-(64, 32, 32) neck (cheap steps: 1900 of them learn the shapes' classes better than 900 steps of a
-32-wide model). Two departures from centerX's recipe, both because there are no ImageNet
+(64, 32, 32) neck, 3000 steps at batch 8 (cheap steps: many of them learn the shapes' classes
+better than fewer steps of a wider model; more images beat more epochs: 256 images gave AP 0.466
+at 1900 steps and 0.505 at 2600, 512 images 0.537 and 1024 images 0.563 at 3000). Two departures from centerX's recipe, both because there are no ImageNet
 weights here: the neck uses plain 3x3 convs (DCN with its non-zero offset init, trained from
 scratch, stalled: AP 0.011 after 900 steps against 0.256 without), and Adam (SGD 0.02 collapsed
 the heatmap; 0.005 learned slowly). Sized to train and evaluate in a few minutes on a 2-core CPU.
@@ -28,7 +30,8 @@ def get_config():
   o.use_deform = False
   o.max_detections = 20
 
-  c.data = demo.get_config().data  # the same synthetic shapes, sizes and canvas as configs/demo.py
+  c.data = demo.get_config().data  # the synthetic shapes, sizes and canvas of configs/demo.py,
+  c.data.synthetic_num_train = 1024  # 4x its training images (AP: 256 -> 0.505 at 2600 steps)
 
   s = c.optim
   s.optimizer = "adam"
@@ -37,8 +40,8 @@ def get_config():
   s.reference_batch_size = 8  # tuned at its own batch of 8 (the LR scales if you change it)
   s.warmup_iters = 100
   s.warmup_factor = 0.001
-  s.max_iter = 1900
-  s.steps = (1550, 1800)
+  s.max_iter = 3000
+  s.steps = (2450, 2850)
 
   c.train = demo.get_config().train
 
