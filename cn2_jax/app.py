@@ -196,32 +196,29 @@ def _check_channels(cfg, where: str, dataset: str, info, offset: int) -> None:
     )
 
 
-def _mixture_builders(cfg, workdir: str) -> list:
-  """`[(entry, its data section, builder)]` of data.mixture (prepared once each)."""
+def _prepared_entries(cfg, workdir: str, key: str) -> list:
+  """`[(entry, its data section, builder)]` of `data.<key>` ("mixture" or "extra_eval"), each
+  dataset prepared once and checked to fit the model's classes at its channel offset."""
   out = []
-  for i, entry in enumerate(cfg.data.mixture):
-    part = mixture.source_config(cfg.data, entry)
+  for i, entry in enumerate(cfg.data[key]):
+    part = mixture.source_config(cfg.data, entry, label_is_name=key == "extra_eval")
     b = prepare_dataset(cfg, workdir, data=part)
     _check_channels(
-        cfg, f"data.mixture[{i}]", part.dataset, pipeline.DetectionInfo.from_builder(b),
+        cfg, f"data.{key}[{i}]", part.dataset, pipeline.DetectionInfo.from_builder(b),
         part.channel_offset,
     )  # fmt: skip
     out.append((entry, part, b))
   return out
 
 
+def _mixture_builders(cfg, workdir: str) -> list:
+  """`[(entry, its data section, builder)]` of data.mixture."""
+  return _prepared_entries(cfg, workdir, "mixture")
+
+
 def _extra_eval_builders(cfg, workdir: str) -> list:
-  """`[(name, its data section, builder)]` of data.extra_eval (prepared once each)."""
-  out = []
-  for i, entry in enumerate(cfg.data.extra_eval):
-    part = mixture.source_config(cfg.data, entry, label_is_name=True)
-    b = prepare_dataset(cfg, workdir, data=part)
-    _check_channels(
-        cfg, f"data.extra_eval[{i}]", part.dataset, pipeline.DetectionInfo.from_builder(b),
-        part.channel_offset,
-    )  # fmt: skip
-    out.append((str(entry["name"]), part, b))
-  return out
+  """`[(name, its data section, builder)]` of data.extra_eval."""
+  return [(str(e["name"]), part, b) for e, part, b in _prepared_entries(cfg, workdir, "extra_eval")]
 
 
 def _teacher_class_names(cfg) -> list:
@@ -527,36 +524,22 @@ def evaluate(
   run = functools.partial(_eval_split, cfg, eval_step, variables, mesh)
   metrics, counts = {}, {}
   if d.eval_split:
-    metrics, evaluator = _evaluate_main(cfg, workdir, b, info, run)
+    metrics, evaluator = _evaluate_dataset(
+        run,
+        b,
+        d,
+        os.path.join(workdir, "eval", "coco_results.json"),
+        wider_eval_gt=d.wider_eval_gt,
+    )
     counts = dict(num_images=evaluator.num_images, num_detections=evaluator.num_detections)
   for name, part, eb in extra_builders:
-    einfo = pipeline.DetectionInfo.from_builder(eb)
-    ann = einfo.annotation_file(part.eval_split)
-    if ann is None:
-      raise FileNotFoundError(f"No annotation file recorded for split {part.eval_split!r}")
-    ev = CocoEvaluator(
-        ann, [int(x) for x in einfo.label_to_category_id(np.arange(einfo.num_classes))]
+    em, ev = _evaluate_dataset(
+        run, eb, part, os.path.join(workdir, "eval", name, "coco_results.json"), name=name
     )
-    log.info(
-        "data.extra_eval %r: %s split %r, model classes [%d, %d)",
-        name,
-        part.dataset,
-        part.eval_split,
-        part.channel_offset,
-        part.channel_offset + einfo.num_classes,
-    )
-    run(pipeline.open_split(eb, part.eval_split), ev, part.channel_offset, einfo.num_classes)
-    em = ev.evaluate()
-    if part.dataset == "crowdhuman":
-      from cn2_jax.evaluation import crowdhuman_eval
-
-      em.update(crowdhuman_eval.metrics_from_coco(ann, ev.results, ev.image_ids))
     metrics.update({f"{name}/{k}": v for k, v in em.items()})
     counts.update(
         {f"{name}/num_images": ev.num_images, f"{name}/num_detections": ev.num_detections}
     )
-    if jax.process_index() == 0:
-      ev.write_results(os.path.join(workdir, "eval", name, "coco_results.json"))
   if jax.process_index() == 0:
     out = {str(k): float(v) for k, v in metrics.items()}
     out.update({k: int(v) for k, v in counts.items()})
@@ -564,33 +547,48 @@ def evaluate(
   return metrics
 
 
-def _evaluate_main(cfg, workdir: str, b, info, run):
-  """The evaluation of data.eval_split (on the model's classes [data.channel_offset, + its
-  classes)); writes eval/coco_results.json; returns (metrics, evaluator)."""
-  d = cfg.data
-  split = pipeline.open_split(b, d.eval_split)
-  ann = info.annotation_file(d.eval_split)
+def _evaluate_dataset(run, builder, part, results_path: str, *, name="", wider_eval_gt=""):
+  """COCO evaluation of `part.eval_split` of a prepared dataset (`data`, or a data.extra_eval
+  entry's data section) on the model's classes [part.channel_offset, + its classes), plus the
+  official CrowdHuman metrics for CrowdHuman and, with `wider_eval_gt`, WIDER Face's easy /
+  medium / hard AP; writes the detections to `results_path`. Returns (metrics, evaluator)."""
+  info = pipeline.DetectionInfo.from_builder(builder)
+  ann = info.annotation_file(part.eval_split)
   if ann is None:
-    raise FileNotFoundError(f"No annotation file recorded for split {d.eval_split!r}")
+    raise FileNotFoundError(f"No annotation file recorded for split {part.eval_split!r}")
   evaluator = CocoEvaluator(
       ann, [int(x) for x in info.label_to_category_id(np.arange(info.num_classes))]
   )
-  run(split, evaluator, d.channel_offset, info.num_classes)
+  if name:
+    log.info(
+        "data.extra_eval %r: %s split %r, model classes [%d, %d)",
+        name,
+        part.dataset,
+        part.eval_split,
+        part.channel_offset,
+        part.channel_offset + info.num_classes,
+    )
+  run(
+      pipeline.open_split(builder, part.eval_split),
+      evaluator,
+      part.channel_offset,
+      info.num_classes,
+  )
   metrics = evaluator.evaluate()
-  if d.dataset == "crowdhuman":  # the official CrowdHuman AP50 / MR^-2 / JI beside COCO's
+  if part.dataset == "crowdhuman":  # the official CrowdHuman AP50 / MR^-2 / JI beside COCO's
     from cn2_jax.evaluation import crowdhuman_eval
 
     metrics.update(crowdhuman_eval.metrics_from_coco(ann, evaluator.results, evaluator.image_ids))
-  if d.dataset == "wider_face" and d.wider_eval_gt:  # official WIDER easy / medium / hard AP
+  if part.dataset == "wider_face" and wider_eval_gt:  # official WIDER easy / medium / hard AP
     from cn2_jax.evaluation import wider_eval
 
     metrics.update(
         wider_eval.metrics_from_coco(
-            ann, evaluator.results, evaluator.image_ids, os.path.expanduser(d.wider_eval_gt)
+            ann, evaluator.results, evaluator.image_ids, os.path.expanduser(wider_eval_gt)
         )
     )
   if jax.process_index() == 0:
-    evaluator.write_results(os.path.join(workdir, "eval", "coco_results.json"))
+    evaluator.write_results(results_path)
   return metrics, evaluator
 
 

@@ -44,6 +44,7 @@ shapes; jit-able (every argument but the arrays is static).
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Tuple
 
 import jax
@@ -115,11 +116,8 @@ def render_detections(
   Returns:
     `cls [N, H, W, C]`, `wh [N, H, W, 2]` (feature units), `reg [N, H, W, 2]`, float32.
   """
-  fn = lambda b, s, c, v: render_image(  # noqa: E731
-      b,
-      s,
-      c,
-      v,
+  fn = functools.partial(
+      render_image,
       out_hw=tuple(int(x) for x in out_hw),
       num_classes=int(num_classes),
       stride=int(stride),
