@@ -53,10 +53,11 @@ from cn2_jax.engine import step as step_lib
 from cn2_jax.engine import swa as swa_lib
 from cn2_jax.evaluation.coco_eval import CocoEvaluator
 from cn2_jax.modeling import detector
+from cn2_jax.tree_paths import path_str
+from cn2_jax.weights import finetune
 from cn2_jax.weights.loading import (
     check_checkpoint_fits,
     latest_checkpoint_dir,
-    load_weights_file,
     restore_model_variables,
     weights_run_dir,
 )
@@ -340,6 +341,20 @@ def _check_resumable(cfg, workdir: str) -> None:
   check_checkpoint_fits(item, detector.abstract_variables(cfg.model), source, cfg.model)
 
 
+def _frozen_prefixes(cfg, abstract: dict) -> tuple:
+  """The parameter-path prefixes that receive no update: the family's rule (model.freeze_at) and
+  train.freeze, each of which must name parameters of the model."""
+  paths = [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(abstract["params"])[0]]
+  for prefix in cfg.train.freeze:
+    if not any(optim.matches_prefix(p, prefix) for p in paths):
+      tops = sorted({p.split(".")[0] for p in paths})
+      raise ConfigError(
+          f"train.freeze: {prefix!r} is the prefix of no parameter; parameter paths are "
+          f"'.'-joined, e.g. {paths[0]!r}, under {tops}"
+      )
+  return tuple(detector.frozen_param_prefixes(cfg.model)) + tuple(cfg.train.freeze)
+
+
 def train(
     cfg: ml_collections.ConfigDict,
     workdir: str,
@@ -366,7 +381,13 @@ def train(
       (part.dataset, pipeline.DetectionInfo.from_builder(mb), part.channel_offset)
       for _, part, mb in mixed + extra_evals
   ]
-  _save_run_files(cfg, workdir, _run_info(cfg, info, labelled))
+  run_info = _run_info(cfg, info, labelled)
+  abstract = detector.abstract_variables(cfg.model)
+  frozen_prefixes = _frozen_prefixes(cfg, abstract)
+  init_plan = None
+  if cfg.init_from and latest_checkpoint_dir(workdir) is None:  # unused when resuming
+    init_plan = finetune.plan_init(cfg, run_info.class_names, abstract)  # raises before writing
+  _save_run_files(cfg, workdir, run_info)
   # woGT keeps every image (KD §4.3), and an image folder has nothing to filter
   filter_empty = d.filter_empty and not cfg.kd.without_label
   parts = [
@@ -420,10 +441,8 @@ def train(
 
   model = detector.build_model(cfg.model)
   load_pretrained = None
-  if cfg.init_from:
-    load_pretrained = lambda v: load_weights_file(  # noqa: E731
-        cfg.init_from, v, backbone_only=True, model_cfg=cfg.model
-    )
+  if init_plan is not None:
+    load_pretrained = functools.partial(init_plan.apply, workdir=workdir)
   evals = {}
 
   def eval_fn(state, step):  # the loop writes the returned scalars to TensorBoard as eval/*
@@ -452,7 +471,7 @@ def train(
       model,
       detector.init_fn(model),
       train_batches,
-      frozen_prefixes=detector.frozen_param_prefixes(cfg.model),
+      frozen_prefixes=frozen_prefixes,
       load_pretrained_fn=load_pretrained,
       stop_at_step=stop_at_step,
       metrics_callback=metrics_callback,

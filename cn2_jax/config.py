@@ -43,7 +43,21 @@ FAMILY_MODEL_KEYS = {
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.init_from = ""  # ImageNet backbone checkpoint (Orbax dir or .pkl/.pth), backbone only
+  # Initial weights of a fresh training run (weights/finetune.py): an ImageNet backbone (.pkl/.pth:
+  # the backbone is loaded, the rest initialised), or a whole detector of this family: an official
+  # .pkl/.pth (CenterNet2, centerX, xingyizhou/CenterNet), a `python -m cn2_jax.convert` folder, a
+  # run directory (its newest checkpoint; its EMA weights when that run evaluates with them) or
+  # DIR/checkpoints/<step>. What was loaded: <workdir>/init_report.json. Unused when resuming.
+  c.init_from = ""  # ImageNet backbone .pkl/.pth, or a detector: official file, Orbax dir, run
+  # Class rows of a detector's class-dependent tensors (cls_score per cascade stage / the class
+  # heatmap's last conv): "auto" = target classes matched to the source's by name (case, spaces,
+  # "_" and "-" ignored), unmatched ones initialised as a new head; "target:source,..." = these
+  # pairs, the others by "auto"; "none" = every class row initialised (a background row is kept).
+  c.init_class_map = "auto"  # "auto" (by name) | "none" | "target:source,target:source"
+  # Glob patterns of tensors that init_from does not load (initialised instead): matched against
+  # the model's names ("params/roi_heads/box_head.0/fc1/kernel") and the '.'-joined parameter path
+  # ("roi_heads.box_head.0.fc1.kernel"); also the source tensors they leave unused.
+  c.init_skip = ()  # globs of tensors init_from leaves at init, e.g. ("roi_heads.box_head.*",)
   c.weights = ""  # full-model weights (Orbax dir or official .pkl/.pth) for eval/predict
   # JAX persistent compilation cache: each padded shape (train bucket, eval canvas) is compiled
   # once, lazily, and reused by later runs. "" disables it.
@@ -343,6 +357,10 @@ def base_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- loop
   t = c.train = ml_collections.ConfigDict()
   t.batch_size = 16  # global
+  # Parameter-path prefixes kept unchanged in training (no update, no weight decay, no optimizer
+  # state), e.g. ("backbone",) or ("backbone.bottom_up.res3", "proposal_generator"); on top of the
+  # family's own rule (model.freeze_at). BatchNorm running statistics still update.
+  t.freeze = ()  # parameter-path prefixes never updated, e.g. ("backbone",)
   t.eval_batch_size = 8
   t.log_every = 20
   t.checkpoint_every = 5000
@@ -617,6 +635,13 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   if m.arch not in ARCHS:
     raise ConfigError(f"model.arch must be one of {ARCHS}, got {m.arch!r}")
   _check_family_keys(m)
+  if not isinstance(cfg.init_class_map, str) or not cfg.init_class_map.strip():
+    raise ConfigError(
+        f"init_class_map must be 'auto', 'none' or 'target:source,...', got {cfg.init_class_map!r}"
+    )
+  for name, value in (("init_skip", cfg.init_skip), ("train.freeze", cfg.train.freeze)):
+    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+      raise ConfigError(f"{name} must be a tuple of non-empty strings, got {value!r}")
   if m.arch == "onestage":
     for key, allowed in (
         ("input_format", ("RGB", "BGR")),

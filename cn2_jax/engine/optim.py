@@ -337,7 +337,7 @@ def is_norm_param(path: str) -> bool:
   return bool(m) and int(m.group(1)) % 3 == 1
 
 
-def _matches_prefix(path: str, prefix: str) -> bool:
+def matches_prefix(path: str, prefix: str) -> bool:
   prefix = prefix.replace("/", ".")
   if prefix.endswith("."):
     return path.startswith(prefix)
@@ -360,7 +360,7 @@ def param_labels(
 
   def label(kp, _):
     p = path_str(kp)
-    if any(_matches_prefix(p, f) for f in prefixes):
+    if any(matches_prefix(p, f) for f in prefixes):
       return FROZEN
     return NO_DECAY if no_decay_fn(p) else DECAY
 
@@ -527,7 +527,7 @@ def validate_frozen_prefixes(params: Any, frozen_prefixes: Iterable[str]) -> Non
   """ValueError if a prefix matches no leaf of `params` (arrays or ShapeDtypeStructs)."""
   paths = [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   for f in frozen_prefixes:
-    if not any(_matches_prefix(p, f) for p in paths):
+    if not any(matches_prefix(p, f) for p in paths):
       raise ValueError(
           f"frozen prefix {f!r} matches no parameter " f"(paths look like {paths[:3]}...)"
       )

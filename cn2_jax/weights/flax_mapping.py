@@ -202,6 +202,88 @@ def _torch_shape_of_kernel(shape: tuple) -> tuple:
   return shape
 
 
+def _with_frozen_bn_statistics(d2_state_dict, info, index, in_scope, report) -> dict:
+  """A copy of the state dict with detectron2's FrozenBatchNorm2d._load_from_state_dict rules
+  applied to the modules that are FrozenBN in the target (`index`)."""
+  src = dict(d2_state_dict)
+  versions = info.get("module_versions", {}) or {}
+  for (coll, path), _ in index.items():
+    if coll != "frozen" or not path.endswith(".running_mean") or not in_scope(path):
+      continue
+    mod = path[: -len(".running_mean")]
+    if not (mod + ".weight" in src or mod + ".bias" in src):
+      continue  # the whole module is absent: reported as missing below
+    version = versions.get(mod)
+    weight_shape = np.shape(src.get(mod + ".weight", src.get(mod + ".bias")))
+    # Only when both statistics are absent (caffe2 blobs carry none): a lone missing one is an
+    # incomplete checkpoint and stays an error.
+    if (version is None or version < 2) and not (
+        mod + ".running_mean" in src or mod + ".running_var" in src
+    ):
+      src[mod + ".running_mean"] = np.zeros(weight_shape, np.float32)
+      src[mod + ".running_var"] = np.ones(weight_shape, np.float32)
+      report.filled_defaults += [mod + ".running_mean", mod + ".running_var"]
+    if version is not None and version < 3 and mod + ".running_var" in src:
+      src[mod + ".running_var"] = np.asarray(src[mod + ".running_var"]) - np.float32(FROZEN_BN_EPS)
+      report.eps_adjusted.append(mod + ".running_var")
+  return src
+
+
+def _resolve(key: str, index, report):
+  """(collection, '.'-path, how) of the one target variable `key` names, or None (recorded in
+  `report` as unknown or ambiguous)."""
+  hits = [(c, p, how) for c, p, how in _candidates(key) if (c, p) in index]
+  if not hits:
+    report.unknown_keys.append(key)
+    return None
+  if len(hits) > 1:
+    report.ambiguous_keys.append((key, [f"{c}/{p}" for c, p, _ in hits]))
+    return None
+  return hits[0]
+
+
+def _index(target_variables):
+  """(leaves with paths, treedef, {(collection, '.'-joined path): leaf position})."""
+  import jax  # local: keeps the file-reading half importable without jax
+
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(target_variables)
+  index = {}
+  for i, (kp, _) in enumerate(leaves):
+    names = [_key_str(k) for k in kp]
+    index[(names[0], ".".join(names[1:]))] = i
+  return leaves, treedef, index
+
+
+def named_flax_tensors(d2_state_dict, target_variables):
+  """The tensors of a detectron2-named state dict in this project's names and layouts, whatever
+  their shapes (fine-tuning compares the shapes itself, weights/finetune.py).
+
+  Returns ({(collection, '.'-joined path): array}, report); `target_variables` (arrays or
+  ShapeDtypeStructs) only supplies the names. Keys with no target variable are in
+  `report.unknown_keys`; ambiguous ones raise ConversionError."""
+  info = dict(getattr(d2_state_dict, "info", {}))
+  report = ConversionReport(
+      source_format=info.get("source_format", "detectron2"),
+      num_source_tensors=len(d2_state_dict),
+      dropped_keys=list(info.get("dropped", [])),
+  )
+  _, _, index = _index(target_variables)
+  src = _with_frozen_bn_statistics(d2_state_dict, info, index, lambda _: True, report)
+  out = {}
+  for key, value in src.items():
+    hit = _resolve(key, index, report)
+    if hit is None:
+      continue
+    coll, path, how = hit
+    a = np.asarray(value)
+    b = _kernel_layout(a) if how == "kernel" else a
+    floating = np.issubdtype(a.dtype, np.floating)
+    out[(coll, path)] = np.array(a if b is None else b, np.float32 if floating else a.dtype)
+  if report.ambiguous_keys:
+    raise ConversionError(report.summary(), report)
+  return out, report
+
+
 def convert_to_flax(d2_state_dict, target_variables, *, backbone_only: bool = False):
   """Maps a detectron2-named state dict onto `target_variables`.
 
@@ -226,11 +308,7 @@ def convert_to_flax(d2_state_dict, target_variables, *, backbone_only: bool = Fa
       dropped_keys=list(info.get("dropped", [])),
       notes=list(info.get("notes", [])),
   )
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(target_variables)
-  index = {}  # (collection, '.'-joined path) -> leaf position
-  for i, (kp, _) in enumerate(leaves):
-    names = [_key_str(k) for k in kp]
-    index[(names[0], ".".join(names[1:]))] = i
+  leaves, treedef, index = _index(target_variables)  # (collection, '.'-path) -> leaf position
   report.num_target_tensors = len(leaves)
   report.num_target_elements = int(
       sum(int(np.prod(_leaf_shape_dtype(l)[0], dtype=np.int64)) for _, l in leaves)
@@ -239,42 +317,16 @@ def convert_to_flax(d2_state_dict, target_variables, *, backbone_only: bool = Fa
   def in_scope(path: str) -> bool:
     return (not backbone_only) or path.startswith(BACKBONE_PREFIX)
 
-  src = dict(d2_state_dict)
-  # detectron2 FrozenBatchNorm2d._load_from_state_dict semantics.
-  versions = info.get("module_versions", {}) or {}
-  for (coll, path), _ in index.items():
-    if coll != "frozen" or not path.endswith(".running_mean") or not in_scope(path):
-      continue
-    mod = path[: -len(".running_mean")]
-    if not (mod + ".weight" in src or mod + ".bias" in src):
-      continue  # the whole module is absent: reported as missing below
-    version = versions.get(mod)
-    weight_shape = np.shape(src.get(mod + ".weight", src.get(mod + ".bias")))
-    # Only when both statistics are absent (caffe2 blobs carry none): a lone missing one is an
-    # incomplete checkpoint and stays an error.
-    if (version is None or version < 2) and not (
-        mod + ".running_mean" in src or mod + ".running_var" in src
-    ):
-      src[mod + ".running_mean"] = np.zeros(weight_shape, np.float32)
-      src[mod + ".running_var"] = np.ones(weight_shape, np.float32)
-      report.filled_defaults += [mod + ".running_mean", mod + ".running_var"]
-    if version is not None and version < 3 and mod + ".running_var" in src:
-      src[mod + ".running_var"] = np.asarray(src[mod + ".running_var"]) - np.float32(FROZEN_BN_EPS)
-      report.eps_adjusted.append(mod + ".running_var")
-
+  src = _with_frozen_bn_statistics(d2_state_dict, info, index, in_scope, report)
   out = [None] * len(leaves)
   for key, value in src.items():
     if not in_scope(key):
       report.skipped_keys.append(key)
       continue
-    hits = [(c, p, how) for c, p, how in _candidates(key) if (c, p) in index]
-    if not hits:
-      report.unknown_keys.append(key)
+    hit = _resolve(key, index, report)
+    if hit is None:
       continue
-    if len(hits) > 1:
-      report.ambiguous_keys.append((key, [f"{c}/{p}" for c, p, _ in hits]))
-      continue
-    coll, path, how = hits[0]
+    coll, path, how = hit
     i = index[(coll, path)]
     if out[i] is not None:
       report.ambiguous_keys.append((key, [f"{coll}/{path} (already filled)"]))

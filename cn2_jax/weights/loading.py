@@ -238,19 +238,25 @@ def load_weights_file(path: str, variables: dict, *, backbone_only: bool, model_
     return restore_orbax_variables(
         orbax_weights_dir(path), variables, source=path, model_cfg=model_cfg
     )
-  sd = load_checkpoint_file(path)
-  if model_cfg is not None and model_cfg.arch == "onestage":
-    # centerX / xingyizhou CenterNet / torchvision files (weights/onestage.py).
+  arch = model_cfg.arch if model_cfg is not None else "centernet2"
+  variables, report = convert_state_dict(
+      load_checkpoint_file(path), variables, backbone_only=backbone_only, arch=arch
+  )
+  log.info("loaded %s: %s", path, report.summary())
+  return variables
+
+
+def convert_state_dict(sd, variables: dict, *, backbone_only: bool, arch: str):
+  """An official state dict (as read by `load_checkpoint_file`) mapped onto `variables` by the
+  converter of the family `arch`: centerX / xingyizhou CenterNet / torchvision files for
+  "onestage" (weights/onestage.py), detectron2 / MSRA / torchvision for "centernet2". Returns
+  (variables, the converter's report)."""
+  if arch == "onestage":
     from cn2_jax.weights.onestage import load_onestage_weights
 
-    variables, report = load_onestage_weights(sd, variables, backbone_only=backbone_only)
-    log.info("loaded %s: %s", path, report.summary())
-    return variables
-  fmt = detect_format(sd)
-  sd = to_detectron2_names(sd, fmt)
-  variables, report = convert_to_flax(sd, variables, backbone_only=backbone_only)
-  log.info("loaded %s (%s): %s", path, fmt, report.summary())
-  return variables
+    return load_onestage_weights(sd, variables, backbone_only=backbone_only)
+  sd = to_detectron2_names(sd, detect_format(sd))
+  return convert_to_flax(sd, variables, backbone_only=backbone_only)
 
 
 def _warn_inexact_official_eval(cfg) -> None:

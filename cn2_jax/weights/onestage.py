@@ -50,6 +50,7 @@ __all__ = [
     "export_state_dict",
     "infer_model_config",
     "load_onestage_weights",
+    "named_flax_tensors",
     "to_centerx_names",
     "torch_key_of",
 ]
@@ -337,6 +338,34 @@ def convert_onestage(sd, target_variables, *, backbone_only: bool = False):
   if not report.ok:
     raise ConversionError(report.summary(max_list=50), report)
   return jax.tree_util.tree_unflatten(treedef, out), report
+
+
+def named_flax_tensors(sd, target_variables):
+  """The tensors of a centerX-named state dict in this project's names and layouts, whatever
+  their shapes (fine-tuning compares the shapes itself, weights/finetune.py).
+
+  Returns ({(collection, '.'-joined path): array}, report); `target_variables` only supplies the
+  names. Keys with no target variable are in `report.unexpected`."""
+  info = dict(getattr(sd, "info", {}))
+  _, _, index = _index(target_variables)
+  report = OneStageReport(
+      source_format=info.get("source_format", "centerx"),
+      num_source_tensors=len(sd),
+      dropped=list(info.get("dropped", [])),
+  )
+  out = {}
+  for key, value in sd.items():
+    coll, path, how = _target_of(key, index)
+    if how == "drop":
+      report.dropped.append((key, "BatchNorm counter (unused with an explicit momentum)"))
+      continue
+    if coll is None or (coll, path) not in index:
+      report.unexpected.append(key)
+      continue
+    a = np.asarray(value)
+    b = _to_flax(a, how)
+    out[(coll, path)] = np.array(a if b is None else b, np.float32)
+  return out, report
 
 
 def torch_key_of(collection: str, path: str) -> Tuple[str, str]:

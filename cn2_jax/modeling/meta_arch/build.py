@@ -6,7 +6,9 @@ registered module follows the Model API of docs/DESIGN.md (`apply(variables, bat
 -> detections dict; `train=True` -> losses, with `mutable=['batch_stats']` when the family has
 trainable BatchNorm), so the data pipeline, training loop, evaluation, predict and export work for
 every family. `frozen_param_prefixes(config.model)` names the '.'-joined parameter path prefixes
-that receive no update (the optimizer's FROZEN label).
+that receive no update (the optimizer's FROZEN label). `class_params` describes the family's
+class-dependent parameters (one row per class along the last axis) for fine-tuning onto other
+classes (weights/finetune.py).
 """
 
 from __future__ import annotations
@@ -18,19 +20,30 @@ import ml_collections
 
 
 @dataclasses.dataclass(frozen=True)
+class ClassParams:
+  """The class-dependent parameters of a family: their '/'-joined variable names (`params/...`)
+  match `pattern` (a regular expression, full match); the class is the last axis; with
+  `background_last` the last row is the background (not a class)."""
+
+  pattern: str
+  background_last: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
   build: Callable  # (FrozenConfigDict model config, axis_name) -> flax.linen.Module
   frozen_param_prefixes: Callable  # (model config) -> tuple[str, ...]
+  class_params: ClassParams
 
 
 META_ARCHS: Dict[str, Family] = {}
 
 
-def register(name: str, *, frozen_param_prefixes: Callable) -> Callable:
+def register(name: str, *, frozen_param_prefixes: Callable, class_params: ClassParams) -> Callable:
   def deco(build: Callable) -> Callable:
     if name in META_ARCHS:
       raise ValueError(f"meta-architecture {name!r} is registered twice")
-    META_ARCHS[name] = Family(build, frozen_param_prefixes)
+    META_ARCHS[name] = Family(build, frozen_param_prefixes, class_params)
     return build
 
   return deco

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from cn2_jax.config import model_kwargs
 from cn2_jax.modeling.backbone.fpn import FPN
 from cn2_jax.modeling.canvas import canvas_masks, official_canvas
-from cn2_jax.modeling.meta_arch.build import register
+from cn2_jax.modeling.meta_arch.build import ClassParams, register
 from cn2_jax.modeling.proposal.centernet import CenterNet
 from cn2_jax.modeling.roi_heads.cascade import CascadeROIHeads
 
@@ -36,7 +36,14 @@ def _frozen_param_prefixes(model_config) -> tuple:
   return tuple(f"backbone.bottom_up.{p}" for p in resnet_prefixes(model_config.freeze_at))
 
 
-@register("centernet2", frozen_param_prefixes=_frozen_param_prefixes)
+@register(
+    "centernet2",
+    frozen_param_prefixes=_frozen_param_prefixes,
+    # each cascade stage's classifier: num_classes + 1 logits, background last
+    class_params=ClassParams(
+        r"params/roi_heads/box_predictor\.\d+/cls_score/(kernel|bias)", background_last=True
+    ),
+)
 class CenterNet2(nn.Module):
   """The detector. `config` is `config.model` (cn2_jax/config.py), as a FrozenConfigDict.
 

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-from cn2_jax.modeling.meta_arch.build import register
+from cn2_jax.modeling.meta_arch.build import ClassParams, register
 from cn2_jax.modeling.onestage.model import CenterNetOneStage, model_fields
 
 
-@register("onestage", frozen_param_prefixes=lambda model_config: ())
+@register(
+    "onestage",
+    frozen_param_prefixes=lambda model_config: (),
+    # the last conv of the class heatmap head: one output channel per class
+    class_params=ClassParams(r"params/head/cls_head/out_conv/(kernel|bias)", background_last=False),
+)
 def build(config, axis_name: Optional[str] = None) -> CenterNetOneStage:
   return CenterNetOneStage(**model_fields(config), axis_name=axis_name)

@@ -1,0 +1,497 @@
+"""Training that starts from trained weights: `init_from` (an ImageNet backbone, or a whole
+detector of the same family, fine-tuned onto this config's classes).
+
+  plan = plan_init(cfg, class_names, abstract_variables)   reads and checks everything; raises a
+                                                            one-line error before a run writes
+  variables = plan.apply(fresh_variables, workdir)         the merged variables, and
+                                                            workdir/init_report.json
+
+What `init_from` may be (`read_source`):
+  * an ImageNet ResNet file (MSRA `.pkl`, torchvision `.pth`): the backbone is loaded as the
+    converters load it (weights/flax_mapping.py, weights/onestage.py); everything else keeps the
+    model's initial values;
+  * a detector: an official `.pkl`/`.pth` (detectron2 / CenterNet2, centerX, xingyizhou/CenterNet),
+    an Orbax folder written by `python -m cn2_jax.convert`, a run directory (its newest checkpoint;
+    the EMA weights when that run's config evaluates with them) or `DIR/checkpoints/<step>`.
+
+For a detector, every tensor of the model is taken from the source, with three exceptions:
+  * class-dependent tensors (the family's `ClassParams`: CenterNet2's `cls_score` of each cascade
+    stage, the one-stage class heatmap's last conv) get their rows by `init_class_map`: a matched
+    class keeps its source row; an unmatched one keeps the model's initial row (the official
+    initialisation of a new head: `cls_score` N(0, 0.01) weight and zero bias, the heatmap's
+    prior bias); a background row is kept from the source;
+  * tensors matching a glob of `init_skip` keep their initial values;
+  * nothing else may differ: a tensor whose shape differs, one the source lacks or a source tensor
+    the model has no place for is a one-line WeightsError naming it, both shapes and the config
+    field that explains it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import logging
+import os
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+
+from cn2_jax.config import config_from_json
+from cn2_jax.data.coco_classes import COCO_CLASS_NAMES
+from cn2_jax.errors import ConfigError, ConversionError, InputFileError, WeightsError, one_line
+from cn2_jax.modeling import meta_arch
+from cn2_jax.tree_paths import key_str
+from cn2_jax.weights import flax_mapping
+from cn2_jax.weights import onestage as onestage_weights
+from cn2_jax.weights.loading import (
+    VARIABLE_COLLECTIONS,
+    _implied_model_fields,
+    convert_state_dict,
+    orbax_weights_dir,
+    weights_run_dir,
+)
+from cn2_jax.weights.reader import load_checkpoint_file
+from cn2_jax.weights.rename import detect_format, to_detectron2_names
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "init_report.json"
+
+FAMILY_NAMES = {"centernet2": "CenterNet2", "onestage": "one-stage CenterNet (centerX)"}
+
+# Where a mis-shaped tensor lives -> the config fields that shape it, per family (first match).
+_FIELDS_BY_PATH = {
+    "centernet2": (
+        ("/backbone/bottom_up/", "model.resnet_depth, model.resnet_width or model.resnet_norm"),
+        ("/backbone/", "model.fpn_channels or model.fpn_norm"),
+        ("/proposal_generator/", "model.centernet.num_convs or model.fpn_channels"),
+        ("/box_predictor", "model.roi_heads.fc_dim"),
+        ("/roi_heads/", "model.roi_heads (fc_dim, num_fc, pooler_resolution, iou_thresholds)"),
+    ),
+    "onestage": (
+        ("/backbone/", "model.resnet_depth or model.resnet_width"),
+        ("/upsample/", "model.onestage.deconv_channels, use_deform or modulate_deform"),
+        ("/head/", "model.onestage.head_conv or model.onestage.deconv_channels"),
+    ),
+}
+
+
+def normalized_class_name(name: str) -> str:
+  """Class names compare without case, spaces, '_' and '-' ("Traffic light" == "traffic_light")."""
+  return re.sub(r"[\s_\-]", "", str(name).lower())
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the source.
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Source:
+  """What `init_from` holds, in this project's names ('/'-joined: `params/backbone/...`)."""
+
+  path: str
+  what: str  # e.g. "detectron2 / CenterNet2 model", "run checkpoint (EMA weights)"
+  family: Optional[str]  # the detector family; None for an ImageNet backbone
+  tensors: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  unmapped: List[str] = dataclasses.field(default_factory=list)  # source keys the model lacks
+  dropped: List[str] = dataclasses.field(default_factory=list)  # dropped by the official renaming
+  class_names: Optional[Tuple[str, ...]] = None
+  step: Optional[int] = None
+  ema: bool = False
+  state_dict: Optional[dict] = None  # an ImageNet file, converted when applied
+
+
+def _slash_names(abstract) -> Dict[Tuple[str, str], str]:
+  """(collection, '.'-joined path) -> '/'-joined name of every leaf of a variables tree."""
+  out = {}
+  for kp, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    names = [key_str(k) for k in kp]
+    out[(names[0], ".".join(names[1:]))] = "/".join(names)
+  return out
+
+
+def _family_of_tree(names: Sequence[str]) -> Optional[str]:
+  tops = {n.split("/")[1] for n in names if n.startswith("params/") and n.count("/") > 1}
+  if tops & {"roi_heads", "proposal_generator"}:
+    return "centernet2"
+  if tops & {"head", "upsample"}:
+    return "onestage"
+  return None
+
+
+def _read_orbax(path: str) -> Source:
+  """A run, one of its checkpoints or a converted folder (all collections, any shapes)."""
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  item = orbax_weights_dir(path)  # WeightsError when a run has no finished checkpoint
+  try:
+    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item))
+  except Exception as e:  # noqa: BLE001 - anything unreadable is the same user error
+    raise WeightsError(
+        f"init_from {path}: cannot read it as an Orbax checkpoint (expected a run directory, its "
+        f"checkpoints/<step> folder, or a folder written by `python -m cn2_jax.convert`): "
+        f"{one_line(e)}"
+    ) from e
+  tree = getattr(meta, "tree", meta)
+  run = weights_run_dir(path)
+  run_cfg = None
+  if run is not None and os.path.isfile(os.path.join(run, "config.json")):
+    run_cfg = config_from_json(os.path.join(run, "config.json"))
+  from cn2_jax.engine import swa as swa_lib
+
+  ema = run_cfg is not None and swa_lib.use_ema_for_eval(run_cfg) and "ema" in tree
+  wanted = {k: tree[k] for k in VARIABLE_COLLECTIONS if k in tree}
+  if ema:
+    wanted["ema"] = tree["ema"]
+  target = jax.tree.map(lambda m: np.zeros(tuple(m.shape), np.dtype(m.dtype)), wanted)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    restored = ckptr.restore(
+        item,
+        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+    )
+  if ema:  # the weights that run evaluates with (ema.use_for_eval)
+    restored.update(restored.pop("ema"))
+  tensors = {}
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
+    tensors["/".join(key_str(k) for k in kp)] = np.asarray(leaf)
+  family = run_cfg.model.arch if run_cfg is not None else _family_of_tree(tensors)
+  class_names = None
+  if run is not None and os.path.isfile(os.path.join(run, "dataset_info.json")):
+    with open(os.path.join(run, "dataset_info.json")) as f:
+      class_names = tuple(json.load(f)["class_names"])
+  step_dir = os.path.basename(os.path.dirname(item))
+  return Source(
+      path=path,
+      what=("run checkpoint" + (" (EMA weights)" if ema else "")) if run else "converted weights",
+      family=family,
+      tensors=tensors,
+      class_names=class_names,
+      step=int(step_dir) if run is not None and step_dir.isdigit() else None,
+      ema=bool(ema),
+  )
+
+
+def _read_file(path: str, model_cfg, abstract) -> Source:
+  """An official .pkl / .pth: a detector of either family or an ImageNet backbone."""
+  from cn2_jax.convert import FORMATS, detect_checkpoint
+
+  state_dict = load_checkpoint_file(path)
+  try:
+    fmt = detect_checkpoint(state_dict)
+  except ConversionError as e:
+    raise WeightsError(f"init_from {path}: {one_line(e)}") from e
+  kind = FORMATS[fmt]
+  if kind.backbone_only:
+    return Source(path=path, what=kind.what, family=None, state_dict=state_dict)
+  family = kind.families[0]
+  source = Source(path=path, what=kind.what, family=family)
+  if family != model_cfg.arch:
+    return source  # plan_init names both families
+  if family == "centernet2":
+    renamed = to_detectron2_names(state_dict, detect_format(state_dict))
+    named, report = flax_mapping.named_flax_tensors(renamed, abstract)
+    source.unmapped = list(report.unknown_keys)
+    source.dropped = [k for k, _ in report.dropped_keys]
+  else:
+    renamed = onestage_weights.to_centerx_names(state_dict, fmt)
+    named, report = onestage_weights.named_flax_tensors(renamed, abstract)
+    source.unmapped = list(report.unexpected)
+    source.dropped = [k for k, _ in report.dropped]
+  names = _slash_names(abstract)
+  source.tensors = {names[key]: value for key, value in named.items()}
+  return source
+
+
+def read_source(path: str, model_cfg, abstract) -> Source:
+  """`init_from` read into this project's names (`abstract`: the model's abstract variables)."""
+  if not os.path.exists(path):
+    raise InputFileError(f"init_from {path}: no such file or directory")
+  if os.path.isdir(path):
+    return _read_orbax(path)
+  return _read_file(path, model_cfg, abstract)
+
+
+# ----------------------------------------------------------------------------------------------
+# Class rows.
+# ----------------------------------------------------------------------------------------------
+def class_rows(
+    spec: str, target_names: Sequence[str], source_names: Optional[Sequence[str]], source: str
+) -> List[Optional[int]]:
+  """The source class index of each target class (None: a new row) under `init_class_map`."""
+  spec = spec.strip()
+  rows: List[Optional[int]] = [None] * len(target_names)
+  if spec == "none":
+    return rows
+  by_target = {normalized_class_name(n): i for i, n in enumerate(target_names)}
+  by_source = {}
+  for j, n in enumerate(source_names or ()):
+    by_source.setdefault(normalized_class_name(n), j)
+  explicit = set()
+  if spec != "auto":
+    for item in spec.split(","):
+      target, sep, src = (part.strip() for part in item.partition(":"))
+      if not sep or not target or not src:
+        raise ConfigError(
+            f"init_class_map: {item.strip()!r} is not a 'target:source' pair (the setting is "
+            f"'auto', 'none' or pairs like 'kangaroo:dog,scooter:motorcycle')"
+        )
+      if normalized_class_name(target) not in by_target:
+        raise ConfigError(
+            f"init_class_map: {target!r} is not a class of this dataset; its classes are "
+            f"{list(target_names)}"
+        )
+      if source_names is None:
+        raise ConfigError(
+            f"init_class_map: {source} does not name its classes (no dataset_info.json and not "
+            f"80 COCO classes), so {src!r} cannot be looked up; use 'auto' or 'none'"
+        )
+      if normalized_class_name(src) not in by_source:
+        raise ConfigError(
+            f"init_class_map: {src!r} is not a class of {source}; its classes are "
+            f"{list(source_names)}"
+        )
+      i = by_target[normalized_class_name(target)]
+      rows[i] = by_source[normalized_class_name(src)]
+      explicit.add(i)
+  for i, name in enumerate(target_names):
+    if i not in explicit:
+      rows[i] = by_source.get(normalized_class_name(name))
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan.
+# ----------------------------------------------------------------------------------------------
+def _matches(patterns: Sequence[str], name: str) -> bool:
+  """`name` ('/'-joined with its collection, or a source key) against the init_skip globs, also in
+  the '.'-joined parameter-path form (`roi_heads.box_head.0.fc1.kernel`)."""
+  dotted = name.split("/", 1)[1].replace("/", ".") if "/" in name else name
+  return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(dotted, p) for p in patterns)
+
+
+def _field_hint(family: str, name: str, source_shapes: dict, model_cfg) -> str:
+  """The config field(s) behind a tensor of another shape: the value the source implies when
+  it can be read off its shapes, else the fields that shape that part of the model."""
+  if family == "centernet2":
+    for field, value in _implied_model_fields(source_shapes).items():
+      here = model_cfg
+      for part in field.split("."):
+        here = here[part]
+      if field != "num_classes" and json.dumps(here, default=str) != json.dumps(value, default=str):
+        return f"the checkpoint has model.{field}={value!r}, this config {here!r}"
+  fields = next((f for key, f in _FIELDS_BY_PATH[family] if key in f"/{name}"), "model fields")
+  return f"check {fields}"
+
+
+@dataclasses.dataclass
+class InitPlan:
+  """What `apply` does to freshly initialised variables (built by `plan_init`)."""
+
+  source: Source
+  family: str  # the model's family (model.arch)
+  loaded: List[str]  # taken whole from the source
+  class_params: List[str]  # class-dependent tensors, rows by `rows`
+  rows: List[Optional[int]]  # per target class: its source row, or None (initial values)
+  background_last: bool
+  target_names: Tuple[str, ...]
+  reinitialized: List[str]  # init_skip: initial values
+  skipped: List[str]  # source tensors not used
+
+  def report(self) -> dict:
+    """The init_report.json content (README "Your own classes")."""
+    new_rows = [
+        f"{name}[{i}]" for name in self.class_params for i, j in enumerate(self.rows) if j is None
+    ]
+    source_names = self.source.class_names
+    return {
+        "source": os.path.abspath(self.source.path),
+        "source_step": self.source.step,
+        "source_what": self.source.what,
+        "family": self.source.family,
+        "loaded": list(self.loaded),
+        "class_params": list(self.class_params),
+        "class_rows": [
+            {
+                "target": self.target_names[i],
+                "source": source_names[j] if source_names else None,
+                "source_index": int(j),
+            }
+            for i, j in enumerate(self.rows)
+            if j is not None
+        ],
+        "reinitialized": list(self.reinitialized) + new_rows,
+        "skipped": list(self.skipped),
+    }
+
+  def apply(self, variables: dict, workdir: Optional[str] = None) -> dict:
+    """`variables` (freshly initialised, host arrays) with the source's tensors put in; writes
+    workdir/init_report.json (process 0) and logs a summary."""
+    if self.source.family is None:
+      return self._apply_backbone(variables, workdir)
+    tensors = self.source.tensors
+
+    def merged(kp, leaf):
+      name = "/".join(key_str(k) for k in kp)
+      value = np.asarray(leaf)
+      if name in self.class_params:
+        out = np.array(value, copy=True)
+        src = tensors[name]
+        for i, j in enumerate(self.rows):
+          if j is not None:
+            out[..., i] = src[..., j]
+        if self.background_last:
+          out[..., -1] = src[..., -1]
+        return out
+      if name in tensors and name not in self.reinitialized:
+        return np.asarray(tensors[name], dtype=value.dtype)
+      return value
+
+    out = jax.tree_util.tree_map_with_path(merged, jax.device_get(variables))
+    self._write(self.report(), workdir)
+    return out
+
+  def _apply_backbone(self, variables: dict, workdir: Optional[str]) -> dict:
+    """An ImageNet backbone, loaded as before init_from took detectors (loading.py)."""
+    host = jax.device_get(variables)
+    out, conversion = convert_state_dict(
+        self.source.state_dict, host, backbone_only=True, arch=self.family
+    )
+    log.info("loaded %s: %s", self.source.path, conversion.summary())
+    names = _slash_names(host)
+    if self.family == "onestage":
+      loaded = [names[tuple(m[1].split("/", 1))] for m in conversion.mapped]
+      skipped = [k for k, _ in conversion.dropped]
+    else:
+      loaded = [names[(m[1], m[2])] for m in conversion.mapped]
+      skipped = list(conversion.skipped_keys) + [k for k, _ in conversion.dropped_keys]
+    self.loaded = loaded
+    report = self.report()
+    report["source_what"] += " (backbone only)"
+    report["skipped"] = skipped
+    self._write(report, workdir)
+    return out
+
+  def _write(self, report: dict, workdir: Optional[str]) -> None:
+    log.info("%s", summary_line(report))
+    if workdir and jax.process_index() == 0:
+      path = os.path.join(workdir, REPORT_NAME)
+      with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+      os.replace(path + ".tmp", path)
+
+
+def summary_line(report: dict) -> str:
+  """One log line of an init report."""
+  rows = ", ".join(
+      f"{r['target']}<-{r['source']}[{r['source_index']}]" for r in report["class_rows"]
+  )
+  step = f" (step {report['source_step']})" if report["source_step"] is not None else ""
+  return (
+      f"init_from {report['source']}{step}, {report['source_what']}: loaded "
+      f"{len(report['loaded'])} tensors; class rows kept: {rows or 'none'}; initialised: "
+      f"{len(report['reinitialized'])} tensors or rows; skipped {len(report['skipped'])} source "
+      f"tensors; details in {REPORT_NAME}"
+  )
+
+
+def plan_init(cfg, target_class_names: Sequence[str], abstract: dict) -> InitPlan:
+  """Reads `cfg.init_from` and checks it against the model (`abstract`: its abstract variables)
+  and the dataset's classes; raises a one-line error (WeightsError / ConfigError /
+  InputFileError) for anything that does not fit. Nothing is written."""
+  path = cfg.init_from
+  model_cfg = cfg.model
+  source = read_source(path, model_cfg, abstract)
+  family = model_cfg.arch
+  target_names = tuple(target_class_names)
+  plan = InitPlan(source, family, [], [], [None] * len(target_names), False, target_names, [], [])
+  if source.family is None:  # ImageNet backbone
+    if cfg.init_class_map.strip() not in ("auto", "none") or tuple(cfg.init_skip):
+      log.warning("init_from %s is a backbone: init_class_map and init_skip are unused", path)
+    return plan
+  if source.family != family:
+    raise WeightsError(
+        f"init_from {path} holds a {FAMILY_NAMES.get(source.family, source.family)} detector "
+        f"(model.arch={source.family!r}), but this config builds a "
+        f"{FAMILY_NAMES.get(family, family)} one (model.arch={family!r}); weights of one family "
+        f"cannot initialise the other"
+    )
+  info = meta_arch.family(family).class_params
+  plan.background_last = info.background_last
+  skip = tuple(cfg.init_skip)
+  target = {
+      name: tuple(int(d) for d in leaf.shape)
+      for (coll, _), name in _slash_names(abstract).items()
+      for leaf in [_leaf(abstract, name)]
+      if coll in VARIABLE_COLLECTIONS
+  }
+  tensors = source.tensors
+  shapes = {name: tuple(np.shape(a)) for name, a in tensors.items()}
+
+  def mismatch(name, there, here):
+    return WeightsError(
+        f"init_from {path}: {name} is {there} there but {here} in this model "
+        f"({_field_hint(family, name, shapes, model_cfg)}); change the config, or add a pattern "
+        f"matching it to init_skip to initialise it instead"
+    )
+
+  source_classes = None
+  for name, shape in target.items():
+    if _matches(skip, name):
+      plan.reinitialized.append(name)
+    elif re.fullmatch(info.pattern, name):
+      if name not in tensors:
+        raise WeightsError(f"init_from {path}: {name} is missing there")
+      there = shapes[name]
+      if there[:-1] != shape[:-1]:
+        raise mismatch(name, there, shape)
+      n = there[-1] - int(info.background_last)
+      if source_classes is not None and n != source_classes:
+        raise WeightsError(f"init_from {path}: {name} has {n} classes, other class tensors "
+                           f"{source_classes}")  # fmt: skip
+      source_classes = n
+      plan.class_params.append(name)
+    elif name not in tensors:
+      raise WeightsError(
+          f"init_from {path}: {name} ({shape}) of this model is missing there "
+          f"({_field_hint(family, name, shapes, model_cfg)}); add a pattern matching it to "
+          f"init_skip to initialise it instead"
+      )
+    elif shapes[name] != shape:
+      raise mismatch(name, shapes[name], shape)
+    else:
+      plan.loaded.append(name)
+  for name in [n for n in tensors if n not in target] + list(source.unmapped):
+    if not _matches(skip, name):
+      raise WeightsError(
+          f"init_from {path}: it has {name} {shapes.get(name, '')}, which this model does not "
+          f"({_field_hint(family, name, shapes, model_cfg)}); add a pattern matching it to "
+          f"init_skip to leave it unused"
+      )
+    plan.skipped.append(name)
+  plan.skipped += [n for n in plan.reinitialized if n in tensors] + list(source.dropped)
+  if source.class_names is None and source_classes == len(COCO_CLASS_NAMES):
+    source.class_names = COCO_CLASS_NAMES  # official 80-class weights: COCO's classes
+  if source.class_names is not None and len(source.class_names) != source_classes:
+    log.warning(
+        "init_from %s: %d class names for %s classes; class names not used",
+        path, len(source.class_names), source_classes,
+    )  # fmt: skip
+    source.class_names = None
+  if source.class_names is None and cfg.init_class_map.strip() == "auto":
+    log.warning(
+        "init_from %s does not name its classes (no dataset_info.json, not 80 COCO classes): "
+        "every class row is initialised (init_class_map 'target:source' pairs cannot be used)",
+        path,
+    )
+  plan.rows = class_rows(cfg.init_class_map, target_names, source.class_names, path)
+  return plan
+
+
+def _leaf(tree: dict, name: str):
+  for part in name.split("/"):
+    tree = tree[part]
+  return tree
