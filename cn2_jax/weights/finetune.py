@@ -38,9 +38,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from cn2_jax.config import config_from_json
+from cn2_jax.convert import FORMATS, detect_checkpoint
 from cn2_jax.data.coco_classes import COCO_CLASS_NAMES
+from cn2_jax.engine import swa as swa_lib
 from cn2_jax.errors import ConfigError, ConversionError, InputFileError, WeightsError, one_line
 from cn2_jax.modeling import meta_arch
 from cn2_jax.tree_paths import key_str
@@ -49,7 +52,9 @@ from cn2_jax.weights import onestage as onestage_weights
 from cn2_jax.weights.loading import (
     VARIABLE_COLLECTIONS,
     _implied_model_fields,
+    checkpoint_metadata_tree,
     convert_state_dict,
+    fields_of_path,
     orbax_weights_dir,
     weights_run_dir,
 )
@@ -61,22 +66,6 @@ log = logging.getLogger(__name__)
 REPORT_NAME = "init_report.json"
 
 FAMILY_NAMES = {"centernet2": "CenterNet2", "onestage": "one-stage CenterNet (centerX)"}
-
-# Where a mis-shaped tensor lives -> the config fields that shape it, per family (first match).
-_FIELDS_BY_PATH = {
-    "centernet2": (
-        ("/backbone/bottom_up/", "model.resnet_depth, model.resnet_width or model.resnet_norm"),
-        ("/backbone/", "model.fpn_channels or model.fpn_norm"),
-        ("/proposal_generator/", "model.centernet.num_convs or model.fpn_channels"),
-        ("/box_predictor", "model.roi_heads.fc_dim"),
-        ("/roi_heads/", "model.roi_heads (fc_dim, num_fc, pooler_resolution, iou_thresholds)"),
-    ),
-    "onestage": (
-        ("/backbone/", "model.resnet_depth or model.resnet_width"),
-        ("/upsample/", "model.onestage.deconv_channels, use_deform or modulate_deform"),
-        ("/head/", "model.onestage.head_conv or model.onestage.deconv_channels"),
-    ),
-}
 
 
 def normalized_class_name(name: str) -> str:
@@ -123,25 +112,12 @@ def _family_of_tree(names: Sequence[str]) -> Optional[str]:
 
 def _read_orbax(path: str) -> Source:
   """A run, one of its checkpoints or a converted folder (all collections, any shapes)."""
-  import orbax.checkpoint as ocp
-  from etils import epath
-
   item = orbax_weights_dir(path)  # WeightsError when a run has no finished checkpoint
-  try:
-    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item))
-  except Exception as e:  # noqa: BLE001 - anything unreadable is the same user error
-    raise WeightsError(
-        f"init_from {path}: cannot read it as an Orbax checkpoint (expected a run directory, its "
-        f"checkpoints/<step> folder, or a folder written by `python -m cn2_jax.convert`): "
-        f"{one_line(e)}"
-    ) from e
-  tree = getattr(meta, "tree", meta)
+  tree = checkpoint_metadata_tree(item, f"init_from {path}")
   run = weights_run_dir(path)
   run_cfg = None
   if run is not None and os.path.isfile(os.path.join(run, "config.json")):
     run_cfg = config_from_json(os.path.join(run, "config.json"))
-  from cn2_jax.engine import swa as swa_lib
-
   ema = run_cfg is not None and swa_lib.use_ema_for_eval(run_cfg) and "ema" in tree
   wanted = {k: tree[k] for k in VARIABLE_COLLECTIONS if k in tree}
   if ema:
@@ -177,8 +153,6 @@ def _read_orbax(path: str) -> Source:
 
 def _read_file(path: str, model_cfg, abstract) -> Source:
   """An official .pkl / .pth: a detector of either family or an ImageNet backbone."""
-  from cn2_jax.convert import FORMATS, detect_checkpoint
-
   state_dict = load_checkpoint_file(path)
   try:
     fmt = detect_checkpoint(state_dict)
@@ -283,8 +257,7 @@ def _field_hint(family: str, name: str, source_shapes: dict, model_cfg) -> str:
         here = here[part]
       if field != "num_classes" and json.dumps(here, default=str) != json.dumps(value, default=str):
         return f"the checkpoint has model.{field}={value!r}, this config {here!r}"
-  fields = next((f for key, f in _FIELDS_BY_PATH[family] if key in f"/{name}"), "model fields")
-  return f"check {fields}"
+  return f"check {fields_of_path(family, name)}"
 
 
 @dataclasses.dataclass
@@ -422,11 +395,10 @@ def plan_init(cfg, target_class_names: Sequence[str], abstract: dict) -> InitPla
   info = meta_arch.family(family).class_params
   plan.background_last = info.background_last
   skip = tuple(cfg.init_skip)
-  target = {
-      name: tuple(int(d) for d in leaf.shape)
-      for (coll, _), name in _slash_names(abstract).items()
-      for leaf in [_leaf(abstract, name)]
-      if coll in VARIABLE_COLLECTIONS
+  target = {  # the model's variables: '/'-joined name -> shape
+      "/".join(key_str(k) for k in kp): tuple(int(d) for d in leaf.shape)
+      for kp, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
+      if key_str(kp[0]) in VARIABLE_COLLECTIONS
   }
   tensors = source.tensors
   shapes = {name: tuple(np.shape(a)) for name, a in tensors.items()}
@@ -444,7 +416,10 @@ def plan_init(cfg, target_class_names: Sequence[str], abstract: dict) -> InitPla
       plan.reinitialized.append(name)
     elif re.fullmatch(info.pattern, name):
       if name not in tensors:
-        raise WeightsError(f"init_from {path}: {name} is missing there")
+        raise WeightsError(
+            f"init_from {path}: {name} of this model is missing there "
+            f"({_field_hint(family, name, shapes, model_cfg)})"
+        )
       there = shapes[name]
       if there[:-1] != shape[:-1]:
         raise mismatch(name, there, shape)
@@ -487,11 +462,6 @@ def plan_init(cfg, target_class_names: Sequence[str], abstract: dict) -> InitPla
         "every class row is initialised (init_class_map 'target:source' pairs cannot be used)",
         path,
     )
-  plan.rows = class_rows(cfg.init_class_map, target_names, source.class_names, path)
+  if plan.class_params:  # (all of them in init_skip: no class row is loaded)
+    plan.rows = class_rows(cfg.init_class_map, target_names, source.class_names, path)
   return plan
-
-
-def _leaf(tree: dict, name: str):
-  for part in name.split("/"):
-    tree = tree[part]
-  return tree

@@ -134,14 +134,27 @@ def _implied_model_fields(shapes: dict) -> dict:
 
 
 # Where a mismatching parameter lives -> the config fields that shape it (when the checkpoint
-# does not tell the value, e.g. a partial or foreign checkpoint).
-_FIELDS_BY_PATH = (
-    ("/backbone/bottom_up/", "model.resnet_depth, model.resnet_width or model.resnet_norm"),
-    ("/backbone/", "model.fpn_channels"),
-    ("/proposal_generator/", "model.centernet.num_convs or model.fpn_channels"),
-    ("/roi_heads/box_predictor", "model.num_classes or model.roi_heads.fc_dim"),
-    ("/roi_heads/", "model.roi_heads.* (fc_dim, num_fc, pooler_resolution, iou_thresholds)"),
-)
+# does not tell the value, e.g. a partial or foreign checkpoint), per family; first match wins.
+FIELDS_BY_PATH = {
+    "centernet2": (
+        ("/backbone/bottom_up/", "model.resnet_depth, model.resnet_width or model.resnet_norm"),
+        ("/backbone/", "model.fpn_channels or model.fpn_norm"),
+        ("/proposal_generator/", "model.centernet.num_convs or model.fpn_channels"),
+        ("/roi_heads/box_predictor", "model.num_classes or model.roi_heads.fc_dim"),
+        ("/roi_heads/", "model.roi_heads.* (fc_dim, num_fc, pooler_resolution, iou_thresholds)"),
+    ),
+    "onestage": (
+        ("/backbone/", "model.resnet_depth or model.resnet_width"),
+        ("/upsample/", "model.onestage.deconv_channels, use_deform or modulate_deform"),
+        ("/head/", "model.onestage.head_conv or model.onestage.deconv_channels"),
+    ),
+}
+
+
+def fields_of_path(arch: str, name: str) -> str:
+  """The config fields that shape the variable `name` ('/'-joined) of family `arch`."""
+  table = FIELDS_BY_PATH.get(arch, ())
+  return next((f for key, f in table if key in f"/{name}"), "the model fields")
 
 
 def check_weights_fit(saved: dict, expected: dict, source: str, model_cfg=None) -> None:
@@ -177,13 +190,13 @@ def check_weights_fit(saved: dict, expected: dict, source: str, model_cfg=None) 
   if differ:
     hint = f"it was trained with {', '.join(differ)}: use {' '.join(fixes)}"
   else:
-    fields = next((f for key, f in _FIELDS_BY_PATH if key in f"/{first}"), "the model fields")
-    hint = f"check {fields}"
+    arch = model_cfg.arch if model_cfg is not None else "centernet2"
+    hint = f"check {fields_of_path(arch, first)}"
   raise WeightsError(f"{source} does not fit the model of this config: {what}{more}; {hint}")
 
 
-def _checkpoint_shapes(path: str, source: str) -> dict:
-  """`_tree_shapes` of an Orbax directory, from its metadata (no array is read)."""
+def checkpoint_metadata_tree(path: str, source: str):
+  """The tree metadata of an Orbax directory (shapes and dtypes; no array is read)."""
   import orbax.checkpoint as ocp
   from etils import epath
 
@@ -197,7 +210,12 @@ def _checkpoint_shapes(path: str, source: str) -> dict:
         f"directory, its checkpoints/<step> folder, or a directory written by "
         f"`python -m cn2_jax.convert`): {one_line(e)}"
     ) from e
-  return _tree_shapes(getattr(meta, "tree", meta))
+  return getattr(meta, "tree", meta)
+
+
+def _checkpoint_shapes(path: str, source: str) -> dict:
+  """`_tree_shapes` of an Orbax directory, from its metadata (no array is read)."""
+  return _tree_shapes(checkpoint_metadata_tree(path, source))
 
 
 def check_checkpoint_fits(path: str, expected: dict, source: str, model_cfg=None) -> None:

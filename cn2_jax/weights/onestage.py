@@ -40,7 +40,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from cn2_jax.weights import ConversionError, StateDict, load_checkpoint_file
-from cn2_jax.weights.flax_mapping import _key_str
+from cn2_jax.weights.flax_mapping import _index, _key_str
 
 __all__ = [
     "FORMATS",
@@ -223,17 +223,6 @@ class OneStageReport:
       )
     lines.extend(f"  NOTE: {n}" for n in self.notes)
     return "\n".join(lines)
-
-
-def _index(target_variables):
-  import jax
-
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(target_variables)
-  index = {}
-  for i, (kp, _) in enumerate(leaves):
-    names = [_key_str(k) for k in kp]
-    index[(names[0], ".".join(names[1:]))] = i
-  return leaves, treedef, index
 
 
 def _is_transposed(module_path: str) -> bool:
