@@ -43,10 +43,9 @@ from cn2_jax.config import (
     validate_config,
 )
 from cn2_jax.errors import (ConfigError, DataError, InputFileError, is_user_error, one_line)
+from cn2_jax.data import catalog
 from cn2_jax.data import mixture
 from cn2_jax.data import pipeline
-from cn2_jax.data import sources
-from cn2_jax.data import synthetic
 from cn2_jax.engine import loop
 from cn2_jax.engine import optim
 from cn2_jax.engine import step as step_lib
@@ -68,54 +67,13 @@ EVAL_KEYS = ("image", "image_hw")
 
 
 # ------------------------------------------------------------------------------------- data
-def _resolve(root: str, p: str) -> str:
-  return p if not p or os.path.isabs(p) else os.path.join(root, p)
-
-
 def prepare_dataset(cfg: ml_collections.ConfigDict, workdir: str, data=None):
   """Builds (once) and returns the tfds builder of `cfg.data` (array_record, no TensorFlow), or of
-  `data`, a `data` section describing another dataset (`mixture.source_config`)."""
+  `data`, a `data` section describing another dataset (`mixture.source_config`); what each
+  `data.dataset` means is registered in cn2_jax/data/catalog.py."""
   d = cfg.data if data is None else data
   data_dir = d.data_dir or os.path.join(workdir, "tfds")
-  if d.dataset in sources.FORMATS:  # crowdhuman, wider_face, voc: converted to COCO json
-    return sources.prepare_from_config(d, data_dir)
-  if d.dataset == "image_folder":  # unlabelled images (woGT), train split only
-    if not d.root:
-      raise ConfigError("data.root must name the image folder for data.dataset='image_folder'")
-    return sources.build_image_folder(d.root, data_dir, name=d.name, split=d.train_split)
-  if d.dataset == "synthetic":
-    root = d.root or os.path.join(workdir, "synthetic")
-    train_json = os.path.join(root, "instances_train.json")
-    if not os.path.exists(train_json):
-      kwargs = {}
-      if d.synthetic_num_train:
-        kwargs["num_train"] = d.synthetic_num_train
-      if d.synthetic_num_val:
-        kwargs["num_val"] = d.synthetic_num_val
-      if d.synthetic_image_size:
-        kwargs["image_size"] = d.synthetic_image_size
-      splits = synthetic.write_synthetic_coco(root, seed=cfg.seed, **kwargs)
-    else:
-      splits = {
-          "train": (train_json, root),
-          "val": (os.path.join(root, "instances_val.json"), root),
-      }
-    return sources.build_coco_json(
-        d.name or "synthetic", splits, data_dir, **sources.subset_options(d)
-    )
-  if d.dataset == "coco_json":
-    if not d.root:
-      raise ConfigError("data.root must name the dataset folder for data.dataset='coco_json'")
-    image_root = _resolve(d.root, d.image_root) if d.image_root else d.root
-    splits = {}
-    for split, jpath in ((d.train_split, d.train_json), (d.eval_split, d.val_json)):
-      if split and jpath:
-        splits[split] = (_resolve(d.root, jpath), image_root)
-    if not splits:
-      raise ConfigError("data.train_json and/or data.val_json must be set for 'coco_json'")
-    name = d.name or Path(d.root).resolve().name
-    return sources.build_coco_json(name, splits, data_dir, **sources.subset_options(d))
-  return sources.build_coco2017(d.root, data_dir, **sources.subset_options(d))
+  return catalog.get(d.dataset).prepare(d, data_dir, workdir, cfg.seed)
 
 
 def _write_json(path: str, obj) -> None:
@@ -395,7 +353,7 @@ def train(
           pipeline.open_split(mb, part.train_split),
           weight=float(entry.get("weight", 1.0)),
           channel_offset=int(part.channel_offset),
-          filter_empty=False if part.dataset == "image_folder" else None,
+          filter_empty=None if catalog.get(part.dataset).labelled else False,
       )
       for entry, part, mb in [({"weight": d.mix_weight}, d, b)] + mixed
   ]
@@ -569,8 +527,9 @@ def evaluate(
 def _evaluate_dataset(run, builder, part, results_path: str, *, name="", wider_eval_gt=""):
   """COCO evaluation of `part.eval_split` of a prepared dataset (`data`, or a data.extra_eval
   entry's data section) on the model's classes [part.channel_offset, + its classes), plus the
-  official CrowdHuman metrics for CrowdHuman and, with `wider_eval_gt`, WIDER Face's easy /
-  medium / hard AP; writes the detections to `results_path`. Returns (metrics, evaluator)."""
+  dataset's own metrics (its `extra_metrics` in data/catalog.py: CrowdHuman AP50 / MR^-2 / JI;
+  WIDER Face easy / medium / hard AP with `wider_eval_gt`); writes the detections to `results_path`. Returns (metrics, evaluator).
+  """
   info = pipeline.DetectionInfo.from_builder(builder)
   ann = info.annotation_file(part.eval_split)
   if ann is None:
@@ -594,18 +553,9 @@ def _evaluate_dataset(run, builder, part, results_path: str, *, name="", wider_e
       info.num_classes,
   )
   metrics = evaluator.evaluate()
-  if part.dataset == "crowdhuman":  # the official CrowdHuman AP50 / MR^-2 / JI beside COCO's
-    from cn2_jax.evaluation import crowdhuman_eval
-
-    metrics.update(crowdhuman_eval.metrics_from_coco(ann, evaluator.results, evaluator.image_ids))
-  if part.dataset == "wider_face" and wider_eval_gt:  # official WIDER easy / medium / hard AP
-    from cn2_jax.evaluation import wider_eval
-
-    metrics.update(
-        wider_eval.metrics_from_coco(
-            ann, evaluator.results, evaluator.image_ids, os.path.expanduser(wider_eval_gt)
-        )
-    )
+  official = catalog.get(part.dataset).extra_metrics  # e.g. CrowdHuman's, WIDER Face's
+  if official is not None:
+    metrics.update(official(ann, evaluator, {"wider_eval_gt": wider_eval_gt}))
   if jax.process_index() == 0:
     evaluator.write_results(results_path)
   return metrics, evaluator

@@ -1,8 +1,9 @@
 """The configuration schema: every key the project reads, with the official defaults.
 
-`base_config()` is the single source of defaults (CenterNet2_R50_1x, spec §2-7). Config files in
-`configs/` start from it and override values; `validate_config` rejects keys the schema does not
-know (a misspelled key is an error naming it, never silently ignored) and checks a few invariants.
+`base_config()` is the single source of defaults (CenterNet2_R50_1x: docs/centernet2.md §2-§6,
+docs/training.md §1). Config files in `configs/` start from it and override values;
+`validate_config` rejects keys the schema does not know (a misspelled key is an error naming it,
+never silently ignored) and checks a few invariants.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from cn2_jax.data import catalog
 from cn2_jax.errors import ConfigError
 
 # Detector families with a registered meta-architecture (cn2_jax/modeling/meta_arch/).
@@ -88,7 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
   cn.min_radius = 4.0
   cn.dedup_positives = False  # True = MMDet reproduction's deduplicated positives
   # True = official: a GT's heatmap peak (hm = 1, ignored as a negative) on every level; False =
-  # only on its cared levels (the MMDet reproduction's "revised" distance map), spec §3.7.
+  # only on its cared levels (the MMDet reproduction's "revised" distance map),
+  # docs/centernet2.md §3.7.
   cn.all_level_peaks = True
   cn.focal_alpha = 0.25
   cn.focal_beta = 4.0
@@ -129,9 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
   r.nms_thresh_test = 0.7
   r.detections_per_image = 100
 
-  # One-stage CenterNet as centerX builds it (arch "onestage", modeling/onestage/; spec centerX
-  # §2-§3; defaults = centerX `centernet_res18_coco_0.5.yaml`). Shared with CenterNet2: num_classes,
-  # dtype, resnet_depth, resnet_width; no other top-level model key is read by this family.
+  # One-stage CenterNet as centerX builds it (arch "onestage", modeling/onestage/;
+  # docs/onestage.md §2-§3; defaults = centerX `centernet_res18_coco_0.5.yaml`). Shared with
+  # CenterNet2: num_classes, dtype, resnet_depth, resnet_width; no other top-level model key is
+  # read by this family.
   os_ = m.onestage = ml_collections.ConfigDict()
   os_.input_format = "RGB"  # torchvision / centerX weights; "BGR" for xingyizhou/CenterNet
   os_.pixel_mean = (0.485, 0.456, 0.406)  # [0, 1] units: (x / 255 - mean) / std
@@ -151,13 +155,13 @@ def base_config() -> ml_collections.ConfigDict:
   os_.cls_weight = 1.0
   os_.wh_weight = 0.1
   os_.reg_weight = 1.0
-  os_.norm_wh = ""  # "" | "centerx" | "per_object" (wh loss normalisation, spec §3)
+  os_.norm_wh = ""  # "" | "centerx" | "per_object" (wh loss norm, docs/onestage.md §3.4)
   os_.focal_clamp = (1e-12, None)  # (lo, hi) clamp of the heatmap in the focal loss; CN: 1e-4
-  # centerX LOSS.IGNORE_UNLABEL (§4.5): no negatives on an (image, class) channel whose GT heatmap
-  # is all zero (partially labelled mixed datasets)
+  # centerX LOSS.IGNORE_UNLABEL (docs/onestage.md §4.5): no negatives on an (image, class)
+  # channel whose GT heatmap is all zero (partially labelled mixed datasets)
   os_.ignore_unlabel = False
-  # centerX LOSS.COMMUNISM (§3): every cls / wh / off term (KD too) rescaled to the target value
-  # (cls, wh, off) by target / stop_gradient(term); centerX's defaults
+  # centerX LOSS.COMMUNISM (docs/onestage.md §3.6): every cls / wh / off term (KD too) rescaled
+  # to the target value (cls, wh, off) by target / stop_gradient(term); centerX's defaults
   os_.communism = False
   os_.communism_targets = (1.5, 0.3, 0.1)
   os_.max_detections = 100  # K of the decode
@@ -272,7 +276,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.center_affine_border = 128
 
   # ---------------------------------------------------------------- knowledge distillation
-  # (model.arch "onestage" only; cn2_jax/modeling/onestage/kd.py, centerX spec §4). Off while
+  # (model.arch "onestage" only; cn2_jax/modeling/onestage/kd.py, docs/onestage.md §4). Off while
   # teacher_workdirs is empty. Each teacher is a run workdir of this project (its config.json and
   # `weights` or latest checkpoint), frozen, run inside the train step on the student's batch.
   # The per-teacher tuples below take 1 value (used for every teacher) or one per teacher;
@@ -329,9 +333,9 @@ def base_config() -> ml_collections.ConfigDict:
   o.min_lr = 1e-8  # warmup_cosine_annealing: lr at max_iter (not batch-scaled)
   o.clip_value = 1.0  # element-wise gradient value clip (d2 CLIP_TYPE=value)
   o.clip_norm = 0.0  # > 0: clip the global gradient L2 norm (MMDet: 35); 0 = off
-  # centerX LOSS.SKIP_LOSS / SKIP_WEIGHT (spec §3): > 0 zeroes the gradients of an iteration whose
-  # total loss is >= this x the last accepted total (the optimizer still steps: momentum and
-  # weight decay act); 0 = off
+  # centerX LOSS.SKIP_LOSS / SKIP_WEIGHT (docs/onestage.md §3.7): > 0 zeroes the gradients of an
+  # iteration whose total loss is >= this x the last accepted total (the optimizer still steps:
+  # momentum and weight decay act); 0 = off
   o.skip_loss_factor = 0.0
 
   # ---------------------------------------------------------------- weight averaging
@@ -342,10 +346,11 @@ def base_config() -> ml_collections.ConfigDict:
   e.warmup = True  # the (1 + t) / (10 + t) ramp (timm / TF ExponentialMovingAverage)
   e.batch_stats = "average"  # BatchNorm running statistics: "average" (timm) | "copy"
   e.use_for_eval = True  # eval / predict / Predictor use the EMA weights (when decay > 0)
-  # SWA (centerX §5.3): swa.iters more updates after optim.max_iter at the SWA LR, an equal-weight
-  # mean of the params every `period` of them; at the end params = mean and the BatchNorm
-  # statistics are recomputed over bn_batches training batches. iters and period are iterations,
-  # or epochs when optim.epochs > 0 (centerX SWA.ITER / SWA.PERIOD); bn_batches are batches.
+  # SWA (docs/onestage.md §5.3): swa.iters more updates after optim.max_iter at the SWA LR, an
+  # equal-weight mean of the params every `period` of them; at the end params = mean and the
+  # BatchNorm statistics are recomputed over bn_batches training batches. iters and period are
+  # iterations, or epochs when optim.epochs > 0 (centerX SWA.ITER / SWA.PERIOD); bn_batches are
+  # batches.
   sw = c.swa = ml_collections.ConfigDict()
   sw.iters = 0  # 0 = off
   sw.period = 100  # average every this many SWA iterations (epochs with optim.epochs > 0)
@@ -491,16 +496,6 @@ def _validate_kd(k: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> 
     raise ConfigError(f"kd.cls_index={ends} ends past model.num_classes={m.num_classes}")
 
 
-# `data.dataset` values (cn2_jax/app.py prepare_dataset; cn2_jax/data/sources.py).
-DATASETS = (
-    "coco/2017",
-    "coco_json",
-    "synthetic",
-    "crowdhuman",
-    "wider_face",
-    "voc",
-    "image_folder",
-)
 # The `data` keys that describe one dataset: what a data.mixture / data.extra_eval entry may set
 # (with "weight" / "channel_offset" resp. "channel_offset"; in data.extra_eval "name" labels the
 # metrics, and the prepared dataset takes its default name).
@@ -521,8 +516,6 @@ DATA_SOURCE_KEYS = (
 )
 MIXTURE_KEYS = DATA_SOURCE_KEYS + ("weight", "channel_offset")
 EXTRA_EVAL_KEYS = DATA_SOURCE_KEYS + ("channel_offset",)
-# Classes of the formats whose class list is fixed (without data.classes).
-FIXED_NUM_CLASSES = {"crowdhuman": 1, "wider_face": 1, "image_folder": 0}
 
 
 def _check_classes(where: str, classes) -> None:
@@ -540,8 +533,9 @@ def _check_classes(where: str, classes) -> None:
 
 def _check_source(where: str, src, num_classes: int, *, evaluated: bool) -> None:
   """One dataset description (`data`, or an entry merged onto the schema defaults)."""
-  if src["dataset"] not in DATASETS:
-    raise ConfigError(f"{where}.dataset must be one of {DATASETS}, got {src['dataset']!r}")
+  if src["dataset"] not in catalog.names():
+    raise ConfigError(f"{where}.dataset must be one of {catalog.names()}, got {src['dataset']!r}")
+  kind = catalog.get(src["dataset"])
   if src["crowdhuman_box"] not in ("vbox", "fbox", "hbox"):
     raise ConfigError(
         f"{where}.crowdhuman_box must be 'vbox', 'fbox' or 'hbox', got {src['crowdhuman_box']!r}"
@@ -550,15 +544,15 @@ def _check_source(where: str, src, num_classes: int, *, evaluated: bool) -> None
   offset = src["channel_offset"]
   if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
     raise ConfigError(f"{where}.channel_offset must be an integer >= 0, got {offset!r}")
-  if src["dataset"] == "image_folder":
+  if not kind.labelled:
     if tuple(src["classes"]):
-      raise ConfigError(f"{where}.classes: an image_folder dataset has no classes (no labels)")
+      raise ConfigError(f"{where}.classes: an {kind.name} dataset has no classes (no labels)")
     if evaluated and src["eval_split"]:
       raise ConfigError(
-          f"{where}.eval_split={src['eval_split']!r}: an image_folder dataset has no annotations "
+          f"{where}.eval_split={src['eval_split']!r}: an {kind.name} dataset has no annotations "
           f"to evaluate; set {where}.eval_split='' (evaluate other datasets with data.extra_eval)"
       )
-  n = len(tuple(src["classes"])) or FIXED_NUM_CLASSES.get(src["dataset"], 0)
+  n = len(tuple(src["classes"])) or kind.fixed_num_classes or 0
   if offset + n > num_classes:
     raise ConfigError(
         f"{where}.channel_offset={offset} + its {n} classes exceed model.num_classes={num_classes}"
@@ -573,7 +567,7 @@ def _entry_source(where: str, entry, allowed, defaults) -> dict:
     if key not in allowed:
       raise ConfigError(f"{where}.{key} is not a key of this entry (keys: {', '.join(allowed)})")
   if "dataset" not in entry:
-    raise ConfigError(f"{where} needs a 'dataset' (one of {DATASETS})")
+    raise ConfigError(f"{where} needs a 'dataset' (one of {catalog.names()})")
   src = {k: defaults[k] for k in DATA_SOURCE_KEYS}
   src["channel_offset"] = 0
   for key, value in entry.items():
@@ -621,7 +615,7 @@ def _validate_data_sources(d: ml_collections.ConfigDict, num_classes: int) -> No
           f"'<name>/AP', ...), got {name!r}"
       )
     names.add(name)
-    if src["dataset"] == "image_folder" or not src["eval_split"]:
+    if not catalog.get(src["dataset"]).labelled or not src["eval_split"]:
       raise ConfigError(f"{where} needs an eval_split with annotations to evaluate")
 
 
@@ -677,8 +671,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   ar = tuple(cfg.data.bucket_aspect_ratios)
   if any(a < 1.0 for a in ar) or list(ar) != sorted(ar):
     raise ValueError(f"data.bucket_aspect_ratios={ar} must be increasing long/short ratios >= 1")
-  if cfg.data.dataset not in DATASETS:
-    raise ValueError(f"data.dataset must be one of {DATASETS}, got {cfg.data.dataset!r}")
+  catalog.get(cfg.data.dataset)  # a ConfigError naming the registered kinds
   if cfg.data.crowdhuman_box not in ("vbox", "fbox", "hbox"):
     raise ValueError(
         f"data.crowdhuman_box must be 'vbox', 'fbox' or 'hbox', got {cfg.data.crowdhuman_box!r}"

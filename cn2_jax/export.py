@@ -63,22 +63,26 @@ StableHLO (`--format stablehlo`, the default): `jax.export` of the Predictor's w
 
 ONNX (`--format onnx`, optional: `pip install -r requirements-onnx.txt` (jax2onnx 0.12.5,
   onnxruntime), best in a separate venv; scripts/test_onnx.sh makes one and runs the tests).
-  What converts depends on the family (`--onnx-part`, `ONNX_PARTS`; inputs image, image_hw as
-  above, batch symbolic by default, `--batch N` fixes it):
+  What converts is declared by the family (`--onnx-part`; the `onnx_parts` of its registry
+  entry, modeling/meta_arch/: the whole detector, or a module method such as `dense_outputs`
+  applied with `model.apply(..., method=...)`; inputs image, image_hw as above, batch symbolic
+  by default, `--batch N` fixes it):
     onestage, `detector` (default): the whole detector, the StableHLO file's graph and outputs
       (boxes, scores, classes, valid, in that order; `--orig-hw` adds the orig_hw input):
       preprocessing, backbone, neck (with DCN: model.onestage.use_deform=True converts),
       heads, the pseudo-NMS, top-K per class then top-K overall, boxes, clipping.
-    centernet2, `candidates` (default): the dense part (below) plus the proposal decode up to
-      its NMS: per FPN level the top min(pre_nms_topk_test, H_l W_l) locations by
-      sigmoid(logit) (off-canvas ones and those <= inference_thresh excluded) decoded into boxes:
+    centernet2, `candidates` (default; `CenterNet2.proposal_candidates`): the dense part (below)
+      plus the proposal decode up to its NMS (`proposal.decode.proposal_candidates`): per FPN
+      level the top min(pre_nms_topk_test, H_l W_l) locations by sigmoid(logit) (off-canvas
+      ones and those <= inference_thresh excluded) decoded into boxes:
         cand_boxes [N, Kc, 4] float32  xyxy in input pixels (clipped only with clip_proposals)
         cand_scores [N, Kc] float32    sqrt(p), 0 where invalid
         cand_valid [N, Kc] bool        Kc = sum_l min(pre_nms_topk_test, H_l W_l)
       The host runs the rest: the class-agnostic NMS and top post_nms_topk_test
       (`centernet2_proposals` gives the model's proposals from these), ROIAlign on p3..p7, the
       cascade and the final NMS.
-    both, `dense`: preprocessing + backbone + heads, as centerX's ONNX export does (spec §6):
+    both, `dense` (`dense_outputs`): preprocessing + backbone + heads, as centerX's ONNX export
+    (docs/onestage.md §6):
       centernet2: hm_logits_p3..p7 [N, H/s, W/s] objectness logits, p3..p7 [N, H/s, W/s,
         fpn_channels] the FPN features the ROI heads pool, reg_p3..p7 [N, H/s, W/s, 4] ltrb
         box distances in units of s (s = 8, 16, 32, 64, 128);
@@ -94,8 +98,9 @@ ONNX (`--format onnx`, optional: `pip install -r requirements-onnx.txt` (jax2onn
       'batched' ...}";
     ROIAlign converts, but its level assignment's frexp becomes a BitCast node that onnxruntime
       1.32 rejects at opset 18 ("No Op registered for BitCast with domain_version of 18").
-  Ops traced in an equivalent form while converting (`onnx_friendly_ops`; each pair is checked
-  for equal values in JAX by tests/test_export.py): ResNet's 3x3/2 max-pool and the pseudo-NMS's
+  Ops traced in an equivalent form while converting (inside `onnx_friendly_ops()`, the context
+  `modeling/export_mode.onnx_ops` that the ops read; nothing is patched; each pair is checked for
+  equal values in JAX by tests/test_export.py): ResNet's 3x3/2 max-pool and the pseudo-NMS's
   3x3 max-pool (a 4-D reduce_window becomes a MaxPool with 4 spatial dims, which onnxruntime
   rejects: "Unsupported pooling size"), the one-stage neck's transposed convolution (jax2onnx
   gives the ConvTranspose the window strides; replaced by a stride-1 conv of the kernel's phases
@@ -136,7 +141,9 @@ from typing import Callable, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
+
+from cn2_jax.modeling import export_mode
+from cn2_jax.modeling.proposal import decode as proposal_decode
 
 OUTPUT_KEYS = ("boxes", "scores", "classes", "valid")
 DEFAULT_PLATFORMS = ("cpu", "cuda")
@@ -255,140 +262,28 @@ def stablehlo_signature(exported: jax.export.Exported, orig_hw: bool = False) ->
 
 
 # ------------------------------------------------------------------------------------------ ONNX
-def _centernet2_maps(m, image, image_hw) -> tuple:
-  """CenterNet2's FPN features, canvas masks and CenterNet head maps, on the official canvas
-  exactly as `CenterNet2.__call__` computes them."""
-  from cn2_jax.modeling.canvas import canvas_masks, official_canvas
-
-  images = m.preprocess(image, image_hw)
-  canvas = official_canvas(image_hw)
-  feats = m.backbone(images, canvas)
-  masks = canvas_masks(image_hw, [f.shape[1:3] for f in feats], m.proposal_generator.strides)
-  return feats, masks, m.proposal_generator.centernet_head(feats, masks)
-
-
-def _centernet2_named(feats, head) -> dict:
-  out = {f"p{i + 3}": f for i, f in enumerate(feats)}
-  out.update({f"hm_logits_p{i + 3}": h for i, h in enumerate(head["hm_logits"])})
-  out.update({f"reg_p{i + 3}": r for i, r in enumerate(head["reg"])})
-  return out
+# What --format onnx converts is declared by each family (`onnx_parts` of its registry entry,
+# modeling/meta_arch/build.py; `--onnx-part`, the first the default): a part is either the whole
+# detector (None: the Predictor's forward, the outputs of the StableHLO file) or a method of the
+# family's module, `(image, image_hw) -> {name: array}` (e.g. `dense_outputs`: backbone + heads,
+# the host decodes), applied with `model.apply(variables, ..., method=...)`.
+# Ops jax2onnx mis-converts trace as equivalent forms inside `onnx_friendly_ops()`
+# (modeling/export_mode.py): the modules read the mode, nothing is patched.
+onnx_friendly_ops = export_mode.onnx_ops
+proposal_candidates = proposal_decode.proposal_candidates  # CenterNet2's decode before its NMS
 
 
-def _centernet2_dense(m, image, image_hw) -> dict:
-  """CenterNet2 without proposals / ROI heads: the FPN features and CenterNet head maps."""
-  feats, _, head = _centernet2_maps(m, image, image_hw)
-  return _centernet2_named(feats, head)
+def onnx_parts(arch: str) -> dict:
+  """`{part: module method name or None (the whole detector)}` of a family, the default first."""
+  from cn2_jax.modeling.meta_arch import family
+
+  return dict(family(arch).onnx_parts)
 
 
-def _centernet2_candidates(m, image, image_hw) -> dict:
-  """The dense part plus the proposal decode before its NMS (`proposal_candidates`)."""
-  feats, masks, head = _centernet2_maps(m, image, image_hw)
-  out = _centernet2_named(feats, head)
-  pg = m.proposal_generator
-  out.update(
-      proposal_candidates(
-          head["hm_logits"],
-          head["reg"],
-          masks,
-          strides=tuple(pg.strides),
-          pre_nms_topk=int(pg.pre_nms_topk_test),
-          score_thresh=float(pg.inference_thresh),
-          clip_hw=image_hw if pg.clip_proposals else None,
-      )
-  )
-  return out
+def _all_onnx_parts() -> list:
+  from cn2_jax.modeling.meta_arch import META_ARCHS
 
-
-def _onestage_dense(m, image, image_hw) -> dict:
-  """One-stage CenterNet without the peak decode: the cls (sigmoid) / wh / reg head maps."""
-  maps = m.maps(m.preprocess(image, image_hw))
-  return {k: maps[k] for k in ("cls", "wh", "reg")}
-
-
-# model.arch -> (module, image, image_hw) -> {name: array}: the dense part (backbone + heads).
-DENSE_PARTS = {"centernet2": _centernet2_dense, "onestage": _onestage_dense}
-# What --format onnx exports (`--onnx-part`; the first of each family is the default):
-#   detector    the whole detector, the outputs of the StableHLO file (one-stage only);
-#   candidates  CenterNet2's dense part + its proposal decode up to the NMS;
-#   dense       the dense part only (DENSE_PARTS; the host decodes).
-ONNX_PARTS = {"onestage": ("detector", "dense"), "centernet2": ("candidates", "dense")}
-_MODULE_PARTS = {"dense": DENSE_PARTS, "candidates": {"centernet2": _centernet2_candidates}}
-
-
-def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """`lax.top_k` along the last axis; `onnx_friendly_ops` swaps in `_top_k_for_onnx`."""
-  return jax.lax.top_k(x, k)
-
-
-def _top_k_for_onnx(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """`lax.top_k(x, k)` as `lax.approx_max_k(x, k, recall_target=1)`, for conversion only.
-  jax2onnx 0.12.5 lowers both to an ONNX TopK (exact; equal values in index order, as
-  `lax.top_k`), but its top_k rule leaves TopK's int64 indices typed as JAX's int32, so the first
-  use of an index fails in onnxruntime ("Type parameter (T) of Optype (Add) bound to different
-  types (tensor(int64) and tensor(int32))"), while its approx_top_k rule adds the Cast to int32.
-  In JAX on CPU / GPU it is an exact sort-based top-k: the same values and indices, except that
-  the order of equal values is not specified (TPUs approximate)."""
-  return jax.lax.approx_max_k(x, k, recall_target=1.0)
-
-
-def _divmod_for_onnx(a: jax.Array, b: int) -> tuple[jax.Array, jax.Array]:
-  """`(a // b, a % b)` of non-negative int32 `a` by `lax.div` (truncation = floor here): jnp's
-  `//` and `%` both emit `lax.rem`, whose jax2onnx rule fails on a symbolic batch ("Symbolic
-  dimension 'b' used in a context that requires a constant")."""
-  q = jax.lax.div(a, np.int32(b))
-  return q, a - q * np.int32(b)
-
-
-def proposal_candidates(
-    hm_logits: Sequence[jax.Array],
-    reg: Sequence[jax.Array],
-    masks: Optional[Sequence[jax.Array]],
-    *,
-    strides: Sequence[int],
-    pre_nms_topk: int,
-    score_thresh: float,
-    clip_hw: Optional[jax.Array] = None,
-) -> dict:
-  """Steps 1-3 of CenterNet2's proposal decode (modeling/proposal/decode.py) for a batch, in a
-  form jax2onnx converts: per level the top min(pre_nms_topk, H_l W_l) locations by sigmoid(logit)
-  (off-canvas locations and those <= score_thresh excluded), decoded into boxes, levels
-  concatenated. `centernet2_proposals` (NMS, top post_nms_topk) turns them into the model's
-  proposals.
-
-  Returns `cand_boxes [B, Kc, 4]` float32 (unclipped xyxy pixels unless clip_hw), `cand_scores
-  [B, Kc]` float32 = sqrt(p) (0 where invalid), `cand_valid [B, Kc]` bool, Kc = sum_l k_l.
-  """
-  boxes, scores, valid = [], [], []
-  for lvl, (logits, ltrb, s) in enumerate(zip(hm_logits, reg, strides)):
-    h, w = logits.shape[1], logits.shape[2]
-    logits = logits.astype(jnp.float32)
-    if masks is not None:  # off-canvas locations are never candidates (sigmoid(-inf) = 0)
-      logits = jnp.where(masks[lvl], logits, -jnp.inf)
-    p = jax.nn.sigmoid(logits.reshape(-1, h * w))
-    top_p, idx = _top_k(jnp.where(p > score_thresh, p, -1.0), min(int(pre_nms_topk), h * w))
-    ok = top_p > score_thresh
-    s = int(s)
-    ys, xs = _divmod_for_onnx(idx, w)
-    gx = (xs * s + s // 2).astype(jnp.float32)
-    gy = (ys * s + s // 2).astype(jnp.float32)
-    d = ltrb.astype(jnp.float32).reshape(-1, h * w, 4) * jnp.float32(s)
-    d = jnp.take_along_axis(d, idx[..., None], axis=1)  # [B, k, 4] pixels
-    x1 = gx - d[..., 0]
-    y1 = gy - d[..., 1]
-    x2 = jnp.maximum(gx + d[..., 2], x1 + 0.01)
-    y2 = jnp.maximum(gy + d[..., 3], y1 + 0.01)
-    box = jnp.stack([x1, y1, x2, y2], axis=-1)
-    if clip_hw is not None:
-      hw = clip_hw.astype(jnp.float32)
-      box = jnp.clip(box, 0.0, jnp.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1)[:, None])
-    boxes.append(box)
-    scores.append(jnp.sqrt(jnp.where(ok, top_p, 0.0)))
-    valid.append(ok)
-  return dict(
-      cand_boxes=jnp.concatenate(boxes, axis=1),
-      cand_scores=jnp.concatenate(scores, axis=1),
-      cand_valid=jnp.concatenate(valid, axis=1),
-  )
+  return sorted({p for fam in META_ARCHS.values() for p in fam.onnx_parts})
 
 
 def centernet2_proposals(candidates: dict, centernet_config) -> dict:
@@ -415,27 +310,34 @@ def centernet2_proposals(candidates: dict, centernet_config) -> dict:
 def _check_part(arch: str, part: Optional[str]) -> str:
   from cn2_jax.errors import ConfigError
 
-  if arch not in ONNX_PARTS:
+  parts = onnx_parts(arch)
+  if not parts:
     raise ConfigError(
-        f"--format onnx has nothing to export for model.arch={arch!r} (export.ONNX_PARTS has "
-        f"{sorted(ONNX_PARTS)})"
+        f"--format onnx has nothing to export for model.arch={arch!r} (families with ONNX parts: "
+        f"{[a for a in _families() if onnx_parts(a)]})"
     )
-  part = part or ONNX_PARTS[arch][0]
-  if part not in ONNX_PARTS[arch]:
+  part = part or next(iter(parts))
+  if part not in parts:
     raise ConfigError(
-        f"--onnx-part {part} is not available for model.arch={arch!r}: "
-        f"{', '.join(ONNX_PARTS[arch])}"
+        f"--onnx-part {part} is not available for model.arch={arch!r}: {', '.join(parts)}"
     )
   return part
 
 
+def _families() -> list:
+  from cn2_jax.modeling.meta_arch import META_ARCHS
+
+  return sorted(META_ARCHS)
+
+
 def part_fn(predictor, part: Optional[str] = None, orig_hw: bool = False) -> tuple[Callable, list]:
-  """`(image, image_hw[, orig_hw]) -> tuple of arrays` of an ONNX part (`ONNX_PARTS`; None = the
+  """`(image, image_hw[, orig_hw]) -> tuple of arrays` of an ONNX part (`onnx_parts`; None = the
   family's default), the variables closed over, and its output names in order. Float outputs are
-  float32; `orig_hw` only for the detector."""
+  float32; `orig_hw` only for the whole detector."""
   arch = predictor.config.model.arch
   part = _check_part(arch, part)
-  if part == "detector":
+  method = onnx_parts(arch)[part]
+  if method is None:  # the whole detector
     det = detection_fn(predictor, orig_hw)
 
     def detections(*args):
@@ -447,7 +349,7 @@ def part_fn(predictor, part: Optional[str] = None, orig_hw: bool = False) -> tup
     from cn2_jax.errors import ConfigError
 
     raise ConfigError(f"--orig-hw needs the boxes of --onnx-part detector, not {part}")
-  method, model, variables = _MODULE_PARTS[part][arch], predictor.model, predictor.variables
+  model, variables = predictor.model, predictor.variables
   shapes = jax.eval_shape(
       lambda i, h: model.apply(variables, i, h, method=method), *input_specs(1, (64, 64))
   )
@@ -464,235 +366,9 @@ def part_fn(predictor, part: Optional[str] = None, orig_hw: bool = False) -> tup
 
 
 def dense_fn(predictor) -> tuple[Callable, list]:
-  """`part_fn(predictor, "dense")`: backbone + heads (DENSE_PARTS), all outputs float32."""
+  """`part_fn(predictor, "dense")`: backbone + heads (the family's `dense_outputs`), all outputs
+  float32."""
   return part_fn(predictor, "dense")
-
-
-def _pool_for_onnx(x: jax.Array) -> jax.Array:
-  """`resnet.max_pool_3x3_s2_p1` as -inf padding + flax max_pool (VALID): the same values, as
-  a 2-D MaxPool in ONNX."""
-  import flax.linen as nn
-
-  pad = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  return nn.max_pool(pad, window_shape=(3, 3), strides=(2, 2), padding="VALID")
-
-
-def _pseudo_nms_for_onnx(heat: jax.Array, pool_size: int = 3) -> jax.Array:
-  """`onestage.decode.pseudo_nms` with its 3x3 max-pool as -inf padding + a 2-D flax max_pool
-  (VALID, stride 1): the same values. The suppression stays an equality with the pooled max
-  (Equal + Mul in ONNX), safe in fp16: the pooled max is one of the inputs, bit for bit, and no
-  1e-9 / 1e9 constant (which fp16 flushes to 0 / inf) is involved."""
-  import flax.linen as nn
-
-  p = (pool_size - 1) // 2
-  pad = jnp.pad(heat, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-jnp.inf)
-  hmax = nn.max_pool(pad, window_shape=(pool_size, pool_size), strides=(1, 1), padding="VALID")
-  return heat * (hmax == heat).astype(heat.dtype)
-
-
-def _topk_score_for_onnx(heat: jax.Array, k: int = 100):
-  """`onestage.decode.topk_score` (per-class top-K, then top-K overall) with `_top_k` (converted
-  as `_top_k_for_onnx`) and `_divmod_for_onnx`, the batch as -1 in reshapes: the same values and
-  indices."""
-  _, h, w, c = heat.shape
-  per_class = jnp.transpose(heat, (0, 3, 1, 2)).reshape(-1, c, h * w)
-  k1 = min(k, h * w)
-  cls_scores, cls_inds = _top_k(per_class, k1)  # [B, C, K1]
-  scores, idx = _top_k(cls_scores.reshape(-1, c * k1), min(k, c * k1))
-  classes, _ = _divmod_for_onnx(idx, k1)
-  pix = jnp.take_along_axis(cls_inds.reshape(-1, c * k1), idx, axis=1)
-  ys, xs = _divmod_for_onnx(pix, w)
-  return scores, pix, classes, ys, xs
-
-
-def _transpose(x: jax.Array, perm: Sequence[int]) -> jax.Array:
-  """`x.transpose(perm)` (perm[0] = 0, the batch), as a reshape when it only moves axes of size 1
-  (one offset group): no Transpose node (a copy) in ONNX."""
-  moved = [a for a in perm if x.shape[a] != 1 and a != 0]
-  if moved == sorted(moved):
-    return x.reshape((-1,) + tuple(x.shape[a] for a in perm[1:]))
-  return x.transpose(perm)
-
-
-def _deform_conv2d_for_onnx(
-    x,
-    offset,
-    mask,
-    kernel,
-    bias=None,
-    *,
-    stride=1,
-    padding=1,
-    dilation=1,
-    offset_groups=None,
-    deformable_groups=None,
-    precision=None,
-):
-  """`ops.dcn.deform_conv2d` (same arguments and semantics: zero-padded table, the four
-  floor/floor+1 corners, validity and mask folded into the bilinear weights) in a form jax2onnx
-  converts, with the same values up to float rounding:
-    * not jitted: inside the op's `jax.jit` jax2onnx fails at "No plugins registered for
-      primitive 'stack' inside jit body";
-    * with a symbolic batch, a batched gather (`take_along_axis` on a `[B, G, Hp*Wp, Cg]`
-      table) instead of a flat table indexed with `arange(B)`, which fails there
-      ("'_DynamicDimSentinel' object has no attribute 'rmax'"); the batch is -1 in reshapes;
-      with a static batch (`--batch N`) the op's flat gather (one Gather on axis 0: jax2onnx
-      wraps the batched one in two full-size Transposes);
-    * the corners weighted by batched [1, 4] x [4, Cg] matmuls and the columns contracted by a
-      2-D matmul (MatMul nodes), where the op's einsum / dot give ONNX Einsum nodes;
-    * size-1 group axes moved by reshapes, not transposes (`_transpose`)."""
-  from cn2_jax.modeling.ops import dcn
-
-  _, height, width, cin = x.shape
-  kh, kw, _, cout = kernel.shape
-  (sh, sw), (ph, pw), (dh, dw) = dcn._pair(stride), dcn._pair(padding), dcn._pair(dilation)
-  ho, wo = dcn.deform_conv_output_size((height, width), (kh, kw), (sh, sw), (ph, pw), (dh, dw))
-  taps = kh * kw
-  groups = offset_groups if offset_groups is not None else deformable_groups
-  groups = int(groups if groups is not None else offset.shape[-1] // (2 * taps))
-  cg = cin // groups
-  dtype = jnp.result_type(x.dtype, kernel.dtype)
-  cdtype = jnp.promote_types(offset.dtype, jnp.float32)
-  off = offset.astype(cdtype).reshape(-1, ho, wo, groups, taps, 2)
-  tap_i, tap_j = np.repeat(np.arange(kh), kw), np.tile(np.arange(kw), kh)  # row-major taps
-  base_y = (np.arange(ho) * sh - ph)[:, None] + tap_i[None, :] * dh  # [Ho, K]
-  base_x = (np.arange(wo) * sw - pw)[:, None] + tap_j[None, :] * dw  # [Wo, K]
-  py = jnp.asarray(base_y[None, :, None, None, :], cdtype) + off[..., 0]  # [B, Ho, Wo, G, K]
-  px = jnp.asarray(base_x[None, None, :, None, :], cdtype) + off[..., 1]
-  valid = (py > -1) & (py < height) & (px > -1) & (px < width)
-  py = jnp.where(valid, py, jnp.zeros_like(py))
-  px = jnp.where(valid, px, jnp.zeros_like(px))
-  y0f, x0f = jnp.floor(py), jnp.floor(px)
-  ly, lx = py - y0f, px - x0f
-  hy, hx = 1 - ly, 1 - lx
-  scale = valid.astype(cdtype)
-  if mask is not None:
-    scale = scale * mask.astype(cdtype).reshape(-1, ho, wo, groups, taps)
-  weights = jnp.stack([hy * hx, hy * lx, ly * hx, ly * lx], axis=-1) * scale[..., None]
-  hp, wp = height + 2, width + 2
-  xp = jnp.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
-  table = _transpose(xp.reshape(-1, hp * wp, groups, cg), (0, 2, 1, 3))  # [B, G, Hp*Wp, Cg]
-  r00 = (y0f.astype(jnp.int32) + 1) * wp + x0f.astype(jnp.int32) + 1  # [B, Ho, Wo, G, K]
-  rows = r00[..., None] + jnp.asarray([0, 1, wp, wp + 1], jnp.int32)  # [B, Ho, Wo, G, K, 4]
-  rows = _transpose(rows, (0, 3, 1, 2, 4, 5)).reshape(-1, groups, ho * wo * taps * 4)
-  bsz = x.shape[0]
-  if isinstance(bsz, (int, np.integer)):  # a static batch: one flat table, one plain Gather
-    rows = rows + np.arange(bsz * groups, dtype=np.int32).reshape(bsz, groups, 1) * (hp * wp)
-    corners = jnp.take(table.reshape(-1, cg), rows.reshape(-1), axis=0, mode="clip")
-  else:  # per image (a batched gather), where the batch is symbolic
-    corners = jnp.take_along_axis(table, rows[..., None], axis=2)  # [B, G, Ho*Wo*K*4, Cg]
-  wts = _transpose(weights.astype(dtype), (0, 3, 1, 2, 4, 5))  # [B, G, Ho, Wo, K, 4]
-  # The four corners weighted and summed as [1, 4] x [4, Cg] matmuls (MatMul in ONNX).
-  cols = jnp.matmul(
-      wts.reshape(-1, groups, ho * wo * taps, 1, 4),
-      corners.reshape(-1, groups, ho * wo * taps, 4, cg),
-      precision=jax.lax.Precision.HIGHEST,
-  ).reshape(-1, groups, ho, wo, taps, cg)
-  cols = _transpose(cols, (0, 2, 3, 4, 1, 5))  # [B, Ho, Wo, K, G, Cg]
-  out = jnp.dot(
-      cols.reshape(-1, taps * cin),
-      kernel.astype(dtype).reshape(taps * cin, cout),
-      precision=precision,
-  ).reshape(-1, ho, wo, cout)
-  if bias is not None:
-    out = out + jnp.asarray(bias).astype(dtype)
-  return out
-
-
-def _conv_transpose_for_onnx(
-    x, kernel, *, stride: int = 2, padding: int = 1, output_padding: int = 0, precision=None
-):
-  """`onestage.neck.conv_transpose2d` as one stride-1 convolution of the input with the kernel's
-  stride x stride phases stacked as output channels, then depth-to-space: the same values.
-  jax2onnx 0.12.5 converts the `lhs_dilation` convolution of the original into a ConvTranspose
-  with the window strides (1) instead of the dilation as its strides (the output came out smaller
-  than the input); zero-inserting the input explicitly converts right but costs stride**2 times
-  the multiply-adds, this form none extra.
-
-  Output pixel Y (one axis) = stride * q + r - padding gets sum_j x[q - j] kernel[r + j stride]
-  (j < n = ceil(k / stride); taps past the kernel are zeros): for each phase r a correlation of
-  the input, padded by n - 1 - q0 in front, with the phase's taps reversed."""
-  kh, kw, cin, cout = kernel.shape
-  s, p = stride, padding
-  n = -(-max(kh, kw) // s)  # taps per phase and axis
-  h, w = x.shape[1], x.shape[2]
-  out_h = (h - 1) * s - 2 * p + kh + output_padding
-  out_w = (w - 1) * s - 2 * p + kw + output_padding
-  q0 = p // s  # first phase index needed (t = Y + p = s q + r)
-  qh, qw = (p + out_h - 1) // s - q0 + 1, (p + out_w - 1) // s - q0 + 1
-  # kernel[r + j s] for j < n, r < s (zeros past the kernel), reversed in j: [n, n, Cin, s*s*Cout]
-  k = jnp.pad(kernel, ((0, n * s - kh), (0, n * s - kw), (0, 0), (0, 0)))
-  k = k.reshape(n, s, n, s, cin, cout)[::-1, :, ::-1]
-  k = k.transpose(0, 2, 4, 1, 3, 5).reshape(n, n, cin, s * s * cout)
-  lo = n - 1 - q0  # >= 0: padding <= k - 1
-  hi_h, hi_w = qh + n - 1 - lo - h, qw + n - 1 - lo - w
-  x = jnp.pad(x, ((0, 0), (lo, max(hi_h, 0)), (lo, max(hi_w, 0)), (0, 0)))
-  x = x[:, : lo + h + hi_h, : lo + w + hi_w]
-  y = jax.lax.conv_general_dilated(
-      x,
-      k.astype(x.dtype),
-      window_strides=(1, 1),
-      padding="VALID",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=precision,
-  )  # [N, qh, qw, (r_y, r_x, Cout)]
-  y = (
-      y.reshape(-1, qh, qw, s, s, cout)
-      .transpose(0, 1, 3, 2, 4, 5)
-      .reshape(-1, qh * s, qw * s, cout)
-  )
-  return y[:, p - s * q0 : p - s * q0 + out_h, p - s * q0 : p - s * q0 + out_w]
-
-
-def _onnx_replacements() -> list:
-  """(original function, replacement) pairs for `onnx_friendly_ops`."""
-  from cn2_jax.modeling.backbone import resnet
-  from cn2_jax.modeling.ops import dcn
-
-  out = [
-      (_top_k, _top_k_for_onnx),
-      (resnet.max_pool_3x3_s2_p1, _pool_for_onnx),
-      (dcn.deform_conv2d, _deform_conv2d_for_onnx),
-  ]
-  try:
-    from cn2_jax.modeling.onestage import decode, neck
-  except ImportError:  # a checkout without the one-stage family
-    return out
-  return out + [
-      (neck.conv_transpose2d, _conv_transpose_for_onnx),
-      (decode.pseudo_nms, _pseudo_nms_for_onnx),
-      (decode.topk_score, _topk_score_for_onnx),
-  ]
-
-
-@contextlib.contextmanager
-def onnx_friendly_ops():
-  """While converting, every cn2_jax module's reference to a function that jax2onnx 0.12.5
-  mis-converts or rejects traces as an equivalent one it converts right (tests/test_export.py
-  checks each pair for equal values in JAX):
-    resnet.max_pool_3x3_s2_p1 -> _pool_for_onnx and onestage.decode.pseudo_nms ->
-      _pseudo_nms_for_onnx: a 4-D `reduce_window` becomes a MaxPool with 4 spatial dims, which
-      onnxruntime rejects ("Unsupported pooling size");
-    onestage.neck.conv_transpose2d -> _conv_transpose_for_onnx: a convolution's `lhs_dilation`
-      becomes a ConvTranspose with the wrong strides;
-    export._top_k (lax.top_k) -> _top_k_for_onnx: TopK's int64 indices are typed int32;
-    onestage.decode.topk_score -> _topk_score_for_onnx: `_top_k`, and no `lax.rem` (it fails on
-      a symbolic batch);
-    ops.dcn.deform_conv2d -> _deform_conv2d_for_onnx: a `stack` inside the op's jit, `arange(B)`
-      on a symbolic batch.
-  The originals are restored on exit."""
-  patched = []
-  for original, replacement in _onnx_replacements():
-    name = original.__name__
-    for mod_name, mod in list(sys.modules.items()):
-      if mod_name.startswith("cn2_jax.") and getattr(mod, name, None) is original:
-        setattr(mod, name, replacement)
-        patched.append((mod, name, original))
-  try:
-    yield
-  finally:
-    for mod, name, original in patched:
-      setattr(mod, name, original)
 
 
 def import_jax2onnx():
@@ -722,9 +398,9 @@ def export_onnx(
     part: Optional[str] = None,
     orig_hw: bool = False,
 ):
-  """jax2onnx conversion of an ONNX part (`ONNX_PARTS`; None = the family's default: the whole
-  one-stage detector, CenterNet2's dense part + proposal candidates): an `onnx.ModelProto` and
-  its output names."""
+  """jax2onnx conversion of an ONNX part (the family's `onnx_parts`; None = its default: the whole
+  one-stage detector, CenterNet2's dense part + proposal candidates), traced inside
+  `onnx_friendly_ops()`: an `onnx.ModelProto` and its output names."""
   jax2onnx = import_jax2onnx()
   arch = predictor.config.model.arch
   part = _check_part(arch, part)
@@ -832,9 +508,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   ap.add_argument(
       "--onnx-part",
       default=None,
-      choices=sorted({p for parts in ONNX_PARTS.values() for p in parts}),
-      help="onnx: what to convert (default: detector for onestage, candidates for centernet2; "
-      "dense = backbone + heads only)",
+      choices=_all_onnx_parts(),
+      help="onnx: what to convert (default: "
+      + ", ".join(f"{next(iter(onnx_parts(a)))} for {a}" for a in _families() if onnx_parts(a))
+      + "; dense = backbone + heads only)",
   )
   ap.add_argument(
       "--random-weights",
@@ -863,7 +540,7 @@ def _run(args) -> int:
   onnx_part = None
   if args.format == "onnx":  # fail before loading weights or converting anything
     onnx_part = _check_part(cfg.model.arch, args.onnx_part)
-    if args.orig_hw and onnx_part != "detector":
+    if args.orig_hw and onnx_parts(cfg.model.arch)[onnx_part] is not None:
       from cn2_jax.errors import ConfigError
 
       raise ConfigError(
@@ -933,8 +610,4 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-  # Run the module proper, not this second copy (`python -m` executes the file as __main__):
-  # onnx_friendly_ops patches the functions of the cn2_jax.* modules.
-  from cn2_jax import export as _export
-
-  sys.exit(_export.main())
+  sys.exit(main())

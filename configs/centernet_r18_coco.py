@@ -1,5 +1,6 @@
 """centerX's COCO recipe for the one-stage CenterNet, ResNet-18 + DCNv2 neck, 70 epochs
-(`yamls/coco/centernet_res18_coco_0.5.yaml`; spec centerX §1.1, §5.1-§5.4): 27.9 AP in centerX.
+(`yamls/coco/centernet_res18_coco_0.5.yaml`; docs/onestage.md §1.1, §5.1-§5.4): 27.9 AP in
+centerX.
 
   python main.py --config configs/centernet_r18_coco.py --workdir runs/cx_r18 \
       --config.data.root=/data/coco --config.init_from=resnet18-5c106cde.pth

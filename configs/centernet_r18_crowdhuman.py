@@ -1,6 +1,6 @@
 """centerX's CrowdHuman recipe: one-stage CenterNet ResNet-18 + DCNv2, 80 epochs
-(`yamls/crowd_human/crowd_human_res18.yaml`; spec centerX §1.2, §5.4, §7): 31.2 COCO-style AP on
-the visible-body boxes in centerX.
+(`yamls/crowd_human/crowd_human_res18.yaml`; docs/onestage.md §1.2, §5.4; docs/datasets.md §3):
+31.2 COCO-style AP on the visible-body boxes in centerX.
 
   python main.py --config configs/centernet_r18_crowdhuman.py --workdir runs/cx_ch \
       --config.data.root=/data/CrowdHuman --config.init_from=resnet18-5c106cde.pth

@@ -1,5 +1,5 @@
 """centerX's COCO recipe for the one-stage CenterNet, ResNet-50 + DCNv2 neck, 70 epochs
-(`centernet_res50_coco_0.5.yaml`; spec centerX §1.1, §5.2): 33.2 AP in centerX.
+(`centernet_res50_coco_0.5.yaml`; docs/onestage.md §1.1, §5.2): 33.2 AP in centerX.
 
   python main.py --config configs/centernet_r50_coco.py --workdir runs/cx_r50 \
       --config.data.root=/data/coco --config.init_from=resnet50-19c8e357.pth

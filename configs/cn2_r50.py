@@ -1,4 +1,5 @@
-"""CenterNet2_R50_1x: the official COCO recipe (configs/Base-CenterNet2.yaml), spec §2-7.
+"""CenterNet2_R50_1x: the official COCO recipe (configs/Base-CenterNet2.yaml; docs/training.md §1,
+model: docs/centernet2.md §2-§6).
 
   python main.py --config configs/cn2_r50.py --workdir runs/cn2_r50 --config.data.root=/data/coco
   python main.py --config configs/cn2_r50.py --workdir runs/cn2_r50 --mode=eval \

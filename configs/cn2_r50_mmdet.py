@@ -1,4 +1,5 @@
-"""CenterNet2_R50_1x with the first-stage targets of the MMDetection reproduction (spec §3.7, §8.3).
+"""CenterNet2_R50_1x with the first-stage targets of the MMDetection reproduction
+(docs/centernet2.md §3.1, §3.7; docs/training.md §3).
 
 huimlight/mmdet-centernetv2 (on yyz561/mmdetection's `CenterNet2Head`) changed how CenterNet's
 positives and heatmap are built, and reports two variants (batch 20, one V100, 90k iterations):

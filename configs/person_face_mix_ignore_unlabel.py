@@ -1,8 +1,8 @@
 """centerX's ignore_unlabel baseline for a person + face detector over two partially labelled
-datasets (`yamls/person_face/person_face_res18_ignore_unlabel.yaml`; spec centerX §1.3 row 5,
-§4.5): CrowdHuman (persons only) and WIDER Face (faces only) mixed, one ResNet-18 + DCNv2
-one-stage CenterNet with 2 classes: person = channel 0, face = channel 1. In the focal loss an
-(image, class) channel without any box of that class gets no negative terms
+datasets (`yamls/person_face/person_face_res18_ignore_unlabel.yaml`; docs/onestage.md §4.5; row 5
+of docs/onestage.md §1.3): CrowdHuman (persons only) and WIDER Face (faces only) mixed, one
+ResNet-18 + DCNv2 one-stage CenterNet with 2 classes: person = channel 0, face = channel 1. In the
+focal loss an (image, class) channel without any box of that class gets no negative terms
 (`model.onestage.ignore_unlabel`), so a CrowdHuman image does not teach "no face here" and a
 WIDER image does not teach "no person here". centerX: 29.1 AP CrowdHuman / 24.2 AP WIDER, 140 ep.
 
@@ -21,10 +21,11 @@ centerX's concatenated lists give; one epoch = the images of both. Evaluation: C
 channel 0 (eval/metrics.json "AP", ... plus CrowdHuman's AP50 / MR^-2 / JI), then WIDER Face val
 on channel 1 ("wider_face/AP", ...; COCO-style AP, not the official easy / medium / hard).
 
-Departures / unknowns: the spec does not give the person_face yamls' optimiser or crop; this uses
-the 140-epoch CrowdHuman KD schedule (SGD 0.02 at batch 64, x0.1 at epochs 90 and 120; §4.2) and
-the person / face resize (short side 384, long side <= 640; §5.4), wh normalised per object with
-weight 10 (§3: "the person/face configs"). centerX's face BOX_MINSIZE 5 is not implemented.
+Departures / unknowns: the person_face yamls' optimiser and crop are not published; this uses the
+140-epoch CrowdHuman KD schedule (SGD 0.02 at batch 64, x0.1 at epochs 90 and 120;
+docs/onestage.md §4.2) and the person / face resize (short side 384, long side <= 640;
+docs/onestage.md §5.4), wh normalised as centerX's code does (NORM_WH) with weight 10, as the
+person/face configs (docs/onestage.md §3.4). centerX's face BOX_MINSIZE 5 is not implemented.
 """
 
 from cn2_jax.config import base_config
@@ -69,7 +70,7 @@ def get_config(arg: str = ""):
   m.onestage.tensor_dim = 512  # crowded images: keep every person in the regression targets
   m.onestage.norm_wh = "centerx"
   m.onestage.wh_weight = 10.0
-  m.onestage.ignore_unlabel = True  # centerX LOSS.IGNORE_UNLABEL (§4.5)
+  m.onestage.ignore_unlabel = True  # centerX LOSS.IGNORE_UNLABEL (docs/onestage.md §4.5)
   person_face_data(c, arg)
 
   o = c.optim

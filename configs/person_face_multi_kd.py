@@ -1,5 +1,5 @@
 """centerX's multi-teacher distillation without labels (woGT) into one person + face student
-(`yamls/person_face/*multi_KD.yaml`; spec centerX §1.3 row 7, §4.2, §4.3): two frozen one-stage
+(`yamls/person_face/*multi_KD.yaml`; docs/onestage.md §4.2, §4.3, §1.3 row 7): two frozen one-stage
 teachers, a person model (CrowdHuman) and a face model (WIDER Face), distilled into one ResNet-18
 + DCNv2 student with 2 classes (person = channel 0 from teacher 0, face = channel 1 from teacher 1,
 `kd.cls_index = (1, 2)`) over both image sets, with no GT loss. centerX: 31.3 AP CrowdHuman /
@@ -18,17 +18,17 @@ teachers, a person model (CrowdHuman) and a face model (WIDER Face), distilled i
 
 The config argument (after ':') is "CROWDHUMAN_ROOT,WIDER_ROOT" (placeholders otherwise, see
 configs/person_face_mix_ignore_unlabel.py); `kd.teacher_workdirs` defaults to the two workdirs
-above. Data as in that config (CrowdHuman + WIDER Face mixed by size, each evaluated on its
-channel: "AP", ... and "wider_face/AP", ...), with woGT's data side (§4.3): no image is dropped as
-empty and the crop (if `data.crop_relative_range` is set) is placed at random, not around a box.
-Unlabelled images of any folder can be added as one more mixture entry, e.g.
+above. Data as in that config (CrowdHuman + WIDER Face mixed by size, each evaluated on its channel:
+"AP", ... and "wider_face/AP", ...), with woGT's data side (docs/onestage.md §4.3): no image is
+dropped as empty and the crop (if `data.crop_relative_range` is set) is placed at random, not around
+a box. Unlabelled images of any folder can be added as one more mixture entry, e.g.
 `{"dataset": "image_folder", "root": "/data/unlabelled", "weight": 5000.0}` (its channel offset
 does not matter: it has no labels).
 
-KD weights (§4.2, person_face multi_KD): KD_WEIGHT (1, 1) (1.2 for the person teacher in one
-variant), KD_CLS_WEIGHT (1e3, 2e3), KD_WH_WEIGHT (1, 2), KD_REG_WEIGHT (0.1, 0.1), NORM_WH both.
-The optimiser is the 140-epoch CrowdHuman multi-KD schedule (SGD 0.02, x0.1 at epochs 90 and 120;
-the person_face yaml's own is not in the spec).
+KD weights (docs/onestage.md §4.2, person_face multi_KD): KD_WEIGHT (1, 1) (1.2 for the person
+teacher in one variant), KD_CLS_WEIGHT (1e3, 2e3), KD_WH_WEIGHT (1, 2), KD_REG_WEIGHT (0.1, 0.1),
+NORM_WH both. The optimiser is the 140-epoch CrowdHuman multi-KD schedule (SGD 0.02, x0.1 at epochs
+90 and 120; the person_face yaml's own is not published).
 """
 
 from configs import person_face_mix_ignore_unlabel as person_face

@@ -30,7 +30,7 @@ def get_config():
   c.train.eval_batch_size = 4
   c.train.checkpoint_every = 500
   # Official lr 0.02 for batch 16 (optim.reference_batch_size): the linear rule gives 0.01 at
-  # batch 8 (spec §8.13); it follows --config.train.batch_size automatically.
+  # batch 8 (docs/training.md §2); it follows --config.train.batch_size automatically.
   c.optim.base_lr = 0.02
   c.optim.warmup_iters = 200
   c.optim.max_iter = 3000

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from cn2_jax import export
+from cn2_jax.modeling import export_mode
 from cn2_jax.modeling import detector
 from cn2_jax.predictor import Predictor
 from cn2_jax.weights.orbax_io import save_variables
@@ -227,38 +228,65 @@ def test_candidates_give_the_models_proposals(run):
 
 
 def test_onnx_friendly_ops_equal_the_models():
-  """Each replacement `onnx_friendly_ops` traces while converting computes the op it replaces
-  (in JAX, so this runs without jax2onnx): ResNet's max-pool, the pseudo-NMS (plateaus and ties
-  included), the two-stage top-K, the transposed conv (kernels, strides, paddings, output
-  paddings) and the deformable conv (DCNv2 / v1, strides, dilations, offset groups, samples
-  outside the map and on integer positions)."""
+  """Each ONNX-friendly form (modeling/export_mode.py) computes the op it stands for (in JAX, so
+  this runs without jax2onnx): ResNet's max-pool, the pseudo-NMS (plateaus and ties included),
+  the two-stage top-K, the transposed conv (kernels, strides, paddings, output paddings) and the
+  deformable conv (DCNv2 / v1, strides, dilations, offset groups, samples outside the map and on
+  integer positions); the model's ops take the forms inside `onnx_ops()` only."""
   from cn2_jax.modeling.backbone import resnet
   from cn2_jax.modeling.onestage import decode, neck
   from cn2_jax.modeling.ops import dcn
 
+  em = export_mode
+  assert export.onnx_friendly_ops is em.onnx_ops
+  assert not em.onnx_ops_enabled()
+  with em.onnx_ops():
+    assert em.onnx_ops_enabled()
+    with em.onnx_ops(False):
+      assert not em.onnx_ops_enabled()
+    assert em.onnx_ops_enabled()
+  assert not em.onnx_ops_enabled()
+
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 9, 11, 3)).astype(np.float32)
-  np.testing.assert_array_equal(export._pool_for_onnx(x), resnet.max_pool_3x3_s2_p1(x))
+  want = resnet.max_pool_3x3_s2_p1(x)
+  np.testing.assert_array_equal(em.max_pool_3x3_s2_p1_for_onnx(x), want)
+  np.testing.assert_array_equal(em.max_pool_for_onnx(x, 3, 2, 1), want)
+  np.testing.assert_array_equal(em.max_pool(x, 3, 2, 1), want)
   heat = (rng.integers(0, 6, (2, 8, 10, 3)) / 5).astype(np.float32)  # many equal neighbours
   heat[0, 2:4, 3:5, 1] = 1.0  # a plateau of maxima
-  np.testing.assert_array_equal(export._pseudo_nms_for_onnx(heat), decode.pseudo_nms(heat))
-  heat = np.asarray(decode.pseudo_nms(heat))
-  for k in (7, 100):  # K below / above H * W: ties at the cut and among the zeros
-    got, want = export._topk_score_for_onnx(heat, k), decode.topk_score(heat, k)
+  np.testing.assert_array_equal(em.max_pool_for_onnx(heat, 3, 1, 1), em.max_pool(heat, 3, 1, 1))
+  want = decode.pseudo_nms(heat)
+  with em.onnx_ops():
+    np.testing.assert_array_equal(decode.pseudo_nms(heat), want)
+  # The two-stage top-K (top_k_for_onnx, divmod_for_onnx, the batch as -1) on distinct scores:
+  # XLA does not specify the order of equal ones for approx_max_k (test_onnx_top_k_ties checks
+  # ties in onnxruntime, where TopK orders them by index as lax.top_k does).
+  heat = (rng.permutation(2 * 8 * 10 * 3).reshape(2, 8, 10, 3) / 480).astype(np.float32)
+  for k in (7, 100):  # K below / above H * W
+    want = decode.topk_score(heat, k)
+    with em.onnx_ops():
+      got = decode.topk_score(heat, k)
     for g, w in zip(got, want):
+      assert g.dtype == w.dtype
+      np.testing.assert_array_equal(g, w)
+  idx = jnp.asarray(rng.integers(0, 1000, (3, 40)), jnp.int32)
+  for b in (1, 7, 64):
+    want = (idx // b, idx % b)
+    for g, w in zip(em.divmod_for_onnx(idx, b), want):
       assert g.dtype == w.dtype
       np.testing.assert_array_equal(g, w)
   # approx_max_k: the same top-k where the values are distinct (the order of equal values is
   # unspecified in XLA; ONNX's TopK orders them by index: test_onnx_top_k_ties).
   scores = rng.permutation(3 * 7 * 50).reshape(3, 7, 50).astype(np.float32)
-  for g, w in zip(export._top_k_for_onnx(scores, 20), jax.lax.top_k(scores, 20)):
+  for g, w in zip(em.top_k_for_onnx(scores, 20), jax.lax.top_k(scores, 20)):
     assert g.dtype == w.dtype
     np.testing.assert_array_equal(g, w)
   for k, s, pad, out_pad in ((4, 2, 1, 0), (3, 2, 1, 1), (2, 2, 0, 0), (4, 2, 3, 0), (3, 3, 1, 2)):
     kernel = rng.normal(size=(k, k, 3, 5)).astype(np.float32)
     kw = dict(stride=s, padding=pad, output_padding=out_pad)
     np.testing.assert_allclose(
-        export._conv_transpose_for_onnx(x, kernel, **kw),
+        em.conv_transpose2d_for_onnx(x, kernel, **kw),
         neck.conv_transpose2d(x, kernel, **kw),
         rtol=1e-5,
         atol=1e-5,
@@ -277,16 +305,48 @@ def test_onnx_friendly_ops_equal_the_models():
     bias = rng.normal(size=(cout,)).astype(np.float32)
     kw = dict(stride=s, padding=pad, dilation=d, offset_groups=g)
     want = dcn.deform_conv2d(x, offset, mask, kernel, bias, **kw)
-    fn = jax.jit(lambda *a, kw=kw: export._deform_conv2d_for_onnx(*a, **kw))
+    fn = jax.jit(lambda *a, kw=kw: dcn.deform_conv2d_for_onnx(*a, **kw))
     np.testing.assert_allclose(fn(x, offset, mask, kernel, bias), want, rtol=1e-5, atol=1e-5)
     # A symbolic batch takes the batched gather.
     (n,) = jax.export.symbolic_shape("n")
     specs = [jax.ShapeDtypeStruct((n,) + a.shape[1:], a.dtype) for a in (x, offset, mask)[:2]]
     specs.append(None if mask is None else jax.ShapeDtypeStruct((n,) + mask.shape[1:], mask.dtype))
     exported = jax.export.export(
-        jax.jit(lambda x_, o_, m_, kw=kw: export._deform_conv2d_for_onnx(x_, o_, m_, kernel, **kw))
+        jax.jit(lambda x_, o_, m_, kw=kw: dcn.deform_conv2d_for_onnx(x_, o_, m_, kernel, **kw))
     )(*specs)
     np.testing.assert_allclose(exported.call(x, offset, mask), want - bias, rtol=1e-5, atol=1e-5)
+
+
+def _primitives(jaxpr) -> set:
+  """The primitives of a jaxpr, sub-jaxprs (jit, custom_vjp, ...) included: their names,
+  `call:<name>` for each jitted function and `<name>:padded` for a padded window op."""
+  from jax.extend.core import jaxprs_in_params
+
+  out = set()
+  for eqn in jaxpr.eqns:
+    out.add(eqn.primitive.name)
+    if "name" in eqn.params:
+      out.add(f"call:{eqn.params['name']}")
+    if any(lo or hi for lo, hi in eqn.params.get("padding", ())):
+      out.add(f"{eqn.primitive.name}:padded")  # e.g. a max-pool's -inf padding inside the window
+    for sub in jaxprs_in_params(eqn.params):
+      out |= _primitives(sub)
+  return out
+
+
+def test_onnx_ops_context_is_what_the_models_read(onestage):
+  """Inside `onnx_ops()` the one-stage detector (stem max-pool, DCN neck, decode) traces with
+  none of the ops jax2onnx mis-converts, outside it with the model's own ops: the modules read the
+  mode where their ops are traced."""
+  fn = export.detection_fn(onestage)
+  specs = export.input_specs("b", (64, 64))
+  plain = _primitives(jax.make_jaxpr(lambda *a: fn(*a))(*specs).jaxpr)
+  with export_mode.onnx_ops():  # a new function: jax caches the trace of a function it has seen
+    friendly = _primitives(jax.make_jaxpr(lambda *a: fn(*a))(*specs).jaxpr)
+  xla_only = {"top_k", "rem", "reduce_window_max:padded", "custom_vjp_call", "call:deform_conv2d"}
+  assert xla_only <= plain, sorted(plain)
+  assert not xla_only & friendly, sorted(xla_only & friendly)
+  assert "approx_top_k" in friendly, sorted(friendly)
 
 
 @pytest.mark.skipif(HAS_ONNX, reason="jax2onnx is installed")
@@ -383,7 +443,7 @@ def test_onnx_friendly_onestage_detector(onestage):
   padded, hw, _ = onestage.preprocess(_image(4, 40, 60))
   fn = export.detection_fn(onestage)
   want = jax.jit(fn)(padded, hw)
-  with export.onnx_friendly_ops():
+  with export_mode.onnx_ops():
     got = jax.jit(lambda i, h: fn(i, h))(padded, hw)  # a new function: traced afresh
   for k in export.OUTPUT_KEYS:
     np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=1e-5, err_msg=k)
@@ -413,7 +473,7 @@ def test_onnx_top_k_ties():
   heat = (np.random.default_rng(1).integers(0, 6, (2, 8, 10, 3)) / 5).astype(np.float32)
   heat = np.asarray(decode.pseudo_nms(heat))
   for k in (7, 100):
-    with export.onnx_friendly_ops():
+    with export_mode.onnx_ops():
       proto = jax2onnx.to_onnx(
           lambda h, k=k: decode.topk_score(h, k),
           [jax.ShapeDtypeStruct(jax.export.symbolic_shape("b") + heat.shape[1:], jnp.float32)],

@@ -401,3 +401,185 @@ def loop(runner, args):
   assert (
       undeclared_config_reads("def f(cfg):\n  return cfg.model.fpn_channels\n", base_config()) == []
   )
+
+
+# ------------------------------------------------------------------------------------------------
+# Documentation citations: the code cites the repository's own docs (docs/*.md), never documents
+# outside the repository.
+
+ROOT = PKG.parent
+DOCS = ROOT / "docs"
+# Forbidden in the package, main.py and configs/: the old citation forms of documents that a clone
+# does not have.
+FORBIDDEN_CITATIONS = (
+    re.compile(r"spec §", re.IGNORECASE),
+    re.compile(r"centernet2_spec", re.IGNORECASE),
+    re.compile(r"centerx_spec", re.IGNORECASE),
+    re.compile(r"shared/docs"),
+)
+_SECTION = r"\d+(?:\.\d+)*"
+# `docs/<name>.md §N`, optionally continued by a list / range of sections: "§3.1-§3.3, §3.5",
+# "§2.2 and §5.5", "§5.1-5.2".
+_DOC_CITATION = re.compile(
+    rf"docs/([\w-]+)\.md((?:\s*(?:,|-|–|and)?\s*§{_SECTION}(?:\s*[-–]\s*§?{_SECTION})?)+)"
+)
+
+
+def cited_source_files() -> list:
+  """The files whose citations must point into docs/: the package (except its testing oracles),
+  main.py and configs/."""
+  files = [p for p in PKG.rglob("*.py") if "testing" not in p.relative_to(PKG).parts[:1]]
+  files += [ROOT / "main.py"] + sorted((ROOT / "configs").rglob("*.py"))
+  return sorted(files)
+
+
+def doc_citations(text: str) -> list:
+  """`[(doc name, section), ...]` of every `docs/<name>.md §N` citation in `text` (each section of
+  a list or range separately)."""
+  out = []
+  for m in _DOC_CITATION.finditer(text):
+    out += [(m.group(1), s) for s in re.findall(_SECTION, m.group(2))]
+  return out
+
+
+def doc_sections(path: Path) -> set:
+  """Section numbers of the markdown headings of `path` ("## 3. Targets" -> "3", "### 3.4 X" ->
+  "3.4")."""
+  return set(re.findall(rf"^#+ ({_SECTION})\.?\s", path.read_text(), re.MULTILINE))
+
+
+def unresolved_citations(citations, docs_dir: Path = DOCS) -> list:
+  """The `(doc, section)` pairs whose docs file is missing or has no heading with that number."""
+  sections = {}
+  bad = []
+  for doc, sec in citations:
+    path = docs_dir / f"{doc}.md"
+    if doc not in sections:
+      sections[doc] = doc_sections(path) if path.is_file() else None
+    if sections[doc] is None:
+      bad.append(f"docs/{doc}.md (no such file) §{sec}")
+    elif sec not in sections[doc]:
+      bad.append(f"docs/{doc}.md has no section §{sec}")
+  return bad
+
+
+def test_code_cites_no_document_outside_the_repository():
+  files = cited_source_files()
+  assert len(files) > 50, [str(p) for p in files]
+  found = []
+  for path in files:
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+      if any(p.search(line) for p in FORBIDDEN_CITATIONS):
+        found.append(f"{path.relative_to(ROOT)}:{lineno}: {line.strip()}")
+  assert not found, "citations of documents outside the repository:\n" + "\n".join(found)
+
+
+def test_every_doc_citation_names_an_existing_section():
+  total, bad = 0, []
+  for path in cited_source_files():
+    cites = doc_citations(path.read_text())
+    total += len(cites)
+    bad += [f"{path.relative_to(ROOT)}: {b}" for b in unresolved_citations(cites)]
+  assert total > 30, f"only {total} docs/<name>.md §N citations found: is the scan still working?"
+  assert not bad, "citations without a matching docs section:\n" + "\n".join(bad)
+
+
+def test_docs_cross_references_resolve():
+  """Links between the docs ("[training.md §1.4](training.md)") name existing sections."""
+  cites = []
+  for path in sorted(DOCS.glob("*.md")):
+    cites += re.findall(rf"\[([\w-]+)\.md §({_SECTION})\]", path.read_text())
+  assert len(cites) > 10, cites
+  assert not unresolved_citations(cites)
+
+
+def test_citation_scanner_can_fail():
+  """The parser finds lists and ranges, and a wrong file or section is reported."""
+  text = (
+      "targets (docs/centernet2.md §3.1-§3.3, §3.5 and §3.7); norm (docs/onestage.md §2.2 and\n"
+      "§5.5); see docs/training.md §2). Not a citation: docs/DESIGN.md, spec section 3."
+  )
+  assert doc_citations(text) == [
+      ("centernet2", "3.1"),
+      ("centernet2", "3.3"),
+      ("centernet2", "3.5"),
+      ("centernet2", "3.7"),
+      ("onestage", "2.2"),
+      ("onestage", "5.5"),
+      ("training", "2"),
+  ]
+  assert unresolved_citations(doc_citations(text)) == []
+  assert unresolved_citations([("centernet2", "99.1"), ("no_such_doc", "1")]) == [
+      "docs/centernet2.md has no section §99.1",
+      "docs/no_such_doc.md (no such file) §1",
+  ]
+  assert any(p.search("see Spec §5 (pooler)") for p in FORBIDDEN_CITATIONS)
+  assert any(p.search("../shared/docs/centerx_spec.md") for p in FORBIDDEN_CITATIONS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registries: a family or dataset is named only where it is registered
+# ---------------------------------------------------------------------------------------------
+# A comparison with a family / dataset kind, or a table keyed by one, is a branch that belongs in
+# that family's or dataset's registry entry (modeling/meta_arch/, data/datasets/).
+_REGISTERED_NAMES = {"centernet2", "onestage", "coco/2017", "coco_json", "synthetic"} | {
+    "crowdhuman",
+    "wider_face",
+    "voc",
+    "image_folder",
+}
+_REGISTRY_HOMES = ("modeling/meta_arch/", "data/datasets/", "data/catalog.py", "testing/")
+# Branches not moved into a registry yet (issue 22): this list may only shrink. Each entry is
+# (file: number of branching expressions).
+_KNOWN_BRANCHES = {
+    "config.py": 4,  # FAMILY_MODEL_KEYS, per-family value checks, wider_eval_gt's dataset
+    "weights/loading.py": 1,  # the official-ROIAlign warning of CenterNet2 eval
+    "modeling/onestage/kd.py": 2,  # teacher forward per family
+    "convert.py": 1,  # the converter CLI's family table
+    "data/sources.py": 13,  # per-format conversion (crowdhuman / wider_face / voc)
+}
+
+
+def _named(node) -> bool:
+  if isinstance(node, ast.Constant):
+    return node.value in _REGISTERED_NAMES
+  if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+    return any(_named(e) for e in node.elts)
+  return False
+
+
+def _family_branches(source: str):
+  """(line, expression) of each comparison with a registered family / dataset name, and of each
+  dict literal keyed by one."""
+  found = []
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Compare) and any(_named(n) for n in [node.left, *node.comparators]):
+      found.append((node.lineno, ast.unparse(node)))
+    elif isinstance(node, ast.Dict) and any(k is not None and _named(k) for k in node.keys):
+      found.append((node.lineno, ast.unparse(node)[:80]))
+  return found
+
+
+def test_family_and_dataset_branches_live_in_their_registries():
+  found = {}
+  for path in sorted(PKG.rglob("*.py")):
+    rel = path.relative_to(PKG).as_posix()
+    if rel.startswith(_REGISTRY_HOMES):
+      continue
+    branches = _family_branches(path.read_text())
+    if branches:
+      found[rel] = branches
+  new = {f: b for f, b in found.items() if len(b) > _KNOWN_BRANCHES.get(f, 0)}
+  assert not new, f"family / dataset branches outside the registries: {new}"
+  shrunk = {
+      f: len(found.get(f, ())) for f, n in _KNOWN_BRANCHES.items() if len(found.get(f, ())) < n
+  }
+  assert not shrunk, f"fewer branches than _KNOWN_BRANCHES says: lower it to {shrunk}"
+
+
+def test_branch_scanner_can_fail():
+  assert _family_branches('if cfg.model.arch == "onestage":\n  pass\n')
+  assert _family_branches('TABLE = {"centernet2": 1}\n')
+  assert _family_branches('if part.dataset == "crowdhuman":\n  pass\n')
+  assert not _family_branches('x = catalog.get(part.dataset).labelled  # dataset == "voc"\n')
+  assert not _family_branches('"""A docstring: data.dataset == "voc"."""\n')

@@ -14,7 +14,7 @@ keyword defaults: the defaults live in the config schema, ``cn2_jax/config.py`` 
 output is a pure function of its inputs; the train pipeline seeds one generator per example
 (``pipeline.py``: ``default_rng([seed, 4, g])``).
 
-What is implemented, and how it relates to the official code (spec §5.4):
+What is implemented, and how it relates to the official code (docs/onestage.md §5.4):
 
 * :func:`random_crop_relative_range`: centerX's ``RandomCrop("relative_range", SIZE)`` applied
   through detectron2's ``gen_crop_transform_with_instance``: each side is cropped to
@@ -32,9 +32,9 @@ What is implemented, and how it relates to the official code (spec §5.4):
   COCO eigen-statistics (rows reordered BGR -> RGB: this pipeline is RGB); the result is clipped
   and rounded back to uint8 (CenterNet normalises the float image directly).
 * :func:`random_warp`: optional random affine (scale, rotation, translation, shear about the image
-  centre) and/or perspective (image corners moved), one resampling, output of the input size; not
-  in centerX (whose imgaug perspective does not move the boxes, spec §5.4); here boxes move:
-  see :func:`warp_boxes` for the box rule.
+  centre) and/or perspective (image corners moved), one resampling, output of the input size; not in
+  centerX (whose imgaug perspective does not move the boxes, docs/onestage.md §5.4); here boxes
+  move: see :func:`warp_boxes` for the box rule.
 * :func:`center_affine`: CenterNet-better's ``CenterAffine``: a square window of side
   ``max(H, W) * scale`` (scale from ``np.arange(0.6, 1.4, 0.1)`` officially) around a random centre
   (``randint(border, side - border)``, border shrunk for small images as ``_get_boarder``) is

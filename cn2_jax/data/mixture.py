@@ -1,8 +1,9 @@
 """Several datasets in one run: a training mixture and per-dataset evaluations (no JAX here).
 
-centerX trains one student over datasets with disjoint label sets (CrowdHuman persons, WIDER
-faces, COCO cars; centerX spec §4.3, §4.5, §7): the student's classes are the datasets' (or the
-teachers') classes side by side, and each dataset is evaluated on its own channels.  Here:
+centerX trains one student over datasets with disjoint label sets (CrowdHuman persons, WIDER faces,
+COCO cars; docs/datasets.md §6, docs/onestage.md §4.3, §4.5): the student's classes are the
+datasets' (or the teachers') classes side by side, and each dataset is evaluated on its own
+channels.  Here:
 
 * ``data`` is dataset 0 of the training mixture (weight ``data.mix_weight``, channel offset
   ``data.channel_offset``); each ``data.mixture`` entry adds one: a dict of the ``data`` keys that
@@ -12,8 +13,8 @@ teachers') classes side by side, and each dataset is evaluated on its own channe
   an ``extra_eval`` entry naming the same dataset (same keys) share one prepared folder.
 * Labels: a dataset's label ``i`` becomes class ``channel_offset + i`` in the batch
   (``pipeline.TrainPart``), so every dataset's boxes land on its own channels. With
-  ``model.onestage.ignore_unlabel`` (centerX §4.5) the focal loss then skips the negatives of the
-  channels an image's dataset does not label (their GT heatmap is all zero).
+  ``model.onestage.ignore_unlabel`` (docs/onestage.md §4.5) the focal loss then skips the negatives
+  of the channels an image's dataset does not label (their GT heatmap is all zero).
 * Sampling (``pipeline._MixtureSchedule``): per example slot, the dataset that grain's weighted
   interleaving (``grain.MapDataset.mix``) puts at that position, then the next image of that
   dataset's own shuffled epochs; a pure function of ``(seed, step)``, so resuming at any step is
@@ -26,9 +27,9 @@ teachers') classes side by side, and each dataset is evaluated on its own channe
 * Padding: a mixture is not aspect-grouped; a batch is padded to the bucket of its images' aspect
   group, or the square fallback bucket when they differ (or ``data.pad_hw_train``; with the
   crop / CenterAffine augmentations every batch is one square canvas anyway).
-* Filtering: ``data.filter_empty`` applies per dataset; ``image_folder`` datasets (no labels)
-  are never filtered, and woGT (``kd.without_label``) turns it off for all (centerX §4.3), where
-  the crop is also placed uniformly (not around a GT box).
+* Filtering: ``data.filter_empty`` applies per dataset; ``image_folder`` datasets (no labels) are
+  never filtered, and woGT (``kd.without_label``) turns it off for all (docs/onestage.md §4.3),
+  where the crop is also placed uniformly (not around a GT box).
 * Evaluation (``data.extra_eval``): after the main evaluation, each entry (the same keys plus
   ``channel_offset``; ``name`` labels its metrics) is evaluated on its ``eval_split`` with the
   model's classes ``[channel_offset, channel_offset + its classes)`` as its labels
@@ -47,7 +48,8 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from cn2_jax.config import DATA_SOURCE_KEYS, FIXED_NUM_CLASSES, base_config
+from cn2_jax.config import DATA_SOURCE_KEYS, base_config
+from cn2_jax.data import catalog
 
 __all__ = [
     "source_config",
@@ -77,7 +79,7 @@ def source_config(data, entry, *, label_is_name: bool = False):
 
 def num_labels(dataset: str, info) -> int:
   """Classes a dataset labels: its ``DetectionInfo``'s, none for an ``image_folder``."""
-  if FIXED_NUM_CLASSES.get(dataset) == 0:
+  if not catalog.get(dataset).labelled:
     return 0
   return int(info.num_classes)
 
@@ -90,7 +92,7 @@ def is_mixed(data) -> bool:
       bool(data.mixture)
       or bool(data.extra_eval)
       or int(data.channel_offset) != 0
-      or data.dataset == "image_folder"
+      or not catalog.get(data.dataset).labelled
   )
 
 

@@ -921,9 +921,9 @@ def make_train_loader(
   ``augment``: the one-stage augmentations (:class:`AugmentSettings`, or the config's ``data``
   section to build them from); None or all off = none. Crop changes the aspect ratio and
   CenterAffine the size, so with either every batch goes to one square canvas (``pad_hw``, by
-  default ``max_size`` resp. ``center_affine_size`` rounded up); CenterAffine turns aspect
-  grouping off (square images), and neither combines with ``lsj``. ``crop_around_gt=False``
-  (woGT, centerX §4.3) places the crop uniformly at random instead of around a GT box centre.
+  default ``max_size`` resp. ``center_affine_size`` rounded up); CenterAffine turns aspect grouping
+  off (square images), and neither combines with ``lsj``. ``crop_around_gt=False`` (woGT,
+  docs/onestage.md §4.3) places the crop uniformly at random instead of around a GT box centre.
   """
   parts = _as_parts(source, filter_empty)
   split = _concat_split(parts)  # one part: the split itself, with its channel offset

@@ -19,8 +19,8 @@ empty key takes the default in brackets):
   official benchmark, or ``hbox``).  Boxes with ``tag != "person"`` ("mask": reflections,
   posters, dense crowds) or ``extra.ignore == 1`` (for ``hbox`` also ``head_attr.ignore == 1``)
   are ignore regions, as in the official evaluation.  *Deliberate departure from centerX*, which
-  drops them (spec §7): there they are plain background in training and a detection on them is a
-  false positive in its COCO evaluation.
+  drops them (docs/datasets.md §3.2): there they are plain background in training and a detection on
+  them is a false positive in its COCO evaluation.
 * ``wider_face`` [``wider_face_split/wider_face_{split}_bbx_gt.txt``, images
   ``WIDER_{split}/images``]: per image a path line, a count line, then one line
   ``x y w h blur expression illumination invalid occlusion pose`` per face (a 0-face image has
@@ -33,8 +33,8 @@ empty key takes the default in brackets):
   WIDER Face VOC copy is this format.
 * ``coco_json``, ``coco/2017``, ``synthetic``: used as they are, unless ``data.classes`` is set.
 * ``image_folder`` [every image below ``data.root``, recursively, extensions
-  :data:`IMAGE_EXTENSIONS`, in sorted path order]: unlabelled images for distillation without
-  labels (woGT, centerX §4.3): one record per image with no boxes, split ``data.train_split``
+  :data:`IMAGE_EXTENSIONS`, in sorted path order]: unlabelled images for distillation without labels
+  (woGT, docs/onestage.md §4.3): one record per image with no boxes, split ``data.train_split``
   only, one placeholder category ``unlabelled`` (the prepared format needs one; it labels no box).
   The train loader never drops these images as empty (``pipeline.TrainPart.filter_empty``).
   Converted to ``<data_dir>/converted/<name>/<split>.json`` like the formats above; the file
@@ -783,8 +783,9 @@ def subset_options(d) -> dict:
   return dict(classes=tuple(str(c) for c in d.classes), train_splits=train)
 
 
-def _resolve(root: str, p: str) -> str:
-  return p if os.path.isabs(p) else os.path.join(root, p)
+def resolve_path(root: str, p: str) -> str:
+  """`p` relative to `root` unless empty or absolute."""
+  return p if not p or os.path.isabs(p) else os.path.join(root, p)
 
 
 def prepare_from_config(d, data_dir: str):
@@ -799,7 +800,7 @@ def prepare_from_config(d, data_dir: str):
     if split:
       ann = (ann or ann_default).replace("{split}", split)
       image_root = (d.image_root or root_default).replace("{split}", split)
-      splits[split] = (_resolve(d.root, ann), _resolve(d.root, image_root))
+      splits[split] = (resolve_path(d.root, ann), resolve_path(d.root, image_root))
   if not splits:
     raise ConfigError("data.train_split and/or data.eval_split must be set")
   opts = subset_options(d)

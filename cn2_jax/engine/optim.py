@@ -1,5 +1,6 @@
-"""Optimizers and learning-rate schedules (spec §7, detectron2 `solver/build.py` + `lr_scheduler.py`;
-centerX spec §5.1-§5.2: Adam / RangerLars, WarmupCosineAnnealingLR, schedules in epochs).
+"""Optimizers and learning-rate schedules (docs/training.md §1, detectron2 `solver/build.py` +
+`lr_scheduler.py`; docs/onestage.md §5.1-§5.2: Adam / RangerLars, WarmupCosineAnnealingLR,
+schedules in epochs).
 
 Recipe (CenterNet2_R50_1x): SGD, momentum 0.9 (no Nesterov), base lr 0.02, weight decay 1e-4 on every
 trainable parameter (conv/FC weights, biases, the CenterNet `Scale` scalars) except GroupNorm
@@ -43,13 +44,14 @@ gradients of an iteration are zeroed when its total loss >= factor x the last ac
       trust = min(||p'||, lars_clip) / ||p' - lr s u||            # 1 when either norm is 0
       p = p' - lr s trust u
 
-  (The spec's wording "‖w‖/‖update‖ clipped to [0, 10], weight decay added to the update" is an
-  older revision of ralamb.py; the code centerX installed clamps ‖w‖ to [0, 10] and divides by the
-  norm of the would-be new weights, as above.) Lookahead (timm-style, `torchtools/optim/
-  lookahead.py`): after every `lookahead_k`-th step the slow copy moves `slow += alpha (p - slow)`
-  and p is set to it; the slow copy is created lazily at the first sync as a copy of p, so the first
-  sync (step k) changes nothing and the first interpolation happens at step 2k. Here the slow
-  weights live in the optimizer state and the sync is emitted as an update `slow - p`.
+  (The description "‖w‖/‖update‖ clipped to [0, 10], weight decay added to the update" fits an
+  older revision of ralamb.py, docs/onestage.md §5.2; the code centerX installed clamps ‖w‖ to
+  [0, 10] and divides by the norm of the would-be new weights, as above.) Lookahead (timm-style,
+  `torchtools/optim/lookahead.py`): after every `lookahead_k`-th step the slow copy moves
+  `slow += alpha (p - slow)` and p is set to it; the slow copy is created lazily at the first sync
+  as a copy of p, so the first sync (step k) changes nothing and the first interpolation happens at
+  step 2k. Here the slow weights live in the optimizer state and the sync is emitted as an update
+  `slow - p`.
 
 The scalar coefficients (1 - b^t, N) are computed in float32 in a cancellation-free form, matching
 torch's double-precision Python scalars to ~1e-7 (optax's `scale_by_adam` computes `1 - b2**t` from
@@ -61,11 +63,12 @@ WarmupCosineAnnealingLR: linear warm-up, constant lr until `int(max_iter * cosin
 a cosine down to `min_lr` at max_iter). `step` is the number of updates already applied (0 for the
 first update), as detectron2's scheduler: the first iteration uses lr = base_lr * warmup_factor.
 
-Schedules in epochs (`optim.epochs > 0`, centerX `auto_scale_hyperparams`, spec §5.1): `epochs`
-replaces `max_iter`, and `steps` and `warmup_iters` are read in epochs too; `resolve_schedule`
-(used by the train loop, which gets the number of training images from the app) converts them with
-`iters_per_epoch = num_train_images // batch_size` and, as centerX, sets `warmup_factor =
-1 / warmup_iters` (see `iterations_from_epochs`). `make_lr_schedule` refuses an unresolved config.
+Schedules in epochs (`optim.epochs > 0`, centerX `auto_scale_hyperparams`, docs/onestage.md §5.1):
+`epochs` replaces `max_iter`, and `steps` and `warmup_iters` are read in epochs too;
+`resolve_schedule` (used by the train loop, which gets the number of training images from the app)
+converts them with `iters_per_epoch = num_train_images // batch_size` and, as centerX, sets
+`warmup_factor = 1 / warmup_iters` (see `iterations_from_epochs`). `make_lr_schedule` refuses an
+unresolved config.
 
 Config fields read (`config.optim`; the schema in cn2_jax/config.py holds every default): optimizer
 ('sgd' | 'adam' | 'adamw' | 'rangerlars'), base_lr, reference_batch_size, momentum (sgd),
@@ -78,7 +81,7 @@ Linear LR scaling (`effective_base_lr`): `base_lr` is the LR for a global batch 
 `reference_batch_size` images (16 = the official 8 GPUs x 2). When the training batch differs, the
 LR used is `base_lr * batch_size / reference_batch_size` (Goyal et al.; detectron2
 `DefaultTrainer.auto_scale_workers` with `REFERENCE_WORLD_SIZE`; the CenterNet2 author's advice
-for 1-GPU runs, spec §8.12-8.13). `reference_batch_size = 0` disables scaling (base_lr is used as
+for one GPU, docs/training.md §2). `reference_batch_size = 0` disables scaling (base_lr is used as
 written; `min_lr` is never scaled). Unlike detectron2, which also divides MAX_ITER, STEPS and
 WARMUP_ITERS by the same factor (keeping the number of epochs), max_iter / steps / warmup_iters are
 kept exactly as written: a small config's iteration counts are chosen for its run time, and silently
@@ -164,10 +167,10 @@ def iterations_from_epochs(cfg: Any, num_images: Optional[int], batch_size: int)
   `optim.epochs == 0`: the fields as written, `{'iters_per_epoch': 0, 'max_iter', 'steps',
   'warmup_iters', 'warmup_factor'}` (`num_images` is not needed).
 
-  `optim.epochs > 0` (centerX `CenterTrainer.auto_scale_hyperparams`, spec §5.1): `epochs`, `steps`
-  and `warmup_iters` are numbers of epochs. With `iters_per_epoch = num_images // batch_size`
-  (at least 1; `num_images` = the training images the loader draws from, i.e. after
-  `data.filter_empty`; `batch_size` = the global batch):
+  `optim.epochs > 0` (centerX `CenterTrainer.auto_scale_hyperparams`, docs/onestage.md §5.1):
+  `epochs`, `steps` and `warmup_iters` are numbers of epochs. With
+  `iters_per_epoch = num_images // batch_size` (at least 1; `num_images` = the training images the
+  loader draws from, i.e. after `data.filter_empty`; `batch_size` = the global batch):
 
       max_iter      = ceil(epochs * iters_per_epoch)
       steps[i]      = ceil(steps[i] * iters_per_epoch)
@@ -578,13 +581,13 @@ SKIP_LOSS_INITIAL = 10e8  # centerX's `history_loss = 10e8`
 
 
 def skip_loss(factor: float) -> optax.GradientTransformationExtraArgs:
-  """centerX's "skip loss" (`engine/defaults.py run_step`, spec §3): an iteration whose total loss
-  `value` (an extra argument of `update`) is >= `factor` x the last accepted total gets zero
-  gradients and leaves the history as it is; otherwise its gradients pass and it becomes the
-  history (initially 10e8). The later transformations still run on the zero gradients, so
-  momentum and weight decay act (centerX still calls `optimizer.step()`). centerX decides per
-  GPU on its own loss; the train step passes the device-mean total, so every device decides the
-  same (identical on one device)."""
+  """centerX's "skip loss" (`engine/defaults.py run_step`, docs/onestage.md §3.7): an iteration
+  whose total loss `value` (an extra argument of `update`) is >= `factor` x the last accepted total
+  gets zero gradients and leaves the history as it is; otherwise its gradients pass and it becomes
+  the history (initially 10e8). The later transformations still run on the zero gradients, so
+  momentum and weight decay act (centerX still calls `optimizer.step()`). centerX decides per GPU on
+  its own loss; the train step passes the device-mean total, so every device decides the same
+  (identical on one device)."""
   factor = float(factor)
 
   def init(params):

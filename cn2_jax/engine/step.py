@@ -5,13 +5,13 @@ loss normalisers `pmean` over `axis_name='data'`), wrapped in `jax.shard_map` (b
 `P('data')` on the leading axis, train state replicated `P()`) inside `jax.jit` with the state
 donated. No `jax.pmap`, no `device_put_sharded/replicated`.
 
-Gradient averaging and `check_vma` (docs: shared/docs/env_notes.md §2). With `check_vma=True`, JAX
-tracks which values vary across the mesh; the transpose of the implicit broadcast of a replicated
-(`P()`) parameter is a `psum`, so `jax.grad` w.r.t. replicated params comes back ALREADY summed over
-devices and a further `pmean` would give gradients n_devices times too large. `check_vma=True` also
-requires every `while_loop`/`scan`/`cond` carry in the model to be vma-consistent (an invariant
-`jnp.zeros` carry that becomes data-dependent is a TypeError), which detection code (NMS loops,
-sampling) trips over and which the model cannot fix without knowing it runs under shard_map.
+Gradient averaging and `check_vma`. With `check_vma=True`, JAX tracks which values vary across the
+mesh; the transpose of the implicit broadcast of a replicated (`P()`) parameter is a `psum`, so
+`jax.grad` w.r.t. replicated params comes back ALREADY summed over devices and a further `pmean`
+would give gradients n_devices times too large. `check_vma=True` also requires every
+`while_loop`/`scan`/`cond` carry in the model to be vma-consistent (an invariant `jnp.zeros` carry
+that becomes data-dependent is a TypeError), which detection code (NMS loops, sampling) trips over
+and which the model cannot fix without knowing it runs under shard_map.
 Choice: **`check_vma=False` by default** (exactly pmap semantics: per-device gradients, then an
 explicit `lax.pmean`). `check_vma=True` is supported too: the already-summed gradients are divided
 by the axis size instead. Both are tested against a 1-device run on the same global batch.

@@ -1,7 +1,7 @@
-"""Weight averaging: an EMA of the parameters and SWA (stochastic weight averaging, centerX spec
-§5.3, done with the BatchNorm statistics recomputed). Both are off by default; when off the train
-state, the checkpoints and the training are exactly as before (`TrainState.ema == {}`,
-`TrainState.swa == {}`).
+"""Weight averaging: an EMA of the parameters and SWA (stochastic weight averaging,
+docs/onestage.md §5.3, done with the BatchNorm statistics recomputed). Both are off by default;
+when off the train state, the checkpoints and the training are exactly as before
+(`TrainState.ema == {}`, `TrainState.swa == {}`).
 
 EMA (`config.ema`, on when `ema.decay > 0`). After every optimizer update (inside the jitted train
 step, `make_post_update`):

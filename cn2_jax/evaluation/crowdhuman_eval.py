@@ -35,8 +35,8 @@ metrics can then differ in the last digits.  These metrics are computed on the d
 model returns (``model.roi_heads.detections_per_image``, 100 by default: CrowdHuman images can have
 more people than that).
 
-COCO-style AP (``AP``, ``AP50``, ... of ``coco_eval.py``) on the same converted json is what
-centerX reports for CrowdHuman (spec §1.2); ``app.evaluate`` writes both into ``metrics.json``,
+COCO-style AP (``AP``, ``AP50``, ... of ``coco_eval.py``) on the same converted json is what centerX
+reports for CrowdHuman (docs/datasets.md §3.3); ``app.evaluate`` writes both into ``metrics.json``,
 these with the prefix ``crowdhuman_``.
 """
 

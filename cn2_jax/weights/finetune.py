@@ -40,15 +40,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cn2_jax.config import config_from_json
+from cn2_jax.config import config_from_json, get_field, jsonable
 from cn2_jax.convert import FORMATS, detect_checkpoint
 from cn2_jax.data.coco_classes import COCO_CLASS_NAMES
 from cn2_jax.engine import swa as swa_lib
 from cn2_jax.errors import ConfigError, ConversionError, InputFileError, WeightsError, one_line
 from cn2_jax.modeling import meta_arch
 from cn2_jax.tree_paths import key_str
-from cn2_jax.weights import flax_mapping
-from cn2_jax.weights import onestage as onestage_weights
 from cn2_jax.weights.loading import (
     VARIABLE_COLLECTIONS,
     _implied_model_fields,
@@ -59,13 +57,10 @@ from cn2_jax.weights.loading import (
     weights_run_dir,
 )
 from cn2_jax.weights.reader import load_checkpoint_file
-from cn2_jax.weights.rename import detect_format, to_detectron2_names
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "init_report.json"
-
-FAMILY_NAMES = {"centernet2": "CenterNet2", "onestage": "one-stage CenterNet (centerX)"}
 
 
 def normalized_class_name(name: str) -> str:
@@ -165,16 +160,9 @@ def _read_file(path: str, model_cfg, abstract) -> Source:
   source = Source(path=path, what=kind.what, family=family)
   if family != model_cfg.arch:
     return source  # plan_init names both families
-  if family == "centernet2":
-    renamed = to_detectron2_names(state_dict, detect_format(state_dict))
-    named, report = flax_mapping.named_flax_tensors(renamed, abstract)
-    source.unmapped = list(report.unknown_keys)
-    source.dropped = [k for k, _ in report.dropped_keys]
-  else:
-    renamed = onestage_weights.to_centerx_names(state_dict, fmt)
-    named, report = onestage_weights.named_flax_tensors(renamed, abstract)
-    source.unmapped = list(report.unexpected)
-    source.dropped = [k for k, _ in report.dropped]
+  named, source.unmapped, source.dropped = meta_arch.family(family).weights.named_tensors(
+      state_dict, abstract
+  )
   names = _slash_names(abstract)
   source.tensors = {names[key]: value for key, value in named.items()}
   return source
@@ -250,13 +238,11 @@ def _matches(patterns: Sequence[str], name: str) -> bool:
 def _field_hint(family: str, name: str, source_shapes: dict, model_cfg) -> str:
   """The config field(s) behind a tensor of another shape: the value the source implies when
   it can be read off its shapes, else the fields that shape that part of the model."""
-  if family == "centernet2":
-    for field, value in _implied_model_fields(source_shapes).items():
-      here = model_cfg
-      for part in field.split("."):
-        here = here[part]
-      if field != "num_classes" and json.dumps(here, default=str) != json.dumps(value, default=str):
-        return f"the checkpoint has model.{field}={value!r}, this config {here!r}"
+  # (the implied values are read off CenterNet2's variable names; other families imply none)
+  for field, value in _implied_model_fields(source_shapes).items():
+    here = get_field(model_cfg, field)
+    if field != "num_classes" and jsonable(here) != jsonable(value):
+      return f"the checkpoint has model.{field}={value!r}, this config {here!r}"
   return f"check {fields_of_path(family, name)}"
 
 
@@ -335,16 +321,10 @@ class InitPlan:
     )
     log.info("loaded %s: %s", self.source.path, conversion.summary())
     names = _slash_names(host)
-    if self.family == "onestage":
-      loaded = [names[tuple(m[1].split("/", 1))] for m in conversion.mapped]
-      skipped = [k for k, _ in conversion.dropped]
-    else:
-      loaded = [names[(m[1], m[2])] for m in conversion.mapped]
-      skipped = list(conversion.skipped_keys) + [k for k, _ in conversion.dropped_keys]
-    self.loaded = loaded
+    self.loaded = [names[key] for key in conversion.mapped_variables()]
     report = self.report()
     report["source_what"] += " (backbone only)"
-    report["skipped"] = skipped
+    report["skipped"] = conversion.unused_source_keys()
     self._write(report, workdir)
     return out
 
@@ -387,9 +367,9 @@ def plan_init(cfg, target_class_names: Sequence[str], abstract: dict) -> InitPla
     return plan
   if source.family != family:
     raise WeightsError(
-        f"init_from {path} holds a {FAMILY_NAMES.get(source.family, source.family)} detector "
+        f"init_from {path} holds a {meta_arch.family(source.family).display_name} detector "
         f"(model.arch={source.family!r}), but this config builds a "
-        f"{FAMILY_NAMES.get(family, family)} one (model.arch={family!r}); weights of one family "
+        f"{meta_arch.family(family).display_name} one (model.arch={family!r}); weights of one family "
         f"cannot initialise the other"
     )
   info = meta_arch.family(family).class_params

@@ -21,7 +21,12 @@ import numpy as np
 
 from cn2_jax.errors import ConversionError
 from cn2_jax.tree_paths import key_str as _key_str
-from cn2_jax.weights.rename import BACKBONE_PREFIX, FROZEN_BN_EPS
+from cn2_jax.weights.rename import (
+    BACKBONE_PREFIX,
+    FROZEN_BN_EPS,
+    detect_format,
+    to_detectron2_names,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Mapping onto the Flax variables.
@@ -107,6 +112,14 @@ class ConversionReport:
         dropped=len(self.dropped_keys),
         filled_defaults=len(self.filled_defaults),
     )
+
+  def mapped_variables(self) -> list:
+    """(collection, '.'-joined path) of every variable filled from the checkpoint."""
+    return [(coll, path) for _, coll, path, *_ in self.mapped]
+
+  def unused_source_keys(self) -> list:
+    """Source keys not loaded: outside the backbone (backbone-only) or dropped by the renaming."""
+    return list(self.skipped_keys) + [key for key, _ in self.dropped_keys]
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -361,3 +374,20 @@ def convert_to_flax(d2_state_dict, target_variables, *, backbone_only: bool = Fa
   if not report.ok:
     raise ConversionError(report.summary(), report)
   return jax.tree_util.tree_unflatten(treedef, out), report
+
+
+def convert_official(state_dict, variables, *, backbone_only: bool = False):
+  """A detectron2 / CenterNet2 checkpoint or an MSRA / torchvision ImageNet ResNet (format
+  detected from the keys, renamed to detectron2 names) mapped strictly onto `variables`:
+  (variables, ConversionReport)."""
+  renamed = to_detectron2_names(state_dict, detect_format(state_dict))
+  return convert_to_flax(renamed, variables, backbone_only=backbone_only)
+
+
+def official_named_tensors(state_dict, abstract):
+  """Every tensor of an official checkpoint in this project's names and layouts (any shapes):
+  ({(collection, '.'-path): array}, unmapped source keys, keys dropped by the renaming)."""
+  named, report = named_flax_tensors(
+      to_detectron2_names(state_dict, detect_format(state_dict)), abstract
+  )
+  return named, list(report.unknown_keys), [key for key, _ in report.dropped_keys]

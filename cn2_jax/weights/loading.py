@@ -23,9 +23,8 @@ import numpy as np
 from cn2_jax.config import get_field, jsonable, show_value
 from cn2_jax.errors import InputFileError, WeightsError, one_line
 from cn2_jax.modeling import detector
-from cn2_jax.weights.flax_mapping import convert_to_flax
+from cn2_jax.modeling import meta_arch
 from cn2_jax.weights.reader import load_checkpoint_file
-from cn2_jax.weights.rename import detect_format, to_detectron2_names
 
 # The model's variable collections a checkpoint or weights file carries (docs/DESIGN.md).
 VARIABLE_COLLECTIONS = ("params", "frozen", "batch_stats")
@@ -133,27 +132,10 @@ def _implied_model_fields(shapes: dict) -> dict:
   return out
 
 
-# Where a mismatching parameter lives -> the config fields that shape it (when the checkpoint
-# does not tell the value, e.g. a partial or foreign checkpoint), per family; first match wins.
-FIELDS_BY_PATH = {
-    "centernet2": (
-        ("/backbone/bottom_up/", "model.resnet_depth, model.resnet_width or model.resnet_norm"),
-        ("/backbone/", "model.fpn_channels or model.fpn_norm"),
-        ("/proposal_generator/", "model.centernet.num_convs or model.fpn_channels"),
-        ("/roi_heads/box_predictor", "model.num_classes or model.roi_heads.fc_dim"),
-        ("/roi_heads/", "model.roi_heads.* (fc_dim, num_fc, pooler_resolution, iou_thresholds)"),
-    ),
-    "onestage": (
-        ("/backbone/", "model.resnet_depth or model.resnet_width"),
-        ("/upsample/", "model.onestage.deconv_channels, use_deform or modulate_deform"),
-        ("/head/", "model.onestage.head_conv or model.onestage.deconv_channels"),
-    ),
-}
-
-
 def fields_of_path(arch: str, name: str) -> str:
-  """The config fields that shape the variable `name` ('/'-joined) of family `arch`."""
-  table = FIELDS_BY_PATH.get(arch, ())
+  """The config fields that shape the variable `name` ('/'-joined) of family `arch` (its
+  registry entry's `weights.fields_by_path`; first match)."""
+  table = meta_arch.family(arch).weights.fields_by_path
   return next((f for key, f in table if key in f"/{name}"), "the model fields")
 
 
@@ -266,15 +248,9 @@ def load_weights_file(path: str, variables: dict, *, backbone_only: bool, model_
 
 def convert_state_dict(sd, variables: dict, *, backbone_only: bool, arch: str):
   """An official state dict (as read by `load_checkpoint_file`) mapped onto `variables` by the
-  converter of the family `arch`: centerX / xingyizhou CenterNet / torchvision files for
-  "onestage" (weights/onestage.py), detectron2 / MSRA / torchvision for "centernet2". Returns
-  (variables, the converter's report)."""
-  if arch == "onestage":
-    from cn2_jax.weights.onestage import load_onestage_weights
-
-    return load_onestage_weights(sd, variables, backbone_only=backbone_only)
-  sd = to_detectron2_names(sd, detect_format(sd))
-  return convert_to_flax(sd, variables, backbone_only=backbone_only)
+  converter of the family `arch` (its registry entry's `weights.convert`). Returns (variables,
+  the converter's report)."""
+  return meta_arch.family(arch).weights.convert(sd, variables, backbone_only=backbone_only)
 
 
 def _warn_inexact_official_eval(cfg) -> None:

@@ -51,6 +51,7 @@ __all__ = [
     "infer_model_config",
     "load_onestage_weights",
     "named_flax_tensors",
+    "official_named_tensors",
     "to_centerx_names",
     "torch_key_of",
 ]
@@ -191,6 +192,14 @@ class OneStageReport:
   @property
   def ok(self) -> bool:
     return not (self.missing or self.unexpected or self.misshaped)
+
+  def mapped_variables(self) -> list:
+    """(collection, '.'-joined path) of every variable filled from the checkpoint."""
+    return [tuple(target.split("/", 1)) for _, target, *_ in self.mapped]
+
+  def unused_source_keys(self) -> list:
+    """Source keys not loaded (dropped: the ImageNet classifier, BatchNorm counters)."""
+    return [key for key, _ in self.dropped]
 
   def summary(self, max_list: int = 200, show_mapped: bool = True) -> str:
     lines = [
@@ -355,6 +364,14 @@ def named_flax_tensors(sd, target_variables):
     b = _to_flax(a, how)
     out[(coll, path)] = np.array(a if b is None else b, np.float32)
   return out, report
+
+
+def official_named_tensors(state_dict, abstract):
+  """Every tensor of a centerX / xingyizhou CenterNet checkpoint in this project's names and
+  layouts (any shapes): ({(collection, '.'-path): array}, unmapped source keys, dropped keys)."""
+  renamed = to_centerx_names(state_dict, detect_format(state_dict))
+  named, report = named_flax_tensors(renamed, abstract)
+  return named, list(report.unexpected), [key for key, _ in report.dropped]
 
 
 def torch_key_of(collection: str, path: str) -> Tuple[str, str]:

@@ -1,9 +1,10 @@
 """FPN on ResNet res3-res5 with P6/P7 from P5 (CenterNet2 `build_p67_resnet_fpn_backbone`).
 
-Spec §2.3. Module/variable names follow detectron2's `FPN` + CenterNet2's `LastLevelP6P7_P5`, so
-with the caller naming this module `backbone` the paths are `backbone.bottom_up.*`,
-`backbone.fpn_lateral{3,4,5}.{kernel,bias}`, `backbone.fpn_output{3,4,5}.{kernel,bias}`,
-`backbone.top_block.p6.{kernel,bias}`, `backbone.top_block.p7.{kernel,bias}`.
+docs/centernet2.md §2.3. Module/variable names follow detectron2's `FPN` + CenterNet2's
+`LastLevelP6P7_P5`, so with the caller naming this module `backbone` the paths are
+`backbone.bottom_up.*`, `backbone.fpn_lateral{3,4,5}.{kernel,bias}`,
+`backbone.fpn_output{3,4,5}.{kernel,bias}`, `backbone.top_block.p6.{kernel,bias}`,
+`backbone.top_block.p7.{kernel,bias}`.
 
 Forward (detectron2 `FPN.forward`, FUSE_TYPE='sum'):
   prev = lateral5(c5); P5 = output5(prev)

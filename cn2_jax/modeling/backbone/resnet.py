@@ -1,8 +1,8 @@
 """ResNet-18/34/50/101 bottom-up backbone, structured and named like detectron2's `resnet.py`.
 
-Spec §2.2. Variable paths (relative to this module) follow detectron2's state-dict keys, e.g.
-`stem.conv1.kernel`, `stem.conv1.norm.running_var` (collection `frozen`), `res2.0.conv1.kernel`,
-`res3.0.shortcut.kernel` (docs/DESIGN.md, "Parameter naming").
+docs/centernet2.md §2.2. Variable paths (relative to this module) follow detectron2's state-dict
+keys, e.g. `stem.conv1.kernel`, `stem.conv1.norm.running_var` (collection `frozen`),
+`res2.0.conv1.kernel`, `res3.0.shortcut.kernel` (docs/DESIGN.md, "Parameter naming").
 
 * `BasicStem` (`stem`): conv1 7x7 s2 p3 (no bias) + norm, ReLU, max-pool 3x3 s2 p1 (torch semantics:
   implicit -inf padding, floor output size).
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cn2_jax.modeling import export_mode
 from cn2_jax.modeling.canvas import canvas_mask, zero_outside_canvas
 from cn2_jax.modeling.layers import Conv2d, c2_msra_fill
 
@@ -146,6 +147,10 @@ def _max_pool_bwd(res, g):
 
 
 max_pool_3x3_s2_p1.defvjp(_max_pool_fwd, _max_pool_bwd)
+# Inside export_mode.onnx_ops() (an ONNX conversion): -inf padding + a 2-D max-pool.
+max_pool_3x3_s2_p1 = export_mode.onnx_form(export_mode.max_pool_3x3_s2_p1_for_onnx)(
+    max_pool_3x3_s2_p1
+)
 
 
 def resnet_conv(

@@ -8,13 +8,19 @@ trainable BatchNorm), so the data pipeline, training loop, evaluation, predict a
 every family. `frozen_param_prefixes(config.model)` names the '.'-joined parameter path prefixes
 that receive no update (the optimizer's FROZEN label). `class_params` describes the family's
 class-dependent parameters (one row per class along the last axis) for fine-tuning onto other
-classes (weights/finetune.py).
+classes (weights/finetune.py). `onnx_parts` declares what `python -m cn2_jax.export --format onnx`
+converts for the family (`--onnx-part`): part name -> the name of a module method
+`(image, image_hw) -> {output name: array}` that computes it, or None for the whole detector (the
+Predictor's forward, as the StableHLO export has it); the first part is the default.
+`weights` (a `WeightFormat`) maps the family's official checkpoints onto its variables
+(`python -m cn2_jax.convert`, `--config.weights`, `init_from`); `display_name` names the family
+in messages.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Mapping, Optional
 
 import ml_collections
 
@@ -30,20 +36,49 @@ class ClassParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class WeightFormat:
+  """How a family's official checkpoints (a state dict read by `weights.load_checkpoint_file`)
+  map onto its variables."""
+
+  # (state dict, variables, *, backbone_only) -> (variables, report): strict conversion
+  convert: Callable
+  # (state dict, abstract variables) -> ({(collection, '.'-path): array}, unmapped source keys,
+  # source keys dropped by the official renaming): every tensor in this project's names and
+  # layouts, whatever its shape (fine-tuning compares the shapes itself)
+  named_tensors: Callable
+  # ((variable-name fragment, the config fields that shape it), ...) for mismatch messages
+  fields_by_path: tuple
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
   build: Callable  # (FrozenConfigDict model config, axis_name) -> flax.linen.Module
   frozen_param_prefixes: Callable  # (model config) -> tuple[str, ...]
   class_params: ClassParams
+  weights: WeightFormat
+  display_name: str
+  # --format onnx: part -> module method name (None: the whole detector); the first is the default
+  onnx_parts: Mapping[str, Optional[str]] = dataclasses.field(default_factory=dict, hash=False)
 
 
 META_ARCHS: Dict[str, Family] = {}
 
 
-def register(name: str, *, frozen_param_prefixes: Callable, class_params: ClassParams) -> Callable:
+def register(
+    name: str,
+    *,
+    frozen_param_prefixes: Callable,
+    class_params: ClassParams,
+    weights: WeightFormat,
+    display_name: str,
+    onnx_parts: Optional[Mapping[str, Optional[str]]] = None,
+) -> Callable:
   def deco(build: Callable) -> Callable:
     if name in META_ARCHS:
       raise ValueError(f"meta-architecture {name!r} is registered twice")
-    META_ARCHS[name] = Family(build, frozen_param_prefixes, class_params)
+    META_ARCHS[name] = Family(
+        build, frozen_param_prefixes, class_params, weights, display_name, dict(onnx_parts or {})
+    )
     return build
 
   return deco

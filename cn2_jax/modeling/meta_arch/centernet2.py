@@ -13,7 +13,7 @@ the official detectron2 state-dict keys (docs/DESIGN.md). Registered as `model.a
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -22,9 +22,11 @@ import jax.numpy as jnp
 from cn2_jax.config import model_kwargs
 from cn2_jax.modeling.backbone.fpn import FPN
 from cn2_jax.modeling.canvas import canvas_masks, official_canvas
-from cn2_jax.modeling.meta_arch.build import ClassParams, register
+from cn2_jax.modeling.meta_arch.build import ClassParams, WeightFormat, register
 from cn2_jax.modeling.proposal.centernet import CenterNet
+from cn2_jax.modeling.proposal.decode import proposal_candidates
 from cn2_jax.modeling.roi_heads.cascade import CascadeROIHeads
+from cn2_jax.weights import flax_mapping
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -43,6 +45,24 @@ def _frozen_param_prefixes(model_config) -> tuple:
     class_params=ClassParams(
         r"params/roi_heads/box_predictor\.\d+/cls_score/(kernel|bias)", background_last=True
     ),
+    display_name="CenterNet2",
+    # detectron2 / CenterNet2 checkpoints, MSRA and torchvision ImageNet backbones
+    weights=WeightFormat(
+        convert=flax_mapping.convert_official,
+        named_tensors=flax_mapping.official_named_tensors,
+        fields_by_path=(
+            ("/backbone/bottom_up/", "model.resnet_depth, model.resnet_width or model.resnet_norm"),
+            ("/backbone/", "model.fpn_channels or model.fpn_norm"),
+            ("/proposal_generator/", "model.centernet.num_convs or model.fpn_channels"),
+            ("/roi_heads/box_predictor", "model.num_classes or model.roi_heads.fc_dim"),
+            (
+                "/roi_heads/",
+                "model.roi_heads.* (fc_dim, num_fc, pooler_resolution, iou_thresholds)",
+            ),
+        ),
+    ),
+    # --format onnx: up to the proposal NMS, which jax2onnx does not convert (cn2_jax/export.py)
+    onnx_parts={"candidates": "proposal_candidates", "dense": "dense_outputs"},
 )
 class CenterNet2(nn.Module):
   """The detector. `config` is `config.model` (cn2_jax/config.py), as a FrozenConfigDict.
@@ -96,15 +116,54 @@ class CenterNet2(nn.Module):
     )
     return jnp.where(inside[..., None], x, 0.0).astype(_DTYPES[m.dtype])
 
-  def __call__(self, batch: dict, train: bool = False):
-    images = self.preprocess(batch["image"], batch["image_hw"])
-    canvas = official_canvas(batch["image_hw"])
-    features = self.backbone(images, canvas)
+  def backbone_features(self, image: jax.Array, image_hw: jax.Array) -> Tuple[list, list]:
+    """The first half of every forward: preprocessing, the backbone on the official canvas (the
+    batch's largest image_hw rounded up to 32) -> FPN features P3..P7 `[B, H_l, W_l, C]` (sown
+    as intermediates p3..p7) and each level's canvas mask `[B, H_l, W_l]` bool."""
+    images = self.preprocess(image, image_hw)
+    features = self.backbone(images, official_canvas(image_hw))
     for i, f in enumerate(features):
       self.sow("intermediates", f"p{i + 3}", f)
     masks = canvas_masks(
-        batch["image_hw"], [f.shape[1:3] for f in features], self.proposal_generator.strides
+        image_hw, [f.shape[1:3] for f in features], self.proposal_generator.strides
     )
+    return features, masks
+
+  def _dense(self, image: jax.Array, image_hw: jax.Array) -> Tuple[dict, dict, list]:
+    features, masks = self.backbone_features(image, image_hw)
+    head = self.proposal_generator.centernet_head(features, masks)
+    out = {f"p{i + 3}": f for i, f in enumerate(features)}
+    out.update({f"hm_logits_p{i + 3}": h for i, h in enumerate(head["hm_logits"])})
+    out.update({f"reg_p{i + 3}": r for i, r in enumerate(head["reg"])})
+    return out, head, masks
+
+  def dense_outputs(self, image: jax.Array, image_hw: jax.Array) -> Dict[str, jax.Array]:
+    """The dense part (no proposals, no ROI heads): the FPN features `p3..p7` and the CenterNet
+    head maps `hm_logits_p3..p7 [B, H_l, W_l]` (objectness logits), `reg_p3..p7 [B, H_l, W_l, 4]`
+    (ltrb distances in stride units), as the full forward computes them (`--onnx-part dense`)."""
+    return self._dense(image, image_hw)[0]
+
+  def proposal_candidates(self, image: jax.Array, image_hw: jax.Array) -> Dict[str, jax.Array]:
+    """`dense_outputs` plus the test-mode proposal decode up to its NMS
+    (`proposal.decode.proposal_candidates`): `cand_boxes`, `cand_scores`, `cand_valid`
+    (`--onnx-part candidates`; `export.centernet2_proposals` does the rest)."""
+    out, head, masks = self._dense(image, image_hw)
+    pg = self.proposal_generator
+    out.update(
+        proposal_candidates(
+            head["hm_logits"],
+            head["reg"],
+            masks,
+            strides=tuple(pg.strides),
+            pre_nms_topk=int(pg.pre_nms_topk_test),
+            score_thresh=float(pg.inference_thresh),
+            clip_hw=image_hw if pg.clip_proposals else None,
+        )
+    )
+    return out
+
+  def __call__(self, batch: dict, train: bool = False):
+    features, masks = self.backbone_features(batch["image"], batch["image_hw"])
     if not train:
       proposals = self.proposal_generator(
           features, train=False, masks=masks, image_hw=batch["image_hw"]

@@ -1,5 +1,5 @@
 """torchvision-style ResNet-18/34/50/101 returning C5 only (centerX `modeling/backbone/resnet.py`,
-spec §2 "Backbone").
+docs/onestage.md §2.2).
 
 Differences from the detectron2 ResNet of CenterNet2 (`modeling/backbone/resnet.py`):
   * trainable BatchNorm (`norm.BatchNorm`, running statistics in `batch_stats`) after every conv;

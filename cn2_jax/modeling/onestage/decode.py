@@ -1,5 +1,5 @@
 """centerX decoding (`modeling/layers/centernet_decode.py::CenterNetDecoder.decode` and
-`CenterNet.inference`, spec §2 "Decoding"), inside jit.
+`CenterNet.inference`, docs/onestage.md §2.5), inside jit.
 
 1. Pseudo-NMS: keep = (maxpool3x3 (stride 1, pad 1, -inf padding)(heat) == heat),
    heat <- heat * keep. Every pixel of a plateau of equal maxima survives.
@@ -22,20 +22,18 @@ from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from cn2_jax.modeling import export_mode
 
 
 def pseudo_nms(heat: jax.Array, pool_size: int = 3) -> jax.Array:
-  """`heat [B, H, W, C]` -> heat * (maxpool(heat) == heat) (torch max_pool2d, -inf padding)."""
-  pad = (pool_size - 1) // 2
-  hmax = jax.lax.reduce_window(
-      heat,
-      np.array(-np.inf, heat.dtype),
-      jax.lax.max,
-      (1, pool_size, pool_size, 1),
-      (1, 1, 1, 1),
-      ((0, 0), (pad, pad), (pad, pad), (0, 0)),
-  )
+  """`heat [B, H, W, C]` -> heat * (maxpool(heat) == heat) (torch max_pool2d, -inf padding).
+
+  The suppression is an equality with the pooled max (Equal + Mul in ONNX), safe in fp16: the
+  pooled max is one of the inputs, bit for bit, and no 1e-9 / 1e9 constant (which fp16 flushes to
+  0 / inf) is involved. The max-pool is `export_mode.max_pool` (a 2-D flax max_pool while
+  converting to ONNX)."""
+  hmax = export_mode.max_pool(heat, pool_size, 1, (pool_size - 1) // 2)
   return heat * (hmax == heat).astype(heat.dtype)
 
 
@@ -44,15 +42,20 @@ def topk_score(heat: jax.Array, k: int = 100):
 
   Returns: scores `[B, K]`, pixel index `[B, K]` int32 (y * W + x), classes `[B, K]` int32,
   ys `[B, K]` int32, xs `[B, K]` int32.
+
+  `export_mode.top_k` and `export_mode.int_divmod`, the batch as -1 in reshapes: while converting
+  to ONNX (`export_mode.onnx_ops()`) they take the forms jax2onnx converts, with the same values
+  and indices.
   """
-  b, h, w, c = heat.shape
-  per_class = jnp.transpose(heat, (0, 3, 1, 2)).reshape(b, c, h * w)
+  _, h, w, c = heat.shape
+  per_class = jnp.transpose(heat, (0, 3, 1, 2)).reshape(-1, c, h * w)
   k1 = min(k, h * w)
-  cls_scores, cls_inds = jax.lax.top_k(per_class, k1)  # [B, C, K1]
-  scores, idx = jax.lax.top_k(cls_scores.reshape(b, c * k1), min(k, c * k1))
-  classes = (idx // k1).astype(jnp.int32)
-  pix = jnp.take_along_axis(cls_inds.reshape(b, c * k1), idx, axis=1).astype(jnp.int32)
-  return scores, pix, classes, pix // w, pix % w
+  cls_scores, cls_inds = export_mode.top_k(per_class, k1)  # [B, C, K1]
+  scores, idx = export_mode.top_k(cls_scores.reshape(-1, c * k1), min(k, c * k1))
+  classes, _ = export_mode.int_divmod(idx, k1)
+  pix = jnp.take_along_axis(cls_inds.reshape(-1, c * k1), idx, axis=1).astype(jnp.int32)
+  ys, xs = export_mode.int_divmod(pix, w)
+  return scores, pix, classes.astype(jnp.int32), ys, xs
 
 
 def decode(

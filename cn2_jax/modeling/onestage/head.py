@@ -1,4 +1,4 @@
-"""centerX's `CenternetHead` (`modeling/layers/centernet_head.py`, spec §2 "Head").
+"""centerX's `CenternetHead` (`modeling/layers/centernet_head.py`, docs/onestage.md §2.4).
 
 Three `SingleHead` branches with separate weights, each `feat_conv` (3x3, pad 1, bias,
 in -> head_conv) -> ReLU -> `out_conv` (1x1, bias, head_conv -> n):

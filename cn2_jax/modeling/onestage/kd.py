@@ -1,5 +1,6 @@
 """Knowledge distillation of one-stage CenterNets (centerX `modeling/losses/centernet_kdloss.py`,
-`modeling/meta_arch/centernet.py`; spec §4.1). Off by default (`config.kd.teacher_workdirs=()`).
+`modeling/meta_arch/centernet.py`; docs/onestage.md §4.1). Off by default
+(`config.kd.teacher_workdirs=()`).
 
 Every teacher is a full, frozen `CenterNetOneStage` (or a CenterNet2, below) with its own config
 and weights. Inside the train step it runs on the student's batch (the same uint8 image and

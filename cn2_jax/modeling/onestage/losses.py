@@ -1,5 +1,4 @@
-"""centerX losses (`modeling/losses/det_loss.py`, spec §3 "Heatmap loss", "wh and offset
-losses", "Weights").
+"""centerX losses (`modeling/losses/det_loss.py`; docs/onestage.md §3.3-§3.5).
 
 * `modified_focal_loss(pred, gt)`: CornerNet's variant with alpha = 2, beta = 4 on the
   **sigmoided** heatmap. centerX clamps p to >= 1e-12 only (`clamp=(1e-12, None)`, default);
@@ -9,16 +8,16 @@ losses", "Weights").
   The masks are applied with `where` rather than centerX's multiplication: equal values where
   centerX is finite, but a positive pixel predicted at exactly 1.0 (log(1 - p) = -inf times a
   zero weight) no longer turns the loss or its gradient into NaN.
-  `ignore_unlabel=True` is centerX's `ignore_unlabel_focal_loss` (spec §4.5): every (image,
-  class) channel whose GT heatmap sums to 0 contributes no negative terms (positives unchanged),
-  so a dataset labelled only for some classes does not teach "background" on the others. (It
-  also ignores the negatives of a fully labelled image's absent classes, as centerX does.)
+  `ignore_unlabel=True` is centerX's `ignore_unlabel_focal_loss` (docs/onestage.md §4.5): every
+  (image, class) channel whose GT heatmap sums to 0 contributes no negative terms (positives
+  unchanged), so a dataset labelled only for some classes does not teach "background" on the others.
+  (It also ignores the negatives of a fully labelled image's absent classes, as centerX does.)
 * `reg_l1_loss(pred_map, index, mask, target)`: gather the prediction at `index`,
   sum |pred m / n - tgt m / n| / (sum(m) + 1e-4), m broadcast to both channels (so the
   denominator is 2 N_obj). `norm_wh` selects n: "" (1), "centerx" (the official code:
   `torch.sum(target, dim=1, keepdim=True) / 2 + 1e-4` over the *object* axis, i.e. per image and
   per channel, half the sum of all targets' w (resp. h)), or "per_object" ((w + h) / 2 + 1e-4 per
-  object, what the spec's description and the option's intent read as).
+  object, the option's stated intent: docs/onestage.md §3.4).
 """
 
 from __future__ import annotations
@@ -124,12 +123,12 @@ def communism_kind(name: str) -> Optional[str]:
 
 
 def communism(losses: Mapping[str, jax.Array], targets: Sequence[float]) -> Dict[str, jax.Array]:
-  """centerX's "communism loss" (`engine/defaults.py run_step`, spec §3): each cls / wh / off term
-  L becomes `target * L / stop_gradient(L)` (`targets` = (cls, wh, off), centerX defaults
-  1.5 / 0.3 / 0.1), so its value is pinned to the target and its gradient is `target * grad log
-  L`; every static weight on it, KD weights included, cancels. Keys starting with 'aux/' pass
-  through; the unscaled values are added as `aux/raw_{name}` (the progress a user wants to see).
-  A term equal to 0 (e.g. wh with no object) stays 0, where centerX's 0 / 0 would give NaN."""
+  """centerX's "communism loss" (`engine/defaults.py run_step`, docs/onestage.md §3.6): each cls /
+  wh / off term L becomes `target * L / stop_gradient(L)` (`targets` = (cls, wh, off), centerX
+  defaults 1.5 / 0.3 / 0.1), so its value is pinned to the target and its gradient is `target * grad
+  log L`; every static weight on it, KD weights included, cancels. Keys starting with 'aux/' pass
+  through; the unscaled values are added as `aux/raw_{name}` (the progress a user wants to see). A
+  term equal to 0 (e.g. wh with no object) stays 0, where centerX's 0 / 0 would give NaN."""
   tgt = dict(zip(COMMUNISM_KINDS, (float(t) for t in targets)))
   out = {}
   for name, value in losses.items():

@@ -1,5 +1,5 @@
 """centerX one-stage CenterNet: ResNet C5 -> 3 DeconvLayers (stride 4) -> cls / wh / reg heads
-(spec §2-§3; centerX `modeling/meta_arch/centernet.py`).
+(docs/onestage.md §2-§3; centerX `modeling/meta_arch/centernet.py`).
 
 Sub-modules are named `backbone`, `upsample`, `head`, so variable paths equal centerX's
 state-dict keys under the rename rule of `cn2_jax/weights/onestage.py`.
@@ -17,7 +17,7 @@ bottom/right, `image_hw` the valid size):
 Intermediates sown under `intermediates`: `input` (normalised image), `c5`,
 `upsample/deconv{1,2,3}_out`, `neck`, `cls`, `wh`, `reg`.
 
-Preprocessing (spec §2, oracle README §5): RGB (or BGR when `input_format == "BGR"`, e.g.
+Preprocessing (docs/onestage.md §2.1): RGB (or BGR when `input_format == "BGR"`, e.g.
 xingyizhou/CenterNet weights), x / 255, minus `pixel_mean`, divided by `pixel_std` (both in the
 model's channel order, in [0, 1] units), then 0 outside `image_hw`.
 
@@ -65,7 +65,7 @@ class CenterNetOneStage(nn.Module):
   `down_scale` (output stride). Input: `pixel_mean`, `pixel_std` ([0, 1] units), `input_format`.
   Targets/losses: `min_overlap`, `radius_formula`, `tensor_dim`, `cls_weight`, `wh_weight`,
   `reg_weight`, `norm_wh`, `focal_clamp` ((lo, hi), None = no bound), `ignore_unlabel`
-  (centerX §4.5), `communism` / `communism_targets` ((cls, wh, off); `losses.communism`).
+  (docs/onestage.md §4.5), `communism` / `communism_targets` ((cls, wh, off); `losses.communism`).
   Decoding: `max_detections` (K), `clamp_wh` (False = official inverted boxes).
   Numerics: `bn_momentum` (Flax convention), `bn_eps`, `dtype` ("float32" | "bfloat16";
   "float64" under `jax.enable_x64` only). `sync_bn`: BatchNorm statistics over `axis_name` (the
@@ -159,6 +159,16 @@ class CenterNetOneStage(nn.Module):
       self.sow("intermediates", k, v)
     return out
 
+  def dense_outputs(
+      self, image: jax.Array, image_hw: jax.Array, train_bn: bool = False
+  ) -> Dict[str, jax.Array]:
+    """The dense part of the forward (no decode): `preprocess` (sown as intermediate `input`),
+    then `maps`: `cls [B, H/4, W/4, C]` (sigmoid), `wh`, `reg` `[B, H/4, W/4, 2]` (float32), what
+    `--onnx-part dense` exports."""
+    images = self.preprocess(image, image_hw)
+    self.sow("intermediates", "input", images)
+    return self.maps(images, train_bn)
+
   def targets(self, batch: Mapping[str, jax.Array]) -> Dict[str, jax.Array]:
     """Targets of the batch on its canvas (see `targets.centernet_targets`)."""
     h, w = batch["image"].shape[1:3]
@@ -202,10 +212,8 @@ class CenterNetOneStage(nn.Module):
   def __call__(
       self, batch: Mapping[str, jax.Array], train: bool = False, bn_train: Optional[bool] = None
   ):
-    images = self.preprocess(batch["image"], batch["image_hw"])
-    self.sow("intermediates", "input", images)
     train_bn = train if bn_train is None else bn_train
-    maps = self.maps(images, train_bn)
+    maps = self.dense_outputs(batch["image"], batch["image_hw"], train_bn)
     if train:
       return self.finish_losses(self.losses(maps, self.targets(batch)))
     dets = decode_lib.decode(

@@ -1,5 +1,5 @@
-"""centerX's up-sampling neck `CenternetDeconv` (`modeling/layers/centernet_deconv.py`, spec §2
-"Neck"): three DeconvLayers, C5 (stride 32) -> 64 channels at stride 4.
+"""centerX's up-sampling neck `CenternetDeconv` (`modeling/layers/centernet_deconv.py`,
+docs/onestage.md §2.3): three DeconvLayers, C5 (stride 32) -> 64 channels at stride 4.
 
 Each `DeconvLayer` (module names = official state-dict names):
   `dcn`      3x3 conv in -> out: modulated DCNv2 (`ops.dcn.ModulatedDeformConv`: `offset_mask_conv`
@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cn2_jax.modeling import export_mode
 from cn2_jax.modeling.layers import Conv2d
 from cn2_jax.modeling.onestage.backbone import torch_conv_init
 from cn2_jax.modeling.onestage.norm import TORCH_BN_EPS, TORCH_BN_MOMENTUM, BatchNorm
@@ -90,6 +91,7 @@ def bilinear_deconv_init(key, shape, dtype=jnp.float32):
   return w.at[:, :, :, 0].set(jnp.broadcast_to(bil[:, :, None], (kh, kw, shape[2])))
 
 
+@export_mode.onnx_form(export_mode.conv_transpose2d_for_onnx)
 def conv_transpose2d(
     x: jax.Array,
     kernel: jax.Array,

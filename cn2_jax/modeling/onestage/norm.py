@@ -1,5 +1,5 @@
 """Trainable BatchNorm with PyTorch `nn.BatchNorm2d` / `nn.SyncBatchNorm` semantics (centerX's
-`get_norm(cfg, C, momentum=0.1)`, spec §2 and §5.5).
+`get_norm(cfg, C, momentum=0.1)`, docs/onestage.md §2.2 and §5.5).
 
 Variables (names follow the one-stage naming rule, see `cn2_jax/weights/onestage.py`):
   * params `scale` [C] (torch `weight`, init 1) and `bias` [C] (init 0);

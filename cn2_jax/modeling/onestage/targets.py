@@ -1,5 +1,5 @@
-"""CenterNet (centerX) training targets for one image, static shapes (spec §3 "Target
-generation", centerX `modeling/layers/centernet_gt.py::CenterNetGT.generate`).
+"""CenterNet (centerX) training targets for one image, static shapes (docs/onestage.md §3.1,
+centerX `modeling/layers/centernet_gt.py::CenterNetGT.generate`).
 
 For the valid GT boxes (xyxy in input pixels of the padded batch canvas), in their order:
   * boxes are scaled by 1 / down_scale (centerX scales them *in place*; here it is a copy);
@@ -18,7 +18,7 @@ rounding); centerX evaluates it in float64 and casts the Gaussian to float32, so
 the peaks (exactly 1) may differ by ~1e-7. centerX's "< eps * max -> 0" cut-off never triggers for
 sigma = d / 6 (the smallest value in the window is exp(-9)); it is kept for fidelity.
 
-Radius R(w, h) with o = min_overlap (spec §3 "Gaussian radius"):
+Radius R(w, h) with o = min_overlap (docs/onestage.md §3.2):
   * `"fixed"` (centerX): min of (b1 - sqrt(b1^2 - 4 c1)) / 2, (b2 - sqrt(b2^2 - 16 c2)) / 8,
     (b3 + sqrt(b3^2 - 16 o c3)) / (8 o), the corrected CornerNet formula;
   * `"cornernet"` (CN / CNB, the buggy original): (b + sqrt(...)) / 2 for all three.

@@ -1,4 +1,4 @@
-"""Box utilities with detectron2 semantics (spec §5; docs/DESIGN.md).
+"""Box utilities with detectron2 semantics (docs/centernet2.md §5.4; docs/DESIGN.md).
 
 Boxes are float32 `(x1, y1, x2, y2)` in pixels, no +1 in widths or areas. Every function works on
 arbitrary leading batch dimensions unless its docstring says otherwise, and is jit/vmap friendly.

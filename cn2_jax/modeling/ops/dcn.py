@@ -1,8 +1,8 @@
 """Deformable convolution v1/v2 (modulated) in JAX, and centerX's DCNv2 layer as a Flax module.
 
 Semantics are those of the official kernels: torchvision's CPU `deform_conv2d` (which the
-centerX oracle runs) and detectron2's / DCNv2's CUDA `modulated_deformable_im2col`; the oracle
-README §3 checked that they are line-for-line the same. For output pixel (y, x) and kernel tap
+centerX oracle runs) and detectron2's / DCNv2's CUDA `modulated_deformable_im2col`, whose
+sampling is line-for-line the same (docs/onestage.md §2.3). For output pixel (y, x) and kernel tap
 (i, j), k = i * kw + j (row-major), offset group g:
 
   * offset channel `g * 2K + 2k` is **dy**, channel `g * 2K + 2k + 1` is **dx** (interleaved per
@@ -42,8 +42,10 @@ from typing import Any, Callable, Optional, Tuple, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from cn2_jax.modeling import export_mode
 from cn2_jax.modeling.layers import Conv2d
 
 IntOrPair = Union[int, Tuple[int, int]]
@@ -79,6 +81,97 @@ def deform_conv_output_size(
   )
 
 
+def deform_conv2d_for_onnx(
+    x,
+    offset,
+    mask,
+    kernel,
+    bias=None,
+    *,
+    stride=1,
+    padding=1,
+    dilation=1,
+    offset_groups=None,
+    deformable_groups=None,
+    precision=None,
+):
+  """`deform_conv2d` (same arguments and semantics: zero-padded table, the four
+  floor/floor+1 corners, validity and mask folded into the bilinear weights) in a form jax2onnx
+  converts, with the same values up to float rounding:
+    * not jitted: inside the op's `jax.jit` jax2onnx fails at "No plugins registered for
+      primitive 'stack' inside jit body";
+    * with a symbolic batch, a batched gather (`take_along_axis` on a `[B, G, Hp*Wp, Cg]`
+      table) instead of a flat table indexed with `arange(B)`, which fails there
+      ("'_DynamicDimSentinel' object has no attribute 'rmax'"); the batch is -1 in reshapes;
+      with a static batch (`--batch N`) the op's flat gather (one Gather on axis 0: jax2onnx
+      wraps the batched one in two full-size Transposes);
+    * the corners weighted by batched [1, 4] x [4, Cg] matmuls and the columns contracted by a
+      2-D matmul (MatMul nodes), where the op's einsum / dot give ONNX Einsum nodes;
+    * size-1 group axes moved by reshapes, not transposes (`_transpose`)."""
+  _, height, width, cin = x.shape
+  kh, kw, _, cout = kernel.shape
+  (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+  ho, wo = deform_conv_output_size((height, width), (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+  taps = kh * kw
+  groups = offset_groups if offset_groups is not None else deformable_groups
+  groups = int(groups if groups is not None else offset.shape[-1] // (2 * taps))
+  cg = cin // groups
+  dtype = jnp.result_type(x.dtype, kernel.dtype)
+  cdtype = jnp.promote_types(offset.dtype, jnp.float32)
+  off = offset.astype(cdtype).reshape(-1, ho, wo, groups, taps, 2)
+  tap_i, tap_j = np.repeat(np.arange(kh), kw), np.tile(np.arange(kw), kh)  # row-major taps
+  base_y = (np.arange(ho) * sh - ph)[:, None] + tap_i[None, :] * dh  # [Ho, K]
+  base_x = (np.arange(wo) * sw - pw)[:, None] + tap_j[None, :] * dw  # [Wo, K]
+  py = jnp.asarray(base_y[None, :, None, None, :], cdtype) + off[..., 0]  # [B, Ho, Wo, G, K]
+  px = jnp.asarray(base_x[None, None, :, None, :], cdtype) + off[..., 1]
+  valid = (py > -1) & (py < height) & (px > -1) & (px < width)
+  py = jnp.where(valid, py, jnp.zeros_like(py))
+  px = jnp.where(valid, px, jnp.zeros_like(px))
+  y0f, x0f = jnp.floor(py), jnp.floor(px)
+  ly, lx = py - y0f, px - x0f
+  hy, hx = 1 - ly, 1 - lx
+  scale = valid.astype(cdtype)
+  if mask is not None:
+    scale = scale * mask.astype(cdtype).reshape(-1, ho, wo, groups, taps)
+  weights = jnp.stack([hy * hx, hy * lx, ly * hx, ly * lx], axis=-1) * scale[..., None]
+  hp, wp = height + 2, width + 2
+  xp = jnp.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  table = export_mode.transpose_for_onnx(
+      xp.reshape(-1, hp * wp, groups, cg), (0, 2, 1, 3)
+  )  # [B, G, Hp*Wp, Cg]
+  r00 = (y0f.astype(jnp.int32) + 1) * wp + x0f.astype(jnp.int32) + 1  # [B, Ho, Wo, G, K]
+  rows = r00[..., None] + jnp.asarray([0, 1, wp, wp + 1], jnp.int32)  # [B, Ho, Wo, G, K, 4]
+  rows = export_mode.transpose_for_onnx(rows, (0, 3, 1, 2, 4, 5)).reshape(
+      -1, groups, ho * wo * taps * 4
+  )
+  bsz = x.shape[0]
+  if isinstance(bsz, (int, np.integer)):  # a static batch: one flat table, one plain Gather
+    rows = rows + np.arange(bsz * groups, dtype=np.int32).reshape(bsz, groups, 1) * (hp * wp)
+    corners = jnp.take(table.reshape(-1, cg), rows.reshape(-1), axis=0, mode="clip")
+  else:  # per image (a batched gather), where the batch is symbolic
+    corners = jnp.take_along_axis(table, rows[..., None], axis=2)  # [B, G, Ho*Wo*K*4, Cg]
+  wts = export_mode.transpose_for_onnx(
+      weights.astype(dtype), (0, 3, 1, 2, 4, 5)
+  )  # [B, G, Ho, Wo, K, 4]
+  # The four corners weighted and summed as [1, 4] x [4, Cg] matmuls (MatMul in ONNX).
+  cols = jnp.matmul(
+      wts.reshape(-1, groups, ho * wo * taps, 1, 4),
+      corners.reshape(-1, groups, ho * wo * taps, 4, cg),
+      precision=jax.lax.Precision.HIGHEST,
+  ).reshape(-1, groups, ho, wo, taps, cg)
+  cols = export_mode.transpose_for_onnx(cols, (0, 2, 3, 4, 1, 5))  # [B, Ho, Wo, K, G, Cg]
+  out = jnp.dot(
+      cols.reshape(-1, taps * cin),
+      kernel.astype(dtype).reshape(taps * cin, cout),
+      precision=precision,
+  ).reshape(-1, ho, wo, cout)
+  if bias is not None:
+    out = out + jnp.asarray(bias).astype(dtype)
+  return out
+
+
+# Inside export_mode.onnx_ops() (an ONNX conversion): deform_conv2d_for_onnx, not jitted.
+@export_mode.onnx_form(deform_conv2d_for_onnx)
 # jit with the geometry static: eager calls then compile the whole op once per shape instead of
 # dispatching (and compiling) its ~50 primitives one by one; inside an outer jit it is inlined.
 @functools.partial(
@@ -280,14 +373,14 @@ class ModulatedDeformConv(nn.Module):
 
   Split of the 3GK offset_mask_conv channels (centerX `torch.chunk(x, 3, dim=1)`, then
   `offset = cat(o1, o2)`, `mask = sigmoid(m)`): channels `[0, 2GK)` are the offsets, already in
-  the interleaved (dy, dx)-per-tap order the kernel reads (oracle README §3: the chunk/cat is
+  the interleaved (dy, dx)-per-tap order the kernel reads (docs/onestage.md §2.3: the chunk/cat is
   an identity reordering), and channels `[2GK, 3GK)` are the mask logits.
 
   Initialisation: `zero_init_offset=True` (default) zeroes the offset/mask conv as the original
-  DCNv2 / CenterNet `DCN.init_offset` does, so a fresh layer samples the regular grid with
-  mask sigmoid(0) = 0.5. centerX itself does NOT zero it (torch's default Conv2d init; spec §2):
-  `zero_init_offset=False` reproduces that (weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in))).
-  The deformable kernel uses detectron2's kaiming_uniform(relu) and a zero bias.
+  DCNv2 / CenterNet `DCN.init_offset` does, so a fresh layer samples the regular grid with mask
+  sigmoid(0) = 0.5. centerX itself does NOT zero it (torch's default init; docs/onestage.md §2.3):
+  `zero_init_offset=False` reproduces that (weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in))). The
+  deformable kernel uses detectron2's kaiming_uniform(relu) and a zero bias.
 
   Call: `x [B, H, W, Cin]` -> `[B, Ho, Wo, features]` in `dtype`.
   """

@@ -1,7 +1,7 @@
 """IoU matcher: detectron2 `Matcher([t], [0, 1], allow_low_quality_matches=False)`.
 
-Used by the cascade ROI heads (spec §5: IoU >= 0.6 / 0.7 / 0.8 is foreground, no ignore band, no
-low-quality matches). Static shapes: padded GT with a validity mask.
+Used by the cascade ROI heads (docs/centernet2.md §5.1: IoU >= 0.6 / 0.7 / 0.8 is foreground, no
+ignore band, no low-quality matches). Static shapes: padded GT with a validity mask.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Exact, static-shape, tiled greedy NMS (torchvision `ops.nms` / `ops.batched_nms` semantics).
 
-torchvision's CPU kernel (oracle README §3): boxes are visited in descending score order (a stable
-sort, so equal scores keep the lower index first); a visited box that is not suppressed is kept and
-suppresses every later box j with IoU > thr, where IoU = inter / ((area_i + area_j) - inter) is
-computed in float32 and compared with the (double) threshold; a NaN IoU (0/0 between zero-area
-boxes) never suppresses. Here, additionally, boxes with `valid = False` are never kept and never
-suppress (they are the padding of a static-shape array).
+torchvision's CPU kernel (docs/centernet2.md §4.2): boxes are visited in descending score order (a
+stable sort, so equal scores keep the lower index first); a visited box that is not suppressed is
+kept and suppresses every later box j with IoU > thr, where IoU = inter / ((area_i + area_j) -
+inter) is computed in float32 and compared with the (double) threshold; a NaN IoU (0/0 between
+zero-area boxes) never suppresses. Here, additionally, boxes with `valid = False` are never kept and
+never suppress (they are the padding of a static-shape array).
 
 Algorithm (per image; `jax.vmap` for a batch): sort once, cut the sorted list into tiles of
 `tile_size` boxes, and for each tile (a `lax.while_loop`)

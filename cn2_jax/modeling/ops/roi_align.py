@@ -1,8 +1,8 @@
 """ROIAlign (torchvision CPU-kernel semantics) and detectron2's multi-level ROI pooler.
 
-Spec §5 (pooler) and oracle README §3. Everything here is jittable with static shapes and
-differentiable with respect to the features (never the boxes: torchvision's `roi_align` has no
-box gradient either, so boxes pass through `stop_gradient`).
+docs/centernet2.md §5.2 (pooler, torchvision kernel semantics). Everything here is jittable with
+static shapes and differentiable with respect to the features (never the boxes: torchvision's
+`roi_align` has no box gradient either, so boxes pass through `stop_gradient`).
 
 Conventions: features are NHWC (`[H, W, C]` for one map, `[B, H_l, W_l, C]` per pyramid level),
 boxes are float32 `(x1, y1, x2, y2)` in **image pixels**; a level `l` has stride `2**l`, so its
@@ -50,7 +50,8 @@ Two sampling modes:
     24 covers a 1333 px side on P3. Cost: up to `cap_h * cap_w`
     sub-sample steps (each 4 gathers of `[R, out_h, out_w, C]`) versus `sampling_ratio**2` for
     the fixed mode; on GPU each step's `lax.cond` predicate may cost a device-to-host sync
-    (jax_notes §4), which is why the fixed mode stays the fast path.
+    (XLA GPU runs dynamic control flow on the host, jax-ml/jax#2491), which is why the fixed
+    mode stays the fast path.
 
 Multi-level pooling (detectron2 `ROIPooler`): `assign_boxes_to_levels` picks one level per box
 (`clamp(floor(canonical_level + log2(sqrt(area) / canonical_box_size + 1e-8)), min, max)`), and

@@ -1,8 +1,9 @@
 """CenterNet as a class-agnostic proposal generator (official `CenterNet` with ONLY_PROPOSAL).
 
-Holds the shared head (`centernet_head`, spec §2.4); in training it computes the targets
-(spec §3.1-3.3, 3.5) and the three first-stage losses (§3.4-3.6); in both modes it produces
-fixed-size proposals (§4) without gradient.
+Holds the shared head (`centernet_head`, docs/centernet2.md §2.4); in training it computes the
+targets (docs/centernet2.md §3.1-§3.3, §3.5) and the three first-stage losses (docs/centernet2.md
+§3.4-§3.6); in both modes it produces fixed-size proposals (docs/centernet2.md §4) without
+gradient.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CenterNet2's class-agnostic CenterNet proposal head (spec §2.4).
+"""CenterNet2's class-agnostic CenterNet proposal head (docs/centernet2.md §2.4).
 
 Official: `centernet/modeling/dense_heads/centernet_head.py` with ONLY_PROPOSAL=True,
 WITH_AGN_HM=True, NORM="GN", NUM_BOX_CONVS=4, NUM_SHARE_CONVS=0 (and the cls tower reduced to 0
@@ -43,8 +43,8 @@ class CenterNetHead(nn.Module):
     num_convs: convs in the bbox tower (`centernet.num_convs`).
     channels: tower width (`fpn_channels`; must equal the input channels, as in the official head).
     prior_prob: objectness prior (`centernet.prior_prob`); `agn_hm` bias = -log((1 - p) / p).
-    bbox_bias_init: `bbox_pred` bias init (`centernet.bbox_bias_init`, in stride units; spec §8
-      item 6).
+    bbox_bias_init: `bbox_pred` bias init (`centernet.bbox_bias_init`, in stride units;
+      docs/centernet2.md §2.4).
     dtype: compute dtype of the convs (`dtype`; parameters and outputs are float32).
 
   `__call__(features, masks=None)` with `features` a list of `num_levels` NHWC maps

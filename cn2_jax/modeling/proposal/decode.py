@@ -1,4 +1,4 @@
-"""CenterNet proposal generation (spec §4; oracle README §6), static shapes.
+"""CenterNet proposal generation (docs/centernet2.md §4), static shapes.
 
 Official path (`CenterNet.inference` -> `predict_instances` -> `predict_single_level` ->
 `nms_and_topK`), per image:
@@ -16,11 +16,12 @@ exact score ties at the cut can keep more than k boxes; here exactly the first k
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from cn2_jax.modeling import export_mode
 from cn2_jax.modeling.ops.nms import DEFAULT_TILE_SIZE, nms
 
 
@@ -120,3 +121,57 @@ def generate_proposals(
   if clip_hw is None:
     return jax.vmap(lambda h, r: single(h, r, None))(list(hm_logits), list(reg))
   return jax.vmap(single)(list(hm_logits), list(reg), clip_hw)
+
+
+def proposal_candidates(
+    hm_logits: Sequence[jax.Array],
+    reg: Sequence[jax.Array],
+    masks: Optional[Sequence[jax.Array]],
+    *,
+    strides: Sequence[int],
+    pre_nms_topk: int,
+    score_thresh: float,
+    clip_hw: Optional[jax.Array] = None,
+) -> dict:
+  """Steps 1-3 of the proposal decode (`generate_proposals`: everything before the NMS) for a
+  batch, the part `CenterNet2.proposal_candidates` (`--format onnx`) exports: per level the top
+  min(pre_nms_topk, H_l W_l) locations by sigmoid(logit) (off-canvas locations, `masks` False,
+  and those <= score_thresh excluded), decoded into boxes, levels concatenated. In a form jax2onnx
+  converts: batched (the batch is -1 in reshapes), with `export_mode.top_k` / `int_divmod`.
+  `export.centernet2_proposals` (NMS, top post_nms_topk) turns them into the model's proposals.
+
+  Returns `cand_boxes [B, Kc, 4]` float32 (unclipped xyxy pixels unless clip_hw), `cand_scores
+  [B, Kc]` float32 = sqrt(p) (0 where invalid), `cand_valid [B, Kc]` bool, Kc = sum_l k_l.
+  """
+  boxes, scores, valid = [], [], []
+  for lvl, (logits, ltrb, s) in enumerate(zip(hm_logits, reg, strides)):
+    h, w = logits.shape[1], logits.shape[2]
+    logits = logits.astype(jnp.float32)
+    if masks is not None:  # off-canvas locations are never candidates (sigmoid(-inf) = 0)
+      logits = jnp.where(masks[lvl], logits, -jnp.inf)
+    p = jax.nn.sigmoid(logits.reshape(-1, h * w))
+    k = min(int(pre_nms_topk), h * w)
+    top_p, idx = export_mode.top_k(jnp.where(p > score_thresh, p, -1.0), k)
+    ok = top_p > score_thresh
+    s = int(s)
+    ys, xs = export_mode.int_divmod(idx, w)
+    gx = (xs * s + s // 2).astype(jnp.float32)
+    gy = (ys * s + s // 2).astype(jnp.float32)
+    d = ltrb.astype(jnp.float32).reshape(-1, h * w, 4) * jnp.float32(s)
+    d = jnp.take_along_axis(d, idx[..., None], axis=1)  # [B, k, 4] pixels
+    x1 = gx - d[..., 0]
+    y1 = gy - d[..., 1]
+    x2 = jnp.maximum(gx + d[..., 2], x1 + 0.01)
+    y2 = jnp.maximum(gy + d[..., 3], y1 + 0.01)
+    box = jnp.stack([x1, y1, x2, y2], axis=-1)
+    if clip_hw is not None:
+      hw = clip_hw.astype(jnp.float32)
+      box = jnp.clip(box, 0.0, jnp.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1)[:, None])
+    boxes.append(box)
+    scores.append(jnp.sqrt(jnp.where(ok, top_p, 0.0)))
+    valid.append(ok)
+  return dict(
+      cand_boxes=jnp.concatenate(boxes, axis=1),
+      cand_scores=jnp.concatenate(scores, axis=1),
+      cand_valid=jnp.concatenate(valid, axis=1),
+  )

@@ -1,7 +1,7 @@
-"""CenterNet first-stage losses (spec §3.4-3.6, §8 items 4, 5, 15).
+"""CenterNet first-stage losses (docs/centernet2.md §3.4-§3.6).
 
 * Binary heatmap focal loss (official `binary_heatmap_focal_loss`), with the positive index list
-  replaced by dense per-location counts (duplicates included; spec §3.7).
+  replaced by dense per-location counts (duplicates included; docs/centernet2.md §3.7).
 * ltrb GIoU loss (official `IOULoss('giou')`): +1 smoothing in the IoU, no epsilon in the
   enclosing area, computed on stride-normalised ltrb.
 

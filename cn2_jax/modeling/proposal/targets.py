@@ -1,27 +1,27 @@
-"""CenterNet training targets for one image (spec §3.1-3.3, §3.5, §3.7).
+"""CenterNet training targets for one image (docs/centernet2.md §3.1-§3.3, §3.5, §3.7).
 
 Mirrors the official `CenterNet._get_ground_truth` / `_get_label_inds` / `assign_fpn_level` /
 `assign_reg_fpn` / `get_center3x3` / `_get_reg_targets` / `_create_agn_heatmaps_from_dist`
 (xingyizhou/CenterNet2 `centernet/modeling/dense_heads/centernet.py`), rewritten with static
 shapes: GT arrays are padded to M and masked by `gt_valid`; the positive index *list* becomes a
-dense per-location count (spec §3.7).
+dense per-location count (docs/centernet2.md §3.7).
 
 Locations are flattened level-major, then row-major (y * W_l + x), i.e. the per-image slice of the
 official order. The caller vmaps over images.
 
 Subtle points of the official code that are reproduced here on purpose:
 * Grid point of cell (x, y) at stride s: (x*s + s//2, y*s + s//2) (`compute_grids`).
-* "Discretised centre" (peak cell) = trunc(c / s) * s + s / 2, with c = (x1 + x2) / 2 in float32
-  and `.int()` truncation (= floor, centres are >= 0). A location is the peak of a GT iff its grid
-  point equals that exactly; this is evaluated at EVERY level, cared or not (spec §3.3, §8.2).
+* "Discretised centre" (peak cell) = trunc(c / s) * s + s / 2, with c = (x1 + x2) / 2 in float32 and
+  `.int()` truncation (= floor, centres are >= 0). A location is the peak of a GT iff its grid point
+  equals that exactly; this is evaluated at EVERY level, cared or not (docs/centernet2.md §3.3).
 * Squared distance d² is to the continuous centre, forced to 0 at each GT's peak cell; the
   same normalised d²/r² drives both the heatmap (min over GTs) and the regression tie-break
   (argmin over qualifying GTs; first GT wins exact ties, e.g. two GTs sharing a peak cell).
   With `all_level_peaks=False` (the MMDet port's "revised" distance map, yyz561
-  `original_dis_map=False`, spec §3.7) d² is forced to 0 only at the peaks of the levels where the
-  GT is cared (regression-side criterion, as that port computes it): a peak at another level keeps
-  its true distance, so it becomes a down-weighted negative instead of an ignored cell. Regression
-  targets do not change (they only involve cared levels).
+  `original_dis_map=False`, docs/centernet2.md §3.7) d² is forced to 0 only at the peaks of the
+  levels where the GT is cared (regression-side criterion, as that port computes it): a peak at
+  another level keeps its true distance, so it becomes a down-weighted negative instead of an
+  ignored cell. Regression targets do not change (they only involve cared levels).
 * r² = max(float32(2 δ²) * area, min_radius²) with area = w*h in float32 and 2δ² formed in
   Python double first, as `self.delta ** 2 * 2 * area` does.
 * Heatmap values < 1e-4 are set to 0.

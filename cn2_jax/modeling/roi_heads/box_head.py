@@ -1,7 +1,7 @@
 """Second-stage box head and predictor (detectron2 FastRCNNConvFCHead + CustomFastRCNNOutputLayers).
 
-Spec §5: per cascade stage, flatten the 256x7x7 pooled feature (in torch's C, H, W order so that
-official `fc1` weights map by a plain transpose), FC 1024 + ReLU, FC 1024 + ReLU, then
+docs/centernet2.md §5.3: per cascade stage, flatten the 256x7x7 pooled feature (in torch's C, H, W
+order so that official `fc1` weights map by a plain transpose), FC 1024 + ReLU, FC 1024 + ReLU, then
 `cls_score` (num_classes + 1 logits, background last) and a class-agnostic `bbox_pred` (4 deltas).
 """
 

@@ -1,4 +1,5 @@
-"""Cascade ROI heads with probabilistic scoring (CenterNet2 `CustomCascadeROIHeads`, spec §5-6).
+"""Cascade ROI heads with probabilistic scoring (CenterNet2 `CustomCascadeROIHeads`,
+docs/centernet2.md §5-§6).
 
 Training (per device batch, static shapes):
   stage 0: proposals + appended GT -> match at IoU 0.6 -> sample 512 ROIs/image (<= 25% fg)
@@ -52,7 +53,7 @@ scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
 def probabilistic_scores(
     stage_logits: Sequence[jax.Array], proposal_scores: jax.Array, mult_proposal_score: bool
 ) -> jax.Array:
-  """CenterNet2's final score (spec §6): sqrt(mean_k softmax(logits_k) * s_prop).
+  """CenterNet2's final score (docs/centernet2.md §6.1): sqrt(mean_k softmax(logits_k) * s_prop).
 
   `stage_logits`: per stage `[..., R, K+1]`; `proposal_scores` `[..., R]` = sqrt(sigmoid(agn)),
   so the result is q^(1/2) * sigmoid(agn)^(1/4). Without `mult_proposal_score`: the plain
