@@ -1,5 +1,7 @@
 """Shared pytest fixtures."""
 
+import fcntl
+
 import jax
 import pytest
 
@@ -16,7 +18,7 @@ def fast_compile():
 
 # ---------------------------------------------------------------------------------------------
 # Peak resident memory: each process's peak, and the tests that raised it (scripts/test.sh
-# prints them at the end; a test above ~6 GB belongs to the "large_memory" xdist group).
+# prints them at the end; a module above ~6 GB is marked large_memory).
 # ---------------------------------------------------------------------------------------------
 def _peak_mib() -> float:
   import resource
@@ -62,3 +64,17 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"{name}: {peak / 1024:.1f} GiB")
   for peak, test in raised:
     terminalreporter.write_line(f"  {peak / 1024:5.1f} GiB after {test}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _large_memory_modules_one_at_a_time(request, tmp_path_factory):
+  """A module marked `large_memory` holds a lock file shared by the xdist workers (their base
+  temp folders share a parent) from its first module fixture to its teardown, so two such modules
+  never run at once on a 24 GB machine. (pytest-xdist's xdist_group does not group under pytest
+  9: it renames `item._nodeid`, which pytest 9 no longer reads.)"""
+  if request.node.get_closest_marker("large_memory") is None:
+    yield
+    return
+  with open(tmp_path_factory.getbasetemp().parent / "cn2_jax_large_memory.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    yield

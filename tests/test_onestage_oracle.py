@@ -21,8 +21,8 @@ _FILES = (
 )
 pytestmark = [
     pytest.mark.slow,
-    # 6.6 GB resident: never beside the training oracle (scripts/test.sh --dist loadgroup)
-    pytest.mark.xdist_group("large_memory"),
+    # 6.6 GB resident: never beside the training oracle (tests/conftest.py)
+    pytest.mark.large_memory,
     pytest.mark.skipif(
         ORACLE is None or not all((ORACLE / f).is_file() for f in _FILES),
         reason="../shared/oracle_centerx not found: parity test needs the "

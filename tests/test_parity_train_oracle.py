@@ -27,9 +27,8 @@ FILES = (
 MISSING = [f for f in FILES if ORACLE is None or not (ORACLE / f).is_file()]
 pytestmark = [
     pytest.mark.slow,
-    # 10-15 GB resident: one xdist worker runs the large tests one after the other (scripts/test.sh
-    # passes --dist loadgroup)
-    pytest.mark.xdist_group("large_memory"),
+    # 10-15 GB resident: never beside another large_memory module (tests/conftest.py)
+    pytest.mark.large_memory,
     pytest.mark.skipif(
         bool(MISSING), reason=f"training oracle files not found in " f"{ORACLE}: {MISSING}"
     ),
