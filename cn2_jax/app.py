@@ -346,9 +346,15 @@ def train(
   if cfg.init_from and latest_checkpoint_dir(workdir) is None:  # unused when resuming
     init_plan = finetune.plan_init(cfg, run_info.class_names, abstract)  # raises before writing
   _save_run_files(cfg, workdir, run_info)
-  # woGT keeps every image (KD §4.3), and an image folder has nothing to filter
-  filter_empty = d.filter_empty and not cfg.kd.without_label
-  parts = [
+  nproc = jax.process_count()
+  if cfg.train.batch_size % nproc:
+    raise ConfigError(
+        f"train.batch_size={cfg.train.batch_size} must divide by the " f"{nproc} processes"
+    )
+  loader_settings = pipeline.TrainLoaderSettings.from_config(
+      cfg, process_index=jax.process_index(), process_count=nproc
+  )
+  parts = [  # an image folder has nothing to filter
       pipeline.TrainPart(
           pipeline.open_split(mb, part.train_split),
           weight=float(entry.get("weight", 1.0)),
@@ -358,40 +364,15 @@ def train(
       for entry, part, mb in [({"weight": d.mix_weight}, d, b)] + mixed
   ]
   # a schedule in epochs (optim.epochs > 0) counts iterations from the images the loader draws
-  # (a mixture: of all its datasets together)
-  n_train = pipeline.num_train_images(parts, filter_empty) if cfg.optim.epochs > 0 else None
-  nproc = jax.process_count()
-  if cfg.train.batch_size % nproc:
-    raise ConfigError(
-        f"train.batch_size={cfg.train.batch_size} must divide by the " f"{nproc} processes"
-    )
-  lsj = (
-      pipeline.LSJ(output_size=d.lsj_size, scale_range=tuple(d.lsj_scale_range)) if d.lsj else None
+  # (a mixture: of all its datasets together; woGT keeps every image, docs/onestage.md §4.3)
+  n_train = (
+      pipeline.num_train_images(parts, loader_settings.filter_empty)
+      if cfg.optim.epochs > 0
+      else None
   )
 
   def loader_fn(start_step: int):
-    return pipeline.make_train_loader(
-        parts,
-        batch_size=cfg.train.batch_size // nproc,
-        short_sizes=tuple(d.min_size_train),
-        max_size=d.max_size_train,
-        pad_hw=tuple(d.pad_hw_train) or None,
-        max_boxes=d.max_boxes,
-        seed=cfg.seed,
-        start_step=start_step,
-        num_workers=d.num_workers,
-        filter_empty=filter_empty,
-        lsj=lsj,
-        hflip_prob=0.5 if d.flip else 0.0,
-        process_index=jax.process_index(),
-        process_count=nproc,
-        size_divisibility=d.size_divisibility,
-        aspect_grouping=d.aspect_grouping,
-        aspect_ratios=tuple(d.bucket_aspect_ratios),
-        scale_per_batch=d.scale_per_batch,
-        augment=pipeline.AugmentSettings.from_config(d),
-        crop_around_gt=not cfg.kd.without_label,  # woGT: plain random crops (KD §4.3)
-    )
+    return pipeline.make_train_loader(parts, loader_settings, start_step)
 
   def train_batches(start_step: int):
     for batch in loader_fn(start_step):

@@ -407,11 +407,18 @@ def _same(a, b):
 
 def test_pipeline_defaults_off_path_is_unchanged():
   src = _source()
-  ref = _take(P.make_train_loader(src, seed=1, **KW), 3)
-  off = _take(P.make_train_loader(src, seed=1, augment=base_config().data, **KW), 3)
+  ref = _take(P.make_train_loader(src, P.TrainLoaderSettings(seed=1, **KW)), 3)
+  off = _take(
+      P.make_train_loader(src, P.TrainLoaderSettings(seed=1, augment=base_config().data, **KW)), 3
+  )
   assert all(_same(a, b) for a, b in zip(ref, off))
   # colour alone draws from its own stream: same flips, same boxes, different pixels
-  col = _take(P.make_train_loader(src, seed=1, augment=settings(color_aug="centerx"), **KW), 3)
+  col = _take(
+      P.make_train_loader(
+          src, P.TrainLoaderSettings(seed=1, augment=settings(color_aug="centerx"), **KW)
+      ),
+      3,
+  )
   for a, b in zip(ref, col):
     for k in a:
       if k != "image":
@@ -430,7 +437,7 @@ def test_pipeline_defaults_off_path_is_unchanged():
 def test_pipeline_augmented_is_deterministic(aug, canvas):
   src = _source()
   s = settings(**aug)
-  ref = _take(P.make_train_loader(src, seed=4, augment=s, **KW), 4)
+  ref = _take(P.make_train_loader(src, P.TrainLoaderSettings(seed=4, augment=s, **KW)), 4)
   for bt in ref:
     assert bt["image"].shape == (2, canvas, canvas, 3)
     assert bt["batch_mask"].all()
@@ -442,13 +449,13 @@ def test_pipeline_augmented_is_deterministic(aug, canvas):
       assert np.all(b[:, 3] <= bt["image_hw"][j, 0] + 1e-4)
       if s.center_affine:
         np.testing.assert_array_equal(bt["image_hw"][j], (48, 48))
-  again = _take(P.make_train_loader(src, seed=4, augment=s, **KW), 4)
+  again = _take(P.make_train_loader(src, P.TrainLoaderSettings(seed=4, augment=s, **KW)), 4)
   assert all(_same(a, b) for a, b in zip(ref, again))
-  resumed = _take(P.make_train_loader(src, seed=4, start_step=2, augment=s, **KW), 2)
+  resumed = _take(P.make_train_loader(src, P.TrainLoaderSettings(seed=4, augment=s, **KW), 2), 2)
   assert all(_same(a, b) for a, b in zip(ref[2:], resumed))
-  other = _take(P.make_train_loader(src, seed=5, augment=s, **KW), 4)
+  other = _take(P.make_train_loader(src, P.TrainLoaderSettings(seed=5, augment=s, **KW)), 4)
   assert not all(_same(a, b) for a, b in zip(ref, other))
-  plain = _take(P.make_train_loader(src, seed=4, **KW), 4)
+  plain = _take(P.make_train_loader(src, P.TrainLoaderSettings(seed=4, **KW)), 4)
   assert not all(_same(a, b) for a, b in zip(ref, plain))
 
 
@@ -456,24 +463,30 @@ def test_pipeline_shape_changing_augments_need_a_square_canvas():
   src = _source()
   with pytest.raises(ValueError, match="square"):
     P.make_train_loader(
-        src, pad_hw=(32, 64), augment=settings(crop_relative_range=(0.6, 0.6)), **KW
+        src,
+        P.TrainLoaderSettings(
+            pad_hw=(32, 64), augment=settings(crop_relative_range=(0.6, 0.6)), **KW
+        ),
     )
   with pytest.raises(ValueError, match="lsj"):
-    P.make_train_loader(src, lsj=dict(output_size=48), augment=settings(center_affine=True), **KW)
+    P.make_train_loader(
+        src,
+        P.TrainLoaderSettings(lsj=dict(output_size=48), augment=settings(center_affine=True), **KW),
+    )
   s = dataclasses.replace(settings(), color_aug="bogus")
   with pytest.raises(ValueError, match="color_aug"):
-    P.make_train_loader(src, augment=s, **KW)
+    P.make_train_loader(src, P.TrainLoaderSettings(augment=s, **KW))
 
 
 def test_pipeline_lsj_with_warp_and_colour():
   src = _source()
   s = settings(affine=True, color_aug="centerx")
   kw = dict(batch_size=2, max_boxes=4, lsj=dict(output_size=48, scale_range=(0.5, 1.5)))
-  ref = _take(P.make_train_loader(src, seed=2, augment=s, **kw), 2)
-  plain = _take(P.make_train_loader(src, seed=2, **kw), 2)
+  ref = _take(P.make_train_loader(src, P.TrainLoaderSettings(seed=2, augment=s, **kw)), 2)
+  plain = _take(P.make_train_loader(src, P.TrainLoaderSettings(seed=2, **kw)), 2)
   for a, b in zip(ref, plain):
     assert a["image"].shape == (2, 64, 64, 3)
     np.testing.assert_array_equal(a["image_hw"], b["image_hw"])  # same LSJ draws
     assert not np.array_equal(a["image"], b["image"])
-  again = _take(P.make_train_loader(src, seed=2, augment=s, **kw), 2)
+  again = _take(P.make_train_loader(src, P.TrainLoaderSettings(seed=2, augment=s, **kw)), 2)
   assert all(_same(a, b) for a, b in zip(ref, again))

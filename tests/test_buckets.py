@@ -11,6 +11,7 @@ from PIL import Image
 
 from cn2_jax.data import buckets as Bk
 from cn2_jax.data import pipeline as P
+from cn2_jax.data import schedule
 from cn2_jax.data import transforms as T
 
 COCO_SHORT = (640, 672, 704, 736, 768, 800)
@@ -50,7 +51,7 @@ def test_train_buckets_hold_every_image_of_their_group():
 def _sched(n_land=23, n_port=9, gb=4, seed=0):
   groups = np.array([0] * n_land + [3] * n_port)
   order = np.arange(len(groups)) * 10  # source indices need not be 0..n-1
-  return P._GroupedSchedule(order, groups, gb, seed), order, groups
+  return schedule._GroupedSchedule(order, groups, gb, seed), order, groups
 
 
 def test_grouped_schedule_pure_function_of_step():
@@ -128,9 +129,11 @@ KW = dict(batch_size=2, short_sizes=(64, 96), max_size=128, max_boxes=2, seed=3)
 
 def test_train_loader_buckets_and_processes_agree(split):
   table = Bk.train_buckets((64, 96), 128)
-  it = P.make_train_loader(split, **KW)
+  it = P.make_train_loader(split, P.TrainLoaderSettings(**KW))
   procs = [
-      P.make_train_loader(split, **dict(KW, batch_size=1), process_index=p, process_count=2)
+      P.make_train_loader(
+          split, P.TrainLoaderSettings(**dict(KW, batch_size=1), process_index=p, process_count=2)
+      )
       for p in range(2)
   ]
   for step in range(8):
@@ -144,8 +147,8 @@ def test_train_loader_buckets_and_processes_agree(split):
     assert parts[0]["image"].shape[1:] == parts[1]["image"].shape[1:] == bt["image"].shape[1:]
     np.testing.assert_array_equal(np.concatenate([q["image_id"] for q in parts]), bt["image_id"])
     np.testing.assert_array_equal(np.concatenate([q["image"] for q in parts]), bt["image"])
-  resumed = next(P.make_train_loader(split, **KW, start_step=5))
-  again = P.make_train_loader(split, **KW)
+  resumed = next(P.make_train_loader(split, P.TrainLoaderSettings(**KW), 5))
+  again = P.make_train_loader(split, P.TrainLoaderSettings(**KW))
   for _ in range(5):
     next(again)
   ref = next(again)

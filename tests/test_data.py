@@ -1,5 +1,6 @@
 """Tests for cn2_jax.data: builder (tfds, no TF), transforms, grain pipelines, synthetic data."""
 
+import dataclasses
 import filecmp
 import json
 import logging
@@ -516,7 +517,9 @@ TRAIN_KW = dict(
 def test_train_loader_contract_filter_determinism_resume(mini):
   _, _, builder = mini
   split = P.open_split(builder, "train")
-  ref = _take(P.make_train_loader(split, seed=5, **TRAIN_KW), 6)  # 18 examples > 4 epochs
+  ref = _take(
+      P.make_train_loader(split, P.TrainLoaderSettings(seed=5, **TRAIN_KW)), 6
+  )  # 18 examples > 4 epochs
   for bt in ref:
     check_contract(bt, 3, 64, 64, 4)
     assert bt["batch_mask"].all()
@@ -531,20 +534,25 @@ def test_train_loader_contract_filter_determinism_resume(mini):
     assert sorted(ids[4 * e : 4 * e + 4]) == [3, 7, 11, 25]
   assert len({tuple(bt["image_hw"].ravel()) for bt in ref}) > 1  # random short sizes
 
-  again = _take(P.make_train_loader(split, seed=5, **TRAIN_KW), 6)
+  again = _take(P.make_train_loader(split, P.TrainLoaderSettings(seed=5, **TRAIN_KW)), 6)
   assert all(_same(a, b) for a, b in zip(ref, again))
-  resumed = _take(P.make_train_loader(split, seed=5, start_step=4, **TRAIN_KW), 2)
+  resumed = _take(P.make_train_loader(split, P.TrainLoaderSettings(seed=5, **TRAIN_KW), 4), 2)
   assert all(_same(a, b) for a, b in zip(ref[4:], resumed))
-  other = _take(P.make_train_loader(split, seed=6, **TRAIN_KW), 6)
+  other = _take(P.make_train_loader(split, P.TrainLoaderSettings(seed=6, **TRAIN_KW)), 6)
   assert not all(_same(a, b) for a, b in zip(ref, other))
 
-  unfiltered = _take(P.make_train_loader(split, seed=5, filter_empty=False, **TRAIN_KW), 4)
+  unfiltered = _take(
+      P.make_train_loader(split, P.TrainLoaderSettings(seed=5, filter_empty=False, **TRAIN_KW)), 4
+  )
   ids = np.concatenate([bt["image_id"] for bt in unfiltered])
   assert sorted(ids[:5]) == [3, 7, 11, 20, 25]
 
   lsj = _take(
       P.make_train_loader(
-          split, seed=1, batch_size=2, max_boxes=4, lsj=dict(output_size=48, scale_range=(0.5, 1.5))
+          split,
+          P.TrainLoaderSettings(
+              seed=1, batch_size=2, max_boxes=4, lsj=dict(output_size=48, scale_range=(0.5, 1.5))
+          ),
       ),
       3,
   )
@@ -553,17 +561,19 @@ def test_train_loader_contract_filter_determinism_resume(mini):
     assert np.all(bt["image_hw"] <= 48)
 
   with pytest.raises(ValueError, match="pad_hw"):
-    P.make_train_loader(split, pad_hw=(32, 32), **TRAIN_KW)
+    P.make_train_loader(split, P.TrainLoaderSettings(pad_hw=(32, 32), **TRAIN_KW))
   with pytest.raises(ValueError, match="multiples of 32"):
-    P.make_train_loader(split, pad_hw=(70, 70), **TRAIN_KW)
+    P.make_train_loader(split, P.TrainLoaderSettings(pad_hw=(70, 70), **TRAIN_KW))
 
 
 @pytest.mark.skipif(os.environ.get("CN2_SKIP_MP_TESTS") == "1", reason="CN2_SKIP_MP_TESTS=1")
 def test_train_loader_grain_workers_match_in_process(mini):
   _, _, builder = mini
   split = P.open_split(builder, "train")
-  ref = _take(P.make_train_loader(split, seed=2, start_step=1, **TRAIN_KW), 2)
-  got = _take(P.make_train_loader(split, seed=2, start_step=1, num_workers=1, **TRAIN_KW), 2)
+  ref = _take(P.make_train_loader(split, P.TrainLoaderSettings(seed=2, **TRAIN_KW), 1), 2)
+  got = _take(
+      P.make_train_loader(split, P.TrainLoaderSettings(seed=2, num_workers=1, **TRAIN_KW), 1), 2
+  )
   assert all(_same(a, b) for a, b in zip(ref, got))
 
 
@@ -617,3 +627,89 @@ def test_synthetic_deterministic_and_valid_coco(tmp_path):
       assert x + w <= im["width"] and y + h <= im["height"]
   assert {"L", "RGB"} <= modes
   COCO(p1["val"][0])
+
+
+def _demo_config():
+  from cn2_jax.config import load_config_file
+
+  return load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"))
+
+
+def test_train_loader_settings_from_config_reads_every_field(mini):
+  """Each config key the train loader takes lands in its field of ``TrainLoaderSettings``, and
+  the loader built from the demo config's settings yields the batches of one given the values."""
+  cfg = _demo_config()
+  base = P.TrainLoaderSettings.from_config(cfg, process_index=1, process_count=2)
+  assert (base.process_index, base.process_count) == (1, 2)
+  aug = dict(cfg.data.to_dict(), color_aug="centerx")
+  changes = [  # (config changes, the settings fields they set)
+      ({"train.batch_size": 6}, {"batch_size": 3}),
+      ({"data.min_size_train": (96, 112)}, {"short_sizes": (96, 112)}),
+      ({"data.max_size_train": 224}, {"max_size": 224}),
+      ({"data.pad_hw_train": ()}, {"pad_hw": None}),
+      ({"data.max_boxes": 5}, {"max_boxes": 5}),
+      ({"seed": 7}, {"seed": 7}),
+      ({"data.num_workers": 2}, {"num_workers": 2}),
+      ({"data.filter_empty": False}, {"filter_empty": False}),
+      ({"kd.without_label": True}, {"filter_empty": False, "crop_around_gt": False}),
+      (
+          {"data.lsj": True, "data.lsj_size": 256, "data.lsj_scale_range": (0.5, 1.5)},
+          {"lsj": P.LSJ(output_size=256, scale_range=(0.5, 1.5))},
+      ),
+      ({"data.flip": False}, {"hflip_prob": 0.0}),
+      ({"data.size_divisibility": 64}, {"size_divisibility": 64}),
+      ({"data.aspect_grouping": False}, {"aspect_grouping": False}),
+      ({"data.bucket_aspect_ratios": (1.25,)}, {"aspect_ratios": (1.25,)}),
+      ({"data.scale_per_batch": False}, {"scale_per_batch": False}),
+      ({"data.color_aug": "centerx"}, {"augment": P.AugmentSettings.from_config(aug)}),
+  ]
+  covered = {"process_index", "process_count", "num_threads", "prefetch"}  # not in the config
+  for edits, fields in changes:
+    c = _demo_config()
+    for key, value in edits.items():
+      *path, last = key.split(".")
+      section = c
+      for p in path:
+        section = section[p]
+      section[last] = value
+    got = P.TrainLoaderSettings.from_config(c, process_index=1, process_count=2)
+    assert all(getattr(base, f) != v for f, v in fields.items()), edits
+    assert got == dataclasses.replace(base, **fields), edits
+    covered |= set(fields)
+  assert covered == {f.name for f in dataclasses.fields(P.TrainLoaderSettings)}
+  assert (base.num_threads, base.prefetch) == (1, 2)  # the loader's defaults
+
+  # The demo config's loader, from the settings and from the values given one by one (as
+  # app.train passed them before the settings object).
+  _, _, builder = mini
+  split = P.open_split(builder, "train")
+  cfg.train.batch_size = 2
+  cfg.data.num_workers = 0
+  d = cfg.data
+  explicit = P.TrainLoaderSettings(
+      batch_size=2,
+      short_sizes=tuple(d.min_size_train),
+      max_size=d.max_size_train,
+      pad_hw=tuple(d.pad_hw_train) or None,
+      max_boxes=d.max_boxes,
+      seed=cfg.seed,
+      num_workers=0,
+      filter_empty=d.filter_empty and not cfg.kd.without_label,
+      lsj=P.LSJ(output_size=d.lsj_size, scale_range=tuple(d.lsj_scale_range)) if d.lsj else None,
+      hflip_prob=0.5 if d.flip else 0.0,
+      process_index=0,
+      process_count=1,
+      size_divisibility=d.size_divisibility,
+      aspect_grouping=d.aspect_grouping,
+      aspect_ratios=tuple(d.bucket_aspect_ratios),
+      scale_per_batch=d.scale_per_batch,
+      augment=P.AugmentSettings.from_config(d),
+      crop_around_gt=not cfg.kd.without_label,
+  )
+  settings = P.TrainLoaderSettings.from_config(cfg, process_index=0, process_count=1)
+  assert settings == explicit
+  ref = _take(P.make_train_loader(split, explicit, 1), 3)
+  got = _take(P.make_train_loader(split, settings, 1), 3)
+  for a, b in zip(ref, got):
+    check_contract(a, 2, 192, 192, d.max_boxes)
+    assert _same(a, b)

@@ -177,7 +177,9 @@ def test_crowdhuman_prepared_round_trip_and_caching(tmp_path):
   # training: ignore regions are crowd boxes (no positives), the images without people dropped
   train = P.open_split(b, "train")
   batch = next(
-      P.make_train_loader(train, batch_size=1, short_sizes=(H,), max_size=1000, max_boxes=8)
+      P.make_train_loader(
+          train, P.TrainLoaderSettings(batch_size=1, short_sizes=(H,), max_size=1000, max_boxes=8)
+      )
   )
   assert batch["image_id"].tolist() == [1]
   assert batch["gt_valid"][0].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]

@@ -20,6 +20,7 @@ from cn2_jax.config import base_config, config_from_json, load_config_file, vali
 from cn2_jax.data import augment as A
 from cn2_jax.data import mixture
 from cn2_jax.data import pipeline as P
+from cn2_jax.data import schedule
 from cn2_jax.data import sources as S
 from cn2_jax.errors import ConfigError
 from cn2_jax.evaluation.coco_eval import COCO_METRIC_NAMES
@@ -119,10 +120,12 @@ def test_image_folder_records_have_no_boxes_and_are_all_kept(data):
   # the loader keeps them although filter_empty is on for the mixture
   part = P.TrainPart(split, filter_empty=False)
   assert P.num_train_images([part], filter_empty=True) == 3
-  (b,) = _take(P.make_train_loader([part], seed=0, **dict(KW, batch_size=3)), 1)
+  (b,) = _take(
+      P.make_train_loader([part], P.TrainLoaderSettings(seed=0, **dict(KW, batch_size=3))), 1
+  )
   assert sorted(b["image_id"].tolist()) == [1, 2, 3] and not b["gt_valid"].any()
   with pytest.raises(ValueError, match="no training examples"):
-    P.make_train_loader(split, filter_empty=True, **KW)
+    P.make_train_loader(split, P.TrainLoaderSettings(filter_empty=True, **KW))
 
 
 def test_image_folder_is_reconverted_when_the_folder_changes(tmp_path):
@@ -188,8 +191,13 @@ def _corner_source(n=6):
 def test_wogt_loader_crops_at_random_not_around_a_box():
   aug = A.AugmentSettings.from_config(dict(base_config().data, crop_relative_range=(0.3, 0.3)))
   kw = dict(batch_size=6, short_sizes=(64,), max_size=64, max_boxes=2, augment=aug)
-  around = _take(P.make_train_loader(_corner_source(), seed=3, **kw), 4)
-  random = _take(P.make_train_loader(_corner_source(), seed=3, crop_around_gt=False, **kw), 4)
+  around = _take(P.make_train_loader(_corner_source(), P.TrainLoaderSettings(seed=3, **kw)), 4)
+  random = _take(
+      P.make_train_loader(
+          _corner_source(), P.TrainLoaderSettings(seed=3, crop_around_gt=False, **kw)
+      ),
+      4,
+  )
   assert all(b["gt_valid"].any(axis=1).all() for b in around)
   assert not all(b["gt_valid"].any(axis=1).all() for b in random)
 
@@ -202,7 +210,7 @@ def test_mixture_proportions_follow_the_weights(weights):
   sizes = (5, 3, 7)[: len(weights)]
   starts = np.cumsum((0,) + sizes)
   orders = [np.arange(starts[k], starts[k + 1]) for k in range(len(weights))]
-  sched = P._MixtureSchedule(orders, weights, global_batch=8, seed=0)
+  sched = schedule._MixtureSchedule(orders, weights, global_batch=8, seed=0)
   idx = np.concatenate([sched.indices(s) for s in range(500)])
   part = np.searchsorted(starts, idx, side="right") - 1
   frac = np.bincount(part, minlength=len(weights)) / len(idx)
@@ -213,18 +221,18 @@ def test_mixture_proportions_follow_the_weights(weights):
       assert sorted(drawn[e * len(o) : (e + 1) * len(o)].tolist()) == o.tolist()
   again = pickle.loads(pickle.dumps(sched))  # as sent to grain workers
   assert all(np.array_equal(again.indices(s), sched.indices(s)) for s in (0, 7, 499))
-  other = P._MixtureSchedule(orders, weights, global_batch=8, seed=1)
+  other = schedule._MixtureSchedule(orders, weights, global_batch=8, seed=1)
   assert not all(np.array_equal(other.indices(s), sched.indices(s)) for s in range(5))
 
 
 def test_mixture_loader_is_deterministic_resumes_exactly_and_offsets_classes(data):
   parts = [P.TrainPart(data.people, 1.0, 0), P.TrainPart(data.faces, 1.0, 1)]
-  ref = _take(P.make_train_loader(parts, seed=5, **KW), 6)
-  again = _take(P.make_train_loader(parts, seed=5, **KW), 6)
+  ref = _take(P.make_train_loader(parts, P.TrainLoaderSettings(seed=5, **KW)), 6)
+  again = _take(P.make_train_loader(parts, P.TrainLoaderSettings(seed=5, **KW)), 6)
   assert all(_same(a, b) for a, b in zip(ref, again))
-  resumed = _take(P.make_train_loader(parts, seed=5, start_step=3, **KW), 3)
+  resumed = _take(P.make_train_loader(parts, P.TrainLoaderSettings(seed=5, **KW), 3), 3)
   assert all(_same(a, b) for a, b in zip(ref[3:], resumed))
-  other = _take(P.make_train_loader(parts, seed=6, **KW), 6)
+  other = _take(P.make_train_loader(parts, P.TrainLoaderSettings(seed=6, **KW)), 6)
   assert not all(_same(a, b) for a, b in zip(ref, other))
   ids = np.concatenate([b["image_id"] for b in ref])
   assert 6 not in ids  # filter_empty: the people image without a box
@@ -236,8 +244,7 @@ def test_mixture_loader_is_deterministic_resumes_exactly_and_offsets_classes(dat
       assert b["gt_classes"][j][v].tolist() == [1 if iid >= 100 else 0]
   # two processes split the same global batches
   halves = [
-      _take(P.make_train_loader(parts, seed=5, process_index=p, process_count=2,
-                                **dict(KW, batch_size=2)), 2)
+      _take(P.make_train_loader(parts, P.TrainLoaderSettings(seed=5, process_index=p, process_count=2, **dict(KW, batch_size=2))), 2)
       for p in (0, 1)
   ]  # fmt: skip
   for s in range(2):
@@ -251,7 +258,9 @@ def test_mixed_batch_classes_land_on_their_channels_for_ignore_unlabel(data):
   """A people image's boxes are on channel 0, a face image's on channel 1; with ignore_unlabel
   the channel an image's dataset does not label contributes no negatives."""
   parts = [P.TrainPart(data.people, 2.0, 0), P.TrainPart(data.faces, 1.0, 1)]
-  (b,) = _take(P.make_train_loader(parts, seed=0, **dict(KW, batch_size=6)), 1)
+  (b,) = _take(
+      P.make_train_loader(parts, P.TrainLoaderSettings(seed=0, **dict(KW, batch_size=6))), 1
+  )
   hw = b["image"].shape[1:3]
   t = TG.batch_targets(
       jnp.asarray(b["gt_boxes"]), jnp.asarray(b["gt_classes"]), jnp.asarray(b["gt_valid"]),

@@ -12,7 +12,7 @@ Shape contract of every function here (docs/DESIGN.md conventions, as ``transfor
 Every random function takes an explicit ``numpy.random.Generator`` and explicit settings (no
 keyword defaults: the defaults live in the config schema, ``cn2_jax/config.py`` ``data``), so the
 output is a pure function of its inputs; the train pipeline seeds one generator per example
-(``pipeline.py``: ``default_rng([seed, 4, g])``).
+(``batcher.py``: ``default_rng([seed, 4, g])``).
 
 What is implemented, and how it relates to the official code (docs/onestage.md §5.4):
 

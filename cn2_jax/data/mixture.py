@@ -15,7 +15,7 @@ channels.  Here:
   (``pipeline.TrainPart``), so every dataset's boxes land on its own channels. With
   ``model.onestage.ignore_unlabel`` (docs/onestage.md §4.5) the focal loss then skips the negatives
   of the channels an image's dataset does not label (their GT heatmap is all zero).
-* Sampling (``pipeline._MixtureSchedule``): per example slot, the dataset that grain's weighted
+* Sampling (``schedule._MixtureSchedule``): per example slot, the dataset that grain's weighted
   interleaving (``grain.MapDataset.mix``) puts at that position, then the next image of that
   dataset's own shuffled epochs; a pure function of ``(seed, step)``, so resuming at any step is
   exact. Proportions are the weights' (grain rounds them: the smallest becomes 100, the others

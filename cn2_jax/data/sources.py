@@ -36,7 +36,7 @@ empty key takes the default in brackets):
   :data:`IMAGE_EXTENSIONS`, in sorted path order]: unlabelled images for distillation without labels
   (woGT, docs/onestage.md §4.3): one record per image with no boxes, split ``data.train_split``
   only, one placeholder category ``unlabelled`` (the prepared format needs one; it labels no box).
-  The train loader never drops these images as empty (``pipeline.TrainPart.filter_empty``).
+  The train loader never drops these images as empty (``splits.TrainPart.filter_empty``).
   Converted to ``<data_dir>/converted/<name>/<split>.json`` like the formats above; the file
   list is part of the conversion record, so adding or removing an image remakes it.
 
