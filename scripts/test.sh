@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export JAX_PLATFORMS=cpu
-exec .venv/bin/python -m pytest -q -n 2 --durations=15 tests "$@"
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 tests "$@"

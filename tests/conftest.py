@@ -70,8 +70,9 @@ def pytest_terminal_summary(terminalreporter):
 def _large_memory_modules_one_at_a_time(request, tmp_path_factory):
   """A module marked `large_memory` holds a lock file shared by the xdist workers (their base
   temp folders share a parent) from its first module fixture to its teardown, so two such modules
-  never run at once on a 24 GB machine. (pytest-xdist's xdist_group does not group under pytest
-  9: it renames `item._nodeid`, which pytest 9 no longer reads.)"""
+  never run at once on a 24 GB machine; scripts/test.sh distributes whole files (--dist loadfile),
+  so a module's expensive fixtures are built on one worker only. (pytest-xdist's xdist_group does
+  not group under pytest 9: it renames `item._nodeid`, which pytest 9 no longer reads.)"""
   if request.node.get_closest_marker("large_memory") is None:
     yield
     return
