@@ -289,14 +289,15 @@ def enable_compilation_cache(cfg) -> None:
     log.info("persistent compilation cache: %s", path)
 
 
-def _check_resumable(cfg, workdir: str) -> None:
-  """Before resuming: the newest checkpoint must fit the config's model (a one-line WeightsError
-  naming the changed field, instead of Orbax's restore errors)."""
+def _check_resumable(cfg, workdir: str, abstract: dict) -> Optional[str]:
+  """The newest checkpoint of the workdir (None: a fresh start), which must fit the config's model
+  (`abstract`: its abstract variables; a one-line WeightsError naming the changed field, instead
+  of Orbax's restore errors)."""
   item = latest_checkpoint_dir(workdir)
-  if item is None:
-    return
-  source = f"cannot resume: checkpoint {os.path.dirname(item)}"
-  check_checkpoint_fits(item, detector.abstract_variables(cfg.model), source, cfg.model)
+  if item is not None:
+    source = f"cannot resume: checkpoint {os.path.dirname(item)}"
+    check_checkpoint_fits(item, abstract, source, cfg.model)
+  return item
 
 
 def _frozen_prefixes(cfg, abstract: dict) -> tuple:
@@ -328,7 +329,8 @@ def train(
   validate_config(cfg)
   enable_compilation_cache(cfg)
   os.makedirs(workdir, exist_ok=True)
-  _check_resumable(cfg, workdir)
+  abstract = detector.abstract_variables(cfg.model)
+  resume_from = _check_resumable(cfg, workdir, abstract)
   b = prepare_dataset(cfg, workdir)
   info = pipeline.DetectionInfo.from_builder(b)
   _check_num_classes(cfg, info)
@@ -340,10 +342,9 @@ def train(
       for _, part, mb in mixed + extra_evals
   ]
   run_info = _run_info(cfg, info, labelled)
-  abstract = detector.abstract_variables(cfg.model)
   frozen_prefixes = _frozen_prefixes(cfg, abstract)
   init_plan = None
-  if cfg.init_from and latest_checkpoint_dir(workdir) is None:  # unused when resuming
+  if cfg.init_from and resume_from is None:  # unused when resuming
     init_plan = finetune.plan_init(cfg, run_info.class_names, abstract)  # raises before writing
   _save_run_files(cfg, workdir, run_info)
   nproc = jax.process_count()
@@ -381,7 +382,13 @@ def train(
   model = detector.build_model(cfg.model)
   load_pretrained = None
   if init_plan is not None:
-    load_pretrained = functools.partial(init_plan.apply, workdir=workdir)
+
+    def load_pretrained(variables):  # on a fresh start only (loop.train)
+      variables = init_plan.apply(variables)
+      if jax.process_index() == 0:
+        _write_json(os.path.join(workdir, finetune.REPORT_NAME), init_plan.report())
+      return variables
+
   evals = {}
 
   def eval_fn(state, step):  # the loop writes the returned scalars to TensorBoard as eval/*
@@ -509,8 +516,8 @@ def _evaluate_dataset(run, builder, part, results_path: str, *, name="", wider_e
   """COCO evaluation of `part.eval_split` of a prepared dataset (`data`, or a data.extra_eval
   entry's data section) on the model's classes [part.channel_offset, + its classes), plus the
   dataset's own metrics (its `extra_metrics` in data/catalog.py: CrowdHuman AP50 / MR^-2 / JI;
-  WIDER Face easy / medium / hard AP with `wider_eval_gt`); writes the detections to `results_path`. Returns (metrics, evaluator).
-  """
+  WIDER Face easy / medium / hard AP with `wider_eval_gt`); writes the detections to
+  `results_path`. Returns (metrics, evaluator)."""
   info = pipeline.DetectionInfo.from_builder(builder)
   ann = info.annotation_file(part.eval_split)
   if ann is None:

@@ -533,9 +533,7 @@ def _check_classes(where: str, classes) -> None:
 
 def _check_source(where: str, src, num_classes: int, *, evaluated: bool) -> None:
   """One dataset description (`data`, or an entry merged onto the schema defaults)."""
-  if src["dataset"] not in catalog.names():
-    raise ConfigError(f"{where}.dataset must be one of {catalog.names()}, got {src['dataset']!r}")
-  kind = catalog.get(src["dataset"])
+  kind = catalog.get(src["dataset"], field=f"{where}.dataset")
   if src["crowdhuman_box"] not in ("vbox", "fbox", "hbox"):
     raise ConfigError(
         f"{where}.crowdhuman_box must be 'vbox', 'fbox' or 'hbox', got {src['crowdhuman_box']!r}"

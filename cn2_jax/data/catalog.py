@@ -57,9 +57,10 @@ def names() -> Tuple[str, ...]:
   return tuple(_KINDS)
 
 
-def get(name: str) -> DatasetKind:
-  """The kind registered as `name`; a ConfigError listing the known ones otherwise."""
+def get(name: str, field: str = "data.dataset") -> DatasetKind:
+  """The kind registered as `name`; otherwise a ConfigError naming `field` (the config field that
+  holds the name) and listing the known kinds."""
   _load_builtins()
   if name not in _KINDS:
-    raise ConfigError(f"data.dataset must be one of {names()}, got {name!r}")
+    raise ConfigError(f"{field} must be one of {names()}, got {name!r}")
   return _KINDS[name]

@@ -3,8 +3,8 @@ detector of the same family, fine-tuned onto this config's classes).
 
   plan = plan_init(cfg, class_names, abstract_variables)   reads and checks everything; raises a
                                                             one-line error before a run writes
-  variables = plan.apply(fresh_variables, workdir)         the merged variables, and
-                                                            workdir/init_report.json
+  variables = plan.apply(fresh_variables)                  the merged variables (logs a summary)
+  plan.report()                                            what init_report.json holds
 
 What `init_from` may be (`read_source`):
   * an ImageNet ResNet file (MSRA `.pkl`, torchvision `.pth`): the backbone is loaded as the
@@ -286,17 +286,18 @@ class InitPlan:
         "skipped": list(self.skipped),
     }
 
-  def apply(self, variables: dict, workdir: Optional[str] = None) -> dict:
-    """`variables` (freshly initialised, host arrays) with the source's tensors put in; writes
-    workdir/init_report.json (process 0) and logs a summary."""
+  def apply(self, variables: dict) -> dict:
+    """`variables` (freshly initialised) with the source's tensors put in (host arrays); logs a
+    one-line summary of `report()`."""
     if self.source.family is None:
-      return self._apply_backbone(variables, workdir)
+      return self._apply_backbone(variables)
     tensors = self.source.tensors
+    class_params, reinitialized = set(self.class_params), set(self.reinitialized)
 
     def merged(kp, leaf):
       name = "/".join(key_str(k) for k in kp)
       value = np.asarray(leaf)
-      if name in self.class_params:
+      if name in class_params:
         out = np.array(value, copy=True)
         src = tensors[name]
         for i, j in enumerate(self.rows):
@@ -305,16 +306,17 @@ class InitPlan:
         if self.background_last:
           out[..., -1] = src[..., -1]
         return out
-      if name in tensors and name not in self.reinitialized:
+      if name in tensors and name not in reinitialized:
         return np.asarray(tensors[name], dtype=value.dtype)
       return value
 
     out = jax.tree_util.tree_map_with_path(merged, jax.device_get(variables))
-    self._write(self.report(), workdir)
+    log.info("%s", summary_line(self.report()))
     return out
 
-  def _apply_backbone(self, variables: dict, workdir: Optional[str]) -> dict:
-    """An ImageNet backbone, loaded as before init_from took detectors (loading.py)."""
+  def _apply_backbone(self, variables: dict) -> dict:
+    """An ImageNet backbone, loaded as before init_from took detectors (loading.py); what the
+    converter loaded and left unused becomes `loaded` / `skipped`."""
     host = jax.device_get(variables)
     out, conversion = convert_state_dict(
         self.source.state_dict, host, backbone_only=True, arch=self.family
@@ -322,19 +324,9 @@ class InitPlan:
     log.info("loaded %s: %s", self.source.path, conversion.summary())
     names = _slash_names(host)
     self.loaded = [names[key] for key in conversion.mapped_variables()]
-    report = self.report()
-    report["source_what"] += " (backbone only)"
-    report["skipped"] = conversion.unused_source_keys()
-    self._write(report, workdir)
+    self.skipped = conversion.unused_source_keys()
+    log.info("%s", summary_line(self.report()))
     return out
-
-  def _write(self, report: dict, workdir: Optional[str]) -> None:
-    log.info("%s", summary_line(report))
-    if workdir and jax.process_index() == 0:
-      path = os.path.join(workdir, REPORT_NAME)
-      with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-      os.replace(path + ".tmp", path)
 
 
 def summary_line(report: dict) -> str:
@@ -362,6 +354,7 @@ def plan_init(cfg, target_class_names: Sequence[str], abstract: dict) -> InitPla
   target_names = tuple(target_class_names)
   plan = InitPlan(source, family, [], [], [None] * len(target_names), False, target_names, [], [])
   if source.family is None:  # ImageNet backbone
+    source.what += " (backbone only)"
     if cfg.init_class_map.strip() not in ("auto", "none") or tuple(cfg.init_skip):
       log.warning("init_from %s is a backbone: init_class_map and init_skip are unused", path)
     return plan
