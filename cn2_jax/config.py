@@ -27,6 +27,7 @@ ARCHS = ("centernet2", "onestage")
 # validate_config rejects a change to another family's key (it would be silently ignored).
 FAMILY_MODEL_KEYS = {
     "centernet2": (
+        "backbone",
         "stride_in_1x1",
         "freeze_at",
         "resnet_norm",
@@ -70,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.arch = "centernet2"  # detector family (modeling/meta_arch/): one of ARCHS
   m.num_classes = 80
   m.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay f32)
+  # The image -> feature levels network, bottom-up + neck (modeling/backbone/build.py; official
+  # MODEL.BACKBONE.NAME values): build_p67_resnet_fpn_backbone = ResNet (resnet_*) + FPN P3-P7.
+  m.backbone = "build_p67_resnet_fpn_backbone"
   m.resnet_depth = 50
   m.stride_in_1x1 = True  # MSRA/caffe style (official); False for torchvision weights
   m.freeze_at = 2  # stem + res2 frozen
@@ -83,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   cn = m.centernet = ml_collections.ConfigDict()
   cn.num_convs = 4
+  cn.use_deformable = False  # last bbox-tower conv a modulated DCN (CENTERNET.USE_DEFORMABLE)
   cn.prior_prob = 0.01
   cn.bbox_bias_init = 8.0
   cn.soi = ((0, 80), (64, 160), (128, 320), (256, 640), (512, 10000000))
@@ -111,6 +116,11 @@ def base_config() -> ml_collections.ConfigDict:
   cn.clip_proposals = False  # True: clip proposals to the image before NMS (MMDet port)
 
   r = m.roi_heads = ml_collections.ConfigDict()
+  # ROI_HEADS.IN_FEATURES: the consecutive levels boxes are pooled from (clamped to them)
+  r.in_features = ("p3", "p4", "p5", "p6", "p7")
+  # ROI_HEADS.NAME: True = CustomCascadeROIHeads (one stage per iou_thresholds entry); False =
+  # CustomROIHeads (CenterNet2-F: one Fast R-CNN stage; iou_thresholds / box_weights of length 1)
+  r.cascade = True
   r.iou_thresholds = (0.6, 0.7, 0.8)
   r.box_weights = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
   r.batch_size_per_image = 512

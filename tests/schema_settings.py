@@ -70,6 +70,7 @@ def head_kwargs(**overrides) -> dict:
       channels=MODEL["fpn_channels"],
       prior_prob=CENTERNET["prior_prob"],
       bbox_bias_init=CENTERNET["bbox_bias_init"],
+      use_deformable=CENTERNET["use_deformable"],
       dtype=DTYPE,
   )
   return _with(base, overrides, "CenterNetHead")
@@ -143,5 +144,11 @@ def level_kwargs(num_levels: int = len(FPN.strides), **overrides) -> dict:
 
 def roi_heads_kwargs(**overrides) -> dict:
   """`CascadeROIHeads` from `config.model.roi_heads` plus the detector's wiring."""
-  base = dict(num_classes=MODEL["num_classes"], min_level=FPN.min_level, dtype=DTYPE, **ROI_HEADS)
+  base = dict(
+      num_classes=MODEL["num_classes"],
+      min_level=FPN.min_level,
+      size_divisibility=FPN.size_divisibility,
+      dtype=DTYPE,
+      **ROI_HEADS,
+  )
   return _with(base, overrides, "CascadeROIHeads")

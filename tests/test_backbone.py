@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cn2_jax.modeling.backbone.fpn import FPN, upsample_nearest_2x
+from cn2_jax.modeling.backbone.fpn import FPN, resnet_fpn, upsample_nearest_2x
 from cn2_jax.modeling.backbone.resnet import (
     BasicBlock,
     BasicStem,
@@ -236,7 +236,9 @@ def test_r50_fpn_param_structure_matches_oracle():
       e["key"] for e in oracle if e["key"].startswith("backbone.") and e["is_parameter"]
   }
   shapes = jax.eval_shape(
-      lambda: FPN(**fpn_kwargs(depth=50)).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+      lambda: resnet_fpn(**fpn_kwargs(depth=50)).init(
+          jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))
+      )
   )
   assert set(shapes) == {"params", "frozen"}
   got = torch_entries(shapes, prefix="backbone.")
@@ -255,7 +257,7 @@ def test_r50_fpn_param_structure_matches_oracle():
 def test_r50_eval_shape_matches_oracle_feature_shapes():
   out = np.load(ORACLE_OUTPUTS)
   x = jax.ShapeDtypeStruct((1, 800, 1088, 3), jnp.float32)
-  model = FPN(**fpn_kwargs(depth=50))
+  model = resnet_fpn(**fpn_kwargs(depth=50))
 
   def run(x):
     v = model.init(jax.random.PRNGKey(0), x)
@@ -366,7 +368,7 @@ def test_fpn_levels_numeric(seed, hw5):
       "res4": rng.normal(size=(2, 2 * h, 2 * w, 10)).astype(np.float32),
       "res5": rng.normal(size=(2, h, w, 12)).astype(np.float32),
   }
-  fpn = FPN(**fpn_kwargs(out_channels=8))
+  fpn = resnet_fpn(**fpn_kwargs(out_channels=8))
   v, sd = _init_and_load(fpn, feats, seed, method=FPN.forward_features)
   assert sorted(v) == ["params"]
   assert sorted(sd) == sorted(
@@ -399,7 +401,7 @@ def test_upsample_matches_torch_nearest():
 def test_r18_fpn_full_numeric(stride_in_1x1):
   """Whole bottom-up + FPN wiring (ResNet-18, 64x64) against the numpy reference."""
   x = np.random.RandomState(5).normal(size=(1, 64, 64, 3)).astype(np.float32)
-  model = FPN(**fpn_kwargs(depth=18, stride_in_1x1=stride_in_1x1, out_channels=16))
+  model = resnet_fpn(**fpn_kwargs(depth=18, stride_in_1x1=stride_in_1x1, out_channels=16))
   v, sd = _init_and_load(model, x, 21)
   got = model.apply(v, x)
   ref_feats = np_resnet(x, sd, "bottom_up.", (2, 2, 2, 2), False, stride_in_1x1)
@@ -482,7 +484,7 @@ def test_resnet_builds_only_needed_stages():
 
 def test_fpn_output_shapes_64x96():
   x = jnp.asarray(np.random.RandomState(3).normal(size=(2, 64, 96, 3)), jnp.float32)
-  model = FPN(**fpn_kwargs(depth=18, out_channels=32))
+  model = resnet_fpn(**fpn_kwargs(depth=18, out_channels=32))
   v = model.init(jax.random.PRNGKey(0), x)
   ps = model.apply(v, x)
   assert FPN.strides == (8, 16, 32, 64, 128)
@@ -500,7 +502,7 @@ def test_fpn_output_shapes_64x96():
       ((160, 224), [(20, 28), (10, 14), (5, 7), (3, 4), (2, 2)]),
   ):
     shapes = jax.eval_shape(
-        lambda z: FPN(**fpn_kwargs(depth=50)).init_with_output(jax.random.PRNGKey(0), z)[0],
+        lambda z: resnet_fpn(**fpn_kwargs(depth=50)).init_with_output(jax.random.PRNGKey(0), z)[0],
         jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32),
     )
     assert [p.shape for p in shapes] == [(1,) + hw + (256,) for hw in want]
@@ -511,7 +513,9 @@ def test_fpn_output_shapes_64x96():
 def test_fpn_rejects_sizes_not_multiple_of_32():
   with pytest.raises(ValueError, match="multiple of 32"):
     jax.eval_shape(
-        lambda: FPN(**fpn_kwargs(depth=18)).init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 64, 3)))
+        lambda: resnet_fpn(**fpn_kwargs(depth=18)).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 48, 64, 3))
+        )
     )
   feats = {
       "res3": jnp.zeros((1, 5, 4, 4)),
@@ -520,7 +524,7 @@ def test_fpn_rejects_sizes_not_multiple_of_32():
   }
   with pytest.raises(ValueError, match="top-down size"):
     jax.eval_shape(
-        lambda: FPN(**fpn_kwargs(out_channels=4)).init(
+        lambda: resnet_fpn(**fpn_kwargs(out_channels=4)).init(
             jax.random.PRNGKey(0), feats, method=FPN.forward_features
         )
     )
@@ -528,7 +532,7 @@ def test_fpn_rejects_sizes_not_multiple_of_32():
 
 def test_bfloat16_compute_dtype():
   x = jnp.zeros((1, 64, 64, 3), jnp.float32)
-  model = FPN(**fpn_kwargs(depth=18, out_channels=16, dtype=jnp.bfloat16))
+  model = resnet_fpn(**fpn_kwargs(depth=18, out_channels=16, dtype=jnp.bfloat16))
   shapes = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), x))
   outs, v = shapes
   assert all(p.dtype == jnp.bfloat16 for p in outs)
@@ -538,7 +542,7 @@ def test_bfloat16_compute_dtype():
 def test_default_init_fills():
   """c2_msra_fill on ResNet convs, c2_xavier_fill + zero bias on FPN convs, identity FrozenBN."""
   x = jnp.zeros((1, 64, 64, 3))
-  v = FPN(**fpn_kwargs(depth=18)).init(jax.random.PRNGKey(0), x)
+  v = resnet_fpn(**fpn_kwargs(depth=18)).init(jax.random.PRNGKey(0), x)
   k = np.asarray(v["params"]["bottom_up"]["res4"]["0"]["conv2"]["kernel"])  # 3x3x256x256
   np.testing.assert_allclose(k.std(), np.sqrt(2.0 / (9 * 256)), rtol=0.02)
   k = np.asarray(v["params"]["fpn_output3"]["kernel"])
@@ -575,7 +579,7 @@ def test_r50_fpn_matches_official_oracle():
   h, w = out["resized_image_bgr_uint8"].shape[:2]
   x = np.zeros((1,) + tuple(out["input_tensor_shape"][2:].astype(int)) + (3,), np.float32)
   x[0, :h, :w] = out["resized_image_bgr_uint8"].astype(np.float32) - out["pixel_mean"]
-  model = FPN(**fpn_kwargs(depth=50))
+  model = resnet_fpn(**fpn_kwargs(depth=50))
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
   v = load_torch_state(shapes, sd)
   run = jax.jit(

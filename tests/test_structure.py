@@ -97,6 +97,7 @@ def test_config_built_modules_take_every_setting_from_the_schema():
       "num_classes",
       "strides",
       "min_level",
+      "size_divisibility",
   }
   for cls, section in ((CenterNet, m.centernet), (CascadeROIHeads, m.roi_heads)):
     fields = {f.name for f in dataclasses.fields(cls)}

@@ -73,7 +73,9 @@ def zero_outside_canvas(x: jax.Array, canvas_hw: Optional[jax.Array], stride: in
   return x if m is None else jnp.where(m[None, :, :, None], x, jnp.zeros((), x.dtype))
 
 
-def level_extents(image_hw: jax.Array, strides) -> jax.Array:
+def level_extents(
+    image_hw: jax.Array, strides, size_divisibility: int = SIZE_DIVISIBILITY
+) -> jax.Array:
   """`[L, 2]` int32: rows/columns of the official canvas at each level (ROIAlign's border)."""
-  canvas = official_canvas(image_hw)
+  canvas = official_canvas(image_hw, size_divisibility)
   return jnp.stack([-(-canvas // s) for s in strides]).astype(jnp.int32)

@@ -97,10 +97,15 @@ def _implied_model_fields(shapes: dict) -> dict:
   lateral = shapes.get("params/backbone/fpn_lateral3/kernel")
   if lateral:
     out["fpn_channels"] = lateral[-1]
-  cls_bias = shapes.get("params/roi_heads/box_predictor.0/cls_score/bias")
+  # the first cascade stage (box_predictor.0) or the one stage of CustomROIHeads (box_predictor)
+  cls_bias = shapes.get("params/roi_heads/box_predictor.0/cls_score/bias") or shapes.get(
+      "params/roi_heads/box_predictor/cls_score/bias"
+  )
   if cls_bias:
     out["num_classes"] = cls_bias[0] - 1  # + background
-  fc1 = shapes.get("params/roi_heads/box_head.0/fc1/kernel")
+  fc1 = shapes.get("params/roi_heads/box_head.0/fc1/kernel") or shapes.get(
+      "params/roi_heads/box_head/fc1/kernel"
+  )
   if fc1:
     out["roi_heads.fc_dim"] = fc1[-1]
     if lateral:  # fc1 reads the pooled [C, R, R] features of the FPN channels
@@ -117,7 +122,7 @@ def _implied_model_fields(shapes: dict) -> dict:
   tower = count(r"params/proposal_generator/centernet_head/bbox_tower\.(\d+)/kernel")
   if tower:
     out["centernet.num_convs"] = tower
-  num_fc = count(r"params/roi_heads/box_head\.0/fc(\d+)/kernel")
+  num_fc = count(r"params/roi_heads/box_head(?:\.0)?/fc(\d+)/kernel")
   if num_fc:
     out["roi_heads.num_fc"] = num_fc
   res4 = count(r"(?:params|frozen)/backbone/bottom_up/res4/(\d+)/.*")

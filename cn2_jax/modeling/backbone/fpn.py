@@ -21,7 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cn2_jax.modeling.backbone.build import register
 from cn2_jax.modeling.backbone.resnet import ResNet
+from cn2_jax.modeling.backbone.resnet import frozen_param_prefixes as resnet_frozen_prefixes
 from cn2_jax.modeling.canvas import zero_outside_canvas
 from cn2_jax.modeling.layers import Conv2d, c2_xavier_fill
 
@@ -58,13 +60,12 @@ class LastLevelP6P7_P5(nn.Module):  # noqa: N801 (detectron2/CenterNet2 class na
 
 
 class FPN(nn.Module):
-  """ResNet + FPN (P3-P7). Name the instance `backbone` in the detector.
+  """A bottom-up network + FPN (P3-P7). Name the instance `backbone` in the detector.
 
-  Attributes (all required; the detector passes them from `config.model`, where the official
-  values live: resnet_depth, stride_in_1x1, freeze_at, resnet_norm, fpn_channels, fpn_norm,
-  resnet_width, dtype):
-    depth, stride_in_1x1, freeze_at, norm, width: passed to the `bottom_up` ResNet (norm = ResNet
-      norm).
+  Attributes (all required; `build_p67_resnet_fpn_backbone` passes them from `config.model`):
+    bottom_up: the bottom-up module (a ResNet here, another network with the same outputs
+      elsewhere); `bottom_up(x, canvas_hw)` -> {'res3', 'res4', 'res5'} at strides 8, 16, 32.
+      As a field it becomes the child `bottom_up` (paths `backbone.bottom_up.*`).
     out_channels: FPN channels.
     fpn_norm: norm of the lateral/output convs ('' in CenterNet2; with a norm the convs have no
       bias, as in detectron2).
@@ -77,13 +78,9 @@ class FPN(nn.Module):
   `forward_features(features)`: the same from a dict {'res3', 'res4', 'res5'} of bottom-up maps.
   """
 
-  depth: int
-  stride_in_1x1: bool
-  freeze_at: int
-  norm: str
+  bottom_up: nn.Module
   out_channels: int
   fpn_norm: str
-  width: int
   dtype: Dtype
 
   # Class constants (not dataclass fields): the architecture, not settings.
@@ -93,15 +90,6 @@ class FPN(nn.Module):
   size_divisibility = 32
 
   def setup(self):
-    self.bottom_up = ResNet(
-        depth=self.depth,
-        stride_in_1x1=self.stride_in_1x1,
-        norm=self.norm,
-        width=self.width,
-        freeze_at=self.freeze_at,
-        out_features=self.in_features,
-        dtype=self.dtype,
-    )
     lat = lambda: Conv2d(  # noqa: E731
         self.out_channels,
         kernel_size=1,
@@ -159,3 +147,47 @@ class FPN(nn.Module):
       results.insert(0, outputs[level](zero_outside_canvas(prev, canvas_hw, 2**level)))
     results.extend(self.top_block(results[-1], canvas_hw))  # P6 from the P5 *output*
     return results
+
+
+def resnet_fpn(
+    *,
+    depth: int,
+    stride_in_1x1: bool,
+    freeze_at: int,
+    norm: str,
+    width: int,
+    out_channels: int,
+    fpn_norm: str,
+    dtype: Dtype,
+) -> FPN:
+  """ResNet + FPN P3-P7 (CenterNet2 `build_p67_resnet_fpn_backbone`); the ResNet settings are
+  those of `ResNet` (norm = the ResNet's norm)."""
+  bottom_up = ResNet(
+      depth=depth,
+      stride_in_1x1=stride_in_1x1,
+      norm=norm,
+      width=width,
+      freeze_at=freeze_at,
+      out_features=FPN.in_features,
+      dtype=dtype,
+  )
+  return FPN(bottom_up=bottom_up, out_channels=out_channels, fpn_norm=fpn_norm, dtype=dtype)
+
+
+def _resnet_frozen(model_config) -> tuple:
+  return resnet_frozen_prefixes(model_config.freeze_at, prefix="bottom_up.")
+
+
+@register("build_p67_resnet_fpn_backbone", frozen_param_prefixes=_resnet_frozen)
+def build_p67_resnet_fpn_backbone(model_config, dtype) -> FPN:
+  """`config.model`'s resnet_* / fpn_* settings -> ResNet-FPN P3-P7."""
+  return resnet_fpn(
+      depth=model_config.resnet_depth,
+      stride_in_1x1=model_config.stride_in_1x1,
+      freeze_at=model_config.freeze_at,
+      norm=model_config.resnet_norm,
+      width=model_config.resnet_width,
+      out_channels=model_config.fpn_channels,
+      fpn_norm=model_config.fpn_norm,
+      dtype=dtype,
+  )

@@ -13,6 +13,7 @@ the official detectron2 state-dict keys (docs/DESIGN.md). Registered as `model.a
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
@@ -20,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from cn2_jax.config import model_kwargs
-from cn2_jax.modeling.backbone.fpn import FPN
+from cn2_jax.modeling.backbone.build import build_backbone
+from cn2_jax.modeling.backbone.build import frozen_param_prefixes as backbone_frozen_prefixes
 from cn2_jax.modeling.canvas import canvas_masks, official_canvas
 from cn2_jax.modeling.meta_arch.build import ClassParams, WeightFormat, register
 from cn2_jax.modeling.proposal.centernet import CenterNet
@@ -31,19 +33,12 @@ from cn2_jax.weights import flax_mapping
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _frozen_param_prefixes(model_config) -> tuple:
-  """FREEZE_AT: the ResNet stages that receive no update."""
-  from cn2_jax.modeling.backbone.resnet import frozen_param_prefixes as resnet_prefixes
-
-  return tuple(f"backbone.bottom_up.{p}" for p in resnet_prefixes(model_config.freeze_at))
-
-
 @register(
     "centernet2",
-    frozen_param_prefixes=_frozen_param_prefixes,
+    frozen_param_prefixes=backbone_frozen_prefixes,  # FREEZE_AT of the backbone
     # each cascade stage's classifier: num_classes + 1 logits, background last
     class_params=ClassParams(
-        r"params/roi_heads/box_predictor\.\d+/cls_score/(kernel|bias)", background_last=True
+        r"params/roi_heads/box_predictor(\.\d+)?/cls_score/(kernel|bias)", background_last=True
     ),
     display_name="CenterNet2",
     # detectron2 / CenterNet2 checkpoints, MSRA and torchvision ImageNet backbones
@@ -78,18 +73,9 @@ class CenterNet2(nn.Module):
     # wiring: the FPN levels' strides (P3..P7) and the level of the first one.
     m = model_kwargs(self.config)
     dtype = _DTYPES[m["dtype"]]
-    self.backbone = FPN(
-        depth=m["resnet_depth"],
-        stride_in_1x1=m["stride_in_1x1"],
-        freeze_at=m["freeze_at"],
-        norm=m["resnet_norm"],
-        width=m["resnet_width"],
-        out_channels=m["fpn_channels"],
-        fpn_norm=m["fpn_norm"],
-        dtype=dtype,
-    )
+    self.backbone = build_backbone(self.config, dtype)
     self.proposal_generator = CenterNet(
-        strides=FPN.strides,
+        strides=self.backbone.strides,
         channels=m["fpn_channels"],
         axis_name=self.axis_name,
         dtype=dtype,
@@ -97,7 +83,8 @@ class CenterNet2(nn.Module):
     )
     self.roi_heads = CascadeROIHeads(
         num_classes=m["num_classes"],
-        min_level=FPN.min_level,
+        min_level=int(math.log2(self.backbone.strides[0])),
+        size_divisibility=self.backbone.size_divisibility,
         axis_name=self.axis_name,
         dtype=dtype,
         **m["roi_heads"],
@@ -118,14 +105,15 @@ class CenterNet2(nn.Module):
 
   def backbone_features(self, image: jax.Array, image_hw: jax.Array) -> Tuple[list, list]:
     """The first half of every forward: preprocessing, the backbone on the official canvas (the
-    batch's largest image_hw rounded up to 32) -> FPN features P3..P7 `[B, H_l, W_l, C]` (sown
+    batch's largest image_hw rounded up to the backbone's size divisibility) -> FPN features P3..P7 `[B, H_l, W_l, C]` (sown
     as intermediates p3..p7) and each level's canvas mask `[B, H_l, W_l]` bool."""
     images = self.preprocess(image, image_hw)
-    features = self.backbone(images, official_canvas(image_hw))
+    divisibility = self.backbone.size_divisibility
+    features = self.backbone(images, official_canvas(image_hw, divisibility))
     for i, f in enumerate(features):
       self.sow("intermediates", f"p{i + 3}", f)
     masks = canvas_masks(
-        image_hw, [f.shape[1:3] for f in features], self.proposal_generator.strides
+        image_hw, [f.shape[1:3] for f in features], self.proposal_generator.strides, divisibility
     )
     return features, masks
 

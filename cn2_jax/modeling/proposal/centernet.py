@@ -36,6 +36,7 @@ class CenterNet(nn.Module):
   strides: Sequence[int]
   channels: int
   num_convs: int
+  use_deformable: bool
   prior_prob: float
   bbox_bias_init: float
   soi: Sequence[Sequence[float]]
@@ -69,6 +70,7 @@ class CenterNet(nn.Module):
         channels=self.channels,
         prior_prob=self.prior_prob,
         bbox_bias_init=self.bbox_bias_init,
+        use_deformable=self.use_deformable,
         dtype=self.dtype,
     )
 

@@ -30,8 +30,40 @@ import jax
 import jax.numpy as jnp
 
 from cn2_jax.modeling.layers import Conv2d, GroupNorm, Scale
+from cn2_jax.modeling.ops.dcn import DeformConv2d
 
 Dtype = Any
+
+
+class DFConv2d(nn.Module):
+  """CenterNet2's `DFConv2d` (modulated, 3x3, stride 1, padding 1, one deformable group): the
+  conv `offset` (27 channels, bias, zero init) predicts the (dy, dx) offsets of the 9 taps
+  (channels 0-17, the deformable kernel's interleaved order) and the mask logits (18-26,
+  sigmoid); `conv` is the modulated deformable conv (kernel + bias). Used for the last
+  bbox-tower conv with `centernet.use_deformable` (the DCN zoo models).
+  `[B, H, W, Cin]` -> `[B, H, W, features]`."""
+
+  features: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    offset_mask = Conv2d(
+        27,
+        kernel_size=3,
+        strides=1,
+        padding=1,
+        use_bias=True,
+        kernel_init=nn.initializers.zeros,
+        bias_init=nn.initializers.zeros,
+        dtype=self.dtype,
+        name="offset",
+    )(x)
+    # The mask's sigmoid in float32 whatever the compute dtype (it scales every sample).
+    mask = jax.nn.sigmoid(offset_mask[..., 18:].astype(jnp.float32))
+    return DeformConv2d(self.features, use_bias=True, dtype=self.dtype, name="conv")(
+        x, offset_mask[..., :18], mask
+    )
 
 
 class CenterNetHead(nn.Module):
@@ -45,6 +77,7 @@ class CenterNetHead(nn.Module):
     prior_prob: objectness prior (`centernet.prior_prob`); `agn_hm` bias = -log((1 - p) / p).
     bbox_bias_init: `bbox_pred` bias init (`centernet.bbox_bias_init`, in stride units;
       docs/centernet2.md §2.4).
+    use_deformable: the last bbox-tower conv is a `DFConv2d` (CENTERNET.USE_DEFORMABLE).
     dtype: compute dtype of the convs (`dtype`; parameters and outputs are float32).
 
   `__call__(features, masks=None)` with `features` a list of `num_levels` NHWC maps
@@ -60,6 +93,7 @@ class CenterNetHead(nn.Module):
   channels: int
   prior_prob: float
   bbox_bias_init: float
+  use_deformable: bool
   dtype: Dtype
 
   def setup(self):
@@ -67,6 +101,10 @@ class CenterNetHead(nn.Module):
     convs, norms = [], []
     for i in range(self.num_convs):
       # torch nn.Sequential indices: conv = 3i, GroupNorm = 3i+1, ReLU = 3i+2 (no params).
+      if self.use_deformable and i == self.num_convs - 1:
+        convs.append(DFConv2d(self.channels, dtype=self.dtype, name=f"bbox_tower.{3 * i}"))
+        norms.append(GroupNorm(dtype=self.dtype, name=f"bbox_tower.{3 * i + 1}"))
+        continue
       convs.append(
           Conv2d(
               self.channels,

@@ -120,11 +120,19 @@ class CascadeROIHeads(nn.Module):
 
   Attributes mirror `config.model.roi_heads` (see cn2_jax/config.py for meanings and defaults,
   which live only there) and are all required; the detector adds the wiring: `num_classes`,
-  `min_level` (the level of the first feature map, P3 -> 3), `dtype` and `axis_name`.
+  `min_level` (the level of the first feature map the detector passes, P3 -> 3),
+  `size_divisibility` (the backbone's: the official canvas, ROIAlign's border), `dtype` and
+  `axis_name`. `in_features` (ROI_HEADS.IN_FEATURES, e.g. ("p3", "p4")) are the consecutive
+  levels the boxes are pooled from; each box goes to its level clamped to them.
+  `cascade=False` is CenterNet2-F's `CustomROIHeads`: one Fast R-CNN stage (detectron2
+  `StandardROIHeads` with the probabilistic score), which is this cascade with one stage.
   """
 
   num_classes: int
   min_level: int
+  size_divisibility: int
+  in_features: Sequence[str]
+  cascade: bool
   iou_thresholds: Sequence[float]
   box_weights: Sequence[Sequence[float]]
   batch_size_per_image: int
@@ -147,12 +155,17 @@ class CascadeROIHeads(nn.Module):
 
   def setup(self):
     n = len(self.iou_thresholds)
+    if not self.cascade and n != 1:
+      raise ValueError(f"roi_heads.cascade=False is one stage; got iou_thresholds of {n}")
+    # CustomCascadeROIHeads names its stages box_head.{k} / box_predictor.{k}; CustomROIHeads
+    # (one stage) has plain box_head / box_predictor.
+    suffix = (lambda k: f".{k}") if self.cascade else (lambda k: "")
     self.box_head = [
-        FastRCNNConvFCHead(self.fc_dim, self.num_fc, self.dtype, name=f"box_head.{k}")
+        FastRCNNConvFCHead(self.fc_dim, self.num_fc, self.dtype, name=f"box_head{suffix(k)}")
         for k in range(n)
     ]
     self.box_predictor = [
-        FastRCNNOutputLayers(self.num_classes, self.dtype, name=f"box_predictor.{k}")
+        FastRCNNOutputLayers(self.num_classes, self.dtype, name=f"box_predictor{suffix(k)}")
         for k in range(n)
     ]
 
@@ -160,13 +173,29 @@ class CascadeROIHeads(nn.Module):
   def num_stages(self) -> int:
     return len(self.iou_thresholds)
 
+  @property
+  def pool_min_level(self) -> int:
+    return int(self.in_features[0][1:])
+
+  def _pooled_levels(self, features: list) -> list:
+    """The `in_features` levels of `features` (levels min_level, min_level + 1, ...)."""
+    levels = [int(name[1:]) for name in self.in_features]
+    if levels != list(range(levels[0], levels[0] + len(levels))) or not (
+        self.min_level <= levels[0] and levels[-1] < self.min_level + len(features)
+    ):
+      raise ValueError(
+          f"roi_heads.in_features={tuple(self.in_features)} must be consecutive levels among "
+          f"p{self.min_level}..p{self.min_level + len(features) - 1}"
+      )
+    return [features[level - self.min_level] for level in levels]
+
   def _run_stage(self, k: int, features, boxes, train: bool, valid_hw=None):
     """Pools `boxes` `[B, R, 4]` and runs stage k; returns (logits, deltas, pred_boxes).
     `valid_hw` `[L, 2]`: the official canvas per level (ROIAlign's border)."""
     pooled = multilevel_roi_align(
         features,
         jax.lax.stop_gradient(boxes),
-        min_level=self.min_level,
+        min_level=self.pool_min_level,
         output_size=self.pooler_resolution,
         sampling_ratio=self.sampling_ratio,
         aligned=True,  # ROIAlignV2 (the architecture, not a setting)
@@ -238,7 +267,12 @@ class CascadeROIHeads(nn.Module):
     hw = image_hw.astype(jnp.float32)
     boxes = jax.lax.stop_gradient(proposals["boxes"])
     valid = proposals["valid"]
-    valid_hw = level_extents(image_hw, [2 ** (self.min_level + i) for i in range(len(features))])
+    features = self._pooled_levels(features)
+    valid_hw = level_extents(
+        image_hw,
+        [2 ** (self.pool_min_level + i) for i in range(len(features))],
+        self.size_divisibility,
+    )
     if train:
       return self._forward_train(
           features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid, valid_hw
