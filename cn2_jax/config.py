@@ -16,29 +16,37 @@ from typing import Any
 
 import ml_collections
 
-from cn2_jax.data import catalog
+from cn2_jax.data import catalog, sampling
 from cn2_jax.errors import ConfigError
 
 # Detector families with a registered meta-architecture (cn2_jax/modeling/meta_arch/).
-ARCHS = ("centernet2", "onestage")
+ARCHS = ("centernet2", "centernet", "onestage")
 
-# The per-family part of the `model` schema: the keys (values or groups) only that family reads.
-# Every other `model` key (arch, num_classes, dtype, resnet_depth, resnet_width) is shared.
-# validate_config rejects a change to another family's key (it would be silently ignored).
+# The backbone settings of the CenterNet2 code base's detectors (modeling/backbone/).
+_BACKBONE_KEYS = (
+    "backbone",
+    "resnet_num_groups",
+    "resnet_width_per_group",
+    "resnet_deform_on_per_stage",
+    "resnet_deform_modulated",
+    "resnet_deform_num_groups",
+    "stride_in_1x1",
+    "freeze_at",
+    "resnet_norm",
+    "input_format",
+    "pixel_mean",
+    "pixel_std",
+    "fpn_channels",
+    "fpn_norm",
+    "bifpn",
+    "dla",
+)
+# The per-family part of the `model` schema: the keys (values or groups) a family reads beyond
+# the shared ones (arch, num_classes, dtype, resnet_depth, resnet_width). validate_config rejects
+# a change to a key that only other families read (it would be silently ignored).
 FAMILY_MODEL_KEYS = {
-    "centernet2": (
-        "backbone",
-        "stride_in_1x1",
-        "freeze_at",
-        "resnet_norm",
-        "input_format",
-        "pixel_mean",
-        "pixel_std",
-        "fpn_channels",
-        "fpn_norm",
-        "centernet",
-        "roi_heads",
-    ),
+    "centernet2": _BACKBONE_KEYS + ("centernet", "roi_heads"),
+    "centernet": _BACKBONE_KEYS + ("centernet_detector",),
     "onestage": ("onestage",),
 }
 
@@ -78,12 +86,29 @@ def base_config() -> ml_collections.ConfigDict:
   m.stride_in_1x1 = True  # MSRA/caffe style (official); False for torchvision weights
   m.freeze_at = 2  # stem + res2 frozen
   m.resnet_width = 64  # stem/res2 width (64 official; smaller for tiny models)
+  # ResNeXt / deformable stages (detectron2 MODEL.RESNETS.*; ResNet and Res2Net backbones)
+  m.resnet_num_groups = 1  # NUM_GROUPS (32 for X101-32x8d)
+  m.resnet_width_per_group = 0  # WIDTH_PER_GROUP; 0 = resnet_width (8 for X101, 26 for R2-101)
+  m.resnet_deform_on_per_stage = (False, False, False, False)  # DEFORM_ON_PER_STAGE, res2..res5
+  m.resnet_deform_modulated = False  # DEFORM_MODULATED: DCNv2 (mask) instead of DCNv1
+  m.resnet_deform_num_groups = 1  # DEFORM_NUM_GROUPS (offset groups)
   m.resnet_norm = "FrozenBN"  # "FrozenBN" (official), "GN" (training from scratch) or ""
   m.input_format = "BGR"  # official MSRA weights expect BGR; pipeline yields RGB
   m.pixel_mean = (103.530, 116.280, 123.675)  # in input_format order
   m.pixel_std = (1.0, 1.0, 1.0)
   m.fpn_channels = 256
   m.fpn_norm = ""  # FPN lateral/output conv norm: "" (official: convs with bias), "GN", "FrozenBN"
+  # BiFPN neck (MODEL.BIFPN; backbones build_p37_dla_bifpn_backbone, build_res2net_bifpn_backbone)
+  bf = m.bifpn = ml_collections.ConfigDict()
+  bf.out_channels = 160
+  bf.num_levels = 5  # P3-P7 (the only node graph the official BiFPN has)
+  bf.num_bifpn = 6  # BiFPN cells (3 for DLA-BiFPN-P5, 7 for R2-101-BiFPN)
+  bf.norm = "GN"
+  bf.separable_conv = False
+  # DLA-34 (MODEL.DLA; build_p37_dla_bifpn_backbone, build_dla_backbone): "BN" (official; used in
+  # inference mode: running statistics, as FrozenBN), "SyncBN" or "FrozenBN"
+  m.dla = ml_collections.ConfigDict()
+  m.dla.norm = "BN"
 
   cn = m.centernet = ml_collections.ConfigDict()
   cn.num_convs = 4
@@ -138,9 +163,39 @@ def base_config() -> ml_collections.ConfigDict:
   r.scale_clamp = math.log(1000.0 / 16)
   r.append_gt = True
   r.mult_proposal_score = True
+  # LVIS (ROI_BOX_HEAD.*, roi_heads/fed_loss.py): sigmoid CE instead of softmax (cls_score bias
+  # -log((1 - prior_prob) / prior_prob); sigmoid class probabilities at inference) and the
+  # federated loss (the batch's classes + classes drawn by image_count ** fed_loss_freq_weight
+  # from cat_freq_path, an LVIS cat_info json, up to fed_loss_num_cat; sigmoid CE only changes)
+  r.use_sigmoid_ce = False
+  r.prior_prob = 0.01
+  r.use_fed_loss = False
+  r.cat_freq_path = ""  # e.g. datasets/lvis/lvis_v1_train_cat_info.json
+  r.fed_loss_num_cat = 50
+  r.fed_loss_freq_weight = 0.5
   r.score_thresh_test = 0.05
   r.nms_thresh_test = 0.7
   r.detections_per_image = 100
+
+  # The official one-stage CenterNet (arch "centernet": CenterNetDetector with the CenterNet head
+  # in one-stage mode, ONLY_PROPOSAL False; CenterNet-FPN_R50_1x, CenterNet-S4_DLA_8x). Defaults =
+  # the official MODEL.CENTERNET defaults (centernet/config.py). Inference only for now.
+  cd = m.centernet_detector = ml_collections.ConfigDict()
+  cd.in_features = ("p3", "p4", "p5", "p6", "p7")  # levels the head reads (("dla2",) for S4)
+  cd.num_cls_convs = 4
+  cd.num_box_convs = 4
+  cd.num_share_convs = 0
+  cd.norm = "GN"  # tower norm: "GN" (GroupNorm(32), or (25) when channels % 32 != 0) or ""
+  cd.use_deformable = False  # last conv of each tower a modulated DCN
+  cd.with_agn_hm = False  # an agnostic heatmap multiplied into the class scores
+  cd.prior_prob = 0.01
+  cd.bbox_bias_init = 8.0
+  cd.inference_thresh = 0.05  # INFERENCE_TH: class-probability candidates
+  cd.pre_nms_topk_test = 1000  # per level
+  cd.post_nms_topk_test = 100
+  cd.nms_thresh_test = 0.6  # per-class NMS
+  cd.center_nms = False
+  cd.not_nms = False
 
   # One-stage CenterNet as centerX builds it (arch "onestage", modeling/onestage/;
   # docs/onestage.md §2-§3; defaults = centerX `centernet_res18_coco_0.5.yaml`). Shared with
@@ -189,7 +244,8 @@ def base_config() -> ml_collections.ConfigDict:
   # "crowdhuman" (.odgt), "wider_face" (wider_face_*_bbx_gt.txt) and "voc" (VOC XML folder) are
   # converted to COCO json first (cn2_jax/data/sources.py); "image_folder": every image below
   # data.root (recursive), no annotations, training only (woGT KD; set data.eval_split="").
-  d.dataset = "coco/2017"  # coco/2017 coco_json synthetic crowdhuman wider_face voc image_folder
+  # coco/2017 coco_json lvis_v1 objects365 synthetic crowdhuman wider_face voc image_folder
+  d.dataset = "coco/2017"
   d.name = ""  # tfds dataset name (default derived from the dataset, its box type and classes)
   d.root = ""  # COCO root (coco/2017) or dataset folder (all others)
   # Annotation files, relative to root or absolute. coco_json: the instances jsons. crowdhuman,
@@ -220,6 +276,23 @@ def base_config() -> ml_collections.ConfigDict:
   d.lsj = False  # square random resize-and-crop instead of shortest edge
   d.lsj_size = 1024
   d.lsj_scale_range = (0.1, 2.0)
+  # CenterNet2 INPUT.CUSTOM_AUG (centernet/data/custom_build_augmentation.py): "" or
+  # "ResizeShortestEdge" = the shortest-edge resize above; "EfficientDetResizeCrop" = random scale
+  # uniform(scale_range) * train_size (aspect kept, fit inside), random crop to train_size, then
+  # flip (cn2_jax/data/efficientdet_aug.py); every batch on one train_size square (rounded up to
+  # size_divisibility). Not with lsj, crop_relative_range or center_affine. Eval is unchanged (the
+  # official TEST_INPUT_TYPE 'default' uses min/max_size_test).
+  d.custom_aug = ""
+  d.train_size = 640  # INPUT.TRAIN_SIZE
+  d.scale_range = (0.1, 2.0)  # INPUT.SCALE_RANGE
+  # Training sampler (detectron2 / CenterNet2 DATALOADER.SAMPLER_TRAIN; cn2_jax/data/sampling.py):
+  # "TrainingSampler" (each image once per epoch), "RepeatFactorTrainingSampler" (LVIS configs:
+  # an image repeats max over its categories of max(1, sqrt(repeat_threshold / f(c))) times,
+  # f(c) = fraction of training images holding c) or "ClassAwareSampler" (Objects365 config:
+  # images drawn with probability ~ sum over their categories of 1 / #images of the category).
+  # Not with data.mixture.
+  d.sampler_train = "TrainingSampler"
+  d.repeat_threshold = 0.001  # RepeatFactorTrainingSampler: DATALOADER.REPEAT_THRESHOLD
   d.flip = True
   d.filter_empty = True
   d.max_boxes = 100
@@ -424,7 +497,8 @@ def _check_family_keys(m: ml_collections.ConfigDict) -> None:
   for family, keys in FAMILY_MODEL_KEYS.items():
     if family == m.arch:
       continue
-    changed = [f for k in keys for f in _changed_fields(m[k], ref[k], f"model.{k}")]
+    own = set(FAMILY_MODEL_KEYS[m.arch])
+    changed = [f for k in keys if k not in own for f in _changed_fields(m[k], ref[k], f"model.{k}")]
     if changed:
       raise ConfigError(
           f"{changed[0]} is a setting of the {family!r} family; model.arch={m.arch!r} does not "
@@ -669,6 +743,25 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   div = int(cfg.data.size_divisibility)
   if div <= 0 or div % 32:
     raise ValueError(f"data.size_divisibility must be a positive multiple of 32, got {div}")
+  if "backbone" in FAMILY_MODEL_KEYS[m.arch]:
+    # The model pads its canvas to its backbone's divisibility; the data must pad to a multiple.
+    # (Imported here: the modeling package imports this module.)
+    from cn2_jax.modeling.backbone.build import backbone_size_divisibility
+
+    need = backbone_size_divisibility(m)
+    if div % need:
+      raise ConfigError(
+          f"data.size_divisibility={div} must be a multiple of {need}, the size divisibility of "
+          f"model.backbone={m.backbone!r}"
+      )
+  if m.roi_heads.use_fed_loss and not m.roi_heads.cat_freq_path:
+    raise ConfigError("model.roi_heads.use_fed_loss needs model.roi_heads.cat_freq_path")
+  if cfg.data.sampler_train not in sampling.SAMPLERS:
+    raise ConfigError(
+        f"data.sampler_train must be one of {sampling.SAMPLERS}, got {cfg.data.sampler_train!r}"
+    )
+  if cfg.data.repeat_threshold <= 0:
+    raise ConfigError(f"data.repeat_threshold must be > 0, got {cfg.data.repeat_threshold}")
   for name in ("pad_hw_train", "pad_hw_test"):
     hw = tuple(cfg.data[name])
     if hw and (len(hw) != 2 or any(int(v) <= 0 or int(v) % div for v in hw)):

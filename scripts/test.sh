@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export JAX_PLATFORMS=cpu
-exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 tests "$@"
+# The full-size zoo oracle checks (marker `zoo`) have their own script: scripts/test_zoo.sh.
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 -m "not zoo" tests "$@"

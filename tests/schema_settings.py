@@ -36,6 +36,11 @@ def resnet_kwargs(**overrides) -> dict:
       freeze_at=MODEL["freeze_at"],
       out_features=FPN.in_features,
       width=MODEL["resnet_width"],
+      num_groups=MODEL["resnet_num_groups"],
+      width_per_group=MODEL["resnet_width_per_group"],
+      deform_on_per_stage=MODEL["resnet_deform_on_per_stage"],
+      deform_modulated=MODEL["resnet_deform_modulated"],
+      deform_num_groups=MODEL["resnet_deform_num_groups"],
       dtype=DTYPE,
   )
   return _with(base, overrides, "ResNet")
@@ -51,6 +56,11 @@ def fpn_kwargs(**overrides) -> dict:
       out_channels=MODEL["fpn_channels"],
       fpn_norm=MODEL["fpn_norm"],
       width=MODEL["resnet_width"],
+      num_groups=MODEL["resnet_num_groups"],
+      width_per_group=MODEL["resnet_width_per_group"],
+      deform_on_per_stage=MODEL["resnet_deform_on_per_stage"],
+      deform_modulated=MODEL["resnet_deform_modulated"],
+      deform_num_groups=MODEL["resnet_deform_num_groups"],
       dtype=DTYPE,
   )
   return _with(base, overrides, "FPN")
@@ -60,6 +70,12 @@ def block_kwargs(**overrides) -> dict:
   """The norm and dtype of a ResNet stem or block (`config.model`)."""
   base = dict(norm=MODEL["resnet_norm"], dtype=DTYPE)
   return _with(base, overrides, "a ResNet block")
+
+
+def bottleneck_kwargs(**overrides) -> dict:
+  """The norm, dtype and groups of a ResNet bottleneck block (`config.model`)."""
+  base = dict(norm=MODEL["resnet_norm"], dtype=DTYPE, num_groups=MODEL["resnet_num_groups"])
+  return _with(base, overrides, "a ResNet bottleneck block")
 
 
 def head_kwargs(**overrides) -> dict:

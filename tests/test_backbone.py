@@ -27,7 +27,7 @@ from cn2_jax.modeling.backbone.resnet import (
     max_pool_3x3_s2_p1,
     resnet_out_channels,
 )
-from tests.schema_settings import MODEL, block_kwargs, fpn_kwargs, resnet_kwargs
+from tests.schema_settings import MODEL, block_kwargs, bottleneck_kwargs, fpn_kwargs, resnet_kwargs
 
 ORACLE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "oracle")
 ORACLE_WEIGHTS = os.path.join(ORACLE_DIR, "cn2_r50_oracle_weights.json")
@@ -314,7 +314,7 @@ def test_bottleneck_block_numeric(stride_in_1x1, seed, hw):
       bottleneck_channels=4,
       stride=2,
       stride_in_1x1=stride_in_1x1,
-      **block_kwargs(),
+      **bottleneck_kwargs(),
   )
   v, sd = _init_and_load(block, x, seed)
   assert "shortcut.weight" in sd and "conv3.norm.running_var" in sd
@@ -326,7 +326,7 @@ def test_bottleneck_identity_shortcut_and_basic_block_numeric():
   rng = np.random.RandomState(7)
   x = rng.normal(size=(1, 6, 7, 16)).astype(np.float32)
   block = BottleneckBlock(
-      out_channels=16, bottleneck_channels=4, stride=1, stride_in_1x1=True, **block_kwargs()
+      out_channels=16, bottleneck_channels=4, stride=1, stride_in_1x1=True, **bottleneck_kwargs()
   )
   v, sd = _init_and_load(block, x, 3)
   assert "shortcut.weight" not in sd

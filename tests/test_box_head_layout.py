@@ -47,7 +47,7 @@ def test_box_head_matches_numpy_from_torch_layout():
   )
 
   head = FastRCNNConvFCHead(fc_dim=fc, num_fc=ROI_HEADS["num_fc"], dtype=DTYPE)
-  pred = FastRCNNOutputLayers(num_classes=k, dtype=DTYPE)
+  pred = FastRCNNOutputLayers(num_classes=k, dtype=DTYPE, cls_bias_init=0.0)
   pooled_nhwc = jnp.asarray(pooled_nchw.transpose(0, 2, 3, 1))
   hv = jax.eval_shape(head.init, jax.random.PRNGKey(0), pooled_nhwc)
   pv = jax.eval_shape(pred.init, jax.random.PRNGKey(0), jnp.zeros((r, fc)))

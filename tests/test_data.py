@@ -14,6 +14,7 @@ from cn2_jax.data import builder as B
 from cn2_jax.data import pipeline as P
 from cn2_jax.data import synthetic as S
 from cn2_jax.data import transforms as T
+from cn2_jax.data.efficientdet_aug import EfficientDetResizeCrop
 
 CONTRACT = {
     "image": (("B", "H", "W", 3), np.uint8),
@@ -662,6 +663,19 @@ def test_train_loader_settings_from_config_reads_every_field(mini):
       ({"data.bucket_aspect_ratios": (1.25,)}, {"aspect_ratios": (1.25,)}),
       ({"data.scale_per_batch": False}, {"scale_per_batch": False}),
       ({"data.color_aug": "centerx"}, {"augment": P.AugmentSettings.from_config(aug)}),
+      (
+          {
+              "data.custom_aug": "EfficientDetResizeCrop",
+              "data.train_size": 256,
+              "data.scale_range": (0.5, 1.5),
+          },
+          {"lsj": EfficientDetResizeCrop(256, (0.5, 1.5))},
+      ),
+      (
+          {"data.sampler_train": "RepeatFactorTrainingSampler"},
+          {"sampler_train": "RepeatFactorTrainingSampler"},
+      ),
+      ({"data.repeat_threshold": 0.01}, {"repeat_threshold": 0.01}),
   ]
   covered = {"process_index", "process_count", "num_threads", "prefetch"}  # not in the config
   for edits, fields in changes:

@@ -191,7 +191,10 @@ def test_probabilistic_score_and_inference_against_numpy():
   scores = np.sqrt(np.mean(sm, axis=0) * prop_score[:, None])
   np.testing.assert_allclose(
       probabilistic_scores(
-          [jnp.asarray(l) for l in logits], jnp.asarray(prop_score), mult_proposal_score=True
+          [jnp.asarray(l) for l in logits],
+          jnp.asarray(prop_score),
+          mult_proposal_score=True,
+          use_sigmoid_ce=False,
       ),
       scores,
       rtol=1e-5,

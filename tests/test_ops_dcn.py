@@ -493,3 +493,152 @@ def test_argument_checks():
   a = dcn.deform_conv2d(xr, off, None, kr, deformable_groups=2)
   b = dcn.deform_conv2d(xr, off, None, kr)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ----------------------------------------------------------------------------------------------
+# weight groups (grouped conv weights, ResNeXt's `groups`; torchvision `n_weight_grps`)
+# ----------------------------------------------------------------------------------------------
+def _block_diagonal(kernel, weight_groups, cin):
+  """The ungrouped HWIO kernel `[kh, kw, Cin, Cout]` a grouped one `[kh, kw, Cin/Gw, Cout]`
+  stands for: zero between input and output channels of different weight groups."""
+  kh, kw, cig, cout = kernel.shape
+  cog = cout // weight_groups
+  dense = np.zeros((kh, kw, cin, cout), kernel.dtype)
+  for w in range(weight_groups):
+    dense[:, :, w * cig : (w + 1) * cig, w * cog : (w + 1) * cog] = kernel[
+        ..., w * cog : (w + 1) * cog
+    ]
+  return dense
+
+
+def _per_weight_group_calls(x, offset, mask, kernel, weight_groups, offset_groups, **kw):
+  """Reference: one UNgrouped `deform_conv2d` call per weight group w, its output channels
+  concatenated. Where a weight group is a union of whole offset groups, or lies inside one,
+  the call takes only its input channels (and their offset / mask channels); otherwise it takes
+  every input channel with a kernel that is zero outside the group's channels."""
+  cin = x.shape[-1]
+  kh, kw_, cig, cout = kernel.shape
+  taps = kh * kw_
+  cog, cg = cout // weight_groups, cin // offset_groups
+  outs = []
+  for w in range(weight_groups):
+    kern_w = kernel[..., w * cog : (w + 1) * cog]
+    lo, hi = w * cig, (w + 1) * cig
+    if cig % cg == 0 or cg % cig == 0:  # aligned: slice channels and offset groups
+      g0, g1 = lo // cg, max(lo // cg + 1, hi // cg)
+      sl = lambda a, per: None if a is None else a[..., g0 * per : g1 * per]  # noqa: E731
+      outs.append(
+          dcn.deform_conv2d(
+              x[..., lo:hi],
+              sl(offset, 2 * taps),
+              sl(mask, taps),
+              kern_w,
+              offset_groups=g1 - g0,
+              **kw,
+          )
+      )
+    else:
+      dense = np.zeros((kh, kw_, cin, cog), np.float32)
+      dense[:, :, lo:hi] = kern_w
+      outs.append(dcn.deform_conv2d(x, offset, mask, dense, offset_groups=offset_groups, **kw))
+  return np.concatenate([np.asarray(o) for o in outs], axis=-1)
+
+
+WEIGHT_GROUP_CASES = [
+    # (Cin, Cout, weight groups, offset groups, stride, masked)
+    (8, 6, 2, 1, 1, True),
+    (8, 8, 4, 2, 2, True),  # 2 weight groups per offset group, stride 2
+    (8, 4, 2, 4, 1, True),  # 2 offset groups per weight group
+    (12, 6, 2, 3, 1, False),  # DCNv1, weight groups span offset groups unevenly (6 vs 4 ch)
+    (16, 16, 16, 1, 1, True),  # depthwise-like: one channel per weight group
+]
+
+
+@pytest.mark.parametrize("cin,cout,wg,og,stride,masked", WEIGHT_GROUP_CASES)
+def test_weight_groups_equal_per_group_calls(cin, cout, wg, og, stride, masked):
+  """Grouped weights (kernel `[3, 3, Cin/Gw, Cout]`) equal one ungrouped call per weight group,
+  and the spec-level numpy loop on the block-diagonal dense kernel."""
+  h, w = 7, 9
+  ho, wo = dcn.deform_conv_output_size((h, w), (3, 3), stride)
+  x, offset, mask, _, bias = _inputs(11 + cin, 2, h, w, cin, cout, 3, 3, ho, wo, og, 2.5)
+  rng = np.random.default_rng(cin * 7 + wg)
+  kernel = rng.standard_normal((3, 3, cin // wg, cout)) * np.sqrt(2 / (9 * cin // wg))
+  x, offset, mask, kernel, bias = (
+      np.asarray(a, np.float32) for a in (x, offset, mask, kernel, bias)
+  )
+  if not masked:
+    mask = None
+  kw = dict(stride=stride, padding=1, offset_groups=og)
+  got = np.asarray(dcn.deform_conv2d(x, offset, mask, kernel, bias, **kw, precision="highest"))
+  split = _per_weight_group_calls(
+      x, offset, mask, kernel, wg, og, stride=stride, padding=1, precision="highest"
+  )
+  scale = np.abs(split).max()
+  np.testing.assert_allclose(got - bias, split, rtol=0, atol=2e-6 * scale)
+  want = ref_deform_conv2d(x, offset, mask, _block_diagonal(kernel, wg, cin), bias, stride, 1, 1)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+  # The ONNX-friendly form (export_mode.onnx_ops) computes the same, with a symbolic batch too.
+  onnx = jax.jit(lambda *a: dcn.deform_conv2d_for_onnx(*a, **kw, precision="highest"))
+  np.testing.assert_allclose(
+      np.asarray(onnx(x, offset, mask, kernel, bias)), got, rtol=0, atol=2e-6 * scale
+  )
+  (n,) = jax.export.symbolic_shape("n")
+  sym = lambda a: None if a is None else jax.ShapeDtypeStruct((n,) + a.shape[1:], a.dtype)  # noqa: E731
+  exported = jax.export.export(
+      jax.jit(lambda x_, o_, m_: dcn.deform_conv2d_for_onnx(x_, o_, m_, kernel, **kw))
+  )(sym(x), sym(offset), sym(mask))
+  np.testing.assert_allclose(
+      np.asarray(exported.call(x, offset, mask)), got - bias, rtol=0, atol=2e-5 * scale
+  )
+
+
+def test_weight_groups_gradients_equal_block_diagonal():
+  """The gradients of the grouped op equal those of the ungrouped op on the block-diagonal
+  kernel (whose gradients the finite-difference test covers), kernel gradient = its blocks."""
+  cin, cout, wg, og = 8, 6, 2, 2
+  x, offset, mask, _, bias = _inputs(21, 1, 6, 7, cin, cout, 3, 3, 6, 7, og, 2.0)
+  kernel = np.random.default_rng(22).standard_normal((3, 3, cin // wg, cout)) * 0.3
+  gout = np.random.default_rng(23).standard_normal((1, 6, 7, cout))
+  args = [jnp.asarray(a, jnp.float32) for a in (x, offset, mask)]
+
+  def loss(x_, o_, m_, k_, dense):
+    k_ = jnp.asarray(_block_diagonal(np.asarray(k_), wg, cin)) if dense else k_
+    out = dcn.deform_conv2d(x_, o_, m_, k_, precision="highest")
+    return jnp.sum(out * gout)
+
+  g_grouped = jax.grad(loss, argnums=(0, 1, 2, 3))(*args, jnp.asarray(kernel, jnp.float32), False)
+  dense = jnp.asarray(_block_diagonal(kernel, wg, cin), jnp.float32)
+  g_dense = jax.grad(
+      lambda x_, o_, m_, k_: jnp.sum(dcn.deform_conv2d(x_, o_, m_, k_, precision="highest") * gout),
+      argnums=(0, 1, 2, 3),
+  )(*args, dense)
+  for a, b in zip(g_grouped[:3], g_dense[:3]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  gk = np.asarray(g_dense[3])
+  cig, cog = cin // wg, cout // wg
+  want_k = np.concatenate(
+      [gk[:, :, w * cig : (w + 1) * cig, w * cog : (w + 1) * cog] for w in range(wg)], axis=-1
+  )
+  np.testing.assert_allclose(np.asarray(g_grouped[3]), want_k, rtol=1e-5, atol=1e-5)
+
+
+def test_module_weight_groups_and_kernel_checks():
+  x = jnp.asarray(np.random.default_rng(30).standard_normal((1, 5, 6, 8)), jnp.float32)
+  offset = jnp.asarray(np.random.default_rng(31).standard_normal((1, 5, 6, 18)), jnp.float32)
+  layer = dcn.DeformConv2d(6, groups=2, use_bias=False)
+  variables = jax.jit(layer.init)(jax.random.PRNGKey(0), x, offset)
+  kern = variables["params"]["kernel"]
+  assert kern.shape == (3, 3, 4, 6)
+  # kaiming_uniform(relu) with torch's fan_in of a grouped weight: (Cin / groups) * 9
+  bound = math.sqrt(6 / (9 * 4))
+  assert 0.8 * bound < float(jnp.abs(kern).max()) <= bound
+  np.testing.assert_array_equal(
+      np.asarray(layer.apply(variables, x, offset)),
+      np.asarray(dcn.deform_conv2d(x, offset, None, kern)),
+  )
+  with pytest.raises(ValueError, match="groups=3"):
+    dcn.DeformConv2d(6, groups=3).init(jax.random.PRNGKey(0), x, offset)
+  # A kernel whose input channels are not Cin / Gw for a Gw dividing Cin and Cout.
+  for bad in ((3, 3, 3, 6), (3, 3, 2, 6), (3, 3, 16, 6)):
+    with pytest.raises(ValueError, match="does not match"):
+      dcn.deform_conv2d(x, offset, None, jnp.zeros(bad))

@@ -37,6 +37,9 @@ from cn2_jax.testing.oracle import oracle_dir, regenerate_oracle_state_dict
 from cn2_jax.weights.flax_mapping import convert_to_flax
 from cn2_jax.weights.rename import to_detectron2_names
 
+# Full-size official-zoo oracle checks: scripts/test_zoo.sh (CI runs it after the suite).
+pytestmark = pytest.mark.zoo
+
 
 def _zoo_dir():
   d = oracle_dir()

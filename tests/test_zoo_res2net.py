@@ -35,6 +35,9 @@ from cn2_jax.modeling.backbone.res2net import (
 from cn2_jax.testing.oracle import oracle_dir, regenerate_oracle_state_dict
 from cn2_jax.weights.flax_mapping import convert_to_flax
 
+# Full-size official-zoo oracle checks: scripts/test_zoo.sh (CI runs it after the suite).
+pytestmark = pytest.mark.zoo
+
 ARCH = "CenterNet2_R2-101-DCN-BiFPN_1280_4x"
 _ORACLE = oracle_dir()
 ZOO = None if _ORACLE is None else _ORACLE.parent / "oracle_zoo"

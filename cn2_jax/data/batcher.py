@@ -10,11 +10,12 @@ of the input pipeline (``pipeline.py`` lists the modules).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
 from cn2_jax.data import augment as A
+from cn2_jax.data import efficientdet_aug as E
 from cn2_jax.data import transforms as T
 from cn2_jax.data.augment import AugmentSettings
 from cn2_jax.data.schedule import _AUG_STREAM, _EXTRA_AUG_STREAM, _SCALE_STREAM
@@ -42,12 +43,15 @@ class LSJ:
   scale_range: Tuple[float, float] = (0.1, 2.0)
 
 
-def _as_lsj(lsj) -> Optional[LSJ]:
-  if lsj is None or isinstance(lsj, LSJ):
+def _as_lsj(lsj) -> Union[None, LSJ, E.EfficientDetResizeCrop]:
+  """The square scale jitter: None, :class:`LSJ` or CenterNet2's
+  :class:`~cn2_jax.data.efficientdet_aug.EfficientDetResizeCrop` (a dict: of the one whose
+  fields it names, ``train_size`` for the latter)."""
+  if lsj is None or isinstance(lsj, (LSJ, E.EfficientDetResizeCrop)):
     return lsj
   if isinstance(lsj, Mapping):
-    return LSJ(**lsj)
-  raise TypeError(f"lsj must be None, an LSJ or a dict, got {type(lsj)}")
+    return E.EfficientDetResizeCrop(**lsj) if "train_size" in lsj else LSJ(**lsj)
+  raise TypeError(f"lsj must be None, an LSJ, an EfficientDetResizeCrop or a dict, got {type(lsj)}")
 
 
 def _to_str(x) -> str:
@@ -169,7 +173,7 @@ class _TrainBatcher:
     self.max_boxes = max_boxes
     self.seed = seed
     self.hflip_prob = hflip_prob
-    self.lsj = lsj
+    self.lsj = lsj  # square scale jitter: LSJ, E.EfficientDetResizeCrop or None
     self.scale_per_batch = scale_per_batch
     self.process_index = process_index
     self.process_count = process_count
@@ -219,7 +223,14 @@ class _TrainBatcher:
     rng = np.random.default_rng([self.seed, _AUG_STREAM, g])
     aug = self.augment
     arng = None if aug is None else np.random.default_rng([self.seed, _EXTRA_AUG_STREAM, g])
-    if self.lsj is not None:
+    if isinstance(self.lsj, E.EfficientDetResizeCrop):
+      # CenterNet2 INPUT.CUSTOM_AUG: resize-crop then flip, official draw order and box filter
+      image, boxes, keep = E.efficientdet_resize_crop(image, boxes, self.lsj, rng, self.hflip_prob)
+      classes, crowd = classes[keep], crowd[keep]
+      if aug is not None:  # (crop / center_affine are refused with it, as with LSJ)
+        image, boxes, classes, crowd = self._warp(image, boxes, classes, crowd, arng)
+        image = A.color_aug(image, arng, aug.color_aug, aug.color_aug_range, aug.color_aug_lighting)
+    elif self.lsj is not None:
       image, boxes = T.random_hflip(image, boxes, rng, self.hflip_prob)
       image, boxes, keep = T.lsj_resize_crop(
           image, boxes, self.lsj.output_size, self.lsj.scale_range, rng

@@ -15,6 +15,8 @@ import numpy as np
 
 from cn2_jax.data import augment as A
 from cn2_jax.data import buckets
+from cn2_jax.data import sampling
+from cn2_jax.data import efficientdet_aug as E
 from cn2_jax.data import transforms as T
 from cn2_jax.data.augment import AugmentSettings
 from cn2_jax.data.batcher import LSJ, _as_lsj, _EvalBatcher, _TrainBatcher
@@ -45,11 +47,16 @@ class TrainLoaderSettings:
   ``size_divisibility``) with ``aspect_grouping``. ``max_boxes``: boxes per image in the batch.
   ``seed``: the stream is a pure function of ``(seed, step)``. ``num_workers``: grain worker
   processes (0: in-process), with ``num_threads`` / ``prefetch``. ``filter_empty``: drop images
-  without non-crowd boxes. ``lsj``: :class:`LSJ` (or a dict of it) or None. ``hflip_prob``: the
-  horizontal flip probability. ``process_index`` / ``process_count``: this host's slice of every
-  global batch. ``augment``: the one-stage augmentations (:class:`AugmentSettings`, or the
-  config's ``data`` section to build them from; None or all off = none). ``crop_around_gt``:
-  False (woGT) places the crop uniformly at random instead of around a GT box centre.
+  without non-crowd boxes. ``lsj``: the square scale jitter replacing the shortest-edge resize:
+  :class:`LSJ` (detectron2 ResizeScale + FixedSizeCrop), :class:`~cn2_jax.data.efficientdet_aug.
+  EfficientDetResizeCrop` (CenterNet2's INPUT.CUSTOM_AUG, config ``data.custom_aug``), a dict of
+  either, or None. ``hflip_prob``: the horizontal flip probability. ``process_index`` /
+  ``process_count``: this host's slice of every global batch. ``augment``: the one-stage
+  augmentations (:class:`AugmentSettings`, or the config's ``data`` section to build them from;
+  None or all off = none). ``crop_around_gt``: False (woGT) places the crop uniformly at random
+  instead of around a GT box centre. ``sampler_train``: ``"TrainingSampler"`` (each image once
+  per epoch), or the LVIS / Objects365 recipes' ``"RepeatFactorTrainingSampler"``
+  (``repeat_threshold``) / ``"ClassAwareSampler"`` (``sampling.py``; one dataset, not a mixture).
   """
 
   batch_size: int
@@ -60,7 +67,7 @@ class TrainLoaderSettings:
   seed: int = 0
   num_workers: int = 0
   filter_empty: bool = True
-  lsj: Union[None, LSJ, Mapping[str, Any]] = None
+  lsj: Union[None, LSJ, E.EfficientDetResizeCrop, Mapping[str, Any]] = None
   hflip_prob: float = 0.5
   process_index: int = 0
   process_count: int = 1
@@ -72,6 +79,8 @@ class TrainLoaderSettings:
   scale_per_batch: bool = True
   augment: Union[None, AugmentSettings, Mapping[str, Any]] = None
   crop_around_gt: bool = True
+  sampler_train: str = sampling.TRAINING_SAMPLER
+  repeat_threshold: float = sampling.DEFAULT_REPEAT_THRESHOLD
 
   @classmethod
   def from_config(
@@ -96,7 +105,7 @@ class TrainLoaderSettings:
         seed=cfg.seed,
         num_workers=d.num_workers,
         filter_empty=d.filter_empty and not cfg.kd.without_label,
-        lsj=LSJ(output_size=d.lsj_size, scale_range=tuple(d.lsj_scale_range)) if d.lsj else None,
+        lsj=_square_jitter_from_config(d),
         hflip_prob=0.5 if d.flip else 0.0,
         process_index=process_index,
         process_count=process_count,
@@ -106,7 +115,30 @@ class TrainLoaderSettings:
         scale_per_batch=d.scale_per_batch,
         augment=AugmentSettings.from_config(d),
         crop_around_gt=not cfg.kd.without_label,
+        sampler_train=d.sampler_train,
+        repeat_threshold=d.repeat_threshold,
     )
+
+
+def _square_jitter_from_config(d) -> Union[None, LSJ, E.EfficientDetResizeCrop]:
+  """``data.lsj`` -> :class:`LSJ`; ``data.custom_aug = "EfficientDetResizeCrop"`` -> CenterNet2's
+  augmentation (``data.train_size``, ``data.scale_range``); the two exclude each other.
+  ``custom_aug`` "" and "ResizeShortestEdge" (its official name) are the shortest-edge resize."""
+  custom_aug = d.custom_aug
+  if custom_aug not in ("", "ResizeShortestEdge", E.NAME):
+    raise ValueError(
+        f"data.custom_aug must be '', 'ResizeShortestEdge' or {E.NAME!r}, got {custom_aug!r}"
+    )
+  if custom_aug == E.NAME and d.lsj:
+    raise ValueError(f"data.lsj and data.custom_aug={custom_aug!r} both replace the resize")
+  if custom_aug == E.NAME:
+    return E.EfficientDetResizeCrop(
+        train_size=int(d.train_size),
+        scale_range=tuple(float(v) for v in d.scale_range),
+    )
+  if d.lsj:
+    return LSJ(output_size=d.lsj_size, scale_range=tuple(d.lsj_scale_range))
+  return None
 
 
 def default_pad_hw(max_size: int, size_divisibility: int = 32) -> Tuple[int, int]:
@@ -121,7 +153,7 @@ def _check_pad_hw(
     split: Optional[DetectionSplit],
     short_max: Optional[int],
     max_size: Optional[int],
-    lsj: Optional[LSJ],
+    lsj: Union[None, LSJ, E.EfficientDetResizeCrop],
 ):
   ph, pw = (int(v) for v in pad_hw)
   if ph % size_divisibility or pw % size_divisibility:
@@ -129,7 +161,7 @@ def _check_pad_hw(
   if lsj is not None:
     if lsj.output_size > min(ph, pw):
       raise ValueError(
-          f"pad_hw {ph}x{pw} is smaller than the LSJ output size " f"{lsj.output_size}"
+          f"pad_hw {ph}x{pw} is smaller than the {type(lsj).__name__} output size {lsj.output_size}"
       )
     return ph, pw
   if split is not None and split.height is not None and split.width is not None and len(split):
@@ -202,7 +234,9 @@ def make_train_loader(
   to ``size_divisibility``), with ``aspect_grouping`` batching images of one group together (see
   ``_GroupedSchedule``); that needs the per-example sizes of the build metadata. With ``lsj``
   (:class:`LSJ` or dict) the resize is replaced by flip + random resize-and-crop to
-  ``lsj.output_size`` on one square canvas.  ``filter_empty`` drops images without non-crowd
+  ``lsj.output_size`` on one square canvas; with an :class:`~cn2_jax.data.efficientdet_aug.
+  EfficientDetResizeCrop` by CenterNet2's random resize-and-crop to ``train_size`` + flip (its
+  official draws and box filter, ``efficientdet_aug.py``), on the same square canvas.  ``filter_empty`` drops images without non-crowd
   boxes (detectron2 FILTER_EMPTY_ANNOTATIONS).  ``num_workers=0`` runs in-process; > 0 uses grain
   worker processes.  ``process_index/count`` split every global batch of ``batch_size *
   process_count`` between hosts; all of them use the same canvas at every step.
@@ -225,7 +259,10 @@ def make_train_loader(
     augment = None
   aug_side = A.pad_for(augment, s.max_size)
   if augment is not None and lsj is not None and (augment.crop or augment.center_affine):
-    raise ValueError("the crop / center_affine augmentations replace the resize: not with lsj")
+    raise ValueError(
+        "the crop / center_affine augmentations replace the resize: not with lsj "
+        f"({type(lsj).__name__})"
+    )
   if s.batch_size <= 0 or s.max_boxes <= 0:
     raise ValueError("batch_size and max_boxes must be positive")
   if not 0 <= s.process_index < s.process_count:
@@ -284,12 +321,29 @@ def make_train_loader(
           + (f" in dataset {k} of the mixture" if len(parts) > 1 else "")
       )
     orders.append(order_k + starts[k])
+  sampler = sampling.check_sampler(s.sampler_train)
   if len(parts) == 1:
     square = lsj is not None or (augment is not None and augment.center_affine)
     schedule = _make_schedule(
-        orders[0], groups, global_batch, s.seed, aspect_grouping=s.aspect_grouping and not square
+        orders[0],
+        groups,
+        global_batch,
+        s.seed,
+        aspect_grouping=s.aspect_grouping and not square,
+        sampler=sampler,
+        image_categories=(
+            None
+            if sampler == sampling.TRAINING_SAMPLER
+            else sampling.image_categories_from_split(split)
+        ),
+        repeat_threshold=s.repeat_threshold,
     )
   else:
+    if sampler != sampling.TRAINING_SAMPLER:
+      raise ValueError(
+          f"data.sampler_train={sampler!r} samples one dataset; a mixture (data.mixture) is "
+          "sampled by its weights: use 'TrainingSampler'"
+      )
     schedule = _MixtureSchedule(orders, [p.weight for p in parts], global_batch, s.seed)
     logger.info(
         "train mixture of %d datasets: %s images, weights %s, channel offsets %s (not "

@@ -26,11 +26,25 @@ def dummy_batch(batch_size: int = 1, hw: tuple[int, int] = (64, 64), max_boxes: 
   )
 
 
+def _init_side(model: nn.Module) -> int:
+  """The smallest square input the model's backbone takes (its size divisibility, >= 64)."""
+  backbone = model.backbone if "backbone" in model.__dataclass_fields__ else None
+  config = getattr(model, "config", None)
+  if backbone is None and config is not None and "backbone" in config:
+    import jax.numpy as jnp
+
+    from cn2_jax.modeling.backbone.build import build_backbone
+
+    backbone = build_backbone(config, jnp.float32)
+  return max(64, int(getattr(backbone, "size_divisibility", 32)))
+
+
 def init_fn(model: nn.Module):
   """`key -> variables` (the modules' official init rules); pure, so jit / eval_shape-able."""
+  side = _init_side(model)
 
   def init(key):
-    variables = model.init(key, dummy_batch(), train=False)
+    variables = model.init(key, dummy_batch(hw=(side, side)), train=False)
     return {k: v for k, v in variables.items() if k != "intermediates"}
 
   return init

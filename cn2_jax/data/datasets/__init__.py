@@ -7,3 +7,5 @@ from cn2_jax.data.datasets import crowdhuman  # noqa: F401
 from cn2_jax.data.datasets import wider_face  # noqa: F401
 from cn2_jax.data.datasets import voc  # noqa: F401
 from cn2_jax.data.datasets import image_folder  # noqa: F401
+from cn2_jax.data.datasets import lvis  # noqa: F401  (lvis_v1)
+from cn2_jax.data.datasets import objects365  # noqa: F401

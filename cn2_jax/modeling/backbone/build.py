@@ -12,9 +12,12 @@ official `backbone.*` state-dict keys):
   * `__call__(x, canvas_hw=None) -> [F_0, F_1, ...]`: `x` the normalised image `[N, H, W, 3]`,
     H and W multiples of `size_divisibility`; `canvas_hw` (`[2]` int32 or None) the official
     canvas (modeling/canvas.py): values on it equal the official ones whatever the padding.
-    `F_i` `[N, H / strides[i], W / strides[i], C]`, finest level first.
-  * `strides` (tuple of ints, one per output) and `size_divisibility` (int), readable on the
-    unbound module: the detector wires heads and the official canvas from them.
+    `F_i` `[N, H / strides[i], W / strides[i], C]`, finest level first (a backbone whose
+    official outputs are named, such as DLASeg's `dla2`, may return {name: map} instead; the
+    detector picks its `in_features`).
+  * `strides` (tuple of ints, one per output), `out_channels` (C, the same on every level) and
+    `size_divisibility` (int), readable on the unbound module: the detector wires heads and the
+    official canvas from them.
 
 `frozen_param_prefixes(model_config)` names the '.'-joined parameter prefixes, relative to the
 backbone, that receive no update (detectron2 FREEZE_AT). Adding a backbone is one new file in this
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, Callable, Dict
+
+import jax.numpy as jnp
 
 from cn2_jax.errors import ConfigError
 
@@ -66,3 +71,8 @@ def build_backbone(model_config: Any, dtype: Any):
 
 def frozen_param_prefixes(model_config: Any, prefix: str = "backbone.") -> tuple:
   return tuple(prefix + p for p in get(model_config.backbone).frozen_param_prefixes(model_config))
+
+
+def backbone_size_divisibility(model_config: Any) -> int:
+  """The size divisibility of `model_config.backbone` (the official canvas multiple)."""
+  return int(build_backbone(model_config, jnp.float32).size_divisibility)

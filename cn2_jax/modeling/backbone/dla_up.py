@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cn2_jax.modeling.backbone.build import register
 from cn2_jax.modeling.backbone.dla import DLA, DLA34_CHANNELS, DLA34_LEVELS, dla_norm
 from cn2_jax.modeling.canvas import zero_outside_canvas
 from cn2_jax.modeling.layers import Conv2d
@@ -249,6 +250,8 @@ class DLASeg(nn.Module):
   precision: Any = None
 
   first_level = 2  # log2(down_ratio 4)
+  strides = (4,)  # dla2 (the backbone contract of build.py)
+  out_channels = 64
   last_level = 5
   size_divisibility = 32
 
@@ -282,3 +285,9 @@ class DLASeg(nn.Module):
         name="ida_up",
     )(up[: last - first], 0, last - first, strides[first:last], canvas_hw)
     return {f"dla{i}": y[i] for i in range(last - first) if f"dla{i}" in self.out_features}
+
+
+@register("build_dla_backbone", frozen_param_prefixes=lambda model_config: ())
+def build_dla_backbone(model_config, dtype) -> DLASeg:
+  """DLA-34 + DLA-up -> the stride-4 `dla2` map (CenterNet-S4_DLA_8x; `model.dla`)."""
+  return DLASeg(norm=model_config.dla.norm, imagenet_classes=1000, dtype=dtype)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from cn2_jax.modeling.backbone.build import register
+from cn2_jax.modeling.backbone.res2net import res2net_from_config, res2net_frozen
 from cn2_jax.modeling.backbone.resnet import ResNet
 from cn2_jax.modeling.backbone.resnet import frozen_param_prefixes as resnet_frozen_prefixes
 from cn2_jax.modeling.canvas import zero_outside_canvas
@@ -156,6 +157,11 @@ def resnet_fpn(
     freeze_at: int,
     norm: str,
     width: int,
+    num_groups: int,
+    width_per_group: int,
+    deform_on_per_stage,
+    deform_modulated: bool,
+    deform_num_groups: int,
     out_channels: int,
     fpn_norm: str,
     dtype: Dtype,
@@ -169,6 +175,11 @@ def resnet_fpn(
       width=width,
       freeze_at=freeze_at,
       out_features=FPN.in_features,
+      num_groups=num_groups,
+      width_per_group=width_per_group,
+      deform_on_per_stage=tuple(deform_on_per_stage),
+      deform_modulated=deform_modulated,
+      deform_num_groups=deform_num_groups,
       dtype=dtype,
   )
   return FPN(bottom_up=bottom_up, out_channels=out_channels, fpn_norm=fpn_norm, dtype=dtype)
@@ -187,6 +198,22 @@ def build_p67_resnet_fpn_backbone(model_config, dtype) -> FPN:
       freeze_at=model_config.freeze_at,
       norm=model_config.resnet_norm,
       width=model_config.resnet_width,
+      num_groups=model_config.resnet_num_groups,
+      width_per_group=model_config.resnet_width_per_group,
+      deform_on_per_stage=model_config.resnet_deform_on_per_stage,
+      deform_modulated=model_config.resnet_deform_modulated,
+      deform_num_groups=model_config.resnet_deform_num_groups,
+      out_channels=model_config.fpn_channels,
+      fpn_norm=model_config.fpn_norm,
+      dtype=dtype,
+  )
+
+
+@register("build_p67_res2net_fpn_backbone", frozen_param_prefixes=res2net_frozen)
+def build_p67_res2net_fpn_backbone(model_config, dtype) -> FPN:
+  """Res2Net (`model.resnet_*`) + FPN P3-P7 (CenterNet2_R2-101-DCN_896_4x)."""
+  return FPN(
+      bottom_up=res2net_from_config(model_config, dtype),
       out_channels=model_config.fpn_channels,
       fpn_norm=model_config.fpn_norm,
       dtype=dtype,

@@ -406,3 +406,30 @@ class Res2Net(nn.Module):
       if name in self.out_features:
         outputs[name] = x
     return outputs
+
+
+def res2net_from_config(model_config, dtype) -> Res2Net:
+  """The Res2Net of `config.model` (detectron2 MODEL.RESNETS.*: resnet_depth,
+  resnet_width_per_group, resnet_deform_*, stride_in_1x1, freeze_at; res3-res5 out)."""
+  if model_config.resnet_norm != "FrozenBN":
+    raise ValueError(
+        f"Res2Net supports resnet_norm='FrozenBN' only, got {model_config.resnet_norm!r}"
+    )
+  return Res2Net(
+      depth=model_config.resnet_depth,
+      width_per_group=model_config.resnet_width_per_group or model_config.resnet_width,
+      scale=4,  # the official builder hard-codes 4 splits
+      deform_on_per_stage=tuple(model_config.resnet_deform_on_per_stage),
+      deform_modulated=model_config.resnet_deform_modulated,
+      stride_in_1x1=model_config.stride_in_1x1,
+      freeze_at=model_config.freeze_at,
+      out_features=("res3", "res4", "res5"),
+      num_groups=model_config.resnet_num_groups,
+      deform_num_groups=model_config.resnet_deform_num_groups,
+      dtype=dtype,
+  )
+
+
+def res2net_frozen(model_config) -> tuple:
+  """FREEZE_AT of the Res2Net bottom-up (relative to the backbone)."""
+  return frozen_param_prefixes(model_config.freeze_at, prefix="bottom_up.")

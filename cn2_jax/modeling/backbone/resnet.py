@@ -1,4 +1,5 @@
-"""ResNet-18/34/50/101 bottom-up backbone, structured and named like detectron2's `resnet.py`.
+"""ResNet-18/34/50/101 / ResNeXt / deformable ResNet bottom-up backbone, structured and named like
+detectron2's `resnet.py` (`build_resnet_backbone`).
 
 docs/centernet2.md §2.2. Variable paths (relative to this module) follow detectron2's state-dict
 keys, e.g. `stem.conv1.kernel`, `stem.conv1.norm.running_var` (collection `frozen`),
@@ -9,7 +10,17 @@ keys, e.g. `stem.conv1.kernel`, `stem.conv1.norm.running_var` (collection `froze
 * Stages `res2`..`res5`, blocks named `0`, `1`, ...; the first block of res3..res5 has stride 2.
 * `BottleneckBlock` (R50/101): conv1 1x1, conv2 3x3 p1, conv3 1x1, each + norm; ReLU after conv1,
   conv2 and after the residual add. With `stride_in_1x1=True` (MSRA/caffe weights) the stride sits
-  on conv1, otherwise (torchvision style) on conv2.
+  on conv1, otherwise (torchvision style) on conv2. ResNeXt (`num_groups` > 1): conv2 is a grouped
+  conv (kernel `[3, 3, bottleneck / num_groups, bottleneck]`), and the bottleneck width is
+  `num_groups * width_per_group` (x2 per stage), e.g. 32 x 8 = 256 in res2 of X101-32x8d.
+* `DeformBottleneckBlock` (stages in `deform_on_per_stage`): as `BottleneckBlock`, but conv2 is a
+  deformable conv (`ops.dcn.deform_conv2d`; modulated DCNv2 when `deform_modulated`) with the same
+  groups, no bias, + norm, whose offsets (and mask logits) come from `conv2_offset`, a plain 3x3
+  conv with bias (same stride/padding as conv2, zero-initialised as in detectron2) on conv2's
+  input: 18 (DCNv1) or 27 (DCNv2) channels per deformable group. detectron2 splits them
+  `offset_x, offset_y, mask = chunk(.., 3)` and re-concatenates `cat(offset_x, offset_y)`, an
+  identity on the first 2/3 of the channels, which are already in the layout the kernel reads
+  (channel 2k = dy, 2k + 1 = dx of tap k); the last third is the mask logits (sigmoid).
 * `BasicBlock` (R18/34): conv1 3x3 (stride) p1, conv2 3x3 p1, each + norm.
 * `shortcut` is a 1x1 conv (with the block's stride) + norm when the channel count or the stride
   changes (in detectron2's standard configurations the two coincide), identity otherwise.
@@ -33,7 +44,8 @@ import numpy as np
 
 from cn2_jax.modeling import export_mode
 from cn2_jax.modeling.canvas import canvas_mask, zero_outside_canvas
-from cn2_jax.modeling.layers import Conv2d, c2_msra_fill
+from cn2_jax.modeling.layers import Conv2d, FrozenBatchNorm, GroupNorm, c2_msra_fill
+from cn2_jax.modeling.ops.dcn import deform_conv2d
 
 Dtype = Any
 
@@ -153,12 +165,116 @@ max_pool_3x3_s2_p1 = export_mode.onnx_form(export_mode.max_pool_3x3_s2_p1_for_on
 )
 
 
+def _norm_after_conv(norm: str, dtype: Dtype, y: jax.Array, norm_mask: Optional[jax.Array]):
+  """The `norm` sub-module of a conv exactly as `layers.Conv2d` builds it; call it inside the
+  conv module's compact method."""
+  if norm == "FrozenBN":
+    return FrozenBatchNorm(dtype=dtype, name="norm")(y)
+  if norm == "GN":
+    return GroupNorm(dtype=dtype, name="norm")(y, norm_mask)
+  if norm:
+    raise ValueError(f"unknown norm {norm!r} (expected '', 'FrozenBN' or 'GN')")
+  return y
+
+
+class GroupedConv2d(nn.Module):
+  """`layers.Conv2d` with weight groups (detectron2 `Conv2d(groups=)`, ResNeXt's 3x3): kernel
+  `[k, k, Cin / groups, features]` (torch `[features, Cin / groups, k, k]`), no bias,
+  followed by the optional `norm` sub-module. `[N, H, W, Cin]` -> `[N, H', W', features]`."""
+
+  features: int
+  kernel_size: int
+  strides: int
+  padding: int
+  groups: int
+  norm: str
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array, norm_mask: Optional[jax.Array] = None) -> jax.Array:
+    k, cin = self.kernel_size, x.shape[-1]
+    if cin % self.groups or self.features % self.groups:
+      raise ValueError(f"groups={self.groups} must divide Cin={cin} and features={self.features}")
+    kernel = self.param(
+        "kernel", c2_msra_fill, (k, k, cin // self.groups, self.features), jnp.float32
+    )
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype),
+        kernel.astype(self.dtype),
+        window_strides=(self.strides, self.strides),
+        padding=((self.padding, self.padding), (self.padding, self.padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.groups,
+    )
+    return _norm_after_conv(self.norm, self.dtype, y, norm_mask)
+
+
+class DeformConv(nn.Module):
+  """detectron2 `ModulatedDeformConv` / `DeformConv` as `DeformBottleneckBlock.conv2` builds it:
+  a deformable 3x3 conv (`ops.dcn.deform_conv2d`) with kernel `[3, 3, Cin / groups, features]`,
+  no bias, `c2_msra_fill` init, followed by the optional `norm` sub-module.
+
+  Call: `x [N, H, W, Cin]`, `offset [N, Ho, Wo, 2 G 9]`, `mask [N, Ho, Wo, G 9]` (sigmoided) or
+  None (DCNv1), G = `deformable_groups` -> `[N, Ho, Wo, features]` in `dtype`."""
+
+  features: int
+  strides: int
+  groups: int
+  deformable_groups: int
+  norm: str
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(
+      self,
+      x: jax.Array,
+      offset: jax.Array,
+      mask: Optional[jax.Array],
+      norm_mask: Optional[jax.Array] = None,
+  ) -> jax.Array:
+    cin = x.shape[-1]
+    if cin % self.groups or self.features % self.groups:
+      raise ValueError(f"groups={self.groups} must divide Cin={cin} and features={self.features}")
+    kernel = self.param(
+        "kernel", c2_msra_fill, (3, 3, cin // self.groups, self.features), jnp.float32
+    )
+    y = deform_conv2d(
+        x.astype(self.dtype),
+        offset,
+        mask,
+        kernel.astype(self.dtype),
+        None,
+        stride=self.strides,
+        padding=1,
+        offset_groups=self.deformable_groups,
+    )
+    return _norm_after_conv(self.norm, self.dtype, y, norm_mask)
+
+
 def resnet_conv(
-    block: nn.Module, features: int, kernel_size: int, stride: int, padding: int, name: str
-) -> Conv2d:
+    block: nn.Module,
+    features: int,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    name: str,
+    groups: int = 1,
+) -> nn.Module:
   """A detectron2 ResNet conv inside `block` (a stem or block module with `norm` and `dtype`):
-  no bias, followed by `block.norm`, `c2_msra_fill` init. Call it inside `block`'s compact
-  method (the conv becomes its sub-module `name`)."""
+  no bias, followed by `block.norm`, `c2_msra_fill` init; `groups` > 1 gives a grouped conv
+  (`GroupedConv2d`). Call it inside `block`'s compact method (the conv becomes its sub-module
+  `name`)."""
+  if groups != 1:
+    return GroupedConv2d(
+        features,
+        kernel_size=kernel_size,
+        strides=stride,
+        padding=padding,
+        groups=groups,
+        norm=block.norm,
+        dtype=block.dtype,
+        name=name,
+    )
   return Conv2d(
       features,
       kernel_size=kernel_size,
@@ -196,14 +312,38 @@ class BasicStem(nn.Module):
     return max_pool_3x3_s2_p1(zero_outside_canvas(x, canvas_hw, 2))
 
 
+def _bottleneck(block: nn.Module, x, canvas_hw, in_stride: int, conv2) -> jax.Array:
+  """The body shared by `BottleneckBlock` and `DeformBottleneckBlock` (call it inside the
+  block's compact method): shortcut, conv1 1x1 + norm + ReLU, `conv2(y, stride, out_mask)`
+  (the 3x3 conv + norm, on its input zeroed off the canvas) + ReLU, conv3 1x1 + norm, add, ReLU.
+  `canvas_hw`/`in_stride`: see `canvas.zero_outside_canvas` (only the 3x3 conv mixes
+  neighbours; the norm masks keep GroupNorm statistics on the canvas)."""
+  s1, s3 = (block.stride, 1) if block.stride_in_1x1 else (1, block.stride)
+  out_stride = in_stride * block.stride
+  out_hw = (-(-x.shape[1] // block.stride), -(-x.shape[2] // block.stride))
+  out_mask = canvas_mask(out_hw, canvas_hw, out_stride)
+  shortcut = _shortcut(block, x, out_mask)
+  mid_hw = (-(-x.shape[1] // s1), -(-x.shape[2] // s1))
+  y = nn.relu(
+      resnet_conv(block, block.bottleneck_channels, 1, s1, 0, "conv1")(
+          x, canvas_mask(mid_hw, canvas_hw, in_stride * s1)
+      )
+  )
+  y = zero_outside_canvas(y, canvas_hw, in_stride * s1)
+  y = nn.relu(conv2(y, s3, out_mask))
+  y = resnet_conv(block, block.out_channels, 1, 1, 0, "conv3")(y, out_mask)
+  return nn.relu(y + shortcut)
+
+
 class BottleneckBlock(nn.Module):
-  """detectron2 BottleneckBlock (num_groups=1, dilation=1).
+  """detectron2 BottleneckBlock (dilation=1).
 
   Attributes:
     out_channels: output channels (4 x bottleneck_channels in the standard ResNet).
     bottleneck_channels: width of conv1/conv2.
     stride: block stride (applied on conv1 if `stride_in_1x1`, else on conv2).
     stride_in_1x1: MSRA (True) vs torchvision (False) placement of the stride.
+    num_groups: groups of the 3x3 conv2 (ResNeXt cardinality; 1 = ResNet).
   """
 
   out_channels: int
@@ -212,28 +352,80 @@ class BottleneckBlock(nn.Module):
   stride_in_1x1: bool
   norm: str
   dtype: Dtype
+  num_groups: int
 
   @nn.compact
   def __call__(
       self, x: jax.Array, canvas_hw: Optional[jax.Array] = None, in_stride: int = 1
   ) -> jax.Array:
-    """`canvas_hw`/`in_stride`: see `canvas.zero_outside_canvas` (only the 3x3 conv mixes
-    neighbours; `norm_mask` keeps GroupNorm statistics on the canvas)."""
-    s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
-    out_stride = in_stride * self.stride
-    out_hw = (-(-x.shape[1] // self.stride), -(-x.shape[2] // self.stride))
-    out_mask = canvas_mask(out_hw, canvas_hw, out_stride)
-    shortcut = _shortcut(self, x, out_mask)
-    mid_hw = (-(-x.shape[1] // s1), -(-x.shape[2] // s1))
-    y = nn.relu(
-        resnet_conv(self, self.bottleneck_channels, 1, s1, 0, "conv1")(
-            x, canvas_mask(mid_hw, canvas_hw, in_stride * s1)
-        )
-    )
-    y = zero_outside_canvas(y, canvas_hw, in_stride * s1)
-    y = nn.relu(resnet_conv(self, self.bottleneck_channels, 3, s3, 1, "conv2")(y, out_mask))
-    y = resnet_conv(self, self.out_channels, 1, 1, 0, "conv3")(y, out_mask)
-    return nn.relu(y + shortcut)
+    """`canvas_hw`/`in_stride`: see `canvas.zero_outside_canvas`."""
+
+    def conv2(y, stride, out_mask):
+      conv = resnet_conv(self, self.bottleneck_channels, 3, stride, 1, "conv2", self.num_groups)
+      return conv(y, out_mask)
+
+    return _bottleneck(self, x, canvas_hw, in_stride, conv2)
+
+
+class DeformBottleneckBlock(nn.Module):
+  """detectron2 DeformBottleneckBlock (dilation=1): `BottleneckBlock` whose conv2 is deformable.
+
+  Sub-modules (names = detectron2 keys): `conv1`, `conv2_offset` (3x3 conv with bias, no norm,
+  `offset_channels * deform_num_groups` outputs with 27 (modulated) or 18 offset channels),
+  `conv2` (`DeformConv`: kernel `[3, 3, bottleneck / num_groups, bottleneck]` + norm), `conv3`,
+  `shortcut`. Attributes as `BottleneckBlock`, plus:
+    deform_modulated: DCNv2 (offsets + sigmoid mask) rather than DCNv1 (offsets only).
+    deform_num_groups: deformable (offset) groups G.
+  """
+
+  out_channels: int
+  bottleneck_channels: int
+  stride: int
+  stride_in_1x1: bool
+  norm: str
+  dtype: Dtype
+  num_groups: int
+  deform_modulated: bool
+  deform_num_groups: int
+
+  @nn.compact
+  def __call__(
+      self, x: jax.Array, canvas_hw: Optional[jax.Array] = None, in_stride: int = 1
+  ) -> jax.Array:
+    """`canvas_hw`/`in_stride`: see `canvas.zero_outside_canvas` (conv2_offset and the DCN read
+    the same input, zeroed off the canvas: offsets, masks and samples equal the official ones
+    there, and samples beyond the canvas read zeros as beyond the official map)."""
+
+    def conv2(y, stride, out_mask):
+      n_off = 9 * self.deform_num_groups  # taps x deformable groups
+      offset_mask = Conv2d(
+          (3 if self.deform_modulated else 2) * n_off,
+          kernel_size=3,
+          strides=stride,
+          padding=1,
+          use_bias=True,
+          kernel_init=nn.initializers.zeros,  # detectron2: constant_(conv2_offset.*, 0)
+          bias_init=nn.initializers.zeros,
+          dtype=self.dtype,
+          name="conv2_offset",
+      )(y)
+      offset = offset_mask[..., : 2 * n_off]
+      mask = None
+      if self.deform_modulated:
+        # Sigmoid in float32 even for a low-precision compute dtype (it scales every sample).
+        mask = jax.nn.sigmoid(offset_mask[..., 2 * n_off :].astype(jnp.float32))
+      conv = DeformConv(
+          self.bottleneck_channels,
+          strides=stride,
+          groups=self.num_groups,
+          deformable_groups=self.deform_num_groups,
+          norm=self.norm,
+          dtype=self.dtype,
+          name="conv2",
+      )
+      return conv(y, offset, mask, out_mask)
+
+    return _bottleneck(self, x, canvas_hw, in_stride, conv2)
 
 
 class BasicBlock(nn.Module):
@@ -274,6 +466,10 @@ class ResNetStage(nn.Module):
   stride_in_1x1: bool  # bottleneck blocks only
   norm: str
   dtype: Dtype
+  num_groups: int  # bottleneck blocks only
+  deform: bool  # DeformBottleneckBlock instead of BottleneckBlock
+  deform_modulated: bool
+  deform_num_groups: int
 
   @nn.compact
   def __call__(
@@ -282,15 +478,25 @@ class ResNetStage(nn.Module):
     for i in range(self.num_blocks):
       stride = self.first_stride if i == 0 else 1
       if self.block == "bottleneck":
-        x = BottleneckBlock(
-            self.out_channels,
-            self.bottleneck_channels,
+        common = dict(
+            out_channels=self.out_channels,
+            bottleneck_channels=self.bottleneck_channels,
             stride=stride,
             stride_in_1x1=self.stride_in_1x1,
             norm=self.norm,
             dtype=self.dtype,
+            num_groups=self.num_groups,
             name=str(i),
-        )(x, canvas_hw, in_stride)
+        )
+        if self.deform:
+          block = DeformBottleneckBlock(
+              deform_modulated=self.deform_modulated,
+              deform_num_groups=self.deform_num_groups,
+              **common,
+          )
+        else:
+          block = BottleneckBlock(**common)
+        x = block(x, canvas_hw, in_stride)
       else:
         x = BasicBlock(
             self.out_channels, stride=stride, norm=self.norm, dtype=self.dtype, name=str(i)
@@ -300,19 +506,31 @@ class ResNetStage(nn.Module):
 
 
 class ResNet(nn.Module):
-  """detectron2 ResNet bottom-up backbone (`build_resnet_backbone`, NUM_GROUPS=1,
-  WIDTH_PER_GROUP=64, RES2_OUT_CHANNELS=256 for R50/101 and 64 for R18/34, RES5_DILATION=1).
+  """detectron2 ResNet / ResNeXt bottom-up backbone (`build_resnet_backbone` with
+  STEM_OUT_CHANNELS = `width`, RES2_OUT_CHANNELS = 4 `width` for R50/101 and `width` for R18/34,
+  RES5_DILATION=1).
 
-  Attributes (all required; the detector passes `config.model`'s resnet_depth, stride_in_1x1,
-  resnet_norm, freeze_at, resnet_width, dtype and the FPN's `in_features`):
+  Attributes (the detector passes `config.model`'s resnet_depth, stride_in_1x1, resnet_norm,
+  freeze_at, resnet_width, dtype and the FPN's `in_features`; the ResNeXt / DCN ones have
+  defaults that give the plain ResNet):
     depth: 18, 34, 50 or 101.
     stride_in_1x1: stride on the bottleneck's first 1x1 conv (MSRA) rather than on the 3x3.
     norm: norm of every conv: 'FrozenBN' (official), 'GN' or '' (none).
     freeze_at: detectron2 freeze semantics (see module docstring).
-    width: stem channels / bottleneck width of res2 (64 = every official ResNet).
+    width: stem channels (STEM_OUT_CHANNELS; 64 = every official ResNet); the res2 output has
+      4 `width` channels (bottleneck) or `width` (basic blocks).
     out_features: subset of ('stem', 'res2', 'res3', 'res4', 'res5') to return. As in detectron2,
       stages after the last requested one are not built.
     dtype: compute dtype.
+    num_groups: NUM_GROUPS, groups of every bottleneck 3x3 conv (1 = ResNet, 32 = ResNeXt-32xNd).
+    width_per_group: WIDTH_PER_GROUP; the res2 bottleneck width is `num_groups * width_per_group`,
+      doubled per stage. None (or 0) means `width` (detectron2's default WIDTH_PER_GROUP = 64 =
+      STEM_OUT_CHANNELS), which keeps the ResNets' bottleneck = `width` and lets tiny test
+      models scale with `width` alone. X101-32x8d: num_groups 32, width_per_group 8.
+    deform_on_per_stage: DEFORM_ON_PER_STAGE, 4 bools for res2..res5: deformable 3x3 convs
+      (`DeformBottleneckBlock`) in every block of those stages (bottleneck ResNets only).
+    deform_modulated: DEFORM_MODULATED, DCNv2 (offsets + mask) rather than DCNv1.
+    deform_num_groups: DEFORM_NUM_GROUPS, deformable (offset) groups.
 
   Input: normalised float image `[N, H, W, 3]` (and optionally the official canvas `canvas_hw`
   `[2]`, see `canvas.zero_outside_canvas`). Output: dict name -> `[N, H/s, W/s, C]`.
@@ -325,18 +543,37 @@ class ResNet(nn.Module):
   out_features: Sequence[str]
   width: int
   dtype: Dtype
+  num_groups: int
+  width_per_group: int
+  deform_on_per_stage: Sequence[bool]
+  deform_modulated: bool
+  deform_num_groups: int
 
   @nn.compact
   def __call__(self, x: jax.Array, canvas_hw: Optional[jax.Array] = None) -> Dict[str, jax.Array]:
     if self.depth not in _DEPTH_CONFIG:
       raise ValueError(f"ResNet depth must be one of {sorted(_DEPTH_CONFIG)}, got {self.depth}")
+    if len(self.deform_on_per_stage) != 4:
+      raise ValueError(
+          f"deform_on_per_stage needs 4 entries (res2..res5), got {self.deform_on_per_stage}"
+      )
+    if self.num_groups < 1 or self.deform_num_groups < 1:
+      raise ValueError(
+          f"num_groups ({self.num_groups}) and deform_num_groups ({self.deform_num_groups}) "
+          "must be >= 1"
+      )
     if x.ndim != 4:
       raise ValueError(f"ResNet takes [N, H, W, C] inputs, got shape {x.shape}")
     for f in self.out_features:
       if f not in _FEATURE_STRIDES:
         raise ValueError(f"unknown ResNet out_feature {f!r}")
     block, num_blocks = _DEPTH_CONFIG[self.depth]
+    if block == "basic" and (self.num_groups != 1 or any(self.deform_on_per_stage)):
+      # detectron2 asserts the same for R18/R34.
+      raise ValueError("ResNet-18/34 (basic blocks) support neither num_groups > 1 nor DCN")
     channels = resnet_out_channels(self.depth, self.width)
+    per_group = self.width_per_group or self.width  # None / 0: detectron2's 64 = STEM width
+    res2_bottleneck = self.num_groups * per_group
     order = ("stem",) + _STAGE_NAMES
     last = max(order.index(f) for f in self.out_features)
 
@@ -353,11 +590,15 @@ class ResNet(nn.Module):
           block=block,
           num_blocks=num_blocks[idx - 1],
           out_channels=channels[name],
-          bottleneck_channels=channels[name] // 4,
+          bottleneck_channels=res2_bottleneck * 2 ** (idx - 1),
           first_stride=1 if name == "res2" else 2,
           stride_in_1x1=self.stride_in_1x1,
           norm=self.norm,
           dtype=self.dtype,
+          num_groups=self.num_groups,
+          deform=bool(self.deform_on_per_stage[idx - 1]),
+          deform_modulated=self.deform_modulated,
+          deform_num_groups=self.deform_num_groups,
           name=name,
       )(x, canvas_hw, _FEATURE_STRIDES[order[idx - 1]])
       if self.freeze_at >= stage_num:

@@ -2,6 +2,7 @@
 
   build.py        the registry: `model.arch` -> module class; `build_model(config.model)`
   centernet2.py   CenterNet2 (CenterNet proposals + cascade ROI heads), arch "centernet2"
+  centernet_onestage.py  the official one-stage CenterNet (CenterNetDetector), arch "centernet"
   onestage.py     one-stage CenterNet as centerX builds it (modeling/onestage/), arch "onestage"
 
 A new family adds `meta_arch/<name>.py` with `@register("<name>")`, imports it here, adds its
@@ -10,6 +11,7 @@ shared heads where they are the same.
 """
 
 from cn2_jax.modeling.meta_arch import centernet2  # noqa: F401  (registers "centernet2")
+from cn2_jax.modeling.meta_arch import centernet_onestage  # noqa: F401  (registers "centernet")
 from cn2_jax.modeling.meta_arch import onestage  # noqa: F401  (registers "onestage")
 from cn2_jax.modeling.meta_arch.build import (
     META_ARCHS,

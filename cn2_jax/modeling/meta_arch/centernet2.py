@@ -76,7 +76,7 @@ class CenterNet2(nn.Module):
     self.backbone = build_backbone(self.config, dtype)
     self.proposal_generator = CenterNet(
         strides=self.backbone.strides,
-        channels=m["fpn_channels"],
+        channels=self.backbone.out_channels,
         axis_name=self.axis_name,
         dtype=dtype,
         **m["centernet"],

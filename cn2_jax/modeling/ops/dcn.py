@@ -14,7 +14,11 @@ sampling is line-for-line the same (docs/onestage.md §2.3). For output pixel (y
     `hy = 1 - ly`) and a corner outside the map reads 0 — so a sample partially outside the map
     keeps its inside corners;
   * the sample is multiplied by the mask (DCNv2; `mask=None` means 1, i.e. DCNv1) and the
-    columns `[K, Cin]` are contracted with the kernel (+ bias).
+    columns `[K, Cin]` are contracted with the kernel (+ bias). With weight groups Gw (torch's
+    conv `groups`, detectron2 `ModulatedDeformConv(groups=)`, torchvision's `n_weight_grps`,
+    inferred from the kernel `[kh, kw, Cin / Gw, Cout]` as torchvision does) output channels
+    `[w * Cout/Gw, (w+1) * Cout/Gw)` contract only the columns of input channels
+    `[w * Cin/Gw, (w+1) * Cin/Gw)` — independent of the offset groups G.
 
 Formulation (gather / im2col): the input is zero-padded by one pixel on each side, so every
 corner of a valid sample (`floor(p)` in `[-1, H-1]`) lies inside the padded map and reads the
@@ -79,6 +83,25 @@ def deform_conv_output_size(
   return tuple(
       (n + 2 * p[a] - (d[a] * (kernel_hw[a] - 1) + 1)) // s[a] + 1 for a, n in enumerate(hw)
   )
+
+
+def _weight_groups(cin: int, kernel_shape) -> int:
+  """Gw = Cin / kernel in-channels (torchvision `n_weight_grps`); both Cin and Cout must be
+  multiples of Gw."""
+  kcin, cout = kernel_shape[2], kernel_shape[3]
+  if kcin < 1 or cin % kcin or cout % (cin // kcin):
+    raise ValueError(
+        f"kernel {tuple(kernel_shape)} does not match {cin} input channels: its input channels "
+        f"must be Cin / Gw for a weight-group count Gw that divides Cin and Cout"
+    )
+  return cin // kcin
+
+
+def _grouped_kernel(kernel: jax.Array, weight_groups: int) -> jax.Array:
+  """HWIO `[kh, kw, Cin/Gw, Cout]` -> `[kh*kw, Cin/Gw, Gw, Cout/Gw]`: output channel
+  `w * Cout/Gw + o` belongs to weight group w (torch's grouped-conv layout)."""
+  kh, kw, cig, cout = kernel.shape
+  return kernel.reshape(kh * kw, cig, weight_groups, cout // weight_groups)
 
 
 def deform_conv2d_for_onnx(
@@ -160,11 +183,19 @@ def deform_conv2d_for_onnx(
       precision=jax.lax.Precision.HIGHEST,
   ).reshape(-1, groups, ho, wo, taps, cg)
   cols = export_mode.transpose_for_onnx(cols, (0, 2, 3, 4, 1, 5))  # [B, Ho, Wo, K, G, Cg]
-  out = jnp.dot(
-      cols.reshape(-1, taps * cin),
-      kernel.astype(dtype).reshape(taps * cin, cout),
-      precision=precision,
-  ).reshape(-1, ho, wo, cout)
+  wg = _weight_groups(cin, kernel.shape)
+  if wg == 1:
+    out = jnp.dot(
+        cols.reshape(-1, taps * cin),
+        kernel.astype(dtype).reshape(taps * cin, cout),
+        precision=precision,
+    ).reshape(-1, ho, wo, cout)
+  else:  # one batched MatMul over the weight groups: [Gw, N, K*Cin/Gw] x [Gw, K*Cin/Gw, Cout/Gw]
+    cig, cog = cin // wg, cout // wg
+    gcols = cols.reshape(-1, taps, wg, cig).transpose(2, 0, 1, 3).reshape(wg, -1, taps * cig)
+    gkern = _grouped_kernel(kernel.astype(dtype), wg).transpose(2, 0, 1, 3)
+    out = jnp.matmul(gcols, gkern.reshape(wg, taps * cig, cog), precision=precision)
+    out = out.transpose(1, 0, 2).reshape(-1, ho, wo, cout)
   if bias is not None:
     out = out + jnp.asarray(bias).astype(dtype)
   return out
@@ -207,7 +238,9 @@ def deform_conv2d(
       k = i * kw + j, channel `g*2K + 2k` = dy (rows), `g*2K + 2k + 1` = dx (columns), pixels.
     mask: `[B, Ho, Wo, G * kh * kw]` modulation (already sigmoided; channel `g*K + k`), or None
       for DCNv1 (mask 1).
-    kernel: `[kh, kw, Cin, Cout]` (HWIO; torch OIHW -> `transpose(2, 3, 1, 0)`).
+    kernel: `[kh, kw, Cin / Gw, Cout]` (HWIO; torch OIHW -> `transpose(2, 3, 1, 0)`); Gw = 1
+      (the usual case) or the weight-group count of a grouped conv (ResNeXt), inferred from the
+      shape as torchvision does.
     bias: optional `[Cout]`.
     stride, padding, dilation: int or (h, w) tuple (static); torch semantics (symmetric zero
       padding).
@@ -222,9 +255,8 @@ def deform_conv2d(
   offset = jnp.asarray(offset)
   kernel = jnp.asarray(kernel)
   bsz, height, width, cin = x.shape
-  kh, kw, kcin, cout = kernel.shape
-  if kcin != cin:
-    raise ValueError(f"kernel {kernel.shape} does not match {cin} input channels")
+  kh, kw, _, cout = kernel.shape
+  weight_groups = _weight_groups(cin, kernel.shape)
   sh, sw = _pair(stride)
   ph, pw = _pair(padding)
   dh, dw = _pair(dilation)
@@ -308,9 +340,20 @@ def deform_conv2d(
   cols = jnp.einsum(
       "bhwgkq,bhwgkqc->bhwkgc", weights.astype(dtype), corners, precision=lax.Precision.HIGHEST
   )
-  # Columns [K, G, Cg] = [K, Cin] match the HWIO kernel flattened to [kh * kw * Cin, Cout].
-  cols = cols.reshape(bsz, ho, wo, taps * cin)
-  out = jnp.dot(cols, kernel.astype(dtype).reshape(taps * cin, cout), precision=precision)
+  if weight_groups == 1:
+    # Columns [K, G, Cg] = [K, Cin] match the HWIO kernel flattened to [kh * kw * Cin, Cout].
+    cols = cols.reshape(bsz, ho, wo, taps * cin)
+    out = jnp.dot(cols, kernel.astype(dtype).reshape(taps * cin, cout), precision=precision)
+  else:
+    # Grouped weights: the columns [K, Cin] viewed as [K, Gw, Cin/Gw], contracted per weight
+    # group (a batched dot; a block-diagonal dense kernel would cost Gw times the multiplies).
+    cig = cin // weight_groups
+    out = jnp.einsum(
+        "bhwkgc,kcgo->bhwgo",
+        cols.reshape(bsz, ho, wo, taps, weight_groups, cig),
+        _grouped_kernel(kernel.astype(dtype), weight_groups),
+        precision=precision,
+    ).reshape(bsz, ho, wo, cout)
   if bias is not None:
     out = out + jnp.asarray(bias).astype(dtype)
   return out
@@ -318,8 +361,9 @@ def deform_conv2d(
 
 class DeformConv2d(nn.Module):
   """The deformable conv itself (detectron2 `ModulatedDeformConv` / `DeformConv`): params
-  `kernel` `[kh, kw, Cin, features]` and (if `use_bias`) `bias` `[features]`; offsets and mask
-  are inputs. Named `dcnv2` inside `ModulatedDeformConv`, so `...dcnv2.weight/bias` map here.
+  `kernel` `[kh, kw, Cin / groups, features]` and (if `use_bias`) `bias` `[features]`; offsets
+  and mask are inputs. Named `dcnv2` inside `ModulatedDeformConv`, so `...dcnv2.weight/bias` map
+  here. `groups`: weight groups of a grouped conv (detectron2 `groups`; 1 = ordinary).
 
   Call: `x [B, H, W, Cin]`, `offset [B, Ho, Wo, 2 G k k]`, `mask [B, Ho, Wo, G k k]` or None ->
   `[B, Ho, Wo, features]` in `dtype`.
@@ -336,13 +380,19 @@ class DeformConv2d(nn.Module):
   bias_init: Initializer = nn.initializers.zeros
   dtype: Dtype = jnp.float32
   precision: Any = None
+  groups: int = 1
 
   @nn.compact
   def __call__(
       self, x: jax.Array, offset: jax.Array, mask: Optional[jax.Array] = None
   ) -> jax.Array:
     k = self.kernel_size
-    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    cin = x.shape[-1]
+    if cin % self.groups or self.features % self.groups:
+      raise ValueError(f"groups={self.groups} must divide Cin={cin} and features={self.features}")
+    kernel = self.param(
+        "kernel", self.kernel_init, (k, k, cin // self.groups, self.features), jnp.float32
+    )
     bias = (
         self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
     )

@@ -36,33 +36,42 @@ Dtype = Any
 
 
 class DFConv2d(nn.Module):
-  """CenterNet2's `DFConv2d` (modulated, 3x3, stride 1, padding 1, one deformable group): the
-  conv `offset` (27 channels, bias, zero init) predicts the (dy, dx) offsets of the 9 taps
-  (channels 0-17, the deformable kernel's interleaved order) and the mask logits (18-26,
-  sigmoid); `conv` is the modulated deformable conv (kernel + bias). Used for the last
-  bbox-tower conv with `centernet.use_deformable` (the DCN zoo models).
-  `[B, H, W, Cin]` -> `[B, H, W, features]`."""
+  """CenterNet2's `layers/deform_conv.py` `DFConv2d` (with_modulated_dcn=True, 3x3, stride 1,
+  padding 1, one deformable group), as the head's last tower conv builds it (bias=True;
+  CENTERNET.USE_DEFORMABLE, the DCN zoo models).
+
+  Sub-modules (= state-dict keys): `offset` (Conv2d C -> 27, 3x3, bias) and `conv` (the modulated
+  deformable conv, `kernel [3, 3, C, features]`, `bias`). Forward: om = offset(x); the deformable
+  conv samples x at the offsets om[..., :18] (official channel order, 2k = dy, 2k+1 = dx of tap
+  k = 3i + j) with the modulation sigmoid(om[..., 18:27]). Initialisation as the official head
+  leaves it: its init loop re-initialises every nn.Conv2d, `offset` included, to N(0, 0.01) with
+  bias 0 (DFConv2d's own zero init is overwritten); the deformable kernel keeps detectron2's
+  kaiming-uniform init.
+
+  Call: `x [B, H, W, C]` -> `[B, H, W, features]` in `dtype`. The caller zeroes x off the canvas.
+  """
 
   features: int
   dtype: Dtype
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    offset_mask = Conv2d(
-        27,
+    taps = 9
+    om = Conv2d(
+        3 * taps,
         kernel_size=3,
         strides=1,
         padding=1,
         use_bias=True,
-        kernel_init=nn.initializers.zeros,
+        kernel_init=nn.initializers.normal(stddev=0.01),
         bias_init=nn.initializers.zeros,
         dtype=self.dtype,
         name="offset",
     )(x)
-    # The mask's sigmoid in float32 whatever the compute dtype (it scales every sample).
-    mask = jax.nn.sigmoid(offset_mask[..., 18:].astype(jnp.float32))
+    # The mask scales every sample: sigmoid in float32 even for a low-precision compute dtype.
+    mask = jax.nn.sigmoid(om[..., 2 * taps :].astype(jnp.float32))
     return DeformConv2d(self.features, use_bias=True, dtype=self.dtype, name="conv")(
-        x, offset_mask[..., :18], mask
+        x, om[..., : 2 * taps], mask
     )
 
 

@@ -54,12 +54,15 @@ class FastRCNNOutputLayers(nn.Module):
 
   num_classes: int
   dtype: Dtype
+  # cls_score bias init: 0, or -log((1 - p) / p) with USE_SIGMOID_CE (roi_heads.prior_prob)
+  cls_bias_init: float
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     logits = nn.Dense(
         self.num_classes + 1,
         kernel_init=nn.initializers.normal(0.01),
+        bias_init=nn.initializers.constant(self.cls_bias_init),
         dtype=self.dtype,
         param_dtype=jnp.float32,
         name="cls_score",

@@ -29,6 +29,13 @@ from cn2_jax.modeling.ops.nms import nms
 from cn2_jax.modeling.ops.roi_align import multilevel_roi_align
 from cn2_jax.modeling.ops.sampling import subsample_labels
 from cn2_jax.modeling.roi_heads.box_head import FastRCNNConvFCHead, FastRCNNOutputLayers
+from cn2_jax.modeling.roi_heads.fed_loss import (
+    load_class_freq,
+    sample_fed_classes,
+    sigmoid_ce_loss,
+    sigmoid_prior_bias,
+    softmax_ce_loss,
+)
 
 Dtype = Any
 
@@ -51,15 +58,20 @@ scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
 
 
 def probabilistic_scores(
-    stage_logits: Sequence[jax.Array], proposal_scores: jax.Array, mult_proposal_score: bool
+    stage_logits: Sequence[jax.Array],
+    proposal_scores: jax.Array,
+    mult_proposal_score: bool,
+    use_sigmoid_ce: bool,
 ) -> jax.Array:
   """CenterNet2's final score (docs/centernet2.md §6.1): sqrt(mean_k softmax(logits_k) * s_prop).
 
   `stage_logits`: per stage `[..., R, K+1]`; `proposal_scores` `[..., R]` = sqrt(sigmoid(agn)),
   so the result is q^(1/2) * sigmoid(agn)^(1/4). Without `mult_proposal_score`: the plain
-  cascade average. Returns `[..., R, K+1]` float32.
+  cascade average. With `use_sigmoid_ce` the class probabilities are sigmoid(logits) (official
+  `predict_probs`; the background column is unused). Returns `[..., R, K+1]` float32.
   """
-  probs = sum(jax.nn.softmax(l.astype(jnp.float32), axis=-1) for l in stage_logits)
+  to_probs = jax.nn.sigmoid if use_sigmoid_ce else (lambda l: jax.nn.softmax(l, axis=-1))
+  probs = sum(to_probs(l.astype(jnp.float32)) for l in stage_logits)
   probs = probs / len(stage_logits)
   if mult_proposal_score:
     probs = jnp.sqrt(probs * proposal_scores[..., None].astype(jnp.float32))
@@ -115,6 +127,12 @@ def fast_rcnn_inference(
   )
 
 
+@functools.lru_cache(maxsize=4)
+def load_class_freq_cached(path: str, freq_weight: float, num_classes: int):
+  """The federated loss's class frequencies, read once per (file, weight) and process."""
+  return load_class_freq(path, freq_weight, num_classes)
+
+
 class CascadeROIHeads(nn.Module):
   """Three-stage cascade (sub-modules `box_head.{k}`, `box_predictor.{k}`).
 
@@ -133,6 +151,12 @@ class CascadeROIHeads(nn.Module):
   size_divisibility: int
   in_features: Sequence[str]
   cascade: bool
+  use_sigmoid_ce: bool
+  prior_prob: float
+  use_fed_loss: bool
+  cat_freq_path: str
+  fed_loss_num_cat: int
+  fed_loss_freq_weight: float
   iou_thresholds: Sequence[float]
   box_weights: Sequence[Sequence[float]]
   batch_size_per_image: int
@@ -165,7 +189,12 @@ class CascadeROIHeads(nn.Module):
         for k in range(n)
     ]
     self.box_predictor = [
-        FastRCNNOutputLayers(self.num_classes, self.dtype, name=f"box_predictor{suffix(k)}")
+        FastRCNNOutputLayers(
+            self.num_classes,
+            self.dtype,
+            sigmoid_prior_bias(self.prior_prob) if self.use_sigmoid_ce else 0.0,
+            name=f"box_predictor{suffix(k)}",
+        )
         for k in range(n)
     ]
 
@@ -215,12 +244,25 @@ class CascadeROIHeads(nn.Module):
     )
     return logits, deltas, pred
 
+  def _fed_mask(self, k: int, labels, valid):
+    """LVIS federated loss: stage k's `[C]` class mask (the batch's classes + frequency-weighted
+    samples up to fed_loss_num_cat), drawn per stage and per device as the official per-GPU,
+    per-stage `losses()` call does (roi_heads/fed_loss.py); None without the fed loss."""
+    if not self.use_fed_loss:
+      return None
+    freq = load_class_freq_cached(self.cat_freq_path, self.fed_loss_freq_weight, self.num_classes)
+    key = jax.random.fold_in(self.make_rng("sampling"), 1000 + k)
+    if self.axis_name:
+      key = jax.random.fold_in(key, jax.lax.axis_index(self.axis_name))
+    return sample_fed_classes(key, labels, valid, jnp.asarray(freq), self.fed_loss_num_cat)
+
   def _stage_losses(self, k, logits, deltas, boxes, valid, labels, matched_gt):
-    """Softmax CE (mean over valid ROIs) and L1 on fg deltas (sum / #valid ROIs), float32."""
+    """Classification loss (softmax CE, or sigmoid CE with USE_SIGMOID_CE; with the federated
+    class mask when use_fed_loss; mean over valid ROIs) and L1 on fg deltas (sum / #valid
+    ROIs), float32."""
     n = jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-    loss_cls = jnp.where(valid, ce, 0.0).sum() / n
+    loss_fn = sigmoid_ce_loss if self.use_sigmoid_ce else softmax_ce_loss
+    loss_cls = loss_fn(logits, labels, valid, self._fed_mask(k, labels, valid))
     fg = valid & (labels < self.num_classes)
     target = box_ops.encode_boxes(boxes, matched_gt, self.box_weights[k])
     target = jnp.where(fg[..., None] & jnp.isfinite(target), target, 0.0)
@@ -288,7 +330,9 @@ class CascadeROIHeads(nn.Module):
       self.sow("intermediates", f"stage{k}_cls_logits", logits)
       self.sow("intermediates", f"stage{k}_box_deltas", deltas)
       stage_logits.append(logits)
-    scores = probabilistic_scores(stage_logits, proposals["scores"], self.mult_proposal_score)
+    scores = probabilistic_scores(
+        stage_logits, proposals["scores"], self.mult_proposal_score, self.use_sigmoid_ce
+    )
     self.sow("intermediates", "final_scores_all", scores)
     self.sow("intermediates", "final_boxes_all", pred)
     infer = functools.partial(

@@ -1,0 +1,329 @@
+"""The official one-stage CenterNet of the CenterNet2 code base: `CenterNetDetector` with the
+`CenterNet` proposal generator and ONLY_PROPOSAL False (CenterNet-FPN_R50_1x,
+CenterNet-S4_DLA_8x).
+
+Official: `centernet/modeling/meta_arch/centernet_detector.py` (preprocess, backbone, proposal
+generator, `detector_postprocess`), `centernet/modeling/dense_heads/centernet.py` (`CenterNet`:
+head + `inference`), `centernet_head.py`. Here:
+
+  CenterNetDetector
+    backbone             the given backbone module (e.g. `backbone.fpn.FPN` for R50-FPN P3-P7,
+                         the DLA-34 `DLASeg` for S4); variables under `backbone/...` = the
+                         official `backbone.*` keys
+    proposal_generator   `CenterNetOneStageGenerator`
+      centernet_head     `proposal.centernet_onestage_head.CenterNetOneStageHead`
+    decode               `proposal.onestage_decode.predict_instances` (sigmoid class heatmap,
+                         candidates > INFERENCE_TH, per-level top-k, per-class NMS, top-k)
+
+Not the centerX "Objects as Points" family (`meta_arch/onestage.py`, arch "onestage"): that is a
+different network (ResNet + deconvs, one output map) and decode.
+
+Output (docs/DESIGN.md "Model API"): detections `boxes [B, K, 4]` (resized-image pixels, the
+official output before `detector_postprocess`), `scores [B, K]`, `classes [B, K]` int32, `valid
+[B, K]` bool, K = post_nms_topk_test. Training (the official losses) is not implemented.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cn2_jax.modeling.backbone.build import build_backbone
+from cn2_jax.modeling.backbone.build import frozen_param_prefixes as backbone_frozen_prefixes
+from cn2_jax.modeling.canvas import canvas_masks, official_canvas
+from cn2_jax.modeling.meta_arch.build import ClassParams, WeightFormat, register
+from cn2_jax.modeling.ops.nms import DEFAULT_TILE_SIZE
+from cn2_jax.modeling.proposal.centernet_onestage_head import CenterNetOneStageHead
+from cn2_jax.modeling.proposal.onestage_decode import predict_instances
+from cn2_jax.weights import flax_mapping
+
+Dtype = Any
+
+
+class CenterNetOneStageGenerator(nn.Module):
+  """The official `CenterNet` proposal generator in one-stage mode (ONLY_PROPOSAL False, not
+  AS_PROPOSAL): the head (`centernet_head`) and the test-mode decode.
+
+  Attributes (official `MODEL.CENTERNET.*` names in parentheses; the official defaults of
+  `centernet/config.py` where given):
+    strides: per-level strides (`FPN_STRIDES`: (8, 16, 32, 64, 128); (4,) for S4).
+    channels: input channels of the levels (the head's in_channels: 256 FPN, 64 DLA S4).
+    num_classes: (`NUM_CLASSES`, 80).
+    num_cls_convs, num_box_convs, num_share_convs, norm, use_deformable, with_agn_hm,
+      prior_prob, bbox_bias_init: the head's (`NUM_CLS_CONVS` 4, `NUM_BOX_CONVS` 4,
+      `NUM_SHARE_CONVS` 0, `NORM` "GN", `USE_DEFORMABLE` False, `WITH_AGN_HM` False,
+      `PRIOR_PROB` 0.01, 8.0), see `CenterNetOneStageHead`.
+    score_thresh: (`INFERENCE_TH`, 0.05).
+    pre_nms_topk_test, post_nms_topk_test, nms_thresh_test: (`PRE_NMS_TOPK_TEST` 1000,
+      `POST_NMS_TOPK_TEST` 100, `NMS_TH_TEST` 0.6).
+    center_nms, not_nms: (`CENTER_NMS`, `NOT_NMS`; both False).
+    nms_mode: torchvision `batched_nms` strategy emulated (`onestage_decode.onestage_detections`;
+      "torchvision_cpu" reproduces the official CPU run exactly).
+    nms_tile_size: NMS tile length (performance only).
+    dtype: compute dtype of the head.
+  """
+
+  strides: Sequence[int]
+  channels: int
+  num_classes: int
+  num_cls_convs: int
+  num_box_convs: int
+  num_share_convs: int = 0
+  norm: str = "GN"
+  use_deformable: bool = False
+  with_agn_hm: bool = False
+  prior_prob: float = 0.01
+  bbox_bias_init: float = 8.0
+  score_thresh: float = 0.05
+  pre_nms_topk_test: int = 1000
+  post_nms_topk_test: int = 100
+  nms_thresh_test: float = 0.6
+  center_nms: bool = False
+  not_nms: bool = False
+  nms_mode: str = "torchvision_cpu"
+  nms_tile_size: int = DEFAULT_TILE_SIZE
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.centernet_head = CenterNetOneStageHead(
+        num_levels=len(self.strides),
+        channels=self.channels,
+        num_classes=self.num_classes,
+        num_cls_convs=self.num_cls_convs,
+        num_box_convs=self.num_box_convs,
+        num_share_convs=self.num_share_convs,
+        norm=self.norm,
+        use_deformable=self.use_deformable,
+        with_agn_hm=self.with_agn_hm,
+        only_proposal=False,
+        prior_prob=self.prior_prob,
+        bbox_bias_init=self.bbox_bias_init,
+        dtype=self.dtype,
+    )
+
+  def decode(self, head: Dict[str, List[jax.Array]], masks=None, return_candidates=False):
+    """The official `CenterNet.inference` on the head outputs -> detections (see
+    `onestage_decode.predict_instances`)."""
+    return predict_instances(
+        head["cls_logits"],
+        head["reg"],
+        masks,
+        strides=tuple(int(s) for s in self.strides),
+        pre_nms_topk=int(self.pre_nms_topk_test),
+        post_nms_topk=int(self.post_nms_topk_test),
+        nms_thresh=float(self.nms_thresh_test),
+        score_thresh=float(self.score_thresh),
+        agn_hm_logits=head.get("agn_hm_logits") if self.with_agn_hm else None,
+        center_nms=self.center_nms,
+        not_nms=self.not_nms,
+        nms_mode=self.nms_mode,
+        nms_tile_size=self.nms_tile_size,
+        return_candidates=return_candidates,
+    )
+
+  def __call__(self, features, masks=None, *, return_candidates: bool = False):
+    """`features`: per level `[B, H_l, W_l, channels]`; `masks`: optional per level
+    `[B, H_l, W_l]` bool (official canvas). Returns (head outputs, detections)."""
+    head = self.centernet_head(features, masks)
+    return head, self.decode(head, masks, return_candidates)
+
+
+class CenterNetDetector(nn.Module):
+  """The official `CenterNetDetector` (inference).
+
+  Attributes:
+    backbone: the backbone module instance (Flax names it `backbone`, so its variables sit under
+      `backbone/`). Called as `backbone(images [B, H, W, 3], canvas_hw [2])`; it returns the
+      levels either as a list in `in_features` order or as a dict containing `in_features`.
+    proposal_generator: a `CenterNetOneStageGenerator` instance holding the head and decode
+      settings (Flax names it `proposal_generator`; its head is
+      `proposal_generator/centernet_head`).
+    in_features: the level names (`CENTERNET.IN_FEATURES`: ("p3", ..., "p7"), ("dla2",)), one per
+      `proposal_generator.strides`; also the suffix of the sown intermediates.
+    pixel_mean, pixel_std: (`MODEL.PIXEL_MEAN` / `PIXEL_STD`, in `input_format` channel order).
+    input_format: "BGR" or "RGB" (`INPUT.FORMAT`); batches carry RGB images.
+    size_divisibility: the backbone's (32 for R50-FPN and DLA S4): the official canvas is the
+      batch's largest image rounded up to it. None (default): `backbone.size_divisibility`
+      (the backbone contract of modeling/backbone/build.py), else 32.
+
+  Example (CenterNet-FPN_R50_1x; `resnet_fpn` of modeling/backbone/fpn.py):
+    CenterNetDetector(
+        backbone=resnet_fpn(depth=50, stride_in_1x1=True, freeze_at=2, norm="FrozenBN",
+                            width=64, out_channels=256, fpn_norm="", dtype=jnp.float32),
+        proposal_generator=CenterNetOneStageGenerator(
+            strides=(8, 16, 32, 64, 128), channels=256, num_classes=80, num_cls_convs=4,
+            num_box_convs=4),
+        in_features=("p3", "p4", "p5", "p6", "p7"),
+        pixel_mean=(103.53, 116.28, 123.675), pixel_std=(1.0, 1.0, 1.0), input_format="BGR")
+
+  `__call__(batch, train=False)` -> detections (docs/DESIGN.md Model API); sows the level maps
+  (`<name>`), the head maps (`cls_logits_<name>`, `reg_<name>`, `reg_raw_<name>`) and the NMS
+  input (`cand_boxes`, `cand_scores`, `cand_classes`, `cand_valid`) as "intermediates".
+  """
+
+  backbone: nn.Module
+  proposal_generator: CenterNetOneStageGenerator
+  in_features: Sequence[str]
+  pixel_mean: Sequence[float]
+  pixel_std: Sequence[float]
+  input_format: str = "BGR"
+  size_divisibility: Optional[int] = None
+
+  def setup(self):
+    strides = tuple(int(s) for s in self.proposal_generator.strides)
+    if len(self.in_features) != len(strides):
+      raise ValueError("CenterNetDetector: one proposal_generator stride per in_feature")
+    backbone_strides = getattr(self.backbone, "strides", None)
+    if backbone_strides is not None and len(backbone_strides) == len(strides):
+      if tuple(int(s) for s in backbone_strides) != strides:
+        raise ValueError(
+            f"CenterNetDetector: head strides {strides} != backbone strides {backbone_strides}"
+        )
+    if self.input_format not in ("BGR", "RGB"):
+      raise ValueError(f"CenterNetDetector: input_format {self.input_format!r}")
+
+  @property
+  def canvas_divisibility(self) -> int:
+    """The size divisibility the official canvas is rounded up to."""
+    if self.size_divisibility is not None:
+      return int(self.size_divisibility)
+    return int(getattr(self.backbone, "size_divisibility", 32))
+
+  def preprocess(self, image: jax.Array, image_hw: jax.Array) -> jax.Array:
+    """`[B, H, W, 3]` uint8 RGB -> (x - pixel_mean) / pixel_std in `input_format`, float32, zero
+    outside each image (the official `ImageList.from_tensors` padding)."""
+    x = image.astype(jnp.float32)
+    if self.input_format == "BGR":
+      x = x[..., ::-1]
+    x = (x - jnp.asarray(self.pixel_mean, jnp.float32)) / jnp.asarray(self.pixel_std, jnp.float32)
+    h, w = image.shape[1], image.shape[2]
+    inside = (jnp.arange(h)[None, :, None] < image_hw[:, 0, None, None]) & (
+        jnp.arange(w)[None, None, :] < image_hw[:, 1, None, None]
+    )
+    return jnp.where(inside[..., None], x, 0.0)
+
+  def backbone_features(self, image: jax.Array, image_hw: jax.Array):
+    """Preprocessing and the backbone on the official canvas -> (levels `[B, H_l, W_l, C]` in
+    `in_features` order, their canvas masks `[B, H_l, W_l]` bool)."""
+    h, w = image.shape[1], image.shape[2]
+    div = self.canvas_divisibility
+    if h % div or w % div:
+      raise ValueError(f"CenterNetDetector: batch size {(h, w)} is not a multiple of {div}")
+    canvas = official_canvas(image_hw, div)
+    out = self.backbone(self.preprocess(image, image_hw), canvas)
+    if isinstance(out, dict):
+      features = [out[name] for name in self.in_features]
+    else:
+      features = list(out)
+      if len(features) != len(self.in_features):
+        raise ValueError(
+            f"CenterNetDetector: backbone gave {len(features)} levels, "
+            f"in_features has {len(self.in_features)}"
+        )
+    masks = canvas_masks(
+        image_hw,
+        [f.shape[1:3] for f in features],
+        self.proposal_generator.strides,
+        div,
+    )
+    return features, masks
+
+  def dense_outputs(self, image: jax.Array, image_hw: jax.Array) -> Dict[str, jax.Array]:
+    """The dense part: the levels `<name>` and the head maps `cls_logits_<name> [B, H, W, C]`,
+    `reg_<name> [B, H, W, 4]` (ltrb in stride units)."""
+    features, masks = self.backbone_features(image, image_hw)
+    head = self.proposal_generator.centernet_head(features, masks)
+    out = {}
+    for i, name in enumerate(self.in_features):
+      out[name] = features[i]
+      out[f"cls_logits_{name}"] = head["cls_logits"][i]
+      out[f"reg_{name}"] = head["reg"][i]
+    return out
+
+  def __call__(self, batch: dict, train: bool = False):
+    if train:
+      raise NotImplementedError(
+          "CenterNetDetector: the one-stage CenterNet losses are not implemented (inference only)"
+      )
+    features, masks = self.backbone_features(batch["image"], batch["image_hw"])
+    head, dets = self.proposal_generator(features, masks, return_candidates=True)
+    for i, name in enumerate(self.in_features):
+      self.sow("intermediates", name, features[i])
+      for key in ("cls_logits", "reg", "reg_raw", "agn_hm_logits"):
+        if key in head:
+          self.sow("intermediates", f"{key}_{name}", head[key][i])
+    for key in ("cand_boxes", "cand_scores", "cand_classes", "cand_valid"):
+      self.sow("intermediates", key, dets.pop(key))
+    return dets
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@register(
+    "centernet",
+    frozen_param_prefixes=backbone_frozen_prefixes,  # FREEZE_AT of the backbone
+    # the class heatmap's last conv: one output channel per class, no background
+    class_params=ClassParams(
+        r"params/proposal_generator/centernet_head/cls_logits/(kernel|bias)", background_last=False
+    ),
+    display_name="CenterNet (one-stage, CenterNet2 code base)",
+    # the same detectron2-named checkpoints as CenterNet2 (CenterNet-*.pth of the official zoo)
+    weights=WeightFormat(
+        convert=flax_mapping.convert_official,
+        named_tensors=flax_mapping.official_named_tensors,
+        fields_by_path=(
+            ("/backbone/bottom_up/", "model.resnet_* or model.dla"),
+            ("/backbone/", "model.backbone, model.fpn_channels, model.bifpn or model.dla"),
+            (
+                "/proposal_generator/centernet_head/cls_logits",
+                "model.num_classes or model.centernet_detector",
+            ),
+            ("/proposal_generator/", "model.centernet_detector (tower convs, norm)"),
+        ),
+    ),
+    onnx_parts={"dense": "dense_outputs"},
+)
+def build_centernet_detector(model_config, axis_name: Optional[str] = None) -> CenterNetDetector:
+  """`config.model` (arch "centernet") -> the official one-stage `CenterNetDetector`: the
+  registered `model.backbone` and the head / decode of `model.centernet_detector`."""
+  del axis_name  # inference only: no cross-device statistics
+  dtype = _DTYPES[model_config.dtype]
+  backbone = build_backbone(model_config, dtype)
+  cd = model_config.centernet_detector
+  if len(cd.in_features) != len(backbone.strides):
+    raise ValueError(
+        f"model.centernet_detector.in_features={tuple(cd.in_features)} names "
+        f"{len(cd.in_features)} levels; {model_config.backbone} has strides {backbone.strides}"
+    )
+  generator = CenterNetOneStageGenerator(
+      strides=tuple(backbone.strides),
+      channels=backbone.out_channels,
+      num_classes=model_config.num_classes,
+      num_cls_convs=cd.num_cls_convs,
+      num_box_convs=cd.num_box_convs,
+      num_share_convs=cd.num_share_convs,
+      norm=cd.norm,
+      use_deformable=cd.use_deformable,
+      with_agn_hm=cd.with_agn_hm,
+      prior_prob=cd.prior_prob,
+      bbox_bias_init=cd.bbox_bias_init,
+      score_thresh=cd.inference_thresh,
+      pre_nms_topk_test=cd.pre_nms_topk_test,
+      post_nms_topk_test=cd.post_nms_topk_test,
+      nms_thresh_test=cd.nms_thresh_test,
+      center_nms=cd.center_nms,
+      not_nms=cd.not_nms,
+      dtype=dtype,
+  )
+  return CenterNetDetector(
+      backbone=backbone,
+      proposal_generator=generator,
+      in_features=tuple(cd.in_features),
+      pixel_mean=tuple(model_config.pixel_mean),
+      pixel_std=tuple(model_config.pixel_std),
+      input_format=model_config.input_format,
+  )

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The full-size official-zoo oracle checks (tests marked `zoo`: parity of every zoo architecture
+# with the official code on the dev image, the zoo backbones against the oracles' feature maps).
+# They need ../shared/oracle_zoo and take a few minutes on 2 CPU cores; CI runs them after the suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export JAX_PLATFORMS=cpu
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=10 -m zoo tests "$@"
