@@ -195,3 +195,39 @@ def test_one_stage_nms_input_and_detections(run_one_stage):
   assert (m >= 0).mean() >= 0.99, (m < 0).sum()
   ok = m >= 0
   np.testing.assert_allclose(dets["scores"][m[ok]], out["det_scores"][ok], atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["CenterNet2_DLA-BiFPN-P5_640_16x", "CenterNet-S4_DLA_8x"])
+def test_official_file_through_main_predict(arch, tmp_path):
+  """`main.py --mode=predict --config configs/zoo/<arch>.py --config.weights=<official file>`:
+  the official checkpoint file (a detectron2 .pkl holding the oracle's state dict) is read and
+  converted on the fly, and the written detections are the official ones (original-image
+  coordinates, as the official predictor returns them)."""
+  import json
+  import pickle
+
+  from cn2_jax import app
+  from cn2_jax.config import load_config_file
+
+  cfg = load_config_file(REPO / "configs" / "zoo" / f"{arch}.py")
+  weights = tmp_path / f"{arch}.pkl"
+  with open(weights, "wb") as f:
+    pickle.dump({"model": zoo_state_dict(arch), "__author__": "oracle"}, f)
+  cfg.weights = str(weights)
+  cfg.predict.score_thresh = 0.0
+  records = app.predict(cfg, str(tmp_path / "run"), [str(dev_image_path())])
+  with open(tmp_path / "run" / "predict" / "detections.json") as f:
+    assert json.load(f) == json.loads(json.dumps(records))
+  out = zoo_outputs(arch)
+  dets = records[0]["detections"]
+  boxes = np.array([d["box"] for d in dets], np.float32)
+  scores = np.array([d["score"] for d in dets], np.float32)
+  classes = np.array([d["label"] for d in dets])
+  ref_classes = out["model_output_classes"].astype(int)
+  assert len(dets) == len(ref_classes)
+  ours = np.concatenate([boxes, 1e6 * classes[:, None]], 1)
+  ref = np.concatenate([out["model_output_boxes_orig"], 1e6 * ref_classes[:, None]], 1)
+  m = match_rows(ours, ref, tol=2e-2)  # detections.json rounds boxes to 0.01 px
+  assert (m >= 0).mean() >= 0.99
+  ok = m >= 0
+  np.testing.assert_allclose(scores[m[ok]], out["model_output_scores"][ok], atol=1e-3)

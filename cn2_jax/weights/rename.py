@@ -108,7 +108,8 @@ def to_detectron2_names(state_dict, fmt: str) -> StateDict:
 
   - 'detectron2': unchanged, except that a bare backbone dict (`stem.*`, `res2.*`, ... as written
     by detectron2's torchvision converter) gets the `backbone.bottom_up.` prefix, and non-weight
-    entries (`pixel_mean`, `pixel_std`, `*.num_batches_tracked`) are dropped.
+    entries (`pixel_mean`, `pixel_std`, `*.num_batches_tracked`, the LVIS federated loss's
+    `*.freq_weight` / `*.fed_loss_cls_weights` buffers) are dropped.
   - 'msra_c2': caffe2 names as detectron2 renames them; `fc1000_*` and `*_momentum` dropped.
   - 'torchvision': conv1/bn1/layerN/downsample names; `fc.*` and `num_batches_tracked` dropped.
   Anything that does not become a ResNet backbone key raises `ConversionError` (ImageNet formats).
@@ -125,6 +126,11 @@ def to_detectron2_names(state_dict, fmt: str) -> StateDict:
     for k, v in state_dict.items():
       if k in ("pixel_mean", "pixel_std") or k.endswith("num_batches_tracked"):
         dropped.append((k, "not a weight (buffer of the meta-architecture / BatchNorm counter)"))
+        continue
+      if k.endswith((".freq_weight", ".fed_loss_cls_weights")):
+        # LVIS federated loss: the class frequencies (image_count ** 0.5) the official box
+        # predictor keeps as a buffer; here they are read from roi_heads.cat_freq_path
+        dropped.append((k, "federated-loss class frequencies (roi_heads.cat_freq_path)"))
         continue
       if bare and k.startswith("stem.fc."):
         dropped.append((k, "ImageNet classifier"))

@@ -26,10 +26,14 @@ def get_config():
   d.root = "data/coco"
   d.min_size_test = 608  # INPUT.MIN_SIZE_TEST
   d.max_size_test = 900  # INPUT.MAX_SIZE_TEST
+  d.custom_aug = "EfficientDetResizeCrop"  # INPUT.CUSTOM_AUG (Base_S4_DLA.yaml)
+  d.train_size = 640  # INPUT.TRAIN_SIZE (INPUT.SCALE_RANGE: the default (0.1, 2.0))
   o = c.optim
   o.schedule = "cosine"  # SOLVER.LR_SCHEDULER_NAME: WarmupCosineLR
   o.max_iter = 90000  # SOLVER.MAX_ITER
   o.base_lr = 0.08  # SOLVER.BASE_LR for SOLVER.IMS_PER_BATCH 128
   o.reference_batch_size = 128
   c.train.batch_size = 128  # SOLVER.IMS_PER_BATCH
+  c.train.eval_every = 7500  # TEST.EVAL_PERIOD (Base_S4_DLA.yaml)
+  o.weight_decay = 1e-4  # SOLVER.WEIGHT_DECAY (Base_S4_DLA.yaml)
   return c

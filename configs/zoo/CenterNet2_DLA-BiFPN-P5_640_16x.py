@@ -27,6 +27,8 @@ def get_config():
   d.min_size_test = 608  # INPUT.MIN_SIZE_TEST
   d.max_size_test = 900  # INPUT.MAX_SIZE_TEST
   d.size_divisibility = 128  # the BiFPN's size_divisibility (P7 must tile the canvas)
+  d.custom_aug = "EfficientDetResizeCrop"  # INPUT.CUSTOM_AUG
+  d.train_size = 640  # INPUT.TRAIN_SIZE (INPUT.SCALE_RANGE: the default (0.1, 2.0))
   o = c.optim
   o.schedule = "cosine"  # SOLVER.LR_SCHEDULER_NAME: WarmupCosineLR
   o.max_iter = 360000  # SOLVER.MAX_ITER
@@ -34,4 +36,5 @@ def get_config():
   o.reference_batch_size = 64
   c.train.batch_size = 64  # SOLVER.IMS_PER_BATCH
   c.train.checkpoint_every = 90000  # SOLVER.CHECKPOINT_PERIOD
+  c.train.eval_every = 7500  # TEST.EVAL_PERIOD
   return c

@@ -34,6 +34,8 @@ def get_config():
   d.dataset = "coco/2017"
   d.root = "data/coco"
   d.size_divisibility = 128  # the BiFPN's size_divisibility
+  d.custom_aug = "EfficientDetResizeCrop"  # INPUT.CUSTOM_AUG (the yaml's second INPUT: key)
+  d.train_size = 1280  # INPUT.TRAIN_SIZE (INPUT.SCALE_RANGE: the default (0.1, 2.0))
   o = c.optim
   o.schedule = "cosine"  # SOLVER.LR_SCHEDULER_NAME: WarmupCosineLR
   o.max_iter = 180000  # SOLVER.MAX_ITER
@@ -41,4 +43,5 @@ def get_config():
   o.reference_batch_size = 32
   c.train.batch_size = 32  # SOLVER.IMS_PER_BATCH
   c.train.checkpoint_every = 60000  # SOLVER.CHECKPOINT_PERIOD
+  c.train.eval_every = 7500  # TEST.EVAL_PERIOD
   return c

@@ -43,6 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cn2_jax.modeling.canvas import zero_outside_canvas
 from cn2_jax.modeling.layers import Conv2d, FrozenBatchNorm, c2_msra_fill
@@ -79,9 +80,10 @@ def _conv(features: int, kernel_size: int, stride: int, dtype: Dtype, name: str)
 
 def max_pool_2x2(x: jax.Array, stride: int) -> jax.Array:
   """torch `nn.MaxPool2d(stride, stride=stride)` on NHWC (no padding, floor output size)."""
+  # A concrete (numpy) init value: lowers to reduce_window_max, which has a gradient.
   return jax.lax.reduce_window(
       x,
-      jnp.array(-jnp.inf, x.dtype),
+      np.array(-np.inf, x.dtype),
       jax.lax.max,
       window_dimensions=(1, stride, stride, 1),
       window_strides=(1, stride, stride, 1),
