@@ -11,7 +11,8 @@ Usage:
 The checkpoint's format is detected from its keys (`detect_checkpoint`) and picks the family
 (`FORMATS`); `--family` checks it, and chooses the family of torchvision ImageNet weights (which
 both families take; otherwise `--config`'s model.arch does). Each family's converter (`FAMILIES`):
-  centernet2: `to_detectron2_names` -> `convert_to_flax` onto the `--config` model (strict report)
+  centernet2, centernet: `to_detectron2_names` -> `convert_to_flax` onto the `--config` model
+              (strict report; every zoo config of configs/zoo)
   onestage:   `to_centerx_names` -> `convert_onestage` onto the model whose architecture is read
               off the checkpoint (`infer_model_config`), or the `--config` model (strict report)
 then `save_variables`. Any missing, unexpected or mis-shaped key fails the conversion (exit 1, the
@@ -59,9 +60,11 @@ class Format:
 
 # Checkpoint format (`detect_checkpoint`) -> what it holds.
 FORMATS = {
-    "detectron2": Format(("centernet2",), False, "detectron2 / CenterNet2 model"),
-    "msra_c2": Format(("centernet2",), True, "MSRA caffe2 ImageNet ResNet"),
-    "torchvision": Format(("centernet2", "onestage"), True, "torchvision ImageNet ResNet"),
+    "detectron2": Format(("centernet2", "centernet"), False, "detectron2 / CenterNet2 model"),
+    "msra_c2": Format(("centernet2", "centernet"), True, "MSRA caffe2 ImageNet ResNet"),
+    "torchvision": Format(
+        ("centernet2", "centernet", "onestage"), True, "torchvision ImageNet ResNet"
+    ),
     "centerx": Format(("onestage",), False, "centerX one-stage CenterNet"),
     "xingyizhou": Format(("onestage",), False, "xingyizhou/CenterNet resdcn"),
 }
@@ -134,7 +137,8 @@ def _config_warnings(model_config, fmt: str) -> list:
 
 
 def _convert_centernet2(sd, fmt: str, args, model_config) -> Tuple[dict, str]:
-  """detectron2 / MSRA / torchvision weights onto the CenterNet2 model of `model_config`."""
+  """detectron2 / MSRA / torchvision weights onto the model of `model_config` (CenterNet2 or
+  the official one-stage CenterNet: both are named like the official state dict)."""
   sd = to_detectron2_names(sd, fmt)
   from cn2_jax.modeling import detector
 
@@ -187,6 +191,8 @@ class Family:
 # Detector family (config `model.arch`) -> its converter.
 FAMILIES = {
     "centernet2": Family(_convert_centernet2, _DEFAULT_CONFIG),
+    # the official one-stage CenterNet of the CenterNet2 code base: the same detectron2 names
+    "centernet": Family(_convert_centernet2, "configs/zoo/CenterNet-FPN_R50_1x.py"),
     "onestage": Family(_convert_onestage, None),
 }
 

@@ -812,7 +812,8 @@ def test_detect_checkpoint_and_family_of_every_format():
   assert convert.detect_checkpoint(d2) == "detectron2"
   for fmt, spec in convert.FORMATS.items():
     assert set(spec.families) <= set(convert.FAMILIES), fmt
-  assert convert.FORMATS["torchvision"].families == ("centernet2", "onestage")
+  assert convert.FORMATS["torchvision"].families == ("centernet2", "centernet", "onestage")
+  assert convert.FORMATS["detectron2"].families == ("centernet2", "centernet")
   with pytest.raises(cv.ConversionError, match="centerX"):
     convert.detect_checkpoint({"foo.weight": np.zeros(1)})
 

@@ -231,3 +231,35 @@ def test_official_file_through_main_predict(arch, tmp_path):
   assert (m >= 0).mean() >= 0.99
   ok = m >= 0
   np.testing.assert_allclose(scores[m[ok]], out["model_output_scores"][ok], atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["CenterNet-S4_DLA_8x", "CenterNet2_X101-DCN_2x"])
+def test_convert_cli_with_a_zoo_config(arch, tmp_path, capsys):
+  """`python -m cn2_jax.convert --src <official file> --out DIR --config configs/zoo/<arch>.py`
+  converts strictly (both families of the CenterNet2 code base) and the written variables equal
+  the in-process conversion."""
+  import pickle
+
+  import jax
+
+  from cn2_jax import convert
+  from cn2_jax.config import load_config_file
+  from cn2_jax.modeling.detector import abstract_variables
+  from cn2_jax.modeling.meta_arch import family
+  from cn2_jax.weights import restore_saved_variables
+
+  sd = zoo_state_dict(arch)
+  src = tmp_path / f"{arch}.pkl"
+  with open(src, "wb") as f:
+    pickle.dump({"model": sd, "__author__": "oracle"}, f)
+  config = REPO / "configs" / "zoo" / f"{arch}.py"
+  assert (
+      convert.main(["--src", str(src), "--out", str(tmp_path / "w"), "--config", str(config)]) == 0
+  )
+  assert "unknown" not in capsys.readouterr().err
+  cfg = load_config_file(config)
+  abstract = abstract_variables(cfg.model)
+  written = restore_saved_variables(str(tmp_path / "w"), abstract)
+  expected, _ = family(cfg.model.arch).weights.convert(sd, abstract)
+  for a, b in zip(jax.tree_util.tree_leaves(written), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
