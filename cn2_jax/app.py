@@ -46,6 +46,7 @@ from cn2_jax.errors import (ConfigError, DataError, InputFileError, is_user_erro
 from cn2_jax.data import catalog
 from cn2_jax.data import mixture
 from cn2_jax.data import pipeline
+from cn2_jax.engine import hooks as hooks_lib
 from cn2_jax.engine import loop
 from cn2_jax.engine import optim
 from cn2_jax.engine import step as step_lib
@@ -389,47 +390,44 @@ def train(
         _write_json(os.path.join(workdir, finetune.REPORT_NAME), init_plan.report())
       return variables
 
-  evals = {}
-
-  def eval_fn(state, step):  # the loop writes the returned scalars to TensorBoard as eval/*
-    evals[step] = evaluate(
+  def run_eval(state, step):  # the eval hook writes the numbers to TensorBoard as eval/*
+    return evaluate(
         cfg,
         workdir,
         variables=swa_lib.eval_variables(cfg, state),
         builder=b,
         extra_builders=extra_evals,
     )
-    return _scalars(evals[step])
 
   has_eval = bool(d.eval_split) or bool(d.extra_eval)
-  periodic = cfg.train.eval_every > 0 and has_eval
-  kd = {}
+  eval_hook = None
+  if cfg.train.eval_every > 0 and has_eval:  # periodic evaluation, and at the last step
+    eval_hook = hooks_lib.EvalHook(run_eval, cfg.train.eval_every)
+  hooks = hooks_lib.default_hooks(cfg, eval_hook=eval_hook, metrics_callback=metrics_callback)
+  loss = None
   if cfg.kd.teacher_workdirs:  # knowledge distillation (modeling/onestage/kd.py)
     from cn2_jax.modeling.onestage import kd as kd_lib
 
-    teachers, kd_settings = kd_lib.load_teachers(cfg)
-    kd = dict(
-        teachers=teachers, kd_loss_fn=kd_lib.make_kd_loss_fn(kd_settings, cfg.kd.without_label)
-    )
+    loss = kd_lib.make_distillation(cfg)
   state = loop.train(
       cfg,
       workdir,
       model,
       detector.init_fn(model),
       train_batches,
+      hooks=hooks,
       frozen_prefixes=frozen_prefixes,
       load_pretrained_fn=load_pretrained,
+      loss=loss,
       stop_at_step=stop_at_step,
-      metrics_callback=metrics_callback,
-      eval_fn=eval_fn if periodic else None,
       num_train_images=n_train,
-      **kd,
   )
   metrics = None
   step = int(jax.device_get(state.step))
   max_iter = optim.resolve_schedule(cfg.optim, n_train, cfg.train.batch_size).max_iter
   if cfg.train.eval_at_end and has_eval and step >= swa_lib.total_iters(cfg, max_iter):
-    metrics = evals.get(step)  # already evaluated at the last step by the loop
+    # already evaluated at the last step by the eval hook?
+    metrics = eval_hook.results.get(step) if eval_hook is not None else None
     if metrics is None:
       metrics = evaluate(
           cfg,

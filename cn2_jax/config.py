@@ -179,7 +179,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # The official one-stage CenterNet (arch "centernet": CenterNetDetector with the CenterNet head
   # in one-stage mode, ONLY_PROPOSAL False; CenterNet-FPN_R50_1x, CenterNet-S4_DLA_8x). Defaults =
-  # the official MODEL.CENTERNET defaults (centernet/config.py). Inference only for now.
+  # the official MODEL.CENTERNET defaults (centernet/config.py).
   cd = m.centernet_detector = ml_collections.ConfigDict()
   cd.in_features = ("p3", "p4", "p5", "p6", "p7")  # levels the head reads (("dla2",) for S4)
   cd.num_cls_convs = 4
@@ -196,6 +196,25 @@ def base_config() -> ml_collections.ConfigDict:
   cd.nms_thresh_test = 0.6  # per-class NMS
   cd.center_nms = False
   cd.not_nms = False
+  # Training (MODEL.CENTERNET.*; proposal/onestage_targets.py, proposal/onestage_losses.py)
+  # SOI: inclusive half-diagonal range per in_feature (((0, 1000000),) for S4)
+  cd.soi = ((0, 80), (64, 160), (128, 320), (256, 640), (512, 10000000))
+  cd.hm_min_overlap = 0.8  # HM_MIN_OVERLAP: heatmap radius^2 = 2 ((1 - o) / (1 + o))^2 area
+  cd.min_radius = 4.0  # MIN_RADIUS: radius^2 >= min_radius^2
+  # MORE_POS: positives = the 3x3 cells around each GT centre (all levels) whose GIoU cost is below
+  # min(k-th smallest cost (more_pos_topk), more_pos_thresh); False: the centre cell per SOI level
+  cd.more_pos = False
+  cd.more_pos_thresh = 0.2  # MORE_POS_THRESH
+  cd.more_pos_topk = 9  # MORE_POS_TOPK
+  cd.focal_alpha = 0.25  # HM_FOCAL_ALPHA (< 0: no alpha weighting)
+  cd.focal_beta = 4.0  # HM_FOCAL_BETA: negatives weighted by (1 - heatmap)^beta
+  cd.loss_gamma = 2.0  # LOSS_GAMMA
+  cd.sigmoid_clamp = 1e-4  # SIGMOID_CLAMP
+  cd.ignore_high_fp = -1.0  # IGNORE_HIGH_FP: > 0 drops negatives with probability >= it
+  cd.pos_weight = 1.0  # POS_WEIGHT
+  cd.neg_weight = 1.0  # NEG_WEIGHT
+  cd.reg_weight = 2.0  # REG_WEIGHT (1 in Base_S4_DLA)
+  cd.not_norm_reg = True  # NOT_NORM_REG; False: GIoU terms weighted by the agnostic heatmap
 
   # One-stage CenterNet as centerX builds it (arch "onestage", modeling/onestage/;
   # docs/onestage.md §2-§3; defaults = centerX `centernet_res18_coco_0.5.yaml`). Shared with
@@ -458,7 +477,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.async_checkpoint = True  # Orbax saves in the background; the next step checks the result
   t.check_vma = False  # shard_map varying-axis checks (engine/step.py docstring)
   t.progress_bar = True
-  # Divergence guard (engine/loop.py): stop when the total loss or gradient norm exceeds
+  # Divergence guard (engine/hooks.py): stop when the total loss or gradient norm exceeds
   # divergence_factor x its running median over divergence_window iterations for
   # divergence_patience iterations in a row (after divergence_min_steps); 0 = off.
   t.divergence_factor = 20.0
@@ -754,6 +773,11 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
           f"data.size_divisibility={div} must be a multiple of {need}, the size divisibility of "
           f"model.backbone={m.backbone!r}"
       )
+  if len(m.centernet_detector.soi) != len(m.centernet_detector.in_features):
+    raise ConfigError(
+        f"model.centernet_detector.soi has {len(m.centernet_detector.soi)} ranges for "
+        f"{len(m.centernet_detector.in_features)} in_features (one per level)"
+    )
   if m.roi_heads.use_fed_loss and not m.roi_heads.cat_freq_path:
     raise ConfigError("model.roi_heads.use_fed_loss needs model.roi_heads.cat_freq_path")
   if cfg.data.sampler_train not in sampling.SAMPLERS:

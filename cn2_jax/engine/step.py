@@ -19,6 +19,7 @@ by the axis size instead. Both are tested against a 1-device run on the same glo
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax
@@ -213,6 +214,41 @@ def total_loss(losses: Mapping[str, jax.Array]) -> jax.Array:
   return sum(terms)
 
 
+# `loss_fn(model, batch, loss_inputs) -> apply`: see make_train_step.
+LossFn = Callable[[Any, Mapping[str, Any], Any], Callable[..., Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWrapper:
+  """The student's training loss replaced (`make_train_step(loss_fn=fn)`), with the inputs every
+  step receives (`train_step(state, batch, inputs)`, e.g. frozen teacher variables): built
+  before the loop (`loop.train(loss=...)`), which replicates `inputs` once; never constants of
+  the compiled step, never checkpointed, no gradient."""
+
+  fn: LossFn
+  inputs: Any = ()
+
+
+def distillation_loss(
+    teachers: Sequence[Callable[[Any, Any], Any]], kd_loss_fn: Callable[..., Any]
+) -> LossFn:
+  """Knowledge distillation as a `loss_fn` (`cn2_jax.modeling.onestage.kd`): `teachers[i](
+  variables_i, batch)` is frozen teacher i's forward, run on the same per-device batch with
+  `loss_inputs[i]` as its variables, inputs and outputs under `stop_gradient` (outside the
+  gradient); `kd_loss_fn(model, variables, batch, teacher_outputs, **apply_kwargs)` then replaces
+  `model.apply(variables, batch, train=True, **apply_kwargs)` for the student."""
+  teachers = tuple(teachers)
+
+  def loss_fn(model, batch, teacher_variables):
+    t_out = tuple(
+        jax.lax.stop_gradient(t(jax.lax.stop_gradient(tv), batch))
+        for t, tv in zip(teachers, teacher_variables, strict=True)
+    )
+    return lambda v, b, train, **kw: kd_loss_fn(model, v, b, t_out, **kw)
+
+  return loss_fn
+
+
 def make_train_step(
     model: flax.linen.Module,
     tx: optax.GradientTransformation,
@@ -223,6 +259,7 @@ def make_train_step(
     check_vma: bool = False,
     donate: bool = True,
     post_update: Optional[Callable[[TrainState], TrainState]] = None,
+    loss_fn: Optional[LossFn] = None,
     teachers: Sequence[Callable[[Any, Any], Any]] = (),
     kd_loss_fn: Optional[Callable[..., Any]] = None,
 ):
@@ -241,26 +278,27 @@ def make_train_step(
     gradients) and, when `lr_schedule` is given, `lr` (the lr used by this update).
   * `post_update(new_state) -> new_state` (optional, traced into the step): EMA / SWA averaging
     after the optimizer update (`cn2_jax.engine.swa.make_post_update`).
-  * Knowledge distillation (`cn2_jax.modeling.onestage.kd`): `teachers[i](variables_i, batch)` is
-    frozen teacher i's forward; its variables are an input, `train_step(state, batch,
-    teacher_variables)` (replicated, not in the state, no gradient), its outputs go through
-    `stop_gradient`. `kd_loss_fn(model, variables, batch, teacher_outputs, **apply_kwargs)` then
-    replaces `model.apply(variables, batch, train=True, **apply_kwargs)` for the student.
+  * `loss_fn(model, batch, loss_inputs) -> apply` (optional, a `LossWrapper`'s `fn`): replaces the
+    student's `model.apply(variables, batch, train=True, **apply_kwargs)` by the `apply` it returns
+    (called per device, outside the gradient); `loss_inputs` is the step's third argument,
+    `train_step(state, batch, loss_inputs)` (replicated, not in the state, no gradient).
+  * Knowledge distillation (`cn2_jax.modeling.onestage.kd`): `teachers=` / `kd_loss_fn=` are
+    shorthand for `loss_fn=distillation_loss(teachers, kd_loss_fn)`, the teachers' variables
+    being `loss_inputs`.
   """
   n_dev = mesh.shape[DATA_AXIS]
   model_d = model.clone(axis_name=DATA_AXIS)
   tx = optax.with_extra_args_support(tx)  # update() gets value= (optim.skip_loss reads it)
   frozen_prefixes = tuple(frozen_prefixes)
+  if teachers:  # knowledge distillation, the shorthand
+    if loss_fn is not None:
+      raise ValueError("make_train_step: give loss_fn or teachers / kd_loss_fn, not both")
+    loss_fn = distillation_loss(teachers, kd_loss_fn)
+  make_apply = loss_fn
 
-  def per_device(state: TrainState, batch, teacher_variables=()):
+  def per_device(state: TrainState, batch, loss_inputs=()):
     rng = jax.random.fold_in(state.rng, state.step)
-    apply = model_d.apply
-    if teachers:  # knowledge distillation: frozen teachers on the same per-device batch
-      t_out = tuple(
-          jax.lax.stop_gradient(t(jax.lax.stop_gradient(tv), batch))
-          for t, tv in zip(teachers, teacher_variables, strict=True)
-      )
-      apply = lambda v, b, train, **kw: kd_loss_fn(model_d, v, b, t_out, **kw)  # noqa: E731
+    apply = model_d.apply if make_apply is None else make_apply(model_d, batch, loss_inputs)
 
     has_bn = bool(jax.tree_util.tree_leaves(state.batch_stats))
 
@@ -320,9 +358,9 @@ def make_train_step(
       check_vma=check_vma,
   )
 
-  def train_step(state, batch, teacher_variables=()):
+  def train_step(state, batch, loss_inputs=()):
     _check_divisible(batch, n_dev, "train_step")
-    return sharded(state, batch, teacher_variables)
+    return sharded(state, batch, loss_inputs)
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 

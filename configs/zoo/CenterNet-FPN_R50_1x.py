@@ -13,7 +13,8 @@ def get_config():
   c.model.arch = "centernet"  # MODEL.META_ARCHITECTURE: CenterNetDetector
   c.model.backbone = "build_p67_resnet_fpn_backbone"  # MODEL.BACKBONE.NAME
   # MODEL.CENTERNET: the official defaults (4 cls + 4 bbox tower convs, GN, INFERENCE_TH 0.05,
-  # NMS 0.6, top 100); MORE_POS True only changes training targets
+  # NMS 0.6, top 100), and:
+  c.model.centernet_detector.more_pos = True  # MODEL.CENTERNET.MORE_POS
   c.data.dataset = "coco/2017"
   c.data.root = "data/coco"
   c.optim.base_lr = 0.01  # SOLVER.BASE_LR (IMS_PER_BATCH 16)

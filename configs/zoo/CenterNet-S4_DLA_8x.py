@@ -21,6 +21,10 @@ def get_config():
   cd.in_features = ("dla2",)  # MODEL.CENTERNET.IN_FEATURES (FPN_STRIDES [4])
   cd.num_cls_convs = 1  # MODEL.CENTERNET.NUM_CLS_CONVS
   cd.num_box_convs = 1  # MODEL.CENTERNET.NUM_BOX_CONVS
+  cd.soi = ((0, 1000000),)  # MODEL.CENTERNET.SOI
+  cd.reg_weight = 1.0  # MODEL.CENTERNET.REG_WEIGHT
+  cd.more_pos = True  # MODEL.CENTERNET.MORE_POS
+  cd.focal_alpha = 0.25  # MODEL.CENTERNET.HM_FOCAL_ALPHA
   d = c.data
   d.dataset = "coco/2017"
   d.root = "data/coco"

@@ -14,17 +14,23 @@ head + `inference`), `centernet_head.py`. Here:
       centernet_head     `proposal.centernet_onestage_head.CenterNetOneStageHead`
     decode               `proposal.onestage_decode.predict_instances` (sigmoid class heatmap,
                          candidates > INFERENCE_TH, per-level top-k, per-class NMS, top-k)
+    training             `proposal.onestage_targets.onestage_targets` (class heatmaps, regression
+                         targets, positives incl. MORE_POS) and `proposal.onestage_losses.
+                         onestage_losses` (the official `CenterNet.losses`)
 
 Not the centerX "Objects as Points" family (`meta_arch/onestage.py`, arch "onestage"): that is a
 different network (ResNet + deconvs, one output map) and decode.
 
 Output (docs/DESIGN.md "Model API"): detections `boxes [B, K, 4]` (resized-image pixels, the
 official output before `detector_postprocess`), `scores [B, K]`, `classes [B, K]` int32, `valid
-[B, K]` bool, K = post_nms_topk_test. Training (the official losses) is not implemented.
+[B, K]` bool, K = post_nms_topk_test. Training (`train=True`): the official losses
+`loss_centernet_pos`, `loss_centernet_neg`, `loss_centernet_loc` (+ `loss_centernet_agn_pos` /
+`_neg` with WITH_AGN_HM), float32 scalars, and `aux/` metrics.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Optional, Sequence
 
 import flax.linen as nn
@@ -38,9 +44,20 @@ from cn2_jax.modeling.meta_arch.build import ClassParams, WeightFormat, register
 from cn2_jax.modeling.ops.nms import DEFAULT_TILE_SIZE
 from cn2_jax.modeling.proposal.centernet_onestage_head import CenterNetOneStageHead
 from cn2_jax.modeling.proposal.onestage_decode import predict_instances
+from cn2_jax.modeling.proposal.onestage_losses import onestage_loss_normalisers, onestage_losses
+from cn2_jax.modeling.proposal.onestage_targets import onestage_targets
 from cn2_jax.weights import flax_mapping
 
 Dtype = Any
+
+# The official MODEL.CENTERNET.SOI default (centernet/config.py): inclusive half-diagonal
+# ranges of P3-P7.
+OFFICIAL_SOI = ((0, 80), (64, 160), (128, 320), (256, 640), (512, 10000000))
+
+
+def _flatten_levels(xs: Sequence[jax.Array]) -> jax.Array:
+  """list of `[B, H_l, W_l, ...]` -> `[B, sum_l H_l W_l, ...]` (level-major, row-major)."""
+  return jnp.concatenate([x.reshape(x.shape[0], -1, *x.shape[3:]) for x in xs], axis=1)
 
 
 class CenterNetOneStageGenerator(nn.Module):
@@ -64,6 +81,15 @@ class CenterNetOneStageGenerator(nn.Module):
       "torchvision_cpu" reproduces the official CPU run exactly).
     nms_tile_size: NMS tile length (performance only).
     dtype: compute dtype of the head.
+  Training (`losses`; `onestage_targets` / `onestage_losses`):
+    soi: per-level inclusive half-diagonal ranges (`SOI`; `OFFICIAL_SOI`, ((0, 1000000),) for S4).
+    hm_min_overlap, min_radius: heatmap radius (`HM_MIN_OVERLAP` 0.8, `MIN_RADIUS` 4).
+    more_pos, more_pos_thresh, more_pos_topk: (`MORE_POS` False (True in CenterNet-FPN_R50_1x and
+      Base_S4_DLA), `MORE_POS_THRESH` 0.2, `MORE_POS_TOPK` 9).
+    focal_alpha, focal_beta, loss_gamma, sigmoid_clamp, ignore_high_fp: (`HM_FOCAL_ALPHA` 0.25,
+      `HM_FOCAL_BETA` 4, `LOSS_GAMMA` 2.0, `SIGMOID_CLAMP` 1e-4, `IGNORE_HIGH_FP` -1).
+    pos_weight, neg_weight, reg_weight, not_norm_reg: (`POS_WEIGHT` 1, `NEG_WEIGHT` 1,
+      `REG_WEIGHT` 2 (1 in Base_S4_DLA), `NOT_NORM_REG` True).
   """
 
   strides: Sequence[int]
@@ -86,6 +112,21 @@ class CenterNetOneStageGenerator(nn.Module):
   nms_mode: str = "torchvision_cpu"
   nms_tile_size: int = DEFAULT_TILE_SIZE
   dtype: Dtype = jnp.float32
+  soi: Sequence[Sequence[float]] = OFFICIAL_SOI
+  hm_min_overlap: float = 0.8
+  min_radius: float = 4.0
+  more_pos: bool = False
+  more_pos_thresh: float = 0.2
+  more_pos_topk: int = 9
+  focal_alpha: float = 0.25
+  focal_beta: float = 4.0
+  loss_gamma: float = 2.0
+  sigmoid_clamp: float = 1e-4
+  ignore_high_fp: float = -1.0
+  pos_weight: float = 1.0
+  neg_weight: float = 1.0
+  reg_weight: float = 2.0
+  not_norm_reg: bool = True
 
   def setup(self):
     self.centernet_head = CenterNetOneStageHead(
@@ -130,9 +171,77 @@ class CenterNetOneStageGenerator(nn.Module):
     head = self.centernet_head(features, masks)
     return head, self.decode(head, masks, return_candidates)
 
+  def losses(
+      self, features, gt_boxes, gt_classes, gt_valid, masks=None, axis_name: Optional[str] = None
+  ) -> Dict[str, jax.Array]:
+    """The training branch of the official `CenterNet.forward` (ONLY_PROPOSAL False, not
+    AS_PROPOSAL: no proposals): head, targets, losses.
+
+    Args:
+      features: per level `[B, H_l, W_l, channels]`.
+      gt_boxes / gt_classes / gt_valid: `[B, M, 4]` xyxy input pixels / `[B, M]` int / `[B, M]`
+        bool (the batch contract; only valid rows are GT).
+      masks: optional per level `[B, H_l, W_l]` bool, the official canvas: GroupNorm statistics
+        and the negative focal sum cover it only.
+      axis_name: the data axis of the train step: the loss normalisers are averaged over it.
+    Returns the loss dict of `onestage_losses` plus `aux/num_pos_per_image` (positive entries,
+    duplicates included) and `aux/num_reg_per_image` (regression locations).
+    """
+    if len(self.soi) != len(self.strides):  # inference does not read it
+      raise ValueError(
+          f"CenterNetOneStageGenerator: {len(self.soi)} SOI ranges for {len(self.strides)} "
+          "levels (model.centernet_detector.soi, MODEL.CENTERNET.SOI: one (lo, hi) per level; "
+          "((0, 1000000),) for the S4 models)"
+      )
+    head = self.centernet_head(features, masks)
+    reg = _flatten_levels(head["reg"])
+    level_shapes = tuple((int(f.shape[1]), int(f.shape[2])) for f in features)
+    targets_fn = functools.partial(
+        onestage_targets,
+        level_shapes=level_shapes,
+        strides=tuple(int(s) for s in self.strides),
+        soi=tuple(tuple(float(v) for v in r) for r in self.soi),
+        num_classes=int(self.num_classes),
+        hm_min_overlap=float(self.hm_min_overlap),
+        min_radius=float(self.min_radius),
+        more_pos=bool(self.more_pos),
+        more_pos_thresh=float(self.more_pos_thresh),
+        more_pos_topk=int(self.more_pos_topk),
+    )
+    # MORE_POS chooses positives from the detached regression (the official `torch.no_grad`).
+    targets = jax.vmap(targets_fn)(
+        gt_boxes.astype(jnp.float32), gt_classes, gt_valid, jax.lax.stop_gradient(reg)
+    )
+    for name in ("heatmap", "reg_target", "reg_valid", "pos_index", "pos_label", "pos_valid"):
+      self.sow("intermediates", f"train_{name}", targets[name])
+    num_pos_avg, reg_norm = onestage_loss_normalisers(targets, bool(self.not_norm_reg), axis_name)
+    self.sow("intermediates", "train_num_pos_avg", num_pos_avg)
+    self.sow("intermediates", "train_reg_norm", reg_norm)
+    losses = onestage_losses(
+        _flatten_levels(head["cls_logits"]),
+        reg,
+        targets,
+        agn_hm_logits=_flatten_levels(head["agn_hm_logits"]) if self.with_agn_hm else None,
+        alpha=float(self.focal_alpha),
+        beta=float(self.focal_beta),
+        gamma=float(self.loss_gamma),
+        sigmoid_clamp=float(self.sigmoid_clamp),
+        ignore_high_fp=float(self.ignore_high_fp),
+        pos_weight=float(self.pos_weight),
+        neg_weight=float(self.neg_weight),
+        reg_weight=float(self.reg_weight),
+        not_norm_reg=bool(self.not_norm_reg),
+        axis_name=axis_name,
+        location_mask=None if masks is None else _flatten_levels(masks),
+    )
+    batch = gt_boxes.shape[0]
+    losses["aux/num_pos_per_image"] = jnp.sum(targets["pos_valid"].astype(jnp.float32)) / batch
+    losses["aux/num_reg_per_image"] = jnp.sum(targets["reg_valid"].astype(jnp.float32)) / batch
+    return losses
+
 
 class CenterNetDetector(nn.Module):
-  """The official `CenterNetDetector` (inference).
+  """The official `CenterNetDetector`.
 
   Attributes:
     backbone: the backbone module instance (Flax names it `backbone`, so its variables sit under
@@ -148,6 +257,8 @@ class CenterNetDetector(nn.Module):
     size_divisibility: the backbone's (32 for R50-FPN and DLA S4): the official canvas is the
       batch's largest image rounded up to it. None (default): `backbone.size_divisibility`
       (the backbone contract of modeling/backbone/build.py), else 32.
+    axis_name: the data axis of the train step (`model.clone(axis_name=...)`): the official loss
+      normalisers (all-reduce sum / world size) are averaged over it.
 
   Example (CenterNet-FPN_R50_1x; `resnet_fpn` of modeling/backbone/fpn.py):
     CenterNetDetector(
@@ -159,6 +270,8 @@ class CenterNetDetector(nn.Module):
         in_features=("p3", "p4", "p5", "p6", "p7"),
         pixel_mean=(103.53, 116.28, 123.675), pixel_std=(1.0, 1.0, 1.0), input_format="BGR")
 
+  `__call__(batch, train=True)` -> the official losses (`CenterNetOneStageGenerator.losses`; the
+  batch's `gt_boxes`, `gt_classes`, `gt_valid`).
   `__call__(batch, train=False)` -> detections (docs/DESIGN.md Model API); sows the level maps
   (`<name>`), the head maps (`cls_logits_<name>`, `reg_<name>`, `reg_raw_<name>`) and the NMS
   input (`cand_boxes`, `cand_scores`, `cand_classes`, `cand_valid`) as "intermediates".
@@ -171,6 +284,7 @@ class CenterNetDetector(nn.Module):
   pixel_std: Sequence[float]
   input_format: str = "BGR"
   size_divisibility: Optional[int] = None
+  axis_name: Optional[str] = None  # wiring (the data axis of the train step), not a setting
 
   def setup(self):
     strides = tuple(int(s) for s in self.proposal_generator.strides)
@@ -244,11 +358,16 @@ class CenterNetDetector(nn.Module):
     return out
 
   def __call__(self, batch: dict, train: bool = False):
-    if train:
-      raise NotImplementedError(
-          "CenterNetDetector: the one-stage CenterNet losses are not implemented (inference only)"
-      )
     features, masks = self.backbone_features(batch["image"], batch["image_hw"])
+    if train:
+      return self.proposal_generator.losses(
+          features,
+          batch["gt_boxes"],
+          batch["gt_classes"],
+          batch["gt_valid"],
+          masks,
+          axis_name=self.axis_name,
+      )
     head, dets = self.proposal_generator(features, masks, return_candidates=True)
     for i, name in enumerate(self.in_features):
       self.sow("intermediates", name, features[i])
@@ -263,6 +382,8 @@ class CenterNetDetector(nn.Module):
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+# The training keys of `model.centernet_detector` with their official defaults (MODEL.CENTERNET.*,
+# centernet/config.py), read with these fallbacks until cn2_jax/config.py declares them.
 @register(
     "centernet",
     frozen_param_prefixes=backbone_frozen_prefixes,  # FREEZE_AT of the backbone
@@ -290,7 +411,6 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def build_centernet_detector(model_config, axis_name: Optional[str] = None) -> CenterNetDetector:
   """`config.model` (arch "centernet") -> the official one-stage `CenterNetDetector`: the
   registered `model.backbone` and the head / decode of `model.centernet_detector`."""
-  del axis_name  # inference only: no cross-device statistics
   dtype = _DTYPES[model_config.dtype]
   backbone = build_backbone(model_config, dtype)
   cd = model_config.centernet_detector
@@ -318,6 +438,21 @@ def build_centernet_detector(model_config, axis_name: Optional[str] = None) -> C
       center_nms=cd.center_nms,
       not_nms=cd.not_nms,
       dtype=dtype,
+      soi=tuple(tuple(float(v) for v in r) for r in cd.soi),
+      hm_min_overlap=cd.hm_min_overlap,
+      min_radius=cd.min_radius,
+      more_pos=cd.more_pos,
+      more_pos_thresh=cd.more_pos_thresh,
+      more_pos_topk=cd.more_pos_topk,
+      focal_alpha=cd.focal_alpha,
+      focal_beta=cd.focal_beta,
+      loss_gamma=cd.loss_gamma,
+      sigmoid_clamp=cd.sigmoid_clamp,
+      ignore_high_fp=cd.ignore_high_fp,
+      pos_weight=cd.pos_weight,
+      neg_weight=cd.neg_weight,
+      reg_weight=cd.reg_weight,
+      not_norm_reg=cd.not_norm_reg,
   )
   return CenterNetDetector(
       backbone=backbone,
@@ -326,4 +461,5 @@ def build_centernet_detector(model_config, axis_name: Optional[str] = None) -> C
       pixel_mean=tuple(model_config.pixel_mean),
       pixel_std=tuple(model_config.pixel_std),
       input_format=model_config.input_format,
+      axis_name=axis_name,
   )

@@ -31,10 +31,14 @@ batch canvas, which is the student's input-pixel frame (the frame of its GT boxe
 not mapped to original-image pixels (`detector.postprocess_detections` is not applied). The
 teacher's class count is its `model.num_classes`; the class-slice mapping above applies.
 
-Engine hooks (`engine/step.py make_train_step(teachers=..., kd_loss_fn=...)`):
-`teacher_forward(module)` (one-stage) or `centernet2_teacher_forward(module, ...)` ->
-`(variables, batch) -> maps`; `make_kd_loss_fn(settings, without_label)` -> a drop-in for
-`model.apply(variables, batch, train=True, **kw)` that also receives the teachers' maps.
+Engine hooks: `make_distillation(cfg)` -> the `step.LossWrapper` the train loop takes
+(`loop.train(loss=...)`), built before the loop from the teachers (`load_teachers`) and the KD
+terms: `step.distillation_loss(forwards, make_kd_loss_fn(settings, without_label))`, the teachers'
+variables being the inputs of every step. Its parts: `teacher_forward(module)` (one-stage) or
+`centernet2_teacher_forward(module, ...)` -> `(variables, batch) -> maps`;
+`make_kd_loss_fn(settings, without_label)` -> a drop-in for `model.apply(variables, batch,
+train=True, **kw)` that also receives the teachers' maps (`step.make_train_step(teachers=...,
+kd_loss_fn=...)` takes them directly).
 """
 
 from __future__ import annotations
@@ -291,3 +295,18 @@ def load_teachers(cfg) -> Tuple[list, Tuple[TeacherKD, ...]]:
         f"{cfg.model.num_classes}"
     )
   return teachers, settings
+
+
+def make_distillation(cfg):
+  """The student's loss with knowledge distillation from `cfg.kd.teacher_workdirs`, for
+  `loop.train(loss=...)`: a `step.LossWrapper` whose `fn` runs the frozen teachers and adds the KD
+  terms (`step.distillation_loss`) and whose `inputs` are the teachers' variables."""
+  from cn2_jax.engine import step as step_lib
+
+  teachers, settings = load_teachers(cfg)
+  return step_lib.LossWrapper(
+      step_lib.distillation_loss(
+          [forward for forward, _ in teachers], make_kd_loss_fn(settings, cfg.kd.without_label)
+      ),
+      inputs=tuple(variables for _, variables in teachers),
+  )

@@ -44,7 +44,7 @@ Subtle points of the official code that are reproduced here on purpose:
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +79,8 @@ def centernet_targets(
     min_radius: float,
     dedup_positives: bool,
     all_level_peaks: bool,
+    gt_classes: Optional[jax.Array] = None,
+    num_classes: Optional[int] = None,
 ) -> Dict[str, jax.Array]:
   """CenterNet targets for one image. Every setting is required: the values live in the config
   schema (`config.model.centernet`, cn2_jax/config.py) and `CenterNet` passes them.
@@ -93,10 +95,15 @@ def centernet_targets(
     dedup_positives: False = official duplicated positives; True = min(count, 1) (MMDet ports).
     all_level_peaks: True = official (d² = 0 at a GT's peak on every level); False = only on its
       cared levels (MMDet "revised" distance map).
+    gt_classes, num_classes: with num_classes given, `[M]` int class indices in [0, num_classes):
+      also the class-specific heatmaps of the official one-stage mode (`_create_heatmaps_from_dist`:
+      channel c = exp(-min over the valid GTs of class c of d²/r²), values < 1e-4 set to 0, all 0
+      where the class has no GT). Only the one-stage detector (`onestage_targets`) asks for them.
 
   Returns dict with L = Σ_l H_l W_l (level-major, row-major):
     heatmap `[L]` f32, pos_count `[L]` f32, reg_target `[L, 4]` f32 (ltrb / stride, 0 where
-    invalid), reg_valid `[L]` bool.
+    invalid), reg_valid `[L]` bool; with num_classes also class_heatmap `[L, num_classes]` f32
+    (`heatmap` equals its maximum over the classes).
   """
   level_shapes = tuple((int(h), int(w)) for h, w in level_shapes)
   strides = tuple(int(s) for s in strides)
@@ -141,6 +148,16 @@ def centernet_targets(
   # ---- heatmap ------------------------------------------------------------------------------
   hm = jnp.exp(-jnp.min(wdist, axis=1)) if wdist.shape[1] else jnp.zeros((num_loc,), f32)
   hm = jnp.where(hm < 1e-4, jnp.zeros((), f32), hm)
+  class_hm = None
+  if num_classes:
+    if gt_classes is None:
+      raise ValueError("centernet_targets: num_classes needs gt_classes")
+    # Per-class minimum over the GTs as one scatter-min ([M, L] -> [C, L]); padded GTs get an
+    # out-of-range segment (dropped), classes without a GT keep the identity +inf -> exp = 0.
+    seg = jnp.where(valid, gt_classes.astype(jnp.int32), num_classes)
+    cmin = jax.ops.segment_min(wdist.T, seg, num_segments=num_classes)
+    class_hm = jnp.exp(-cmin.T)
+    class_hm = jnp.where(class_hm < 1e-4, jnp.zeros((), f32), class_hm)
 
   # ---- regression ---------------------------------------------------------------------------
   if wdist.shape[1]:
@@ -173,9 +190,12 @@ def centernet_targets(
   if dedup_positives:
     counts = jnp.minimum(counts, 1.0)
 
-  return dict(
+  out = dict(
       heatmap=hm.astype(f32),
       pos_count=counts,
       reg_target=reg_target.astype(f32),
       reg_valid=reg_valid,
   )
+  if class_hm is not None:
+    out["class_heatmap"] = class_hm.astype(f32)
+  return out
