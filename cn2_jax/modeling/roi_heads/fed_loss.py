@@ -237,16 +237,20 @@ def softmax_ce_loss(
   `sum_{valid r} w[gt_r] * ce_r / sum_{valid r} w[gt_r]` (0 when that sum is 0). Shapes as in
   `sigmoid_ce_loss`. Without `fed_mask` this is the mean over valid rows (cascade.py's CE).
   """
+  if fed_mask is None:
+    # The plain mean over valid rows, written as the cascade always computed it (unflattened),
+    # so that runs without the federated loss stay bit-identical to before it existed.
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    labels = jnp.clip(gt_classes, 0, logits.shape[-1] - 1)
+    ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, ce, 0.0).sum() / jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
   logits, gt_classes, valid = _flatten(logits, gt_classes, valid)
   num_classes = logits.shape[-1] - 1
   logp = jax.nn.log_softmax(logits, axis=-1)
   labels = jnp.clip(gt_classes, 0, num_classes)  # invalid rows may hold anything
   ce = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-  if fed_mask is None:
-    w = valid.astype(jnp.float32)
-  else:
-    class_w = jnp.concatenate([fed_mask.astype(jnp.float32), jnp.ones((1,), jnp.float32)])
-    w = jnp.where(valid, class_w[labels], 0.0)
+  class_w = jnp.concatenate([fed_mask.astype(jnp.float32), jnp.ones((1,), jnp.float32)])
+  w = jnp.where(valid, class_w[labels], 0.0)
   # The weights are 0 / 1, so max(sum, 1) is the sum whenever the numerator can be non-zero.
   return jnp.where(w > 0, w * ce, 0.0).sum() / jnp.maximum(w.sum(), 1.0)
 
