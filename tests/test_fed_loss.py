@@ -337,7 +337,8 @@ def test_losses_vs_numpy_reference(case):
 
 
 def test_softmax_fed_loss_is_a_noop_and_matches_cascade():
-  """With a sampled mask every gt class has weight 1: softmax + fed = plain CE (value, grad),
+  """With a sampled mask every gt class has weight 1: softmax + fed = plain CE (value, grad, to
+  float32 rounding),
   the plain CE over the valid ROIs (sum / #valid), as cascade.py's stage loss without the fed loss.
   """
   logits, labels = case_inputs("lvis")
@@ -346,8 +347,9 @@ def test_softmax_fed_loss_is_a_noop_and_matches_cascade():
   assert int(mask.sum()) == 49
   v_fed, g_fed = jax.value_and_grad(softmax_ce_loss)(lg, lb, valid, mask)
   v, g = jax.value_and_grad(softmax_ce_loss)(lg, lb, valid, None)
-  assert float(v_fed) == float(v)
-  np.testing.assert_array_equal(g_fed, g)
+  # equal up to float32 summation order (the unmasked CE keeps the cascade's own expression)
+  np.testing.assert_allclose(float(v_fed), float(v), rtol=1e-6)
+  np.testing.assert_allclose(g_fed, g, rtol=1e-5, atol=1e-6 * float(np.abs(g).max()))
   # the plain CE the cascade's stage loss uses without the fed loss: mean over valid ROIs
   lg64, lb64, ok = np.asarray(lg, np.float64), np.asarray(lb), np.asarray(valid)
   logp = lg64 - np.log(np.exp(lg64 - lg64.max(-1, keepdims=True)).sum(-1, keepdims=True))
