@@ -79,3 +79,20 @@ def level_extents(
   """`[L, 2]` int32: rows/columns of the official canvas at each level (ROIAlign's border)."""
   canvas = official_canvas(image_hw, size_divisibility)
   return jnp.stack([-(-canvas // s) for s in strides]).astype(jnp.int32)
+
+
+def normalized_images(
+    image: jax.Array, image_hw: jax.Array, input_format: str, pixel_mean, pixel_std
+) -> jax.Array:
+  """detectron2's preprocessing: `[B, H, W, 3]` uint8 RGB -> float32 `(x - pixel_mean) /
+  pixel_std` in `input_format` ("BGR" flips the channels; mean / std in that order), zero outside
+  each image's `image_hw` (`ImageList.from_tensors` pads after normalising)."""
+  x = image.astype(jnp.float32)
+  if input_format == "BGR":
+    x = x[..., ::-1]
+  x = (x - jnp.asarray(pixel_mean, jnp.float32)) / jnp.asarray(pixel_std, jnp.float32)
+  h, w = image.shape[1], image.shape[2]
+  inside = (jnp.arange(h)[None, :, None] < image_hw[:, 0, None, None]) & (
+      jnp.arange(w)[None, None, :] < image_hw[:, 1, None, None]
+  )
+  return jnp.where(inside[..., None], x, 0.0)

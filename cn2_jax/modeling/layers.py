@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -64,6 +65,8 @@ class Conv2d(nn.Module):
     use_bias: whether the conv has a bias (detectron2: no bias when followed by a norm).
     norm: "" (none), "FrozenBN" or "GN" (GroupNorm, 32 groups, eps 1e-5).
     kernel_init / bias_init: initialisers.
+    groups: weight groups (torch `groups`, ResNeXt's 3x3): kernel `[k, k, Cin / groups,
+      features]` (torch `[features, Cin / groups, k, k]`).
   Input `[N, H, W, Cin]`, output `[N, H', W', features]` in `dtype`. `norm_mask` (`[H', W']` or
   `[N, H', W']` bool) restricts GroupNorm statistics (see `GroupNorm`).
   """
@@ -77,28 +80,40 @@ class Conv2d(nn.Module):
   kernel_init: Initializer = c2_msra_fill
   bias_init: Initializer = nn.initializers.zeros
   dtype: Dtype = jnp.float32
+  groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, norm_mask: Optional[jax.Array] = None) -> jax.Array:
-    k = self.kernel_size
-    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    k, cin = self.kernel_size, x.shape[-1]
+    if cin % self.groups or self.features % self.groups:
+      raise ValueError(f"groups={self.groups} must divide Cin={cin} and features={self.features}")
+    kernel = self.param(
+        "kernel", self.kernel_init, (k, k, cin // self.groups, self.features), jnp.float32
+    )
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype),
         kernel.astype(self.dtype),
         window_strides=(self.strides, self.strides),
         padding=((self.padding, self.padding), (self.padding, self.padding)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.groups,
     )
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
-    if self.norm == "FrozenBN":
-      y = FrozenBatchNorm(dtype=self.dtype, name="norm")(y)
-    elif self.norm == "GN":
-      y = GroupNorm(dtype=self.dtype, name="norm")(y, norm_mask)
-    elif self.norm:
-      raise ValueError(f"Conv2d: unknown norm {self.norm!r} (expected '', 'FrozenBN' or 'GN')")
-    return y
+    return norm_after_conv(self.norm, self.dtype, y, norm_mask)
+
+
+def norm_after_conv(norm: str, dtype: Dtype, y: jax.Array, norm_mask: Optional[jax.Array]):
+  """A conv's `norm` sub-module ("" none, "FrozenBN", "GN") applied to its output `y`; call it
+  inside the conv module's compact method (the norm becomes its sub-module `norm`)."""
+  if norm == "FrozenBN":
+    return FrozenBatchNorm(dtype=dtype, name="norm")(y)
+  if norm == "GN":
+    return GroupNorm(dtype=dtype, name="norm")(y, norm_mask)
+  if norm:
+    raise ValueError(f"Conv2d: unknown norm {norm!r} (expected '', 'FrozenBN' or 'GN')")
+  return y
 
 
 class GroupNorm(nn.Module):
@@ -143,3 +158,10 @@ class Scale(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     s = self.param("scale", nn.initializers.constant(self.init_value), (1,), jnp.float32)
     return x * s.astype(x.dtype)
+
+
+def max_pool(x: jax.Array, size: int) -> jax.Array:
+  """torch `nn.MaxPool2d(size)` (stride = size, no padding, floor output size) on NHWC."""
+  # A concrete (numpy) -inf init value: lowers to reduce_window_max, which has a gradient.
+  window = (1, size, size, 1)
+  return jax.lax.reduce_window(x, np.array(-np.inf, x.dtype), jax.lax.max, window, window, "VALID")

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from cn2_jax.modeling.backbone.build import backbone_size_divisibility
+
 
 def dummy_batch(batch_size: int = 1, hw: tuple[int, int] = (64, 64), max_boxes: int = 4) -> dict:
   """A minimal batch obeying the batch contract (for init / shape inference)."""
@@ -28,15 +30,13 @@ def dummy_batch(batch_size: int = 1, hw: tuple[int, int] = (64, 64), max_boxes: 
 
 def _init_side(model: nn.Module) -> int:
   """The smallest square input the model's backbone takes (its size divisibility, >= 64)."""
-  backbone = model.backbone if "backbone" in model.__dataclass_fields__ else None
-  config = getattr(model, "config", None)
-  if backbone is None and config is not None and "backbone" in config:
-    import jax.numpy as jnp
-
-    from cn2_jax.modeling.backbone.build import build_backbone
-
-    backbone = build_backbone(config, jnp.float32)
-  return max(64, int(getattr(backbone, "size_divisibility", 32)))
+  if "backbone" in model.__dataclass_fields__:  # a backbone module field (CenterNetDetector)
+    divisibility = int(getattr(model.backbone, "size_divisibility", 32))
+  elif "backbone" in (getattr(model, "config", None) or {}):  # a registered backbone's name
+    divisibility = backbone_size_divisibility(model.config)
+  else:
+    divisibility = 32
+  return max(64, divisibility)
 
 
 def init_fn(model: nn.Module):

@@ -67,7 +67,7 @@ from cn2_jax.modeling.backbone.dla import DLA
 from cn2_jax.modeling.backbone.fpn import upsample_nearest_2x
 from cn2_jax.modeling.backbone.res2net import res2net_from_config, res2net_frozen
 from cn2_jax.modeling.canvas import canvas_mask, zero_outside_canvas
-from cn2_jax.modeling.layers import Conv2d, GroupNorm
+from cn2_jax.modeling.layers import Conv2d, GroupNorm, max_pool
 
 Dtype = Any
 
@@ -98,12 +98,6 @@ def torch_default_bias_init(fan_in: int):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
-
-
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """torch `nn.MaxPool2d(kernel_size=2, stride=2)` on NHWC (no padding, floor)."""
-  init = np.array(-np.inf, dtype=x.dtype)  # concrete: lowers to reduce_window_max
-  return jax.lax.reduce_window(x, init, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
 
 
 def swish(x: jax.Array) -> jax.Array:
@@ -214,7 +208,7 @@ class ResampleFeatureMap(nn.Module):
       mask = canvas_mask(x.shape[1:3], canvas_hw, in_stride)
       x = ConvBnAct2d(self.out_channels, 1, self.norm, dtype=self.dtype, name="conv")(x, mask)
     if self.ratio == 2:
-      x = max_pool_2x2(zero_outside_canvas(x, canvas_hw, in_stride))
+      x = max_pool(zero_outside_canvas(x, canvas_hw, in_stride), 2)
     elif self.ratio == 0.5:
       x = upsample_nearest_2x(x)
     elif self.ratio != 1:

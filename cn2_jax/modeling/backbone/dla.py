@@ -43,10 +43,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cn2_jax.modeling.canvas import zero_outside_canvas
-from cn2_jax.modeling.layers import Conv2d, FrozenBatchNorm, c2_msra_fill
+from cn2_jax.modeling.layers import Conv2d, FrozenBatchNorm, c2_msra_fill, max_pool
 
 Dtype = Any
 
@@ -75,19 +74,6 @@ def _conv(features: int, kernel_size: int, stride: int, dtype: Dtype, name: str)
       kernel_init=c2_msra_fill,
       dtype=dtype,
       name=name,
-  )
-
-
-def max_pool_2x2(x: jax.Array, stride: int) -> jax.Array:
-  """torch `nn.MaxPool2d(stride, stride=stride)` on NHWC (no padding, floor output size)."""
-  # A concrete (numpy) init value: lowers to reduce_window_max, which has a gradient.
-  return jax.lax.reduce_window(
-      x,
-      np.array(-np.inf, x.dtype),
-      jax.lax.max,
-      window_dimensions=(1, stride, stride, 1),
-      window_strides=(1, stride, stride, 1),
-      padding="VALID",
   )
 
 
@@ -170,7 +156,7 @@ class Tree(nn.Module):
   ) -> jax.Array:
     del residual  # the official Tree.forward overwrites its `residual` argument (eval mode)
     children = [] if children is None else children
-    bottom = max_pool_2x2(x, self.stride) if self.stride > 1 else x
+    bottom = max_pool(x, self.stride) if self.stride > 1 else x
     if x.shape[-1] != self.out_channels:
       residual = _conv(self.out_channels, 1, 1, self.dtype, "project.0")(bottom)
       residual = dla_norm(self.norm, self.dtype, "project.1")(residual)

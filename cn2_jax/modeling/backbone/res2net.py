@@ -70,8 +70,9 @@ Dtype = Any
 
 # depth -> number of blocks per stage res2..res5 (build_res2net_backbone; bottleneck depths only)
 _BLOCKS_PER_STAGE = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-_STAGE_NAMES = ("res2", "res3", "res4", "res5")
-_FEATURE_STRIDES = {"stem": 4, "res2": 4, "res3": 8, "res4": 16, "res5": 32}
+# the stage names and strides of detectron2's ResNet, which Res2Net keeps
+_STAGE_NAMES = resnet.STAGE_NAMES
+_FEATURE_STRIDES = resnet.resnet_feature_strides()
 _STEM_WIDTH = 32  # the deep stem's first two convs (hard-coded in the official BasicStem)
 
 
@@ -83,11 +84,6 @@ def res2net_out_channels(
   for i, name in enumerate(_STAGE_NAMES):
     out[name] = res2_out_channels * 2**i
   return out
-
-
-def res2net_feature_strides() -> Dict[str, int]:
-  """Stride of `stem` and `res2`..`res5` with respect to the input image."""
-  return dict(_FEATURE_STRIDES)
 
 
 def frozen_param_prefixes(freeze_at: int, prefix: str = "") -> Tuple[str, ...]:

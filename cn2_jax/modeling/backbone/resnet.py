@@ -44,7 +44,7 @@ import numpy as np
 
 from cn2_jax.modeling import export_mode
 from cn2_jax.modeling.canvas import canvas_mask, zero_outside_canvas
-from cn2_jax.modeling.layers import Conv2d, FrozenBatchNorm, GroupNorm, c2_msra_fill
+from cn2_jax.modeling.layers import Conv2d, c2_msra_fill, norm_after_conv
 from cn2_jax.modeling.ops.dcn import deform_conv2d
 
 Dtype = Any
@@ -56,7 +56,7 @@ _DEPTH_CONFIG = {
     50: ("bottleneck", (3, 4, 6, 3)),
     101: ("bottleneck", (3, 4, 23, 3)),
 }
-_STAGE_NAMES = ("res2", "res3", "res4", "res5")
+STAGE_NAMES = ("res2", "res3", "res4", "res5")
 _FEATURE_STRIDES = {"stem": 4, "res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
 
@@ -70,7 +70,7 @@ def resnet_out_channels(depth: int, width: int = 64) -> Dict[str, int]:
     raise ValueError(f"ResNet depth must be one of {sorted(_DEPTH_CONFIG)}, got {depth}")
   base = width if _DEPTH_CONFIG[depth][0] == "basic" else 4 * width
   out = {"stem": width}
-  for i, name in enumerate(_STAGE_NAMES):
+  for i, name in enumerate(STAGE_NAMES):
     out[name] = base * 2**i
   return out
 
@@ -165,50 +165,6 @@ max_pool_3x3_s2_p1 = export_mode.onnx_form(export_mode.max_pool_3x3_s2_p1_for_on
 )
 
 
-def _norm_after_conv(norm: str, dtype: Dtype, y: jax.Array, norm_mask: Optional[jax.Array]):
-  """The `norm` sub-module of a conv exactly as `layers.Conv2d` builds it; call it inside the
-  conv module's compact method."""
-  if norm == "FrozenBN":
-    return FrozenBatchNorm(dtype=dtype, name="norm")(y)
-  if norm == "GN":
-    return GroupNorm(dtype=dtype, name="norm")(y, norm_mask)
-  if norm:
-    raise ValueError(f"unknown norm {norm!r} (expected '', 'FrozenBN' or 'GN')")
-  return y
-
-
-class GroupedConv2d(nn.Module):
-  """`layers.Conv2d` with weight groups (detectron2 `Conv2d(groups=)`, ResNeXt's 3x3): kernel
-  `[k, k, Cin / groups, features]` (torch `[features, Cin / groups, k, k]`), no bias,
-  followed by the optional `norm` sub-module. `[N, H, W, Cin]` -> `[N, H', W', features]`."""
-
-  features: int
-  kernel_size: int
-  strides: int
-  padding: int
-  groups: int
-  norm: str
-  dtype: Dtype
-
-  @nn.compact
-  def __call__(self, x: jax.Array, norm_mask: Optional[jax.Array] = None) -> jax.Array:
-    k, cin = self.kernel_size, x.shape[-1]
-    if cin % self.groups or self.features % self.groups:
-      raise ValueError(f"groups={self.groups} must divide Cin={cin} and features={self.features}")
-    kernel = self.param(
-        "kernel", c2_msra_fill, (k, k, cin // self.groups, self.features), jnp.float32
-    )
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype),
-        kernel.astype(self.dtype),
-        window_strides=(self.strides, self.strides),
-        padding=((self.padding, self.padding), (self.padding, self.padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=self.groups,
-    )
-    return _norm_after_conv(self.norm, self.dtype, y, norm_mask)
-
-
 class DeformConv(nn.Module):
   """detectron2 `ModulatedDeformConv` / `DeformConv` as `DeformBottleneckBlock.conv2` builds it:
   a deformable 3x3 conv (`ops.dcn.deform_conv2d`) with kernel `[3, 3, Cin / groups, features]`,
@@ -248,7 +204,7 @@ class DeformConv(nn.Module):
         padding=1,
         offset_groups=self.deformable_groups,
     )
-    return _norm_after_conv(self.norm, self.dtype, y, norm_mask)
+    return norm_after_conv(self.norm, self.dtype, y, norm_mask)
 
 
 def resnet_conv(
@@ -261,20 +217,8 @@ def resnet_conv(
     groups: int = 1,
 ) -> nn.Module:
   """A detectron2 ResNet conv inside `block` (a stem or block module with `norm` and `dtype`):
-  no bias, followed by `block.norm`, `c2_msra_fill` init; `groups` > 1 gives a grouped conv
-  (`GroupedConv2d`). Call it inside `block`'s compact method (the conv becomes its sub-module
-  `name`)."""
-  if groups != 1:
-    return GroupedConv2d(
-        features,
-        kernel_size=kernel_size,
-        strides=stride,
-        padding=padding,
-        groups=groups,
-        norm=block.norm,
-        dtype=block.dtype,
-        name=name,
-    )
+  no bias, followed by `block.norm`, `c2_msra_fill` init, `groups` weight groups (ResNeXt).
+  Call it inside `block`'s compact method (the conv becomes its sub-module `name`)."""
   return Conv2d(
       features,
       kernel_size=kernel_size,
@@ -284,6 +228,7 @@ def resnet_conv(
       norm=block.norm,
       kernel_init=c2_msra_fill,
       dtype=block.dtype,
+      groups=groups,
       name=name,
   )
 
@@ -574,7 +519,7 @@ class ResNet(nn.Module):
     channels = resnet_out_channels(self.depth, self.width)
     per_group = self.width_per_group or self.width  # None / 0: detectron2's 64 = STEM width
     res2_bottleneck = self.num_groups * per_group
-    order = ("stem",) + _STAGE_NAMES
+    order = ("stem",) + STAGE_NAMES
     last = max(order.index(f) for f in self.out_features)
 
     outputs = {}

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from cn2_jax.config import model_kwargs
 from cn2_jax.modeling.backbone.build import build_backbone
 from cn2_jax.modeling.backbone.build import frozen_param_prefixes as backbone_frozen_prefixes
-from cn2_jax.modeling.canvas import canvas_masks, official_canvas
+from cn2_jax.modeling.canvas import canvas_masks, normalized_images, official_canvas
 from cn2_jax.modeling.meta_arch.build import ClassParams, WeightFormat, register
 from cn2_jax.modeling.proposal.centernet import CenterNet
 from cn2_jax.modeling.proposal.decode import proposal_candidates
@@ -93,15 +93,8 @@ class CenterNet2(nn.Module):
   def preprocess(self, image: jax.Array, image_hw: jax.Array) -> jax.Array:
     """`[B, H, W, 3]` uint8 RGB -> normalised `[B, H, W, 3]` in input_format, padding = 0."""
     m = self.config
-    x = image.astype(jnp.float32)
-    if m.input_format == "BGR":
-      x = x[..., ::-1]
-    x = (x - jnp.asarray(m.pixel_mean, jnp.float32)) / jnp.asarray(m.pixel_std, jnp.float32)
-    h, w = image.shape[1], image.shape[2]
-    inside = (jnp.arange(h)[None, :, None] < image_hw[:, 0, None, None]) & (
-        jnp.arange(w)[None, None, :] < image_hw[:, 1, None, None]
-    )
-    return jnp.where(inside[..., None], x, 0.0).astype(_DTYPES[m.dtype])
+    x = normalized_images(image, image_hw, m.input_format, m.pixel_mean, m.pixel_std)
+    return x.astype(_DTYPES[m.dtype])
 
   def backbone_features(self, image: jax.Array, image_hw: jax.Array) -> Tuple[list, list]:
     """The first half of every forward: preprocessing, the backbone on the official canvas (the

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from cn2_jax.modeling.backbone.build import build_backbone
 from cn2_jax.modeling.backbone.build import frozen_param_prefixes as backbone_frozen_prefixes
-from cn2_jax.modeling.canvas import canvas_masks, official_canvas
+from cn2_jax.modeling.canvas import canvas_masks, normalized_images, official_canvas
 from cn2_jax.modeling.meta_arch.build import ClassParams, WeightFormat, register
 from cn2_jax.modeling.ops.nms import DEFAULT_TILE_SIZE
 from cn2_jax.modeling.proposal.centernet_onestage_head import CenterNetOneStageHead
@@ -309,15 +309,7 @@ class CenterNetDetector(nn.Module):
   def preprocess(self, image: jax.Array, image_hw: jax.Array) -> jax.Array:
     """`[B, H, W, 3]` uint8 RGB -> (x - pixel_mean) / pixel_std in `input_format`, float32, zero
     outside each image (the official `ImageList.from_tensors` padding)."""
-    x = image.astype(jnp.float32)
-    if self.input_format == "BGR":
-      x = x[..., ::-1]
-    x = (x - jnp.asarray(self.pixel_mean, jnp.float32)) / jnp.asarray(self.pixel_std, jnp.float32)
-    h, w = image.shape[1], image.shape[2]
-    inside = (jnp.arange(h)[None, :, None] < image_hw[:, 0, None, None]) & (
-        jnp.arange(w)[None, None, :] < image_hw[:, 1, None, None]
-    )
-    return jnp.where(inside[..., None], x, 0.0)
+    return normalized_images(image, image_hw, self.input_format, self.pixel_mean, self.pixel_std)
 
   def backbone_features(self, image: jax.Array, image_hw: jax.Array):
     """Preprocessing and the backbone on the official canvas -> (levels `[B, H_l, W_l, C]` in
