@@ -27,7 +27,8 @@ import pytest
 
 from cn2_jax.modeling.backbone.bifpn import BiFPN
 from cn2_jax.modeling.backbone.bifpn_fcos import FcosBiFPN
-from cn2_jax.testing.oracle import oracle_dir, regenerate_oracle_state_dict
+from cn2_jax.testing.oracle import regenerate_oracle_state_dict
+from cn2_jax.testing.zoo_oracle import zoo_dir
 from cn2_jax.weights.flax_mapping import convert_to_flax
 
 DATA = Path(__file__).parent / "data" / "zoo"
@@ -127,8 +128,8 @@ def test_matches_official_bifpn(reference, case):
 def test_reference_weights_are_the_zoo_oracle_weights(case):
   """The generator's weight specs equal the zoo oracle's BiFPN entries (keys, shapes, rules,
   checksums): the module's variables are exactly the official `backbone.*` BiFPN keys."""
-  root = oracle_dir()
-  zoo_json = None if root is None else root.parent / "oracle_zoo" / f"{ZOO_ARCH[case]}_weights.json"
+  root = zoo_dir()
+  zoo_json = None if root is None else root / f"{ZOO_ARCH[case]}_weights.json"
   if zoo_json is None or not zoo_json.is_file():
     pytest.skip("shared/oracle_zoo not available")
   fields = ("shape", "module_class", "init_rule", "rule_params", "check_sum", "check_first3")

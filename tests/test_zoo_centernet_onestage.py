@@ -45,7 +45,8 @@ from cn2_jax.modeling.meta_arch.centernet_onestage import (
 from cn2_jax.modeling.proposal.centernet_onestage_head import CenterNetOneStageHead
 from cn2_jax.modeling.proposal.onestage_decode import predict_instances
 from cn2_jax.modeling.variables import abstract_module_variables
-from cn2_jax.testing.oracle import oracle_dir, regenerate_oracle_state_dict
+from cn2_jax.testing.oracle import regenerate_oracle_state_dict
+from cn2_jax.testing.zoo_oracle import zoo_dir
 from cn2_jax.weights.flax_mapping import convert_to_flax
 from cn2_jax.weights.rename import to_detectron2_names
 
@@ -53,13 +54,7 @@ from cn2_jax.weights.rename import to_detectron2_names
 pytestmark = pytest.mark.zoo
 
 
-def _zoo_dir():
-  d = oracle_dir()
-  z = None if d is None else d.parent / "oracle_zoo"
-  return z if z is not None and z.is_dir() else None
-
-
-ZOO = _zoo_dir()
+ZOO = zoo_dir()
 IMAGE = "000000000009"
 FPN_ARCH = "CenterNet-FPN_R50_1x"
 S4_ARCH = "CenterNet-S4_DLA_8x"

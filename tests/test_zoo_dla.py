@@ -33,7 +33,8 @@ from cn2_jax.modeling.backbone.dla_up import (
     bilinear_upsampling_init,
     depthwise_conv_transpose,
 )
-from cn2_jax.testing.oracle import oracle_dir, regenerate_oracle_state_dict
+from cn2_jax.testing.oracle import regenerate_oracle_state_dict
+from cn2_jax.testing.zoo_oracle import zoo_dir
 from cn2_jax.weights.flax_mapping import convert_to_flax
 from cn2_jax.weights.rename import to_detectron2_names
 
@@ -41,13 +42,7 @@ from cn2_jax.weights.rename import to_detectron2_names
 pytestmark = pytest.mark.zoo
 
 
-def _zoo_dir():
-  d = oracle_dir()
-  z = None if d is None else d.parent / "oracle_zoo"
-  return z if z is not None and z.is_dir() else None
-
-
-ZOO = _zoo_dir()
+ZOO = zoo_dir()
 S4 = "CenterNet-S4_DLA_8x"
 BIFPN = "CenterNet2_DLA-BiFPN-P5_640_16x"
 IMAGE = "000000000009"

@@ -28,15 +28,15 @@ import pytest
 from flax import traverse_util
 
 from cn2_jax.modeling.backbone.resnet import BottleneckBlock, DeformBottleneckBlock, ResNet
-from cn2_jax.testing.oracle import oracle_dir, regenerate_oracle_state_dict
+from cn2_jax.testing.oracle import regenerate_oracle_state_dict
+from cn2_jax.testing.zoo_oracle import zoo_dir
 from cn2_jax.weights.flax_mapping import convert_to_flax
 
 # Full-size official-zoo oracle checks: scripts/test_zoo.sh (CI runs it after the suite).
 pytestmark = pytest.mark.zoo
 
 ARCH = "CenterNet2_X101-DCN_2x"
-_ORACLE = oracle_dir()
-ZOO = None if _ORACLE is None else _ORACLE.parent / "oracle_zoo"
+ZOO = zoo_dir()
 ZOO_WEIGHTS = None if ZOO is None else ZOO / f"{ARCH}_weights.json"
 ZOO_OUTPUTS = None if ZOO is None else ZOO / f"outputs_{ARCH}_000000000009.npz"
 HAVE_ZOO = ZOO_WEIGHTS is not None and ZOO_WEIGHTS.is_file() and ZOO_OUTPUTS.is_file()
