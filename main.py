@@ -13,13 +13,9 @@ line `error: ...` and exit with status 1 (2 for command-line errors); --verbose 
 and full tracebacks.
 """
 
-import ast
 import difflib
-import inspect
-import io
 import os
 import sys
-import tokenize
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -144,78 +140,11 @@ def _config_or_fail():
 
 
 # ------------------------------------------------------------------------------------- help
-def _comments_by_line(source: str) -> dict:
-  out = {}
-  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-    if tok.type == tokenize.COMMENT:
-      text = tok.string.lstrip("#").strip()
-      if text and not text.startswith("-"):  # skip "# ------ model" section rulers
-        out[tok.start[0]] = text
-  return out
-
-
-def _dotted(node, aliases):
-  """'model.centernet' for `cn` (alias) or `m.centernet` (attribute of an alias); else None."""
-  if isinstance(node, ast.Name):
-    return aliases.get(node.id)
-  if isinstance(node, ast.Attribute):
-    base = _dotted(node.value, aliases)
-    if base is not None:
-      return f"{base}.{node.attr}" if base else node.attr
-  return None
-
-
 def config_help() -> str:
-  """Every field of `base_config()` with its default and the comment next to it in config.py."""
+  """Every config field with its default and help: the data of the schema's groups."""
   from cn2_jax import config as config_lib
 
-  source = inspect.getsource(config_lib.base_config)
-  comments = _comments_by_line(source)
-  aliases = {}  # local name -> dotted path ('' = the root ConfigDict)
-  fields = []  # (path, comment) in source order
-  for stmt in ast.parse(source).body[0].body:
-    if not isinstance(stmt, ast.Assign):
-      continue
-    names = [t.id for t in stmt.targets if isinstance(t, ast.Name)]
-    attrs = [t for t in stmt.targets if isinstance(t, ast.Attribute)]
-    func = getattr(stmt.value, "func", None)
-    is_group = getattr(func, "attr", getattr(func, "id", None)) == "ConfigDict"
-    if not attrs:  # `c = ml_collections.ConfigDict()`: the root
-      aliases.update({n: "" for n in names if is_group})
-      continue
-    path = _dotted(attrs[0], aliases)
-    if path is None:
-      continue
-    aliases.update({n: path for n in names})  # `m = c.model = ConfigDict()`
-    if not is_group:
-      lines = range(stmt.lineno, stmt.end_lineno + 1)
-      fields.append((path, next((comments[i] for i in lines if i in comments), "")))
-  cfg = config_lib.base_config()
-  seen = {p for p, _ in fields}
-  fields += [
-      (p, "") for p in _schema_paths() if p not in seen and not hasattr(_get(cfg, p), "keys")
-  ]
-  rows = [(p, f"{p} = {_get(cfg, p)!r}", c) for p, c in fields]
-  width = min(44, max(len(r[1]) for r in rows))
-  out = [
-      "Config fields: defaults of cn2_jax/config.py base_config() (config files override "
-      "them); set any with --config.FIELD=VALUE.",
-      "",
-  ]
-  group = None
-  for path, text, comment in rows:
-    top = path.split(".")[0] if "." in path else ""
-    if top != group and group is not None:
-      out.append("")
-    group = top
-    out.append(f"{text.ljust(width)}  # {comment}" if comment else text)
-  return "\n".join(out)
-
-
-def _get(cfg, path):
-  for k in path.split("."):
-    cfg = cfg[k]
-  return cfg
+  return config_lib.help_text()
 
 
 def _helpconfig_requested(argv) -> bool:

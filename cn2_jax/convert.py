@@ -10,7 +10,8 @@ Usage:
 
 The checkpoint's format is detected from its keys (`detect_checkpoint`) and picks the family
 (`FORMATS`); `--family` checks it, and chooses the family of torchvision ImageNet weights (which
-both families take; otherwise `--config`'s model.arch does). Each family's converter (`FAMILIES`):
+both families take; otherwise `--config`'s model.arch does). Each family's converter (its
+registry entry's `weights.convert_checkpoint`, modeling/meta_arch/):
   centernet2, centernet: `to_detectron2_names` -> `convert_to_flax` onto the `--config` model
               (strict report; every zoo config of configs/zoo)
   onestage:   `to_centerx_names` -> `convert_onestage` onto the model whose architecture is read
@@ -26,29 +27,31 @@ import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Tuple
 
-import numpy as np
 
 from cn2_jax.weights import (
     ConversionError,
-    convert_to_flax,
     detect_format,
-    format_expectations,
     load_checkpoint_file,
     save_variables,
-    to_detectron2_names,
 )
+from cn2_jax.modeling import meta_arch
 from cn2_jax.weights import onestage as onestage_weights
+from cn2_jax.weights.rename import find_setting
 
 # The library names, re-exported for code written against the single-module converter.
-from cn2_jax.weights import ConversionReport, StateDict  # noqa: F401
+from cn2_jax.weights import (  # noqa: F401
+    ConversionReport,
+    StateDict,
+    convert_to_flax,
+    format_expectations,
+    to_detectron2_names,
+)
 from cn2_jax.weights import restore_saved_variables as restore_variables  # noqa: F401
 from cn2_jax.weights.flax_mapping import _kernel_layout  # noqa: F401
 
-__all__ = ["FAMILIES", "FORMATS", "detect_checkpoint", "main"]
-
-_DEFAULT_CONFIG = "configs/cn2_r50.py"  # the CenterNet2 model converted onto without --config
+__all__ = ["FORMATS", "detect_checkpoint", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,100 +108,8 @@ def _load_config(path: str):
   return getattr(cfg, "model", cfg)
 
 
-def _find_setting(cfg, name):
-  d = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
-  stack = [d]
-  while stack:
-    x = stack.pop()
-    if isinstance(x, dict):
-      if name in x:
-        return x[name]
-      stack.extend(x.values())
-  return None
-
-
-def _config_warnings(model_config, fmt: str) -> list:
-  want = format_expectations(fmt)
-  if want is None:
-    return []
-  warnings = []
-  for name, value in want.items():
-    got = _find_setting(model_config, name)
-    if got is None:
-      continue
-    same = (
-        np.allclose(np.asarray(got, float), np.asarray(value, float), atol=1e-3)
-        if isinstance(value, tuple)
-        else got == value
-    )
-    if not same:
-      warnings.append(f"config sets {name}={got!r} but {fmt} weights need {value!r}")
-  return warnings
-
-
-def _convert_centernet2(sd, fmt: str, args, model_config) -> Tuple[dict, str]:
-  """detectron2 / MSRA / torchvision weights onto the model of `model_config` (CenterNet2 or
-  the official one-stage CenterNet: both are named like the official state dict)."""
-  sd = to_detectron2_names(sd, fmt)
-  from cn2_jax.modeling import detector
-
-  target = (
-      detector.init_variables(model_config, args.seed)
-      if args.backbone_only
-      else detector.abstract_variables(model_config)
-  )
-  variables, report = convert_to_flax(sd, target, backbone_only=args.backbone_only)
-  report.notes.extend(f"WARNING: {w}" for w in _config_warnings(model_config, fmt))
-  return variables, report.summary()
-
-
-def _convert_onestage(sd, fmt: str, args, model_config) -> Tuple[dict, str]:
-  """centerX / xingyizhou / torchvision weights onto the one-stage model: `model_config`'s if
-  given, else the architecture read off the checkpoint (schema values for the other settings).
-  --backbone-only needs `model_config`: a backbone alone does not name the rest of the model."""
-  sd = onestage_weights.to_centerx_names(sd, fmt)
-  if args.backbone_only and model_config is None:
-    raise ConversionError(
-        "one-stage --backbone-only needs --config (a model.arch='onestage' config: the model "
-        "whose backbone the weights fill)"
-    )
-  if model_config is not None:
-    from cn2_jax.modeling import detector
-
-    target = (
-        detector.init_variables(model_config, args.seed)
-        if args.backbone_only
-        else detector.abstract_variables(model_config)
-    )
-  else:
-    from cn2_jax.modeling.onestage.model import build_onestage_model
-    from cn2_jax.modeling.variables import abstract_module_variables
-
-    model = build_onestage_model(onestage_weights.infer_model_config(sd))
-    target = abstract_module_variables(model)
-  variables, report = onestage_weights.convert_onestage(
-      sd, target, backbone_only=args.backbone_only
-  )
-  return variables, report.summary(max_list=50, show_mapped=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-  convert: Callable  # (state dict, format, args, model config or None) -> (variables, report)
-  default_config: Optional[str]  # model config file used without --config (None: none needed)
-
-
-# Detector family (config `model.arch`) -> its converter.
-FAMILIES = {
-    "centernet2": Family(_convert_centernet2, _DEFAULT_CONFIG),
-    # the official one-stage CenterNet of the CenterNet2 code base: the same detectron2 names
-    "centernet": Family(_convert_centernet2, "configs/zoo/CenterNet-FPN_R50_1x.py"),
-    "onestage": Family(_convert_onestage, None),
-}
-
-
 def _model_arch(model_config) -> str:
-  arch = _find_setting(model_config, "arch")
+  arch = find_setting(model_config, "arch")
   if arch is None:  # a config without the key: the schema's value
     from cn2_jax.config import base_config
 
@@ -241,15 +152,16 @@ def main(argv=None) -> int:
   ap.add_argument(
       "--family",
       default="auto",
-      choices=("auto",) + tuple(FAMILIES),
+      choices=("auto",) + tuple(meta_arch.META_ARCHS),
       help="detector family of the weights (default: from the checkpoint's keys; torchvision "
       "ImageNet weights fit both: then --config's model.arch decides)",
   )
   ap.add_argument(
       "--config",
       default=None,
-      help=f"config file with get_config(): the model to convert onto (CenterNet2 default: "
-      f"{_DEFAULT_CONFIG}; one-stage default: the architecture read off the checkpoint)",
+      help="config file with get_config(): the model to convert onto (default: the family's "
+      "weights.default_config, configs/cn2_r50.py for CenterNet2; one-stage: the architecture "
+      "read off the checkpoint)",
   )
   ap.add_argument(
       "--backbone-only",
@@ -273,10 +185,12 @@ def main(argv=None) -> int:
       raise ConversionError(
           f"{args.src} holds {fmt} ImageNet weights (backbone only): pass --backbone-only"
       )
-    spec = FAMILIES[family]
-    if model_config is None and spec.default_config:
-      model_config = _load_config(spec.default_config)
-    variables, summary = spec.convert(sd, fmt, args, model_config)
+    weights = meta_arch.family(family).weights
+    if model_config is None and weights.default_config:
+      model_config = _load_config(weights.default_config)
+    variables, summary = weights.convert_checkpoint(
+        sd, fmt, seed=args.seed, backbone_only=args.backbone_only, model_config=model_config
+    )
     print(summary)
     save_variables(variables, args.out, overwrite=args.force)
     print(f"wrote {Path(args.out).absolute()}")

@@ -26,6 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from cn2_jax import schema
 from cn2_jax.config import config_from_json
 from cn2_jax.data import buckets, transforms
 from cn2_jax.errors import DataError, InputFileError
@@ -137,3 +138,11 @@ class Predictor:
         classes=classes,
         class_names=[self.class_name(int(c)) for c in classes],
     )
+
+
+CONFIG = schema.group(
+    "predict",
+    "--mode=predict.",
+    schema.Field("images", "", "comma-separated image paths for --mode=predict"),
+    schema.Field("score_thresh", 0.3, "drawing threshold"),
+)

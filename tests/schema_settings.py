@@ -18,6 +18,7 @@ MODEL = model_kwargs(base_config().model)  # plain python (tuples), as the detec
 CENTERNET = MODEL["centernet"]
 ROI_HEADS = MODEL["roi_heads"]
 DTYPE = getattr(jnp, MODEL["dtype"])  # jnp.float32, as the detector maps it
+RESNET_CONV_INIT = "c2_msra"  # detectron2's ResNet init, what the FPN builders pass
 
 
 def _with(base: dict, overrides: dict, callee: str) -> dict:
@@ -33,6 +34,7 @@ def resnet_kwargs(**overrides) -> dict:
       depth=MODEL["resnet_depth"],
       stride_in_1x1=MODEL["stride_in_1x1"],
       norm=MODEL["resnet_norm"],
+      conv_init=RESNET_CONV_INIT,
       freeze_at=MODEL["freeze_at"],
       out_features=FPN.in_features,
       width=MODEL["resnet_width"],
@@ -68,13 +70,18 @@ def fpn_kwargs(**overrides) -> dict:
 
 def block_kwargs(**overrides) -> dict:
   """The norm and dtype of a ResNet stem or block (`config.model`)."""
-  base = dict(norm=MODEL["resnet_norm"], dtype=DTYPE)
+  base = dict(norm=MODEL["resnet_norm"], conv_init=RESNET_CONV_INIT, dtype=DTYPE)
   return _with(base, overrides, "a ResNet block")
 
 
 def bottleneck_kwargs(**overrides) -> dict:
   """The norm, dtype and groups of a ResNet bottleneck block (`config.model`)."""
-  base = dict(norm=MODEL["resnet_norm"], dtype=DTYPE, num_groups=MODEL["resnet_num_groups"])
+  base = dict(
+      norm=MODEL["resnet_norm"],
+      conv_init=RESNET_CONV_INIT,
+      dtype=DTYPE,
+      num_groups=MODEL["resnet_num_groups"],
+  )
   return _with(base, overrides, "a ResNet bottleneck block")
 
 

@@ -1,5 +1,6 @@
-"""CrowdHuman / WIDER Face / VOC sources and class subsets (cn2_jax/data/sources.py), on tiny files
-written here: parsing, conversion, the prepared dataset through the pipeline, config keys."""
+"""CrowdHuman / WIDER Face / VOC sources (cn2_jax/data/datasets/) and class subsets
+(cn2_jax/data/sources.py), on tiny files written here: parsing, conversion, the prepared dataset
+through the pipeline, config keys."""
 
 import json
 import os
@@ -11,7 +12,7 @@ from PIL import Image
 from cn2_jax import app
 from cn2_jax.config import base_config, validate_config
 from cn2_jax.data import pipeline as P
-from cn2_jax.data import sources as S
+from cn2_jax.data.datasets import crowdhuman, voc, wider_face
 from cn2_jax.errors import DataError
 
 W, H = 64, 48  # every test image is 64 x 48 (w x h): evaluated at short side 48, boxes unscaled
@@ -120,7 +121,7 @@ def write_crowdhuman(root, train=(CH_REC1, CH_REC2, CH_REC3), val=(CH_REC1, CH_R
 def test_crowdhuman_parse_box_types_and_ignore_regions(tmp_path, box, boxes, ignore):
   path = tmp_path / "a.odgt"
   path.write_text("\n".join(json.dumps(r) for r in (CH_REC1, CH_REC2, CH_REC3)))
-  images = S.parse_crowdhuman(str(path), box)
+  images = crowdhuman.parse_crowdhuman(str(path), box)
   assert [im.file_name for im in images] == [f"{r['ID']}.jpg" for r in (CH_REC1, CH_REC2, CH_REC3)]
   assert [im.image_id for im in images] == [1, 2, 3]
   np.testing.assert_array_equal(images[0].boxes, boxes)
@@ -136,13 +137,13 @@ def test_crowdhuman_bad_lines_are_one_line_errors(tmp_path):
   bad = tmp_path / "bad.odgt"
   bad.write_text(json.dumps(CH_REC3) + "\n{not json\n")
   with pytest.raises(DataError, match=r"bad.odgt:2 is not a JSON object"):
-    S.parse_crowdhuman(str(bad))
+    crowdhuman.parse_crowdhuman(str(bad))
   bad.write_text(json.dumps({"ID": "x", "gtboxes": [{"tag": "person", "fbox": [1, 2, 3, 4]}]}))
   with pytest.raises(DataError, match=r"bad.odgt:1 \(ID 'x'\): a box lacks 'vbox'"):
-    S.parse_crowdhuman(str(bad), "vbox")
+    crowdhuman.parse_crowdhuman(str(bad), "vbox")
   bad.write_text(json.dumps(CH_REC3) + "\n" + json.dumps(CH_REC3))
   with pytest.raises(DataError, match="appears twice"):
-    S.parse_crowdhuman(str(bad))
+    crowdhuman.parse_crowdhuman(str(bad))
 
 
 def test_crowdhuman_prepared_round_trip_and_caching(tmp_path):
@@ -245,7 +246,7 @@ def write_wider(root):
 def test_wider_face_parse(tmp_path):
   path = tmp_path / "gt.txt"
   path.write_text(WIDER_TRAIN)
-  a, b, c = S.parse_wider_face(str(path))
+  a, b, c = wider_face.parse_wider_face(str(path))
   assert (a.file_name, b.file_name, c.file_name) == (
       "0--Parade/0_Parade_a.jpg",
       "1--Handshaking/1_b.jpg",
@@ -256,14 +257,14 @@ def test_wider_face_parse(tmp_path):
   assert b.boxes.shape == (0, 4) and [a.image_id, b.image_id, c.image_id] == [1, 2, 3]
   # a 0-face image without its line of zeros is read too
   path.write_text("x/1.jpg\n0\nx/2.jpg\n1\n1 1 4 4 0 0 0 0 0 0\n")
-  one, two = S.parse_wider_face(str(path))
+  one, two = wider_face.parse_wider_face(str(path))
   assert one.boxes.shape == (0, 4) and two.boxes.tolist() == [[1, 1, 5, 5]]
   path.write_text("x/1.jpg\nabc\n")
   with pytest.raises(DataError, match=r"gt.txt:2: expected the face count of x/1.jpg"):
-    S.parse_wider_face(str(path))
+    wider_face.parse_wider_face(str(path))
   path.write_text("x/1.jpg\n2\n1 1 4 4 0 0 0 0 0 0\n")
   with pytest.raises(DataError, match="has 2 faces but the file ends"):
-    S.parse_wider_face(str(path))
+    wider_face.parse_wider_face(str(path))
 
 
 def test_wider_face_prepared_round_trip(tmp_path):
@@ -321,7 +322,7 @@ def write_voc(root):
 def test_voc_parse_and_prepared_round_trip(tmp_path):
   root = tmp_path / "myvoc"
   write_voc(str(root))
-  a, b = S.parse_voc(
+  a, b = voc.parse_voc(
       str(root / "ImageSets/Main/train.txt"), str(root / "Annotations"), str(root / "JPEGImages")
   )
   np.testing.assert_array_equal(a.boxes, [[0, 0, 20, 30], [9, 9, 40, 40]])  # xmin/ymin - 1
@@ -343,7 +344,7 @@ def test_voc_parse_and_prepared_round_trip(tmp_path):
 
   os.remove(root / "Annotations" / "c.xml")
   with pytest.raises(DataError, match=r"1 annotation file\(s\) of the ids listed in .*val.txt"):
-    S.parse_voc(
+    voc.parse_voc(
         str(root / "ImageSets/Main/val.txt"), str(root / "Annotations"), str(root / "JPEGImages")
     )
 
@@ -355,7 +356,7 @@ def test_voc_shared_bccd_sample_matches_its_coco_json(tmp_path):
     pytest.skip(f"no shared data at {root}")
   lst = tmp_path / "three.txt"
   lst.write_text("BloodImage_00000\nBloodImage_00001\nBloodImage_00002\n")
-  images = S.parse_voc(
+  images = voc.parse_voc(
       str(lst), os.path.join(root, "Annotations"), os.path.join(root, "JPEGImages")
   )
   with open(os.path.join(root, "instances_train.json")) as f:

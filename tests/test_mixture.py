@@ -21,7 +21,7 @@ from cn2_jax.data import augment as A
 from cn2_jax.data import mixture
 from cn2_jax.data import pipeline as P
 from cn2_jax.data import schedule
-from cn2_jax.data import sources as S
+from cn2_jax.data.datasets import image_folder
 from cn2_jax.errors import ConfigError
 from cn2_jax.evaluation.coco_eval import COCO_METRIC_NAMES
 from cn2_jax.modeling.onestage import losses as L
@@ -112,10 +112,11 @@ def _same(a, b):
 # Image folders
 # ------------------------------------------------------------------------------------------------
 def test_image_folder_records_have_no_boxes_and_are_all_kept(data):
-  assert S.image_folder_files(str(data.root / "folder")) == ["3.PNG", "a/1.png", "a/b/2.png"]
+  files = image_folder.image_folder_files(str(data.root / "folder"))
+  assert files == ["3.PNG", "a/1.png", "a/b/2.png"]
   split = data.folder
   assert len(split) == 3 and split.num_instances.tolist() == [0, 0, 0]
-  assert split.info.class_names == (S.UNLABELLED,)
+  assert split.info.class_names == (image_folder.UNLABELLED,)
   assert all(len(split[i]["objects"]["bbox"]) == 0 for i in range(3))
   # the loader keeps them although filter_empty is on for the mixture
   part = P.TrainPart(split, filter_empty=False)

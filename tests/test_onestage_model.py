@@ -12,10 +12,10 @@ import pytest
 
 from cn2_jax.weights import onestage as wo
 from cn2_jax.weights import ConversionError
+from cn2_jax.modeling.backbone.resnet import BLOCKS_BY_DEPTH, ResNet
+from cn2_jax.modeling.layers import BatchNorm, BatchNormSettings
 from cn2_jax.modeling.onestage import model as M
 from cn2_jax.modeling.onestage import neck as N
-from cn2_jax.modeling.onestage.backbone import RESNET_SPECS
-from cn2_jax.modeling.onestage.norm import BatchNorm
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -183,7 +183,7 @@ def centerx_state_dict_spec(
 
   spec.append(("backbone.conv1.weight", (width, 3, 7, 7)))
   bn("backbone.bn1", width)
-  kind, blocks = RESNET_SPECS[depth]
+  kind, blocks = BLOCKS_BY_DEPTH[depth]
   exp = 1 if kind == "basic" else 4
   cin = width
   for s, n in enumerate(blocks):
@@ -297,12 +297,24 @@ def test_convert_round_trip_and_layouts():
       p["upsample"]["deconv1"]["up_sample"]["kernel"],
       sd["upsample.deconv1.up_sample.weight"].transpose(2, 3, 0, 1),
   )
+  # the backbone is the shared ResNet: torchvision names become detectron2's
   np.testing.assert_array_equal(
-      p["backbone"]["conv1"]["kernel"], sd["backbone.conv1.weight"].transpose(2, 3, 1, 0)
+      p["backbone"]["stem"]["conv1"]["kernel"], sd["backbone.conv1.weight"].transpose(2, 3, 1, 0)
   )
   np.testing.assert_array_equal(
-      p["backbone"]["layer2.0"]["downsample.1"]["scale"],
+      bs["backbone"]["stem"]["conv1"]["norm"]["var"], sd["backbone.bn1.running_var"]
+  )
+  np.testing.assert_array_equal(
+      p["backbone"]["res3"]["0"]["shortcut"]["norm"]["scale"],
       sd["backbone.layer2.0.downsample.1.weight"],
+  )
+  np.testing.assert_array_equal(
+      p["backbone"]["res5"]["1"]["conv2"]["kernel"],
+      sd["backbone.layer4.1.conv2.weight"].transpose(2, 3, 1, 0),
+  )
+  np.testing.assert_array_equal(
+      bs["backbone"]["res2"]["1"]["conv2"]["norm"]["mean"],
+      sd["backbone.layer1.1.bn2.running_mean"],
   )
   np.testing.assert_array_equal(
       bs["upsample"]["deconv2"]["up_bn"]["var"], sd["upsample.deconv2.up_bn.running_var"]
@@ -405,7 +417,8 @@ def test_xingyizhou_resdcn_and_torchvision_formats(tmp_path):
   variables, report = wo.load_onestage_weights(tv, _zeros_like_abstract(abstract))
   assert report.ok and report.backbone_only and len(report.left_at_init) > 0
   np.testing.assert_array_equal(
-      variables["params"]["backbone"]["layer1.0"]["bn1"]["scale"], tv["layer1.0.bn1.weight"]
+      variables["params"]["backbone"]["res2"]["0"]["conv1"]["norm"]["scale"],
+      tv["layer1.0.bn1.weight"],
   )
   # a file: a plain pickle of numpy arrays under 'model' (what load_checkpoint_file reads)
   path = tmp_path / "w.pkl"
@@ -418,6 +431,83 @@ def test_xingyizhou_resdcn_and_torchvision_formats(tmp_path):
     pickle.dump({"epoch": 140, "state_dict": cn}, f)
   _, report = wo.load_onestage_weights(path, abstract)
   assert report.ok and report.source_format == "xingyizhou"
+
+
+# ----------------------------------------------------------------------------------------------
+# The backbone: the shared ResNet with centerX's (torchvision) settings
+# ----------------------------------------------------------------------------------------------
+def test_backbone_is_the_shared_resnet_in_torchvision_style():
+  """A fresh R50 backbone (width 16): torch's default conv init U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+  (std bound / sqrt(3); detectron2's c2_msra_fill would be normal with std sqrt(2 / fan_out)),
+  identity BatchNorm (scale 1, bias 0, running mean 0, var 1), the stride on the 3x3 conv
+  (torchvision), and C5 only: no parameters beyond res5."""
+  model = M.build_onestage_model(depth=50, backbone_width=16, deconv_channels=(16, 8, 8))
+  variables = jax.tree_util.tree_map(np.asarray, M.init_variables(model))
+  params, stats = variables["params"]["backbone"], variables["batch_stats"]["backbone"]
+  assert set(params) == {"stem", "res2", "res3", "res4", "res5"}
+  assert params["res5"]["0"]["conv3"]["kernel"].shape == (1, 1, 128, 512)  # C5: 32 * width
+  kernels = {
+      jax.tree_util.keystr(path): leaf
+      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+      if jax.tree_util.keystr(path).endswith("['kernel']")
+  }
+  assert len(kernels) == 53  # stem + 16 blocks x 3 convs + 4 shortcuts
+  for name, kernel in kernels.items():
+    bound = 1 / np.sqrt(np.prod(kernel.shape[:-1]))
+    assert np.abs(kernel).max() <= bound, name
+    if kernel.size >= 4096:
+      np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3), rtol=0.05, err_msg=name)
+  norms = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+           if "'norm'" in jax.tree_util.keystr(path)]  # fmt: skip
+  assert len(norms) == 2 * 53 and len(jax.tree_util.tree_leaves(stats)) == 2 * 53
+  np.testing.assert_array_equal(params["res3"]["0"]["conv2"]["norm"]["scale"], 1)
+  np.testing.assert_array_equal(stats["res3"]["0"]["conv2"]["norm"]["var"], 1)
+  # torchvision: the stride of res3's first block on conv2 (3x3), not on conv1 (1x1)
+  c3 = jax.eval_shape(
+      lambda v: model.apply(
+          v,
+          jnp.zeros((1, 64, 64, 3)),
+          capture_intermediates=True,
+          mutable=["intermediates"],
+          method="maps",
+      ),
+      variables,
+  )[1]["intermediates"]["backbone"]["res3"]["0"]
+  assert c3["conv1"]["__call__"][0].shape[1:3] == (16, 16)
+  assert c3["conv2"]["__call__"][0].shape[1:3] == (8, 8)
+
+
+def test_resnet_batchnorm_settings_are_checked():
+  """Trainable BatchNorm needs its settings, takes no canvas mask and no frozen stages."""
+  settings = dict(
+      depth=18,
+      width=8,
+      norm="BN",
+      conv_init="torch",
+      freeze_at=0,
+      out_features=("res5",),
+      dtype=jnp.float32,
+      num_groups=1,
+      width_per_group=0,
+      deform_on_per_stage=(False,) * 4,
+      deform_modulated=False,
+      deform_num_groups=1,
+      stride_in_1x1=False,
+      batch_norm=BatchNormSettings(0.9, 1e-5),
+  )
+  x = jnp.zeros((1, 64, 64, 3))
+  init = lambda **kw: jax.eval_shape(  # noqa: E731
+      lambda: ResNet(**dict(settings, **kw)).init(jax.random.PRNGKey(0), x)
+  )
+  assert set(init()) == {"params", "batch_stats"}
+  with pytest.raises(ValueError, match="BatchNormSettings"):
+    init(batch_norm=None)
+  with pytest.raises(ValueError, match="freeze_at"):
+    init(freeze_at=2)
+  with pytest.raises(ValueError, match="conv_init"):
+    init(conv_init="xavier")
+  with pytest.raises(ValueError, match="canvas mask"):
+    jax.eval_shape(lambda: ResNet(**settings).init(jax.random.PRNGKey(0), x, jnp.array([64, 64])))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,16 +565,13 @@ def test_tiny_model_eval_train_and_bn_state():
   assert set(losses) == {"loss_cls", "loss_box_wh", "loss_off_reg", "aux/num_pos"}
   assert float(losses["aux/num_pos"]) == 3.0 and np.isfinite(float(total))
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
-  before = variables["batch_stats"]["backbone"]["bn1"]["mean"]
-  assert not np.allclose(
-      np.asarray(upd["batch_stats"]["backbone"]["bn1"]["mean"]), np.asarray(before)
-  )
+  stem_bn = lambda stats: np.asarray(stats["backbone"]["stem"]["conv1"]["norm"]["mean"])  # noqa: E731
+  before = stem_bn(variables["batch_stats"])
+  assert not np.allclose(stem_bn(upd["batch_stats"]), before)
   (_, (_, upd_eval)), _ = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=1)(
       variables["params"], False
   )
-  np.testing.assert_array_equal(
-      np.asarray(upd_eval["batch_stats"]["backbone"]["bn1"]["mean"]), np.asarray(before)
-  )
+  np.testing.assert_array_equal(stem_bn(upd_eval["batch_stats"]), before)
   # the cls prior
   np.testing.assert_allclose(
       np.asarray(variables["params"]["head"]["cls_head"]["out_conv"]["bias"]), -2.19

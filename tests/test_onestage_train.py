@@ -86,9 +86,9 @@ def test_variables_and_weight_decay_groups():
   )
   labels = optim.param_labels(v["params"], (), fn)
   flat = {optim.path_str(k): l for k, l in jax.tree_util.tree_flatten_with_path(labels)[0]}
-  bn = [p for p in flat if p.startswith("backbone.bn1.")]
+  bn = [p for p in flat if p.startswith("backbone.stem.conv1.norm.")]
   assert bn and all(flat[p] == optim.NO_DECAY for p in bn)
-  assert flat["backbone.conv1.kernel"] == optim.DECAY
+  assert flat["backbone.stem.conv1.kernel"] == optim.DECAY
   n_stats = len(jax.tree.leaves(v["batch_stats"]))
   assert sum(l == optim.NO_DECAY for l in flat.values()) == n_stats  # scale+bias per mean+var
 
@@ -235,7 +235,7 @@ def test_resume_is_exact_with_batchnorm_statistics(runs):
   np.testing.assert_allclose(_flat(state.batch_stats), _flat(state_full.batch_stats), rtol=1e-6)
   np.testing.assert_allclose(_flat(state.params), _flat(state_full.params), rtol=1e-6, atol=1e-7)
   # the running statistics left their initial values (mean 0, var 1)
-  assert np.abs(_flat(state.batch_stats["backbone"]["bn1"])).max() > 1e-3
+  assert np.abs(_flat(state.batch_stats["backbone"]["stem"]["conv1"]["norm"])).max() > 1e-3
 
 
 def test_eval_predict_and_predictor(runs):

@@ -474,7 +474,7 @@ def test_multilevel_bfloat16_and_no_recompilation():
 
 
 def test_vmap_over_images_matches_batched_call():
-  """Per-image vmap (the lax.cond skip of the adaptive loop becomes a select) == batched call."""
+  """Per-image vmap (the adaptive mode's loop over boxes runs batched) == batched call."""
   rng = np.random.default_rng(9)
   bsz, r, img_h, img_w, c = 2, 8, 64, 80, 2
   feats = _pyramid(rng, bsz, img_h, img_w, c)

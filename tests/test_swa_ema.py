@@ -207,8 +207,9 @@ def test_resume_inside_swa_is_exact(straight, runs):
 
 
 def test_batchnorm_recomputed_for_the_averaged_weights(straight, runs):
-  """bn1's running statistics = the mean over loader batches FINAL, FINAL + 1 of the batch mean
-  and unbiased variance of its input (conv1's output) under the averaged weights."""
+  """The stem BatchNorm's (torchvision `bn1`) running statistics = the mean over loader batches
+  FINAL, FINAL + 1 of the batch mean and unbiased variance of its input (the stem conv's output,
+  recomputed from the sown normalised image) under the averaged weights."""
   _, ref, _, _ = straight
   _, model, _, b, _ = runs
   variables = {"params": b.params, "batch_stats": b.batch_stats}
@@ -223,13 +224,19 @@ def test_batchnorm_recomputed_for_the_averaged_weights(straight, runs):
       )[1]
   )
   means, varis = [], []
+  stem_conv = jax.jit(
+      lambda image, kernel: jax.lax.conv_general_dilated(
+          image, kernel, (2, 2), ((3, 3), (3, 3)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
+  )
+  kernel = b.params["backbone"]["stem"]["conv1"]["kernel"]
   for k in range(FINAL, FINAL + BN_BATCHES):
     st = apply(variables, _batch(k))
-    x = np.asarray(st["intermediates"]["backbone"]["conv1"]["__call__"][0], np.float64)
+    x = np.asarray(stem_conv(st["intermediates"]["input"][0], kernel), np.float64)
     x = x.reshape(-1, x.shape[-1])
     means.append(x.mean(0))
     varis.append(x.var(0, ddof=1))
-  bn1 = b.batch_stats["backbone"]["bn1"]
+  bn1 = b.batch_stats["backbone"]["stem"]["conv1"]["norm"]
   np.testing.assert_allclose(bn1["mean"], np.mean(means, 0), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(bn1["var"], np.mean(varis, 0), rtol=1e-4, atol=1e-6)
   # every layer's statistics were replaced (differ from the running ones of the last step)

@@ -52,6 +52,7 @@ X101_DCN = dict(
     depth=101,
     stride_in_1x1=False,
     norm="FrozenBN",
+    conv_init="c2_msra",
     freeze_at=2,
     out_features=("res3", "res4", "res5"),
     width=64,
@@ -338,6 +339,7 @@ def test_block_matches_numpy_reference(
       stride=stride,
       stride_in_1x1=s1x1,
       norm="FrozenBN",
+      conv_init="c2_msra",
       dtype=jnp.float32,
       num_groups=groups,
   )
@@ -372,7 +374,12 @@ def test_deform_block_with_zero_offsets_and_unit_mask_is_the_grouped_block():
   equals the plain grouped BottleneckBlock with the same weights; DCNv1 with zero offsets too.
   A swapped offset / mask split would shift the samples by 30 px."""
   common = dict(
-      out_channels=32, bottleneck_channels=16, stride=2, stride_in_1x1=False, norm="FrozenBN"
+      out_channels=32,
+      bottleneck_channels=16,
+      stride=2,
+      stride_in_1x1=False,
+      norm="FrozenBN",
+      conv_init="c2_msra",
   )
   x = np.random.RandomState(3).normal(0, 1, (2, 9, 10, 16)).astype(np.float32)
   plain = BottleneckBlock(dtype=jnp.float32, num_groups=4, **common)
@@ -444,6 +451,7 @@ def test_canvas_padding_keeps_official_values(modulated, deform_groups):
 _PLAIN = dict(
     stride_in_1x1=True,
     norm="FrozenBN",
+    conv_init="c2_msra",
     freeze_at=2,
     out_features=("res2", "res3", "res4", "res5"),
     dtype=jnp.float32,

@@ -55,6 +55,9 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from cn2_jax import schema
+from cn2_jax.errors import ConfigError
+
 __all__ = [
     "AugmentSettings",
     "IMAGENET_EIGVAL",
@@ -610,3 +613,75 @@ def pad_for(settings: Optional[AugmentSettings], max_size: int) -> Optional[int]
   if settings.crop:
     return int(max_size)
   return None
+
+
+def _validate_augment(cfg) -> None:
+  try:
+    aug = AugmentSettings.from_config(cfg.data).check()
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"data augmentation settings: {e}") from e
+  if cfg.data.lsj and (aug.crop or aug.center_affine):
+    raise ConfigError(
+        "data.crop_relative_range / data.center_affine replace the resize: not with lsj"
+    )
+
+
+CONFIG = schema.group(
+    "data",
+    "One-stage train augmentation (this module), all off by default (the CenterNet2 path is "
+    "unchanged). Order: crop -> resize (or center_affine) -> affine/perspective -> flip -> "
+    "colour.",
+    schema.Field(
+        "crop_relative_range",
+        (),
+        "(h, w) minimum fractions of centerX's RandomCrop 'relative_range' (each side uniform(s, "
+        "1) of its length, window holding a random GT box centre; centerX COCO: (0.6, 0.6)); () = "
+        "off. On, every batch is padded to one max_size_train square (pad_hw_train, if set, must "
+        "hold it)",
+    ),
+    schema.Field(
+        "color_aug",
+        "",
+        "'' = off; 'centerx' = detectron2 RandomBrightness/Contrast/Saturation then "
+        "RandomLighting (ImageNet PCA on 0-255 pixels), fixed order, as centerX / "
+        "CenterNet-better; 'centernet' = CenterNet's color_aug (the three in random order on 0-1 "
+        "floats, PCA lighting of its COCO stats)",
+    ),
+    schema.Field("color_aug_range", (0.6, 1.4), "brightness / contrast / saturation factor range"),
+    schema.Field("color_aug_lighting", 0.1, "std of the PCA lighting weights"),
+    schema.Field(
+        "affine",
+        False,
+        "random affine about the image centre after the resize, boxes moved (not in centerX)",
+    ),
+    schema.Field("affine_scale", (0.5, 1.5), "zoom factor range"),
+    schema.Field("affine_rotate", 0.0, "max rotation, degrees"),
+    schema.Field("affine_translate", 0.1, "max shift, fraction of the width / height"),
+    schema.Field("affine_shear", 0.0, "max shear angle (x and y), degrees"),
+    schema.Field(
+        "perspective", 0.0, "> 0: image corners moved by up to this fraction of the side; 0 = off"
+    ),
+    schema.Field(
+        "warp_min_size",
+        1.0,
+        "affine/perspective: the box enclosing the warped corners, clipped to the image, is "
+        "dropped if narrower / shorter than this (px)",
+    ),
+    schema.Field("warp_min_visible", 0.1, "... or keeping less than this fraction of its area"),
+    schema.Field(
+        "center_affine",
+        False,
+        "CenterNet-better CenterAffine, replacing the resize: a square window of max(h, w) * "
+        "scale around a random centre (border center_affine_border px) warped to a "
+        "center_affine_size square canvas",
+    ),
+    schema.Field("center_affine_size", 512, "side of the CenterAffine canvas"),
+    schema.Field(
+        "center_affine_scale",
+        (0.6, 1.3),
+        "scale from lo, lo + step, ..., hi (CenterNet-better: np.arange(0.6, 1.4, 0.1))",
+    ),
+    schema.Field("center_affine_scale_step", 0.1, "step of the scale grid; 0 = uniform"),
+    schema.Field("center_affine_border", 128, "border (px) the random centre keeps"),
+    validate=_validate_augment,
+)

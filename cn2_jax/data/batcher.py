@@ -14,6 +14,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from cn2_jax import schema
 from cn2_jax.data import augment as A
 from cn2_jax.data import efficientdet_aug as E
 from cn2_jax.data import transforms as T
@@ -335,3 +336,14 @@ class _EvalBatcher:
       image, boxes = T.resize_shortest_edge(image, boxes, self.short_size, self.max_size)
       _put(batch, j, image, boxes, classes, crowd, image_id, orig_hw, self.max_boxes, name)
     return batch
+
+
+CONFIG = schema.group(
+    "data",
+    "Batching of training examples.",
+    schema.Field("flip", True, "random horizontal flip in training"),
+    schema.Field("max_boxes", 100, "GT boxes per image (padded with masks; more are dropped)"),
+    schema.Field("lsj", False, "square random resize-and-crop instead of shortest edge"),
+    schema.Field("lsj_size", 1024, "lsj: the square canvas side"),
+    schema.Field("lsj_scale_range", (0.1, 2.0), "lsj: random scale range"),
+)

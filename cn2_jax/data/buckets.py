@@ -24,7 +24,9 @@ from typing import Dict, Iterable, Sequence, Tuple
 
 import numpy as np
 
+from cn2_jax import schema
 from cn2_jax.data import transforms as T
+from cn2_jax.errors import ConfigError
 
 HW = Tuple[int, int]
 
@@ -125,3 +127,56 @@ def fits(shapes: Sequence[HW], canvas: HW) -> bool:
 def padding_overhead(image_shapes: Sequence[HW], canvas: HW) -> float:
   """Padded pixels / image pixels of one batch on ``canvas``."""
   return len(image_shapes) * canvas[0] * canvas[1] / max(sum(h * w for h, w in image_shapes), 1)
+
+
+def _validate_sizes(cfg) -> None:
+  d = cfg.data
+  div = int(d.size_divisibility)
+  if div <= 0 or div % 32:
+    raise ConfigError(f"data.size_divisibility must be a positive multiple of 32, got {div}")
+  for name in ("pad_hw_train", "pad_hw_test"):
+    hw = tuple(d[name])
+    if hw and (len(hw) != 2 or any(int(v) <= 0 or int(v) % div for v in hw)):
+      raise ConfigError(
+          f"data.{name}={hw} must be () (buckets / official padding) or (H, W), "
+          f"multiples of {div} (FPN size divisibility)"
+      )
+  ratios = tuple(d.bucket_aspect_ratios)
+  if any(a < 1.0 for a in ratios) or list(ratios) != sorted(ratios):
+    raise ConfigError(
+        f"data.bucket_aspect_ratios={ratios} must be increasing long/short ratios >= 1"
+    )
+
+
+CONFIG = schema.group(
+    "data",
+    "Resize and padding. Train: pad_hw_train () = aspect-grouped batches, each padded to the "
+    "bucket of its short side and aspect group (one compile per bucket); (H, W) = one fixed "
+    "canvas. Eval / predict: pad_hw_test () = every image on its official canvas (resized size "
+    "rounded up to size_divisibility, as the official test code pads it); (H, W) = one canvas.",
+    schema.Field(
+        "min_size_train",
+        (640, 672, 704, 736, 768, 800),
+        "INPUT.MIN_SIZE_TRAIN: short sides drawn from",
+    ),
+    schema.Field("max_size_train", 1333, "INPUT.MAX_SIZE_TRAIN: long side at most"),
+    schema.Field(
+        "min_size_test",
+        800,
+        "short side; 0 = no resize (original resolution, as centerX evaluates COCO)",
+    ),
+    schema.Field("max_size_test", 1333, "long side at most"),
+    schema.Field("pad_hw_train", (), "() = buckets, or one (H, W) canvas for every train batch"),
+    schema.Field("pad_hw_test", (), "() = the official canvas per image, or one (H, W) canvas"),
+    schema.Field("size_divisibility", 32, "canvas sides are multiples of this (the backbone's)"),
+    schema.Field(
+        "aspect_grouping", True, "detectron2 ASPECT_RATIO_GROUPING (by orientation and aspect)"
+    ),
+    schema.Field(
+        "bucket_aspect_ratios", (4.0 / 3.0, 1.5), "long/short bounds of the aspect groups"
+    ),
+    schema.Field(
+        "scale_per_batch", True, "one random short side per global batch (False: per image)"
+    ),
+    validate=_validate_sizes,
+)

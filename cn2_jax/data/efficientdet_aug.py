@@ -38,6 +38,7 @@ from typing import Tuple
 
 import numpy as np
 
+from cn2_jax import schema
 from cn2_jax.data import transforms as T
 
 # detectron2 filter_empty_instances(box_threshold=1e-5): kept boxes are wider and taller.
@@ -172,3 +173,20 @@ def efficientdet_resize_crop(
   params = sample_resize_crop_params(h, w, aug, rng)
   flip = rng.uniform(0.0, 1.0) < hflip_prob
   return apply_resize_crop(image, boxes, params, hflip=bool(flip))
+
+
+CONFIG = schema.group(
+    "data",
+    "CenterNet2 INPUT.CUSTOM_AUG (this module). Eval is unchanged (the official TEST_INPUT_TYPE "
+    "'default' uses min/max_size_test).",
+    schema.Field(
+        "custom_aug",
+        "",
+        "'' or 'ResizeShortestEdge' = the shortest-edge resize; 'EfficientDetResizeCrop' = random "
+        "scale uniform(scale_range) * train_size (aspect kept, fit inside), random crop to "
+        "train_size, then flip; every batch on one train_size square (rounded up to "
+        "size_divisibility). Not with lsj, crop_relative_range or center_affine",
+    ),
+    schema.Field("train_size", 640, "INPUT.TRAIN_SIZE"),
+    schema.Field("scale_range", (0.1, 2.0), "INPUT.SCALE_RANGE"),
+)

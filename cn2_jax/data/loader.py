@@ -13,9 +13,9 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from cn2_jax import schema
 from cn2_jax.data import augment as A
-from cn2_jax.data import buckets
-from cn2_jax.data import sampling
+from cn2_jax.data import buckets, sampling
 from cn2_jax.data import efficientdet_aug as E
 from cn2_jax.data import transforms as T
 from cn2_jax.data.augment import AugmentSettings
@@ -534,3 +534,11 @@ def make_eval_loader(
 def num_eval_batches(source, batch_size: int, process_count: int = 1, **plan_kw) -> int:
   """Number of batches :func:`make_eval_loader` yields per process (same keyword arguments)."""
   return len(eval_plan(source, batch_size=batch_size, process_count=process_count, **plan_kw))
+
+
+CONFIG = schema.group(
+    "data",
+    "The loaders.",
+    schema.Field("filter_empty", True, "training skips images without boxes"),
+    schema.Field("num_workers", 4, "grain worker processes (0: in-process)"),
+)

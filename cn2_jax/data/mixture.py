@@ -7,7 +7,7 @@ channels.  Here:
 
 * ``data`` is dataset 0 of the training mixture (weight ``data.mix_weight``, channel offset
   ``data.channel_offset``); each ``data.mixture`` entry adds one: a dict of the ``data`` keys that
-  describe a dataset (``config.DATA_SOURCE_KEYS``: dataset, root, classes, ...; unset keys take the
+  describe a dataset (``DATA_SOURCE_KEYS``: dataset, root, classes, ...; unset keys take the
   schema defaults, not the values of ``data``) plus ``weight`` and ``channel_offset``. An entry is
   prepared exactly as ``data`` with those keys would be (:func:`source_config`), so an entry and
   an ``extra_eval`` entry naming the same dataset (same keys) share one prepared folder.
@@ -44,12 +44,16 @@ channels.  Here:
 from __future__ import annotations
 
 import copy
+import math
 from typing import Optional, Sequence, Tuple
 
+import ml_collections
 import numpy as np
 
-from cn2_jax.config import DATA_SOURCE_KEYS, base_config
+from cn2_jax import schema
+from cn2_jax.config import base_config
 from cn2_jax.data import catalog
+from cn2_jax.errors import ConfigError
 
 __all__ = [
     "source_config",
@@ -125,3 +129,152 @@ def run_class_names(
       if 0 <= c < len(names) and names[c] is None:
         names[c] = str(n)
   return [n if n is not None else f"class{c}" for c, n in enumerate(names)]
+
+
+# The `data` keys that describe one dataset: what a data.mixture / data.extra_eval entry may set
+# (with "weight" / "channel_offset" resp. "channel_offset"; in data.extra_eval "name" labels the
+# metrics, and the prepared dataset takes its default name).
+DATA_SOURCE_KEYS = (
+    "dataset",
+    "name",
+    "root",
+    "train_json",
+    "val_json",
+    "image_root",
+    "train_split",
+    "eval_split",
+    "classes",
+    "crowdhuman_box",
+    "synthetic_num_train",
+    "synthetic_num_val",
+    "synthetic_image_size",
+)
+MIXTURE_KEYS = DATA_SOURCE_KEYS + ("weight", "channel_offset")
+EXTRA_EVAL_KEYS = DATA_SOURCE_KEYS + ("channel_offset",)
+
+
+def _check_classes(where: str, classes) -> None:
+  if (
+      isinstance(classes, str)
+      or not isinstance(classes, (tuple, list))
+      or not all(isinstance(c, str) and c and "," not in c for c in classes)
+      or len(set(classes)) != len(tuple(classes))
+  ):
+    raise ConfigError(
+        f"{where}.classes must be a tuple of distinct class names, e.g. ('person', 'car'), "
+        f"got {classes!r}"
+    )
+
+
+def _check_source(where: str, src, num_classes: int, *, evaluated: bool) -> None:
+  """One dataset description (`data`, or an entry merged onto the schema defaults)."""
+  kind = catalog.get(src["dataset"], field=f"{where}.dataset")
+  if src["crowdhuman_box"] not in ("vbox", "fbox", "hbox"):
+    raise ConfigError(
+        f"{where}.crowdhuman_box must be 'vbox', 'fbox' or 'hbox', got {src['crowdhuman_box']!r}"
+    )
+  _check_classes(where, src["classes"])
+  offset = src["channel_offset"]
+  if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+    raise ConfigError(f"{where}.channel_offset must be an integer >= 0, got {offset!r}")
+  if not kind.labelled:
+    if tuple(src["classes"]):
+      raise ConfigError(f"{where}.classes: an {kind.name} dataset has no classes (no labels)")
+    if evaluated and src["eval_split"]:
+      raise ConfigError(
+          f"{where}.eval_split={src['eval_split']!r}: an {kind.name} dataset has no annotations "
+          f"to evaluate; set {where}.eval_split='' (evaluate other datasets with data.extra_eval)"
+      )
+  n = len(tuple(src["classes"])) or kind.fixed_num_classes or 0
+  if offset + n > num_classes:
+    raise ConfigError(
+        f"{where}.channel_offset={offset} + its {n} classes exceed model.num_classes={num_classes}"
+    )
+
+
+def _entry_source(where: str, entry, allowed, defaults) -> dict:
+  """A data.mixture / data.extra_eval entry merged onto the schema's `data` defaults."""
+  if not isinstance(entry, (dict, ml_collections.ConfigDict)):
+    raise ConfigError(f"{where} must be a dict of {', '.join(allowed)}, got {entry!r}")
+  for key in entry.keys():
+    if key not in allowed:
+      raise ConfigError(f"{where}.{key} is not a key of this entry (keys: {', '.join(allowed)})")
+  if "dataset" not in entry:
+    raise ConfigError(f"{where} needs a 'dataset' (one of {catalog.names()})")
+  src = {k: defaults[k] for k in DATA_SOURCE_KEYS}
+  src["channel_offset"] = 0
+  for key, value in entry.items():
+    want = type(defaults[key]) if key in defaults else None
+    if key == "classes":
+      pass  # checked by _check_classes
+    elif key == "weight":
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+      if not (ok and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{where}.weight must be a number > 0, got {value!r}")
+    elif want is not None and (
+        isinstance(value, bool) != (want is bool) or not isinstance(value, want)
+    ):
+      raise ConfigError(f"{where}.{key} must be a {want.__name__}, got {value!r}")
+    src[key] = value
+  return src
+
+
+def _validate_sources(cfg) -> None:
+  """`data` as dataset 0 of a mixture, data.mixture and data.extra_eval."""
+  d, num_classes = cfg.data, cfg.model.num_classes
+  defaults = base_config().data
+  main = {k: d[k] for k in DATA_SOURCE_KEYS}
+  main["channel_offset"] = d.channel_offset
+  _check_source("data", main, num_classes, evaluated=True)
+  if not (isinstance(d.mix_weight, (int, float)) and d.mix_weight > 0):
+    raise ConfigError(f"data.mix_weight must be a number > 0, got {d.mix_weight!r}")
+  for key in ("mixture", "extra_eval"):
+    if not isinstance(d[key], (tuple, list)):
+      raise ConfigError(f"data.{key} must be a tuple of dicts, got {d[key]!r}")
+  for i, entry in enumerate(d.mixture):
+    where = f"data.mixture[{i}]"
+    src = _entry_source(where, entry, MIXTURE_KEYS, defaults)
+    _check_source(where, src, num_classes, evaluated=False)
+    if not src["train_split"]:
+      raise ConfigError(f"{where}.train_split is empty: a mixture entry is trained on")
+  names = set()
+  for i, entry in enumerate(d.extra_eval):
+    where = f"data.extra_eval[{i}]"
+    src = _entry_source(where, entry, EXTRA_EVAL_KEYS, defaults)
+    _check_source(where, src, num_classes, evaluated=True)
+    name = entry.get("name", "")
+    if not name or "/" in name or name in names:
+      raise ConfigError(
+          f"{where}.name must be a distinct non-empty label without '/' (its metrics are "
+          f"'<name>/AP', ...), got {name!r}"
+      )
+    names.add(name)
+    if not catalog.get(src["dataset"]).labelled or not src["eval_split"]:
+      raise ConfigError(f"{where} needs an eval_split with annotations to evaluate")
+
+
+CONFIG = schema.group(
+    "data",
+    "Several datasets in one run (this module). The dataset of `data` is dataset 0 of the "
+    "training mixture; each data.mixture entry is a dict of DATA_SOURCE_KEYS (unset keys take "
+    "the schema defaults, not the values of `data`; 'dataset' is required) plus 'weight' and "
+    "'channel_offset', e.g. ({'dataset': 'wider_face', 'root': '/data/WIDER_FACE', 'weight': "
+    "1.0, 'channel_offset': 1},). Examples are drawn per image with probability proportional to "
+    "the weights; a dataset's label i is the model's class channel_offset + i. An epoch of a "
+    "mixture (optim.epochs) = the training images of all its datasets together.",
+    schema.Field("mix_weight", 1.0, "sampling weight of the dataset of `data` in a mixture"),
+    schema.Field("channel_offset", 0, "its label i -> model class channel_offset + i"),
+    schema.Field(
+        "mixture", (), "more training datasets: dicts of DATA_SOURCE_KEYS + weight, channel_offset"
+    ),
+    schema.Field(
+        "extra_eval",
+        (),
+        "more evaluations after the main one: dicts of DATA_SOURCE_KEYS + channel_offset, with "
+        "'name' the label of their metrics ('{name}/AP' ... in eval/metrics.json and "
+        "TensorBoard); each is evaluated on its eval_split with the model's classes "
+        "[channel_offset, channel_offset + its classes) as its labels (centerX coco_car_val: car "
+        "at channel 1)",
+    ),
+    validate=_validate_sources,
+)

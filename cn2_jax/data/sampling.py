@@ -40,6 +40,9 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from cn2_jax import schema
+from cn2_jax.errors import ConfigError
+
 logger = logging.getLogger("cn2_jax.data.pipeline")
 
 TRAINING_SAMPLER = "TrainingSampler"
@@ -210,3 +213,29 @@ def image_categories_from_split(split) -> List[np.ndarray]:
       split.name or "the split",
   )  # fmt: skip
   return [np.unique(np.asarray(split[i]["objects"]["label"], np.int64)) for i in range(len(split))]
+
+
+def _validate_sampler(cfg) -> None:
+  if cfg.data.sampler_train not in SAMPLERS:
+    raise ConfigError(
+        f"data.sampler_train must be one of {SAMPLERS}, got {cfg.data.sampler_train!r}"
+    )
+  if cfg.data.repeat_threshold <= 0:
+    raise ConfigError(f"data.repeat_threshold must be > 0, got {cfg.data.repeat_threshold}")
+
+
+CONFIG = schema.group(
+    "data",
+    "Training sampler (DATALOADER.SAMPLER_TRAIN).",
+    schema.Field(
+        "sampler_train",
+        "TrainingSampler",
+        "'TrainingSampler' (each image once per epoch), 'RepeatFactorTrainingSampler' (LVIS: an "
+        "image repeats max over its categories of max(1, sqrt(repeat_threshold / f(c))) times, "
+        "f(c) = fraction of training images holding c) or 'ClassAwareSampler' (Objects365: "
+        "images drawn with probability ~ sum over their categories of 1 / #images of the "
+        "category). Not with data.mixture",
+    ),
+    schema.Field("repeat_threshold", 0.001, "DATALOADER.REPEAT_THRESHOLD"),
+    validate=_validate_sampler,
+)

@@ -65,6 +65,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
 
+from cn2_jax import schema
 from cn2_jax.engine import checkpoint as ckpt_lib
 from cn2_jax.engine import hooks as hooks_lib
 from cn2_jax.engine import optim
@@ -76,6 +77,7 @@ from cn2_jax.engine.hooks import (  # noqa: F401  (re-exported: loop.DivergenceE
     HookBase,
     NonFiniteLossError,
 )
+from cn2_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -451,3 +453,50 @@ def train(
       mesh=mesh,
   )
   return trainer.train()
+
+
+def _validate_train(cfg) -> None:
+  freeze = cfg.train.freeze
+  if isinstance(freeze, str) or not all(isinstance(v, str) and v for v in freeze):
+    raise ConfigError(f"train.freeze must be a tuple of non-empty strings, got {freeze!r}")
+
+
+CONFIG = schema.group(
+    "train",
+    "The training loop, its checkpoints, evaluations and guards (engine/loop.py, "
+    "engine/hooks.py).",
+    schema.Field(
+        "batch_size", 16, "images per step of each process (global batch = this x process count)"
+    ),
+    schema.Field(
+        "freeze",
+        (),
+        "parameter-path prefixes never updated (no update, no weight decay, no optimizer state), "
+        "e.g. ('backbone',) or ('backbone.bottom_up.res3', 'proposal_generator'); on top of the "
+        "family's own rule (model.freeze_at); BatchNorm running statistics still update",
+    ),
+    schema.Field("eval_batch_size", 8, "images per evaluation batch"),
+    schema.Field("log_every", 20, "steps between log lines / TensorBoard scalars"),
+    schema.Field("checkpoint_every", 5000, "steps between checkpoints"),
+    schema.Field("keep_checkpoints", 3, "newest checkpoints kept"),
+    schema.Field("eval_at_end", True, "evaluate after the last step"),
+    schema.Field(
+        "eval_every", 0, "> 0: evaluate every this many steps during training (TensorBoard eval/*)"
+    ),
+    schema.Field(
+        "async_checkpoint", True, "Orbax saves in the background; the next step checks the result"
+    ),
+    schema.Field("check_vma", False, "shard_map varying-axis checks (engine/step.py docstring)"),
+    schema.Field("progress_bar", True, "a progress bar on the terminal"),
+    schema.Field(
+        "divergence_factor",
+        20.0,
+        "divergence guard: stop when the total loss or gradient norm exceeds this x its running "
+        "median over divergence_window iterations for divergence_patience iterations in a row "
+        "(after divergence_min_steps); 0 = off",
+    ),
+    schema.Field("divergence_window", 100, "iterations of the divergence guard's running median"),
+    schema.Field("divergence_patience", 5, "diverged iterations in a row that stop the run"),
+    schema.Field("divergence_min_steps", 20, "the divergence guard starts after this many steps"),
+    validate=_validate_train,
+)

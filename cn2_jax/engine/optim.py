@@ -100,7 +100,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cn2_jax.config import LR_SCHEDULES, OPTIMIZERS
+from cn2_jax import schema
+from cn2_jax.errors import ConfigError
 from cn2_jax.tree_paths import path_str
 
 # Labels produced by `param_labels`.
@@ -646,3 +647,95 @@ def make_optimizer(
   if float(cfg.skip_loss_factor) > 0:
     opt = optax.chain(skip_loss(float(cfg.skip_loss_factor)), opt)
   return opt
+
+
+# `optim.optimizer` / `optim.schedule` values (implemented below).
+OPTIMIZERS = ("sgd", "adam", "adamw", "rangerlars")
+LR_SCHEDULES = ("multistep", "cosine", "warmup_cosine_annealing")
+
+
+def _validate_optim(cfg) -> None:
+  """ConfigError naming the first bad `optim` value."""
+  o = cfg.optim
+  for key, allowed in (("optimizer", OPTIMIZERS), ("schedule", LR_SCHEDULES)):
+    if o[key] not in allowed:
+      raise ConfigError(f"optim.{key} must be one of {allowed}, got {o[key]!r}")
+  betas = tuple(o.betas)
+  if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+    raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas}")
+  checks = (
+      ("eps", o.eps >= 0, ">= 0"),
+      ("lookahead_alpha", 0.0 <= o.lookahead_alpha <= 1.0, "in [0, 1]"),
+      ("lookahead_k", o.lookahead_k >= 1, ">= 1"),
+      ("lars_clip", o.lars_clip > 0, "> 0"),
+      ("epochs", o.epochs >= 0, ">= 0 (0 = iterations as written)"),
+      ("cosine_decay_iter", 0.0 <= o.cosine_decay_iter <= 1.0, "in [0, 1]"),
+      ("min_lr", o.min_lr >= 0, ">= 0"),
+      ("skip_loss_factor", o.skip_loss_factor >= 0, ">= 0 (0 = off)"),
+  )
+  for key, ok, want in checks:
+    if not ok:
+      raise ConfigError(f"optim.{key} must be {want}, got {o[key]!r}")
+
+
+CONFIG = schema.group(
+    "optim",
+    "Optimizer, learning-rate schedule and gradient clipping (docs/training.md §1).",
+    schema.Field("base_lr", 0.02, "LR for a global batch of reference_batch_size images"),
+    schema.Field(
+        "reference_batch_size",
+        16,
+        "the official batch (8 GPUs x 2): base_lr scales linearly to the global batch, lr = "
+        "base_lr * batch / reference_batch_size (detectron2 REFERENCE_WORLD_SIZE; iterations are "
+        "NOT rescaled); 0 = off",
+    ),
+    schema.Field(
+        "optimizer",
+        "sgd",
+        "'sgd' | 'adam' (torch Adam, L2 decay coupled) | 'adamw' | 'rangerlars' (centerX)",
+    ),
+    schema.Field("momentum", 0.9, "sgd"),
+    schema.Field("betas", (0.9, 0.999), "adam / adamw / rangerlars (torch defaults)"),
+    schema.Field("eps", 1e-8, "adam / adamw / rangerlars"),
+    schema.Field(
+        "lookahead_alpha", 0.5, "rangerlars: Lookahead slow-weight step (pytorch-tools RangerLars)"
+    ),
+    schema.Field("lookahead_k", 6, "rangerlars: Lookahead sync period (steps)"),
+    schema.Field(
+        "lars_clip",
+        10.0,
+        "rangerlars: the weight norm in the trust ratio is clamped to [0, lars_clip]",
+    ),
+    schema.Field("radam_threshold", 5.0, "rangerlars: RAdam rectifies when N_sma >= this"),
+    schema.Field("weight_decay", 1e-4, "WEIGHT_DECAY"),
+    schema.Field("weight_decay_norm", 0.0, "WEIGHT_DECAY_NORM: decay of normalisation parameters"),
+    schema.Field("warmup_iters", 4000, "linear warmup length (in epochs when epochs > 0)"),
+    schema.Field(
+        "warmup_factor", 0.00025, "LR factor at step 0; epochs > 0: replaced by 1 / warmup_iters"
+    ),
+    schema.Field("steps", (60000, 80000), "multistep decay points (in epochs when epochs > 0)"),
+    schema.Field("gamma", 0.1, "multistep decay factor"),
+    schema.Field("max_iter", 90000, "training iterations (ignored when epochs > 0)"),
+    schema.Field(
+        "epochs",
+        0.0,
+        "> 0: the schedule is in epochs (centerX): max_iter = epochs * iters_per_epoch, with "
+        "iters_per_epoch = training images // the global batch (engine/optim.py "
+        "iterations_from_epochs)",
+    ),
+    schema.Field("schedule", "multistep", "'multistep' | 'cosine' | 'warmup_cosine_annealing'"),
+    schema.Field(
+        "cosine_decay_iter", 0.7, "warmup_cosine_annealing: cosine from int(max_iter * this) on"
+    ),
+    schema.Field("min_lr", 1e-8, "warmup_cosine_annealing: lr at max_iter (not batch-scaled)"),
+    schema.Field("clip_value", 1.0, "element-wise gradient value clip (d2 CLIP_TYPE=value)"),
+    schema.Field("clip_norm", 0.0, "> 0: clip the global gradient L2 norm (MMDet: 35); 0 = off"),
+    schema.Field(
+        "skip_loss_factor",
+        0.0,
+        "centerX LOSS.SKIP_LOSS / SKIP_WEIGHT (docs/onestage.md §3.7): > 0 zeroes the gradients "
+        "of an iteration whose total loss is >= this x the last accepted total (the optimizer "
+        "still steps: momentum and weight decay act); 0 = off",
+    ),
+    validate=_validate_optim,
+)

@@ -58,12 +58,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
+
+from cn2_jax import schema
+from cn2_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -400,3 +404,65 @@ def restore_ema_variables(item: str, variables: dict) -> dict:
   out = dict(variables)
   out.update(ema)
   return out
+
+
+def _validate_averaging(cfg) -> None:
+  e, s = cfg.ema, cfg.swa
+  checks = (
+      ("ema.decay", e.decay, 0.0 <= e.decay < 1.0, "in [0, 1) (0 = off)"),
+      (
+          "ema.batch_stats",
+          e.batch_stats,
+          e.batch_stats in ("average", "copy"),
+          "'average' | 'copy'",
+      ),
+      ("swa.iters", s.iters, s.iters >= 0, ">= 0 (0 = off)"),
+      ("swa.period", s.period, s.period >= 1, ">= 1"),
+      ("swa.lr_sched", s.lr_sched, s.lr_sched in ("constant", "cosine"), "'constant' | 'cosine'"),
+      ("swa.lr_start", s.lr_start, math.isfinite(s.lr_start) and s.lr_start >= 0, ">= 0"),
+      ("swa.eta_min", s.eta_min, math.isfinite(s.eta_min) and s.eta_min >= 0, ">= 0"),
+      ("swa.bn_batches", s.bn_batches, s.bn_batches >= 0, ">= 0 (0 = keep the statistics)"),
+  )
+  for key, value, ok, want in checks:
+    if not ok:
+      raise ConfigError(f"{key} must be {want}, got {value!r}")
+
+
+EMA_CONFIG = schema.group(
+    "ema",
+    "EMA of the parameters, updated after every step: ema = d * ema + (1 - d) * params, "
+    "d = min(decay, (1 + t) / (10 + t)) with warmup, t = step.",
+    schema.Field("decay", 0.0, "0 = off; e.g. 0.9998"),
+    schema.Field(
+        "warmup", True, "the (1 + t) / (10 + t) ramp (timm / TF ExponentialMovingAverage)"
+    ),
+    schema.Field(
+        "batch_stats", "average", "BatchNorm running statistics: 'average' (timm) | 'copy'"
+    ),
+    schema.Field(
+        "use_for_eval", True, "eval / predict / Predictor use the EMA weights (when decay > 0)"
+    ),
+)
+
+SWA_CONFIG = schema.group(
+    "swa",
+    "SWA (docs/onestage.md §5.3): swa.iters more updates after optim.max_iter at the SWA LR, an "
+    "equal-weight mean of the params every `period` of them; at the end params = mean and the "
+    "BatchNorm statistics are recomputed over bn_batches training batches. iters and period are "
+    "iterations, or epochs when optim.epochs > 0 (centerX SWA.ITER / SWA.PERIOD).",
+    schema.Field("iters", 0, "0 = off"),
+    schema.Field(
+        "period", 100, "average every this many SWA iterations (epochs with optim.epochs > 0)"
+    ),
+    schema.Field(
+        "lr_start", 0.002, "SWA LR (not batch-scaled); centerX crowd_human_res18_swa.yaml"
+    ),
+    schema.Field(
+        "eta_min", 1e-4, "lr_sched 'cosine': CosineAnnealingWarmRestarts(T_0=period, eta_min)"
+    ),
+    schema.Field("lr_sched", "constant", "'constant' (lr_start) | 'cosine'"),
+    schema.Field(
+        "bn_batches", 100, "batches of the BatchNorm recompute (torch update_bn); 0 = keep"
+    ),
+    validate=_validate_averaging,
+)

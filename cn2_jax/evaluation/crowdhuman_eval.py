@@ -8,8 +8,8 @@ JIToolkits; the same code ships as mmdet's ``CrowdHumanMetric``), not copied:
   x2 to [0, w] (y likewise).  IoU and IoA have no "+1" and a 1e-6 epsilon in the denominator;
   IoA = intersection / area of the first box (the detection, or the GT in JI's GT test).
 * **Ignore regions.** GT boxes flagged ignore: ``tag != "person"`` ("mask") or
-  ``extra.ignore != 0`` in an odgt file, ``iscrowd`` in a COCO json (``data/sources.py`` converts
-  the former into the latter).
+  ``extra.ignore != 0`` in an odgt file, ``iscrowd`` in a COCO json (``data/datasets/crowdhuman.py``
+  converts the former into the latter).
 * **Matching** (Caltech rule, ``compare_caltech``).  Per image, detections in decreasing score
   order; a detection takes the still-unmatched non-ignore GT of largest IoU if that IoU > 0.5
   (true positive); else, if it covers an ignore region with IoA > 0.5 it is *ignored*, neither
@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 MR_REF_FPPI = (0.0100, 0.0178, 0.0316, 0.0562, 0.1000, 0.1778, 0.3162, 0.5623, 1.000)
 JI_SCORE_THRESHOLDS = tuple(0.1 * i for i in range(10))
 _EPS = 1e-6
+CROWDHUMAN_BOXES = ("vbox", "fbox", "hbox")  # the box types of an odgt record
 
 __all__ = [
     "MR_REF_FPPI",
@@ -65,6 +66,7 @@ __all__ = [
     "log_average_miss_rate",
     "jaccard_index",
     "evaluate",
+    "crowdhuman_objects",
     "load_odgt_gt",
     "load_odgt_results",
     "evaluate_odgt",
@@ -280,6 +282,31 @@ def evaluate(images: Sequence[EvalImage], iou_thresh: float = 0.5) -> Dict[str, 
 # ----------------------------------------------------------------------------------------------
 # Official file formats (odgt) and our COCO files
 # ----------------------------------------------------------------------------------------------
+def crowdhuman_objects(record: Mapping, box: str = "vbox") -> Tuple[np.ndarray, np.ndarray]:
+  """``(boxes [n, 4] xyxy float64, ignore [n] bool)`` of one odgt record's ``gtboxes``.
+
+  Ignore (as the official evaluation): ``tag != "person"``, ``extra.ignore != 0``, and for
+  ``hbox`` also ``head_attr.ignore != 0``.  An ignore region without the ``box`` key uses the
+  first of fbox / vbox / hbox it has.  Raises KeyError / TypeError / ValueError on bad entries."""
+  if box not in CROWDHUMAN_BOXES:
+    raise ValueError(f"box must be one of {CROWDHUMAN_BOXES}, got {box!r}")
+  boxes, ignore = [], []
+  for g in record.get("gtboxes") or []:
+    extra = g.get("extra") or {}
+    ign = g.get("tag") != "person" or int(extra.get("ignore", 0) or 0) != 0
+    if box == "hbox":
+      ign = ign or int((g.get("head_attr") or {}).get("ignore", 0) or 0) != 0
+    b = g.get(box)
+    if b is None and ign:
+      b = next((g[k] for k in ("fbox", "vbox", "hbox") if g.get(k) is not None), None)
+    if b is None:
+      raise KeyError(box)
+    x, y, w, h = (float(v) for v in b)
+    boxes.append((x, y, x + w, y + h))
+    ignore.append(ign)
+  return np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(ignore, bool)
+
+
 def _odgt_lines(path: str) -> List[dict]:
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
@@ -288,8 +315,6 @@ def _odgt_lines(path: str) -> List[dict]:
 def load_odgt_gt(path: str, box: str = "fbox") -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
   """``{ID: (boxes [n, 4] xyxy, ignore [n])}`` of a CrowdHuman annotation file, in file order
   (``box``: fbox as the official benchmark, vbox or hbox)."""
-  from cn2_jax.data.sources import crowdhuman_objects
-
   return {str(r["ID"]): crowdhuman_objects(r, box) for r in _odgt_lines(path)}
 
 

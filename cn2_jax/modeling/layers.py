@@ -3,6 +3,8 @@
 * `Conv2d`: detectron2's `layers.Conv2d` — a conv with an optional `norm` sub-module.
 * `FrozenBatchNorm`: a fixed affine from (weight, bias, running_mean, running_var), stored in the
   non-trainable Flax collection `frozen`.
+* `BatchNorm`: trainable BatchNorm with torch `nn.BatchNorm2d` / `nn.SyncBatchNorm` semantics,
+  running statistics in the Flax collection `batch_stats` (the one-stage family's norm).
 * `Scale`: CenterNet's learnable per-level scalar.
 
 All layers take NHWC inputs. `dtype` is the compute dtype (e.g. bfloat16); parameters are float32.
@@ -10,6 +12,7 @@ All layers take NHWC inputs. `dtype` is the compute dtype (e.g. bfloat16); param
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -24,8 +27,18 @@ Initializer = Callable[..., jax.Array]
 c2_msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # detectron2's c2_xavier_fill: kaiming_uniform(a=1) = U(-sqrt(3/fan_in), sqrt(3/fan_in)).
 c2_xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+# torch nn.Conv2d's default init, kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+# fan_in = Cin * kh * kw.
+torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
+# model.dtype -> the compute dtype (float64: the oracle tests' exact reference runs).
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 FROZEN = "frozen"  # Flax collection holding FrozenBatchNorm statistics.
+BATCH_STATS = "batch_stats"  # Flax collection holding BatchNorm running statistics.
+
+# torch's nn.BatchNorm2d(momentum=0.1, eps=1e-5), in Flax's momentum convention.
+TORCH_BN_MOMENTUM = 0.9
+TORCH_BN_EPS = 1e-5
 
 
 class FrozenBatchNorm(nn.Module):
@@ -54,6 +67,81 @@ class FrozenBatchNorm(nn.Module):
     return (x * scale.astype(self.dtype) + shift.astype(self.dtype)).astype(self.dtype)
 
 
+class BatchNorm(nn.Module):
+  """torch BatchNorm2d / SyncBatchNorm over NHWC inputs (statistics over N, H, W); centerX's
+  `get_norm(cfg, C, momentum=0.1)`, docs/onestage.md §2.2 and §5.5.
+
+  Variables: params `scale` [C] (torch `weight`, init 1) and `bias` [C] (init 0); collection
+  `batch_stats`: `mean` [C] (torch `running_mean`, init 0) and `var` [C] (torch `running_var`,
+  init 1). torch's `num_batches_tracked` is not kept: with an explicit momentum it is never read.
+
+  Training mode (`use_running_average=False`) normalises with the batch statistics (biased
+  variance) and, outside `init`, updates the running statistics as torch does:
+    running = momentum * running + (1 - momentum) * batch_stat
+  with the **unbiased** batch variance n / (n - 1) * var (torch; Flax's own BatchNorm uses the
+  biased one). `momentum` is in Flax's convention: torch momentum 0.1 == 0.9 here.
+
+  `axis_name` (inside `shard_map` / `pmap`) makes the statistics cross-device (SyncBN): the mean is
+  the `pmean` of per-device means, the variance the `pmean` of per-device mean squared deviations
+  from that global mean (equal per-device shapes, which static shapes guarantee), and n counts all
+  devices. Statistics are always float32 (float64 for a float64 input).
+
+  Call: `x [N, H, W, C]`, `use_running_average` (True = eval mode: running statistics, no update)
+  -> `[N, H, W, C]` in `dtype`.
+  """
+
+  momentum: float = TORCH_BN_MOMENTUM
+  eps: float = TORCH_BN_EPS
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable(BATCH_STATS, "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable(BATCH_STATS, "var", lambda: jnp.ones((c,), jnp.float32))
+    # float32 statistics (float64 for a float64 model, the x64 reference of the oracle).
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = xf.mean(axes)
+      if self.axis_name is not None:
+        mean = jax.lax.pmean(mean, self.axis_name)
+      # Two-pass variance (as torch's CPU kernel), not E[x^2] - E[x]^2.
+      var = jnp.square(xf - mean).mean(axes)
+      if self.axis_name is not None:
+        var = jax.lax.pmean(var, self.axis_name)
+      if not self.is_initializing():
+        n = x.size // c
+        if self.axis_name is not None:
+          n = n * jax.lax.psum(1, self.axis_name)
+        unbiased = var * (n / jnp.maximum(n - 1, 1))
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
+        ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(unbiased)
+    inv = jax.lax.rsqrt(var + self.eps) * scale
+    y = (xf - mean) * inv + bias
+    return y.astype(self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormSettings:
+  """What a conv's trainable `BatchNorm` norm ("BN" / "SyncBN") is built with: `momentum` (Flax
+  convention: torch's 0.1 == 0.9), `eps`, and `axis_name`, the data axis "SyncBN" averages the
+  statistics over (None: per-device statistics, e.g. outside `shard_map`; "BN" ignores it)."""
+
+  momentum: float
+  eps: float
+  axis_name: Optional[str] = None
+
+
+BATCH_NORMS = ("BN", "SyncBN")  # the norms with trainable BatchNorm (running statistics)
+
+
 class Conv2d(nn.Module):
   """Conv (torch-style symmetric padding) followed by an optional norm named `norm`.
 
@@ -63,12 +151,15 @@ class Conv2d(nn.Module):
     strides: stride s.
     padding: symmetric zero padding p (torch semantics; output = floor((H + 2p - k)/s) + 1).
     use_bias: whether the conv has a bias (detectron2: no bias when followed by a norm).
-    norm: "" (none), "FrozenBN" or "GN" (GroupNorm, 32 groups, eps 1e-5).
+    norm: "" (none), "FrozenBN", "GN" (GroupNorm, 32 groups, eps 1e-5), "BN" (trainable
+      `BatchNorm`, per-device statistics) or "SyncBN" (statistics over `batch_norm.axis_name`).
     kernel_init / bias_init: initialisers.
     groups: weight groups (torch `groups`, ResNeXt's 3x3): kernel `[k, k, Cin / groups,
       features]` (torch `[features, Cin / groups, k, k]`).
+    batch_norm: the BatchNorm settings; required by "BN" / "SyncBN", unused by the other norms.
   Input `[N, H, W, Cin]`, output `[N, H', W', features]` in `dtype`. `norm_mask` (`[H', W']` or
-  `[N, H', W']` bool) restricts GroupNorm statistics (see `GroupNorm`).
+  `[N, H', W']` bool) restricts GroupNorm statistics (see `GroupNorm`). `train_bn`: a BatchNorm
+  norm normalises with (and updates the running statistics from) the batch statistics.
   """
 
   features: int
@@ -81,9 +172,12 @@ class Conv2d(nn.Module):
   bias_init: Initializer = nn.initializers.zeros
   dtype: Dtype = jnp.float32
   groups: int = 1
+  batch_norm: Optional[BatchNormSettings] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, norm_mask: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, norm_mask: Optional[jax.Array] = None, train_bn: bool = False
+  ) -> jax.Array:
     k, cin = self.kernel_size, x.shape[-1]
     if cin % self.groups or self.features % self.groups:
       raise ValueError(f"groups={self.groups} must divide Cin={cin} and features={self.features}")
@@ -101,18 +195,38 @@ class Conv2d(nn.Module):
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
-    return norm_after_conv(self.norm, self.dtype, y, norm_mask)
+    return norm_after_conv(self.norm, self.dtype, y, norm_mask, train_bn, self.batch_norm)
 
 
-def norm_after_conv(norm: str, dtype: Dtype, y: jax.Array, norm_mask: Optional[jax.Array]):
-  """A conv's `norm` sub-module ("" none, "FrozenBN", "GN") applied to its output `y`; call it
-  inside the conv module's compact method (the norm becomes its sub-module `norm`)."""
+def norm_after_conv(
+    norm: str,
+    dtype: Dtype,
+    y: jax.Array,
+    norm_mask: Optional[jax.Array],
+    train_bn: bool = False,
+    batch_norm: Optional[BatchNormSettings] = None,
+):
+  """A conv's `norm` sub-module ("" none, "FrozenBN", "GN", "BN", "SyncBN"; see `Conv2d`)
+  applied to its output `y`; call it inside the conv module's compact method (the norm becomes
+  its sub-module `norm`)."""
   if norm == "FrozenBN":
     return FrozenBatchNorm(dtype=dtype, name="norm")(y)
   if norm == "GN":
     return GroupNorm(dtype=dtype, name="norm")(y, norm_mask)
+  if norm in BATCH_NORMS:
+    if batch_norm is None:
+      raise ValueError(f"norm {norm!r} needs its BatchNormSettings (batch_norm)")
+    if norm_mask is not None:
+      # Statistics over the official canvas only: not implemented (the one-stage family, the
+      # only user of trainable BatchNorm, runs without a canvas mask).
+      raise ValueError(f"norm {norm!r} does not take a canvas mask (norm_mask)")
+    axis_name = batch_norm.axis_name if norm == "SyncBN" else None
+    bn = BatchNorm(batch_norm.momentum, batch_norm.eps, axis_name, dtype, name="norm")
+    return bn(y, not train_bn)
   if norm:
-    raise ValueError(f"Conv2d: unknown norm {norm!r} (expected '', 'FrozenBN' or 'GN')")
+    raise ValueError(
+        f"Conv2d: unknown norm {norm!r} (expected '', 'FrozenBN', 'GN', 'BN' or 'SyncBN')"
+    )
   return y
 
 

@@ -8,8 +8,8 @@
 
 `python -m cn2_jax.convert` is the one command line on top of these. A new weight format adds a
 reader (if the container is new), a renaming rule and an entry in `convert.FORMATS`; a new
-detector family adds its own mapping rules next to `flax_mapping.py` and an entry in
-`convert.FAMILIES`.
+detector family adds its own mapping rules next to `flax_mapping.py` and its `WeightFormat`
+(converters, default config) in its registry entry (modeling/meta_arch/).
 """
 
 from cn2_jax.errors import ConversionError

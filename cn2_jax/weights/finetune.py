@@ -40,6 +40,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cn2_jax import schema
 from cn2_jax.config import config_from_json, get_field, jsonable
 from cn2_jax.convert import FORMATS, detect_checkpoint
 from cn2_jax.data.coco_classes import COCO_CLASS_NAMES
@@ -438,3 +439,45 @@ def plan_init(cfg, target_class_names: Sequence[str], abstract: dict) -> InitPla
   if plan.class_params:  # (all of them in init_skip: no class row is loaded)
     plan.rows = class_rows(cfg.init_class_map, target_names, source.class_names, path)
   return plan
+
+
+def _validate_settings(cfg) -> None:
+  if not isinstance(cfg.init_class_map, str) or not cfg.init_class_map.strip():
+    raise ConfigError(
+        f"init_class_map must be 'auto', 'none' or 'target:source,...', got {cfg.init_class_map!r}"
+    )
+  if isinstance(cfg.init_skip, str) or not all(isinstance(v, str) and v for v in cfg.init_skip):
+    raise ConfigError(f"init_skip must be a tuple of non-empty strings, got {cfg.init_skip!r}")
+
+
+CONFIG = schema.group(
+    "",
+    "Initial weights of a fresh training run (unused when a run resumes from its checkpoint).",
+    schema.Field(
+        "init_from",
+        "",
+        "an ImageNet backbone (.pkl/.pth: the backbone is loaded, the rest initialised) or a whole "
+        "detector of this family: an official .pkl/.pth (CenterNet2, centerX, xingyizhou/CenterNet),"
+        " a `python -m cn2_jax.convert` folder, a run directory (its newest checkpoint; its EMA "
+        "weights when that run evaluates with them) or DIR/checkpoints/<step>; what was loaded: "
+        "<workdir>/init_report.json",
+    ),
+    schema.Field(
+        "init_class_map",
+        "auto",
+        "class rows of the class-dependent tensors (cls_score per cascade stage / the class "
+        "heatmap's last conv): 'auto' = target classes matched to the source's by name (case, "
+        "spaces, '_' and '-' ignored), unmatched ones initialised as a new head; "
+        "'target:source,...' = these pairs, the others by 'auto'; 'none' = every class row "
+        "initialised (a background row is kept)",
+    ),
+    schema.Field(
+        "init_skip",
+        (),
+        "globs of tensors init_from does not load (initialised instead), e.g. "
+        "('roi_heads.box_head.*',): matched against the model's names "
+        "('params/roi_heads/box_head.0/fc1/kernel') and the '.'-joined parameter path "
+        "('roi_heads.box_head.0.fc1.kernel'); also the source tensors they leave unused",
+    ),
+    validate=_validate_settings,
+)

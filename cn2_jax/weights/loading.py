@@ -20,7 +20,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from cn2_jax.config import get_field, jsonable, show_value
+from cn2_jax.config import family_reads, get_field, jsonable, show_value
 from cn2_jax.errors import InputFileError, WeightsError, one_line
 from cn2_jax.modeling import detector
 from cn2_jax.modeling import meta_arch
@@ -262,7 +262,7 @@ def _warn_inexact_official_eval(cfg) -> None:
   """Official weights are only reproduced with the official (adaptive) ROIAlign sampling; any
   padding is exact (modeling/canvas.py)."""
   r = cfg.model.roi_heads
-  if cfg.model.arch == "centernet2" and r.sampling_ratio != 0:
+  if family_reads(cfg.model.arch, "model.roi_heads.sampling_ratio") and r.sampling_ratio != 0:
     log.warning(
         "--config.weights with model.roi_heads.sampling_ratio=%d: ROIAlign samples a "
         "fixed grid, so detections differ from the official model's (use 0, the "

@@ -12,7 +12,12 @@ unpickler, torch never imported; a common `module.` prefix is stripped there). T
      mapped / missing / unexpected / mis-shaped / dropped keys, one line each; anything but a
      complete, exact mapping raises `ConversionError` (with `.report`).
 
-Naming rule (`'.'`-joined Flax path == centerX key with the leaf renamed):
+Naming rule (`'.'`-joined Flax path == centerX key with the leaf renamed and, under `backbone.`,
+torchvision's module names as detectron2's, `_model_module`):
+  * backbone modules (the shared ResNet of `modeling/backbone/resnet.py`): detectron2's
+    convert-torchvision-to-d2 renaming, `conv1` -> `stem.conv1`, `bn1` -> `stem.conv1.norm`,
+    `layer<k>.<i>` -> `res<k+1>.<i>`, `bn<t>` -> `conv<t>.norm`, `downsample.0` -> `shortcut`,
+    `downsample.1` -> `shortcut.norm`; the neck (`upsample.*`) and head (`head.*`) keep theirs;
   * conv `weight` [O, I, kh, kw] -> params `kernel` [kh, kw, I, O] (transpose (2, 3, 1, 0));
   * ConvTranspose2d `weight` [I, O, kh, kw] (modules named in `neck.TRANSPOSED_CONV_NAMES`,
     i.e. `up_sample`) -> params `kernel` [kh, kw, I, O] (transpose (2, 3, 0, 1), no flip; the
@@ -23,7 +28,7 @@ Naming rule (`'.'`-joined Flax path == centerX key with the leaf renamed):
     `scale`, `bias` -> params `bias`, `running_mean` -> batch_stats `mean`, `running_var` ->
     batch_stats `var`; `num_batches_tracked` is dropped (unused with an explicit momentum).
 Example: `upsample.deconv1.up_sample.weight` -> `params/upsample/deconv1/up_sample/kernel`,
-`backbone.layer2.0.downsample.1.running_var` -> `batch_stats/backbone/layer2.0/downsample.1/var`.
+`backbone.layer2.0.downsample.1.running_var` -> `batch_stats/backbone/res3/0/shortcut/norm/var`.
 
 `export_state_dict(variables)` is the inverse (torch layouts and centerX keys), also used to
 compare gradients with official ones.
@@ -39,8 +44,10 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from cn2_jax.modeling.backbone.resnet import BLOCKS_BY_DEPTH
 from cn2_jax.weights import ConversionError, StateDict, load_checkpoint_file
 from cn2_jax.weights.flax_mapping import _index, _key_str
+from cn2_jax.weights.rename import _torchvision_name
 
 __all__ = [
     "FORMATS",
@@ -58,6 +65,7 @@ __all__ = [
 
 FORMATS = ("centerx", "xingyizhou", "torchvision")
 _CENTERX_HEADS = ("backbone.", "upsample.", "head.")
+_BACKBONE = "backbone."
 _TRANSPOSED = ("up_sample",)  # == onestage.neck.TRANSPOSED_CONV_NAMES (checked in the tests)
 
 
@@ -238,9 +246,33 @@ def _is_transposed(module_path: str) -> bool:
   return module_path.rpartition(".")[2] in _TRANSPOSED
 
 
+def _model_module(centerx_module: str) -> str:
+  """centerX module name -> the model's module path: torchvision backbone names become the
+  shared ResNet's detectron2 names (`backbone.layer1.0.bn1` -> `backbone.res2.0.conv1.norm`)."""
+  if centerx_module.startswith(_BACKBONE):
+    return _BACKBONE + _torchvision_name(centerx_module[len(_BACKBONE) :])
+  return centerx_module
+
+
+def _centerx_module(model_module: str) -> str:
+  """The inverse of `_model_module` (`backbone.res3.0.shortcut.norm` ->
+  `backbone.layer2.0.downsample.1`)."""
+  if not model_module.startswith(_BACKBONE):
+    return model_module
+  k = model_module[len(_BACKBONE) :]
+  k = re.sub(r"^stem\.conv1\.norm(?=\.|$)", "bn1", k)
+  k = re.sub(r"^stem\.", "", k)
+  k = re.sub(r"^res([2-5])(?=\.|$)", lambda m: f"layer{int(m.group(1)) - 1}", k)
+  k = re.sub(r"(^|\.)shortcut\.norm(?=\.|$)", r"\1downsample.1", k)
+  k = re.sub(r"(^|\.)shortcut(?=\.|$)", r"\1downsample.0", k)
+  k = re.sub(r"(^|\.)conv([1-3])\.norm(?=\.|$)", r"\1bn\2", k)
+  return _BACKBONE + k
+
+
 def _target_of(key: str, index) -> Tuple[Optional[str], Optional[str], str]:
   """(collection, path, how) for a centerX key; how in copy / conv / deconv / drop."""
   module, _, leaf = key.rpartition(".")
+  module = _model_module(module)
   p = module + "." if module else ""
   if leaf == "num_batches_tracked":
     return None, None, "drop"
@@ -377,14 +409,16 @@ def official_named_tensors(state_dict, abstract):
 def torch_key_of(collection: str, path: str) -> Tuple[str, str]:
   """('.'-joined Flax path in `collection`) -> (centerX key, how) with how in copy/conv/deconv."""
   module, _, leaf = path.rpartition(".")
+  transposed = _is_transposed(module)
+  module = _centerx_module(module)
   p = module + "." if module else ""
   if collection == "batch_stats":
     return p + {"mean": "running_mean", "var": "running_var"}[leaf], "copy"
   if leaf == "scale":
     return p + "weight", "copy"
   if leaf == "kernel":
-    return p + "weight", "deconv" if _is_transposed(module) else "conv"
-  return path, "copy"
+    return p + "weight", "deconv" if transposed else "conv"
+  return p + leaf, "copy"
 
 
 def export_state_dict(variables, *, collections=("params", "batch_stats")) -> Dict[str, np.ndarray]:
@@ -420,10 +454,8 @@ def infer_model_config(sd) -> Dict[str, Any]:
       blocks[stage] = max(blocks.get(stage, 0), i + 1)
       bottleneck |= m.group(3) is not None
   counts = tuple(blocks.get(s, 0) for s in (1, 2, 3, 4))
-  from cn2_jax.modeling.onestage.backbone import RESNET_SPECS
-
   kind = "bottleneck" if bottleneck else "basic"
-  depth = [d for d, spec in RESNET_SPECS.items() if spec == (kind, counts)]
+  depth = [d for d, spec in BLOCKS_BY_DEPTH.items() if spec == (kind, counts)]
   if not depth:
     raise ConversionError(f"cannot infer the ResNet depth from {kind} blocks {counts}")
   channels, deform, modulate = [], None, None

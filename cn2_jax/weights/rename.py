@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+import numpy as np
 
 from cn2_jax.errors import ConversionError
 from cn2_jax.weights.reader import StateDict
@@ -199,3 +200,37 @@ def _expectation_note(fmt: str) -> str:
 def format_expectations(fmt: str) -> Optional[dict]:
   """The model settings an ImageNet format needs (None for detectron2 checkpoints)."""
   return dict(FORMAT_EXPECTATIONS[fmt]) if fmt in FORMAT_EXPECTATIONS else None
+
+
+def find_setting(cfg, name):
+  """The first value of key `name` anywhere in a (nested) config, or None."""
+  tree = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
+  stack = [tree]
+  while stack:
+    node = stack.pop()
+    if isinstance(node, dict):
+      if name in node:
+        return node[name]
+      stack.extend(node.values())
+  return None
+
+
+def config_warnings(model_config, fmt: str) -> list:
+  """The model settings that differ from what weights of format `fmt` need (format_expectations),
+  as messages."""
+  want = format_expectations(fmt)
+  if want is None:
+    return []
+  warnings = []
+  for name, value in want.items():
+    got = find_setting(model_config, name)
+    if got is None:
+      continue
+    same = (
+        np.allclose(np.asarray(got, float), np.asarray(value, float), atol=1e-3)
+        if isinstance(value, tuple)
+        else got == value
+    )
+    if not same:
+      warnings.append(f"config sets {name}={got!r} but {fmt} weights need {value!r}")
+  return warnings

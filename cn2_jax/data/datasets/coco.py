@@ -4,16 +4,32 @@ to data.root, images under data.image_root or data.root)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from cn2_jax.data import builder as builder_lib
 from cn2_jax.data import sources
 from cn2_jax.data.catalog import DatasetKind, register
 from cn2_jax.errors import ConfigError
 
 
 def prepare_coco2017(data, data_dir: str, workdir: str, seed: int):
+  """``builder.build_coco2017_dataset``; with ``data.classes``, a ``coco_json`` dataset
+  ``coco2017-<classes>`` with splits train / val from filtered copies of the 2017 jsons."""
   del workdir, seed
-  return sources.build_coco2017(data.root, data_dir, **sources.subset_options(data))
+  subset = sources.subset_options(data)
+  if not subset["classes"]:
+    return builder_lib.build_coco2017_dataset(data.root, data_dir)
+  if not data.root:
+    raise ConfigError("data.root must name the extracted COCO folder for data.dataset='coco/2017'")
+  splits = {
+      s: (
+          os.path.join(data.root, "annotations", f"instances_{s}2017.json"),
+          os.path.join(data.root, f"{s}2017"),
+      )
+      for s in ("train", "val")
+  }
+  return sources.build_coco_json("coco2017", splits, data_dir, **subset)
 
 
 def prepare_coco_json(data, data_dir: str, workdir: str, seed: int):

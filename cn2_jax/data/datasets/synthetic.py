@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-from cn2_jax.data import sources
-from cn2_jax.data import synthetic
+from cn2_jax import schema
+from cn2_jax.data import sources, synthetic
 from cn2_jax.data.catalog import DatasetKind, register
 
 
@@ -29,3 +29,12 @@ def prepare(data, data_dir: str, workdir: str, seed: int):
 
 
 register(DatasetKind("synthetic", prepare))
+
+
+CONFIG = schema.group(
+    "data",
+    "The synthetic dataset (tests, demos, benchmarks).",
+    schema.Field("synthetic_num_train", 0, "training images (0 = generator default)"),
+    schema.Field("synthetic_num_val", 0, "validation images (0 = generator default)"),
+    schema.Field("synthetic_image_size", 0, "image side in pixels (0 = generator default)"),
+)

@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # upsample_nearest_2x = torch nn.UpsamplingNearest2d(scale_factor=2) / F.interpolate x2 'nearest'.
+from cn2_jax import schema
 from cn2_jax.modeling.backbone.build import register
 from cn2_jax.modeling.backbone.dla import DLA
 from cn2_jax.modeling.backbone.fpn import upsample_nearest_2x
@@ -411,3 +412,15 @@ def build_res2net_bifpn_backbone(model_config, dtype) -> BiFPN:
       bottom_up=bottom_up,
       dtype=dtype,
   )
+
+
+CONFIG = schema.group(
+    "model.bifpn",
+    "BiFPN neck (MODEL.BIFPN; backbones build_p37_dla_bifpn_backbone, build_res2net_bifpn_backbone).",
+    schema.Field("out_channels", 160, "BIFPN.OUT_CHANNELS"),
+    schema.Field("num_levels", 5, "P3-P7 (the only node graph the official BiFPN has)"),
+    schema.Field("num_bifpn", 6, "BiFPN cells (3 for DLA-BiFPN-P5, 7 for R2-101-BiFPN)"),
+    schema.Field("norm", "GN", "BIFPN.NORM of the cells' convs"),
+    schema.Field("separable_conv", False, "BIFPN.SEPARABLE_CONV: depthwise-separable cell convs"),
+    families=("centernet2", "centernet"),
+)

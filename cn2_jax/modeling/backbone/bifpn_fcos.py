@@ -360,6 +360,7 @@ def _resnet(model_config, dtype) -> Tuple[ResNet, Tuple[int, ...]]:
       depth=model_config.resnet_depth,
       stride_in_1x1=model_config.stride_in_1x1,
       norm=model_config.resnet_norm,
+      conv_init="c2_msra",  # detectron2's ResNet init
       freeze_at=model_config.freeze_at,
       out_features=RESNET_IN_FEATURES,
       width=model_config.resnet_width,

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict
 
 import jax.numpy as jnp
 
+from cn2_jax import schema
 from cn2_jax.errors import ConfigError
 
 
@@ -76,3 +77,77 @@ def frozen_param_prefixes(model_config: Any, prefix: str = "backbone.") -> tuple
 def backbone_size_divisibility(model_config: Any) -> int:
   """The size divisibility of `model_config.backbone` (the official canvas multiple)."""
   return int(build_backbone(model_config, jnp.float32).size_divisibility)
+
+
+def _validate_resnet(cfg) -> None:
+  if cfg.model.resnet_depth not in (18, 34, 50, 101):
+    raise ConfigError(f"model.resnet_depth must be 18, 34, 50 or 101, got {cfg.model.resnet_depth}")
+
+
+def _validate_backbone(cfg) -> None:
+  m = cfg.model
+  if m.input_format not in ("BGR", "RGB"):
+    raise ConfigError(f"model.input_format must be 'BGR' or 'RGB', got {m.input_format!r}")
+  # The model pads its canvas to its backbone's divisibility; the data must pad to a multiple.
+  div, need = int(cfg.data.size_divisibility), backbone_size_divisibility(m)
+  if div % need:
+    raise ConfigError(
+        f"data.size_divisibility={div} must be a multiple of {need}, the size divisibility of "
+        f"model.backbone={m.backbone!r}"
+    )
+
+
+RESNET_CONFIG = schema.group(
+    "model",
+    "ResNet depth and width (every family's ResNet).",
+    schema.Field("resnet_depth", 50, "18, 34, 50 or 101"),
+    schema.Field("resnet_width", 64, "stem / res2 width (64 official; smaller for tiny models)"),
+    validate=_validate_resnet,
+)
+
+CONFIG = schema.group(
+    "model",
+    "The backbone of the CenterNet2 code base's detectors: bottom-up network + neck, with the "
+    "official MODEL.BACKBONE / RESNETS / FPN settings.",
+    schema.Field(
+        "backbone",
+        "build_p67_resnet_fpn_backbone",
+        "the image -> feature levels network (an official MODEL.BACKBONE.NAME registered in "
+        "modeling/backbone/build.py): build_p67_resnet_fpn_backbone = ResNet (resnet_*) + FPN P3-P7",
+    ),
+    schema.Field(
+        "stride_in_1x1", True, "MSRA/caffe style (official); False for torchvision weights"
+    ),
+    schema.Field("freeze_at", 2, "RESNETS freeze: 2 = stem + res2 frozen; 0 = nothing"),
+    schema.Field("resnet_num_groups", 1, "RESNETS.NUM_GROUPS (ResNeXt: 32 for X101-32x8d)"),
+    schema.Field(
+        "resnet_width_per_group",
+        0,
+        "RESNETS.WIDTH_PER_GROUP; 0 = resnet_width (8 for X101, 26 for R2-101)",
+    ),
+    schema.Field(
+        "resnet_deform_on_per_stage",
+        (False, False, False, False),
+        "RESNETS.DEFORM_ON_PER_STAGE, res2..res5 (deformable 3x3 convs)",
+    ),
+    schema.Field(
+        "resnet_deform_modulated", False, "DEFORM_MODULATED: DCNv2 (mask) instead of DCNv1"
+    ),
+    schema.Field("resnet_deform_num_groups", 1, "DEFORM_NUM_GROUPS (offset groups)"),
+    schema.Field(
+        "resnet_norm", "FrozenBN", "'FrozenBN' (official), 'GN' (training from scratch) or ''"
+    ),
+    schema.Field(
+        "input_format", "BGR", "'BGR' (official MSRA weights) or 'RGB'; images arrive RGB"
+    ),
+    schema.Field("pixel_mean", (103.530, 116.280, 123.675), "in input_format order, 0-255 units"),
+    schema.Field("pixel_std", (1.0, 1.0, 1.0), "in input_format order, 0-255 units"),
+    schema.Field("fpn_channels", 256, "FPN.OUT_CHANNELS"),
+    schema.Field(
+        "fpn_norm",
+        "",
+        "FPN lateral/output conv norm: '' (official: convs with bias), 'GN', 'FrozenBN'",
+    ),
+    families=("centernet2", "centernet"),
+    validate=_validate_backbone,
+)

@@ -44,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cn2_jax import schema
 from cn2_jax.modeling.canvas import zero_outside_canvas
 from cn2_jax.modeling.layers import Conv2d, FrozenBatchNorm, c2_msra_fill, max_pool
 
@@ -258,3 +259,16 @@ class DLA(nn.Module):
           jnp.zeros((1, 1, 1, ch[5]), self.dtype)
       )
     return outputs
+
+
+CONFIG = schema.group(
+    "model.dla",
+    "DLA-34 (MODEL.DLA; build_p37_dla_bifpn_backbone, build_dla_backbone).",
+    schema.Field(
+        "norm",
+        "BN",
+        "'BN' (official; used in inference mode: running statistics, as FrozenBN), 'SyncBN' or "
+        "'FrozenBN'",
+    ),
+    families=("centernet2", "centernet"),
+)

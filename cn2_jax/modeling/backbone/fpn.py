@@ -172,6 +172,7 @@ def resnet_fpn(
       depth=depth,
       stride_in_1x1=stride_in_1x1,
       norm=norm,
+      conv_init="c2_msra",  # detectron2's ResNet init
       width=width,
       freeze_at=freeze_at,
       out_features=FPN.in_features,

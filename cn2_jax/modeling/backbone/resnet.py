@@ -1,9 +1,20 @@
 """ResNet-18/34/50/101 / ResNeXt / deformable ResNet bottom-up backbone, structured and named like
-detectron2's `resnet.py` (`build_resnet_backbone`).
+detectron2's `resnet.py` (`build_resnet_backbone`); the one ResNet of both families.
 
-docs/centernet2.md §2.2. Variable paths (relative to this module) follow detectron2's state-dict
-keys, e.g. `stem.conv1.kernel`, `stem.conv1.norm.running_var` (collection `frozen`),
-`res2.0.conv1.kernel`, `res3.0.shortcut.kernel` (docs/DESIGN.md, "Parameter naming").
+docs/centernet2.md §2.2, docs/onestage.md §2.2. Variable paths (relative to this module) follow
+detectron2's state-dict keys, e.g. `stem.conv1.kernel`, `stem.conv1.norm.running_var` (collection
+`frozen`), `res2.0.conv1.kernel`, `res3.0.shortcut.kernel` (docs/DESIGN.md, "Parameter naming").
+
+The two families use it with different settings:
+  * CenterNet2 (detectron2): `norm` "FrozenBN" (or "GN" / ""), `stride_in_1x1` True for the
+    MSRA weights, `conv_init` "c2_msra", outputs res3..res5 for the FPN, and the official canvas
+    (`canvas_hw`), ResNeXt groups and deformable stages as configured;
+  * one-stage centerX (torchvision ResNet): `norm` "BN" / "SyncBN" (trainable BatchNorm,
+    `layers.BatchNorm`, running statistics in `batch_stats`; `train_bn` at call time),
+    `stride_in_1x1` False, `conv_init` "torch", out_features ("res5",) (C5), no canvas.
+  torchvision's names map one-to-one onto these (detectron2's convert-torchvision-to-d2 rules,
+  `weights/rename.py`): `conv1`/`bn1` -> `stem.conv1`/`stem.conv1.norm`, `layer<k>.<i>` ->
+  `res<k+1>.<i>`, `bn<t>` -> `conv<t>.norm`, `downsample.0`/`.1` -> `shortcut`/`shortcut.norm`.
 
 * `BasicStem` (`stem`): conv1 7x7 s2 p3 (no bias) + norm, ReLU, max-pool 3x3 s2 p1 (torch semantics:
   implicit -inf padding, floor output size).
@@ -25,12 +36,14 @@ keys, e.g. `stem.conv1.kernel`, `stem.conv1.norm.running_var` (collection `froze
 * `shortcut` is a 1x1 conv (with the block's stride) + norm when the channel count or the stride
   changes (in detectron2's standard configurations the two coincide), identity otherwise.
 * All convs have no bias (detectron2 always builds ResNet convs with `bias=False`) and use
-  `c2_msra_fill`.
+  `c2_msra_fill` (`conv_init="c2_msra"`) or torch's default `nn.Conv2d` init (`conv_init="torch"`,
+  `layers.torch_conv_init`: centerX's ResNet sets no init of its own).
 
 `freeze_at` (detectron2 `ResNet.freeze`): 0 freezes nothing, 1 the stem, k >= 2 the stem and
 res2..res<k>. The freeze is implemented with `jax.lax.stop_gradient` on the output of every frozen
 stage, so the frozen parameters receive exactly zero gradient; the optimizer must additionally
-exclude `frozen_param_prefixes(freeze_at)` from weight decay / updates.
+exclude `frozen_param_prefixes(freeze_at)` from weight decay / updates. Trainable BatchNorm
+("BN" / "SyncBN") needs freeze_at 0 (detectron2 turns frozen stages' BN into FrozenBN instead).
 """
 
 from __future__ import annotations
@@ -44,19 +57,28 @@ import numpy as np
 
 from cn2_jax.modeling import export_mode
 from cn2_jax.modeling.canvas import canvas_mask, zero_outside_canvas
-from cn2_jax.modeling.layers import Conv2d, c2_msra_fill, norm_after_conv
+from cn2_jax.modeling.layers import (
+    BATCH_NORMS,
+    BatchNormSettings,
+    Conv2d,
+    c2_msra_fill,
+    norm_after_conv,
+    torch_conv_init,
+)
 from cn2_jax.modeling.ops.dcn import deform_conv2d
 
 Dtype = Any
 
 # depth -> (block type, number of blocks per stage res2..res5)
-_DEPTH_CONFIG = {
+BLOCKS_BY_DEPTH = {
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
     50: ("bottleneck", (3, 4, 6, 3)),
     101: ("bottleneck", (3, 4, 23, 3)),
 }
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
+# conv_init -> kernel initialiser of every ResNet conv
+CONV_INITS = {"c2_msra": c2_msra_fill, "torch": torch_conv_init}
 _FEATURE_STRIDES = {"stem": 4, "res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
 
@@ -66,9 +88,9 @@ def resnet_out_channels(depth: int, width: int = 64) -> Dict[str, int]:
   `width` is detectron2's STEM_OUT_CHANNELS = WIDTH_PER_GROUP (64 in every official model); every
   stage scales with it, which gives narrow ResNets for tests and the CPU demo.
   """
-  if depth not in _DEPTH_CONFIG:
-    raise ValueError(f"ResNet depth must be one of {sorted(_DEPTH_CONFIG)}, got {depth}")
-  base = width if _DEPTH_CONFIG[depth][0] == "basic" else 4 * width
+  if depth not in BLOCKS_BY_DEPTH:
+    raise ValueError(f"ResNet depth must be one of {sorted(BLOCKS_BY_DEPTH)}, got {depth}")
+  base = width if BLOCKS_BY_DEPTH[depth][0] == "basic" else 4 * width
   out = {"stem": width}
   for i, name in enumerate(STAGE_NAMES):
     out[name] = base * 2**i
@@ -168,7 +190,7 @@ max_pool_3x3_s2_p1 = export_mode.onnx_form(export_mode.max_pool_3x3_s2_p1_for_on
 class DeformConv(nn.Module):
   """detectron2 `ModulatedDeformConv` / `DeformConv` as `DeformBottleneckBlock.conv2` builds it:
   a deformable 3x3 conv (`ops.dcn.deform_conv2d`) with kernel `[3, 3, Cin / groups, features]`,
-  no bias, `c2_msra_fill` init, followed by the optional `norm` sub-module.
+  no bias, `CONV_INITS[conv_init]` init, followed by the optional `norm` sub-module.
 
   Call: `x [N, H, W, Cin]`, `offset [N, Ho, Wo, 2 G 9]`, `mask [N, Ho, Wo, G 9]` (sigmoided) or
   None (DCNv1), G = `deformable_groups` -> `[N, Ho, Wo, features]` in `dtype`."""
@@ -178,7 +200,9 @@ class DeformConv(nn.Module):
   groups: int
   deformable_groups: int
   norm: str
+  conv_init: str
   dtype: Dtype
+  batch_norm: Optional[BatchNormSettings] = None
 
   @nn.compact
   def __call__(
@@ -187,12 +211,16 @@ class DeformConv(nn.Module):
       offset: jax.Array,
       mask: Optional[jax.Array],
       norm_mask: Optional[jax.Array] = None,
+      train_bn: bool = False,
   ) -> jax.Array:
     cin = x.shape[-1]
     if cin % self.groups or self.features % self.groups:
       raise ValueError(f"groups={self.groups} must divide Cin={cin} and features={self.features}")
     kernel = self.param(
-        "kernel", c2_msra_fill, (3, 3, cin // self.groups, self.features), jnp.float32
+        "kernel",
+        CONV_INITS[self.conv_init],
+        (3, 3, cin // self.groups, self.features),
+        jnp.float32,
     )
     y = deform_conv2d(
         x.astype(self.dtype),
@@ -204,7 +232,7 @@ class DeformConv(nn.Module):
         padding=1,
         offset_groups=self.deformable_groups,
     )
-    return norm_after_conv(self.norm, self.dtype, y, norm_mask)
+    return norm_after_conv(self.norm, self.dtype, y, norm_mask, train_bn, self.batch_norm)
 
 
 def resnet_conv(
@@ -216,9 +244,10 @@ def resnet_conv(
     name: str,
     groups: int = 1,
 ) -> nn.Module:
-  """A detectron2 ResNet conv inside `block` (a stem or block module with `norm` and `dtype`):
-  no bias, followed by `block.norm`, `c2_msra_fill` init, `groups` weight groups (ResNeXt).
-  Call it inside `block`'s compact method (the conv becomes its sub-module `name`)."""
+  """A ResNet conv inside `block` (a stem or block module with `norm`, `conv_init`, `batch_norm`
+  and `dtype`): no bias, followed by `block.norm`, `CONV_INITS[block.conv_init]` init, `groups`
+  weight groups (ResNeXt). Call it inside `block`'s compact method (the conv becomes its
+  sub-module `name`); call the conv with `(x, norm_mask, train_bn)`."""
   return Conv2d(
       features,
       kernel_size=kernel_size,
@@ -226,57 +255,67 @@ def resnet_conv(
       padding=padding,
       use_bias=False,
       norm=block.norm,
-      kernel_init=c2_msra_fill,
+      kernel_init=CONV_INITS[block.conv_init],
       dtype=block.dtype,
       groups=groups,
+      batch_norm=block.batch_norm,
       name=name,
   )
 
 
-def _shortcut(block: nn.Module, x: jax.Array, out_mask: Optional[jax.Array]) -> jax.Array:
+def _shortcut(
+    block: nn.Module, x: jax.Array, out_mask: Optional[jax.Array], train_bn: bool
+) -> jax.Array:
   """The residual branch of a block: `shortcut` 1x1 conv (the block's stride) + norm when the
   channel count or the stride changes, identity otherwise."""
   if x.shape[-1] != block.out_channels or block.stride != 1:
-    return resnet_conv(block, block.out_channels, 1, block.stride, 0, "shortcut")(x, out_mask)
+    conv = resnet_conv(block, block.out_channels, 1, block.stride, 0, "shortcut")
+    return conv(x, out_mask, train_bn)
   return x.astype(block.dtype)
 
 
 class BasicStem(nn.Module):
-  """detectron2 BasicStem: `conv1` (7x7 s2 p3, no bias, norm) -> ReLU -> max-pool 3x3 s2 p1."""
+  """detectron2 BasicStem (= torchvision's conv1/bn1/relu/maxpool): `conv1` (7x7 s2 p3, no bias,
+  norm) -> ReLU -> max-pool 3x3 s2 p1. `conv_init` / `batch_norm`: see `ResNet`."""
 
   out_channels: int
   norm: str
+  conv_init: str
   dtype: Dtype
+  batch_norm: Optional[BatchNormSettings] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, canvas_hw: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, canvas_hw: Optional[jax.Array] = None, train_bn: bool = False
+  ) -> jax.Array:
     # The input image is already zero outside the images (detector.preprocess).
     conv1 = resnet_conv(self, self.out_channels, 7, 2, 3, "conv1")
-    x = nn.relu(conv1(x, canvas_mask((x.shape[1] // 2, x.shape[2] // 2), canvas_hw, 2)))
+    x = nn.relu(conv1(x, canvas_mask((x.shape[1] // 2, x.shape[2] // 2), canvas_hw, 2), train_bn))
     # Post-ReLU values are >= 0, so zeros off the canvas act like the pool's -inf padding.
     return max_pool_3x3_s2_p1(zero_outside_canvas(x, canvas_hw, 2))
 
 
-def _bottleneck(block: nn.Module, x, canvas_hw, in_stride: int, conv2) -> jax.Array:
+def _bottleneck(block: nn.Module, x, canvas_hw, in_stride: int, train_bn: bool, conv2) -> jax.Array:
   """The body shared by `BottleneckBlock` and `DeformBottleneckBlock` (call it inside the
   block's compact method): shortcut, conv1 1x1 + norm + ReLU, `conv2(y, stride, out_mask)`
   (the 3x3 conv + norm, on its input zeroed off the canvas) + ReLU, conv3 1x1 + norm, add, ReLU.
+  `train_bn`: BatchNorm norms in training mode.
   `canvas_hw`/`in_stride`: see `canvas.zero_outside_canvas` (only the 3x3 conv mixes
   neighbours; the norm masks keep GroupNorm statistics on the canvas)."""
   s1, s3 = (block.stride, 1) if block.stride_in_1x1 else (1, block.stride)
   out_stride = in_stride * block.stride
   out_hw = (-(-x.shape[1] // block.stride), -(-x.shape[2] // block.stride))
   out_mask = canvas_mask(out_hw, canvas_hw, out_stride)
-  shortcut = _shortcut(block, x, out_mask)
+  shortcut = _shortcut(block, x, out_mask, train_bn)
   mid_hw = (-(-x.shape[1] // s1), -(-x.shape[2] // s1))
   y = nn.relu(
       resnet_conv(block, block.bottleneck_channels, 1, s1, 0, "conv1")(
-          x, canvas_mask(mid_hw, canvas_hw, in_stride * s1)
+          x, canvas_mask(mid_hw, canvas_hw, in_stride * s1), train_bn
       )
   )
   y = zero_outside_canvas(y, canvas_hw, in_stride * s1)
   y = nn.relu(conv2(y, s3, out_mask))
-  y = resnet_conv(block, block.out_channels, 1, 1, 0, "conv3")(y, out_mask)
+  y = resnet_conv(block, block.out_channels, 1, 1, 0, "conv3")(y, out_mask, train_bn)
   return nn.relu(y + shortcut)
 
 
@@ -289,6 +328,7 @@ class BottleneckBlock(nn.Module):
     stride: block stride (applied on conv1 if `stride_in_1x1`, else on conv2).
     stride_in_1x1: MSRA (True) vs torchvision (False) placement of the stride.
     num_groups: groups of the 3x3 conv2 (ResNeXt cardinality; 1 = ResNet).
+    norm / conv_init / batch_norm: see `ResNet`.
   """
 
   out_channels: int
@@ -296,20 +336,26 @@ class BottleneckBlock(nn.Module):
   stride: int
   stride_in_1x1: bool
   norm: str
+  conv_init: str
   dtype: Dtype
   num_groups: int
+  batch_norm: Optional[BatchNormSettings] = None
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, canvas_hw: Optional[jax.Array] = None, in_stride: int = 1
+      self,
+      x: jax.Array,
+      canvas_hw: Optional[jax.Array] = None,
+      in_stride: int = 1,
+      train_bn: bool = False,
   ) -> jax.Array:
-    """`canvas_hw`/`in_stride`: see `canvas.zero_outside_canvas`."""
+    """`canvas_hw`/`in_stride`: see `canvas.zero_outside_canvas`; `train_bn`: see `ResNet`."""
 
     def conv2(y, stride, out_mask):
       conv = resnet_conv(self, self.bottleneck_channels, 3, stride, 1, "conv2", self.num_groups)
-      return conv(y, out_mask)
+      return conv(y, out_mask, train_bn)
 
-    return _bottleneck(self, x, canvas_hw, in_stride, conv2)
+    return _bottleneck(self, x, canvas_hw, in_stride, train_bn, conv2)
 
 
 class DeformBottleneckBlock(nn.Module):
@@ -328,14 +374,20 @@ class DeformBottleneckBlock(nn.Module):
   stride: int
   stride_in_1x1: bool
   norm: str
+  conv_init: str
   dtype: Dtype
   num_groups: int
   deform_modulated: bool
   deform_num_groups: int
+  batch_norm: Optional[BatchNormSettings] = None
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, canvas_hw: Optional[jax.Array] = None, in_stride: int = 1
+      self,
+      x: jax.Array,
+      canvas_hw: Optional[jax.Array] = None,
+      in_stride: int = 1,
+      train_bn: bool = False,
   ) -> jax.Array:
     """`canvas_hw`/`in_stride`: see `canvas.zero_outside_canvas` (conv2_offset and the DCN read
     the same input, zeroed off the canvas: offsets, masks and samples equal the official ones
@@ -365,37 +417,46 @@ class DeformBottleneckBlock(nn.Module):
           groups=self.num_groups,
           deformable_groups=self.deform_num_groups,
           norm=self.norm,
+          conv_init=self.conv_init,
           dtype=self.dtype,
+          batch_norm=self.batch_norm,
           name="conv2",
       )
-      return conv(y, offset, mask, out_mask)
+      return conv(y, offset, mask, out_mask, train_bn)
 
-    return _bottleneck(self, x, canvas_hw, in_stride, conv2)
+    return _bottleneck(self, x, canvas_hw, in_stride, train_bn, conv2)
 
 
 class BasicBlock(nn.Module):
-  """detectron2 BasicBlock: conv1 3x3 (stride) p1 + norm, ReLU, conv2 3x3 p1 + norm, add, ReLU."""
+  """detectron2 (= torchvision) BasicBlock: conv1 3x3 (stride) p1 + norm, ReLU, conv2 3x3 p1 +
+  norm, add, ReLU. `norm` / `conv_init` / `batch_norm`: see `ResNet`."""
 
   out_channels: int
   stride: int
   norm: str
+  conv_init: str
   dtype: Dtype
+  batch_norm: Optional[BatchNormSettings] = None
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, canvas_hw: Optional[jax.Array] = None, in_stride: int = 1
+      self,
+      x: jax.Array,
+      canvas_hw: Optional[jax.Array] = None,
+      in_stride: int = 1,
+      train_bn: bool = False,
   ) -> jax.Array:
     out_stride = in_stride * self.stride
     out_hw = (-(-x.shape[1] // self.stride), -(-x.shape[2] // self.stride))
     out_mask = canvas_mask(out_hw, canvas_hw, out_stride)
-    shortcut = _shortcut(self, x, out_mask)
+    shortcut = _shortcut(self, x, out_mask, train_bn)
     y = nn.relu(
         resnet_conv(self, self.out_channels, 3, self.stride, 1, "conv1")(
-            zero_outside_canvas(x, canvas_hw, in_stride), out_mask
+            zero_outside_canvas(x, canvas_hw, in_stride), out_mask, train_bn
         )
     )
     y = resnet_conv(self, self.out_channels, 3, 1, 1, "conv2")(
-        zero_outside_canvas(y, canvas_hw, out_stride), out_mask
+        zero_outside_canvas(y, canvas_hw, out_stride), out_mask, train_bn
     )
     return nn.relu(y + shortcut)
 
@@ -410,16 +471,25 @@ class ResNetStage(nn.Module):
   first_stride: int
   stride_in_1x1: bool  # bottleneck blocks only
   norm: str
+  conv_init: str
   dtype: Dtype
   num_groups: int  # bottleneck blocks only
   deform: bool  # DeformBottleneckBlock instead of BottleneckBlock
   deform_modulated: bool
   deform_num_groups: int
+  batch_norm: Optional[BatchNormSettings] = None
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, canvas_hw: Optional[jax.Array] = None, in_stride: int = 1
+      self,
+      x: jax.Array,
+      canvas_hw: Optional[jax.Array] = None,
+      in_stride: int = 1,
+      train_bn: bool = False,
   ) -> jax.Array:
+    conv_settings = dict(
+        norm=self.norm, conv_init=self.conv_init, dtype=self.dtype, batch_norm=self.batch_norm
+    )
     for i in range(self.num_blocks):
       stride = self.first_stride if i == 0 else 1
       if self.block == "bottleneck":
@@ -428,10 +498,9 @@ class ResNetStage(nn.Module):
             bottleneck_channels=self.bottleneck_channels,
             stride=stride,
             stride_in_1x1=self.stride_in_1x1,
-            norm=self.norm,
-            dtype=self.dtype,
             num_groups=self.num_groups,
             name=str(i),
+            **conv_settings,
         )
         if self.deform:
           block = DeformBottleneckBlock(
@@ -441,11 +510,9 @@ class ResNetStage(nn.Module):
           )
         else:
           block = BottleneckBlock(**common)
-        x = block(x, canvas_hw, in_stride)
       else:
-        x = BasicBlock(
-            self.out_channels, stride=stride, norm=self.norm, dtype=self.dtype, name=str(i)
-        )(x, canvas_hw, in_stride)
+        block = BasicBlock(self.out_channels, stride=stride, name=str(i), **conv_settings)
+      x = block(x, canvas_hw, in_stride, train_bn)
       in_stride *= stride
     return x
 
@@ -455,13 +522,17 @@ class ResNet(nn.Module):
   STEM_OUT_CHANNELS = `width`, RES2_OUT_CHANNELS = 4 `width` for R50/101 and `width` for R18/34,
   RES5_DILATION=1).
 
-  Attributes (the detector passes `config.model`'s resnet_depth, stride_in_1x1, resnet_norm,
-  freeze_at, resnet_width, dtype and the FPN's `in_features`; the ResNeXt / DCN ones have
-  defaults that give the plain ResNet):
-    depth: 18, 34, 50 or 101.
-    stride_in_1x1: stride on the bottleneck's first 1x1 conv (MSRA) rather than on the 3x3.
-    norm: norm of every conv: 'FrozenBN' (official), 'GN' or '' (none).
-    freeze_at: detectron2 freeze semantics (see module docstring).
+  Attributes (CenterNet2's detector passes `config.model`'s resnet_depth, stride_in_1x1,
+  resnet_norm, freeze_at, resnet_width, dtype, the ResNeXt / DCN settings and the FPN's
+  `in_features`; the one-stage model its own, see the module docstring):
+    depth: 18, 34 (basic blocks) or 50, 101 (bottleneck blocks).
+    stride_in_1x1: stride on the bottleneck's first 1x1 conv (MSRA) rather than on the 3x3
+      (torchvision); basic blocks always have it on conv1.
+    norm: norm of every conv: 'FrozenBN' (official CenterNet2), 'GN', '' (none), 'BN' (trainable
+      BatchNorm, per-device statistics) or 'SyncBN' (statistics over `batch_norm.axis_name`).
+    conv_init: kernel init of every conv: 'c2_msra' (detectron2's c2_msra_fill) or 'torch'
+      (torch's nn.Conv2d default, centerX's ImageNet-initialised ResNet).
+    freeze_at: detectron2 freeze semantics (see module docstring); 0 for 'BN' / 'SyncBN'.
     width: stem channels (STEM_OUT_CHANNELS; 64 = every official ResNet); the res2 output has
       4 `width` channels (bottleneck) or `width` (basic blocks).
     out_features: subset of ('stem', 'res2', 'res3', 'res4', 'res5') to return. As in detectron2,
@@ -476,14 +547,19 @@ class ResNet(nn.Module):
       (`DeformBottleneckBlock`) in every block of those stages (bottleneck ResNets only).
     deform_modulated: DEFORM_MODULATED, DCNv2 (offsets + mask) rather than DCNv1.
     deform_num_groups: DEFORM_NUM_GROUPS, deformable (offset) groups.
+    batch_norm: momentum, eps and SyncBN axis of 'BN' / 'SyncBN' (`layers.BatchNormSettings`);
+      required by them, unused by the other norms.
 
-  Input: normalised float image `[N, H, W, 3]` (and optionally the official canvas `canvas_hw`
-  `[2]`, see `canvas.zero_outside_canvas`). Output: dict name -> `[N, H/s, W/s, C]`.
+  Input: normalised float image `[N, H, W, 3]`, optionally the official canvas `canvas_hw` `[2]`
+  (see `canvas.zero_outside_canvas`; not with 'BN' / 'SyncBN') and `train_bn` (BatchNorm norms
+  normalise with the batch statistics and update the running ones in `batch_stats`; False = eval
+  mode). Output: dict name -> `[N, H/s, W/s, C]` for `out_features`.
   """
 
   depth: int
   stride_in_1x1: bool
   norm: str
+  conv_init: str
   freeze_at: int
   out_features: Sequence[str]
   width: int
@@ -493,11 +569,14 @@ class ResNet(nn.Module):
   deform_on_per_stage: Sequence[bool]
   deform_modulated: bool
   deform_num_groups: int
+  batch_norm: Optional[BatchNormSettings] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, canvas_hw: Optional[jax.Array] = None) -> Dict[str, jax.Array]:
-    if self.depth not in _DEPTH_CONFIG:
-      raise ValueError(f"ResNet depth must be one of {sorted(_DEPTH_CONFIG)}, got {self.depth}")
+  def __call__(
+      self, x: jax.Array, canvas_hw: Optional[jax.Array] = None, train_bn: bool = False
+  ) -> Dict[str, jax.Array]:
+    if self.depth not in BLOCKS_BY_DEPTH:
+      raise ValueError(f"ResNet depth must be one of {sorted(BLOCKS_BY_DEPTH)}, got {self.depth}")
     if len(self.deform_on_per_stage) != 4:
       raise ValueError(
           f"deform_on_per_stage needs 4 entries (res2..res5), got {self.deform_on_per_stage}"
@@ -512,7 +591,16 @@ class ResNet(nn.Module):
     for f in self.out_features:
       if f not in _FEATURE_STRIDES:
         raise ValueError(f"unknown ResNet out_feature {f!r}")
-    block, num_blocks = _DEPTH_CONFIG[self.depth]
+    if self.conv_init not in CONV_INITS:
+      raise ValueError(
+          f"ResNet conv_init must be one of {sorted(CONV_INITS)}, got {self.conv_init!r}"
+      )
+    if self.norm in BATCH_NORMS and self.freeze_at:
+      raise ValueError(
+          f"freeze_at={self.freeze_at} with trainable BatchNorm ({self.norm!r}): not implemented "
+          "(detectron2 turns frozen stages' BatchNorm into FrozenBN)"
+      )
+    block, num_blocks = BLOCKS_BY_DEPTH[self.depth]
     if block == "basic" and (self.num_groups != 1 or any(self.deform_on_per_stage)):
       # detectron2 asserts the same for R18/R34.
       raise ValueError("ResNet-18/34 (basic blocks) support neither num_groups > 1 nor DCN")
@@ -522,8 +610,11 @@ class ResNet(nn.Module):
     order = ("stem",) + STAGE_NAMES
     last = max(order.index(f) for f in self.out_features)
 
+    conv_settings = dict(
+        norm=self.norm, conv_init=self.conv_init, dtype=self.dtype, batch_norm=self.batch_norm
+    )
     outputs = {}
-    x = BasicStem(channels["stem"], norm=self.norm, dtype=self.dtype, name="stem")(x, canvas_hw)
+    x = BasicStem(channels["stem"], name="stem", **conv_settings)(x, canvas_hw, train_bn)
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
     if "stem" in self.out_features:
@@ -538,14 +629,13 @@ class ResNet(nn.Module):
           bottleneck_channels=res2_bottleneck * 2 ** (idx - 1),
           first_stride=1 if name == "res2" else 2,
           stride_in_1x1=self.stride_in_1x1,
-          norm=self.norm,
-          dtype=self.dtype,
           num_groups=self.num_groups,
           deform=bool(self.deform_on_per_stage[idx - 1]),
           deform_modulated=self.deform_modulated,
           deform_num_groups=self.deform_num_groups,
           name=name,
-      )(x, canvas_hw, _FEATURE_STRIDES[order[idx - 1]])
+          **conv_settings,
+      )(x, canvas_hw, _FEATURE_STRIDES[order[idx - 1]], train_bn)
       if self.freeze_at >= stage_num:
         x = jax.lax.stop_gradient(x)
       if name in self.out_features:

@@ -5,14 +5,17 @@
   centernet_onestage.py  the official one-stage CenterNet (CenterNetDetector), arch "centernet"
   onestage.py     one-stage CenterNet as centerX builds it (modeling/onestage/), arch "onestage"
 
-A new family adds `meta_arch/<name>.py` with `@register("<name>")`, imports it here, adds its
-name to `config.ARCHS` and its config keys to the schema; it reuses `backbone/`, `ops/` and the
-shared heads where they are the same.
+A new family adds `meta_arch/<name>.py` with `@register("<name>")` and its config group
+(`schema.group("model.<name>", ..., families=("<name>",))`), imports it here and lists the module
+in `config.SCHEMA_MODULES`; it reuses `backbone/`, `ops/` and the shared heads where they are the
+same.
 """
 
-from cn2_jax.modeling.meta_arch import centernet2  # noqa: F401  (registers "centernet2")
-from cn2_jax.modeling.meta_arch import centernet_onestage  # noqa: F401  (registers "centernet")
-from cn2_jax.modeling.meta_arch import onestage  # noqa: F401  (registers "onestage")
+from cn2_jax.modeling.meta_arch import (
+    centernet2,  # noqa: F401  (registers "centernet2")
+    centernet_onestage,  # noqa: F401  (registers "centernet")
+    onestage,  # noqa: F401  (registers "onestage")
+)
 from cn2_jax.modeling.meta_arch.build import (
     META_ARCHS,
     build_model,

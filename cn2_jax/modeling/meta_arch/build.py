@@ -14,7 +14,9 @@ converts for the family (`--onnx-part`): part name -> the name of a module metho
 Predictor's forward, as the StableHLO export has it); the first part is the default.
 `weights` (a `WeightFormat`) maps the family's official checkpoints onto its variables
 (`python -m cn2_jax.convert`, `--config.weights`, `init_from`); `display_name` names the family
-in messages.
+in messages. `distillation_teacher(module, teacher config, student config)`, when set, makes a
+run of the family usable as a knowledge-distillation teacher (`kd.teacher_workdirs`): it returns
+the frozen teacher's `(variables, batch) -> {cls, wh, reg}` at the student's output stride.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import dataclasses
 from typing import Callable, Dict, Mapping, Optional
 
 import ml_collections
+
+from cn2_jax import schema
+from cn2_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +53,11 @@ class WeightFormat:
   named_tensors: Callable
   # ((variable-name fragment, the config fields that shape it), ...) for mismatch messages
   fields_by_path: tuple
+  # `python -m cn2_jax.convert`: (state dict, checkpoint format, *, seed, backbone_only,
+  # model_config or None) -> (variables, report summary)
+  convert_checkpoint: Callable
+  # the model config converted onto when the command has no --config (None: none needed)
+  default_config: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +69,8 @@ class Family:
   display_name: str
   # --format onnx: part -> module method name (None: the whole detector); the first is the default
   onnx_parts: Mapping[str, Optional[str]] = dataclasses.field(default_factory=dict, hash=False)
+  # (teacher module, teacher config, student config) -> (variables, batch) -> {cls, wh, reg}
+  distillation_teacher: Optional[Callable] = None
 
 
 META_ARCHS: Dict[str, Family] = {}
@@ -72,12 +84,19 @@ def register(
     weights: WeightFormat,
     display_name: str,
     onnx_parts: Optional[Mapping[str, Optional[str]]] = None,
+    distillation_teacher: Optional[Callable] = None,
 ) -> Callable:
   def deco(build: Callable) -> Callable:
     if name in META_ARCHS:
       raise ValueError(f"meta-architecture {name!r} is registered twice")
     META_ARCHS[name] = Family(
-        build, frozen_param_prefixes, class_params, weights, display_name, dict(onnx_parts or {})
+        build,
+        frozen_param_prefixes,
+        class_params,
+        weights,
+        display_name,
+        dict(onnx_parts or {}),
+        distillation_teacher,
     )
     return build
 
@@ -103,3 +122,26 @@ def build_model(model_config: ml_collections.ConfigDict, axis_name: Optional[str
 
 def frozen_param_prefixes(model_config: ml_collections.ConfigDict) -> tuple:
   return tuple(family(model_config.arch).frozen_param_prefixes(model_config))
+
+
+def _validate_model(cfg) -> None:
+  family(cfg.model.arch)  # a ConfigError naming the registered families
+  if cfg.model.dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"model.dtype must be 'float32' or 'bfloat16', got {cfg.model.dtype!r}")
+
+
+CONFIG = schema.group(
+    "model",
+    "The detector: its family and the settings every family reads.",
+    schema.Field(
+        "arch",
+        "centernet2",
+        "detector family (the registry of modeling/meta_arch/build.py): 'centernet2', 'centernet' "
+        "(the official one-stage CenterNet) or 'onestage' (centerX)",
+    ),
+    schema.Field("num_classes", 80, "number of object classes (no background)"),
+    schema.Field(
+        "dtype", "float32", "compute dtype: 'float32' or 'bfloat16' (params stay float32)"
+    ),
+    validate=_validate_model,
+)

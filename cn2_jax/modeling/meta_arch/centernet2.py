@@ -18,19 +18,34 @@ from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from cn2_jax.config import model_kwargs
 from cn2_jax.modeling.backbone.build import build_backbone
 from cn2_jax.modeling.backbone.build import frozen_param_prefixes as backbone_frozen_prefixes
 from cn2_jax.modeling.canvas import canvas_masks, normalized_images, official_canvas
-from cn2_jax.modeling.meta_arch.build import ClassParams, WeightFormat, register
+from cn2_jax.modeling.layers import COMPUTE_DTYPES
+from cn2_jax.modeling.meta_arch.build import ClassParams, WeightFormat, build_model, register
+from cn2_jax.modeling.onestage import teachers
 from cn2_jax.modeling.proposal.centernet import CenterNet
 from cn2_jax.modeling.proposal.decode import proposal_candidates
 from cn2_jax.modeling.roi_heads.cascade import CascadeROIHeads
-from cn2_jax.weights import flax_mapping
+from cn2_jax.modeling.variables import abstract_module_variables, init_module_variables
+from cn2_jax.weights import flax_mapping, rename
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+def convert_checkpoint(sd, fmt: str, *, seed: int, backbone_only: bool, model_config):
+  """`python -m cn2_jax.convert` for the families named like the official state dict (CenterNet2,
+  the official one-stage CenterNet): detectron2 / MSRA / torchvision weights onto the model of
+  `model_config`. Returns (variables, report summary)."""
+  sd = rename.to_detectron2_names(sd, fmt)
+  target = (
+      init_module_variables(build_model(model_config), seed)
+      if backbone_only
+      else abstract_module_variables(build_model(model_config))
+  )
+  variables, report = flax_mapping.convert_to_flax(sd, target, backbone_only=backbone_only)
+  report.notes.extend(f"WARNING: {w}" for w in rename.config_warnings(model_config, fmt))
+  return variables, report.summary()
 
 
 @register(
@@ -45,6 +60,8 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     weights=WeightFormat(
         convert=flax_mapping.convert_official,
         named_tensors=flax_mapping.official_named_tensors,
+        convert_checkpoint=convert_checkpoint,
+        default_config="configs/cn2_r50.py",
         fields_by_path=(
             ("/backbone/bottom_up/", "model.resnet_depth, model.resnet_width or model.resnet_norm"),
             ("/backbone/", "model.fpn_channels or model.fpn_norm"),
@@ -58,6 +75,8 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     ),
     # --format onnx: up to the proposal NMS, which jax2onnx does not convert (cn2_jax/export.py)
     onnx_parts={"candidates": "proposal_candidates", "dense": "dense_outputs"},
+    # its detections, rendered as one-stage targets at the student's stride
+    distillation_teacher=teachers.centernet2_teacher,
 )
 class CenterNet2(nn.Module):
   """The detector. `config` is `config.model` (cn2_jax/config.py), as a FrozenConfigDict.
@@ -72,7 +91,7 @@ class CenterNet2(nn.Module):
     # Every setting comes from the config (cn2_jax/config.py holds all defaults); the rest is
     # wiring: the FPN levels' strides (P3..P7) and the level of the first one.
     m = model_kwargs(self.config)
-    dtype = _DTYPES[m["dtype"]]
+    dtype = COMPUTE_DTYPES[m["dtype"]]
     self.backbone = build_backbone(self.config, dtype)
     self.proposal_generator = CenterNet(
         strides=self.backbone.strides,
@@ -94,7 +113,7 @@ class CenterNet2(nn.Module):
     """`[B, H, W, 3]` uint8 RGB -> normalised `[B, H, W, 3]` in input_format, padding = 0."""
     m = self.config
     x = normalized_images(image, image_hw, m.input_format, m.pixel_mean, m.pixel_std)
-    return x.astype(_DTYPES[m.dtype])
+    return x.astype(COMPUTE_DTYPES[m.dtype])
 
   def backbone_features(self, image: jax.Array, image_hw: jax.Array) -> Tuple[list, list]:
     """The first half of every forward: preprocessing, the backbone on the official canvas (the

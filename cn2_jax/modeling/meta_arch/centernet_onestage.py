@@ -37,9 +37,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cn2_jax import schema
+from cn2_jax.errors import ConfigError
 from cn2_jax.modeling.backbone.build import build_backbone
 from cn2_jax.modeling.backbone.build import frozen_param_prefixes as backbone_frozen_prefixes
 from cn2_jax.modeling.canvas import canvas_masks, normalized_images, official_canvas
+from cn2_jax.modeling.layers import COMPUTE_DTYPES
+from cn2_jax.modeling.meta_arch import centernet2
 from cn2_jax.modeling.meta_arch.build import ClassParams, WeightFormat, register
 from cn2_jax.modeling.ops.nms import DEFAULT_TILE_SIZE
 from cn2_jax.modeling.proposal.centernet_onestage_head import CenterNetOneStageHead
@@ -371,9 +375,6 @@ class CenterNetDetector(nn.Module):
     return dets
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
 # The training keys of `model.centernet_detector` with their official defaults (MODEL.CENTERNET.*,
 # centernet/config.py), read with these fallbacks until cn2_jax/config.py declares them.
 @register(
@@ -388,6 +389,8 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     weights=WeightFormat(
         convert=flax_mapping.convert_official,
         named_tensors=flax_mapping.official_named_tensors,
+        convert_checkpoint=centernet2.convert_checkpoint,  # the same detectron2 names
+        default_config="configs/zoo/CenterNet-FPN_R50_1x.py",
         fields_by_path=(
             ("/backbone/bottom_up/", "model.resnet_* or model.dla"),
             ("/backbone/", "model.backbone, model.fpn_channels, model.bifpn or model.dla"),
@@ -403,7 +406,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def build_centernet_detector(model_config, axis_name: Optional[str] = None) -> CenterNetDetector:
   """`config.model` (arch "centernet") -> the official one-stage `CenterNetDetector`: the
   registered `model.backbone` and the head / decode of `model.centernet_detector`."""
-  dtype = _DTYPES[model_config.dtype]
+  dtype = COMPUTE_DTYPES[model_config.dtype]
   backbone = build_backbone(model_config, dtype)
   cd = model_config.centernet_detector
   if len(cd.in_features) != len(backbone.strides):
@@ -455,3 +458,72 @@ def build_centernet_detector(model_config, axis_name: Optional[str] = None) -> C
       input_format=model_config.input_format,
       axis_name=axis_name,
   )
+
+
+def _validate_detector(cfg) -> None:
+  d = cfg.model.centernet_detector
+  if len(d.soi) != len(d.in_features):
+    raise ConfigError(
+        f"model.centernet_detector.soi has {len(d.soi)} ranges for {len(d.in_features)} "
+        f"in_features (one per level)"
+    )
+
+
+CONFIG = schema.group(
+    "model.centernet_detector",
+    "The official one-stage CenterNet (arch 'centernet': CenterNetDetector with the CenterNet "
+    "head in one-stage mode, ONLY_PROPOSAL False; CenterNet-FPN_R50_1x, CenterNet-S4_DLA_8x). "
+    "Defaults = the official MODEL.CENTERNET defaults.",
+    schema.Field(
+        "in_features", ("p3", "p4", "p5", "p6", "p7"), "levels the head reads (('dla2',) for S4)"
+    ),
+    schema.Field("num_cls_convs", 4, "NUM_CLS_CONVS: class tower depth"),
+    schema.Field("num_box_convs", 4, "NUM_BOX_CONVS: box tower depth"),
+    schema.Field("num_share_convs", 0, "NUM_SHARE_CONVS: convs shared by both towers"),
+    schema.Field(
+        "norm", "GN", "tower norm: 'GN' (GroupNorm(32), or (25) when channels % 32 != 0) or ''"
+    ),
+    schema.Field("use_deformable", False, "last conv of each tower a modulated DCN"),
+    schema.Field("with_agn_hm", False, "an agnostic heatmap multiplied into the class scores"),
+    schema.Field("prior_prob", 0.01, "PRIOR_PROB: initial class probability"),
+    schema.Field("bbox_bias_init", 8.0, "initial bias of the ltrb regression"),
+    schema.Field("inference_thresh", 0.05, "INFERENCE_TH: class-probability candidates"),
+    schema.Field("pre_nms_topk_test", 1000, "PRE_NMS_TOPK_TEST, per level"),
+    schema.Field("post_nms_topk_test", 100, "POST_NMS_TOPK_TEST: detections per image"),
+    schema.Field("nms_thresh_test", 0.6, "NMS_TH_TEST of the per-class NMS"),
+    schema.Field("center_nms", False, "CENTER_NMS: NMS on centre distance instead of IoU"),
+    schema.Field("not_nms", False, "NOT_NMS: no NMS (top-k only)"),
+    schema.Field(
+        "soi",
+        ((0, 80), (64, 160), (128, 320), (256, 640), (512, 10000000)),
+        "SOI: inclusive half-diagonal range per in_feature (((0, 1000000),) for S4)",
+    ),
+    schema.Field(
+        "hm_min_overlap", 0.8, "HM_MIN_OVERLAP: heatmap radius^2 = 2 ((1 - o) / (1 + o))^2 area"
+    ),
+    schema.Field("min_radius", 4.0, "MIN_RADIUS: radius^2 >= min_radius^2"),
+    schema.Field(
+        "more_pos",
+        False,
+        "MORE_POS: positives = the 3x3 cells around each GT centre (all levels) whose GIoU cost "
+        "is below min(k-th smallest cost (more_pos_topk), more_pos_thresh); False: the centre "
+        "cell per SOI level",
+    ),
+    schema.Field("more_pos_thresh", 0.2, "MORE_POS_THRESH"),
+    schema.Field("more_pos_topk", 9, "MORE_POS_TOPK"),
+    schema.Field("focal_alpha", 0.25, "HM_FOCAL_ALPHA (< 0: no alpha weighting)"),
+    schema.Field("focal_beta", 4.0, "HM_FOCAL_BETA: negatives weighted by (1 - heatmap)^beta"),
+    schema.Field("loss_gamma", 2.0, "LOSS_GAMMA"),
+    schema.Field("sigmoid_clamp", 1e-4, "SIGMOID_CLAMP"),
+    schema.Field(
+        "ignore_high_fp", -1.0, "IGNORE_HIGH_FP: > 0 drops negatives with probability >= it"
+    ),
+    schema.Field("pos_weight", 1.0, "POS_WEIGHT"),
+    schema.Field("neg_weight", 1.0, "NEG_WEIGHT"),
+    schema.Field("reg_weight", 2.0, "REG_WEIGHT (1 in Base_S4_DLA)"),
+    schema.Field(
+        "not_norm_reg", True, "NOT_NORM_REG; False: GIoU terms weighted by the agnostic heatmap"
+    ),
+    families=("centernet",),
+    validate=_validate_detector,
+)

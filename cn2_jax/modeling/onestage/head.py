@@ -21,8 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cn2_jax.modeling.layers import Conv2d
-from cn2_jax.modeling.onestage.backbone import torch_conv_init
+from cn2_jax.modeling.layers import Conv2d, torch_conv_init
 from cn2_jax.modeling.onestage.neck import torch_bias_init
 
 Dtype = Any

@@ -44,15 +44,24 @@ kd_loss_fn=...)` takes them directly).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
+import math
+import os
+from typing import Callable, Dict, Mapping, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from cn2_jax.modeling.onestage.kd_render import render_detections
+from cn2_jax import schema
+from cn2_jax.config import config_from_json
+from cn2_jax.errors import ConfigError
+from cn2_jax.modeling.meta_arch import build as meta_arch_build
+from cn2_jax.modeling.onestage.teachers import (  # noqa: F401  (re-exported)
+    MAP_KEYS,
+    centernet2_teacher_forward,
+    teacher_forward,
+)
 
 EPS = 1e-4
-MAP_KEYS = ("cls", "wh", "reg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,58 +130,6 @@ def kd_losses(
   for i, (t, s) in enumerate(zip(teachers, settings)):
     out.update(kd_teacher_losses(student, t, s, i))
   return out
-
-
-# ------------------------------------------------------------------------------ engine hooks
-def _teacher_maps(module, batch):
-  images = module.preprocess(batch["image"], batch["image_hw"])
-  out = module.maps(images, False)  # BatchNorm in eval mode: running statistics
-  return {k: out[k].astype(jnp.float32) for k in MAP_KEYS}
-
-
-def teacher_forward(module) -> Callable[[Any, Mapping[str, jax.Array]], Dict[str, jax.Array]]:
-  """`(variables, batch) -> {cls, wh, reg}` of a frozen one-stage teacher (nothing mutated)."""
-
-  def fn(variables, batch):
-    return module.apply(variables, batch, method=_teacher_maps)
-
-  return fn
-
-
-def centernet2_teacher_forward(
-    module,
-    *,
-    num_classes: int,
-    down_scale: int,
-    min_overlap: float,
-    radius_formula: str,
-    score_thresh: float,
-) -> Callable[[Any, Mapping[str, jax.Array]], Dict[str, jax.Array]]:
-  """`(variables, batch) -> {cls, wh, reg}` of a frozen CenterNet2 teacher: its inference-mode
-  detections on the student's batch (`image`, `image_hw` only), in the batch canvas's pixels,
-  rendered at the student's output size `image.shape[1:3] // down_scale` by
-  `kd_render.render_detections` (student settings `down_scale`, `min_overlap`,
-  `radius_formula`; `score_thresh` = `kd.render_score_thresh`). Outputs under stop_gradient."""
-
-  def fn(variables, batch):
-    inputs = {"image": batch["image"], "image_hw": batch["image_hw"]}
-    dets = module.apply(variables, inputs, train=False)  # canvas pixels, not postprocessed
-    h, w = batch["image"].shape[1:3]
-    maps = render_detections(
-        dets["boxes"].astype(jnp.float32),
-        dets["scores"].astype(jnp.float32),
-        dets["classes"],
-        dets["valid"],
-        out_hw=(h // down_scale, w // down_scale),
-        num_classes=num_classes,
-        stride=down_scale,
-        min_overlap=min_overlap,
-        radius_formula=radius_formula,
-        score_thresh=score_thresh,
-    )
-    return jax.tree.map(jax.lax.stop_gradient, maps)
-
-  return fn
 
 
 def _student_losses(module, batch, teacher_maps, settings, without_label):
@@ -248,11 +205,7 @@ def teacher_settings(kd_cfg, teacher_num_classes: Sequence[int]) -> Tuple[Teache
 def load_teachers(cfg) -> Tuple[list, Tuple[TeacherKD, ...]]:
   """`([(forward_fn, variables), ...], settings)` of `cfg.kd.teacher_workdirs`: each teacher's
   config is its workdir's config.json (its `weights` if set, else its latest checkpoint)."""
-  import os
-
-  from cn2_jax.config import config_from_json
-  from cn2_jax.errors import ConfigError
-  from cn2_jax.modeling import detector
+  # Imported here: the weight loader imports the families, which import this package.
   from cn2_jax.weights.loading import restore_model_variables
 
   teachers, num_classes = [], []
@@ -261,27 +214,17 @@ def load_teachers(cfg) -> Tuple[list, Tuple[TeacherKD, ...]]:
     if not os.path.isfile(path):
       raise ConfigError(f"kd.teacher_workdirs: {path} not found (train the teacher first)")
     tcfg = config_from_json(path)
-    student = cfg.model.onestage
-    if tcfg.model.arch == "onestage":
-      if tcfg.model.onestage.down_scale != student.down_scale:
-        raise ConfigError(f"kd teacher {wd}: down_scale differs from the student's")
-      module = detector.build_model(tcfg.model)
-      forward = teacher_forward(module)
-    elif tcfg.model.arch == "centernet2":  # detections rendered at the student's stride
-      module = detector.build_model(tcfg.model)
-      forward = centernet2_teacher_forward(
-          module,
-          num_classes=int(tcfg.model.num_classes),
-          down_scale=int(student.down_scale),
-          min_overlap=float(student.min_overlap),
-          radius_formula=str(student.radius_formula),
-          score_thresh=float(cfg.kd.render_score_thresh),
-      )
-    else:
+    family = meta_arch_build.family(tcfg.model.arch)
+    if family.distillation_teacher is None:
+      teachable = [n for n, f in meta_arch_build.META_ARCHS.items() if f.distillation_teacher]
       raise ConfigError(
-          f"kd teacher {wd}: model.arch={tcfg.model.arch!r}; teachers are 'onestage' or "
-          f"'centernet2' runs"
+          f"kd teacher {wd}: model.arch={tcfg.model.arch!r} cannot teach; teachers are runs of "
+          f"{teachable}"
       )
+    try:
+      forward = family.distillation_teacher(meta_arch_build.build_model(tcfg.model), tcfg, cfg)
+    except ConfigError as e:
+      raise ConfigError(f"kd teacher {wd}: {e}") from e
     variables = restore_model_variables(tcfg, wd)
     teachers.append((forward, variables))
     num_classes.append(int(tcfg.model.num_classes))
@@ -310,3 +253,73 @@ def make_distillation(cfg):
       ),
       inputs=tuple(variables for _, variables in teachers),
   )
+
+
+def _validate_kd(cfg) -> None:
+  k, m = cfg.kd, cfg.model
+  t = k.render_score_thresh
+  if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+    raise ConfigError(f"kd.render_score_thresh must be a number in [0, 1], got {t!r}")
+  n = len(tuple(k.teacher_workdirs))
+  if not n:
+    return
+  if not all(isinstance(w, str) and w for w in k.teacher_workdirs):
+    raise ConfigError(f"kd.teacher_workdirs must be a tuple of paths, got {k.teacher_workdirs!r}")
+  for key in ("weight", "cls_weight", "wh_weight", "reg_weight", "norm_wh"):
+    if len(tuple(k[key])) not in (1, n):
+      raise ConfigError(f"kd.{key} has {len(tuple(k[key]))} values for {n} teachers (1 or {n})")
+    if key != "norm_wh" and not all(math.isfinite(v) and v >= 0 for v in k[key]):
+      raise ConfigError(f"kd.{key} must be >= 0, got {tuple(k[key])}")
+  ends = tuple(k.cls_index)
+  if ends and (len(ends) != n or any(b <= a for a, b in zip((0,) + ends, ends))):
+    raise ConfigError(f"kd.cls_index must be () or {n} increasing channel ends, got {ends}")
+  if ends and ends[-1] > m.num_classes:
+    raise ConfigError(f"kd.cls_index={ends} ends past model.num_classes={m.num_classes}")
+
+
+CONFIG = schema.group(
+    "kd",
+    "Knowledge distillation (docs/onestage.md §4), off while teacher_workdirs is empty. Each "
+    "teacher is a run workdir of this project (its config.json and `weights` or latest "
+    "checkpoint), frozen, run inside the train step on the student's batch. The per-teacher "
+    "tuples take 1 value (used for every teacher) or one per teacher; defaults are centerX's "
+    "(KD_WEIGHT 10, KD_CLS_WEIGHT 1, KD_WH_WEIGHT 1, KD_REG_WEIGHT 0.1, NORM_WH False); its "
+    "configs use e.g. weight 1, cls_weight 1e3 (dense MSE), norm_wh True.",
+    schema.Field("teacher_workdirs", (), "teacher run folders, e.g. ('runs/teacher',)"),
+    schema.Field(
+        "cls_index",
+        (),
+        "KD_CLS_INDEX: the end of each teacher's student channels ((3, 7): teacher 0 -> 0:3, "
+        "teacher 1 -> 3:7); () = the teachers' num_classes concatenated in order",
+    ),
+    schema.Field("weight", (10.0,), "KD_WEIGHT: factor of all KD terms of a teacher"),
+    schema.Field("cls_weight", (1.0,), "heatmap MSE"),
+    schema.Field("wh_weight", (1.0,), "wh L1 at the teacher's peaks"),
+    schema.Field("reg_weight", (0.1,), "offset L1 at the teacher's peaks"),
+    schema.Field("norm_wh", (False,), "divide the wh terms by the teacher's (w + h) / 2 per pixel"),
+    schema.Field(
+        "render_score_thresh",
+        0.05,
+        "CenterNet2 teachers: their final detections are rendered into soft heatmaps (peak = "
+        "score) and wh / offset maps at the student's stride with the student's model.onestage "
+        "min_overlap / radius_formula (modeling/onestage/kd_render.py); detections scoring below "
+        "this are not drawn. 0.05 = CenterNet2's own output threshold, so every detection the "
+        "teacher outputs is drawn as a soft target (a pseudo-label threshold such as 0.3 would "
+        "pull the student to 0 on the teacher's uncertain objects). In [0, 1]",
+    ),
+    families=("onestage",),
+    validate=_validate_kd,
+)
+
+# Read by the data pipeline of every family (woGT keeps images without boxes), so not restricted
+# to the one-stage family like the rest of `kd`.
+WITHOUT_LABEL_CONFIG = schema.group(
+    "kd",
+    "Distillation without labels (woGT, docs/onestage.md §4.3).",
+    schema.Field(
+        "without_label",
+        False,
+        "woGT: only the KD terms (the GT losses are dropped); the loaders keep images without "
+        "boxes and place the crop uniformly",
+    ),
+)

@@ -1,8 +1,9 @@
 """centerX one-stage CenterNet: ResNet C5 -> 3 DeconvLayers (stride 4) -> cls / wh / reg heads
 (docs/onestage.md §2-§3; centerX `modeling/meta_arch/centernet.py`).
 
-Sub-modules are named `backbone`, `upsample`, `head`, so variable paths equal centerX's
-state-dict keys under the rename rule of `cn2_jax/weights/onestage.py`.
+Sub-modules are named `backbone` (the shared `modeling/backbone/resnet.py` ResNet in torchvision
+style, detectron2 names: `backbone.stem.conv1`, `backbone.res2.0.conv1.norm`, ...), `upsample`,
+`head`; `cn2_jax/weights/onestage.py` maps centerX's state-dict keys onto these paths.
 
 Call contract (the batch contract of docs/DESIGN.md; `image` is RGB uint8 zero-padded at the
 bottom/right, `image_hw` the valid size):
@@ -42,15 +43,29 @@ from cn2_jax.modeling.variables import (  # noqa: F401  (re-exported: the family
     init_fn,
     init_module_variables as init_variables,
 )
+from cn2_jax.modeling.backbone.resnet import ResNet
+from cn2_jax.modeling.layers import COMPUTE_DTYPES, BatchNormSettings
 from cn2_jax.modeling.onestage import decode as decode_lib
 from cn2_jax.modeling.onestage import losses as loss_lib
-from cn2_jax.modeling.onestage.backbone import ResNetC5
 from cn2_jax.modeling.onestage.head import CenternetHead
 from cn2_jax.modeling.onestage.neck import CenternetDeconv
 from cn2_jax.modeling.onestage.targets import batch_targets
 
 # "float64" only under jax.enable_x64 (the oracle's double-precision reference).
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+# centerX's `build_resnet` (a torchvision ResNet) as `ResNet` settings: stride on the 3x3 conv,
+# torch's default conv init (centerX relies on the ImageNet checkpoint), nothing frozen, plain
+# (no ResNeXt groups, no deformable stage), C5 only.
+_TORCHVISION_RESNET = dict(
+    stride_in_1x1=False,
+    conv_init="torch",
+    freeze_at=0,
+    out_features=("res5",),
+    num_groups=1,
+    width_per_group=0,
+    deform_on_per_stage=(False, False, False, False),
+    deform_modulated=False,
+    deform_num_groups=1,
+)
 
 
 class CenterNetOneStage(nn.Module):
@@ -107,10 +122,15 @@ class CenterNetOneStage(nn.Module):
   axis_name: Optional[str] = None  # set by the train step (model.clone), not a setting
 
   def setup(self):
-    dtype = _DTYPES[self.dtype]
+    dtype = COMPUTE_DTYPES[self.dtype]
     bn_axis = self.axis_name if self.sync_bn else None
-    self.backbone = ResNetC5(
-        self.depth, self.backbone_width, self.bn_momentum, self.bn_eps, bn_axis, dtype
+    self.backbone = ResNet(
+        depth=self.depth,
+        width=self.backbone_width,
+        norm="SyncBN" if self.sync_bn else "BN",
+        batch_norm=BatchNormSettings(self.bn_momentum, self.bn_eps, bn_axis),
+        dtype=dtype,
+        **_TORCHVISION_RESNET,
     )
     self.upsample = CenternetDeconv(
         tuple(self.deconv_channels),
@@ -130,7 +150,7 @@ class CenterNetOneStage(nn.Module):
   def preprocess(self, image: jax.Array, image_hw: jax.Array) -> jax.Array:
     """`[B, H, W, 3]` uint8 RGB -> normalised `[B, H, W, 3]` float32 (float64 for a float64
     model), 0 outside `image_hw`."""
-    f = jnp.promote_types(_DTYPES[self.dtype], jnp.float32)
+    f = jnp.promote_types(COMPUTE_DTYPES[self.dtype], jnp.float32)
     x = image.astype(f)
     if self.input_format == "BGR":
       x = x[..., ::-1]
@@ -149,8 +169,9 @@ class CenterNetOneStage(nn.Module):
   def maps(self, images: jax.Array, train_bn: bool = False) -> Dict[str, jax.Array]:
     """Normalised images `[B, H, W, 3]` -> head maps `cls [B, H/4, W/4, C]` (sigmoid), `wh`,
     `reg` `[B, H/4, W/4, 2]` (float32)."""
-    dtype = _DTYPES[self.dtype]
-    c5 = self.backbone(images.astype(dtype), train_bn)
+    dtype = COMPUTE_DTYPES[self.dtype]
+    # No canvas: BatchNorm statistics cover the whole batch canvas, as centerX's padded tensor.
+    c5 = self.backbone(images.astype(dtype), train_bn=train_bn)["res5"]
     self.sow("intermediates", "c5", c5)
     neck = self.upsample(c5, train_bn)
     self.sow("intermediates", "neck", neck)

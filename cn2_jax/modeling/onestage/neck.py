@@ -38,9 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from cn2_jax.modeling import export_mode
-from cn2_jax.modeling.layers import Conv2d
-from cn2_jax.modeling.onestage.backbone import torch_conv_init
-from cn2_jax.modeling.onestage.norm import TORCH_BN_EPS, TORCH_BN_MOMENTUM, BatchNorm
+from cn2_jax.modeling.layers import (
+    TORCH_BN_EPS,
+    TORCH_BN_MOMENTUM,
+    BatchNorm,
+    Conv2d,
+    torch_conv_init,
+)
 from cn2_jax.modeling.ops.dcn import DeformConv2d, ModulatedDeformConv, dcn_kernel_init
 
 Dtype = Any

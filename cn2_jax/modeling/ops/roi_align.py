@@ -17,54 +17,86 @@ Exact per-sample semantics (torchvision `roi_align_kernel.cpp`, `aligned=True` u
     clamped to `>= 0`, `y_low = floor(y)`; if `y_low >= H - 1` then `y_low = y_high = H - 1` and
     `y = H - 1`, else `y_high = y_low + 1` (x likewise). Bilinear weights `hy*hx, hy*lx, ly*hx,
     ly*lx` with `ly = y - y_low`, `hy = 1 - ly`.
-  * Samples are summed in the kernel's order (iy outer, ix inner, per sample
-    `((w1 v1 + w2 v2) + w3 v3) + w4 v4`) and the sum is divided by `max(grid_h * grid_w, 1)`.
-  Coordinates and weights are computed in float32 in the kernel's operation order; the gathers,
-  products and the accumulation run in the features' dtype (float32 matches the official kernel
-  to rounding; bfloat16 accumulates in bfloat16). torchvision computes `coord * spatial_scale`
-  in double: identical for the power-of-two scales of a feature pyramid, within one float32
-  rounding for other scales.
+  * The bin's value is the sum of its samples divided by `max(grid_h * grid_w, 1)`; the kernel
+    sums them iy outer, ix inner, per sample `((w1 v1 + w2 v2) + w3 v3) + w4 v4`.
+  Coordinates and weights are computed in float32 in the kernel's operation order. torchvision
+  computes `coord * spatial_scale` in double: identical for the power-of-two scales of a feature
+  pyramid, within one float32 rounding for other scales.
 
 Two sampling modes:
-  * `sampling_ratio > 0` (fixed, the fast path; scenic uses 2): every bin of every box takes
-    `sampling_ratio x sampling_ratio` samples. The sub-sample loop is unrolled (`sampling_ratio**2`
-    gathers of `[R, out_h, out_w, C]` per neighbour). This is NOT what the official model does;
-    pooled features differ from the official ones for boxes whose bins are larger than
-    `sampling_ratio` feature cells (and for tiny boxes, which get more samples than officially).
-  * `sampling_ratio == 0` (adaptive, the official `ROIAlignV2` / `POOLER_SAMPLING_RATIO=0`): box `r`
-    takes `grid_h = ceil(roi_h / out_h)` by `grid_w = ceil(roi_w / out_w)` samples per bin, the
-    roi size being in feature-map units (so a box with `roi <= 0` pools to exactly 0). With static
-    shapes the sub-sample loop runs over a static cap `max_adaptive_samples` per axis
-    (`(cap_h, cap_w)` or one int for both) and masks the sub-samples a box does not use; a
-    `lax.scan` over the `cap_h * cap_w` sub-sample offsets skips (`lax.cond`) offsets that no box
-    needs, so a generous cap costs little when unused (under `vmap` the skip becomes a select and
-    every offset is computed). The result is exact (identical sample set, order and divisor) for
-    every box with `grid_h <= cap_h` and `grid_w <= cap_w`. **A box needing more samples than the
-    cap is sampled with the cap**: `grid = min(grid, cap)` per axis, samples evenly spread over the
-    bin with that grid and divided by `max(grid_h * grid_w, 1)` of the capped grids (i.e. like a
-    fixed sampling ratio of `cap` on that axis). `required_adaptive_samples` returns the per-axis
-    grid the boxes need, so callers and tests can check that the cap suffices. The cap is a
-    setting (`config.model.roi_heads.max_adaptive_samples`): 8 covers every box whose roi spans
-    <= 8 * out cells on its level: all roughly square boxes (level assignment keeps them at 14-28
-    cells, <= 4 samples) and the elongated cascade boxes of the oracle image (<= 7); the schema's
-    24 covers a 1333 px side on P3. Cost: up to `cap_h * cap_w`
-    sub-sample steps (each 4 gathers of `[R, out_h, out_w, C]`) versus `sampling_ratio**2` for
-    the fixed mode; on GPU each step's `lax.cond` predicate may cost a device-to-host sync
-    (XLA GPU runs dynamic control flow on the host, jax-ml/jax#2491), which is why the fixed
-    mode stays the fast path.
+  * `sampling_ratio > 0` (fixed; scenic uses 2): every bin of every box takes
+    `sampling_ratio x sampling_ratio` samples. The sub-sample loop is unrolled (per sub-sample,
+    4 gathers of `[R, out_h, out_w, C]`), summed in the kernel's order, in the features' dtype
+    (bfloat16 accumulates in bfloat16). This is NOT what the official model does; pooled features
+    differ from the official ones for boxes whose bins are larger than `sampling_ratio` feature
+    cells (and for tiny boxes, which get more samples than officially).
+  * `sampling_ratio == 0` (adaptive, the default: the official `ROIAlignV2` /
+    `POOLER_SAMPLING_RATIO=0`): box `r` takes `grid_h = ceil(roi_h / out_h)` by
+    `grid_w = ceil(roi_w / out_w)` samples per bin, the roi size being in feature-map units (so a
+    box with `roi <= 0` pools to exactly 0). The grid is capped per axis by the static setting
+    `max_adaptive_samples` (`config.model.roi_heads.max_adaptive_samples`, `(cap_h, cap_w)` or
+    one int): exact for every box with `grid_h <= cap_h` and `grid_w <= cap_w`; **a box needing
+    more samples than the cap is sampled with the cap** (`grid = min(grid, cap)` per axis, samples
+    evenly spread over the bin with that grid, divided by `max(grid_h * grid_w, 1)` of the capped
+    grids, like a fixed sampling ratio of `cap` on that axis). `required_adaptive_samples`
+    returns the per-axis grid the boxes need. The schema's 24 covers a 1333 px side on P3 (the
+    oracle's boxes need <= 8). The cap costs next to nothing: it bounds only the sample loop that
+    builds the weight vectors below, which has no channel axis.
+
+Adaptive mode, computation (`_pool_adaptive`). The average of bilinear samples over a product grid
+is separable: a sample's weight on cell `(row, col)` is `wy(row) * wx(col)`, and a dropped sample
+(outside `[-1, H]` in y or `[-1, W]` in x, or beyond the box's grid) has a zero weight on the
+dropping axis. So bin `(p, q)` = `sum_row sum_col Wy[p, row] Wx[q, col] F[row, col] / count`,
+where `Wy[p, row]` sums the y weights (`hy` on `y_low`, `ly` on `y_high`) of bin p's samples, `Wx`
+likewise. Per box:
+  1. the sample positions and bilinear weights are computed exactly as above (float32, the
+     kernel's operations) for every sub-sample up to the cap and scatter-added into `Wy`, `Wx`
+     over the box's support rows `lo_h .. lo_h + S_h - 1` and columns `lo_w .. lo_w + S_w - 1`;
+  2. the support is gathered once as a static window of `rows` slices of `cols` contiguous cells:
+     cut along its longer axis into `ceil(S_long / cols)` pieces, stacked (`pieces * S_short <=
+     rows`); a tall box's slices come from a column-major copy of the feature table;
+  3. two contractions: `t[a, q] = sum_b W_long[q, piece(a) * cols + b] * window[a, b]` per
+     slice, then `out[p, q] = sum_a W_short[p, offset(a)] * t[a, q]`, divided by the count.
+  No data-dependent control flow; the work per box is its window (`rows * cols` cells, about
+  `out + out**2 / cols` multiply-adds per cell and channel), whatever the cap. The window is
+  static and chosen at trace time (`_adaptive_window`) so that every possible box fits, which
+  makes the mode exact for every box (no fallback): a box on a level below the coarsest has a
+  roi area < `(2 * canonical_box_size / 2**canonical_level)**2` cells (28^2 by default, level
+  assignment) and a support <= `floor(roi) + 3` cells per axis, clipped to its map; the coarsest
+  level (and `roi_align`'s single map) can hold a box as large as its map. On the 800x1216 pyramid
+  (P3 100x152 .. P7 7x10) the window is 63 slices of 22 cells (1386 cells; the oracle's pooled
+  boxes have a median support of ~360 cells and at most ~1000); the zoo configs that pool from
+  P3-P4 only take the whole P4 map (6400 cells at 1280 px).
+  Exactness: the same samples, bitwise-equal float32 weights and the same divisor as the kernel;
+  only the summation order differs (weights summed per row and column, then two contractions),
+  so float32 results equal the kernel's to float32 rounding, not bitwise: on the official P4-P7
+  features with the official image's 510 P4-P7 cascade boxes, new vs the former per-sample
+  accumulation differ by at most 3.1e-5 (1.0e-6 of the largest value, 29.5; both are 6.9e-5 from
+  a float64 sum of the kernel's samples), feature gradients by 1.1e-6 of the largest (tests/
+  test_roi_align_separable.py); 2 x 512 oracle training boxes on 800x1216 random features:
+  5.8e-6 and 2e-6 (bench/roi_align_cpu.py). The window values are upcast to float32 and
+  both contractions run in float32, so bfloat16 features pool to the float32 result rounded once.
+  The boxes run in a loop of steps of a few boxes (`lax.map`, static trip count, no condition: XLA
+  runs a while loop of known trip count without reading the predicate back to the host): on
+  XLA:CPU a step's windows stay in cache from the gather to the contractions. The gradient is,
+  per step, the two transposed contractions and a scatter-add of the step's contiguous window
+  slices into the feature tables.
 
 Multi-level pooling (detectron2 `ROIPooler`): `assign_boxes_to_levels` picks one level per box
 (`clamp(floor(canonical_level + log2(sqrt(area) / canonical_box_size + 1e-8)), min, max)`), and
 `multilevel_roi_align` pools each box on its level only: the pyramid (and the batch) is flattened
-into one `[B * sum_l H_l W_l, C]` table and every bilinear neighbour is one gather with per-box
-base offset / height / width; there is no per-level recomputation (unlike scenic, which pools
-every box on every level). The backward pass is a scatter-add into that table. Boxes whose area
-is negative or NaN (detectron2 then gets a NaN level that matches no pooler) pool to zeros.
+into one `[B * sum_l H_l W_l, C]` table (plus its column-major copy in the adaptive mode) that
+every gather reads with per-box base offset / height / width; there is no per-level
+recomputation (unlike scenic, which pools every box on every level). The backward pass is a
+scatter-add into that table. Boxes whose area is negative or NaN (detectron2 then gets a NaN
+level that matches no pooler) pool to zeros.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+import functools
+import math
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -238,65 +270,221 @@ def _axis_samples(start, bin_size, grid, idx, size, out: int):
   return low, high, jnp.where(inside, h, zero), jnp.where(inside, l, zero)
 
 
-def _pool_flat(
-    table: jax.Array,
-    boxes: jax.Array,
-    scale: jax.Array,
-    base: jax.Array,
-    height: jax.Array,
-    width: jax.Array,
-    out_hw: Tuple[int, int],
-    sampling_ratio: int,
-    aligned: bool,
-    cap_hw: Tuple[int, int],
-    extent_h: Optional[jax.Array] = None,
-    extent_w: Optional[jax.Array] = None,
-) -> jax.Array:
-  """ROIAlign of R boxes, each on its own `[height, width]` block of a flat table.
+def _axis_weight_vectors(start, bin_size, grid, size, out: int, cap: int, length: int):
+  """Adaptive sampling along one axis as one weight vector per bin over the map's rows (columns).
+
+  Sample `i < cap` of bin `p` sits at `(start + p * bin) + ((i + 0.5) * bin) / grid` (the kernel's
+  float32 operations, as `_axis_samples`); it exists when `i < grid` and is dropped outside
+  `[-1, size]`. Its bilinear weights `1 - l` and `l` go to rows `low` and `high` (the kernel's
+  clamping and border rule), and every bin sums the weights of its samples per row.
 
   Args:
-    table: `[N, C]` flattened feature maps (rows `base + y * width + x`).
-    boxes: `f32[R, 4]` image pixels; scale: `f32[R]` or scalar spatial scale.
-    base, height, width: `int32[R]` block offset and map size of every box.
-    extent_h, extent_w: `int32[R]` (<= height, width) the part of the map the kernel's border
-      rule applies to (the official canvas of a larger map); default the whole map.
+    start, bin_size: `f32[R]`; grid: `f32[R]` samples per bin (capped; may be <= 0 or NaN).
+    size: `int32[R]` extent of the map along the axis (the border rule's H or W).
+    length: static length of the returned vectors (>= the largest support).
   Returns:
-    `[R, out_h, out_w, C]` in `table.dtype`.
+    lo: `int32[R]` first row with a sample weight (0 for a box without samples);
+    span: `int32[R]` rows `lo .. lo + span - 1` hold every weight (1 for a box without samples);
+    weights: `f32[R, out, length]`, `weights[r, p, t]` = summed weight of row `lo + t` in bin `p`.
   """
-  dtype = table.dtype
-  out_h, out_w = out_hw
-  num = boxes.shape[0]
-  start_y, start_x, bin_h, bin_w, roi_h, roi_w = _roi_geometry(boxes, scale, out_hw, aligned)
-  adaptive = sampling_ratio <= 0
-  if adaptive:
-    grid_h = jnp.minimum(_adaptive_grid(roi_h, out_h), jnp.float32(cap_hw[0]))
-    grid_w = jnp.minimum(_adaptive_grid(roi_w, out_w), jnp.float32(cap_hw[1]))
-    prod = grid_h * grid_w
-    count = jnp.where(prod >= 1.0, prod, jnp.float32(1.0))  # max(gh*gw, 1); NaN -> 1.
-    # Positions only matter where grid >= 1 (other sub-samples are masked).
-    pos_h = jnp.where(grid_h >= 1.0, grid_h, jnp.float32(1.0))
-    pos_w = jnp.where(grid_w >= 1.0, grid_w, jnp.float32(1.0))
-  else:
-    grid_h = grid_w = pos_h = pos_w = jnp.full((num,), sampling_ratio, jnp.float32)
-    count = jnp.full((num,), sampling_ratio * sampling_ratio, jnp.float32)
+  num = start.shape[0]
+  pos = jnp.where(grid >= 1.0, grid, jnp.float32(1.0))  # positions only matter where grid >= 1
+  i = jnp.arange(cap, dtype=jnp.float32)[None, None, :]
+  p = jnp.arange(out, dtype=jnp.float32)[None, :, None]
+  start, bin_size, pos = start[:, None, None], bin_size[:, None, None], pos[:, None, None]
+  size3 = size[:, None, None]
+  size_f = size3.astype(jnp.float32)
+  c = (start + p * bin_size) + ((i + jnp.float32(0.5)) * bin_size) / pos  # [R, out, cap]
+  inside = (c >= -1.0) & (c <= size_f)  # False for NaN.
+  live = inside & (i < grid[:, None, None])
+  c = jnp.where(inside, jnp.clip(c, 0.0, size_f - 1.0), 0.0)
+  low_f = jnp.floor(c)
+  low = low_f.astype(jnp.int32)
+  high = jnp.minimum(low + 1, size3 - 1)
+  frac = c - low_f
+  zero = jnp.float32(0.0)
+  w_low = jnp.where(live, jnp.float32(1.0) - frac, zero)
+  w_high = jnp.where(live, frac, zero)
+  lo = jnp.min(jnp.where(live, low, jnp.iinfo(jnp.int32).max), axis=(1, 2))
+  hi = jnp.max(jnp.where(live, high, -1), axis=(1, 2))
+  empty = hi < lo
+  lo = jnp.where(empty, 0, lo)
+  span = jnp.where(empty, 1, hi - lo + 1)
+  rows = jnp.broadcast_to(jnp.arange(num, dtype=jnp.int32)[:, None, None], low.shape)
+  bins = jnp.broadcast_to(jnp.arange(out, dtype=jnp.int32)[None, :, None], low.shape)
+  t_low = jnp.where(live, low - lo[:, None, None], length)  # dead samples: dropped index
+  t_high = jnp.where(live, high - lo[:, None, None], length)
+  weights = jnp.zeros((num, out, length), jnp.float32)
+  weights = weights.at[rows, bins, t_low].add(w_low, mode="drop")
+  weights = weights.at[rows, bins, t_high].add(w_high, mode="drop")
+  return lo, span, weights
 
-  row_base = base[:, None]
-  ext_h = height if extent_h is None else extent_h
-  ext_w = width if extent_w is None else extent_w
+
+# Support of an adaptive box along one axis: S <= floor(roi) + 3 cells (samples lie strictly inside
+# the roi; `floor(last) + 1 - floor(first) + 1` rows), with 0.01 cell of float32 slack.
+_SUPPORT_SLACK = 3.01
+# Cost of one gathered window cell relative to one multiply-add of the first contraction (the
+# window gather and, in the backward pass, its scatter-add), to choose the window's shape.
+_GATHER_COST = 4.0
+# Window values gathered per step of `_pool_adaptive`'s loop over boxes: on CPU a few boxes, whose
+# windows (8 MB) stay in cache from the gather to the contractions (all 2 x 512 boxes' windows at
+# once, 1.5 GB, made the pooler 5x slower on XLA:CPU); elsewhere 256 MB of float32 per step.
+_CPU_WINDOW_ELEMENTS = 1 << 21
+_DEVICE_WINDOW_ELEMENTS = 1 << 26
+
+
+def _boxes_per_step(window_elements: int) -> int:
+  """Boxes per step of `_pool_adaptive`'s loop for a window of `window_elements` values."""
+  budget = _CPU_WINDOW_ELEMENTS if jax.default_backend() == "cpu" else _DEVICE_WINDOW_ELEMENTS
+  return max(1, budget // window_elements)
+
+
+def _partner_support(s: np.ndarray, ext_other: int, area_bound: float) -> np.ndarray:
+  """Largest support along the other axis of a box with support `s` along one axis, for boxes of
+  roi area (cells^2) below `area_bound`: s >= 5 means roi >= s - 3 (also when `aligned=False`
+  raises a roi to 1), hence roi_other < area_bound / (s - 3)."""
+  if not math.isfinite(area_bound):
+    return np.full(s.shape, ext_other)
+  roi_min = np.maximum(s - _SUPPORT_SLACK, 1e-9)
+  other = np.floor(area_bound * 1.001 / roi_min + 0.01) + 3
+  return np.where(s <= 4, ext_other, np.minimum(other, ext_other)).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def _adaptive_window(
+    level_shapes: Tuple[Tuple[int, int], ...], area_bounds: Tuple[float, ...], out: int
+) -> Tuple[int, int, int]:
+  """Static window `(rows, cols)` that holds the folded support of every possible box, and the
+  padded length of the per-axis weight vectors.
+
+  A box's support `S_short x S_long` (the longer axis `long`) is cut along `long` into
+  `m = ceil(S_long / cols)` pieces of `cols` cells, stacked as `m * S_short <= rows` window rows.
+  Every box fits when this holds for the largest supports its level allows: up to the level's map
+  extent per axis and, on levels whose boxes have a bounded area (all but the coarsest, see
+  `_level_area_bounds`), `S <= floor(roi) + 3` with `roi_h * roi_w < bound`. Among the shapes
+  that fit, the one with the least estimated work (gather + contractions) is taken.
+  """
+  pairs = []
+  for (h, w), bound in zip(level_shapes, area_bounds):
+    sh = np.arange(1, h + 1)
+    sw = _partner_support(sh, w, bound)
+    pairs += [np.stack([sh, sw], 1), np.stack([sh, np.minimum(sh, sw)], 1)]
+    sw = np.arange(1, w + 1)
+    sh = _partner_support(sw, h, bound)
+    pairs += [np.stack([sh, sw], 1), np.stack([np.minimum(sh, sw), sw], 1)]
+  pairs = np.concatenate(pairs)
+  short, long = pairs.min(1), pairs.max(1)
+  best = None
+  for cols in range(1, int(long.max()) + 1):
+    rows = int(np.max(-(-long // cols) * short))
+    cost = rows * cols * (_GATHER_COST + out) + rows * out * out
+    if best is None or cost <= best[0]:
+      best = (cost, rows, cols)
+  _, rows, cols = best
+  extent = max(max(hw) for hw in level_shapes)
+  return rows, cols, -(-extent // cols) * cols
+
+
+def _pool_adaptive(flat: _Flat, out_hw: Tuple[int, int], aligned: bool, cap_hw) -> jax.Array:
+  """Adaptive ROIAlign (`sampling_ratio=0`) of the flat boxes by separable window contractions.
+
+  Per box: the per-axis weight vectors `wy [out_h, S_h]`, `wx [out_w, S_w]` over its support
+  (`_axis_weight_vectors`); its support cut along the longer axis into pieces of `cols` cells and
+  gathered as `rows` slices of `cols` contiguous cells (`[rows, cols, C]`, from the row-major
+  table for wide boxes, the column-major one for tall boxes); then
+  `t[a, q] = sum_b w_long[q, piece(a) * cols + b] * win[a, b]` and
+  `out[p, q] = sum_a w_short[p, offset(a)] * t[a, q]`, divided by `max(grid_h * grid_w, 1)`.
+  Returns `[R, out_h, out_w, C]` in the table's dtype.
+  """
+  table, dtype = flat.table, flat.table.dtype
+  out_h, out_w = out_hw
+  n = max(out_h, out_w)
+  num, ch = flat.boxes.shape[0], table.shape[-1]
+  rows, cols, length = _adaptive_window(flat.level_shapes, flat.area_bounds, n)
+  start_y, start_x, bin_h, bin_w, roi_h, roi_w = _roi_geometry(
+      flat.boxes, flat.scale, out_hw, aligned
+  )
+  grid_h = jnp.minimum(_adaptive_grid(roi_h, out_h), jnp.float32(cap_hw[0]))
+  grid_w = jnp.minimum(_adaptive_grid(roi_w, out_w), jnp.float32(cap_hw[1]))
+  prod = grid_h * grid_w
+  count = jnp.where(prod >= 1.0, prod, jnp.float32(1.0))  # max(gh*gw, 1); NaN -> 1.
+  lo_h, span_h, wy = _axis_weight_vectors(
+      start_y, bin_h, grid_h, flat.ext_h, out_h, cap_hw[0], length
+  )
+  lo_w, span_w, wx = _axis_weight_vectors(
+      start_x, bin_w, grid_w, flat.ext_w, out_w, cap_hw[1], length
+  )
+  wy = jnp.pad(wy, ((0, 0), (0, n - out_h), (0, 0)))
+  wx = jnp.pad(wx, ((0, 0), (0, n - out_w), (0, 0)))
+
+  # Fold the support: window row a holds piece j = a // S_short, short-axis offset u = a % S_short.
+  tall = span_h > span_w
+  s_long = jnp.where(tall, span_h, span_w)
+  s_short = jnp.where(tall, span_w, span_h)
+  pieces = (s_long + cols - 1) // cols
+  a = jnp.arange(rows, dtype=jnp.int32)[None, :]
+  piece = a // s_short[:, None]
+  used = piece < pieces[:, None]  # [R, rows]
+  piece = jnp.where(used, piece, 0)
+  offset = jnp.where(used, a % s_short[:, None], 0)
+  base, height, width = flat.base[:, None], flat.height[:, None], flat.width[:, None]
+  lo_h, lo_w = lo_h[:, None], lo_w[:, None]
+  start_wide = base + (lo_h + offset) * width + lo_w + piece * cols
+  start_tall = table.shape[0] + base + (lo_w + offset) * height + lo_h + piece * cols
+  start = jnp.where(tall[:, None], start_tall, start_wide)
+  # Row-major table, column-major table, and `cols` zero rows for the last slices' overhang (the
+  # cells a slice reads past its support carry zero weight).
+  source = jnp.concatenate([table, flat.table_t, jnp.zeros((cols, ch), dtype)], axis=0)
+  box = jnp.arange(num, dtype=jnp.int32)[:, None]
+  w_long = jnp.where(tall[:, None, None], wy, wx).reshape(num, n, length // cols, cols)
+  w_short = jnp.where(tall[:, None, None], wx, wy)
+  m_long = jnp.where(used[..., None, None], w_long[box, :, piece], 0.0)  # [R, rows, n, cols]
+  m_short = jnp.where(used[..., None], w_short[box, :, offset], 0.0)  # [R, rows, n]
+
+  def pool_box(box_start, box_long, box_short):
+    """One box: `[rows]` slice starts, `[rows, n, cols]`, `[rows, n]` -> f32 `[n, n, C]`."""
+    window = lax.gather(
+        source,
+        box_start[:, None],
+        lax.GatherDimensionNumbers(
+            offset_dims=(1, 2), collapsed_slice_dims=(), start_index_map=(0,)
+        ),
+        slice_sizes=(cols, ch),
+        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    )  # [rows, cols, C]
+    t = jnp.einsum("aqb,abc->aqc", box_long, window.astype(jnp.float32))
+    return jnp.einsum("ap,aqc->pqc", box_short, t)
+
+  # A loop over steps of a few boxes: static trip count, no condition (XLA runs a while loop of
+  # known trip count without reading its predicate back to the host).
+  per_step = _boxes_per_step(rows * cols * ch)
+  if per_step >= num:
+    pooled = jax.vmap(pool_box)(start, m_long, m_short)
+  else:
+    pooled = lax.map(lambda x: pool_box(*x), (start, m_long, m_short), batch_size=per_step)
+  # pooled: f32 [R, short-axis bin, long-axis bin, C]
+  pooled = jnp.where(tall[:, None, None, None], jnp.swapaxes(pooled, 1, 2), pooled)
+  return (pooled[:, :out_h, :out_w] / count[:, None, None, None]).astype(dtype)
+
+
+def _pool_fixed(flat: _Flat, out_hw: Tuple[int, int], sampling_ratio: int, aligned: bool):
+  """Fixed-ratio ROIAlign (`sampling_ratio > 0`) of the flat boxes: the sub-sample loop unrolled,
+  4 gathers of `[R, out_h, out_w, C]` per sub-sample. Returns `[R, out_h, out_w, C]`."""
+  table, dtype = flat.table, flat.table.dtype
+  out_h, out_w = out_hw
+  num = flat.boxes.shape[0]
+  start_y, start_x, bin_h, bin_w, _, _ = _roi_geometry(flat.boxes, flat.scale, out_hw, aligned)
+  grid = jnp.full((num,), sampling_ratio, jnp.float32)
+  row_base, width = flat.base[:, None], flat.width[:, None]
 
   def gather(idx):
     return table.at[idx].get(mode="promise_in_bounds")
 
   def sub_sample(iy, ix):
-    y_lo, y_hi, wy_lo, wy_hi = _axis_samples(start_y, bin_h, pos_h, iy, ext_h, out_h)
-    x_lo, x_hi, wx_lo, wx_hi = _axis_samples(start_x, bin_w, pos_w, ix, ext_w, out_w)
-    if adaptive:  # sub-samples beyond a box's grid do not exist.
-      use_y = (jnp.asarray(iy, jnp.float32) < grid_h)[:, None]
-      use_x = (jnp.asarray(ix, jnp.float32) < grid_w)[:, None]
-      wy_lo, wy_hi = jnp.where(use_y, wy_lo, 0.0), jnp.where(use_y, wy_hi, 0.0)
-      wx_lo, wx_hi = jnp.where(use_x, wx_lo, 0.0), jnp.where(use_x, wx_hi, 0.0)
-    r_lo = (row_base + y_lo * width[:, None])[:, :, None]  # [R, out_h, 1]
-    r_hi = (row_base + y_hi * width[:, None])[:, :, None]
+    y_lo, y_hi, wy_lo, wy_hi = _axis_samples(start_y, bin_h, grid, iy, flat.ext_h, out_h)
+    x_lo, x_hi, wx_lo, wx_hi = _axis_samples(start_x, bin_w, grid, ix, flat.ext_w, out_w)
+    r_lo = (row_base + y_lo * width)[:, :, None]  # [R, out_h, 1]
+    r_hi = (row_base + y_hi * width)[:, :, None]
     c_lo, c_hi = x_lo[:, None, :], x_hi[:, None, :]  # [R, 1, out_w]
 
     def w(a, b):  # f32 [R,out_h] x [R,out_w] -> [R, out_h, out_w, 1] in dtype
@@ -308,21 +496,10 @@ def _pool_flat(
     return val
 
   acc = jnp.zeros((num, out_h, out_w, table.shape[-1]), dtype)
-  if not adaptive:
-    for iy in range(sampling_ratio):
-      for ix in range(sampling_ratio):
-        acc = acc + sub_sample(iy, ix)
-  else:
-    cap_h, cap_w = cap_hw
-
-    def body(carry, k):
-      iy, ix = k // cap_w, k % cap_w
-      needed = jnp.any((iy.astype(jnp.float32) < grid_h) & (ix.astype(jnp.float32) < grid_w))
-      carry = lax.cond(needed, lambda a: a + sub_sample(iy, ix), lambda a: a, carry)
-      return carry, None
-
-    acc, _ = lax.scan(body, acc, jnp.arange(cap_h * cap_w, dtype=jnp.int32))
-  return acc / count.astype(dtype)[:, None, None, None]
+  for iy in range(sampling_ratio):
+    for ix in range(sampling_ratio):
+      acc = acc + sub_sample(iy, ix)
+  return acc / jnp.asarray(sampling_ratio * sampling_ratio, dtype)
 
 
 def _check_modes(sampling_ratio: int, max_adaptive_samples: IntOrPair) -> Tuple[int, int]:
@@ -330,6 +507,50 @@ def _check_modes(sampling_ratio: int, max_adaptive_samples: IntOrPair) -> Tuple[
   if sampling_ratio <= 0 and min(cap_hw) < 1:
     raise ValueError(f"max_adaptive_samples must be >= 1, got {max_adaptive_samples!r}")
   return cap_hw
+
+
+class _Flat(NamedTuple):
+  """Boxes of a batch, each on its own `[height, width]` block of a flat feature table.
+
+  table: `[N, C]`, row `base + y * width + x`; table_t: `[N, C]` the same blocks column-major
+  (row `base + x * height + y`), or None when not needed. boxes `f32[R, 4]` (image pixels),
+  scale `f32[R]`, base / height / width / ext_h / ext_w `int32[R]` (ext: the part of the map the
+  kernel's border rule applies to, <= height / width). bsz, num: boxes are `[bsz, num]` before
+  flattening; keep `bool[bsz, num]` or None: boxes to pool (the others are zeroed).
+  level_shapes, area_bounds: static, the `(H, W)` of every map and the bound on the roi area
+  (cells^2) of the boxes pooled from it (inf: none), for `_adaptive_window`.
+  """
+
+  table: jax.Array
+  table_t: Optional[jax.Array]
+  boxes: jax.Array
+  scale: jax.Array
+  base: jax.Array
+  height: jax.Array
+  width: jax.Array
+  ext_h: jax.Array
+  ext_w: jax.Array
+  bsz: int
+  num: int
+  keep: Optional[jax.Array]
+  level_shapes: Tuple[Tuple[int, int], ...]
+  area_bounds: Tuple[float, ...]
+
+
+def _pool(flat: _Flat, out_hw, sampling_ratio: int, aligned: bool, cap_hw) -> jax.Array:
+  """Pools every flat box; `[bsz, num, out_h, out_w, C]`, zero where `flat.keep` is False."""
+  if sampling_ratio > 0:
+    out = _pool_fixed(flat, out_hw, sampling_ratio, aligned)
+  else:
+    out = _pool_adaptive(flat, out_hw, aligned, cap_hw)
+  return _unflatten(out, flat)
+
+
+def _unflatten(out: jax.Array, flat: _Flat) -> jax.Array:
+  out = out.reshape((flat.bsz, flat.num) + out.shape[1:])
+  if flat.keep is None:
+    return out
+  return jnp.where(flat.keep[:, :, None, None, None], out, jnp.zeros((), out.dtype))
 
 
 def roi_align(
@@ -343,6 +564,9 @@ def roi_align(
 ) -> jax.Array:
   """Single-map ROIAlign, torchvision `roi_align(input, rois, output_size, spatial_scale,
   sampling_ratio, aligned)` semantics (see the module docstring for the two sampling modes).
+
+  The adaptive mode sizes its window for any box on this map (no level bounds the box sizes), up
+  to the whole map.
 
   Args:
     feature: `[H, W, C]` one feature map (any float dtype; the compute runs in it).
@@ -361,18 +585,101 @@ def roi_align(
   h, w, c = feature.shape
   boxes = lax.stop_gradient(jnp.asarray(boxes, jnp.float32))
   num = boxes.shape[0]
-  table = feature.reshape(h * w, c)
-  return _pool_flat(
-      table,
-      boxes,
-      jnp.float32(spatial_scale),
-      jnp.zeros((num,), jnp.int32),
-      jnp.full((num,), h, jnp.int32),
-      jnp.full((num,), w, jnp.int32),
-      out_hw,
-      sampling_ratio,
-      aligned,
-      cap_hw,
+  height = jnp.full((num,), h, jnp.int32)
+  width = jnp.full((num,), w, jnp.int32)
+  flat = _Flat(
+      table=feature.reshape(h * w, c),
+      table_t=jnp.swapaxes(feature, 0, 1).reshape(h * w, c) if sampling_ratio <= 0 else None,
+      boxes=boxes,
+      scale=jnp.full((num,), spatial_scale, jnp.float32),
+      base=jnp.zeros((num,), jnp.int32),
+      height=height,
+      width=width,
+      ext_h=height,
+      ext_w=width,
+      bsz=1,
+      num=num,
+      keep=None,
+      level_shapes=((h, w),),
+      area_bounds=(math.inf,),
+  )
+  return _pool(flat, out_hw, sampling_ratio, aligned, cap_hw)[0]
+
+
+def _level_area_bounds(
+    num_levels: int, canonical_box_size: float, canonical_level: int
+) -> Tuple[float, ...]:
+  """Upper bound on the roi area (cells^2 of its level) of the boxes `assign_boxes_to_levels`
+  puts on each level: level <= l means sqrt(area) < canonical_box_size * 2**(l + 1 -
+  canonical_level) pixels, i.e. (2 * canonical_box_size / 2**canonical_level)**2 cells on level l
+  (28^2 for 224 at level 4); the coarsest level takes every larger box (no bound)."""
+  bound = (2.0 * canonical_box_size / 2.0**canonical_level) ** 2
+  return (bound,) * (num_levels - 1) + (math.inf,)
+
+
+def _flatten_pyramid(
+    features: Sequence[jax.Array],
+    boxes: jax.Array,
+    min_level: int,
+    canonical_box_size: float,
+    canonical_level: int,
+    valid_hw: Optional[jax.Array],
+    transposed: bool,
+) -> _Flat:
+  """`multilevel_roi_align`'s flat view: the pyramid (and the batch) as one `[B * sum_l H_l W_l,
+  C]` table (row `b * n + offset_l + y * W_l + x`; with `transposed`, also the column-major
+  table), every box on the block of its image and level."""
+  features = [jnp.asarray(f) for f in features]
+  if not features:
+    raise ValueError("features must hold at least one level")
+  bsz, _, _, ch = features[0].shape
+  dtype = jnp.result_type(*features)
+  max_level = min_level + len(features) - 1
+  hs = [int(f.shape[1]) for f in features]
+  ws = [int(f.shape[2]) for f in features]
+  for f in features:
+    if f.shape[0] != bsz or f.shape[3] != ch:
+      raise ValueError(f"inconsistent feature shapes {[f.shape for f in features]}")
+  offsets = np.cumsum([0] + [h * w for h, w in zip(hs, ws)])
+  n = int(offsets[-1])
+
+  def flat_table(maps):
+    return jnp.concatenate([m.astype(dtype).reshape(bsz, -1, ch) for m in maps], axis=1).reshape(
+        bsz * n, ch
+    )
+
+  boxes = lax.stop_gradient(jnp.asarray(boxes, jnp.float32))
+  num = boxes.shape[1]
+  level = assign_boxes_to_levels(
+      boxes, min_level, max_level, canonical_box_size, canonical_level
+  )  # [B, R]
+  li = (level - min_level).reshape(-1)
+  base = (
+      jnp.asarray(offsets[:-1], jnp.int32)[li].reshape(bsz, num)
+      + (jnp.arange(bsz, dtype=jnp.int32) * n)[:, None]
+  ).reshape(-1)
+  height = jnp.asarray(hs, jnp.int32)[li]
+  width = jnp.asarray(ws, jnp.int32)[li]
+  ext_h, ext_w = height, width
+  if valid_hw is not None:
+    valid_hw = jnp.asarray(valid_hw, jnp.int32)
+    ext_h = jnp.minimum(valid_hw[li, 0], height)
+    ext_w = jnp.minimum(valid_hw[li, 1], width)
+  return _Flat(
+      table=flat_table(features),
+      table_t=flat_table([jnp.swapaxes(f, 1, 2) for f in features]) if transposed else None,
+      boxes=boxes.reshape(-1, 4),
+      scale=_level_scales(min_level, max_level)[li],
+      base=base,
+      height=height,
+      width=width,
+      ext_h=ext_h,
+      ext_w=ext_w,
+      bsz=bsz,
+      num=num,
+      keep=_box_area(boxes) >= 0,  # False for NaN.
+      level_shapes=tuple(zip(hs, ws)),
+      area_bounds=_level_area_bounds(len(features), canonical_box_size, canonical_level),
   )
 
 
@@ -401,7 +708,7 @@ def multilevel_roi_align(
   Args:
     features: `[B, H_l, W_l, C]` for levels `min_level .. max_level` (same B, C and dtype).
     boxes: `[B, R, 4]` xyxy in image pixels (float32; no gradient flows to them).
-    sampling_ratio: > 0 fixed samples per bin and axis (fast path); 0 adaptive (official).
+    sampling_ratio: > 0 fixed samples per bin and axis; 0 adaptive (official).
     max_adaptive_samples: static per-axis cap for the adaptive mode (int or (cap_h, cap_w)).
     valid_hw: optional `[L, 2]` int32 rows/columns of each level that the official map has
       (`canvas.level_extents`): samples are clamped / dropped at that border instead of the
@@ -411,57 +718,13 @@ def multilevel_roi_align(
   """
   out_hw = _pair(output_size)
   cap_hw = _check_modes(sampling_ratio, max_adaptive_samples)
-  features = [jnp.asarray(f) for f in features]
-  if not features:
-    raise ValueError("features must hold at least one level")
-  bsz, _, _, ch = features[0].shape
-  dtype = jnp.result_type(*features)
-  max_level = min_level + len(features) - 1
-  hs = [int(f.shape[1]) for f in features]
-  ws = [int(f.shape[2]) for f in features]
-  for f in features:
-    if f.shape[0] != bsz or f.shape[3] != ch:
-      raise ValueError(f"inconsistent feature shapes {[f.shape for f in features]}")
-  offsets = np.cumsum([0] + [h * w for h, w in zip(hs, ws)])
-  n = int(offsets[-1])
-  # One [B * sum_l H_l W_l, C] table: row b * n + offsets[l] + y * W_l + x.
-  table = jnp.concatenate(
-      [f.astype(dtype).reshape(bsz, h * w, ch) for f, h, w in zip(features, hs, ws)], axis=1
+  flat = _flatten_pyramid(
+      features,
+      boxes,
+      min_level,
+      canonical_box_size,
+      canonical_level,
+      valid_hw,
+      transposed=sampling_ratio <= 0,
   )
-  table = table.reshape(bsz * n, ch)
-
-  boxes = lax.stop_gradient(jnp.asarray(boxes, jnp.float32))
-  num = boxes.shape[1]
-  level = assign_boxes_to_levels(
-      boxes, min_level, max_level, canonical_box_size, canonical_level
-  )  # [B, R]
-  li = (level - min_level).reshape(-1)
-  base = (
-      jnp.asarray(offsets[:-1], jnp.int32)[li].reshape(bsz, num)
-      + (jnp.arange(bsz, dtype=jnp.int32) * n)[:, None]
-  ).reshape(-1)
-  height = jnp.asarray(hs, jnp.int32)[li]
-  width = jnp.asarray(ws, jnp.int32)[li]
-  scale = _level_scales(min_level, max_level)[li]
-  ext_h = ext_w = None
-  if valid_hw is not None:
-    valid_hw = jnp.asarray(valid_hw, jnp.int32)
-    ext_h = jnp.minimum(valid_hw[li, 0], height)
-    ext_w = jnp.minimum(valid_hw[li, 1], width)
-  out = _pool_flat(
-      table,
-      boxes.reshape(-1, 4),
-      scale,
-      base,
-      height,
-      width,
-      out_hw,
-      sampling_ratio,
-      aligned,
-      cap_hw,
-      ext_h,
-      ext_w,
-  )
-  out = out.reshape(bsz, num, out_hw[0], out_hw[1], ch)
-  ok = (_box_area(boxes) >= 0)[:, :, None, None, None]  # False for NaN.
-  return jnp.where(ok, out, jnp.zeros((), dtype))
+  return _pool(flat, out_hw, sampling_ratio, aligned, cap_hw)

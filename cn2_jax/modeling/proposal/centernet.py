@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cn2_jax import schema
 from cn2_jax.modeling.proposal.centernet_head import CenterNetHead
 from cn2_jax.modeling.proposal.decode import generate_proposals
 from cn2_jax.modeling.proposal.losses import centernet_losses, loss_normalisers
@@ -149,3 +150,54 @@ class CenterNet(nn.Module):
     )
     losses["aux/num_pos_per_image"] = targets["pos_count"].sum() / gt_boxes.shape[0]
     return losses, proposals
+
+
+CONFIG = schema.group(
+    "model.centernet",
+    "The CenterNet proposal network of CenterNet2 (MODEL.CENTERNET, ONLY_PROPOSAL; "
+    "docs/centernet2.md §3).",
+    schema.Field("num_convs", 4, "NUM_CLS_CONVS = NUM_BOX_CONVS: depth of the two towers"),
+    schema.Field(
+        "use_deformable", False, "last bbox-tower conv a modulated DCN (CENTERNET.USE_DEFORMABLE)"
+    ),
+    schema.Field("prior_prob", 0.01, "PRIOR_PROB: initial objectness probability"),
+    schema.Field("bbox_bias_init", 8.0, "initial bias of the ltrb regression"),
+    schema.Field(
+        "soi",
+        ((0, 80), (64, 160), (128, 320), (256, 640), (512, 10000000)),
+        "SOI: inclusive half-diagonal range of the GT boxes each level is responsible for",
+    ),
+    schema.Field(
+        "hm_min_overlap", 0.8, "HM_MIN_OVERLAP: heatmap radius^2 = 2 ((1 - o) / (1 + o))^2 area"
+    ),
+    schema.Field("min_radius", 4.0, "MIN_RADIUS: radius^2 >= min_radius^2"),
+    schema.Field("dedup_positives", False, "True = MMDet reproduction's deduplicated positives"),
+    schema.Field(
+        "all_level_peaks",
+        True,
+        "True = official: a GT's heatmap peak (hm = 1, ignored as a negative) on every level; "
+        "False = only on its cared levels (the MMDet reproduction's 'revised' distance map), "
+        "docs/centernet2.md §3.7",
+    ),
+    schema.Field("focal_alpha", 0.25, "HM_FOCAL_ALPHA"),
+    schema.Field("focal_beta", 4.0, "HM_FOCAL_BETA: negatives weighted by (1 - heatmap)^beta"),
+    schema.Field("loss_gamma", 2.0, "LOSS_GAMMA of the heatmap focal loss"),
+    schema.Field("sigmoid_clamp", 1e-4, "SIGMOID_CLAMP of the heatmap probabilities in the loss"),
+    schema.Field(
+        "ignore_high_fp", 0.85, "IGNORE_HIGH_FP: negatives with probability >= it dropped"
+    ),
+    schema.Field("pos_weight", 0.5, "POS_WEIGHT of the heatmap loss"),
+    schema.Field("neg_weight", 0.5, "NEG_WEIGHT of the heatmap loss"),
+    schema.Field("reg_weight", 1.0, "REG_WEIGHT of the GIoU loss"),
+    schema.Field("pre_nms_topk_train", 4000, "PRE_NMS_TOPK_TRAIN: candidates per level"),
+    schema.Field("post_nms_topk_train", 2000, "POST_NMS_TOPK_TRAIN: proposals per image"),
+    schema.Field("pre_nms_topk_test", 1000, "PRE_NMS_TOPK_TEST: candidates per level"),
+    schema.Field("post_nms_topk_test", 256, "POST_NMS_TOPK_TEST: proposals per image"),
+    schema.Field("nms_thresh_train", 0.9, "NMS_TH_TRAIN of the proposals"),
+    schema.Field("nms_thresh_test", 0.9, "NMS_TH_TEST of the proposals"),
+    schema.Field("inference_thresh", 1e-4, "INFERENCE_TH: proposal candidates' minimum score"),
+    schema.Field(
+        "clip_proposals", False, "True: clip proposals to the image before NMS (MMDet port)"
+    ),
+    families=("centernet2",),
+)

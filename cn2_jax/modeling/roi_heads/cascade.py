@@ -16,12 +16,15 @@ Inference:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cn2_jax import schema
+from cn2_jax.errors import ConfigError
 from cn2_jax.modeling.canvas import level_extents
 from cn2_jax.modeling.ops import boxes as box_ops
 from cn2_jax.modeling.ops.matcher import match_boxes
@@ -398,3 +401,85 @@ class CascadeROIHeads(nn.Module):
         self.sow("intermediates", f"train_stage{k}_{name}", v)
       losses.update(self._stage_losses(k, logits, deltas, boxes, valid, labels, matched))
     return losses
+
+
+def _validate_roi_heads(cfg) -> None:
+  r = cfg.model.roi_heads
+  if len(r.iou_thresholds) != len(r.box_weights):
+    raise ConfigError("model.roi_heads.iou_thresholds and box_weights must have equal length")
+  if r.use_fed_loss and not r.cat_freq_path:
+    raise ConfigError("model.roi_heads.use_fed_loss needs model.roi_heads.cat_freq_path")
+
+
+CONFIG = schema.group(
+    "model.roi_heads",
+    "The cascade ROI heads of CenterNet2 (MODEL.ROI_HEADS / ROI_BOX_HEAD / ROI_BOX_CASCADE_HEAD; "
+    "docs/centernet2.md §5).",
+    schema.Field(
+        "in_features",
+        ("p3", "p4", "p5", "p6", "p7"),
+        "ROI_HEADS.IN_FEATURES: the consecutive levels boxes are pooled from (clamped to them)",
+    ),
+    schema.Field(
+        "cascade",
+        True,
+        "ROI_HEADS.NAME: True = CustomCascadeROIHeads (one stage per iou_thresholds entry); False "
+        "= CustomROIHeads (CenterNet2-F: one Fast R-CNN stage; iou_thresholds / box_weights of "
+        "length 1)",
+    ),
+    schema.Field("iou_thresholds", (0.6, 0.7, 0.8), "ROI_BOX_CASCADE_HEAD.IOUS: one per stage"),
+    schema.Field(
+        "box_weights",
+        ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0)),
+        "ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS: (wx, wy, ww, wh) per stage",
+    ),
+    schema.Field("batch_size_per_image", 512, "ROI_HEADS.BATCH_SIZE_PER_IMAGE: sampled rows"),
+    schema.Field("positive_fraction", 0.25, "ROI_HEADS.POSITIVE_FRACTION of the sampled rows"),
+    schema.Field("pooler_resolution", 7, "ROI_BOX_HEAD.POOLER_RESOLUTION: ROIAlign output side"),
+    schema.Field(
+        "sampling_ratio",
+        0,
+        "ROIAlign samples per bin and axis: 0 = official adaptive ceil(roi / 7), computed as "
+        "separable window contractions (ops/roi_align.py), exact for every box whose bins need "
+        "<= max_adaptive_samples (24 covers a 1333 px side on P3); 2 = a fixed 2x2 grid "
+        "(scenic's choice; differs from the official pooled features)",
+    ),
+    schema.Field(
+        "max_adaptive_samples",
+        24,
+        "cap of the adaptive samples per bin and axis (cheap: no cost " "per unused sample)",
+    ),
+    schema.Field("canonical_box_size", 224, "ROIPooler canonical box size (level assignment)"),
+    schema.Field("canonical_level", 4, "ROIPooler canonical level (level assignment)"),
+    schema.Field("fc_dim", 1024, "ROI_BOX_HEAD.FC_DIM"),
+    schema.Field("num_fc", 2, "ROI_BOX_HEAD.NUM_FC"),
+    schema.Field("scale_clamp", math.log(1000.0 / 16), "clamp of the decoded log(w/h) deltas"),
+    schema.Field("append_gt", True, "PROPOSAL_APPEND_GT: GT boxes join the proposals in training"),
+    schema.Field(
+        "mult_proposal_score",
+        True,
+        "MULT_PROPOSAL_SCORE: final score = sqrt(cascade score x proposal score)",
+    ),
+    schema.Field(
+        "use_sigmoid_ce",
+        False,
+        "ROI_BOX_HEAD.USE_SIGMOID_CE (LVIS; roi_heads/fed_loss.py): sigmoid CE instead of "
+        "softmax (cls_score bias -log((1 - prior_prob) / prior_prob); sigmoid class "
+        "probabilities at inference)",
+    ),
+    schema.Field("prior_prob", 0.01, "ROI_BOX_HEAD.PRIOR_PROB of the sigmoid cls_score bias"),
+    schema.Field(
+        "use_fed_loss",
+        False,
+        "USE_FED_LOSS: the federated loss (the batch's classes + classes drawn by image_count ** "
+        "fed_loss_freq_weight from cat_freq_path, up to fed_loss_num_cat; sigmoid CE only)",
+    ),
+    schema.Field("cat_freq_path", "", "CAT_FREQ_PATH, an LVIS cat_info json"),
+    schema.Field("fed_loss_num_cat", 50, "FED_LOSS_NUM_CAT"),
+    schema.Field("fed_loss_freq_weight", 0.5, "FED_LOSS_FREQ_WEIGHT"),
+    schema.Field("score_thresh_test", 0.05, "ROI_HEADS.SCORE_THRESH_TEST of the detections"),
+    schema.Field("nms_thresh_test", 0.7, "ROI_HEADS.NMS_THRESH_TEST (per class)"),
+    schema.Field("detections_per_image", 100, "TEST.DETECTIONS_PER_IMAGE"),
+    families=("centernet2",),
+    validate=_validate_roi_heads,
+)
