@@ -156,14 +156,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from cn2_jax import errors
+  from cn2_jax.engine import distributed
   from cn2_jax.logging_setup import setup_logging
 
+  if distributed.should_supervise():
+    # One process of several (JAX_COORDINATOR_ADDRESS / Slurm / MPI): the job runs in a child
+    # that this process watches, so that a peer's death ends it with one `error:` line.
+    return distributed.supervise(verbose=_VERBOSE.value)
   setup_logging(verbose=_VERBOSE.value)
   try:
+    distributed.initialize(quiet_others=not _VERBOSE.value)  # before any other JAX call
     cfg = _config_or_fail()
-    from cn2_jax.engine import loop
-
-    loop.maybe_initialize_distributed()
     from cn2_jax import app as cn2_app
 
     if _MODE.value != "train":
@@ -180,6 +183,8 @@ def main(argv):
       images = list(_IMAGES.value) or [p for p in cfg.predict.images.split(",") if p]
       cn2_app.predict(cfg, _WORKDIR.value, images)
   except Exception as e:  # noqa: BLE001 - user errors become one line, the rest re-raises
+    if distributed.launch() is not None:
+      distributed.exit_after_error(e, verbose=_VERBOSE.value)  # ends the process at once
     if _VERBOSE.value or not errors.is_user_error(e):
       raise
     _fail(errors.one_line(e))

@@ -32,6 +32,7 @@ from typing import Iterable, Optional, Sequence
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from cn2_jax.config import (
     config_from_json,
@@ -46,6 +47,7 @@ from cn2_jax.errors import (ConfigError, DataError, InputFileError, is_user_erro
 from cn2_jax.data import catalog
 from cn2_jax.data import mixture
 from cn2_jax.data import pipeline
+from cn2_jax.engine import distributed
 from cn2_jax.engine import hooks as hooks_lib
 from cn2_jax.engine import loop
 from cn2_jax.engine import optim
@@ -65,6 +67,7 @@ from cn2_jax.weights.loading import (
 log = logging.getLogger(__name__)
 
 EVAL_KEYS = ("image", "image_hw")
+EVAL_META_KEYS = ("image_id", "image_hw", "orig_hw", "batch_mask")  # gathered to every process
 
 
 # ------------------------------------------------------------------------------------- data
@@ -74,7 +77,14 @@ def prepare_dataset(cfg: ml_collections.ConfigDict, workdir: str, data=None):
   `data.dataset` means is registered in cn2_jax/data/catalog.py."""
   d = cfg.data if data is None else data
   data_dir = d.data_dir or os.path.join(workdir, "tfds")
-  return catalog.get(d.dataset).prepare(d, data_dir, workdir, cfg.seed)
+  kind = catalog.get(d.dataset)
+  # Several processes: process 0 prepares (writes) while the others wait, then they open its copy
+  # (which must be on a filesystem they share); one process: just this call.
+  return distributed.main_process_first(
+      f"prepare dataset {d.dataset} in {data_dir}",
+      lambda: kind.prepare(d, data_dir, workdir, cfg.seed),
+      written=lambda builder: os.fspath(builder.data_dir),
+  )
 
 
 def _write_json(path: str, obj) -> None:
@@ -348,13 +358,9 @@ def train(
   if cfg.init_from and resume_from is None:  # unused when resuming
     init_plan = finetune.plan_init(cfg, run_info.class_names, abstract)  # raises before writing
   _save_run_files(cfg, workdir, run_info)
-  nproc = jax.process_count()
-  if cfg.train.batch_size % nproc:
-    raise ConfigError(
-        f"train.batch_size={cfg.train.batch_size} must divide by the " f"{nproc} processes"
-    )
+  # train.batch_size images per process and step: the global batch is batch_size x processes
   loader_settings = pipeline.TrainLoaderSettings.from_config(
-      cfg, process_index=jax.process_index(), process_count=nproc
+      cfg, process_index=jax.process_index(), process_count=jax.process_count()
   )
   parts = [  # an image folder has nothing to filter
       pipeline.TrainPart(
@@ -406,7 +412,7 @@ def train(
   hooks = hooks_lib.default_hooks(cfg, eval_hook=eval_hook, metrics_callback=metrics_callback)
   loss = None
   if cfg.kd.teacher_workdirs:  # knowledge distillation (modeling/onestage/kd.py)
-    from cn2_jax.modeling.onestage import kd as kd_lib
+    from cn2_jax.modeling.onestage import kd as kd_lib  # start-up: only distillation runs
 
     loss = kd_lib.make_distillation(cfg)
   state = loop.train(
@@ -424,7 +430,7 @@ def train(
   )
   metrics = None
   step = int(jax.device_get(state.step))
-  max_iter = optim.resolve_schedule(cfg.optim, n_train, cfg.train.batch_size).max_iter
+  max_iter = optim.resolve_schedule(cfg.optim, n_train, loop.global_batch_size(cfg)).max_iter
   if cfg.train.eval_at_end and has_eval and step >= swa_lib.total_iters(cfg, max_iter):
     # already evaluated at the last step by the eval hook?
     metrics = eval_hook.results.get(step) if eval_hook is not None else None
@@ -449,7 +455,7 @@ def _write_eval_scalars(workdir: str, step: int, metrics: dict) -> None:
   """eval/* TensorBoard scalars of the end-of-training evaluation (process 0)."""
   if jax.process_index() != 0:
     return
-  from tensorboardX import SummaryWriter
+  from tensorboardX import SummaryWriter  # start-up: only runs that write TensorBoard
 
   with SummaryWriter(workdir) as writer:
     for name, v in _scalars(metrics).items():
@@ -567,14 +573,11 @@ def _eval_split(cfg, eval_step, variables, mesh, split, evaluator, offset: int, 
   ):
     dets = eval_step(variables, step_lib.shard_batch({k: batch[k] for k in EVAL_KEYS}, mesh))
     if jax.process_count() > 1:
-      # Every process scores the whole eval set: gather detections (global arrays) and each
-      # process's batch metadata (host arrays) in process order.
-      from jax.experimental import multihost_utils
-
-      dets = multihost_utils.process_allgather(dets, tiled=True)
-      batch = multihost_utils.process_allgather(
-          {k: batch[k] for k in ("image_id", "image_hw", "orig_hw", "batch_mask")}, tiled=True
-      )
+      # Every process scores the whole eval set: the detections (global arrays) and the batch
+      # metadata, sharded the same way so that its rows stay aligned with theirs whatever the
+      # mesh's device order, gathered from every process (each image once: eval_plan).
+      meta = step_lib.shard_batch({k: batch[k] for k in EVAL_META_KEYS}, mesh)
+      dets, batch = multihost_utils.process_allgather((dets, meta), tiled=True)
     dets = jax.device_get(
         detector.postprocess_detections(jax.device_get(dets), batch["image_hw"], batch["orig_hw"])
     )
@@ -665,10 +668,13 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, images: Sequence[str])
   drawn copy predict/<name>.png of each (`output_names`), logging one line per image and a summary.
 
   An image that fails (e.g. an undecodable file) is logged and skipped; the others are written,
-  then a DataError names the failures. Returns the records of detections.json.
+  then a DataError names the failures. Returns the records of detections.json. Several processes:
+  each runs the model on every image (the checkpoint restore is collective), process 0 alone
+  writes.
   """
-  from cn2_jax.predictor import Predictor
+  # start-up: only --mode=predict draws (PIL drawing, the Predictor's jit)
   from cn2_jax import visualize
+  from cn2_jax.predictor import Predictor
 
   if not images:
     raise ConfigError(
@@ -678,7 +684,9 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, images: Sequence[str])
   enable_compilation_cache(cfg)
   predictor = Predictor.from_workdir(workdir, cfg)
   out_dir = os.path.join(workdir, "predict")
-  os.makedirs(out_dir, exist_ok=True)
+  writes = jax.process_index() == 0
+  if writes:
+    os.makedirs(out_dir, exist_ok=True)
   thresh = float(cfg.predict.score_thresh)
   results, failures = [], []
   n_dets = n_drawn = 0
@@ -694,11 +702,12 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, images: Sequence[str])
     scores = np.asarray(det["scores"], np.float64)
     k, drawn_k = len(scores), int((scores >= thresh).sum())
     top = float(scores.max()) if k else None
-    drawn = visualize.draw_detections(
-        image, det["boxes"], scores, det["classes"], predictor.class_names, score_thresh=thresh
-    )
     png = os.path.join(out_dir, name)
-    visualize.save_png(png, drawn)
+    if writes:
+      drawn = visualize.draw_detections(
+          image, det["boxes"], scores, det["classes"], predictor.class_names, score_thresh=thresh
+      )
+      visualize.save_png(png, drawn)
     log.info(
         "%s: %d detections, %d drawn ≥ %.2f (%s) → %s",
         path,
@@ -723,7 +732,8 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, images: Sequence[str])
         r["category_id"] = cat
       records.append(r)
     results.append(dict(image=path, drawn=png, detections=records))
-  _write_json(os.path.join(out_dir, "detections.json"), results)
+  if writes:
+    _write_json(os.path.join(out_dir, "detections.json"), results)
   log.info(
       "predict: %d of %d images, %d detections, %d drawn ≥ %.2f → %s",
       len(results),

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Tuple
 
 
+from cn2_jax.config import base_config
 from cn2_jax.weights import (
     ConversionError,
     detect_format,
@@ -76,7 +77,7 @@ _ONESTAGE_PREFIXES = ("upsample.", "head.", "deconv_layers.", "hm.")
 
 def detect_checkpoint(sd) -> str:
   """The checkpoint's format (a key of `FORMATS`) from its key names."""
-  if any(k.startswith(_ONESTAGE_PREFIXES) for k in sd):
+  if any(key.startswith(_ONESTAGE_PREFIXES) for key in sd):
     return onestage_weights.detect_format(sd)  # centerx | xingyizhou
   try:
     return detect_format(sd)  # detectron2 | msra_c2 | torchvision
@@ -111,8 +112,6 @@ def _load_config(path: str):
 def _model_arch(model_config) -> str:
   arch = find_setting(model_config, "arch")
   if arch is None:  # a config without the key: the schema's value
-    from cn2_jax.config import base_config
-
     arch = base_config().model.arch
   return arch
 
@@ -140,40 +139,40 @@ def _family_of(fmt: str, requested: str, model_config, src: str) -> str:
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(
+  parser = argparse.ArgumentParser(
       prog="python -m cn2_jax.convert",
       description="Convert official weights to a cn2_jax Orbax checkpoint: detectron2 / "
       "CenterNet2 and ImageNet ResNet (MSRA, torchvision) weights for CenterNet2; centerX, "
       "xingyizhou/CenterNet resdcn and torchvision ResNet weights for the one-stage CenterNet. "
       "The format (and with it the family) is detected from the checkpoint's keys.",
   )
-  ap.add_argument("--src", required=True, help=".pth / .pkl checkpoint")
-  ap.add_argument("--out", required=True, help="Orbax checkpoint directory to write")
-  ap.add_argument(
+  parser.add_argument("--src", required=True, help=".pth / .pkl checkpoint")
+  parser.add_argument("--out", required=True, help="Orbax checkpoint directory to write")
+  parser.add_argument(
       "--family",
       default="auto",
       choices=("auto",) + tuple(meta_arch.META_ARCHS),
       help="detector family of the weights (default: from the checkpoint's keys; torchvision "
       "ImageNet weights fit both: then --config's model.arch decides)",
   )
-  ap.add_argument(
+  parser.add_argument(
       "--config",
       default=None,
       help="config file with get_config(): the model to convert onto (default: the family's "
       "weights.default_config, configs/cn2_r50.py for CenterNet2; one-stage: the architecture "
       "read off the checkpoint)",
   )
-  ap.add_argument(
+  parser.add_argument(
       "--backbone-only",
       action="store_true",
       help="fill only the backbone (ImageNet initialisation); the rest keeps its initial values",
   )
-  ap.add_argument("--seed", type=int, default=0, help="init seed for --backbone-only")
-  ap.add_argument("--force", action="store_true", help="overwrite --out")
-  args = ap.parse_args(argv)
+  parser.add_argument("--seed", type=int, default=0, help="init seed for --backbone-only")
+  parser.add_argument("--force", action="store_true", help="overwrite --out")
+  args = parser.parse_args(argv)
   try:
-    sd = load_checkpoint_file(args.src)
-    fmt = detect_checkpoint(sd)
+    state_dict = load_checkpoint_file(args.src)
+    fmt = detect_checkpoint(state_dict)
     model_config = _load_config(args.config) if args.config else None
     family = _family_of(fmt, args.family, model_config, args.src)
     if model_config is not None and _model_arch(model_config) != family:
@@ -189,7 +188,7 @@ def main(argv=None) -> int:
     if model_config is None and weights.default_config:
       model_config = _load_config(weights.default_config)
     variables, summary = weights.convert_checkpoint(
-        sd, fmt, seed=args.seed, backbone_only=args.backbone_only, model_config=model_config
+        state_dict, fmt, seed=args.seed, backbone_only=args.backbone_only, model_config=model_config
     )
     print(summary)
     save_variables(variables, args.out, overwrite=args.force)

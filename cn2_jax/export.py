@@ -142,8 +142,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cn2_jax.modeling import export_mode
+from cn2_jax.config import base_config, load_config_file
+from cn2_jax.errors import ConfigError, UserError, is_user_error, one_line
+from cn2_jax.modeling import detector, export_mode
+from cn2_jax.modeling.meta_arch import META_ARCHS, family
+from cn2_jax.modeling.ops.nms import nms
 from cn2_jax.modeling.proposal import decode as proposal_decode
+from cn2_jax.predictor import Predictor, _dataset_info
 
 OUTPUT_KEYS = ("boxes", "scores", "classes", "valid")
 DEFAULT_PLATFORMS = ("cpu", "cuda")
@@ -159,8 +164,9 @@ def load_config(
   """The config `--mode=predict` would use: the run's config.json (that of the run `weights`
   belongs to, else `workdir`'s) with `weights` set; `config_file` (or the schema defaults) when
   there is no config.json."""
+  # Start-up time: app imports the whole training stack (engine.loop, data.loader, orbax, optax),
+  # which only this function needs.
   from cn2_jax import app
-  from cn2_jax.config import base_config, load_config_file
 
   cfg = load_config_file(config_file) if config_file else base_config()
   if weights:
@@ -171,17 +177,15 @@ def load_config(
 def default_hw(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
   """The exported canvas: `data.pad_hw_test` if set, else `max_size_test` rounded up to the size
   divisibility for both sides (every resized image fits, whatever its orientation)."""
-  d = cfg.data
-  if tuple(d.pad_hw_test):
-    return tuple(int(v) for v in d.pad_hw_test)
-  div = int(d.size_divisibility) or 1
-  side = -(-int(d.max_size_test) // div) * div
+  data_cfg = cfg.data
+  if tuple(data_cfg.pad_hw_test):
+    return tuple(int(v) for v in data_cfg.pad_hw_test)
+  div = int(data_cfg.size_divisibility) or 1
+  side = -(-int(data_cfg.max_size_test) // div) * div
   return side, side
 
 
 def _check_hw(cfg, hw: Sequence[int]) -> tuple[int, int]:
-  from cn2_jax.errors import ConfigError
-
   div = int(cfg.data.size_divisibility) or 1
   h, w = (int(v) for v in hw)
   if h <= 0 or w <= 0 or h % div or w % div:
@@ -191,8 +195,8 @@ def _check_hw(cfg, hw: Sequence[int]) -> tuple[int, int]:
 
 def _batch_dim(batch: Batch):
   if isinstance(batch, str):
-    (b,) = jax.export.symbolic_shape(batch)
-    return b
+    (symbolic_dim,) = jax.export.symbolic_shape(batch)
+    return symbolic_dim
   if batch < 1:
     raise ValueError(f"batch must be >= 1 or a symbolic name, got {batch}")
   return int(batch)
@@ -216,7 +220,7 @@ def detection_fn(predictor, orig_hw: bool = False) -> Callable:
   variables = predictor.variables
 
   def pick(out):
-    return {k: out[k] for k in OUTPUT_KEYS}
+    return {key: out[key] for key in OUTPUT_KEYS}
 
   if orig_hw:
     return lambda image, image_hw, orig: pick(predictor._forward(variables, image, image_hw, orig))
@@ -241,8 +245,6 @@ def serialize(exported: jax.export.Exported) -> bytes:
   try:
     return bytes(exported.serialize())
   except ImportError as e:  # jax's serializer needs the flatbuffers package
-    from cn2_jax.errors import UserError
-
     raise UserError(f"{e} (pip install flatbuffers)") from e
 
 
@@ -275,15 +277,11 @@ proposal_candidates = proposal_decode.proposal_candidates  # CenterNet2's decode
 
 def onnx_parts(arch: str) -> dict:
   """`{part: module method name or None (the whole detector)}` of a family, the default first."""
-  from cn2_jax.modeling.meta_arch import family
-
   return dict(family(arch).onnx_parts)
 
 
 def _all_onnx_parts() -> list:
-  from cn2_jax.modeling.meta_arch import META_ARCHS
-
-  return sorted({p for fam in META_ARCHS.values() for p in fam.onnx_parts})
+  return sorted({part for fam in META_ARCHS.values() for part in fam.onnx_parts})
 
 
 def centernet2_proposals(candidates: dict, centernet_config) -> dict:
@@ -291,30 +289,27 @@ def centernet2_proposals(candidates: dict, centernet_config) -> dict:
   `post_nms_topk_test` of `proposal_candidates`' output (numpy or jax arrays), as
   `generate_proposals` does: `boxes [B, K, 4]`, `scores [B, K]`, `valid [B, K]` (padding zero).
   `centernet_config` is `config.model.centernet`."""
-  from cn2_jax.modeling.ops.nms import nms
-
-  c = centernet_config
+  nms_thresh = centernet_config.nms_thresh_test
+  topk = int(centernet_config.post_nms_topk_test)
 
   def single(boxes, scores, valid):
-    keep, ok = nms(boxes, scores, valid, c.nms_thresh_test, int(c.post_nms_topk_test))
+    keep, kept = nms(boxes, scores, valid, nms_thresh, topk)
     return dict(
-        boxes=jnp.where(ok[:, None], boxes[keep], 0.0),
-        scores=jnp.where(ok, scores[keep], 0.0),
-        valid=ok,
+        boxes=jnp.where(kept[:, None], boxes[keep], 0.0),
+        scores=jnp.where(kept, scores[keep], 0.0),
+        valid=kept,
     )
 
-  args = (candidates[k] for k in ("cand_boxes", "cand_scores", "cand_valid"))
-  return jax.jit(jax.vmap(single))(*(jnp.asarray(a) for a in args))
+  arrays = (candidates[key] for key in ("cand_boxes", "cand_scores", "cand_valid"))
+  return jax.jit(jax.vmap(single))(*(jnp.asarray(array) for array in arrays))
 
 
 def _check_part(arch: str, part: Optional[str]) -> str:
-  from cn2_jax.errors import ConfigError
-
   parts = onnx_parts(arch)
   if not parts:
     raise ConfigError(
         f"--format onnx has nothing to export for model.arch={arch!r} (families with ONNX parts: "
-        f"{[a for a in _families() if onnx_parts(a)]})"
+        f"{[name for name in _families() if onnx_parts(name)]})"
     )
   part = part or next(iter(parts))
   if part not in parts:
@@ -325,8 +320,6 @@ def _check_part(arch: str, part: Optional[str]) -> str:
 
 
 def _families() -> list:
-  from cn2_jax.modeling.meta_arch import META_ARCHS
-
   return sorted(META_ARCHS)
 
 
@@ -338,28 +331,29 @@ def part_fn(predictor, part: Optional[str] = None, orig_hw: bool = False) -> tup
   part = _check_part(arch, part)
   method = onnx_parts(arch)[part]
   if method is None:  # the whole detector
-    det = detection_fn(predictor, orig_hw)
+    detect = detection_fn(predictor, orig_hw)
 
     def detections(*args):
-      out = det(*args)
-      return tuple(out[k] for k in OUTPUT_KEYS)
+      out = detect(*args)
+      return tuple(out[key] for key in OUTPUT_KEYS)
 
     return detections, list(OUTPUT_KEYS)
   if orig_hw:
-    from cn2_jax.errors import ConfigError
-
     raise ConfigError(f"--orig-hw needs the boxes of --onnx-part detector, not {part}")
   model, variables = predictor.model, predictor.variables
   shapes = jax.eval_shape(
-      lambda i, h: model.apply(variables, i, h, method=method), *input_specs(1, (64, 64))
+      lambda image, image_hw: model.apply(variables, image, image_hw, method=method),
+      *input_specs(1, (64, 64)),
   )
   names = list(shapes)  # sorted by name: jax flattens (and eval_shape rebuilds) dicts by key
 
   def fn(image, image_hw):
     out = model.apply(variables, image, image_hw, method=method)
     return tuple(
-        out[k].astype(jnp.float32) if jnp.issubdtype(out[k].dtype, jnp.floating) else out[k]
-        for k in names
+        out[name].astype(jnp.float32)
+        if jnp.issubdtype(out[name].dtype, jnp.floating)
+        else out[name]
+        for name in names
     )
 
   return fn, names
@@ -373,10 +367,8 @@ def dense_fn(predictor) -> tuple[Callable, list]:
 
 def import_jax2onnx():
   """jax2onnx, or a one-line UserError naming the install command."""
-  from cn2_jax.errors import UserError
-
   try:
-    import jax2onnx
+    import jax2onnx  # optional extra (requirements-onnx.txt), only for --format onnx
   except ImportError as e:
     raise UserError(
         f"--format onnx needs jax2onnx ({e}): {ONNX_INSTALL} (a separate venv; see "
@@ -420,49 +412,50 @@ def export_onnx(
 
 
 def onnx_signature(proto) -> dict:
-  def show(v):
-    t = v.type.tensor_type
-    dims = ",".join(
-        str(d.dim_value) if d.HasField("dim_value") else d.dim_param for d in t.shape.dim
-    )
-    import onnx
+  import onnx  # optional extra (requirements-onnx.txt), only for --format onnx
 
-    return f"{onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)}[{dims}]"
+  def show(value_info):
+    tensor_type = value_info.type.tensor_type
+    dims = ",".join(
+        str(dim.dim_value) if dim.HasField("dim_value") else dim.dim_param
+        for dim in tensor_type.shape.dim
+    )
+    return f"{onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)}[{dims}]"
 
   return dict(
-      inputs={v.name: show(v) for v in proto.graph.input},
-      outputs={v.name: show(v) for v in proto.graph.output},
+      inputs={value.name: show(value) for value in proto.graph.input},
+      outputs={value.name: show(value) for value in proto.graph.output},
   )
 
 
 # ------------------------------------------------------------------------------------------- CLI
-def _parse_batch(s: str) -> Batch:
-  s = s.strip()
-  if s.isdigit() and int(s) >= 1:
-    return int(s)
-  if s.isidentifier():
-    return s
-  raise argparse.ArgumentTypeError(f"expected a batch size >= 1 or a name (e.g. b), got {s!r}")
+def _parse_batch(text: str) -> Batch:
+  text = text.strip()
+  if text.isdigit() and int(text) >= 1:
+    return int(text)
+  if text.isidentifier():
+    return text
+  raise argparse.ArgumentTypeError(f"expected a batch size >= 1 or a name (e.g. b), got {text!r}")
 
 
 def _metadata(
     predictor, fmt: str, signature: dict, hw, batch, weights: str, onnx_part: Optional[str] = None
 ) -> dict:
-  d, m = predictor.config.data, predictor.config.model
+  data_cfg, model_cfg = predictor.config.data, predictor.config.model
   return dict(
       format=fmt,
-      arch=m.arch,
+      arch=model_cfg.arch,
       **({"onnx_part": onnx_part} if onnx_part else {}),
       signature=signature,
       batch=batch if isinstance(batch, str) else int(batch),
       canvas_hw=list(hw),
-      num_classes=int(m.num_classes),
+      num_classes=int(model_cfg.num_classes),
       class_names=predictor.class_names,
       category_ids=predictor.category_ids,
       preprocess=dict(
           image="RGB uint8 at the top-left of a zero canvas",
-          min_size_test=int(d.min_size_test),
-          max_size_test=int(d.max_size_test),
+          min_size_test=int(data_cfg.min_size_test),
+          max_size_test=int(data_cfg.max_size_test),
       ),
       weights=weights,
       jax_version=jax.__version__,
@@ -474,38 +467,40 @@ def _size(n: int) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  ap = argparse.ArgumentParser(
+  parser = argparse.ArgumentParser(
       prog="python -m cn2_jax.export",
       description="Export the model of a run as one self-contained file: StableHLO (jax.export, "
       "the whole detector, weights inside) or ONNX (the whole one-stage detector, CenterNet2 up "
       f"to its proposal NMS; needs `{ONNX_INSTALL}`). See the docstring of cn2_jax/export.py.",
   )
-  ap.add_argument("--workdir", required=True, help="the run (its config.json, checkpoints)")
-  ap.add_argument("--weights", default="", help="weights instead of the newest checkpoint")
-  ap.add_argument("--config", default=None, help="config file, for a workdir without config.json")
-  ap.add_argument("--format", default="stablehlo", choices=("stablehlo", "onnx"))
-  ap.add_argument("--out", required=True, help="file to write (+ a .json beside it)")
-  ap.add_argument(
+  parser.add_argument("--workdir", required=True, help="the run (its config.json, checkpoints)")
+  parser.add_argument("--weights", default="", help="weights instead of the newest checkpoint")
+  parser.add_argument(
+      "--config", default=None, help="config file, for a workdir without config.json"
+  )
+  parser.add_argument("--format", default="stablehlo", choices=("stablehlo", "onnx"))
+  parser.add_argument("--out", required=True, help="file to write (+ a .json beside it)")
+  parser.add_argument(
       "--batch",
       default=None,
       type=_parse_batch,
       help="batch size, or a name for a symbolic batch dimension (default: b)",
   )
-  ap.add_argument("--height", type=int, default=None, help="canvas height (multiple of 32)")
-  ap.add_argument("--width", type=int, default=None, help="canvas width (multiple of 32)")
-  ap.add_argument(
+  parser.add_argument("--height", type=int, default=None, help="canvas height (multiple of 32)")
+  parser.add_argument("--width", type=int, default=None, help="canvas width (multiple of 32)")
+  parser.add_argument(
       "--orig-hw",
       action="store_true",
       help="a third input orig_hw [N, 2]; boxes come back in original pixels (stablehlo, and "
       "onnx --onnx-part detector)",
   )
-  ap.add_argument(
+  parser.add_argument(
       "--platforms",
       default=",".join(DEFAULT_PLATFORMS),
       help="stablehlo: comma-separated platforms to lower for",
   )
-  ap.add_argument("--opset", type=int, default=18, help="onnx: opset version")
-  ap.add_argument(
+  parser.add_argument("--opset", type=int, default=18, help="onnx: opset version")
+  parser.add_argument(
       "--onnx-part",
       default=None,
       choices=_all_onnx_parts(),
@@ -513,27 +508,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       + ", ".join(f"{next(iter(onnx_parts(a)))} for {a}" for a in _families() if onnx_parts(a))
       + "; dense = backbone + heads only)",
   )
-  ap.add_argument(
+  parser.add_argument(
       "--random-weights",
       action="store_true",
       help="randomly initialised weights (for size / speed measurements only)",
   )
-  args = ap.parse_args(argv)
-  from cn2_jax import errors
-
+  args = parser.parse_args(argv)
   try:
     return _run(args)
   except Exception as e:  # noqa: BLE001 - user errors are one line, the rest re-raises
-    if not errors.is_user_error(e):
+    if not is_user_error(e):
       raise
-    print(f"error: {errors.one_line(e)}", file=sys.stderr)
+    print(f"error: {one_line(e)}", file=sys.stderr)
     return 1
 
 
 def _run(args) -> int:
-  from cn2_jax.modeling import detector
-  from cn2_jax.predictor import Predictor
-
   if args.format == "onnx":
     import_jax2onnx()  # fail before loading anything
   cfg = load_config(args.workdir, args.weights, args.config)
@@ -541,17 +531,13 @@ def _run(args) -> int:
   if args.format == "onnx":  # fail before loading weights or converting anything
     onnx_part = _check_part(cfg.model.arch, args.onnx_part)
     if args.orig_hw and onnx_parts(cfg.model.arch)[onnx_part] is not None:
-      from cn2_jax.errors import ConfigError
-
       raise ConfigError(
           f"--orig-hw needs the boxes of --onnx-part detector; model.arch={cfg.model.arch!r} "
           f"exports {onnx_part}"
       )
   if args.random_weights:
-    from cn2_jax.predictor import _dataset_info  # class names as Predictor.from_workdir finds them
-
     cfg.weights = ""
-    predictor = Predictor(
+    predictor = Predictor(  # class names as Predictor.from_workdir finds them
         cfg, detector.init_variables(cfg.model), *_dataset_info(args.workdir, cfg)
     )
   else:
@@ -568,8 +554,6 @@ def _run(args) -> int:
     except Exception as e:  # noqa: BLE001 - a family whose ops need a static batch
       if not isinstance(batch, str):
         raise
-      from cn2_jax.errors import one_line
-
       print(
           f"warning: a symbolic batch does not export for model.arch={cfg.model.arch!r} "
           f"({type(e).__name__}: {one_line(e)[:300]}); exporting batch 1",
@@ -588,16 +572,16 @@ def _run(args) -> int:
     )
     data = proto.SerializeToString()
     signature = onnx_signature(proto)
-  with open(args.out, "wb") as f:
-    f.write(data)
-  with open(args.out + ".json", "w") as f:
+  with open(args.out, "wb") as out_file:
+    out_file.write(data)
+  with open(args.out + ".json", "w") as meta_file:
     weights = (
         "random (--random-weights)"
         if args.random_weights
         else cfg.weights or f"newest checkpoint of {os.path.abspath(args.workdir)}"
     )
     meta = _metadata(predictor, args.format, signature, hw, batch, weights, onnx_part)
-    json.dump(meta, f, indent=2)
+    json.dump(meta, meta_file, indent=2)
   print(f"wrote {args.out}: {_size(len(data))}")
   for kind in ("inputs", "outputs"):
     print(f"  {kind}:")

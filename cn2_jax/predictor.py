@@ -29,6 +29,7 @@ import numpy as np
 from cn2_jax import schema
 from cn2_jax.config import config_from_json
 from cn2_jax.data import buckets, transforms
+from cn2_jax.data.coco_classes import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
 from cn2_jax.errors import DataError, InputFileError
 from cn2_jax.modeling import detector
 from cn2_jax.weights.loading import restore_model_variables, weights_run_dir
@@ -38,8 +39,8 @@ def _dataset_info(workdir: str, config: ml_collections.ConfigDict) -> tuple:
   """(class names, label -> category id) of the model: dataset_info.json of the run its weights
   come from, else of `workdir`; COCO's for an 80-class model without one; else (None, None)."""
   run = weights_run_dir(config.weights) if config.weights else None
-  for d in (run, workdir):
-    path = os.path.join(d, "dataset_info.json") if d else ""
+  for run_dir in (run, workdir):
+    path = os.path.join(run_dir, "dataset_info.json") if run_dir else ""
     if path and os.path.isfile(path):
       with open(path) as f:
         info = json.load(f)
@@ -47,8 +48,6 @@ def _dataset_info(workdir: str, config: ml_collections.ConfigDict) -> tuple:
   if config.model.num_classes == 80:
     # No run's dataset (e.g. --config.weights=CenterNet2_R50_1x.pth): an 80-class model is a
     # COCO model, whose labels follow the COCO category ids.
-    from cn2_jax.data.coco_classes import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
-
     return list(COCO_CLASS_NAMES), list(COCO_CATEGORY_IDS)
   return None, None
 
@@ -65,7 +64,7 @@ class Predictor:
   ):
     self.config = config
     self.class_names = list(class_names) if class_names else None
-    self.category_ids = [int(c) for c in category_ids] if category_ids else None
+    self.category_ids = [int(cat_id) for cat_id in category_ids] if category_ids else None
     self.model = detector.build_model(config.model)
     self.variables = jax.device_put(variables)
     self._apply = jax.jit(self._forward)
@@ -108,13 +107,13 @@ class Predictor:
     return detector.postprocess_detections(dets, image_hw, orig_hw)
 
   def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    d = self.config.data
+    data_cfg = self.config.data
     h, w = image.shape[:2]
     resized, _ = transforms.resize_shortest_edge(
-        image, np.zeros((0, 4), np.float32), (d.min_size_test,), d.max_size_test
+        image, np.zeros((0, 4), np.float32), (data_cfg.min_size_test,), data_cfg.max_size_test
     )
-    canvas = tuple(d.pad_hw_test) or buckets.official_pad_hw(
-        *resized.shape[:2], d.size_divisibility
+    canvas = tuple(data_cfg.pad_hw_test) or buckets.official_pad_hw(
+        *resized.shape[:2], data_cfg.size_divisibility
     )
     padded = transforms.pad_image(resized, canvas)
     return (padded[None], np.array([resized.shape[:2]], np.int32), np.array([[h, w]], np.int32))
@@ -136,7 +135,7 @@ class Predictor:
         boxes=out["boxes"][0][keep],
         scores=out["scores"][0][keep],
         classes=classes,
-        class_names=[self.class_name(int(c)) for c in classes],
+        class_names=[self.class_name(int(label)) for label in classes],
     )
 
 

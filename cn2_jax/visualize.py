@@ -82,11 +82,11 @@ def layout_labels(
     x0 = int(np.clip(x1, 0, max(0, w - tw)))
     y_pref = y1 - th if y1 - th >= 0 else int(np.clip(y1, 0, max(0, h - th)))
     choice = (x0, y_pref, x0 + tw, y_pref + th)
-    if any(_overlaps(choice, r) for r in placed):
+    if any(_overlaps(choice, other) for other in placed):
       for k in range(1, 2 * (h // max(th, 1)) + 1):
         y = y_pref + (k + 1) // 2 * th * (1 if k % 2 else -1)  # +1, -1, +2, -2 ... heights
         cand = (x0, y, x0 + tw, y + th)
-        if 0 <= y <= h - th and not any(_overlaps(cand, r) for r in placed):
+        if 0 <= y <= h - th and not any(_overlaps(cand, other) for other in placed):
           choice = cand
           break
     placed.append(choice)
@@ -119,8 +119,9 @@ def _prepare(image, boxes, scores, classes, class_names, score_thresh):
     x1, x2 = np.clip(np.round([min(x1, x2), max(x1, x2)]), 0, w - 1).astype(int)
     y1, y2 = np.clip(np.round([min(y1, y2), max(y1, y2)]), 0, h - 1).astype(int)
     pix[i] = (int(x1), int(y1), int(x2), int(y2))
-    c = int(classes[i])
-    name = class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
+    label = int(classes[i])
+    known = class_names is not None and 0 <= label < len(class_names)
+    name = class_names[label] if known else str(label)
     texts[i] = f'{name} {scores[i]:.2f}'
   return image, classes, idx, pix, texts
 
@@ -129,9 +130,9 @@ def _label_geometry(draw, font, font_size, idx, pix, texts, hw):
   pad = max(1, font_size // 6)
   sizes, offsets = [], []
   for i in idx:
-    l, t, r, b = draw.textbbox((0, 0), texts[i], font=font)
-    sizes.append((r - l + 2 * pad, b - t + 2 * pad))
-    offsets.append((pad - l, pad - t))
+    left, top, right, bottom = draw.textbbox((0, 0), texts[i], font=font)
+    sizes.append((right - left + 2 * pad, bottom - top + 2 * pad))
+    offsets.append((pad - left, pad - top))
   rects = layout_labels([pix[i][:2] for i in idx], sizes, hw)
   return rects, offsets
 
@@ -201,7 +202,7 @@ def save_png(path: Union[str, os.PathLike], image: np.ndarray) -> None:
   image = np.asarray(image)
   if image.dtype != np.uint8:
     raise TypeError(f'image must be uint8, got {image.dtype}')
-  d = os.path.dirname(os.fspath(path))
-  if d:
-    os.makedirs(d, exist_ok=True)
+  folder = os.path.dirname(os.fspath(path))
+  if folder:
+    os.makedirs(folder, exist_ok=True)
   Image.fromarray(np.ascontiguousarray(image)).save(path, format='PNG')

@@ -644,7 +644,7 @@ def test_train_loader_settings_from_config_reads_every_field(mini):
   assert (base.process_index, base.process_count) == (1, 2)
   aug = dict(cfg.data.to_dict(), color_aug="centerx")
   changes = [  # (config changes, the settings fields they set)
-      ({"train.batch_size": 6}, {"batch_size": 3}),
+      ({"train.batch_size": 6}, {"batch_size": 6}),  # per process
       ({"data.min_size_train": (96, 112)}, {"short_sizes": (96, 112)}),
       ({"data.max_size_train": 224}, {"max_size": 224}),
       ({"data.pad_hw_train": ()}, {"pad_hw": None}),

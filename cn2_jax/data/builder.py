@@ -82,6 +82,8 @@ import numpy as np
 from PIL import Image
 
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle as tfds_shuffle
+from tqdm import tqdm
 
 from cn2_jax.data.transforms import image_size_after_exif
 from cn2_jax.errors import DataError, InputFileError
@@ -150,16 +152,16 @@ def _categories_of(coco: dict, path: str, where: str = "") -> List[dict]:
         f"annotation file {path}: a category has no integer 'id' "
         f"({type(e).__name__}: {e}){_in(where)}"
     ) from e
-  ids = [int(c["id"]) for c in cats]
+  ids = [int(cat["id"]) for cat in cats]
   if len(set(ids)) != len(ids):
     raise DataError(f"annotation file {path}: duplicate category ids {ids}{_in(where)}")
   return [
       {
-          "id": int(c["id"]),
-          "name": str(c.get("name", c["id"])),
-          "supercategory": str(c.get("supercategory", "")),
+          "id": int(cat["id"]),
+          "name": str(cat.get("name", cat["id"])),
+          "supercategory": str(cat.get("supercategory", "")),
       }
-      for c in cats
+      for cat in cats
   ]
 
 
@@ -170,7 +172,7 @@ def _load_coco_json(path: str, where: str = "") -> Tuple[dict, Tuple[int, int]]:
   """The parsed json object and the file's (size, mtime_ns); one-line errors naming the file."""
   try:
     with open(path, "rb") as f:
-      st = os.fstat(f.fileno())
+      stat = os.fstat(f.fileno())
       raw = f.read()
   except FileNotFoundError as e:
     raise InputFileError(f"annotation file not found: {path}{_in(where)}") from e
@@ -187,18 +189,19 @@ def _load_coco_json(path: str, where: str = "") -> Tuple[dict, Tuple[int, int]]:
         f"annotation file {path} holds a JSON {type(coco).__name__}, not a COCO "
         f"object with keys {list(_REQUIRED_KEYS)}{_in(where)}"
     )
-  missing = [k for k in _REQUIRED_KEYS if k not in coco]
+  missing = [key for key in _REQUIRED_KEYS if key not in coco]
   if missing:
     raise DataError(
         f"annotation file {path} lacks the COCO key(s) {missing} (has "
         f"{sorted(coco)[:8]}){_in(where)}"
     )
-  for k in ("images", "annotations"):
-    if not isinstance(coco[k], list):
+  for key in ("images", "annotations"):
+    if not isinstance(coco[key], list):
       raise DataError(
-          f"annotation file {path}: '{k}' is a {type(coco[k]).__name__}, not a " f"list{_in(where)}"
+          f"annotation file {path}: '{key}' is a {type(coco[key]).__name__}, not a "
+          f"list{_in(where)}"
       )
-  return coco, (int(st.st_size), int(st.st_mtime_ns))
+  return coco, (int(stat.st_size), int(stat.st_mtime_ns))
 
 
 def select_categories(
@@ -206,11 +209,11 @@ def select_categories(
 ) -> List[dict]:
   """The categories named by ``classes``, in that order; an unknown, repeated or ambiguous name is
   a one-line :class:`DataError` naming it and the available names."""
-  names = [str(c["name"]) for c in categories]
+  names = [str(cat["name"]) for cat in categories]
   out = []
   for name in classes:
     name = str(name)
-    hits = [c for c in categories if str(c["name"]) == name]
+    hits = [cat for cat in categories if str(cat["name"]) == name]
     if not hits:
       raise DataError(
           f"unknown class {name!r} in data.classes: {source} has the classes {names}{_in(where)}"
@@ -218,9 +221,9 @@ def select_categories(
     if len(hits) > 1:
       raise DataError(
           f"class {name!r} of data.classes names {len(hits)} categories of {source} (ids "
-          f"{[int(c['id']) for c in hits]}){_in(where)}"
+          f"{[int(cat['id']) for cat in hits]}){_in(where)}"
       )
-    if any(c is hits[0] for c in out):
+    if any(cat is hits[0] for cat in out):
       raise DataError(f"class {name!r} is listed twice in data.classes{_in(where)}")
     out.append(hits[0])
   return out
@@ -239,17 +242,17 @@ def parse_coco_split(
   dataset and split)."""
   coco, ann_stat = _load_coco_json(annotation_file, where)
   categories = _categories_of(coco, annotation_file, where)
-  known_ids = {c["id"] for c in categories}
+  known_ids = {cat["id"] for cat in categories}
   if classes:
     categories = select_categories(categories, classes, annotation_file, where)
-  cat_to_label = {c["id"]: i for i, c in enumerate(categories)}
+  cat_to_label = {cat["id"]: i for i, cat in enumerate(categories)}
   entry = "images[?]"
   try:
-    for i, im in enumerate(coco["images"]):
+    for i, image in enumerate(coco["images"]):
       entry = f"images[{i}]"
-      im["id"], im["file_name"]  # noqa: B018 - KeyError names the missing key
+      image["id"], image["file_name"]  # noqa: B018 - KeyError names the missing key
     images = sorted(coco["images"], key=lambda im: int(im["id"]))
-    by_image: Dict[int, List[dict]] = {int(im["id"]): [] for im in images}
+    by_image: Dict[int, List[dict]] = {int(image["id"]): [] for image in images}
     if len(by_image) != len(images):
       raise DataError(f"annotation file {annotation_file}: duplicate image ids" f"{_in(where)}")
     for i, ann in enumerate(coco["annotations"]):
@@ -276,33 +279,36 @@ def parse_coco_split(
     raise DataError(f"annotation file {annotation_file}: {entry} {what}{_in(where)}") from e
 
   records = []
-  for im in images:
-    iid = int(im["id"])
-    h, w = im.get("height"), im.get("width")
+  for image in images:
+    iid = int(image["id"])
+    h, w = image.get("height"), image.get("width")
     anns = by_image[iid]
-    boxes = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
+    boxes = np.array([ann["bbox"] for ann in anns], np.float64).reshape(-1, 4)
     xyxy = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
     records.append(
         {
             "image/id": iid,
-            "file_name": str(im["file_name"]),
-            "path": os.path.join(image_root, str(im["file_name"])),
+            "file_name": str(image["file_name"]),
+            "path": os.path.join(image_root, str(image["file_name"])),
             "height": None if h is None else int(h),
             "width": None if w is None else int(w),
             "bbox": xyxy,  # float64, not yet clipped (see finalize_record)
-            "label": np.array([cat_to_label[int(a["category_id"])] for a in anns], np.int64),
-            "is_crowd": np.array([bool(a.get("iscrowd", 0)) for a in anns], bool),
-            "area": np.array([float(a.get("area", 0.0)) for a in anns], np.float32),
-            "ann_id": np.array([int(a.get("id", -1)) for a in anns], np.int64),
+            "label": np.array([cat_to_label[int(ann["category_id"])] for ann in anns], np.int64),
+            "is_crowd": np.array([bool(ann.get("iscrowd", 0)) for ann in anns], bool),
+            "area": np.array([float(ann.get("area", 0.0)) for ann in anns], np.float32),
+            "ann_id": np.array([int(ann.get("id", -1)) for ann in anns], np.int64),
         }
     )
-  stats = dict(num_images=len(images), num_annotations=sum(len(v) for v in by_image.values()))
+  stats = dict(
+      num_images=len(images),
+      num_annotations=sum(len(image_anns) for image_anns in by_image.values()),
+  )
   # (num_annotations counts those of the selected classes)
   return ParsedSplit(categories=categories, records=records, stats=stats, annotation_stat=ann_stat)
 
 
 def _check_files_exist(records: Sequence[dict], annotation_file: str, where: str = "") -> None:
-  missing = [r["path"] for r in records if not os.path.isfile(r["path"])]
+  missing = [record["path"] for record in records if not os.path.isfile(record["path"])]
   if missing:
     shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
     raise DataError(
@@ -323,7 +329,7 @@ def _read_and_check_image(
   context = f" ({listed}{where})" if (listed or where) else ""
   try:
     with open(path, "rb") as f:
-      st = os.fstat(f.fileno())
+      stat = os.fstat(f.fileno())
       data = f.read()
   except OSError as e:
     raise DataError(f"cannot read image file {path}: {e.strerror or e}{context}") from e
@@ -346,7 +352,7 @@ def _read_and_check_image(
         f"image file {path} has size {h}x{w} (h x w, after EXIF orientation) but the "
         f"annotation says {rec['height']}x{rec['width']}{context}"
     )
-  return data, h, w, int(st.st_size), int(st.st_mtime_ns)
+  return data, h, w, int(stat.st_size), int(stat.st_mtime_ns)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,8 +421,6 @@ def _tf_free_shuffler():
   if importlib.util.find_spec("tensorflow") is not None:
     yield
     return
-  from tensorflow_datasets.core import shuffle as tfds_shuffle
-
   old = tfds_shuffle.tf
   tfds_shuffle.tf = _TF_SHIM
   # 1000 bucket files are open at once; raise the soft limit like tfds does on EMFILE.
@@ -485,7 +489,7 @@ class CocoJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     specs = dict(getattr(self.builder_config, "splits", {}) or {})
     if not specs:
       raise ValueError(f"{self.name}: no splits configured " "(need {split: (json, image_root)})")
-    return {k: (os.fspath(v[0]), os.fspath(v[1])) for k, v in specs.items()}
+    return {split: (os.fspath(spec[0]), os.fspath(spec[1])) for split, spec in specs.items()}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -515,8 +519,8 @@ class CocoJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       parsed = parse_coco_split(ann_file, image_root, where=where, classes=classes)
       if categories is None:
         categories = parsed.categories
-      elif [(c["id"], c["name"]) for c in categories] != [
-          (c["id"], c["name"]) for c in parsed.categories
+      elif [(cat["id"], cat["name"]) for cat in categories] != [
+          (cat["id"], cat["name"]) for cat in parsed.categories
       ]:
         raise DataError(
             f"split {split!r}: categories in {ann_file} differ from those of "
@@ -547,7 +551,7 @@ class CocoJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return bool(getattr(self.builder_config, "full_decode_check", True))
 
   def _classes(self) -> Tuple[str, ...]:
-    return tuple(str(c) for c in (getattr(self.builder_config, "classes", ()) or ()))
+    return tuple(str(name) for name in (getattr(self.builder_config, "classes", ()) or ()))
 
   def _generate_examples(
       self, records: List[dict], split: str, annotation_file: str = ""
@@ -555,13 +559,13 @@ class CocoJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     full = self._full_decode_check()
     where = self._where(split)
     threads = max(1, int(getattr(self.builder_config, "num_threads", 8)))
-    n = len(records)
+    num_records = len(records)
     # disable_shuffling keeps key order; spread the keys over tfds's 128-bit key space so that
     # its on-disk buckets (> 1 GB splits) each hold a slice of the data.
-    key_step = (2**128 - 1) // max(n, 1)
+    key_step = (2**128 - 1) // max(num_records, 1)
     cols = {
-        k: []
-        for k in (
+        column: []
+        for column in (
             "image_id",
             "height",
             "width",
@@ -571,19 +575,25 @@ class CocoJsonBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "file_mtime_ns",
         )
     }
-    stats = dict(num_images=n, num_boxes=0, num_crowd=0, num_degenerate_dropped=0, num_empty=0)
+    stats = dict(
+        num_images=num_records, num_boxes=0, num_crowd=0, num_degenerate_dropped=0, num_empty=0
+    )
 
     def read(rec):
       return _read_and_check_image(rec, full, annotation_file, where)
 
-    from tqdm import tqdm
     # tfds' own bars are off by default (cn2_jax.logging_setup); this one is hidden off a tty.
     bar = tqdm(
-        total=n, desc=f"prepare {split}", unit="img", leave=False, disable=None, dynamic_ncols=True
+        total=num_records,
+        desc=f"prepare {split}",
+        unit="img",
+        leave=False,
+        disable=None,
+        dynamic_ncols=True,
     )
     with bar, concurrent.futures.ThreadPoolExecutor(threads) as pool:
       chunk = 4 * threads
-      for start in range(0, n, chunk):
+      for start in range(0, num_records, chunk):
         part = records[start : start + chunk]
         for i, (rec, (data, h, w, size, mtime_ns)) in enumerate(
             zip(part, pool.map(read, part)), start=start
@@ -719,7 +729,7 @@ def build_coco_json_dataset(
   category names to keep, in label order (() = all; a prepared folder built for another
   selection is rebuilt).
   """
-  classes = tuple(str(c) for c in classes)
+  classes = tuple(str(class_name) for class_name in classes)
 
   def make():
     cfg = CocoJsonConfig(
@@ -789,10 +799,10 @@ def _prepare(make_builder, specs, num_threads: int, classes: Sequence[str] = ())
 
 def _file_stat(path: str) -> Optional[Tuple[int, int]]:
   try:
-    st = os.stat(path)
+    stat = os.stat(path)
   except OSError:
     return None
-  return int(st.st_size), int(st.st_mtime_ns)
+  return int(stat.st_size), int(stat.st_mtime_ns)
 
 
 def _source_changes(builder, wanted: Mapping[str, SplitSpec], num_threads: int) -> List[str]:
@@ -835,11 +845,11 @@ def _source_changes(builder, wanted: Mapping[str, SplitSpec], num_threads: int) 
           )
       )
     changed, missing = [], 0
-    for f, size, mtime, st in zip(names, meta["file_size"], meta["file_mtime_ns"], stats):
-      if st is None:
+    for file_name, size, mtime, stat in zip(names, meta["file_size"], meta["file_mtime_ns"], stats):
+      if stat is None:
         missing += 1
-      elif st != (size, mtime):
-        changed.append(f)
+      elif stat != (size, mtime):
+        changed.append(file_name)
     if changed:
       shown = ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
       reasons.append(f"{len(changed)} image file(s) of split {split!r} changed ({shown})")
@@ -880,7 +890,9 @@ def load_builder(data_dir: str, name: str, version: Optional[str] = None):
     if not os.path.isdir(base):
       raise FileNotFoundError(f"no prepared dataset {name!r} under {data_dir}")
     versions = [
-        v for v in os.listdir(base) if os.path.isfile(os.path.join(base, v, "dataset_info.json"))
+        folder
+        for folder in os.listdir(base)
+        if os.path.isfile(os.path.join(base, folder, "dataset_info.json"))
     ]
     if not versions:
       raise FileNotFoundError(f"no prepared version of {name!r} under {base}")

@@ -88,16 +88,14 @@ class TrainLoaderSettings:
   ) -> "TrainLoaderSettings":
     """The train loader of config ``cfg`` (``data``, ``train.batch_size``, ``seed``,
     ``kd.without_label``) for process ``process_index`` of ``process_count``: each process takes
-    ``train.batch_size / process_count`` examples of every step. woGT (``kd.without_label``) keeps
+    ``train.batch_size`` examples of every step (the global batch is ``train.batch_size *
+    process_count``; process p takes its p-th slice, so N processes with batch b read the batches
+    of one process with batch N·b). woGT (``kd.without_label``) keeps
     every image (no ``filter_empty``) and crops at random positions (docs/onestage.md §4.3);
     ``num_threads`` / ``prefetch`` keep their defaults (not in the config)."""
     d = cfg.data
-    if cfg.train.batch_size % process_count:
-      raise ValueError(
-          f"train.batch_size={cfg.train.batch_size} must divide by the {process_count} processes"
-      )
     return cls(
-        batch_size=cfg.train.batch_size // process_count,
+        batch_size=cfg.train.batch_size,
         short_sizes=tuple(d.min_size_train),
         max_size=d.max_size_train,
         pad_hw=tuple(d.pad_hw_train) or None,
@@ -196,7 +194,7 @@ def _run(
 
     return gen()
   import grain  # imported lazily: workers are only needed here
-  from absl import flags
+  from absl import flags  # with grain: only when workers start
 
   # grain reads its settings from absl flags and fails ("Trying to access flag ... before flags
   # were parsed") outside absl.app; use the defaults in that case.

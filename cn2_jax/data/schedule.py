@@ -42,12 +42,12 @@ class _EpochCache:
     return state
 
   def _cached(self, epoch: int, make) -> np.ndarray:
-    v = self._cache.get(epoch)
-    if v is None:
+    value = self._cache.get(epoch)
+    if value is None:
       if len(self._cache) >= 2:
         self._cache.pop(min(self._cache))
-      v = self._cache[epoch] = make(epoch)
-    return v
+      value = self._cache[epoch] = make(epoch)
+    return value
 
   def _permutation(self, epoch: int) -> np.ndarray:
     return np.random.default_rng([self.seed, _PERM_STREAM, epoch]).permutation(len(self.order))
@@ -128,8 +128,10 @@ class _GroupedSchedule(_EpochCache):
   def _make_epoch(self, epoch: int) -> np.ndarray:
     """``[steps_per_epoch, global_batch]`` positions into ``order``."""
     perm = self._permutation(epoch)
-    b = _group_batches(perm, self.groups[perm], self.global_batch)
-    return b[np.random.default_rng([self.seed, _BATCH_ORDER_STREAM, epoch]).permutation(len(b))]
+    batches = _group_batches(perm, self.groups[perm], self.global_batch)
+    return batches[
+        np.random.default_rng([self.seed, _BATCH_ORDER_STREAM, epoch]).permutation(len(batches))
+    ]
 
   def indices(self, step: int) -> np.ndarray:
     e, j = divmod(int(step), self.steps_per_epoch)
@@ -152,13 +154,13 @@ class _MixtureSchedule:
   _STRIDE = 1 << 40  # dataset k's draws are k * _STRIDE + j in grain's mixed index space
 
   def __init__(self, orders, weights, global_batch: int, seed: int):
-    self.orders = [np.asarray(o, np.int64) for o in orders]
+    self.orders = [np.asarray(order, np.int64) for order in orders]
     self.weights = tuple(float(w) for w in weights)
     self.global_batch = global_batch
     self.seed = seed
     if len(self.orders) != len(self.weights) or not self.orders:
       raise ValueError("one weight per dataset of the mixture")
-    empty = [k for k, o in enumerate(self.orders) if not len(o)]
+    empty = [index for index, order in enumerate(self.orders) if not len(order)]
     if empty:
       raise ValueError(f"dataset {empty[0]} of the training mixture has no training examples")
     self._mix = None
@@ -171,11 +173,11 @@ class _MixtureSchedule:
 
   def _mixed(self):
     if self._mix is None:
-      import grain
+      import grain  # start-up time: grain (~0.5 s, with orbax) only for a dataset mixture
 
-      s = self._STRIDE
+      stride = self._STRIDE
       self._mix = grain.MapDataset.mix(
-          [grain.MapDataset.range(k * s, (k + 1) * s) for k in range(len(self.orders))],
+          [grain.MapDataset.range(k * stride, (k + 1) * stride) for k in range(len(self.orders))],
           list(self.weights),
       )
     return self._mix
@@ -187,13 +189,13 @@ class _MixtureSchedule:
 
   def _perm(self, k: int, epoch: int) -> np.ndarray:
     cache = self._cache.setdefault(k, {})
-    v = cache.get(epoch)
-    if v is None:
+    perm = cache.get(epoch)
+    if perm is None:
       if len(cache) >= 2:
         cache.pop(min(cache))
       rng = np.random.default_rng([self.seed, _MIX_STREAM, k, epoch])
-      v = cache[epoch] = rng.permutation(len(self.orders[k]))
-    return v
+      perm = cache[epoch] = rng.permutation(len(self.orders[k]))
+    return perm
 
   def indices(self, step: int) -> np.ndarray:
     """Source indices of the ``global_batch`` examples of ``step``."""
@@ -283,8 +285,10 @@ class _SampledSchedule(_EpochCache):
     draw = self._draw(epoch)
     if self.groups is None:
       return draw
-    b = _group_batches(draw, self.groups[draw], self.global_batch)
-    return b[sampling.batch_order_rng(self.sampler, self.seed, epoch).permutation(len(b))]
+    batches = _group_batches(draw, self.groups[draw], self.global_batch)
+    return batches[
+        sampling.batch_order_rng(self.sampler, self.seed, epoch).permutation(len(batches))
+    ]
 
   def epoch_of_step(self, step: int) -> int:
     """The sampler epoch that step ``step`` starts in."""

@@ -155,27 +155,27 @@ def read_text(path: str, what: str, where: str) -> str:
 # ----------------------------------------------------------------------------------------------
 def _stat(path: str) -> Optional[List[int]]:
   try:
-    st = os.stat(path)
+    stat = os.stat(path)
   except OSError:
     return None
-  return [int(st.st_size), int(st.st_mtime_ns)]
+  return [int(stat.st_size), int(stat.st_mtime_ns)]
 
 
 def _read_size(path: str, where: str) -> Tuple[int, int, List[int]]:
   """``(height, width, [size, mtime_ns])`` of an image file (EXIF-oriented, header only)."""
   try:
     with open(path, "rb") as f:
-      st = os.fstat(f.fileno())
+      stat = os.fstat(f.fileno())
       with Image.open(f) as img:
         h, w = image_size_after_exif(img)
   except OSError as e:  # PIL's UnidentifiedImageError is an OSError
     msg = " ".join(str(e).split())
     raise DataError(f"corrupt or unreadable image file {path}{where_suffix(where)}: {msg}") from e
-  return h, w, [int(st.st_size), int(st.st_mtime_ns)]
+  return h, w, [int(stat.st_size), int(stat.st_mtime_ns)]
 
 
 def _image_sizes(paths: Sequence[str], source: str, where: str, num_threads: int):
-  missing = [p for p in paths if not os.path.isfile(p)]
+  missing = [path for path in paths if not os.path.isfile(path)]
   if missing:
     shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
     raise DataError(
@@ -189,8 +189,8 @@ def _selection(available: Sequence[str], classes: Sequence[str], source: str, wh
   """Final category names: ``classes`` checked against ``available`` (else ``available``)."""
   if not classes:
     return list(available)
-  cats = [{"id": i + 1, "name": n} for i, n in enumerate(available)]
-  return [c["name"] for c in builder_lib.select_categories(cats, classes, source, where)]
+  cats = [{"id": i + 1, "name": name} for i, name in enumerate(available)]
+  return [cat["name"] for cat in builder_lib.select_categories(cats, classes, source, where)]
 
 
 def _images_to_coco(
@@ -204,30 +204,30 @@ def _images_to_coco(
     num_threads: int,
 ) -> Tuple[dict, Dict[str, List[int]]]:
   """COCO dict of parsed images (categories ``names``, ids 1..K) and ``{file_name: stat}``."""
-  paths = [os.path.join(image_root, im.file_name) for im in images]
+  paths = [os.path.join(image_root, image.file_name) for image in images]
   sizes = _image_sizes(paths, source, where, num_threads)
-  cat_id = {n: i + 1 for i, n in enumerate(names)}
+  cat_id = {name: i + 1 for i, name in enumerate(names)}
   out_images, anns, stats = [], [], {}
   dropped = 0
-  for im, (h, w, st) in zip(images, sizes):
-    stats[im.file_name] = st
-    keep = np.array([n in cat_id for n in im.names], bool)
-    b = im.boxes[keep].copy()
-    b[:, 0::2] = np.clip(b[:, 0::2], 0.0, float(w))
-    b[:, 1::2] = np.clip(b[:, 1::2], 0.0, float(h))
-    ok = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+  for image, (h, w, stat) in zip(images, sizes):
+    stats[image.file_name] = stat
+    keep = np.array([name in cat_id for name in image.names], bool)
+    boxes = image.boxes[keep].copy()
+    boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0.0, float(w))
+    boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0.0, float(h))
+    ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     dropped += int((~ok).sum())
-    kept_names = [n for n, k in zip(im.names, keep) if k]
-    ign = im.ignore[keep]
+    kept_names = [name for name, kept in zip(image.names, keep) if kept]
+    ign = image.ignore[keep]
     if drop_empty and not ok.any():
       continue
-    out_images.append({"id": im.image_id, "file_name": im.file_name, "height": h, "width": w})
+    out_images.append({"id": image.image_id, "file_name": image.file_name, "height": h, "width": w})
     for j in np.nonzero(ok)[0]:
-      x1, y1, x2, y2 = (float(v) for v in b[j])
+      x1, y1, x2, y2 = (float(coord) for coord in boxes[j])
       anns.append(
           {
               "id": len(anns) + 1,
-              "image_id": im.image_id,
+              "image_id": image.image_id,
               "category_id": cat_id[kept_names[j]],
               "bbox": [x1, y1, x2 - x1, y2 - y1],
               "area": (x2 - x1) * (y2 - y1),
@@ -236,30 +236,30 @@ def _images_to_coco(
       )
   if dropped:
     logger.info("%s: dropped %d boxes empty after clipping to the image", where or source, dropped)
-  cats = [{"id": i + 1, "name": n, "supercategory": ""} for i, n in enumerate(names)]
+  cats = [{"id": i + 1, "name": name, "supercategory": ""} for i, name in enumerate(names)]
   return {"images": out_images, "annotations": anns, "categories": cats}, stats
 
 
 def _filter_coco(coco: dict, classes, *, drop_empty: bool, source: str, where: str) -> dict:
   """A COCO dict restricted to ``classes`` (categories listed in that order, ids kept)."""
   cats = builder_lib._categories_of(coco, source, where)  # noqa: SLF001 - same package
-  by_id = {c["id"]: c for c in coco["categories"] if "id" in c}
+  by_id = {cat["id"]: cat for cat in coco["categories"] if "id" in cat}
   sel = builder_lib.select_categories(cats, classes, source, where)
-  ids = {c["id"] for c in sel}
+  ids = {cat["id"] for cat in sel}
   anns = []
   try:
-    for a in coco["annotations"]:
-      if int(a["category_id"]) in ids:
-        anns.append({k: v for k, v in a.items() if k != "segmentation"})
+    for ann in coco["annotations"]:
+      if int(ann["category_id"]) in ids:
+        anns.append({key: value for key, value in ann.items() if key != "segmentation"})
     images = coco["images"]
     if drop_empty:
-      have = {int(a["image_id"]) for a in anns}
-      images = [im for im in images if int(im["id"]) in have]
+      have = {int(ann["image_id"]) for ann in anns}
+      images = [image for image in images if int(image["id"]) in have]
   except (KeyError, TypeError, ValueError) as e:
     raise DataError(
         f"annotation file {source}: bad entry ({type(e).__name__}: {e}){where_suffix(where)}"
     )
-  categories = [dict(by_id.get(c["id"], c)) for c in sel]
+  categories = [dict(by_id.get(cat["id"], cat)) for cat in sel]
   return {"images": images, "annotations": anns, "categories": categories}
 
 
@@ -291,11 +291,13 @@ def _options(fmt, splits, box, classes, train_splits, annotations_dir) -> dict:
               format=fmt.name if fmt else _COCO_JSON,
               box=box if fmt and fmt.boxes else "",
               classes=list(classes),
-              drop_empty_splits=sorted(s for s in train_splits if s in splits and classes),
+              drop_empty_splits=sorted(
+                  split for split in train_splits if split in splits and classes
+              ),
               annotations_dir=os.path.abspath(annotations_dir) if annotations_dir else "",
               splits={
-                  s: [os.path.abspath(a), os.path.abspath(r)]
-                  for s, (a, r) in sorted(splits.items())
+                  split: [os.path.abspath(ann_file), os.path.abspath(image_root)]
+                  for split, (ann_file, image_root) in sorted(splits.items())
               },
           )
       )
@@ -312,22 +314,22 @@ def _up_to_date(out_dir: str, options: dict, splits: Mapping[str, SplitSpec]) ->
     return False
   if not isinstance(rec, dict) or rec.get("options") != options:
     return False
-  if any(not os.path.isfile(os.path.join(out_dir, f"{s}.json")) for s in splits):
+  if any(not os.path.isfile(os.path.join(out_dir, f"{split}.json")) for split in splits):
     return False
   gone = 0
-  for path, st in (rec.get("annotation_files") or {}).items():
+  for path, stat in (rec.get("annotation_files") or {}).items():
     now = _stat(path)
     if now is None:
       gone += 1
-    elif now != st:
+    elif now != stat:
       return False
   for split, files in (rec.get("images") or {}).items():
     root = splits[split][1]
-    for name, st in files.items():
+    for name, stat in files.items():
       now = _stat(os.path.join(root, name))
       if now is None:
         gone += 1
-      elif now != st:
+      elif now != stat:
         return False
   if gone:
     logger.warning(
@@ -367,9 +369,15 @@ def convert_dataset(
     raise ValueError(
         f"the {fmt.name} format needs annotations_dir (the {fmt.annotations_subdir} folder)"
     )
-  classes = tuple(str(c) for c in classes)
-  splits = {s: (os.fspath(a), os.fspath(r)) for s, (a, r) in splits.items()}
-  out = {s: (os.path.join(out_dir, f"{s}.json"), r) for s, (a, r) in splits.items()}
+  classes = tuple(str(class_name) for class_name in classes)
+  splits = {
+      split: (os.fspath(ann_file), os.fspath(image_root))
+      for split, (ann_file, image_root) in splits.items()
+  }
+  out = {
+      split: (os.path.join(out_dir, f"{split}.json"), image_root)
+      for split, (ann_file, image_root) in splits.items()
+  }
   options = _options(fmt, splits, box, classes, train_splits, annotations_dir)
   if _up_to_date(out_dir, options, splits):
     return out
@@ -378,18 +386,18 @@ def convert_dataset(
   def where(split):
     return f"dataset {label}, split {split!r}"
 
-  missing = [a for a, _ in splits.values() if not os.path.isfile(a)]
-  if missing and all(os.path.isfile(p) for p, _ in out.values()):
+  missing = [ann_file for ann_file, _ in splits.values() if not os.path.isfile(ann_file)]
+  if missing and all(os.path.isfile(path) for path, _ in out.values()):
     logger.warning(
         "%s is gone; using the converted annotations in %s as they are", missing[0], out_dir
     )
     return out
-  drop = {s for s in train_splits if classes}
+  drop = {split for split in train_splits if classes}
   converted, ann_stats, image_stats = {}, {}, {}
   if fmt is None:
     for split, (ann, _) in splits.items():
-      coco, st = builder_lib._load_coco_json(ann, where(split))  # noqa: SLF001
-      ann_stats[os.path.abspath(ann)] = list(st)
+      coco, stat = builder_lib._load_coco_json(ann, where(split))  # noqa: SLF001
+      ann_stats[os.path.abspath(ann)] = list(stat)
       converted[split] = (
           _filter_coco(coco, classes, drop_empty=split in drop, source=ann, where=where(split))
           if classes
@@ -400,10 +408,10 @@ def convert_dataset(
     for split, (ann, root) in splits.items():
       source = SplitSource(ann, root, annotations_dir or "", box if fmt.boxes else "", where(split))
       parsed[split] = fmt.parse(source)
-      for p in fmt.read_files(source) if fmt.read_files else [ann]:
-        ann_stats[os.path.abspath(p)] = _stat(p)
+      for path in fmt.read_files(source) if fmt.read_files else [ann]:
+        ann_stats[os.path.abspath(path)] = _stat(path)
     available = list(fmt.class_names) or sorted(
-        {n for ims in parsed.values() for im in ims for n in im.names}
+        {name for ims in parsed.values() for image in ims for name in image.names}
     )
     first = next(iter(splits))
     names = _selection(available, classes, splits[first][0], where(first))
@@ -436,10 +444,10 @@ def convert_dataset(
 def _suffix(classes: Sequence[str]) -> str:
   if not classes:
     return ""
-  s = "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", c) for c in classes)
-  if len(s) > 60:
-    s = s[:40] + "_" + hashlib.sha1("\0".join(classes).encode()).hexdigest()[:10]
-  return "-" + s
+  slug = "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", class_name) for class_name in classes)
+  if len(slug) > 60:
+    slug = slug[:40] + "_" + hashlib.sha1("\0".join(classes).encode()).hexdigest()[:10]
+  return "-" + slug
 
 
 def build_dataset(
@@ -505,7 +513,7 @@ def subset_options(d) -> dict:
   """``classes`` / ``train_splits`` keyword arguments of the builders from the ``data`` config
   (images are dropped from the training split only when it is not also the evaluation split)."""
   train = (d.train_split,) if d.train_split and d.train_split != d.eval_split else ()
-  return dict(classes=tuple(str(c) for c in d.classes), train_splits=train)
+  return dict(classes=tuple(str(name) for name in d.classes), train_splits=train)
 
 
 def resolve_path(root: str, p: str) -> str:
@@ -547,7 +555,7 @@ def _validate_source(cfg) -> None:
   classes = cfg.data.classes
   if (
       isinstance(classes, str)
-      or not all(isinstance(c, str) and c and "," not in c for c in classes)
+      or not all(isinstance(name, str) and name and "," not in name for name in classes)
       or len(set(classes)) != len(tuple(classes))
   ):
     raise ConfigError(

@@ -35,7 +35,7 @@ class DetectionInfo:
 
   @property
   def category_id_to_label(self) -> Dict[int, int]:
-    return {c: i for i, c in enumerate(self.category_ids)}
+    return {cat_id: i for i, cat_id in enumerate(self.category_ids)}
 
   def label_to_category_id(self, labels) -> np.ndarray:
     """Maps contiguous labels (array-like) to COCO category ids (int64 array)."""
@@ -49,12 +49,12 @@ class DetectionInfo:
   def from_metadata(cls, meta: Mapping[str, Any]) -> "DetectionInfo":
     cats = meta["categories"]
     splits = {
-        name: {k: v for k, v in s.items() if not isinstance(v, list)}
-        for name, s in meta.get("splits", {}).items()
+        name: {key: value for key, value in split.items() if not isinstance(value, list)}
+        for name, split in meta.get("splits", {}).items()
     }
     return cls(
-        class_names=tuple(str(c["name"]) for c in cats),
-        category_ids=tuple(int(c["id"]) for c in cats),
+        class_names=tuple(str(cat["name"]) for cat in cats),
+        category_ids=tuple(int(cat["id"]) for cat in cats),
         splits=splits,
     )
 
@@ -96,14 +96,14 @@ class DetectionSplit:
     self.info = info
     self.name = name
     self.data_dir = data_dir  # the prepared dataset folder, named in load-time decode errors
-    n = len(source)
+    num_examples = len(source)
 
     def arr(x):
       if x is None:
         return None
       x = np.asarray(x, np.int64)
-      if x.shape != (n,):
-        raise ValueError(f"index array of shape {x.shape} does not match {n} examples")
+      if x.shape != (num_examples,):
+        raise ValueError(f"index array of shape {x.shape} does not match {num_examples} examples")
       return x
 
     self.image_id = arr(image_id)
@@ -158,35 +158,37 @@ class _ConcatSource:
 
   def __init__(self, sources, data_dirs, channel_offsets):
     self.sources = list(sources)
-    self.data_dirs = [str(d or "") for d in data_dirs]
-    self.channel_offsets = [int(o) for o in channel_offsets]
-    self.starts = np.cumsum([0] + [len(s) for s in self.sources[:-1]]).astype(np.int64)
-    self._len = int(sum(len(s) for s in self.sources))
+    self.data_dirs = [str(data_dir or "") for data_dir in data_dirs]
+    self.channel_offsets = [int(offset) for offset in channel_offsets]
+    self.starts = np.cumsum([0] + [len(source) for source in self.sources[:-1]]).astype(np.int64)
+    self._len = int(sum(len(source) for source in self.sources))
 
   def __len__(self) -> int:
     return self._len
 
   def locate(self, i: int) -> Tuple[int, int]:
     """``(part, index in that part)`` of concatenated index ``i``."""
-    k = int(np.searchsorted(self.starts, int(i), side="right")) - 1
-    return k, int(i) - int(self.starts[k])
+    part = int(np.searchsorted(self.starts, int(i), side="right")) - 1
+    return part, int(i) - int(self.starts[part])
 
   def __getitem__(self, i):
-    k, j = self.locate(i)
-    return self.sources[k][j]
+    part, index = self.locate(i)
+    return self.sources[part][index]
 
 
 def _concat_split(parts) -> DetectionSplit:
   """One DetectionSplit over every part (a :class:`_ConcatSource`); the per-example arrays are
   concatenated (None when a part lacks them)."""
-  splits = [_as_split(p.split) for p in parts]
+  splits = [_as_split(part.split) for part in parts]
   src = _ConcatSource(
-      [s.source for s in splits], [s.data_dir for s in splits], [p.channel_offset for p in parts]
+      [split.source for split in splits],
+      [s.data_dir for s in splits],
+      [part.channel_offset for part in parts],
   )
 
   def cat(name):
-    arrs = [getattr(s, name) for s in splits]
-    return None if any(a is None for a in arrs) else np.concatenate(arrs).astype(np.int64)
+    arrs = [getattr(split, name) for split in splits]
+    return None if any(arr is None for arr in arrs) else np.concatenate(arrs).astype(np.int64)
 
   split = DetectionSplit(
       src,
@@ -195,7 +197,7 @@ def _concat_split(parts) -> DetectionSplit:
       height=cat("height"),
       width=cat("width"),
       num_instances=cat("num_instances"),
-      name="+".join(s.name for s in splits),
+      name="+".join(split.name for split in splits),
       data_dir=splits[0].data_dir,
   )
   return split
@@ -204,17 +206,20 @@ def _concat_split(parts) -> DetectionSplit:
 def _train_order(split: DetectionSplit, filter_empty: bool) -> np.ndarray:
   """Source indices of the examples the train loader draws from: all, or with ``filter_empty``
   those with a non-crowd box (detectron2 FILTER_EMPTY_ANNOTATIONS)."""
-  n = len(split)
+  num_examples = len(split)
   if not filter_empty:
-    return np.arange(n)
+    return np.arange(num_examples)
   if split.num_instances is None:
     logger.warning(
         "no per-example instance counts in the metadata: scanning %d examples "
         "to filter empty images",
-        n,
+        num_examples,
     )
     counts = np.array(
-        [int((~np.asarray(split[i]["objects"]["is_crowd"], bool)).sum()) for i in range(n)],
+        [
+            int((~np.asarray(split[i]["objects"]["is_crowd"], bool)).sum())
+            for i in range(num_examples)
+        ],
         np.int64,
     )
   else:
@@ -223,7 +228,7 @@ def _train_order(split: DetectionSplit, filter_empty: bool) -> np.ndarray:
   logger.info(
       "train loader: %d of %d images of %s have annotations (filter_empty)",
       order.size,
-      n,
+      num_examples,
       split.name or "the split",
   )
   return order
@@ -231,18 +236,26 @@ def _train_order(split: DetectionSplit, filter_empty: bool) -> np.ndarray:
 
 def _as_parts(source, filter_empty: bool):
   """The loader's ``source`` as a list of :class:`TrainPart` with ``filter_empty`` resolved."""
-  if isinstance(source, (list, tuple)) and source and all(isinstance(p, TrainPart) for p in source):
+  if (
+      isinstance(source, (list, tuple))
+      and source
+      and all(isinstance(part, TrainPart) for part in source)
+  ):
     parts = list(source)
   else:
     parts = [TrainPart(source)]
   out = []
-  for k, p in enumerate(parts):
-    if not (p.weight > 0 and np.isfinite(p.weight)):
-      raise ValueError(f"part {k} of the training mixture has weight {p.weight}; must be > 0")
-    if int(p.channel_offset) < 0:
-      raise ValueError(f"part {k} of the training mixture has channel_offset {p.channel_offset}")
-    fe = filter_empty if p.filter_empty is None else bool(p.filter_empty)
-    out.append(dataclasses.replace(p, filter_empty=fe))
+  for index, part in enumerate(parts):
+    if not (part.weight > 0 and np.isfinite(part.weight)):
+      raise ValueError(
+          f"part {index} of the training mixture has weight {part.weight}; must be > 0"
+      )
+    if int(part.channel_offset) < 0:
+      raise ValueError(
+          f"part {index} of the training mixture has channel_offset {part.channel_offset}"
+      )
+    part_filter_empty = filter_empty if part.filter_empty is None else bool(part.filter_empty)
+    out.append(dataclasses.replace(part, filter_empty=part_filter_empty))
   return out
 
 
@@ -251,8 +264,8 @@ def num_train_images(source, filter_empty: bool = True) -> int:
   the training images of a split, or for a mixture the sum over its parts (an epoch of a mixture is
   as many examples as its datasets hold together, as centerX's concatenated dataset lists, whatever
   the weights; ``optim.epochs`` counts these)."""
-  return int(sum(len(_train_order(_as_split(p.split), p.filter_empty))
-                 for p in _as_parts(source, filter_empty)))  # fmt: skip
+  return int(sum(len(_train_order(_as_split(part.split), part.filter_empty))
+                 for part in _as_parts(source, filter_empty)))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,12 @@ Thin wrapper around `orbax.checkpoint.CheckpointManager` (the stable v0 API):
 * `restore(abstract_state, step=None)` restores the latest (or given) step into the structure,
   dtypes and shardings of `abstract_state` (`step.abstract_train_state`: `jax.eval_shape` of the
   state with replicated `NamedSharding`s), so the restored arrays are already placed on the mesh.
+* several processes (engine/distributed.py): every process creates its `Checkpointer` and calls
+  `save` / `restore` / `close` for the same steps in the same order; Orbax writes each process's
+  part of the arrays, process 0 the metadata and the final rename that commits a step, with
+  barriers through JAX's distributed runtime between them. Process 0 alone removes unfinished
+  saves, before the manager's start barrier (the others list the steps after it). The folder must
+  be one every process sees. A checkpoint restores whatever the process / device count.
 """
 
 from __future__ import annotations

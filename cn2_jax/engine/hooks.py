@@ -232,7 +232,7 @@ class EventWriter:
   def __init__(self, logdir: str, purge_step: int, enabled: bool = True):
     self._writer = None
     if enabled:
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter  # start-up: only when TensorBoard is written
 
       self._writer = SummaryWriter(logdir=logdir, purge_step=purge_step)
 
@@ -502,7 +502,7 @@ class ProgressBar(HookBase):
     self._bar = None
 
   def before_train(self):
-    from tqdm import tqdm
+    from tqdm import tqdm  # start-up: only with train.progress_bar
 
     t = self.trainer
     self._bar = tqdm(
@@ -553,7 +553,7 @@ def default_hooks(
       tc.divergence_window,
       tc.divergence_patience,
       tc.divergence_min_steps,
-      lr_note=optim.lr_scaling_message(config.optim, int(tc.batch_size)),
+      lr_note=optim.lr_scaling_message(config.optim, int(tc.batch_size) * jax.process_count()),
       writer=writer,
   )
   hooks = [

@@ -5,13 +5,17 @@ Model and data are built by the caller (cn2_jax/app.py) and passed in:
 
     from cn2_jax.engine import loop
     loop.maybe_initialize_distributed()          # first thing in main(), before any other JAX call
+                                                 # (engine/distributed.py: several processes)
     state = loop.train(config, workdir, model, init_variables_fn, train_loader_fn,
                        frozen_prefixes=detector.frozen_param_prefixes(config.model))
 
 * `config.optim`: optimizer / schedule fields; `config.train`: loop fields; `config.seed`. All are
   declared, with their defaults, in the schema (`cn2_jax.config.base_config()`), the only place
-  defaults live. `train.batch_size` (the global batch) scales the LR by `batch_size / optim.reference_batch_size` (`optim.effective_base_lr`;
-  logged at start as e.g. "lr 0.02 × batch 4/16 = 0.005").
+  defaults live. `train.batch_size` is the batch of each process; the global batch
+  (`global_batch_size`: `train.batch_size × jax.process_count()`) scales the LR by
+  `global batch / optim.reference_batch_size` (`optim.effective_base_lr`; logged at start as e.g.
+  "lr 0.02 × batch 4/16 = 0.005") and counts the iterations of an epoch. N processes with batch b
+  train exactly as one process with N devices and batch N·b (same data order, same updates).
 * `init_variables_fn(rng) -> {'params', 'frozen'}`: pure (jit / eval_shape-able), e.g.
   `cn2_jax.modeling.detector.init_fn(model)`.
 * `load_pretrained_fn(variables) -> variables` (optional, host side): applied only on a fresh start
@@ -67,6 +71,7 @@ import jax
 
 from cn2_jax import schema
 from cn2_jax.engine import checkpoint as ckpt_lib
+from cn2_jax.engine import distributed
 from cn2_jax.engine import hooks as hooks_lib
 from cn2_jax.engine import optim
 from cn2_jax.engine import step as step_lib
@@ -83,31 +88,15 @@ log = logging.getLogger(__name__)
 
 
 def maybe_initialize_distributed() -> bool:
-  """Call `jax.distributed.initialize()` when a multi-process launch is detected.
+  """Joins the job of a multi-process launch (`JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` +
+  `JAX_PROCESS_ID`, Slurm or Open MPI); must run before any other JAX call. False (nothing done)
+  for a single-process run. See `cn2_jax.engine.distributed.initialize`."""
+  return distributed.initialize()
 
-  Must run before any other JAX call. Detected launches:
-  * `JAX_COORDINATOR_ADDRESS` (host:port of process 0) with `JAX_NUM_PROCESSES` and
-    `JAX_PROCESS_ID` (optional when the cluster is auto-detected);
-  * Slurm (`SLURM_NTASKS` > 1) or Open MPI (`OMPI_COMM_WORLD_SIZE` > 1): JAX auto-detects
-    coordinator, process count and id.
-  Single-process runs (nothing set) do nothing and return False.
-  """
-  if jax.distributed.is_initialized():
-    return True
-  env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    num = env.get("JAX_NUM_PROCESSES")
-    pid = env.get("JAX_PROCESS_ID")
-    jax.distributed.initialize(
-        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(num) if num else None,
-        process_id=int(pid) if pid else None,
-    )
-    return True
-  if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-    jax.distributed.initialize()
-    return True
-  return False
+
+def global_batch_size(config) -> int:
+  """`train.batch_size` (per process) × the number of processes: the images of one update."""
+  return int(config.train.batch_size) * jax.process_count()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +299,7 @@ def _resolve_schedule(config, num_train_images: Optional[int]):
   solver = config.optim
   if float(solver.epochs) <= 0:
     return config, solver
-  batch_size = int(config.train.batch_size)
+  batch_size = global_batch_size(config)
   ipe = optim.iterations_from_epochs(solver, num_train_images, batch_size)["iters_per_epoch"]
   solver = optim.resolve_schedule(solver, num_train_images, batch_size)
   log.info("optim.epochs=%g: %s", config.optim.epochs, optim.schedule_summary(solver))
@@ -408,7 +397,7 @@ def train(
     hooks = hooks_lib.default_hooks(config, metrics_callback=metrics_callback)
   elif metrics_callback is not None:
     raise ValueError("with hooks, pass metrics_callback to hooks.default_hooks")
-  batch_size = int(tc.batch_size)
+  batch_size = global_batch_size(config)  # LR scaling and epochs count the global batch
   lr_note = optim.lr_scaling_message(config.optim, batch_size)
   mesh = step_lib.make_mesh() if mesh is None else mesh
   frozen_prefixes = tuple(frozen_prefixes)

@@ -190,7 +190,7 @@ def iterations_from_epochs(cfg: Any, num_images: Optional[int], batch_size: int)
     return dict(
         iters_per_epoch=0,
         max_iter=int(cfg.max_iter),
-        steps=tuple(int(s) for s in cfg.steps),
+        steps=tuple(int(step) for step in cfg.steps),
         warmup_iters=int(cfg.warmup_iters),
         warmup_factor=float(cfg.warmup_factor),
     )
@@ -201,12 +201,12 @@ def iterations_from_epochs(cfg: Any, num_images: Optional[int], batch_size: int)
     )
   if int(batch_size) <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
-  ipe = max(1, int(num_images) // int(batch_size))
-  warmup_iters = int(cfg.warmup_iters) * ipe
+  iters_per_epoch = max(1, int(num_images) // int(batch_size))
+  warmup_iters = int(cfg.warmup_iters) * iters_per_epoch
   return dict(
-      iters_per_epoch=ipe,
-      max_iter=_epochs_to_iters(epochs, ipe),
-      steps=tuple(_epochs_to_iters(s, ipe) for s in cfg.steps),
+      iters_per_epoch=iters_per_epoch,
+      max_iter=_epochs_to_iters(epochs, iters_per_epoch),
+      steps=tuple(_epochs_to_iters(step, iters_per_epoch) for step in cfg.steps),
       warmup_iters=warmup_iters,
       warmup_factor=1.0 / warmup_iters if warmup_iters > 0 else float(cfg.warmup_factor),
   )
@@ -218,12 +218,12 @@ def resolve_schedule(cfg: Any, num_images: Optional[int], batch_size: int) -> An
   and `epochs = 0`. `num_images` may be None when `epochs == 0`."""
   if float(cfg.epochs) == 0:
     return cfg
-  it = iterations_from_epochs(cfg, num_images, batch_size)
+  in_iterations = iterations_from_epochs(cfg, num_images, batch_size)
   out = cfg.copy_and_resolve_references()
-  out.max_iter = it["max_iter"]
-  out.steps = it["steps"]
-  out.warmup_iters = it["warmup_iters"]
-  out.warmup_factor = it["warmup_factor"]
+  out.max_iter = in_iterations["max_iter"]
+  out.steps = in_iterations["steps"]
+  out.warmup_iters = in_iterations["warmup_iters"]
+  out.warmup_factor = in_iterations["warmup_factor"]
   out.epochs = 0.0
   return out
 
@@ -233,7 +233,7 @@ def schedule_summary(cfg: Any) -> str:
   return (
       f"{cfg.schedule} schedule: max_iter {int(cfg.max_iter)}, warmup_iters "
       f"{int(cfg.warmup_iters)} (factor {float(cfg.warmup_factor):g}), steps "
-      f"{tuple(int(s) for s in cfg.steps)}"
+      f"{tuple(int(step) for step in cfg.steps)}"
   )
 
 
@@ -273,7 +273,7 @@ def make_lr_schedule(cfg: Any, batch_size: Optional[int] = None) -> optax.Schedu
   warmup_iters = int(cfg.warmup_iters)
   warmup_factor = float(cfg.warmup_factor)
   kind = _choice(cfg, "schedule", LR_SCHEDULES)
-  milestones = tuple(int(s) for s in cfg.steps)
+  milestones = tuple(int(step) for step in cfg.steps)
   gamma = float(cfg.gamma)
   max_iter = int(cfg.max_iter)
   if list(milestones) != sorted(milestones):
@@ -337,8 +337,8 @@ def is_norm_param(path: str) -> bool:
   """
   if _NAMED_NORM.search(path):
     return True
-  m = _TOWER_GN.search(path)
-  return bool(m) and int(m.group(1)) % 3 == 1
+  match = _TOWER_GN.search(path)
+  return bool(match) and int(match.group(1)) % 3 == 1
 
 
 def matches_prefix(path: str, prefix: str) -> bool:
@@ -363,10 +363,10 @@ def param_labels(
   prefixes = tuple(frozen_prefixes)
 
   def label(kp, _):
-    p = path_str(kp)
-    if any(matches_prefix(p, f) for f in prefixes):
+    path = path_str(kp)
+    if any(matches_prefix(path, prefix) for prefix in prefixes):
       return FROZEN
-    return NO_DECAY if no_decay_fn(p) else DECAY
+    return NO_DECAY if no_decay_fn(path) else DECAY
 
   return jax.tree_util.tree_map_with_path(label, params)
 
@@ -530,10 +530,10 @@ def _lookahead(inner: optax.GradientTransformation, alpha: float, k: int):
 def validate_frozen_prefixes(params: Any, frozen_prefixes: Iterable[str]) -> None:
   """ValueError if a prefix matches no leaf of `params` (arrays or ShapeDtypeStructs)."""
   paths = [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  for f in frozen_prefixes:
-    if not any(matches_prefix(p, f) for p in paths):
+  for prefix in frozen_prefixes:
+    if not any(matches_prefix(path, prefix) for path in paths):
       raise ValueError(
-          f"frozen prefix {f!r} matches no parameter " f"(paths look like {paths[:3]}...)"
+          f"frozen prefix {prefix!r} matches no parameter (paths look like {paths[:3]}...)"
       )
 
 
@@ -630,14 +630,14 @@ def make_optimizer(
     validate_frozen_prefixes(params, frozen_prefixes)
   name = _choice(cfg, "optimizer", OPTIMIZERS)
   schedule = make_lr_schedule(cfg, batch_size) if schedule is None else schedule
-  wd = float(cfg.weight_decay)
-  wd_norm = float(cfg.weight_decay_norm)
+  weight_decay = float(cfg.weight_decay)
+  weight_decay_norm = float(cfg.weight_decay_norm)
   transforms = {
-      DECAY: _group_optimizer(cfg, name, wd, schedule),
-      NO_DECAY: _group_optimizer(cfg, name, wd_norm, schedule),
+      DECAY: _group_optimizer(cfg, name, weight_decay, schedule),
+      NO_DECAY: _group_optimizer(cfg, name, weight_decay_norm, schedule),
       FROZEN: optax.set_to_zero(),
   }
-  labels = lambda p: param_labels(p, frozen_prefixes, no_decay_fn)
+  labels = lambda tree: param_labels(tree, frozen_prefixes, no_decay_fn)
   opt = optax.multi_transform(transforms, labels)
   clip_norm = float(cfg.clip_norm)
   if clip_norm > 0:
@@ -656,26 +656,26 @@ LR_SCHEDULES = ("multistep", "cosine", "warmup_cosine_annealing")
 
 def _validate_optim(cfg) -> None:
   """ConfigError naming the first bad `optim` value."""
-  o = cfg.optim
+  optim = cfg.optim
   for key, allowed in (("optimizer", OPTIMIZERS), ("schedule", LR_SCHEDULES)):
-    if o[key] not in allowed:
-      raise ConfigError(f"optim.{key} must be one of {allowed}, got {o[key]!r}")
-  betas = tuple(o.betas)
-  if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+    if optim[key] not in allowed:
+      raise ConfigError(f"optim.{key} must be one of {allowed}, got {optim[key]!r}")
+  betas = tuple(optim.betas)
+  if len(betas) != 2 or not all(0.0 <= float(beta) < 1.0 for beta in betas):
     raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas}")
   checks = (
-      ("eps", o.eps >= 0, ">= 0"),
-      ("lookahead_alpha", 0.0 <= o.lookahead_alpha <= 1.0, "in [0, 1]"),
-      ("lookahead_k", o.lookahead_k >= 1, ">= 1"),
-      ("lars_clip", o.lars_clip > 0, "> 0"),
-      ("epochs", o.epochs >= 0, ">= 0 (0 = iterations as written)"),
-      ("cosine_decay_iter", 0.0 <= o.cosine_decay_iter <= 1.0, "in [0, 1]"),
-      ("min_lr", o.min_lr >= 0, ">= 0"),
-      ("skip_loss_factor", o.skip_loss_factor >= 0, ">= 0 (0 = off)"),
+      ("eps", optim.eps >= 0, ">= 0"),
+      ("lookahead_alpha", 0.0 <= optim.lookahead_alpha <= 1.0, "in [0, 1]"),
+      ("lookahead_k", optim.lookahead_k >= 1, ">= 1"),
+      ("lars_clip", optim.lars_clip > 0, "> 0"),
+      ("epochs", optim.epochs >= 0, ">= 0 (0 = iterations as written)"),
+      ("cosine_decay_iter", 0.0 <= optim.cosine_decay_iter <= 1.0, "in [0, 1]"),
+      ("min_lr", optim.min_lr >= 0, ">= 0"),
+      ("skip_loss_factor", optim.skip_loss_factor >= 0, ">= 0 (0 = off)"),
   )
   for key, ok, want in checks:
     if not ok:
-      raise ConfigError(f"optim.{key} must be {want}, got {o[key]!r}")
+      raise ConfigError(f"optim.{key} must be {want}, got {optim[key]!r}")
 
 
 CONFIG = schema.group(

@@ -59,15 +59,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
 from cn2_jax import schema
-from cn2_jax.errors import ConfigError
+from cn2_jax.engine.step import DATA_AXIS, _check_divisible, replicated
+from cn2_jax.errors import ConfigError, InputFileError
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +141,6 @@ def add_averages(config, state, mesh):
   ema, swa = ema_enabled(config), swa_enabled(config)
   if not (ema or swa):
     return state
-  from cn2_jax.engine.step import replicated
-
   return jax.jit(lambda s: _add_averages(s, ema, swa), out_shardings=replicated(mesh))(state)
 
 
@@ -148,16 +149,12 @@ def abstract_with_averages(config, abstract, mesh):
   ema, swa = ema_enabled(config), swa_enabled(config)
   if not (ema or swa):
     return abstract
-  from cn2_jax.engine.step import replicated
-
   shapes = jax.eval_shape(lambda s: _add_averages(s, ema, swa), abstract)
   repl = replicated(mesh)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
 
 
 def _partial_restore(item: str, target: dict) -> dict:
-  import orbax.checkpoint as ocp
-
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   with ocp.PyTreeCheckpointer() as ckptr:
     return ckptr.restore(
@@ -179,11 +176,9 @@ def restore_state(config, ckpt, abstract_base, step: int, mesh):
     return ckpt.restore(target, step)
   except Exception as e:  # noqa: BLE001 - Orbax's tree-structure mismatch (ValueError et al.)
     first = e
-  import os
-
   item = os.path.join(ckpt.directory, str(int(step)), "default")
-  names = [f.name for f in dataclasses.fields(target)]
-  base = {n: getattr(target, n) for n in names if n not in ("ema", "swa")}
+  names = [field.name for field in dataclasses.fields(target)]
+  base = {name: getattr(target, name) for name in names if name not in ("ema", "swa")}
   try:
     restored = _partial_restore(item, base)
   except Exception:  # noqa: BLE001 - not an averages mismatch: report the original error
@@ -215,9 +210,9 @@ def swa_schedule(base: Callable, config, max_iter: int) -> Callable:
   SWA is off."""
   if not swa_enabled(config):
     return base
-  s = config.swa
-  kind = str(s.lr_sched)
-  lr0, eta, period = float(s.lr_start), float(s.eta_min), int(s.period)
+  swa_cfg = config.swa
+  kind = str(swa_cfg.lr_sched)
+  lr0, eta, period = float(swa_cfg.lr_start), float(swa_cfg.eta_min), int(swa_cfg.period)
   max_iter = int(max_iter)
 
   def schedule(count):
@@ -294,8 +289,6 @@ def make_batch_stats_fn(model, mesh):
   """Jitted `(variables, batch, rng) -> batch_stats`: every BatchNorm layer's statistics of this
   batch (mean, unbiased variance; averaged over devices like the train step), model in train
   mode."""
-  from cn2_jax.engine.step import DATA_AXIS, _check_divisible
-
   if not hasattr(model, "bn_momentum"):
     raise ValueError(
         f"{type(model).__name__} has trainable BatchNorm but no bn_momentum field: cannot "
@@ -327,40 +320,45 @@ def recompute_batch_stats(
   """torch `update_bn` (module docstring): the mean over `num_batches` batches of every BatchNorm
   layer's batch statistics for `variables`. Returns (batch_stats, number of batches used)."""
   stats_fn = make_batch_stats_fn(model, mesh)
-  acc, n = None, 0
+  acc, used = None, 0
   for i in range(int(num_batches)):
     try:
       batch = next(batches)
     except StopIteration:
       log.warning("BatchNorm recompute: the loader ended after %d of %d batches", i, num_batches)
       break
-    b = stats_fn(variables, batch, jax.random.fold_in(rng, i))
-    acc = b if acc is None else jax.tree.map(lambda a, x: a + (x - a) / (n + 1.0), acc, b)
-    n += 1
-  return (variables.get("batch_stats", {}) if acc is None else acc), n
+    stats = stats_fn(variables, batch, jax.random.fold_in(rng, i))
+    mean = lambda a, x: a + (x - a) / (used + 1.0)  # noqa: E731  (running mean)
+    acc = stats if acc is None else jax.tree.map(mean, acc, stats)
+    used += 1
+  return (variables.get("batch_stats", {}) if acc is None else acc), used
 
 
 def finalize(config, state, model, mesh, batches: Iterator):
   """End of SWA: params <- SWA average (when it has snapshots), BatchNorm statistics recomputed.
   `batches` yields device batches (sharded)."""
-  from cn2_jax.engine.step import replicated
-
-  n = int(jax.device_get(state.swa["n"]))
-  if n == 0:
+  num_snapshots = int(jax.device_get(state.swa["n"]))
+  if num_snapshots == 0:
     log.warning("SWA: no snapshot was taken (swa.period > swa.iters?): parameters unchanged")
     return state
   state = jax.jit(
       lambda s: s.replace(params=jax.tree.map(jnp.copy, s.swa["params"])),
       out_shardings=replicated(mesh),
   )(state)
-  nb = int(config.swa.bn_batches)
-  if jax.tree.leaves(state.batch_stats) and nb > 0:
+  num_bn_batches = int(config.swa.bn_batches)
+  if jax.tree.leaves(state.batch_stats) and num_bn_batches > 0:
     rng = jax.random.fold_in(state.rng, np.int32(2**31 - 1))
-    bs, used = recompute_batch_stats(model, mesh, state.variables, batches, nb, rng)
-    state = state.replace(batch_stats=jax.device_put(bs, replicated(mesh)))
-    log.info("SWA: averaged %d snapshots; BatchNorm statistics recomputed over %d batches", n, used)
+    batch_stats, used = recompute_batch_stats(
+        model, mesh, state.variables, batches, num_bn_batches, rng
+    )
+    state = state.replace(batch_stats=jax.device_put(batch_stats, replicated(mesh)))
+    log.info(
+        "SWA: averaged %d snapshots; BatchNorm statistics recomputed over %d batches",
+        num_snapshots,
+        used,
+    )
   else:
-    log.info("SWA: averaged %d snapshots", n)
+    log.info("SWA: averaged %d snapshots", num_snapshots)
   return state
 
 
@@ -371,20 +369,16 @@ def eval_variables(config, state) -> dict:
   """The variables evaluation uses: the EMA ones with `ema.use_for_eval`, else `state.variables`."""
   if not use_ema_for_eval(config) or not jax.tree.leaves(getattr(state, "ema", {})):
     return state.variables
-  v = dict(state.variables)
-  v["params"] = state.ema["params"]
-  if "batch_stats" in v:
-    v["batch_stats"] = state.ema["batch_stats"]
-  return v
+  variables = dict(state.variables)
+  variables["params"] = state.ema["params"]
+  if "batch_stats" in variables:
+    variables["batch_stats"] = state.ema["batch_stats"]
+  return variables
 
 
 def restore_ema_variables(item: str, variables: dict) -> dict:
   """`variables` (restored from the TrainState checkpoint item `item`) with params / batch_stats
   replaced by the checkpoint's EMA ones."""
-  import orbax.checkpoint as ocp
-
-  from cn2_jax.errors import InputFileError
-
   target = {"params": variables["params"]}
   if "batch_stats" in variables:
     target["batch_stats"] = variables["batch_stats"]
@@ -407,21 +401,26 @@ def restore_ema_variables(item: str, variables: dict) -> dict:
 
 
 def _validate_averaging(cfg) -> None:
-  e, s = cfg.ema, cfg.swa
+  ema, swa = cfg.ema, cfg.swa
   checks = (
-      ("ema.decay", e.decay, 0.0 <= e.decay < 1.0, "in [0, 1) (0 = off)"),
+      ("ema.decay", ema.decay, 0.0 <= ema.decay < 1.0, "in [0, 1) (0 = off)"),
       (
           "ema.batch_stats",
-          e.batch_stats,
-          e.batch_stats in ("average", "copy"),
+          ema.batch_stats,
+          ema.batch_stats in ("average", "copy"),
           "'average' | 'copy'",
       ),
-      ("swa.iters", s.iters, s.iters >= 0, ">= 0 (0 = off)"),
-      ("swa.period", s.period, s.period >= 1, ">= 1"),
-      ("swa.lr_sched", s.lr_sched, s.lr_sched in ("constant", "cosine"), "'constant' | 'cosine'"),
-      ("swa.lr_start", s.lr_start, math.isfinite(s.lr_start) and s.lr_start >= 0, ">= 0"),
-      ("swa.eta_min", s.eta_min, math.isfinite(s.eta_min) and s.eta_min >= 0, ">= 0"),
-      ("swa.bn_batches", s.bn_batches, s.bn_batches >= 0, ">= 0 (0 = keep the statistics)"),
+      ("swa.iters", swa.iters, swa.iters >= 0, ">= 0 (0 = off)"),
+      ("swa.period", swa.period, swa.period >= 1, ">= 1"),
+      (
+          "swa.lr_sched",
+          swa.lr_sched,
+          swa.lr_sched in ("constant", "cosine"),
+          "'constant' | 'cosine'",
+      ),
+      ("swa.lr_start", swa.lr_start, math.isfinite(swa.lr_start) and swa.lr_start >= 0, ">= 0"),
+      ("swa.eta_min", swa.eta_min, math.isfinite(swa.eta_min) and swa.eta_min >= 0, ">= 0"),
+      ("swa.bn_batches", swa.bn_batches, swa.bn_batches >= 0, ">= 0 (0 = keep the statistics)"),
   )
   for key, value, ok, want in checks:
     if not ok:

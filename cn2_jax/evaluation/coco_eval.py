@@ -24,6 +24,8 @@ import warnings
 from typing import Any, Dict, List, Mapping, Sequence, Union
 
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 COCO_METRIC_NAMES = (
     'AP',
@@ -49,8 +51,6 @@ def _quiet():
 
 
 def _load_gt(annotations: Union[str, os.PathLike, Mapping[str, Any]]):
-  from pycocotools.coco import COCO
-
   if isinstance(annotations, (str, os.PathLike)):
     with open(annotations) as f:
       dataset = json.load(f)
@@ -91,9 +91,11 @@ class CocoEvaluator:
       verbose: bool = True,
   ):
     self.coco_gt = _load_gt(annotations)
-    self.label_to_category_id = np.asarray([int(c) for c in label_to_category_id], np.int64)
+    self.label_to_category_id = np.asarray(
+        [int(cat_id) for cat_id in label_to_category_id], np.int64
+    )
     known = set(self.coco_gt.getCatIds())
-    missing = [int(c) for c in self.label_to_category_id if int(c) not in known]
+    missing = [int(cat_id) for cat_id in self.label_to_category_id if int(cat_id) not in known]
     if missing:
       raise ValueError(
           f'category ids {missing} are not in the annotation categories ' f'{sorted(known)}'
@@ -101,7 +103,7 @@ class CocoEvaluator:
     if len(set(self.label_to_category_id.tolist())) != len(self.label_to_category_id):
       raise ValueError('label_to_category_id maps two labels to the same category id')
     self.verbose = verbose
-    self._gt_image_ids = set(int(i) for i in self.coco_gt.getImgIds())
+    self._gt_image_ids = set(int(image_id) for image_id in self.coco_gt.getImgIds())
     self._image_ids: List[int] = []
     self._seen: set = set()
     self._results: List[Dict[str, Any]] = []
@@ -144,27 +146,27 @@ class CocoEvaluator:
         ground truth, a class label out of range, or inconsistent shapes.
     """
     image_ids = np.asarray(image_ids).reshape(-1).astype(np.int64)
-    b = image_ids.shape[0]
+    batch_size = image_ids.shape[0]
     boxes = np.asarray(boxes, np.float64)
     scores = np.asarray(scores, np.float64)
     classes = np.asarray(classes)
     valid = np.asarray(valid).astype(bool)
     batch_mask = (
-        np.ones((b,), bool)
+        np.ones((batch_size,), bool)
         if batch_mask is None
         else np.asarray(batch_mask).reshape(-1).astype(bool)
     )
-    if boxes.ndim != 3 or boxes.shape[0] != b or boxes.shape[2] != 4:
-      raise ValueError(f'boxes must be [B={b}, K, 4], got {boxes.shape}')
-    k = boxes.shape[1]
+    if boxes.ndim != 3 or boxes.shape[0] != batch_size or boxes.shape[2] != 4:
+      raise ValueError(f'boxes must be [B={batch_size}, K, 4], got {boxes.shape}')
+    max_dets = boxes.shape[1]
     for name, arr in (('scores', scores), ('classes', classes), ('valid', valid)):
-      if arr.shape != (b, k):
-        raise ValueError(f'{name} must be [{b}, {k}], got {arr.shape}')
-    if batch_mask.shape != (b,):
-      raise ValueError(f'batch_mask must be [{b}], got {batch_mask.shape}')
+      if arr.shape != (batch_size, max_dets):
+        raise ValueError(f'{name} must be [{batch_size}, {max_dets}], got {arr.shape}')
+    if batch_mask.shape != (batch_size,):
+      raise ValueError(f'batch_mask must be [{batch_size}], got {batch_mask.shape}')
 
     # Validate the whole batch before recording anything (an exception leaves no partial state).
-    kept = [i for i in range(b) if batch_mask[i]]
+    kept = [i for i in range(batch_size) if batch_mask[i]]
     batch_ids = [int(image_ids[i]) for i in kept]
     for img_id in batch_ids:
       if img_id in self._seen or batch_ids.count(img_id) > 1:
@@ -186,17 +188,18 @@ class CocoEvaluator:
             f'class labels must be in [0, {num_labels}), got '
             f'[{cls.min()}, {cls.max()}] for image {img_id}'
         )
-      bx = boxes[i][keep]
-      sc = scores[i][keep]
+      image_boxes = boxes[i][keep]
+      image_scores = scores[i][keep]
       cat = self.label_to_category_id[cls]
-      xywh = np.stack([bx[:, 0], bx[:, 1], bx[:, 2] - bx[:, 0], bx[:, 3] - bx[:, 1]], -1)
-      for j in range(bx.shape[0]):
+      x1, y1, x2, y2 = image_boxes.T
+      xywh = np.stack([x1, y1, x2 - x1, y2 - y1], -1)
+      for j in range(image_boxes.shape[0]):
         new_results.append(
             {
                 'image_id': img_id,
                 'category_id': int(cat[j]),
                 'bbox': [round(float(v), 3) for v in xywh[j]],
-                'score': round(float(sc[j]), 5),
+                'score': round(float(image_scores[j]), 5),
             }
         )
     self._image_ids.extend(batch_ids)
@@ -205,8 +208,6 @@ class CocoEvaluator:
 
   # ------------------------------------------------------------------------------------------
   def _make_dt(self):
-    from pycocotools.coco import COCO
-
     if self._results:
       with _quiet():
         return self.coco_gt.loadRes(copy.deepcopy(self._results))
@@ -227,8 +228,6 @@ class CocoEvaluator:
     Metrics are in [0, 1]; ``-1.0`` (pycocotools' convention) where no GT falls in the metric's
     area range. Zero detections give 0 for every defined metric.
     """
-    from pycocotools.cocoeval import COCOeval
-
     if not self._image_ids:
       raise ValueError('no images were added; nothing to evaluate')
     never = len(self._gt_image_ids) - len(self._seen)
@@ -250,7 +249,7 @@ class CocoEvaluator:
     stats = np.asarray(coco_eval.stats, np.float64)
     if stats.shape != (len(COCO_METRIC_NAMES),):
       raise RuntimeError(f'unexpected COCOeval stats shape {stats.shape}')
-    metrics = {name: float(v) for name, v in zip(COCO_METRIC_NAMES, stats)}
+    metrics = {name: float(value) for name, value in zip(COCO_METRIC_NAMES, stats)}
     self.last_summary = summary.getvalue()
     if self.verbose:
       print(f'COCO bbox evaluation: {self.num_images} images, {self.num_detections} detections')
@@ -267,7 +266,7 @@ class CocoEvaluator:
 
   def write_metrics(self, path: Union[str, os.PathLike], metrics: Mapping[str, float]) -> None:
     """Writes ``metrics`` (as floats) plus ``num_images`` and ``num_detections`` to a json file."""
-    out: Dict[str, Any] = {str(k): float(v) for k, v in metrics.items()}
+    out: Dict[str, Any] = {str(name): float(value) for name, value in metrics.items()}
     out['num_images'] = int(self.num_images)
     out['num_detections'] = int(self.num_detections)
     _makedirs_for(path)
@@ -277,18 +276,18 @@ class CocoEvaluator:
 
 def format_metrics_table(metrics: Mapping[str, float]) -> str:
   """Two-line table of the 12 metrics in percent (``-`` for undefined, i.e. -1)."""
-  names = [n for n in COCO_METRIC_NAMES if n in metrics]
+  names = [name for name in COCO_METRIC_NAMES if name in metrics]
   cells = []
-  for n in names:
-    v = float(metrics[n])
-    cells.append('-' if v < 0 else f'{100.0 * v:.2f}')
-  width = [max(len(n), len(c)) for n, c in zip(names, cells)]
-  header = ' | '.join(n.rjust(w) for n, w in zip(names, width))
-  values = ' | '.join(c.rjust(w) for c, w in zip(cells, width))
+  for name in names:
+    value = float(metrics[name])
+    cells.append('-' if value < 0 else f'{100.0 * value:.2f}')
+  widths = [max(len(name), len(cell)) for name, cell in zip(names, cells)]
+  header = ' | '.join(name.rjust(width) for name, width in zip(names, widths))
+  values = ' | '.join(cell.rjust(width) for cell, width in zip(cells, widths))
   return f'{header}\n{values}'
 
 
 def _makedirs_for(path) -> None:
-  d = os.path.dirname(os.fspath(path))
-  if d:
-    os.makedirs(d, exist_ok=True)
+  folder = os.path.dirname(os.fspath(path))
+  if folder:
+    os.makedirs(folder, exist_ok=True)

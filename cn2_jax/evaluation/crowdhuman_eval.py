@@ -102,12 +102,12 @@ class EvalImage:
 # ----------------------------------------------------------------------------------------------
 def clip_boxes(boxes: np.ndarray, height: float, width: float) -> np.ndarray:
   """The toolkit's clip: x1 in [0, w - 1], y1 in [0, h - 1], x2 in [0, w], y2 in [0, h]."""
-  b = np.array(boxes, np.float64).reshape(-1, 4)
-  b[:, 0] = np.minimum(np.maximum(b[:, 0], 0), width - 1)
-  b[:, 1] = np.minimum(np.maximum(b[:, 1], 0), height - 1)
-  b[:, 2] = np.maximum(np.minimum(b[:, 2], width), 0)
-  b[:, 3] = np.maximum(np.minimum(b[:, 3], height), 0)
-  return b
+  clipped = np.array(boxes, np.float64).reshape(-1, 4)
+  clipped[:, 0] = np.minimum(np.maximum(clipped[:, 0], 0), width - 1)
+  clipped[:, 1] = np.minimum(np.maximum(clipped[:, 1], 0), height - 1)
+  clipped[:, 2] = np.maximum(np.minimum(clipped[:, 2], width), 0)
+  clipped[:, 3] = np.maximum(np.minimum(clipped[:, 3], height), 0)
+  return clipped
 
 
 def _intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -170,8 +170,8 @@ def match_image(img: EvalImage, iou_thresh: float = 0.5) -> Tuple[np.ndarray, np
 
 def _sorted_list(images: Sequence[EvalImage], iou_thresh: float):
   per = [match_image(img, iou_thresh) for img in images]
-  scores = np.concatenate([s for s, _ in per]) if per else np.zeros(0)
-  tp = np.concatenate([t for _, t in per]) if per else np.zeros(0, bool)
+  scores = np.concatenate([image_scores for image_scores, _ in per]) if per else np.zeros(0)
+  tp = np.concatenate([image_tp for _, image_tp in per]) if per else np.zeros(0, bool)
   order = np.argsort(-scores, kind="stable")
   return scores[order], tp[order]
 
@@ -198,8 +198,8 @@ def log_average_miss_rate(
   fppi = np.cumsum(~tp) / float(num_images)
   miss = 1.0 - np.cumsum(tp) / float(num_gt)
   rates = []
-  for r in ref:
-    hit = np.nonzero(fppi >= r)[0]
+  for rate in ref:
+    hit = np.nonzero(fppi >= rate)[0]
     rates.append(miss[hit[0]] if hit.size else miss[-1])
   with np.errstate(divide="ignore"):
     return float(np.exp(np.mean(np.log(np.asarray(rates)))))
@@ -213,7 +213,8 @@ def _max_weight_matching(weights: np.ndarray) -> List[Tuple[int, int]]:
   edge; all edges positive)."""
   if weights.size == 0 or not (weights > 0).any():
     return []
-  from scipy.optimize import linear_sum_assignment  # scipy comes with jax
+  # Start-up time: scipy.optimize takes ~0.6 s, and the dataset catalog imports this module.
+  from scipy.optimize import linear_sum_assignment
 
   rows, cols = linear_sum_assignment(weights, maximize=True)
   return [(int(r), int(c)) for r, c in zip(rows, cols) if weights[r, c] > 0]
@@ -249,13 +250,13 @@ def jaccard_index(
 ) -> Tuple[float, Dict[float, float]]:
   """``(JI, {score threshold: mean ratio})`` (see the module docstring)."""
   per = {}
-  for t in score_thresholds:
+  for thresh in score_thresholds:
     total, count = 0.0, 0
     for img in images:
-      k, m, n = _ji_counts(img, t, iou_thresh)
+      k, m, n = _ji_counts(img, thresh, iou_thresh)
       total += k / (m + n - k + _EPS)
       count += int(m != 0 or n != 0)
-    per[float(t)] = total / count if count else 0.0
+    per[float(thresh)] = total / count if count else 0.0
   return (max(per.values()) if per else 0.0), per
 
 
@@ -291,19 +292,21 @@ def crowdhuman_objects(record: Mapping, box: str = "vbox") -> Tuple[np.ndarray, 
   if box not in CROWDHUMAN_BOXES:
     raise ValueError(f"box must be one of {CROWDHUMAN_BOXES}, got {box!r}")
   boxes, ignore = [], []
-  for g in record.get("gtboxes") or []:
-    extra = g.get("extra") or {}
-    ign = g.get("tag") != "person" or int(extra.get("ignore", 0) or 0) != 0
+  for gt_box in record.get("gtboxes") or []:
+    extra = gt_box.get("extra") or {}
+    ignored = gt_box.get("tag") != "person" or int(extra.get("ignore", 0) or 0) != 0
     if box == "hbox":
-      ign = ign or int((g.get("head_attr") or {}).get("ignore", 0) or 0) != 0
-    b = g.get(box)
-    if b is None and ign:
-      b = next((g[k] for k in ("fbox", "vbox", "hbox") if g.get(k) is not None), None)
-    if b is None:
+      ignored = ignored or int((gt_box.get("head_attr") or {}).get("ignore", 0) or 0) != 0
+    xywh = gt_box.get(box)
+    if xywh is None and ignored:
+      xywh = next(
+          (gt_box[key] for key in ("fbox", "vbox", "hbox") if gt_box.get(key) is not None), None
+      )
+    if xywh is None:
       raise KeyError(box)
-    x, y, w, h = (float(v) for v in b)
+    x, y, w, h = (float(v) for v in xywh)
     boxes.append((x, y, x + w, y + h))
-    ignore.append(ign)
+    ignore.append(ignored)
   return np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(ignore, bool)
 
 
@@ -315,7 +318,7 @@ def _odgt_lines(path: str) -> List[dict]:
 def load_odgt_gt(path: str, box: str = "fbox") -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
   """``{ID: (boxes [n, 4] xyxy, ignore [n])}`` of a CrowdHuman annotation file, in file order
   (``box``: fbox as the official benchmark, vbox or hbox)."""
-  return {str(r["ID"]): crowdhuman_objects(r, box) for r in _odgt_lines(path)}
+  return {str(record["ID"]): crowdhuman_objects(record, box) for record in _odgt_lines(path)}
 
 
 def load_odgt_results(path: str) -> Dict[str, dict]:
@@ -323,15 +326,15 @@ def load_odgt_results(path: str) -> Dict[str, dict]:
   format (one line per image: ``ID``, ``height``, ``width``, ``dtboxes: [{box: [x, y, w, h],
   score}]``)."""
   out = {}
-  for r in _odgt_lines(path):
-    dts = r.get("dtboxes") or []
-    b = np.asarray([d["box"] for d in dts], np.float64).reshape(-1, 4)
-    b[:, 2:] += b[:, :2]
-    out[str(r["ID"])] = dict(
-        boxes=b,
-        scores=np.asarray([d["score"] for d in dts], np.float64),
-        height=r.get("height"),
-        width=r.get("width"),
+  for record in _odgt_lines(path):
+    dts = record.get("dtboxes") or []
+    xyxy = np.asarray([det["box"] for det in dts], np.float64).reshape(-1, 4)
+    xyxy[:, 2:] += xyxy[:, :2]
+    out[str(record["ID"])] = dict(
+        boxes=xyxy,
+        scores=np.asarray([det["score"] for det in dts], np.float64),
+        height=record.get("height"),
+        width=record.get("width"),
     )
   return out
 
@@ -351,14 +354,14 @@ def evaluate_odgt(
   )
   images = []
   for image_id, (boxes, ignore) in gts.items():
-    d = dts.get(image_id) or {}
-    h, w = d.get("height"), d.get("width")
+    image_dets = dts.get(image_id) or {}
+    h, w = image_dets.get("height"), image_dets.get("width")
     images.append(
         EvalImage(
             gt_boxes=boxes,
             gt_ignore=ignore,
-            dt_boxes=d.get("boxes", np.zeros((0, 4))),
-            dt_scores=d.get("scores", np.zeros(0)),
+            dt_boxes=image_dets.get("boxes", np.zeros((0, 4))),
+            dt_scores=image_dets.get("scores", np.zeros(0)),
             height=np.inf if h is None else float(h),
             width=np.inf if w is None else float(w),
             image_id=image_id,
@@ -387,7 +390,7 @@ def metrics_from_coco(
       coco = json.load(f)
   cats = coco.get("categories") or []
   if category_id is None:
-    person = [c for c in cats if str(c.get("name")) == "person"]
+    person = [cat for cat in cats if str(cat.get("name")) == "person"]
     if len(cats) == 1:
       category_id = int(cats[0]["id"])
     elif len(person) == 1:
@@ -395,48 +398,48 @@ def metrics_from_coco(
     else:
       raise ValueError(
           f"CrowdHuman metrics need one category (or one named 'person'); the annotations "
-          f"have {[c.get('name') for c in cats]}"
+          f"have {[cat.get('name') for cat in cats]}"
       )
-  sizes = {int(im["id"]): (im.get("height"), im.get("width")) for im in coco["images"]}
+  sizes = {int(image["id"]): (image.get("height"), image.get("width")) for image in coco["images"]}
   ids = list(sizes) if image_ids is None else [int(i) for i in image_ids]
-  gt_b: Dict[int, list] = {i: [] for i in ids}
-  gt_i: Dict[int, list] = {i: [] for i in ids}
-  for a in coco["annotations"]:
-    i = int(a["image_id"])
-    if i in gt_b and int(a["category_id"]) == category_id:
-      x, y, w, h = (float(v) for v in a["bbox"])
-      gt_b[i].append((x, y, x + w, y + h))
-      gt_i[i].append(bool(a.get("iscrowd", 0)))
-  dt_b: Dict[int, list] = {i: [] for i in ids}
-  dt_s: Dict[int, list] = {i: [] for i in ids}
-  for r in results:
-    i = int(r["image_id"])
-    if i in dt_b and int(r["category_id"]) == category_id:
-      x, y, w, h = (float(v) for v in r["bbox"])
-      dt_b[i].append((x, y, x + w, y + h))
-      dt_s[i].append(float(r["score"]))
+  gt_boxes: Dict[int, list] = {i: [] for i in ids}
+  gt_ignore: Dict[int, list] = {i: [] for i in ids}
+  for ann in coco["annotations"]:
+    i = int(ann["image_id"])
+    if i in gt_boxes and int(ann["category_id"]) == category_id:
+      x, y, w, h = (float(v) for v in ann["bbox"])
+      gt_boxes[i].append((x, y, x + w, y + h))
+      gt_ignore[i].append(bool(ann.get("iscrowd", 0)))
+  dt_boxes: Dict[int, list] = {i: [] for i in ids}
+  dt_scores: Dict[int, list] = {i: [] for i in ids}
+  for result in results:
+    i = int(result["image_id"])
+    if i in dt_boxes and int(result["category_id"]) == category_id:
+      x, y, w, h = (float(v) for v in result["bbox"])
+      dt_boxes[i].append((x, y, x + w, y + h))
+      dt_scores[i].append(float(result["score"]))
   images = []
   for i in ids:
     h, w = sizes.get(i, (None, None))
     images.append(
         EvalImage(
-            gt_boxes=gt_b[i],
-            gt_ignore=gt_i[i],
-            dt_boxes=dt_b[i],
-            dt_scores=dt_s[i],
+            gt_boxes=gt_boxes[i],
+            gt_ignore=gt_ignore[i],
+            dt_boxes=dt_boxes[i],
+            dt_scores=dt_scores[i],
             height=np.inf if h is None else float(h),
             width=np.inf if w is None else float(w),
             image_id=i,
         )
     )
-  m = evaluate(images)
+  metrics = evaluate(images)
   logger.info(
       "CrowdHuman metrics (%d images, %d GT, %d ignore regions): AP50 %.4f  MR^-2 %.4f  JI %.4f",
-      m["num_images"],
-      m["num_gt"],
-      m["num_ignore"],
-      m["AP50"],
-      m["MR-2"],
-      m["JI"],
+      metrics["num_images"],
+      metrics["num_gt"],
+      metrics["num_ignore"],
+      metrics["AP50"],
+      metrics["MR-2"],
+      metrics["JI"],
   )
-  return {f"{prefix}{k}": float(m[k]) for k in ("AP50", "MR-2", "JI")}
+  return {f"{prefix}{name}": float(metrics[name]) for name in ("AP50", "MR-2", "JI")}

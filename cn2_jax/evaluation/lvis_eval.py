@@ -52,7 +52,7 @@ def require_lvis():
   root = logging.getLogger()
   handlers, level = list(root.handlers), root.level
   try:
-    import lvis  # noqa: PLC0415 - optional extra, imported on use
+    import lvis  # noqa: PLC0415 - optional extra (requirements-lvis.txt), imported on use
   except ImportError as e:
     raise LvisNotInstalledError(
         f"LVIS evaluation needs the optional 'lvis' package ({EXTRA_HINT}): {e}"
@@ -93,13 +93,15 @@ def _gt_dataset(dataset: dict) -> dict:
   ``neg_category_ids`` / ``not_exhaustive_category_ids`` (default [], as detectron2's loader);
   box-only annotations need no ``segmentation``. Raises ValueError on a category without
   ``frequency``."""
-  for im in dataset.get("images", []):
-    im.setdefault("neg_category_ids", [])
-    im.setdefault("not_exhaustive_category_ids", [])
+  for image in dataset.get("images", []):
+    image.setdefault("neg_category_ids", [])
+    image.setdefault("not_exhaustive_category_ids", [])
   for ann in dataset.get("annotations", []):
     if "area" not in ann:
       ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
-  bad = [c.get("id") for c in dataset.get("categories", []) if c.get("frequency") not in _GROUPS]
+  bad = [
+      cat.get("id") for cat in dataset.get("categories", []) if cat.get("frequency") not in _GROUPS
+  ]
   if bad:
     raise ValueError(
         f"LVIS evaluation: categories {bad[:5]} lack the 'frequency' field ('r', 'c' or 'f')"
@@ -120,8 +122,8 @@ def evaluate_lvis(
   of the ground truth). Returns ``{name: fraction}`` for :data:`LVIS_METRIC_NAMES` plus ``AR``
   / ``ARs`` / ``ARm`` / ``ARl`` (at ``max_dets`` detections per image)."""
   lvis = require_lvis()
-  from lvis.eval import LVISEval  # noqa: PLC0415
-  from lvis.results import LVISResults  # noqa: PLC0415
+  from lvis.eval import LVISEval  # noqa: PLC0415 - optional extra (requirements-lvis.txt)
+  from lvis.results import LVISResults  # noqa: PLC0415 - optional extra
 
   gt = lvis.LVIS.__new__(lvis.LVIS)  # LVIS() only reads a path; index the dict we have
   gt.logger = logging.getLogger("lvis.lvis")
@@ -131,11 +133,11 @@ def evaluate_lvis(
   ids = sorted({int(i) for i in (gt.get_img_ids() if image_ids is None else image_ids)})
   keys = LVIS_METRIC_NAMES + ("AR", "ARs", "ARm", "ARl")
   wanted = set(ids)
-  res = [dict(r) for r in results if int(r["image_id"]) in wanted]
+  res = [dict(result) for result in results if int(result["image_id"]) in wanted]
   if not res:
-    return {k: 0.0 for k in keys}
-  for r in res:
-    r["bbox"] = [float(v) for v in r["bbox"]]
+    return {name: 0.0 for name in keys}
+  for det in res:
+    det["bbox"] = [float(coord) for coord in det["bbox"]]
   out = io.StringIO()
   lvis_logger = logging.getLogger("lvis")
   old_level = lvis_logger.level
@@ -143,15 +145,15 @@ def evaluate_lvis(
   try:
     with _numpy_float_alias(), contextlib.redirect_stdout(out):
       dt = LVISResults(gt, res, max_dets=max_dets)
-      ev = LVISEval(gt, dt, iou_type="bbox")
-      ev.params.img_ids = ids
-      ev.params.max_dets = max_dets
-      ev.run()
-      ev.print_results()
+      lvis_evaluator = LVISEval(gt, dt, iou_type="bbox")
+      lvis_evaluator.params.img_ids = ids
+      lvis_evaluator.params.max_dets = max_dets
+      lvis_evaluator.run()
+      lvis_evaluator.print_results()
   finally:
     lvis_logger.setLevel(old_level)
-  got = ev.get_results()
-  metrics = {k: float(got[k]) for k in LVIS_METRIC_NAMES}
+  got = lvis_evaluator.get_results()
+  metrics = {name: float(got[name]) for name in LVIS_METRIC_NAMES}
   for short, area in (("AR", ""), ("ARs", "s"), ("ARm", "m"), ("ARl", "l")):
     metrics[short] = float(got[f"AR{area}@{max_dets}"])
   if verbose:
@@ -164,5 +166,5 @@ def metrics_from_coco(annotation_file: str, evaluator, options=None) -> Dict[str
   """The LVIS metrics of a ``CocoEvaluator``'s detections on its images, named ``lvis_<name>``
   (the ``extra_metrics`` of the ``lvis_v1`` dataset kind, cn2_jax/data/catalog.py)."""
   del options
-  m = evaluate_lvis(annotation_file, evaluator.results, evaluator.image_ids, verbose=True)
-  return {f"lvis_{k}": v for k, v in m.items()}
+  metrics = evaluate_lvis(annotation_file, evaluator.results, evaluator.image_ids, verbose=True)
+  return {f"lvis_{name}": value for name, value in metrics.items()}

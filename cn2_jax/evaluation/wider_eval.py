@@ -91,7 +91,7 @@ logger = logging.getLogger(__name__)
 
 SETTINGS = ("easy", "medium", "hard")
 GT_FILE = "wider_face_val.mat"
-SETTING_FILES = {s: f"wider_{s}_val.mat" for s in SETTINGS}
+SETTING_FILES = {setting: f"wider_{setting}_val.mat" for setting in SETTINGS}
 IOU_THRESH = 0.5
 THRESH_NUM = 1000
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -130,7 +130,7 @@ class WiderGT:
   gt_dir: str = ""
 
   def index(self) -> Dict[Key, int]:
-    return {k: i for i, k in enumerate(self.keys)}
+    return {key: i for i, key in enumerate(self.keys)}
 
 
 def _cells(x) -> List[Any]:
@@ -142,7 +142,7 @@ def _text(x) -> str:
   """A MATLAB char array (possibly wrapped in 1x1 cells) as a str."""
   while isinstance(x, np.ndarray):
     if x.dtype.kind in "US":
-      return "".join(str(v) for v in x.ravel())
+      return "".join(str(value) for value in x.ravel())
     if x.size != 1:
       raise ValueError(f"expected a string, got an array of shape {x.shape}")
     x = x.ravel()[0]
@@ -152,18 +152,19 @@ def _text(x) -> str:
 def _loadmat(path: str, keys: Sequence[str]) -> Dict[str, Any]:
   if not os.path.isfile(path):
     raise InputFileError(f"WIDER Face ground truth file {path} not found")
+  # Start-up time: scipy.io takes ~0.3 s, and the dataset catalog imports this module.
   from scipy.io import loadmat
 
   try:
-    m = loadmat(path)
+    mat = loadmat(path)
   except NotImplementedError as e:  # MATLAB v7.3 (HDF5)
     raise DataError(f"{path}: a MATLAB v7.3 file, not readable with scipy.io.loadmat ({e})") from e
   except Exception as e:  # noqa: BLE001 - scipy raises many kinds on a corrupt file
     raise DataError(f"{path}: not a readable .mat file ({type(e).__name__}: {e})") from e
-  missing = [k for k in keys if k not in m]
+  missing = [key for key in keys if key not in mat]
   if missing:
     raise DataError(f"{path}: missing variable(s) {', '.join(missing)} (not a WIDER Face .mat?)")
-  return m
+  return mat
 
 
 def load_gt(gt_dir: Union[str, os.PathLike]) -> WiderGT:
@@ -174,13 +175,13 @@ def load_gt(gt_dir: Union[str, os.PathLike]) -> WiderGT:
   if not os.path.isdir(gt_dir):
     raise InputFileError(f"WIDER Face ground truth folder {gt_dir} not found")
   path = os.path.join(gt_dir, GT_FILE)
-  m = _loadmat(path, ("event_list", "file_list", "face_bbx_list"))
+  mat = _loadmat(path, ("event_list", "file_list", "face_bbx_list"))
   keys: List[Key] = []
   boxes: List[np.ndarray] = []
   shape: List[int] = []  # images per event
   try:
-    events = [_text(e) for e in _cells(m["event_list"])]
-    files, faces = _cells(m["file_list"]), _cells(m["face_bbx_list"])
+    events = [_text(e) for e in _cells(mat["event_list"])]
+    files, faces = _cells(mat["file_list"]), _cells(mat["face_bbx_list"])
     if not (len(events) == len(files) == len(faces)):
       raise ValueError(f"{len(events)} events, {len(files)} file lists and {len(faces)} face lists")
     for event, names, fboxes in zip(events, files, faces):
@@ -188,12 +189,14 @@ def load_gt(gt_dir: Union[str, os.PathLike]) -> WiderGT:
       if len(names) != len(fboxes):
         raise ValueError(f"event {event}: {len(names)} images but {len(fboxes)} face lists")
       shape.append(len(names))
-      for name, b in zip(names, fboxes):
+      for name, face_boxes in zip(names, fboxes):
         keys.append((event, _text(name)))
-        b = np.asarray(b, np.float64)
-        if b.size % 4:
-          raise ValueError(f"{event}/{_text(name)}: face boxes of shape {b.shape}, not [n, 4]")
-        boxes.append(b.reshape(-1, 4))
+        face_boxes = np.asarray(face_boxes, np.float64)
+        if face_boxes.size % 4:
+          raise ValueError(
+              f"{event}/{_text(name)}: face boxes of shape {face_boxes.shape}, not [n, 4]"
+          )
+        boxes.append(face_boxes.reshape(-1, 4))
   except (ValueError, TypeError) as e:
     raise DataError(f"{path}: unexpected content ({e})") from e
   if not keys:
@@ -201,10 +204,10 @@ def load_gt(gt_dir: Union[str, os.PathLike]) -> WiderGT:
   keep: Dict[str, Tuple[np.ndarray, ...]] = {}
   for setting, name in SETTING_FILES.items():
     spath = os.path.join(gt_dir, name)
-    sm = _loadmat(spath, ("gt_list",))
+    setting_mat = _loadmat(spath, ("gt_list",))
     masks: List[np.ndarray] = []
     try:
-      per_event = _cells(sm["gt_list"])
+      per_event = _cells(setting_mat["gt_list"])
       if len(per_event) != len(shape):
         raise ValueError(f"{len(per_event)} events, {GT_FILE} has {len(shape)}")
       for e, (lists, n_img) in enumerate(zip(per_event, shape)):
@@ -212,12 +215,12 @@ def load_gt(gt_dir: Union[str, os.PathLike]) -> WiderGT:
         if len(lists) != n_img:
           raise ValueError(f"event {events[e]}: {len(lists)} images, {GT_FILE} has {n_img}")
         for idx in lists:
-          g = boxes[len(masks)].shape[0]
+          num_gt = boxes[len(masks)].shape[0]
           idx = np.asarray(idx, np.float64).ravel()
-          if idx.size and (idx.min() < 1 or idx.max() > g or np.any(idx != np.round(idx))):
-            k = keys[len(masks)]
-            raise ValueError(f"{k[0]}/{k[1]}: face indices {idx.tolist()} outside 1..{g}")
-          mask = np.zeros(g, bool)
+          if idx.size and (idx.min() < 1 or idx.max() > num_gt or np.any(idx != np.round(idx))):
+            key = keys[len(masks)]
+            raise ValueError(f"{key[0]}/{key[1]}: face indices {idx.tolist()} outside 1..{num_gt}")
+          mask = np.zeros(num_gt, bool)
           mask[idx.astype(np.int64) - 1] = True
           masks.append(mask)
     except (ValueError, TypeError) as e:
@@ -248,9 +251,9 @@ def box_overlaps(a_xywh: np.ndarray, b_xywh: np.ndarray) -> np.ndarray:
 
 def _best_gt(pred: np.ndarray, gt: np.ndarray, iou_thresh: float) -> Tuple[np.ndarray, np.ndarray]:
   """Per detection the index of its highest-IoU face and whether that IoU >= the threshold."""
-  o = box_overlaps(pred[:, :4], gt)
-  best = np.argmax(o, axis=1)
-  return best, o[np.arange(o.shape[0]), best] >= iou_thresh
+  overlaps = box_overlaps(pred[:, :4], gt)
+  best = np.argmax(overlaps, axis=1)
+  return best, overlaps[np.arange(overlaps.shape[0]), best] >= iou_thresh
 
 
 def _eval_matches(best: np.ndarray, hit: np.ndarray, keep: np.ndarray):
@@ -271,8 +274,8 @@ def image_eval(
   pred = np.atleast_2d(np.asarray(pred, np.float64))
   gt = np.asarray(gt, np.float64).reshape(-1, 4)
   if gt.shape[0] == 0 or pred.size == 0:
-    n = pred.shape[0] if pred.size else 0
-    return np.zeros(n, np.int64), np.ones(n, bool)
+    num_pred = pred.shape[0] if pred.size else 0
+    return np.zeros(num_pred, np.int64), np.ones(num_pred, bool)
   best, hit = _best_gt(pred, gt, iou_thresh)
   return _eval_matches(best, hit, np.asarray(keep, bool))
 
@@ -333,11 +336,11 @@ def pr_curves(
   ``'ap'`` and ``'num_faces'``.  ``pred``: ``{(event, image name): [N, 5] x y w h score}``;
   ``gt``: the folder of the four .mat files or a :class:`WiderGT`; ``images``: the evaluated
   images (default every image of the ground truth)."""
-  g = _as_gt(gt)
-  index = g.index()
+  ground_truth = _as_gt(gt)
+  index = ground_truth.index()
   preds: Dict[Key, np.ndarray] = {}
-  for key, p in pred.items():
-    arr = np.asarray(p, np.float64)
+  for key, image_preds in pred.items():
+    arr = np.asarray(image_preds, np.float64)
     if arr.size == 0:
       arr = np.zeros((0, 5))
     if arr.ndim != 2 or arr.shape[1] < 5:
@@ -345,7 +348,7 @@ def pr_curves(
     if not np.all(np.isfinite(arr[:, :5])):
       raise ValueError(f"predictions of {key!r} hold NaN or inf")
     preds[_norm_key(key)] = arr[:, :5]
-  unknown = [k for k in preds if k not in index]
+  unknown = [key for key in preds if key not in index]
   if unknown:
     logger.warning(
         "WIDER Face evaluation: %d predicted images are not in the ground truth (e.g. %s/%s)",
@@ -353,41 +356,48 @@ def pr_curves(
         *unknown[0],
     )
   if images is None:
-    ids = list(range(len(g.keys)))
+    ids = list(range(len(ground_truth.keys)))
   else:
-    wanted = {_norm_key(k) for k in images}
-    ids = [index[k] for k in g.keys if k in wanted]
+    wanted = {_norm_key(key) for key in images}
+    ids = [index[key] for key in ground_truth.keys if key in wanted]
   # steps 1-2: sort per image (stable, decreasing score), normalise over all evaluated images
   sorted_preds: Dict[int, np.ndarray] = {}
   for i in ids:
-    p = preds.get(g.keys[i])
-    if p is not None and p.shape[0]:
-      sorted_preds[i] = p[np.argsort(-p[:, 4], kind="stable")].copy()
+    image_preds = preds.get(ground_truth.keys[i])
+    if image_preds is not None and image_preds.shape[0]:
+      sorted_preds[i] = image_preds[np.argsort(-image_preds[:, 4], kind="stable")].copy()
   if sorted_preds:
-    lo = min(float(p[:, 4].min()) for p in sorted_preds.values())
-    hi = max(float(p[:, 4].max()) for p in sorted_preds.values())
-    for p in sorted_preds.values():
-      p[:, 4] = (p[:, 4] - lo) / (hi - lo) if hi > lo else 1.0
-  counts = {s: np.zeros((thresh_num, 2)) for s in SETTINGS}
-  num_faces = {s: int(sum(int(g.keep[s][i].sum()) for i in ids)) for s in SETTINGS}
-  for i, p in sorted_preds.items():
-    if g.boxes[i].shape[0] == 0:
+    lo = min(float(image_preds[:, 4].min()) for image_preds in sorted_preds.values())
+    hi = max(float(image_preds[:, 4].max()) for image_preds in sorted_preds.values())
+    for image_preds in sorted_preds.values():
+      image_preds[:, 4] = (image_preds[:, 4] - lo) / (hi - lo) if hi > lo else 1.0
+  counts = {setting: np.zeros((thresh_num, 2)) for setting in SETTINGS}
+  num_faces = {
+      setting: int(sum(int(ground_truth.keep[setting][i].sum()) for i in ids))
+      for setting in SETTINGS
+  }
+  for i, image_preds in sorted_preds.items():
+    if ground_truth.boxes[i].shape[0] == 0:
       continue  # step 4: no GT boxes -> the image adds nothing
-    best, hit = _best_gt(p, g.boxes[i], iou_thresh)
-    for s in SETTINGS:
-      pred_recall, proposal = _eval_matches(best, hit, g.keep[s][i])
-      counts[s] += image_pr_info(p[:, 4], proposal, pred_recall, thresh_num)
+    best, hit = _best_gt(image_preds, ground_truth.boxes[i], iou_thresh)
+    for setting in SETTINGS:
+      pred_recall, proposal = _eval_matches(best, hit, ground_truth.keep[setting][i])
+      counts[setting] += image_pr_info(image_preds[:, 4], proposal, pred_recall, thresh_num)
   out = {}
-  for s in SETTINGS:
-    c = counts[s]
+  for setting in SETTINGS:
+    setting_counts = counts[setting]
     with np.errstate(divide="ignore", invalid="ignore"):
-      precision = np.where(c[:, 0] > 0, c[:, 1] / c[:, 0], 0.0)
-    recall = c[:, 1] / num_faces[s] if num_faces[s] else np.zeros(thresh_num)
-    out[s] = dict(
+      precision = np.where(
+          setting_counts[:, 0] > 0, setting_counts[:, 1] / setting_counts[:, 0], 0.0
+      )
+    recall = (
+        setting_counts[:, 1] / num_faces[setting] if num_faces[setting] else np.zeros(thresh_num)
+    )
+    out[setting] = dict(
         precision=precision,
         recall=recall,
-        ap=voc_ap(recall, precision) if num_faces[s] else 0.0,
-        num_faces=num_faces[s],
+        ap=voc_ap(recall, precision) if num_faces[setting] else 0.0,
+        num_faces=num_faces[setting],
     )
   return out
 
@@ -404,7 +414,7 @@ def evaluate(
   files in ``gt_dir`` (or a loaded :class:`WiderGT`).  ``images``: evaluate only these images
   (default: the whole ground truth, as the official protocol)."""
   curves = pr_curves(pred, gt_dir, images=images, iou_thresh=iou_thresh)
-  return {f"wider_{s}_ap": float(curves[s]["ap"]) for s in SETTINGS}
+  return {f"wider_{setting}_ap": float(curves[setting]["ap"]) for setting in SETTINGS}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,7 +422,7 @@ def evaluate(
 # ----------------------------------------------------------------------------------------------
 def _row(line: str) -> Optional[List[float]]:
   try:
-    return [float(v) for v in line.replace(",", " ").split()]
+    return [float(value) for value in line.replace(",", " ").split()]
   except ValueError:
     return None
 
@@ -428,19 +438,21 @@ def read_pred_file(path: Union[str, os.PathLike]) -> np.ndarray:
   count = _row(lines[1])
   if count is None or len(count) != 1 or count[0] < 0 or count[0] != int(count[0]):
     raise DataError(f"{path}:2: expected the number of boxes, got {lines[1].strip()!r}")
-  n = int(count[0])
+  num_boxes = int(count[0])
   rows = []
-  for k in range(n):
-    line = lines[2 + k] if 2 + k < len(lines) else None
+  for row_index in range(num_boxes):
+    line = lines[2 + row_index] if 2 + row_index < len(lines) else None
     if line is None:
-      raise DataError(f"{path}: the count line says {n} boxes, the file has {k}")
-    r = _row(line)
-    if r is None or len(r) < 5:
-      raise DataError(f"{path}:{3 + k}: expected 'x y w h score', got {line.strip()!r}")
-    rows.append(r[:5])
-  extra = [ln for ln in lines[2 + n :] if ln.strip()]
+      raise DataError(f"{path}: the count line says {num_boxes} boxes, the file has {row_index}")
+    row = _row(line)
+    if row is None or len(row) < 5:
+      raise DataError(f"{path}:{3 + row_index}: expected 'x y w h score', got {line.strip()!r}")
+    rows.append(row[:5])
+  extra = [line for line in lines[2 + num_boxes :] if line.strip()]
   if extra:
-    raise DataError(f"{path}: the count line says {n} boxes, the file has {n + len(extra)}")
+    raise DataError(
+        f"{path}: the count line says {num_boxes} boxes, the file has {num_boxes + len(extra)}"
+    )
   return np.asarray(rows, np.float64).reshape(-1, 5)
 
 
@@ -466,7 +478,7 @@ def read_pred_dir(pred_dir: Union[str, os.PathLike]) -> Dict[Key, np.ndarray]:
 def key_of_file_name(file_name: str) -> Optional[Key]:
   """``(event, image name)`` of a COCO ``file_name`` such as ``0--Parade/0_Parade_x_1.jpg`` (the
   last folder and the name without extension); None without a folder."""
-  parts = [p for p in str(file_name).replace("\\", "/").split("/") if p]
+  parts = [part for part in str(file_name).replace("\\", "/").split("/") if part]
   if len(parts) < 2:
     return None
   return parts[-2], os.path.splitext(parts[-1])[0]
@@ -492,7 +504,7 @@ def metrics_from_coco(
       coco = json.load(f)
   cats = coco.get("categories") or []
   if category_id is None:
-    face = [c for c in cats if str(c.get("name")) == "face"]
+    face = [cat for cat in cats if str(cat.get("name")) == "face"]
     if len(cats) == 1:
       category_id = int(cats[0]["id"])
     elif len(face) == 1:
@@ -500,22 +512,22 @@ def metrics_from_coco(
     else:
       raise ValueError(
           f"WIDER Face metrics need one category (or one named 'face'); the annotations have "
-          f"{[c.get('name') for c in cats]}"
+          f"{[cat.get('name') for cat in cats]}"
       )
-  g = _as_gt(gt_dir)
-  index = g.index()
-  names = {int(im["id"]): str(im["file_name"]) for im in coco["images"]}
+  ground_truth = _as_gt(gt_dir)
+  index = ground_truth.index()
+  names = {int(image["id"]): str(image["file_name"]) for image in coco["images"]}
   ids = list(names) if image_ids is None else [int(i) for i in image_ids]
   keys: Dict[int, Key] = {}
   for i in ids:
-    k = key_of_file_name(names.get(i, ""))
-    if k is not None and k in index:
-      keys[i] = k
+    key = key_of_file_name(names.get(i, ""))
+    if key is not None and key in index:
+      keys[i] = key
   if not keys:
     example = names.get(ids[0], "?") if ids else "?"
     raise DataError(
         f"none of the {len(ids)} evaluated images (e.g. {example!r}) is listed in "
-        f"{os.path.join(g.gt_dir, GT_FILE)}: is the eval split WIDER Face val?"
+        f"{os.path.join(ground_truth.gt_dir, GT_FILE)}: is the eval split WIDER Face val?"
     )
   if len(keys) < len(ids):
     logger.warning(
@@ -524,28 +536,28 @@ def metrics_from_coco(
         len(ids),
         GT_FILE,
     )
-  if len(keys) < len(g.keys):
+  if len(keys) < len(ground_truth.keys):
     logger.warning(
         "WIDER Face evaluation on %d of the %d images of the official val set: not comparable "
         "with published results",
         len(keys),
-        len(g.keys),
+        len(ground_truth.keys),
     )
-  rows: Dict[Key, List[List[float]]] = {k: [] for k in keys.values()}
-  for r in results:
-    k = keys.get(int(r["image_id"]))
-    if k is not None and int(r["category_id"]) == category_id:
-      rows[k].append([float(v) for v in r["bbox"]] + [float(r["score"])])
-  pred = {k: np.asarray(v, np.float64).reshape(-1, 5) for k, v in rows.items()}
-  m = evaluate(pred, g, images=list(keys.values()))
+  rows: Dict[Key, List[List[float]]] = {key: [] for key in keys.values()}
+  for result in results:
+    key = keys.get(int(result["image_id"]))
+    if key is not None and int(result["category_id"]) == category_id:
+      rows[key].append([float(value) for value in result["bbox"]] + [float(result["score"])])
+  pred = {key: np.asarray(value, np.float64).reshape(-1, 5) for key, value in rows.items()}
+  metrics = evaluate(pred, ground_truth, images=list(keys.values()))
   logger.info(
       "WIDER Face official AP (%d images): easy %.4f  medium %.4f  hard %.4f",
       len(keys),
-      m["wider_easy_ap"],
-      m["wider_medium_ap"],
-      m["wider_hard_ap"],
+      metrics["wider_easy_ap"],
+      metrics["wider_medium_ap"],
+      metrics["wider_hard_ap"],
   )
-  return m
+  return metrics
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -567,15 +579,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     gt = load_gt(args.gt)
     pred = read_pred_dir(args.pred)
-    m = evaluate(pred, gt)
+    metrics = evaluate(pred, gt)
   except (UserError, FileNotFoundError) as e:
     print(f"error: {one_line(e)}", file=sys.stderr)
     return 1
   if args.json:
-    print(json.dumps(m))
+    print(json.dumps(metrics))
   else:
-    for s in SETTINGS:
-      print(f"{s.capitalize():<6} Val AP: {m[f'wider_{s}_ap']:.4f}")
+    for setting in SETTINGS:
+      print(f"{setting.capitalize():<6} Val AP: {metrics[f'wider_{setting}_ap']:.4f}")
   return 0
 
 

@@ -34,6 +34,7 @@ import contextvars
 import functools
 from typing import Callable, Iterator, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,10 +131,8 @@ def max_pool_for_onnx(x: jax.Array, window: int, stride: int, padding: int) -> j
   """`max_pool` as -inf padding + a flax max_pool (VALID): the same values, a 2-D MaxPool in
   ONNX (a 4-D `reduce_window` becomes a MaxPool with 4 spatial dims, which onnxruntime rejects:
   "Unsupported pooling size")."""
-  import flax.linen as nn
-
-  p = padding
-  pad = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-jnp.inf)
+  edge = (padding, padding)
+  pad = jnp.pad(x, ((0, 0), edge, edge, (0, 0)), constant_values=-jnp.inf)
   return nn.max_pool(pad, window_shape=(window, window), strides=(stride, stride), padding="VALID")
 
 

@@ -49,7 +49,18 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from cn2_jax.modeling.onestage import decode as onestage_decode
+from cn2_jax.modeling.onestage.decode import rescale_boxes
+from cn2_jax.modeling.onestage.model import abstract_variables, build_onestage_model
+from cn2_jax.modeling.ops.dcn import deform_conv2d
+from cn2_jax.testing.centerx_oracle_dcn import centerx_oracle_dir
+from cn2_jax.testing.oracle import regenerate_oracle_state_dict
+from cn2_jax.weights import load_checkpoint_file
+from cn2_jax.weights import onestage as onestage_weights
 
 # README §7 tolerances (float32 port vs oneDNN).
 TOL_INPUT = 1e-6  # normalised input (exact up to the division order)
@@ -132,34 +143,34 @@ class Report:
     return self.add(name, diff, tol, "; ".join(x for x in (detail, note) if x), passed=ok)
 
   def row(self, name: str) -> Row:
-    return next(r for r in self.rows if r.name == name)
+    return next(row for row in self.rows if row.name == name)
 
   @property
   def ok(self) -> bool:
-    return all(r.ok for r in self.rows)
+    return all(row.ok for row in self.rows)
 
   def failures(self) -> List[Row]:
-    return [r for r in self.rows if not r.ok]
+    return [row for row in self.rows if not row.ok]
 
   def text(self) -> str:
-    w = max([len(r.name) for r in self.rows] + [10])
+    w = max([len(row.name) for row in self.rows] + [10])
     lines = [f"{'quantity':<{w}}  {'max diff':>10}  {'tol':>8}  result"]
-    for r in self.rows:
-      res = "FAIL" if not r.ok else ("ok*" if r.passed else "ok")
+    for row in self.rows:
+      res = "FAIL" if not row.ok else ("ok*" if row.passed else "ok")
       lines.append(
-          f"{r.name:<{w}}  {r.diff:10.3e}  {r.tol:8.1e}  {res:4s}"
-          + (f"  {r.detail}" if r.detail else "")
+          f"{row.name:<{w}}  {row.diff:10.3e}  {row.tol:8.1e}  {res:4s}"
+          + (f"  {row.detail}" if row.detail else "")
       )
-    lines += [f"note: {n}" for n in self.notes]
+    lines += [f"note: {note}" for note in self.notes]
     bad = self.failures()
     lines.append(
         f"{len(self.rows) - len(bad)}/{len(self.rows)} ok"
         + (
             " (ok* = within float32 noise, see the module docstring)"
-            if any(r.passed for r in self.rows)
+            if any(row.passed for row in self.rows)
             else ""
         )
-        + ("" if not bad else f"; FAILED: {', '.join(r.name for r in bad[:20])}")
+        + ("" if not bad else f"; FAILED: {', '.join(row.name for row in bad[:20])}")
     )
     return "\n".join(lines)
 
@@ -173,33 +184,24 @@ def regenerate_weights(spec_json) -> Dict[str, np.ndarray]:
   """The oracle state dict of a weight-spec JSON (README §4), every tensor checked against its
   stored checksums: the same rule as the CenterNet2 oracle's
   (`cn2_jax.testing.oracle.regenerate_oracle_state_dict`). Raises `OracleMismatch`."""
-  from cn2_jax.testing.oracle import regenerate_oracle_state_dict
-
   return regenerate_oracle_state_dict(spec_json)
 
 
 def load_state_dict(weights) -> Dict[str, np.ndarray]:
   """Weight-spec JSON -> regenerated; anything else -> `load_checkpoint_file` + renaming."""
-  from cn2_jax.weights import onestage as wo
-
   if str(weights).endswith(".json"):
     return regenerate_weights(weights)
-  from cn2_jax.weights import load_checkpoint_file
-
   sd = load_checkpoint_file(weights)
-  return dict(wo.to_centerx_names(sd, wo.detect_format(sd)))
+  return dict(onestage_weights.to_centerx_names(sd, onestage_weights.detect_format(sd)))
 
 
 def build(sd: Dict[str, np.ndarray], **overrides):
   """(model, variables) for a centerX-named state dict (architecture read off the weights)."""
-  from cn2_jax.weights import onestage as wo
-  from cn2_jax.modeling.onestage.model import abstract_variables, build_onestage_model
-
-  cfg = wo.infer_model_config(sd)
+  cfg = onestage_weights.infer_model_config(sd)
   cfg.update(clamp_wh=False)
   cfg.update(overrides)
   model = build_onestage_model(cfg)
-  variables, report = wo.convert_onestage(sd, abstract_variables(model))
+  variables, report = onestage_weights.convert_onestage(sd, abstract_variables(model))
   return model, variables, report
 
 
@@ -252,9 +254,9 @@ def _pad_batch(images: List[np.ndarray], div: int = 32):
 
 
 def _find_json(npz_path: Path) -> Optional[Path]:
-  m = re.match(r"^centerx_(?:infer|train)_(.+)\.npz$", npz_path.name)
-  if m and (npz_path.parent / f"centerx_oracle_{m.group(1)}.json").is_file():
-    return npz_path.parent / f"centerx_oracle_{m.group(1)}.json"
+  match = re.match(r"^centerx_(?:infer|train)_(.+)\.npz$", npz_path.name)
+  if match and (npz_path.parent / f"centerx_oracle_{match.group(1)}.json").is_file():
+    return npz_path.parent / f"centerx_oracle_{match.group(1)}.json"
   cands = sorted(npz_path.parent.glob("centerx_oracle_*.json"))
   return cands[0] if len(cands) == 1 else None
 
@@ -266,10 +268,6 @@ def _find_json(npz_path: Path) -> Optional[Path]:
 
 def run_inference(model, variables, image: np.ndarray, orig_hw=None) -> dict:
   """Eval-mode forward on one uint8 RGB image: maps, intermediates and the decoded detections."""
-  import jax
-
-  from cn2_jax.modeling.onestage import decode as dec
-
   canvas, image_hw = _pad_batch([image])
   batch = dict(image=canvas, image_hw=image_hw)
 
@@ -283,7 +281,7 @@ def run_inference(model, variables, image: np.ndarray, orig_hw=None) -> dict:
         mutable=["intermediates"],
         capture_intermediates=lambda mdl, _: mdl.name == "offset_mask_conv",
     )
-    d = dec.decode(
+    d = onestage_decode.decode(
         maps["cls"],
         maps["wh"],
         maps["reg"],
@@ -299,18 +297,18 @@ def run_inference(model, variables, image: np.ndarray, orig_hw=None) -> dict:
       "c5": np.asarray(inter["c5"][0]),
       "neck": np.asarray(inter["neck"][0]),
   }
-  for k in ("cls", "wh", "reg"):
-    out[k] = np.asarray(maps[k])
-  up = inter["upsample"]
+  for name in ("cls", "wh", "reg"):
+    out[name] = np.asarray(maps[name])
+  upsample = inter["upsample"]
   for i in (1, 2, 3):
-    out[f"deconv{i}"] = np.asarray(up[f"deconv{i}_out"][0])
+    out[f"deconv{i}"] = np.asarray(upsample[f"deconv{i}_out"][0])
     # captured output of the offset/mask conv (only the modulated DCN has one)
-    om = up.get(f"deconv{i}", {}).get("dcn", {}).get("offset_mask_conv", {}).get("__call__")
-    out[f"offset_mask{i}"] = None if om is None else np.asarray(om[0])
-  dets = {k: np.asarray(v) for k, v in d.items()}
+    offset_mask = (
+        upsample.get(f"deconv{i}", {}).get("dcn", {}).get("offset_mask_conv", {}).get("__call__")
+    )
+    out[f"offset_mask{i}"] = None if offset_mask is None else np.asarray(offset_mask[0])
+  dets = {name: np.asarray(value) for name, value in d.items()}
   if orig_hw is not None:
-    from cn2_jax.modeling.onestage.decode import rescale_boxes
-
     dets["boxes_orig"] = np.asarray(
         rescale_boxes(d["boxes"], image_hw, np.asarray([orig_hw], np.int32))
     )
@@ -336,10 +334,11 @@ def match_detections(ours: dict, ref_scores, ref_classes, ref_index, atol=TOL_DE
 
 def _f64_reference(sd: Dict[str, np.ndarray], fn: Callable):
   """Runs `fn(model, variables)` on the float64 model (under `jax.enable_x64`)."""
-  import jax
-
   with jax.enable_x64(True):
-    sd64 = {k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in sd.items()}
+    sd64 = {
+        key: (value.astype(np.float64) if value.dtype == np.float32 else value)
+        for key, value in sd.items()
+    }
     model, variables, _ = build(sd64, dtype="float64")
     variables = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables)
     return fn(model, variables)
@@ -354,10 +353,10 @@ def compare_inference(
     sd: Optional[Dict[str, np.ndarray]] = None,
 ):
   """Inference comparisons; `sd` (the state dict) enables the float64 reference."""
-  z = np.load(npz_path)
+  npz = np.load(npz_path)
   info = (js or {}).get("inference", {})
   orig_hw = info.get("orig_hw")
-  image = z["image_uint8_rgb_hwc"]
+  image = npz["image_uint8_rgb_hwc"]
   out = run_inference(model, variables, image, orig_hw)
   ref64 = None
   if sd is not None:
@@ -367,22 +366,22 @@ def compare_inference(
   st = lambda name, arr, key: _add_stats(report, name, arr, info, key)  # noqa: E731
 
   x = _nchw(out["input"])
-  if "input_crop_0_0_32_32" in z.files:
-    ref = z["input_crop_0_0_32_32"]
+  if "input_crop_0_0_32_32" in npz.files:
+    ref = npz["input_crop_0_0_32_32"]
     c, h, w = ref.shape
     report.add("infer/input crop", _rel(x[0, :c, :h, :w], ref), TOL_INPUT)
   st("infer/input stats", x, "input_stats")
   c5 = _nchw(out["c5"])
-  if "c5_crop" in z.files:
-    ref = z["c5_crop"]
+  if "c5_crop" in npz.files:
+    ref = npz["c5_crop"]
     report.add(
         "infer/c5 crop", _rel(c5[0, : ref.shape[0], : ref.shape[1], : ref.shape[2]], ref), TOL_MAP
     )
   st("infer/c5 stats", c5, "c5_stats")
-  if "deconv1_offset_mask_raw" in z.files and out["offset_mask1"] is not None:
+  if "deconv1_offset_mask_raw" in npz.files and out["offset_mask1"] is not None:
     report.add(
         "infer/deconv1 offset_mask_conv",
-        _rel(_nchw(out["offset_mask1"])[0], z["deconv1_offset_mask_raw"]),
+        _rel(_nchw(out["offset_mask1"])[0], npz["deconv1_offset_mask_raw"]),
         TOL_MAP,
     )
   for i in (1, 2, 3):
@@ -398,8 +397,8 @@ def compare_inference(
           f"deconv{i}_mask_sigmoid_stats",
       )
   neck = _nchw(out["neck"])
-  if "neck_crop" in z.files:
-    ref = z["neck_crop"]
+  if "neck_crop" in npz.files:
+    ref = npz["neck_crop"]
     report.add(
         "infer/neck crop",
         _rel(neck[0, : ref.shape[0], : ref.shape[1], : ref.shape[2]], ref),
@@ -407,27 +406,27 @@ def compare_inference(
     )
   st("infer/neck stats", neck, "neck_stats")
   for ours_key, ref_key in (("cls", "heat"), ("wh", "wh"), ("reg", "reg")):
-    if ref_key in z.files:
+    if ref_key in npz.files:
       ours = _nchw(out[ours_key])[0]
       e = None if ref64 is None else _nchw(ref64[ours_key])[0]
       report.add_noisy(
           f"infer/{ref_key} map",
-          _rel(ours, z[ref_key]),
+          _rel(ours, npz[ref_key]),
           TOL_MAP,
-          None if e is None else _rel(z[ref_key], e),
+          None if e is None else _rel(npz[ref_key], e),
           None if e is None else _rel(ours, e),
       )
     st(f"infer/{ref_key} stats", _nchw(out[ours_key]), f"{ref_key}_stats")
 
-  d = {k: v[0] for k, v in out["dets"].items()}
-  d64 = None if ref64 is None else {k: v[0] for k, v in ref64["dets"].items()}
-  if "det_flat_index" not in z.files:
+  d = {name: value[0] for name, value in out["dets"].items()}
+  d64 = None if ref64 is None else {name: value[0] for name, value in ref64["dets"].items()}
+  if "det_flat_index" not in npz.files:
     return out
   for suffix in ("", "_decode"):
     sk, ck = f"det_scores{suffix}", f"det_classes{suffix}"
-    if sk not in z.files:
+    if sk not in npz.files:
       continue
-    ref_s, ref_c, ref_i = z[sk], z[ck].astype(np.int64), z["det_flat_index"]
+    ref_s, ref_c, ref_i = npz[sk], npz[ck].astype(np.int64), npz["det_flat_index"]
     pairs, tail_ok, un_o, un_r = match_detections(d, ref_s, ref_c, ref_i)
     io = np.array([p[0] for p in pairs], int)
     ir = np.array([p[1] for p in pairs], int)
@@ -457,7 +456,7 @@ def compare_inference(
         off_e,
         ours_e,
     )
-  ref_args = (z["det_scores"], z["det_classes"], z["det_flat_index"])
+  ref_args = (npz["det_scores"], npz["det_classes"], npz["det_flat_index"])
   pairs, _, _, _ = match_detections(d, *ref_args)
   io = np.array([p[0] for p in pairs], int)
   ir = np.array([p[1] for p in pairs], int)
@@ -469,25 +468,29 @@ def compare_inference(
       ("boxes", "det_boxes_input_px", 1.0),
       ("boxes_orig", "det_boxes_orig_px", 1.0),
   ):
-    if ref_key in z.files and ours_key in d:
+    if ref_key in npz.files and ours_key in d:
       off_e = ours_e = None
       if common and ours_key in d64:
         exact = np.stack([d64[ours_key][j64[r]] for _, r in common])
-        off_e = float(np.abs(z[ref_key][[r for _, r in common]] - exact).max())
+        off_e = float(np.abs(npz[ref_key][[r for _, r in common]] - exact).max())
         ours_e = float(np.abs(d[ours_key][[o for o, _ in common]] - exact).max())
       # feature-unit boxes: the pixel tolerance / down_scale
       report.add_noisy(
           f"infer/{ref_key}",
-          np.abs(d[ours_key][io] - z[ref_key][ir]).max(),
+          np.abs(d[ours_key][io] - npz[ref_key][ir]).max(),
           TOL_DET_BOX / scale,
           off_e,
           ours_e,
       )
-  for k in ("det_ys", "det_xs"):
-    if k in z.files:
-      report.add(f"infer/{k}", np.abs(d[k[4:]][io].astype(np.float64) - z[k][ir]).max(), 0.0)
-  if "det_boxes_input_px" in z.files:
-    b, rb = d["boxes"], z["det_boxes_input_px"]
+  for axis_key in ("det_ys", "det_xs"):
+    if axis_key in npz.files:
+      report.add(
+          f"infer/{axis_key}",
+          np.abs(d[axis_key[4:]][io].astype(np.float64) - npz[axis_key][ir]).max(),
+          0.0,
+      )
+  if "det_boxes_input_px" in npz.files:
+    b, rb = d["boxes"], npz["det_boxes_input_px"]
     inv = (int((b[:, 2] < b[:, 0]).sum()), int((b[:, 3] < b[:, 1]).sum()))
     ref_inv = (int((rb[:, 2] < rb[:, 0]).sum()), int((rb[:, 3] < rb[:, 1]).sum()))
     report.notes.append(
@@ -531,16 +534,13 @@ def _train_batch(z, tensor_dim: int):
 def train_step(model, variables, batch, bn_train: bool):
   """One official training forward + backward: (total, losses, grads as {centerX key: torch
   layout array}, updated running stats as {key: array} or None, intermediates)."""
-  import jax
-
-  from cn2_jax.weights import onestage as wo
 
   def loss_fn(params, b):
     v = {"params": params, "batch_stats": variables["batch_stats"]}
     losses, state = model.apply(
         v, b, train=True, bn_train=bn_train, mutable=["batch_stats", "intermediates"]
     )
-    total = sum(l for k, l in losses.items() if k.startswith("loss_"))
+    total = sum(loss for name, loss in losses.items() if name.startswith("loss_"))
     return total, (losses, state)
 
   grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
@@ -548,11 +548,11 @@ def train_step(model, variables, batch, bn_train: bool):
   stats = state.get("batch_stats")
   return (
       float(total),
-      {k: float(v) for k, v in losses.items()},
-      wo.export_state_dict({"params": grads}),
+      {name: float(value) for name, value in losses.items()},
+      onestage_weights.export_state_dict({"params": grads}),
       None
       if not bn_train
-      else wo.export_state_dict({"batch_stats": stats}, collections=("batch_stats",)),
+      else onestage_weights.export_state_dict({"batch_stats": stats}, collections=("batch_stats",)),
       jax.tree_util.tree_map(np.asarray, state.get("intermediates", {})),
   )
 
@@ -581,13 +581,11 @@ def compare_training(
     sd: Optional[Dict[str, np.ndarray]] = None,
 ):
   """Training-step comparisons; `sd` (the state dict) enables the float64 reference."""
-  import jax
-
-  z = np.load(npz_path)
+  npz = np.load(npz_path)
   info = (js or {}).get("training", {})
-  batch = _train_batch(z, model.tensor_dim)
+  batch = _train_batch(npz, model.tensor_dim)
   gt = jax.jit(lambda b: model.apply(variables, b, method=model.targets))(batch)
-  gt = {k: np.asarray(v) for k, v in gt.items()}
+  gt = {name: np.asarray(value) for name, value in gt.items()}
   pairs = (
       ("gt_score_map", _nchw(gt["score_map"])),
       ("gt_wh", gt["wh"]),
@@ -596,8 +594,8 @@ def compare_training(
       ("gt_index", gt["index"].astype(np.float32)),
   )
   for key, ours in pairs:
-    if key in z.files:
-      ref = z[key]
+    if key in npz.files:
+      ref = npz[key]
       diff = np.abs(ours - ref).max() if ours.shape == ref.shape else float("inf")
       report.add(f"train/{key}", diff, TOL_TARGET if key != "gt_index" else 0.0)
   if "gt_num_pos_peaks" in info:
@@ -609,7 +607,7 @@ def compare_training(
 
   for variant, bn_train in (("bntrain", True), ("bneval", False)):
     vinfo = info.get(variant)
-    if vinfo is None and not any(k.startswith(f"{variant}.grad.") for k in z.files):
+    if vinfo is None and not any(name.startswith(f"{variant}.grad.") for name in npz.files):
       continue
     vinfo = vinfo or {}
     t0 = time.time()
@@ -656,21 +654,27 @@ def compare_training(
     # Checksums of every parameter's gradient.
     sums = vinfo.get("grad_checksums", {})
     if sums:
-      missing = sorted(k for k in sums if k not in g)
-      keys = [k for k in sums if k in g]
-      zero_keys = [k for k in keys if bn_train and _ZERO_GRAD_IN_BNTRAIN.match(k)]
-      keys = [k for k in keys if k not in zero_keys]
-      d = {k: _checksum_diff(g[k], sums[k]) for k in keys}
-      noise = {k: _checksum_diff(g[k], _checksums(e_g[k])) for k in keys} if e_g is not None else {}
+      missing = sorted(key for key in sums if key not in g)
+      keys = [key for key in sums if key in g]
+      zero_keys = [key for key in keys if bn_train and _ZERO_GRAD_IN_BNTRAIN.match(key)]
+      keys = [key for key in keys if key not in zero_keys]
+      d = {key: _checksum_diff(g[key], sums[key]) for key in keys}
+      noise = (
+          {key: _checksum_diff(g[key], _checksums(e_g[key])) for key in keys}
+          if e_g is not None
+          else {}
+      )
       floor = float(np.quantile(list(noise.values()), 0.9)) if noise else 0.0
       n_noise, bad = 0, []
-      for k in keys:
-        if d[k] <= TOL_GRAD_SUM:
+      for param in keys:
+        if d[param] <= TOL_GRAD_SUM:
           continue
-        if noise and noise_ok(_checksum_diff(e_g[k], sums[k]), noise[k], TOL_GRAD_SUM, floor):
+        if noise and noise_ok(
+            _checksum_diff(e_g[param], sums[param]), noise[param], TOL_GRAD_SUM, floor
+        ):
           n_noise += 1
         else:
-          bad.append(k)
+          bad.append(param)
       worst = max(keys, key=d.get) if keys else ""
       detail = f"worst: {worst}"
       if n_noise:
@@ -690,17 +694,19 @@ def compare_training(
           passed=None if not (n_noise or bad or missing) else not (bad or missing),
       )
       if zero_keys:
-        wz = max(zero_keys, key=lambda k: max(np.abs(g[k]).max(), sums[k]["absmax"]))
+        worst_zero = max(zero_keys, key=lambda k: max(np.abs(g[k]).max(), sums[k]["absmax"]))
         report.add(
             f"{variant}/grad checksums, biases before train-BN (~0)",
-            max(np.abs(g[wz]).max(), sums[wz]["absmax"]),
+            max(np.abs(g[worst_zero]).max(), sums[worst_zero]["absmax"]),
             TOL_GRAD_ZERO,
-            f"worst: {wz}",
+            f"worst: {worst_zero}",
         )
 
     # Full gradients stored in the npz.
     full = {
-        zk[len(f"{variant}.grad.") :]: z[zk] for zk in z.files if zk.startswith(f"{variant}.grad.")
+        zk[len(f"{variant}.grad.") :]: npz[zk]
+        for zk in npz.files
+        if zk.startswith(f"{variant}.grad.")
     }
     nz = [k for k in full if k in g and not (bn_train and _ZERO_GRAD_IN_BNTRAIN.match(k))]
     floor = (
@@ -751,11 +757,6 @@ def compare_training(
 
 
 def compare_dcn(npz_path, report: Report, with_f64: bool = True):
-  import jax
-  import jax.numpy as jnp
-
-  from cn2_jax.modeling.ops.dcn import deform_conv2d
-
   raw = dict(np.load(npz_path))
   t = lambda a: np.ascontiguousarray(np.transpose(a, (0, 2, 3, 1)))  # noqa: E731
   tk = lambda a: np.ascontiguousarray(np.transpose(a, (2, 3, 1, 0)))  # noqa: E731
@@ -786,15 +787,15 @@ def compare_dcn(npz_path, report: Report, with_f64: bool = True):
 
   t_inv = lambda a: np.transpose(np.asarray(a), (0, 3, 1, 2))  # noqa: E731
   res = run(np.float32)
-  for n in names:
-    if f"{n}_f32" in raw:
-      report.add(f"dcn/{n} f32", _rel(res[n], raw[f"{n}_f32"]), TOL_DCN_F32)
-  if with_f64 and any(f"{n}_f64" in raw for n in names):
+  for name in names:
+    if f"{name}_f32" in raw:
+      report.add(f"dcn/{name} f32", _rel(res[name], raw[f"{name}_f32"]), TOL_DCN_F32)
+  if with_f64 and any(f"{name}_f64" in raw for name in names):
     with jax.enable_x64(True):
       res = run(np.float64)
-    for n in names:
-      if f"{n}_f64" in raw:
-        report.add(f"dcn/{n} f64", _rel(res[n], raw[f"{n}_f64"]), TOL_DCN_F64)
+    for name in names:
+      if f"{name}_f64" in raw:
+        report.add(f"dcn/{name} f64", _rel(res[name], raw[f"{name}_f64"]), TOL_DCN_F64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -813,19 +814,17 @@ def run(
 ) -> Report:
   """Runs the comparisons for the files given (None = skipped) and returns the report.
   `f64=False` skips the float64 reference (then only the README tolerances decide)."""
-  import jax
-
   with jax.default_matmul_precision("highest"):  # full float32 convs / dots on GPUs (no TF32)
     return _run(infer, train, dcn, weights, json_path, f64, report or Report())
 
 
 def _run(infer, train, dcn, weights, json_path, f64, report: Report) -> Report:
-  js = None
+  stats_json = None
   if json_path is None and (infer or train):
     json_path = _find_json(Path(infer or train))
   if json_path is not None:
     with open(json_path) as f:
-      js = json.load(f)
+      stats_json = json.load(f)
   elif infer or train:
     report.notes.append("no statistics JSON found: stats, losses and checksums not compared")
   if infer or train:
@@ -840,11 +839,11 @@ def _run(infer, train, dcn, weights, json_path, f64, report: Report) -> Report:
     )
     if infer:
       t0 = time.time()
-      compare_inference(model, variables, infer, js, report, sd if f64 else None)
+      compare_inference(model, variables, infer, stats_json, report, sd if f64 else None)
       report.notes.append(f"inference total: {time.time() - t0:.1f} s")
     if train:
       t0 = time.time()
-      compare_training(model, variables, train, js, report, sd if f64 else None)
+      compare_training(model, variables, train, stats_json, report, sd if f64 else None)
       report.notes.append(f"training total: {time.time() - t0:.1f} s")
   if dcn:
     compare_dcn(dcn, report)
@@ -852,35 +851,33 @@ def _run(infer, train, dcn, weights, json_path, f64, report: Report) -> Report:
 
 
 def main(argv=None) -> int:
-  from cn2_jax.testing.centerx_oracle_dcn import centerx_oracle_dir
-
-  d = centerx_oracle_dir()
-  default = lambda name: str(d / name) if d is not None and (d / name).is_file() else None  # noqa
-  ap = argparse.ArgumentParser(
+  folder = centerx_oracle_dir()
+  default = lambda name: str(folder / name) if folder is not None and (folder / name).is_file() else None  # noqa
+  parser = argparse.ArgumentParser(
       prog="python -m cn2_jax.testing.centerx_oracle", description=__doc__.split("\n\n")[0]
   )
-  ap.add_argument(
+  parser.add_argument(
       "--infer", default=default("centerx_infer_dev.npz"), help="inference npz ('none' to skip)"
   )
-  ap.add_argument(
+  parser.add_argument(
       "--train", default=default("centerx_train_dev.npz"), help="training-step npz ('none' to skip)"
   )
-  ap.add_argument(
+  parser.add_argument(
       "--dcn", default=default("centerx_dcn_op_dev.npz"), help="DCN op npz ('none' to skip)"
   )
-  ap.add_argument(
+  parser.add_argument(
       "--weights",
       default=None,
       help="weight-spec JSON or checkpoint (default: the spec next to --infer)",
   )
-  ap.add_argument("--json", default=None, help="oracle statistics JSON (default: next to --infer)")
-  ap.add_argument(
+  parser.add_argument(
+      "--json", default=None, help="oracle statistics JSON (default: next to --infer)"
+  )
+  parser.add_argument(
       "--no-f64", action="store_true", help="skip the float64 reference (README tolerances only)"
   )
-  args = ap.parse_args(argv)
+  args = parser.parse_args(argv)
   pick = lambda v: None if v in (None, "none", "") else v  # noqa: E731
-  import jax
-
   t0 = time.time()
   report = run(
       pick(args.infer),

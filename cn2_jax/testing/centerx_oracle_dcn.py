@@ -29,17 +29,17 @@ def centerx_oracle_dir() -> Optional[Path]:
   (same rule as `cn2_jax.testing.oracle.oracle_dir` for the CenterNet2 oracle)."""
   env = os.environ.get("CN2_CENTERX_ORACLE_DIR")
   if env:
-    p = Path(env)
-    return p if p.is_dir() else None
-  p = Path(__file__).resolve().parents[2].parent / "shared" / "oracle_centerx"
-  return p if p.is_dir() else None
+    path = Path(env)
+    return path if path.is_dir() else None
+  path = Path(__file__).resolve().parents[2].parent / "shared" / "oracle_centerx"
+  return path if path.is_dir() else None
 
 
 def dcn_op_npz_path() -> Optional[Path]:
-  d = centerx_oracle_dir()
-  if d is None or not (d / DCN_OP_NPZ).is_file():
+  folder = centerx_oracle_dir()
+  if folder is None or not (folder / DCN_OP_NPZ).is_file():
     return None
-  return d / DCN_OP_NPZ
+  return folder / DCN_OP_NPZ
 
 
 def _nchw_to_nhwc(a: np.ndarray) -> np.ndarray:
@@ -67,8 +67,8 @@ def load_dcn_op_reference(dtype: str = "float64") -> Dict[str, np.ndarray]:
   if path is None:
     raise FileNotFoundError(f"{DCN_OP_NPZ} not found (set CN2_CENTERX_ORACLE_DIR)")
   suffix = "f64" if dtype == "float64" else "f32"
-  with np.load(path) as z:
-    raw = {k: z[k] for k in z.files}
+  with np.load(path) as npz:
+    raw = {key: npz[key] for key in npz.files}
   cast = lambda a: np.asarray(a, np.float64).astype(dtype)
   return {
       "input": _nchw_to_nhwc(cast(raw["input"])),
@@ -88,8 +88,8 @@ def load_dcn_op_reference(dtype: str = "float64") -> Dict[str, np.ndarray]:
 
 def load_dcn_checks() -> Optional[dict]:
   """`centerx_dcn_checks_dev.json` (the oracle's own DCN verification numbers), or None."""
-  d = centerx_oracle_dir()
-  if d is None or not (d / DCN_CHECKS_JSON).is_file():
+  folder = centerx_oracle_dir()
+  if folder is None or not (folder / DCN_CHECKS_JSON).is_file():
     return None
-  with open(d / DCN_CHECKS_JSON) as f:
+  with open(folder / DCN_CHECKS_JSON) as f:
     return json.load(f)

@@ -31,17 +31,17 @@ def oracle_dir() -> Optional[Path]:
   """$CN2_ORACLE_DIR, else `<repo>/../shared/oracle`; None when that folder does not exist."""
   env = os.environ.get("CN2_ORACLE_DIR")
   if env:
-    p = Path(env)
-    return p if p.is_dir() else None
-  p = Path(__file__).resolve().parents[2].parent / "shared" / "oracle"
-  return p if p.is_dir() else None
+    path = Path(env)
+    return path if path.is_dir() else None
+  path = Path(__file__).resolve().parents[2].parent / "shared" / "oracle"
+  return path if path.is_dir() else None
 
 
 def oracle_json_path() -> Optional[Path]:
-  d = oracle_dir()
-  if d is None or not (d / ORACLE_JSON).is_file():
+  folder = oracle_dir()
+  if folder is None or not (folder / ORACLE_JSON).is_file():
     return None
-  return d / ORACLE_JSON
+  return folder / ORACLE_JSON
 
 
 def _entries(json_path) -> list:
@@ -61,12 +61,12 @@ def _generate(entry: dict) -> np.ndarray:
     if kept.size == int(np.prod(shape, dtype=np.int64)):
       return kept.reshape(shape).astype(dtype)
     return np.broadcast_to(kept, shape).astype(dtype)
-  rs = np.random.RandomState(zlib.crc32(key.encode("utf-8")))
+  rng = np.random.RandomState(zlib.crc32(key.encode("utf-8")))
   a, b = entry["rule_params"]
   if rule == "normal":
-    x = rs.normal(a, b, size=shape)
+    x = rng.normal(a, b, size=shape)
   elif rule == "uniform":
-    x = rs.uniform(a, b, size=shape)
+    x = rng.uniform(a, b, size=shape)
   else:
     raise OracleMismatch(f"{key}: unknown init rule {rule!r}")
   return np.asarray(x, dtype=np.float64).astype(np.float32)
@@ -86,7 +86,7 @@ def check_entry(entry: dict, x: np.ndarray) -> Optional[str]:
         f"{entry['check_abs_sum']!r}"
     )
   first = x.reshape(-1)[:3].astype(np.float64).tolist()
-  if first != [float(np.float32(v)) for v in entry["check_first3"]]:
+  if first != [float(np.float32(value)) for value in entry["check_first3"]]:
     return f"{key}: first values {first} != {entry['check_first3']}"
   return None
 
@@ -112,8 +112,8 @@ def regenerate_oracle_state_dict(json_path=None) -> dict:
 def expected_flax_entries(spec: Sequence) -> list:
   """[(collection, '.'-joined Flax path, Flax shape)] for [(detectron2 key, torch shape)], by the
   DESIGN.md naming rule. FrozenBatchNorm modules are those with a `running_mean` entry."""
-  keys = [k for k, _ in spec]
-  frozen_modules = {k[: -len(".running_mean")] for k in keys if k.endswith(".running_mean")}
+  keys = [key for key, _ in spec]
+  frozen_modules = {key[: -len(".running_mean")] for key in keys if key.endswith(".running_mean")}
   out = []
   for key, shape in spec:
     shape = tuple(int(s) for s in shape)
@@ -145,14 +145,16 @@ def build_target_tree(
   """Nested dict {collection: {path parts...}} from `expected_flax_entries` rows. Paths are split
   on every '.' (the converter compares '.'-joined paths, so nesting does not matter). Leaves are
   `jax.ShapeDtypeStruct` (abstract) or arrays from `fill(collection, path, shape)` (default 0)."""
+  # Kept local: tools/official_bench/official_side.py loads this file by path in a torch
+  # environment without jax (the weight regeneration above is numpy only).
   import jax
 
   tree: dict = {}
   for coll, path, shape in entries:
     node = tree.setdefault(coll, {})
     parts = path.split(".")
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
     if abstract:
       node[parts[-1]] = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
     else:
@@ -173,36 +175,36 @@ def cn2_r50_state_dict_spec(num_classes: int = 80, depth_blocks=(3, 4, 6, 3)) ->
         (f"backbone.fpn_output{lvl}.weight", (256, 256, 3, 3)),
         (f"backbone.fpn_output{lvl}.bias", (256,)),
     ]
-  for p in ("p6", "p7"):
+  for level in ("p6", "p7"):
     spec += [
-        (f"backbone.top_block.{p}.weight", (256, 256, 3, 3)),
-        (f"backbone.top_block.{p}.bias", (256,)),
+        (f"backbone.top_block.{level}.weight", (256, 256, 3, 3)),
+        (f"backbone.top_block.{level}.bias", (256,)),
     ]
   spec += resnet_bottleneck_spec("backbone.bottom_up.", depth_blocks)
-  h = "proposal_generator.centernet_head."
+  head = "proposal_generator.centernet_head."
   for i in range(4):
     spec += [
-        (f"{h}bbox_tower.{3 * i}.weight", (256, 256, 3, 3)),
-        (f"{h}bbox_tower.{3 * i}.bias", (256,)),
-        (f"{h}bbox_tower.{3 * i + 1}.weight", (256,)),
-        (f"{h}bbox_tower.{3 * i + 1}.bias", (256,)),
+        (f"{head}bbox_tower.{3 * i}.weight", (256, 256, 3, 3)),
+        (f"{head}bbox_tower.{3 * i}.bias", (256,)),
+        (f"{head}bbox_tower.{3 * i + 1}.weight", (256,)),
+        (f"{head}bbox_tower.{3 * i + 1}.bias", (256,)),
     ]
-  spec += [(f"{h}bbox_pred.weight", (4, 256, 3, 3)), (f"{h}bbox_pred.bias", (4,))]
-  spec += [(f"{h}scales.{l}.scale", (1,)) for l in range(5)]
-  spec += [(f"{h}agn_hm.weight", (1, 256, 3, 3)), (f"{h}agn_hm.bias", (1,))]
-  for s in range(3):
+  spec += [(f"{head}bbox_pred.weight", (4, 256, 3, 3)), (f"{head}bbox_pred.bias", (4,))]
+  spec += [(f"{head}scales.{level}.scale", (1,)) for level in range(5)]
+  spec += [(f"{head}agn_hm.weight", (1, 256, 3, 3)), (f"{head}agn_hm.bias", (1,))]
+  for stage in range(3):
     spec += [
-        (f"roi_heads.box_head.{s}.fc1.weight", (1024, 256 * 7 * 7)),
-        (f"roi_heads.box_head.{s}.fc1.bias", (1024,)),
-        (f"roi_heads.box_head.{s}.fc2.weight", (1024, 1024)),
-        (f"roi_heads.box_head.{s}.fc2.bias", (1024,)),
+        (f"roi_heads.box_head.{stage}.fc1.weight", (1024, 256 * 7 * 7)),
+        (f"roi_heads.box_head.{stage}.fc1.bias", (1024,)),
+        (f"roi_heads.box_head.{stage}.fc2.weight", (1024, 1024)),
+        (f"roi_heads.box_head.{stage}.fc2.bias", (1024,)),
     ]
-  for s in range(3):
+  for stage in range(3):
     spec += [
-        (f"roi_heads.box_predictor.{s}.cls_score.weight", (num_classes + 1, 1024)),
-        (f"roi_heads.box_predictor.{s}.cls_score.bias", (num_classes + 1,)),
-        (f"roi_heads.box_predictor.{s}.bbox_pred.weight", (4, 1024)),
-        (f"roi_heads.box_predictor.{s}.bbox_pred.bias", (4,)),
+        (f"roi_heads.box_predictor.{stage}.cls_score.weight", (num_classes + 1, 1024)),
+        (f"roi_heads.box_predictor.{stage}.cls_score.bias", (num_classes + 1,)),
+        (f"roi_heads.box_predictor.{stage}.bbox_pred.weight", (4, 1024)),
+        (f"roi_heads.box_predictor.{stage}.bbox_pred.bias", (4,)),
     ]
   return spec
 
@@ -218,13 +220,13 @@ def resnet_bottleneck_spec(prefix: str = "backbone.bottom_up.", depth_blocks=(3,
 
   spec = conv_bn("stem.conv1", 64, 3, 7)
   cin = 64
-  for stage, n in enumerate(depth_blocks):
+  for stage, num_blocks in enumerate(depth_blocks):
     mid, cout = 64 * 2**stage, 256 * 2**stage
-    for b in range(n):
-      blk = f"res{stage + 2}.{b}"
-      if b == 0:
+    for block in range(num_blocks):
+      blk = f"res{stage + 2}.{block}"
+      if block == 0:
         spec += conv_bn(f"{blk}.shortcut", cout, cin, 1)
-      spec += conv_bn(f"{blk}.conv1", mid, cin if b == 0 else cout, 1)
+      spec += conv_bn(f"{blk}.conv1", mid, cin if block == 0 else cout, 1)
       spec += conv_bn(f"{blk}.conv2", mid, mid, 3)
       spec += conv_bn(f"{blk}.conv3", cout, mid, 1)
     cin = cout

@@ -35,6 +35,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from cn2_jax.config import base_config
+from cn2_jax.testing.oracle import ORACLE_JSON, oracle_json_path, regenerate_oracle_state_dict
+
 # The oracle's config change (TRAIN_README §2): the stage-0 sampler keeps every row.
 ORACLE_BATCH_SIZE_PER_IMAGE = 8192
 LOSS_NAMES = (
@@ -87,23 +90,23 @@ class Report:
 
   @property
   def ok(self) -> bool:
-    return all(r.ok for r in self.rows)
+    return all(row.ok for row in self.rows)
 
   def failures(self) -> list:
-    return [r for r in self.rows if not r.ok]
+    return [row for row in self.rows if not row.ok]
 
   def table(self) -> str:
-    w_s = max([len(r.section) for r in self.rows] + [7])
-    w_q = max([len(r.quantity) for r in self.rows] + [8])
+    w_s = max([len(row.section) for row in self.rows] + [7])
+    w_q = max([len(row.quantity) for row in self.rows] + [8])
     lines = [
         self.title,
         f"{'section':<{w_s}}  {'quantity':<{w_q}}  {'largest diff':>12}  "
         f"{'tolerance':>9}  ok   note",
     ]
-    for r in self.rows:
+    for row in self.rows:
       lines.append(
-          f"{r.section:<{w_s}}  {r.quantity:<{w_q}}  {r.diff:>12.3e}  {r.tol:>9.1e}  "
-          f"{'yes' if r.ok else 'NO ':<3}  {r.note}"
+          f"{row.section:<{w_s}}  {row.quantity:<{w_q}}  {row.diff:>12.3e}  {row.tol:>9.1e}  "
+          f"{'yes' if row.ok else 'NO ':<3}  {row.note}"
       )
     n_bad = len(self.failures())
     lines.append(f"{len(self.rows)} rows, {n_bad} mismatch{'es' if n_bad != 1 else ''}")
@@ -114,8 +117,8 @@ class Report:
 # Oracle files -> batch, config, weights
 # ----------------------------------------------------------------------------------------------
 def load_npz(path) -> dict:
-  with np.load(path, allow_pickle=False) as z:
-    return {k: z[k] for k in z.files}
+  with np.load(path, allow_pickle=False) as npz_file:
+    return {key: npz_file[key] for key in npz_file.files}
 
 
 def num_images(npz: dict) -> int:
@@ -170,22 +173,23 @@ def pooled_boxes(npz: dict) -> np.ndarray:
 def required_samples(boxes: np.ndarray, model_config) -> tuple:
   """Per-axis adaptive ROIAlign samples the boxes need (ops/roi_align.required_adaptive_samples
   with the pooler's level assignment), for the pooler of `model_config` (`config.model`)."""
+  # Kept local: main() sets JAX_PLATFORMS, which jax reads when it is imported.
   from cn2_jax.modeling.backbone.fpn import FPN
   from cn2_jax.modeling.ops.roi_align import required_adaptive_samples
 
   if len(boxes) == 0:
     return (1, 1)
-  r = model_config.roi_heads
+  roi_heads = model_config.roi_heads
   need = np.asarray(
       required_adaptive_samples(
           np.asarray(boxes, np.float32),
           spatial_scale=None,
-          output_size=r.pooler_resolution,
+          output_size=roi_heads.pooler_resolution,
           aligned=True,
           min_level=FPN.min_level,
           max_level=FPN.min_level + len(FPN.strides) - 1,
-          canonical_box_size=r.canonical_box_size,
-          canonical_level=r.canonical_level,
+          canonical_box_size=roi_heads.canonical_box_size,
+          canonical_level=roi_heads.canonical_level,
       )
   )
   return (max(int(need[0]), 1), max(int(need[1]), 1))
@@ -194,16 +198,14 @@ def required_samples(boxes: np.ndarray, model_config) -> tuple:
 def oracle_config(npz: dict, cap: Optional[tuple] = None):
   """`base_config()` with the oracle's config change and the official adaptive ROIAlign; the cap
   is the per-axis number of samples the oracle's pooled boxes need unless given."""
-  from cn2_jax.config import base_config
-
   cfg = base_config()
-  mc = cfg.model
-  mc.dtype = "float32"
-  mc.roi_heads.batch_size_per_image = ORACLE_BATCH_SIZE_PER_IMAGE
-  mc.roi_heads.sampling_ratio = 0
+  model_cfg = cfg.model
+  model_cfg.dtype = "float32"
+  model_cfg.roi_heads.batch_size_per_image = ORACLE_BATCH_SIZE_PER_IMAGE
+  model_cfg.roi_heads.sampling_ratio = 0
   set_cap(
       cfg,
-      tuple(cap) if cap else required_samples(pooled_boxes(npz), mc),
+      tuple(cap) if cap else required_samples(pooled_boxes(npz), model_cfg),
   )
   return cfg
 
@@ -218,6 +220,7 @@ def set_cap(cfg, cap: tuple) -> None:
 # Parameter mapping: detectron2 key <-> Flax path
 # ----------------------------------------------------------------------------------------------
 def _path(kp) -> str:
+  # Kept local: main() sets JAX_PLATFORMS, which jax reads when it is imported.
   from cn2_jax.engine.optim import path_str
 
   return path_str(kp)
@@ -252,6 +255,7 @@ class KeyMap:
 
 
 def flat_params(tree) -> dict:
+  # Kept local: main() sets JAX_PLATFORMS, which jax reads when it is imported.
   import jax
 
   return {_path(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -287,9 +291,9 @@ class TrainRunner:
   """
 
   def __init__(self, npz: dict, oracle_json=None, cap: Optional[tuple] = None, log=print):
+    # Kept local: main() sets JAX_PLATFORMS, which jax reads when it is imported.
     from cn2_jax.convert import convert_to_flax
     from cn2_jax.modeling.detector import abstract_variables, frozen_param_prefixes
-    from cn2_jax.testing.oracle import oracle_json_path, regenerate_oracle_state_dict
 
     self.npz = npz
     self.log = log
@@ -314,6 +318,7 @@ class TrainRunner:
     return tuple(self.cfg.model.roi_heads.max_adaptive_samples)
 
   def _build(self):
+    # Kept local: main() sets JAX_PLATFORMS, which jax reads when it is imported.
     import jax
     from cn2_jax.engine.step import total_loss
     from cn2_jax.modeling.detector import build_model
@@ -342,6 +347,7 @@ class TrainRunner:
   def step(self, params, t: int = 0) -> dict:
     """Runs iteration t at `params`; returns host numpy {'total', 'losses', 'inter' (sown
     intermediates by name), 'grads' ('.'-joined path -> array), 'grads_tree', 'needed_cap'}."""
+    # Kept local: main() sets JAX_PLATFORMS, which jax reads when it is imported.
     import jax
 
     while True:
@@ -437,10 +443,10 @@ def compare_one_step(npz: dict, grads_json: dict, out: dict, runner: TrainRunner
   level_hw = [tuple(int(v) for v in hw) for hw in npz["cn_level_hw"]]
   sec = "centernet"
 
-  mc = runner.cfg.model
+  model_cfg = runner.cfg.model
   norm = max(
-      np.abs(np.asarray(mc.pixel_mean) - npz["pixel_mean"]).max(),
-      np.abs(np.asarray(mc.pixel_std) - npz["pixel_std"]).max(),
+      np.abs(np.asarray(model_cfg.pixel_mean) - npz["pixel_mean"]).max(),
+      np.abs(np.asarray(model_cfg.pixel_std) - npz["pixel_std"]).max(),
   )
   # The oracle's mean / std are in BGR order: the model must flip the RGB batch to BGR.
   rep.add(
@@ -448,8 +454,8 @@ def compare_one_step(npz: dict, grads_json: dict, out: dict, runner: TrainRunner
       "pixel mean / std (BGR) as the oracle's",
       norm,
       1e-4,
-      f"input_format {mc.input_format}; batch {tuple(runner.batch['image'].shape)} RGB uint8",
-      ok=bool(norm <= 1e-4 and mc.input_format == "BGR"),
+      f"input_format {model_cfg.input_format}; batch {tuple(runner.batch['image'].shape)} RGB uint8",
+      ok=bool(norm <= 1e-4 and model_cfg.input_format == "BGR"),
   )
 
   # -- CenterNet targets and normalisers --------------------------------------------------------
@@ -575,11 +581,11 @@ def compare_one_step(npz: dict, grads_json: dict, out: dict, runner: TrainRunner
   gt_d, gt_lab_bad = 0.0, 0
   for i in range(b):
     gt = npz[f"gt{i}_boxes_xyxy"]
-    n = len(gt)
-    rows = num_p + np.arange(n)
-    if not pre_valid[i, rows].all() or pre_valid[i, num_p + n :].any():
+    name = len(gt)
+    rows = num_p + np.arange(name)
+    if not pre_valid[i, rows].all() or pre_valid[i, num_p + name :].any():
       gt_lab_bad += 1
-    gt_d = max(gt_d, np.abs(pre_boxes[i, rows] - gt).max() if n else 0.0)
+    gt_d = max(gt_d, np.abs(pre_boxes[i, rows] - gt).max() if name else 0.0)
     # Each appended GT has IoU 1 with itself: foreground with its own class.
     gt_lab_bad += int((pre_lab[i, rows] != npz[f"gt{i}_classes"]).sum())
   rep.add(sec, "appended GT boxes (px)", gt_d, 0)
@@ -622,7 +628,7 @@ def compare_one_step(npz: dict, grads_json: dict, out: dict, runner: TrainRunner
   rep.add("stage0 matching", "matched GT index of fg rows (mismatched rows)", bad_idx, 0)
 
   # -- cascade stages ------------------------------------------------------------------------------
-  nc = runner.cfg.model.num_classes
+  num_classes = runner.cfg.model.num_classes
   num_stages = len(runner.cfg.model.roi_heads.iou_thresholds)
   # oracle stage-k row -> canonical id (image, j)
   ref_ids = []
@@ -648,7 +654,7 @@ def compare_one_step(npz: dict, grads_json: dict, out: dict, runner: TrainRunner
         f"{_counts_str(rows_ours)} vs {_counts_str(rows_ref)}",
     )
     labels = inter[f"train_stage{k}_labels"]
-    fg_ours = ((labels < nc) & valid).sum(1)
+    fg_ours = ((labels < num_classes) & valid).sum(1)
     fg_ref = np.array(
         [(npz[f"stage{k}_fg"] & (npz[f"stage{k}_image_index"] == i)).sum() for i in range(b)]
     )
@@ -692,7 +698,7 @@ def compare_one_step(npz: dict, grads_json: dict, out: dict, runner: TrainRunner
     o_lab = labels[oi[:, 0], oi[:, 1]]
     r_lab = npz[f"stage{k}_gt_classes"][ri]
     rep.add(sec, "matched labels (mismatched rows)", int((o_lab != r_lab).sum()), 0)
-    fg = (o_lab < nc) & (r_lab < nc)
+    fg = (o_lab < num_classes) & (r_lab < num_classes)
     o_idx = inter[f"train_stage{k}_matched_idx"][oi[:, 0], oi[:, 1]]
     rep.add(
         sec,
@@ -721,15 +727,15 @@ def compare_one_step(npz: dict, grads_json: dict, out: dict, runner: TrainRunner
 
   # -- losses --------------------------------------------------------------------------------------
   sec = "loss"
-  names = [str(n) for n in npz.get("loss_names", LOSS_NAMES)]
-  for n in names:
-    ref = float(npz[n])
+  names = [str(name) for name in npz.get("loss_names", LOSS_NAMES)]
+  for name in names:
+    ref = float(npz[name])
     rep.add(
         sec,
-        n,
-        abs(float(losses[n]) - ref) / max(abs(ref), 1e-30),
+        name,
+        abs(float(losses[name]) - ref) / max(abs(ref), 1e-30),
         1e-4,
-        f"{float(losses[n]):.8g} vs {ref:.8g}",
+        f"{float(losses[name]):.8g} vs {ref:.8g}",
     )
   rep.add(
       sec,
@@ -738,13 +744,13 @@ def compare_one_step(npz: dict, grads_json: dict, out: dict, runner: TrainRunner
       1e-4,
       f"{float(out['total']):.8g} vs {float(npz['loss_total']):.8g}",
   )
-  extra = sorted(k for k in losses if not k.startswith("aux/") and k not in names)
+  extra = sorted(key for key in losses if not key.startswith("aux/") and key not in names)
   rep.add(sec, "loss terms (set)", len(extra), 0, f"extra: {extra}" if extra else "9 terms")
 
   # -- gradients -----------------------------------------------------------------------------------
   add_grad_rows(rep, "grad", grads_json["params"], grads, runner, tol=1e-3)
   sec = "grad full"
-  full_keys = [str(k) for k in npz["grad_full_keys"]]
+  full_keys = [str(key) for key in npz["grad_full_keys"]]
   worst, worst_key = 0.0, ""
   rel = {}
   for key in full_keys:
@@ -790,9 +796,9 @@ def add_grad_rows(
   below `UNDERFLOW` too."""
   if check_set:
     trainable = _trainable_paths(runner)
-    ref_keys = [p["key"] for p in ref_params]
-    unknown = [k for k in ref_keys if k not in runner.keymap.path]
-    ours_only = sorted(set(trainable) - {runner.keymap.path.get(k) for k in ref_keys})
+    ref_keys = [param["key"] for param in ref_params]
+    unknown = [key for key in ref_keys if key not in runner.keymap.path]
+    ours_only = sorted(set(trainable) - {runner.keymap.path.get(key) for key in ref_keys})
     rep.add(
         sec,
         "trainable tensors (set)",
@@ -803,48 +809,49 @@ def add_grad_rows(
         + (f"ours only {ours_only[:3]}" if ours_only else "all mapped"),
     )
   e_abs, e_sum, e_max, tiny = {}, {}, {}, {}
-  for p in ref_params:
-    key = p["key"]
+  for param in ref_params:
+    key = param["key"]
     if key not in runner.keymap.path:
       continue
     g = np.asarray(grads[runner.keymap.path[key]], np.float64)
-    a = float(p[abs_key])
+    a = float(param[abs_key])
     ours_max = float(np.abs(g).max()) if g.size else 0.0
     size_key = tiny_key or max_key or abs_key
-    if float(p[size_key]) < UNDERFLOW:
+    if float(param[size_key]) < UNDERFLOW:
       tiny[key] = ours_max
       continue
     e_abs[key] = abs(float(np.abs(g).sum()) - a) / max(a, 1e-30)
-    e_sum[key] = abs(float(g.sum()) - float(p[sum_key])) / max(a, 1e-30)
+    e_sum[key] = abs(float(g.sum()) - float(param[sum_key])) / max(a, 1e-30)
     if max_key:
-      e_max[key] = abs(ours_max - float(p[max_key])) / float(p[max_key])
+      e_max[key] = abs(ours_max - float(param[max_key])) / float(param[max_key])
   rep.details[f"{sec}_{abs_key}_rel"] = e_abs
   rep.details[f"{sec}_{sum_key}_err"] = e_sum
   rows = [(abs_key, e_abs, "relative"), (sum_key, e_sum, f"|diff| / {abs_key}")]
   if max_key:
     rows.append((max_key, e_max, "relative"))
   for name, e, what in rows:
-    k = max(e, key=e.get) if e else ""
+    worst = max(e, key=e.get) if e else ""
     bad = sum(v > tol for v in e.values())
     rep.add(
         sec,
         f"{name} ({len(e)} tensors)",
-        e.get(k, 0.0),
+        e.get(worst, 0.0),
         tol,
-        f"{what}; worst {k}" + (f"; {bad} over" if bad else ""),
+        f"{what}; worst {worst}" + (f"; {bad} over" if bad else ""),
     )
   if tiny:
-    k = max(tiny, key=tiny.get)
+    worst = max(tiny, key=tiny.get)
     rep.add(
         sec,
         f"{len(tiny)} tensors with oracle |g| < {UNDERFLOW:g}: ours max |g|",
-        tiny[k],
+        tiny[worst],
         UNDERFLOW,
-        f"float32 underflow, excluded above; worst {k}",
+        f"float32 underflow, excluded above; worst {worst}",
     )
 
 
 def _trainable_paths(runner: TrainRunner) -> list:
+  # Kept local: main() sets JAX_PLATFORMS, which jax reads when it is imported.
   from cn2_jax.engine.optim import FROZEN, param_labels
 
   labels = flat_params(param_labels(runner.params0, runner.frozen_prefixes))
@@ -857,34 +864,35 @@ def _trainable_paths(runner: TrainRunner) -> list:
 def solver_config(steps_json: dict):
   """`config.optim` from the oracle's merged solver settings (JSON `solver`); raises on settings
   this project's optimizer does not have (so a different oracle cannot silently pass)."""
-  from cn2_jax.config import base_config
-
-  s = steps_json["solver"]
+  solver = steps_json["solver"]
   if (
-      s.get("NESTEROV")
-      or float(s.get("BIAS_LR_FACTOR", 1.0)) != 1.0
-      or s.get("WEIGHT_DECAY_BIAS") is not None
-      or s.get("AMP")
+      solver.get("NESTEROV")
+      or float(solver.get("BIAS_LR_FACTOR", 1.0)) != 1.0
+      or solver.get("WEIGHT_DECAY_BIAS") is not None
+      or solver.get("AMP")
   ):
-    raise ValueError(f"oracle solver settings not supported: {s}")
-  clip = s.get("CLIP_GRADIENTS", {})
+    raise ValueError(f"oracle solver settings not supported: {solver}")
+  clip = solver.get("CLIP_GRADIENTS", {})
   if clip.get("ENABLED") and clip.get("CLIP_TYPE") != "value":
     raise ValueError(f"only value clipping is supported, got {clip}")
-  if s.get("LR_SCHEDULER_NAME") != "WarmupMultiStepLR" or s.get("WARMUP_METHOD") != "linear":
-    raise ValueError(f"unsupported lr scheduler {s.get('LR_SCHEDULER_NAME')}")
-  o = base_config().optim
-  o.base_lr = float(s["BASE_LR"])
-  o.momentum = float(s["MOMENTUM"])
-  o.weight_decay = float(s["WEIGHT_DECAY"])
-  o.weight_decay_norm = float(s["WEIGHT_DECAY_NORM"])
-  o.warmup_iters = int(s["WARMUP_ITERS"])
-  o.warmup_factor = float(s["WARMUP_FACTOR"])
-  o.steps = tuple(int(v) for v in s["STEPS"])
-  o.gamma = float(s["GAMMA"])
-  o.max_iter = int(s["MAX_ITER"])
-  o.schedule = "multistep"
-  o.clip_value = float(clip.get("CLIP_VALUE", 0.0)) if clip.get("ENABLED") else 0.0
-  return o
+  if (
+      solver.get("LR_SCHEDULER_NAME") != "WarmupMultiStepLR"
+      or solver.get("WARMUP_METHOD") != "linear"
+  ):
+    raise ValueError(f"unsupported lr scheduler {solver.get('LR_SCHEDULER_NAME')}")
+  optim_cfg = base_config().optim
+  optim_cfg.base_lr = float(solver["BASE_LR"])
+  optim_cfg.momentum = float(solver["MOMENTUM"])
+  optim_cfg.weight_decay = float(solver["WEIGHT_DECAY"])
+  optim_cfg.weight_decay_norm = float(solver["WEIGHT_DECAY_NORM"])
+  optim_cfg.warmup_iters = int(solver["WARMUP_ITERS"])
+  optim_cfg.warmup_factor = float(solver["WARMUP_FACTOR"])
+  optim_cfg.steps = tuple(int(v) for v in solver["STEPS"])
+  optim_cfg.gamma = float(solver["GAMMA"])
+  optim_cfg.max_iter = int(solver["MAX_ITER"])
+  optim_cfg.schedule = "multistep"
+  optim_cfg.clip_value = float(clip.get("CLIP_VALUE", 0.0)) if clip.get("ENABLED") else 0.0
+  return optim_cfg
 
 
 class Optimizer:
@@ -893,6 +901,7 @@ class Optimizer:
   frozen gradients zeroed, `tx.update`, `optax.apply_updates`."""
 
   def __init__(self, optim_cfg, frozen_prefixes):
+    # Kept local: main() sets JAX_PLATFORMS, which jax reads when it is imported.
     import jax
     import jax.numpy as jnp
     import optax
@@ -920,6 +929,7 @@ class Optimizer:
 def momentum_buffers(opt_state) -> dict:
   """'.'-joined param path -> momentum buffer, merged over the optimizer's groups (the `trace`
   of every `optax.TraceState` in the state; masked-out leaves are `MaskedNode`s)."""
+  # Kept local: main() sets JAX_PLATFORMS, which jax reads when it is imported.
   import jax
   import optax
 
@@ -992,20 +1002,20 @@ def run_and_compare_steps(
 ) -> Report:
   """Three (or T) iterations of forward, backward and this project's optimizer step on the
   oracle batch; `first` = the already computed iteration-0 output of `runner.step`."""
+  # Kept local: main() sets JAX_PLATFORMS, which jax reads when it is imported.
   import jax
   import jax.numpy as jnp
+  from cn2_jax.engine.optim import DECAY, FROZEN, NO_DECAY, param_labels
 
   rep = Report("Three SGD iterations vs the official oracle (TRAIN_README §10.7)")
-  keys = [str(k) for k in npz_steps["param_keys"]]
-  km = runner.keymap
-  paths = [km.path[k] for k in keys]
+  keys = [str(key) for key in npz_steps["param_keys"]]
+  keymap = runner.keymap
+  paths = [keymap.path[key] for key in keys]
   opt_cfg = solver_config(steps_json)
   opt = Optimizer(opt_cfg, runner.frozen_prefixes)
   num_iters = int(npz_steps["lr_used"].shape[0])
 
   # -- 1. static settings --------------------------------------------------------------------------
-  from cn2_jax.engine.optim import DECAY, FROZEN, NO_DECAY, param_labels
-
   sec = "settings"
   labels = flat_params(param_labels(runner.params0, runner.frozen_prefixes))
   wd_of = {DECAY: opt_cfg.weight_decay, NO_DECAY: opt_cfg.weight_decay_norm, FROZEN: None}
@@ -1075,20 +1085,24 @@ def run_and_compare_steps(
         f"fg {ref_counts['stage_fg']}",
     )
     comparable = _loss_terms_comparable(counts, ref_counts)
-    loss_names = [str(n) for n in npz_steps["loss_names"]]
+    loss_names = [str(name) for name in npz_steps["loss_names"]]
     worst, worst_k, skipped = 0.0, "", []
-    for n in loss_names:
-      ref = float(npz_steps[f"loss_{n}"][t]) if f"loss_{n}" in npz_steps else float(npz_steps[n][t])
-      if not comparable[n]:
-        skipped.append(n)
+    for loss_name in loss_names:
+      ref = (
+          float(npz_steps[f"loss_{loss_name}"][t])
+          if f"loss_{loss_name}" in npz_steps
+          else float(npz_steps[loss_name][t])
+      )
+      if not comparable[loss_name]:
+        skipped.append(loss_name)
         continue
-      ours = float(out["losses"][n])
+      ours = float(out["losses"][loss_name])
       if ref == 0.0:  # the exact 0.0 terms (TRAIN_README §10.7.3): absolute 1e-6
         e = abs(ours) / 1e-6 * tol["loss"]
       else:
         e = abs(ours - ref) / abs(ref)
       if e >= worst:
-        worst, worst_k = e, n
+        worst, worst_k = e, loss_name
     rep.add(
         sec,
         f"{len(loss_names) - len(skipped)} loss terms (rel; 0.0 terms abs 1e-6)",
@@ -1177,8 +1191,8 @@ def run_and_compare_steps(
         ("momentum", lambda p: bufs[p], "momentum_sum", "momentum_abs_sum", tol["update"]),
     ):
       e_abs, e_sum = np.zeros(len(keys)), np.zeros(len(keys))
-      for i, p in enumerate(paths):
-        s, a = _sums(ours_fn(p))
+      for i, path in enumerate(paths):
+        s, a = _sums(ours_fn(path))
         ra = float(npz_steps[ref_a][t, i])
         e_abs[i] = abs(a - ra) / max(ra, 1e-30)
         e_sum[i] = abs(s - float(npz_steps[ref_s][t, i])) / max(ra, 1e-30)
@@ -1196,22 +1210,22 @@ def run_and_compare_steps(
 
   # -- 3. full tensors after the last step ---------------------------------------------------------
   sec = f"after step {num_iters}"
-  full = [str(k) for k in npz_steps["full_keys"]]
+  full = [str(key) for key in npz_steps["full_keys"]]
   l2_p, l2_b, ac_p, ac_b = {}, {}, {}, {}
   for key in full:
-    p = km.path[key]
-    ref_p = km.to_flax(key, npz_steps[f"param_after3__{key}"]).astype(np.float64)
-    ref_b = km.to_flax(key, npz_steps[f"momentum_after3__{key}"]).astype(np.float64)
-    init = p0[p].astype(np.float64)
-    dp_ours, dp_ref = new[p].astype(np.float64) - init, ref_p - init
+    path = keymap.path[key]
+    ref_p = keymap.to_flax(key, npz_steps[f"param_after3__{key}"]).astype(np.float64)
+    ref_b = keymap.to_flax(key, npz_steps[f"momentum_after3__{key}"]).astype(np.float64)
+    init = p0[path].astype(np.float64)
+    dp_ours, dp_ref = new[path].astype(np.float64) - init, ref_p - init
     l2_p[key] = np.linalg.norm(dp_ours - dp_ref) / max(np.linalg.norm(dp_ref), 1e-30)
-    l2_b[key] = np.linalg.norm(bufs[p] - ref_b) / max(np.linalg.norm(ref_b), 1e-30)
+    l2_b[key] = np.linalg.norm(bufs[path] - ref_b) / max(np.linalg.norm(ref_b), 1e-30)
     # allclose as a ratio: max |a - b| / (atol + rtol |b|) <= 1
     ac_p[key] = float(
         (np.abs(dp_ours - dp_ref) / (2e-2 * np.abs(dp_ref).max() + 2e-2 * np.abs(dp_ref))).max()
     )
     ac_b[key] = float(
-        (np.abs(bufs[p] - ref_b) / (5e-2 * np.abs(ref_b).max() + 5e-2 * np.abs(ref_b))).max()
+        (np.abs(bufs[path] - ref_b) / (5e-2 * np.abs(ref_b).max() + 5e-2 * np.abs(ref_b))).max()
     )
   rep.details.update(l2_param_change=l2_p, l2_momentum=l2_b)
   for name, d, tl in (
@@ -1220,8 +1234,8 @@ def run_and_compare_steps(
       ("p3 - p0 allclose(2e-2, 2e-2 max) ratio", ac_p, 1.0),
       ("momentum allclose(5e-2, 5e-2 max) ratio", ac_b, 1.0),
   ):
-    k = max(d, key=d.get)
-    rep.add(sec, f"{name} ({len(d)} tensors)", d[k], tl, f"worst {k}")
+    worst_name = max(d, key=d.get)
+    rep.add(sec, f"{name} ({len(d)} tensors)", d[worst_name], tl, f"worst {worst_name}")
   return rep
 
 
@@ -1242,8 +1256,6 @@ def run(
   to the one beside `npz_path`, then to `oracle.oracle_json_path()`; `cap` (cap_h, cap_w) starts
   the adaptive ROIAlign at that cap instead of the one the oracle's boxes need (the runner still
   raises it whenever a later iteration's boxes need more)."""
-  from cn2_jax.testing.oracle import ORACLE_JSON
-
   npz = load_npz(npz_path)
   with open(grads_path) as f:
     grads_json = json.load(f)
@@ -1263,34 +1275,34 @@ def run(
       steps_json = json.load(f)
     changes = steps_json.get("config_changes", [])
     if "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE" in changes:
-      v = changes[changes.index("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE") + 1]
-      if int(v) != ORACLE_BATCH_SIZE_PER_IMAGE:
-        raise ValueError(f"steps oracle used BATCH_SIZE_PER_IMAGE {v}")
+      value = changes[changes.index("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE") + 1]
+      if int(value) != ORACLE_BATCH_SIZE_PER_IMAGE:
+        raise ValueError(f"steps oracle used BATCH_SIZE_PER_IMAGE {value}")
     steps = run_and_compare_steps(npz_s, steps_json, runner, first=first, log=log)
   return one, steps, runner
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  ap = argparse.ArgumentParser(
+  parser = argparse.ArgumentParser(
       description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  ap.add_argument("--npz", required=True, help="train_outputs_*.npz (one official step)")
-  ap.add_argument("--grads", required=True, help="train_grads_*.json (gradient checksums)")
-  ap.add_argument("--steps", help="train_steps_*.npz (three official SGD iterations)")
-  ap.add_argument("--steps-json", help="train_steps_*.json")
-  ap.add_argument("--weights-json", help="oracle weights JSON (default: beside --npz)")
-  ap.add_argument(
+  parser.add_argument("--npz", required=True, help="train_outputs_*.npz (one official step)")
+  parser.add_argument("--grads", required=True, help="train_grads_*.json (gradient checksums)")
+  parser.add_argument("--steps", help="train_steps_*.npz (three official SGD iterations)")
+  parser.add_argument("--steps-json", help="train_steps_*.json")
+  parser.add_argument("--weights-json", help="oracle weights JSON (default: beside --npz)")
+  parser.add_argument(
       "--cap",
       help="initial adaptive ROIAlign cap 'H,W' (default: what the "
       "oracle's pooled boxes need; raised automatically when an iteration needs more)",
   )
-  args = ap.parse_args(argv)
+  args = parser.parse_args(argv)
   if (args.steps is None) != (args.steps_json is None):
-    ap.error("--steps and --steps-json go together")
+    parser.error("--steps and --steps-json go together")
   # The oracle is a float32 CPU run; on accelerators matmuls may run at reduced precision.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-  cap = tuple(int(v) for v in args.cap.split(",")) if args.cap else None
+  cap = tuple(int(part) for part in args.cap.split(",")) if args.cap else None
   one, steps, _ = run(
       args.npz, args.grads, args.steps, args.steps_json, args.weights_json, cap, log
   )

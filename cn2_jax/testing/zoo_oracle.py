@@ -64,7 +64,7 @@ def compare_map(ours: np.ndarray, out: dict, name: str, rtol: float = 1e-4) -> d
   2e-3 max |X| (the storage rounding). Crops (tl / center / br, where stored): rtol of the
   crop's max. Per-channel float64 sums: |diff| <= rtol * the channel's abs-sum.
   Returns {measure: relative difference}."""
-  shape = tuple(int(v) for v in out[f"{name}_shape"][1:])
+  shape = tuple(int(dim) for dim in out[f"{name}_shape"][1:])
   if ours.shape != shape:
     raise AssertionError(f"{name}: shape {ours.shape} != official {shape}")
   diffs = {}
@@ -89,7 +89,7 @@ def compare_map(ours: np.ndarray, out: dict, name: str, rtol: float = 1e-4) -> d
   sums = ours.astype(np.float64).sum((1, 2))
   abssum = np.maximum(out[f"{name}_chan_abssum"], 1e-12)
   diffs["chan_sum"] = float((np.abs(sums - out[f"{name}_chan_sum"]) / abssum).max())
-  bad = {k: v for k, v in diffs.items() if k != "f16_excess" and v > rtol}
+  bad = {key: value for key, value in diffs.items() if key != "f16_excess" and value > rtol}
   if bad:
     raise AssertionError(f"{name}: relative differences {bad} above {rtol}")
   return diffs

@@ -92,13 +92,15 @@ def _slash_names(abstract) -> Dict[Tuple[str, str], str]:
   """(collection, '.'-joined path) -> '/'-joined name of every leaf of a variables tree."""
   out = {}
   for kp, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-    names = [key_str(k) for k in kp]
+    names = [key_str(key) for key in kp]
     out[(names[0], ".".join(names[1:]))] = "/".join(names)
   return out
 
 
 def _family_of_tree(names: Sequence[str]) -> Optional[str]:
-  tops = {n.split("/")[1] for n in names if n.startswith("params/") and n.count("/") > 1}
+  tops = {
+      name.split("/")[1] for name in names if name.startswith("params/") and name.count("/") > 1
+  }
   if tops & {"roi_heads", "proposal_generator"}:
     return "centernet2"
   if tops & {"head", "upsample"}:
@@ -115,7 +117,7 @@ def _read_orbax(path: str) -> Source:
   if run is not None and os.path.isfile(os.path.join(run, "config.json")):
     run_cfg = config_from_json(os.path.join(run, "config.json"))
   ema = run_cfg is not None and swa_lib.use_ema_for_eval(run_cfg) and "ema" in tree
-  wanted = {k: tree[k] for k in VARIABLE_COLLECTIONS if k in tree}
+  wanted = {coll: tree[coll] for coll in VARIABLE_COLLECTIONS if coll in tree}
   if ema:
     wanted["ema"] = tree["ema"]
   target = jax.tree.map(lambda m: np.zeros(tuple(m.shape), np.dtype(m.dtype)), wanted)
@@ -129,7 +131,7 @@ def _read_orbax(path: str) -> Source:
     restored.update(restored.pop("ema"))
   tensors = {}
   for kp, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
-    tensors["/".join(key_str(k) for k in kp)] = np.asarray(leaf)
+    tensors["/".join(key_str(key) for key in kp)] = np.asarray(leaf)
   family = run_cfg.model.arch if run_cfg is not None else _family_of_tree(tensors)
   class_names = None
   if run is not None and os.path.isfile(os.path.join(run, "dataset_info.json")):
@@ -189,10 +191,10 @@ def class_rows(
   rows: List[Optional[int]] = [None] * len(target_names)
   if spec == "none":
     return rows
-  by_target = {normalized_class_name(n): i for i, n in enumerate(target_names)}
+  by_target = {normalized_class_name(name): i for i, name in enumerate(target_names)}
   by_source = {}
-  for j, n in enumerate(source_names or ()):
-    by_source.setdefault(normalized_class_name(n), j)
+  for j, source_name in enumerate(source_names or ()):
+    by_source.setdefault(normalized_class_name(source_name), j)
   explicit = set()
   if spec != "auto":
     for item in spec.split(","):
@@ -233,7 +235,10 @@ def _matches(patterns: Sequence[str], name: str) -> bool:
   """`name` ('/'-joined with its collection, or a source key) against the init_skip globs, also in
   the '.'-joined parameter-path form (`roi_heads.box_head.0.fc1.kernel`)."""
   dotted = name.split("/", 1)[1].replace("/", ".") if "/" in name else name
-  return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(dotted, p) for p in patterns)
+  return any(
+      fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(dotted, pattern)
+      for pattern in patterns
+  )
 
 
 def _field_hint(family: str, name: str, source_shapes: dict, model_cfg) -> str:
@@ -296,7 +301,7 @@ class InitPlan:
     class_params, reinitialized = set(self.class_params), set(self.reinitialized)
 
     def merged(kp, leaf):
-      name = "/".join(key_str(k) for k in kp)
+      name = "/".join(key_str(key) for key in kp)
       value = np.asarray(leaf)
       if name in class_params:
         out = np.array(value, copy=True)
@@ -333,7 +338,7 @@ class InitPlan:
 def summary_line(report: dict) -> str:
   """One log line of an init report."""
   rows = ", ".join(
-      f"{r['target']}<-{r['source']}[{r['source_index']}]" for r in report["class_rows"]
+      f"{row['target']}<-{row['source']}[{row['source_index']}]" for row in report["class_rows"]
   )
   step = f" (step {report['source_step']})" if report["source_step"] is not None else ""
   return (
@@ -370,12 +375,12 @@ def plan_init(cfg, target_class_names: Sequence[str], abstract: dict) -> InitPla
   plan.background_last = info.background_last
   skip = tuple(cfg.init_skip)
   target = {  # the model's variables: '/'-joined name -> shape
-      "/".join(key_str(k) for k in kp): tuple(int(d) for d in leaf.shape)
+      "/".join(key_str(key) for key in kp): tuple(int(dim) for dim in leaf.shape)
       for kp, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
       if key_str(kp[0]) in VARIABLE_COLLECTIONS
   }
   tensors = source.tensors
-  shapes = {name: tuple(np.shape(a)) for name, a in tensors.items()}
+  shapes = {name: tuple(np.shape(array)) for name, array in tensors.items()}
 
   def mismatch(name, there, here):
     return WeightsError(
@@ -397,11 +402,13 @@ def plan_init(cfg, target_class_names: Sequence[str], abstract: dict) -> InitPla
       there = shapes[name]
       if there[:-1] != shape[:-1]:
         raise mismatch(name, there, shape)
-      n = there[-1] - int(info.background_last)
-      if source_classes is not None and n != source_classes:
-        raise WeightsError(f"init_from {path}: {name} has {n} classes, other class tensors "
-                           f"{source_classes}")  # fmt: skip
-      source_classes = n
+      num_classes = there[-1] - int(info.background_last)
+      if source_classes is not None and num_classes != source_classes:
+        raise WeightsError(
+            f"init_from {path}: {name} has {num_classes} classes, other class tensors "
+            f"{source_classes}"
+        )
+      source_classes = num_classes
       plan.class_params.append(name)
     elif name not in tensors:
       raise WeightsError(
@@ -413,7 +420,8 @@ def plan_init(cfg, target_class_names: Sequence[str], abstract: dict) -> InitPla
       raise mismatch(name, shapes[name], shape)
     else:
       plan.loaded.append(name)
-  for name in [n for n in tensors if n not in target] + list(source.unmapped):
+  unused = [tensor_name for tensor_name in tensors if tensor_name not in target]
+  for name in unused + list(source.unmapped):
     if not _matches(skip, name):
       raise WeightsError(
           f"init_from {path}: it has {name} {shapes.get(name, '')}, which this model does not "
@@ -421,7 +429,8 @@ def plan_init(cfg, target_class_names: Sequence[str], abstract: dict) -> InitPla
           f"init_skip to leave it unused"
       )
     plan.skipped.append(name)
-  plan.skipped += [n for n in plan.reinitialized if n in tensors] + list(source.dropped)
+  reinitialized = [tensor_name for tensor_name in plan.reinitialized if tensor_name in tensors]
+  plan.skipped += reinitialized + list(source.dropped)
   if source.class_names is None and source_classes == len(COCO_CLASS_NAMES):
     source.class_names = COCO_CLASS_NAMES  # official 80-class weights: COCO's classes
   if source.class_names is not None and len(source.class_names) != source_classes:
@@ -446,7 +455,9 @@ def _validate_settings(cfg) -> None:
     raise ConfigError(
         f"init_class_map must be 'auto', 'none' or 'target:source,...', got {cfg.init_class_map!r}"
     )
-  if isinstance(cfg.init_skip, str) or not all(isinstance(v, str) and v for v in cfg.init_skip):
+  if isinstance(cfg.init_skip, str) or not all(
+      isinstance(value, str) and value for value in cfg.init_skip
+  ):
     raise ConfigError(f"init_skip must be a tuple of non-empty strings, got {cfg.init_skip!r}")
 
 

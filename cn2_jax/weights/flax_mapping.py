@@ -73,8 +73,8 @@ class ConversionReport:
     )
 
   def _count(self, coll=None):
-    rows = [m for m in self.mapped if coll is None or m[1] == coll]
-    return len(rows), int(sum(int(np.prod(m[4], dtype=np.int64)) for m in rows))
+    rows = [row for row in self.mapped if coll is None or row[1] == coll]
+    return len(rows), int(sum(int(np.prod(row[4], dtype=np.int64)) for row in rows))
 
   @property
   def num_mapped_tensors(self) -> int:
@@ -122,30 +122,30 @@ class ConversionReport:
     return list(self.skipped_keys) + [key for key, _ in self.dropped_keys]
 
   def to_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["counts"] = self.counts()
-    d["ok"] = self.ok
-    return d
+    fields = dataclasses.asdict(self)
+    fields["counts"] = self.counts()
+    fields["ok"] = self.ok
+    return fields
 
   def summary(self, max_list: int = 50) -> str:
-    c = self.counts()
+    counts = self.counts()
     lines = [
         f"conversion of a {self.source_format} checkpoint"
         f"{' (backbone only)' if self.backbone_only else ''}: "
         f"{'OK' if self.ok else 'FAILED'}",
-        f"  source: {c['source_tensors']} tensors ({c['dropped']} dropped by the renaming, "
-        f"{c['skipped']} skipped, {c['filled_defaults']} FrozenBN statistics filled)",
-        f"  mapped {c['mapped_tensors']} tensors onto {c['target_tensors']} target variables "
-        f"({c['left_at_init']} left at init): params {c['params_tensors']} tensors / "
-        f"{c['params_elements']:,} elements, frozen {c['frozen_tensors']} tensors / "
-        f"{c['frozen_elements']:,} elements",
+        f"  source: {counts['source_tensors']} tensors ({counts['dropped']} dropped by the renaming, "
+        f"{counts['skipped']} skipped, {counts['filled_defaults']} FrozenBN statistics filled)",
+        f"  mapped {counts['mapped_tensors']} tensors onto {counts['target_tensors']} target variables "
+        f"({counts['left_at_init']} left at init): params {counts['params_tensors']} tensors / "
+        f"{counts['params_elements']:,} elements, frozen {counts['frozen_tensors']} tensors / "
+        f"{counts['frozen_elements']:,} elements",
     ]
 
     def block(title, items):
       if items:
         lines.append(f"  {title} ({len(items)}):")
-        for it in items[:max_list]:
-          lines.append(f"    {it}")
+        for item in items[:max_list]:
+          lines.append(f"    {item}")
         if len(items) > max_list:
           lines.append(f"    ... and {len(items) - max_list} more")
 
@@ -160,7 +160,7 @@ class ConversionReport:
     block(
         "left at initial values but the target is abstract (pass real arrays)", self.abstract_left
     )
-    block("dropped by the renaming", [f"{k}: {r}" for k, r in self.dropped_keys])
+    block("dropped by the renaming", [f"{key}: {reason}" for key, reason in self.dropped_keys])
     block("skipped (outside backbone.bottom_up, backbone-only mode)", self.skipped_keys)
     block("left at initial values", self.left_at_init)
     block(
@@ -170,30 +170,30 @@ class ConversionReport:
     block("FrozenBN running_var -= eps (module version < 3)", self.eps_adjusted)
     if self.cast:
       lines.append(f"  cast {len(self.cast)} tensors to the model dtype " f"(e.g. {self.cast[0]})")
-    for n in self.notes:
-      lines.append(f"  NOTE: {n}")
+    for note in self.notes:
+      lines.append(f"  NOTE: {note}")
     return "\n".join(lines)
 
 
 def _leaf_shape_dtype(leaf):
   shape = leaf.shape if hasattr(leaf, "shape") else np.shape(leaf)
   dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
-  return tuple(int(d) for d in shape), np.dtype(dtype)
+  return tuple(int(dim) for dim in shape), np.dtype(dtype)
 
 
 def _candidates(key: str):
   """(collection, '.'-path) a detectron2 key may map to, with the layout change to apply."""
   prefix, _, leaf = key.rpartition(".")
-  p = prefix + "." if prefix else ""
+  dotted_prefix = prefix + "." if prefix else ""
   if leaf == "weight":
     return [
-        ("params", p + "kernel", "kernel"),
-        ("params", p + "scale", "copy"),
-        ("frozen", p + "weight", "copy"),
-        ("params", p + "weight", "copy"),
+        ("params", dotted_prefix + "kernel", "kernel"),
+        ("params", dotted_prefix + "scale", "copy"),
+        ("frozen", dotted_prefix + "weight", "copy"),
+        ("params", dotted_prefix + "weight", "copy"),
     ]
   if leaf == "bias":
-    return [("params", p + "bias", "copy"), ("frozen", p + "bias", "copy")]
+    return [("params", dotted_prefix + "bias", "copy"), ("frozen", dotted_prefix + "bias", "copy")]
   if leaf in ("running_mean", "running_var"):
     return [("frozen", key, "copy")]
   return [("params", key, "copy"), ("frozen", key, "copy")]
@@ -245,24 +245,24 @@ def _with_frozen_bn_statistics(d2_state_dict, info, index, in_scope, report) -> 
 def _resolve(key: str, index, report):
   """(collection, '.'-path, how) of the one target variable `key` names, or None (recorded in
   `report` as unknown or ambiguous)."""
-  hits = [(c, p, how) for c, p, how in _candidates(key) if (c, p) in index]
+  hits = [(coll, path, how) for coll, path, how in _candidates(key) if (coll, path) in index]
   if not hits:
     report.unknown_keys.append(key)
     return None
   if len(hits) > 1:
-    report.ambiguous_keys.append((key, [f"{c}/{p}" for c, p, _ in hits]))
+    report.ambiguous_keys.append((key, [f"{coll}/{path}" for coll, path, _ in hits]))
     return None
   return hits[0]
 
 
 def _index(target_variables):
   """(leaves with paths, treedef, {(collection, '.'-joined path): leaf position})."""
-  import jax  # local: keeps the file-reading half importable without jax
+  import jax  # start-up time: keeps the file-reading half importable without jax
 
   leaves, treedef = jax.tree_util.tree_flatten_with_path(target_variables)
   index = {}
   for i, (kp, _) in enumerate(leaves):
-    names = [_key_str(k) for k in kp]
+    names = [_key_str(key) for key in kp]
     index[(names[0], ".".join(names[1:]))] = i
   return leaves, treedef, index
 
@@ -288,10 +288,12 @@ def named_flax_tensors(d2_state_dict, target_variables):
     if hit is None:
       continue
     coll, path, how = hit
-    a = np.asarray(value)
-    b = _kernel_layout(a) if how == "kernel" else a
-    floating = np.issubdtype(a.dtype, np.floating)
-    out[(coll, path)] = np.array(a if b is None else b, np.float32 if floating else a.dtype)
+    array = np.asarray(value)
+    flax_array = _kernel_layout(array) if how == "kernel" else array
+    floating = np.issubdtype(array.dtype, np.floating)
+    out[(coll, path)] = np.array(
+        array if flax_array is None else flax_array, np.float32 if floating else array.dtype
+    )
   if report.ambiguous_keys:
     raise ConversionError(report.summary(), report)
   return out, report
@@ -311,7 +313,7 @@ def convert_to_flax(d2_state_dict, target_variables, *, backbone_only: bool = Fa
   Raises:
     ConversionError (with `.report`) on any unknown, missing, ambiguous or mis-shaped key.
   """
-  import jax  # local: keeps the file-reading half importable without jax
+  import jax  # start-up time: keeps the file-reading half importable without jax
 
   info = dict(getattr(d2_state_dict, "info", {}))
   report = ConversionReport(
@@ -324,7 +326,7 @@ def convert_to_flax(d2_state_dict, target_variables, *, backbone_only: bool = Fa
   leaves, treedef, index = _index(target_variables)  # (collection, '.'-path) -> leaf position
   report.num_target_tensors = len(leaves)
   report.num_target_elements = int(
-      sum(int(np.prod(_leaf_shape_dtype(l)[0], dtype=np.int64)) for _, l in leaves)
+      sum(int(np.prod(_leaf_shape_dtype(leaf)[0], dtype=np.int64)) for _, leaf in leaves)
   )
 
   def in_scope(path: str) -> bool:
@@ -345,24 +347,24 @@ def convert_to_flax(d2_state_dict, target_variables, *, backbone_only: bool = Fa
       report.ambiguous_keys.append((key, [f"{coll}/{path} (already filled)"]))
       continue
     want_shape, want_dtype = _leaf_shape_dtype(leaves[i][1])
-    a = np.asarray(value)
-    if not (np.issubdtype(a.dtype, np.floating) or a.dtype == want_dtype):
-      report.dtype_problems.append((key, str(a.dtype)))
+    array = np.asarray(value)
+    if not (np.issubdtype(array.dtype, np.floating) or array.dtype == want_dtype):
+      report.dtype_problems.append((key, str(array.dtype)))
       continue
-    b = _kernel_layout(a) if how == "kernel" else a
-    if b is None or tuple(b.shape) != want_shape:
+    flax_array = _kernel_layout(array) if how == "kernel" else array
+    if flax_array is None or tuple(flax_array.shape) != want_shape:
       expect = _torch_shape_of_kernel(want_shape) if how == "kernel" else want_shape
-      report.shape_mismatches.append((key, tuple(a.shape), tuple(expect), want_shape))
+      report.shape_mismatches.append((key, tuple(array.shape), tuple(expect), want_shape))
       continue
-    if b.dtype != want_dtype:
-      report.cast.append((key, str(a.dtype), str(want_dtype)))
-    out[i] = np.array(b, dtype=want_dtype, order="C", copy=True)
-    report.mapped.append((key, coll, path, tuple(a.shape), want_shape, how))
+    if flax_array.dtype != want_dtype:
+      report.cast.append((key, str(array.dtype), str(want_dtype)))
+    out[i] = np.array(flax_array, dtype=want_dtype, order="C", copy=True)
+    report.mapped.append((key, coll, path, tuple(array.shape), want_shape, how))
 
   for i, (kp, leaf) in enumerate(leaves):
     if out[i] is not None:
       continue
-    coll, path = _key_str(kp[0]), ".".join(_key_str(k) for k in kp[1:])
+    coll, path = _key_str(kp[0]), ".".join(_key_str(key) for key in kp[1:])
     if in_scope(path):
       report.missing_keys.append(f"{coll}/{path}")
     else:

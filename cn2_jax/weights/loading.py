@@ -19,6 +19,7 @@ from typing import Optional
 
 import jax
 import numpy as np
+from etils import epath
 
 from cn2_jax.config import family_reads, get_field, jsonable, show_value
 from cn2_jax.errors import InputFileError, WeightsError, one_line
@@ -41,15 +42,18 @@ def weights_run_dir(path: str) -> Optional[str]:
   """The run directory that `--config.weights=path` belongs to (the path itself, its parent for
   `checkpoints/`, its grandparent for `checkpoints/<step>`, ...), or None (a file, a converted
   Orbax directory)."""
-  p = os.path.abspath(path)
-  if os.path.isdir(os.path.join(p, "checkpoints")):
-    return p
-  if os.path.basename(p) == "checkpoints" and os.path.isdir(p):
-    return os.path.dirname(p)
-  if os.path.basename(p).isdigit() and os.path.isdir(os.path.join(p, "default")):
-    return _run_of_step(p)
-  if os.path.basename(p) == "default" and os.path.basename(os.path.dirname(p)).isdigit():
-    return _run_of_step(os.path.dirname(p))
+  abs_path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(abs_path, "checkpoints")):
+    return abs_path
+  if os.path.basename(abs_path) == "checkpoints" and os.path.isdir(abs_path):
+    return os.path.dirname(abs_path)
+  if os.path.basename(abs_path).isdigit() and os.path.isdir(os.path.join(abs_path, "default")):
+    return _run_of_step(abs_path)
+  if (
+      os.path.basename(abs_path) == "default"
+      and os.path.basename(os.path.dirname(abs_path)).isdigit()
+  ):
+    return _run_of_step(os.path.dirname(abs_path))
   return None
 
 
@@ -57,6 +61,7 @@ def latest_checkpoint_dir(run: str) -> Optional[str]:
   """The Orbax item directory of the run's newest finished checkpoint, or None."""
   if not os.path.isdir(os.path.join(run, "checkpoints")):
     return None
+  # Start-up time: orbax (~0.3 s) only once a checkpoint is read (the Predictor imports this).
   from cn2_jax.engine import checkpoint as ckpt_lib
 
   with ckpt_lib.Checkpointer(run) as ckpt:
@@ -68,26 +73,26 @@ def orbax_weights_dir(path: str) -> str:
   """The Orbax directory to read for `--config.weights=DIR`: a run directory or its
   `checkpoints/` folder (newest checkpoint), a `checkpoints/<step>` folder, or an Orbax directory
   as written by `python -m cn2_jax.convert`."""
-  p = os.path.abspath(path)
-  if os.path.basename(p).isdigit() and os.path.isdir(os.path.join(p, "default")):
-    return os.path.join(p, "default")
-  run = weights_run_dir(p)
-  if run is not None and os.path.basename(p) != "default":
+  abs_path = os.path.abspath(path)
+  if os.path.basename(abs_path).isdigit() and os.path.isdir(os.path.join(abs_path, "default")):
+    return os.path.join(abs_path, "default")
+  run = weights_run_dir(abs_path)
+  if run is not None and os.path.basename(abs_path) != "default":
     item = latest_checkpoint_dir(run)
     if item is None:
       raise WeightsError(f"{path}: no finished checkpoint in {os.path.join(run, 'checkpoints')}")
     return item
-  return p
+  return abs_path
 
 
 def _tree_shapes(tree, collections=VARIABLE_COLLECTIONS) -> dict:
   """{'params/backbone/fpn_lateral3/kernel': shape, ...} of the model collections of `tree`."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(
-      {k: tree[k] for k in collections if k in tree}
+      {coll: tree[coll] for coll in collections if coll in tree}
   )[0]:
-    key = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    out[key] = tuple(int(d) for d in leaf.shape)
+    key = "/".join(str(getattr(entry, "key", getattr(entry, "idx", entry))) for entry in path)
+    out[key] = tuple(int(dim) for dim in leaf.shape)
   return out
 
 
@@ -126,11 +131,11 @@ def _implied_model_fields(shapes: dict) -> dict:
   if num_fc:
     out["roi_heads.num_fc"] = num_fc
   res4 = count(r"(?:params|frozen)/backbone/bottom_up/res4/(\d+)/.*")
-  bottleneck = any("/bottom_up/res4/0/conv3/" in p for p in shapes)
+  bottleneck = any("/bottom_up/res4/0/conv3/" in path for path in shapes)
   depth = {(2, False): 18, (6, False): 34, (6, True): 50, (23, True): 101}.get((res4, bottleneck))
   if depth:
     out["resnet_depth"] = depth
-  if any(p.startswith("frozen/backbone/bottom_up/stem/conv1/norm/") for p in shapes):
+  if any(path.startswith("frozen/backbone/bottom_up/stem/conv1/norm/") for path in shapes):
     out["resnet_norm"] = "FrozenBN"
   elif "params/backbone/bottom_up/stem/conv1/norm/scale" in shapes:
     out["resnet_norm"] = "GN"
@@ -148,9 +153,13 @@ def check_weights_fit(saved: dict, expected: dict, source: str, model_cfg=None) 
   """Raises a one-line WeightsError when the variable shapes `saved` (of a checkpoint) do not fit
   `expected` (of the model), naming the first offending parameter and the config field(s) that
   explain it (values read off the checkpoint, compared with `model_cfg`)."""
-  mismatched = [(p, saved[p], s) for p, s in expected.items() if p in saved and saved[p] != s]
-  missing = [p for p in expected if p not in saved]
-  extra = [p for p in saved if p not in expected]
+  mismatched = [
+      (path, saved[path], shape)
+      for path, shape in expected.items()
+      if path in saved and saved[path] != shape
+  ]
+  missing = [path for path in expected if path not in saved]
+  extra = [path for path in saved if path not in expected]
   problems = len(mismatched) + len(missing) + len(extra)
   if not problems:
     return
@@ -184,8 +193,7 @@ def check_weights_fit(saved: dict, expected: dict, source: str, model_cfg=None) 
 
 def checkpoint_metadata_tree(path: str, source: str):
   """The tree metadata of an Orbax directory (shapes and dtypes; no array is read)."""
-  import orbax.checkpoint as ocp
-  from etils import epath
+  import orbax.checkpoint as ocp  # start-up time, as in latest_checkpoint_dir
 
   try:
     # The handler (not a Checkpointer) reads the tree metadata without warning that a
@@ -215,11 +223,11 @@ def restore_orbax_variables(
 ) -> dict:
   """`{'params', 'frozen'}` (numpy) from an Orbax directory (a TrainState checkpoint item or a
   converted model), after checking its shapes against `expected` (abstract variables)."""
-  import orbax.checkpoint as ocp
+  import orbax.checkpoint as ocp  # start-up time, as in latest_checkpoint_dir
 
   source = source or path
   check_weights_fit(_checkpoint_shapes(path, source), _tree_shapes(expected), source, model_cfg)
-  item = {k: expected[k] for k in VARIABLE_COLLECTIONS if k in expected}
+  item = {coll: expected[coll] for coll in VARIABLE_COLLECTIONS if coll in expected}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   # partial_restore: a TrainState checkpoint also holds the step, rng and optimizer state.
   with ocp.PyTreeCheckpointer() as ckptr:
@@ -261,13 +269,16 @@ def convert_state_dict(sd, variables: dict, *, backbone_only: bool, arch: str):
 def _warn_inexact_official_eval(cfg) -> None:
   """Official weights are only reproduced with the official (adaptive) ROIAlign sampling; any
   padding is exact (modeling/canvas.py)."""
-  r = cfg.model.roi_heads
-  if family_reads(cfg.model.arch, "model.roi_heads.sampling_ratio") and r.sampling_ratio != 0:
+  roi_heads = cfg.model.roi_heads
+  if (
+      family_reads(cfg.model.arch, "model.roi_heads.sampling_ratio")
+      and roi_heads.sampling_ratio != 0
+  ):
     log.warning(
         "--config.weights with model.roi_heads.sampling_ratio=%d: ROIAlign samples a "
         "fixed grid, so detections differ from the official model's (use 0, the "
         "default, to reproduce them)",
-        r.sampling_ratio,
+        roi_heads.sampling_ratio,
     )
 
 
@@ -292,7 +303,7 @@ def restore_model_variables(cfg, workdir: str) -> dict:
       )
     source = f"checkpoint {os.path.dirname(item)}"
   variables = restore_orbax_variables(item, abstract, model_cfg=cfg.model, source=source)
-  from cn2_jax.engine import swa as swa_lib
+  from cn2_jax.engine import swa as swa_lib  # start-up time: orbax and optax (the Predictor)
 
   if "ema" in cfg and swa_lib.use_ema_for_eval(cfg):  # the EMA weights (config ema.use_for_eval)
     variables = swa_lib.restore_ema_variables(item, variables)

@@ -42,6 +42,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+import jax
 import numpy as np
 
 from cn2_jax.modeling.backbone.resnet import BLOCKS_BY_DEPTH
@@ -76,11 +77,11 @@ _TRANSPOSED = ("up_sample",)  # == onestage.neck.TRANSPOSED_CONV_NAMES (checked 
 
 def detect_format(sd) -> str:
   keys = list(sd)
-  if any(k.startswith(_CENTERX_HEADS) for k in keys):
+  if any(key.startswith(_CENTERX_HEADS) for key in keys):
     return "centerx"
-  if any(k.startswith(("deconv_layers.", "hm.")) for k in keys):
+  if any(key.startswith(("deconv_layers.", "hm.")) for key in keys):
     return "xingyizhou"
-  if "conv1.weight" in sd and any(k.startswith("layer1.") for k in keys):
+  if "conv1.weight" in sd and any(key.startswith("layer1.") for key in keys):
     return "torchvision"
   raise ConversionError(
       f"unrecognised checkpoint naming ({len(keys)} keys, e.g. {keys[:8]}): "
@@ -99,9 +100,9 @@ def _xingyizhou_name(key: str) -> Optional[str]:
   """CenterNet resdcn key -> centerX key (None if not part of a resdcn model)."""
   if key.startswith(("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")):
     return "backbone." + key
-  m = re.match(r"^deconv_layers\.(\d+)\.(.+)$", key)
-  if m:
-    i, rest = int(m.group(1)), m.group(2)
+  match = re.match(r"^deconv_layers\.(\d+)\.(.+)$", key)
+  if match:
+    i, rest = int(match.group(1)), match.group(2)
     part = _CN_DECONV_PARTS.get(i % 6)
     if part is None:
       return None
@@ -115,9 +116,9 @@ def _xingyizhou_name(key: str) -> Optional[str]:
         return prefix + "dcn.dcnv2." + rest
       return None
     return prefix + part + "." + rest
-  m = re.match(r"^(hm|wh|reg)\.(\d+)\.(weight|bias)$", key)
-  if m and m.group(2) in _CN_HEAD_LAYERS:
-    return f"head.{_CN_HEADS[m.group(1)]}.{_CN_HEAD_LAYERS[m.group(2)]}.{m.group(3)}"
+  match = re.match(r"^(hm|wh|reg)\.(\d+)\.(weight|bias)$", key)
+  if match and match.group(2) in _CN_HEAD_LAYERS:
+    return f"head.{_CN_HEADS[match.group(1)]}.{_CN_HEAD_LAYERS[match.group(2)]}.{match.group(3)}"
   return None
 
 
@@ -129,34 +130,34 @@ def to_centerx_names(sd, fmt: str) -> StateDict:
   if fmt == "centerx":
     out = dict(sd)
   elif fmt == "torchvision":
-    for k, v in sd.items():
-      if k.startswith("fc."):
-        dropped.append((k, "ImageNet classifier"))
+    for key, value in sd.items():
+      if key.startswith("fc."):
+        dropped.append((key, "ImageNet classifier"))
         continue
-      if not k.startswith(("conv1.", "bn1.", "layer")):
-        bad.append(k)
+      if not key.startswith(("conv1.", "bn1.", "layer")):
+        bad.append(key)
         continue
-      out["backbone." + k] = v
-      renamed["backbone." + k] = k
+      out["backbone." + key] = value
+      renamed["backbone." + key] = key
     notes.append(
         "torchvision ImageNet ResNet: backbone only; the model must use "
         "input_format='RGB', pixel_mean=(0.485, 0.456, 0.406), "
         "pixel_std=(0.229, 0.224, 0.225) (centerX's defaults)"
     )
   elif fmt == "xingyizhou":
-    if not any(k.startswith("deconv_layers.") and "conv_offset_mask" in k for k in sd):
+    if not any(key.startswith("deconv_layers.") and "conv_offset_mask" in key for key in sd):
       raise ConversionError(
           "xingyizhou/CenterNet checkpoint without DCN deconv layers (msra_resnet 'res_*', "
           "DLA-34 'dla_*' or hourglass): TODO, only the 'resdcn_*' architecture maps onto this "
           "model"
       )
-    for k, v in sd.items():
-      new = _xingyizhou_name(k)
+    for key, value in sd.items():
+      new = _xingyizhou_name(key)
       if new is None:
-        bad.append(k)
+        bad.append(key)
         continue
-      out[new] = v
-      renamed[new] = k
+      out[new] = value
+      renamed[new] = key
     notes.append(
         "xingyizhou/CenterNet resdcn weights: the model must use input_format='BGR', "
         "pixel_mean=(0.408, 0.447, 0.470), pixel_std=(0.289, 0.274, 0.278) (CN's COCO "
@@ -222,7 +223,7 @@ class OneStageReport:
     def block(title, rows):
       if rows:
         lines.append(f"  {title} ({len(rows)}):")
-        lines.extend(f"    {r}" for r in rows[:max_list])
+        lines.extend(f"    {row}" for row in rows[:max_list])
         if len(rows) > max_list:
           lines.append(f"    ... and {len(rows) - max_list} more")
 
@@ -230,15 +231,19 @@ class OneStageReport:
     block("MISSING model variables (absent from the checkpoint)", self.missing)
     block(
         "MIS-SHAPED (key: checkpoint shape != expected torch shape)",
-        [f"{k}: {tuple(s)} != {tuple(e)}" for k, s, e in self.misshaped],
+        [f"{key}: {tuple(shape)} != {tuple(e)}" for key, shape, e in self.misshaped],
     )
-    block("dropped", [f"{k}: {r}" for k, r in self.dropped])
+    block("dropped", [f"{key}: {reason}" for key, reason in self.dropped])
     block("left at initial values", self.left_at_init)
     if show_mapped:
       block(
-          "mapped", [f"{k} {tuple(s)} -> {p} {tuple(f)} ({how})" for k, p, s, f, how in self.mapped]
+          "mapped",
+          [
+              f"{key} {tuple(shape)} -> {path} {tuple(f)} ({how})"
+              for key, path, shape, f, how in self.mapped
+          ],
       )
-    lines.extend(f"  NOTE: {n}" for n in self.notes)
+    lines.extend(f"  NOTE: {note}" for note in self.notes)
     return "\n".join(lines)
 
 
@@ -259,34 +264,34 @@ def _centerx_module(model_module: str) -> str:
   `backbone.layer2.0.downsample.1`)."""
   if not model_module.startswith(_BACKBONE):
     return model_module
-  k = model_module[len(_BACKBONE) :]
-  k = re.sub(r"^stem\.conv1\.norm(?=\.|$)", "bn1", k)
-  k = re.sub(r"^stem\.", "", k)
-  k = re.sub(r"^res([2-5])(?=\.|$)", lambda m: f"layer{int(m.group(1)) - 1}", k)
-  k = re.sub(r"(^|\.)shortcut\.norm(?=\.|$)", r"\1downsample.1", k)
-  k = re.sub(r"(^|\.)shortcut(?=\.|$)", r"\1downsample.0", k)
-  k = re.sub(r"(^|\.)conv([1-3])\.norm(?=\.|$)", r"\1bn\2", k)
-  return _BACKBONE + k
+  name = model_module[len(_BACKBONE) :]
+  name = re.sub(r"^stem\.conv1\.norm(?=\.|$)", "bn1", name)
+  name = re.sub(r"^stem\.", "", name)
+  name = re.sub(r"^res([2-5])(?=\.|$)", lambda m: f"layer{int(m.group(1)) - 1}", name)
+  name = re.sub(r"(^|\.)shortcut\.norm(?=\.|$)", r"\1downsample.1", name)
+  name = re.sub(r"(^|\.)shortcut(?=\.|$)", r"\1downsample.0", name)
+  name = re.sub(r"(^|\.)conv([1-3])\.norm(?=\.|$)", r"\1bn\2", name)
+  return _BACKBONE + name
 
 
 def _target_of(key: str, index) -> Tuple[Optional[str], Optional[str], str]:
   """(collection, path, how) for a centerX key; how in copy / conv / deconv / drop."""
   module, _, leaf = key.rpartition(".")
   module = _model_module(module)
-  p = module + "." if module else ""
+  dotted_prefix = module + "." if module else ""
   if leaf == "num_batches_tracked":
     return None, None, "drop"
-  if ("batch_stats", p + "mean") in index:  # a BatchNorm module
+  if ("batch_stats", dotted_prefix + "mean") in index:  # a BatchNorm module
     return {
-        "weight": ("params", p + "scale", "copy"),
-        "bias": ("params", p + "bias", "copy"),
-        "running_mean": ("batch_stats", p + "mean", "copy"),
-        "running_var": ("batch_stats", p + "var", "copy"),
+        "weight": ("params", dotted_prefix + "scale", "copy"),
+        "bias": ("params", dotted_prefix + "bias", "copy"),
+        "running_mean": ("batch_stats", dotted_prefix + "mean", "copy"),
+        "running_var": ("batch_stats", dotted_prefix + "var", "copy"),
     }.get(leaf, (None, None, "none"))
   if leaf == "weight":
-    return "params", p + "kernel", "deconv" if _is_transposed(module) else "conv"
+    return "params", dotted_prefix + "kernel", "deconv" if _is_transposed(module) else "conv"
   if leaf == "bias":
-    return "params", p + "bias", "copy"
+    return "params", dotted_prefix + "bias", "copy"
   return None, None, "none"
 
 
@@ -322,8 +327,6 @@ def convert_onestage(sd, target_variables, *, backbone_only: bool = False):
   Raises:
     ConversionError (with `.report`) on any missing, unexpected or mis-shaped key.
   """
-  import jax
-
   info = dict(getattr(sd, "info", {}))
   leaves, treedef, index = _index(target_variables)
   report = OneStageReport(
@@ -346,18 +349,18 @@ def convert_onestage(sd, target_variables, *, backbone_only: bool = False):
       continue
     i = index[(coll, path)]
     leaf = leaves[i][1]
-    want = tuple(int(d) for d in leaf.shape)
-    a = np.asarray(value)
-    b = _to_flax(a, how)
-    if b is None or tuple(b.shape) != want:
-      report.misshaped.append((key, tuple(a.shape), _torch_shape(want, how)))
+    want = tuple(int(dim) for dim in leaf.shape)
+    array = np.asarray(value)
+    flax_array = _to_flax(array, how)
+    if flax_array is None or tuple(flax_array.shape) != want:
+      report.misshaped.append((key, tuple(array.shape), _torch_shape(want, how)))
       continue
-    out[i] = np.array(b, dtype=np.dtype(leaf.dtype), order="C", copy=True)
-    report.mapped.append((key, f"{coll}/{path}", tuple(a.shape), want, how))
+    out[i] = np.array(flax_array, dtype=np.dtype(leaf.dtype), order="C", copy=True)
+    report.mapped.append((key, f"{coll}/{path}", tuple(array.shape), want, how))
   for i, (kp, leaf) in enumerate(leaves):
     if out[i] is not None:
       continue
-    coll, path = _key_str(kp[0]), ".".join(_key_str(k) for k in kp[1:])
+    coll, path = _key_str(kp[0]), ".".join(_key_str(key) for key in kp[1:])
     if in_scope(path):
       report.missing.append(f"{coll}/{path}")
     elif isinstance(leaf, jax.ShapeDtypeStruct) or not hasattr(leaf, "__array__"):
@@ -392,9 +395,9 @@ def named_flax_tensors(sd, target_variables):
     if coll is None or (coll, path) not in index:
       report.unexpected.append(key)
       continue
-    a = np.asarray(value)
-    b = _to_flax(a, how)
-    out[(coll, path)] = np.array(a if b is None else b, np.float32)
+    array = np.asarray(value)
+    flax_array = _to_flax(array, how)
+    out[(coll, path)] = np.array(array if flax_array is None else flax_array, np.float32)
   return out, report
 
 
@@ -411,34 +414,32 @@ def torch_key_of(collection: str, path: str) -> Tuple[str, str]:
   module, _, leaf = path.rpartition(".")
   transposed = _is_transposed(module)
   module = _centerx_module(module)
-  p = module + "." if module else ""
+  dotted_prefix = module + "." if module else ""
   if collection == "batch_stats":
-    return p + {"mean": "running_mean", "var": "running_var"}[leaf], "copy"
+    return dotted_prefix + {"mean": "running_mean", "var": "running_var"}[leaf], "copy"
   if leaf == "scale":
-    return p + "weight", "copy"
+    return dotted_prefix + "weight", "copy"
   if leaf == "kernel":
-    return p + "weight", "deconv" if transposed else "conv"
-  return p + leaf, "copy"
+    return dotted_prefix + "weight", "deconv" if transposed else "conv"
+  return dotted_prefix + leaf, "copy"
 
 
 def export_state_dict(variables, *, collections=("params", "batch_stats")) -> Dict[str, np.ndarray]:
   """Flax variables (or a gradient tree of `params`, passed as `{'params': grads}`) ->
   `{centerX key: float32 array in torch layout}`, the inverse of `convert_onestage`."""
-  import jax
-
   out = {}
   for coll in collections:
     if coll not in variables:
       continue
     for kp, leaf in jax.tree_util.tree_flatten_with_path(variables[coll])[0]:
-      path = ".".join(_key_str(k) for k in kp)
+      path = ".".join(_key_str(key) for key in kp)
       key, how = torch_key_of(coll, path)
-      a = np.asarray(leaf)
+      array = np.asarray(leaf)
       if how == "conv":
-        a = np.transpose(a, (3, 2, 0, 1))
+        array = np.transpose(array, (3, 2, 0, 1))
       elif how == "deconv":
-        a = np.transpose(a, (2, 3, 0, 1))
-      out[key] = np.ascontiguousarray(a)
+        array = np.transpose(array, (2, 3, 0, 1))
+      out[key] = np.ascontiguousarray(array)
   return out
 
 
@@ -447,27 +448,29 @@ def infer_model_config(sd) -> Dict[str, Any]:
   backbone_width, num_classes, deconv_channels, use_deform, modulate_deform, head_conv."""
   blocks = {}
   bottleneck = False
-  for k in sd:
-    m = re.match(r"^backbone\.layer([1-4])\.(\d+)\.(conv3)?", k)
-    if m:
-      stage, i = int(m.group(1)), int(m.group(2))
+  for key in sd:
+    match = re.match(r"^backbone\.layer([1-4])\.(\d+)\.(conv3)?", key)
+    if match:
+      stage, i = int(match.group(1)), int(match.group(2))
       blocks[stage] = max(blocks.get(stage, 0), i + 1)
-      bottleneck |= m.group(3) is not None
-  counts = tuple(blocks.get(s, 0) for s in (1, 2, 3, 4))
+      bottleneck |= match.group(3) is not None
+  counts = tuple(blocks.get(stage, 0) for stage in (1, 2, 3, 4))
   kind = "bottleneck" if bottleneck else "basic"
-  depth = [d for d, spec in BLOCKS_BY_DEPTH.items() if spec == (kind, counts)]
+  depth = [candidate for candidate, spec in BLOCKS_BY_DEPTH.items() if spec == (kind, counts)]
   if not depth:
     raise ConversionError(f"cannot infer the ResNet depth from {kind} blocks {counts}")
   channels, deform, modulate = [], None, None
   for i in (1, 2, 3):
-    p = f"upsample.deconv{i}."
-    if p + "up_sample.weight" not in sd:
-      raise ConversionError(f"{p}up_sample.weight missing: not a centerX deconv neck")
-    channels.append(int(np.shape(sd[p + "up_sample.weight"])[1]))
-    d = p + "dcn.offset_mask_conv.weight" in sd or p + "dcn.offset_conv.weight" in sd
-    mo = p + "dcn.offset_mask_conv.weight" in sd
-    deform = d if deform is None else deform
-    modulate = mo if modulate is None else modulate
+    prefix = f"upsample.deconv{i}."
+    if prefix + "up_sample.weight" not in sd:
+      raise ConversionError(f"{prefix}up_sample.weight missing: not a centerX deconv neck")
+    channels.append(int(np.shape(sd[prefix + "up_sample.weight"])[1]))
+    has_deform = (
+        prefix + "dcn.offset_mask_conv.weight" in sd or prefix + "dcn.offset_conv.weight" in sd
+    )
+    has_modulate = prefix + "dcn.offset_mask_conv.weight" in sd
+    deform = has_deform if deform is None else deform
+    modulate = has_modulate if modulate is None else modulate
   if "head.cls_head.out_conv.weight" not in sd:
     raise ConversionError("head.cls_head.out_conv.weight missing")
   return dict(

@@ -17,6 +17,8 @@ from cn2_jax.errors import ConversionError
 
 def save_variables(variables, out_dir, *, overwrite: bool = False) -> Path:
   """Saves `{'params': ..., 'frozen': ...}` with Orbax's StandardCheckpointer at `out_dir`."""
+  # Start-up time: jax and orbax (~2 s) are only needed here; reading official checkpoints
+  # (reader.py, rename.py) does without them.
   import jax
   import orbax.checkpoint as ocp
 
@@ -31,8 +33,8 @@ def save_variables(variables, out_dir, *, overwrite: bool = False) -> Path:
 def restore_saved_variables(ckpt_dir, target=None):
   """Restores what `save_variables` wrote. `target` (arrays or ShapeDtypeStruct) fixes the
   structure / dtypes / shardings; without it the tree is restored as saved (numpy leaves)."""
-  import jax
-  import orbax.checkpoint as ocp
+  import jax  # start-up time, as in save_variables
+  import orbax.checkpoint as ocp  # start-up time, as in save_variables
 
   ckpt_dir = Path(ckpt_dir).absolute()
   if not ckpt_dir.exists():

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import numpy as np
+from numpy._core import multiarray, numeric  # numpy >= 2 (pickled arrays name these modules)
 
 from cn2_jax.errors import ConversionError
 
@@ -116,7 +117,7 @@ def _rebuild_tensor_v2(
   if not isinstance(storage, _StorageRef):
     raise pickle.UnpicklingError(f"tensor storage is {type(storage).__name__}, not a storage")
   return _LazyTensor(
-      storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride)
+      storage, int(storage_offset), tuple(int(dim) for dim in size), tuple(int(s) for s in stride)
   )
 
 
@@ -142,8 +143,6 @@ def _latin1_encode(obj, encoding="latin1"):
 
 
 def _numpy_global(name: str):
-  from numpy._core import multiarray, numeric  # numpy >= 2
-
   return {
       "_reconstruct": multiarray._reconstruct,
       "scalar": multiarray.scalar,
@@ -239,9 +238,9 @@ def _decode_storage(raw: bytes, dtype_name: str, big_endian: bool) -> np.ndarray
 def _materialise(t: _LazyTensor, storages: dict) -> np.ndarray:
   flat = storages[t.storage.key]
   if t.storage.view is not None:
-    off, n = t.storage.view
-    flat = flat[off : off + n]
-  if any(s < 0 for s in t.size) or any(s < 0 for s in t.stride) or t.offset < 0:
+    start, length = t.storage.view
+    flat = flat[start : start + length]
+  if any(dim < 0 for dim in t.size) or any(stride < 0 for stride in t.stride) or t.offset < 0:
     raise pickle.UnpicklingError("negative tensor size / stride / offset")
   numel = int(np.prod(t.size, dtype=np.int64))
   if numel == 0:
@@ -261,9 +260,9 @@ def _materialise(t: _LazyTensor, storages: dict) -> np.ndarray:
 
 def _read_torch_zip(path: Path):
   """torch >= 1.6 zip format: <archive>/data.pkl + <archive>/data/<key> raw storages."""
-  with zipfile.ZipFile(path) as zf:
-    names = set(zf.namelist())
-    pkl = sorted(n for n in names if n == "data.pkl" or n.endswith("/data.pkl"))
+  with zipfile.ZipFile(path) as archive:
+    names = set(archive.namelist())
+    pkl = sorted(name for name in names if name == "data.pkl" or name.endswith("/data.pkl"))
     if not pkl:
       raise ConversionError(
           f"{path}: a zip file, but not a torch checkpoint (no data.pkl; "
@@ -272,7 +271,7 @@ def _read_torch_zip(path: Path):
     prefix = pkl[0][: -len("data.pkl")]
     big_endian = False
     if prefix + "byteorder" in names:
-      big_endian = zf.read(prefix + "byteorder").decode().strip() == "big"
+      big_endian = archive.read(prefix + "byteorder").decode().strip() == "big"
     refs: dict = {}
 
     def load_storage(pid):
@@ -284,7 +283,7 @@ def _read_torch_zip(path: Path):
         refs[key] = _StorageRef(key, _storage_dtype_name(storage_type), int(numel))
       return refs[key]
 
-    obj = _RestrictedUnpickler(io.BytesIO(zf.read(pkl[0])), load_storage).load()
+    obj = _RestrictedUnpickler(io.BytesIO(archive.read(pkl[0])), load_storage).load()
 
     def read_storages(needed: Iterable[str]) -> dict:
       out = {}
@@ -293,7 +292,7 @@ def _read_torch_zip(path: Path):
         if name not in names:
           raise ConversionError(f"{path}: storage {name} is missing from the archive")
         ref = refs[key]
-        arr = _decode_storage(zf.read(name), ref.dtype_name, big_endian)
+        arr = _decode_storage(archive.read(name), ref.dtype_name, big_endian)
         if ref.numel is not None and arr.size < ref.numel:
           raise ConversionError(
               f"{path}: storage {name} holds {arr.size} elements, "
@@ -365,9 +364,9 @@ def _read_torch_legacy(path: Path, f, file_size: int):
     for key in needed:
       if key not in where:
         raise ConversionError(f"{path}: storage {key} is missing")
-      start, n = where[key]
+      start, length = where[key]
       f.seek(start)
-      out[key] = _decode_storage(f.read(n), refs[key].dtype_name, big_endian)
+      out[key] = _decode_storage(f.read(length), refs[key].dtype_name, big_endian)
     return out
 
   return _finish_torch(path, obj, read_storages, "torch_legacy")
@@ -392,11 +391,11 @@ def _select_state_dict(path: Path, obj: Any) -> tuple[Any, dict]:
 
 def _finish_torch(path, obj, read_storages, container):
   sd, info = _select_state_dict(path, obj)
-  needed = {v.storage.key for v in sd.values() if isinstance(v, _LazyTensor)}
+  needed = {value.storage.key for value in sd.values() if isinstance(value, _LazyTensor)}
   storages = read_storages(sorted(needed))
   out = {}
-  for k, v in sd.items():
-    out[k] = _materialise(v, storages) if isinstance(v, _LazyTensor) else v
+  for key, tensor in sd.items():
+    out[key] = _materialise(tensor, storages) if isinstance(tensor, _LazyTensor) else tensor
   metadata = getattr(sd, "_metadata", None)
   if metadata is None and isinstance(getattr(sd, "__dict__", None), dict):
     metadata = sd.__dict__.get("_metadata")
@@ -420,8 +419,8 @@ def load_checkpoint_file(path) -> StateDict:
   path = Path(path)
   try:
     size = path.stat().st_size
-    with open(path, "rb") as fh:
-      head = fh.read(4)
+    with open(path, "rb") as file:
+      head = file.read(4)
   except OSError as e:
     raise ConversionError(f"{path}: cannot read ({e})") from e
   if size == 0:
@@ -453,24 +452,24 @@ def load_checkpoint_file(path) -> StateDict:
 
   # Keep weight entries; reject anything else in the weights dict.
   out, bad = {}, []
-  for k, v in raw.items():
-    if isinstance(v, np.ndarray):
-      out[str(k)] = v
-    elif isinstance(v, np.generic):
-      out[str(k)] = np.asarray(v)
+  for key, value in raw.items():
+    if isinstance(value, np.ndarray):
+      out[str(key)] = value
+    elif isinstance(value, np.generic):
+      out[str(key)] = np.asarray(value)
     else:
-      bad.append(f"{k} ({type(v).__name__})")
+      bad.append(f"{key} ({type(value).__name__})")
   if bad:
     raise ConversionError(
         f"{path}: {len(bad)} entries of the weights dict are not tensors / " f"arrays: {bad[:20]}"
     )
   if not out:
     raise ConversionError(f"{path}: no tensors found")
-  if all(k.startswith("module.") for k in out):
-    out = {k[len("module.") :]: v for k, v in out.items()}
+  if all(key.startswith("module.") for key in out):
+    out = {key[len("module.") :]: value for key, value in out.items()}
     info["module_versions"] = {
-        (p[len("module.") :] if p.startswith("module.") else p): v
-        for p, v in info.get("module_versions", {}).items()
+        (prefix[len("module.") :] if prefix.startswith("module.") else prefix): version
+        for prefix, version in info.get("module_versions", {}).items()
     }
   info["path"] = str(path)
   return StateDict(out, info=info)

@@ -43,13 +43,13 @@ def detect_format(state_dict) -> str:
   """'detectron2' (full-model or bare d2 backbone names), 'msra_c2' (caffe2 blob names such as
   `res2_0_branch2a_w`) or 'torchvision' (`conv1.weight`, `layer1.0.bn1.*`)."""
   keys = list(state_dict)
-  if any(k.startswith(_D2_HEADS) for k in keys) or (
-      keys and all(_D2_BARE_BACKBONE.match(k) for k in keys)
+  if any(key.startswith(_D2_HEADS) for key in keys) or (
+      keys and all(_D2_BARE_BACKBONE.match(key) for key in keys)
   ):
     return "detectron2"
-  if any(_MSRA_HINT.match(k) for k in keys):
+  if any(_MSRA_HINT.match(key) for key in keys):
     return "msra_c2"
-  if "conv1.weight" in state_dict and any(k.startswith("layer1.") for k in keys):
+  if "conv1.weight" in state_dict and any(key.startswith("layer1.") for key in keys):
     return "torchvision"
   raise ConversionError(
       f"unrecognised checkpoint naming ({len(keys)} keys, e.g. {keys[:8]}): "
@@ -66,42 +66,42 @@ _D2_RESNET_KEY = re.compile(
 def _msra_name(key: str) -> str:
   """caffe2 blob name -> detectron2 backbone name (the ResNet subset of detectron2's
   convert_basic_c2_names)."""
-  k = key.replace("_", ".")
-  k = re.sub(r"\.b$", ".bias", k)
-  k = re.sub(r"\.w$", ".weight", k)
-  k = re.sub(r"bn\.s$", "norm.weight", k)
-  k = re.sub(r"bn\.bias$", "norm.bias", k)
-  k = re.sub(r"bn\.rm$", "norm.running_mean", k)
-  k = re.sub(r"bn\.running\.mean$", "norm.running_mean", k)
-  k = re.sub(r"bn\.riv$", "norm.running_var", k)
-  k = re.sub(r"bn\.running\.var$", "norm.running_var", k)
-  k = re.sub(r"bn\.gamma$", "norm.weight", k)
-  k = re.sub(r"bn\.beta$", "norm.bias", k)
-  k = re.sub(r"^res\.conv1\.norm\.", "conv1.norm.", k)
-  k = re.sub(r"^conv1\.", "stem.conv1.", k)
-  for c2, d2 in (
+  name = key.replace("_", ".")
+  name = re.sub(r"\.b$", ".bias", name)
+  name = re.sub(r"\.w$", ".weight", name)
+  name = re.sub(r"bn\.s$", "norm.weight", name)
+  name = re.sub(r"bn\.bias$", "norm.bias", name)
+  name = re.sub(r"bn\.rm$", "norm.running_mean", name)
+  name = re.sub(r"bn\.running\.mean$", "norm.running_mean", name)
+  name = re.sub(r"bn\.riv$", "norm.running_var", name)
+  name = re.sub(r"bn\.running\.var$", "norm.running_var", name)
+  name = re.sub(r"bn\.gamma$", "norm.weight", name)
+  name = re.sub(r"bn\.beta$", "norm.bias", name)
+  name = re.sub(r"^res\.conv1\.norm\.", "conv1.norm.", name)
+  name = re.sub(r"^conv1\.", "stem.conv1.", name)
+  for caffe2_part, d2_part in (
       (".branch1.", ".shortcut."),
       (".branch2a.", ".conv1."),
       (".branch2b.", ".conv2."),
       (".branch2c.", ".conv3."),
   ):
-    k = k.replace(c2, d2)
-  return k
+    name = name.replace(caffe2_part, d2_part)
+  return name
 
 
 def _torchvision_name(key: str) -> str:
   """torchvision ResNet name -> detectron2 backbone name (detectron2's
   tools/convert-torchvision-to-d2.py rules)."""
-  k = key
-  if "layer" not in k:
-    k = "stem." + k
-  for t in (1, 2, 3, 4):
-    k = k.replace(f"layer{t}", f"res{t + 1}")
-  for t in (1, 2, 3):
-    k = k.replace(f"bn{t}", f"conv{t}.norm")
-  k = k.replace("downsample.0", "shortcut")
-  k = k.replace("downsample.1", "shortcut.norm")
-  return k
+  name = key
+  if "layer" not in name:
+    name = "stem." + name
+  for layer in (1, 2, 3, 4):
+    name = name.replace(f"layer{layer}", f"res{layer + 1}")
+  for conv in (1, 2, 3):
+    name = name.replace(f"bn{conv}", f"conv{conv}.norm")
+  name = name.replace("downsample.0", "shortcut")
+  name = name.replace("downsample.1", "shortcut.norm")
+  return name
 
 
 def to_detectron2_names(state_dict, fmt: str) -> StateDict:
@@ -122,58 +122,61 @@ def to_detectron2_names(state_dict, fmt: str) -> StateDict:
   if fmt == "detectron2":
     keys = list(state_dict)
     bare = bool(keys) and all(
-        _D2_BARE_BACKBONE.match(k) or k.endswith("num_batches_tracked") for k in keys
+        _D2_BARE_BACKBONE.match(key) or key.endswith("num_batches_tracked") for key in keys
     )
-    for k, v in state_dict.items():
-      if k in ("pixel_mean", "pixel_std") or k.endswith("num_batches_tracked"):
-        dropped.append((k, "not a weight (buffer of the meta-architecture / BatchNorm counter)"))
+    for name, array in state_dict.items():
+      if name in ("pixel_mean", "pixel_std") or name.endswith("num_batches_tracked"):
+        dropped.append((name, "not a weight (buffer of the meta-architecture / BatchNorm counter)"))
         continue
-      if k.endswith((".freq_weight", ".fed_loss_cls_weights")):
+      if name.endswith((".freq_weight", ".fed_loss_cls_weights")):
         # LVIS federated loss: the class frequencies (image_count ** 0.5) the official box
         # predictor keeps as a buffer; here they are read from roi_heads.cat_freq_path
-        dropped.append((k, "federated-loss class frequencies (roi_heads.cat_freq_path)"))
+        dropped.append((name, "federated-loss class frequencies (roi_heads.cat_freq_path)"))
         continue
-      if bare and k.startswith("stem.fc."):
-        dropped.append((k, "ImageNet classifier"))
+      if bare and name.startswith("stem.fc."):
+        dropped.append((name, "ImageNet classifier"))
         continue
-      new = BACKBONE_PREFIX + k if bare else k
-      out[new] = v
-      if new != k:
-        renamed[new] = k
+      new = BACKBONE_PREFIX + name if bare else name
+      out[new] = array
+      if new != name:
+        renamed[new] = name
     if bare:
       # detectron2 loads such files by suffix matching onto backbone.bottom_up.*
       versions = info.get("module_versions", {})
-      info["module_versions"] = {BACKBONE_PREFIX + p if p else p: v for p, v in versions.items()}
+      info["module_versions"] = {
+          BACKBONE_PREFIX + prefix if prefix else prefix: version
+          for prefix, version in versions.items()
+      }
       notes.append("bare detectron2 backbone names prefixed with 'backbone.bottom_up.'")
       if str(info.get("author", "")).lower() == "torchvision":
         notes.append(_expectation_note("torchvision"))
   elif fmt in ("msra_c2", "torchvision"):
-    for k, v in state_dict.items():
+    for name, array in state_dict.items():
       if fmt == "msra_c2":
-        if k.endswith("_momentum"):
-          dropped.append((k, "caffe2 optimizer momentum"))
+        if name.endswith("_momentum"):
+          dropped.append((name, "caffe2 optimizer momentum"))
           continue
-        if k.startswith("fc1000_"):
-          dropped.append((k, "ImageNet classifier"))
+        if name.startswith("fc1000_"):
+          dropped.append((name, "ImageNet classifier"))
           continue
-        new = _msra_name(k)
+        new = _msra_name(name)
       else:
-        if k.startswith("fc."):
-          dropped.append((k, "ImageNet classifier"))
+        if name.startswith("fc."):
+          dropped.append((name, "ImageNet classifier"))
           continue
-        if k.endswith("num_batches_tracked"):
-          dropped.append((k, "BatchNorm counter"))
+        if name.endswith("num_batches_tracked"):
+          dropped.append((name, "BatchNorm counter"))
           continue
-        new = _torchvision_name(k)
+        new = _torchvision_name(name)
       if not _D2_RESNET_KEY.match(new):
-        bad.append(f"{k} -> {new}")
+        bad.append(f"{name} -> {new}")
         continue
       new = BACKBONE_PREFIX + new
       if new in out:
-        bad.append(f"{k} -> {new} (duplicate)")
+        bad.append(f"{name} -> {new} (duplicate)")
         continue
-      out[new] = v
-      renamed[new] = k
+      out[new] = array
+      renamed[new] = name
     if bad:
       raise ConversionError(
           f"{len(bad)} {fmt} keys are not ResNet backbone weights " f"(not converted): {bad[:30]}"

@@ -23,11 +23,11 @@ def prepare_coco2017(data, data_dir: str, workdir: str, seed: int):
   if not data.root:
     raise ConfigError("data.root must name the extracted COCO folder for data.dataset='coco/2017'")
   splits = {
-      s: (
-          os.path.join(data.root, "annotations", f"instances_{s}2017.json"),
-          os.path.join(data.root, f"{s}2017"),
+      split: (
+          os.path.join(data.root, "annotations", f"instances_{split}2017.json"),
+          os.path.join(data.root, f"{split}2017"),
       )
-      for s in ("train", "val")
+      for split in ("train", "val")
   }
   return sources.build_coco_json("coco2017", splits, data_dir, **subset)
 

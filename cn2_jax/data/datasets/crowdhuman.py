@@ -51,7 +51,7 @@ def _odgt_records(path: str, where: str = "") -> List[Tuple[int, dict]]:
 def parse_crowdhuman(path: str, box: str = "vbox", *, where: str = "") -> List[SourceImage]:
   """The images of a CrowdHuman ``.odgt`` file (category ``person``; ``<ID>.jpg``)."""
   images, seen = [], set()
-  for k, (lineno, rec) in enumerate(_odgt_records(path, where), 1):
+  for image_id, (lineno, rec) in enumerate(_odgt_records(path, where), 1):
     name = str(rec["ID"])
     if name in seen:
       raise DataError(f"{path}:{lineno}: ID {name!r} appears twice{where_suffix(where)}")
@@ -61,7 +61,7 @@ def parse_crowdhuman(path: str, box: str = "vbox", *, where: str = "") -> List[S
     except (KeyError, TypeError, ValueError, AttributeError) as e:
       what = f"a box lacks {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
       raise DataError(f"{path}:{lineno} (ID {name!r}): {what}{where_suffix(where)}") from e
-    images.append(SourceImage(f"{name}.jpg", k, boxes, ["person"] * len(boxes), ignore))
+    images.append(SourceImage(f"{name}.jpg", image_id, boxes, ["person"] * len(boxes), ignore))
   return images
 
 

@@ -39,7 +39,7 @@ def image_folder_files(root: str) -> List[str]:
     raise InputFileError(f"data.root={root!r} is not a folder (data.dataset='image_folder')")
   out = []
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    dirnames[:] = sorted(dirname for dirname in dirnames if not dirname.startswith("."))
     rel = os.path.relpath(dirpath, root)
     for f in filenames:
       if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
@@ -79,7 +79,7 @@ def build_image_folder(
       num_files=len(files),
   )
   if not sources._up_to_date(out_dir, options, out):  # noqa: SLF001 - same package
-    images = [SourceImage(f, k, (), (), ()) for k, f in enumerate(files, 1)]
+    images = [SourceImage(file, image_id, (), (), ()) for image_id, file in enumerate(files, 1)]
     coco, stats = sources._images_to_coco(  # noqa: SLF001
         images,
         root,

@@ -36,6 +36,7 @@ from cn2_jax.data import builder as builder_lib
 from cn2_jax.data import sources
 from cn2_jax.data.catalog import DatasetKind, register
 from cn2_jax.errors import ConfigError, DataError
+from cn2_jax.evaluation import lvis_eval
 
 logger = logging.getLogger(__name__)
 
@@ -67,43 +68,47 @@ def convert_split(
 ) -> dict:
   """The COCO-format copy of one LVIS split dict (see the module docstring); changes ``lvis``."""
   cats = builder_lib._categories_of(lvis, source, where)  # noqa: SLF001 - checks ids
-  by_id = {int(c["id"]): c for c in lvis["categories"]}
-  bad = [c["id"] for c in cats if by_id[c["id"]].get("frequency") not in FREQUENCIES]
+  by_id = {int(cat["id"]): cat for cat in lvis["categories"]}
+  bad = [cat["id"] for cat in cats if by_id[cat["id"]].get("frequency") not in FREQUENCIES]
   if bad:
     raise DataError(
         f"annotation file {source}: LVIS categories {bad[:5]} lack the 'frequency' field "
         f"('r', 'c' or 'f')" + (f" ({where})" if where else "")
     )
   keep_ids = None
-  categories = [by_id[c["id"]] for c in cats]
+  categories = [by_id[cat["id"]] for cat in cats]
   if classes:
     sel = builder_lib.select_categories(cats, classes, source, where)
-    keep_ids = {c["id"] for c in sel}
-    categories = [by_id[c["id"]] for c in sel]
+    keep_ids = {cat["id"] for cat in sel}
+    categories = [by_id[cat["id"]] for cat in sel]
   anns = []
   try:
-    for a in lvis["annotations"]:
-      if keep_ids is not None and int(a["category_id"]) not in keep_ids:
+    for ann in lvis["annotations"]:
+      if keep_ids is not None and int(ann["category_id"]) not in keep_ids:
         continue
-      a.pop("segmentation", None)
-      a.setdefault("iscrowd", 0)
-      anns.append(a)
+      ann.pop("segmentation", None)
+      ann.setdefault("iscrowd", 0)
+      anns.append(ann)
     images = []
-    have = {int(a["image_id"]) for a in anns} if drop_empty and keep_ids is not None else None
-    for im in lvis["images"]:
-      if have is not None and int(im["id"]) not in have:
+    have = {int(ann["image_id"]) for ann in anns} if drop_empty and keep_ids is not None else None
+    for image in lvis["images"]:
+      if have is not None and int(image["id"]) not in have:
         continue
-      im["file_name"] = image_file_name(im, source, where)
+      image["file_name"] = image_file_name(image, source, where)
       for key in ("neg_category_ids", "not_exhaustive_category_ids"):
-        ids = [int(c) for c in im.get(key, [])]
-        im[key] = ids if keep_ids is None else [c for c in ids if c in keep_ids]
-      images.append(im)
+        ids = [int(cat_id) for cat_id in image.get(key, [])]
+        image[key] = ids if keep_ids is None else [cat_id for cat_id in ids if cat_id in keep_ids]
+      images.append(image)
   except (KeyError, TypeError, ValueError) as e:
     raise DataError(
         f"annotation file {source}: bad entry ({type(e).__name__}: {e})"
         + (f" ({where})" if where else "")
     ) from e
-  out = {k: v for k, v in lvis.items() if k not in ("images", "annotations", "categories")}
+  out = {
+      key: value
+      for key, value in lvis.items()
+      if key not in ("images", "annotations", "categories")
+  }
   out.update(images=images, annotations=anns, categories=categories)
   return out
 
@@ -118,10 +123,16 @@ def convert(
 ) -> Dict[str, sources.SplitSpec]:
   """``{split: (LVIS json, image root)}`` -> ``{split: (out_dir/<split>.json, image root)}``,
   converted only when the sources or options changed (sources.py's record in source.json)."""
-  classes = tuple(str(c) for c in classes)
-  splits = {s: (os.fspath(a), os.fspath(r)) for s, (a, r) in splits.items()}
-  out = {s: (os.path.join(out_dir, f"{s}.json"), r) for s, (a, r) in splits.items()}
-  drop = sorted(s for s in train_splits if s in splits and classes)
+  classes = tuple(str(class_name) for class_name in classes)
+  splits = {
+      split: (os.fspath(ann_file), os.fspath(image_root))
+      for split, (ann_file, image_root) in splits.items()
+  }
+  out = {
+      split: (os.path.join(out_dir, f"{split}.json"), image_root)
+      for split, (ann_file, image_root) in splits.items()
+  }
+  drop = sorted(split for split in train_splits if split in splits and classes)
   options = json.loads(
       json.dumps(
           dict(
@@ -130,16 +141,16 @@ def convert(
               classes=list(classes),
               drop_empty_splits=drop,
               splits={
-                  s: [os.path.abspath(a), os.path.abspath(r)]
-                  for s, (a, r) in sorted(splits.items())
+                  split: [os.path.abspath(ann_file), os.path.abspath(image_root)]
+                  for split, (ann_file, image_root) in sorted(splits.items())
               },
           )
       )
   )
   if sources._up_to_date(out_dir, options, splits):  # noqa: SLF001 - same package
     return out
-  missing = [a for a, _ in splits.values() if not os.path.isfile(a)]
-  if missing and all(os.path.isfile(p) for p, _ in out.values()):
+  missing = [ann_file for ann_file, _ in splits.values() if not os.path.isfile(ann_file)]
+  if missing and all(os.path.isfile(path) for path, _ in out.values()):
     logger.warning(
         "%s is gone; using the converted annotations in %s as they are", missing[0], out_dir
     )
@@ -147,8 +158,8 @@ def convert(
   ann_stats = {}
   for split, (ann, _) in splits.items():
     where = f"dataset {name}, split {split!r}"
-    lvis, st = builder_lib._load_coco_json(ann, where)  # noqa: SLF001
-    ann_stats[os.path.abspath(ann)] = list(st)
+    lvis, stat = builder_lib._load_coco_json(ann, where)  # noqa: SLF001
+    ann_stats[os.path.abspath(ann)] = list(stat)
     coco = convert_split(lvis, ann, classes=classes, drop_empty=split in drop, where=where)
     del lvis
     if not coco["images"]:
@@ -190,13 +201,11 @@ def prepare(data, data_dir: str, workdir: str, seed: int):
       name=name,
   )
   builder = builder_lib.build_coco_json_dataset(name, converted, data_dir, classes=opts["classes"])
-  n = len((builder.info.metadata or {}).get("categories", []) or [])
-  if not opts["classes"] and n != NUM_CLASSES:
-    logger.warning("%s: %d categories, not LVIS v1's %d", name, n, NUM_CLASSES)
+  num_classes = len((builder.info.metadata or {}).get("categories", []) or [])
+  if not opts["classes"] and num_classes != NUM_CLASSES:
+    logger.warning("%s: %d categories, not LVIS v1's %d", name, num_classes, NUM_CLASSES)
   if data.eval_split:
     try:
-      from cn2_jax.evaluation import lvis_eval
-
       lvis_eval.require_lvis()
     except ImportError as e:
       logger.warning("%s; evaluation will report COCO-style metrics only", e)
@@ -206,8 +215,6 @@ def prepare(data, data_dir: str, workdir: str, seed: int):
 def official_metrics(annotation_file: str, evaluator, options) -> dict:
   """LVIS AP / APr / APc / APf ... (`lvis_*`); {} with an error logged without the `lvis`
   package (the COCO-style metrics and the detections are kept)."""
-  from cn2_jax.evaluation import lvis_eval
-
   try:
     return lvis_eval.metrics_from_coco(annotation_file, evaluator, options)
   except lvis_eval.LvisNotInstalledError as e:

@@ -52,9 +52,11 @@ def prepare(data, data_dir: str, workdir: str, seed: int):
   builder = sources.build_coco_json(
       data.name or NAME, split_files(data), data_dir, **sources.subset_options(data)
   )
-  n = len((builder.info.metadata or {}).get("categories", []) or [])
-  if not tuple(data.classes) and n != NUM_CLASSES:
-    logger.warning("%s: %d categories, not Objects365 v1's %d", data.name or NAME, n, NUM_CLASSES)
+  num_classes = len((builder.info.metadata or {}).get("categories", []) or [])
+  if not tuple(data.classes) and num_classes != NUM_CLASSES:
+    logger.warning(
+        "%s: %d categories, not Objects365 v1's %d", data.name or NAME, num_classes, NUM_CLASSES
+    )
   return builder
 
 

@@ -22,7 +22,9 @@ def prepare(data, data_dir: str, workdir: str, seed: int):
         image_size=data.synthetic_image_size,
     )
     splits = synthetic.write_synthetic_coco(
-        root, seed=seed, **{k: v for k, v in sizes.items() if v}  # 0 = the generator's default
+        root,
+        seed=seed,
+        **{key: value for key, value in sizes.items() if value},  # 0 = the generator's default
     )
   name = data.name or "synthetic"
   return sources.build_coco_json(name, splits, data_dir, **sources.subset_options(data))

@@ -45,7 +45,7 @@ def parse_voc(
   boxes ``(xmin - 1, ymin - 1, xmax, ymax)``; ``difficult`` objects are ignore regions."""
   ids = _voc_ids(list_file, where)
   xmls = [os.path.join(annotations_dir, f"{i}.xml") for i in ids]
-  missing = [p for p in xmls if not os.path.isfile(p)]
+  missing = [path for path in xmls if not os.path.isfile(path)]
   if missing:
     shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
     raise DataError(
@@ -53,7 +53,7 @@ def parse_voc(
         f"{shown}{where_suffix(where)}"
     )
   images = []
-  for k, (image_id, xml) in enumerate(zip(ids, xmls), 1):
+  for index, (image_id, xml) in enumerate(zip(ids, xmls), 1):
     try:
       root = ET.parse(xml).getroot()
     except (ET.ParseError, OSError) as e:
@@ -66,10 +66,10 @@ def parse_voc(
         name = (obj.findtext("name") or "").strip()
         if not name:
           raise ValueError("an object has no <name>")
-        bb = obj.find("bndbox")
-        if bb is None:
+        bndbox = obj.find("bndbox")
+        if bndbox is None:
           raise ValueError(f"object {name!r} has no <bndbox>")
-        x1, y1, x2, y2 = (float(bb.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax"))
+        x1, y1, x2, y2 = (float(bndbox.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax"))
         boxes.append((x1 - 1.0, y1 - 1.0, x2, y2))
         names.append(name)
         ignore.append(int(float((obj.findtext("difficult") or "0").strip() or 0)) != 0)
@@ -80,7 +80,7 @@ def parse_voc(
       alt = (root.findtext("filename") or "").strip()
       if alt and os.path.isfile(os.path.join(image_root, alt)):
         file_name = alt
-    images.append(SourceImage(file_name, k, boxes, names, ignore))
+    images.append(SourceImage(file_name, index, boxes, names, ignore))
   return images
 
 

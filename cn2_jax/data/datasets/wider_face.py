@@ -28,7 +28,7 @@ from cn2_jax.evaluation import wider_eval
 
 def _numbers(line: str) -> Optional[List[float]]:
   try:
-    return [float(v) for v in line.split()]
+    return [float(value) for value in line.split()]
   except ValueError:
     return None
 
@@ -52,14 +52,16 @@ def parse_wider_face(path: str, *, where: str = "") -> List[SourceImage]:
     count = _numbers(lines[i + 1])
     if count is None or len(count) != 1 or count[0] < 0 or count[0] != int(count[0]):
       raise bad(i + 2, f"expected the face count of {name}, got {lines[i + 1].strip()!r}")
-    n = int(count[0])
+    num_boxes = int(count[0])
     i += 2
     boxes, ignore = [], []
-    if n == 0 and i < n_lines and _numbers(lines[i]):  # a line of zeros (absent in some copies)
+    if (
+        num_boxes == 0 and i < n_lines and _numbers(lines[i])
+    ):  # a line of zeros (absent in some copies)
       i += 1
-    for _ in range(n):
+    for _ in range(num_boxes):
       if i >= n_lines:
-        raise bad(i + 1, f"{name} has {n} faces but the file ends")
+        raise bad(i + 1, f"{name} has {num_boxes} faces but the file ends")
       vals = _numbers(lines[i])
       if vals is None or len(vals) < 4:
         raise bad(i + 1, f"expected 'x y w h blur expression illumination invalid occlusion "

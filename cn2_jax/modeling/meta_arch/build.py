@@ -105,8 +105,6 @@ def register(
 
 def family(arch: str) -> Family:
   if arch not in META_ARCHS:
-    from cn2_jax.errors import ConfigError
-
     raise ConfigError(
         f"model.arch={arch!r} is not a known detector family (known: {sorted(META_ARCHS)})"
     )

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 
 from cn2_jax import schema
 from cn2_jax.config import config_from_json
+from cn2_jax.engine import step as step_lib
 from cn2_jax.errors import ConfigError
 from cn2_jax.modeling.meta_arch import build as meta_arch_build
 from cn2_jax.modeling.onestage.teachers import (  # noqa: F401  (re-exported)
@@ -60,6 +61,7 @@ from cn2_jax.modeling.onestage.teachers import (  # noqa: F401  (re-exported)
     centernet2_teacher_forward,
     teacher_forward,
 )
+from cn2_jax.weights.loading import restore_model_variables
 
 EPS = 1e-4
 
@@ -127,8 +129,8 @@ def kd_losses(
   if len(teachers) != len(settings):
     raise ValueError(f"{len(teachers)} teacher outputs for {len(settings)} teacher settings")
   out = {}
-  for i, (t, s) in enumerate(zip(teachers, settings)):
-    out.update(kd_teacher_losses(student, t, s, i))
+  for i, (teacher, setting) in enumerate(zip(teachers, settings)):
+    out.update(kd_teacher_losses(student, teacher, setting, i))
   return out
 
 
@@ -166,25 +168,25 @@ WEIGHT_KEYS = ("weight", "cls_weight", "wh_weight", "reg_weight")
 
 
 def _per_teacher(kd_cfg, key: str, n: int) -> Tuple:
-  v = tuple(kd_cfg[key])
-  if len(v) == 1:
-    return v * n
-  if len(v) != n:
-    raise ValueError(f"kd.{key} has {len(v)} values for {n} teachers (give 1 or {n})")
-  return v
+  values = tuple(kd_cfg[key])
+  if len(values) == 1:
+    return values * n
+  if len(values) != n:
+    raise ValueError(f"kd.{key} has {len(values)} values for {n} teachers (give 1 or {n})")
+  return values
 
 
 def teacher_settings(kd_cfg, teacher_num_classes: Sequence[int]) -> Tuple[TeacherKD, ...]:
   """Per-teacher `TeacherKD` from `config.kd` and the teachers' class counts (an empty
   `kd.cls_index` = their cumulative sums, i.e. the teachers' classes concatenated in order)."""
-  n = len(teacher_num_classes)
-  ends = tuple(int(e) for e in kd_cfg.cls_index) or tuple(
-      int(sum(teacher_num_classes[: i + 1])) for i in range(n)
+  num_teachers = len(teacher_num_classes)
+  ends = tuple(int(end) for end in kd_cfg.cls_index) or tuple(
+      int(sum(teacher_num_classes[: i + 1])) for i in range(num_teachers)
   )
-  if len(ends) != n:
-    raise ValueError(f"kd.cls_index has {len(ends)} values for {n} teachers")
+  if len(ends) != num_teachers:
+    raise ValueError(f"kd.cls_index has {len(ends)} values for {num_teachers} teachers")
   out = []
-  for i in range(n):
+  for i in range(num_teachers):
     start = 0 if i == 0 else ends[i - 1]
     if ends[i] - start != teacher_num_classes[i]:
       raise ValueError(
@@ -195,8 +197,8 @@ def teacher_settings(kd_cfg, teacher_num_classes: Sequence[int]) -> Tuple[Teache
         TeacherKD(
             start,
             ends[i],
-            *(float(_per_teacher(kd_cfg, k, n)[i]) for k in WEIGHT_KEYS),
-            norm_wh=bool(_per_teacher(kd_cfg, "norm_wh", n)[i]),
+            *(float(_per_teacher(kd_cfg, key, num_teachers)[i]) for key in WEIGHT_KEYS),
+            norm_wh=bool(_per_teacher(kd_cfg, "norm_wh", num_teachers)[i]),
         )
     )
   return tuple(out)
@@ -205,27 +207,26 @@ def teacher_settings(kd_cfg, teacher_num_classes: Sequence[int]) -> Tuple[Teache
 def load_teachers(cfg) -> Tuple[list, Tuple[TeacherKD, ...]]:
   """`([(forward_fn, variables), ...], settings)` of `cfg.kd.teacher_workdirs`: each teacher's
   config is its workdir's config.json (its `weights` if set, else its latest checkpoint)."""
-  # Imported here: the weight loader imports the families, which import this package.
-  from cn2_jax.weights.loading import restore_model_variables
-
   teachers, num_classes = [], []
-  for wd in cfg.kd.teacher_workdirs:
-    path = os.path.join(wd, "config.json")
+  for workdir in cfg.kd.teacher_workdirs:
+    path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
       raise ConfigError(f"kd.teacher_workdirs: {path} not found (train the teacher first)")
     tcfg = config_from_json(path)
     family = meta_arch_build.family(tcfg.model.arch)
     if family.distillation_teacher is None:
-      teachable = [n for n, f in meta_arch_build.META_ARCHS.items() if f.distillation_teacher]
+      teachable = [
+          name for name, fam in meta_arch_build.META_ARCHS.items() if fam.distillation_teacher
+      ]
       raise ConfigError(
-          f"kd teacher {wd}: model.arch={tcfg.model.arch!r} cannot teach; teachers are runs of "
+          f"kd teacher {workdir}: model.arch={tcfg.model.arch!r} cannot teach; teachers are runs of "
           f"{teachable}"
       )
     try:
       forward = family.distillation_teacher(meta_arch_build.build_model(tcfg.model), tcfg, cfg)
     except ConfigError as e:
-      raise ConfigError(f"kd teacher {wd}: {e}") from e
-    variables = restore_model_variables(tcfg, wd)
+      raise ConfigError(f"kd teacher {workdir}: {e}") from e
+    variables = restore_model_variables(tcfg, workdir)
     teachers.append((forward, variables))
     num_classes.append(int(tcfg.model.num_classes))
   try:
@@ -244,8 +245,6 @@ def make_distillation(cfg):
   """The student's loss with knowledge distillation from `cfg.kd.teacher_workdirs`, for
   `loop.train(loss=...)`: a `step.LossWrapper` whose `fn` runs the frozen teachers and adds the KD
   terms (`step.distillation_loss`) and whose `inputs` are the teachers' variables."""
-  from cn2_jax.engine import step as step_lib
-
   teachers, settings = load_teachers(cfg)
   return step_lib.LossWrapper(
       step_lib.distillation_loss(
@@ -256,25 +255,31 @@ def make_distillation(cfg):
 
 
 def _validate_kd(cfg) -> None:
-  k, m = cfg.kd, cfg.model
-  t = k.render_score_thresh
-  if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
-    raise ConfigError(f"kd.render_score_thresh must be a number in [0, 1], got {t!r}")
-  n = len(tuple(k.teacher_workdirs))
-  if not n:
+  kd, model = cfg.kd, cfg.model
+  thresh = kd.render_score_thresh
+  if isinstance(thresh, bool) or not isinstance(thresh, (int, float)) or not 0.0 <= thresh <= 1.0:
+    raise ConfigError(f"kd.render_score_thresh must be a number in [0, 1], got {thresh!r}")
+  num_teachers = len(tuple(kd.teacher_workdirs))
+  if not num_teachers:
     return
-  if not all(isinstance(w, str) and w for w in k.teacher_workdirs):
-    raise ConfigError(f"kd.teacher_workdirs must be a tuple of paths, got {k.teacher_workdirs!r}")
+  if not all(isinstance(workdir, str) and workdir for workdir in kd.teacher_workdirs):
+    raise ConfigError(f"kd.teacher_workdirs must be a tuple of paths, got {kd.teacher_workdirs!r}")
   for key in ("weight", "cls_weight", "wh_weight", "reg_weight", "norm_wh"):
-    if len(tuple(k[key])) not in (1, n):
-      raise ConfigError(f"kd.{key} has {len(tuple(k[key]))} values for {n} teachers (1 or {n})")
-    if key != "norm_wh" and not all(math.isfinite(v) and v >= 0 for v in k[key]):
-      raise ConfigError(f"kd.{key} must be >= 0, got {tuple(k[key])}")
-  ends = tuple(k.cls_index)
-  if ends and (len(ends) != n or any(b <= a for a, b in zip((0,) + ends, ends))):
-    raise ConfigError(f"kd.cls_index must be () or {n} increasing channel ends, got {ends}")
-  if ends and ends[-1] > m.num_classes:
-    raise ConfigError(f"kd.cls_index={ends} ends past model.num_classes={m.num_classes}")
+    if len(tuple(kd[key])) not in (1, num_teachers):
+      raise ConfigError(
+          f"kd.{key} has {len(tuple(kd[key]))} values for {num_teachers} teachers (1 or {num_teachers})"
+      )
+    if key != "norm_wh" and not all(math.isfinite(value) and value >= 0 for value in kd[key]):
+      raise ConfigError(f"kd.{key} must be >= 0, got {tuple(kd[key])}")
+  ends = tuple(kd.cls_index)
+  if ends and (
+      len(ends) != num_teachers or any(end <= start for start, end in zip((0,) + ends, ends))
+  ):
+    raise ConfigError(
+        f"kd.cls_index must be () or {num_teachers} increasing channel ends, got {ends}"
+    )
+  if ends and ends[-1] > model.num_classes:
+    raise ConfigError(f"kd.cls_index={ends} ends past model.num_classes={model.num_classes}")
 
 
 CONFIG = schema.group(

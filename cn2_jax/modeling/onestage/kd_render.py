@@ -68,18 +68,22 @@ def render_image(
 ) -> Dict[str, jax.Array]:
   """`render_detections` for one image: `[K, 4]`, `[K]`, `[K]`, `[K]` -> `cls [H, W, C]`,
   `wh`, `reg` `[H, W, 2]` float32."""
-  k = boxes.shape[0]
-  b = jnp.asarray(boxes, jnp.float32) * jnp.float32(1.0 / stride)  # as targets.py scales GT
+  num_boxes = boxes.shape[0]
+  grid_boxes = jnp.asarray(boxes, jnp.float32) * jnp.float32(
+      1.0 / stride
+  )  # as targets.py scales GT
   scores = jnp.asarray(scores, jnp.float32)
-  centers = (b[:, :2] + b[:, 2:]) / jnp.float32(2)
+  centers = (grid_boxes[:, :2] + grid_boxes[:, 2:]) / jnp.float32(2)
   peaks = jnp.floor(centers).astype(jnp.int32)
-  wh = b[:, 2:] - b[:, :2]
+  wh = grid_boxes[:, 2:] - grid_boxes[:, :2]
   reg = centers - peaks.astype(jnp.float32)
   radii = gaussian_radius_int(wh[:, 0], wh[:, 1], min_overlap, radius_formula)
   keep = jnp.asarray(valid, bool) & (scores >= jnp.float32(score_thresh))
   # every detection in its own channel: [H, W, K] unit-peak Gaussians (0 for dropped ones)
-  g = draw_gaussians(out_hw, peaks, radii, jnp.arange(k, dtype=jnp.int32), keep, k)
-  vals = jnp.transpose(g, (2, 0, 1)) * scores[:, None, None]  # [K, H, W], peak = score
+  gaussians = draw_gaussians(
+      out_hw, peaks, radii, jnp.arange(num_boxes, dtype=jnp.int32), keep, num_boxes
+  )
+  vals = jnp.transpose(gaussians, (2, 0, 1)) * scores[:, None, None]  # [K, H, W], peak = score
   cls = jnp.where(keep, jnp.asarray(classes, jnp.int32), num_classes)  # dropped -> out of range
   heat = jnp.zeros((num_classes,) + tuple(out_hw), jnp.float32).at[cls].max(vals, mode="drop")
   best = jnp.argmax(vals, axis=0)  # [H, W], first (lowest index) of ties

@@ -282,7 +282,7 @@ def build_onestage_model(
   """A `CenterNetOneStage` from the schema defaults (`config.base_config().model`) updated by a
   flat mapping (dict / ConfigDict) of its attribute names and keyword overrides. Unknown keys
   raise ValueError (a misspelled option must not be ignored)."""
-  from cn2_jax.config import base_config
+  from cn2_jax.config import base_config  # cycle: config imports the families, which import this
 
   cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else (model_config or {}))
   cfg.update(overrides)

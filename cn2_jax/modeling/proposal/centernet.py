@@ -118,7 +118,7 @@ class CenterNet(nn.Module):
         centernet_targets,
         level_shapes=level_shapes,
         strides=tuple(self.strides),
-        soi=tuple(tuple(s) for s in self.soi),
+        soi=tuple(tuple(size_range) for size_range in self.soi),
         hm_min_overlap=self.hm_min_overlap,
         min_radius=self.min_radius,
         dedup_positives=self.dedup_positives,

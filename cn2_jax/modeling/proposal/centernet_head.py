@@ -57,7 +57,7 @@ class DFConv2d(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     taps = 9
-    om = Conv2d(
+    offset_mask = Conv2d(
         3 * taps,
         kernel_size=3,
         strides=1,
@@ -69,9 +69,9 @@ class DFConv2d(nn.Module):
         name="offset",
     )(x)
     # The mask scales every sample: sigmoid in float32 even for a low-precision compute dtype.
-    mask = jax.nn.sigmoid(om[..., 2 * taps :].astype(jnp.float32))
+    mask = jax.nn.sigmoid(offset_mask[..., 2 * taps :].astype(jnp.float32))
     return DeformConv2d(self.features, use_bias=True, dtype=self.dtype, name="conv")(
-        x, om[..., : 2 * taps], mask
+        x, offset_mask[..., : 2 * taps], mask
     )
 
 
@@ -153,7 +153,7 @@ class CenterNetHead(nn.Module):
         dtype=self.dtype,
         name="bbox_pred",
     )
-    self.scales = [Scale(1.0, name=f"scales.{l}") for l in range(self.num_levels)]
+    self.scales = [Scale(1.0, name=f"scales.{level}") for level in range(self.num_levels)]
 
   def __call__(
       self, features: Sequence[jax.Array], masks: Optional[Sequence[jax.Array]] = None
@@ -161,19 +161,19 @@ class CenterNetHead(nn.Module):
     if len(features) != self.num_levels:
       raise ValueError(f"CenterNetHead: expected {self.num_levels} levels, got {len(features)}")
     hm_logits, reg, reg_raw = [], [], []
-    for l, x in enumerate(features):
-      mask = None if masks is None else masks[l]
+    for level, x in enumerate(features):
+      mask = None if masks is None else masks[level]
       # Off-canvas locations are zeroed before every 3x3 conv: the official zero padding.
-      on = (
+      on_canvas = (
           (lambda a: a)
           if mask is None
           else (lambda a, m=mask: jnp.where(m[..., None], a, jnp.zeros((), a.dtype)))
       )
-      y = on(x)
+      y = on_canvas(x)
       for conv, norm in zip(self.tower_convs, self.tower_norms):
-        y = on(nn.relu(norm(conv(y), mask)))
+        y = on_canvas(nn.relu(norm(conv(y), mask)))
       hm_logits.append(self.agn_hm(y)[..., 0].astype(jnp.float32))
       raw = self.bbox_pred(y).astype(jnp.float32)
       reg_raw.append(raw)
-      reg.append(nn.relu(self.scales[l](raw)))
+      reg.append(nn.relu(self.scales[level](raw)))
     return dict(hm_logits=hm_logits, reg=reg, reg_raw=reg_raw)

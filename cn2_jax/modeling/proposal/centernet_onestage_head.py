@@ -163,7 +163,7 @@ class CenterNetOneStageHead(nn.Module):
     self.cls_logits = (
         None if self.only_proposal else self._output_conv(self.num_classes, prior, "cls_logits")
     )
-    self.scales = [Scale(1.0, name=f"scales.{l}") for l in range(self.num_levels)]
+    self.scales = [Scale(1.0, name=f"scales.{level}") for level in range(self.num_levels)]
 
   @staticmethod
   def _run_tower(tower, x: jax.Array, on, mask: Optional[jax.Array]) -> jax.Array:
@@ -187,21 +187,21 @@ class CenterNetOneStageHead(nn.Module):
       out["cls_logits"] = []
     if self.agn_hm is not None:
       out["agn_hm_logits"] = []
-    for l, x in enumerate(features):
-      mask = None if masks is None else masks[l]
+    for level, x in enumerate(features):
+      mask = None if masks is None else masks[level]
       # Off-canvas locations are zeroed before every 3x3 conv / DCN: the official zero padding.
       if mask is None:
-        on = lambda a: a  # noqa: E731
+        on_canvas = lambda a: a  # noqa: E731
       else:
-        on = lambda a, m=mask: jnp.where(m[..., None], a, jnp.zeros((), a.dtype))  # noqa: E731
-      shared = self._run_tower(self.share_tower, x, on, mask)
-      cls_feat = self._run_tower(self.cls_tower, shared, on, mask)
-      box_feat = self._run_tower(self.bbox_tower, shared, on, mask)
+        on_canvas = lambda a, m=mask: jnp.where(m[..., None], a, jnp.zeros((), a.dtype))  # noqa: E731
+      shared = self._run_tower(self.share_tower, x, on_canvas, mask)
+      cls_feat = self._run_tower(self.cls_tower, shared, on_canvas, mask)
+      box_feat = self._run_tower(self.bbox_tower, shared, on_canvas, mask)
       if self.cls_logits is not None:
-        out["cls_logits"].append(self.cls_logits(on(cls_feat)).astype(jnp.float32))
+        out["cls_logits"].append(self.cls_logits(on_canvas(cls_feat)).astype(jnp.float32))
       if self.agn_hm is not None:
-        out["agn_hm_logits"].append(self.agn_hm(on(box_feat))[..., 0].astype(jnp.float32))
-      raw = self.bbox_pred(on(box_feat)).astype(jnp.float32)
+        out["agn_hm_logits"].append(self.agn_hm(on_canvas(box_feat))[..., 0].astype(jnp.float32))
+      raw = self.bbox_pred(on_canvas(box_feat)).astype(jnp.float32)
       out["reg_raw"].append(raw)
-      out["reg"].append(nn.relu(self.scales[l](raw)))
+      out["reg"].append(nn.relu(self.scales[level](raw)))
     return out
