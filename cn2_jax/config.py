@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def family_reads(arch: str, field: str) -> bool:
   """Whether the detector family `arch` reads the config field `field` (a dotted path)."""
-  return field in schema.field_paths(declared_groups(), arch)[0]
+  return field in schema.fields_read_by(declared_groups(), arch)
 
 
 def help_text() -> str:
@@ -123,7 +123,7 @@ def _check_keys(cfg, ref, prefix=""):
 def _check_family_fields(cfg, declared, defaults) -> None:
   """ConfigError naming a changed field that only other families than `model.arch` read."""
   arch = cfg.model.arch
-  own = schema.field_paths(declared, arch)[0]
+  own = schema.fields_read_by(declared, arch)
   for g in declared:
     if g.read_by(arch):
       continue

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import textwrap
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import ml_collections
 
@@ -108,13 +108,14 @@ def build(declared: Tuple[Group, ...]) -> ml_collections.ConfigDict:
   return root
 
 
-def field_paths(declared: Tuple[Group, ...], arch: str) -> Tuple[set, set]:
-  """(dotted paths the family `arch` reads, dotted paths only other families read)."""
-  own, other = set(), set()
-  for g in declared:
-    prefix = f"{g.path}." if g.path else ""
-    (own if g.read_by(arch) else other).update(prefix + f.name for f in g.fields)
-  return own, other - own
+def fields_read_by(declared: Tuple[Group, ...], arch: str) -> set:
+  """The dotted paths of every field the family `arch` reads."""
+  return {
+      (f"{g.path}." if g.path else "") + f.name
+      for g in declared
+      if g.read_by(arch)
+      for f in g.fields
+  }
 
 
 def help_text(declared: Tuple[Group, ...], defaults: ml_collections.ConfigDict) -> str:
@@ -139,10 +140,3 @@ def help_text(declared: Tuple[Group, ...], defaults: ml_collections.ConfigDict) 
         out.append(line)
         out += textwrap.wrap(f.help, 100, initial_indent="    # ", subsequent_indent="    # ")
   return "\n".join(out)
-
-
-def by_path(declared: Tuple[Group, ...]) -> Dict[str, List[Group]]:
-  out: Dict[str, List[Group]] = {}
-  for g in declared:
-    out.setdefault(g.path, []).append(g)
-  return out

@@ -340,6 +340,22 @@ def _up_to_date(out_dir: str, options: dict, splits: Mapping[str, SplitSpec]) ->
   return True
 
 
+def split_files(
+    splits: Mapping[str, SplitSpec], out_dir: str
+) -> Tuple[Dict[str, SplitSpec], Dict[str, SplitSpec]]:
+  """``({split: (annotation file, image root)}`` as strings, ``{split: (out_dir/<split>.json,
+  image root)})``: a conversion's sources and the files it writes."""
+  splits = {
+      split: (os.fspath(ann_file), os.fspath(image_root))
+      for split, (ann_file, image_root) in splits.items()
+  }
+  out = {
+      split: (os.path.join(out_dir, f"{split}.json"), image_root)
+      for split, (_, image_root) in splits.items()
+  }
+  return splits, out
+
+
 def convert_dataset(
     fmt: Optional[SourceFormat],
     splits: Mapping[str, SplitSpec],
@@ -370,14 +386,7 @@ def convert_dataset(
         f"the {fmt.name} format needs annotations_dir (the {fmt.annotations_subdir} folder)"
     )
   classes = tuple(str(class_name) for class_name in classes)
-  splits = {
-      split: (os.fspath(ann_file), os.fspath(image_root))
-      for split, (ann_file, image_root) in splits.items()
-  }
-  out = {
-      split: (os.path.join(out_dir, f"{split}.json"), image_root)
-      for split, (ann_file, image_root) in splits.items()
-  }
+  splits, out = split_files(splits, out_dir)
   options = _options(fmt, splits, box, classes, train_splits, annotations_dir)
   if _up_to_date(out_dir, options, splits):
     return out

@@ -124,14 +124,7 @@ def convert(
   """``{split: (LVIS json, image root)}`` -> ``{split: (out_dir/<split>.json, image root)}``,
   converted only when the sources or options changed (sources.py's record in source.json)."""
   classes = tuple(str(class_name) for class_name in classes)
-  splits = {
-      split: (os.fspath(ann_file), os.fspath(image_root))
-      for split, (ann_file, image_root) in splits.items()
-  }
-  out = {
-      split: (os.path.join(out_dir, f"{split}.json"), image_root)
-      for split, (ann_file, image_root) in splits.items()
-  }
+  splits, out = sources.split_files(splits, out_dir)
   drop = sorted(split for split in train_splits if split in splits and classes)
   options = json.loads(
       json.dumps(
