@@ -34,6 +34,7 @@ SCHEMA_MODULES = (
     "cn2_jax.modeling.backbone.build",
     "cn2_jax.modeling.backbone.bifpn",
     "cn2_jax.modeling.backbone.dla",
+    "cn2_jax.modeling.proposal.build",
     "cn2_jax.modeling.proposal.centernet",
     "cn2_jax.modeling.roi_heads.cascade",
     "cn2_jax.modeling.meta_arch.centernet_onestage",
@@ -204,6 +205,16 @@ def _from_json(v):
   return v
 
 
+# Settings renamed since a run's config.json may have been written: old field -> (new field,
+# old value -> new value). Runs written before the rename still evaluate and resume.
+RENAMED_FIELDS = {
+    "model.roi_heads.cascade": (
+        "model.roi_heads.name",
+        lambda cascade: "CustomCascadeROIHeads" if cascade else "CustomROIHeads",
+    ),
+}
+
+
 def config_from_json(path: str) -> ml_collections.ConfigDict:
   """Rebuilds a run's ConfigDict from workdir/config.json on top of the schema defaults."""
   with open(path) as f:
@@ -212,6 +223,10 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
 
   def merge(dst, src, prefix=""):
     for k, v in src.items():
+      if f"{prefix}{k}" in RENAMED_FIELDS:
+        new_field, new_value = RENAMED_FIELDS[f"{prefix}{k}"]
+        set_field(cfg, new_field, new_value(v))
+        continue
       if k not in dst:
         raise ConfigError(
             f"{path}: unknown config key '{prefix}{k}' (written by another " f"version of cn2_jax?)"

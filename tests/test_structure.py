@@ -184,6 +184,7 @@ def test_config_built_modules_take_every_setting_from_the_schema():
       "min_level",
       "size_divisibility",
       "remat",  # model.remat, which the detector passes on
+      "cascade",  # from the registered model.roi_heads.name
   }
   for cls, section in ((CenterNet, m.centernet), (CascadeROIHeads, m.roi_heads)):
     fields = {f.name for f in dataclasses.fields(cls)}

@@ -142,7 +142,7 @@ def test_config_loads_and_matches_the_spec(name):
   assert cfg.model.arch == META_ARCH[spec["meta_architecture"]]
   assert cfg.model.backbone == spec["backbone"]
   if cfg.model.arch == "centernet2":
-    assert cfg.model.roi_heads.cascade == (spec["roi_heads"] == "CustomCascadeROIHeads")
+    assert cfg.model.roi_heads.name == spec["roi_heads"]
   assert spec["num_entries"] == len(spec["entries"])
   if name in UNMAPPED:
     pattern, count = UNMAPPED[name]

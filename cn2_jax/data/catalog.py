@@ -21,9 +21,9 @@ medium / hard AP); `options` holds the run's evaluation settings (`wider_eval_gt
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
-from cn2_jax.errors import ConfigError
+from cn2_jax.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,32 +35,21 @@ class DatasetKind:
   extra_metrics: Optional[Callable] = None  # (annotation file, evaluator, options) -> dict
 
 
-_KINDS: Dict[str, DatasetKind] = {}
+# The built-in kinds import the dataset converters (tensorflow_datasets): loaded on first use,
+# so importing the config schema stays cheap.
+KINDS = Registry("dataset kind", "data.dataset", builtins="cn2_jax.data.datasets")
 
 
 def register(kind: DatasetKind) -> DatasetKind:
-  if kind.name in _KINDS:
-    raise ValueError(f"dataset kind {kind.name!r} is registered twice")
-  _KINDS[kind.name] = kind
-  return kind
-
-
-def _load_builtins() -> None:
-  # The built-in kinds import the dataset converters (tensorflow_datasets): loaded on first use,
-  # so importing the config schema stays cheap.
-  import cn2_jax.data.datasets  # noqa: F401  (registers the built-in kinds)
+  return KINDS.add(kind.name, kind)
 
 
 def names() -> Tuple[str, ...]:
   """The registered `data.dataset` values, in registration order."""
-  _load_builtins()
-  return tuple(_KINDS)
+  return KINDS.names()
 
 
 def get(name: str, field: str = "data.dataset") -> DatasetKind:
   """The kind registered as `name`; otherwise a ConfigError naming `field` (the config field that
   holds the name) and listing the known kinds."""
-  _load_builtins()
-  if name not in _KINDS:
-    raise ConfigError(f"{field} must be one of {names()}, got {name!r}")
-  return _KINDS[name]
+  return KINDS.lookup(name, field)

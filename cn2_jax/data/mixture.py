@@ -53,6 +53,7 @@ import numpy as np
 from cn2_jax import schema
 from cn2_jax.config import base_config
 from cn2_jax.data import catalog
+from cn2_jax.data.datasets import crowdhuman
 from cn2_jax.errors import ConfigError
 
 __all__ = [
@@ -169,10 +170,7 @@ def _check_classes(where: str, classes) -> None:
 def _check_source(where: str, src, num_classes: int, *, evaluated: bool) -> None:
   """One dataset description (`data`, or an entry merged onto the schema defaults)."""
   kind = catalog.get(src["dataset"], field=f"{where}.dataset")
-  if src["crowdhuman_box"] not in ("vbox", "fbox", "hbox"):
-    raise ConfigError(
-        f"{where}.crowdhuman_box must be 'vbox', 'fbox' or 'hbox', got {src['crowdhuman_box']!r}"
-    )
+  crowdhuman.check_box(where, src["crowdhuman_box"])
   _check_classes(where, src["classes"])
   offset = src["channel_offset"]
   if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:

@@ -11,7 +11,7 @@ from cn2_jax.config import base_config
 def get_config():
   c = base_config()  # Base-CenterNet2.yaml: R50-FPN, CenterNet proposals, 1x COCO recipe
   r = c.model.roi_heads
-  r.cascade = False  # ROI_HEADS.NAME: CustomROIHeads (StandardROIHeads + probabilistic score)
+  r.name = "CustomROIHeads"  # ROI_HEADS.NAME (StandardROIHeads + probabilistic score)
   r.iou_thresholds = (0.6,)  # ROI_HEADS.IOU_THRESHOLDS: [0.6] (Base-CenterNet2.yaml)
   r.box_weights = ((10.0, 10.0, 5.0, 5.0),)  # ROI_BOX_HEAD.BBOX_REG_WEIGHTS (detectron2 default)
   c.data.dataset = "coco/2017"

@@ -27,12 +27,13 @@ folder with one `register` call, imported in `modeling/backbone/__init__.py`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict
+from typing import Any, Callable
 
 import jax.numpy as jnp
 
 from cn2_jax import schema
 from cn2_jax.errors import ConfigError
+from cn2_jax.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,28 +42,20 @@ class BackboneEntry:
   frozen_param_prefixes: Callable  # (model config) -> tuple[str, ...], relative to the backbone
 
 
-BACKBONES: Dict[str, BackboneEntry] = {}
+# The built-in backbones register themselves on import of the package's modules.
+BACKBONES = Registry("backbone", "model.backbone", builtins="cn2_jax.modeling.backbone")
 
 
 def register(name: str, *, frozen_param_prefixes: Callable) -> Callable:
   def deco(build: Callable) -> Callable:
-    if name in BACKBONES:
-      raise ValueError(f"backbone {name!r} is registered twice")
-    BACKBONES[name] = BackboneEntry(build, frozen_param_prefixes)
+    BACKBONES.add(name, BackboneEntry(build, frozen_param_prefixes))
     return build
 
   return deco
 
 
 def get(name: str) -> BackboneEntry:
-  # The built-in backbones register themselves on import of the package's modules.
-  import cn2_jax.modeling.backbone  # noqa: F401  (registration side effect)
-
-  if name not in BACKBONES:
-    raise ConfigError(
-        f"model.backbone={name!r} is not a known backbone (known: {sorted(BACKBONES)})"
-    )
-  return BACKBONES[name]
+  return BACKBONES.lookup(name)
 
 
 def build_backbone(model_config: Any, dtype: Any):

@@ -22,12 +22,13 @@ the frozen teacher's `(variables, batch) -> {cls, wh, reg}` at the student's out
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import ml_collections
 
 from cn2_jax import schema
 from cn2_jax.errors import ConfigError
+from cn2_jax.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +74,8 @@ class Family:
   distillation_teacher: Optional[Callable] = None
 
 
-META_ARCHS: Dict[str, Family] = {}
+# The families register themselves in their modules, which the package imports.
+META_ARCHS = Registry("detector family", "model.arch", builtins="cn2_jax.modeling.meta_arch")
 
 
 def register(
@@ -87,16 +89,17 @@ def register(
     distillation_teacher: Optional[Callable] = None,
 ) -> Callable:
   def deco(build: Callable) -> Callable:
-    if name in META_ARCHS:
-      raise ValueError(f"meta-architecture {name!r} is registered twice")
-    META_ARCHS[name] = Family(
-        build,
-        frozen_param_prefixes,
-        class_params,
-        weights,
-        display_name,
-        dict(onnx_parts or {}),
-        distillation_teacher,
+    META_ARCHS.add(
+        name,
+        Family(
+            build,
+            frozen_param_prefixes,
+            class_params,
+            weights,
+            display_name,
+            dict(onnx_parts or {}),
+            distillation_teacher,
+        ),
     )
     return build
 
@@ -104,11 +107,7 @@ def register(
 
 
 def family(arch: str) -> Family:
-  if arch not in META_ARCHS:
-    raise ConfigError(
-        f"model.arch={arch!r} is not a known detector family (known: {sorted(META_ARCHS)})"
-    )
-  return META_ARCHS[arch]
+  return META_ARCHS.lookup(arch)
 
 
 def build_model(model_config: ml_collections.ConfigDict, axis_name: Optional[str] = None):

@@ -19,16 +19,14 @@ from typing import Any, Dict, Optional, Tuple
 import flax.linen as nn
 import jax
 
-from cn2_jax.config import model_kwargs
 from cn2_jax.modeling.backbone.build import build_backbone
 from cn2_jax.modeling.backbone.build import frozen_param_prefixes as backbone_frozen_prefixes
 from cn2_jax.modeling.canvas import canvas_masks, normalized_images, official_canvas
 from cn2_jax.modeling.layers import COMPUTE_DTYPES
 from cn2_jax.modeling.meta_arch.build import ClassParams, WeightFormat, build_model, register
 from cn2_jax.modeling.onestage import teachers
-from cn2_jax.modeling.proposal.centernet import CenterNet
-from cn2_jax.modeling.proposal.decode import proposal_candidates
-from cn2_jax.modeling.roi_heads.cascade import CascadeROIHeads
+from cn2_jax.modeling.proposal.build import build_proposal_generator
+from cn2_jax.modeling.roi_heads.build import build_roi_heads
 from cn2_jax.modeling.variables import abstract_module_variables, init_module_variables
 from cn2_jax.weights import flax_mapping, rename
 
@@ -88,25 +86,25 @@ class CenterNet2(nn.Module):
   axis_name: Optional[str] = None
 
   def setup(self):
-    # Every setting comes from the config (cn2_jax/config.py holds all defaults); the rest is
-    # wiring: the FPN levels' strides (P3..P7) and the level of the first one.
-    m = model_kwargs(self.config)
-    dtype = COMPUTE_DTYPES[m["dtype"]]
+    # The three parts come from their registries (model.backbone, model.proposal_generator,
+    # model.roi_heads.name) with their config settings; the rest is wiring: the levels' strides
+    # and channels, the level of the first one and the backbone's size divisibility.
+    dtype = COMPUTE_DTYPES[self.config.dtype]
     self.backbone = build_backbone(self.config, dtype)
-    self.proposal_generator = CenterNet(
+    self.proposal_generator = build_proposal_generator(
+        self.config,
         strides=self.backbone.strides,
         channels=self.backbone.out_channels,
-        axis_name=self.axis_name,
         dtype=dtype,
-        **m["centernet"],
+        axis_name=self.axis_name,
     )
-    self.roi_heads = CascadeROIHeads(
-        num_classes=m["num_classes"],
+    self.roi_heads = build_roi_heads(
+        self.config,
+        num_classes=self.config.num_classes,
         min_level=int(math.log2(self.backbone.strides[0])),
         size_divisibility=self.backbone.size_divisibility,
-        axis_name=self.axis_name,
         dtype=dtype,
-        **m["roi_heads"],
+        axis_name=self.axis_name,
     )
 
   def preprocess(self, image: jax.Array, image_hw: jax.Array) -> jax.Array:
@@ -129,38 +127,27 @@ class CenterNet2(nn.Module):
     )
     return features, masks
 
-  def _dense(self, image: jax.Array, image_hw: jax.Array) -> Tuple[dict, dict, list]:
+  def _export(
+      self, image: jax.Array, image_hw: jax.Array, candidates: bool
+  ) -> Dict[str, jax.Array]:
     features, masks = self.backbone_features(image, image_hw)
-    head = self.proposal_generator.centernet_head(features, masks)
     out = {f"p{i + 3}": f for i, f in enumerate(features)}
-    out.update({f"hm_logits_p{i + 3}": h for i, h in enumerate(head["hm_logits"])})
-    out.update({f"reg_p{i + 3}": r for i, r in enumerate(head["reg"])})
-    return out, head, masks
+    pg_hw = image_hw if candidates else None
+    out.update(self.proposal_generator.export_outputs(features, masks, pg_hw))
+    return out
 
   def dense_outputs(self, image: jax.Array, image_hw: jax.Array) -> Dict[str, jax.Array]:
-    """The dense part (no proposals, no ROI heads): the FPN features `p3..p7` and the CenterNet
-    head maps `hm_logits_p3..p7 [B, H_l, W_l]` (objectness logits), `reg_p3..p7 [B, H_l, W_l, 4]`
-    (ltrb distances in stride units), as the full forward computes them (`--onnx-part dense`)."""
-    return self._dense(image, image_hw)[0]
+    """The dense part (no proposals, no ROI heads): the FPN features `p3..p7` and the proposal
+    generator's head maps (CenterNet: `hm_logits_p3..p7 [B, H_l, W_l]` objectness logits,
+    `reg_p3..p7 [B, H_l, W_l, 4]` ltrb distances in stride units), as the full forward computes
+    them (`--onnx-part dense`)."""
+    return self._export(image, image_hw, candidates=False)
 
   def proposal_candidates(self, image: jax.Array, image_hw: jax.Array) -> Dict[str, jax.Array]:
-    """`dense_outputs` plus the test-mode proposal decode up to its NMS
-    (`proposal.decode.proposal_candidates`): `cand_boxes`, `cand_scores`, `cand_valid`
-    (`--onnx-part candidates`; `export.centernet2_proposals` does the rest)."""
-    out, head, masks = self._dense(image, image_hw)
-    pg = self.proposal_generator
-    out.update(
-        proposal_candidates(
-            head["hm_logits"],
-            head["reg"],
-            masks,
-            strides=tuple(pg.strides),
-            pre_nms_topk=int(pg.pre_nms_topk_test),
-            score_thresh=float(pg.inference_thresh),
-            clip_hw=image_hw if pg.clip_proposals else None,
-        )
-    )
-    return out
+    """`dense_outputs` plus the test-mode proposal decode up to its NMS (CenterNet:
+    `cand_boxes`, `cand_scores`, `cand_valid`; `--onnx-part candidates`,
+    `export.centernet2_proposals` does the rest)."""
+    return self._export(image, image_hw, candidates=True)
 
   def __call__(self, batch: dict, train: bool = False):
     features, masks = self.backbone_features(batch["image"], batch["image_hw"])

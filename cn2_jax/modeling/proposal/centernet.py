@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from cn2_jax import schema
+from cn2_jax.config import model_kwargs
+from cn2_jax.modeling.proposal.build import PROPOSAL_GENERATORS
 from cn2_jax.modeling.proposal.centernet_head import CenterNetHead
-from cn2_jax.modeling.proposal.decode import generate_proposals
+from cn2_jax.modeling.proposal.decode import generate_proposals, proposal_candidates
 from cn2_jax.modeling.proposal.losses import centernet_losses, loss_normalisers
 from cn2_jax.modeling.proposal.targets import centernet_targets
 
@@ -74,6 +76,28 @@ class CenterNet(nn.Module):
         use_deformable=self.use_deformable,
         dtype=self.dtype,
     )
+
+  def export_outputs(self, features, masks, image_hw=None) -> dict:
+    """The head maps as an exported graph names them: `hm_logits_p3..p7 [B, H_l, W_l]`
+    (objectness logits), `reg_p3..p7 [B, H_l, W_l, 4]` (ltrb distances in stride units), as the
+    full forward computes them; given `image_hw` `[B, 2]`, also the test-mode decode up to its
+    NMS (`decode.proposal_candidates`: `cand_boxes`, `cand_scores`, `cand_valid`)."""
+    head = self.centernet_head(features, masks)
+    out = {f"hm_logits_p{i + 3}": h for i, h in enumerate(head["hm_logits"])}
+    out.update({f"reg_p{i + 3}": r for i, r in enumerate(head["reg"])})
+    if image_hw is not None:
+      out.update(
+          proposal_candidates(
+              head["hm_logits"],
+              head["reg"],
+              masks,
+              strides=tuple(self.strides),
+              pre_nms_topk=int(self.pre_nms_topk_test),
+              score_thresh=float(self.inference_thresh),
+              clip_hw=image_hw if self.clip_proposals else None,
+          )
+      )
+    return out
 
   def __call__(
       self, features, *, train: bool, gt_boxes=None, gt_valid=None, masks=None, image_hw=None
@@ -150,6 +174,18 @@ class CenterNet(nn.Module):
     )
     losses["aux/num_pos_per_image"] = targets["pos_count"].sum() / gt_boxes.shape[0]
     return losses, proposals
+
+
+@PROPOSAL_GENERATORS.register("CenterNet")
+def build_centernet(model_config, *, strides, channels, dtype, axis_name=None) -> CenterNet:
+  """CenterNet2's first stage: `model.centernet` settings on the detector's levels."""
+  return CenterNet(
+      strides=tuple(strides),
+      channels=channels,
+      dtype=dtype,
+      axis_name=axis_name,
+      **model_kwargs(model_config)["centernet"],
+  )
 
 
 CONFIG = schema.group(

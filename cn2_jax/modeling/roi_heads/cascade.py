@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from cn2_jax import schema
+from cn2_jax.config import model_kwargs
 from cn2_jax.errors import ConfigError
 from cn2_jax.modeling.canvas import level_extents
 from cn2_jax.modeling.ops import boxes as box_ops
@@ -32,6 +33,7 @@ from cn2_jax.modeling.ops.nms import nms
 from cn2_jax.modeling.ops.roi_align import multilevel_roi_align
 from cn2_jax.modeling.ops.sampling import subsample_labels
 from cn2_jax.modeling.roi_heads.box_head import FastRCNNConvFCHead, FastRCNNOutputLayers
+from cn2_jax.modeling.roi_heads.build import ROI_HEADS
 from cn2_jax.modeling.roi_heads.fed_loss import (
     load_class_freq,
     sample_fed_classes,
@@ -139,8 +141,9 @@ def load_class_freq_cached(path: str, freq_weight: float, num_classes: int):
 class CascadeROIHeads(nn.Module):
   """Three-stage cascade (sub-modules `box_head.{k}`, `box_predictor.{k}`).
 
-  Attributes mirror `config.model.roi_heads` (see cn2_jax/config.py for meanings and defaults,
-  which live only there) and are all required; the detector adds the wiring: `num_classes`,
+  Attributes mirror `config.model.roi_heads` (its schema group below holds meanings and
+  defaults) and are all required; the builders add the wiring: `cascade` (from the registered
+  name), `num_classes`,
   `min_level` (the level of the first feature map the detector passes, P3 -> 3),
   `size_divisibility` (the backbone's: the official canvas, ROIAlign's border), `dtype` and
   `axis_name`. `in_features` (ROI_HEADS.IN_FEATURES, e.g. ("p3", "p4")) are the consecutive
@@ -183,7 +186,7 @@ class CascadeROIHeads(nn.Module):
   def setup(self):
     n = len(self.iou_thresholds)
     if not self.cascade and n != 1:
-      raise ValueError(f"roi_heads.cascade=False is one stage; got iou_thresholds of {n}")
+      raise ValueError(f"CustomROIHeads is one stage; got iou_thresholds of {n}")
     # CustomCascadeROIHeads names its stages box_head.{k} / box_predictor.{k}; CustomROIHeads
     # (one stage) has plain box_head / box_predictor.
     suffix = (lambda k: f".{k}") if self.cascade else (lambda k: "")
@@ -403,8 +406,38 @@ class CascadeROIHeads(nn.Module):
     return losses
 
 
+def _roi_heads_builder(cascade: bool):
+  def build(model_config, *, num_classes, min_level, size_divisibility, dtype, axis_name=None):
+    settings = model_kwargs(model_config)["roi_heads"]
+    del settings["name"]  # the registry key, not a module setting
+    return CascadeROIHeads(
+        cascade=cascade,
+        num_classes=num_classes,
+        min_level=min_level,
+        size_divisibility=size_divisibility,
+        dtype=dtype,
+        axis_name=axis_name,
+        **settings,
+    )
+
+  return build
+
+
+# The official ROI_HEADS.NAME values: the cascade, and CenterNet2-F's single Fast R-CNN stage
+# (detectron2 `StandardROIHeads` with the probabilistic score), which is this cascade with one
+# stage and unsuffixed parameter names.
+ROI_HEADS.add("CustomCascadeROIHeads", _roi_heads_builder(cascade=True))
+ROI_HEADS.add("CustomROIHeads", _roi_heads_builder(cascade=False))
+
+
 def _validate_roi_heads(cfg) -> None:
   r = cfg.model.roi_heads
+  ROI_HEADS.lookup(r.name)
+  if r.name == "CustomROIHeads" and len(r.iou_thresholds) != 1:
+    raise ConfigError(
+        "model.roi_heads.name='CustomROIHeads' is one Fast R-CNN stage: iou_thresholds and "
+        f"box_weights need one entry, got {len(r.iou_thresholds)}"
+    )
   if len(r.iou_thresholds) != len(r.box_weights):
     raise ConfigError("model.roi_heads.iou_thresholds and box_weights must have equal length")
   if r.use_fed_loss and not r.cat_freq_path:
@@ -421,11 +454,11 @@ CONFIG = schema.group(
         "ROI_HEADS.IN_FEATURES: the consecutive levels boxes are pooled from (clamped to them)",
     ),
     schema.Field(
-        "cascade",
-        True,
-        "ROI_HEADS.NAME: True = CustomCascadeROIHeads (one stage per iou_thresholds entry); False "
-        "= CustomROIHeads (CenterNet2-F: one Fast R-CNN stage; iou_thresholds / box_weights of "
-        "length 1)",
+        "name",
+        "CustomCascadeROIHeads",
+        "ROI_HEADS.NAME (the registry of modeling/roi_heads/build.py): 'CustomCascadeROIHeads' = "
+        "one stage per iou_thresholds entry; 'CustomROIHeads' = CenterNet2-F's one Fast R-CNN "
+        "stage (iou_thresholds / box_weights of length 1)",
     ),
     schema.Field("iou_thresholds", (0.6, 0.7, 0.8), "ROI_BOX_CASCADE_HEAD.IOUS: one per stage"),
     schema.Field(
