@@ -54,6 +54,7 @@ SCHEMA_MODULES = (
     "cn2_jax.modeling.onestage.kd",
     "cn2_jax.engine.optim",
     "cn2_jax.engine.swa",
+    "cn2_jax.engine.step",
     "cn2_jax.engine.loop",
     "cn2_jax.predictor",
 )

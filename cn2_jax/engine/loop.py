@@ -356,6 +356,7 @@ def _make_train_step(config, model, tx, mesh, schedule, frozen_prefixes, max_ite
       frozen_prefixes=frozen_prefixes,
       lr_schedule=schedule,
       check_vma=config.train.check_vma,
+      grad_accum_steps=config.train.grad_accum_steps,
       post_update=swa_lib.make_post_update(config, max_iter),
       loss_fn=None if loss is None else loss.fn,
   )

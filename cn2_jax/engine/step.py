@@ -15,6 +15,39 @@ and which the model cannot fix without knowing it runs under shard_map.
 Choice: **`check_vma=False` by default** (exactly pmap semantics: per-device gradients, then an
 explicit `lax.pmean`). `check_vma=True` is supported too: the already-summed gradients are divided
 by the axis size instead. Both are tested against a 1-device run on the same global batch.
+
+Gradient accumulation (`train.grad_accum_steps = k`, `make_train_step(grad_accum_steps=k)`).
+`train.batch_size` stays the optimizer batch of each process (detectron2's IMS_PER_BATCH: the LR
+scaling by `optim.reference_batch_size` and the epochs count it, and the loader delivers it in one
+piece); the step splits each device's share into k micro-batches of b = per-device batch / k
+images (contiguous: micro-batch j holds images j·b .. j·b + b - 1) and runs them one after the
+other in a `lax.scan`, adding their float32 gradients, then applies one optimizer update. Only the
+activations of one micro-batch are live at a time; the compiled step is one program (one compile
+per input shape, as without accumulation).
+The contract: **k micro-batches of b images on n devices are one step of n·k devices with b images
+each**, exactly (micro-batch j of device d is "device" d·k + j, modeling/data_parallel.py):
+  * losses and gradients are averaged over the n·k micro-batches, as over devices;
+  * a loss normaliser that counts over the whole batch (`data_parallel.device_mean`: CenterNet2's
+    proposal N̄ and R̄, the official one-stage CenterNet's) is the mean over all n·k micro-batches,
+    as the official all-reduce over n·k GPUs: a first pass runs the forward of every micro-batch
+    for those counts (XLA keeps of it only what they need: the targets, or the whole forward for
+    a count that depends on the predictions, e.g. MORE_POS), the second pass computes the
+    gradients with them;
+  * what is normalised per device stays per micro-batch, as per GPU officially: the cascade's ROI
+    losses (per sampled row), the centerX losses (per-device N_pos), the official canvas (the
+    micro-batch's largest image, modeling/canvas.py), the federated loss's class set;
+  * per-image random keys follow the global image index (d·k + j)·b + i, so ROI sampling equals
+    that of one device holding the whole per-device batch;
+  * trainable BatchNorm (the one-stage family) normalises each micro-batch with its own
+    statistics ("BN": b images, as each official GPU; "SyncBN": the n·b images of micro-batch j
+    on every device, not n·k·b), and the running statistics are updated once per step: each
+    micro-batch's update is computed from the same running values and the k results averaged
+    (then over devices), which equals n·k devices exactly.
+Hence k × b equals one device with k·b images exactly (to float rounding) where the per-device
+normalisations agree: micro-batches with the same number of sampled ROI rows and the same
+official canvas (e.g. every image on the same canvas and at least `batch_size_per_image` rows per
+image), no trainable BatchNorm in training mode, equal per-micro-batch centerX positives.
+`grad_accum_steps = 1` is the plain step, bit-identical to before.
 """
 
 from __future__ import annotations
@@ -31,7 +64,10 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cn2_jax import schema
 from cn2_jax.engine.optim import FROZEN, param_labels
+from cn2_jax.errors import ConfigError
+from cn2_jax.modeling import data_parallel
 
 DATA_AXIS = "data"
 AUX_PREFIX = "aux/"
@@ -95,13 +131,17 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, replicated(mesh))
 
 
-def _check_divisible(batch: Any, n: int, what: str) -> None:
+def _check_divisible(batch: Any, n: int, what: str, grad_accum_steps: int = 1) -> None:
   for kp, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
     shape = np.shape(x)
-    if len(shape) == 0 or shape[0] % n:
+    if len(shape) == 0 or shape[0] % (n * grad_accum_steps):
+      accum = (
+          f" x {grad_accum_steps} micro-batches (grad_accum_steps)" if grad_accum_steps > 1 else ""
+      )
       raise ValueError(
           f"{what}: batch leaf {jax.tree_util.keystr(kp)} has shape {tuple(shape)}; the leading "
-          f"(global batch) dim must be divisible by the {n} device(s) of the 'data' mesh axis"
+          f"(global batch) dim must be divisible by the {n} device(s) of the 'data' mesh "
+          f"axis{accum}"
       )
 
 
@@ -206,6 +246,35 @@ def abstract_train_state(init_variables_fn, tx, mesh: Mesh) -> TrainState:
 # ----------------------------------------------------------------------------------------------
 # Steps
 # ----------------------------------------------------------------------------------------------
+def _validate_grad_accum(cfg) -> None:
+  k = cfg.train.grad_accum_steps
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ConfigError(f"train.grad_accum_steps must be an integer >= 1, got {k!r}")
+  if int(cfg.train.batch_size) % k:
+    raise ConfigError(
+        f"train.batch_size={cfg.train.batch_size} (the optimizer batch of each process) must be "
+        f"divisible by train.grad_accum_steps={k}: each device's share is split into {k} "
+        "micro-batches of equal size"
+    )
+
+
+CONFIG = schema.group(
+    "train",
+    "Gradient accumulation in the train step (engine/step.py).",
+    schema.Field(
+        "grad_accum_steps",
+        1,
+        "k micro-batches per optimizer step: each device's share of train.batch_size (still the "
+        "optimizer batch, detectron2's IMS_PER_BATCH, which the LR scaling counts) runs as k "
+        "micro-batches in sequence, their gradients summed, then one update; activation memory "
+        "is that of one micro-batch. k micro-batches on n devices equal n·k devices exactly "
+        "(batch-wide loss normalisers included; BatchNorm statistics per micro-batch). "
+        "1 = no accumulation",
+    ),
+    validate=_validate_grad_accum,
+)
+
+
 def total_loss(losses: Mapping[str, jax.Array]) -> jax.Array:
   """Sum of the loss terms (keys not starting with 'aux/'), in float32."""
   terms = [jnp.asarray(v, jnp.float32) for k, v in losses.items() if not k.startswith(AUX_PREFIX)]
@@ -262,6 +331,7 @@ def make_train_step(
     loss_fn: Optional[LossFn] = None,
     teachers: Sequence[Callable[[Any, Any], Any]] = (),
     kd_loss_fn: Optional[Callable[..., Any]] = None,
+    grad_accum_steps: int = 1,
 ):
   """Returns jitted `train_step(state, batch) -> (state, metrics)`.
 
@@ -285,8 +355,14 @@ def make_train_step(
   * Knowledge distillation (`cn2_jax.modeling.onestage.kd`): `teachers=` / `kd_loss_fn=` are
     shorthand for `loss_fn=distillation_loss(teachers, kd_loss_fn)`, the teachers' variables
     being `loss_inputs`.
+  * `grad_accum_steps` (k, `config.train.grad_accum_steps`): each device's batch (divisible by k,
+    ValueError at trace time otherwise) runs as k micro-batches with one update (module
+    docstring); the teachers run per micro-batch; `metrics` are the means over micro-batches.
   """
   n_dev = mesh.shape[DATA_AXIS]
+  accum = int(grad_accum_steps)
+  if accum < 1:
+    raise ValueError(f"make_train_step: grad_accum_steps must be >= 1, got {grad_accum_steps}")
   model_d = model.clone(axis_name=DATA_AXIS)
   tx = optax.with_extra_args_support(tx)  # update() gets value= (optim.skip_loss reads it)
   frozen_prefixes = tuple(frozen_prefixes)
@@ -298,11 +374,10 @@ def make_train_step(
 
   def per_device(state: TrainState, batch, loss_inputs=()):
     rng = jax.random.fold_in(state.rng, state.step)
-    apply = model_d.apply if make_apply is None else make_apply(model_d, batch, loss_inputs)
-
     has_bn = bool(jax.tree_util.tree_leaves(state.batch_stats))
 
-    def loss_fn(params):
+    def loss_fn(params, batch, apply):
+      """(total, (losses, new batch_stats)) of one (micro-)batch; `apply`: see `apply_for`."""
       variables = _variables(params, state.frozen, state.batch_stats)
       if has_bn:
         losses, updates = apply(
@@ -312,12 +387,24 @@ def make_train_step(
       losses = apply(variables, batch, train=True, rngs={"sampling": rng})
       return total_loss(losses), (losses, state.batch_stats)
 
-    (total, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    def apply_for(batch):
+      """The student's forward for `batch` (with the `loss_fn` wrapper: the teachers run on it,
+      outside the gradient)."""
+      return model_d.apply if make_apply is None else make_apply(model_d, batch, loss_inputs)
+
+    labels = param_labels(state.params, frozen_prefixes)
+    if accum == 1:
+      (total, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params, batch, apply_for(batch)
+      )
+    else:
+      total, losses, batch_stats, grads = _accumulate(
+          loss_fn, apply_for, state.params, batch, labels
+      )
     # Per-device running statistics (BatchNorm without SyncBN) are averaged over the devices so the
     # replicated state stays one value (Flax's cross-replica mean; torch DDP with
     # broadcast_buffers=False, as centerX runs it, would keep rank 0's). Identity under SyncBN.
     batch_stats = jax.lax.pmean(batch_stats, DATA_AXIS)
-    labels = param_labels(grads, frozen_prefixes)
 
     def reduce(g, label):
       if label == FROZEN:
@@ -350,6 +437,47 @@ def make_train_step(
       new_state = post_update(new_state)
     return new_state, metrics
 
+  def _accumulate(loss_fn, apply_for, params, batch, labels):
+    """`loss_fn(params, micro_batch, apply_for(micro_batch))` and its gradient over the `accum`
+    micro-batches of the per-device `batch` -> (total, losses, batch_stats, grads), each the mean
+    over micro-batches (float32 gradient sums; frozen gradients are never added, so XLA drops
+    their computation)."""
+    micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+    index = jnp.arange(accum, dtype=jnp.int32)
+
+    # Pass 1: every micro-batch's inputs to the model's batch-wide means (data_parallel.py),
+    # then their means over micro-batches and devices. Only what they depend on is computed.
+    def record(_, xs):
+      mb, j = xs
+      with data_parallel.micro_batch(j, accum, record=True) as ctx:
+        loss_fn(params, mb, apply_for(mb))  # the forward, for the recorded values only
+      return None, tuple(jax.lax.stop_gradient(v) for v in ctx.recorded)
+
+    _, recorded = jax.lax.scan(record, None, (micro, index))
+    means = tuple(jax.lax.pmean(jnp.mean(r, axis=0), DATA_AXIS) for r in recorded)
+
+    # Pass 2: gradients, with the means replayed.
+    def step(acc, xs):
+      mb, j = xs
+      with data_parallel.micro_batch(j, accum, replay=means):
+        apply = apply_for(mb)
+        (total, (losses, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, mb, apply
+        )
+      acc = jax.tree.map(
+          lambda a, g, label: a if label == FROZEN else a + g.astype(jnp.float32),
+          acc,
+          grads,
+          labels,
+      )
+      return acc, (total, losses, stats)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    acc, (totals, losses, stats) = jax.lax.scan(step, zeros, (micro, index))
+    mean = lambda t: jax.tree.map(lambda x: jnp.mean(x, axis=0), t)  # noqa: E731
+    grads = jax.tree.map(lambda a, p: (a / accum).astype(p.dtype), acc, params)
+    return mean(totals), mean(losses), mean(stats), grads
+
   sharded = jax.shard_map(
       per_device,
       mesh=mesh,
@@ -359,7 +487,7 @@ def make_train_step(
   )
 
   def train_step(state, batch, loss_inputs=()):
-    _check_divisible(batch, n_dev, "train_step")
+    _check_divisible(batch, n_dev, "train_step", accum)
     return sharded(state, batch, loss_inputs)
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else ())

@@ -370,6 +370,7 @@ def _resnet(model_config, dtype) -> Tuple[ResNet, Tuple[int, ...]]:
       deform_on_per_stage=tuple(model_config.resnet_deform_on_per_stage),
       deform_modulated=model_config.resnet_deform_modulated,
       deform_num_groups=model_config.resnet_deform_num_groups,
+      remat=model_config.remat,
   )
   channels = resnet_out_channels(model_config.resnet_depth, model_config.resnet_width)
   return net, tuple(channels[n] for n in RESNET_IN_FEATURES)

@@ -165,9 +165,10 @@ def resnet_fpn(
     out_channels: int,
     fpn_norm: str,
     dtype: Dtype,
+    remat: bool = False,
 ) -> FPN:
   """ResNet + FPN P3-P7 (CenterNet2 `build_p67_resnet_fpn_backbone`); the ResNet settings are
-  those of `ResNet` (norm = the ResNet's norm)."""
+  those of `ResNet` (norm = the ResNet's norm; `remat`: a performance knob, see `ResNet`)."""
   bottom_up = ResNet(
       depth=depth,
       stride_in_1x1=stride_in_1x1,
@@ -182,6 +183,7 @@ def resnet_fpn(
       deform_modulated=deform_modulated,
       deform_num_groups=deform_num_groups,
       dtype=dtype,
+      remat=remat,
   )
   return FPN(bottom_up=bottom_up, out_channels=out_channels, fpn_norm=fpn_norm, dtype=dtype)
 
@@ -207,6 +209,7 @@ def build_p67_resnet_fpn_backbone(model_config, dtype) -> FPN:
       out_channels=model_config.fpn_channels,
       fpn_norm=model_config.fpn_norm,
       dtype=dtype,
+      remat=model_config.remat,
   )
 
 

@@ -462,7 +462,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNetStage(nn.Module):
-  """A sequence of blocks named '0', '1', ...; the first block carries the stage stride."""
+  """A sequence of blocks named '0', '1', ...; the first block carries the stage stride.
+  `remat`: each block is rematerialised (`nn.remat`, see `ResNet`)."""
 
   block: str  # "bottleneck" | "basic"
   num_blocks: int
@@ -477,6 +478,7 @@ class ResNetStage(nn.Module):
   deform: bool  # DeformBottleneckBlock instead of BottleneckBlock
   deform_modulated: bool
   deform_num_groups: int
+  remat: bool
   batch_norm: Optional[BatchNormSettings] = None
 
   @nn.compact
@@ -487,6 +489,10 @@ class ResNetStage(nn.Module):
       in_stride: int = 1,
       train_bn: bool = False,
   ) -> jax.Array:
+    def block_cls(cls):
+      # (self, x, canvas_hw, in_stride, train_bn): the stride and the BatchNorm mode are static
+      return nn.remat(cls, static_argnums=(3, 4)) if self.remat else cls
+
     conv_settings = dict(
         norm=self.norm, conv_init=self.conv_init, dtype=self.dtype, batch_norm=self.batch_norm
     )
@@ -503,15 +509,17 @@ class ResNetStage(nn.Module):
             **conv_settings,
         )
         if self.deform:
-          block = DeformBottleneckBlock(
+          block = block_cls(DeformBottleneckBlock)(
               deform_modulated=self.deform_modulated,
               deform_num_groups=self.deform_num_groups,
               **common,
           )
         else:
-          block = BottleneckBlock(**common)
+          block = block_cls(BottleneckBlock)(**common)
       else:
-        block = BasicBlock(self.out_channels, stride=stride, name=str(i), **conv_settings)
+        block = block_cls(BasicBlock)(
+            self.out_channels, stride=stride, name=str(i), **conv_settings
+        )
       x = block(x, canvas_hw, in_stride, train_bn)
       in_stride *= stride
     return x
@@ -549,6 +557,10 @@ class ResNet(nn.Module):
     deform_num_groups: DEFORM_NUM_GROUPS, deformable (offset) groups.
     batch_norm: momentum, eps and SyncBN axis of 'BN' / 'SyncBN' (`layers.BatchNormSettings`);
       required by them, unused by the other norms.
+    remat: rematerialise the trainable part (`config.model.remat`, a memory / compute trade,
+      values unchanged): the stem (when trained) and every block of the trained stages keep only
+      their input for the backward pass and recompute their activations there (`nn.remat`), so
+      the activations of one block at a time are live instead of the whole network's.
 
   Input: normalised float image `[N, H, W, 3]`, optionally the official canvas `canvas_hw` `[2]`
   (see `canvas.zero_outside_canvas`; not with 'BN' / 'SyncBN') and `train_bn` (BatchNorm norms
@@ -570,6 +582,7 @@ class ResNet(nn.Module):
   deform_modulated: bool
   deform_num_groups: int
   batch_norm: Optional[BatchNormSettings] = None
+  remat: bool = False  # a performance knob (memory for compute); False: every activation is kept
 
   @nn.compact
   def __call__(
@@ -614,7 +627,11 @@ class ResNet(nn.Module):
         norm=self.norm, conv_init=self.conv_init, dtype=self.dtype, batch_norm=self.batch_norm
     )
     outputs = {}
-    x = BasicStem(channels["stem"], name="stem", **conv_settings)(x, canvas_hw, train_bn)
+    # (self, x, canvas_hw, train_bn): the BatchNorm mode is static
+    stem = (
+        nn.remat(BasicStem, static_argnums=(3,)) if self.remat and not self.freeze_at else BasicStem
+    )
+    x = stem(channels["stem"], name="stem", **conv_settings)(x, canvas_hw, train_bn)
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
     if "stem" in self.out_features:
@@ -633,6 +650,7 @@ class ResNet(nn.Module):
           deform=bool(self.deform_on_per_stage[idx - 1]),
           deform_modulated=self.deform_modulated,
           deform_num_groups=self.deform_num_groups,
+          remat=self.remat and self.freeze_at < stage_num,  # a frozen stage has no backward
           name=name,
           **conv_settings,
       )(x, canvas_hw, _FEATURE_STRIDES[order[idx - 1]], train_bn)

@@ -140,5 +140,14 @@ CONFIG = schema.group(
     schema.Field(
         "dtype", "float32", "compute dtype: 'float32' or 'bfloat16' (params stay float32)"
     ),
+    schema.Field(
+        "remat",
+        False,
+        "rematerialisation (memory for compute, values unchanged): in training, every ResNet "
+        "block of the trained stages (and the stem when trained), and with CenterNet2 each "
+        "cascade stage's ROIAlign + box head, keep only their inputs and recompute their "
+        "activations in the backward pass (nn.remat); other backbones (DLA, Res2Net, BiFPN "
+        "layers) are not rematerialised. bench/memory.py measures the saving",
+    ),
     validate=_validate_model,
 )

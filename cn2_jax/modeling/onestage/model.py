@@ -85,6 +85,8 @@ class CenterNetOneStage(nn.Module):
   Numerics: `bn_momentum` (Flax convention), `bn_eps`, `dtype` ("float32" | "bfloat16";
   "float64" under `jax.enable_x64` only). `sync_bn`: BatchNorm statistics over `axis_name` (the
   data axis the train step sets with `clone(axis_name=...)`); False = per-device statistics.
+  `remat` (the shared `config.model.remat`): the ResNet's blocks (and stem) are rematerialised in
+  training (`ResNet.remat`); the neck and head keep their activations.
   """
 
   num_classes: int
@@ -119,6 +121,7 @@ class CenterNetOneStage(nn.Module):
   bn_eps: float
   dtype: str
   sync_bn: bool
+  remat: bool
   axis_name: Optional[str] = None  # set by the train step (model.clone), not a setting
 
   def setup(self):
@@ -130,6 +133,7 @@ class CenterNetOneStage(nn.Module):
         norm="SyncBN" if self.sync_bn else "BN",
         batch_norm=BatchNormSettings(self.bn_momentum, self.bn_eps, bn_axis),
         dtype=dtype,
+        remat=self.remat,
         **_TORCHVISION_RESNET,
     )
     self.upsample = CenternetDeconv(
@@ -254,7 +258,12 @@ MODEL_FIELDS = tuple(
     if f.name not in ("parent", "name", "axis_name")
 )
 # Attribute <- shared `config.model` key (the others come from `config.model.onestage`).
-_SHARED = {"num_classes": "num_classes", "depth": "resnet_depth", "backbone_width": "resnet_width"}
+_SHARED = {
+    "num_classes": "num_classes",
+    "depth": "resnet_depth",
+    "backbone_width": "resnet_width",
+    "remat": "remat",
+}
 _TUPLES = (
     "deconv_channels",
     "deconv_kernels",

@@ -16,6 +16,8 @@ from typing import Dict, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
+from cn2_jax.modeling import data_parallel
+
 f32 = jnp.float32
 
 
@@ -52,7 +54,8 @@ def ltrb_giou_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def _device_mean(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
-  return jax.lax.pmean(x, axis_name) if axis_name is not None else x
+  # the mean over every device (and micro-batch under gradient accumulation: data_parallel.py)
+  return data_parallel.device_mean(x, axis_name)
 
 
 def loss_normalisers(

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from cn2_jax import schema
 from cn2_jax.config import model_kwargs
 from cn2_jax.errors import ConfigError
+from cn2_jax.modeling import data_parallel
 from cn2_jax.modeling.canvas import level_extents
 from cn2_jax.modeling.ops import boxes as box_ops
 from cn2_jax.modeling.ops.matcher import match_boxes
@@ -145,9 +146,11 @@ class CascadeROIHeads(nn.Module):
   defaults) and are all required; the builders add the wiring: `cascade` (from the registered
   name), `num_classes`,
   `min_level` (the level of the first feature map the detector passes, P3 -> 3),
-  `size_divisibility` (the backbone's: the official canvas, ROIAlign's border), `dtype` and
-  `axis_name`. `in_features` (ROI_HEADS.IN_FEATURES, e.g. ("p3", "p4")) are the consecutive
-  levels the boxes are pooled from; each box goes to its level clamped to them.
+  `size_divisibility` (the backbone's: the official canvas, ROIAlign's border), `dtype`,
+  `axis_name` and `remat` (`config.model.remat`: in training, each stage's ROIAlign and box head
+  are recomputed in the backward pass instead of keeping their activations, `nn.remat`).
+  `in_features` (ROI_HEADS.IN_FEATURES, e.g. ("p3", "p4")) are the consecutive levels the boxes
+  are pooled from; each box goes to its level clamped to them.
   `cascade=False` is CenterNet2-F's `CustomROIHeads`: one Fast R-CNN stage (detectron2
   `StandardROIHeads` with the probabilistic score), which is this cascade with one stage.
   """
@@ -180,6 +183,7 @@ class CascadeROIHeads(nn.Module):
   score_thresh_test: float
   nms_thresh_test: float
   detections_per_image: int
+  remat: bool
   dtype: Dtype
   axis_name: Optional[str] = None  # wiring (the data axis of the train step), not a setting
 
@@ -227,23 +231,10 @@ class CascadeROIHeads(nn.Module):
   def _run_stage(self, k: int, features, boxes, train: bool, valid_hw=None):
     """Pools `boxes` `[B, R, 4]` and runs stage k; returns (logits, deltas, pred_boxes).
     `valid_hw` `[L, 2]`: the official canvas per level (ROIAlign's border)."""
-    pooled = multilevel_roi_align(
-        features,
-        jax.lax.stop_gradient(boxes),
-        min_level=self.pool_min_level,
-        output_size=self.pooler_resolution,
-        sampling_ratio=self.sampling_ratio,
-        aligned=True,  # ROIAlignV2 (the architecture, not a setting)
-        canonical_box_size=self.canonical_box_size,
-        canonical_level=self.canonical_level,
-        max_adaptive_samples=self.max_adaptive_samples,
-        valid_hw=valid_hw,
-    )
-    if train:
-      pooled = scale_gradient(pooled, 1.0 / self.num_stages)
-    else:  # [B, R, 7, 7, C] is large: only the inference oracle compares it
-      self.sow("intermediates", f"stage{k}_pooled", pooled)
-    x = self.box_head[k](pooled)
+    pool_and_head = _pool_and_head
+    if train and self.remat:  # (heads, k, features, boxes, train, valid_hw): k, train static
+      pool_and_head = nn.remat(_pool_and_head, static_argnums=(1, 4))
+    x = pool_and_head(self, k, features, jax.lax.stop_gradient(boxes), train, valid_hw)
     logits, deltas = self.box_predictor[k](x)
     pred = box_ops.decode_boxes(
         deltas, jax.lax.stop_gradient(boxes), self.box_weights[k], scale_clamp=self.scale_clamp
@@ -259,7 +250,7 @@ class CascadeROIHeads(nn.Module):
     freq = load_class_freq_cached(self.cat_freq_path, self.fed_loss_freq_weight, self.num_classes)
     key = jax.random.fold_in(self.make_rng("sampling"), 1000 + k)
     if self.axis_name:
-      key = jax.random.fold_in(key, jax.lax.axis_index(self.axis_name))
+      key = jax.random.fold_in(key, data_parallel.device_index(self.axis_name))
     return sample_fed_classes(key, labels, valid, jnp.asarray(freq), self.fed_loss_num_cat)
 
   def _stage_losses(self, k, logits, deltas, boxes, valid, labels, matched_gt):
@@ -364,9 +355,9 @@ class CascadeROIHeads(nn.Module):
     self.sow("intermediates", "train_stage0_prematch_labels", labels)
     self.sow("intermediates", "train_stage0_prematch_matched_idx", gt_idx)
     # One key per image from its global index (device offset + i): sampling is then the same
-    # whatever the number of devices the batch is split over.
+    # whatever the number of devices (or micro-batches, data_parallel.py) the batch is split over.
     n = boxes.shape[0]
-    offset = jax.lax.axis_index(self.axis_name) * n if self.axis_name else 0
+    offset = data_parallel.device_index(self.axis_name) * n if self.axis_name else 0
     base = self.make_rng("sampling")
     keys = jax.vmap(lambda i: jax.random.fold_in(base, offset + i))(jnp.arange(n))
     idx, s_valid, _ = jax.vmap(
@@ -406,6 +397,29 @@ class CascadeROIHeads(nn.Module):
     return losses
 
 
+def _pool_and_head(heads: CascadeROIHeads, k: int, features, boxes, train: bool, valid_hw):
+  """Stage k's multi-level ROIAlign of `boxes` `[B, R, 4]` (no gradient) and box head ->
+  `[B, R, fc_dim]`; the part of a stage that `remat` recomputes in the backward pass (its
+  activations, `[B, R, S, S, C]` pooled features and ROIAlign's samples, are the large ones)."""
+  pooled = multilevel_roi_align(
+      features,
+      boxes,
+      min_level=heads.pool_min_level,
+      output_size=heads.pooler_resolution,
+      sampling_ratio=heads.sampling_ratio,
+      aligned=True,  # ROIAlignV2 (the architecture, not a setting)
+      canonical_box_size=heads.canonical_box_size,
+      canonical_level=heads.canonical_level,
+      max_adaptive_samples=heads.max_adaptive_samples,
+      valid_hw=valid_hw,
+  )
+  if train:
+    pooled = scale_gradient(pooled, 1.0 / heads.num_stages)
+  else:  # [B, R, 7, 7, C] is large: only the inference oracle compares it
+    heads.sow("intermediates", f"stage{k}_pooled", pooled)
+  return heads.box_head[k](pooled)
+
+
 def _roi_heads_builder(cascade: bool):
   def build(model_config, *, num_classes, min_level, size_divisibility, dtype, axis_name=None):
     settings = model_kwargs(model_config)["roi_heads"]
@@ -417,6 +431,7 @@ def _roi_heads_builder(cascade: bool):
         size_divisibility=size_divisibility,
         dtype=dtype,
         axis_name=axis_name,
+        remat=model_config.remat,  # a model-wide setting (model.remat)
         **settings,
     )
 
