@@ -127,7 +127,13 @@ def help_text(declared: Tuple[Group, ...], defaults: ml_collections.ConfigDict) 
   for g in declared:
     who = f" [model.arch: {', '.join(g.families)}]" if g.families else ""
     out += ["", f"# {g.path or '(top level)'}{who} ({g.module})"]
-    out += textwrap.wrap(g.doc, 98, initial_indent="# ", subsequent_indent="# ") if g.doc else []
+    out += (
+        textwrap.wrap(
+            g.doc, 98, initial_indent="# ", subsequent_indent="# ", break_on_hyphens=False
+        )
+        if g.doc
+        else []
+    )
     prefix = f"{g.path}." if g.path else ""
     for f in g.fields:
       value = defaults
@@ -138,5 +144,11 @@ def help_text(declared: Tuple[Group, ...], defaults: ml_collections.ConfigDict) 
         out.append(f"{line}  # {f.help}" if f.help else line)
       else:  # long: wrapped below it
         out.append(line)
-        out += textwrap.wrap(f.help, 100, initial_indent="    # ", subsequent_indent="    # ")
+        out += textwrap.wrap(
+            f.help,
+            100,
+            initial_indent="    # ",
+            subsequent_indent="    # ",
+            break_on_hyphens=False,  # a help line is read back joined by spaces
+        )
   return "\n".join(out)

@@ -267,8 +267,8 @@ CONFIG = schema.group(
         "k micro-batches per optimizer step: each device's share of train.batch_size (still the "
         "optimizer batch, detectron2's IMS_PER_BATCH, which the LR scaling counts) runs as k "
         "micro-batches in sequence, their gradients summed, then one update; activation memory "
-        "is that of one micro-batch. k micro-batches on n devices equal n·k devices exactly "
-        "(batch-wide loss normalisers included; BatchNorm statistics per micro-batch). "
+        "is that of one micro-batch. k micro-batches on n devices equal n*k devices exactly "
+        "(batch-wide loss normalisers included; BatchNorm statistics per micro-batch); "
         "1 = no accumulation",
     ),
     validate=_validate_grad_accum,
