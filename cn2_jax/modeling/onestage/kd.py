@@ -147,8 +147,9 @@ def kd_losses(
 def _student_losses(module, batch, teacher_maps, settings, without_label):
   images = module.preprocess(batch["image"], batch["image_hw"])
   maps = module.maps(images, True)
-  # woGT: only the targets' ignore map is used, when the batch has crowd rows at all
-  gt = module.targets(batch) if not without_label or "gt_crowd" in batch else None
+  # woGT: only the targets' ignore map is used, when the batch has GT (crowd) rows at all
+  has_crowd = "gt_crowd" in batch and "gt_boxes" in batch
+  gt = module.targets(batch) if not without_label or has_crowd else None
   losses = {} if without_label else dict(module.losses(maps, gt))
   losses.update(kd_losses(maps, teacher_maps, settings, None if gt is None else gt["hm_ignore"]))
   return module.finish_losses(losses)  # communism (when on) rescales the KD terms too, as centerX
