@@ -86,7 +86,9 @@ def test_ignore_map_matches_the_cell_overlap_rule():
   box0 = ref_ignore_map(boxes[:1], classes[:1], [True], out_hw, c, ds, np.zeros_like(score_map))
   assert box0.sum() == 4 and box0[3:5, 2:4, classes[0]].sum() == 4
   # no ignore rows: all zeros; without gt_ignore: zeros too, and the other targets unchanged
-  none = centernet_targets(boxes, classes, valid, out_hw=out_hw, num_classes=c, down_scale=ds)
+  none = jax.jit(
+      lambda b, k, v: centernet_targets(b, k, v, out_hw=out_hw, num_classes=c, down_scale=ds)
+  )(boxes, classes, valid)
   assert float(np.asarray(none["hm_ignore"]).sum()) == 0.0
   for key in ("score_map", "wh", "reg", "reg_mask", "index"):
     np.testing.assert_array_equal(np.asarray(none[key]), np.asarray(got[key]))
@@ -95,15 +97,9 @@ def test_ignore_map_matches_the_cell_overlap_rule():
 def test_gt_peak_inside_an_ignore_region_stays_positive():
   boxes = np.array([[8, 8, 24, 24], [0, 0, 40, 40]], np.float32)
   classes = np.array([1, 1], np.int32)
-  got = centernet_targets(
-      boxes,
-      classes,
-      np.array([True, False]),
-      np.array([False, True]),
-      out_hw=(10, 10),
-      num_classes=2,
-      down_scale=4,
-  )
+  got = jax.jit(
+      lambda b, k, v, i: centernet_targets(b, k, v, i, out_hw=(10, 10), num_classes=2, down_scale=4)
+  )(boxes, classes, np.array([True, False]), np.array([False, True]))
   heat, ign = np.asarray(got["score_map"]), np.asarray(got["hm_ignore"])
   assert heat[4, 4, 1] == 1.0 and ign[4, 4, 1] == 0.0
   assert ign[..., 1].sum() == 100 - 1 and ign[..., 0].sum() == 0  # only the crowd box's class
