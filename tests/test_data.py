@@ -676,6 +676,8 @@ def test_train_loader_settings_from_config_reads_every_field(mini):
           {"sampler_train": "RepeatFactorTrainingSampler"},
       ),
       ({"data.repeat_threshold": 0.01}, {"repeat_threshold": 0.01}),
+      ({"data.resize_type": "Resize"}, {"resize_type": "Resize"}),
+      ({"data.box_min_size": 5.0}, {"box_min_size": 5.0}),
   ]
   covered = {"process_index", "process_count", "num_threads", "prefetch"}  # not in the config
   for edits, fields in changes:

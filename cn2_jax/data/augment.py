@@ -41,6 +41,15 @@ What is implemented, and how it relates to the official code (docs/onestage.md Â
   warped to an ``S x S`` canvas; box corners are clipped to ``[0, S - 1]`` as its
   ``AffineTransform.apply_coords`` does.
 
+* :func:`resize_fixed`: centerX's ``RESIZE_TYPE "Resize"`` (``dataset_mapper.build_transform_gen``:
+  detectron2 ``Resize(shape=(min_size, max_size))``): every image becomes exactly ``min_size``
+  rows by ``max_size`` columns whatever its aspect ratio (:func:`fixed_resize_hw`; in training
+  ``min_size`` is the first of ``MIN_SIZE_TRAIN``), boxes scaled by ``new / old`` per axis.
+* :func:`min_size_keep`: centerX's ``BOX_MINSIZE`` (detectron2 ``filter_empty_instances(...,
+  box_threshold)``, ``Boxes.nonempty``): after augmentation a box is kept when its width **and**
+  height are both ``> box_min_size`` px (dropped when either is ``<=``); crowd boxes (ignore
+  regions, which centerX does not load at all) are kept.
+
 Resampling: PIL bilinear in continuous coordinates, the same mapping the boxes get (the official
 ``cv2.warpAffine`` maps pixel indices, i.e. its image is shifted by ``(1 - scale) / 2`` px against
 its own boxes; here image and boxes agree).
@@ -84,6 +93,10 @@ __all__ = [
     "center_affine_matrix",
     "center_affine",
     "pad_for",
+    "RESIZE_TYPES",
+    "fixed_resize_hw",
+    "resize_fixed",
+    "min_size_keep",
 ]
 
 # detectron2 RandomLighting: ImageNet PCA (fb.resnet.torch), rows = RGB channels, cols = components.
@@ -103,6 +116,8 @@ CENTERNET_COCO_EIGVEC = np.ascontiguousarray(
         np.float32,
     )[::-1]
 )
+# data.resize_type values: detectron2 ResizeShortestEdge (transforms.py) and centerX's "Resize".
+RESIZE_TYPES = ("ResizeShortestEdge", "Resize")
 # data.color_aug values: "" = off.
 COLOR_AUG_STYLES = ("", "centerx", "centernet")
 # ITU-R 601 luma (detectron2 RandomSaturation, cv2 RGB/BGR -> GRAY), RGB order.
@@ -615,6 +630,40 @@ def pad_for(settings: Optional[AugmentSettings], max_size: int) -> Optional[int]
   return None
 
 
+# ----------------------------------------------------------------------------------------------
+# centerX RESIZE_TYPE "Resize" and BOX_MINSIZE
+# ----------------------------------------------------------------------------------------------
+def fixed_resize_hw(min_size, max_size: int) -> Tuple[int, int]:
+  """The ``(h, w)`` of centerX's ``Resize(shape=(min_size, max_size))``: ``min_size`` is an int
+  or a sequence whose first value is used (centerX ``min_size[0]``)."""
+  if not isinstance(min_size, (int, np.integer)):
+    min_size = tuple(min_size)[0]
+  return int(min_size), int(max_size)
+
+
+def resize_fixed(
+    image: np.ndarray, boxes, out_hw: Tuple[int, int]
+) -> Tuple[np.ndarray, np.ndarray]:
+  """detectron2 ``ResizeTransform`` to exactly ``out_hw = (h, w)`` (PIL bilinear), boxes scaled by
+  ``w / W`` in x and ``h / H`` in y. Returns ``(image, boxes)`` (boxes keep their count)."""
+  h, w = (int(v) for v in out_hw)
+  src_h, src_w = image.shape[:2]
+  out = image
+  if (src_h, src_w) != (h, w):
+    out = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+  factor = np.array([w / src_w, h / src_h, w / src_w, h / src_h], np.float64)
+  return out, (_as_boxes(boxes).astype(np.float64) * factor).astype(np.float32)
+
+
+def min_size_keep(boxes, crowd, box_min_size: float) -> np.ndarray:
+  """int64 indices of the boxes kept by centerX's ``BOX_MINSIZE`` rule: width > ``box_min_size``
+  and height > ``box_min_size``, or a crowd box (``crowd`` [N] bool)."""
+  b = _as_boxes(boxes)
+  crowd = np.asarray(crowd, bool).reshape(-1)
+  big = (b[:, 2] - b[:, 0] > box_min_size) & (b[:, 3] - b[:, 1] > box_min_size)
+  return np.nonzero(big | crowd)[0]
+
+
 def _validate_augment(cfg) -> None:
   try:
     aug = AugmentSettings.from_config(cfg.data).check()
@@ -624,6 +673,9 @@ def _validate_augment(cfg) -> None:
     raise ConfigError(
         "data.crop_relative_range / data.center_affine replace the resize: not with lsj"
     )
+  size = cfg.data.box_min_size
+  if isinstance(size, bool) or not isinstance(size, (int, float)) or not size >= 0:
+    raise ConfigError(f"data.box_min_size must be a number >= 0 (px), got {size!r}")
 
 
 CONFIG = schema.group(
@@ -683,5 +735,12 @@ CONFIG = schema.group(
     ),
     schema.Field("center_affine_scale_step", 0.1, "step of the scale grid; 0 = uniform"),
     schema.Field("center_affine_border", 128, "border (px) the random centre keeps"),
+    schema.Field(
+        "box_min_size",
+        0.0,
+        "centerX BOX_MINSIZE: after augmentation, GT boxes whose width or height is <= this "
+        "(px) are dropped (become background); crowd boxes are kept. 0 = only empty boxes are "
+        "dropped (every family)",
+    ),
     validate=_validate_augment,
 )

@@ -159,6 +159,8 @@ class _TrainBatcher:
       data_dir="",
       augment: Optional[AugmentSettings] = None,
       crop_around_gt: bool = True,
+      fixed_hw: Optional[Tuple[int, int]] = None,
+      box_min_size: float = 0.0,
   ):
     self.source = source  # a _ConcatSource (channel offsets, data dirs per part) or a sequence
     self.data_dir = data_dir
@@ -179,6 +181,8 @@ class _TrainBatcher:
     self.scale_per_batch = scale_per_batch
     self.process_index = process_index
     self.process_count = process_count
+    self.fixed_hw = fixed_hw  # data.resize_type "Resize": every image to this (h, w)
+    self.box_min_size = box_min_size  # data.box_min_size (0: only empty boxes are dropped)
 
   def short_sides(self, step: int) -> np.ndarray:
     """The short side of every example of the global batch of ``step``."""
@@ -263,6 +267,8 @@ class _TrainBatcher:
             aug.center_affine_border,
         )
         classes, crowd = classes[keep], crowd[keep]
+      elif self.fixed_hw is not None:
+        image, boxes = A.resize_fixed(image, boxes, self.fixed_hw)
       else:
         image, boxes = T.resize_shortest_edge(image, boxes, int(short), self.max_size)
       if aug is not None:
@@ -273,6 +279,9 @@ class _TrainBatcher:
       # detectron2 annotations_to_instances: clip to the image, drop empty boxes
       boxes = T.clip_boxes(boxes, *image.shape[:2])
       keep = np.nonzero(T.nonempty_boxes(boxes))[0]
+      boxes, classes, crowd = boxes[keep], classes[keep], crowd[keep]
+    if self.box_min_size > 0:  # centerX BOX_MINSIZE, after every augmentation
+      keep = A.min_size_keep(boxes, crowd, self.box_min_size)
       boxes, classes, crowd = boxes[keep], classes[keep], crowd[keep]
     return image, boxes, classes, crowd, image_id, orig_hw, name
 
@@ -317,9 +326,20 @@ class _EvalBatcher:
   indices, -1 = padding example)``; this process takes its slice of global batch ``k``."""
 
   def __init__(
-      self, source, plan, *, batch_size, short_size, max_size, max_boxes, process_index, data_dir=""
+      self,
+      source,
+      plan,
+      *,
+      batch_size,
+      short_size,
+      max_size,
+      max_boxes,
+      process_index,
+      data_dir="",
+      fixed_hw: Optional[Tuple[int, int]] = None,
   ):
     self.source = source
+    self.fixed_hw = fixed_hw  # data.resize_type "Resize": every image to this (h, w)
     self.data_dir = data_dir
     self.plan = plan
     self.batch_size = batch_size
@@ -339,7 +359,10 @@ class _EvalBatcher:
         continue
       image, boxes, classes, crowd, image_id, name = _load(self.source[int(i)], self.data_dir)
       orig_hw = image.shape[:2]
-      image, boxes = T.resize_shortest_edge(image, boxes, self.short_size, self.max_size)
+      if self.fixed_hw is not None:
+        image, boxes = A.resize_fixed(image, boxes, self.fixed_hw)
+      else:
+        image, boxes = T.resize_shortest_edge(image, boxes, self.short_size, self.max_size)
       _put(batch, j, image, boxes, classes, crowd, image_id, orig_hw, self.max_boxes, name)
     return batch
 

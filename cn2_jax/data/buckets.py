@@ -26,6 +26,7 @@ import numpy as np
 
 from cn2_jax import schema
 from cn2_jax.data import transforms as T
+from cn2_jax.data.augment import RESIZE_TYPES
 from cn2_jax.errors import ConfigError
 
 HW = Tuple[int, int]
@@ -141,6 +142,14 @@ def _validate_sizes(cfg) -> None:
           f"data.{name}={hw} must be () (buckets / official padding) or (H, W), "
           f"multiples of {div} (FPN size divisibility)"
       )
+  if d.resize_type not in RESIZE_TYPES:
+    raise ConfigError(f"data.resize_type must be one of {RESIZE_TYPES}, got {d.resize_type!r}")
+  if d.resize_type == "Resize" and (d.lsj or d.custom_aug not in ("", "ResizeShortestEdge")):
+    raise ConfigError(
+        "data.resize_type='Resize' is a resize; data.lsj / data.custom_aug replace the resize"
+    )
+  if d.resize_type == "Resize" and d.center_affine:
+    raise ConfigError("data.resize_type='Resize' does not combine with data.center_affine")
   ratios = tuple(d.bucket_aspect_ratios)
   if any(a < 1.0 for a in ratios) or list(ratios) != sorted(ratios):
     raise ConfigError(
@@ -177,6 +186,15 @@ CONFIG = schema.group(
     ),
     schema.Field(
         "scale_per_batch", True, "one random short side per global batch (False: per image)"
+    ),
+    schema.Field(
+        "resize_type",
+        "ResizeShortestEdge",
+        "centerX RESIZE_TYPE: 'ResizeShortestEdge' (detectron2's, the sizes above) | 'Resize': "
+        "every image resized to exactly min_size x max_size (h x w) whatever its aspect ratio, "
+        "in training (min_size_train[0] x max_size_train) and evaluation (min_size_test x "
+        "max_size_test; min_size_test 0 = no resize), on one canvas (the size rounded up to "
+        "size_divisibility); not with lsj, custom_aug or center_affine",
     ),
     validate=_validate_sizes,
 )

@@ -81,6 +81,8 @@ class TrainLoaderSettings:
   crop_around_gt: bool = True
   sampler_train: str = sampling.TRAINING_SAMPLER
   repeat_threshold: float = sampling.DEFAULT_REPEAT_THRESHOLD
+  resize_type: str = "ResizeShortestEdge"
+  box_min_size: float = 0.0
 
   @classmethod
   def from_config(
@@ -115,6 +117,8 @@ class TrainLoaderSettings:
         crop_around_gt=not cfg.kd.without_label,
         sampler_train=d.sampler_train,
         repeat_threshold=d.repeat_threshold,
+        resize_type=d.resize_type,
+        box_min_size=float(d.box_min_size),
     )
 
 
@@ -178,6 +182,30 @@ def _check_pad_hw(
         f"pad_hw {ph}x{pw} is smaller than max_size {max_size}: resized images "
         "may not fit; use pad_hw >= "
         f"{default_pad_hw(max_size, size_divisibility)}"
+    )
+  return ph, pw
+
+
+def _fixed_resize(resize_type: str, min_size, max_size: int) -> Optional[Tuple[int, int]]:
+  """The ``(h, w)`` every image is resized to with ``resize_type="Resize"`` (None: the
+  shortest-edge resize; also for a ``min_size`` of 0, which means no resize)."""
+  if resize_type not in A.RESIZE_TYPES:
+    raise ValueError(f"resize_type must be one of {A.RESIZE_TYPES}, got {resize_type!r}")
+  if resize_type != "Resize":
+    return None
+  hw = A.fixed_resize_hw(min_size, max_size)
+  return None if hw[0] == 0 else hw
+
+
+def _check_fixed_canvas(pad_hw, fixed_hw: Tuple[int, int], size_divisibility: int):
+  """The canvas of the fixed-size resize: ``pad_hw``, checked, or ``fixed_hw`` rounded up."""
+  if pad_hw is None:
+    return buckets.official_pad_hw(*fixed_hw, size_divisibility)
+  ph, pw = (int(v) for v in pad_hw)
+  if ph % size_divisibility or pw % size_divisibility or ph < fixed_hw[0] or pw < fixed_hw[1]:
+    raise ValueError(
+        f"pad_hw {ph}x{pw} must be multiples of {size_divisibility} holding the "
+        f"{fixed_hw[0]}x{fixed_hw[1]} images of resize_type 'Resize'"
     )
   return ph, pw
 
@@ -272,7 +300,14 @@ def make_train_loader(
   short_max = int(max(short_sizes))
   sizes = _split_sizes(split)
   pad_hw, size_divisibility = s.pad_hw, s.size_divisibility
-  if aug_side is not None:
+  fixed_hw = _fixed_resize(s.resize_type, short_sizes, s.max_size)
+  if fixed_hw is not None:
+    if lsj is not None or (augment is not None and augment.center_affine):
+      raise ValueError(
+          "resize_type 'Resize' does not combine with lsj / custom_aug / center_affine"
+      )
+    pad_hw = _check_fixed_canvas(pad_hw, fixed_hw, size_divisibility)
+  elif aug_side is not None:
     if pad_hw is None:
       pad_hw = default_pad_hw(aug_side, size_divisibility)
     ph, pw = (int(v) for v in pad_hw)
@@ -289,7 +324,7 @@ def make_train_loader(
           default_pad_hw(s.max_size, size_divisibility),
       )
     pad_hw = default_pad_hw(lsj.output_size if lsj is not None else s.max_size, size_divisibility)
-  if pad_hw is not None and aug_side is None:
+  if pad_hw is not None and aug_side is None and fixed_hw is None:
     pad_hw = _check_pad_hw(
         pad_hw, size_divisibility, split=split, short_max=short_max, max_size=s.max_size, lsj=lsj
     )
@@ -379,6 +414,8 @@ def make_train_loader(
       data_dir=split.data_dir,
       augment=augment,
       crop_around_gt=s.crop_around_gt,
+      fixed_hw=fixed_hw,
+      box_min_size=float(s.box_min_size),
   )
   return _run(batcher, int(start_step), sys.maxsize // 4, s.num_workers, s.num_threads, s.prefetch)
 
@@ -440,16 +477,21 @@ def eval_plan(
     pad_hw: Optional[Tuple[int, int]] = None,
     process_count: int = 1,
     size_divisibility: int = 32,
+    resize_type: str = "ResizeShortestEdge",
 ) -> list:
   """``[(canvas, source indices [batch_size * process_count], -1 = padding)]``: the global
   eval batches. With ``pad_hw=None`` every image is padded as the official test code pads it
   (``buckets.official_pad_hw`` of its resized size) and batches hold images of one canvas, in
-  source order within a canvas, canvases in order of first appearance."""
+  source order within a canvas, canvases in order of first appearance. ``resize_type="Resize"``:
+  every image is ``short_size x max_size``, so one canvas."""
   split = _as_split(source)
   n = len(split)
   gb = batch_size * process_count
   sizes = _split_sizes(split)
-  if pad_hw is None and sizes is None:
+  fixed_hw = _fixed_resize(resize_type, int(short_size), max_size)
+  if fixed_hw is not None:  # one size: one canvas (checked here, not against the sizes)
+    pad_hw = _check_fixed_canvas(pad_hw, fixed_hw, size_divisibility)
+  elif pad_hw is None and sizes is None:
     logger.warning(
         "no per-example image sizes in the metadata: evaluating on one %s canvas "
         "(results can differ slightly from the official per-image padding)",
@@ -457,14 +499,15 @@ def eval_plan(
     )
     pad_hw = default_pad_hw(max_size, size_divisibility)
   if pad_hw is not None:
-    pad_hw = _check_pad_hw(
-        pad_hw,
-        size_divisibility,
-        split=split,
-        short_max=int(short_size),
-        max_size=max_size,
-        lsj=None,
-    )
+    if fixed_hw is None:
+      pad_hw = _check_pad_hw(
+          pad_hw,
+          size_divisibility,
+          split=split,
+          short_max=int(short_size),
+          max_size=max_size,
+          lsj=None,
+      )
     keys = [pad_hw] * n
   else:
     nh, nw = T.resize_shortest_edge_shape_np(sizes[:, 0], sizes[:, 1], short_size, max_size)
@@ -498,10 +541,12 @@ def make_eval_loader(
     num_threads: int = 1,
     prefetch: int = 2,
     size_divisibility: int = 32,
+    resize_type: str = "ResizeShortestEdge",
 ) -> Iterator[Dict[str, np.ndarray]]:
   """Iterator over every example exactly once (test-time resize ``short_size``/``max_size``,
   no flip), batched by :func:`eval_plan`: by default each image on its official canvas (its
-  resized size rounded up to ``size_divisibility``), else on the fixed ``pad_hw``. Batches not
+  resized size rounded up to ``size_divisibility``), else on the fixed ``pad_hw``.
+  ``resize_type="Resize"`` (centerX): every image to exactly ``short_size x max_size``. Batches not
   filled are padded with ``batch_mask=False``. ``batch_size`` is per process; global batch
   ``k`` is split between the processes, so all of them yield the same number of batches with
   the same canvas at every step.
@@ -515,6 +560,7 @@ def make_eval_loader(
       pad_hw=pad_hw,
       process_count=process_count,
       size_divisibility=size_divisibility,
+      resize_type=resize_type,
   )
   batcher = _EvalBatcher(
       split.source,
@@ -525,6 +571,7 @@ def make_eval_loader(
       max_boxes=max_boxes,
       process_index=process_index,
       data_dir=split.data_dir,
+      fixed_hw=_fixed_resize(resize_type, int(short_size), max_size),
   )
   return _run(batcher, 0, len(plan), num_workers, num_threads, prefetch)
 

@@ -7,16 +7,22 @@ line, ``{"ID", "gtboxes": [{"tag", "fbox", "vbox", "hbox", "extra", "head_attr"}
 category, ``person``; the box is ``data.crowdhuman_box`` (``vbox`` as centerX, ``fbox`` as the
 official benchmark, or ``hbox``).  Boxes with ``tag != "person"`` ("mask": reflections, posters,
 dense crowds) or ``extra.ignore == 1`` (for ``hbox`` also ``head_attr.ignore == 1``) are ignore
-regions, as in the official evaluation (``crowdhuman_eval.crowdhuman_objects``).  *Deliberate
-departure from centerX*, which drops them (docs/datasets.md §3.2): there they are plain
-background in training and a detection on them is a false positive in its COCO evaluation.
-Image ids are the 1-based record order of the file.
+regions, as in the official evaluation (``crowdhuman_eval.crowdhuman_objects``): crowd boxes
+(``iscrowd``), which the one-stage heatmap loss leaves out of its negatives (docs/onestage.md
+§3.8).  ``data.crowdhuman_ignore_as = "person"`` is centerX's reading instead (its
+``load_crowd_instances`` keeps every ``tag == "person"`` box, ``extra.ignore`` or not, and drops
+the other tags): the ``extra.ignore`` persons become ordinary ``person`` boxes and the "mask"
+regions are dropped, in training and in the converted json the evaluation reads (a separate
+conversion, ``crowdhuman-<box>-persons``).  Image ids are the 1-based record order of the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import List, Tuple
+
+import numpy as np
 
 from cn2_jax import schema
 from cn2_jax.data import sources
@@ -48,8 +54,18 @@ def _odgt_records(path: str, where: str = "") -> List[Tuple[int, dict]]:
   return out
 
 
-def parse_crowdhuman(path: str, box: str = "vbox", *, where: str = "") -> List[SourceImage]:
-  """The images of a CrowdHuman ``.odgt`` file (category ``person``; ``<ID>.jpg``)."""
+IGNORE_AS = ("ignore", "person")  # data.crowdhuman_ignore_as values
+
+
+def parse_crowdhuman(
+    path: str, box: str = "vbox", *, where: str = "", ignore_as: str = "ignore"
+) -> List[SourceImage]:
+  """The images of a CrowdHuman ``.odgt`` file (category ``person``; ``<ID>.jpg``).
+
+  ``ignore_as``: ``"ignore"``: non-person tags and ``extra.ignore`` boxes are ignore regions;
+  ``"person"`` (centerX): every ``tag == "person"`` box is a person, the other tags are dropped."""
+  if ignore_as not in IGNORE_AS:
+    raise ValueError(f"ignore_as must be one of {IGNORE_AS}, got {ignore_as!r}")
   images, seen = [], set()
   for image_id, (lineno, rec) in enumerate(_odgt_records(path, where), 1):
     name = str(rec["ID"])
@@ -57,10 +73,14 @@ def parse_crowdhuman(path: str, box: str = "vbox", *, where: str = "") -> List[S
       raise DataError(f"{path}:{lineno}: ID {name!r} appears twice{where_suffix(where)}")
     seen.add(name)
     try:
+      if ignore_as == "person":
+        rec = {"gtboxes": [b for b in rec.get("gtboxes") or [] if b.get("tag") == "person"]}
       boxes, ignore = crowdhuman_objects(rec, box)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
       what = f"a box lacks {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
       raise DataError(f"{path}:{lineno} (ID {name!r}): {what}{where_suffix(where)}") from e
+    if ignore_as == "person":
+      ignore = np.zeros(len(boxes), bool)
     images.append(SourceImage(f"{name}.jpg", image_id, boxes, ["person"] * len(boxes), ignore))
   return images
 
@@ -76,9 +96,25 @@ FORMAT = sources.SourceFormat(
 )
 
 
+# centerX's reading (data.crowdhuman_ignore_as = "person"): its own conversion (the format name is
+# recorded with the converted files, so switching the option remakes them even under one
+# data.name) and its own default dataset name.
+FORMAT_PERSONS = dataclasses.replace(
+    FORMAT,
+    name="crowdhuman-ignore-as-person",
+    parse=lambda split: parse_crowdhuman(
+        split.annotation_file, split.box, where=split.where, ignore_as="person"
+    ),
+    default_name="crowdhuman-{box}-persons",
+)
+
+
 def prepare(data, data_dir: str, workdir: str, seed: int):
   del workdir, seed
-  return sources.prepare_from_config(data, data_dir, FORMAT)
+  if not data.root:  # (before the format: FORMAT_PERSONS's name is not a data.dataset)
+    raise ConfigError("data.root must name the dataset folder for data.dataset='crowdhuman'")
+  fmt = FORMAT_PERSONS if data.crowdhuman_ignore_as == "person" else FORMAT
+  return sources.prepare_from_config(data, data_dir, fmt)
 
 
 def official_metrics(annotation_file: str, evaluator, options) -> dict:
@@ -103,6 +139,12 @@ def check_box(where: str, box) -> None:
     raise ConfigError(f"{where}.crowdhuman_box must be one of {CROWDHUMAN_BOXES}, got {box!r}")
 
 
+def _validate(cfg) -> None:
+  value = cfg.data.crowdhuman_ignore_as
+  if value not in IGNORE_AS:
+    raise ConfigError(f"data.crowdhuman_ignore_as must be one of {IGNORE_AS}, got {value!r}")
+
+
 CONFIG = schema.group(
     "data",
     "CrowdHuman.",
@@ -111,6 +153,15 @@ CONFIG = schema.group(
         "vbox",
         "the box trained and evaluated: 'vbox' (visible, as centerX), 'fbox' (full body, the "
         "official benchmark's) or 'hbox' (head). 'mask' regions and extra.ignore boxes are "
-        "ignore regions (like COCO crowd boxes; centerX dropped them)",
+        "ignore regions (like COCO crowd boxes) unless crowdhuman_ignore_as='person'",
     ),
+    schema.Field(
+        "crowdhuman_ignore_as",
+        "ignore",
+        "'ignore': 'mask' regions and extra.ignore persons are ignore regions (crowd boxes: no "
+        "positives, no heatmap negatives, ignored by the evaluation); 'person': centerX's reading, "
+        "extra.ignore persons are ordinary persons and 'mask' regions are dropped (training and "
+        "evaluation ground truth; dataset crowdhuman-<box>-persons)",
+    ),
+    validate=_validate,
 )

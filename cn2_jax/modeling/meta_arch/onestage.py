@@ -80,9 +80,15 @@ def _validate_onestage(cfg) -> None:
       ("radius_formula", ("fixed", "cornernet")),
       ("norm_wh", ("", "centerx", "per_object")),
       ("head_init", ("centerx", "centernet")),
+      ("hm_loss", ("focal", "mse")),
   ):
     if o[key] not in allowed:
       raise ConfigError(f"model.onestage.{key} must be one of {allowed}, got {o[key]!r}")
+  if o.hm_loss == "mse" and o.ignore_unlabel:
+    raise ConfigError(
+        "model.onestage.ignore_unlabel is a focal-loss option; it cannot be combined with "
+        "hm_loss='mse'"
+    )
   targets = tuple(o.communism_targets)
   if len(targets) != 3 or not all(math.isfinite(float(v)) and float(v) > 0 for v in targets):
     raise ConfigError(
@@ -125,6 +131,12 @@ CONFIG = schema.group(
     schema.Field("reg_weight", 1.0, "offset L1 weight"),
     schema.Field(
         "norm_wh", "", "'' | 'centerx' | 'per_object' (wh loss norm, docs/onestage.md §3.4)"
+    ),
+    schema.Field(
+        "hm_loss",
+        "focal",
+        "heatmap loss: 'focal' (CornerNet's modified focal loss) | 'mse' (centerX LOSS.MSE: the "
+        "mean squared error over every heatmap element; docs/onestage.md §3.3)",
     ),
     schema.Field(
         "focal_clamp", (1e-12, None), "(lo, hi) clamp of the heatmap in the focal loss; CN: 1e-4"

@@ -12,7 +12,10 @@ Loss of teacher i (student maps `P_s, WH_s, OFF_s`, teacher maps `P_t, WH_t, OFF
   * channels: the student's `[s_i, e_i)` with `e_i = cls_index[i]`, `s_i = cls_index[i - 1]`
     (0 for i = 0); the teacher must have `e_i - s_i` classes (centerX KD_CLS_INDEX, e.g. [3, 7]:
     teacher 0 -> student channels 0:3, teacher 1 -> 3:7).
-  * `loss_kd_cls_t{i}` = w * w_cls * mean over (N, H, W, C_t) of (P_s[..., s:e] - P_t)^2.
+  * `loss_kd_cls_t{i}` = w * w_cls * mean over (N, H, W, C_t) of (P_s[..., s:e] - P_t)^2. The
+    elements in the batch's ignore regions (the GT targets' `hm_ignore[..., s:e]`, targets.py;
+    docs/onestage.md §3.8) are left out of the sum and of the count, as in the GT heatmap loss
+    (none: centerX's plain mean).
   * soft peak mask: `m = max_c pseudo_nms3x3(P_t)` (peak scores, 0 elsewhere) `[N, H, W, 1]`,
     `Z = sum(m) + 1e-4`; `D = (WH_t,x + WH_t,y) / 2 + 1e-4` per pixel when `norm_wh`, else 1.
   * `loss_kd_wh_t{i}` = w * w_wh * sum |m WH_s / D - m WH_t / D| / Z.
@@ -46,7 +49,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Callable, Dict, Mapping, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +59,7 @@ from cn2_jax.config import config_from_json
 from cn2_jax.engine import step as step_lib
 from cn2_jax.errors import ConfigError
 from cn2_jax.modeling.meta_arch import build as meta_arch_build
+from cn2_jax.modeling.onestage.losses import mse_heatmap_loss
 from cn2_jax.modeling.onestage.teachers import (  # noqa: F401  (re-exported)
     MAP_KEYS,
     centernet2_teacher_forward,
@@ -94,10 +98,15 @@ def peak_mask(teacher_cls: jax.Array) -> jax.Array:
 
 
 def kd_teacher_losses(
-    student: Mapping[str, jax.Array], teacher: Mapping[str, jax.Array], s: TeacherKD, i: int = 0
+    student: Mapping[str, jax.Array],
+    teacher: Mapping[str, jax.Array],
+    s: TeacherKD,
+    i: int = 0,
+    ignore: Optional[jax.Array] = None,
 ) -> Dict[str, jax.Array]:
   """KD terms of one teacher. `student` / `teacher`: `cls [N, H, W, C]`, `wh`, `reg` `[N, H, W, 2]`
-  (the teacher's `cls` has `s.end - s.start` channels). Returns `loss_kd_{cls,wh,reg}_t{i}`."""
+  (the teacher's `cls` has `s.end - s.start` channels); `ignore`: None or the student's
+  `[N, H, W, C]` ignore map (nonzero = no heatmap term). Returns `loss_kd_{cls,wh,reg}_t{i}`."""
   f = jnp.float32
   ps = student["cls"].astype(f)[..., s.start : s.end]
   pt = teacher["cls"].astype(f)
@@ -106,7 +115,7 @@ def kd_teacher_losses(
         f"teacher {i}: heatmap {pt.shape} does not fit the student's channels "
         f"[{s.start}, {s.end}) of {student['cls'].shape}"
     )
-  loss_cls = jnp.mean(jnp.square(ps - pt))
+  loss_cls = mse_heatmap_loss(ps, pt, None if ignore is None else ignore[..., s.start : s.end])
   m = peak_mask(pt)
   z = m.sum() + EPS
   wh_s, wh_t = student["wh"].astype(f), teacher["wh"].astype(f)
@@ -124,21 +133,25 @@ def kd_losses(
     student: Mapping[str, jax.Array],
     teachers: Sequence[Mapping[str, jax.Array]],
     settings: Sequence[TeacherKD],
+    ignore: Optional[jax.Array] = None,
 ) -> Dict[str, jax.Array]:
   """The KD terms of every teacher (see `kd_teacher_losses`)."""
   if len(teachers) != len(settings):
     raise ValueError(f"{len(teachers)} teacher outputs for {len(settings)} teacher settings")
   out = {}
   for i, (teacher, setting) in enumerate(zip(teachers, settings)):
-    out.update(kd_teacher_losses(student, teacher, setting, i))
+    out.update(kd_teacher_losses(student, teacher, setting, i, ignore))
   return out
 
 
 def _student_losses(module, batch, teacher_maps, settings, without_label):
   images = module.preprocess(batch["image"], batch["image_hw"])
   maps = module.maps(images, True)
-  losses = {} if without_label else dict(module.losses(maps, module.targets(batch)))
-  losses.update(kd_losses(maps, teacher_maps, settings))
+  # woGT: only the targets' ignore map is used, when the batch has GT (crowd) rows at all
+  has_crowd = "gt_crowd" in batch and "gt_boxes" in batch
+  gt = module.targets(batch) if not without_label or has_crowd else None
+  losses = {} if without_label else dict(module.losses(maps, gt))
+  losses.update(kd_losses(maps, teacher_maps, settings, None if gt is None else gt["hm_ignore"]))
   return module.finish_losses(losses)  # communism (when on) rescales the KD terms too, as centerX
 
 

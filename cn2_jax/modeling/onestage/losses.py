@@ -12,6 +12,12 @@
   (image, class) channel whose GT heatmap sums to 0 contributes no negative terms (positives
   unchanged), so a dataset labelled only for some classes does not teach "background" on the others.
   (It also ignores the negatives of a fully labelled image's absent classes, as centerX does.)
+  `ignore` (the targets' `hm_ignore`, docs/onestage.md §3.8): the pixels where it is 1 contribute
+  no negative term (ignore regions; positives unchanged). None (or all zeros) = centerX.
+* `mse_heatmap_loss(pred, gt, ignore)`: centerX `LOSS.MSE` (`det_loss.mse_loss`,
+  `torch.nn.MSELoss()(pred, gt)`): the mean over every element of (p - gt)^2 on the sigmoided
+  heatmap (no clamp). With `ignore`, the ignored elements are left out of the sum and of the count
+  (the mean over the others; the same value when nothing is ignored).
 * `reg_l1_loss(pred_map, index, mask, target)`: gather the prediction at `index`,
   sum |pred m / n - tgt m / n| / (sum(m) + 1e-4), m broadcast to both channels (so the
   denominator is 2 N_obj). `norm_wh` selects n: "" (1), "centerx" (the official code:
@@ -38,12 +44,14 @@ def modified_focal_loss(
     gt: jax.Array,
     clamp: Tuple[Optional[float], Optional[float]] = CENTERX_CLAMP,
     ignore_unlabel: bool = False,
+    ignore: Optional[jax.Array] = None,
 ) -> Tuple[jax.Array, jax.Array]:
   """Args:
     pred: sigmoided heatmap, any shape (e.g. `[B, H, W, C]`).
     gt: target heatmap of the same shape (peaks exactly 1).
     clamp: (lo, hi) applied to pred (None = no bound).
     ignore_unlabel: drop the negatives of all-zero GT channels (`gt` must be `[B, H, W, C]`).
+    ignore: same shape as `gt`, nonzero = no negative term there (ignore regions); None = none.
   Returns:
     (loss, num_pos): float32 scalars.
   """
@@ -61,6 +69,8 @@ def modified_focal_loss(
     if gt.ndim != 4:
       raise ValueError(f"ignore_unlabel needs a [B, H, W, C] heatmap, got shape {gt.shape}")
     neg = neg & (gt.sum(axis=(1, 2), keepdims=True) != 0)
+  if ignore is not None:
+    neg = neg & (ignore == 0)
   # Feed each log only the pixels whose term is used (a 0.5 elsewhere keeps it finite, so the
   # masked-out branch has a finite, zero-weighted gradient).
   p_pos = jnp.where(pos, p, 0.5)
@@ -73,6 +83,25 @@ def modified_focal_loss(
   neg_sum = neg_term.sum()
   loss = jnp.where(num_pos > 0, -(pos_sum + neg_sum) / jnp.maximum(num_pos, 1.0), -neg_sum)
   return loss, num_pos
+
+
+def mse_heatmap_loss(
+    pred: jax.Array, gt: jax.Array, ignore: Optional[jax.Array] = None
+) -> jax.Array:
+  """centerX `mse_loss`: mean of (pred - gt)^2 over the elements not ignored (module docstring).
+
+  Args:
+    pred: sigmoided heatmap, any shape; gt: target of the same shape.
+    ignore: same shape, nonzero = left out; None = none.
+  Returns:
+    float32 scalar.
+  """
+  f = jnp.promote_types(pred.dtype, jnp.float32)
+  sq = jnp.square(pred.astype(f) - gt.astype(f))
+  if ignore is None:
+    return sq.mean()
+  keep = (ignore == 0).astype(f)
+  return (sq * keep).sum() / jnp.maximum(keep.sum(), 1.0)
 
 
 def gather_feature(fmap: jax.Array, index: jax.Array) -> jax.Array:

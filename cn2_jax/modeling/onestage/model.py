@@ -26,6 +26,10 @@ Targets use the whole batch canvas (`image.shape[1:3]`, which must be a multiple
 `down_scale`), as centerX uses the padded batch tensor: for parity the canvas must be the official
 one (the batch's largest image rounded up to 32). On a larger canvas (a bucket) the extra rows and
 columns are extra negatives and extra BatchNorm samples; masking them is not implemented.
+
+Ignore regions: the batch's crowd rows (`gt_crowd` and not `gt_valid`) give the targets'
+`hm_ignore` (targets.py), where the heatmap loss (focal or MSE) and the distillation heatmap term
+(kd.py) have no negative term (docs/onestage.md §3.8). A batch without `gt_crowd` has none.
 """
 
 from __future__ import annotations
@@ -79,7 +83,8 @@ class CenterNetOneStage(nn.Module):
   `dcn_zero_init_offset`, `head_conv` (0 = neck channels), `bias_value`, `head_init`,
   `down_scale` (output stride). Input: `pixel_mean`, `pixel_std` ([0, 1] units), `input_format`.
   Targets/losses: `min_overlap`, `radius_formula`, `tensor_dim`, `cls_weight`, `wh_weight`,
-  `reg_weight`, `norm_wh`, `focal_clamp` ((lo, hi), None = no bound), `ignore_unlabel`
+  `reg_weight`, `norm_wh`, `hm_loss` ("focal" | "mse", centerX LOSS.MSE), `focal_clamp`
+  ((lo, hi), None = no bound), `ignore_unlabel`
   (docs/onestage.md §4.5), `communism` / `communism_targets` ((cls, wh, off); `losses.communism`).
   Decoding: `max_detections` (K), `clamp_wh` (False = official inverted boxes).
   Numerics: `bn_momentum` (Flax convention), `bn_eps`, `dtype` ("float32" | "bfloat16";
@@ -111,6 +116,7 @@ class CenterNetOneStage(nn.Module):
   wh_weight: float
   reg_weight: float
   norm_wh: str
+  hm_loss: str
   focal_clamp: Tuple[Optional[float], Optional[float]]
   ignore_unlabel: bool
   communism: bool
@@ -199,10 +205,12 @@ class CenterNetOneStage(nn.Module):
     h, w = batch["image"].shape[1:3]
     if h % self.down_scale or w % self.down_scale:
       raise ValueError(f"canvas {h}x{w} is not a multiple of down_scale {self.down_scale}")
+    crowd = batch.get("gt_crowd")
     return batch_targets(
         batch["gt_boxes"],
         batch["gt_classes"],
         batch["gt_valid"],
+        None if crowd is None else jnp.asarray(crowd, bool) & ~jnp.asarray(batch["gt_valid"], bool),
         out_hw=(h // self.down_scale, w // self.down_scale),
         num_classes=self.num_classes,
         down_scale=self.down_scale,
@@ -214,10 +222,21 @@ class CenterNetOneStage(nn.Module):
   def losses(
       self, maps: Mapping[str, jax.Array], gt: Mapping[str, jax.Array]
   ) -> Dict[str, jax.Array]:
-    """centerX `CenterNet.losses` on head maps and `targets` output."""
-    loss_cls, num_pos = loss_lib.modified_focal_loss(
-        maps["cls"], gt["score_map"], tuple(self.focal_clamp), self.ignore_unlabel
-    )
+    """centerX `CenterNet.losses` on head maps and `targets` output (`hm_loss` "mse": centerX
+    LOSS.MSE; `aux/num_pos` is still the number of GT peaks)."""
+    if self.hm_loss == "mse":
+      loss_cls = loss_lib.mse_heatmap_loss(maps["cls"], gt["score_map"], gt.get("hm_ignore"))
+      num_pos = (gt["score_map"] == 1.0).astype(jnp.float32).sum()
+    elif self.hm_loss == "focal":
+      loss_cls, num_pos = loss_lib.modified_focal_loss(
+          maps["cls"],
+          gt["score_map"],
+          tuple(self.focal_clamp),
+          self.ignore_unlabel,
+          gt.get("hm_ignore"),
+      )
+    else:
+      raise ValueError(f"hm_loss must be 'focal' or 'mse', got {self.hm_loss!r}")
     loss_wh = loss_lib.reg_l1_loss(maps["wh"], gt["index"], gt["reg_mask"], gt["wh"], self.norm_wh)
     loss_reg = loss_lib.reg_l1_loss(maps["reg"], gt["index"], gt["reg_mask"], gt["reg"])
     return {

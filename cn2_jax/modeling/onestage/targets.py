@@ -25,11 +25,19 @@ Radius R(w, h) with o = min_overlap (docs/onestage.md §3.2):
 The radius is truncated to an integer, so rounding matters at integer boundaries: the products
 that feed additions are shielded from XLA's fused multiply-add (`ops.boxes.no_fma`) so the float32
 arithmetic is torch's, operation by operation.
+
+Ignore regions (not in centerX, which drops them from the data; docs/onestage.md §3.8): the rows
+flagged `gt_ignore` (the batch's crowd boxes: COCO `iscrowd`, CrowdHuman `extra.ignore` persons
+and "mask" regions, WIDER `invalid` faces, VOC `difficult` objects) give `hm_ignore [H, W, C]`:
+1.0 on channel `class` of every output cell (i, j) whose square [j, j + 1) x [i, i + 1) overlaps
+the ignore box scaled by 1 / down_scale with positive area (x1 < j + 1 and j < x2, the same in y),
+except the GT peaks (score_map == 1), which stay positives. The heatmap losses give these cells
+no negative term. Static shape: one separable [M, H] x [M, W] x [M, C] product, no host sync.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -127,10 +135,39 @@ def draw_gaussians(
   return jnp.transpose(heat, (1, 2, 0))
 
 
+def ignore_map(
+    out_hw: Tuple[int, int],
+    boxes: jax.Array,
+    classes: jax.Array,
+    ignore: jax.Array,
+    num_classes: int,
+) -> jax.Array:
+  """`[H, W, C]` float32: 1 on channel `classes[m]` of the cells whose square overlaps box m with
+  positive area, for every m with `ignore[m]`; 0 elsewhere.
+
+  Args:
+    out_hw: (H, W) of the output map (static).
+    boxes: `[M, 4]` float32 xyxy in output-map cells (already divided by the stride).
+    classes: `[M]` int class channels (out of range: no channel).
+    ignore: `[M]` bool, the ignore regions.
+  """
+  h, w = out_hw
+  boxes = jnp.asarray(boxes, jnp.float32)
+  xs = jnp.arange(w, dtype=jnp.float32)[None, :]
+  ys = jnp.arange(h, dtype=jnp.float32)[None, :]
+  in_x = (boxes[:, 0:1] < xs + 1.0) & (xs < boxes[:, 2:3])  # [M, W]
+  in_y = (boxes[:, 1:2] < ys + 1.0) & (ys < boxes[:, 3:4])  # [M, H]
+  onehot = jax.nn.one_hot(jnp.asarray(classes, jnp.int32), num_classes, dtype=jnp.float32)
+  onehot = onehot * jnp.asarray(ignore, jnp.float32)[:, None]  # [M, C]
+  count = jnp.einsum("mh,mw,mc->hwc", in_y.astype(jnp.float32), in_x.astype(jnp.float32), onehot)
+  return (count > 0).astype(jnp.float32)
+
+
 def centernet_targets(
     gt_boxes: jax.Array,
     gt_classes: jax.Array,
     gt_valid: jax.Array,
+    gt_ignore: Optional[jax.Array] = None,
     *,
     out_hw: Tuple[int, int],
     num_classes: int,
@@ -145,10 +182,12 @@ def centernet_targets(
     gt_boxes: `[M, 4]` float32 xyxy in input pixels (of the padded canvas).
     gt_classes: `[M]` int class ids 0..C-1.
     gt_valid: `[M]` bool; invalid rows are ignored. Valid rows keep their order.
+    gt_ignore: `[M]` bool, the ignore regions (rows not valid; module docstring); None = none.
     out_hw: output map size (H_canvas // down_scale, W_canvas // down_scale).
   Returns:
     dict: `score_map [H, W, C]` float32, `wh [T, 2]`, `reg [T, 2]` float32 (x, y order),
-    `reg_mask [T]` float32, `index [T]` int32 (y * W + x), with T = tensor_dim; unused slots 0.
+    `reg_mask [T]` float32, `index [T]` int32 (y * W + x), with T = tensor_dim; unused slots 0;
+    `hm_ignore [H, W, C]` float32 (1 = no negative term; zeros when `gt_ignore` is None).
   """
   boxes = jnp.asarray(gt_boxes, jnp.float32) * jnp.float32(1.0 / down_scale)
   valid = jnp.asarray(gt_valid, bool)
@@ -166,9 +205,16 @@ def centernet_targets(
   score_map = draw_gaussians(
       out_hw, centers_int, radii, jnp.asarray(gt_classes, jnp.int32), keep, num_classes
   )
+  if gt_ignore is None:
+    hm_ignore = jnp.zeros_like(score_map)
+  else:
+    ignore = jnp.asarray(gt_ignore, bool) & ~valid
+    inside = ignore_map(out_hw, boxes, gt_classes, ignore, num_classes)
+    hm_ignore = jnp.where(score_map == 1.0, 0.0, inside)
   t = tensor_dim
   return {
       "score_map": score_map,
+      "hm_ignore": hm_ignore,
       "wh": jnp.zeros((t, 2), jnp.float32).at[slot].set(wh, mode="drop"),
       "reg": jnp.zeros((t, 2), jnp.float32).at[slot].set(reg, mode="drop"),
       "reg_mask": jnp.zeros((t,), jnp.float32).at[slot].set(1.0, mode="drop"),
@@ -177,8 +223,15 @@ def centernet_targets(
 
 
 def batch_targets(
-    gt_boxes: jax.Array, gt_classes: jax.Array, gt_valid: jax.Array, **kwargs
+    gt_boxes: jax.Array,
+    gt_classes: jax.Array,
+    gt_valid: jax.Array,
+    gt_ignore: Optional[jax.Array] = None,
+    **kwargs,
 ) -> Dict[str, jax.Array]:
   """`centernet_targets` vmapped over `[B, M, ...]` inputs (same keyword arguments)."""
-  fn = lambda b, c, v: centernet_targets(b, c, v, **kwargs)  # noqa: E731
-  return jax.vmap(fn)(gt_boxes, gt_classes, gt_valid)
+  if gt_ignore is None:
+    fn = lambda b, c, v: centernet_targets(b, c, v, **kwargs)  # noqa: E731
+    return jax.vmap(fn)(gt_boxes, gt_classes, gt_valid)
+  fn = lambda b, c, v, i: centernet_targets(b, c, v, i, **kwargs)  # noqa: E731
+  return jax.vmap(fn)(gt_boxes, gt_classes, gt_valid, gt_ignore)
