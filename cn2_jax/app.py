@@ -384,7 +384,9 @@ def train(
 
   def train_batches(start_step: int):
     for batch in loader_fn(start_step):
-      yield {k: batch[k] for k in ("image", "image_hw", "gt_boxes", "gt_classes", "gt_valid")}
+      # gt_crowd: ignore regions (the one-stage heatmap loss leaves them out of its negatives)
+      keys = ("image", "image_hw", "gt_boxes", "gt_classes", "gt_valid", "gt_crowd")
+      yield {k: batch[k] for k in keys if k in batch}
 
   model = detector.build_model(cfg.model)
   load_pretrained = None
@@ -570,6 +572,7 @@ def _eval_split(cfg, eval_step, variables, mesh, split, evaluator, offset: int, 
       num_workers=d.num_workers,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      resize_type=d.resize_type,
   ):
     dets = eval_step(variables, step_lib.shard_batch({k: batch[k] for k in EVAL_KEYS}, mesh))
     if jax.process_count() > 1:

@@ -454,6 +454,7 @@ def _metadata(
       category_ids=predictor.category_ids,
       preprocess=dict(
           image="RGB uint8 at the top-left of a zero canvas",
+          resize_type=data_cfg.resize_type,
           min_size_test=int(data_cfg.min_size_test),
           max_size_test=int(data_cfg.max_size_test),
       ),

@@ -28,7 +28,7 @@ import numpy as np
 
 from cn2_jax import schema
 from cn2_jax.config import config_from_json
-from cn2_jax.data import buckets, transforms
+from cn2_jax.data import augment, buckets, transforms
 from cn2_jax.data.coco_classes import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
 from cn2_jax.errors import DataError, InputFileError
 from cn2_jax.modeling import detector
@@ -109,9 +109,14 @@ class Predictor:
   def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     data_cfg = self.config.data
     h, w = image.shape[:2]
-    resized, _ = transforms.resize_shortest_edge(
-        image, np.zeros((0, 4), np.float32), (data_cfg.min_size_test,), data_cfg.max_size_test
-    )
+    no_boxes = np.zeros((0, 4), np.float32)
+    fixed_hw = augment.fixed_resize_hw(data_cfg.min_size_test, data_cfg.max_size_test)
+    if data_cfg.resize_type == "Resize" and fixed_hw[0] > 0:  # centerX: exactly that size
+      resized, _ = augment.resize_fixed(image, no_boxes, fixed_hw)
+    else:
+      resized, _ = transforms.resize_shortest_edge(
+          image, no_boxes, (data_cfg.min_size_test,), data_cfg.max_size_test
+      )
     canvas = tuple(data_cfg.pad_hw_test) or buckets.official_pad_hw(
         *resized.shape[:2], data_cfg.size_divisibility
     )

@@ -5,6 +5,7 @@ detectron2 `Boxes.nonempty(threshold)`: kept when w > t and h > t) and `model.on
 numpy reference written from the centerX / detectron2 code, through the loaders where they act."""
 
 import io
+import types
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from cn2_jax.data import augment as A
 from cn2_jax.data import pipeline as P
 from cn2_jax.errors import ConfigError
 from cn2_jax.modeling.onestage import losses as L
+from cn2_jax.predictor import Predictor
 
 SIZES = [(40, 60), (50, 30), (36, 44), (30, 80)]  # (h, w): landscape, portrait, ...
 BOXES = [
@@ -136,6 +138,26 @@ def test_eval_loader_resize_to_a_fixed_size():
   assert {i: tuple(plain["image_hw"][j]) for i, j in _rows(plain).items()} == {
       i: SIZES[i] for i in range(3)
   }
+
+
+def test_predictor_resizes_as_the_eval_loader():
+  """The notebook Predictor (and so predict, pseudo_label and export) preprocesses like the
+  evaluation: with resize_type="Resize" every image to exactly min_size_test x max_size_test."""
+  cfg = base_config()
+  cfg.data.min_size_test, cfg.data.max_size_test = 24, 40
+  image = np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)
+  for resize_type, resized_hw in (("Resize", (24, 40)), ("ResizeShortestEdge", (24, 40))):
+    cfg.data.resize_type = resize_type
+    padded, image_hw, orig_hw = Predictor.preprocess(types.SimpleNamespace(config=cfg), image)
+    assert tuple(image_hw[0]) == resized_hw and tuple(orig_hw[0]) == (30, 50)
+  tall = image[:, :20]  # 30x20: the shortest-edge resize keeps the aspect, Resize does not
+  cfg.data.resize_type = "Resize"
+  padded, image_hw, _ = Predictor.preprocess(types.SimpleNamespace(config=cfg), tall)
+  assert tuple(image_hw[0]) == (24, 40)
+  np.testing.assert_array_equal(padded[0, :24, :40], ref_resize(tall, np.zeros((0, 4)), 24, 40)[0])
+  cfg.data.resize_type = "ResizeShortestEdge"
+  _, image_hw, _ = Predictor.preprocess(types.SimpleNamespace(config=cfg), tall)
+  assert tuple(image_hw[0]) == (36, 24)
 
 
 # ------------------------------------------------------------------------------ BOX_MINSIZE

@@ -380,7 +380,7 @@ def test_train_wires_the_mixture(data, tmp_path, monkeypatch):
   assert seen["n"] == 6 + 4 + 3  # woGT: the empty people image counts
   classes = []
   for b in seen["batches"]:
-    assert set(b) == {"image", "image_hw", "gt_boxes", "gt_classes", "gt_valid"}
+    assert set(b) == {"image", "image_hw", "gt_boxes", "gt_classes", "gt_valid", "gt_crowd"}
     classes += b["gt_classes"][b["gt_valid"]].tolist()
   assert set(classes) == {0, 1}
   with open(tmp_path / "dataset_info.json") as f:

@@ -146,6 +146,7 @@ DATA_SOURCE_KEYS = (
     "eval_split",
     "classes",
     "crowdhuman_box",
+    "crowdhuman_ignore_as",
     "synthetic_num_train",
     "synthetic_num_val",
     "synthetic_image_size",
@@ -170,7 +171,7 @@ def _check_classes(where: str, classes) -> None:
 def _check_source(where: str, src, num_classes: int, *, evaluated: bool) -> None:
   """One dataset description (`data`, or an entry merged onto the schema defaults)."""
   kind = catalog.get(src["dataset"], field=f"{where}.dataset")
-  crowdhuman.check_box(where, src["crowdhuman_box"])
+  crowdhuman.check_source(where, src)
   _check_classes(where, src["classes"])
   offset = src["channel_offset"]
   if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:

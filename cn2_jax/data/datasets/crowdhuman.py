@@ -132,17 +132,15 @@ register(
 )
 
 
-def check_box(where: str, box) -> None:
-  """`<where>.crowdhuman_box` is a CrowdHuman box type. data.mixture's check of every dataset
-  description (`data` and each entry) calls it, so there is one check for all of them."""
+def check_source(where: str, source) -> None:
+  """The CrowdHuman settings of one dataset description (`data`, or a data.mixture /
+  data.extra_eval entry: each may read CrowdHuman its own way). data.mixture's check of every
+  description calls it, so there is one check for all of them."""
+  box, ignore_as = source["crowdhuman_box"], source["crowdhuman_ignore_as"]
   if box not in CROWDHUMAN_BOXES:
     raise ConfigError(f"{where}.crowdhuman_box must be one of {CROWDHUMAN_BOXES}, got {box!r}")
-
-
-def _validate(cfg) -> None:
-  value = cfg.data.crowdhuman_ignore_as
-  if value not in IGNORE_AS:
-    raise ConfigError(f"data.crowdhuman_ignore_as must be one of {IGNORE_AS}, got {value!r}")
+  if ignore_as not in IGNORE_AS:
+    raise ConfigError(f"{where}.crowdhuman_ignore_as must be one of {IGNORE_AS}, got {ignore_as!r}")
 
 
 CONFIG = schema.group(
@@ -163,5 +161,4 @@ CONFIG = schema.group(
         "extra.ignore persons are ordinary persons and 'mask' regions are dropped (training and "
         "evaluation ground truth; dataset crowdhuman-<box>-persons)",
     ),
-    validate=_validate,
 )
