@@ -1,7 +1,8 @@
 """One-stage CenterNet ("Objects as Points") as centerX builds it, arch "onestage".
 
-torchvision ResNet C5 (or a pycls RegNet, `model.onestage.backbone`) -> 3 DeconvLayers (DCNv2) -> cls / wh / reg heads -> in-graph decode
-(`cn2_jax/modeling/onestage/`; docs/onestage.md §2-§3). Settings: `config.model.onestage` plus the
+torchvision ResNet C5 (or a pycls RegNet's s4, `model.onestage.backbone`) -> 3 DeconvLayers
+(DCNv2) -> cls / wh / reg heads -> in-graph decode (`cn2_jax/modeling/onestage/`;
+docs/onestage.md §2-§3). Settings: `config.model.onestage` plus the
 shared `num_classes`, `resnet_depth`, `resnet_width`, `dtype`. Trainable BatchNorm: variables are
 `{'params', 'batch_stats'}`; training applies the model with `mutable=['batch_stats']`. Nothing is
 frozen (centerX trains every stage).

@@ -79,8 +79,7 @@ class CenterNetOneStage(nn.Module):
 
   Architecture: `num_classes`, `backbone_name` ("resnet" or a `regnet.REGNETS` name; the setting
   `model.onestage.backbone`), `depth` (18/34/50/101), `backbone_width` (both ResNet only),
-  `deconv_channels`
-  (outputs of deconv1..3), `deconv_kernels`, `use_deform`, `modulate_deform`,
+  `deconv_channels` (outputs of deconv1..3), `deconv_kernels`, `use_deform`, `modulate_deform`,
   `dcn_zero_init_offset`, `head_conv` (0 = neck channels), `bias_value`, `head_init`,
   `down_scale` (output stride). Input: `pixel_mean`, `pixel_std` ([0, 1] units), `input_format`.
   Targets/losses: `min_overlap`, `radius_formula`, `tensor_dim`, `cls_weight`, `wh_weight`,
@@ -90,8 +89,8 @@ class CenterNetOneStage(nn.Module):
   Numerics: `bn_momentum` (Flax convention), `bn_eps`, `dtype` ("float32" | "bfloat16";
   "float64" under `jax.enable_x64` only). `sync_bn`: BatchNorm statistics over `axis_name` (the
   data axis the train step sets with `clone(axis_name=...)`); False = per-device statistics.
-  `remat` (the shared `config.model.remat`): the ResNet's blocks (and stem) are rematerialised in
-  training (`ResNet.remat`); the neck and head keep their activations.
+  `remat` (the shared `config.model.remat`): the backbone's blocks (and stem) are rematerialised in
+  training (`ResNet.remat`, `RegNet.remat`); the neck and head keep their activations.
   """
 
   num_classes: int
