@@ -7,6 +7,8 @@ Usage:
   python -m cn2_jax.convert --src R-50.pkl --out /ckpt/r50_imagenet --backbone-only
   python -m cn2_jax.convert --src centerx_r18.pth --out /ckpt/centerx_r18
   python -m cn2_jax.convert --src resnet18.pth --out /ckpt/r18 --config CFG --backbone-only
+  python -m cn2_jax.convert --src RegNetX-400MF_dds_8gpu.pyth --out /ckpt/rx400 --config CFG \
+      --backbone-only        (CFG: model.arch='onestage', model.onestage.backbone='RegNetX-400MF')
 
 The checkpoint's format is detected from its keys (`detect_checkpoint`) and picks the family
 (`FORMATS`); `--family` checks it, and chooses the family of torchvision ImageNet weights (which
@@ -71,20 +73,21 @@ FORMATS = {
     ),
     "centerx": Format(("onestage",), False, "centerX one-stage CenterNet"),
     "xingyizhou": Format(("onestage",), False, "xingyizhou/CenterNet resdcn"),
+    "pycls": Format(("onestage",), True, "pycls ImageNet RegNet"),
 }
 _ONESTAGE_PREFIXES = ("upsample.", "head.", "deconv_layers.", "hm.")
 
 
 def detect_checkpoint(sd) -> str:
   """The checkpoint's format (a key of `FORMATS`) from its key names."""
-  if any(key.startswith(_ONESTAGE_PREFIXES) for key in sd):
-    return onestage_weights.detect_format(sd)  # centerx | xingyizhou
+  if onestage_weights.is_pycls(sd) or any(key.startswith(_ONESTAGE_PREFIXES) for key in sd):
+    return onestage_weights.detect_format(sd)  # pycls | centerx | xingyizhou
   try:
     return detect_format(sd)  # detectron2 | msra_c2 | torchvision
   except ConversionError as e:
     raise ConversionError(
-        f"{e}; nor centerX (backbone./upsample./head.) or xingyizhou/CenterNet resdcn "
-        "(deconv_layers./hm./wh./reg.) one-stage names"
+        f"{e}; nor centerX (backbone./upsample./head.), xingyizhou/CenterNet resdcn "
+        "(deconv_layers./hm./wh./reg.) or pycls RegNet (stem.conv./s1.b1.) one-stage names"
     ) from None
 
 
@@ -143,7 +146,8 @@ def main(argv=None) -> int:
       prog="python -m cn2_jax.convert",
       description="Convert official weights to a cn2_jax Orbax checkpoint: detectron2 / "
       "CenterNet2 and ImageNet ResNet (MSRA, torchvision) weights for CenterNet2; centerX, "
-      "xingyizhou/CenterNet resdcn and torchvision ResNet weights for the one-stage CenterNet. "
+      "xingyizhou/CenterNet resdcn, torchvision ResNet and pycls RegNet weights for the one-stage "
+      "CenterNet. "
       "The format (and with it the family) is detected from the checkpoint's keys.",
   )
   parser.add_argument("--src", required=True, help=".pth / .pkl checkpoint")

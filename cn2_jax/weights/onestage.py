@@ -5,9 +5,11 @@ The command line is `python -m cn2_jax.convert` (one CLI for every family: it de
 and dispatches here). Files are read with `cn2_jax.weights.load_checkpoint_file` (restricted
 unpickler, torch never imported; a common `module.` prefix is stripped there). Then:
   1. `detect_format(sd)`: 'centerx' (`backbone.*`, `upsample.*`, `head.*`), 'xingyizhou'
-     (CenterNet `resdcn_*`: `conv1`, `layerN`, `deconv_layers.*`, `hm/wh/reg.{0,2}`) or
-     'torchvision' (ImageNet ResNet: backbone only).
-  2. `to_centerx_names(sd, fmt)`: renames to centerX keys (dropping `fc.*`).
+     (CenterNet `resdcn_*`: `conv1`, `layerN`, `deconv_layers.*`, `hm/wh/reg.{0,2}`),
+     'torchvision' (ImageNet ResNet: backbone only) or 'pycls' (ImageNet RegNet, the `model_state`
+     of a pycls `.pyth`: `stem.conv.*`, `s1.b1.f.a.*`, ..., `head.fc.*`; backbone only).
+  2. `to_centerx_names(sd, fmt)`: renames to centerX keys (dropping `fc.*` / `head.fc.*`; pycls
+     keys only get the `backbone.` prefix, as centerX's `build_regnet` loads them).
   3. `convert_onestage(sd, target_variables)`: maps every key onto the target tree and reports
      mapped / missing / unexpected / mis-shaped / dropped keys, one line each; anything but a
      complete, exact mapping raises `ConversionError` (with `.report`).
@@ -17,7 +19,9 @@ torchvision's module names as detectron2's, `_model_module`):
   * backbone modules (the shared ResNet of `modeling/backbone/resnet.py`): detectron2's
     convert-torchvision-to-d2 renaming, `conv1` -> `stem.conv1`, `bn1` -> `stem.conv1.norm`,
     `layer<k>.<i>` -> `res<k+1>.<i>`, `bn<t>` -> `conv<t>.norm`, `downsample.0` -> `shortcut`,
-    `downsample.1` -> `shortcut.norm`; the neck (`upsample.*`) and head (`head.*`) keep theirs;
+    `downsample.1` -> `shortcut.norm`; a RegNet backbone (`modeling/backbone/regnet.py`, pycls
+    names `stem.conv`, `stem.bn`, `s<k>.b<i>.*`) keeps its names, and so do the neck
+    (`upsample.*`) and the head (`head.*`);
   * conv `weight` [O, I, kh, kw] -> params `kernel` [kh, kw, I, O] (transpose (2, 3, 1, 0));
   * ConvTranspose2d `weight` [I, O, kh, kw] (modules named in `neck.TRANSPOSED_CONV_NAMES`,
     i.e. `up_sample`) -> params `kernel` [kh, kw, I, O] (transpose (2, 3, 0, 1), no flip; the
@@ -45,6 +49,7 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import numpy as np
 
+from cn2_jax.modeling.backbone.regnet import REGNETS, regnet_stages
 from cn2_jax.modeling.backbone.resnet import BLOCKS_BY_DEPTH
 from cn2_jax.weights import ConversionError, StateDict, load_checkpoint_file
 from cn2_jax.weights.flax_mapping import _index, _key_str
@@ -57,6 +62,7 @@ __all__ = [
     "detect_format",
     "export_state_dict",
     "infer_model_config",
+    "is_pycls",
     "load_onestage_weights",
     "named_flax_tensors",
     "official_named_tensors",
@@ -64,9 +70,12 @@ __all__ = [
     "torch_key_of",
 ]
 
-FORMATS = ("centerx", "xingyizhou", "torchvision")
+FORMATS = ("centerx", "xingyizhou", "torchvision", "pycls")
 _CENTERX_HEADS = ("backbone.", "upsample.", "head.")
 _BACKBONE = "backbone."
+# pycls RegNet module names (relative to the backbone): kept as they are.
+_PYCLS_MODULE = re.compile(r"^(stem\.(conv|bn)|s\d+\.b\d+)(\.|$)")
+_PYCLS_CLASSIFIER = "head.fc."
 _TRANSPOSED = ("up_sample",)  # == onestage.neck.TRANSPOSED_CONV_NAMES (checked in the tests)
 
 
@@ -75,8 +84,15 @@ _TRANSPOSED = ("up_sample",)  # == onestage.neck.TRANSPOSED_CONV_NAMES (checked 
 # ----------------------------------------------------------------------------------------------
 
 
+def is_pycls(sd) -> bool:
+  """A pycls ImageNet RegNet state dict (`stem.conv.weight`, `s1.b1.*`, optionally `head.fc.*`)."""
+  return "stem.conv.weight" in sd and any(key.startswith("s1.b1.") for key in sd)
+
+
 def detect_format(sd) -> str:
   keys = list(sd)
+  if is_pycls(sd):  # before centerX: pycls's classifier is `head.fc.*`
+    return "pycls"
   if any(key.startswith(_CENTERX_HEADS) for key in keys):
     return "centerx"
   if any(key.startswith(("deconv_layers.", "hm.")) for key in keys):
@@ -86,7 +102,7 @@ def detect_format(sd) -> str:
   raise ConversionError(
       f"unrecognised checkpoint naming ({len(keys)} keys, e.g. {keys[:8]}): "
       "expected centerX (backbone./upsample./head.), xingyizhou/CenterNet "
-      "resdcn or torchvision ResNet names"
+      "resdcn, torchvision ResNet or pycls RegNet names"
   )
 
 
@@ -143,6 +159,22 @@ def to_centerx_names(sd, fmt: str) -> StateDict:
         "torchvision ImageNet ResNet: backbone only; the model must use "
         "input_format='RGB', pixel_mean=(0.485, 0.456, 0.406), "
         "pixel_std=(0.229, 0.224, 0.225) (centerX's defaults)"
+    )
+  elif fmt == "pycls":
+    for key, value in sd.items():
+      if key.startswith(_PYCLS_CLASSIFIER):
+        dropped.append((key, "ImageNet classifier"))
+        continue
+      if not _PYCLS_MODULE.match(key):
+        bad.append(key)
+        continue
+      out[_BACKBONE + key] = value
+      renamed[_BACKBONE + key] = key
+    notes.append(
+        "pycls ImageNet RegNet: backbone only; the model must use model.onestage.backbone = "
+        "this RegNet. pycls trained on BGR input with (0.406, 0.456, 0.485) / (0.225, 0.224, "
+        "0.229); centerX's RegNet yamls feed RGB with (0.485, 0.456, 0.406) / (0.229, 0.224, "
+        "0.225) (this family's defaults)"
     )
   elif fmt == "xingyizhou":
     if not any(key.startswith("deconv_layers.") and "conv_offset_mask" in key for key in sd):
@@ -255,7 +287,8 @@ def _model_module(centerx_module: str) -> str:
   """centerX module name -> the model's module path: torchvision backbone names become the
   shared ResNet's detectron2 names (`backbone.layer1.0.bn1` -> `backbone.res2.0.conv1.norm`)."""
   if centerx_module.startswith(_BACKBONE):
-    return _BACKBONE + _torchvision_name(centerx_module[len(_BACKBONE) :])
+    name = centerx_module[len(_BACKBONE) :]
+    return _BACKBONE + (name if _PYCLS_MODULE.match(name) else _torchvision_name(name))
   return centerx_module
 
 
@@ -265,6 +298,8 @@ def _centerx_module(model_module: str) -> str:
   if not model_module.startswith(_BACKBONE):
     return model_module
   name = model_module[len(_BACKBONE) :]
+  if _PYCLS_MODULE.match(name):
+    return model_module
   name = re.sub(r"^stem\.conv1\.norm(?=\.|$)", "bn1", name)
   name = re.sub(r"^stem\.", "", name)
   name = re.sub(r"^res([2-5])(?=\.|$)", lambda m: f"layer{int(m.group(1)) - 1}", name)
@@ -443,9 +478,42 @@ def export_state_dict(variables, *, collections=("params", "batch_stats")) -> Di
   return out
 
 
-def infer_model_config(sd) -> Dict[str, Any]:
-  """Architecture options of `CenterNetOneStage` read off a centerX-named state dict: depth,
-  backbone_width, num_classes, deconv_channels, use_deform, modulate_deform, head_conv."""
+def _regnet_signature(stages, se: bool) -> tuple:
+  """(per stage: (blocks, width, group width), SE) of a RegNet."""
+  return tuple((s.depth, s.width, s.group_w) for s in stages), se
+
+
+def infer_regnet(sd, prefix: str = _BACKBONE) -> str:
+  """The `REGNETS` name of the RegNet whose weights `sd` holds under `prefix` (per-stage blocks,
+  widths, group widths and SE read off the keys and shapes)."""
+  blocks, widths, group_ws, se = {}, {}, {}, False
+  for key in sd:
+    match = re.match(rf"^{re.escape(prefix)}s(\d+)\.b(\d+)\.(.+)$", key)
+    if not match:
+      continue
+    stage, i, rest = int(match.group(1)), int(match.group(2)), match.group(3)
+    blocks[stage] = max(blocks.get(stage, 0), i)
+    se |= rest.startswith("f.se.")
+    if i == 1 and rest == "f.c.weight":
+      widths[stage] = int(np.shape(sd[key])[0])
+    if i == 1 and rest == "f.b.weight":
+      group_ws[stage] = int(np.shape(sd[key])[1])
+  stages = sorted(blocks)
+  found = (
+      tuple((blocks[s], widths.get(s), group_ws.get(s)) for s in stages),
+      se,
+  )
+  for name, params in REGNETS.items():
+    if _regnet_signature(regnet_stages(params), params.se_r > 0) == found:
+      return name
+  raise ConversionError(
+      f"RegNet weights with (blocks, width, group width) per stage {found[0]} and "
+      f"{'' if se else 'no '}SE are none of the known RegNets {sorted(REGNETS)}"
+  )
+
+
+def _infer_resnet(sd) -> Dict[str, Any]:
+  """depth and backbone_width of a centerX (torchvision-named) ResNet backbone."""
   blocks = {}
   bottleneck = False
   for key in sd:
@@ -459,6 +527,17 @@ def infer_model_config(sd) -> Dict[str, Any]:
   depth = [candidate for candidate, spec in BLOCKS_BY_DEPTH.items() if spec == (kind, counts)]
   if not depth:
     raise ConversionError(f"cannot infer the ResNet depth from {kind} blocks {counts}")
+  return dict(depth=depth[0], backbone_width=int(np.shape(sd["backbone.conv1.weight"])[0]))
+
+
+def infer_model_config(sd) -> Dict[str, Any]:
+  """Architecture options of `CenterNetOneStage` read off a centerX-named state dict:
+  backbone_name (a RegNet; absent for the default ResNet) or depth and backbone_width (ResNet),
+  num_classes, deconv_channels, use_deform, modulate_deform, head_conv."""
+  if _BACKBONE + "stem.conv.weight" in sd:  # centerX build_regnet
+    backbone = dict(backbone_name=infer_regnet(sd))
+  else:
+    backbone = _infer_resnet(sd)
   channels, deform, modulate = [], None, None
   for i in (1, 2, 3):
     prefix = f"upsample.deconv{i}."
@@ -474,8 +553,7 @@ def infer_model_config(sd) -> Dict[str, Any]:
   if "head.cls_head.out_conv.weight" not in sd:
     raise ConversionError("head.cls_head.out_conv.weight missing")
   return dict(
-      depth=depth[0],
-      backbone_width=int(np.shape(sd["backbone.conv1.weight"])[0]),
+      **backbone,
       num_classes=int(np.shape(sd["head.cls_head.out_conv.weight"])[0]),
       deconv_channels=tuple(channels),
       use_deform=bool(deform),
@@ -494,10 +572,10 @@ def load_onestage_weights(path_or_sd, target_variables, *, backbone_only: Option
   fmt = detect_format(sd)
   sd = to_centerx_names(sd, fmt)
   if backbone_only is None:
-    backbone_only = fmt == "torchvision"
-  if fmt == "torchvision" and not backbone_only:
+    backbone_only = fmt in ("torchvision", "pycls")
+  if fmt in ("torchvision", "pycls") and not backbone_only:
     raise ConversionError(
-        "torchvision ImageNet weights hold a backbone only: pass " "backbone_only=True"
+        f"{fmt} ImageNet weights hold a backbone only: pass " "backbone_only=True"
     )
   return convert_onestage(sd, target_variables, backbone_only=backbone_only)
 

@@ -386,6 +386,8 @@ def _select_state_dict(path: Path, obj: Any) -> tuple[Any, dict]:
     return obj["blobs"], info
   if "state_dict" in obj and isinstance(obj["state_dict"], dict):  # xingyizhou/CenterNet files
     return obj["state_dict"], info
+  if "model_state" in obj and isinstance(obj["model_state"], dict):  # pycls .pyth files
+    return obj["model_state"], info
   return obj, info
 
 
@@ -411,8 +413,8 @@ def _finish_torch(path, obj, read_storages, container):
 def load_checkpoint_file(path) -> StateDict:
   """Reads a `.pth` (torch zip or legacy format) or `.pkl` checkpoint into `{name: ndarray}`.
 
-  The format is detected from the file content, not the suffix. A `model` (or caffe2 `blobs`)
-  entry is used when present; `__author__` / `matching_heuristics` go to `.info`. A common
+  The format is detected from the file content, not the suffix. A `model` (or caffe2 `blobs`,
+  xingyizhou/CenterNet `state_dict`, pycls `model_state`) entry is used when present; `__author__` / `matching_heuristics` go to `.info`. A common
   `module.` prefix (DataParallel) is stripped. Non-array entries raise `ConversionError`, and so
   does any unreadable file; the message names the file.
   """

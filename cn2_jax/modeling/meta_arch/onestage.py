@@ -1,7 +1,8 @@
 """One-stage CenterNet ("Objects as Points") as centerX builds it, arch "onestage".
 
-torchvision ResNet C5 -> 3 DeconvLayers (DCNv2) -> cls / wh / reg heads -> in-graph decode
-(`cn2_jax/modeling/onestage/`; docs/onestage.md §2-§3). Settings: `config.model.onestage` plus the
+torchvision ResNet C5 (or a pycls RegNet's s4, `model.onestage.backbone`) -> 3 DeconvLayers
+(DCNv2) -> cls / wh / reg heads -> in-graph decode (`cn2_jax/modeling/onestage/`;
+docs/onestage.md §2-§3). Settings: `config.model.onestage` plus the
 shared `num_classes`, `resnet_depth`, `resnet_width`, `dtype`. Trainable BatchNorm: variables are
 `{'params', 'batch_stats'}`; training applies the model with `mutable=['batch_stats']`. Nothing is
 frozen (centerX trains every stage).
@@ -14,6 +15,7 @@ from typing import Optional
 
 from cn2_jax import schema
 from cn2_jax.errors import ConfigError, ConversionError
+from cn2_jax.modeling.backbone.regnet import REGNETS
 from cn2_jax.modeling.meta_arch.build import ClassParams, WeightFormat, build_model, register
 from cn2_jax.modeling.onestage import teachers
 from cn2_jax.modeling.onestage.model import (
@@ -54,13 +56,16 @@ def convert_checkpoint(sd, fmt: str, *, seed: int, backbone_only: bool, model_co
     # the last conv of the class heatmap head: one output channel per class
     class_params=ClassParams(r"params/head/cls_head/out_conv/(kernel|bias)", background_last=False),
     display_name="one-stage CenterNet (centerX)",
-    # centerX and xingyizhou/CenterNet checkpoints, torchvision ImageNet backbones
+    # centerX and xingyizhou/CenterNet checkpoints, torchvision / pycls ImageNet backbones
     weights=WeightFormat(
         convert=onestage_weights.load_onestage_weights,
         named_tensors=onestage_weights.official_named_tensors,
         convert_checkpoint=convert_checkpoint,
         fields_by_path=(
-            ("/backbone/", "model.resnet_depth or model.resnet_width"),
+            (
+                "/backbone/",
+                "model.onestage.backbone (a RegNet), model.resnet_depth or model.resnet_width",
+            ),
             ("/upsample/", "model.onestage.deconv_channels, use_deform or modulate_deform"),
             ("/head/", "model.onestage.head_conv or model.onestage.deconv_channels"),
         ),
@@ -76,6 +81,7 @@ def build(config, axis_name: Optional[str] = None) -> CenterNetOneStage:
 def _validate_onestage(cfg) -> None:
   o = cfg.model.onestage
   for key, allowed in (
+      ("backbone", ("resnet",) + tuple(REGNETS)),
       ("input_format", ("RGB", "BGR")),
       ("radius_formula", ("fixed", "cornernet")),
       ("norm_wh", ("", "centerx", "per_object")),
@@ -101,6 +107,12 @@ CONFIG = schema.group(
     "One-stage CenterNet as centerX builds it (arch 'onestage', modeling/onestage/; "
     "docs/onestage.md §2-§3; defaults = centerX `centernet_res18_coco_0.5.yaml`). Of the other "
     "model keys this family reads num_classes, dtype, resnet_depth and resnet_width.",
+    schema.Field(
+        "backbone",
+        "resnet",
+        "'resnet' (model.resnet_depth / resnet_width, torchvision style) or a pycls RegNet "
+        f"({', '.join(REGNETS)}; centerX build_regnet, docs/onestage.md §2.6)",
+    ),
     schema.Field(
         "input_format", "RGB", "torchvision / centerX weights; 'BGR' for xingyizhou/CenterNet"
     ),

@@ -1,9 +1,11 @@
-"""centerX one-stage CenterNet: ResNet C5 -> 3 DeconvLayers (stride 4) -> cls / wh / reg heads
-(docs/onestage.md §2-§3; centerX `modeling/meta_arch/centernet.py`).
+"""centerX one-stage CenterNet: ResNet C5 (or RegNet s4) -> 3 DeconvLayers (stride 4) -> cls / wh
+/ reg heads (docs/onestage.md §2-§3; centerX `modeling/meta_arch/centernet.py`).
 
-Sub-modules are named `backbone` (the shared `modeling/backbone/resnet.py` ResNet in torchvision
-style, detectron2 names: `backbone.stem.conv1`, `backbone.res2.0.conv1.norm`, ...), `upsample`,
-`head`; `cn2_jax/weights/onestage.py` maps centerX's state-dict keys onto these paths.
+Sub-modules are named `backbone` (`backbone_name` "resnet": the shared `modeling/backbone/resnet.py`
+ResNet in torchvision style, detectron2 names: `backbone.stem.conv1`, `backbone.res2.0.conv1.norm`,
+...; a pycls name such as "RegNetX-400MF": `modeling/backbone/regnet.py` with pycls names,
+`backbone.stem.conv`, `backbone.s1.b1.f.a_bn`, ...), `upsample`, `head`;
+`cn2_jax/weights/onestage.py` maps centerX's state-dict keys onto these paths.
 
 Call contract (the batch contract of docs/DESIGN.md; `image` is RGB uint8 zero-padded at the
 bottom/right, `image_hw` the valid size):
@@ -47,6 +49,7 @@ from cn2_jax.modeling.variables import (  # noqa: F401  (re-exported: the family
     init_fn,
     init_module_variables as init_variables,
 )
+from cn2_jax.modeling.backbone import regnet
 from cn2_jax.modeling.backbone.resnet import ResNet
 from cn2_jax.modeling.layers import COMPUTE_DTYPES, BatchNormSettings
 from cn2_jax.modeling.onestage import decode as decode_lib
@@ -78,8 +81,9 @@ class CenterNetOneStage(nn.Module):
   `resnet_depth` -> `depth`, `resnet_width` -> `backbone_width`, `dtype`), where their defaults
   (centerX `centernet_res18_coco_0.5.yaml`) and meanings are documented.
 
-  Architecture: `num_classes`, `depth` (18/34/50/101), `backbone_width`, `deconv_channels`
-  (outputs of deconv1..3), `deconv_kernels`, `use_deform`, `modulate_deform`,
+  Architecture: `num_classes`, `backbone_name` ("resnet" or a `regnet.REGNETS` name; the setting
+  `model.onestage.backbone`), `depth` (18/34/50/101), `backbone_width` (both ResNet only),
+  `deconv_channels` (outputs of deconv1..3), `deconv_kernels`, `use_deform`, `modulate_deform`,
   `dcn_zero_init_offset`, `head_conv` (0 = neck channels), `bias_value`, `head_init`,
   `down_scale` (output stride). Input: `pixel_mean`, `pixel_std` ([0, 1] units), `input_format`.
   Targets/losses: `min_overlap`, `radius_formula`, `tensor_dim`, `cls_weight`, `wh_weight`,
@@ -90,11 +94,12 @@ class CenterNetOneStage(nn.Module):
   Numerics: `bn_momentum` (Flax convention), `bn_eps`, `dtype` ("float32" | "bfloat16";
   "float64" under `jax.enable_x64` only). `sync_bn`: BatchNorm statistics over `axis_name` (the
   data axis the train step sets with `clone(axis_name=...)`); False = per-device statistics.
-  `remat` (the shared `config.model.remat`): the ResNet's blocks (and stem) are rematerialised in
-  training (`ResNet.remat`); the neck and head keep their activations.
+  `remat` (the shared `config.model.remat`): the backbone's blocks (and stem) are rematerialised in
+  training (`ResNet.remat`, `RegNet.remat`); the neck and head keep their activations.
   """
 
   num_classes: int
+  backbone_name: str
   depth: int
   backbone_width: int
   deconv_channels: Sequence[int]
@@ -133,15 +138,22 @@ class CenterNetOneStage(nn.Module):
   def setup(self):
     dtype = COMPUTE_DTYPES[self.dtype]
     bn_axis = self.axis_name if self.sync_bn else None
-    self.backbone = ResNet(
-        depth=self.depth,
-        width=self.backbone_width,
-        norm="SyncBN" if self.sync_bn else "BN",
-        batch_norm=BatchNormSettings(self.bn_momentum, self.bn_eps, bn_axis),
-        dtype=dtype,
-        remat=self.remat,
-        **_TORCHVISION_RESNET,
-    )
+    norm = "SyncBN" if self.sync_bn else "BN"
+    batch_norm = BatchNormSettings(self.bn_momentum, self.bn_eps, bn_axis)
+    if self.backbone_name == "resnet":
+      self.backbone = ResNet(
+          depth=self.depth,
+          width=self.backbone_width,
+          norm=norm,
+          batch_norm=batch_norm,
+          dtype=dtype,
+          remat=self.remat,
+          **_TORCHVISION_RESNET,
+      )
+    else:  # centerX `build_regnet`: the last stage (stride 32) feeds the neck
+      self.backbone = regnet.build_regnet(
+          self.backbone_name, norm=norm, batch_norm=batch_norm, dtype=dtype, remat=self.remat
+      )
     self.upsample = CenternetDeconv(
         tuple(self.deconv_channels),
         tuple(self.deconv_kernels),
@@ -181,7 +193,8 @@ class CenterNetOneStage(nn.Module):
     `reg` `[B, H/4, W/4, 2]` (float32)."""
     dtype = COMPUTE_DTYPES[self.dtype]
     # No canvas: BatchNorm statistics cover the whole batch canvas, as centerX's padded tensor.
-    c5 = self.backbone(images.astype(dtype), train_bn=train_bn)["res5"]
+    out = "res5" if self.backbone_name == "resnet" else regnet.OUTPUT
+    c5 = self.backbone(images.astype(dtype), train_bn=train_bn)[out]
     self.sow("intermediates", "c5", c5)
     neck = self.upsample(c5, train_bn)
     self.sow("intermediates", "neck", neck)
@@ -283,6 +296,8 @@ _SHARED = {
     "backbone_width": "resnet_width",
     "remat": "remat",
 }
+# Attribute <- `config.model.onestage` key of another name (`backbone` is the sub-module's name).
+_RENAMED = {"backbone_name": "backbone"}
 _TUPLES = (
     "deconv_channels",
     "deconv_kernels",
@@ -298,7 +313,9 @@ def model_fields(model_config: Any) -> Dict[str, Any]:
   m = model_config
   out = {attr: m[key] for attr, key in _SHARED.items()}
   out["dtype"] = m["dtype"]
-  out.update({k: v for k, v in dict(m["onestage"]).items() if k in MODEL_FIELDS})
+  onestage = dict(m["onestage"])
+  out.update({k: v for k, v in onestage.items() if k in MODEL_FIELDS})
+  out.update({attr: onestage[key] for attr, key in _RENAMED.items()})
   for key in _TUPLES:
     out[key] = tuple(out[key])
   return out
