@@ -19,20 +19,33 @@ tolerances used here, §7).
   kernel, in float32 and float64.
 The statistics JSON (`centerx_oracle_<tag>.json`) is found next to F unless `--json` is given.
 
-Float32 noise and the float64 reference. Two correct float32 implementations with different
-summation orders differ by more than the README's thread-count experiment suggests: gradients
-through three DCN layers (the floor-based bilinear derivative jumps where a sample crosses a pixel
-row) and the detection scores. So, unless `--no-f64`, the same model is also run in float64
-(`jax.enable_x64`) as an (almost) exact reference. A quantity passes if ours (float32) is within
-the README tolerance of the official value, or, failing that, if the official value is within
-`NOISE_FACTOR` x (our float32 distance to the float64 reference) of the float64 reference, i.e.
-the official float32 result is as close to the exact answer as float32 arithmetic allows. For the gradient checksums and the
-full gradients, "our float32 distance" is the larger of this tensor's and the 90th percentile over
-all tensors of the variant (one tensor's own noise can be small by chance: on the dev files the
-official checksums' distances to float64 reach 5.3e-3 (bntrain) and 1.5e-3 (bneval) while ours
-reach 6.3e-3 and 5.1e-3, 90th percentiles 4.0e-3 and 1.6e-3). An
-implementation bug moves the float64 reference away from the official value by far more than the
-float32 noise, so it still fails. Rows that pass by this rule say so ("f32 noise").
+The parity rule is the oracle README's §7 with its revision of 2026-12-07, and nothing else:
+* every quantity has a fixed tolerance (the TOL_* constants below; detection boxes of matched
+  entries 2e-3 input px, i.e. 2e-3 / down_scale feature px, scores 2e-5), except that
+* gradient checksums and full gradients may also pass by the float64 rule (`grad_passes`): unless
+  `--no-f64`, the same training step is also run in float64 (`jax.enable_x64`; same weights and
+  inputs), and our float32 value passes if it is within the tolerance of the official value, or
+  if its distance to the float64 value is at most max(2 x the official float32 value's distance
+  to the float64 value, the 90th percentile of that official distance over all tensors of the
+  step). A value closer to float64 than the official one therefore always passes; an
+  implementation bug moves ours (and our float64 run) away from the exact answer by far more
+  than float32 rounding does, so it still fails. "The step" is one BN variant (`bntrain` or
+  `bneval`); the percentile is taken over that variant's parameters for each checksum and,
+  separately, over that variant's full gradients (the gradients before a training-mode BN,
+  which are identically zero, are left out of both and compared with an absolute tolerance).
+  The checksums judged are README §7's abs-sum checksum and the signed sum, both relative to
+  the official abs_sum (the sum catches a sign error that the abs-sum cannot); absmax, a single
+  element, is printed but not judged (§7 gives it no tolerance).
+Limitation, read before trusting an "ok*": the oracle files hold no official float64 run, so the
+float64 run is this port's own model in float64. A mistake in the model code is in both of our
+runs; ours then stays close to our float64 value while the official value is far from it, and
+the float64 rule passes that value whatever its size. Only the rtol part of a gradient row can
+catch such a bug. The report therefore notes, per variant, how many values passed by the float64
+rule with the official value farther from our float64 run than ours ("official-far"): rounding
+makes that happen for some values, a bug for many. An official float64 run would remove this.
+All distances of one value are normalised by the same official scale (a checksum's abs_sum,
+or its absmax; a full gradient's max |g|). Nothing depends on the dev files: any oracle file of
+this format is compared the same way. Rows decided by the float64 rule say so ("ok*").
 
 Prints one line per compared quantity (largest normalised difference, tolerance) and exits 1 on
 any mismatch. Files of the same format with other images or weights work unchanged.
@@ -47,7 +60,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -71,23 +84,67 @@ TOL_GRAD_SUM = 1e-3  # gradient checksums (abs_sum relative; sum relative to abs
 TOL_GRAD_FULL = 1e-3  # full gradients: max|diff| <= 1e-3 * max|g|
 TOL_GRAD_ZERO = 1e-3  # absolute, gradients that are mathematically zero
 TOL_RUNNING = 1e-4  # updated running statistics (sum / abs_sum, relative to abs_sum)
-TOL_DET_SCORE = 1e-5  # detection scores, absolute
-TOL_DET_BOX = 1e-3  # detection boxes, pixels
+TOL_DET_SCORE = 2e-5  # detection scores, absolute (§7 revised)
+TOL_DET_BOX = 2e-3  # detection boxes of matched entries, input pixels (§7 revised)
 TOL_DCN_F32 = 1e-5  # DCN op, relative to max|ref|
 TOL_DCN_F64 = 1e-10
-NOISE_FACTOR = 3.0  # official-vs-float64 allowed, in units of our float32-vs-float64
+# §7 revised, gradients only: ours-vs-float64 <= max(NOISE_FACTOR x official-vs-float64, the
+# NOISE_QUANTILE quantile of official-vs-float64 over all tensors of the step)
+NOISE_FACTOR = 2.0
+NOISE_QUANTILE = 0.9
 
 # Parameters whose gradient is identically zero when BatchNorm is in training mode: a per-channel
 # bias right before a training-mode BN (README §7: compare with an absolute tolerance only).
 _ZERO_GRAD_IN_BNTRAIN = re.compile(r"^upsample\.deconv\d+\.dcn\.(dcnv2|conv)\.bias$")
 
 
-def noise_ok(
-    off_vs_exact: float, ours_vs_exact: float, tol: float, noise_floor: float = 0.0
+def official_noise_quantile(official_vs_f64) -> float:
+  """The NOISE_QUANTILE (90th) percentile of the official float32 values' distances to the
+  float64 run over all tensors of a step (numpy's default linear interpolation); 0 if none."""
+  values = [float(v) for v in official_vs_f64]
+  return float(np.quantile(values, NOISE_QUANTILE)) if values else 0.0
+
+
+def grad_passes(
+    ours_vs_official: float,
+    tol: float,
+    ours_vs_f64: Optional[float] = None,
+    official_vs_f64: Optional[float] = None,
+    official_q90: float = 0.0,
 ) -> bool:
-  """The float32-noise rule: the official value is no further from the float64 reference than
-  NOISE_FACTOR x the float32 noise (ours for this quantity, or the typical one)."""
-  return bool(off_vs_exact <= max(tol, NOISE_FACTOR * max(ours_vs_exact, noise_floor)))
+  """README §7 (revised 2026-12-07) for one gradient checksum or full gradient: within `tol` of
+  the official value, or (when a float64 run exists, i.e. both distances to it are given) no
+  farther from the float64 value than max(NOISE_FACTOR x the official value's distance to it,
+  `official_q90`, that distance's 90th percentile over the step). Distances are non-negative
+  and normalised alike; anything non-finite fails."""
+  if np.isfinite(ours_vs_official) and ours_vs_official <= tol:
+    return True
+  if ours_vs_f64 is None or official_vs_f64 is None:
+    return False
+  bound = max(NOISE_FACTOR * float(official_vs_f64), float(official_q90))
+  return bool(np.isfinite(ours_vs_f64) and np.isfinite(bound) and ours_vs_f64 <= bound)
+
+
+def judge_values(
+    ours_vs_official: Dict[str, float],
+    tol: float,
+    ours_vs_f64: Optional[Dict[str, float]] = None,
+    official_vs_f64: Optional[Dict[str, float]] = None,
+) -> Tuple[Dict[str, str], float]:
+  """`grad_passes` for every value of one step (one kind of value: one checksum, or the full
+  gradients), the 90th percentile taken over all of them. Returns ({key: "ok" (within tol) |
+  "f64" (by the float64 rule) | "FAIL"}, that percentile)."""
+  have_f64 = ours_vs_f64 is not None and official_vs_f64 is not None
+  q90 = official_noise_quantile(official_vs_f64.values()) if have_f64 else 0.0
+  verdicts = {}
+  for key, diff in ours_vs_official.items():
+    if np.isfinite(diff) and diff <= tol:
+      verdicts[key] = "ok"
+    elif have_f64 and grad_passes(diff, tol, ours_vs_f64.get(key), official_vs_f64.get(key), q90):
+      verdicts[key] = "f64"
+    else:
+      verdicts[key] = "FAIL"
+  return verdicts, q90
 
 
 @dataclasses.dataclass
@@ -119,29 +176,6 @@ class Report:
     self.rows.append(row)
     return row
 
-  def add_noisy(
-      self,
-      name: str,
-      diff: float,
-      tol: float,
-      off_vs_exact: Optional[float],
-      ours_vs_exact: Optional[float],
-      detail: str = "",
-      noise_floor: float = 0.0,
-  ) -> Row:
-    """A row that may pass by the float32-noise rule (module docstring); `noise_floor` is the
-    float32 noise of comparable quantities (90th percentile; one tensor's own noise can be small
-    by chance)."""
-    if diff <= tol or off_vs_exact is None:
-      return self.add(name, diff, tol, detail)
-    ok = noise_ok(off_vs_exact, ours_vs_exact, tol, noise_floor)
-    note = (
-        f"f32 noise: official-vs-f64 {off_vs_exact:.1e}, ours-vs-f64 {ours_vs_exact:.1e}"
-        + (f", q90 of all {noise_floor:.1e}" if noise_floor else "")
-        + ("" if ok else " (TOO FAR)")
-    )
-    return self.add(name, diff, tol, "; ".join(x for x in (detail, note) if x), passed=ok)
-
   def row(self, name: str) -> Row:
     return next(row for row in self.rows if row.name == name)
 
@@ -166,7 +200,7 @@ class Report:
     lines.append(
         f"{len(self.rows) - len(bad)}/{len(self.rows)} ok"
         + (
-            " (ok* = within float32 noise, see the module docstring)"
+            " (ok* = passed by the float64 rule, see the module docstring)"
             if any(row.passed for row in self.rows)
             else ""
         )
@@ -350,19 +384,13 @@ def compare_inference(
     npz_path,
     js: Optional[dict],
     report: Report,
-    sd: Optional[Dict[str, np.ndarray]] = None,
 ):
-  """Inference comparisons; `sd` (the state dict) enables the float64 reference."""
+  """Inference comparisons (fixed README tolerances; the float64 rule is for gradients only)."""
   npz = np.load(npz_path)
   info = (js or {}).get("inference", {})
   orig_hw = info.get("orig_hw")
   image = npz["image_uint8_rgb_hwc"]
   out = run_inference(model, variables, image, orig_hw)
-  ref64 = None
-  if sd is not None:
-    t0 = time.time()
-    ref64 = _f64_reference(sd, lambda m, v: run_inference(m, v, image, orig_hw))
-    report.notes.append(f"inference float64 reference: {time.time() - t0:.1f} s")
   st = lambda name, arr, key: _add_stats(report, name, arr, info, key)  # noqa: E731
 
   x = _nchw(out["input"])
@@ -407,19 +435,10 @@ def compare_inference(
   st("infer/neck stats", neck, "neck_stats")
   for ours_key, ref_key in (("cls", "heat"), ("wh", "wh"), ("reg", "reg")):
     if ref_key in npz.files:
-      ours = _nchw(out[ours_key])[0]
-      e = None if ref64 is None else _nchw(ref64[ours_key])[0]
-      report.add_noisy(
-          f"infer/{ref_key} map",
-          _rel(ours, npz[ref_key]),
-          TOL_MAP,
-          None if e is None else _rel(npz[ref_key], e),
-          None if e is None else _rel(ours, e),
-      )
+      report.add(f"infer/{ref_key} map", _rel(_nchw(out[ours_key])[0], npz[ref_key]), TOL_MAP)
     st(f"infer/{ref_key} stats", _nchw(out[ours_key]), f"{ref_key}_stats")
 
   d = {name: value[0] for name, value in out["dets"].items()}
-  d64 = None if ref64 is None else {name: value[0] for name, value in ref64["dets"].items()}
   if "det_flat_index" not in npz.files:
     return out
   for suffix in ("", "_decode"):
@@ -437,56 +456,34 @@ def compare_inference(
         f"{len(pairs)}/{len(ref_s)} matched by (class, y*W+x); unmatched ours "
         f"{len(un_o)}, official {len(un_r)} (tail only: {tail_ok})",
     )
-    off_e = ours_e = None
-    if d64 is not None:
-      p64, _, _, _ = match_detections(d64, ref_s, ref_c, ref_i)
-      j64 = {r: o for o, r in p64}
-      common = [(o, r) for o, r in pairs if r in j64]
-      off_e = max(
-          (abs(float(ref_s[r]) - float(d64["scores"][j64[r]])) for _, r in common), default=0.0
-      )
-      ours_e = max(
-          (abs(float(d["scores"][o]) - float(d64["scores"][j64[r]])) for o, r in common),
-          default=0.0,
-      )
-    report.add_noisy(
+    report.add(
         f"infer/detections{suffix} scores",
-        np.abs(d["scores"][io] - ref_s[ir]).max(),
+        np.abs(d["scores"][io] - ref_s[ir]).max() if len(pairs) else 0.0,
         TOL_DET_SCORE,
-        off_e,
-        ours_e,
     )
   ref_args = (npz["det_scores"], npz["det_classes"], npz["det_flat_index"])
   pairs, _, _, _ = match_detections(d, *ref_args)
   io = np.array([p[0] for p in pairs], int)
   ir = np.array([p[1] for p in pairs], int)
-  # the float64 run's detection for each official one (boxes: the float32-noise rule, as scores)
-  j64 = {r: o for o, r in match_detections(d64, *ref_args)[0]} if d64 is not None else {}
-  common = [(o, r) for o, r in pairs if r in j64]
   for ours_key, ref_key, scale in (
       ("boxes_feat", "det_boxes_feat", model.down_scale),
       ("boxes", "det_boxes_input_px", 1.0),
       ("boxes_orig", "det_boxes_orig_px", 1.0),
   ):
     if ref_key in npz.files and ours_key in d:
-      off_e = ours_e = None
-      if common and ours_key in d64:
-        exact = np.stack([d64[ours_key][j64[r]] for _, r in common])
-        off_e = float(np.abs(npz[ref_key][[r for _, r in common]] - exact).max())
-        ours_e = float(np.abs(d[ours_key][[o for o, _ in common]] - exact).max())
-      # feature-unit boxes: the pixel tolerance / down_scale
-      report.add_noisy(
+      # feature-unit boxes: the input-pixel tolerance / down_scale (2e-3 px -> 5e-4 at 4)
+      report.add(
           f"infer/{ref_key}",
-          np.abs(d[ours_key][io] - npz[ref_key][ir]).max(),
+          np.abs(d[ours_key][io] - npz[ref_key][ir]).max() if len(pairs) else 0.0,
           TOL_DET_BOX / scale,
-          off_e,
-          ours_e,
       )
   for axis_key in ("det_ys", "det_xs"):
     if axis_key in npz.files:
       report.add(
           f"infer/{axis_key}",
-          np.abs(d[axis_key[4:]][io].astype(np.float64) - npz[axis_key][ir]).max(),
+          np.abs(d[axis_key[4:]][io].astype(np.float64) - npz[axis_key][ir]).max()
+          if len(pairs)
+          else 0.0,
           0.0,
       )
   if "det_boxes_input_px" in npz.files:
@@ -557,19 +554,36 @@ def train_step(model, variables, batch, bn_train: bool):
   )
 
 
-def _checksum_diff(a: np.ndarray, ref: dict) -> float:
-  a = np.asarray(a, np.float64)
-  asum = max(ref["abs_sum"], 1e-30)
-  return max(
-      abs(np.abs(a).sum() - ref["abs_sum"]) / asum,
-      abs(a.sum() - ref["sum"]) / asum,
-      abs(np.abs(a).max() - ref["absmax"]) / max(ref["absmax"], 1e-30),
-  )
+_CHECKSUM_PARTS = ("sum", "abs_sum", "absmax")
+_JUDGED_PARTS = ("sum", "abs_sum")  # module docstring: absmax is printed only
 
 
 def _checksums(a: np.ndarray) -> dict:
   a = np.asarray(a, np.float64)
   return {"sum": a.sum(), "abs_sum": np.abs(a).sum(), "absmax": np.abs(a).max()}
+
+
+def _checksum_dists(a: dict, b: dict, scale: dict) -> Dict[str, float]:
+  """|a - b| per checksum value, normalised by the official checksums `scale`: sum and abs_sum
+  relative to abs_sum (a sum can be ~0), absmax relative to absmax."""
+  asum, amax = max(scale["abs_sum"], 1e-30), max(scale["absmax"], 1e-30)
+  return {
+      part: abs(float(a[part]) - float(b[part])) / (amax if part == "absmax" else asum)
+      for part in _CHECKSUM_PARTS
+  }
+
+
+def _checksum_diff(a: np.ndarray, ref: dict) -> float:
+  """Largest normalised difference of a gradient's checksums from the official ones."""
+  return max(_checksum_dists(_checksums(a), ref, ref).values())
+
+
+def _full_dist(a, b, ref) -> float:
+  """max |a - b| / max |ref| (full gradients; ref = the official tensor)."""
+  a, b, ref = (np.asarray(x, np.float64) for x in (a, b, ref))
+  if a.shape != ref.shape or b.shape != ref.shape:
+    return float("inf")
+  return float(np.abs(a - b).max() / max(np.abs(ref).max(), 1e-30)) if ref.size else 0.0
 
 
 def compare_training(
@@ -580,7 +594,8 @@ def compare_training(
     report: Report,
     sd: Optional[Dict[str, np.ndarray]] = None,
 ):
-  """Training-step comparisons; `sd` (the state dict) enables the float64 reference."""
+  """Training-step comparisons; `sd` (the state dict) enables the float64 run that the
+  gradient rule uses (module docstring)."""
   npz = np.load(npz_path)
   info = (js or {}).get("training", {})
   batch = _train_batch(npz, model.tensor_dim)
@@ -618,28 +633,19 @@ def compare_training(
       t0 = time.time()
       e = _f64_reference(sd, lambda m, v, bt=bn_train: train_step(m, v, batch, bt))
       report.notes.append(f"{variant}: float64 reference {time.time() - t0:.1f} s")
-    e_losses, e_g = (e[1], e[2]) if e is not None else (None, None)
+    e_g = e[2] if e is not None else None
 
     for name in ("loss_cls", "loss_box_wh", "loss_off_reg"):
       if name in vinfo:
         ref = vinfo[name]
-        report.add_noisy(
+        report.add(
             f"{variant}/{name}",
             abs(losses[name] - ref) / abs(ref),
             TOL_LOSS,
-            None if e is None else abs(ref - e_losses[name]) / abs(ref),
-            None if e is None else abs(losses[name] - e_losses[name]) / abs(ref),
             f"ours {losses[name]:.8g} official {ref:.8g}",
         )
     if "total" in vinfo:
-      ref, e_total = vinfo["total"], None if e is None else float(e[0])
-      report.add_noisy(
-          f"{variant}/total",
-          abs(total - ref) / abs(ref),
-          TOL_LOSS,
-          None if e is None else abs(ref - e_total) / abs(ref),
-          None if e is None else abs(total - e_total) / abs(ref),
-      )
+      report.add(f"{variant}/total", abs(total - vinfo["total"]) / abs(vinfo["total"]), TOL_LOSS)
     for name, key in (
         ("input", "input_stats"),
         ("c5", "c5_stats"),
@@ -651,47 +657,62 @@ def compare_training(
       if key in vinfo and name in inter:
         _add_stats(report, f"{variant}/{name} stats", _nchw(inter[name][0]), vinfo, key)
 
-    # Checksums of every parameter's gradient.
+    # Checksums of every parameter's gradient (sum and abs_sum judged, module docstring).
     sums = vinfo.get("grad_checksums", {})
     if sums:
       missing = sorted(key for key in sums if key not in g)
       keys = [key for key in sums if key in g]
       zero_keys = [key for key in keys if bn_train and _ZERO_GRAD_IN_BNTRAIN.match(key)]
       keys = [key for key in keys if key not in zero_keys]
-      d = {key: _checksum_diff(g[key], sums[key]) for key in keys}
-      noise = (
-          {key: _checksum_diff(g[key], _checksums(e_g[key])) for key in keys}
-          if e_g is not None
-          else {}
+      ours = {key: _checksums(g[key]) for key in keys}
+      d = {key: _checksum_dists(ours[key], sums[key], sums[key]) for key in keys}
+      exact = {key: _checksums(e_g[key]) for key in keys} if e_g is not None else {}
+      d_ours_e = {key: _checksum_dists(ours[key], exact[key], sums[key]) for key in exact}
+      d_off_e = {key: _checksum_dists(sums[key], exact[key], sums[key]) for key in exact}
+      bad = [
+          f"{key} shape {list(np.shape(g[key]))} != {sums[key]['shape']}"
+          for key in keys
+          if "shape" in sums[key] and list(np.shape(g[key])) != list(sums[key]["shape"])
+      ]
+      n_f64, n_far, q90 = 0, 0, {}
+      for part in _JUDGED_PARTS:
+        verdicts, q90[part] = judge_values(
+            {key: d[key][part] for key in keys},
+            TOL_GRAD_SUM,
+            {key: d_ours_e[key][part] for key in d_ours_e} if exact else None,
+            {key: d_off_e[key][part] for key in d_off_e} if exact else None,
+        )
+        n_f64 += sum(v == "f64" for v in verdicts.values())
+        n_far += sum(
+            v == "f64" and d_off_e[key][part] > d_ours_e[key][part] for key, v in verdicts.items()
+        )
+        bad += [f"{key}.{part}" for key, v in verdicts.items() if v == "FAIL"]
+      judged = lambda k: max(d[k][part] for part in _JUDGED_PARTS)  # noqa: E731
+      worst = max(keys, key=judged) if keys else ""
+      worst_max = max(keys, key=lambda k: d[k]["absmax"]) if keys else ""
+      detail = f"worst: {worst}" + (
+          f"; absmax (not judged) worst {d[worst_max]['absmax']:.1e} ({worst_max})" if keys else ""
       )
-      floor = float(np.quantile(list(noise.values()), 0.9)) if noise else 0.0
-      n_noise, bad = 0, []
-      for param in keys:
-        if d[param] <= TOL_GRAD_SUM:
-          continue
-        if noise and noise_ok(
-            _checksum_diff(e_g[param], sums[param]), noise[param], TOL_GRAD_SUM, floor
-        ):
-          n_noise += 1
-        else:
-          bad.append(param)
-      worst = max(keys, key=d.get) if keys else ""
-      detail = f"worst: {worst}"
-      if n_noise:
+      if n_f64:
+        report.notes.append(
+            f"{variant}: {n_f64} checksum values pass by the float64 rule, {n_far} of them "
+            "official-far (module docstring)"
+        )
         detail += (
-            f"; {n_noise} params beyond tol, official within f32 noise of f64 "
-            f"(our noise q90 {floor:.1e})"
+            f"; {n_f64} values beyond tol pass by the float64 rule (official-vs-f64 q90: "
+            + ", ".join(f"{part} {q90[part]:.1e}" for part in _JUDGED_PARTS)
+            + ")"
         )
       if bad:
-        detail += f"; TOO FAR: {bad[:5]}"
+        detail += f"; FAIL: {bad[:5]}"
       if missing:
         detail += f"; MISSING: {missing[:5]}"
       report.add(
           f"{variant}/grad checksums ({len(keys) + len(zero_keys)} params)",
-          d.get(worst, 0.0),
+          judged(worst) if keys else 0.0,
           TOL_GRAD_SUM,
           detail,
-          passed=None if not (n_noise or bad or missing) else not (bad or missing),
+          passed=None if not (n_f64 or bad or missing) else not (bad or missing),
       )
       if zero_keys:
         worst_zero = max(zero_keys, key=lambda k: max(np.abs(g[k]).max(), sums[k]["absmax"]))
@@ -709,8 +730,11 @@ def compare_training(
         if zk.startswith(f"{variant}.grad.")
     }
     nz = [k for k in full if k in g and not (bn_train and _ZERO_GRAD_IN_BNTRAIN.match(k))]
-    floor = (
-        float(np.quantile([_rel(g[k], e_g[k]) for k in nz], 0.9)) if e_g is not None and nz else 0.0
+    verdicts, q90_full = judge_values(
+        {k: _full_dist(g[k], full[k], full[k]) for k in nz},
+        TOL_GRAD_FULL,
+        {k: _full_dist(g[k], e_g[k], full[k]) for k in nz} if e_g is not None else None,
+        {k: _full_dist(full[k], e_g[k], full[k]) for k in nz} if e_g is not None else None,
     )
     for key, ref in full.items():
       if key not in g:
@@ -723,13 +747,22 @@ def compare_training(
             "absolute (mathematically zero)",
         )
       else:
-        report.add_noisy(
+        diff = _full_dist(g[key], ref, ref)
+        detail = ""
+        if verdicts[key] != "ok" and e_g is not None:
+          ours_e, off_e = _full_dist(g[key], e_g[key], ref), _full_dist(ref, e_g[key], ref)
+          detail = (
+              f"float64 rule: ours-vs-f64 {ours_e:.1e} <= max(2 x official-vs-f64 {off_e:.1e}, "
+              f"q90 {q90_full:.1e})" + ("" if verdicts[key] == "f64" else " is FALSE")
+          )
+          if verdicts[key] == "f64" and off_e > ours_e:
+            detail += "; official-far (module docstring)"
+        report.add(
             f"{variant}/grad {key}",
-            _rel(g[key], ref),
+            diff,
             TOL_GRAD_FULL,
-            None if e_g is None else _rel(ref, e_g[key]),
-            None if e_g is None else _rel(g[key], e_g[key]),
-            noise_floor=floor,
+            detail,
+            passed=None if verdicts[key] == "ok" else verdicts[key] == "f64",
         )
 
     run_ref = vinfo.get("bn_running_stats_after_step", {})
@@ -839,7 +872,7 @@ def _run(infer, train, dcn, weights, json_path, f64, report: Report) -> Report:
     )
     if infer:
       t0 = time.time()
-      compare_inference(model, variables, infer, stats_json, report, sd if f64 else None)
+      compare_inference(model, variables, infer, stats_json, report)
       report.notes.append(f"inference total: {time.time() - t0:.1f} s")
     if train:
       t0 = time.time()
