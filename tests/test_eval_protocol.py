@@ -289,3 +289,97 @@ def test_wider_kit_files(tmp_path):
   np.testing.assert_allclose(back[("0--Parade", "0_Parade_1")][:, 4], [0.75, 0.5])
   assert back[("0--Parade", "0_Parade_2")].shape == (0, 5)
   assert sorted(os.listdir(tmp_path)) == ["0--Parade", "12--Group"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Through app.evaluate (model replaced by a stub, as tests/test_crowdhuman_eval.py does)
+# ----------------------------------------------------------------------------------------------
+def _stub_eval_step(model, mesh):
+  """Per image: the whole image plus 10 px beyond its right edge (score .9, or .95 on a white
+  image) and the box (1, 1, 6, 6) (.8, or .7 on a white image)."""
+  del model, mesh
+
+  def step(variables, batch):
+    del variables
+    hw = np.asarray(batch["image_hw"])
+    white = np.asarray(batch["image"]).reshape(hw.shape[0], -1).mean(axis=1) > 100
+    boxes = np.zeros((hw.shape[0], 2, 4), np.float32)
+    boxes[:, 0, 2] = hw[:, 1] + 10
+    boxes[:, 0, 3] = hw[:, 0]
+    boxes[:, 1] = (1, 1, 6, 6)
+    scores = np.where(white[:, None], [[0.95, 0.7]], [[0.9, 0.8]]).astype(np.float32)
+    return dict(boxes=boxes, scores=scores, classes=np.zeros((hw.shape[0], 2), np.int32),
+                valid=np.ones((hw.shape[0], 2), bool))  # fmt: skip
+
+  return step
+
+
+def _stub_config(monkeypatch):
+  monkeypatch.setattr(app.detector, "build_model", lambda m: None)
+  monkeypatch.setattr(app.step_lib, "make_eval_step", _stub_eval_step)
+  cfg = base_config()
+  cfg.compilation_cache_dir = ""
+  cfg.model.num_classes = 1
+  cfg.data.num_workers = 0
+  cfg.data.min_size_test = 48
+  cfg.data.max_size_test = 1000
+  cfg.data.train_split = ""
+  cfg.train.eval_batch_size = 2
+  return cfg
+
+
+def test_app_evaluate_follows_the_protocol(tmp_path, monkeypatch):
+  root = tmp_path / "CrowdHuman"
+  (root / "Images").mkdir(parents=True)
+  recs = [
+      {"ID": "a", "gtboxes": [_person([0, 0, 64, 48]), _mask([0, 0, 8, 8])]},
+      {"ID": "b", "gtboxes": [_mask([10, 10, 20, 20])]},  # no person; a white image
+  ]
+  (root / "annotation_val.odgt").write_text("".join(json.dumps(r) + "\n" for r in recs))
+  Image.new("RGB", (64, 48)).save(root / "Images" / "a.jpg")
+  Image.new("RGB", (64, 48), (255, 255, 255)).save(root / "Images" / "b.jpg")
+  cfg = _stub_config(monkeypatch)
+  cfg.data.dataset = "crowdhuman"
+  cfg.data.root = str(root)
+  cfg.data.data_dir = str(tmp_path / "tfds")
+  got = {}
+  for proto in protocol.PROTOCOLS:
+    cfg.eval.protocol = proto
+    wd = str(tmp_path / proto)
+    metrics = app.evaluate(cfg, wd, variables={})
+    with open(os.path.join(wd, "eval", "metrics.json")) as f:
+      written = json.load(f)
+    with open(os.path.join(wd, "eval", "coco_results.json")) as f:
+      widths = sorted({r["bbox"][2] for r in json.load(f)})
+    got[proto] = (metrics["AP50"], written["num_images"], widths)
+  # official: b's whole-image box (.95) is a FP, a's (.9) the TP, a's small box on the mask region
+  # ignored: AP50 1/2 on 2 images; boxes clipped to the 64 px width.
+  assert got["official"] == (pytest.approx(0.5), 2, [5.0, 64.0])
+  # centerx: b not evaluated; a's whole-image box (IoU 64/74) the TP ranked before the FP on the
+  # mask region: AP50 1 on 1 image; the box 10 px beyond the image is kept.
+  assert got["centerx"] == (pytest.approx(1.0), 1, [5.0, 74.0])
+
+
+def test_app_evaluate_writes_wider_kit_files(tmp_path, monkeypatch):
+  root = tmp_path / "WIDER"
+  split_dir = root / "wider_face_split"
+  split_dir.mkdir(parents=True)
+  (split_dir / "wider_face_val_bbx_gt.txt").write_text(
+      "0--Parade/0_Parade_1.jpg\n1\n0 0 64 48 0 0 0 0 0 0\n"
+      "1--Handshaking/1_Hand_2.jpg\n1\n1 1 5 5 0 0 0 0 0 0\n"
+  )
+  for name in ("0--Parade/0_Parade_1.jpg", "1--Handshaking/1_Hand_2.jpg"):
+    path = root / "WIDER_val" / "images" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 48)).save(path)
+  cfg = _stub_config(monkeypatch)
+  cfg.data.dataset = "wider_face"
+  cfg.data.root = str(root)
+  cfg.data.data_dir = str(tmp_path / "tfds")
+  cfg.eval.wider_pred_dir = str(tmp_path / "kit")
+  app.evaluate(cfg, str(tmp_path / "run"), variables={})
+  pred = wider_eval.read_pred_dir(tmp_path / "kit")
+  assert sorted(pred) == [("0--Parade", "0_Parade_1"), ("1--Handshaking", "1_Hand_2")]
+  lines = (tmp_path / "kit" / "0--Parade" / "0_Parade_1.txt").read_text().splitlines()
+  assert lines == ["0_Parade_1", "2", "0.000 0.000 64.000 48.000 0.90000",
+                   "1.000 1.000 5.000 5.000 0.80000"]  # fmt: skip

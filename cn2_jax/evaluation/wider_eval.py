@@ -61,7 +61,9 @@ the Python port stops with a KeyError).  A malformed file is a one-line :class:`
 IoU threshold 0.5, 1000 thresholds, 61 events / 3226 images in the official val files.  With
 ``images`` (or a subset of image ids from :func:`metrics_from_coco`) the protocol runs on those
 images only (their counted faces, their detections, their min/max); published numbers are on the
-full val set.  Recall on the hard setting depends on how many detections an image may keep (up to
+full val set.  :func:`write_pred_dir` writes predictions in the kit's layout (``app.evaluate``
+with ``eval.wider_pred_dir``: the eval split's detections, :func:`pred_from_coco`).  Recall on
+the hard setting depends on how many detections an image may keep (up to
 ~1000 faces per image): raise ``model.roi_heads.detections_per_image`` (CenterNet2) or
 ``model.onestage.max_detections`` (one-stage) from their default 100 for WIDER Face.
 
