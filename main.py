@@ -3,10 +3,11 @@
   python main.py --config configs/demo.py --workdir runs/demo                  # train + eval
   python main.py --config configs/cn2_r50.py --workdir DIR --mode=eval --config.weights=W.pkl
   python main.py --config configs/demo.py --workdir runs/demo --mode=predict --images=a.jpg,dir/
+  python main.py --config configs/demo.py --workdir runs/demo --mode=pseudo_label --images=dir/
   python main.py --helpconfig                     # every config field, its default and meaning
 
 Any config field can be overridden with --config.<field>=<value>; unknown fields are errors.
-In --mode=eval|predict the run's DIR/config.json is the config: only fields given on the command
+In --mode=eval|predict|pseudo_label the run's DIR/config.json is the config: only fields given on the command
 line (--config.FIELD=...) replace its values, so training overrides need not be repeated.
 Errors the user can fix (config, data, weights, missing files; see cn2_jax/errors.py) print one
 line `error: ...` and exit with status 1 (2 for command-line errors); --verbose shows library logs
@@ -24,8 +25,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Python config file (get_config()).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, results).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to run.")
-_IMAGES = flags.DEFINE_list("images", [], "--mode=predict: image files and/or folders.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "predict", "pseudo_label"], "What to run."
+)
+_IMAGES = flags.DEFINE_list(
+    "images",
+    [],
+    "--mode=predict: image files and/or folders; --mode=pseudo_label: one folder (its images "
+    "and those of its subfolders).",
+)
 _VERBOSE = flags.DEFINE_bool(
     "verbose",
     False,
@@ -170,7 +178,7 @@ def main(argv):
     from cn2_jax import app as cn2_app
 
     if _MODE.value != "train":
-      # Eval / predict use the run's saved config.json; only the fields given on the command line
+      # Eval / predict / pseudo_label use the run's saved config.json; only the fields given on the command line
       # replace its values (cn2_jax.app.run_config).
       cfg = cn2_app.run_config(
           cfg, _WORKDIR.value, config_flags.get_override_values(flags.FLAGS["config"])
@@ -179,6 +187,8 @@ def main(argv):
       cn2_app.train(cfg, _WORKDIR.value)
     elif _MODE.value == "eval":
       cn2_app.evaluate(cfg, _WORKDIR.value)
+    elif _MODE.value == "pseudo_label":
+      cn2_app.pseudo_label(cfg, _WORKDIR.value, list(_IMAGES.value))
     else:
       images = list(_IMAGES.value) or [p for p in cfg.predict.images.split(",") if p]
       cn2_app.predict(cfg, _WORKDIR.value, images)

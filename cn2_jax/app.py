@@ -1,4 +1,4 @@
-"""Train / eval / predict entry points behind `main.py` (importable, flag-free, for tests).
+"""Train / eval / predict / pseudo_label entry points behind `main.py` (importable, flag-free).
 
 Workdir layout:
   config.json               the resolved config of the run (eval / predict start from it)
@@ -15,6 +15,7 @@ Workdir layout:
                             "<name>/AP", ... of each data.extra_eval dataset (data/mixture.py)
   eval/<name>/coco_results.json  the detections of data.extra_eval dataset <name> (its labels)
   predict/detections.json   --mode=predict results; predict/<image>.png drawn copies
+  pseudo_label/<folder>.json  --mode=pseudo_label output (unless pseudo_label.output is set)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from cn2_jax.config import (
     validate_config,
 )
 from cn2_jax.errors import (ConfigError, DataError, InputFileError, is_user_error, one_line)
+from cn2_jax import pseudo_label as pseudo_label_lib
 from cn2_jax.data import catalog
 from cn2_jax.data import mixture
 from cn2_jax.data import pipeline
@@ -53,7 +55,8 @@ from cn2_jax.engine import loop
 from cn2_jax.engine import optim
 from cn2_jax.engine import step as step_lib
 from cn2_jax.engine import swa as swa_lib
-from cn2_jax.evaluation.coco_eval import CocoEvaluator
+from cn2_jax.evaluation import protocol as eval_protocol
+from cn2_jax.evaluation import wider_eval
 from cn2_jax.modeling import detector
 from cn2_jax.tree_paths import path_str
 from cn2_jax.weights import finetune
@@ -234,6 +237,8 @@ _INVOCATION_FIELDS = (
     "data.num_workers",
     "data.data_dir",
     "data.extra_eval",  # more datasets to evaluate the model on
+    "eval.",  # how the model is evaluated (protocol, WIDER prediction files)
+    "pseudo_label.",
 )
 
 
@@ -489,7 +494,9 @@ def evaluate(
   if variables is None:
     variables = restore_model_variables(cfg, workdir)
   mesh = step_lib.make_mesh()
-  model = detector.build_model(cfg.model)
+  if cfg.eval.protocol != "official":
+    log.info("eval.protocol=%r (cn2_jax/evaluation/protocol.py)", cfg.eval.protocol)
+  model = detector.build_model(eval_protocol.eval_model_config(cfg.model, cfg.eval.protocol))
   eval_step = step_lib.make_eval_step(model, mesh)
   variables = step_lib.replicate(variables, mesh)
   run = functools.partial(_eval_split, cfg, eval_step, variables, mesh)
@@ -501,11 +508,18 @@ def evaluate(
         d,
         os.path.join(workdir, "eval", "coco_results.json"),
         wider_eval_gt=d.wider_eval_gt,
+        protocol=cfg.eval.protocol,
+        wider_pred_dir=cfg.eval.wider_pred_dir,
     )
     counts = dict(num_images=evaluator.num_images, num_detections=evaluator.num_detections)
   for name, part, eb in extra_builders:
     em, ev = _evaluate_dataset(
-        run, eb, part, os.path.join(workdir, "eval", name, "coco_results.json"), name=name
+        run,
+        eb,
+        part,
+        os.path.join(workdir, "eval", name, "coco_results.json"),
+        name=name,
+        protocol=cfg.eval.protocol,
     )
     metrics.update({f"{name}/{k}": v for k, v in em.items()})
     counts.update(
@@ -518,18 +532,33 @@ def evaluate(
   return metrics
 
 
-def _evaluate_dataset(run, builder, part, results_path: str, *, name="", wider_eval_gt=""):
+def _evaluate_dataset(
+    run,
+    builder,
+    part,
+    results_path: str,
+    *,
+    name="",
+    wider_eval_gt="",
+    protocol="official",
+    wider_pred_dir="",
+):
   """COCO evaluation of `part.eval_split` of a prepared dataset (`data`, or a data.extra_eval
   entry's data section) on the model's classes [part.channel_offset, + its classes), plus the
   dataset's own metrics (its `extra_metrics` in data/catalog.py: CrowdHuman AP50 / MR^-2 / JI;
   WIDER Face easy / medium / hard AP with `wider_eval_gt`); writes the detections to
-  `results_path`. Returns (metrics, evaluator)."""
+  `results_path` (and in the WIDER FACE kit's layout to `wider_pred_dir` when set). `protocol`
+  (eval.protocol) may replace the ground truth (evaluation/protocol.py). Returns (metrics,
+  evaluator)."""
   info = pipeline.DetectionInfo.from_builder(builder)
   ann = info.annotation_file(part.eval_split)
   if ann is None:
     raise FileNotFoundError(f"No annotation file recorded for split {part.eval_split!r}")
-  evaluator = CocoEvaluator(
-      ann, [int(x) for x in info.label_to_category_id(np.arange(info.num_classes))]
+  evaluator = eval_protocol.make_evaluator(
+      part.dataset,
+      ann,
+      [int(x) for x in info.label_to_category_id(np.arange(info.num_classes))],
+      protocol,
   )
   if name:
     log.info(
@@ -552,6 +581,17 @@ def _evaluate_dataset(run, builder, part, results_path: str, *, name="", wider_e
     metrics.update(official(ann, evaluator, {"wider_eval_gt": wider_eval_gt}))
   if jax.process_index() == 0:
     evaluator.write_results(results_path)
+    if wider_pred_dir:
+      pred = wider_eval.pred_from_coco(ann, evaluator.results, evaluator.image_ids)
+      if not pred:
+        log.warning(
+            "eval.wider_pred_dir: no evaluated image of %s has an <event>/ folder in its file "
+            "name (WIDER Face's <event>/<image>.jpg); nothing written",
+            part.dataset,
+        )
+      else:
+        n = wider_eval.write_pred_dir(os.path.expanduser(wider_pred_dir), pred)
+        log.info("wrote %d WIDER FACE prediction files to %s", n, wider_pred_dir)
   return metrics, evaluator
 
 
@@ -581,9 +621,7 @@ def _eval_split(cfg, eval_step, variables, mesh, split, evaluator, offset: int, 
       # mesh's device order, gathered from every process (each image once: eval_plan).
       meta = step_lib.shard_batch({k: batch[k] for k in EVAL_META_KEYS}, mesh)
       dets, batch = multihost_utils.process_allgather((dets, meta), tiled=True)
-    dets = jax.device_get(
-        detector.postprocess_detections(jax.device_get(dets), batch["image_hw"], batch["orig_hw"])
-    )
+    dets = _to_original_image(cfg.eval.protocol, jax.device_get(dets), batch)
     classes, valid = mixture.channel_slice(dets["classes"], dets["valid"], offset, num)
     evaluator.add(
         batch["image_id"],
@@ -597,6 +635,18 @@ def _eval_split(cfg, eval_step, variables, mesh, split, evaluator, offset: int, 
   dt = time.perf_counter() - t0
   log.info("evaluated %d images in %.1f s", n, dt)
   return n
+
+
+def _to_original_image(protocol: str, dets: dict, batch: dict) -> dict:
+  """Host detections of a batch in original-image pixels: clipped and empty ones dropped
+  (`detector.postprocess_detections`, the official protocol), or only rescaled (centerx)."""
+  if protocol == "centerx":
+    out = dict(dets)
+    out["boxes"] = eval_protocol.rescale_without_clipping(
+        dets["boxes"], batch["image_hw"], batch["orig_hw"]
+    )
+    return out
+  return jax.device_get(detector.postprocess_detections(dets, batch["image_hw"], batch["orig_hw"]))
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -765,3 +815,58 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, images: Sequence[str])
         f"the other {len(results)} are in {out_dir}"
     )
   return results
+
+
+def pseudo_label(cfg: ml_collections.ConfigDict, workdir: str, images: Sequence[str]) -> str:
+  """`--mode=pseudo_label`: the model's detections with score >= pseudo_label.score_thresh on the
+  images of one folder (and its subfolders), written as a COCO instances json that trains as a
+  `coco_json` dataset (cn2_jax/pseudo_label.py describes the file). An image that fails is
+  logged and skipped; a DataError names the failures after the json of the others is written.
+  Several processes: each runs the model on every image, process 0 alone writes. Returns the
+  json's path."""
+  # start-up: only --mode=predict / pseudo_label run the Predictor (its jit)
+  from cn2_jax.predictor import Predictor
+
+  if len(images) != 1:
+    raise ConfigError(
+        f"--mode=pseudo_label takes one folder of images (--images=FOLDER), got {list(images)}"
+    )
+  folder = images[0]
+  names = pseudo_label_lib.folder_images(folder, IMAGE_EXTENSIONS)
+  enable_compilation_cache(cfg)
+  predictor = Predictor.from_workdir(workdir, cfg)
+  thresh = float(cfg.pseudo_label.score_thresh)
+  done, failures = [], []
+  for name in names:
+    path = os.path.join(folder, name)
+    try:
+      image = predictor.read_image(path)
+      det = predictor(image)
+    except Exception as e:  # noqa: BLE001 - reported below, after the others are written
+      failures.append((path, e))
+      log.error("%s", _failure_line(path, e))
+      continue
+    done.append((name, image.shape[0], image.shape[1], det))
+  cats = pseudo_label_lib.categories(cfg.model.num_classes, predictor)
+  coco = pseudo_label_lib.coco_pseudo_labels(done, cats, [c["id"] for c in cats], thresh)
+  out = pseudo_label_lib.output_path(cfg, workdir, folder)
+  if jax.process_index() == 0:
+    _write_json(out, coco)
+  log.info(
+      "pseudo_label: %d boxes with score >= %.2f on %d of %d images → %s",
+      len(coco["annotations"]),
+      thresh,
+      len(done),
+      len(names),
+      out,
+  )
+  if failures:
+    bugs = [e for _, e in failures if not is_user_error(e)]
+    if bugs:  # not the input's fault: keep the traceback
+      raise bugs[0]
+    listed = "; ".join(_failure_line(p, e) for p, e in failures)
+    raise DataError(
+        f"{len(failures)} of {len(names)} images failed: {listed}; the pseudo-labels of the "
+        f"other {len(done)} are in {out}"
+    )
+  return out

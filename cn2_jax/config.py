@@ -57,6 +57,8 @@ SCHEMA_MODULES = (
     "cn2_jax.engine.step",
     "cn2_jax.engine.loop",
     "cn2_jax.predictor",
+    "cn2_jax.pseudo_label",
+    "cn2_jax.evaluation.protocol",
 )
 
 RUN = schema.group(

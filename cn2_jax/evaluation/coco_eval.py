@@ -82,6 +82,9 @@ class CocoEvaluator:
     label_to_category_id: ``label_to_category_id[c]`` is the COCO category id of contiguous label
       ``c`` (0..C-1). Every id must exist in the annotation file's ``categories``.
     verbose: print the COCOeval summary and the compact metric table in :meth:`evaluate`.
+    skip_images_not_in_gt: images whose id the annotations lack are skipped by :meth:`add` (not
+      recorded, not evaluated) instead of being an error: a ground truth that leaves images out
+      on purpose (``eval.protocol='centerx'`` drops CrowdHuman images without persons).
   """
 
   def __init__(
@@ -89,8 +92,10 @@ class CocoEvaluator:
       annotations: Union[str, os.PathLike, Mapping[str, Any]],
       label_to_category_id: Sequence[int],
       verbose: bool = True,
+      skip_images_not_in_gt: bool = False,
   ):
     self.coco_gt = _load_gt(annotations)
+    self.skip_images_not_in_gt = bool(skip_images_not_in_gt)
     self.label_to_category_id = np.asarray(
         [int(cat_id) for cat_id in label_to_category_id], np.int64
     )
@@ -143,7 +148,7 @@ class CocoEvaluator:
         (their image id is not checked or recorded). None means all True.
     Raises:
       ValueError: on a repeated image id (within or across batches), an image id absent from the
-        ground truth, a class label out of range, or inconsistent shapes.
+        ground truth (unless ``skip_images_not_in_gt``), a class label out of range, or inconsistent shapes.
     """
     image_ids = np.asarray(image_ids).reshape(-1).astype(np.int64)
     batch_size = image_ids.shape[0]
@@ -167,6 +172,8 @@ class CocoEvaluator:
 
     # Validate the whole batch before recording anything (an exception leaves no partial state).
     kept = [i for i in range(batch_size) if batch_mask[i]]
+    if self.skip_images_not_in_gt:
+      kept = [i for i in kept if int(image_ids[i]) in self._gt_image_ids]
     batch_ids = [int(image_ids[i]) for i in kept]
     for img_id in batch_ids:
       if img_id in self._seen or batch_ids.count(img_id) > 1:

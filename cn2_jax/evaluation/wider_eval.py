@@ -61,7 +61,9 @@ the Python port stops with a KeyError).  A malformed file is a one-line :class:`
 IoU threshold 0.5, 1000 thresholds, 61 events / 3226 images in the official val files.  With
 ``images`` (or a subset of image ids from :func:`metrics_from_coco`) the protocol runs on those
 images only (their counted faces, their detections, their min/max); published numbers are on the
-full val set.  Recall on the hard setting depends on how many detections an image may keep (up to
+full val set.  :func:`write_pred_dir` writes predictions in the kit's layout (``app.evaluate``
+with ``eval.wider_pred_dir``: the eval split's detections, :func:`pred_from_coco`).  Recall on
+the hard setting depends on how many detections an image may keep (up to
 ~1000 faces per image): raise ``model.roi_heads.detections_per_image`` (CenterNet2) or
 ``model.onestage.max_detections`` (one-stage) from their default 100 for WIDER Face.
 
@@ -475,6 +477,72 @@ def read_pred_dir(pred_dir: Union[str, os.PathLike]) -> Dict[Key, np.ndarray]:
   return out
 
 
+def write_pred_file(path: Union[str, os.PathLike], name: str, rows: np.ndarray) -> None:
+  """One prediction file in the kit's format: ``name`` (the image name without extension), the
+  number of boxes, then one ``x y w h score`` line per box (in decreasing score)."""
+  rows = np.asarray(rows, np.float64).reshape(-1, 5)
+  rows = rows[np.argsort(-rows[:, 4], kind="stable")]
+  lines = [name, str(rows.shape[0])]
+  lines += [" ".join(f"{float(v):.3f}" for v in row[:4]) + f" {float(row[4]):.5f}" for row in rows]
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def write_pred_dir(out_dir: Union[str, os.PathLike], pred: Mapping[Key, np.ndarray]) -> int:
+  """Writes ``{(event, image name): [N, 5] x y w h score}`` as ``<out_dir>/<event>/<image
+  name>.txt`` (:func:`write_pred_file`), the layout the official kit (``read_pred.m``) and
+  :func:`read_pred_dir` read; an image with no detection gets a file with count 0.  Returns the
+  number of files written."""
+  out_dir = os.fspath(out_dir)
+  for (event, name), rows in pred.items():
+    os.makedirs(os.path.join(out_dir, event), exist_ok=True)
+    write_pred_file(os.path.join(out_dir, event, f"{name}.txt"), name, rows)
+  return len(pred)
+
+
+def pred_from_coco(
+    coco_gt: Union[str, os.PathLike, Mapping[str, Any]],
+    results: Sequence[Mapping[str, Any]],
+    image_ids: Optional[Sequence[int]] = None,
+    *,
+    category_id: Optional[int] = None,
+) -> Dict[Key, np.ndarray]:
+  """``{(event, image name): [N, 5] x y w h score}`` of COCO results (``image_id, category_id,
+  bbox xywh, score``) on the images ``image_ids`` (None = all) of a converted WIDER Face json,
+  whose ``file_name`` is ``<event>/<name>.jpg``; images without an event folder are left out.
+  ``category_id``: default the only category, else the one named ``face``."""
+  if isinstance(coco_gt, Mapping):
+    coco = coco_gt
+  else:
+    with open(coco_gt, encoding="utf-8") as f:
+      coco = json.load(f)
+  if category_id is None:
+    category_id = _face_category(coco)
+  names = {int(image["id"]): str(image["file_name"]) for image in coco["images"]}
+  ids = list(names) if image_ids is None else [int(i) for i in image_ids]
+  keys = {i: key_of_file_name(names.get(i, "")) for i in ids}
+  keys = {i: key for i, key in keys.items() if key is not None}
+  rows: Dict[Key, List[List[float]]] = {key: [] for key in keys.values()}
+  for result in results:
+    key = keys.get(int(result["image_id"]))
+    if key is not None and int(result["category_id"]) == category_id:
+      rows[key].append([float(value) for value in result["bbox"]] + [float(result["score"])])
+  return {key: np.asarray(value, np.float64).reshape(-1, 5) for key, value in rows.items()}
+
+
+def _face_category(coco: Mapping[str, Any]) -> int:
+  cats = coco.get("categories") or []
+  face = [cat for cat in cats if str(cat.get("name")) == "face"]
+  if len(cats) == 1:
+    return int(cats[0]["id"])
+  if len(face) == 1:
+    return int(face[0]["id"])
+  raise ValueError(
+      f"WIDER Face metrics need one category (or one named 'face'); the annotations have "
+      f"{[cat.get('name') for cat in cats]}"
+  )
+
+
 def key_of_file_name(file_name: str) -> Optional[Key]:
   """``(event, image name)`` of a COCO ``file_name`` such as ``0--Parade/0_Parade_x_1.jpg`` (the
   last folder and the name without extension); None without a folder."""
@@ -502,18 +570,8 @@ def metrics_from_coco(
   else:
     with open(coco_gt, encoding="utf-8") as f:
       coco = json.load(f)
-  cats = coco.get("categories") or []
   if category_id is None:
-    face = [cat for cat in cats if str(cat.get("name")) == "face"]
-    if len(cats) == 1:
-      category_id = int(cats[0]["id"])
-    elif len(face) == 1:
-      category_id = int(face[0]["id"])
-    else:
-      raise ValueError(
-          f"WIDER Face metrics need one category (or one named 'face'); the annotations have "
-          f"{[cat.get('name') for cat in cats]}"
-      )
+    category_id = _face_category(coco)
   ground_truth = _as_gt(gt_dir)
   index = ground_truth.index()
   names = {int(image["id"]): str(image["file_name"]) for image in coco["images"]}
