@@ -154,6 +154,8 @@ class Row:
   tol: float
   detail: str = ""
   passed: Optional[bool] = None  # set when the float32-noise rule decided
+  # full gradients judged by the float64 rule: (ours-vs-f64, the rule's bound on it)
+  noise: Optional[Tuple[float, float]] = None
 
   @property
   def ok(self) -> bool:
@@ -748,9 +750,10 @@ def compare_training(
         )
       else:
         diff = _full_dist(g[key], ref, ref)
-        detail = ""
+        detail, noise = "", None
         if verdicts[key] != "ok" and e_g is not None:
           ours_e, off_e = _full_dist(g[key], e_g[key], ref), _full_dist(ref, e_g[key], ref)
+          noise = (ours_e, max(NOISE_FACTOR * off_e, q90_full))
           detail = (
               f"float64 rule: ours-vs-f64 {ours_e:.1e} <= max(2 x official-vs-f64 {off_e:.1e}, "
               f"q90 {q90_full:.1e})" + ("" if verdicts[key] == "f64" else " is FALSE")
@@ -763,7 +766,7 @@ def compare_training(
             TOL_GRAD_FULL,
             detail,
             passed=None if verdicts[key] == "ok" else verdicts[key] == "f64",
-        )
+        ).noise = noise
 
     run_ref = vinfo.get("bn_running_stats_after_step", {})
     if run_ref and new_stats is not None:
