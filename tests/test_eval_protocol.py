@@ -19,7 +19,7 @@ from cn2_jax.config import base_config, validate_config
 from cn2_jax.data import sources
 from cn2_jax.data.datasets import crowdhuman
 from cn2_jax.errors import ConfigError
-from cn2_jax.evaluation import protocol, wider_eval
+from cn2_jax.evaluation import crowdhuman_eval, protocol, wider_eval
 from cn2_jax.evaluation.coco_eval import CocoEvaluator
 from cn2_jax.modeling.onestage import decode as decode_lib
 
@@ -99,7 +99,7 @@ def test_crowdhuman_image_without_persons_is_dropped_only_for_centerx(tmp_path):
           {"ID": "b", "gtboxes": [_mask([10, 10, 20, 20])]},  # no person
       ],
   )
-  gt = protocol.centerx_crowdhuman_gt(ann)
+  gt = crowdhuman_eval.centerx_crowdhuman_gt(ann)
   assert [image["file_name"] for image in gt["images"]] == ["a.jpg"]
   aps = _aps(ann, {"a": [(10, 10, 30, 40, 0.8)], "b": [(50, 40, 20, 20, 0.95)]})
   # official: image b is evaluated, its detection (off the mask) is a FP ranked first: 1/2.
@@ -122,7 +122,7 @@ def test_crowdhuman_extra_ignore_person_is_a_person_for_centerx(tmp_path):
 def test_crowdhuman_boxes_of_one_pixel_or_less_are_dropped_for_centerx(tmp_path):
   ann = _convert(tmp_path, [{"ID": "d", "gtboxes": [_person([10, 10, 30, 40]),
                                                     _person([60, 10, 0.8, 40])]}])  # fmt: skip
-  gt = protocol.centerx_crowdhuman_gt(ann)
+  gt = crowdhuman_eval.centerx_crowdhuman_gt(ann)
   assert [a["bbox"] for a in gt["annotations"]] == [[10.0, 10.0, 30.0, 40.0]]
   aps = _aps(ann, {"d": [(10, 10, 30, 40, 0.9)]})
   # official: the 0.8 px wide person is ground truth and missed: recall 1/2 at precision 1.
@@ -141,7 +141,7 @@ def test_centerx_crowdhuman_boxes_by_hand():
           _person([10, 10, 30, 40], ignore=1),  # extra.ignore is not read
       ],
   }
-  got = protocol.centerx_crowdhuman_boxes(rec, "vbox", H, W)
+  got = crowdhuman_eval.centerx_crowdhuman_boxes(rec, "vbox", H, W)
   np.testing.assert_allclose(got, [[0, 10, 25, 50], [90, 70, 100, 80], [10, 10, 40, 50]])
 
 

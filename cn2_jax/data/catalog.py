@@ -10,6 +10,7 @@ package's `__init__.py`):
       fixed_num_classes=None,     # classes without data.classes (None: read from the files)
       labelled=True,              # False: images only (training; never evaluated or filtered)
       extra_metrics=None,         # (annotation file, CocoEvaluator, options) -> {name: value}
+      centerx_ground_truth=None,  # eval.protocol="centerx": (annotation file) -> COCO dict
   ))
 
 `prepare` converts the source once (into `data_dir`) and returns the prepared tfds builder whose
@@ -33,6 +34,9 @@ class DatasetKind:
   fixed_num_classes: Optional[int] = None  # without data.classes; None: from the annotations
   labelled: bool = True  # False: unlabelled images (woGT distillation), training only
   extra_metrics: Optional[Callable] = None  # (annotation file, evaluator, options) -> dict
+  # eval.protocol="centerx": (converted annotation file) -> the COCO dict centerX evaluates on,
+  # when that is not the converted json itself (evaluation/protocol.py)
+  centerx_ground_truth: Optional[Callable] = None
 
 
 # The built-in kinds import the dataset converters (tensorflow_datasets): loaded on first use,

@@ -50,6 +50,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from cn2_jax.errors import DataError, InputFileError
+
 logger = logging.getLogger(__name__)
 
 # The toolkit's reference FPPI points (CALTECH_MRREF_2): 10 ** linspace(-2, 0, 9), rounded.
@@ -57,6 +59,7 @@ MR_REF_FPPI = (0.0100, 0.0178, 0.0316, 0.0562, 0.1000, 0.1778, 0.3162, 0.5623, 1
 JI_SCORE_THRESHOLDS = tuple(0.1 * i for i in range(10))
 _EPS = 1e-6
 CROWDHUMAN_BOXES = ("vbox", "fbox", "hbox")  # the box types of an odgt record
+CENTERX_MIN_SIDE = 1.0  # centerX keeps a GT box when its clipped width and height are > 1 px
 
 __all__ = [
     "MR_REF_FPPI",
@@ -443,3 +446,96 @@ def metrics_from_coco(
       metrics["JI"],
   )
   return {f"{prefix}{name}": float(metrics[name]) for name in ("AP50", "MR-2", "JI")}
+
+
+# ----------------------------------------------------------------------------------------------
+# CrowdHuman as centerX evaluates it (eval.protocol='centerx', evaluation/protocol.py)
+# ----------------------------------------------------------------------------------------------
+def centerx_crowdhuman_boxes(
+    record: Mapping[str, Any], box: str, height: float, width: float
+) -> np.ndarray:
+  """`[n, 4]` xyxy ground truth of one odgt record as centerX loads it: the `box` of each
+  ``tag == "person"`` entry (``extra.ignore`` is not read), clipped to x1, y1 >= 0, x2 <= width,
+  y2 <= height, kept when the clipped width and height are > 1."""
+  out = []
+  for gt_box in record.get("gtboxes") or []:
+    if gt_box.get("tag") != "person":
+      continue
+    x, y, w, h = (float(v) for v in gt_box[box])
+    x1, y1 = max(x, 0.0), max(y, 0.0)
+    x2, y2 = min(x + w, float(width)), min(y + h, float(height))
+    if x2 - x1 > CENTERX_MIN_SIDE and y2 - y1 > CENTERX_MIN_SIDE:
+      out.append((x1, y1, x2, y2))
+  return np.asarray(out, np.float64).reshape(-1, 4)
+
+
+def centerx_crowdhuman_coco(
+    records: Sequence[Mapping[str, Any]], box: str, converted: Mapping[str, Any]
+) -> dict:
+  """The COCO ground truth centerX evaluates CrowdHuman on, from the odgt `records` of a split
+  and its converted json `converted` (image ids, sizes and the category of this project's
+  conversion: image ``<ID>.jpg``): images without a person box left are dropped."""
+  cats = list(converted.get("categories") or [])
+  person = [cat for cat in cats if cat.get("name") == "person"]
+  if len(person) != 1:
+    raise DataError(
+        f"the centerx protocol of CrowdHuman needs one 'person' category; the converted json "
+        f"has {[cat.get('name') for cat in cats]}"
+    )
+  by_name = {str(image["file_name"]): image for image in converted["images"]}
+  images, anns = [], []
+  for record in records:
+    image = by_name.get(f"{record['ID']}.jpg")
+    if image is None:
+      continue  # not in this split's conversion (e.g. left out by a class subset)
+    boxes = centerx_crowdhuman_boxes(record, box, float(image["height"]), float(image["width"]))
+    if boxes.shape[0] == 0:
+      continue
+    images.append(dict(image))
+    for x1, y1, x2, y2 in boxes.tolist():
+      anns.append(
+          {
+              "id": len(anns) + 1,
+              "image_id": int(image["id"]),
+              "category_id": int(person[0]["id"]),
+              "bbox": [x1, y1, x2 - x1, y2 - y1],
+              "area": (x2 - x1) * (y2 - y1),
+              "iscrowd": 0,
+          }
+      )
+  return {"images": images, "annotations": anns, "categories": cats}
+
+
+def _source_of(annotation_file: str) -> Tuple[str, str]:
+  """(odgt file, box) a converted CrowdHuman json was made from (its ``source.json``)."""
+  record_path = os.path.join(os.path.dirname(annotation_file), "source.json")
+  split = os.path.splitext(os.path.basename(annotation_file))[0]
+  try:
+    with open(record_path, encoding="utf-8") as f:
+      options = json.load(f)["options"]
+    odgt = options["splits"][split][0]
+    box = options.get("box") or "vbox"
+  except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+    raise InputFileError(
+        f"eval.protocol='centerx' reads the CrowdHuman odgt file that {annotation_file} was "
+        f"converted from, named in {record_path}: cannot read it ({type(e).__name__}: {e})"
+    ) from e
+  if box not in CROWDHUMAN_BOXES:
+    raise DataError(f"{record_path}: unknown CrowdHuman box {box!r}")
+  return odgt, box
+
+
+def centerx_crowdhuman_gt(annotation_file: str) -> dict:
+  """:func:`centerx_crowdhuman_coco` of a converted CrowdHuman split json (the odgt file and the
+  box from the conversion's ``source.json``)."""
+  odgt, box = _source_of(annotation_file)
+  if not os.path.isfile(odgt):
+    raise InputFileError(
+        f"eval.protocol='centerx' needs the CrowdHuman annotation file {odgt} (the source of "
+        f"{annotation_file}): not found"
+    )
+  with open(odgt, encoding="utf-8") as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  with open(annotation_file, encoding="utf-8") as f:
+    converted = json.load(f)
+  return centerx_crowdhuman_coco(records, box, converted)

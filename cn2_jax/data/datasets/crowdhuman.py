@@ -128,6 +128,7 @@ register(
         prepare,
         fixed_num_classes=len(FORMAT.class_names),
         extra_metrics=official_metrics,
+        centerx_ground_truth=crowdhuman_eval.centerx_crowdhuman_gt,
     )
 )
 
