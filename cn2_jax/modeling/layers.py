@@ -13,6 +13,7 @@ All layers take NHWC inputs. `dtype` is the compute dtype (e.g. bfloat16); param
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -142,6 +143,71 @@ class BatchNormSettings:
 BATCH_NORMS = ("BN", "SyncBN")  # the norms with trainable BatchNorm (running statistics)
 
 
+def _conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int, groups: int) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+      x,
+      kernel,
+      window_strides=(strides, strides),
+      padding=((padding, padding), (padding, padding)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups,
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_matmul_weight_grad(x: jax.Array, kernel: jax.Array, strides: int, padding: int):
+  """`_conv` (groups 1) whose weight gradient is k*k matrix products (why: see `conv2d`)."""
+  return _conv(x, kernel, strides, padding, 1)
+
+
+def _conv_fwd(x, kernel, strides, padding):
+  return _conv(x, kernel, strides, padding, 1), (x, kernel)
+
+
+def _conv_bwd(strides, padding, residuals, g):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda v: _conv(v, kernel, strides, padding, 1), x)
+  (dx,) = input_vjp(g)
+  k, (out_h, out_w) = kernel.shape[0], g.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  span_h, span_w = strides * (out_h - 1) + 1, strides * (out_w - 1) + 1
+  # dW[i, j] = sum over (b, h, w) of x[b, s*h + i - p, s*w + j - p, :]^T g[b, h, w, :]
+  taps = [
+      [
+          jnp.einsum(
+              "bhwc,bhwk->ck",
+              xp[:, i : i + span_h : strides, j : j + span_w : strides],
+              g,
+              preferred_element_type=jnp.float32,
+          )
+          for j in range(k)
+      ]
+      for i in range(k)
+  ]
+  dkernel = jnp.stack([jnp.stack(row) for row in taps]).astype(kernel.dtype)
+  return dx, dkernel
+
+
+_conv_matmul_weight_grad.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv2d(
+    x: jax.Array, kernel: jax.Array, strides: int = 1, padding: int = 0, groups: int = 1
+) -> jax.Array:
+  """NHWC x HWIO convolution with torch-style symmetric padding.
+
+  Same values and gradients as `lax.conv_general_dilated`; for the 1x1 and 3x3 kernels without
+  groups (nearly every conv of the detectors) the weight gradient is computed as k*k matrix
+  products of shifted input windows with the output gradient. Why: XLA:CPU lowers the weight
+  gradient to a convolution whose kernel is the whole output-gradient map and runs it 2-8x slower
+  than the forward (bench/train_step_profile.py --conv); the products take 1.3-2x less. Their
+  float32 sums are accumulated in another order, so the gradients differ at rounding level only.
+  """
+  if groups == 1 and kernel.shape[0] in (1, 3) and kernel.shape[0] == kernel.shape[1]:
+    return _conv_matmul_weight_grad(x, kernel, strides, padding)
+  return _conv(x, kernel, strides, padding, groups)
+
+
 class Conv2d(nn.Module):
   """Conv (torch-style symmetric padding) followed by an optional norm named `norm`.
 
@@ -184,13 +250,8 @@ class Conv2d(nn.Module):
     kernel = self.param(
         "kernel", self.kernel_init, (k, k, cin // self.groups, self.features), jnp.float32
     )
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype),
-        kernel.astype(self.dtype),
-        window_strides=(self.strides, self.strides),
-        padding=((self.padding, self.padding), (self.padding, self.padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=self.groups,
+    y = conv2d(
+        x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding, self.groups
     )
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
