@@ -105,7 +105,7 @@ def test_the_detector_builds_what_the_registries_name(monkeypatch):
 
   monkeypatch.setitem(PROPOSAL_GENERATORS, "NoProposals", no_proposals)
   cfg = tiny_config()
-  batch = tiny_batch()
+  batch = tiny_batch(b=1, hw=(64, 96))  # small: the model runs op by op, three times
   model = detector.build_model(cfg.model)
   variables = model.init(jax.random.PRNGKey(0), batch, train=False)
   assert np.asarray(model.apply(variables, batch)["valid"]).any()
