@@ -202,8 +202,11 @@ def conv2d(
   gradient to a convolution whose kernel is the whole output-gradient map and runs it 2-8x slower
   than the forward (bench/train_step_profile.py --conv); the products take 1.3-2x less. Their
   float32 sums are accumulated in another order, so the gradients differ at rounding level only.
+  On other backends (cuDNN's weight gradient is fast; not measured against the products) XLA's
+  own rule is kept.
   """
-  if groups == 1 and kernel.shape[0] in (1, 3) and kernel.shape[0] == kernel.shape[1]:
+  square = kernel.shape[0] == kernel.shape[1]
+  if groups == 1 and square and kernel.shape[0] in (1, 3) and jax.default_backend() == "cpu":
     return _conv_matmul_weight_grad(x, kernel, strides, padding)
   return _conv(x, kernel, strides, padding, groups)
 
