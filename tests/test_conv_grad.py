@@ -78,3 +78,13 @@ def test_bfloat16_and_grouped_convolutions():
   grouped = jnp.asarray(rng.standard_normal((3, 3, 2, 6), np.float32))  # groups=2: lax's own rule
   y = layers.conv2d(x, grouped, 1, 1, groups=2)
   np.testing.assert_array_equal(y, reference(x, grouped, 1, 1, groups=2))
+
+
+def test_the_matmul_rule_is_what_runs_on_cpu():
+  """On XLA:CPU the 1x1 / 3x3 ungrouped convs go through the custom rule (what the tests above
+  check against lax); grouped ones do not."""
+  x, kernel = jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2))
+  assert jax.default_backend() == "cpu"
+  assert "custom_vjp_call" in str(jax.make_jaxpr(lambda a, b: layers.conv2d(a, b, 1, 1))(x, kernel))
+  grouped = str(jax.make_jaxpr(lambda a, b: layers.conv2d(a, b, 1, 1, 2))(x, kernel[:, :, :1]))
+  assert "custom_vjp_call" not in grouped
