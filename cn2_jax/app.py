@@ -805,16 +805,22 @@ def predict(cfg: ml_collections.ConfigDict, workdir: str, images: Sequence[str])
         best,
         math.floor(best * 100) / 100,
     )
-  if failures:
-    bugs = [e for _, e in failures if not is_user_error(e)]
-    if bugs:  # not the input's fault: keep the traceback
-      raise bugs[0]
-    listed = "; ".join(_failure_line(p, e) for p, e in failures)
-    raise DataError(
-        f"{len(failures)} of {len(paths)} images failed: {listed}; the results of "
-        f"the other {len(results)} are in {out_dir}"
-    )
+  _raise_image_failures(failures, len(paths), f"the results of the other {len(results)}", out_dir)
   return results
+
+
+def _raise_image_failures(failures, total: int, others: str, written_to: str) -> None:
+  """After the other images' results are written: a bug (not the input's fault) re-raised with
+  its traceback, else one DataError naming every failed image."""
+  if not failures:
+    return
+  bugs = [e for _, e in failures if not is_user_error(e)]
+  if bugs:
+    raise bugs[0]
+  listed = "; ".join(_failure_line(p, e) for p, e in failures)
+  raise DataError(
+      f"{len(failures)} of {total} images failed: {listed}; {others} are in {written_to}"
+  )
 
 
 def pseudo_label(cfg: ml_collections.ConfigDict, workdir: str, images: Sequence[str]) -> str:
@@ -860,13 +866,5 @@ def pseudo_label(cfg: ml_collections.ConfigDict, workdir: str, images: Sequence[
       len(names),
       out,
   )
-  if failures:
-    bugs = [e for _, e in failures if not is_user_error(e)]
-    if bugs:  # not the input's fault: keep the traceback
-      raise bugs[0]
-    listed = "; ".join(_failure_line(p, e) for p, e in failures)
-    raise DataError(
-        f"{len(failures)} of {len(names)} images failed: {listed}; the pseudo-labels of the "
-        f"other {len(done)} are in {out}"
-    )
+  _raise_image_failures(failures, len(names), f"the pseudo-labels of the other {len(done)}", out)
   return out

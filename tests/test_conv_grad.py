@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cn2_jax.modeling import layers
+from cn2_jax.modeling import export_mode, layers
+
+
+@pytest.fixture(autouse=True)
+def _every_size(monkeypatch):
+  """The rule applies from a size on (compile time); these tests use small maps."""
+  monkeypatch.setattr(layers, "MATMUL_WEIGHT_GRAD_MIN_MACS", 0)
 
 
 def reference(x, kernel, strides, padding, groups=1):
@@ -88,3 +94,18 @@ def test_the_matmul_rule_is_what_runs_on_cpu():
   assert "custom_vjp_call" in str(jax.make_jaxpr(lambda a, b: layers.conv2d(a, b, 1, 1))(x, kernel))
   grouped = str(jax.make_jaxpr(lambda a, b: layers.conv2d(a, b, 1, 1, 2))(x, kernel[:, :, :1]))
   assert "custom_vjp_call" not in grouped
+  with export_mode.onnx_ops():  # inference graphs for ONNX: lax's convolution
+    assert "custom_vjp_call" not in str(
+        jax.make_jaxpr(lambda a, b: layers.conv2d(a, b, 1, 1))(x, kernel)
+    )
+
+
+def test_small_convolutions_keep_xla_rule(monkeypatch):
+  """Below MATMUL_WEIGHT_GRAD_MIN_MACS multiply-adds lax's own rule (faster to compile)."""
+  monkeypatch.setattr(layers, "MATMUL_WEIGHT_GRAD_MIN_MACS", 2 * 4 * 4 * 9 * 2 * 2 + 1)
+  x, kernel = jnp.zeros((2, 4, 4, 2)), jnp.zeros((3, 3, 2, 2))
+  assert "custom_vjp_call" not in str(
+      jax.make_jaxpr(lambda a, b: layers.conv2d(a, b, 1, 1))(x, kernel)
+  )
+  monkeypatch.setattr(layers, "MATMUL_WEIGHT_GRAD_MIN_MACS", 2 * 4 * 4 * 9 * 2 * 2)
+  assert "custom_vjp_call" in str(jax.make_jaxpr(lambda a, b: layers.conv2d(a, b, 1, 1))(x, kernel))

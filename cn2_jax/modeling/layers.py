@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cn2_jax.modeling import export_mode
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -154,6 +156,12 @@ def _conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int, groups: i
   )
 
 
+# A convolution's multiply-adds from which `conv2d` computes its weight gradient as matrix products
+# (every conv of the R50 backbone at the official training size has >= 1e9; the tests' tiny
+# models stay below and compile as before).
+MATMUL_WEIGHT_GRAD_MIN_MACS = 2**28
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_matmul_weight_grad(x: jax.Array, kernel: jax.Array, strides: int, padding: int):
   """`_conv` (groups 1) whose weight gradient is k*k matrix products (why: see `conv2d`)."""
@@ -202,11 +210,25 @@ def conv2d(
   gradient to a convolution whose kernel is the whole output-gradient map and runs it 2-8x slower
   than the forward (bench/train_step_profile.py --conv); the products take 1.3-2x less. Their
   float32 sums are accumulated in another order, so the gradients differ at rounding level only.
-  On other backends (cuDNN's weight gradient is fast; not measured against the products) XLA's
-  own rule is kept.
+  XLA's own rule is kept for small convolutions (under MATMUL_WEIGHT_GRAD_MIN_MACS multiply-adds:
+  there the k*k products only add compile time), on other backends (cuDNN's weight gradient is
+  fast; not measured against the products) and when tracing for ONNX (inference only).
   """
+  k, cout = kernel.shape[0], kernel.shape[-1]
+  out_positions = x.shape[0] * (
+      ((x.shape[1] + 2 * padding - k) // strides + 1)
+      * ((x.shape[2] + 2 * padding - k) // strides + 1)
+  )
+  large = out_positions * k * k * x.shape[-1] * cout >= MATMUL_WEIGHT_GRAD_MIN_MACS
   square = kernel.shape[0] == kernel.shape[1]
-  if groups == 1 and square and kernel.shape[0] in (1, 3) and jax.default_backend() == "cpu":
+  if (
+      groups == 1
+      and square
+      and k in (1, 3)
+      and large
+      and jax.default_backend() == "cpu"
+      and not export_mode.onnx_ops_enabled()
+  ):
     return _conv_matmul_weight_grad(x, kernel, strides, padding)
   return _conv(x, kernel, strides, padding, groups)
 
