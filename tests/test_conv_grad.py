@@ -102,10 +102,10 @@ def test_the_matmul_rule_is_what_runs_on_cpu():
 
 def test_small_convolutions_keep_xla_rule(monkeypatch):
   """Below MATMUL_WEIGHT_GRAD_MIN_MACS multiply-adds lax's own rule (faster to compile)."""
-  monkeypatch.setattr(layers, "MATMUL_WEIGHT_GRAD_MIN_MACS", 2 * 4 * 4 * 9 * 2 * 2 + 1)
+  monkeypatch.setattr(layers, "MATMUL_WEIGHT_GRAD_MIN_MACS", 4 * 4 * 9 * 2 * 2 + 1)
   x, kernel = jnp.zeros((2, 4, 4, 2)), jnp.zeros((3, 3, 2, 2))
   assert "custom_vjp_call" not in str(
       jax.make_jaxpr(lambda a, b: layers.conv2d(a, b, 1, 1))(x, kernel)
   )
-  monkeypatch.setattr(layers, "MATMUL_WEIGHT_GRAD_MIN_MACS", 2 * 4 * 4 * 9 * 2 * 2)
+  monkeypatch.setattr(layers, "MATMUL_WEIGHT_GRAD_MIN_MACS", 4 * 4 * 9 * 2 * 2)
   assert "custom_vjp_call" in str(jax.make_jaxpr(lambda a, b: layers.conv2d(a, b, 1, 1))(x, kernel))

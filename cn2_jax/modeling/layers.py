@@ -156,10 +156,10 @@ def _conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int, groups: i
   )
 
 
-# A convolution's multiply-adds from which `conv2d` computes its weight gradient as matrix products
-# (every conv of the R50 backbone at the official training size has >= 1e9; the tests' tiny
-# models stay below and compile as before).
-MATMUL_WEIGHT_GRAD_MIN_MACS = 2**28
+# A convolution's multiply-adds per image from which `conv2d` computes its weight gradient as
+# matrix products (every ResNet-50 bottleneck conv at the official training size has >= 2.4e8; the
+# tests' tiny models and the demo stay below and compile as before).
+MATMUL_WEIGHT_GRAD_MIN_MACS = 2**27
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -210,14 +210,14 @@ def conv2d(
   gradient to a convolution whose kernel is the whole output-gradient map and runs it 2-8x slower
   than the forward (bench/train_step_profile.py --conv); the products take 1.3-2x less. Their
   float32 sums are accumulated in another order, so the gradients differ at rounding level only.
-  XLA's own rule is kept for small convolutions (under MATMUL_WEIGHT_GRAD_MIN_MACS multiply-adds:
-  there the k*k products only add compile time), on other backends (cuDNN's weight gradient is
+  XLA's own rule is kept for small convolutions (under MATMUL_WEIGHT_GRAD_MIN_MACS multiply-adds per
+  image: there the k*k products only add compile time), on other backends (cuDNN's weight gradient is
   fast; not measured against the products) and when tracing for ONNX (inference only).
   """
   k, cout = kernel.shape[0], kernel.shape[-1]
-  out_positions = x.shape[0] * (
-      ((x.shape[1] + 2 * padding - k) // strides + 1)
-      * ((x.shape[2] + 2 * padding - k) // strides + 1)
+  # per image: the batch dimension may be symbolic (an export with a free batch size)
+  out_positions = ((x.shape[1] + 2 * padding - k) // strides + 1) * (
+      (x.shape[2] + 2 * padding - k) // strides + 1
   )
   large = out_positions * k * k * x.shape[-1] * cout >= MATMUL_WEIGHT_GRAD_MIN_MACS
   square = kernel.shape[0] == kernel.shape[1]
