@@ -45,6 +45,7 @@ import numpy as np
 from cn2_jax.engine.step import total_loss
 from cn2_jax.modeling.detector import build_model
 from cn2_jax.modeling.ops.roi_align import multilevel_roi_align
+from cn2_jax.modeling.proposal.centernet import flatten_levels
 from cn2_jax.modeling.proposal.losses import centernet_losses
 from cn2_jax.modeling.proposal.targets import centernet_targets
 from cn2_jax.testing import train_oracle
@@ -77,10 +78,6 @@ def _sum_all(tree) -> jax.Array:
   """A scalar that depends on every output (mean of each leaf, so scales stay moderate)."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
   return sum(jnp.mean(x.astype(jnp.float32)) for x in leaves)
-
-
-def _flatten_levels(xs):
-  return jnp.concatenate([x.reshape(x.shape[0], -1, *x.shape[3:]) for x in xs], axis=1)
 
 
 def conv_weight_gradients(runs: int) -> None:
@@ -194,8 +191,8 @@ def main():
 
   def cn_losses(hm, reg):
     losses = centernet_losses(
-        _flatten_levels(hm),
-        _flatten_levels(reg),
+        flatten_levels(hm),
+        flatten_levels(reg),
         targets,
         alpha=pg.focal_alpha,
         beta=pg.focal_beta,
@@ -206,7 +203,7 @@ def main():
         neg_weight=pg.neg_weight,
         reg_weight=pg.reg_weight,
         axis_name=None,
-        location_mask=_flatten_levels(masks),
+        location_mask=flatten_levels(masks),
     )
     return total_loss(losses)
 

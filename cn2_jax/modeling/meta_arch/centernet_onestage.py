@@ -46,6 +46,7 @@ from cn2_jax.modeling.layers import COMPUTE_DTYPES
 from cn2_jax.modeling.meta_arch import centernet2
 from cn2_jax.modeling.meta_arch.build import ClassParams, WeightFormat, register
 from cn2_jax.modeling.ops.nms import DEFAULT_TILE_SIZE
+from cn2_jax.modeling.proposal.centernet import flatten_levels
 from cn2_jax.modeling.proposal.centernet_onestage_head import CenterNetOneStageHead
 from cn2_jax.modeling.proposal.onestage_decode import predict_instances
 from cn2_jax.modeling.proposal.onestage_losses import onestage_loss_normalisers, onestage_losses
@@ -57,11 +58,6 @@ Dtype = Any
 # The official MODEL.CENTERNET.SOI default (centernet/config.py): inclusive half-diagonal
 # ranges of P3-P7.
 OFFICIAL_SOI = ((0, 80), (64, 160), (128, 320), (256, 640), (512, 10000000))
-
-
-def _flatten_levels(xs: Sequence[jax.Array]) -> jax.Array:
-  """list of `[B, H_l, W_l, ...]` -> `[B, sum_l H_l W_l, ...]` (level-major, row-major)."""
-  return jnp.concatenate([x.reshape(x.shape[0], -1, *x.shape[3:]) for x in xs], axis=1)
 
 
 class CenterNetOneStageGenerator(nn.Module):
@@ -198,7 +194,7 @@ class CenterNetOneStageGenerator(nn.Module):
           "((0, 1000000),) for the S4 models)"
       )
     head = self.centernet_head(features, masks)
-    reg = _flatten_levels(head["reg"])
+    reg = flatten_levels(head["reg"])
     level_shapes = tuple((int(f.shape[1]), int(f.shape[2])) for f in features)
     targets_fn = functools.partial(
         onestage_targets,
@@ -222,10 +218,10 @@ class CenterNetOneStageGenerator(nn.Module):
     self.sow("intermediates", "train_num_pos_avg", num_pos_avg)
     self.sow("intermediates", "train_reg_norm", reg_norm)
     losses = onestage_losses(
-        _flatten_levels(head["cls_logits"]),
+        flatten_levels(head["cls_logits"]),
         reg,
         targets,
-        agn_hm_logits=_flatten_levels(head["agn_hm_logits"]) if self.with_agn_hm else None,
+        agn_hm_logits=flatten_levels(head["agn_hm_logits"]) if self.with_agn_hm else None,
         alpha=float(self.focal_alpha),
         beta=float(self.focal_beta),
         gamma=float(self.loss_gamma),
@@ -236,7 +232,7 @@ class CenterNetOneStageGenerator(nn.Module):
         reg_weight=float(self.reg_weight),
         not_norm_reg=bool(self.not_norm_reg),
         axis_name=axis_name,
-        location_mask=None if masks is None else _flatten_levels(masks),
+        location_mask=None if masks is None else flatten_levels(masks),
     )
     batch = gt_boxes.shape[0]
     losses["aux/num_pos_per_image"] = jnp.sum(targets["pos_valid"].astype(jnp.float32)) / batch

@@ -26,7 +26,7 @@ from cn2_jax.modeling.proposal.targets import centernet_targets
 Dtype = Any
 
 
-def _flatten_levels(xs: Sequence[jax.Array]) -> jax.Array:
+def flatten_levels(xs: Sequence[jax.Array]) -> jax.Array:
   """list of `[B, H_l, W_l, ...]` -> `[B, sum_l H_l W_l, ...]` (level-major, row-major)."""
   return jnp.concatenate([x.reshape(x.shape[0], -1, *x.shape[3:]) for x in xs], axis=1)
 
@@ -158,8 +158,8 @@ class CenterNet(nn.Module):
     self.sow("intermediates", "train_cn_num_pos_avg", num_pos_avg)
     self.sow("intermediates", "train_cn_reg_norm", reg_norm)
     losses = centernet_losses(
-        _flatten_levels(out["hm_logits"]),
-        _flatten_levels(out["reg"]),
+        flatten_levels(out["hm_logits"]),
+        flatten_levels(out["reg"]),
         targets,
         alpha=self.focal_alpha,
         beta=self.focal_beta,
@@ -170,7 +170,7 @@ class CenterNet(nn.Module):
         neg_weight=self.neg_weight,
         reg_weight=self.reg_weight,
         axis_name=self.axis_name,
-        location_mask=None if masks is None else _flatten_levels(masks),
+        location_mask=None if masks is None else flatten_levels(masks),
     )
     losses["aux/num_pos_per_image"] = targets["pos_count"].sum() / gt_boxes.shape[0]
     return losses, proposals

@@ -53,11 +53,6 @@ def ltrb_giou_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
   return 1.0 - gious
 
 
-def _device_mean(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
-  # the mean over every device (and micro-batch under gradient accumulation: data_parallel.py)
-  return data_parallel.device_mean(x, axis_name)
-
-
 def loss_normalisers(
     pos_count: jax.Array, reg_valid: jax.Array, axis_name: Optional[str] = None
 ) -> tuple[jax.Array, jax.Array]:
@@ -69,8 +64,8 @@ def loss_normalisers(
   num_pos = jax.lax.stop_gradient(jnp.sum(pos_count.astype(f32)))
   num_reg = jax.lax.stop_gradient(jnp.sum(reg_valid.astype(f32)))
   return (
-      jnp.maximum(_device_mean(num_pos, axis_name), 1.0),
-      jnp.maximum(_device_mean(num_reg, axis_name), 1.0),
+      jnp.maximum(data_parallel.device_mean(num_pos, axis_name), 1.0),
+      jnp.maximum(data_parallel.device_mean(num_reg, axis_name), 1.0),
   )
 
 

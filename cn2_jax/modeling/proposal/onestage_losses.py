@@ -27,7 +27,8 @@ from typing import Dict, Mapping, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from cn2_jax.modeling.proposal.losses import _device_mean, _pow, ltrb_giou_loss
+from cn2_jax.modeling import data_parallel
+from cn2_jax.modeling.proposal.losses import _pow, ltrb_giou_loss
 
 f32 = jnp.float32
 
@@ -80,8 +81,8 @@ def onestage_loss_normalisers(
   num_pos = jnp.sum(targets["pos_valid"].astype(f32))
   reg_w = _reg_weights(targets, not_norm_reg)
   return (
-      jnp.maximum(_device_mean(jax.lax.stop_gradient(num_pos), axis_name), 1.0),
-      jnp.maximum(_device_mean(jax.lax.stop_gradient(jnp.sum(reg_w)), axis_name), 1.0),
+      jnp.maximum(data_parallel.device_mean(jax.lax.stop_gradient(num_pos), axis_name), 1.0),
+      jnp.maximum(data_parallel.device_mean(jax.lax.stop_gradient(jnp.sum(reg_w)), axis_name), 1.0),
   )
 
 
