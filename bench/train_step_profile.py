@@ -35,7 +35,11 @@ x[b, h + i, w + j, :]^T g[b, h, w, :]), with their largest relative difference.
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import os
+import re
+import tempfile
 import time
 
 import jax
@@ -119,11 +123,48 @@ def conv_weight_gradients(runs: int) -> None:
     )
 
 
+def op_table(fn, inputs, top: int, name: str) -> None:
+  """Profiles one call of `fn` and prints its `top` costliest thunks (time summed over threads)."""
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      jax.block_until_ready(fn(*inputs))
+    (xplane,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    profile = jax.profiler.ProfileData.from_file(xplane)
+  per_op = collections.Counter()
+  for plane in profile.planes:
+    if plane.name != "/host:CPU":
+      continue
+    for line in plane.lines:
+      if not line.name.startswith("tf_XLAEigen"):  # XLA's compute threads (not python/executor)
+        continue
+      for event in line.events:
+        per_op[event.name] += event.duration_ns / 1e9
+  shapes = {}  # op name -> "result shape <- operand shapes" from the optimised HLO
+  for line in fn.lower(*inputs).compile().as_text().splitlines():
+    found = re.match(r"\s*(?:ROOT )?%?([\w.-]+) = (\S+) (\w[\w-]*)\((.*?)\)", line)
+    if found:
+      operands = re.findall(r"(\w+\[[\d,]*\]\{[\d,]*\})", found.group(4))
+      shapes[found.group(1)] = f"{found.group(2)} <- {' '.join(operands)}"
+  total = sum(per_op.values())
+  print(f"\n  {name}: costliest XLA ops of one gradient call (thread-seconds, {total:.2f} in all)")
+  for op, seconds in per_op.most_common(top):
+    print(f"  {seconds:8.3f}  {op}  {shapes.get(op, '')}")
+  print(flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--runs", type=int, default=3)
   ap.add_argument("--parts", default=",".join(PARTS))
   ap.add_argument("--conv", action="store_true", help="the 3x3 convolution gradients only")
+  ap.add_argument(
+      "--ops",
+      type=int,
+      default=0,
+      metavar="N",
+      help="also profile one call of each part's gradient (jax.profiler) and print its N costliest "
+      "XLA ops (thunks) by time summed over threads",
+  )
   args = ap.parse_args()
   if args.conv:
     conv_weight_gradients(args.runs)
@@ -290,7 +331,11 @@ def main():
       ),
       "roi_align": (jax.jit(pool), with_grad(pool), (pool_feats,)),
       "box_head": (jax.jit(box_head), with_grad(box_head, (0, 1)), (params, pooled)),
-      "roi_heads": (jax.jit(roi_heads_loss), with_grad(roi_heads_loss, (0, 1)), (params, features)),
+      "roi_heads": (
+          jax.jit(roi_heads_loss),
+          with_grad(roi_heads_loss, (0, 1)),
+          (params, features),
+      ),
       "full_step": (jax.jit(full_loss), with_grad(full_loss), (params,)),
   }
   del pg_losses
@@ -304,6 +349,8 @@ def main():
       continue
     both = best_of(grad_fn, *inputs, runs=args.runs)
     print(f"| {name} | {fwd:.3f} | {both:.3f} | {both / fwd:.1f} |", flush=True)
+    if args.ops:
+      op_table(grad_fn, inputs, args.ops, name)
 
 
 if __name__ == "__main__":

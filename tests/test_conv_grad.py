@@ -1,5 +1,5 @@
-"""`layers.conv2d`: the convolution whose weight gradient is computed as shifted matrix products
-(faster on XLA:CPU) has the values and gradients of `lax.conv_general_dilated`."""
+"""`layers.conv2d` (on XLA:CPU: 1x1 convolutions as matrix products, 3x3 weight gradients as k*k
+matrix products) has the values and gradients of `lax.conv_general_dilated`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from cn2_jax.modeling import export_mode, layers
 
 @pytest.fixture(autouse=True)
 def _every_size(monkeypatch):
-  """The rule applies from a size on (compile time); these tests use small maps."""
+  """The rule applies from a size on; these tests use small maps."""
   monkeypatch.setattr(layers, "MATMUL_WEIGHT_GRAD_MIN_MACS", 0)
 
 
@@ -86,26 +86,39 @@ def test_bfloat16_and_grouped_convolutions():
   np.testing.assert_array_equal(y, reference(x, grouped, 1, 1, groups=2))
 
 
-def test_the_matmul_rule_is_what_runs_on_cpu():
-  """On XLA:CPU the 1x1 / 3x3 ungrouped convs go through the custom rule (what the tests above
-  check against lax); grouped ones do not."""
-  x, kernel = jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2))
+def _form(x, kernel, strides=1, padding=0, groups=1) -> str:
+  """Which form `conv2d` traces: "matmul" (1x1 as a 2-D product), "custom" (3x3 with the k*k
+  product weight gradient) or "lax"."""
+  jaxpr = str(jax.make_jaxpr(lambda a, b: layers.conv2d(a, b, strides, padding, groups))(x, kernel))
+  if "custom_vjp_call" in jaxpr:
+    return "custom"
+  return "lax" if "conv_general_dilated" in jaxpr else "matmul"
+
+
+def test_the_matmul_forms_are_what_runs_on_cpu():
+  """On XLA:CPU the ungrouped unpadded 1x1 convs are matrix products and the ungrouped 3x3 ones
+  use the custom weight gradient (what the tests above check against lax); padded 1x1, other
+  kernel sizes and grouped ones keep lax's convolution."""
+  x = jnp.zeros((1, 4, 4, 2))
   assert jax.default_backend() == "cpu"
-  assert "custom_vjp_call" in str(jax.make_jaxpr(lambda a, b: layers.conv2d(a, b, 1, 1))(x, kernel))
-  grouped = str(jax.make_jaxpr(lambda a, b: layers.conv2d(a, b, 1, 1, 2))(x, kernel[:, :, :1]))
-  assert "custom_vjp_call" not in grouped
+  assert _form(x, jnp.zeros((1, 1, 2, 2))) == "matmul"
+  assert _form(x, jnp.zeros((1, 1, 2, 2)), strides=2) == "matmul"
+  assert _form(x, jnp.zeros((3, 3, 2, 2)), padding=1) == "custom"
+  assert _form(x, jnp.zeros((3, 3, 2, 2)), strides=2, padding=1) == "custom"
+  assert _form(x, jnp.zeros((1, 1, 2, 2)), padding=1) == "lax"
+  assert _form(x, jnp.zeros((2, 2, 2, 2))) == "lax"
+  assert _form(x, jnp.zeros((1, 1, 1, 2)), groups=2) == "lax"
   with export_mode.onnx_ops():  # inference graphs for ONNX: lax's convolution
-    assert "custom_vjp_call" not in str(
-        jax.make_jaxpr(lambda a, b: layers.conv2d(a, b, 1, 1))(x, kernel)
-    )
+    assert _form(x, jnp.zeros((1, 1, 2, 2))) == "lax"
+    assert _form(x, jnp.zeros((3, 3, 2, 2)), padding=1) == "lax"
 
 
 def test_small_convolutions_keep_xla_rule(monkeypatch):
-  """Below MATMUL_WEIGHT_GRAD_MIN_MACS multiply-adds lax's own rule (faster to compile)."""
+  """Below MATMUL_WEIGHT_GRAD_MIN_MACS multiply-adds lax's own convolution and rule."""
+  x = jnp.zeros((2, 4, 4, 2))
+  monkeypatch.setattr(layers, "MATMUL_WEIGHT_GRAD_MIN_MACS", 4 * 4 * 2 * 2 + 1)
+  assert _form(x, jnp.zeros((1, 1, 2, 2))) == "lax"
+  monkeypatch.setattr(layers, "MATMUL_WEIGHT_GRAD_MIN_MACS", 4 * 4 * 2 * 2)
+  assert _form(x, jnp.zeros((1, 1, 2, 2))) == "matmul"
   monkeypatch.setattr(layers, "MATMUL_WEIGHT_GRAD_MIN_MACS", 4 * 4 * 9 * 2 * 2 + 1)
-  x, kernel = jnp.zeros((2, 4, 4, 2)), jnp.zeros((3, 3, 2, 2))
-  assert "custom_vjp_call" not in str(
-      jax.make_jaxpr(lambda a, b: layers.conv2d(a, b, 1, 1))(x, kernel)
-  )
-  monkeypatch.setattr(layers, "MATMUL_WEIGHT_GRAD_MIN_MACS", 4 * 4 * 9 * 2 * 2)
-  assert "custom_vjp_call" in str(jax.make_jaxpr(lambda a, b: layers.conv2d(a, b, 1, 1))(x, kernel))
+  assert _form(x, jnp.zeros((3, 3, 2, 2)), padding=1) == "lax"

@@ -156,15 +156,23 @@ def _conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int, groups: i
   )
 
 
-# A convolution's multiply-adds per image from which `conv2d` computes its weight gradient as
-# matrix products (every ResNet-50 bottleneck conv at the official training size has >= 2.4e8; the
-# tests' tiny models and the demo stay below and compile as before).
+# A convolution's multiply-adds per image from which `conv2d` uses the matrix-product forms (every
+# ResNet-50 bottleneck conv at the official training size has >= 1.9e8; the tests' tiny models and
+# the demo stay below and compile as before).
 MATMUL_WEIGHT_GRAD_MIN_MACS = 2**27
+
+
+def _conv1x1_as_matmul(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
+  """A 1x1 convolution (no padding, groups 1) as one 2-D matrix product; its gradients are 2-D
+  products too."""
+  taken = x[:, ::strides, ::strides] if strides > 1 else x  # the positions the kernel reads
+  out = jnp.dot(taken.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[-2:]))
+  return out.reshape(*taken.shape[:-1], kernel.shape[-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_matmul_weight_grad(x: jax.Array, kernel: jax.Array, strides: int, padding: int):
-  """`_conv` (groups 1) whose weight gradient is k*k matrix products (why: see `conv2d`)."""
+  """`_conv` (groups 1) whose weight gradient is k*k 2-D matrix products (why: see `conv2d`)."""
   return _conv(x, kernel, strides, padding, 1)
 
 
@@ -179,13 +187,17 @@ def _conv_bwd(strides, padding, residuals, g):
   k, (out_h, out_w) = kernel.shape[0], g.shape[1:3]
   xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   span_h, span_w = strides * (out_h - 1) + 1, strides * (out_w - 1) + 1
-  # dW[i, j] = sum over (b, h, w) of x[b, s*h + i - p, s*w + j - p, :]^T g[b, h, w, :]
+  g_rows = g.reshape(-1, g.shape[-1])
+  # dW[i, j] = sum over (b, h, w) of x[b, s*h + i - p, s*w + j - p, :]^T g[b, h, w, :], each a
+  # product of 2-D [B*H*W, C] and [B*H*W, K] operands: as 4-D einsums they are canonicalised with
+  # the window transposed to [C, B*H*W], a copy XLA:CPU fuses with recomputed activations and
+  # runs 5-10x slower than the product itself.
   taps = [
       [
           jnp.einsum(
-              "bhwc,bhwk->ck",
-              xp[:, i : i + span_h : strides, j : j + span_w : strides],
-              g,
+              "nc,nk->ck",
+              xp[:, i : i + span_h : strides, j : j + span_w : strides].reshape(-1, x.shape[-1]),
+              g_rows,
               preferred_element_type=jnp.float32,
           )
           for j in range(k)
@@ -204,32 +216,32 @@ def conv2d(
 ) -> jax.Array:
   """NHWC x HWIO convolution with torch-style symmetric padding.
 
-  Same values and gradients as `lax.conv_general_dilated`; for the 1x1 and 3x3 kernels without
-  groups (nearly every conv of the detectors) the weight gradient is computed as k*k matrix
-  products of shifted input windows with the output gradient. Why: XLA:CPU lowers the weight
-  gradient to a convolution whose kernel is the whole output-gradient map and runs it 2-8x slower
-  than the forward (bench/train_step_profile.py --conv); the products take 1.3-2x less. Their
-  float32 sums are accumulated in another order, so the gradients differ at rounding level only.
-  XLA's own rule is kept for small convolutions (under MATMUL_WEIGHT_GRAD_MIN_MACS multiply-adds per
-  image: there the k*k products only add compile time), on other backends (cuDNN's weight gradient is
-  fast; not measured against the products) and when tracing for ONNX (inference only).
+  Same values and gradients as `lax.conv_general_dilated` (to float32 rounding). On XLA:CPU, for
+  convolutions of at least MATMUL_WEIGHT_GRAD_MIN_MACS multiply-adds per image without groups:
+  an unpadded 1x1 convolution is one 2-D matrix product (forward and both gradients), a 3x3 one
+  keeps XLA's convolution for the forward and the input gradient and gets its weight gradient as
+  nine 2-D products. Why: XLA:CPU hands convolutions to YNNPACK, whose weight gradient (a
+  convolution with the whole output-gradient map as kernel) runs 3-8x slower than the forward,
+  and whose 1x1 forward is slower than the same matrix product (bench/train_step_profile.py).
+  XLA's rule is kept for small convolutions (compile time), on other backends and when tracing
+  for ONNX (inference only).
   """
-  k, cout = kernel.shape[0], kernel.shape[-1]
+  cout = kernel.shape[-1]
   # per image: the batch dimension may be symbolic (an export with a free batch size)
-  out_positions = ((x.shape[1] + 2 * padding - k) // strides + 1) * (
-      (x.shape[2] + 2 * padding - k) // strides + 1
+  out_positions = ((x.shape[1] + 2 * padding - kernel.shape[0]) // strides + 1) * (
+      (x.shape[2] + 2 * padding - kernel.shape[1]) // strides + 1
   )
-  large = out_positions * k * k * x.shape[-1] * cout >= MATMUL_WEIGHT_GRAD_MIN_MACS
-  square = kernel.shape[0] == kernel.shape[1]
+  macs = out_positions * kernel.shape[0] * kernel.shape[1] * x.shape[-1] * cout
   if (
       groups == 1
-      and square
-      and k in (1, 3)
-      and large
+      and macs >= MATMUL_WEIGHT_GRAD_MIN_MACS
       and jax.default_backend() == "cpu"
       and not export_mode.onnx_ops_enabled()
   ):
-    return _conv_matmul_weight_grad(x, kernel, strides, padding)
+    if kernel.shape[:2] == (1, 1) and padding == 0:
+      return _conv1x1_as_matmul(x, kernel, strides)
+    if kernel.shape[0] == kernel.shape[1] == 3:
+      return _conv_matmul_weight_grad(x, kernel, strides, padding)
   return _conv(x, kernel, strides, padding, groups)
 
 
