@@ -6,6 +6,17 @@ Usage:
       --out cn2_r50.stablehlo --batch 1 --height 800 --width 1088
   python -m cn2_jax.export --workdir runs/demo --format onnx --out demo.onnx   # optional extra
   python -m cn2_jax.export --workdir runs/centernet_demo --format onnx --out det.onnx [--batch 1]
+  python -m cn2_jax.export --workdir runs/demo --out demo.stablehlo --check IMG.jpg \
+      [--check-out dets.json]      # run the written file on IMG.jpg, compare with the Predictor
+
+`--check IMAGE` (cn2_jax/export_check.py): after writing, runs the file (onnxruntime on CPU for
+ONNX, jax.export for StableHLO) on IMAGE preprocessed exactly as the Predictor does (pasted on the
+export's canvas), matches its detections with the Predictor's by class and box, prints "M/N
+detections matched" with the largest box and score differences, and exits 1 unless all match
+(--check-box-tol 1e-3 px, --check-score-tol 1e-4). `--check-out FILE` writes the file's
+detections as a JSON list of {"box": [x1, y1, x2, y2] in original-image pixels, "score",
+"label"} (label: class index 0..C-1; names in FILE.json). Needs the whole detector (not an ONNX
+`--onnx-part` other than `detector`).
 
 The model is the one `--mode=predict` (cn2_jax.predictor.Predictor) runs: the run's config.json
 (that of the run `--weights` belongs to, else DIR's; `--config FILE` when there is none) and
@@ -142,6 +153,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cn2_jax import export_check
 from cn2_jax.config import base_config, load_config_file
 from cn2_jax.errors import ConfigError, UserError, is_user_error, one_line
 from cn2_jax.modeling import detector, export_mode
@@ -514,6 +526,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       action="store_true",
       help="randomly initialised weights (for size / speed measurements only)",
   )
+  parser.add_argument(
+      "--check",
+      default="",
+      metavar="IMAGE",
+      help="run the exported file (onnxruntime / jax) on IMAGE, preprocessed as the Predictor "
+      "does, compare its detections with the Predictor's and exit 1 on a mismatch",
+  )
+  parser.add_argument(
+      "--check-out",
+      default="",
+      metavar="FILE",
+      help="with --check: write the exported file's detections as JSON [{box (original pixels), "
+      "score, label}]",
+  )
+  parser.add_argument("--check-box-tol", type=float, default=1e-3, help="--check: px")
+  parser.add_argument("--check-score-tol", type=float, default=1e-4, help="--check: score")
   args = parser.parse_args(argv)
   try:
     return _run(args)
@@ -536,6 +564,13 @@ def _run(args) -> int:
           f"--orig-hw needs the boxes of --onnx-part detector; model.arch={cfg.model.arch!r} "
           f"exports {onnx_part}"
       )
+  if args.check_out and not args.check:
+    raise ConfigError("--check-out needs --check IMAGE")
+  if args.check and onnx_part is not None and onnx_parts(cfg.model.arch)[onnx_part] is not None:
+    raise ConfigError(
+        f"--check compares detections; model.arch={cfg.model.arch!r} exports {onnx_part}, not the "
+        "whole detector (--onnx-part detector, or --format stablehlo)"
+    )
   if args.random_weights:
     cfg.weights = ""
     predictor = Predictor(  # class names as Predictor.from_workdir finds them
@@ -591,7 +626,23 @@ def _run(args) -> int:
   if "platforms" in signature:
     print(f"  platforms: {', '.join(signature['platforms'])}")
   print(f"  metadata: {args.out}.json")
-  return 0
+  if not args.check:
+    return 0
+  result = export_check.check_export(
+      predictor,
+      args.format,
+      data,
+      hw,
+      args.check,
+      with_orig_hw=args.orig_hw,
+      out_path=args.check_out or None,
+      box_tol=args.check_box_tol,
+      score_tol=args.check_score_tol,
+  )
+  print(result.line(args.check))
+  if args.check_out:
+    print(f"  detections of the exported file: {args.check_out}")
+  return 0 if result.ok else 1
 
 
 if __name__ == "__main__":

@@ -579,3 +579,99 @@ def test_onnx_onestage_orig_hw_and_dense(onestage):
   for name, g, w in zip(names, got, want):
     assert g.shape == np.shape(w) == (2, 16, 16, 4 if name == "cls" else 2), name
     np.testing.assert_allclose(g, np.asarray(w), atol=1e-4, rtol=0, err_msg=name)
+
+
+# ------------------------------------------------------------------------ --check IMAGE (issue 26)
+def _image_file(tmp_path, seed=7, h=90, w=130) -> str:
+  from PIL import Image
+
+  path = str(tmp_path / f"img{seed}.png")
+  Image.fromarray(_image(seed, h, w)).save(path)
+  return path
+
+
+@pytest.mark.parametrize("extra", [[], ["--orig-hw", "--batch", "1"]], ids=["input_px", "orig_hw"])
+def test_check_runs_the_file_against_the_predictor(tmp_path, run, extra):
+  """`--check IMAGE --check-out FILE`: the StableHLO file of CenterNet2 run on the image as the
+  Predictor preprocesses it gives the Predictor's detections (all matched, exit 0); the JSON holds
+  the file's detections in original pixels."""
+  image, out_json = _image_file(tmp_path), tmp_path / "dets.json"
+  argv = ["--workdir", run["wd"], "--weights", run["weights"], "--out", tmp_path / "m.stablehlo"]
+  rc, stdout, stderr = _cli(argv + extra + ["--check", image, "--check-out", out_json])
+  assert rc == 0, stderr + stdout
+  want = Predictor(run["cfg"], run["variables"])(image)
+  n = len(want["scores"])
+  assert n > 0 and f"{n}/{n} detections matched" in stdout and ": ok" in stdout, stdout
+  rows = json.loads(out_json.read_text())
+  assert [sorted(row) for row in rows] == [["box", "label", "score"]] * n
+  np.testing.assert_allclose([row["box"] for row in rows], want["boxes"], atol=1e-3)
+  np.testing.assert_allclose([row["score"] for row in rows], want["scores"], atol=1e-6)
+  assert [row["label"] for row in rows] == [int(c) for c in want["classes"]]
+
+
+def test_check_exits_nonzero_on_a_mismatch(tmp_path, run, monkeypatch):
+  """A file whose detections differ from the Predictor's (one box moved by 0.01 px, one score
+  dropped) fails the check: exit 1 and the count of matched detections."""
+  from cn2_jax import export_check
+
+  real = export_check.run_exported
+
+  def perturbed(*args, **kwargs):
+    out = {k: np.array(v) for k, v in real(*args, **kwargs).items()}
+    out["boxes"][0, 0, 0] += 0.01
+    out["valid"][0, 1] = False
+    return out
+
+  monkeypatch.setattr(export_check, "run_exported", perturbed)
+  argv = ["--workdir", run["wd"], "--weights", run["weights"], "--out", tmp_path / "m.stablehlo"]
+  rc, stdout, _ = _cli(argv + ["--check", _image_file(tmp_path)])
+  n = len(Predictor(run["cfg"], run["variables"])(_image(7, 90, 130))["scores"])
+  assert rc == 1 and f"{n - 2}/{n} detections matched" in stdout and "MISMATCH" in stdout, stdout
+
+
+def test_check_matching_rules():
+  """Greedy matching by class and box: a swapped score order still matches; another class, a box
+  beyond box_tol or a score beyond score_tol does not."""
+  from cn2_jax.export_check import compare
+
+  want = dict(
+      boxes=np.array([[0, 0, 10, 10], [5, 5, 20, 20]], np.float32),
+      scores=np.array([0.9, 0.8], np.float32),
+      classes=np.array([1, 2]),
+  )
+  swapped = {k: v[::-1].copy() for k, v in want.items()}
+  assert compare(swapped, want).ok
+  for change in (
+      lambda d: d["classes"].__setitem__(0, 3),
+      lambda d: d["boxes"].__setitem__((0, 2), 10.01),
+      lambda d: d["scores"].__setitem__(0, 0.9003),
+  ):
+    got = {k: v.copy() for k, v in want.items()}
+    change(got)
+    result = compare(got, want)
+    assert not result.ok and result.matched == 1
+
+
+def test_check_bad_input_is_one_line(tmp_path, run):
+  argv = ["--workdir", run["wd"], "--weights", run["weights"], "--out", tmp_path / "m.stablehlo"]
+  rc, _, stderr = _cli(argv + ["--check-out", tmp_path / "d.json"])
+  assert rc == 1 and stderr.strip() == "error: --check-out needs --check IMAGE", stderr
+  rc, _, stderr = _cli(argv + ["--check", tmp_path / "missing.jpg"])
+  assert rc == 1 and stderr.startswith("error: ") and "missing.jpg" in stderr, stderr
+  assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="needs jax2onnx + onnxruntime (scripts/test_onnx.sh)")
+def test_onnx_check_onestage(tmp_path, onestage):
+  """`--format onnx --check IMAGE`: onnxruntime runs the one-stage detector file on the image
+  preprocessed as the Predictor does; all detections match."""
+  wd = tmp_path / "run"
+  wd.mkdir()
+  (wd / "config.json").write_text(onestage.config.to_json_best_effort())
+  variables_path = save_variables(onestage.variables, tmp_path / "weights")
+  argv = ["--workdir", wd, "--weights", variables_path, "--format", "onnx", "--out"]
+  rc, stdout, stderr = _cli(
+      argv + [tmp_path / "d.onnx", "--check", _image_file(tmp_path, h=40, w=60)]
+  )
+  assert rc == 0, stderr + stdout
+  assert "detections matched" in stdout and ": ok" in stdout, stdout

@@ -1,0 +1,172 @@
+"""`python -m cn2_jax.export ... --check IMAGE [--check-out FILE]`: run the file just exported on
+one image and compare its detections with the `Predictor`'s.
+
+The image is preprocessed exactly as the Predictor does (`Predictor.preprocess`: resize, paste at
+the top-left of the Predictor's canvas) and pasted at the top-left of the export's zero H x W
+canvas; the file runs with onnxruntime (ONNX, CPU) or `jax.export` (StableHLO). Its boxes come
+back in input pixels (or original pixels with `--orig-hw`) and are rescaled as the Predictor's
+post-processing does. Matching: in the export's score order, each detection takes the unused
+Predictor detection of the same class whose box is closest (largest coordinate difference); a pair
+matches when that difference is <= `box_tol` px and the scores differ by <= `score_tol`. The check
+passes when every detection of both sides is matched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from cn2_jax.errors import ConfigError
+
+OUTPUT_KEYS = ("boxes", "scores", "classes", "valid")
+
+
+@dataclasses.dataclass
+class CheckResult:
+  matched: int
+  exported: int  # valid detections of the exported file
+  reference: int  # the Predictor's
+  max_box_diff: float  # px, over matched pairs
+  max_score_diff: float
+  box_tol: float
+  score_tol: float
+
+  @property
+  def ok(self) -> bool:
+    return self.matched == self.exported == self.reference
+
+  def line(self, image: str) -> str:
+    verdict = "ok" if self.ok else "MISMATCH"
+    return (
+        f"check {image}: {self.matched}/{max(self.exported, self.reference)} detections matched "
+        f"(export {self.exported}, Predictor {self.reference}); largest differences of matched "
+        f"pairs: box {self.max_box_diff:.2e} px (tolerance {self.box_tol:g}), score "
+        f"{self.max_score_diff:.2e} (tolerance {self.score_tol:g}): {verdict}"
+    )
+
+
+def export_inputs(predictor, image: np.ndarray, hw: Sequence[int], with_orig_hw: bool) -> tuple:
+  """(image uint8 [1, H, W, 3], image_hw [1, 2][, orig_hw [1, 2]]) for an export of canvas `hw`,
+  from the Predictor's own preprocessing."""
+  batch_image, image_hw, orig_hw = predictor.preprocess(image)
+  h, w = (int(v) for v in hw)
+  rh, rw = (int(v) for v in image_hw[0])
+  if rh > h or rw > w:
+    raise ConfigError(
+        f"--check: the image resized for the Predictor ({rh}x{rw}) does not fit the export's "
+        f"canvas {h}x{w} (--height/--width)"
+    )
+  canvas = np.zeros((1, h, w, 3), np.uint8)
+  ch, cw = min(h, batch_image.shape[1]), min(w, batch_image.shape[2])
+  canvas[:, :ch, :cw] = batch_image[:, :ch, :cw]
+  inputs = (canvas, np.asarray(image_hw, np.int32))
+  return inputs + ((np.asarray(orig_hw, np.int32),) if with_orig_hw else ())
+
+
+def run_exported(fmt: str, data: bytes, inputs: tuple, input_names: Sequence[str]) -> dict:
+  """The exported file's outputs (numpy) on `inputs`: onnxruntime (CPU) or jax.export."""
+  if fmt == "onnx":
+    try:
+      import onnxruntime  # optional extra (requirements-onnx.txt), only for --check of ONNX
+    except ImportError as e:
+      raise ConfigError(
+          "--check of an ONNX file needs onnxruntime (pip install -r requirements-onnx.txt)"
+      ) from e
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    values = session.run(None, dict(zip(input_names, inputs)))
+    return dict(zip(names, values))
+  exported = jax.export.deserialize(bytearray(data))
+  return {key: np.asarray(value) for key, value in exported.call(*inputs).items()}
+
+
+def to_original_pixels(out: dict, image_hw: np.ndarray, orig_hw: np.ndarray) -> dict:
+  """Valid detections of image 0, boxes rescaled from input to original pixels, clipped and empty
+  ones dropped (`detector.postprocess_detections`, in numpy)."""
+  missing = [key for key in OUTPUT_KEYS if key not in out]
+  if missing:
+    raise ConfigError(
+        f"--check compares detections; the exported file has no {', '.join(missing)} output "
+        f"(outputs: {', '.join(out)}): export the whole detector"
+    )
+  (h, w), (oh, ow) = image_hw[0].astype(np.float32), orig_hw[0].astype(np.float32)
+  scale = np.array([ow / w, oh / h, ow / w, oh / h], np.float32)
+  boxes = np.asarray(out["boxes"][0], np.float32) * scale
+  boxes = np.clip(boxes, 0.0, np.array([ow, oh, ow, oh], np.float32))
+  keep = (
+      np.asarray(out["valid"][0], bool) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+  )
+  return dict(
+      boxes=boxes[keep],
+      scores=np.asarray(out["scores"][0], np.float32)[keep],
+      classes=np.asarray(out["classes"][0]).astype(np.int64)[keep],
+  )
+
+
+def compare(got: dict, want: dict, box_tol: float = 1e-3, score_tol: float = 1e-4) -> CheckResult:
+  """Greedy matching of `got` to `want` (module docstring); both {boxes [K, 4], scores, classes}."""
+  used = np.zeros(len(want["scores"]), bool)
+  matched, max_box, max_score = 0, 0.0, 0.0
+  for i in np.argsort(-np.asarray(got["scores"]), kind="stable"):
+    same_class = np.flatnonzero((np.asarray(want["classes"]) == got["classes"][i]) & ~used)
+    if same_class.size == 0:
+      continue
+    box_diffs = np.abs(np.asarray(want["boxes"])[same_class] - got["boxes"][i]).max(axis=1)
+    j = same_class[int(np.argmin(box_diffs))]
+    box_diff = float(box_diffs.min())
+    score_diff = abs(float(want["scores"][j]) - float(got["scores"][i]))
+    if box_diff <= box_tol and score_diff <= score_tol:
+      used[j] = True
+      matched += 1
+      max_box, max_score = max(max_box, box_diff), max(max_score, score_diff)
+  return CheckResult(
+      matched, len(got["scores"]), len(want["scores"]), max_box, max_score, box_tol, score_tol
+  )
+
+
+def write_detections(path: str, dets: dict) -> None:
+  """A JSON list of {"box": [x1, y1, x2, y2] (original pixels), "score", "label"} (label: the
+  contiguous class index 0..C-1; names in the export's .json), highest score first."""
+  order = np.argsort(-dets["scores"], kind="stable")
+  rows = [
+      dict(
+          box=[float(v) for v in dets["boxes"][i]],
+          score=float(dets["scores"][i]),
+          label=int(dets["classes"][i]),
+      )
+      for i in order
+  ]
+  with open(path, "w") as f:
+    json.dump(rows, f, indent=1)
+
+
+def check_export(
+    predictor,
+    fmt: str,
+    data: bytes,
+    hw: Sequence[int],
+    image_path: str,
+    *,
+    with_orig_hw: bool = False,
+    out_path: Optional[str] = None,
+    box_tol: float = 1e-3,
+    score_tol: float = 1e-4,
+) -> CheckResult:
+  """Runs the exported `data` on `image_path` and compares with `predictor` (module docstring);
+  writes the exported file's detections to `out_path` when given."""
+  image = predictor.read_image(image_path)  # a missing / corrupt file: a one-line DataError
+  inputs = export_inputs(predictor, image, hw, with_orig_hw)
+  names = ("image", "image_hw", "orig_hw")[: len(inputs)]
+  out = run_exported(fmt, data, inputs, names)
+  # with --orig-hw the file's boxes are already in original pixels (a scale of 1 below)
+  ohw = predictor.preprocess(image)[2]
+  got = to_original_pixels(out, inputs[2] if with_orig_hw else inputs[1], np.asarray(ohw))
+  reference = predictor(image)
+  want = {key: np.asarray(reference[key]) for key in ("boxes", "scores", "classes")}
+  if out_path:
+    write_detections(out_path, got)
+  return compare(got, want, box_tol, score_tol)
