@@ -590,14 +590,13 @@ def _image_file(tmp_path, seed=7, h=90, w=130) -> str:
   return path
 
 
-@pytest.mark.parametrize("extra", [[], ["--orig-hw", "--batch", "1"]], ids=["input_px", "orig_hw"])
-def test_check_runs_the_file_against_the_predictor(tmp_path, run, extra):
+def test_check_runs_the_file_against_the_predictor(tmp_path, run):
   """`--check IMAGE --check-out FILE`: the StableHLO file of CenterNet2 run on the image as the
   Predictor preprocesses it gives the Predictor's detections (all matched, exit 0); the JSON holds
   the file's detections in original pixels."""
   image, out_json = _image_file(tmp_path), tmp_path / "dets.json"
   argv = ["--workdir", run["wd"], "--weights", run["weights"], "--out", tmp_path / "m.stablehlo"]
-  rc, stdout, stderr = _cli(argv + extra + ["--check", image, "--check-out", out_json])
+  rc, stdout, stderr = _cli(argv + ["--check", image, "--check-out", out_json])
   assert rc == 0, stderr + stdout
   want = Predictor(run["cfg"], run["variables"])(image)
   n = len(want["scores"])
@@ -609,11 +608,19 @@ def test_check_runs_the_file_against_the_predictor(tmp_path, run, extra):
   assert [row["label"] for row in rows] == [int(c) for c in want["classes"]]
 
 
-def test_check_exits_nonzero_on_a_mismatch(tmp_path, run, monkeypatch):
-  """A file whose detections differ from the Predictor's (one box moved by 0.01 px, one score
-  dropped) fails the check: exit 1 and the count of matched detections."""
+def test_check_orig_hw_file_and_a_mismatch(tmp_path, files, run, monkeypatch):
+  """The check of the --orig-hw file (boxes already in original pixels) passes; a file whose
+  detections differ (one box moved by 0.01 px, one detection dropped) fails with the count."""
   from cn2_jax import export_check
 
+  predictor = Predictor(run["cfg"], run["variables"])
+  image = _image_file(tmp_path)
+  data = files["c"][0].read_bytes()
+  result = export_check.check_export(
+      predictor, "stablehlo", data, (160, 160), image, with_orig_hw=True
+  )
+  n = len(predictor(image)["scores"])
+  assert result.ok and result.matched == n > 0 and result.max_box_diff < 1e-3, result
   real = export_check.run_exported
 
   def perturbed(*args, **kwargs):
@@ -623,10 +630,10 @@ def test_check_exits_nonzero_on_a_mismatch(tmp_path, run, monkeypatch):
     return out
 
   monkeypatch.setattr(export_check, "run_exported", perturbed)
-  argv = ["--workdir", run["wd"], "--weights", run["weights"], "--out", tmp_path / "m.stablehlo"]
-  rc, stdout, _ = _cli(argv + ["--check", _image_file(tmp_path)])
-  n = len(Predictor(run["cfg"], run["variables"])(_image(7, 90, 130))["scores"])
-  assert rc == 1 and f"{n - 2}/{n} detections matched" in stdout and "MISMATCH" in stdout, stdout
+  data = files["a"][0].read_bytes()
+  result = export_check.check_export(predictor, "stablehlo", data, (160, 160), image)
+  assert not result.ok and (result.matched, result.exported, result.reference) == (n - 2, n - 1, n)
+  assert f"{n - 2}/{n} detections matched" in result.line("x") and "MISMATCH" in result.line("x")
 
 
 def test_check_matching_rules():
@@ -652,13 +659,22 @@ def test_check_matching_rules():
     assert not result.ok and result.matched == 1
 
 
-def test_check_bad_input_is_one_line(tmp_path, run):
+def test_check_bad_input_is_one_line(tmp_path, files, run):
+  from cn2_jax import export_check
+  from cn2_jax.errors import DataError
+
   argv = ["--workdir", run["wd"], "--weights", run["weights"], "--out", tmp_path / "m.stablehlo"]
   rc, _, stderr = _cli(argv + ["--check-out", tmp_path / "d.json"])
   assert rc == 1 and stderr.strip() == "error: --check-out needs --check IMAGE", stderr
-  rc, _, stderr = _cli(argv + ["--check", tmp_path / "missing.jpg"])
-  assert rc == 1 and stderr.startswith("error: ") and "missing.jpg" in stderr, stderr
-  assert len(stderr.strip().splitlines()) == 1, stderr
+  predictor = Predictor(run["cfg"], run["variables"])
+  with pytest.raises(DataError, match="missing.jpg"):
+    export_check.check_export(
+        predictor,
+        "stablehlo",
+        files["a"][0].read_bytes(),
+        (160, 160),
+        str(tmp_path / "missing.jpg"),
+    )
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason="needs jax2onnx + onnxruntime (scripts/test_onnx.sh)")
