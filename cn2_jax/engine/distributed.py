@@ -283,19 +283,25 @@ _STATUS = re.compile(rb"absl::Status: (.*)", re.DOTALL)
 class _StderrFilter:
   """Passes the child's stderr on to `sink` as it comes (progress-bar updates included), except a
   C++ fatal log record and everything after it (the runtime's stack dump when it ends the
-  process); notes whether the child printed an `error:` line. `feed` takes the bytes in pieces of
-  any size, `close` ends the stream."""
+  process), and whatever follows the child's own `error:` line (the runtime's log records while
+  the process shuts down: its one-line error stays the last line); notes whether the child
+  printed an `error:` line. `keep_all` passes the held-back bytes on at `close`. `feed` takes the
+  bytes in pieces of any size, `close` ends the stream."""
 
   def __init__(self, sink, *, keep_all: bool = False):
     self.sink, self.keep_all = sink, keep_all
     self.fatal: Optional[bytes] = None  # the fatal record and what followed it
     self.reported = False  # the child printed its own `error:` line
+    self.after_error = b""  # what the child printed after its `error:` line
     self._held = b""  # the start of a line that may still turn out to be a fatal record
     self._head = b""  # the first bytes of the current line passed on so far
 
   def feed(self, data: bytes) -> None:
     if self.fatal is not None:
       self.fatal += data
+      return
+    if self.reported:
+      self.after_error += data
       return
     data, self._held = self._held + data, b""
     while data:
@@ -314,12 +320,15 @@ class _StderrFilter:
       if ends:
         self.reported |= self._head.startswith(b"error: ")
         self._head = b""
+        if self.reported:
+          self.after_error += data
+          return
 
   def close(self) -> None:
     if self._held:
       self._write(self._held)
-    if self.fatal is not None and self.keep_all:
-      self._write(self.fatal)
+    if self.keep_all:
+      self._write(self.after_error + (self.fatal or b""))
 
   def _write(self, data: bytes) -> None:
     try:
