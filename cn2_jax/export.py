@@ -162,7 +162,7 @@ from cn2_jax.modeling.ops.nms import nms
 from cn2_jax.modeling.proposal import decode as proposal_decode
 from cn2_jax.predictor import Predictor, _dataset_info
 
-OUTPUT_KEYS = ("boxes", "scores", "classes", "valid")
+OUTPUT_KEYS = export_check.OUTPUT_KEYS
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 ONNX_INSTALL = "pip install -r requirements-onnx.txt"
 
@@ -559,14 +559,16 @@ def _run(args) -> int:
   onnx_part = None
   if args.format == "onnx":  # fail before loading weights or converting anything
     onnx_part = _check_part(cfg.model.arch, args.onnx_part)
-    if args.orig_hw and onnx_parts(cfg.model.arch)[onnx_part] is not None:
-      raise ConfigError(
-          f"--orig-hw needs the boxes of --onnx-part detector; model.arch={cfg.model.arch!r} "
-          f"exports {onnx_part}"
-      )
+  # StableHLO files and the ONNX `detector` part give boxes; other ONNX parts give maps
+  detections = onnx_part is None or onnx_parts(cfg.model.arch)[onnx_part] is None
+  if args.orig_hw and not detections:
+    raise ConfigError(
+        f"--orig-hw needs the boxes of --onnx-part detector; model.arch={cfg.model.arch!r} "
+        f"exports {onnx_part}"
+    )
   if args.check_out and not args.check:
     raise ConfigError("--check-out needs --check IMAGE")
-  if args.check and onnx_part is not None and onnx_parts(cfg.model.arch)[onnx_part] is not None:
+  if args.check and not detections:
     raise ConfigError(
         f"--check compares detections; model.arch={cfg.model.arch!r} exports {onnx_part}, not the "
         "whole detector (--onnx-part detector, or --format stablehlo)"

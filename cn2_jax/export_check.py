@@ -21,8 +21,9 @@ import jax
 import numpy as np
 
 from cn2_jax.errors import ConfigError
+from cn2_jax.modeling import detector
 
-OUTPUT_KEYS = ("boxes", "scores", "classes", "valid")
+OUTPUT_KEYS = ("boxes", "scores", "classes", "valid")  # every export's detection outputs
 
 
 @dataclasses.dataclass
@@ -50,8 +51,9 @@ class CheckResult:
 
 
 def export_inputs(predictor, image: np.ndarray, hw: Sequence[int], with_orig_hw: bool) -> tuple:
-  """(image uint8 [1, H, W, 3], image_hw [1, 2][, orig_hw [1, 2]]) for an export of canvas `hw`,
-  from the Predictor's own preprocessing."""
+  """(image uint8 [1, H, W, 3], image_hw [1, 2], orig_hw [1, 2]) for an export of canvas `hw`, from
+  the Predictor's own preprocessing; the file takes all three with `with_orig_hw`, else the first
+  two."""
   batch_image, image_hw, orig_hw = predictor.preprocess(image)
   h, w = (int(v) for v in hw)
   rh, rw = (int(v) for v in image_hw[0])
@@ -63,8 +65,7 @@ def export_inputs(predictor, image: np.ndarray, hw: Sequence[int], with_orig_hw:
   canvas = np.zeros((1, h, w, 3), np.uint8)
   ch, cw = min(h, batch_image.shape[1]), min(w, batch_image.shape[2])
   canvas[:, :ch, :cw] = batch_image[:, :ch, :cw]
-  inputs = (canvas, np.asarray(image_hw, np.int32))
-  return inputs + ((np.asarray(orig_hw, np.int32),) if with_orig_hw else ())
+  return canvas, np.asarray(image_hw, np.int32), np.asarray(orig_hw, np.int32)
 
 
 def run_exported(fmt: str, data: bytes, inputs: tuple, input_names: Sequence[str]) -> dict:
@@ -85,25 +86,23 @@ def run_exported(fmt: str, data: bytes, inputs: tuple, input_names: Sequence[str
 
 
 def to_original_pixels(out: dict, image_hw: np.ndarray, orig_hw: np.ndarray) -> dict:
-  """Valid detections of image 0, boxes rescaled from input to original pixels, clipped and empty
-  ones dropped (`detector.postprocess_detections`, in numpy)."""
+  """Valid detections of image 0 in original pixels: the Predictor's post-processing
+  (`detector.postprocess_detections`: rescale, clip, drop empty boxes) applied to the file's
+  outputs."""
   missing = [key for key in OUTPUT_KEYS if key not in out]
   if missing:
     raise ConfigError(
         f"--check compares detections; the exported file has no {', '.join(missing)} output "
         f"(outputs: {', '.join(out)}): export the whole detector"
     )
-  (h, w), (oh, ow) = image_hw[0].astype(np.float32), orig_hw[0].astype(np.float32)
-  scale = np.array([ow / w, oh / h, ow / w, oh / h], np.float32)
-  boxes = np.asarray(out["boxes"][0], np.float32) * scale
-  boxes = np.clip(boxes, 0.0, np.array([ow, oh, ow, oh], np.float32))
-  keep = (
-      np.asarray(out["valid"][0], bool) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+  dets = detector.postprocess_detections(
+      {key: np.asarray(out[key]) for key in OUTPUT_KEYS}, image_hw, orig_hw
   )
+  keep = np.asarray(dets["valid"][0])
   return dict(
-      boxes=boxes[keep],
-      scores=np.asarray(out["scores"][0], np.float32)[keep],
-      classes=np.asarray(out["classes"][0]).astype(np.int64)[keep],
+      boxes=np.asarray(dets["boxes"][0], np.float32)[keep],
+      scores=np.asarray(dets["scores"][0], np.float32)[keep],
+      classes=np.asarray(dets["classes"][0]).astype(np.int64)[keep],
   )
 
 
@@ -160,11 +159,11 @@ def check_export(
   writes the exported file's detections to `out_path` when given."""
   image = predictor.read_image(image_path)  # a missing / corrupt file: a one-line DataError
   inputs = export_inputs(predictor, image, hw, with_orig_hw)
-  names = ("image", "image_hw", "orig_hw")[: len(inputs)]
-  out = run_exported(fmt, data, inputs, names)
+  used = inputs if with_orig_hw else inputs[:2]
+  out = run_exported(fmt, data, used, ("image", "image_hw", "orig_hw")[: len(used)])
+  image_hw, orig_hw = inputs[1:]
   # with --orig-hw the file's boxes are already in original pixels (a scale of 1 below)
-  ohw = predictor.preprocess(image)[2]
-  got = to_original_pixels(out, inputs[2] if with_orig_hw else inputs[1], np.asarray(ohw))
+  got = to_original_pixels(out, orig_hw if with_orig_hw else image_hw, orig_hw)
   reference = predictor(image)
   want = {key: np.asarray(reference[key]) for key in ("boxes", "scores", "classes")}
   if out_path:

@@ -14,7 +14,7 @@ from cn2_jax.modeling import export_mode, layers
 @pytest.fixture(autouse=True)
 def _every_size(monkeypatch):
   """The rule applies from a size on; these tests use small maps."""
-  monkeypatch.setattr(layers, "MATMUL_WEIGHT_GRAD_MIN_MACS", 0)
+  monkeypatch.setattr(layers, "MATMUL_FORMS_MIN_MACS", 0)
 
 
 def reference(x, kernel, strides, padding, groups=1):
@@ -114,11 +114,11 @@ def test_the_matmul_forms_are_what_runs_on_cpu():
 
 
 def test_small_convolutions_keep_xla_rule(monkeypatch):
-  """Below MATMUL_WEIGHT_GRAD_MIN_MACS multiply-adds lax's own convolution and rule."""
+  """Below MATMUL_FORMS_MIN_MACS multiply-adds lax's own convolution and rule."""
   x = jnp.zeros((2, 4, 4, 2))
-  monkeypatch.setattr(layers, "MATMUL_WEIGHT_GRAD_MIN_MACS", 4 * 4 * 2 * 2 + 1)
+  monkeypatch.setattr(layers, "MATMUL_FORMS_MIN_MACS", 4 * 4 * 2 * 2 + 1)
   assert _form(x, jnp.zeros((1, 1, 2, 2))) == "lax"
-  monkeypatch.setattr(layers, "MATMUL_WEIGHT_GRAD_MIN_MACS", 4 * 4 * 2 * 2)
+  monkeypatch.setattr(layers, "MATMUL_FORMS_MIN_MACS", 4 * 4 * 2 * 2)
   assert _form(x, jnp.zeros((1, 1, 2, 2))) == "matmul"
-  monkeypatch.setattr(layers, "MATMUL_WEIGHT_GRAD_MIN_MACS", 4 * 4 * 9 * 2 * 2 + 1)
+  monkeypatch.setattr(layers, "MATMUL_FORMS_MIN_MACS", 4 * 4 * 9 * 2 * 2 + 1)
   assert _form(x, jnp.zeros((3, 3, 2, 2)), padding=1) == "lax"

@@ -159,7 +159,7 @@ def _conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int, groups: i
 # A convolution's multiply-adds per image from which `conv2d` uses the matrix-product forms (every
 # ResNet-50 bottleneck conv at the official training size has >= 1.9e8; the tests' tiny models and
 # the demo stay below and compile as before).
-MATMUL_WEIGHT_GRAD_MIN_MACS = 2**27
+MATMUL_FORMS_MIN_MACS = 2**27
 
 
 def _conv1x1_as_matmul(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
@@ -217,7 +217,7 @@ def conv2d(
   """NHWC x HWIO convolution with torch-style symmetric padding.
 
   Same values and gradients as `lax.conv_general_dilated` (to float32 rounding). On XLA:CPU, for
-  convolutions of at least MATMUL_WEIGHT_GRAD_MIN_MACS multiply-adds per image without groups:
+  convolutions of at least MATMUL_FORMS_MIN_MACS multiply-adds per image without groups:
   an unpadded 1x1 convolution is one 2-D matrix product (forward and both gradients), a 3x3 one
   keeps XLA's convolution for the forward and the input gradient and gets its weight gradient as
   nine 2-D products. Why: XLA:CPU hands convolutions to YNNPACK, whose weight gradient (a
@@ -234,7 +234,7 @@ def conv2d(
   macs = out_positions * kernel.shape[0] * kernel.shape[1] * x.shape[-1] * cout
   if (
       groups == 1
-      and macs >= MATMUL_WEIGHT_GRAD_MIN_MACS
+      and macs >= MATMUL_FORMS_MIN_MACS
       and jax.default_backend() == "cpu"
       and not export_mode.onnx_ops_enabled()
   ):
