@@ -82,16 +82,22 @@ ONNX (`--format onnx`, optional: `pip install -r requirements-onnx.txt` (jax2onn
       (boxes, scores, classes, valid, in that order; `--orig-hw` adds the orig_hw input):
       preprocessing, backbone, neck (with DCN: model.onestage.use_deform=True converts),
       heads, the pseudo-NMS, top-K per class then top-K overall, boxes, clipping.
-    centernet2, `candidates` (default; `CenterNet2.proposal_candidates`): the dense part (below)
-      plus the proposal decode up to its NMS (`proposal.decode.proposal_candidates`): per FPN
-      level the top min(pre_nms_topk_test, H_l W_l) locations by sigmoid(logit) (off-canvas
-      ones and those <= inference_thresh excluded) decoded into boxes:
+    centernet2, `detector` (default): the whole detector as above (the StableHLO file's graph
+      and outputs, `--orig-hw` too): preprocessing, backbone, FPN, CenterNet head, the proposal
+      decode (per level the top min(pre_nms_topk_test, H_l W_l) locations) and its
+      class-agnostic NMS to post_nms_topk_test proposals, ROIAlign on p3..p7 (fixed-ratio or
+      adaptive sampling, as configured), the three cascade stages, the per-class NMS and the
+      top detections_per_image. Static shapes throughout; both NMS are the model's tiled greedy
+      NMS (ONNX Loops; torchvision semantics: equal scores keep the lower index first, IoU
+      without +1, invalid rows never kept; per class as a batch of class rows over the shared
+      boxes, exactly the model's per-class vmap).
+    centernet2, `candidates` (`CenterNet2.proposal_candidates`): the dense part (below)
+      plus the proposal decode up to its NMS (`proposal.decode.proposal_candidates`):
         cand_boxes [N, Kc, 4] float32  xyxy in input pixels (clipped only with clip_proposals)
         cand_scores [N, Kc] float32    sqrt(p), 0 where invalid
         cand_valid [N, Kc] bool        Kc = sum_l min(pre_nms_topk_test, H_l W_l)
-      The host runs the rest: the class-agnostic NMS and top post_nms_topk_test
-      (`centernet2_proposals` gives the model's proposals from these), ROIAlign on p3..p7, the
-      cascade and the final NMS.
+      (`centernet2_proposals` runs the class-agnostic NMS and top post_nms_topk_test on the
+      host and gives the model's proposals from these).
     both, `dense` (`dense_outputs`): preprocessing + backbone + heads, as centerX's ONNX export
     (docs/onestage.md §6):
       centernet2: hm_logits_p3..p7 [N, H/s, W/s] objectness logits, p3..p7 [N, H/s, W/s,
@@ -100,15 +106,26 @@ ONNX (`--format onnx`, optional: `pip install -r requirements-onnx.txt` (jax2onn
       onestage: cls [N, H/4, W/4, C] sigmoid heatmap, reg [N, H/4, W/4, 2] centre offsets,
         wh [N, H/4, W/4, 2] box sizes.
   Outputs are listed by name (sorted, for the parts other than `detector`).
-  What does not convert with jax2onnx 0.12.5 (hence CenterNet2 stops at its proposal NMS):
-    the NMS (ops/nms.py; proposals and final detections): "lax.sort with num_keys > 1 is not
-      supported yet" (its sort by validity, score, index), and inside the proposal decode's
-      vmap, earlier, "module 'jax.interpreters.batching' has no attribute 'not_mapped'" (the
-      vmap rule of jnp.where; not_mapped was removed in jax 0.10); 0.17.1 stops in the NMS
-      while-loop at "Unhandled internal op in Gather: {'op': 'general_gather', ... 'mode':
-      'batched' ...}";
-    ROIAlign converts, but its level assignment's frexp becomes a BitCast node that onnxruntime
-      1.32 rejects at opset 18 ("No Op registered for BitCast with domain_version of 18").
+  What jax2onnx 0.12.5 does not convert in CenterNet2's own form, and the form traced instead
+  (each tested equal to the model's op in JAX, tests/test_export.py):
+    the NMS (ops/nms.py, proposals and final detections): "lax.sort with num_keys > 1 is not
+      supported yet" (its sort by validity, score, index), and vmap: "module
+      'jax.interpreters.batching' has no attribute 'not_mapped'" (jax2onnx's jnp.where under
+      vmap; not_mapped was removed in jax 0.10). `nms_for_onnx`: the same tiled algorithm
+      batched explicitly over leading dimensions, the order by two stable single-key sorts
+      (-score, then validity; each an ONNX TopK, which orders equal keys by index), the kept
+      buffer updated by a one-hot comparison instead of a scatter; its while cond reads only its
+      carry (jax2onnx misaligns a cond's closed-over arrays with the carry). `no_fma` (bitcasts)
+      is the identity there: onnxruntime runs a Mul and the Add it feeds as separate kernels;
+    the proposal decode and the final inference, vmapped per image: `decode.
+      generate_proposals_for_onnx` (the batched `proposal_candidates` + `nms_for_onnx`) and
+      `cascade.fast_rcnn_inference_batch_for_onnx` (the classes as rows of `nms_for_onnx`);
+    ROIAlign's level assignment: frexp becomes a BitCast node that onnxruntime 1.32 rejects at
+      opset 18 ("No Op registered for BitCast with domain_version of 18");
+      `roi_align.assign_boxes_to_levels_for_onnx` counts the level thresholds s >= 2**j reached
+      (exact comparisons; the same levels at exact powers of two, inf and NaN areas). ROIAlign's
+      jnp.arange / jnp.full over the (symbolic) box count are iotas / full_like in the model
+      itself ("'_DynamicDimSentinel' object has no attribute 'rmax'" otherwise).
   Ops traced in an equivalent form while converting (inside `onnx_friendly_ops()`, the context
   `modeling/export_mode.onnx_ops` that the ops read; nothing is patched; each pair is checked for
   equal values in JAX by tests/test_export.py): ResNet's 3x3/2 max-pool and the pseudo-NMS's
@@ -129,7 +146,8 @@ ONNX (`--format onnx`, optional: `pip install -r requirements-onnx.txt` (jax2onn
   order; boxes within 1e-3 px, scores within 1e-4; measured 4e-6 px / 7e-8), the dense maps
   within 1e-4 (of the output's magnitude for the unnormalised FPN features), CenterNet2's
   candidates and the proposals after the host NMS the same up to the order of scores equal
-  within 1e-6 (tests/test_export.py). File sizes (the weights are constants, float32) and
+  within 1e-6, CenterNet2's whole detector the same detections (tiny model: boxes within 4e-5
+  px, scores within 3e-7) (tests/test_export.py). File sizes (the weights are constants, float32) and
   onnxruntime vs JAX CPU latency of the one-stage R18 at 512x512: bench/RESULTS.md
   (bench/onnx_latency.py). TensorRT, UNTESTED (no GPU here):
     trtexec --onnx=demo.onnx --saveEngine=demo.plan \
@@ -403,7 +421,7 @@ def export_onnx(
     orig_hw: bool = False,
 ):
   """jax2onnx conversion of an ONNX part (the family's `onnx_parts`; None = its default: the whole
-  one-stage detector, CenterNet2's dense part + proposal candidates), traced inside
+  detector, for both families), traced inside
   `onnx_friendly_ops()`: an `onnx.ModelProto` and its output names."""
   jax2onnx = import_jax2onnx()
   arch = predictor.config.model.arch
@@ -483,8 +501,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m cn2_jax.export",
       description="Export the model of a run as one self-contained file: StableHLO (jax.export, "
-      "the whole detector, weights inside) or ONNX (the whole one-stage detector, CenterNet2 up "
-      f"to its proposal NMS; needs `{ONNX_INSTALL}`). See the docstring of cn2_jax/export.py.",
+      "the whole detector, weights inside) or ONNX (the whole detector too; needs "
+      f"`{ONNX_INSTALL}`). See the docstring of cn2_jax/export.py.",
   )
   parser.add_argument("--workdir", required=True, help="the run (its config.json, checkpoints)")
   parser.add_argument("--weights", default="", help="weights instead of the newest checkpoint")

@@ -4,7 +4,7 @@
 # requirements.txt (see requirements-onnx.txt). The venv is $ONNX_VENV, by default `onnxvenv`
 # beside the repository; it is created on first use and reused. Runs tests/test_export.py
 # (the StableHLO tests too; `-k onnx` for the ONNX ones only: the whole one-stage detector with
-# and without DCN, CenterNet2 up to its proposal NMS); extra arguments go to pytest.
+# and without DCN, the whole CenterNet2 and its parts); extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)

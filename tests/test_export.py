@@ -203,7 +203,7 @@ def test_candidates_give_the_models_proposals(run):
   """CenterNet2's default ONNX part: the dense maps plus the proposal decode up to the NMS; the
   host's NMS (`export.centernet2_proposals`) on its candidates gives the model's proposals."""
   predictor = Predictor(run["cfg"], run["variables"])
-  fn, names = export.part_fn(predictor)
+  fn, names = export.part_fn(predictor, "candidates")
   assert names[:3] == ["cand_boxes", "cand_scores", "cand_valid"], names
   pre = [predictor.preprocess(_image(i, 120, 150 - 30 * i)) for i in range(2)]
   padded, hw = np.concatenate([p[0] for p in pre]), np.concatenate([p[1] for p in pre])
@@ -383,6 +383,7 @@ def test_onnx_matches_jax(run):
   path = run["root"] / "cn2.onnx"
   rc, stdout, stderr = _cli(
       ["--workdir", run["wd"], "--weights", run["weights"], "--format", "onnx", "--out", path]
+      + ["--onnx-part", "candidates"]
   )
   assert rc == 0, stderr
   assert "image          uint8[b,160,160,3]" in stdout, stdout
@@ -390,7 +391,7 @@ def test_onnx_matches_jax(run):
   assert "cand_valid     bool[b,394]" in stdout, stdout  # 256 + 100 + 25 + 9 + 4 (pre_nms_topk 256)
   assert json.loads(open(f"{path}.json").read())["onnx_part"] == "candidates"
   predictor = Predictor(run["cfg"], run["variables"])
-  fn, names = export.part_fn(predictor)
+  fn, names = export.part_fn(predictor, "candidates")
   pre = [predictor.preprocess(_image(i, 120, 150 - 30 * i)) for i in range(2)]
   padded, hw = np.concatenate([p[0] for p in pre]), np.concatenate([p[1] for p in pre])
   want = jax.jit(fn)(padded, hw)  # JAX with the model's own ops
@@ -416,6 +417,7 @@ def test_onnx_matches_jax(run):
   # The proposals have no final boxes: --orig-hw is refused in one line.
   rc, stdout, stderr = _cli(
       ["--workdir", run["wd"], "--format", "onnx", "--orig-hw", "--out", run["root"] / "y.onnx"]
+      + ["--onnx-part", "candidates"]
   )
   assert rc == 1 and stderr.count("\n") == 1 and "--onnx-part detector" in stderr, stderr
 
@@ -691,3 +693,145 @@ def test_onnx_check_onestage(tmp_path, onestage):
   )
   assert rc == 0, stderr + stdout
   assert "detections matched" in stdout and ": ok" in stdout, stdout
+
+
+def test_onnx_forms_of_centernet2_equal_the_models():
+  """CenterNet2's ONNX-friendly forms compute the model's ops in JAX: the batched NMS (ties,
+  duplicate boxes, invalid rows, all-invalid rows, more outputs than boxes, tiles of 1..N,
+  leading batch dimensions) and its two-sort order, the level assignment without frexp (boxes
+  exactly at the level thresholds, just below them, empty / negative / NaN / infinite areas), the
+  proposal decode and the final per-class inference (distinct scores: the top-k order of equal
+  ones is unspecified in XLA's approx_max_k)."""
+  from cn2_jax.modeling.ops import nms as nms_ops
+  from cn2_jax.modeling.ops import roi_align
+  from cn2_jax.modeling.proposal import decode as pdecode
+  from cn2_jax.modeling.roi_heads import cascade
+
+  rng = np.random.default_rng(0)
+  for b, n, max_out, tile, thr in ((3, 40, 12, 8, 0.5), (2, 30, 45, 512, 0.3), (2, 7, 3, 1, 0.0)):
+    xy = rng.integers(0, 30, (b, n, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + rng.integers(0, 15, (b, n, 2))], -1).astype(np.float32)
+    boxes[:, 1:n:5] = boxes[:, 0 : n - 1 : 5]  # duplicates (IoU 1, and 0/0 for empty boxes)
+    scores = (rng.integers(0, 5, (b, n)) / 4).astype(np.float32)  # many equal scores
+    valid = rng.uniform(size=(b, n)) > 0.25
+    valid[-1] = False  # a row without any valid box
+    want = jax.vmap(lambda x, s, v: nms_ops.nms.__wrapped__(x, s, v, thr, max_out, tile_size=tile))(
+        boxes, scores, valid
+    )
+    got = nms_ops.nms_for_onnx(boxes, scores, valid, thr, max_out, tile_size=tile)
+    for g, w in zip(got, want):
+      assert g.dtype == w.dtype and g.shape == w.shape
+      np.testing.assert_array_equal(g, w)
+    with export_mode.onnx_ops():  # the dispatch, with leading dimensions [1, B]
+      got = nms_ops.nms(boxes[None], scores[None], valid[None], thr, max_out, tile_size=tile)
+    np.testing.assert_array_equal(got[0][0], want[0])
+    iota = np.broadcast_to(np.arange(n, dtype=np.int32), (b, n))
+    _, _, order = jax.lax.sort(((~valid).astype(np.int32), -scores, iota), num_keys=3)
+    np.testing.assert_array_equal(nms_ops.sort_order_for_onnx(scores, valid), order)
+
+  # Level thresholds of canonical 224 / level 4 on P3..P7: sqrt(area) / 224 + 1e-8 = 2**j exactly
+  # for a side of 224 * 2**j (the 1e-8 vanishes in float32 at these magnitudes), and just below.
+  sides = [224.0 * 2.0**j for j in range(-3, 5)]
+  sides += [np.nextafter(np.float32(v), np.float32(0)) for v in sides] + [0.0, 1.0, 3e4]
+  boxes = np.array([[0.0, 0.0, v, v] for v in sides], np.float32)
+  odd = np.array(
+      [[5, 5, 1, 1], [0, 0, -3, 2], [0, 0, np.nan, 3], [0, 0, np.inf, 4], [0, 0, 2, np.inf]],
+      np.float32,
+  )
+  boxes = np.concatenate([boxes, odd, rng.uniform(0, 900, (50, 4)).astype(np.float32)])
+  args = (3, 7, 224.0, 4)
+  want = roi_align.assign_boxes_to_levels(boxes, *args)
+  assert len(set(np.asarray(want).tolist())) == 5
+  np.testing.assert_array_equal(roi_align.assign_boxes_to_levels_for_onnx(boxes, *args), want)
+  np.testing.assert_array_equal(
+      roi_align.assign_boxes_to_levels_for_onnx(boxes.reshape(1, -1, 4), 2, 6, 64.0, 3),
+      roi_align.assign_boxes_to_levels(boxes.reshape(1, -1, 4), 2, 6, 64.0, 3),
+  )
+
+  # The proposal decode: distinct logits (two images, three levels), off-canvas locations as -inf.
+  shapes = ((8, 8), (4, 4), (2, 2))
+  logits = [
+      rng.permutation(2 * h * w).reshape(2, h, w).astype(np.float32) / 8 - 6 for h, w in shapes
+  ]
+  logits[0][1, 5:] = -np.inf
+  reg = [rng.uniform(0, 3, (2, h, w, 4)).astype(np.float32) for h, w in shapes]
+  kw = dict(strides=(8, 16, 32), pre_nms_topk=20, post_nms_topk=16, nms_thresh=0.6)
+  for clip in (None, np.array([[60, 50], [40, 64]], np.int32)):
+    want = pdecode.generate_proposals(logits, reg, score_thresh=1e-4, clip_hw=clip, **kw)
+    got = pdecode.generate_proposals_for_onnx(logits, reg, score_thresh=1e-4, clip_hw=clip, **kw)
+    assert int(np.asarray(want["valid"]).sum()) > 10
+    for k in ("boxes", "scores", "valid"):
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+  # The final inference: 2 images, 24 boxes, 5 classes (+ background), padded rows.
+  xy = rng.uniform(-5, 50, (2, 24, 2)).astype(np.float32)
+  boxes = np.concatenate([xy, xy + rng.uniform(1, 30, (2, 24, 2))], -1).astype(np.float32)
+  boxes[:, 3:24:4] = boxes[:, 2:24:4] + 0.5  # overlapping pairs
+  scores = rng.permutation(2 * 24 * 6).reshape(2, 24, 6).astype(np.float32) / 288
+  valid = np.ones((2, 24), bool)
+  valid[1, 20:] = False
+  hw = np.array([[40, 60], [64, 32]], np.int32)
+  kw = dict(score_thresh=0.3, nms_thresh=0.5, topk=30)
+  want = cascade.fast_rcnn_inference_batch(boxes, scores, valid, hw, **kw)
+  got = cascade.fast_rcnn_inference_batch_for_onnx(boxes, scores, valid, hw, **kw)
+  assert int(np.asarray(want["valid"]).sum()) > 10
+  for k in want:
+    assert got[k].dtype == want[k].dtype, k
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_onnx_friendly_centernet2_detector(run):
+  """The whole CenterNet2 traced with the ONNX-friendly forms (inside `onnx_ops()`) gives the
+  model's detections in JAX, for a batch of 2 images of different sizes."""
+  predictor = Predictor(run["cfg"], run["variables"])
+  pre = [predictor.preprocess(_image(i, 120, 150 - 30 * i)) for i in range(2)]
+  padded, hw = np.concatenate([p[0] for p in pre]), np.concatenate([p[1] for p in pre])
+  fn = export.detection_fn(predictor)
+  want = jax.jit(fn)(padded, hw)
+  with export_mode.onnx_ops():
+    got = jax.jit(lambda i, h: fn(i, h))(padded, hw)  # a new function: traced afresh
+  assert int(np.asarray(want["valid"]).sum()) > 10
+  for k in export.OUTPUT_KEYS:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="needs jax2onnx + onnxruntime (scripts/test_onnx.sh)")
+def test_onnx_centernet2_detector(run, tmp_path):
+  """The whole CenterNet2 as ONNX (`--onnx-part detector`, the default: preprocessing, backbone,
+  proposal decode and NMS, ROIAlign, the cascade, the per-class NMS and top-K; symbolic batch):
+  onnxruntime gives the Predictor's forward's detections for a batch of 2 images of different
+  sizes, and `--check`'s comparison passes on an image file."""
+  import onnxruntime as ort
+
+  from cn2_jax import export_check
+
+  predictor = Predictor(run["cfg"], run["variables"])
+  proto, names = export.export_onnx(predictor)
+  assert names == list(export.OUTPUT_KEYS)
+  sig = export.onnx_signature(proto)
+  assert sig["inputs"] == {"image": "uint8[b,160,160,3]", "image_hw": "int32[b,2]"}, sig
+  assert sig["outputs"] == {
+      "boxes": "float32[b,20,4]",
+      "scores": "float32[b,20]",
+      "classes": "int32[b,20]",
+      "valid": "bool[b,20]",
+  }, sig
+  data = proto.SerializeToString()
+  pre = [predictor.preprocess(_image(i, 120, 150 - 30 * i)) for i in range(2)]
+  padded, hw = np.concatenate([p[0] for p in pre]), np.concatenate([p[1] for p in pre])
+  sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+  got = dict(zip(names, sess.run(None, {"image": padded, "image_hw": hw})))
+  want = {
+      k: np.asarray(v) for k, v in predictor._apply(predictor.variables, padded, hw, hw).items()
+  }
+  assert int(want["valid"].sum()) > 10
+  np.testing.assert_array_equal(got["valid"], want["valid"])
+  _same_boxes(got, want)  # the order may differ only among scores equal within 1e-4
+  np.testing.assert_array_equal(  # and the classes with them
+      np.sort(np.where(got["valid"], got["classes"], -1), 1),
+      np.sort(np.where(want["valid"], want["classes"], -1), 1),
+  )
+  result = export_check.check_export(
+      predictor, "onnx", data, (160, 160), _image_file(tmp_path, h=120, w=150)
+  )
+  assert result.ok and result.matched > 0, result

@@ -71,8 +71,13 @@ def convert_checkpoint(sd, fmt: str, *, seed: int, backbone_only: bool, model_co
             ),
         ),
     ),
-    # --format onnx: up to the proposal NMS, which jax2onnx does not convert (cn2_jax/export.py)
-    onnx_parts={"candidates": "proposal_candidates", "dense": "dense_outputs"},
+    # --format onnx: the whole detector (its NMS, proposal decode, level assignment and final
+    # inference trace as ONNX-friendly forms, cn2_jax/export.py), or its first parts
+    onnx_parts={
+        "detector": None,
+        "candidates": "proposal_candidates",
+        "dense": "dense_outputs",
+    },
     # its detections, rendered as one-stage targets at the student's stride
     distillation_teacher=teachers.centernet2_teacher,
 )

@@ -103,6 +103,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from cn2_jax.modeling import export_mode
+
 IntOrPair = Union[int, Tuple[int, int]]
 
 
@@ -119,6 +121,28 @@ def _box_area(boxes: jax.Array) -> jax.Array:
   return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
+def assign_boxes_to_levels_for_onnx(
+    boxes: jax.Array,
+    min_level: int,
+    max_level: int,
+    canonical_box_size: float,
+    canonical_level: int,
+) -> jax.Array:
+  """`assign_boxes_to_levels` without `frexp` (whose bitcast becomes a BitCast node that
+  onnxruntime rejects at opset 18): the level is min_level plus the number of level thresholds
+  s reaches, floor(log2(s)) >= j <=> s >= 2**j, compared exactly (powers of two are exact in
+  float32). The same levels, at exact powers of two too: +inf reaches every threshold
+  (max_level); a NaN s (negative or NaN area) none, and gets min_level as there."""
+  boxes = jnp.asarray(boxes, jnp.float32)
+  area = _box_area(boxes)
+  s = jnp.sqrt(area) / jnp.float32(canonical_box_size) + jnp.float32(1e-8)
+  level = jnp.full_like(s, min_level, dtype=jnp.int32)
+  for lvl in range(min_level + 1, max_level + 1):
+    level = level + (s >= jnp.float32(2.0 ** (lvl - int(canonical_level)))).astype(jnp.int32)
+  return jnp.where(area >= 0, level, jnp.int32(min_level)).astype(jnp.int32)
+
+
+@export_mode.onnx_form(assign_boxes_to_levels_for_onnx)
 def assign_boxes_to_levels(
     boxes: jax.Array,
     min_level: int,
@@ -310,7 +334,8 @@ def _axis_weight_vectors(start, bin_size, grid, size, out: int, cap: int, length
   empty = hi < lo
   lo = jnp.where(empty, 0, lo)
   span = jnp.where(empty, 1, hi - lo + 1)
-  rows = jnp.broadcast_to(jnp.arange(num, dtype=jnp.int32)[:, None, None], low.shape)
+  # iotas, not jnp.arange(num): jax2onnx cannot trace the latter for a symbolic box count
+  rows = lax.broadcasted_iota(jnp.int32, low.shape, 0)
   bins = jnp.broadcast_to(jnp.arange(out, dtype=jnp.int32)[None, :, None], low.shape)
   t_low = jnp.where(live, low - lo[:, None, None], length)  # dead samples: dropped index
   t_high = jnp.where(live, high - lo[:, None, None], length)
@@ -435,7 +460,7 @@ def _pool_adaptive(flat: _Flat, out_hw: Tuple[int, int], aligned: bool, cap_hw) 
   # Row-major table, column-major table, and `cols` zero rows for the last slices' overhang (the
   # cells a slice reads past its support carry zero weight).
   source = jnp.concatenate([table, flat.table_t, jnp.zeros((cols, ch), dtype)], axis=0)
-  box = jnp.arange(num, dtype=jnp.int32)[:, None]
+  box = lax.broadcasted_iota(jnp.int32, piece.shape, 0)  # jnp.arange(num)[:, None], broadcast
   w_long = jnp.where(tall[:, None, None], wy, wx).reshape(num, n, length // cols, cols)
   w_short = jnp.where(tall[:, None, None], wx, wy)
   m_long = jnp.where(used[..., None, None], w_long[box, :, piece], 0.0)  # [R, rows, n, cols]
@@ -474,7 +499,8 @@ def _pool_fixed(flat: _Flat, out_hw: Tuple[int, int], sampling_ratio: int, align
   out_h, out_w = out_hw
   num = flat.boxes.shape[0]
   start_y, start_x, bin_h, bin_w, _, _ = _roi_geometry(flat.boxes, flat.scale, out_hw, aligned)
-  grid = jnp.full((num,), sampling_ratio, jnp.float32)
+  # full_like: jax2onnx's jnp.full fails on a symbolic box count
+  grid = jnp.full_like(flat.boxes[:, 0], sampling_ratio, dtype=jnp.float32)
   row_base, width = flat.base[:, None], flat.width[:, None]
 
   def gather(idx):
@@ -656,7 +682,9 @@ def _flatten_pyramid(
   li = (level - min_level).reshape(-1)
   base = (
       jnp.asarray(offsets[:-1], jnp.int32)[li].reshape(bsz, num)
-      + (jnp.arange(bsz, dtype=jnp.int32) * n)[:, None]
+      # the image's block; an iota, not jnp.arange(bsz), which jax2onnx cannot trace for a
+      # symbolic batch ("'_DynamicDimSentinel' object has no attribute 'rmax'")
+      + lax.broadcasted_iota(jnp.int32, level.shape, 0) * n
   ).reshape(-1)
   height = jnp.asarray(hs, jnp.int32)[li]
   width = jnp.asarray(ws, jnp.int32)[li]
