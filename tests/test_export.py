@@ -700,8 +700,9 @@ def test_onnx_forms_of_centernet2_equal_the_models():
   duplicate boxes, invalid rows, all-invalid rows, more outputs than boxes, tiles of 1..N,
   leading batch dimensions) and its two-sort order, the level assignment without frexp (boxes
   exactly at the level thresholds, just below them, empty / negative / NaN / infinite areas), the
-  proposal decode and the final per-class inference (distinct scores: the top-k order of equal
-  ones is unspecified in XLA's approx_max_k)."""
+  proposal decode, adaptive ROIAlign's windows of all boxes at once and the final per-class
+  inference (distinct scores: the top-k order of equal ones is unspecified in XLA's
+  approx_max_k)."""
   from cn2_jax.modeling.ops import nms as nms_ops
   from cn2_jax.modeling.ops import roi_align
   from cn2_jax.modeling.proposal import decode as pdecode
@@ -763,6 +764,28 @@ def test_onnx_forms_of_centernet2_equal_the_models():
     for k in ("boxes", "scores", "valid"):
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
+  # Adaptive ROIAlign's windows of every box at once (no loop over a symbolic box count): two
+  # images on a 5-level pyramid, boxes wide, tall, larger than the canvas, empty, inverted, NaN
+  # and off the map, with and without an official extent smaller than the arrays.
+  shapes = ((40, 48), (20, 24), (10, 12), (5, 6), (3, 3))
+  feats = [rng.normal(size=(2, h, w, 8)).astype(np.float32) for h, w in shapes]
+  xy = rng.uniform(-20, 380, (2, 40, 2)).astype(np.float32)
+  boxes = np.concatenate([xy, xy + rng.uniform(0, 200, (2, 40, 2))], -1).astype(np.float32)
+  boxes[:, :8] = np.array(
+      [[0, 0, 384, 320], [10, 10, 12, 300], [5, 5, 380, 9], [50, 50, 50, 50], [30, 30, 20, 20],
+       [0, 0, np.nan, 5], [-50, -50, -10, -10], [370, 310, 500, 400]],
+      np.float32,
+  )  # fmt: skip
+  kw = dict(min_level=3, output_size=7, sampling_ratio=0, aligned=True, canonical_box_size=224.0)
+  kw.update(canonical_level=4, max_adaptive_samples=(24, 24))
+  for valid_hw in (None, np.array([[38, 40], [19, 20], [10, 10], [5, 5], [3, 3]], np.int32)):
+    pool = lambda f, b, v=valid_hw: roi_align.multilevel_roi_align(f, b, valid_hw=v, **kw)
+    want = jax.jit(pool)(feats, boxes)
+    with export_mode.onnx_ops():
+      got = jax.jit(lambda f, b: pool(f, b))(feats, boxes)
+    assert float(np.abs(want).max()) > 1
+    np.testing.assert_array_equal(got, want)
+
   # The final inference: 2 images, 24 boxes, 5 classes (+ background), padded rows.
   xy = rng.uniform(-5, 50, (2, 24, 2)).astype(np.float32)
   boxes = np.concatenate([xy, xy + rng.uniform(1, 30, (2, 24, 2))], -1).astype(np.float32)
@@ -796,16 +819,20 @@ def test_onnx_friendly_centernet2_detector(run):
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason="needs jax2onnx + onnxruntime (scripts/test_onnx.sh)")
-def test_onnx_centernet2_detector(run, tmp_path):
+@pytest.mark.parametrize("sampling_ratio", [2, 0], ids=["fixed2", "adaptive"])
+def test_onnx_centernet2_detector(run, tmp_path, sampling_ratio):
   """The whole CenterNet2 as ONNX (`--onnx-part detector`, the default: preprocessing, backbone,
   proposal decode and NMS, ROIAlign, the cascade, the per-class NMS and top-K; symbolic batch):
   onnxruntime gives the Predictor's forward's detections for a batch of 2 images of different
-  sizes, and `--check`'s comparison passes on an image file."""
+  sizes, and `--check`'s comparison passes on an image file; with ROIAlign's fixed 2x2 sampling
+  and its adaptive sampling (0, the official models')."""
   import onnxruntime as ort
 
   from cn2_jax import export_check
 
-  predictor = Predictor(run["cfg"], run["variables"])
+  cfg = run["cfg"].copy_and_resolve_references()
+  cfg.model.roi_heads.sampling_ratio = sampling_ratio
+  predictor = Predictor(cfg, run["variables"])
   proto, names = export.export_onnx(predictor)
   assert names == list(export.OUTPUT_KEYS)
   sig = export.onnx_signature(proto)
