@@ -6,6 +6,7 @@ Usage:
       --out cn2_r50.stablehlo --batch 1 --height 800 --width 1088
   python -m cn2_jax.export --workdir runs/demo --format onnx --out demo.onnx   # optional extra
   python -m cn2_jax.export --workdir runs/centernet_demo --format onnx --out det.onnx [--batch 1]
+  python -m cn2_jax.export --workdir DIR --format onnx --nms plugin --out det_trt.onnx  # TensorRT
   python -m cn2_jax.export --workdir runs/demo --out demo.stablehlo --check IMG.jpg \
       [--check-out dets.json]      # run the written file on IMG.jpg, compare with the Predictor
 
@@ -91,6 +92,31 @@ ONNX (`--format onnx`, optional: `pip install -r requirements-onnx.txt` (jax2onn
       NMS (ONNX Loops; torchvision semantics: equal scores keep the lower index first, IoU
       without +1, invalid rows never kept; per class as a batch of class rows over the shared
       boxes, exactly the model's per-class vmap).
+    centernet2, `detector` with `--nms plugin` (for TensorRT only; onnxruntime cannot run it,
+      hence no --check, and no --orig-hw): the graph ends before the final per-class NMS
+      (`CenterNet2.pre_nms_detections`: boxes [N, R, 1, 4] float32, the last stage's boxes
+      clipped to image_hw, one per proposal shared by the classes; scores [N, R, K] float32, the
+      class scores, 0 for the (box, class) pairs the model's NMS would not consider: at or below
+      score_thresh_test, padded proposal, non-finite box or score; R = post_nms_topk_test) and
+      appends one `EfficientNMS_TRT` node (domain "TRT", plugin_version "1"; attributes from
+      model.roi_heads: score_threshold = score_thresh_test, iou_threshold = nms_thresh_test,
+      max_output_boxes = detections_per_image, background_class -1, score_activation 0,
+      class_agnostic 0, box_coding 0 = corners x1 y1 x2 y2; also in FILE.json under "nms").
+      Outputs, as the plugin defines them:
+        num_detections    int32   [N, 1]   valid rows per image
+        detection_boxes   float32 [N, M, 4] xyxy in input pixels (divide by the resize factor)
+        detection_scores  float32 [N, M]   highest first
+        detection_classes int32   [N, M]   labels 0..K-1 (names in FILE.json)
+      M = detections_per_image. The plugin is the same per-class NMS and top-M as the model's
+      up to its own tie order and IoU arithmetic (not tested here: no TensorRT); the graph
+      before it is tested in onnxruntime against the model's pre-NMS boxes and scores, and the
+      model's NMS on those gives the Predictor's detections (tests/test_export.py). Build:
+        trtexec --onnx=det_trt.onnx --saveEngine=det.plan \
+            --minShapes=image:1x800x1088x3,image_hw:1x2 \
+            --optShapes=image:1x800x1088x3,image_hw:1x2 \
+            --maxShapes=image:4x800x1088x3,image_hw:4x2 [--fp16]
+      (TensorRT loads EfficientNMS_TRT from its plugin library, libnvinfer_plugin, which
+      trtexec initialises; `--staticPlugins` is not needed.)
     centernet2, `candidates` (`CenterNet2.proposal_candidates`): the dense part (below)
       plus the proposal decode up to its NMS (`proposal.decode.proposal_candidates`):
         cand_boxes [N, Kc, 4] float32  xyxy in input pixels (clipped only with clip_proposals)
@@ -125,7 +151,18 @@ ONNX (`--format onnx`, optional: `pip install -r requirements-onnx.txt` (jax2onn
       `roi_align.assign_boxes_to_levels_for_onnx` counts the level thresholds s >= 2**j reached
       (exact comparisons; the same levels at exact powers of two, inf and NaN areas). ROIAlign's
       jnp.arange / jnp.full over the (symbolic) box count are iotas / full_like in the model
-      itself ("'_DynamicDimSentinel' object has no attribute 'rmax'" otherwise).
+      itself ("'_DynamicDimSentinel' object has no attribute 'rmax'" otherwise);
+    adaptive ROIAlign (sampling_ratio 0, the official models'): its loop over steps of boxes
+      (lax.map) has no static trip count with a symbolic batch ("Symbolic dimension comparison
+      '64*b' <= '163' is inconclusive"); `roi_align._pool_windows_for_onnx` gathers every box's
+      window at once (one Gather of explicit cell indices, the same two contractions; bitwise
+      equal in JAX; onnxruntime holds R * rows * cols * C float32 windows at once: 0.36 GB per
+      image and stage for R50 at 800x1088). In the model itself: its weight scatter sends dead
+      samples to a spare slot rather than out of bounds (onnxruntime's ScatterND rejects
+      out-of-bounds indices) and divides with lax.div (// and % emit lax.rem, which fails on a
+      symbolic box count). Full size: CenterNet2 R50 with the official oracle weights on the
+      oracle image (canvas 800x1088, symbolic batch) gives the Predictor's 100/100 detections in
+      onnxruntime, boxes within 3.1e-4 px, scores within 3.4e-7 (tests/test_export.py, zoo).
   Ops traced in an equivalent form while converting (inside `onnx_friendly_ops()`, the context
   `modeling/export_mode.onnx_ops` that the ops read; nothing is patched; each pair is checked for
   equal values in JAX by tests/test_export.py): ResNet's 3x3/2 max-pool and the pseudo-NMS's
@@ -419,15 +456,24 @@ def export_onnx(
     opset: int = 18,
     part: Optional[str] = None,
     orig_hw: bool = False,
+    nms: str = "graph",
 ):
   """jax2onnx conversion of an ONNX part (the family's `onnx_parts`; None = its default: the whole
   detector, for both families), traced inside
-  `onnx_friendly_ops()`: an `onnx.ModelProto` and its output names."""
+  `onnx_friendly_ops()`: an `onnx.ModelProto` and its output names. `nms="plugin"` (CenterNet2's
+  whole detector): the graph ends before the final per-class NMS with TensorRT's EfficientNMS_TRT
+  (`append_efficient_nms`; outputs `PLUGIN_OUTPUTS`)."""
   jax2onnx = import_jax2onnx()
   arch = predictor.config.model.arch
   part = _check_part(arch, part)
   hw = _check_hw(predictor.config, hw or default_hw(predictor.config))
-  fn, names = part_fn(predictor, part, orig_hw)
+  if nms not in ("graph", "plugin"):
+    raise ConfigError(f"--nms must be graph or plugin, got {nms!r}")
+  if nms == "plugin":
+    _check_plugin_nms(predictor, part, orig_hw)
+    fn, names = pre_nms_fn(predictor)
+  else:
+    fn, names = part_fn(predictor, part, orig_hw)
   # stderr: jax2onnx 0.12.5 prints "DEBUG: conv_dtype_enum=..." for every convolution.
   with onnx_friendly_ops(), contextlib.redirect_stdout(sys.stderr):
     proto = jax2onnx.to_onnx(
@@ -438,6 +484,9 @@ def export_onnx(
         input_names=["image", "image_hw"] + (["orig_hw"] if orig_hw else []),
         output_names=names,
     )
+  if nms == "plugin":
+    append_efficient_nms(proto, efficient_nms_attributes(predictor.config.model))
+    names = list(PLUGIN_OUTPUTS)
   return proto, names
 
 
@@ -456,6 +505,92 @@ def onnx_signature(proto) -> dict:
       inputs={value.name: show(value) for value in proto.graph.input},
       outputs={value.name: show(value) for value in proto.graph.output},
   )
+
+
+# ---------------------------------------------------------------------------- --nms=plugin (TRT)
+# TensorRT's EfficientNMS_TRT plugin (TensorRT's plugin/efficientNMSPlugin): a node of op_type
+# EfficientNMS_TRT that TensorRT's ONNX parser hands to the registered plugin of that name
+# (domain "TRT", as the PyTorch exporters write it; plugin_version "1").
+TRT_NMS_OP = "EfficientNMS_TRT"
+TRT_DOMAIN = "TRT"
+PLUGIN_OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
+_PRE_NMS_METHOD = "pre_nms_detections"
+
+
+def _check_plugin_nms(predictor, part: Optional[str], orig_hw: bool) -> None:
+  arch = predictor.config.model.arch
+  if getattr(type(predictor.model), _PRE_NMS_METHOD, None) is None:
+    raise ConfigError(
+        f"--nms plugin needs a detector that ends with a per-class NMS (model.arch=centernet2); "
+        f"model.arch={arch!r} has none (the one-stage detector's pseudo-NMS is a 3x3 max-pool)"
+    )
+  if onnx_parts(arch).get(_check_part(arch, part)) is not None:
+    raise ConfigError(f"--nms plugin needs --onnx-part detector, not {part}")
+  if orig_hw:
+    raise ConfigError("--nms plugin gives boxes in input pixels: no --orig-hw")
+
+
+def efficient_nms_attributes(model_config) -> dict:
+  """EfficientNMS_TRT's attributes from the model's test-time settings (`model.roi_heads`):
+  per-class NMS at nms_thresh_test over the scores above score_thresh_test, the top
+  detections_per_image of all classes kept; no background class among the K score columns, raw
+  scores (no sigmoid), corner (x1, y1, x2, y2) boxes."""
+  heads = model_config.roi_heads
+  return dict(
+      score_threshold=float(heads.score_thresh_test),
+      iou_threshold=float(heads.nms_thresh_test),
+      max_output_boxes=int(heads.detections_per_image),
+      background_class=-1,
+      score_activation=0,
+      class_agnostic=0,
+      box_coding=0,
+      plugin_version="1",
+  )
+
+
+def pre_nms_fn(predictor) -> tuple[Callable, list]:
+  """`(image, image_hw) -> (boxes [N, R, 1, 4], scores [N, R, K])`: the detector up to its final
+  per-class NMS (`pre_nms_detections`), as EfficientNMS_TRT takes them (one box per row shared
+  by the K classes; a score of 0 for the (box, class) pairs the model's NMS would not consider,
+  which the plugin's score threshold drops)."""
+  model, variables = predictor.model, predictor.variables
+
+  def fn(image, image_hw):
+    out = model.apply(variables, image, image_hw, method=_PRE_NMS_METHOD)
+    return out["boxes"][:, :, None, :], out["scores"]
+
+  return fn, ["nms_boxes", "nms_scores"]
+
+
+def append_efficient_nms(proto, attributes: dict) -> None:
+  """Ends the graph of `pre_nms_fn` (outputs nms_boxes, nms_scores) with an EfficientNMS_TRT node
+  whose four outputs become the graph's (`PLUGIN_OUTPUTS`): num_detections int32 [N, 1],
+  detection_boxes float32 [N, M, 4], detection_scores float32 [N, M], detection_classes int32
+  [N, M], M = max_output_boxes. In place."""
+  import onnx  # optional extra (requirements-onnx.txt), only for --format onnx
+
+  graph = proto.graph
+  boxes, scores = (value.name for value in graph.output)
+  batch = graph.input[0].type.tensor_type.shape.dim[0]
+  n = batch.dim_param if batch.HasField("dim_param") else batch.dim_value
+  m = int(attributes["max_output_boxes"])
+  graph.node.append(
+      onnx.helper.make_node(
+          TRT_NMS_OP,
+          [boxes, scores],
+          list(PLUGIN_OUTPUTS),
+          name="final_nms",
+          domain=TRT_DOMAIN,
+          **attributes,
+      )
+  )
+  int32, float32 = onnx.TensorProto.INT32, onnx.TensorProto.FLOAT
+  shapes = ((int32, [n, 1]), (float32, [n, m, 4]), (float32, [n, m]), (int32, [n, m]))
+  graph.value_info.extend(graph.output)  # the plugin's inputs stay typed (jax2onnx's shapes)
+  del graph.output[:]
+  for name, (dtype, dims) in zip(PLUGIN_OUTPUTS, shapes):
+    graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, dims))
+  proto.opset_import.append(onnx.helper.make_opsetid(TRT_DOMAIN, 1))
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -540,6 +675,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       + "; dense = backbone + heads only)",
   )
   parser.add_argument(
+      "--nms",
+      default="graph",
+      choices=("graph", "plugin"),
+      help="onnx, CenterNet2's detector: the final per-class NMS in the graph (default) or left to "
+      "TensorRT's EfficientNMS_TRT plugin (outputs num_detections, detection_boxes, "
+      "detection_scores, detection_classes; onnxruntime cannot run it)",
+  )
+  parser.add_argument(
       "--random-weights",
       action="store_true",
       help="randomly initialised weights (for size / speed measurements only)",
@@ -584,6 +727,12 @@ def _run(args) -> int:
         f"--orig-hw needs the boxes of --onnx-part detector; model.arch={cfg.model.arch!r} "
         f"exports {onnx_part}"
     )
+  if args.nms == "plugin" and args.format != "onnx":
+    raise ConfigError("--nms plugin is for --format onnx (TensorRT's EfficientNMS_TRT)")
+  if args.nms == "plugin" and args.orig_hw:
+    raise ConfigError("--nms plugin gives boxes in input pixels: no --orig-hw")
+  if args.nms == "plugin" and args.check:
+    raise ConfigError("--check runs the file in onnxruntime, which has no EfficientNMS_TRT")
   if args.check_out and not args.check:
     raise ConfigError("--check-out needs --check IMAGE")
   if args.check and not detections:
@@ -624,7 +773,13 @@ def _run(args) -> int:
   else:
     batch = "b" if args.batch is None else args.batch
     proto, _ = export_onnx(
-        predictor, batch=batch, hw=hw, opset=args.opset, part=onnx_part, orig_hw=args.orig_hw
+        predictor,
+        batch=batch,
+        hw=hw,
+        opset=args.opset,
+        part=onnx_part,
+        orig_hw=args.orig_hw,
+        nms=args.nms,
     )
     data = proto.SerializeToString()
     signature = onnx_signature(proto)
@@ -637,6 +792,8 @@ def _run(args) -> int:
         else cfg.weights or f"newest checkpoint of {os.path.abspath(args.workdir)}"
     )
     meta = _metadata(predictor, args.format, signature, hw, batch, weights, onnx_part)
+    if args.nms == "plugin":
+      meta["nms"] = dict(plugin=TRT_NMS_OP, **efficient_nms_attributes(cfg.model))
     json.dump(meta, meta_file, indent=2)
   print(f"wrote {args.out}: {_size(len(data))}")
   for kind in ("inputs", "outputs"):

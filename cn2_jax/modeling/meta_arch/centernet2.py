@@ -154,6 +154,14 @@ class CenterNet2(nn.Module):
     `export.centernet2_proposals` does the rest)."""
     return self._export(image, image_hw, candidates=True)
 
+  def pre_nms_detections(self, image: jax.Array, image_hw: jax.Array) -> Dict[str, jax.Array]:
+    """The eval forward up to the final per-class NMS (`--nms=plugin`, TensorRT's EfficientNMS
+    does it): `boxes [B, R, 4]` clipped final boxes, `scores [B, R, K]` class scores, 0 for the
+    pairs the model's NMS would not consider (ROI heads' `pre_nms_detections`)."""
+    features, masks = self.backbone_features(image, image_hw)
+    proposals = self.proposal_generator(features, train=False, masks=masks, image_hw=image_hw)
+    return self.roi_heads.pre_nms_detections(features, proposals, image_hw)
+
   def __call__(self, batch: dict, train: bool = False):
     features, masks = self.backbone_features(batch["image"], batch["image_hw"])
     if not train:

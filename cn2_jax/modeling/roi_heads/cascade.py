@@ -84,6 +84,19 @@ def probabilistic_scores(
   return probs
 
 
+def inference_candidates(boxes, scores, valid, image_hw, score_thresh: float):
+  """`fast_rcnn_inference`'s inputs to its per-class NMS, for `[..., R]` leading dimensions: the
+  boxes clipped to `image_hw [..., 2]` (`[..., R, 4]`), the class scores without the background
+  column (`[..., R, K]`) and which (box, class) pairs are candidates (`bool[..., R, K]`: score
+  above `score_thresh`, valid proposal, finite box and score)."""
+  num_classes = scores.shape[-1] - 1
+  boxes = box_ops.clip_boxes(boxes, image_hw.astype(jnp.float32))
+  cls_scores = scores[..., :num_classes]
+  finite = jnp.all(jnp.isfinite(boxes), axis=-1)[..., None] & jnp.isfinite(cls_scores)
+  cand = (cls_scores > score_thresh) & valid[..., None] & finite
+  return boxes, cls_scores, cand
+
+
 def fast_rcnn_inference(
     boxes: jax.Array,
     scores: jax.Array,
@@ -108,10 +121,7 @@ def fast_rcnn_inference(
     set as torchvision `batched_nms` followed by `keep[:topk]`.
   """
   num_classes = scores.shape[1] - 1
-  boxes = box_ops.clip_boxes(boxes, image_hw.astype(jnp.float32))
-  cls_scores = scores[:, :num_classes]  # [R, K]
-  finite = jnp.all(jnp.isfinite(boxes), axis=-1)[:, None] & jnp.isfinite(cls_scores)
-  cand = (cls_scores > score_thresh) & valid[:, None] & finite  # [R, K]
+  boxes, cls_scores, cand = inference_candidates(boxes, scores, valid, image_hw, score_thresh)
   per_class_max = min(topk, boxes.shape[0])
 
   def one_class(s, m):
@@ -149,10 +159,7 @@ def fast_rcnn_inference_batch_for_onnx(
   `take_along_axis`. The same values."""
   num_classes = scores.shape[-1] - 1
   r = boxes.shape[1]
-  boxes = box_ops.clip_boxes(boxes, image_hw.astype(jnp.float32))
-  cls_scores = scores[:, :, :num_classes]  # [B, R, K]
-  finite = jnp.all(jnp.isfinite(boxes), axis=-1)[:, :, None] & jnp.isfinite(cls_scores)
-  cand = (cls_scores > score_thresh) & valid[:, :, None] & finite
+  boxes, cls_scores, cand = inference_candidates(boxes, scores, valid, image_hw, score_thresh)
   per_class_max = min(topk, r)
   s_k = jnp.swapaxes(cls_scores, 1, 2)  # [B, K, R]
   boxes_k = jnp.zeros_like(s_k)[..., None] + boxes[:, None]  # [B, K, R, 4]: x + 0 = x
@@ -365,17 +372,54 @@ class CascadeROIHeads(nn.Module):
     hw = image_hw.astype(jnp.float32)
     boxes = jax.lax.stop_gradient(proposals["boxes"])
     valid = proposals["valid"]
+    features, valid_hw = self._pooled_levels_and_extents(features, image_hw)
+    if train:
+      return self._forward_train(
+          features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid, valid_hw
+      )
+
+    pred, scores = self._cascade_eval(features, boxes, proposals["scores"], hw, valid_hw)
+    return fast_rcnn_inference_batch(
+        pred,
+        scores,
+        valid,
+        image_hw,
+        score_thresh=self.score_thresh_test,
+        nms_thresh=self.nms_thresh_test,
+        topk=self.detections_per_image,
+    )
+
+  def pre_nms_detections(self, features, proposals: dict, image_hw: jax.Array) -> dict:
+    """The eval forward up to the final per-class NMS (`--nms=plugin`: TensorRT's
+    EfficientNMS_TRT does the rest, cn2_jax/export.py): `boxes [B, R, 4]` the final boxes clipped
+    to image_hw (0 where not finite), `scores [B, R, K]` the class scores of the (box, class)
+    pairs `fast_rcnn_inference` considers (`inference_candidates`), 0 for the others."""
+    features, valid_hw = self._pooled_levels_and_extents(features, image_hw)
+    hw = image_hw.astype(jnp.float32)
+    boxes = jax.lax.stop_gradient(proposals["boxes"])
+    pred, scores = self._cascade_eval(features, boxes, proposals["scores"], hw, valid_hw)
+    boxes, cls_scores, cand = inference_candidates(
+        pred, scores, proposals["valid"], image_hw, self.score_thresh_test
+    )
+    finite = jnp.all(jnp.isfinite(boxes), axis=-1, keepdims=True)
+    return dict(
+        boxes=jnp.where(finite, boxes, 0.0),
+        scores=jnp.where(cand, cls_scores, 0.0),
+    )
+
+  def _pooled_levels_and_extents(self, features, image_hw):
+    """The pooled levels and the rows / columns of each that the official map has."""
     features = self._pooled_levels(features)
     valid_hw = level_extents(
         image_hw,
         [2 ** (self.pool_min_level + i) for i in range(len(features))],
         self.size_divisibility,
     )
-    if train:
-      return self._forward_train(
-          features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid, valid_hw
-      )
+    return features, valid_hw
 
+  def _cascade_eval(self, features, boxes, proposal_scores, hw, valid_hw):
+    """The eval cascade on the proposals: the last stage's boxes `[B, R, 4]` (unclipped) and the
+    probabilistic scores `[B, R, K+1]`."""
     stage_logits = []
     pred = boxes  # stage k > 0 refines the previous stage's predicted boxes
     for k in range(self.num_stages):
@@ -387,19 +431,11 @@ class CascadeROIHeads(nn.Module):
       self.sow("intermediates", f"stage{k}_box_deltas", deltas)
       stage_logits.append(logits)
     scores = probabilistic_scores(
-        stage_logits, proposals["scores"], self.mult_proposal_score, self.use_sigmoid_ce
+        stage_logits, proposal_scores, self.mult_proposal_score, self.use_sigmoid_ce
     )
     self.sow("intermediates", "final_scores_all", scores)
     self.sow("intermediates", "final_boxes_all", pred)
-    return fast_rcnn_inference_batch(
-        pred,
-        scores,
-        valid,
-        image_hw,
-        score_thresh=self.score_thresh_test,
-        nms_thresh=self.nms_thresh_test,
-        topk=self.detections_per_image,
-    )
+    return pred, scores
 
   def _forward_train(
       self, features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid, valid_hw=None
