@@ -108,7 +108,9 @@ ONNX (`--format onnx`, optional: `pip install -r requirements-onnx.txt` (jax2onn
         detection_scores  float32 [N, M]   highest first
         detection_classes int32   [N, M]   labels 0..K-1 (names in FILE.json)
       M = detections_per_image. The plugin is the same per-class NMS and top-M as the model's
-      up to its own tie order and IoU arithmetic (not tested here: no TensorRT); the graph
+      up to its own tie order and IoU arithmetic (not tested here: no TensorRT), and it keeps
+      only the 4096 best (box, class) pairs above the threshold before its NMS (R * K = 20480
+      pairs for R50: where more than 4096 exceed the threshold, the two can differ); the graph
       before it is tested in onnxruntime against the model's pre-NMS boxes and scores, and the
       model's NMS on those gives the Predictor's detections (tests/test_export.py). Build:
         trtexec --onnx=det_trt.onnx --saveEngine=det.plan \
