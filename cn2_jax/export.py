@@ -6,6 +6,7 @@ Usage:
       --out cn2_r50.stablehlo --batch 1 --height 800 --width 1088
   python -m cn2_jax.export --workdir runs/demo --format onnx --out demo.onnx   # optional extra
   python -m cn2_jax.export --workdir runs/centernet_demo --format onnx --out det.onnx [--batch 1]
+  python -m cn2_jax.export --workdir DIR --format onnx --nms plugin --out det_trt.onnx  # TensorRT
   python -m cn2_jax.export --workdir runs/demo --out demo.stablehlo --check IMG.jpg \
       [--check-out dets.json]      # run the written file on IMG.jpg, compare with the Predictor
 
@@ -82,16 +83,49 @@ ONNX (`--format onnx`, optional: `pip install -r requirements-onnx.txt` (jax2onn
       (boxes, scores, classes, valid, in that order; `--orig-hw` adds the orig_hw input):
       preprocessing, backbone, neck (with DCN: model.onestage.use_deform=True converts),
       heads, the pseudo-NMS, top-K per class then top-K overall, boxes, clipping.
-    centernet2, `candidates` (default; `CenterNet2.proposal_candidates`): the dense part (below)
-      plus the proposal decode up to its NMS (`proposal.decode.proposal_candidates`): per FPN
-      level the top min(pre_nms_topk_test, H_l W_l) locations by sigmoid(logit) (off-canvas
-      ones and those <= inference_thresh excluded) decoded into boxes:
+    centernet2, `detector` (default): the whole detector as above (the StableHLO file's graph
+      and outputs, `--orig-hw` too): preprocessing, backbone, FPN, CenterNet head, the proposal
+      decode (per level the top min(pre_nms_topk_test, H_l W_l) locations) and its
+      class-agnostic NMS to post_nms_topk_test proposals, ROIAlign on p3..p7 (fixed-ratio or
+      adaptive sampling, as configured), the three cascade stages, the per-class NMS and the
+      top detections_per_image. Static shapes throughout; both NMS are the model's tiled greedy
+      NMS (ONNX Loops; torchvision semantics: equal scores keep the lower index first, IoU
+      without +1, invalid rows never kept; per class as a batch of class rows over the shared
+      boxes, exactly the model's per-class vmap).
+    centernet2, `detector` with `--nms plugin` (for TensorRT only; onnxruntime cannot run it,
+      hence no --check, and no --orig-hw): the graph ends before the final per-class NMS
+      (`CenterNet2.pre_nms_detections`: boxes [N, R, 1, 4] float32, the last stage's boxes
+      clipped to image_hw, one per proposal shared by the classes; scores [N, R, K] float32, the
+      class scores, 0 for the (box, class) pairs the model's NMS would not consider: at or below
+      score_thresh_test, padded proposal, non-finite box or score; R = post_nms_topk_test) and
+      appends one `EfficientNMS_TRT` node (domain "TRT", plugin_version "1"; attributes from
+      model.roi_heads: score_threshold = score_thresh_test, iou_threshold = nms_thresh_test,
+      max_output_boxes = detections_per_image, background_class -1, score_activation 0,
+      class_agnostic 0, box_coding 0 = corners x1 y1 x2 y2; also in FILE.json under "nms").
+      Outputs, as the plugin defines them:
+        num_detections    int32   [N, 1]   valid rows per image
+        detection_boxes   float32 [N, M, 4] xyxy in input pixels (divide by the resize factor)
+        detection_scores  float32 [N, M]   highest first
+        detection_classes int32   [N, M]   labels 0..K-1 (names in FILE.json)
+      M = detections_per_image. The plugin is the same per-class NMS and top-M as the model's
+      up to its own tie order and IoU arithmetic (not tested here: no TensorRT), and it keeps
+      only the 4096 best (box, class) pairs above the threshold before its NMS (R * K = 20480
+      pairs for R50: where more than 4096 exceed the threshold, the two can differ); the graph
+      before it is tested in onnxruntime against the model's pre-NMS boxes and scores, and the
+      model's NMS on those gives the Predictor's detections (tests/test_export.py). Build:
+        trtexec --onnx=det_trt.onnx --saveEngine=det.plan \
+            --minShapes=image:1x800x1088x3,image_hw:1x2 \
+            --optShapes=image:1x800x1088x3,image_hw:1x2 \
+            --maxShapes=image:4x800x1088x3,image_hw:4x2 [--fp16]
+      (TensorRT loads EfficientNMS_TRT from its plugin library, libnvinfer_plugin, which
+      trtexec initialises; `--staticPlugins` is not needed.)
+    centernet2, `candidates` (`CenterNet2.proposal_candidates`): the dense part (below)
+      plus the proposal decode up to its NMS (`proposal.decode.proposal_candidates`):
         cand_boxes [N, Kc, 4] float32  xyxy in input pixels (clipped only with clip_proposals)
         cand_scores [N, Kc] float32    sqrt(p), 0 where invalid
         cand_valid [N, Kc] bool        Kc = sum_l min(pre_nms_topk_test, H_l W_l)
-      The host runs the rest: the class-agnostic NMS and top post_nms_topk_test
-      (`centernet2_proposals` gives the model's proposals from these), ROIAlign on p3..p7, the
-      cascade and the final NMS.
+      (`centernet2_proposals` runs the class-agnostic NMS and top post_nms_topk_test on the
+      host and gives the model's proposals from these).
     both, `dense` (`dense_outputs`): preprocessing + backbone + heads, as centerX's ONNX export
     (docs/onestage.md §6):
       centernet2: hm_logits_p3..p7 [N, H/s, W/s] objectness logits, p3..p7 [N, H/s, W/s,
@@ -100,15 +134,37 @@ ONNX (`--format onnx`, optional: `pip install -r requirements-onnx.txt` (jax2onn
       onestage: cls [N, H/4, W/4, C] sigmoid heatmap, reg [N, H/4, W/4, 2] centre offsets,
         wh [N, H/4, W/4, 2] box sizes.
   Outputs are listed by name (sorted, for the parts other than `detector`).
-  What does not convert with jax2onnx 0.12.5 (hence CenterNet2 stops at its proposal NMS):
-    the NMS (ops/nms.py; proposals and final detections): "lax.sort with num_keys > 1 is not
-      supported yet" (its sort by validity, score, index), and inside the proposal decode's
-      vmap, earlier, "module 'jax.interpreters.batching' has no attribute 'not_mapped'" (the
-      vmap rule of jnp.where; not_mapped was removed in jax 0.10); 0.17.1 stops in the NMS
-      while-loop at "Unhandled internal op in Gather: {'op': 'general_gather', ... 'mode':
-      'batched' ...}";
-    ROIAlign converts, but its level assignment's frexp becomes a BitCast node that onnxruntime
-      1.32 rejects at opset 18 ("No Op registered for BitCast with domain_version of 18").
+  What jax2onnx 0.12.5 does not convert in CenterNet2's own form, and the form traced instead
+  (each tested equal to the model's op in JAX, tests/test_export.py):
+    the NMS (ops/nms.py, proposals and final detections): "lax.sort with num_keys > 1 is not
+      supported yet" (its sort by validity, score, index), and vmap: "module
+      'jax.interpreters.batching' has no attribute 'not_mapped'" (jax2onnx's jnp.where under
+      vmap; not_mapped was removed in jax 0.10). `nms_for_onnx`: the same tiled algorithm
+      batched explicitly over leading dimensions, the order by two stable single-key sorts
+      (-score, then validity; each an ONNX TopK, which orders equal keys by index), the kept
+      buffer updated by a one-hot comparison instead of a scatter; its while cond reads only its
+      carry (jax2onnx misaligns a cond's closed-over arrays with the carry). `no_fma` (bitcasts)
+      is the identity there: onnxruntime runs a Mul and the Add it feeds as separate kernels;
+    the proposal decode and the final inference, vmapped per image: `decode.
+      generate_proposals_for_onnx` (the batched `proposal_candidates` + `nms_for_onnx`) and
+      `cascade.fast_rcnn_inference_batch_for_onnx` (the classes as rows of `nms_for_onnx`);
+    ROIAlign's level assignment: frexp becomes a BitCast node that onnxruntime 1.32 rejects at
+      opset 18 ("No Op registered for BitCast with domain_version of 18");
+      `roi_align.assign_boxes_to_levels_for_onnx` counts the level thresholds s >= 2**j reached
+      (exact comparisons; the same levels at exact powers of two, inf and NaN areas). ROIAlign's
+      jnp.arange / jnp.full over the (symbolic) box count are iotas / full_like in the model
+      itself ("'_DynamicDimSentinel' object has no attribute 'rmax'" otherwise);
+    adaptive ROIAlign (sampling_ratio 0, the official models'): its loop over steps of boxes
+      (lax.map) has no static trip count with a symbolic batch ("Symbolic dimension comparison
+      '64*b' <= '163' is inconclusive"); `roi_align._pool_windows_for_onnx` gathers every box's
+      window at once (one Gather of explicit cell indices, the same two contractions; bitwise
+      equal in JAX; onnxruntime holds R * rows * cols * C float32 windows at once: 0.36 GB per
+      image and stage for R50 at 800x1088). In the model itself: its weight scatter sends dead
+      samples to a spare slot rather than out of bounds (onnxruntime's ScatterND rejects
+      out-of-bounds indices) and divides with lax.div (// and % emit lax.rem, which fails on a
+      symbolic box count). Full size: CenterNet2 R50 with the official oracle weights on the
+      oracle image (canvas 800x1088, symbolic batch) gives the Predictor's 100/100 detections in
+      onnxruntime, boxes within 3.1e-4 px, scores within 3.4e-7 (tests/test_export.py, zoo).
   Ops traced in an equivalent form while converting (inside `onnx_friendly_ops()`, the context
   `modeling/export_mode.onnx_ops` that the ops read; nothing is patched; each pair is checked for
   equal values in JAX by tests/test_export.py): ResNet's 3x3/2 max-pool and the pseudo-NMS's
@@ -129,7 +185,8 @@ ONNX (`--format onnx`, optional: `pip install -r requirements-onnx.txt` (jax2onn
   order; boxes within 1e-3 px, scores within 1e-4; measured 4e-6 px / 7e-8), the dense maps
   within 1e-4 (of the output's magnitude for the unnormalised FPN features), CenterNet2's
   candidates and the proposals after the host NMS the same up to the order of scores equal
-  within 1e-6 (tests/test_export.py). File sizes (the weights are constants, float32) and
+  within 1e-6, CenterNet2's whole detector the same detections (tiny model: boxes within 4e-5
+  px, scores within 3e-7) (tests/test_export.py). File sizes (the weights are constants, float32) and
   onnxruntime vs JAX CPU latency of the one-stage R18 at 512x512: bench/RESULTS.md
   (bench/onnx_latency.py). TensorRT, UNTESTED (no GPU here):
     trtexec --onnx=demo.onnx --saveEngine=demo.plan \
@@ -401,15 +458,24 @@ def export_onnx(
     opset: int = 18,
     part: Optional[str] = None,
     orig_hw: bool = False,
+    nms: str = "graph",
 ):
   """jax2onnx conversion of an ONNX part (the family's `onnx_parts`; None = its default: the whole
-  one-stage detector, CenterNet2's dense part + proposal candidates), traced inside
-  `onnx_friendly_ops()`: an `onnx.ModelProto` and its output names."""
+  detector, for both families), traced inside
+  `onnx_friendly_ops()`: an `onnx.ModelProto` and its output names. `nms="plugin"` (CenterNet2's
+  whole detector): the graph ends before the final per-class NMS with TensorRT's EfficientNMS_TRT
+  (`append_efficient_nms`; outputs `PLUGIN_OUTPUTS`)."""
   jax2onnx = import_jax2onnx()
   arch = predictor.config.model.arch
   part = _check_part(arch, part)
   hw = _check_hw(predictor.config, hw or default_hw(predictor.config))
-  fn, names = part_fn(predictor, part, orig_hw)
+  if nms not in ("graph", "plugin"):
+    raise ConfigError(f"--nms must be graph or plugin, got {nms!r}")
+  if nms == "plugin":
+    _check_plugin_nms(predictor, part, orig_hw)
+    fn, names = pre_nms_fn(predictor)
+  else:
+    fn, names = part_fn(predictor, part, orig_hw)
   # stderr: jax2onnx 0.12.5 prints "DEBUG: conv_dtype_enum=..." for every convolution.
   with onnx_friendly_ops(), contextlib.redirect_stdout(sys.stderr):
     proto = jax2onnx.to_onnx(
@@ -420,6 +486,9 @@ def export_onnx(
         input_names=["image", "image_hw"] + (["orig_hw"] if orig_hw else []),
         output_names=names,
     )
+  if nms == "plugin":
+    append_efficient_nms(proto, efficient_nms_attributes(predictor.config.model))
+    names = list(PLUGIN_OUTPUTS)
   return proto, names
 
 
@@ -438,6 +507,92 @@ def onnx_signature(proto) -> dict:
       inputs={value.name: show(value) for value in proto.graph.input},
       outputs={value.name: show(value) for value in proto.graph.output},
   )
+
+
+# ---------------------------------------------------------------------------- --nms=plugin (TRT)
+# TensorRT's EfficientNMS_TRT plugin (TensorRT's plugin/efficientNMSPlugin): a node of op_type
+# EfficientNMS_TRT that TensorRT's ONNX parser hands to the registered plugin of that name
+# (domain "TRT", as the PyTorch exporters write it; plugin_version "1").
+TRT_NMS_OP = "EfficientNMS_TRT"
+TRT_DOMAIN = "TRT"
+PLUGIN_OUTPUTS = ("num_detections", "detection_boxes", "detection_scores", "detection_classes")
+_PRE_NMS_METHOD = "pre_nms_detections"
+
+
+def _check_plugin_nms(predictor, part: Optional[str], orig_hw: bool) -> None:
+  arch = predictor.config.model.arch
+  if getattr(type(predictor.model), _PRE_NMS_METHOD, None) is None:
+    raise ConfigError(
+        f"--nms plugin needs a detector that ends with a per-class NMS (model.arch=centernet2); "
+        f"model.arch={arch!r} has none (the one-stage detector's pseudo-NMS is a 3x3 max-pool)"
+    )
+  if onnx_parts(arch).get(_check_part(arch, part)) is not None:
+    raise ConfigError(f"--nms plugin needs --onnx-part detector, not {part}")
+  if orig_hw:
+    raise ConfigError("--nms plugin gives boxes in input pixels: no --orig-hw")
+
+
+def efficient_nms_attributes(model_config) -> dict:
+  """EfficientNMS_TRT's attributes from the model's test-time settings (`model.roi_heads`):
+  per-class NMS at nms_thresh_test over the scores above score_thresh_test, the top
+  detections_per_image of all classes kept; no background class among the K score columns, raw
+  scores (no sigmoid), corner (x1, y1, x2, y2) boxes."""
+  heads = model_config.roi_heads
+  return dict(
+      score_threshold=float(heads.score_thresh_test),
+      iou_threshold=float(heads.nms_thresh_test),
+      max_output_boxes=int(heads.detections_per_image),
+      background_class=-1,
+      score_activation=0,
+      class_agnostic=0,
+      box_coding=0,
+      plugin_version="1",
+  )
+
+
+def pre_nms_fn(predictor) -> tuple[Callable, list]:
+  """`(image, image_hw) -> (boxes [N, R, 1, 4], scores [N, R, K])`: the detector up to its final
+  per-class NMS (`pre_nms_detections`), as EfficientNMS_TRT takes them (one box per row shared
+  by the K classes; a score of 0 for the (box, class) pairs the model's NMS would not consider,
+  which the plugin's score threshold drops)."""
+  model, variables = predictor.model, predictor.variables
+
+  def fn(image, image_hw):
+    out = model.apply(variables, image, image_hw, method=_PRE_NMS_METHOD)
+    return out["boxes"][:, :, None, :], out["scores"]
+
+  return fn, ["nms_boxes", "nms_scores"]
+
+
+def append_efficient_nms(proto, attributes: dict) -> None:
+  """Ends the graph of `pre_nms_fn` (outputs nms_boxes, nms_scores) with an EfficientNMS_TRT node
+  whose four outputs become the graph's (`PLUGIN_OUTPUTS`): num_detections int32 [N, 1],
+  detection_boxes float32 [N, M, 4], detection_scores float32 [N, M], detection_classes int32
+  [N, M], M = max_output_boxes. In place."""
+  import onnx  # optional extra (requirements-onnx.txt), only for --format onnx
+
+  graph = proto.graph
+  boxes, scores = (value.name for value in graph.output)
+  batch = graph.input[0].type.tensor_type.shape.dim[0]
+  n = batch.dim_param if batch.HasField("dim_param") else batch.dim_value
+  m = int(attributes["max_output_boxes"])
+  graph.node.append(
+      onnx.helper.make_node(
+          TRT_NMS_OP,
+          [boxes, scores],
+          list(PLUGIN_OUTPUTS),
+          name="final_nms",
+          domain=TRT_DOMAIN,
+          **attributes,
+      )
+  )
+  int32, float32 = onnx.TensorProto.INT32, onnx.TensorProto.FLOAT
+  shapes = ((int32, [n, 1]), (float32, [n, m, 4]), (float32, [n, m]), (int32, [n, m]))
+  graph.value_info.extend(graph.output)  # the plugin's inputs stay typed (jax2onnx's shapes)
+  del graph.output[:]
+  for name, (dtype, dims) in zip(PLUGIN_OUTPUTS, shapes):
+    graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, dims))
+  proto.opset_import.append(onnx.helper.make_opsetid(TRT_DOMAIN, 1))
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -483,8 +638,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m cn2_jax.export",
       description="Export the model of a run as one self-contained file: StableHLO (jax.export, "
-      "the whole detector, weights inside) or ONNX (the whole one-stage detector, CenterNet2 up "
-      f"to its proposal NMS; needs `{ONNX_INSTALL}`). See the docstring of cn2_jax/export.py.",
+      "the whole detector, weights inside) or ONNX (the whole detector too; needs "
+      f"`{ONNX_INSTALL}`). See the docstring of cn2_jax/export.py.",
   )
   parser.add_argument("--workdir", required=True, help="the run (its config.json, checkpoints)")
   parser.add_argument("--weights", default="", help="weights instead of the newest checkpoint")
@@ -520,6 +675,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       help="onnx: what to convert (default: "
       + ", ".join(f"{next(iter(onnx_parts(a)))} for {a}" for a in _families() if onnx_parts(a))
       + "; dense = backbone + heads only)",
+  )
+  parser.add_argument(
+      "--nms",
+      default="graph",
+      choices=("graph", "plugin"),
+      help="onnx, CenterNet2's detector: the final per-class NMS in the graph (default) or left to "
+      "TensorRT's EfficientNMS_TRT plugin (outputs num_detections, detection_boxes, "
+      "detection_scores, detection_classes; onnxruntime cannot run it)",
   )
   parser.add_argument(
       "--random-weights",
@@ -566,6 +729,12 @@ def _run(args) -> int:
         f"--orig-hw needs the boxes of --onnx-part detector; model.arch={cfg.model.arch!r} "
         f"exports {onnx_part}"
     )
+  if args.nms == "plugin" and args.format != "onnx":
+    raise ConfigError("--nms plugin is for --format onnx (TensorRT's EfficientNMS_TRT)")
+  if args.nms == "plugin" and args.orig_hw:
+    raise ConfigError("--nms plugin gives boxes in input pixels: no --orig-hw")
+  if args.nms == "plugin" and args.check:
+    raise ConfigError("--check runs the file in onnxruntime, which has no EfficientNMS_TRT")
   if args.check_out and not args.check:
     raise ConfigError("--check-out needs --check IMAGE")
   if args.check and not detections:
@@ -606,7 +775,13 @@ def _run(args) -> int:
   else:
     batch = "b" if args.batch is None else args.batch
     proto, _ = export_onnx(
-        predictor, batch=batch, hw=hw, opset=args.opset, part=onnx_part, orig_hw=args.orig_hw
+        predictor,
+        batch=batch,
+        hw=hw,
+        opset=args.opset,
+        part=onnx_part,
+        orig_hw=args.orig_hw,
+        nms=args.nms,
     )
     data = proto.SerializeToString()
     signature = onnx_signature(proto)
@@ -619,6 +794,8 @@ def _run(args) -> int:
         else cfg.weights or f"newest checkpoint of {os.path.abspath(args.workdir)}"
     )
     meta = _metadata(predictor, args.format, signature, hw, batch, weights, onnx_part)
+    if args.nms == "plugin":
+      meta["nms"] = dict(plugin=TRT_NMS_OP, **efficient_nms_attributes(cfg.model))
     json.dump(meta, meta_file, indent=2)
   print(f"wrote {args.out}: {_size(len(data))}")
   for kind in ("inputs", "outputs"):

@@ -4,7 +4,9 @@
 # requirements.txt (see requirements-onnx.txt). The venv is $ONNX_VENV, by default `onnxvenv`
 # beside the repository; it is created on first use and reused. Runs tests/test_export.py
 # (the StableHLO tests too; `-k onnx` for the ONNX ones only: the whole one-stage detector with
-# and without DCN, CenterNet2 up to its proposal NMS); extra arguments go to pytest.
+# and without DCN, the whole CenterNet2 and its parts); extra arguments go to pytest. The
+# full-size oracle parity (marker zoo: CenterNet2 R50 with the official oracle weights, ~40 s,
+# needs ../shared/oracle) is left out unless asked for: `bash scripts/test_onnx.sh -m zoo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -17,4 +19,4 @@ fi
 "$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-onnx.txt
 # cn2_jax is imported from this checkout (the current directory), not installed into the venv.
 export JAX_PLATFORMS=cpu
-exec "$VENV/bin/python" -m pytest -q -p no:logging tests/test_export.py "$@"
+exec "$VENV/bin/python" -m pytest -q -p no:logging -m "not zoo" tests/test_export.py "$@"

@@ -24,7 +24,14 @@ The modules call the dispatching ops of this file, or define their op with `@onn
   onnx_form      a decorator for ops defined elsewhere, with their forms here:
                  `max_pool_3x3_s2_p1_for_onnx` (ResNet's stem max-pool, a custom_vjp op),
                  `conv_transpose2d_for_onnx` (the one-stage neck's transposed convolution),
-                 `ops.dcn.deform_conv2d_for_onnx` (the deformable convolution).
+                 `ops.dcn.deform_conv2d_for_onnx` (the deformable convolution); CenterNet2's,
+                 beside their ops: `ops.nms.nms_for_onnx` (batched, two stable single-key
+                 sorts, no vmap / scatter), `ops.boxes.no_fma_for_onnx` (no bitcast),
+                 `ops.roi_align.assign_boxes_to_levels_for_onnx` (no frexp),
+                 `ops.roi_align._pool_windows_for_onnx` (adaptive ROIAlign's windows of all
+                 boxes at once: no loop over a symbolic box count; read in `_pool_adaptive`),
+                 `proposal.decode.generate_proposals_for_onnx` and
+                 `roi_heads.cascade.fast_rcnn_inference_batch_for_onnx` (no vmap).
 """
 
 from __future__ import annotations

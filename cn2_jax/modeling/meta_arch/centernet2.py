@@ -71,8 +71,13 @@ def convert_checkpoint(sd, fmt: str, *, seed: int, backbone_only: bool, model_co
             ),
         ),
     ),
-    # --format onnx: up to the proposal NMS, which jax2onnx does not convert (cn2_jax/export.py)
-    onnx_parts={"candidates": "proposal_candidates", "dense": "dense_outputs"},
+    # --format onnx: the whole detector (its NMS, proposal decode, level assignment and final
+    # inference trace as ONNX-friendly forms, cn2_jax/export.py), or its first parts
+    onnx_parts={
+        "detector": None,
+        "candidates": "proposal_candidates",
+        "dense": "dense_outputs",
+    },
     # its detections, rendered as one-stage targets at the student's stride
     distillation_teacher=teachers.centernet2_teacher,
 )
@@ -148,6 +153,14 @@ class CenterNet2(nn.Module):
     `cand_boxes`, `cand_scores`, `cand_valid`; `--onnx-part candidates`,
     `export.centernet2_proposals` does the rest)."""
     return self._export(image, image_hw, candidates=True)
+
+  def pre_nms_detections(self, image: jax.Array, image_hw: jax.Array) -> Dict[str, jax.Array]:
+    """The eval forward up to the final per-class NMS (`--nms=plugin`, TensorRT's EfficientNMS
+    does it): `boxes [B, R, 4]` clipped final boxes, `scores [B, R, K]` class scores, 0 for the
+    pairs the model's NMS would not consider (ROI heads' `pre_nms_detections`)."""
+    features, masks = self.backbone_features(image, image_hw)
+    proposals = self.proposal_generator(features, train=False, masks=masks, image_hw=image_hw)
+    return self.roi_heads.pre_nms_detections(features, proposals, image_hw)
 
   def __call__(self, batch: dict, train: bool = False):
     features, masks = self.backbone_features(batch["image"], batch["image_hw"])

@@ -21,7 +21,18 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from cn2_jax.modeling import export_mode
 
+
+def no_fma_for_onnx(x: jax.Array, zero: jax.Array) -> jax.Array:
+  """`no_fma` for an ONNX conversion: `x` itself. Its bitcasts would become BitCast nodes, which
+  onnxruntime rejects at opset 18; onnxruntime runs a Mul and the Add it feeds as separate
+  kernels, so there is no contraction to block."""
+  del zero
+  return x.astype(jnp.float32)
+
+
+@export_mode.onnx_form(no_fma_for_onnx)
 @jax.custom_jvp
 def no_fma(x: jax.Array, zero: jax.Array) -> jax.Array:
   """Identity on float32 `x` that blocks fused-multiply-add contraction of its producer.
@@ -37,7 +48,7 @@ def no_fma(x: jax.Array, zero: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(bits ^ zero, jnp.float32)
 
 
-@no_fma.defjvp
+@no_fma.__wrapped__.defjvp
 def _no_fma_jvp(primals, tangents):
   x, zero = primals
   return no_fma(x, zero), tangents[0]

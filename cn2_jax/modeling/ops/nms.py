@@ -34,6 +34,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from cn2_jax.modeling import export_mode
 from cn2_jax.modeling.ops.boxes import box_area, no_fma
 
 DEFAULT_TILE_SIZE = 512
@@ -168,6 +169,7 @@ def _nms_core(
   return keep_idx.astype(jnp.int32), keep_valid
 
 
+@export_mode.onnx_form(lambda *a, **k: nms_for_onnx(*a, **k))
 def nms(
     boxes: jax.Array,
     scores: jax.Array,
@@ -244,3 +246,125 @@ def batched_nms(
   vanilla = 4 * n_valid > _VANILLA_NUMEL[mode]
   eff = jnp.where(vanilla, boxes, shifted)
   return _nms_core(eff, scores, valid, classes, vanilla, iou_threshold, max_output, tile_size)
+
+
+# ------------------------------------------------------------------------ the ONNX-friendly form
+def _iou_block_batched(a, a_area, b, b_area, zero) -> jax.Array:
+  """`_iou_block` per row of a batch: `a [B, A, 4]`, `b [B, T, 4]` -> `[B, A, T]`, the same
+  operations in the same order (bit-identical values)."""
+  xx1 = jnp.maximum(a[:, :, None, 0], b[:, None, :, 0])
+  yy1 = jnp.maximum(a[:, :, None, 1], b[:, None, :, 1])
+  xx2 = jnp.minimum(a[:, :, None, 2], b[:, None, :, 2])
+  yy2 = jnp.minimum(a[:, :, None, 3], b[:, None, :, 3])
+  w = jnp.maximum(xx2 - xx1, 0.0)
+  h = jnp.maximum(yy2 - yy1, 0.0)
+  inter = w * h
+  return inter / ((a_area[:, :, None] + b_area[:, None, :]) - no_fma(inter, zero))
+
+
+def sort_order_for_onnx(scores: jax.Array, valid: jax.Array) -> jax.Array:
+  """The NMS's visiting order along the last axis, `lax.sort((~valid, -scores, iota),
+  num_keys=3)`'s permutation (valid first, then descending score, then ascending index), as two
+  stable single-key sorts: by -score, then (stably) by validity. jax2onnx 0.12.5 converts only
+  single-key sorts ("lax.sort with num_keys > 1 is not supported yet"), each into an ONNX TopK,
+  which orders equal keys by index, i.e. stably. `scores [..., N]`, `valid [..., N]` ->
+  int32 `[..., N]`."""
+  iota = jnp.zeros(scores.shape, jnp.int32) + jnp.arange(scores.shape[-1], dtype=jnp.int32)
+  _, by_score = jax.lax.sort((-scores, iota), dimension=scores.ndim - 1, num_keys=1, is_stable=True)
+  invalid = jnp.take_along_axis((~valid).astype(jnp.int32), by_score, axis=-1)
+  _, order = jax.lax.sort(
+      (invalid, by_score), dimension=scores.ndim - 1, num_keys=1, is_stable=True
+  )
+  return order
+
+
+def nms_for_onnx(
+    boxes: jax.Array,
+    scores: jax.Array,
+    valid: jax.Array,
+    iou_threshold: float,
+    max_output: int,
+    *,
+    tile_size: int = DEFAULT_TILE_SIZE,
+) -> tuple[jax.Array, jax.Array]:
+  """`nms` for an ONNX conversion, batched explicitly over any leading dimensions (`boxes
+  [..., N, 4]`, `scores`/`valid [..., N]` -> `[..., max_output]` each; the leading ones may be a
+  symbolic batch): the same tiled algorithm and values, without vmap (jax2onnx 0.12.5 fails on
+  vmapped jnp.where: "module 'jax.interpreters.batching' has no attribute 'not_mapped'"),
+  without the multi-key sort (`sort_order_for_onnx`) and without scatters (the kept buffer is
+  updated through a one-hot comparison, exact for int32 positions).
+
+  The loops run until every row is done; a finished row is unchanged by further tiles (its tiles
+  hold only invalid boxes, or its buffer is full: the `pos < cap` guard drops the extra kept
+  boxes), and the fixed-point iteration of a converged row is its identity."""
+  lead, n = scores.shape[:-1], scores.shape[-1]
+  max_output = int(max_output)
+  if max_output <= 0 or n == 0:
+    return (
+        jnp.zeros(lead + (max(max_output, 0),), jnp.int32),
+        jnp.zeros(lead + (max(max_output, 0),), bool),
+    )
+  boxes = jnp.asarray(boxes, jnp.float32).reshape(-1, n, 4)
+  scores = jnp.asarray(scores, jnp.float32).reshape(-1, n)
+  valid = jnp.asarray(valid).astype(bool).reshape(-1, n)
+  thr = _f32_threshold(iou_threshold)
+
+  order = sort_order_for_onnx(scores, valid)
+  n_valid = jnp.sum(valid, axis=1, dtype=jnp.int32)  # [B]
+  zero = (jnp.min(n_valid) < 0).astype(jnp.int32)  # run-time 0 for no_fma
+
+  tile = max(1, min(int(tile_size), n))
+  n_tiles = -(-n // tile)
+  pad = n_tiles * tile - n
+  sb = jnp.pad(jnp.take_along_axis(boxes, order[:, :, None], axis=1), ((0, 0), (0, pad), (0, 0)))
+  sv = jnp.pad(jnp.take_along_axis(valid, order, axis=1), ((0, 0), (0, pad)))
+  sa = no_fma(box_area(sb), zero)
+  cap = min(max_output, n)
+  cap_iota = jnp.arange(cap, dtype=jnp.int32)
+  tile_iota = jnp.arange(tile, dtype=jnp.int32)
+  later = tile_iota[:, None] < tile_iota[None, :]
+
+  # n_valid rides in the loop state: jax2onnx 0.12.5 misaligns a while cond's closed-over
+  # arrays with its carry (it read kpos as count).
+  def cond(state):
+    t, count, _, rows = state
+    return (t < n_tiles) & jnp.any((count < max_output) & (t * tile < rows))
+
+  def resolve(cand, sup):  # `_resolve_tile` per row; stops when no row changes
+    def body(state):
+      keep, _ = state
+      new = cand & ~jnp.any(keep[:, :, None] & sup, axis=1)
+      return new, jnp.any(new != keep)
+
+    keep, _ = jax.lax.while_loop(lambda s: s[1], body, (cand, jnp.array(True)))
+    return keep
+
+  def body(state):
+    t, count, kpos, rows = state
+    start = t * tile
+    tb = jax.lax.dynamic_slice_in_dim(sb, start, tile, axis=1)
+    ta = jax.lax.dynamic_slice_in_dim(sa, start, tile, axis=1)
+    tv = jax.lax.dynamic_slice_in_dim(sv, start, tile, axis=1)
+    kb = jnp.take_along_axis(sb, kpos[:, :, None], axis=1)  # the kept boxes [B, cap, 4]
+    ka = jnp.take_along_axis(sa, kpos, axis=1)
+    sup = (_iou_block_batched(kb, ka, tb, ta, zero) > thr) & (cap_iota < count[:, None])[:, :, None]
+    cand = tv & ~jnp.any(sup, axis=1)
+    self_sup = (_iou_block_batched(tb, ta, tb, ta, zero) > thr) & later
+    keep = resolve(cand, self_sup)
+    pos = count[:, None] + jnp.cumsum(keep.astype(jnp.int32), axis=1) - 1
+    dest = jnp.where(keep & (pos < cap), pos, cap)  # [B, tile]; cap = nowhere
+    hit = dest[:, None, :] == cap_iota[None, :, None]  # [B, cap, tile], one True per filled slot
+    filled = jnp.sum(jnp.where(hit, start + tile_iota, 0), axis=2, dtype=jnp.int32)
+    kpos = jnp.where(jnp.any(hit, axis=2), filled, kpos)
+    return t + 1, count + jnp.sum(keep, axis=1, dtype=jnp.int32), kpos, rows
+
+  kpos0 = jnp.zeros_like(n_valid)[:, None] + cap_iota * 0
+  init = (jnp.int32(0), jnp.zeros_like(n_valid), kpos0, n_valid)
+  _, count, kpos, _ = jax.lax.while_loop(cond, body, init)
+  keep_valid = cap_iota < count[:, None]
+  keep_idx = jnp.where(keep_valid, jnp.take_along_axis(order, kpos, axis=1), 0)
+  if cap < max_output:
+    keep_idx = jnp.pad(keep_idx, ((0, 0), (0, max_output - cap)))
+    keep_valid = jnp.pad(keep_valid, ((0, 0), (0, max_output - cap)))
+  out_shape = (-1,) + tuple(lead[1:]) + (max_output,) if lead else (max_output,)
+  return keep_idx.astype(jnp.int32).reshape(out_shape), keep_valid.reshape(out_shape)

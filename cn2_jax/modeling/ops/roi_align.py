@@ -103,6 +103,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from cn2_jax.modeling import export_mode
+
 IntOrPair = Union[int, Tuple[int, int]]
 
 
@@ -119,6 +121,28 @@ def _box_area(boxes: jax.Array) -> jax.Array:
   return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
+def assign_boxes_to_levels_for_onnx(
+    boxes: jax.Array,
+    min_level: int,
+    max_level: int,
+    canonical_box_size: float,
+    canonical_level: int,
+) -> jax.Array:
+  """`assign_boxes_to_levels` without `frexp` (whose bitcast becomes a BitCast node that
+  onnxruntime rejects at opset 18): the level is min_level plus the number of level thresholds
+  s reaches, floor(log2(s)) >= j <=> s >= 2**j, compared exactly (powers of two are exact in
+  float32). The same levels, at exact powers of two too: +inf reaches every threshold
+  (max_level); a NaN s (negative or NaN area) none, and gets min_level as there."""
+  boxes = jnp.asarray(boxes, jnp.float32)
+  area = _box_area(boxes)
+  s = jnp.sqrt(area) / jnp.float32(canonical_box_size) + jnp.float32(1e-8)
+  level = jnp.full_like(s, min_level, dtype=jnp.int32)
+  for lvl in range(min_level + 1, max_level + 1):
+    level = level + (s >= jnp.float32(2.0 ** (lvl - int(canonical_level)))).astype(jnp.int32)
+  return jnp.where(area >= 0, level, jnp.int32(min_level)).astype(jnp.int32)
+
+
+@export_mode.onnx_form(assign_boxes_to_levels_for_onnx)
 def assign_boxes_to_levels(
     boxes: jax.Array,
     min_level: int,
@@ -310,14 +334,17 @@ def _axis_weight_vectors(start, bin_size, grid, size, out: int, cap: int, length
   empty = hi < lo
   lo = jnp.where(empty, 0, lo)
   span = jnp.where(empty, 1, hi - lo + 1)
-  rows = jnp.broadcast_to(jnp.arange(num, dtype=jnp.int32)[:, None, None], low.shape)
+  # iotas, not jnp.arange(num): jax2onnx cannot trace the latter for a symbolic box count
+  rows = lax.broadcasted_iota(jnp.int32, low.shape, 0)
   bins = jnp.broadcast_to(jnp.arange(out, dtype=jnp.int32)[None, :, None], low.shape)
-  t_low = jnp.where(live, low - lo[:, None, None], length)  # dead samples: dropped index
+  # Dead samples go to a spare last slot, cut off after: every index is in bounds (onnxruntime's
+  # ScatterND rejects the out-of-bounds indices a dropping scatter would use).
+  t_low = jnp.where(live, low - lo[:, None, None], length)
   t_high = jnp.where(live, high - lo[:, None, None], length)
-  weights = jnp.zeros((num, out, length), jnp.float32)
-  weights = weights.at[rows, bins, t_low].add(w_low, mode="drop")
-  weights = weights.at[rows, bins, t_high].add(w_high, mode="drop")
-  return lo, span, weights
+  weights = jnp.zeros((num, out, length + 1), jnp.float32)
+  weights = weights.at[rows, bins, t_low].add(w_low, mode="promise_in_bounds")
+  weights = weights.at[rows, bins, t_high].add(w_high, mode="promise_in_bounds")
+  return lo, span, weights[:, :, :length]
 
 
 # Support of an adaptive box along one axis: S <= floor(roi) + 3 cells (samples lie strictly inside
@@ -421,12 +448,15 @@ def _pool_adaptive(flat: _Flat, out_hw: Tuple[int, int], aligned: bool, cap_hw) 
   tall = span_h > span_w
   s_long = jnp.where(tall, span_h, span_w)
   s_short = jnp.where(tall, span_w, span_h)
-  pieces = (s_long + cols - 1) // cols
-  a = jnp.arange(rows, dtype=jnp.int32)[None, :]
-  piece = a // s_short[:, None]
+  # lax.div (truncating, = floor for these non-negative ints), not // and %: jnp's emit lax.rem,
+  # which jax2onnx 0.12.5 cannot convert for a symbolic box count.
+  pieces = lax.div(s_long + (cols - 1), jnp.int32(cols))
+  a = lax.broadcasted_iota(jnp.int32, (num, rows), 1)
+  s_short_a = jnp.broadcast_to(s_short[:, None], a.shape)
+  piece = lax.div(a, s_short_a)
   used = piece < pieces[:, None]  # [R, rows]
+  offset = jnp.where(used, a - piece * s_short_a, 0)
   piece = jnp.where(used, piece, 0)
-  offset = jnp.where(used, a % s_short[:, None], 0)
   base, height, width = flat.base[:, None], flat.height[:, None], flat.width[:, None]
   lo_h, lo_w = lo_h[:, None], lo_w[:, None]
   start_wide = base + (lo_h + offset) * width + lo_w + piece * cols
@@ -435,7 +465,7 @@ def _pool_adaptive(flat: _Flat, out_hw: Tuple[int, int], aligned: bool, cap_hw) 
   # Row-major table, column-major table, and `cols` zero rows for the last slices' overhang (the
   # cells a slice reads past its support carry zero weight).
   source = jnp.concatenate([table, flat.table_t, jnp.zeros((cols, ch), dtype)], axis=0)
-  box = jnp.arange(num, dtype=jnp.int32)[:, None]
+  box = lax.broadcasted_iota(jnp.int32, piece.shape, 0)  # jnp.arange(num)[:, None], broadcast
   w_long = jnp.where(tall[:, None, None], wy, wx).reshape(num, n, length // cols, cols)
   w_short = jnp.where(tall[:, None, None], wx, wy)
   m_long = jnp.where(used[..., None, None], w_long[box, :, piece], 0.0)  # [R, rows, n, cols]
@@ -458,13 +488,44 @@ def _pool_adaptive(flat: _Flat, out_hw: Tuple[int, int], aligned: bool, cap_hw) 
   # A loop over steps of a few boxes: static trip count, no condition (XLA runs a while loop of
   # known trip count without reading its predicate back to the host).
   per_step = _boxes_per_step(rows * cols * ch)
-  if per_step >= num:
-    pooled = jax.vmap(pool_box)(start, m_long, m_short)
+  args = (start, m_long, m_short)
+  if export_mode.onnx_ops_enabled():
+    pooled = _pool_windows_for_onnx(source, start, m_long, m_short, cols)
+  elif isinstance(num, int):
+    if per_step >= num:
+      pooled = jax.vmap(pool_box)(*args)
+    else:
+      pooled = lax.map(lambda x: pool_box(*x), args, batch_size=per_step)
   else:
-    pooled = lax.map(lambda x: pool_box(*x), (start, m_long, m_short), batch_size=per_step)
+    # A symbolic box count (bsz * flat.num, a symbolic batch: jax.export): steps of a divisor of
+    # the boxes per image, so that no remainder (of unknown size) is left.
+    per_image = flat.num if isinstance(flat.num, int) else 1
+    step = max(d for d in range(1, min(per_step, per_image) + 1) if per_image % d == 0)
+    steps = [x.reshape((-1, step) + x.shape[1:]) for x in args]
+    pooled = lax.map(lambda x: jax.vmap(pool_box)(*x), steps)
+    pooled = pooled.reshape((num,) + pooled.shape[2:])
   # pooled: f32 [R, short-axis bin, long-axis bin, C]
   pooled = jnp.where(tall[:, None, None, None], jnp.swapaxes(pooled, 1, 2), pooled)
   return (pooled[:, :out_h, :out_w] / count[:, None, None, None]).astype(dtype)
+
+
+def _pool_windows_for_onnx(source, start, m_long, m_short, cols: int) -> jax.Array:
+  """`_pool_adaptive`'s per-box window contractions for every box at once, for an ONNX
+  conversion: the same gathered cells and contractions as its loop (`lax.map` over steps of
+  boxes), whose trip count jax2onnx 0.12.5 cannot take from a symbolic box count (a symbolic
+  batch); the windows are gathered as one axis-0 Gather of explicit cell indices. All boxes'
+  windows are live at once (onnxruntime: `R * rows * cols * C` float32).
+
+  Args:
+    source: `[N, C]` the stacked tables; start: `int32[R, rows]` slice starts;
+    m_long: `f32[R, rows, n, cols]`; m_short: `f32[R, rows, n]`.
+  Returns:
+    f32 `[R, n, n, C]` (short-axis bin, long-axis bin).
+  """
+  cells = start[:, :, None] + jnp.arange(cols, dtype=jnp.int32)  # [R, rows, cols]
+  window = source.at[cells].get(mode="promise_in_bounds").astype(jnp.float32)
+  t = jnp.einsum("raqb,rabc->raqc", m_long, window)
+  return jnp.einsum("rap,raqc->rpqc", m_short, t)
 
 
 def _pool_fixed(flat: _Flat, out_hw: Tuple[int, int], sampling_ratio: int, aligned: bool):
@@ -474,7 +535,8 @@ def _pool_fixed(flat: _Flat, out_hw: Tuple[int, int], sampling_ratio: int, align
   out_h, out_w = out_hw
   num = flat.boxes.shape[0]
   start_y, start_x, bin_h, bin_w, _, _ = _roi_geometry(flat.boxes, flat.scale, out_hw, aligned)
-  grid = jnp.full((num,), sampling_ratio, jnp.float32)
+  # full_like: jax2onnx's jnp.full fails on a symbolic box count
+  grid = jnp.full_like(flat.boxes[:, 0], sampling_ratio, dtype=jnp.float32)
   row_base, width = flat.base[:, None], flat.width[:, None]
 
   def gather(idx):
@@ -656,7 +718,9 @@ def _flatten_pyramid(
   li = (level - min_level).reshape(-1)
   base = (
       jnp.asarray(offsets[:-1], jnp.int32)[li].reshape(bsz, num)
-      + (jnp.arange(bsz, dtype=jnp.int32) * n)[:, None]
+      # the image's block; an iota, not jnp.arange(bsz), which jax2onnx cannot trace for a
+      # symbolic batch ("'_DynamicDimSentinel' object has no attribute 'rmax'")
+      + lax.broadcasted_iota(jnp.int32, level.shape, 0) * n
   ).reshape(-1)
   height = jnp.asarray(hs, jnp.int32)[li]
   width = jnp.asarray(ws, jnp.int32)[li]

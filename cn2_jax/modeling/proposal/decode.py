@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from cn2_jax.modeling import export_mode
-from cn2_jax.modeling.ops.nms import DEFAULT_TILE_SIZE, nms
+from cn2_jax.modeling.ops.nms import DEFAULT_TILE_SIZE, nms, nms_for_onnx
 
 
 def _single_image(
@@ -67,6 +67,43 @@ def _single_image(
   return dict(boxes=out_boxes, scores=out_scores, valid=keep_valid)
 
 
+def generate_proposals_for_onnx(
+    hm_logits: Sequence[jax.Array],
+    reg: Sequence[jax.Array],
+    strides: Sequence[int],
+    pre_nms_topk: int,
+    post_nms_topk: int,
+    nms_thresh: float,
+    score_thresh: float,
+    *,
+    nms_tile_size: int = DEFAULT_TILE_SIZE,
+    clip_hw=None,
+) -> dict[str, jax.Array]:
+  """`generate_proposals` without vmap (jax2onnx 0.12.5 fails on the vmapped jnp.where): the
+  batched `proposal_candidates` (the same candidates, `export_mode.top_k` / `int_divmod`) and the
+  batched `nms_for_onnx`, the kept rows gathered per image. The same values."""
+  cand = proposal_candidates(
+      [jax.lax.stop_gradient(h.astype(jnp.float32)) for h in hm_logits],
+      [jax.lax.stop_gradient(r.astype(jnp.float32)) for r in reg],
+      None,
+      strides=strides,
+      pre_nms_topk=pre_nms_topk,
+      score_thresh=score_thresh,
+      clip_hw=clip_hw,
+  )
+  boxes, scores = cand["cand_boxes"], cand["cand_scores"]
+  keep, keep_valid = nms_for_onnx(
+      boxes, scores, cand["cand_valid"], nms_thresh, post_nms_topk, tile_size=nms_tile_size
+  )
+  out_boxes = jnp.take_along_axis(boxes, keep[:, :, None], axis=1)
+  return dict(
+      boxes=jnp.where(keep_valid[:, :, None], out_boxes, 0.0),
+      scores=jnp.where(keep_valid, jnp.take_along_axis(scores, keep, axis=1), 0.0),
+      valid=keep_valid,
+  )
+
+
+@export_mode.onnx_form(generate_proposals_for_onnx)
 def generate_proposals(
     hm_logits: Sequence[jax.Array],
     reg: Sequence[jax.Array],

@@ -26,11 +26,11 @@ import jax.numpy as jnp
 from cn2_jax import schema
 from cn2_jax.config import model_kwargs
 from cn2_jax.errors import ConfigError
-from cn2_jax.modeling import data_parallel
+from cn2_jax.modeling import data_parallel, export_mode
 from cn2_jax.modeling.canvas import level_extents
 from cn2_jax.modeling.ops import boxes as box_ops
 from cn2_jax.modeling.ops.matcher import match_boxes
-from cn2_jax.modeling.ops.nms import nms
+from cn2_jax.modeling.ops.nms import nms, nms_for_onnx
 from cn2_jax.modeling.ops.roi_align import multilevel_roi_align
 from cn2_jax.modeling.ops.sampling import subsample_labels
 from cn2_jax.modeling.roi_heads.box_head import FastRCNNConvFCHead, FastRCNNOutputLayers
@@ -84,6 +84,19 @@ def probabilistic_scores(
   return probs
 
 
+def inference_candidates(boxes, scores, valid, image_hw, score_thresh: float):
+  """`fast_rcnn_inference`'s inputs to its per-class NMS, for `[..., R]` leading dimensions: the
+  boxes clipped to `image_hw [..., 2]` (`[..., R, 4]`), the class scores without the background
+  column (`[..., R, K]`) and which (box, class) pairs are candidates (`bool[..., R, K]`: score
+  above `score_thresh`, valid proposal, finite box and score)."""
+  num_classes = scores.shape[-1] - 1
+  boxes = box_ops.clip_boxes(boxes, image_hw.astype(jnp.float32))
+  cls_scores = scores[..., :num_classes]
+  finite = jnp.all(jnp.isfinite(boxes), axis=-1)[..., None] & jnp.isfinite(cls_scores)
+  cand = (cls_scores > score_thresh) & valid[..., None] & finite
+  return boxes, cls_scores, cand
+
+
 def fast_rcnn_inference(
     boxes: jax.Array,
     scores: jax.Array,
@@ -108,10 +121,7 @@ def fast_rcnn_inference(
     set as torchvision `batched_nms` followed by `keep[:topk]`.
   """
   num_classes = scores.shape[1] - 1
-  boxes = box_ops.clip_boxes(boxes, image_hw.astype(jnp.float32))
-  cls_scores = scores[:, :num_classes]  # [R, K]
-  finite = jnp.all(jnp.isfinite(boxes), axis=-1)[:, None] & jnp.isfinite(cls_scores)
-  cand = (cls_scores > score_thresh) & valid[:, None] & finite  # [R, K]
+  boxes, cls_scores, cand = inference_candidates(boxes, scores, valid, image_hw, score_thresh)
   per_class_max = min(topk, boxes.shape[0])
 
   def one_class(s, m):
@@ -131,6 +141,62 @@ def fast_rcnn_inference(
       valid=out_valid,
       proposal_index=jnp.where(out_valid, out_idx, -1),
   )
+
+
+def fast_rcnn_inference_batch_for_onnx(
+    boxes: jax.Array,
+    scores: jax.Array,
+    valid: jax.Array,
+    image_hw: jax.Array,
+    *,
+    score_thresh: float,
+    nms_thresh: float,
+    topk: int,
+) -> dict[str, jax.Array]:
+  """`fast_rcnn_inference_batch` without vmap (jax2onnx 0.12.5 fails on vmapped jnp.where): the
+  per-class NMS as `nms_for_onnx` over a [B, K] batch of rows (each class's scores on the shared
+  boxes, as the vmap over classes), the top-k by `export_mode.top_k`, the gathers as
+  `take_along_axis`. The same values."""
+  num_classes = scores.shape[-1] - 1
+  r = boxes.shape[1]
+  boxes, cls_scores, cand = inference_candidates(boxes, scores, valid, image_hw, score_thresh)
+  per_class_max = min(topk, r)
+  s_k = jnp.swapaxes(cls_scores, 1, 2)  # [B, K, R]
+  boxes_k = jnp.zeros_like(s_k)[..., None] + boxes[:, None]  # [B, K, R, 4]: x + 0 = x
+  idx, keep = nms_for_onnx(boxes_k, s_k, jnp.swapaxes(cand, 1, 2), nms_thresh, per_class_max)
+  kept_scores = jnp.take_along_axis(s_k, idx, axis=2)  # [B, K, P]
+  flat_idx = idx.reshape(-1, num_classes * per_class_max)
+  cand_scores = jnp.where(keep, kept_scores, -jnp.inf).reshape(-1, num_classes * per_class_max)
+  top_scores, top = export_mode.top_k(cand_scores, topk)
+  out_valid = jnp.isfinite(top_scores)
+  out_idx = jnp.take_along_axis(flat_idx, top, axis=1)
+  out_cls, _ = export_mode.int_divmod(top, per_class_max)
+  out_boxes = jnp.take_along_axis(boxes, out_idx[:, :, None], axis=1)
+  return dict(
+      boxes=jnp.where(out_valid[:, :, None], out_boxes, 0.0),
+      scores=jnp.where(out_valid, top_scores, 0.0),
+      classes=jnp.where(out_valid, out_cls, 0).astype(jnp.int32),
+      valid=out_valid,
+      proposal_index=jnp.where(out_valid, out_idx, -1),
+  )
+
+
+@export_mode.onnx_form(fast_rcnn_inference_batch_for_onnx)
+def fast_rcnn_inference_batch(
+    boxes: jax.Array,
+    scores: jax.Array,
+    valid: jax.Array,
+    image_hw: jax.Array,
+    *,
+    score_thresh: float,
+    nms_thresh: float,
+    topk: int,
+) -> dict[str, jax.Array]:
+  """`fast_rcnn_inference` per image of a batch (`[B, ...]` inputs and outputs)."""
+  infer = functools.partial(
+      fast_rcnn_inference, score_thresh=score_thresh, nms_thresh=nms_thresh, topk=topk
+  )
+  return jax.vmap(infer)(boxes, scores, valid, image_hw)
 
 
 @functools.lru_cache(maxsize=4)
@@ -306,17 +372,54 @@ class CascadeROIHeads(nn.Module):
     hw = image_hw.astype(jnp.float32)
     boxes = jax.lax.stop_gradient(proposals["boxes"])
     valid = proposals["valid"]
+    features, valid_hw = self._pooled_levels_and_extents(features, image_hw)
+    if train:
+      return self._forward_train(
+          features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid, valid_hw
+      )
+
+    pred, scores = self._cascade_eval(features, boxes, proposals["scores"], hw, valid_hw)
+    return fast_rcnn_inference_batch(
+        pred,
+        scores,
+        valid,
+        image_hw,
+        score_thresh=self.score_thresh_test,
+        nms_thresh=self.nms_thresh_test,
+        topk=self.detections_per_image,
+    )
+
+  def pre_nms_detections(self, features, proposals: dict, image_hw: jax.Array) -> dict:
+    """The eval forward up to the final per-class NMS (`--nms=plugin`: TensorRT's
+    EfficientNMS_TRT does the rest, cn2_jax/export.py): `boxes [B, R, 4]` the final boxes clipped
+    to image_hw (0 where not finite), `scores [B, R, K]` the class scores of the (box, class)
+    pairs `fast_rcnn_inference` considers (`inference_candidates`), 0 for the others."""
+    features, valid_hw = self._pooled_levels_and_extents(features, image_hw)
+    hw = image_hw.astype(jnp.float32)
+    boxes = jax.lax.stop_gradient(proposals["boxes"])
+    pred, scores = self._cascade_eval(features, boxes, proposals["scores"], hw, valid_hw)
+    boxes, cls_scores, cand = inference_candidates(
+        pred, scores, proposals["valid"], image_hw, self.score_thresh_test
+    )
+    finite = jnp.all(jnp.isfinite(boxes), axis=-1, keepdims=True)
+    return dict(
+        boxes=jnp.where(finite, boxes, 0.0),
+        scores=jnp.where(cand, cls_scores, 0.0),
+    )
+
+  def _pooled_levels_and_extents(self, features, image_hw):
+    """The pooled levels and the rows / columns of each that the official map has."""
     features = self._pooled_levels(features)
     valid_hw = level_extents(
         image_hw,
         [2 ** (self.pool_min_level + i) for i in range(len(features))],
         self.size_divisibility,
     )
-    if train:
-      return self._forward_train(
-          features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid, valid_hw
-      )
+    return features, valid_hw
 
+  def _cascade_eval(self, features, boxes, proposal_scores, hw, valid_hw):
+    """The eval cascade on the proposals: the last stage's boxes `[B, R, 4]` (unclipped) and the
+    probabilistic scores `[B, R, K+1]`."""
     stage_logits = []
     pred = boxes  # stage k > 0 refines the previous stage's predicted boxes
     for k in range(self.num_stages):
@@ -328,17 +431,11 @@ class CascadeROIHeads(nn.Module):
       self.sow("intermediates", f"stage{k}_box_deltas", deltas)
       stage_logits.append(logits)
     scores = probabilistic_scores(
-        stage_logits, proposals["scores"], self.mult_proposal_score, self.use_sigmoid_ce
+        stage_logits, proposal_scores, self.mult_proposal_score, self.use_sigmoid_ce
     )
     self.sow("intermediates", "final_scores_all", scores)
     self.sow("intermediates", "final_boxes_all", pred)
-    infer = functools.partial(
-        fast_rcnn_inference,
-        score_thresh=self.score_thresh_test,
-        nms_thresh=self.nms_thresh_test,
-        topk=self.detections_per_image,
-    )
-    return jax.vmap(infer)(pred, scores, valid, image_hw)
+    return pred, scores
 
   def _forward_train(
       self, features, boxes, valid, hw, gt_boxes, gt_classes, gt_valid, valid_hw=None
