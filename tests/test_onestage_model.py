@@ -478,7 +478,7 @@ def test_backbone_is_the_shared_resnet_in_torchvision_style():
 
 
 def test_resnet_batchnorm_settings_are_checked():
-  """Trainable BatchNorm needs its settings, takes no canvas mask and no frozen stages."""
+  """Trainable BatchNorm needs its settings and no frozen stages; it takes a canvas mask."""
   settings = dict(
       depth=18,
       width=8,
@@ -506,8 +506,11 @@ def test_resnet_batchnorm_settings_are_checked():
     init(freeze_at=2)
   with pytest.raises(ValueError, match="conv_init"):
     init(conv_init="xavier")
-  with pytest.raises(ValueError, match="canvas mask"):
-    jax.eval_shape(lambda: ResNet(**settings).init(jax.random.PRNGKey(0), x, jnp.array([64, 64])))
+  # a canvas mask restricts the BatchNorm statistics (tests/test_onestage_canvas.py)
+  canvas = jax.eval_shape(
+      lambda: ResNet(**settings).init(jax.random.PRNGKey(0), x, jnp.array([64, 64]))
+  )
+  assert set(canvas) == {"params", "batch_stats"}
 
 
 # ----------------------------------------------------------------------------------------------

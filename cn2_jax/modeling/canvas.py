@@ -26,12 +26,20 @@ import jax.numpy as jnp
 SIZE_DIVISIBILITY = 32
 
 
+def _ceil_div(a: jax.Array, d: int) -> jax.Array:
+  """`ceil(a / d)` of a non-negative integer array by a positive int, by `lax.div` (truncation =
+  floor here): jnp's `//` emits `lax.rem`, which the ONNX export cannot convert
+  (`export_mode.int_divmod`)."""
+  a = jnp.asarray(a)
+  return jax.lax.div(a + (d - 1), jnp.asarray(d, a.dtype))
+
+
 def official_canvas(image_hw: jax.Array, size_divisibility: int = SIZE_DIVISIBILITY) -> jax.Array:
   """`[2]` int32: the canvas the official code pads this batch to (`ImageList.from_tensors`):
   the largest image of `image_hw` `[B, 2]`, rounded up to `size_divisibility`. Under
   `shard_map` the batch is the per-device batch, like the official per-GPU padding."""
   hw = jnp.max(image_hw, axis=0).astype(jnp.int32)
-  return -(-hw // size_divisibility) * size_divisibility
+  return _ceil_div(hw, size_divisibility) * size_divisibility
 
 
 def canvas_masks(
@@ -59,8 +67,10 @@ def canvas_mask(hw, canvas_hw: Optional[jax.Array], stride: int) -> Optional[jax
   None when `canvas_hw` is None (no masking)."""
   if canvas_hw is None:
     return None
-  rows = jnp.arange(hw[0]) < -(-canvas_hw[0] // stride)
-  cols = jnp.arange(hw[1]) < -(-canvas_hw[1] // stride)
+  # i < ceil(c / s) <=> i * s < c: no integer division (jax2onnx turns one by 2 into an ONNX
+  # Mean, which onnxruntime rejects for integers)
+  rows = jnp.arange(hw[0]) * stride < canvas_hw[0]
+  cols = jnp.arange(hw[1]) * stride < canvas_hw[1]
   return rows[:, None] & cols[None, :]
 
 
@@ -78,7 +88,7 @@ def level_extents(
 ) -> jax.Array:
   """`[L, 2]` int32: rows/columns of the official canvas at each level (ROIAlign's border)."""
   canvas = official_canvas(image_hw, size_divisibility)
-  return jnp.stack([-(-canvas // s) for s in strides]).astype(jnp.int32)
+  return jnp.stack([_ceil_div(canvas, s) for s in strides]).astype(jnp.int32)
 
 
 def normalized_images(

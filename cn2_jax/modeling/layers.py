@@ -89,8 +89,14 @@ class BatchNorm(nn.Module):
   from that global mean (equal per-device shapes, which static shapes guarantee), and n counts all
   devices. Statistics are always float32 (float64 for a float64 input).
 
-  Call: `x [N, H, W, C]`, `use_running_average` (True = eval mode: running statistics, no update)
-  -> `[N, H, W, C]` in `dtype`.
+  `mask` (optional `[N, H, W]` or `[H, W]` bool, the official canvas: `canvas.canvas_mask`)
+  restricts the training statistics to the masked positions: mean and two-pass variance over them,
+  n = their count. With SyncBN the devices are weighted by their counts, as torch's SyncBatchNorm:
+  global mean = psum(masked sum) / psum(count), variance = psum(masked squared deviations from it)
+  / psum(count), n = psum(count). Every position is still normalised; eval mode ignores the mask.
+
+  Call: `x [N, H, W, C]`, `use_running_average` (True = eval mode: running statistics, no update),
+  `mask` -> `[N, H, W, C]` in `dtype`.
   """
 
   momentum: float = TORCH_BN_MOMENTUM
@@ -99,7 +105,9 @@ class BatchNorm(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, use_running_average: bool, mask: Optional[jax.Array] = None
+  ) -> jax.Array:
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -109,7 +117,7 @@ class BatchNorm(nn.Module):
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
-    else:
+    elif mask is None:
       axes = tuple(range(x.ndim - 1))
       mean = xf.mean(axes)
       if self.axis_name is not None:
@@ -122,13 +130,30 @@ class BatchNorm(nn.Module):
         n = x.size // c
         if self.axis_name is not None:
           n = n * jax.lax.psum(1, self.axis_name)
-        unbiased = var * (n / jnp.maximum(n - 1, 1))
-        m = self.momentum
-        ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
-        ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(unbiased)
+        self._update(ra_mean, ra_var, mean, var, n)
+    else:
+      axes = tuple(range(x.ndim - 1))
+      keep = jnp.broadcast_to(mask, x.shape[:-1])[..., None]  # [N, H, W, 1]
+      zero = jnp.zeros((), xf.dtype)
+      # psum (not pmean) of sums and counts: devices weigh by their counts (torch SyncBN).
+      psum = (lambda v: jax.lax.psum(v, self.axis_name)) if self.axis_name else (lambda v: v)
+      n = psum(keep.sum(dtype=xf.dtype))
+      count = jnp.maximum(n, 1.0)  # an empty mask (never on a canvas) stays finite
+      # `where`, not a product: values off the canvas are arbitrary and must not reach the sums.
+      mean = psum(jnp.where(keep, xf, zero).sum(axes)) / count
+      var = psum(jnp.where(keep, jnp.square(xf - mean), zero).sum(axes)) / count
+      if not self.is_initializing():
+        self._update(ra_mean, ra_var, mean, var, n)
     inv = jax.lax.rsqrt(var + self.eps) * scale
     y = (xf - mean) * inv + bias
     return y.astype(self.dtype)
+
+  def _update(self, ra_mean, ra_var, mean, var, n) -> None:
+    """torch's running-statistic update from the batch `mean`, biased `var` and count `n`."""
+    unbiased = var * (n / jnp.maximum(n - 1, 1))
+    m = self.momentum
+    ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
+    ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(unbiased)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +286,8 @@ class Conv2d(nn.Module):
       features]` (torch `[features, Cin / groups, k, k]`).
     batch_norm: the BatchNorm settings; required by "BN" / "SyncBN", unused by the other norms.
   Input `[N, H, W, Cin]`, output `[N, H', W', features]` in `dtype`. `norm_mask` (`[H', W']` or
-  `[N, H', W']` bool) restricts GroupNorm statistics (see `GroupNorm`). `train_bn`: a BatchNorm
+  `[N, H', W']` bool) restricts GroupNorm and BatchNorm statistics (see `GroupNorm`,
+  `BatchNorm`). `train_bn`: a BatchNorm
   norm normalises with (and updates the running statistics from) the batch statistics.
   """
 
@@ -314,13 +340,9 @@ def norm_after_conv(
   if norm in BATCH_NORMS:
     if batch_norm is None:
       raise ValueError(f"norm {norm!r} needs its BatchNormSettings (batch_norm)")
-    if norm_mask is not None:
-      # Statistics over the official canvas only: not implemented (the one-stage family, the
-      # only user of trainable BatchNorm, runs without a canvas mask).
-      raise ValueError(f"norm {norm!r} does not take a canvas mask (norm_mask)")
     axis_name = batch_norm.axis_name if norm == "SyncBN" else None
     bn = BatchNorm(batch_norm.momentum, batch_norm.eps, axis_name, dtype, name="norm")
-    return bn(y, not train_bn)
+    return bn(y, not train_bn, norm_mask)
   if norm:
     raise ValueError(
         f"Conv2d: unknown norm {norm!r} (expected '', 'FrozenBN', 'GN', 'BN' or 'SyncBN')"

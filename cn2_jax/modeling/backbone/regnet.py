@@ -28,6 +28,10 @@ Norms: trainable BatchNorm (`layers.BatchNorm`, running statistics in `batch_sta
 named as pycls's (`a_bn`, `bn`), not a conv's `norm`. Init as pycls `init_weights`: conv kernels
 N(0, sqrt(2 / (k * k * out))) (`c2_msra_fill`), BatchNorm weight 1 / bias 0; the SE convs' biases
 keep torch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+The official canvas (`canvas_hw`, see `modeling/canvas.py`; None = none): the input of every 3x3
+conv is zeroed off the canvas, BatchNorm statistics and SE's global average cover the canvas
+positions only, so a batch on a larger canvas gives the official values on the official one.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cn2_jax.modeling.canvas import canvas_mask, zero_outside_canvas
 from cn2_jax.modeling.layers import (
     BATCH_NORMS,
     BatchNorm,
@@ -166,9 +171,17 @@ def _conv(module: nn.Module, features: int, k: int, stride: int, name: str, grou
   )
 
 
-def _norm(module: nn.Module, x: jax.Array, name: str, train_bn: bool) -> jax.Array:
+def _norm(
+    module: nn.Module,
+    x: jax.Array,
+    name: str,
+    train_bn: bool,
+    canvas_hw: Optional[jax.Array] = None,
+    stride: int = 1,
+) -> jax.Array:
   """pycls `norm2d` as `module.norm` ("BN" / "SyncBN": `layers.BatchNorm` with
-  `module.batch_norm`; "FrozenBN"), a sub-module `name` of `module`."""
+  `module.batch_norm`, statistics on the canvas `canvas_hw` of `x` at `stride`; "FrozenBN"), a
+  sub-module `name` of `module`."""
   settings = module.batch_norm
   if module.norm == "FrozenBN":
     eps = settings.eps if settings is not None else 1e-5
@@ -179,20 +192,31 @@ def _norm(module: nn.Module, x: jax.Array, name: str, train_bn: bool) -> jax.Arr
     raise ValueError(f"RegNet norm {module.norm!r} needs its BatchNormSettings (batch_norm)")
   axis_name = settings.axis_name if module.norm == "SyncBN" else None
   bn = BatchNorm(settings.momentum, settings.eps, axis_name, module.dtype, name=name)
-  return bn(x, not train_bn)
+  return bn(x, not train_bn, canvas_mask(x.shape[1:3], canvas_hw, stride))
 
 
 class SE(nn.Module):
   """pycls `SE`: average pool -> `f_ex.0` (1x1, bias) -> ReLU -> `f_ex.2` (1x1, bias) -> sigmoid,
-  times the input."""
+  times the input. Call: `x [N, H, W, C]`, optionally the canvas `canvas_hw` of `x` at `stride`
+  (the average covers its positions only) -> `[N, H, W, C]`."""
 
   w_se: int
   dtype: Dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, canvas_hw: Optional[jax.Array] = None, stride: int = 1
+  ) -> jax.Array:
     c = x.shape[-1]
-    pooled = x.astype(jnp.promote_types(x.dtype, jnp.float32)).mean((1, 2), keepdims=True)
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    keep = canvas_mask(x.shape[1:3], canvas_hw, stride)
+    if keep is None:
+      pooled = xf.mean((1, 2), keepdims=True)
+    else:
+      total = jnp.where(keep[None, :, :, None], xf, jnp.zeros((), xf.dtype)).sum(
+          (1, 2), keepdims=True
+      )
+      pooled = total / keep.sum(dtype=xf.dtype)
     s = Conv2d(
         self.w_se,
         kernel_size=1,
@@ -214,7 +238,8 @@ class SE(nn.Module):
 
 class BottleneckTransform(nn.Module):
   """pycls `BottleneckTransform` (`f`): `a` 1x1, `b` 3x3 grouped (stride), [`se`], `c` 1x1, each
-  conv followed by its `*_bn`; ReLU after `a_bn` and `b_bn`."""
+  conv followed by its `*_bn`; ReLU after `a_bn` and `b_bn`. Call: `x [N, H, W, w_in]` at
+  `in_stride` (of the canvas `canvas_hw`), `train_bn` -> `[N, H / stride, W / stride, w_out]`."""
 
   w_out: int
   stride: int
@@ -226,21 +251,32 @@ class BottleneckTransform(nn.Module):
   batch_norm: Optional[BatchNormSettings] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train_bn: bool = False) -> jax.Array:
+  def __call__(
+      self,
+      x: jax.Array,
+      canvas_hw: Optional[jax.Array] = None,
+      in_stride: int = 1,
+      train_bn: bool = False,
+  ) -> jax.Array:
     w_in = x.shape[-1]
     w_b = int(round(self.w_out * self.bot_mul))
     w_se = int(round(w_in * self.se_r))
-    y = nn.relu(_norm(self, _conv(self, w_b, 1, 1, "a")(x), "a_bn", train_bn))
+    out_stride = in_stride * self.stride
+    y = nn.relu(_norm(self, _conv(self, w_b, 1, 1, "a")(x), "a_bn", train_bn, canvas_hw, in_stride))
+    # Only `b` mixes neighbours: its input is zeroed off the canvas (the official zero padding).
+    y = zero_outside_canvas(y, canvas_hw, in_stride)
     y = _conv(self, w_b, 3, self.stride, "b", groups=w_b // self.group_w)(y)
-    y = nn.relu(_norm(self, y, "b_bn", train_bn))
+    y = nn.relu(_norm(self, y, "b_bn", train_bn, canvas_hw, out_stride))
     if w_se:
-      y = SE(w_se, self.dtype, name="se")(y)
-    return _norm(self, _conv(self, self.w_out, 1, 1, "c")(y), "c_bn", train_bn)
+      y = SE(w_se, self.dtype, name="se")(y, canvas_hw, out_stride)
+    y = _conv(self, self.w_out, 1, 1, "c")(y)
+    return _norm(self, y, "c_bn", train_bn, canvas_hw, out_stride)
 
 
 class ResBottleneckBlock(nn.Module):
   """pycls `ResBottleneckBlock`: ReLU(shortcut + f(x)); the shortcut is `proj` (1x1, stride) ->
-  `bn` when the width or the stride changes, else the identity."""
+  `bn` when the width or the stride changes, else the identity. Call: see
+  `BottleneckTransform`."""
 
   w_out: int
   stride: int
@@ -252,9 +288,16 @@ class ResBottleneckBlock(nn.Module):
   batch_norm: Optional[BatchNormSettings] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train_bn: bool = False) -> jax.Array:
+  def __call__(
+      self,
+      x: jax.Array,
+      canvas_hw: Optional[jax.Array] = None,
+      in_stride: int = 1,
+      train_bn: bool = False,
+  ) -> jax.Array:
     if x.shape[-1] != self.w_out or self.stride != 1:
-      shortcut = _norm(self, _conv(self, self.w_out, 1, self.stride, "proj")(x), "bn", train_bn)
+      proj = _conv(self, self.w_out, 1, self.stride, "proj")(x)  # 1x1: reads no neighbour
+      shortcut = _norm(self, proj, "bn", train_bn, canvas_hw, in_stride * self.stride)
     else:
       shortcut = x.astype(self.dtype)
     f = BottleneckTransform(
@@ -268,11 +311,12 @@ class ResBottleneckBlock(nn.Module):
         self.batch_norm,
         name="f",
     )
-    return nn.relu(shortcut + f(x, train_bn))
+    return nn.relu(shortcut + f(x, canvas_hw, in_stride, train_bn))
 
 
 class SimpleStem(nn.Module):
-  """pycls `SimpleStem` ("simple_stem_in"): `conv` 3x3 stride 2 -> `bn` -> ReLU."""
+  """pycls `SimpleStem` ("simple_stem_in"): `conv` 3x3 stride 2 -> `bn` -> ReLU. Call: the
+  image `[N, H, W, 3]`, optionally its canvas `canvas_hw`, `train_bn` -> `[N, H/2, W/2, w_out]`."""
 
   w_out: int
   norm: str
@@ -280,13 +324,17 @@ class SimpleStem(nn.Module):
   batch_norm: Optional[BatchNormSettings] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train_bn: bool = False) -> jax.Array:
-    return nn.relu(_norm(self, _conv(self, self.w_out, 3, 2, "conv")(x), "bn", train_bn))
+  def __call__(
+      self, x: jax.Array, canvas_hw: Optional[jax.Array] = None, train_bn: bool = False
+  ) -> jax.Array:
+    y = _conv(self, self.w_out, 3, 2, "conv")(zero_outside_canvas(x, canvas_hw, 1))
+    return nn.relu(_norm(self, y, "bn", train_bn, canvas_hw, 2))
 
 
 class AnyStage(nn.Module):
   """pycls `AnyStage`: blocks `b1`, `b2`, ... of `stage` (the first one carries the stride);
-  `remat`: each block is rematerialised in training (`nn.remat`)."""
+  `remat`: each block is rematerialised in training (`nn.remat`). Call: `x` at `in_stride`,
+  `canvas_hw`, `train_bn` (see `BottleneckTransform`)."""
 
   stage: StageSpec
   se_r: float
@@ -296,10 +344,16 @@ class AnyStage(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, train_bn: bool = False) -> jax.Array:
-    # (self, x, train_bn): the BatchNorm mode is static
+  def __call__(
+      self,
+      x: jax.Array,
+      canvas_hw: Optional[jax.Array] = None,
+      in_stride: int = 1,
+      train_bn: bool = False,
+  ) -> jax.Array:
+    # (self, x, canvas_hw, in_stride, train_bn): the stride and the BatchNorm mode are static
     block_cls = (
-        nn.remat(ResBottleneckBlock, static_argnums=(2,)) if self.remat else ResBottleneckBlock
+        nn.remat(ResBottleneckBlock, static_argnums=(3, 4)) if self.remat else ResBottleneckBlock
     )
     s = self.stage
     for j in range(s.depth):
@@ -313,7 +367,8 @@ class AnyStage(nn.Module):
           self.dtype,
           self.batch_norm,
           name=f"b{j + 1}",
-      )(x, train_bn)
+      )(x, canvas_hw, in_stride, train_bn)
+      in_stride *= s.stride if j == 0 else 1
     return x
 
 
@@ -330,7 +385,8 @@ class RegNet(nn.Module):
     dtype: compute dtype (parameters and BatchNorm statistics stay float32).
     remat: rematerialise the stem and every block in training (`nn.remat`; values unchanged).
     out_features: which of `stem`, `s1`, ... to return.
-  Call: normalised `[N, H, W, 3]` (H, W multiples of 32 for whole stride-32 maps), `train_bn`
+  Call: normalised `[N, H, W, 3]` (H, W multiples of 32 for whole stride-32 maps), optionally the
+  official canvas `canvas_hw` `[2]` (module docstring; None = the whole input), `train_bn`
   (BatchNorm uses and updates batch statistics) -> {name: `[N, H / s, W / s, C]`}.
   """
 
@@ -348,7 +404,9 @@ class RegNet(nn.Module):
     return 2 ** (1 + sum(1 for s in self.stages if s.stride == 2))
 
   @nn.compact
-  def __call__(self, x: jax.Array, train_bn: bool = False) -> Dict[str, jax.Array]:
+  def __call__(
+      self, x: jax.Array, canvas_hw: Optional[jax.Array] = None, train_bn: bool = False
+  ) -> Dict[str, jax.Array]:
     names = ("stem",) + tuple(f"s{i + 1}" for i in range(len(self.stages)))
     for f in self.out_features:
       if f not in names:
@@ -356,13 +414,16 @@ class RegNet(nn.Module):
     if self.norm not in NORMS:
       raise ValueError(f"RegNet norm must be one of {NORMS}, got {self.norm!r}")
     common = dict(norm=self.norm, dtype=self.dtype, batch_norm=self.batch_norm)
-    # (self, x, train_bn): the BatchNorm mode is static
-    stem_cls = nn.remat(SimpleStem, static_argnums=(2,)) if self.remat else SimpleStem
-    x = stem_cls(self.stem_w, name="stem", **common)(x, train_bn)
+    # (self, x, canvas_hw, train_bn): the BatchNorm mode is static
+    stem_cls = nn.remat(SimpleStem, static_argnums=(3,)) if self.remat else SimpleStem
+    x = stem_cls(self.stem_w, name="stem", **common)(x, canvas_hw, train_bn)
     outputs = {"stem": x}
     last = max(names.index(f) for f in self.out_features)
+    stride = 2
     for i, stage in enumerate(self.stages[:last]):
-      x = AnyStage(stage, self.se_r, remat=self.remat, name=names[i + 1], **common)(x, train_bn)
+      stage_module = AnyStage(stage, self.se_r, remat=self.remat, name=names[i + 1], **common)
+      x = stage_module(x, canvas_hw, stride, train_bn)
+      stride *= stage.stride
       outputs[names[i + 1]] = x
     return {f: outputs[f] for f in self.out_features}
 

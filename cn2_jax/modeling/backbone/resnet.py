@@ -11,7 +11,8 @@ The two families use it with different settings:
     (`canvas_hw`), ResNeXt groups and deformable stages as configured;
   * one-stage centerX (torchvision ResNet): `norm` "BN" / "SyncBN" (trainable BatchNorm,
     `layers.BatchNorm`, running statistics in `batch_stats`; `train_bn` at call time),
-    `stride_in_1x1` False, `conv_init` "torch", out_features ("res5",) (C5), no canvas.
+    `stride_in_1x1` False, `conv_init` "torch", out_features ("res5",) (C5), and the official
+    canvas unless `model.onestage.mask_canvas` is False (BatchNorm statistics on it).
   torchvision's names map one-to-one onto these (detectron2's convert-torchvision-to-d2 rules,
   `weights/rename.py`): `conv1`/`bn1` -> `stem.conv1`/`stem.conv1.norm`, `layer<k>.<i>` ->
   `res<k+1>.<i>`, `bn<t>` -> `conv<t>.norm`, `downsample.0`/`.1` -> `shortcut`/`shortcut.norm`.
@@ -563,7 +564,8 @@ class ResNet(nn.Module):
       the activations of one block at a time are live instead of the whole network's.
 
   Input: normalised float image `[N, H, W, 3]`, optionally the official canvas `canvas_hw` `[2]`
-  (see `canvas.zero_outside_canvas`; not with 'BN' / 'SyncBN') and `train_bn` (BatchNorm norms
+  (see `canvas.zero_outside_canvas`; it also restricts GroupNorm / BatchNorm statistics) and
+  `train_bn` (BatchNorm norms
   normalise with the batch statistics and update the running ones in `batch_stats`; False = eval
   mode). Output: dict name -> `[N, H/s, W/s, C]` for `out_features`.
   """

@@ -182,6 +182,16 @@ CONFIG = schema.group(
         "(centerX yamls: BN_TYPE 'BN'); running statistics are averaged over devices after each "
         "step either way",
     ),
+    schema.Field(
+        "mask_canvas",
+        True,
+        "restrict the model to each (per-device) batch's official canvas, its largest image "
+        "rounded up to 32 (centerX's padding): convs read zeros off it, BatchNorm statistics, the "
+        "heatmap loss's negatives / MSE mean and the KD heatmap terms cover only it, no detection "
+        "off it; so a larger input canvas (the crop's max_size^2, a bucket) gives centerX's values "
+        "(modeling/onestage/model.py). False = the whole input canvas counts (its padding adds "
+        "BatchNorm samples and negatives)",
+    ),
     families=("onestage",),
     validate=_validate_onestage,
 )

@@ -11,6 +11,10 @@ centerX hard-codes head_conv = the input channels (64); `head_conv=None` does th
 Init: `init="centerx"` keeps torch's default conv init (weights and biases
 U(-1/sqrt(fan_in), +)) except the cls bias; `init="centernet"` follows xingyizhou/CenterNet
 (`fill_fc_weights`: wh/reg convs normal(0, 0.001) with zero bias; cls head as centerX).
+
+With the official canvas (`canvas_hw`, `modeling/canvas.py`) the 3x3 `feat_conv`s read their input
+zeroed off the canvas, so their outputs on it are the official ones; the outputs off it are
+arbitrary (the model zeroes them).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cn2_jax.modeling.canvas import zero_outside_canvas
 from cn2_jax.modeling.layers import Conv2d, torch_conv_init
 from cn2_jax.modeling.onestage.neck import torch_bias_init
 
@@ -77,8 +82,9 @@ class SingleHead(nn.Module):
 
 
 class CenternetHead(nn.Module):
-  """Call: neck features `[N, H, W, C]` -> dict `cls [N, H, W, num_classes]` (sigmoid, float32),
-  `wh [N, H, W, 2]`, `reg [N, H, W, 2]` (float32)."""
+  """Call: neck features `[N, H, W, C]` at `stride`, optionally the official canvas `canvas_hw`
+  `[2]` -> dict `cls [N, H, W, num_classes]` (sigmoid, float32), `wh [N, H, W, 2]`,
+  `reg [N, H, W, 2]` (float32)."""
 
   num_classes: int = 80
   head_conv: Optional[int] = None
@@ -87,9 +93,12 @@ class CenternetHead(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> Dict[str, jax.Array]:
+  def __call__(
+      self, x: jax.Array, canvas_hw: Optional[jax.Array] = None, stride: int = 4
+  ) -> Dict[str, jax.Array]:
     if self.init not in ("centerx", "centernet"):
       raise ValueError(f"head init must be 'centerx' or 'centernet', got {self.init!r}")
+    x = zero_outside_canvas(x, canvas_hw, stride)  # every branch starts with a 3x3 conv
     small = self.init == "centernet"
     cls = SingleHead(
         self.num_classes, self.head_conv, self.bias_value, False, self.dtype, name="cls_head"

@@ -14,8 +14,10 @@ Loss of teacher i (student maps `P_s, WH_s, OFF_s`, teacher maps `P_t, WH_t, OFF
     teacher 0 -> student channels 0:3, teacher 1 -> 3:7).
   * `loss_kd_cls_t{i}` = w * w_cls * mean over (N, H, W, C_t) of (P_s[..., s:e] - P_t)^2. The
     elements in the batch's ignore regions (the GT targets' `hm_ignore[..., s:e]`, targets.py;
-    docs/onestage.md §3.8) are left out of the sum and of the count, as in the GT heatmap loss
-    (none: centerX's plain mean).
+    docs/onestage.md §3.8) and, with the student's `mask_canvas`, off the batch's official canvas
+    (model.py) are left out of the sum and of the count, as in the GT heatmap loss (none:
+    centerX's plain mean). The teacher's maps are zeroed off that canvas too, so the peak mask
+    below has no peak there.
   * soft peak mask: `m = max_c pseudo_nms3x3(P_t)` (peak scores, 0 elsewhere) `[N, H, W, 1]`,
     `Z = sum(m) + 1e-4`; `D = (WH_t,x + WH_t,y) / 2 + 1e-4` per pixel when `norm_wh`, else 1.
   * `loss_kd_wh_t{i}` = w * w_wh * sum |m WH_s / D - m WH_t / D| / Z.
@@ -146,12 +148,22 @@ def kd_losses(
 
 def _student_losses(module, batch, teacher_maps, settings, without_label):
   images = module.preprocess(batch["image"], batch["image_hw"])
-  maps = module.maps(images, True)
+  canvas_hw = module.canvas(batch["image_hw"])
+  maps = module.maps(images, True, canvas_hw)
   # woGT: only the targets' ignore map is used, when the batch has GT (crowd) rows at all
   has_crowd = "gt_crowd" in batch and "gt_boxes" in batch
   gt = module.targets(batch) if not without_label or has_crowd else None
-  losses = {} if without_label else dict(module.losses(maps, gt))
-  losses.update(kd_losses(maps, teacher_maps, settings, None if gt is None else gt["hm_ignore"]))
+  losses = {} if without_label else dict(module.losses(maps, gt, canvas_hw))
+  ignore = module.heatmap_ignore(
+      None if gt is None else gt["hm_ignore"], canvas_hw, maps["cls"].shape
+  )
+  keep = module.map_canvas(canvas_hw, maps["cls"].shape[1:3])
+  if keep is not None:  # a teacher's maps off the student's canvas (its own setting) count not
+    teacher_maps = [
+        {k: jnp.where(keep[None, :, :, None], v, jnp.zeros((), v.dtype)) for k, v in t.items()}
+        for t in teacher_maps
+    ]
+  losses.update(kd_losses(maps, teacher_maps, settings, ignore))
   return module.finish_losses(losses)  # communism (when on) rescales the KD terms too, as centerX
 
 

@@ -24,10 +24,19 @@ Preprocessing (docs/onestage.md §2.1): RGB (or BGR when `input_format == "BGR"`
 xingyizhou/CenterNet weights), x / 255, minus `pixel_mean`, divided by `pixel_std` (both in the
 model's channel order, in [0, 1] units), then 0 outside `image_hw`.
 
-Targets use the whole batch canvas (`image.shape[1:3]`, which must be a multiple of
-`down_scale`), as centerX uses the padded batch tensor: for parity the canvas must be the official
-one (the batch's largest image rounded up to 32). On a larger canvas (a bucket) the extra rows and
-columns are extra negatives and extra BatchNorm samples; masking them is not implemented.
+The official canvas (`mask_canvas`, default): centerX pads each GPU's batch to its largest image
+rounded up to 32 (`canvas.official_canvas(image_hw)`; under `shard_map` the per-device batch),
+while this project's batches sit on a fixed canvas (`image.shape[1:3]`, e.g. max_size^2 with the
+crop, or a bucket). The model restricts itself to the official canvas: every conv that mixes
+neighbours (backbone, neck, head) reads its input zeroed off it, BatchNorm statistics (and RegNet's
+SE average) cover its positions only, the head maps are zeroed off it (so the decode cannot return
+a detection there: scores are >= 0, so zeros act as the peak max-pool's -inf padding) and the
+heatmap loss, focal or MSE, and the distillation terms count only its positions. So a batch on any
+larger canvas gives the losses, gradients, BatchNorm updates and detections of its official canvas
+(tests/test_onestage_canvas.py). Targets are drawn on the whole input canvas (`image.shape[1:3]`,
+a multiple of `down_scale`); on the official canvas they are the same. `mask_canvas=False` is the
+earlier behaviour: the whole input canvas counts (its padding adds BatchNorm samples and heatmap
+negatives), equal to centerX only when the input canvas is the official one.
 
 Ignore regions: the batch's crowd rows (`gt_crowd` and not `gt_valid`) give the targets'
 `hm_ignore` (targets.py), where the heatmap loss (focal or MSE) and the distillation heatmap term
@@ -51,6 +60,7 @@ from cn2_jax.modeling.variables import (  # noqa: F401  (re-exported: the family
 )
 from cn2_jax.modeling.backbone import regnet
 from cn2_jax.modeling.backbone.resnet import ResNet
+from cn2_jax.modeling.canvas import canvas_mask, official_canvas
 from cn2_jax.modeling.layers import COMPUTE_DTYPES, BatchNormSettings
 from cn2_jax.modeling.onestage import decode as decode_lib
 from cn2_jax.modeling.onestage import losses as loss_lib
@@ -91,6 +101,7 @@ class CenterNetOneStage(nn.Module):
   ((lo, hi), None = no bound), `ignore_unlabel`
   (docs/onestage.md §4.5), `communism` / `communism_targets` ((cls, wh, off); `losses.communism`).
   Decoding: `max_detections` (K), `clamp_wh` (False = official inverted boxes).
+  `mask_canvas`: restrict the model to the batch's official canvas (module docstring).
   Numerics: `bn_momentum` (Flax convention), `bn_eps`, `dtype` ("float32" | "bfloat16";
   "float64" under `jax.enable_x64` only). `sync_bn`: BatchNorm statistics over `axis_name` (the
   data axis the train step sets with `clone(axis_name=...)`); False = per-device statistics.
@@ -133,6 +144,7 @@ class CenterNetOneStage(nn.Module):
   dtype: str
   sync_bn: bool
   remat: bool
+  mask_canvas: bool
   axis_name: Optional[str] = None  # set by the train step (model.clone), not a setting
 
   def setup(self):
@@ -188,17 +200,35 @@ class CenterNetOneStage(nn.Module):
     )
     return jnp.where(inside[..., None], x, 0.0)
 
-  def maps(self, images: jax.Array, train_bn: bool = False) -> Dict[str, jax.Array]:
-    """Normalised images `[B, H, W, 3]` -> head maps `cls [B, H/4, W/4, C]` (sigmoid), `wh`,
-    `reg` `[B, H/4, W/4, 2]` (float32)."""
+  def canvas(self, image_hw: jax.Array) -> Optional[jax.Array]:
+    """`[2]` int32: the batch's official canvas (`canvas.official_canvas` of `image_hw [B, 2]`),
+    or None without `mask_canvas` (the whole input canvas counts)."""
+    return official_canvas(image_hw) if self.mask_canvas else None
+
+  def map_canvas(self, canvas_hw: Optional[jax.Array], map_hw) -> Optional[jax.Array]:
+    """`[H, W]` bool: the head-map locations (`map_hw`, stride `down_scale`) on the canvas;
+    None when `canvas_hw` is None."""
+    return canvas_mask(map_hw, canvas_hw, self.down_scale)
+
+  def maps(
+      self, images: jax.Array, train_bn: bool = False, canvas_hw: Optional[jax.Array] = None
+  ) -> Dict[str, jax.Array]:
+    """Normalised images `[B, H, W, 3]` and the official canvas `canvas_hw` (`[2]`, from
+    `canvas`; None = the whole input) -> head maps `cls [B, H/4, W/4, C]` (sigmoid), `wh`,
+    `reg` `[B, H/4, W/4, 2]` (float32), zero off the canvas."""
     dtype = COMPUTE_DTYPES[self.dtype]
-    # No canvas: BatchNorm statistics cover the whole batch canvas, as centerX's padded tensor.
     out = "res5" if self.backbone_name == "resnet" else regnet.OUTPUT
-    c5 = self.backbone(images.astype(dtype), train_bn=train_bn)[out]
+    c5 = self.backbone(images.astype(dtype), canvas_hw, train_bn=train_bn)[out]
     self.sow("intermediates", "c5", c5)
-    neck = self.upsample(c5, train_bn)
+    neck = self.upsample(c5, train_bn, canvas_hw)
     self.sow("intermediates", "neck", neck)
-    out = self.head(neck)
+    out = self.head(neck, canvas_hw, self.down_scale)
+    keep = self.map_canvas(canvas_hw, out["cls"].shape[1:3])
+    if keep is not None:
+      # Zero (not arbitrary) off the canvas: no peak or detection there, and no gradient.
+      out = {
+          k: jnp.where(keep[None, :, :, None], v, jnp.zeros((), v.dtype)) for k, v in out.items()
+      }
     for k, v in out.items():
       self.sow("intermediates", k, v)
     return out
@@ -207,11 +237,11 @@ class CenterNetOneStage(nn.Module):
       self, image: jax.Array, image_hw: jax.Array, train_bn: bool = False
   ) -> Dict[str, jax.Array]:
     """The dense part of the forward (no decode): `preprocess` (sown as intermediate `input`),
-    then `maps`: `cls [B, H/4, W/4, C]` (sigmoid), `wh`, `reg` `[B, H/4, W/4, 2]` (float32), what
-    `--onnx-part dense` exports."""
+    then `maps` on the batch's `canvas`: `cls [B, H/4, W/4, C]` (sigmoid), `wh`, `reg`
+    `[B, H/4, W/4, 2]` (float32), what `--onnx-part dense` exports."""
     images = self.preprocess(image, image_hw)
     self.sow("intermediates", "input", images)
-    return self.maps(images, train_bn)
+    return self.maps(images, train_bn, self.canvas(image_hw))
 
   def targets(self, batch: Mapping[str, jax.Array]) -> Dict[str, jax.Array]:
     """Targets of the batch on its canvas (see `targets.centernet_targets`)."""
@@ -232,13 +262,30 @@ class CenterNetOneStage(nn.Module):
         radius_formula=self.radius_formula,
     )
 
+  def heatmap_ignore(
+      self, gt_ignore: Optional[jax.Array], canvas_hw: Optional[jax.Array], map_shape
+  ) -> Optional[jax.Array]:
+    """The heatmap terms' ignore map `[B, H, W, C]` (nonzero = no negative term; the MSE terms
+    leave it out of the mean): the targets' `hm_ignore` (None = none) and, with a canvas, every
+    location off it."""
+    keep = self.map_canvas(canvas_hw, map_shape[1:3])
+    if keep is None:
+      return gt_ignore
+    base = jnp.zeros(map_shape, jnp.float32) if gt_ignore is None else gt_ignore
+    return jnp.where(keep[None, :, :, None], base, jnp.ones((), base.dtype))
+
   def losses(
-      self, maps: Mapping[str, jax.Array], gt: Mapping[str, jax.Array]
+      self,
+      maps: Mapping[str, jax.Array],
+      gt: Mapping[str, jax.Array],
+      canvas_hw: Optional[jax.Array] = None,
   ) -> Dict[str, jax.Array]:
     """centerX `CenterNet.losses` on head maps and `targets` output (`hm_loss` "mse": centerX
-    LOSS.MSE; `aux/num_pos` is still the number of GT peaks)."""
+    LOSS.MSE; `aux/num_pos` is still the number of GT peaks); the heatmap loss counts only the
+    locations on `canvas_hw` (None = all)."""
+    ignore = self.heatmap_ignore(gt.get("hm_ignore"), canvas_hw, maps["cls"].shape)
     if self.hm_loss == "mse":
-      loss_cls = loss_lib.mse_heatmap_loss(maps["cls"], gt["score_map"], gt.get("hm_ignore"))
+      loss_cls = loss_lib.mse_heatmap_loss(maps["cls"], gt["score_map"], ignore)
       num_pos = (gt["score_map"] == 1.0).astype(jnp.float32).sum()
     elif self.hm_loss == "focal":
       loss_cls, num_pos = loss_lib.modified_focal_loss(
@@ -246,7 +293,7 @@ class CenterNetOneStage(nn.Module):
           gt["score_map"],
           tuple(self.focal_clamp),
           self.ignore_unlabel,
-          gt.get("hm_ignore"),
+          ignore,
       )
     else:
       raise ValueError(f"hm_loss must be 'focal' or 'mse', got {self.hm_loss!r}")
@@ -272,7 +319,8 @@ class CenterNetOneStage(nn.Module):
     train_bn = train if bn_train is None else bn_train
     maps = self.dense_outputs(batch["image"], batch["image_hw"], train_bn)
     if train:
-      return self.finish_losses(self.losses(maps, self.targets(batch)))
+      canvas_hw = self.canvas(batch["image_hw"])
+      return self.finish_losses(self.losses(maps, self.targets(batch), canvas_hw))
     dets = decode_lib.decode(
         maps["cls"],
         maps["wh"],

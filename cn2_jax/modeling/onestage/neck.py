@@ -25,6 +25,12 @@ f = ceil(k/2), c = (2f - 1 - f % 2) / (2f) ([0.25, 0.75, 0.75, 0.25] for k = 4),
 **output channel 0 for every input channel** (w[ci, 0, :, :]); the other output channels keep the
 random init. The offset/mask conv keeps torch's default init (not zeroed) unless
 `zero_init_offset` (CN's `DCN.init_offset`).
+
+The official canvas (`canvas_hw`, `modeling/canvas.py`; None = none): the inputs of the 3x3 (or
+deformable) conv and of the transposed conv are zeroed off the canvas at their stride (the zero
+padding they see on the official canvas; the deformable conv's bilinear samples beyond the canvas
+read zeros as beyond the official map) and the BatchNorm statistics cover the canvas only, so a
+batch on a larger canvas gives the official values on the official canvas.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cn2_jax.modeling import export_mode
+from cn2_jax.modeling.canvas import canvas_mask, zero_outside_canvas
 from cn2_jax.modeling.layers import (
     TORCH_BN_EPS,
     TORCH_BN_MOMENTUM,
@@ -256,7 +263,8 @@ class DeformConvWithOff(nn.Module):
 class DeconvLayer(nn.Module):
   """One centerX DeconvLayer: dcn -> dcn_bn -> ReLU -> up_sample (x2) -> up_bn -> ReLU.
 
-  Call: `x [N, H, W, Cin]`, `train_bn` -> `[N, 2H, 2W, features]` (k = 4, p = 1, op = 0).
+  Call: `x [N, H, W, Cin]` at `stride` (pixels per location), `train_bn`, optionally the
+  official canvas `canvas_hw` `[2]` -> `[N, 2H, 2W, features]` (k = 4, p = 1, op = 0).
   """
 
   features: int
@@ -270,7 +278,14 @@ class DeconvLayer(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train_bn: bool) -> jax.Array:
+  def __call__(
+      self,
+      x: jax.Array,
+      train_bn: bool,
+      canvas_hw: Optional[jax.Array] = None,
+      stride: int = 32,
+  ) -> jax.Array:
+    x = zero_outside_canvas(x, canvas_hw, stride)
     if self.use_deform and self.modulate_deform:
       y = ModulatedDeformConv(
           self.features,
@@ -290,7 +305,8 @@ class DeconvLayer(nn.Module):
     bn = lambda name: BatchNorm(
         self.bn_momentum, self.bn_eps, self.axis_name, self.dtype, name=name  # noqa: E731
     )
-    y = nn.relu(bn("dcn_bn")(y, not train_bn))
+    y = nn.relu(bn("dcn_bn")(y, not train_bn, canvas_mask(y.shape[1:3], canvas_hw, stride)))
+    y = zero_outside_canvas(y, canvas_hw, stride)  # the transposed conv reads the next row/column
     y = ConvTranspose2d(
         self.features,
         self.deconv_kernel,
@@ -300,14 +316,16 @@ class DeconvLayer(nn.Module):
         dtype=self.dtype,
         name="up_sample",
     )(y)
-    return nn.relu(bn("up_bn")(y, not train_bn))
+    up_mask = canvas_mask(y.shape[1:3], canvas_hw, stride // 2)
+    return nn.relu(bn("up_bn")(y, not train_bn, up_mask))
 
 
 class CenternetDeconv(nn.Module):
   """`deconv1`..`deconv3` (named as in centerX). `channels` are the outputs of the three layers
   (DECONV_CHANNEL[1:]; the input channels come from C5).
 
-  Call: C5 `[N, H, W, C5]`, `train_bn` -> `[N, 8H, 8W, channels[-1]]`. Each layer's output is
+  Call: C5 `[N, H, W, C5]` (stride `in_stride`, 32), `train_bn`, optionally the official canvas
+  `canvas_hw` `[2]` (module docstring) -> `[N, 8H, 8W, channels[-1]]`. Each layer's output is
   sown as `intermediates/deconv{i}_out` (not `deconv{i}`: that is the sub-module's scope).
   """
 
@@ -322,7 +340,13 @@ class CenternetDeconv(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train_bn: bool = False) -> jax.Array:
+  def __call__(
+      self,
+      x: jax.Array,
+      train_bn: bool = False,
+      canvas_hw: Optional[jax.Array] = None,
+      in_stride: int = 32,
+  ) -> jax.Array:
     if len(self.channels) != len(self.kernels):
       raise ValueError(f"{len(self.channels)} deconv channels but {len(self.kernels)} kernels")
     for i, (c, k) in enumerate(zip(self.channels, self.kernels)):
@@ -337,6 +361,6 @@ class CenternetDeconv(nn.Module):
           self.axis_name,
           self.dtype,
           name=f"deconv{i + 1}",
-      )(x, train_bn)
+      )(x, train_bn, canvas_hw, in_stride // 2**i)
       self.sow("intermediates", f"deconv{i + 1}_out", x)
     return x

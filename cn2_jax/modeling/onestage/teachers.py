@@ -19,7 +19,8 @@ MAP_KEYS = ("cls", "wh", "reg")
 
 def _teacher_maps(module, batch):
   images = module.preprocess(batch["image"], batch["image_hw"])
-  out = module.maps(images, False)  # BatchNorm in eval mode: running statistics
+  # BatchNorm in eval mode (running statistics); the teacher's own canvas setting
+  out = module.maps(images, False, module.canvas(batch["image_hw"]))
   return {k: out[k].astype(jnp.float32) for k in MAP_KEYS}
 
 
