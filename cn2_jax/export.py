@@ -92,6 +92,12 @@ ONNX (`--format onnx`, optional: `pip install -r requirements-onnx.txt` (jax2onn
       NMS (ONNX Loops; torchvision semantics: equal scores keep the lower index first, IoU
       without +1, invalid rows never kept; per class as a batch of class rows over the shared
       boxes, exactly the model's per-class vmap).
+    centernet (CenterNet alone: CenterNet-FPN_R50_1x, CenterNet-S4_DLA_8x), `detector`
+      (default): the whole detector as above: preprocessing, backbone, the CenterNet head, the
+      per-level top pre_nms_topk_test candidates, the class-aware NMS (the model's
+      `ops.nms.batched_nms` in its configured torchvision mode, per image the per-class loop or
+      the coordinate-offset trick; `ops.nms.batched_nms_for_onnx`: `nms_for_onnx` with class
+      rows, no vmap) and the top post_nms_topk_test.
     centernet2, `detector` with `--nms plugin` (for TensorRT only; onnxruntime cannot run it,
       hence no --check, and no --orig-hw): the graph ends before the final per-class NMS
       (`CenterNet2.pre_nms_detections`: boxes [N, R, 1, 4] float32, the last stage's boxes
@@ -134,6 +140,21 @@ ONNX (`--format onnx`, optional: `pip install -r requirements-onnx.txt` (jax2onn
       onestage: cls [N, H/4, W/4, C] sigmoid heatmap, reg [N, H/4, W/4, 2] centre offsets,
         wh [N, H/4, W/4, 2] box sizes.
   Outputs are listed by name (sorted, for the parts other than `detector`).
+  Architectures: every detector the project builds exports its whole detector to ONNX with a
+  symbolic batch; tests/test_zoo_export_onnx.py (`bash scripts/test_onnx.sh -m zoo`) converts
+  each distinct zoo architecture (narrowed, 256x256 canvas, random weights) and checks
+  onnxruntime's detections on a batch of 2 images of different sizes against the Predictor's
+  (`--check`'s matching: same classes, boxes within 1e-3 px, scores within 1e-4): CenterNet
+  alone (R50-FPN; DLA-34 S4), CenterNet2-F (one ROI stage), CenterNet2 R50, X101-DCN (ResNeXt,
+  modulated DCN), Res2Net-DCN FPN and BiFPN, DLA-BiFPN-P3, DLA-fcosBiFPN-P5, the LVIS federated
+  (sigmoid) head; and the one-stage centerX family with ResNet (+/- DCN, tests/test_export.py),
+  RegNetX-200MF and a small RegNetY (SE). nuImages_CenterNet2_DLA_640_8x is not buildable (see
+  tests/test_zoo_configs.py), so it exports in neither format.
+  Canvas: `--height/--width` (default the config's test canvas, `data.pad_hw_test`, else
+  max_size_test rounded up) is the file's static input size, as for StableHLO: feed every image
+  resized as the Predictor does and pasted at the top-left of a zero H x W canvas; the detections
+  equal the Predictor's when H x W is the Predictor's canvas (CenterNet2 and CenterNet alone
+  compute on the batch's official canvas, so a larger H x W changes nothing: see Shapes above).
   What jax2onnx 0.12.5 does not convert in CenterNet2's own form, and the form traced instead
   (each tested equal to the model's op in JAX, tests/test_export.py):
     the NMS (ops/nms.py, proposals and final detections): "lax.sort with num_keys > 1 is not
@@ -177,7 +198,12 @@ ONNX (`--format onnx`, optional: `pip install -r requirements-onnx.txt` (jax2onn
   % (lax.rem fails on a symbolic batch: "Symbolic dimension 'b' used in a context that requires a
   constant"), and the deformable convolution (inside its jit: "No plugins registered for
   primitive 'stack' inside jit body"; its arange over a symbolic batch: "'_DynamicDimSentinel'
-  object has no attribute 'rmax'"). The pseudo-NMS stays an equality with the 3x3 max-pooled
+  object has no attribute 'rmax'"), DLA's and BiFPN's MaxPool2d(k) (`layers.max_pool`, a 4-D
+  reduce_window as above), DLA's depthwise transposed convolution (its IDA upsampling: the same
+  ConvTranspose strides bug, "[ShapeInferenceError] Incompatible dimensions" in onnxruntime;
+  `export_mode.depthwise_conv_transpose_for_onnx`, the phase form with C groups) and CenterNet
+  alone's vmapped per-class NMS (`ops.nms.batched_nms_batch`, the vmap error above). The
+  pseudo-NMS stays an equality with the 3x3 max-pooled
   heatmap (Equal + Mul): fp16-safe, unlike a 1e-9 / 1e9 trick (fp16 flushes 1e-9 to 0 and
   overflows 1e9 to inf); the pooled max is one of its inputs, bit for bit, in any precision.
   Opset 18 by default (jax2onnx writes ReduceMax with an axes input even at opset 17).

@@ -804,6 +804,79 @@ def test_onnx_forms_of_centernet2_equal_the_models():
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+def test_onnx_forms_of_zoo_ops_equal_the_models():
+  """The forms that the zoo's other architectures need compute the model's ops in JAX: the
+  class-aware batched NMS of the official one-stage CenterNet (every `batched_nms` mode; rows on
+  both sides of torchvision_cpu's 4000-coordinate switch; ties, duplicate boxes of other classes,
+  negative coordinates, invalid and all-invalid rows), its whole decode (`predict_instances`,
+  distinct scores: XLA's approx_max_k leaves the order of equal ones unspecified), DLA's depthwise
+  transposed convolution and the MaxPool2d(k) of DLA and BiFPN."""
+  from cn2_jax.modeling import layers
+  from cn2_jax.modeling.backbone import dla_up
+  from cn2_jax.modeling.ops import nms as nms_ops
+  from cn2_jax.modeling.proposal import onestage_decode
+
+  rng = np.random.default_rng(3)
+  b, n = 3, 1100
+  xy = rng.integers(-20, 60, (b, n, 2)).astype(np.float32)
+  boxes = np.concatenate([xy, xy + rng.integers(0, 25, (b, n, 2))], -1).astype(np.float32)
+  boxes[:, 1:n:7] = boxes[:, 0 : n - 1 : 7]  # duplicates (of the same class or another)
+  scores = (rng.integers(0, 9, (b, n)) / 8).astype(np.float32)  # many equal scores
+  classes = rng.integers(0, 4, (b, n)).astype(np.int32)
+  valid = np.ones((b, n), bool)
+  valid[1] = rng.uniform(size=n) > 0.2  # < 1000 valid: the offset trick in torchvision_cpu
+  valid[2] = False
+  for mode, max_out, tile, thr in (
+      ("per_class", 50, 128, 0.5),
+      ("offset", 1200, 512, 0.3),
+      ("torchvision_cpu", 50, 128, 0.5),
+      ("torchvision_cpu", 1200, 512, 0.3),
+      ("torchvision_cuda", 60, 256, 0.5),
+  ):
+    kw = dict(mode=mode, tile_size=tile)
+    want = nms_ops.batched_nms_batch(boxes, scores, classes, valid, thr, max_out, **kw)
+    with export_mode.onnx_ops():
+      got = nms_ops.batched_nms_batch(boxes, scores, classes, valid, thr, max_out, **kw)
+    for g, w in zip(got, want):
+      assert g.dtype == w.dtype and g.shape == w.shape
+      np.testing.assert_array_equal(g, w, err_msg=mode)
+    assert np.asarray(want[1])[:2].sum() >= 2 * 50  # rows 0 and 1 keep many boxes
+
+  levels = [(2, 8, 10, 3, 8), (2, 4, 5, 3, 16)]
+  logits = [rng.normal(size=(bb, h, w, c)).astype(np.float32) for bb, h, w, c, _ in levels]
+  reg = [rng.uniform(0, 3, (bb, h, w, 4)).astype(np.float32) for bb, h, w, _, _ in levels]
+  masks = [np.ones((bb, h, w), bool) for bb, h, w, _, _ in levels]
+  masks[0][1, 5:] = False
+  for kw in (dict(nms_thresh=0.6), dict(nms_thresh=0.6, center_nms=True)):
+    kw.update(strides=[lv[-1] for lv in levels], pre_nms_topk=100, post_nms_topk=40)
+    fn = lambda lg, rg, ms, kw=kw: onestage_decode.predict_instances(  # noqa: E731
+        lg, rg, ms, score_thresh=0.3, **kw
+    )
+    want = jax.jit(fn)(logits, reg, masks)
+    with export_mode.onnx_ops():
+      got = jax.jit(lambda *a: fn(*a))(logits, reg, masks)  # a new function: traced afresh
+    assert int(np.asarray(want["valid"]).sum()) > 20
+    for k in want:
+      np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+  for f, h, w in ((2, 5, 7), (4, 8, 8), (8, 1, 3)):
+    x = rng.normal(size=(2, h, w, 6)).astype(np.float32)
+    kernel = rng.normal(size=(2 * f, 2 * f, 1, 6)).astype(np.float32)
+    want = dla_up.depthwise_conv_transpose(x, kernel, f)
+    with export_mode.onnx_ops():
+      got = dla_up.depthwise_conv_transpose(x, kernel, f)
+    assert got.shape == want.shape == (2, h * f, w * f, 6)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  x = rng.normal(size=(2, 9, 7, 3)).astype(np.float32)
+  x[0, 0, 0] = -np.inf
+  for size in (2, 3):
+    want = layers.max_pool(x, size)
+    with export_mode.onnx_ops():
+      got = layers.max_pool(x, size)
+    assert got.shape == want.shape == (2, 9 // size, 7 // size, 3)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_onnx_friendly_centernet2_detector(run):
   """The whole CenterNet2 traced with the ONNX-friendly forms (inside `onnx_ops()`) gives the
   model's detections in JAX, for a batch of 2 images of different sizes."""

@@ -24,6 +24,7 @@ The modules call the dispatching ops of this file, or define their op with `@onn
   onnx_form      a decorator for ops defined elsewhere, with their forms here:
                  `max_pool_3x3_s2_p1_for_onnx` (ResNet's stem max-pool, a custom_vjp op),
                  `conv_transpose2d_for_onnx` (the one-stage neck's transposed convolution),
+                 `depthwise_conv_transpose_for_onnx` (DLA's IDA upsampling),
                  `ops.dcn.deform_conv2d_for_onnx` (the deformable convolution); CenterNet2's,
                  beside their ops: `ops.nms.nms_for_onnx` (batched, two stable single-key
                  sorts, no vmap / scatter), `ops.boxes.no_fma_for_onnx` (no bitcast),
@@ -159,10 +160,19 @@ def transpose_for_onnx(x: jax.Array, perm: Sequence[int]) -> jax.Array:
 
 
 def conv_transpose2d_for_onnx(
-    x, kernel, *, stride: int = 2, padding: int = 1, output_padding: int = 0, precision=None
+    x,
+    kernel,
+    *,
+    stride: int = 2,
+    padding: int = 1,
+    output_padding: int = 0,
+    precision=None,
+    feature_group_count: int = 1,
 ):
-  """`onestage.neck.conv_transpose2d` as one stride-1 convolution of the input with the kernel's
-  stride x stride phases stacked as output channels, then depth-to-space: the same values.
+  """`onestage.neck.conv_transpose2d` (with `feature_group_count`, a grouped one such as
+  `backbone.dla_up.depthwise_conv_transpose`) as one stride-1 convolution of the input with the
+  kernel's stride x stride phases stacked as output channels, then depth-to-space: the same
+  values.
   jax2onnx 0.12.5 converts the `lhs_dilation` convolution of the original into a ConvTranspose
   with the window strides (1) instead of the dilation as its strides (the output came out smaller
   than the input); zero-inserting the input explicitly converts right but costs stride**2 times
@@ -170,7 +180,9 @@ def conv_transpose2d_for_onnx(
 
   Output pixel Y (one axis) = stride * q + r - padding gets sum_j x[q - j] kernel[r + j stride]
   (j < n = ceil(k / stride); taps past the kernel are zeros): for each phase r a correlation of
-  the input, padded by n - 1 - q0 in front, with the phase's taps reversed."""
+  the input, padded by n - 1 - q0 in front, with the phase's taps reversed. Grouped: `kernel
+  [kh, kw, Cin / groups, Cout]`, each output channel's phases next to each other, so that every
+  group's outputs stay contiguous."""
   kh, kw, cin, cout = kernel.shape
   s, p = stride, padding
   n = -(-max(kh, kw) // s)  # taps per phase and axis
@@ -179,10 +191,10 @@ def conv_transpose2d_for_onnx(
   out_w = (w - 1) * s - 2 * p + kw + output_padding
   q0 = p // s  # first phase index needed (t = Y + p = s q + r)
   qh, qw = (p + out_h - 1) // s - q0 + 1, (p + out_w - 1) // s - q0 + 1
-  # kernel[r + j s] for j < n, r < s (zeros past the kernel), reversed in j: [n, n, Cin, s*s*Cout]
+  # kernel[r + j s] for j < n, r < s (zeros past the kernel), reversed in j: [n, n, Cin, Cout*s*s]
   k = jnp.pad(kernel, ((0, n * s - kh), (0, n * s - kw), (0, 0), (0, 0)))
   k = k.reshape(n, s, n, s, cin, cout)[::-1, :, ::-1]
-  k = k.transpose(0, 2, 4, 1, 3, 5).reshape(n, n, cin, s * s * cout)
+  k = k.transpose(0, 2, 4, 5, 1, 3).reshape(n, n, cin, cout * s * s)
   lo = n - 1 - q0  # >= 0: padding <= k - 1
   hi_h, hi_w = qh + n - 1 - lo - h, qw + n - 1 - lo - w
   x = jnp.pad(x, ((0, 0), (lo, max(hi_h, 0)), (lo, max(hi_w, 0)), (0, 0)))
@@ -194,10 +206,21 @@ def conv_transpose2d_for_onnx(
       padding="VALID",
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
       precision=precision,
-  )  # [N, qh, qw, (r_y, r_x, Cout)]
+      feature_group_count=feature_group_count,
+  )  # [N, qh, qw, (Cout, r_y, r_x)]
   y = (
-      y.reshape(-1, qh, qw, s, s, cout)
-      .transpose(0, 1, 3, 2, 4, 5)
+      y.reshape(-1, qh, qw, cout, s, s)
+      .transpose(0, 1, 4, 2, 5, 3)
       .reshape(-1, qh * s, qw * s, cout)
   )
   return y[:, p - s * q0 : p - s * q0 + out_h, p - s * q0 : p - s * q0 + out_w]
+
+
+def depthwise_conv_transpose_for_onnx(x: jax.Array, kernel: jax.Array, factor: int) -> jax.Array:
+  """`backbone.dla_up.depthwise_conv_transpose` (DLA's IDA upsampling, torch `ConvTranspose2d(C, C,
+  2f, stride f, padding f // 2, groups=C)`) as `conv_transpose2d_for_onnx` with C groups: the same
+  values; its `lhs_dilation` convolution converts to a ConvTranspose with strides 1 (jax2onnx
+  0.12.5), which onnxruntime rejects ("[ShapeInferenceError] Incompatible dimensions")."""
+  return conv_transpose2d_for_onnx(
+      x, kernel, stride=factor, padding=factor // 2, feature_group_count=x.shape[-1]
+  )

@@ -19,7 +19,6 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cn2_jax.modeling import export_mode
 
@@ -395,7 +394,7 @@ class Scale(nn.Module):
 
 
 def max_pool(x: jax.Array, size: int) -> jax.Array:
-  """torch `nn.MaxPool2d(size)` (stride = size, no padding, floor output size) on NHWC."""
-  # A concrete (numpy) -inf init value: lowers to reduce_window_max, which has a gradient.
-  window = (1, size, size, 1)
-  return jax.lax.reduce_window(x, np.array(-np.inf, x.dtype), jax.lax.max, window, window, "VALID")
+  """torch `nn.MaxPool2d(size)` (stride = size, no padding, floor output size) on NHWC: a 4-D
+  `reduce_window_max`, which has a gradient (inside `export_mode.onnx_ops()` a 2-D max-pool, as
+  onnxruntime takes no 4-D MaxPool: `export_mode.max_pool`)."""
+  return export_mode.max_pool(x, size, size, 0)

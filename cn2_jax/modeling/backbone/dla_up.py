@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cn2_jax.modeling import export_mode
 from cn2_jax.modeling.backbone.build import register
 from cn2_jax.modeling.backbone.dla import DLA, DLA34_CHANNELS, DLA34_LEVELS, dla_norm
 from cn2_jax.modeling.canvas import zero_outside_canvas
@@ -56,6 +57,7 @@ def bilinear_upsampling_init(key, shape, dtype=jnp.float32):
   return jnp.broadcast_to(jnp.asarray(w, dtype)[:, :, None, None], shape)
 
 
+@export_mode.onnx_form(export_mode.depthwise_conv_transpose_for_onnx)
 def depthwise_conv_transpose(x: jax.Array, kernel: jax.Array, factor: int) -> jax.Array:
   """torch `ConvTranspose2d(C, C, 2f, stride=f, padding=f // 2, groups=C, bias=False)` on NHWC.
 

@@ -397,7 +397,9 @@ class CenterNetDetector(nn.Module):
             ("/proposal_generator/", "model.centernet_detector (tower convs, norm)"),
         ),
     ),
-    onnx_parts={"dense": "dense_outputs"},
+    # --format onnx: the whole detector (its top-k, divmod and per-class NMS trace as ONNX-friendly
+    # forms, cn2_jax/export.py), or its dense part
+    onnx_parts={"detector": None, "dense": "dense_outputs"},
 )
 def build_centernet_detector(model_config, axis_name: Optional[str] = None) -> CenterNetDetector:
   """`config.model` (arch "centernet") -> the official one-stage `CenterNetDetector`: the

@@ -286,6 +286,8 @@ def nms_for_onnx(
     max_output: int,
     *,
     tile_size: int = DEFAULT_TILE_SIZE,
+    classes: Optional[jax.Array] = None,
+    class_aware: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, jax.Array]:
   """`nms` for an ONNX conversion, batched explicitly over any leading dimensions (`boxes
   [..., N, 4]`, `scores`/`valid [..., N]` -> `[..., max_output]` each; the leading ones may be a
@@ -296,7 +298,11 @@ def nms_for_onnx(
 
   The loops run until every row is done; a finished row is unchanged by further tiles (its tiles
   hold only invalid boxes, or its buffer is full: the `pos < cap` guard drops the extra kept
-  boxes), and the fixed-point iteration of a converged row is its identity."""
+  boxes), and the fixed-point iteration of a converged row is its identity.
+
+  `classes [..., N]` int32 (with `class_aware [...]` bool, default all True): in the rows where
+  class_aware holds, a box only suppresses boxes of its own class (`_nms_core`'s class-aware
+  mode; `batched_nms_for_onnx`)."""
   lead, n = scores.shape[:-1], scores.shape[-1]
   max_output = int(max_output)
   if max_output <= 0 or n == 0:
@@ -308,6 +314,10 @@ def nms_for_onnx(
   scores = jnp.asarray(scores, jnp.float32).reshape(-1, n)
   valid = jnp.asarray(valid).astype(bool).reshape(-1, n)
   thr = _f32_threshold(iou_threshold)
+  if classes is not None:
+    classes = jnp.asarray(classes).astype(jnp.int32).reshape(-1, n)
+    aware = jnp.ones_like(valid[:, 0]) if class_aware is None else class_aware
+    aware = jnp.asarray(aware).astype(bool).reshape(-1, 1, 1)
 
   order = sort_order_for_onnx(scores, valid)
   n_valid = jnp.sum(valid, axis=1, dtype=jnp.int32)  # [B]
@@ -319,6 +329,8 @@ def nms_for_onnx(
   sb = jnp.pad(jnp.take_along_axis(boxes, order[:, :, None], axis=1), ((0, 0), (0, pad), (0, 0)))
   sv = jnp.pad(jnp.take_along_axis(valid, order, axis=1), ((0, 0), (0, pad)))
   sa = no_fma(box_area(sb), zero)
+  if classes is not None:
+    sc = jnp.pad(jnp.take_along_axis(classes, order, axis=1), ((0, 0), (0, pad)))
   cap = min(max_output, n)
   cap_iota = jnp.arange(cap, dtype=jnp.int32)
   tile_iota = jnp.arange(tile, dtype=jnp.int32)
@@ -348,8 +360,13 @@ def nms_for_onnx(
     kb = jnp.take_along_axis(sb, kpos[:, :, None], axis=1)  # the kept boxes [B, cap, 4]
     ka = jnp.take_along_axis(sa, kpos, axis=1)
     sup = (_iou_block_batched(kb, ka, tb, ta, zero) > thr) & (cap_iota < count[:, None])[:, :, None]
-    cand = tv & ~jnp.any(sup, axis=1)
     self_sup = (_iou_block_batched(tb, ta, tb, ta, zero) > thr) & later
+    if classes is not None:
+      tc = jax.lax.dynamic_slice_in_dim(sc, start, tile, axis=1)
+      kc = jnp.take_along_axis(sc, kpos, axis=1)
+      sup = sup & ((kc[:, :, None] == tc[:, None, :]) | ~aware)
+      self_sup = self_sup & ((tc[:, :, None] == tc[:, None, :]) | ~aware)
+    cand = tv & ~jnp.any(sup, axis=1)
     keep = resolve(cand, self_sup)
     pos = count[:, None] + jnp.cumsum(keep.astype(jnp.int32), axis=1) - 1
     dest = jnp.where(keep & (pos < cap), pos, cap)  # [B, tile]; cap = nowhere
@@ -368,3 +385,64 @@ def nms_for_onnx(
     keep_valid = jnp.pad(keep_valid, ((0, 0), (0, max_output - cap)))
   out_shape = (-1,) + tuple(lead[1:]) + (max_output,) if lead else (max_output,)
   return keep_idx.astype(jnp.int32).reshape(out_shape), keep_valid.reshape(out_shape)
+
+
+def batched_nms_for_onnx(
+    boxes: jax.Array,
+    scores: jax.Array,
+    classes: jax.Array,
+    valid: jax.Array,
+    iou_threshold: float,
+    max_output: int,
+    *,
+    mode: str = "per_class",
+    tile_size: int = DEFAULT_TILE_SIZE,
+) -> tuple[jax.Array, jax.Array]:
+  """`batched_nms` for an ONNX conversion, batched over leading dimensions (`boxes [..., N, 4]`,
+  the rest `[..., N]`; no vmap, as `nms_for_onnx`): the same modes and values. The offset trick's
+  coordinates are computed as in `batched_nms` (max over each row's valid boxes), and
+  "torchvision_cpu" / "torchvision_cuda" choose per row between them and the class-aware NMS."""
+  kw = dict(tile_size=tile_size)
+  classes = jnp.asarray(classes).astype(jnp.int32)
+  if mode == "per_class":
+    return nms_for_onnx(boxes, scores, valid, iou_threshold, max_output, classes=classes, **kw)
+  if mode not in ("offset",) + tuple(_VANILLA_NUMEL):
+    raise ValueError(f"batched_nms: unknown mode {mode!r}")
+  boxes = jnp.asarray(boxes, jnp.float32)
+  valid = jnp.asarray(valid).astype(bool)
+  n_valid = jnp.sum(valid, axis=-1, dtype=jnp.int32)  # [...]
+  zero = (jnp.min(n_valid) < 0).astype(jnp.int32)
+  if scores.shape[-1] == 0:  # nothing to reduce (jax2onnx refuses jnp.max's `initial`)
+    return nms_for_onnx(boxes, scores, valid, iou_threshold, max_output, **kw)
+  max_coord = jnp.max(jnp.where(valid[..., None], boxes, -jnp.inf), axis=(-2, -1))
+  max_coord = jnp.where(n_valid > 0, max_coord, 0.0)
+  offsets = no_fma(classes.astype(jnp.float32) * (max_coord[..., None] + 1.0), zero)
+  shifted = boxes + offsets[..., None]
+  if mode == "offset":
+    return nms_for_onnx(shifted, scores, valid, iou_threshold, max_output, **kw)
+  vanilla = 4 * n_valid > _VANILLA_NUMEL[mode]
+  eff = jnp.where(vanilla[..., None, None], boxes, shifted)
+  return nms_for_onnx(
+      eff, scores, valid, iou_threshold, max_output, classes=classes, class_aware=vanilla, **kw
+  )
+
+
+@export_mode.onnx_form(lambda *a, **k: batched_nms_for_onnx(*a, **k))
+def batched_nms_batch(
+    boxes: jax.Array,
+    scores: jax.Array,
+    classes: jax.Array,
+    valid: jax.Array,
+    iou_threshold: float,
+    max_output: int,
+    *,
+    mode: str = "per_class",
+    tile_size: int = DEFAULT_TILE_SIZE,
+) -> tuple[jax.Array, jax.Array]:
+  """`batched_nms` of each image of a batch (`boxes [B, N, 4]`, the rest `[B, N]`): its vmap;
+  `batched_nms_for_onnx` inside `export_mode.onnx_ops()` (jax2onnx fails on the vmap)."""
+
+  def single(bx, sc, cl, ok):
+    return batched_nms(bx, sc, cl, ok, iou_threshold, max_output, mode=mode, tile_size=tile_size)
+
+  return jax.vmap(single)(boxes, scores, classes, valid)

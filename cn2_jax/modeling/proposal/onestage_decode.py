@@ -40,7 +40,8 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from cn2_jax.modeling.ops.nms import DEFAULT_TILE_SIZE, batched_nms
+from cn2_jax.modeling import export_mode
+from cn2_jax.modeling.ops.nms import DEFAULT_TILE_SIZE, batched_nms_batch
 
 
 def _level_candidates(
@@ -62,9 +63,7 @@ def _level_candidates(
     heat = jnp.where(mask[..., None], heat, 0.0)
   if center_nms:
     # max_pool2d(3, stride 1, padding 1) over (H, W) per class; -inf padding as torch.
-    peak = jax.lax.reduce_window(
-        heat, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
-    )
+    peak = export_mode.max_pool(heat, 3, 1, 1)
     heat = heat * (peak == heat).astype(heat.dtype)
   heat = heat.reshape(b, h * w * c)  # official order: location-major, class inner
   cand = heat > score_thresh
@@ -74,13 +73,14 @@ def _level_candidates(
     rank = (heat.reshape(b, h * w, c) * agn[..., None]).reshape(b, h * w * c)
   k = min(int(pre_nms_topk), h * w * c)
   # Candidates first (a rank below every real one), then the largest heatmap values.
-  top, idx = jax.lax.top_k(jnp.where(cand, rank, -1.0), k)
+  top, idx = export_mode.top_k(jnp.where(cand, rank, -1.0), k)
   valid = jnp.take_along_axis(cand, idx, axis=1)
-  loc = idx // c
-  cls = (idx % c).astype(jnp.int32)
+  loc, cls = export_mode.int_divmod(idx, c)
+  cls = cls.astype(jnp.int32)
   s = int(stride)
-  gx = ((loc % w) * s + s // 2).astype(jnp.float32)
-  gy = ((loc // w) * s + s // 2).astype(jnp.float32)
+  row, col = export_mode.int_divmod(loc, w)
+  gx = (col * s + s // 2).astype(jnp.float32)
+  gy = (row * s + s // 2).astype(jnp.float32)
   d = ltrb.astype(jnp.float32).reshape(b, h * w, 4) * jnp.float32(s)  # pixels, as official
   d = jnp.take_along_axis(d, loc[..., None], axis=1)  # [B, k, 4]
   x1 = gx - d[..., 0]
@@ -174,14 +174,12 @@ def onestage_detections(
   k = int(post_nms_topk)
 
   if apply_nms and nms_thresh > 0:
-
-    def single(bx, sc, cl, ok):
-      return batched_nms(bx, sc, cl, ok, nms_thresh, k, mode=nms_mode, tile_size=nms_tile_size)
-
-    keep, keep_valid = jax.vmap(single)(boxes, scores, classes, valid)
+    keep, keep_valid = batched_nms_batch(
+        boxes, scores, classes, valid, nms_thresh, k, mode=nms_mode, tile_size=nms_tile_size
+    )
   else:
     n = scores.shape[1]
-    _, keep = jax.lax.top_k(jnp.where(valid, scores, -1.0), min(k, n))
+    _, keep = export_mode.top_k(jnp.where(valid, scores, -1.0), min(k, n))
     keep_valid = jnp.take_along_axis(valid, keep, axis=1)
     if n < k:
       keep = jnp.pad(keep, ((0, 0), (0, k - n)))
