@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The full-size official-zoo oracle checks (tests marked `zoo`: parity of every zoo architecture
-# with the official code on the dev image, the zoo backbones against the oracles' feature maps).
+# with the official code on the dev image, the zoo backbones against the oracles' feature maps,
+# and a few compile-heavy whole-model checks such as the one-stage canvas exactness).
 # They need ../shared/oracle_zoo and take a few minutes on 2 CPU cores; CI runs them after the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -247,10 +247,14 @@ def xla_convs(monkeypatch):
   monkeypatch.setattr(layers, "MATMUL_FORMS_MIN_MACS", 2**62)
 
 
+# The two whole-model checks are compile-heavy (40-55 s each on 2 cores): they run in CI's second
+# script (scripts/test_zoo.sh, marker zoo), which keeps the README's suite under its time budget.
+@pytest.mark.zoo
 def test_resnet18_dcn_on_a_larger_canvas_equals_the_official_canvas(xla_convs):
   _check_exact(_tiny(depth=18, use_deform=True, modulate_deform=True), with_kd=True)
 
 
+@pytest.mark.zoo
 def test_regnet_mse_on_a_larger_canvas_equals_the_official_canvas(xla_convs, monkeypatch):
   """A tiny RegNetY (grouped 3x3 convs, SE, identity and projection shortcuts) with the MSE
   heatmap loss."""
