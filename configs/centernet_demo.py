@@ -44,6 +44,12 @@ def get_config():
   s.warmup_factor = 0.001
   s.max_iter = 2600
   s.steps = (2130, 2470)
+  # The whole 192x192 batch canvas counts (padding included in BatchNorm statistics and heatmap
+  # negatives), not the batch's official canvas (centerX's per-batch padding, the family's
+  # default): with this recipe's aspect-grouped, one-scale-per-batch batches the official canvas
+  # holds almost no padding, and training on it ended far lower (seed 1, cosine + EMA: AP 0.358
+  # against 0.604; seed 0: 0.476 against 0.510; bench/RESULTS.md "One-stage canvas").
+  o.mask_canvas = False
 
   c.train = demo.get_config().train
 

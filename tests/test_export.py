@@ -431,6 +431,7 @@ def onestage(_fast):
   cfg = load_config_file(os.path.join(REPO, "configs", "centernet_demo.py"))
   cfg.data.min_size_test, cfg.data.max_size_test, cfg.data.pad_hw_test = 48, 64, (64, 64)
   cfg.model.onestage.use_deform = True  # centerX's DCNv2 neck (the demo config has plain convs)
+  cfg.model.onestage.mask_canvas = True  # the family's default (the demo config turns it off)
   return Predictor(cfg, detector.init_variables(cfg.model, seed=1))
 
 

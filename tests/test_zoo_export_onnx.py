@@ -57,6 +57,7 @@ def _onestage_predictor(backbone: str) -> Predictor:
   cfg = load_config_file(f"{REPO}/configs/centernet_demo.py")
   cfg.data.min_size_test, cfg.data.max_size_test, cfg.data.pad_hw_test = 48, 64, ONESTAGE_CANVAS
   cfg.model.onestage.backbone = backbone
+  cfg.model.onestage.mask_canvas = True  # the family's default (the demo config turns it off)
   return Predictor(cfg, detector.init_variables(cfg.model, seed=1))
 
 
