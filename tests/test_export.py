@@ -697,6 +697,7 @@ def test_onnx_check_onestage(tmp_path, onestage):
   assert "detections matched" in stdout and ": ok" in stdout, stdout
 
 
+@pytest.mark.onnx_step
 def test_onnx_forms_of_centernet2_equal_the_models():
   """CenterNet2's ONNX-friendly forms compute the model's ops in JAX: the batched NMS (ties,
   duplicate boxes, invalid rows, all-invalid rows, more outputs than boxes, tiles of 1..N,
@@ -805,6 +806,7 @@ def test_onnx_forms_of_centernet2_equal_the_models():
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+@pytest.mark.onnx_step
 def test_onnx_forms_of_zoo_ops_equal_the_models():
   """The forms that the zoo's other architectures need compute the model's ops in JAX: the
   class-aware batched NMS of the official one-stage CenterNet (every `batched_nms` mode; rows on
@@ -878,6 +880,7 @@ def test_onnx_forms_of_zoo_ops_equal_the_models():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.onnx_step
 def test_onnx_friendly_centernet2_detector(run):
   """The whole CenterNet2 traced with the ONNX-friendly forms (inside `onnx_ops()`) gives the
   model's detections in JAX, for a batch of 2 images of different sizes."""
