@@ -35,6 +35,11 @@ StableHLO (`--format stablehlo`, the default): `jax.export` of the Predictor's w
   Signature:
     inputs   image     uint8 [N, H, W, 3]  RGB, the (resized) image at the top-left, zeros at
                                            the bottom/right
+                       (`--input normalized`: float32, the image already normalised as the
+                       model's preprocessing does, in the model's channel order: FILE.json
+                       "normalization" gives x[..., c] = rgb[..., channels[c]] * multiply[c] +
+                       add[c]; the file still zeroes it outside image_hw. `--layout nchw`:
+                       [N, 3, H, W] instead, either dtype)
              image_hw  int32 [N, 2]        valid (height, width) of each image
              orig_hw   int32 [N, 2]        only with --orig-hw: each image's size before resizing
     outputs  a dict (flat order by sorted key: boxes, classes, scores, valid):
@@ -235,6 +240,7 @@ from typing import Callable, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from cn2_jax import export_check
 from cn2_jax.config import base_config, load_config_file
@@ -250,6 +256,8 @@ DEFAULT_PLATFORMS = ("cpu", "cuda")
 ONNX_INSTALL = "pip install -r requirements-onnx.txt"
 
 Batch = Union[int, str]  # a fixed batch size or the name of a symbolic dimension
+IMAGE_INPUTS = ("uint8", "normalized")  # --input: what the file's `image` holds
+LAYOUTS = ("nhwc", "nchw")  # --layout: the axis order of the file's `image`
 
 
 # ------------------------------------------------------------------------------ model to export
@@ -297,14 +305,75 @@ def _batch_dim(batch: Batch):
   return int(batch)
 
 
-def input_specs(batch: Batch, hw: Sequence[int], orig_hw: bool = False) -> tuple:
-  """ShapeDtypeStructs of (image, image_hw[, orig_hw]); `batch` a size or a symbolic name."""
+def _check_image_input(image_input: str, layout: str) -> None:
+  if image_input not in IMAGE_INPUTS:
+    raise ConfigError(f"--input must be one of {', '.join(IMAGE_INPUTS)}, got {image_input!r}")
+  if layout not in LAYOUTS:
+    raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+
+
+def input_specs(
+    batch: Batch,
+    hw: Sequence[int],
+    orig_hw: bool = False,
+    image_input: str = "uint8",
+    layout: str = "nhwc",
+) -> tuple:
+  """ShapeDtypeStructs of (image, image_hw[, orig_hw]); `batch` a size or a symbolic name; image
+  uint8 or float32 (`image_input` normalized), [N, H, W, 3] or [N, 3, H, W] (`layout` nchw)."""
+  _check_image_input(image_input, layout)
   n = _batch_dim(batch)
   h, w = hw
-  specs = [jax.ShapeDtypeStruct((n, h, w, 3), jnp.uint8), jax.ShapeDtypeStruct((n, 2), jnp.int32)]
+  shape = (n, h, w, 3) if layout == "nhwc" else (n, 3, h, w)
+  dtype = jnp.uint8 if image_input == "uint8" else jnp.float32
+  specs = [jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct((n, 2), jnp.int32)]
   if orig_hw:
     specs.append(jax.ShapeDtypeStruct((n, 2), jnp.int32))
   return tuple(specs)
+
+
+def with_image_input(fn: Callable, image_input: str = "uint8", layout: str = "nhwc") -> Callable:
+  """`fn(image uint8 [N, H, W, 3], *rest)` as a function of the export's image input: an NCHW
+  image is transposed in the graph, and a normalised one is traced inside
+  `export_mode.normalized_input()` (the families' preprocessing then only zeroes the padding)."""
+  _check_image_input(image_input, layout)
+  if (image_input, layout) == ("uint8", "nhwc"):
+    return fn
+
+  def wrapped(image, *rest):
+    if layout == "nchw":
+      image = jnp.transpose(image, (0, 2, 3, 1))
+    with export_mode.normalized_input(image_input == "normalized"):
+      return fn(image, *rest)
+
+  return wrapped
+
+
+def input_normalization(predictor) -> dict:
+  """The model's preprocessing of an RGB uint8 image as a per-channel affine map, read off the
+  family's own `preprocess` on probe images: `x[..., c] = rgb[..., channels[c]] * multiply[c] +
+  add[c]` (`channels` "RGB" or "BGR"), then 0 outside image_hw. What `--input normalized` takes."""
+  probes = np.zeros((4, 32, 32, 3), np.uint8)
+  for i in range(3):
+    probes[i + 1, ..., i] = 255
+  hw = np.full((4, 2), 32, np.int32)
+  out = jax.jit(
+      lambda image, image_hw: predictor.model.apply(
+          predictor.variables, image, image_hw, method="preprocess"
+      )
+  )(probes, hw)
+  out = np.asarray(out[:, 0, 0], np.float64)  # [probe, channel]
+  add = out[0]
+  slopes = (out[1:] - add) / 255.0  # [input channel, output channel]
+  channels = [int(np.argmax(np.abs(slopes[:, c]))) for c in range(3)]
+  order = {(0, 1, 2): "RGB", (2, 1, 0): "BGR"}.get(tuple(channels))
+  if order is None or np.count_nonzero(np.abs(slopes) > 1e-12) != 3:
+    raise ConfigError(f"the model's preprocess is not a per-channel affine map of RGB: {slopes}")
+  return dict(
+      channels=order,
+      multiply=[float(slopes[channels[c], c]) for c in range(3)],
+      add=[float(a) for a in add],
+  )
 
 
 def detection_fn(predictor, orig_hw: bool = False) -> Callable:
@@ -329,11 +398,14 @@ def export_stablehlo(
     hw: Optional[Sequence[int]] = None,
     orig_hw: bool = False,
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    image_input: str = "uint8",
+    layout: str = "nhwc",
 ) -> jax.export.Exported:
   """`jax.export` of the Predictor's detections (see the module docstring for the signature)."""
   hw = _check_hw(predictor.config, hw or default_hw(predictor.config))
-  fn = jax.jit(detection_fn(predictor, orig_hw))
-  return jax.export.export(fn, platforms=tuple(platforms))(*input_specs(batch, hw, orig_hw))
+  fn = jax.jit(with_image_input(detection_fn(predictor, orig_hw), image_input, layout))
+  specs = input_specs(batch, hw, orig_hw, image_input, layout)
+  return jax.export.export(fn, platforms=tuple(platforms))(*specs)
 
 
 def serialize(exported: jax.export.Exported) -> bytes:
@@ -485,6 +557,8 @@ def export_onnx(
     part: Optional[str] = None,
     orig_hw: bool = False,
     nms: str = "graph",
+    image_input: str = "uint8",
+    layout: str = "nhwc",
 ):
   """jax2onnx conversion of an ONNX part (the family's `onnx_parts`; None = its default: the whole
   detector, for both families), traced inside
@@ -502,11 +576,12 @@ def export_onnx(
     fn, names = pre_nms_fn(predictor)
   else:
     fn, names = part_fn(predictor, part, orig_hw)
+  fn = with_image_input(fn, image_input, layout)
   # stderr: jax2onnx 0.12.5 prints "DEBUG: conv_dtype_enum=..." for every convolution.
   with onnx_friendly_ops(), contextlib.redirect_stdout(sys.stderr):
     proto = jax2onnx.to_onnx(
         fn,
-        list(input_specs(batch, hw, orig_hw)),
+        list(input_specs(batch, hw, orig_hw, image_input, layout)),
         model_name=f"cn2_jax_{arch}_{part}",
         opset=opset,
         input_names=["image", "image_hw"] + (["orig_hw"] if orig_hw else []),
@@ -632,9 +707,22 @@ def _parse_batch(text: str) -> Batch:
 
 
 def _metadata(
-    predictor, fmt: str, signature: dict, hw, batch, weights: str, onnx_part: Optional[str] = None
+    predictor,
+    fmt: str,
+    signature: dict,
+    hw,
+    batch,
+    weights: str,
+    onnx_part: Optional[str] = None,
+    image_input: str = "uint8",
+    layout: str = "nhwc",
 ) -> dict:
   data_cfg, model_cfg = predictor.config.data, predictor.config.model
+  image = dict(
+      uint8="RGB uint8 at the top-left of a zero canvas",
+      normalized="float32, the RGB uint8 canvas normalised: x[..., c] = rgb[..., channels[c]] * "
+      "multiply[c] + add[c] (normalization below), 0 outside image_hw",
+  )[image_input] + (", [N, 3, H, W]" if layout == "nchw" else ", [N, H, W, 3]")
   return dict(
       format=fmt,
       arch=model_cfg.arch,
@@ -646,7 +734,10 @@ def _metadata(
       class_names=predictor.class_names,
       category_ids=predictor.category_ids,
       preprocess=dict(
-          image="RGB uint8 at the top-left of a zero canvas",
+          image=image,
+          input=image_input,
+          layout=layout,
+          normalization=input_normalization(predictor),
           resize_type=data_cfg.resize_type,
           min_size_test=int(data_cfg.min_size_test),
           max_size_test=int(data_cfg.max_size_test),
@@ -692,6 +783,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       "--platforms",
       default=",".join(DEFAULT_PLATFORMS),
       help="stablehlo: comma-separated platforms to lower for",
+  )
+  parser.add_argument(
+      "--input",
+      default="uint8",
+      choices=IMAGE_INPUTS,
+      help="the file's image input: uint8 RGB (default; the file normalises) or float32 already "
+      "normalised (FILE.json's normalization)",
+  )
+  parser.add_argument(
+      "--layout", default="nhwc", choices=LAYOUTS, help="the image input's axis order"
   )
   parser.add_argument("--opset", type=int, default=18, help="onnx: opset version")
   parser.add_argument(
@@ -780,10 +881,9 @@ def _run(args) -> int:
   if args.format == "stablehlo":
     batch = "b" if args.batch is None else args.batch
     platforms = tuple(p for p in args.platforms.split(",") if p)
+    kwargs = dict(platforms=platforms, image_input=args.input, layout=args.layout)
     try:
-      exported = export_stablehlo(
-          predictor, batch=batch, hw=hw, orig_hw=args.orig_hw, platforms=platforms
-      )
+      exported = export_stablehlo(predictor, batch=batch, hw=hw, orig_hw=args.orig_hw, **kwargs)
     except Exception as e:  # noqa: BLE001 - a family whose ops need a static batch
       if not isinstance(batch, str):
         raise
@@ -793,9 +893,7 @@ def _run(args) -> int:
           file=sys.stderr,
       )
       batch = 1
-      exported = export_stablehlo(
-          predictor, batch=batch, hw=hw, orig_hw=args.orig_hw, platforms=platforms
-      )
+      exported = export_stablehlo(predictor, batch=batch, hw=hw, orig_hw=args.orig_hw, **kwargs)
     data = serialize(exported)
     signature = stablehlo_signature(exported, args.orig_hw)
   else:
@@ -808,6 +906,8 @@ def _run(args) -> int:
         part=onnx_part,
         orig_hw=args.orig_hw,
         nms=args.nms,
+        image_input=args.input,
+        layout=args.layout,
     )
     data = proto.SerializeToString()
     signature = onnx_signature(proto)
@@ -819,7 +919,9 @@ def _run(args) -> int:
         if args.random_weights
         else cfg.weights or f"newest checkpoint of {os.path.abspath(args.workdir)}"
     )
-    meta = _metadata(predictor, args.format, signature, hw, batch, weights, onnx_part)
+    meta = _metadata(
+        predictor, args.format, signature, hw, batch, weights, onnx_part, args.input, args.layout
+    )
     if args.nms == "plugin":
       meta["nms"] = dict(plugin=TRT_NMS_OP, **efficient_nms_attributes(cfg.model))
     json.dump(meta, meta_file, indent=2)
@@ -843,6 +945,8 @@ def _run(args) -> int:
       out_path=args.check_out or None,
       box_tol=args.check_box_tol,
       score_tol=args.check_score_tol,
+      image_input=args.input,
+      layout=args.layout,
   )
   print(result.line(args.check))
   if args.check_out:

@@ -68,6 +68,21 @@ def export_inputs(predictor, image: np.ndarray, hw: Sequence[int], with_orig_hw:
   return canvas, np.asarray(image_hw, np.int32), np.asarray(orig_hw, np.int32)
 
 
+def image_input_array(
+    predictor, image: np.ndarray, image_hw: np.ndarray, image_input: str = "uint8", layout="nhwc"
+) -> np.ndarray:
+  """The file's `image` input from the uint8 RGB canvas `image [N, H, W, 3]`: itself, or (with
+  `image_input` "normalized") the family's own preprocessing of it (float32, 0 outside
+  `image_hw`); transposed to [N, 3, H, W] with `layout` "nchw"."""
+  x = np.asarray(image)
+  if image_input == "normalized":
+    preprocess = jax.jit(
+        lambda im, hw: predictor.model.apply(predictor.variables, im, hw, method="preprocess")
+    )
+    x = np.asarray(preprocess(x, np.asarray(image_hw, np.int32)), np.float32)
+  return x.transpose(0, 3, 1, 2) if layout == "nchw" else x
+
+
 def run_exported(fmt: str, data: bytes, inputs: tuple, input_names: Sequence[str]) -> dict:
   """The exported file's outputs (numpy) on `inputs`: onnxruntime (CPU) or jax.export."""
   if fmt == "onnx":
@@ -154,11 +169,14 @@ def check_export(
     out_path: Optional[str] = None,
     box_tol: float = 1e-3,
     score_tol: float = 1e-4,
+    image_input: str = "uint8",
+    layout: str = "nhwc",
 ) -> CheckResult:
   """Runs the exported `data` on `image_path` and compares with `predictor` (module docstring);
   writes the exported file's detections to `out_path` when given."""
   image = predictor.read_image(image_path)  # a missing / corrupt file: a one-line DataError
   inputs = export_inputs(predictor, image, hw, with_orig_hw)
+  inputs = (image_input_array(predictor, inputs[0], inputs[1], image_input, layout), *inputs[1:])
   used = inputs if with_orig_hw else inputs[:2]
   out = run_exported(fmt, data, used, ("image", "image_hw", "orig_hw")[: len(used)])
   image_hw, orig_hw = inputs[1:]

@@ -612,6 +612,48 @@ def test_check_runs_the_file_against_the_predictor(tmp_path, run):
   assert [row["label"] for row in rows] == [int(c) for c in want["classes"]]
 
 
+def _normalized_by_metadata(norm: dict, canvas: np.ndarray, hw: np.ndarray) -> np.ndarray:
+  """FILE.json's normalization applied in numpy, as a user would: an independent reference."""
+  order = {"RGB": [0, 1, 2], "BGR": [2, 1, 0]}[norm["channels"]]
+  x = canvas.astype(np.float64)[..., order] * np.asarray(norm["multiply"]) + np.asarray(norm["add"])
+  rows, cols = np.arange(canvas.shape[1]), np.arange(canvas.shape[2])
+  inside = (rows[None, :, None] < hw[:, 0, None, None]) & (
+      cols[None, None, :] < hw[:, 1, None, None]
+  )
+  return np.where(inside[..., None], x, 0.0).astype(np.float32)
+
+
+def test_normalized_nchw_input(tmp_path, run, onestage):
+  """`--input normalized --layout nchw`: the file takes float32 [N, 3, H, W], the image as the
+  model's preprocessing normalises it (FILE.json's normalization, checked in numpy against the
+  family's own preprocess for both families: CenterNet2's BGR minus mean, the one-stage family's
+  x / 255 minus mean over std), and gives the Predictor's detections (`--check` exits 0)."""
+  image = _image_file(tmp_path)
+  out = tmp_path / "n.stablehlo"
+  argv = ["--workdir", run["wd"], "--weights", run["weights"], "--out", out]
+  rc, stdout, stderr = _cli(argv + ["--input", "normalized", "--layout", "nchw", "--check", image])
+  assert rc == 0, stderr + stdout
+  assert "image          float32[b,3,160,160]" in stdout, stdout
+  assert "detections matched" in stdout and ": ok" in stdout, stdout
+  meta = json.loads(open(f"{out}.json").read())["preprocess"]
+  assert (meta["input"], meta["layout"]) == ("normalized", "nchw")
+  for predictor, norm in (
+      (Predictor(run["cfg"], run["variables"]), meta["normalization"]),
+      (onestage, export.input_normalization(onestage)),
+  ):
+    canvas, hw, _ = predictor.preprocess(_image(5, 40, 60))
+    want = predictor.model.apply(predictor.variables, canvas, hw, method="preprocess")
+    np.testing.assert_allclose(_normalized_by_metadata(norm, canvas, hw), want, atol=2e-5)
+  assert meta["normalization"]["channels"] == run["cfg"].model.input_format
+  np.testing.assert_allclose(
+      meta["normalization"]["add"],
+      -np.asarray(run["cfg"].model.pixel_mean) / np.asarray(run["cfg"].model.pixel_std),
+      rtol=1e-6,
+  )
+  with pytest.raises(ConfigError, match="--input must be one of"):
+    export.input_specs(1, (64, 64), image_input="float")
+
+
 def test_check_orig_hw_file_and_a_mismatch(tmp_path, files, run, monkeypatch):
   """The check of the --orig-hw file (boxes already in original pixels) passes; a file whose
   detections differ (one box moved by 0.01 px, one detection dropped) fails with the count."""
@@ -940,6 +982,32 @@ def test_onnx_centernet2_detector(run, tmp_path, sampling_ratio):
       predictor, "onnx", data, (160, 160), _image_file(tmp_path, h=120, w=150)
   )
   assert result.ok and result.matched > 0, result
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="needs jax2onnx + onnxruntime (scripts/test_onnx.sh)")
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_onnx_normalized_input(run, tmp_path, onestage, layout):
+  """`--input normalized` in ONNX: CenterNet2's whole detector and the one-stage detector take the
+  normalised float32 image (NHWC or NCHW, symbolic batch) and give the Predictor's detections in
+  onnxruntime (`--check`'s comparison on an image file)."""
+  from cn2_jax import export_check
+
+  predictor = Predictor(run["cfg"], run["variables"])
+  for model, hw, size in ((predictor, (160, 160), (120, 150)), (onestage, (64, 64), (40, 60))):
+    proto, _ = export.export_onnx(model, image_input="normalized", layout=layout)
+    h, w = hw
+    shape = "b,3,{},{}".format(h, w) if layout == "nchw" else "b,{},{},3".format(h, w)
+    assert export.onnx_signature(proto)["inputs"]["image"] == f"float32[{shape}]"
+    result = export_check.check_export(
+        model,
+        "onnx",
+        proto.SerializeToString(),
+        hw,
+        _image_file(tmp_path, h=size[0], w=size[1]),
+        image_input="normalized",
+        layout=layout,
+    )
+    assert result.ok and result.matched > 0, result
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason="needs jax2onnx + onnxruntime (scripts/test_onnx.sh)")

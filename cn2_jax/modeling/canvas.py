@@ -21,6 +21,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from cn2_jax.modeling import export_mode
+
 # The backbone's size divisibility (detectron2 `backbone.size_divisibility`): the official
 # `ImageList.from_tensors` pads a batch to its largest image rounded up to this.
 SIZE_DIVISIBILITY = 32
@@ -96,13 +98,21 @@ def normalized_images(
 ) -> jax.Array:
   """detectron2's preprocessing: `[B, H, W, 3]` uint8 RGB -> float32 `(x - pixel_mean) /
   pixel_std` in `input_format` ("BGR" flips the channels; mean / std in that order), zero outside
-  each image's `image_hw` (`ImageList.from_tensors` pads after normalising)."""
+  each image's `image_hw` (`ImageList.from_tensors` pads after normalising). Inside
+  `export_mode.normalized_input()` the image is that normalised tensor already: only the zeroing."""
+  if export_mode.normalized_input_enabled():
+    return zero_outside(image.astype(jnp.float32), image_hw)
   x = image.astype(jnp.float32)
   if input_format == "BGR":
     x = x[..., ::-1]
   x = (x - jnp.asarray(pixel_mean, jnp.float32)) / jnp.asarray(pixel_std, jnp.float32)
-  h, w = image.shape[1], image.shape[2]
+  return zero_outside(x, image_hw)
+
+
+def zero_outside(x: jax.Array, image_hw: jax.Array) -> jax.Array:
+  """`x [B, H, W, C]` with 0 outside each image's valid `image_hw [B, 2]` (top-left) region."""
+  h, w = x.shape[1], x.shape[2]
   inside = (jnp.arange(h)[None, :, None] < image_hw[:, 0, None, None]) & (
       jnp.arange(w)[None, None, :] < image_hw[:, 1, None, None]
   )
-  return jnp.where(inside[..., None], x, 0.0)
+  return jnp.where(inside[..., None], x, jnp.zeros((), x.dtype))

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _ONNX_OPS = contextvars.ContextVar("cn2_jax_onnx_ops", default=False)
+_NORMALIZED_INPUT = contextvars.ContextVar("cn2_jax_normalized_input", default=False)
 
 
 @contextlib.contextmanager
@@ -65,6 +66,25 @@ def onnx_ops(enabled: bool = True) -> Iterator[None]:
 def onnx_ops_enabled() -> bool:
   """Whether the ops are traced for an ONNX conversion (inside `onnx_ops()`)."""
   return _ONNX_OPS.get()
+
+
+@contextlib.contextmanager
+def normalized_input(enabled: bool = True) -> Iterator[None]:
+  """While active, the families' `preprocess` traced afresh takes the image as already normalised
+  (float `[B, H, W, 3]` in the model's `input_format` channel order, `(x - pixel_mean) /
+  pixel_std` in the model's units: what `preprocess` of a uint8 image returns) and only zeroes it
+  outside `image_hw` (`python -m cn2_jax.export --input normalized`). A trace-time context like
+  `onnx_ops`: a function jitted outside it keeps its cached form."""
+  token = _NORMALIZED_INPUT.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _NORMALIZED_INPUT.reset(token)
+
+
+def normalized_input_enabled() -> bool:
+  """Whether the image input is traced as already normalised (inside `normalized_input()`)."""
+  return _NORMALIZED_INPUT.get()
 
 
 def onnx_form(form: Callable) -> Callable:

@@ -60,7 +60,8 @@ from cn2_jax.modeling.variables import (  # noqa: F401  (re-exported: the family
 )
 from cn2_jax.modeling.backbone import regnet
 from cn2_jax.modeling.backbone.resnet import ResNet
-from cn2_jax.modeling.canvas import canvas_mask, official_canvas
+from cn2_jax.modeling import export_mode
+from cn2_jax.modeling.canvas import canvas_mask, official_canvas, zero_outside
 from cn2_jax.modeling.layers import COMPUTE_DTYPES, BatchNormSettings
 from cn2_jax.modeling.onestage import decode as decode_lib
 from cn2_jax.modeling.onestage import losses as loss_lib
@@ -183,8 +184,11 @@ class CenterNetOneStage(nn.Module):
 
   def preprocess(self, image: jax.Array, image_hw: jax.Array) -> jax.Array:
     """`[B, H, W, 3]` uint8 RGB -> normalised `[B, H, W, 3]` float32 (float64 for a float64
-    model), 0 outside `image_hw`."""
+    model), 0 outside `image_hw` (inside `export_mode.normalized_input()`: the image is that
+    normalised tensor already)."""
     f = jnp.promote_types(COMPUTE_DTYPES[self.dtype], jnp.float32)
+    if export_mode.normalized_input_enabled():  # export --input normalized: already this tensor
+      return zero_outside(image.astype(f), image_hw)
     x = image.astype(f)
     if self.input_format == "BGR":
       x = x[..., ::-1]
@@ -194,11 +198,7 @@ class CenterNetOneStage(nn.Module):
     x = (x / jnp.asarray(255.0, f) - jnp.asarray(self.pixel_mean, f)) / jnp.asarray(
         self.pixel_std, f
     )
-    h, w = image.shape[1], image.shape[2]
-    inside = (jnp.arange(h)[None, :, None] < image_hw[:, 0, None, None]) & (
-        jnp.arange(w)[None, None, :] < image_hw[:, 1, None, None]
-    )
-    return jnp.where(inside[..., None], x, 0.0)
+    return zero_outside(x, image_hw)
 
   def canvas(self, image_hw: jax.Array) -> Optional[jax.Array]:
     """`[2]` int32: the batch's official canvas (`canvas.official_canvas` of `image_hw [B, 2]`),
