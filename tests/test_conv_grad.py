@@ -81,9 +81,43 @@ def test_bfloat16_and_grouped_convolutions():
   new, ref = grad(kernel), grad_ref(kernel)
   assert new.dtype == jnp.float32
   np.testing.assert_allclose(new, ref, rtol=3e-2, atol=3e-2 * float(jnp.abs(ref).max()))
-  grouped = jnp.asarray(rng.standard_normal((3, 3, 2, 6), np.float32))  # groups=2: lax's own rule
+  grouped = jnp.asarray(rng.standard_normal((3, 3, 2, 6), np.float32))  # 2 channels: lax's rule
   y = layers.conv2d(x, grouped, 1, 1, groups=2)
   np.testing.assert_array_equal(y, reference(x, grouped, 1, 1, groups=2))
+
+
+@pytest.mark.parametrize("k, strides, padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
+def test_grouped_convolutions_split_per_group(k, strides, padding):
+  """ResNeXt-style grouped convolutions (4 groups of 4 channels) as one convolution per group:
+  values and both gradients equal lax's grouped convolution and a numpy loop per group."""
+  rng = np.random.default_rng(k + strides)
+  groups = 4
+  x = jnp.asarray(rng.standard_normal((2, 9, 11, 16), np.float32))
+  kernel = jnp.asarray(rng.standard_normal((k, k, 4, 8), np.float32))
+  assert _form(x, kernel, strides, padding, groups) != "lax"
+  y = layers.conv2d(x, kernel, strides, padding, groups)
+  np.testing.assert_allclose(
+      y, reference(x, kernel, strides, padding, groups), rtol=1e-5, atol=1e-5
+  )
+  g = jnp.asarray(rng.standard_normal(y.shape, np.float32))
+  _, vjp_new = jax.vjp(lambda a, b: layers.conv2d(a, b, strides, padding, groups), x, kernel)
+  _, vjp_ref = jax.vjp(lambda a, b: reference(a, b, strides, padding, groups), x, kernel)
+  (dx, dw), (dx_ref, dw_ref) = vjp_new(g), vjp_ref(g)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)
+  for group in range(groups):  # group g: input channels 4g..4g+3 -> output channels 2g, 2g+1
+    np.testing.assert_allclose(
+        dw[..., 2 * group : 2 * group + 2],
+        numpy_weight_grad(
+            x[..., 4 * group : 4 * group + 4],
+            g[..., 2 * group : 2 * group + 2],
+            k,
+            strides,
+            padding,
+        ),
+        rtol=1e-5,
+        atol=1e-4,
+    )
 
 
 def _form(x, kernel, strides=1, padding=0, groups=1) -> str:
@@ -107,7 +141,11 @@ def test_the_matmul_forms_are_what_runs_on_cpu():
   assert _form(x, jnp.zeros((3, 3, 2, 2)), strides=2, padding=1) == "custom"
   assert _form(x, jnp.zeros((1, 1, 2, 2)), padding=1) == "lax"
   assert _form(x, jnp.zeros((2, 2, 2, 2))) == "lax"
-  assert _form(x, jnp.zeros((1, 1, 1, 2)), groups=2) == "lax"
+  assert _form(x, jnp.zeros((1, 1, 1, 2)), groups=2) == "lax"  # 1 channel per group: lax
+  wide = jnp.zeros((1, 4, 4, 8))
+  assert "concatenate" in str(
+      jax.make_jaxpr(lambda a: layers.conv2d(a, jnp.zeros((3, 3, 4, 4)), 1, 1, 2))(wide)
+  )
   with export_mode.onnx_ops():  # inference graphs for ONNX: lax's convolution
     assert _form(x, jnp.zeros((1, 1, 2, 2))) == "lax"
     assert _form(x, jnp.zeros((3, 3, 2, 2)), padding=1) == "lax"
