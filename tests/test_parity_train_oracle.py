@@ -27,6 +27,9 @@ FILES = (
 MISSING = [f for f in FILES if ORACLE is None or not (ORACLE / f).is_file()]
 pytestmark = [
     pytest.mark.slow,
+    # full size (R50 at 800x1216, ~100 s to compile and run): CI's scripts/test_zoo.sh runs it,
+    # outside the README suite's time budget
+    pytest.mark.zoo,
     # 10-15 GB resident: never beside another large_memory module (tests/conftest.py)
     pytest.mark.large_memory,
     pytest.mark.skipif(
