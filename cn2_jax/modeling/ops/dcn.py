@@ -346,14 +346,19 @@ def deform_conv2d(
     out = jnp.dot(cols, kernel.astype(dtype).reshape(taps * cin, cout), precision=precision)
   else:
     # Grouped weights: the columns [K, Cin] viewed as [K, Gw, Cin/Gw], contracted per weight
-    # group (a batched dot; a block-diagonal dense kernel would cost Gw times the multiplies).
-    cig = cin // weight_groups
-    out = jnp.einsum(
-        "bhwkgc,kcgo->bhwgo",
-        cols.reshape(bsz, ho, wo, taps, weight_groups, cig),
-        _grouped_kernel(kernel.astype(dtype), weight_groups),
+    # group (a batched dot; a block-diagonal dense kernel would cost Gw times the multiplies),
+    # with the group axis moved first by hand: [Gw, N, K*Cin/Gw] x [Gw, K*Cin/Gw, Cout/Gw]. The
+    # same contraction written as one einsum over the middle group axis ran 2.5-3.5x slower on
+    # XLA:CPU, forward and gradient (ResNeXt's 32 groups at res3-res5 sizes).
+    cig, cog = cin // weight_groups, cout // weight_groups
+    gcols = cols.reshape(-1, taps, weight_groups, cig).transpose(2, 0, 1, 3)
+    gkern = _grouped_kernel(kernel.astype(dtype), weight_groups).transpose(2, 0, 1, 3)
+    out = jnp.matmul(
+        gcols.reshape(weight_groups, -1, taps * cig),
+        gkern.reshape(weight_groups, taps * cig, cog),
         precision=precision,
-    ).reshape(bsz, ho, wo, cout)
+    )
+    out = out.transpose(1, 0, 2).reshape(bsz, ho, wo, cout)
   if bias is not None:
     out = out + jnp.asarray(bias).astype(dtype)
   return out
