@@ -356,12 +356,7 @@ def input_normalization(predictor) -> dict:
   probes = np.zeros((4, 32, 32, 3), np.uint8)
   for i in range(3):
     probes[i + 1, ..., i] = 255
-  hw = np.full((4, 2), 32, np.int32)
-  out = jax.jit(
-      lambda image, image_hw: predictor.model.apply(
-          predictor.variables, image, image_hw, method="preprocess"
-      )
-  )(probes, hw)
+  out = export_check.model_preprocess(predictor, probes, np.full((4, 2), 32, np.int32))
   out = np.asarray(out[:, 0, 0], np.float64)  # [probe, channel]
   add = out[0]
   slopes = (out[1:] - add) / 255.0  # [input channel, output channel]

@@ -76,11 +76,17 @@ def image_input_array(
   `image_hw`); transposed to [N, 3, H, W] with `layout` "nchw"."""
   x = np.asarray(image)
   if image_input == "normalized":
-    preprocess = jax.jit(
-        lambda im, hw: predictor.model.apply(predictor.variables, im, hw, method="preprocess")
-    )
-    x = np.asarray(preprocess(x, np.asarray(image_hw, np.int32)), np.float32)
+    x = model_preprocess(predictor, x, image_hw)
   return x.transpose(0, 3, 1, 2) if layout == "nchw" else x
+
+
+def model_preprocess(predictor, image: np.ndarray, image_hw: np.ndarray) -> np.ndarray:
+  """The family's own `preprocess` of a uint8 RGB canvas `[N, H, W, 3]` (normalised float32, 0
+  outside `image_hw [N, 2]`), as numpy."""
+  out = jax.jit(
+      lambda im, hw: predictor.model.apply(predictor.variables, im, hw, method="preprocess")
+  )(image, np.asarray(image_hw, np.int32))
+  return np.asarray(out, np.float32)
 
 
 def run_exported(fmt: str, data: bytes, inputs: tuple, input_names: Sequence[str]) -> dict:

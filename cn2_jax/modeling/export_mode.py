@@ -52,15 +52,20 @@ _NORMALIZED_INPUT = contextvars.ContextVar("cn2_jax_normalized_input", default=F
 
 
 @contextlib.contextmanager
-def onnx_ops(enabled: bool = True) -> Iterator[None]:
-  """While active, the ops of this file (and those defined with `onnx_form`) trace as their
-  ONNX-friendly forms (`enabled=False`: as the XLA ones, e.g. inside an outer `onnx_ops()`). The
-  previous mode is restored on exit."""
-  token = _ONNX_OPS.set(bool(enabled))
+def _flag(var: contextvars.ContextVar, enabled: bool) -> Iterator[None]:
+  """`var` set to `enabled` while active; the previous value restored on exit."""
+  token = var.set(bool(enabled))
   try:
     yield
   finally:
-    _ONNX_OPS.reset(token)
+    var.reset(token)
+
+
+def onnx_ops(enabled: bool = True) -> contextlib.AbstractContextManager:
+  """While active, the ops of this file (and those defined with `onnx_form`) trace as their
+  ONNX-friendly forms (`enabled=False`: as the XLA ones, e.g. inside an outer `onnx_ops()`). The
+  previous mode is restored on exit."""
+  return _flag(_ONNX_OPS, enabled)
 
 
 def onnx_ops_enabled() -> bool:
@@ -68,18 +73,13 @@ def onnx_ops_enabled() -> bool:
   return _ONNX_OPS.get()
 
 
-@contextlib.contextmanager
-def normalized_input(enabled: bool = True) -> Iterator[None]:
+def normalized_input(enabled: bool = True) -> contextlib.AbstractContextManager:
   """While active, the families' `preprocess` traced afresh takes the image as already normalised
   (float `[B, H, W, 3]` in the model's `input_format` channel order, `(x - pixel_mean) /
   pixel_std` in the model's units: what `preprocess` of a uint8 image returns) and only zeroes it
   outside `image_hw` (`python -m cn2_jax.export --input normalized`). A trace-time context like
   `onnx_ops`: a function jitted outside it keeps its cached form."""
-  token = _NORMALIZED_INPUT.set(bool(enabled))
-  try:
-    yield
-  finally:
-    _NORMALIZED_INPUT.reset(token)
+  return _flag(_NORMALIZED_INPUT, enabled)
 
 
 def normalized_input_enabled() -> bool:

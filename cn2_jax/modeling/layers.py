@@ -245,9 +245,10 @@ def conv2d(
   GROUP_SPLIT_MIN_WIDTH input channels per group) is one convolution per group
   (`_grouped_as_convs`); without groups, an unpadded 1x1 convolution is one 2-D matrix product
   (forward and both gradients), a 3x3 one keeps XLA's convolution for the forward and the input
-  gradient and gets its weight gradient as nine 2-D products. Why: XLA:CPU hands convolutions to YNNPACK, whose weight gradient (a
-  convolution with the whole output-gradient map as kernel) runs 3-8x slower than the forward,
-  and whose 1x1 forward is slower than the same matrix product (bench/train_step_profile.py).
+  gradient and gets its weight gradient as nine 2-D products. Why: XLA:CPU hands convolutions to
+  YNNPACK, whose weight gradient (a convolution with the whole output-gradient map as kernel)
+  runs 3-8x slower than the forward, and whose 1x1 forward is slower than the same matrix
+  product (bench/train_step_profile.py); its grouped convolution is slower than separate ones.
   XLA's rule is kept for small convolutions (compile time), on other backends and when tracing
   for ONNX (inference only).
   """
